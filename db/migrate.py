@@ -1,0 +1,54 @@
+"""Schema migrations (Alembic), applied as an explicit step: ``keyhygiene db upgrade``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+
+import migrations
+
+
+class SchemaOutOfDate(RuntimeError):
+    """The database is not at the newest migration."""
+
+
+def alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:  # pragma: no cover - the package always ships migrations
+        raise RuntimeError("no migrations found")
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
+    """Bring the schema to ``revision``; returns (before, after)."""
+    before = current_revision(engine)
+    config = alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+    return before, current_revision(engine) or ""
+
+
+def check_schema(engine: Engine) -> None:
+    """Refuse to go on with a database that is not at the newest migration."""
+    current = current_revision(engine)
+    head = head_revision()
+    if current != head:
+        state = "has no keyhygiene schema" if current is None else f"is at migration {current}, not {head}"
+        raise SchemaOutOfDate(f"the database {state}: run `keyhygiene db upgrade` first")

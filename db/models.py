@@ -1,0 +1,145 @@
+"""The database schema.
+
+Snapshots are stored as *versioned key states*: a row of ``key_states`` holds one version of one
+key, valid from the snapshot that first saw it (``valid_from``) until the snapshot that first saw
+it changed or gone (``valid_to``, exclusive; NULL while it is current). A key that did not change
+between two syncs costs no new row, so storage grows with what changed, not with keys times runs.
+The state of every key as of snapshot S is the set of rows with
+``valid_from <= S AND (valid_to IS NULL OR valid_to > S)``. Only complete snapshots ever open or
+close versions, because a sync writes everything in one transaction.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores UTC; always hands back timezone-aware UTC datetimes (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use aware UTC times")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[str]: JSON()}
+
+
+class Run(Base):
+    """One job: sync, enforce, run (sync then enforce) or prune, however it was started."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    dry_run: Mapped[bool | None] = mapped_column(Boolean)
+    trigger: Mapped[str] = mapped_column(String(16), default="cli")
+    task_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    summary: Mapped[dict[str, Any] | None]
+
+
+class Snapshot(Base):
+    """The inventory taken by one sync. Only ``status == 'complete'`` snapshots are ever read."""
+
+    __tablename__ = "snapshots"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    started_at: Mapped[datetime]
+    taken_at: Mapped[datetime | None] = mapped_column(index=True)
+    key_count: Mapped[int | None]
+    workspace_counts: Mapped[dict[str, Any] | None]
+    new_versions: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class KeyState(Base):
+    """One version of one key, valid over a range of snapshots."""
+
+    __tablename__ = "key_states"
+    __table_args__ = (
+        Index("ix_key_states_hash_from", "key_hash", "valid_from"),
+        Index("ix_key_states_valid_from", "valid_from"),
+        Index("ix_key_states_valid_to", "valid_to"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(128))
+    valid_from: Mapped[int] = mapped_column(ForeignKey("snapshots.id"))
+    valid_to: Mapped[int | None] = mapped_column(ForeignKey("snapshots.id"))
+    digest: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(Text)
+    label: Mapped[str] = mapped_column(Text)
+    workspace_id: Mapped[str | None] = mapped_column(String(64))
+    disabled: Mapped[bool] = mapped_column(Boolean)
+    limit: Mapped[float | None] = mapped_column("limit_usd", Float)
+    limit_remaining: Mapped[float | None] = mapped_column(Float)
+    limit_reset: Mapped[str | None] = mapped_column(String(32))
+    include_byok_in_limit: Mapped[bool] = mapped_column(Boolean)
+    usage: Mapped[float] = mapped_column(Float)
+    usage_daily: Mapped[float] = mapped_column(Float)
+    usage_weekly: Mapped[float] = mapped_column(Float)
+    usage_monthly: Mapped[float] = mapped_column(Float)
+    byok_usage: Mapped[float] = mapped_column(Float)
+    byok_usage_daily: Mapped[float] = mapped_column(Float)
+    byok_usage_weekly: Mapped[float] = mapped_column(Float)
+    byok_usage_monthly: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+    creator_user_id: Mapped[str | None] = mapped_column(Text)
+    external_user: Mapped[str | None] = mapped_column(Text)
+    raw: Mapped[dict[str, Any]]
+
+
+class Action(Base):
+    """The audit log: one row per planned or executed change to a key.
+
+    A row is written and committed with outcome ``pending`` *before* the API call and completed
+    after it; a ``pending`` row left behind by a crash is in doubt, and the next enforcement settles
+    it from the key's fresh state.
+    """
+
+    __tablename__ = "actions"
+    __table_args__ = (Index("ix_actions_key_created", "key_hash", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    finished_at: Mapped[datetime | None]
+    key_hash: Mapped[str] = mapped_column(String(128))
+    key_name: Mapped[str] = mapped_column(Text)
+    workspace_id: Mapped[str | None] = mapped_column(String(64))
+    rule: Mapped[str] = mapped_column(Text)
+    rules: Mapped[list[str]]
+    action: Mapped[str] = mapped_column(String(16))
+    dry_run: Mapped[bool] = mapped_column(Boolean)
+    outcome: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    evidence: Mapped[dict[str, Any]]

@@ -1,0 +1,266 @@
+"""Snapshots and versioned key states (see :mod:`db.models` for the design)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from keysapi.models import Key
+
+from .models import KeyState, Snapshot
+
+RUNNING = "running"
+COMPLETE = "complete"
+FAILED = "failed"
+
+_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotWrite:
+    """What recording one snapshot changed in the store."""
+
+    key_count: int
+    new_versions: int
+    changed: int
+    added: int
+    gone: int
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One stored version of a key, as history queries see it."""
+
+    key_hash: str
+    valid_from_at: datetime
+    valid_to_at: datetime | None
+    state: Key
+
+
+def digest(raw: Mapping[str, Any]) -> str:
+    """A stable fingerprint of a key's JSON: equal digests mean an unchanged key."""
+    canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _row(key: Key, snapshot_id: int, key_digest: str) -> dict[str, Any]:
+    return {
+        "key_hash": key.hash,
+        "valid_from": snapshot_id,
+        "valid_to": None,
+        "digest": key_digest,
+        "name": key.name,
+        "label": key.label,
+        "workspace_id": key.workspace_id,
+        "disabled": key.disabled,
+        "limit": key.limit,
+        "limit_remaining": key.limit_remaining,
+        "limit_reset": key.limit_reset,
+        "include_byok_in_limit": key.include_byok_in_limit,
+        "usage": key.usage,
+        "usage_daily": key.usage_daily,
+        "usage_weekly": key.usage_weekly,
+        "usage_monthly": key.usage_monthly,
+        "byok_usage": key.byok_usage,
+        "byok_usage_daily": key.byok_usage_daily,
+        "byok_usage_weekly": key.byok_usage_weekly,
+        "byok_usage_monthly": key.byok_usage_monthly,
+        "created_at": key.created_at,
+        "updated_at": key.updated_at,
+        "expires_at": key.expires_at,
+        "last_used_at": key.last_used_at,
+        "creator_user_id": key.creator_user_id,
+        "external_user": key.external_user,
+        "raw": dict(key.raw),
+    }
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def start_snapshot(session: Session, *, run_id: int, now: datetime) -> Snapshot:
+    """Record that a sync has begun. Until it completes, nothing reads it."""
+    snapshot = Snapshot(run_id=run_id, status=RUNNING, started_at=now)
+    session.add(snapshot)
+    session.flush()
+    return snapshot
+
+
+def record_snapshot(
+    session: Session,
+    *,
+    snapshot_id: int,
+    keys: Mapping[str, Key],
+    taken_at: datetime,
+    workspace_counts: Mapping[str, int],
+) -> SnapshotWrite:
+    """Store a complete listing as snapshot ``snapshot_id``, writing only what changed.
+
+    Unchanged keys keep their open version; changed keys get their open version closed and a new
+    one opened; keys no longer listed get their open version closed. The caller owns the
+    transaction: everything here commits or rolls back together.
+    """
+    open_versions = {
+        key_hash: (version_id, version_digest)
+        for version_id, key_hash, version_digest in session.execute(
+            select(KeyState.id, KeyState.key_hash, KeyState.digest).where(KeyState.valid_to.is_(None))
+        )
+    }
+    to_close: list[int] = []
+    to_insert: list[dict[str, Any]] = []
+    added = changed = 0
+    for key_hash, key in keys.items():
+        key_digest = digest(key.raw)
+        current = open_versions.get(key_hash)
+        if current is None:
+            added += 1
+        elif current[1] == key_digest:
+            continue
+        else:
+            changed += 1
+            to_close.append(current[0])
+        to_insert.append(_row(key, snapshot_id, key_digest))
+    gone = [version_id for key_hash, (version_id, _) in open_versions.items() if key_hash not in keys]
+    to_close.extend(gone)
+
+    for ids in _chunks(to_close):
+        session.execute(update(KeyState).where(KeyState.id.in_(ids)).values(valid_to=snapshot_id))
+    for rows in _chunks(to_insert, 2000):
+        session.execute(insert(KeyState), list(rows))
+    session.execute(
+        update(Snapshot)
+        .where(Snapshot.id == snapshot_id)
+        .values(
+            status=COMPLETE,
+            taken_at=taken_at,
+            key_count=len(keys),
+            workspace_counts=dict(workspace_counts),
+            new_versions=len(to_insert),
+        )
+    )
+    return SnapshotWrite(key_count=len(keys), new_versions=len(to_insert), changed=changed, added=added, gone=len(gone))
+
+
+def fail_snapshot(session: Session, *, snapshot_id: int, error: str) -> None:
+    """Record that a sync failed; it stored no key state."""
+    session.execute(update(Snapshot).where(Snapshot.id == snapshot_id).values(status=FAILED, error=error))
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def latest_snapshot(session: Session, *, at: datetime | None = None) -> Snapshot | None:
+    """The newest complete snapshot (taken at or before ``at``, when given)."""
+    query = select(Snapshot).where(Snapshot.status == COMPLETE)
+    if at is not None:
+        query = query.where(Snapshot.taken_at <= at)
+    return session.scalars(query.order_by(Snapshot.id.desc()).limit(1)).first()
+
+
+def previous_snapshot(session: Session, snapshot_id: int) -> Snapshot | None:
+    """The complete snapshot before ``snapshot_id``."""
+    return session.scalars(
+        select(Snapshot)
+        .where(Snapshot.status == COMPLETE, Snapshot.id < snapshot_id)
+        .order_by(Snapshot.id.desc())
+        .limit(1)
+    ).first()
+
+
+def first_snapshot(session: Session) -> Snapshot | None:
+    return session.scalars(select(Snapshot).where(Snapshot.status == COMPLETE).order_by(Snapshot.id).limit(1)).first()
+
+
+def snapshot_for_run(session: Session, run_id: int) -> Snapshot | None:
+    return session.scalars(select(Snapshot).where(Snapshot.run_id == run_id).order_by(Snapshot.id.desc())).first()
+
+
+def complete_snapshots(
+    session: Session, *, since: datetime | None = None, until: datetime | None = None
+) -> list[Snapshot]:
+    """Complete snapshots in time order, optionally within [since, until]."""
+    query = select(Snapshot).where(Snapshot.status == COMPLETE)
+    if since is not None:
+        query = query.where(Snapshot.taken_at >= since)
+    if until is not None:
+        query = query.where(Snapshot.taken_at <= until)
+    return list(session.scalars(query.order_by(Snapshot.id)))
+
+
+def _alive_at(snapshot_id: int) -> Any:
+    return and_(KeyState.valid_from <= snapshot_id, or_(KeyState.valid_to.is_(None), KeyState.valid_to > snapshot_id))
+
+
+def keys_at(session: Session, snapshot_id: int) -> list[Key]:
+    """Every key exactly as snapshot ``snapshot_id`` saw it, raw JSON included, by hash."""
+    raws = session.scalars(select(KeyState.raw).where(_alive_at(snapshot_id)).order_by(KeyState.key_hash))
+    return [Key.from_api(raw) for raw in raws]
+
+
+def key_hashes_at(session: Session, snapshot_id: int) -> set[str]:
+    return set(session.scalars(select(KeyState.key_hash).where(_alive_at(snapshot_id))))
+
+
+def count_versions(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(KeyState)) or 0)
+
+
+def versions(
+    session: Session, *, key_hashes: Iterable[str] | None = None, until_snapshot: int | None = None
+) -> list[Version]:
+    """Stored versions in (key, time) order, with the times their validity began and ended."""
+    started = Snapshot.__table__.alias("started")
+    ended = Snapshot.__table__.alias("ended")
+    query = (
+        select(KeyState.key_hash, started.c.taken_at, ended.c.taken_at, KeyState.raw)
+        .join(started, started.c.id == KeyState.valid_from)
+        .outerjoin(ended, ended.c.id == KeyState.valid_to)
+        .order_by(KeyState.key_hash, KeyState.valid_from)
+    )
+    if until_snapshot is not None:
+        query = query.where(KeyState.valid_from <= until_snapshot)
+    result: list[Version] = []
+    wanted = set(key_hashes) if key_hashes is not None else None
+    for key_hash, valid_from_at, valid_to_at, raw in session.execute(query):
+        if wanted is not None and key_hash not in wanted:
+            continue
+        result.append(Version(key_hash, valid_from_at, valid_to_at, Key.from_api(raw)))
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class TimelinePoint:
+    """One stored version of a key, reduced to what history rules read."""
+
+    seen_at: datetime
+    usage: float
+    byok_usage: float
+    disabled: bool
+
+
+def timelines(session: Session, snapshot_id: int) -> dict[str, list[TimelinePoint]]:
+    """For every key alive at ``snapshot_id``: its versions up to that snapshot, oldest first."""
+    alive = select(KeyState.key_hash).where(_alive_at(snapshot_id)).scalar_subquery()
+    started = Snapshot.__table__.alias("started")
+    rows = session.execute(
+        select(KeyState.key_hash, started.c.taken_at, KeyState.usage, KeyState.byok_usage, KeyState.disabled)
+        .join(started, started.c.id == KeyState.valid_from)
+        .where(KeyState.valid_from <= snapshot_id, KeyState.key_hash.in_(alive))
+        .order_by(KeyState.key_hash, KeyState.valid_from)
+    )
+    result: dict[str, list[TimelinePoint]] = {}
+    for key_hash, seen_at, usage, byok_usage, disabled in rows:
+        result.setdefault(key_hash, []).append(TimelinePoint(seen_at, usage, byok_usage, disabled))
+    return result

@@ -1,0 +1,1 @@
+"""keyhygiene: keeps an organisation's OpenRouter API keys clean, unattended."""

@@ -1,0 +1,116 @@
+"""What a job opens: the database and the API client, built from the one settings object."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.engine import make_engine, make_session_factory
+from db.migrate import SchemaOutOfDate, check_schema
+from keysapi.client import KeysClient
+from keysapi.errors import ApiError, AuthenticationFailed
+
+from .errors import DatabaseFailure, NotAManagementKey
+from .logging import register_secret
+from .settings import Settings
+
+
+def describe_db_error(error: BaseException) -> str:
+    """One line about a database failure, without the driver's multi-line noise or a password."""
+    text = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+@dataclass
+class Database:
+    """The engine and session factory of one process."""
+
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+    @classmethod
+    def open(cls, settings: Settings, *, check: bool = True) -> Database:
+        """Connect, and (by default) refuse a database that is not at the newest migration."""
+        try:
+            engine = make_engine(settings.database)
+        except (ArgumentError, ImportError) as exc:
+            raise DatabaseFailure(f"KEYHYGIENE_DATABASE_URL cannot be used: {exc}") from None
+        database = cls(engine=engine, sessions=make_session_factory(engine))
+        if check:
+            try:
+                check_schema(engine)
+            except SchemaOutOfDate as exc:
+                engine.dispose()
+                raise DatabaseFailure(str(exc)) from None
+            except OperationalError as exc:
+                engine.dispose()
+                raise DatabaseFailure(f"cannot open the database: {describe_db_error(exc)}") from None
+        return database
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+@dataclass
+class Api:
+    """Opens a verified management-key client on first use."""
+
+    settings: Settings
+
+    @cached_property
+    def client(self) -> KeysClient:
+        return open_client(self.settings)
+
+
+def open_client(settings: Settings, *, verify: bool = True) -> KeysClient:
+    """A client for the configured API; with ``verify``, ``GET /key`` must say it is a management key."""
+    key = settings.require_management_key()
+    register_secret(key)
+    client = KeysClient(
+        settings.base_url,
+        key,
+        concurrency=settings.http_concurrency,
+        timeout=settings.http_timeout,
+        retry_seconds=settings.http_retry_seconds,
+    )
+    if verify:
+        try:
+            verify_management_key(client)
+        except BaseException:
+            client.close()
+            raise
+    return client
+
+
+def verify_management_key(client: KeysClient) -> None:
+    """Refuse to go on unless the credential is a management key (exit 2 otherwise)."""
+    try:
+        current = client.current_key()
+    except AuthenticationFailed as exc:
+        raise NotAManagementKey(
+            f"OPENROUTER_MANAGEMENT_KEY was rejected by the API ({exc.status}): check that it is a valid management key"
+        ) from None
+    except ApiError:
+        raise
+    if not current.is_management_key:
+        raise NotAManagementKey(
+            "OPENROUTER_MANAGEMENT_KEY is not a management key: GET /key reports is_management_key=false; "
+            "create a management key at https://openrouter.ai/settings/management-keys"
+        )
+
+
+@contextmanager
+def session_scope(database: Database) -> Iterator[Session]:
+    """A session whose transaction commits on success and rolls back on any error."""
+    with database.sessions() as session, session.begin():
+        yield session

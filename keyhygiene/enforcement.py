@@ -1,0 +1,474 @@
+"""Enforcement: plan with the pure rules engine, then act within the safety limits.
+
+The order of every change is fixed: fetch the key fresh, re-decide on that state, write and commit
+an intent to the audit log, call the API, record the outcome. A crash between intent and outcome
+leaves a ``pending`` record that the next enforcement settles from the key's fresh state; nothing
+is ever repeated blindly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from db import audit, snapshots
+from db.snapshots import TimelinePoint
+from keysapi.client import KeysClient
+from keysapi.errors import ApiError, AuthenticationFailed, NotFound
+from keysapi.models import Key
+from rules import AuditFacts, CapBreach, Decision, KeyHistory, Plan, RuleSet, check_caps, decide, plan
+
+from .context import Database, session_scope
+from .errors import EnforcementRefused
+from .logging import get_logger
+from .timeutil import isoformat
+
+log = get_logger(__name__)
+
+REFUSED_INVENTORY_SHRANK = "inventory_shrank"
+REFUSED_CAPS = "caps_exceeded"
+
+
+@dataclass
+class EnforceResult:
+    """What one enforcement planned and did."""
+
+    run_id: int
+    snapshot_id: int
+    dry_run: bool
+    total_keys: int
+    planned: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    reported: int = 0
+    settled: int = 0
+    refused: str | None = None
+    decisions: list[Decision] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "snapshot_id": self.snapshot_id,
+            "dry_run": self.dry_run,
+            "keys": self.total_keys,
+            "planned_changes": self.planned,
+            "done": self.done,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "reported": self.reported,
+            "settled_in_doubt": self.settled,
+            "refused": self.refused,
+        }
+
+
+# -- inputs of the engine, from the store --------------------------------------------------------
+
+
+def history_from_timeline(points: Sequence[TimelinePoint]) -> KeyHistory:
+    """What a key's stored versions prove: first sight, since when usage and disabled held still."""
+    if not points:
+        return KeyHistory()
+    current = points[-1]
+    unchanged_since = current.seen_at
+    for point in reversed(points):
+        if point.usage != current.usage or point.byok_usage != current.byok_usage:
+            break
+        unchanged_since = point.seen_at
+    disabled_since: datetime | None = None
+    for point in reversed(points):
+        if not point.disabled:
+            break
+        disabled_since = point.seen_at
+    return KeyHistory(
+        first_seen_at=points[0].seen_at, usage_unchanged_since=unchanged_since, disabled_since=disabled_since
+    )
+
+
+def load_histories(session: Session, snapshot_id: int) -> dict[str, KeyHistory]:
+    return {
+        key_hash: history_from_timeline(points)
+        for key_hash, points in snapshots.timelines(session, snapshot_id).items()
+    }
+
+
+def load_audit_facts(session: Session) -> dict[str, AuditFacts]:
+    return {
+        key_hash: AuditFacts(last_change=change.action, last_change_rule=change.rule, last_change_at=change.at)
+        for key_hash, change in audit.last_changes(session).items()
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInputs:
+    """Everything the engine needs about one snapshot."""
+
+    snapshot_id: int
+    taken_at: datetime
+    keys: list[Key]
+    histories: dict[str, KeyHistory]
+    audits: dict[str, AuditFacts]
+    previous_key_count: int | None
+
+
+def load_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
+    snapshot = session.get(snapshots.Snapshot, snapshot_id)
+    if snapshot is None or snapshot.status != snapshots.COMPLETE or snapshot.taken_at is None:
+        raise ValueError(f"snapshot {snapshot_id} is not a complete snapshot")
+    previous = snapshots.previous_snapshot(session, snapshot_id)
+    return PlanInputs(
+        snapshot_id=snapshot_id,
+        taken_at=snapshot.taken_at,
+        keys=snapshots.keys_at(session, snapshot_id),
+        histories=load_histories(session, snapshot_id),
+        audits=load_audit_facts(session),
+        previous_key_count=previous.key_count if previous is not None else None,
+    )
+
+
+def make_plan(inputs: PlanInputs, ruleset: RuleSet, now: datetime) -> Plan:
+    return plan(inputs.keys, inputs.histories, inputs.audits, ruleset, now)
+
+
+def inventory_shrink(inputs: PlanInputs, ruleset: RuleSet) -> str | None:
+    """Why the inventory looks suspiciously small, or None when it does not."""
+    previous = inputs.previous_key_count
+    current = len(inputs.keys)
+    if not previous:
+        return None
+    dropped = (previous - current) / previous * 100
+    if dropped > ruleset.safety.max_action_percent:
+        return (
+            f"the inventory shrank from {previous} to {current} keys ({dropped:.1f}%) since the previous snapshot, "
+            f"more than max_action_percent ({ruleset.safety.max_action_percent:g}%): refusing to act on it"
+        )
+    return None
+
+
+# -- acting -------------------------------------------------------------------------------------
+
+
+def _event(
+    decision: Decision, *, run_id: int, dry_run: bool, outcome: str, action: str | None = None, **extra: Any
+) -> None:
+    fields = {
+        "run_id": run_id,
+        "key_hash": decision.key_hash,
+        "key_name": decision.key_name,
+        "rule": decision.rule,
+        "action": action or decision.action,
+        "dry_run": dry_run,
+        "outcome": outcome,
+    }
+    fields.update({name: value for name, value in extra.items() if value is not None})
+    log_method = log.warning if outcome in (audit.FAILED, audit.REFUSED) else log.info
+    log_method("key_action", **fields)
+
+
+def _record(
+    database: Database,
+    decision: Decision,
+    *,
+    run_id: int,
+    now: datetime,
+    dry_run: bool,
+    outcome: str,
+    reason: str | None = None,
+    error: str | None = None,
+) -> int:
+    with session_scope(database) as session:
+        row = audit.record_action(
+            session,
+            run_id=run_id,
+            now=now,
+            key_hash=decision.key_hash,
+            key_name=decision.key_name,
+            workspace_id=decision.workspace_id,
+            rule=decision.rule,
+            rules=decision.rules,
+            action=decision.action,
+            dry_run=dry_run,
+            outcome=outcome,
+            evidence=decision.evidence,
+            reason=reason,
+            error=error,
+        )
+        return row.id
+
+
+def _complete(
+    database: Database,
+    action_id: int,
+    *,
+    outcome: str,
+    now: datetime,
+    reason: str | None = None,
+    error: str | None = None,
+) -> None:
+    with session_scope(database) as session:
+        audit.complete_action(session, action_id, outcome=outcome, now=now, reason=reason, error=error)
+
+
+def _already_in_target_state(decision: Decision, fresh: Key) -> str | None:
+    if decision.action == "disable" and fresh.disabled:
+        return "already disabled"
+    if decision.action == "enable" and not fresh.disabled:
+        return "already enabled"
+    return None
+
+
+def _apply(client: KeysClient, decision: Decision) -> None:
+    if decision.action == "disable":
+        client.update_key(decision.key_hash, disabled=True)
+    elif decision.action == "enable":
+        client.update_key(decision.key_hash, disabled=False)
+    elif decision.action == "delete":
+        client.delete_key(decision.key_hash)
+    else:  # pragma: no cover - report decisions never reach here
+        raise ValueError(f"not a change: {decision.action}")
+
+
+def execute_decision(
+    database: Database,
+    client: KeysClient,
+    decision: Decision,
+    *,
+    ruleset: RuleSet,
+    history: KeyHistory,
+    audit_facts: AuditFacts,
+    run_id: int,
+    now: datetime,
+    clock: Any = None,
+) -> str:
+    """Check the key fresh, then record intent, change it, record the outcome. Returns the outcome.
+
+    Raises AuthenticationFailed (the credential no longer works: stop everything); every other API
+    error is recorded against this key and the caller goes on with the next.
+    """
+    stamp = clock or (lambda: now)
+    try:
+        fresh = client.get_key(decision.key_hash)
+    except NotFound:
+        _record(
+            database,
+            decision,
+            run_id=run_id,
+            now=stamp(),
+            dry_run=False,
+            outcome=audit.SKIPPED,
+            reason="already gone (404 on the fresh check)",
+        )
+        _event(decision, run_id=run_id, dry_run=False, outcome=audit.SKIPPED, reason="already gone")
+        return audit.SKIPPED
+    except AuthenticationFailed:
+        raise
+    except ApiError as exc:
+        _record(
+            database,
+            decision,
+            run_id=run_id,
+            now=stamp(),
+            dry_run=False,
+            outcome=audit.FAILED,
+            reason="the fresh check failed",
+            error=str(exc),
+        )
+        _event(decision, run_id=run_id, dry_run=False, outcome=audit.FAILED, error=str(exc))
+        return audit.FAILED
+
+    reason = _already_in_target_state(decision, fresh)
+    if reason is None:
+        again = decide(fresh, history, audit_facts, ruleset, now)
+        if again is None:
+            reason = "no longer matches any rule on the key's fresh state"
+        elif again.action != decision.action:
+            reason = f"on the key's fresh state the decision is {again.action}, not {decision.action}"
+    if reason is not None:
+        _record(
+            database,
+            decision,
+            run_id=run_id,
+            now=stamp(),
+            dry_run=False,
+            outcome=audit.SKIPPED,
+            reason=reason,
+        )
+        _event(decision, run_id=run_id, dry_run=False, outcome=audit.SKIPPED, reason=reason)
+        return audit.SKIPPED
+
+    action_id = _record(database, decision, run_id=run_id, now=stamp(), dry_run=False, outcome=audit.PENDING)
+    try:
+        _apply(client, decision)
+    except NotFound:
+        _complete(database, action_id, outcome=audit.SKIPPED, now=stamp(), reason="already gone (404)")
+        _event(decision, run_id=run_id, dry_run=False, outcome=audit.SKIPPED, reason="already gone")
+        return audit.SKIPPED
+    except ApiError as exc:
+        _complete(database, action_id, outcome=audit.FAILED, now=stamp(), error=str(exc))
+        _event(decision, run_id=run_id, dry_run=False, outcome=audit.FAILED, error=str(exc))
+        if isinstance(exc, AuthenticationFailed):
+            raise
+        return audit.FAILED
+    _complete(database, action_id, outcome=audit.DONE, now=stamp())
+    _event(
+        decision,
+        run_id=run_id,
+        dry_run=False,
+        outcome=audit.DONE,
+        reason=decision.evidence.get("step") if isinstance(decision.evidence, Mapping) else None,
+    )
+    return audit.DONE
+
+
+def settle_in_doubt(database: Database, client: KeysClient, *, now: datetime) -> int:
+    """Settle intents left pending by a crash, from each key's fresh state. Returns how many."""
+    with database.sessions() as session:
+        pending = audit.in_doubt(session)
+    settled = 0
+    for row in pending:
+        try:
+            fresh: Key | None = client.get_key(row.key_hash)
+        except NotFound:
+            fresh = None
+        except AuthenticationFailed:
+            raise
+        except ApiError as exc:
+            log.warning("in_doubt_unsettled", action_id=row.id, key_hash=row.key_hash, error=str(exc))
+            continue
+        if row.action == "delete":
+            applied = fresh is None
+        elif row.action == "disable":
+            applied = fresh is not None and fresh.disabled
+        else:  # enable
+            applied = fresh is not None and not fresh.disabled
+        if applied:
+            outcome, reason = (
+                audit.DONE,
+                "settled after a crash: the key's fresh state shows the change was made",
+            )
+        elif fresh is None:
+            outcome, reason = audit.SKIPPED, "settled after a crash: the key is gone"
+        else:
+            outcome, reason = (
+                audit.FAILED,
+                "settled after a crash: the change was not made; a later run decides again",
+            )
+        _complete(database, row.id, outcome=outcome, now=now, reason=reason)
+        log.info(
+            "key_action",
+            run_id=row.run_id,
+            key_hash=row.key_hash,
+            key_name=row.key_name,
+            rule=row.rule,
+            action=row.action,
+            dry_run=False,
+            outcome=outcome,
+            reason=reason,
+        )
+        settled += 1
+    return settled
+
+
+def enforce_snapshot(
+    database: Database,
+    client: KeysClient | None,
+    ruleset: RuleSet,
+    *,
+    run_id: int,
+    snapshot_id: int,
+    now: datetime,
+    dry_run: bool,
+    clock: Any = None,
+) -> EnforceResult:
+    """Plan on snapshot ``snapshot_id`` and act on it within the safety limits.
+
+    ``dry_run`` is final: the caller has already combined the rules file and the command line.
+    Raises EnforcementRefused (exit 3) when a safety limit refuses the whole enforcement.
+    """
+    with database.sessions() as session:
+        inputs = load_plan_inputs(session, snapshot_id)
+    result = EnforceResult(run_id=run_id, snapshot_id=snapshot_id, dry_run=dry_run, total_keys=len(inputs.keys))
+
+    shrink = inventory_shrink(inputs, ruleset)
+    if shrink is not None:
+        result.refused = REFUSED_INVENTORY_SHRANK
+        log.error("enforcement_refused", run_id=run_id, reason=shrink)
+        raise EnforcementRefused(shrink)
+
+    if not dry_run and client is not None:
+        result.settled = settle_in_doubt(database, client, now=now)
+        if result.settled:
+            with database.sessions() as session:
+                inputs = load_plan_inputs(session, snapshot_id)
+
+    the_plan = make_plan(inputs, ruleset, now)
+    result.decisions = list(the_plan.decisions)
+    result.planned = len(the_plan.changes)
+
+    breach: CapBreach | None = check_caps(the_plan, ruleset.safety)
+    if breach is not None:
+        result.refused = REFUSED_CAPS
+        for decision in the_plan.changes:
+            _record(
+                database,
+                decision,
+                run_id=run_id,
+                now=now,
+                dry_run=dry_run,
+                outcome=audit.REFUSED,
+                reason=breach.reason,
+            )
+            _event(decision, run_id=run_id, dry_run=dry_run, outcome=audit.REFUSED, reason=breach.reason)
+        log.error(
+            "enforcement_refused",
+            run_id=run_id,
+            reason=breach.reason,
+            planned=breach.planned,
+            total_keys=breach.total_keys,
+        )
+        raise EnforcementRefused(breach.reason)
+
+    for decision in the_plan.decisions:
+        if decision.action == "report" or dry_run:
+            outcome = audit.PLANNED if dry_run else audit.DONE
+            _record(database, decision, run_id=run_id, now=now, dry_run=dry_run, outcome=outcome)
+            _event(decision, run_id=run_id, dry_run=dry_run, outcome=outcome)
+            if decision.action == "report":
+                result.reported += 1
+            continue
+        assert client is not None, "a client is needed to change keys"
+        outcome = execute_decision(
+            database,
+            client,
+            decision,
+            ruleset=ruleset,
+            history=inputs.histories.get(decision.key_hash, KeyHistory()),
+            audit_facts=inputs.audits.get(decision.key_hash, AuditFacts()),
+            run_id=run_id,
+            now=now,
+            clock=clock,
+        )
+        if outcome == audit.DONE:
+            result.done += 1
+        elif outcome == audit.SKIPPED:
+            result.skipped += 1
+        else:
+            result.failed += 1
+    log.info("enforcement_complete", run_id=run_id, **result.summary())
+    return result
+
+
+def decision_row(decision: Decision) -> dict[str, Any]:
+    """A decision as one flat JSON-able row (for ``plan --format json``)."""
+    return {
+        "key_hash": decision.key_hash,
+        "key_name": decision.key_name,
+        "workspace_id": decision.workspace_id,
+        "action": decision.action,
+        "rule": decision.rule,
+        "rules": list(decision.rules),
+        "evidence": {k: isoformat(v) if isinstance(v, datetime) else v for k, v in dict(decision.evidence).items()},
+    }

@@ -1,0 +1,183 @@
+"""Sync: list every key of every workspace and store it as one complete snapshot.
+
+The listing is finished, checked and completed before anything is written; the write is one
+transaction. A sync that fails at any point stores no key state and is recorded as failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from db import runs, snapshots
+from keysapi.client import KeysClient, Listing
+from keysapi.errors import ApiError, NotFound
+from keysapi.models import Key
+
+from .context import Database, describe_db_error, session_scope
+from .errors import DatabaseFailure, KeyhygieneError
+from .logging import get_logger
+
+log = get_logger(__name__)
+
+ProgressCallback = Callable[[str, int], None]
+"""Called with (workspace id, keys on the page) after every page."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    """What one sync stored."""
+
+    run_id: int
+    snapshot_id: int
+    taken_at: datetime
+    key_count: int
+    per_workspace: dict[str, int]
+    new_versions: int
+    added: int
+    changed: int
+    gone: int
+    recovered: list[str] = field(default_factory=list)
+    confirmed_gone: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "snapshot_id": self.snapshot_id,
+            "keys": self.key_count,
+            "workspaces": self.per_workspace,
+            "new_versions": self.new_versions,
+            "added": self.added,
+            "changed": self.changed,
+            "gone": self.gone,
+            "recovered_by_check": len(self.recovered),
+        }
+
+
+class SyncFailed(KeyhygieneError):
+    """The sync failed; no snapshot was stored."""
+
+
+def list_inventory(client: KeysClient, *, on_page: ProgressCallback | None = None) -> Listing:
+    """Every key of every workspace, disabled and expired ones included."""
+    workspace_ids: list[str | None] = [workspace.id for workspace in client.list_workspaces()]
+    if not workspace_ids:
+        # No workspace listed: ``GET /keys`` without workspace_id lists the default one.
+        workspace_ids = [None]
+    return client.list_all_keys(workspace_ids, on_page=on_page)
+
+
+def check_missing(client: KeysClient, missing: list[str]) -> tuple[dict[str, Key], list[str]]:
+    """Fetch each key that was in the last snapshot but not in this listing.
+
+    A 404 confirms the key is gone; a key that still exists was skipped by offset paging over a
+    list that changed while we read it, and belongs in the snapshot.
+    """
+
+    def fetch(key_hash: str) -> tuple[str, Key | None]:
+        try:
+            return key_hash, client.get_key(key_hash)
+        except NotFound:
+            return key_hash, None
+
+    found: dict[str, Key] = {}
+    gone: list[str] = []
+    if not missing:
+        return found, gone
+    with ThreadPoolExecutor(max_workers=client.concurrency, thread_name_prefix="keysapi-check") as pool:
+        for key_hash, key in pool.map(fetch, sorted(missing)):
+            if key is None:
+                gone.append(key_hash)
+            else:
+                found[key_hash] = key
+    return found, gone
+
+
+def take_snapshot(
+    database: Database,
+    client: KeysClient,
+    *,
+    run_id: int,
+    now: datetime,
+    on_page: ProgressCallback | None = None,
+) -> SyncResult:
+    """List, check and store one complete snapshot for run ``run_id``; raise SyncFailed on any failure."""
+    with session_scope(database) as session:
+        snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=now).id
+    log.info("sync_started", run_id=run_id, snapshot_id=snapshot_id)
+    try:
+        listing = list_inventory(client, on_page=on_page)
+        with database.sessions() as session:
+            previous = snapshots.latest_snapshot(session)
+            known = snapshots.key_hashes_at(session, previous.id) if previous is not None else set()
+        recovered, confirmed_gone = check_missing(client, sorted(known - listing.keys.keys()))
+        keys = {**listing.keys, **recovered}
+        per_workspace = dict(listing.per_workspace)
+        for key in recovered.values():
+            workspace = key.workspace_id or "default"
+            per_workspace[workspace] = per_workspace.get(workspace, 0) + 1
+        with session_scope(database) as session:
+            written = snapshots.record_snapshot(
+                session, snapshot_id=snapshot_id, keys=keys, taken_at=now, workspace_counts=per_workspace
+            )
+    except BaseException as exc:
+        message = _failure_message(exc)
+        _record_failure(database, snapshot_id, message)
+        log.error("sync_failed", run_id=run_id, snapshot_id=snapshot_id, error=message)
+        if isinstance(exc, ApiError | SQLAlchemyError):
+            raise SyncFailed(f"sync failed, no snapshot stored: {message}") from None
+        raise
+    result = SyncResult(
+        run_id=run_id,
+        snapshot_id=snapshot_id,
+        taken_at=now,
+        key_count=written.key_count,
+        per_workspace=per_workspace,
+        new_versions=written.new_versions,
+        added=written.added,
+        changed=written.changed,
+        gone=written.gone,
+        recovered=sorted(recovered),
+        confirmed_gone=confirmed_gone,
+    )
+    for key_hash in result.recovered:
+        log.warning("key_recovered_by_check", run_id=run_id, key_hash=key_hash)
+    log.info("sync_complete", run_id=run_id, **result.summary())
+    return result
+
+
+def _failure_message(exc: BaseException) -> str:
+    if isinstance(exc, SQLAlchemyError):
+        return f"database error: {describe_db_error(exc)}"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _record_failure(database: Database, snapshot_id: int, message: str) -> None:
+    try:
+        with session_scope(database) as session:
+            snapshots.fail_snapshot(session, snapshot_id=snapshot_id, error=message)
+    except SQLAlchemyError as exc:  # the database itself is what failed; the snapshot stays unread
+        log.error("sync_failure_not_recorded", snapshot_id=snapshot_id, error=describe_db_error(exc))
+
+
+def finish(
+    database: Database,
+    run_id: int,
+    *,
+    status: str,
+    now: datetime,
+    error: str | None = None,
+    summary: dict[str, object] | None = None,
+) -> None:
+    """Record the end of a run, translating a database failure into a DatabaseFailure."""
+    try:
+        with session_scope(database) as session:
+            runs.finish_run(session, run_id, status=status, now=now, error=error, summary=summary)
+    except SQLAlchemyError as exc:
+        raise DatabaseFailure(f"cannot record the end of run {run_id}: {describe_db_error(exc)}") from None

@@ -1,0 +1,133 @@
+"""Structured logging, configured once per process.
+
+JSON lines on stderr by default (``KEYHYGIENE_LOG_FORMAT=json``), or a readable console format.
+Every event, exception and third-party log line (Celery, kombu, httpx) passes through the same
+processors, the last of which removes the management key and anything shaped like an OpenRouter
+secret, so no line can carry one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+REDACTED = "[REDACTED]"
+# A real secret is sk-or-v1- followed by 64 hex characters; key labels (sk-or-v1-abc...123) are
+# previews with only a few characters and are left alone.
+_SECRET_PATTERN = re.compile(r"sk-or-v1-[A-Za-z0-9_-]{12,}")
+_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Make sure ``value`` never appears in any log line of this process."""
+    if value and len(value) >= 4:
+        _secrets.add(value)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every registered secret and every OpenRouter-shaped secret removed."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return _SECRET_PATTERN.sub("sk-or-v1-" + REDACTED, text)
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {key: _redact(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_redact(item) for item in value)
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    return redact_text(repr(value))
+
+
+def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: scrub secrets from every value of the event, tracebacks included."""
+    return {key: _redact(value) for key, value in event_dict.items()}
+
+
+def _shared_processors() -> list[Processor]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+    ]
+
+
+def configure_logging(log_format: str = "json", *, stream: TextIO | None = None, level: int = logging.INFO) -> None:
+    """Send structlog's and the standard library's log lines to ``stream`` (stderr) in one format."""
+    stream = stream or sys.stderr
+    shared = _shared_processors()
+    final: list[Processor]
+    if log_format == "console":
+        final = [
+            structlog.processors.format_exc_info,
+            redact_secrets,
+            structlog.dev.ConsoleRenderer(colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback),
+        ]
+    else:
+        final = [
+            structlog.processors.dict_tracebacks,
+            redact_secrets,
+            structlog.processors.JSONRenderer(),
+        ]
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # httpx logs every request at INFO; the client logs what matters itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str | None = None) -> Any:
+    """A structlog logger; ``name`` is usually the module's ``__name__``."""
+    return structlog.get_logger(name)
+
+
+def bind(**values: Any) -> None:
+    """Bind context (run_id, task_id, ...) to every following log line of this thread."""
+    structlog.contextvars.bind_contextvars(**values)
+
+
+def unbind(*names: str) -> None:
+    structlog.contextvars.unbind_contextvars(*names)
+
+
+def clear() -> None:
+    structlog.contextvars.clear_contextvars()
+
+
+def copy_without(mapping: MutableMapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """A copy of ``mapping`` without ``names`` (used to keep secrets out of structured values)."""
+    dropped = set(names)
+    return {key: value for key, value in mapping.items() if key not in dropped}

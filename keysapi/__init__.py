@@ -1,0 +1,1 @@
+"""A thin typed client for the OpenRouter API-keys (management) endpoints."""

@@ -1,0 +1,329 @@
+"""A thin, typed client for OpenRouter's API-keys (management) endpoints.
+
+The client knows the wire format and nothing about rules. It retries what is worth retrying (429,
+502/503/504 and connection failures, honouring ``Retry-After``) within a bounded total time, and
+turns every other failure into a typed error from :mod:`keysapi.errors`. It is safe to share
+between threads; listing fans out over a bounded pool so that no more than ``concurrency`` requests
+are ever in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity.wait import wait_base
+
+from .errors import (
+    ApiError,
+    ConnectionFailed,
+    MalformedResponse,
+    RateLimited,
+    ServerError,
+    TransientError,
+    rejection_for,
+)
+from .models import CreatedKey, CurrentKey, Key, Workspace
+
+PAGE_SIZE = 100
+"""``GET /keys`` always answers at most 100 keys; a shorter page is the last one."""
+
+WORKSPACE_PAGE_SIZE = 100
+DEFAULT_WORKSPACE = "default"
+"""How counts name the default workspace when the account lists no workspaces."""
+_RETRIED_STATUSES = {500, 502, 503, 504}
+_USER_AGENT = "keyhygiene/0.1 (+https://github.com/keyhygiene/keyhygiene)"
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Every key of every workspace listed, de-duplicated by hash."""
+
+    keys: dict[str, Key]
+    per_workspace: dict[str, int]
+    pages: int
+    duplicates: int
+
+
+@dataclass(slots=True)
+class _WorkspacePaging:
+    """Paging state of one workspace: the next offset to ask for, and where its list ends."""
+
+    workspace_id: str | None
+    next_offset: int = 0
+    end: int | None = None  # offset of the first short page, once seen
+    pages: dict[int, list[Key]] = field(default_factory=dict)
+
+
+class _WaitRetryAfter(wait_base):
+    """Wait as long as the API asked (``Retry-After``), else back off exponentially with jitter."""
+
+    def __init__(self, fallback: wait_base, ceiling: float) -> None:
+        self.fallback = fallback
+        self.ceiling = ceiling
+
+    def __call__(self, retry_state: Any) -> float:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        if isinstance(error, TransientError) and error.retry_after is not None:
+            return min(max(error.retry_after, 0.0), self.ceiling)
+        return float(self.fallback(retry_state))
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return float(value) / 1000
+        except ValueError:
+            pass
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None  # an HTTP date; fall back to our own backoff
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        message = body["error"]["message"]
+        if isinstance(message, str) and message:
+            return message
+    except (ValueError, KeyError, TypeError):
+        pass
+    return response.reason_phrase or f"HTTP {response.status_code}"
+
+
+class KeysClient:
+    """The OpenRouter API-keys endpoints, typed."""
+
+    def __init__(
+        self,
+        base_url: str,
+        management_key: str,
+        *,
+        concurrency: int = 4,
+        timeout: float = 30.0,
+        retry_seconds: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.concurrency = max(1, concurrency)
+        self.retry_seconds = retry_seconds
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {management_key}", "User-Agent": _USER_AGENT},
+            timeout=timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
+        )
+        self._lock = threading.Lock()
+        self.requests_sent = 0
+
+    def __repr__(self) -> str:
+        return f"KeysClient(base_url={self.base_url!r})"
+
+    def __enter__(self) -> KeysClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- the endpoints -------------------------------------------------------------------------
+
+    def current_key(self) -> CurrentKey:
+        """``GET /key``: what the API says about our own credential."""
+        return CurrentKey.from_api(self._data(self._request("GET", "/key")))
+
+    def list_workspaces(self) -> list[Workspace]:
+        """``GET /workspaces``, every page."""
+        workspaces: list[Workspace] = []
+        offset = 0
+        while True:
+            body = self._request("GET", "/workspaces", params={"offset": offset, "limit": WORKSPACE_PAGE_SIZE})
+            page = self._data(body)
+            if not isinstance(page, list):
+                raise MalformedResponse("GET /workspaces: 'data' is not a list")
+            workspaces.extend(Workspace.from_api(item) for item in page)
+            total = body.get("total_count") if isinstance(body, Mapping) else None
+            offset += len(page)
+            if len(page) < WORKSPACE_PAGE_SIZE or (isinstance(total, int) and offset >= total):
+                return workspaces
+
+    def list_keys_page(
+        self,
+        *,
+        workspace_id: str | None,
+        offset: int,
+        include_disabled: bool = True,
+        include_expired: bool = True,
+    ) -> list[Key]:
+        """One page (at most 100 keys) of ``GET /keys``."""
+        params: dict[str, Any] = {
+            "include_disabled": "true" if include_disabled else "false",
+            "include_expired": "true" if include_expired else "false",
+            "offset": offset,
+        }
+        if workspace_id is not None:
+            params["workspace_id"] = workspace_id
+        page = self._data(self._request("GET", "/keys", params=params))
+        if not isinstance(page, list):
+            raise MalformedResponse("GET /keys: 'data' is not a list")
+        if len(page) > PAGE_SIZE:
+            raise MalformedResponse(f"GET /keys: a page of {len(page)} keys, more than {PAGE_SIZE}")
+        return [Key.from_api(item) for item in page]
+
+    def list_all_keys(
+        self, workspace_ids: Iterable[str | None], *, on_page: Callable[[str, int], None] | None = None
+    ) -> Listing:
+        """Every key of the given workspaces (None: the default one), disabled and expired included.
+
+        Pages of several workspaces and several offsets are fetched at once, never more than
+        ``concurrency`` at a time. Offsets are asked for ahead of knowing where a list ends; a page
+        shorter than 100 marks the end, and pages past it are dropped.
+        """
+        states = [_WorkspacePaging(workspace_id) for workspace_id in dict.fromkeys(workspace_ids)]
+        in_flight: dict[Future[list[Key]], tuple[_WorkspacePaging, int]] = {}
+        pages_fetched = 0
+
+        def next_request() -> tuple[_WorkspacePaging, int] | None:
+            # Round-robin over the workspaces still open, least advanced first.
+            open_states = [s for s in states if s.end is None]
+            if not open_states:
+                return None
+            state = min(open_states, key=lambda s: s.next_offset)
+            offset = state.next_offset
+            state.next_offset += PAGE_SIZE
+            return state, offset
+
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="keysapi") as pool:
+            try:
+                while True:
+                    while len(in_flight) < self.concurrency:
+                        request = next_request()
+                        if request is None:
+                            break
+                        state, offset = request
+                        future = pool.submit(self.list_keys_page, workspace_id=state.workspace_id, offset=offset)
+                        in_flight[future] = (state, offset)
+                    if not in_flight:
+                        break
+                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        state, offset = in_flight.pop(future)
+                        page = future.result()  # raises the first failure
+                        pages_fetched += 1
+                        if state.end is not None and offset > state.end:
+                            continue
+                        state.pages[offset] = page
+                        if len(page) < PAGE_SIZE:
+                            state.end = offset if state.end is None else min(state.end, offset)
+                        if on_page is not None:
+                            on_page(state.workspace_id or DEFAULT_WORKSPACE, len(page))
+            except BaseException:
+                for future in in_flight:
+                    future.cancel()
+                raise
+
+        keys: dict[str, Key] = {}
+        per_workspace: dict[str, int] = {}
+        duplicates = 0
+        for state in states:
+            seen_here = 0
+            for offset in sorted(state.pages):
+                if state.end is not None and offset > state.end:
+                    continue
+                for key in state.pages[offset]:
+                    if key.hash in keys:
+                        duplicates += 1
+                        continue
+                    keys[key.hash] = key
+                    seen_here += 1
+            per_workspace[state.workspace_id or DEFAULT_WORKSPACE] = seen_here
+        return Listing(keys=keys, per_workspace=per_workspace, pages=pages_fetched, duplicates=duplicates)
+
+    def get_key(self, key_hash: str) -> Key:
+        """``GET /keys/{hash}``; raises NotFound for a key that does not exist."""
+        return Key.from_api(self._data(self._request("GET", f"/keys/{key_hash}")))
+
+    def create_key(self, name: str, **fields: Any) -> CreatedKey:
+        """``POST /keys``. The secret is returned this once and never logged."""
+        body = self._request("POST", "/keys", json={"name": name, **fields})
+        secret = body.get("key") if isinstance(body, Mapping) else None
+        if not isinstance(secret, str):
+            raise MalformedResponse("POST /keys: the response has no top-level 'key'")
+        return CreatedKey(key=Key.from_api(self._data(body)), secret=secret)
+
+    def update_key(self, key_hash: str, **fields: Any) -> Key:
+        """``PATCH /keys/{hash}`` with the given fields (``disabled=True`` disables the key)."""
+        return Key.from_api(self._data(self._request("PATCH", f"/keys/{key_hash}", json=fields)))
+
+    def delete_key(self, key_hash: str) -> None:
+        """``DELETE /keys/{hash}``: permanent."""
+        body = self._request("DELETE", f"/keys/{key_hash}")
+        if not isinstance(body, Mapping) or body.get("deleted") is not True:
+            raise MalformedResponse('DELETE /keys: the response is not {"deleted": true}')
+
+    # -- transport -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _data(body: Any) -> Any:
+        if not isinstance(body, Mapping) or "data" not in body:
+            raise MalformedResponse("the response has no 'data' envelope")
+        return body["data"]
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientError),
+            stop=stop_after_delay(self.retry_seconds),
+            wait=_WaitRetryAfter(wait_exponential_jitter(initial=0.25, max=10.0), ceiling=self.retry_seconds),
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                return self._send_once(method, path, **kwargs)
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    def _send_once(self, method: str, path: str, **kwargs: Any) -> Any:
+        where = f"{method} {path}"
+        with self._lock:
+            self.requests_sent += 1
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise ConnectionFailed(f"{where}: the API did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"{where}: cannot reach the API at {self.base_url} ({type(exc).__name__})") from None
+        status = response.status_code
+        if status == 429:
+            raise RateLimited(
+                f"{where}: rate limited (429): {_error_message(response)}",
+                status=status,
+                retry_after=_retry_after(response),
+            )
+        if status in _RETRIED_STATUSES:
+            raise ServerError(
+                f"{where}: the API failed ({status}): {_error_message(response)}",
+                status=status,
+                retry_after=_retry_after(response),
+            )
+        if 400 <= status < 500:
+            raise rejection_for(status, f"{where}: {status} {_error_message(response)}")
+        if status >= 500 or status < 200 or status >= 300:
+            raise ApiError(f"{where}: unexpected HTTP {status}: {_error_message(response)}")
+        try:
+            return response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise MalformedResponse(f"{where}: the response is not valid JSON") from None
