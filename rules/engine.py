@@ -1,0 +1,441 @@
+"""The rules engine: which key gets which action now, and why. Pure: no I/O, no clock, no logging.
+
+Everything is decided from the key's current state (``keysapi.models.Key``), its snapshot history
+(``KeyHistory``), our own last change to it (``AuditFacts``), the rules and ``now``. Naive datetimes
+in the inputs are read as UTC.
+
+How one key is decided (``decide``):
+
+1. A protected key (``protect_hashes``, ``protect_names``) gets no decision, whatever the rules say.
+2. Every rule whose filters and match both hold *matches*; all of them are listed in
+   ``Decision.rules``.
+3. Each matching rule says what it would do now: ``report``; ``disable`` (nothing when the key is
+   already disabled); ``delete`` (an enabled key is disabled first unless ``grace`` is zero; a
+   disabled key is deleted only once it has provably been disabled for ``grace``).
+4. The strongest of those wins (delete > disable > report; then the rule whose own action is
+   stronger, so a delete rule's first step is recorded under the delete rule; then file order).
+5. Failing a disable or delete, an ``over_budget`` rule with ``reenable = true`` may re-enable a key
+   that it disabled itself (see ``_reenable``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from fnmatch import fnmatchcase
+from typing import Any, Literal
+
+from keyhygiene.timeutil import as_utc, isoformat
+from keysapi.models import Key
+
+from .inputs import AuditFacts, KeyHistory
+from .model import Rule, RuleSet, Safety, duration_text
+
+DecisionAction = Literal["disable", "delete", "enable", "report"]
+
+# OpenRouter began recording ``last_used_at`` at the end of 2025: null means "no use since then".
+LAST_USED_RECORDED_FROM = datetime(2026, 1, 1, tzinfo=UTC)
+
+_ACTION_STRENGTH: Mapping[str, int] = {"report": 0, "enable": 1, "disable": 2, "delete": 3}
+_RULE_STRENGTH: Mapping[str, int] = {"report": 0, "disable": 1, "delete": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do to one key now, under which rule, and the facts that justify it."""
+
+    key_hash: str
+    key_name: str
+    workspace_id: str | None
+    action: DecisionAction
+    rule: str
+    rules: tuple[str, ...]
+    evidence: Mapping[str, Any] = field(hash=False)
+
+    @property
+    def changes_key(self) -> bool:
+        return self.action != "report"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The decisions for a whole inventory, ordered by key hash."""
+
+    decisions: tuple[Decision, ...]
+    total_keys: int
+
+    @property
+    def changes(self) -> tuple[Decision, ...]:
+        return tuple(decision for decision in self.decisions if decision.changes_key)
+
+
+@dataclass(frozen=True, slots=True)
+class CapBreach:
+    """A plan with more changes than the safety limits allow: the whole run is refused."""
+
+    planned: int
+    total_keys: int
+    max_actions_per_run: int
+    max_action_percent: float
+    reason: str
+
+
+# --- public functions ---------------------------------------------------------------------------
+
+
+def is_protected(key: Key, safety: Safety) -> bool:
+    """Whether the key's hash is listed in ``protect_hashes`` or its name matches a ``protect_names`` glob."""
+    if key.hash in safety.protect_hashes:
+        return True
+    return any(fnmatchcase(key.name, pattern) for pattern in safety.protect_names)
+
+
+def idle_since(key: Key, history: KeyHistory) -> datetime | None:
+    """The latest time any source shows use of the key (or the start of proven idleness).
+
+    Sources: ``last_used_at`` where the API reports the field (null counts as the start of 2026,
+    when recording began), and ``usage_unchanged_since`` from the snapshots. None when neither
+    source can show idleness. A key is unused for D exactly when it is at least D old and this time
+    is not later than ``now - D``.
+    """
+    candidates: list[datetime] = []
+    if key.reports_last_used:
+        candidates.append(LAST_USED_RECORDED_FROM if key.last_used_at is None else as_utc(key.last_used_at))
+    if history.usage_unchanged_since is not None:
+        candidates.append(as_utc(history.usage_unchanged_since))
+    return max(candidates) if candidates else None
+
+
+def decide(key: Key, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime) -> Decision | None:
+    """The action to take on ``key`` now, or None when there is nothing to do or report."""
+    now = as_utc(now)
+    if is_protected(key, ruleset.safety):
+        return None
+    matched: list[tuple[int, Rule, dict[str, Any]]] = []
+    for index, rule in enumerate(ruleset.rules):
+        if _in_scope(rule, key, now):
+            facts = _match_facts(rule, key, history, now)
+            if facts is not None:
+                matched.append((index, rule, facts))
+
+    candidates: list[tuple[tuple[int, int, int], DecisionAction, Rule, dict[str, Any]]] = []
+    for index, rule, facts in matched:
+        step = _action_now(rule, key, history, audit, now)
+        if step is not None:
+            action, step_facts = step
+            rank = (_ACTION_STRENGTH[action], _RULE_STRENGTH[rule.action], -index)
+            candidates.append((rank, action, rule, {"match": rule.match, **facts, **step_facts}))
+    best = max(candidates, key=lambda candidate: candidate[0]) if candidates else None
+    matched_names = tuple(rule.name for _, rule, _ in matched)
+
+    if best is not None and best[1] != "report":
+        _, action, rule, evidence = best
+        return _decision(key, action, rule.name, matched_names, evidence)
+
+    reenable = _reenable(key, history, audit, ruleset, now)
+    if reenable is not None:
+        index, rule, evidence = reenable
+        by_position = sorted([*((i, r.name) for i, r, _ in matched), (index, rule.name)])
+        return _decision(key, "enable", rule.name, tuple(name for _, name in by_position), evidence)
+
+    if best is not None:
+        _, action, rule, evidence = best
+        return _decision(key, action, rule.name, matched_names, evidence)
+    return None
+
+
+def plan(
+    keys: Sequence[Key],
+    histories: Mapping[str, KeyHistory],
+    audits: Mapping[str, AuditFacts],
+    ruleset: RuleSet,
+    now: datetime,
+) -> Plan:
+    """Decide every key. Keys missing from ``histories``/``audits`` have no history/no audit.
+
+    Raises ValueError when two keys share a hash: an inventory like that is a bug upstream, and
+    acting on it could act twice on one key.
+    """
+    seen: set[str] = set()
+    decisions: list[Decision] = []
+    for key in keys:
+        if key.hash in seen:
+            raise ValueError(f"key hash {key.hash!r} appears twice in the inventory")
+        seen.add(key.hash)
+        decision = decide(key, histories.get(key.hash, KeyHistory()), audits.get(key.hash, AuditFacts()), ruleset, now)
+        if decision is not None:
+            decisions.append(decision)
+    decisions.sort(key=lambda decision: decision.key_hash)
+    return Plan(decisions=tuple(decisions), total_keys=len(keys))
+
+
+def check_caps(plan: Plan, safety: Safety) -> CapBreach | None:
+    """A breach when the plan's changes exceed ``max_actions_per_run`` or ``max_action_percent`` of all
+    keys (reaching a cap exactly is allowed); None when the plan is within both."""
+    planned = len(plan.changes)
+    reasons: list[str] = []
+    if planned > safety.max_actions_per_run:
+        reasons.append(f"{planned} planned changes exceed max_actions_per_run = {safety.max_actions_per_run}")
+    # Decimal of the written value, so that 0.3% of 1000 keys allows exactly 3 changes (float would not).
+    percent = Decimal(str(safety.max_action_percent))
+    if planned > 0 and Decimal(planned) * 100 > percent * plan.total_keys:
+        share = f"{planned * 100 / plan.total_keys:.4g}%" if plan.total_keys else "all"
+        reasons.append(
+            f"{planned} planned changes are {share} of {plan.total_keys} keys, "
+            f"more than max_action_percent = {safety.max_action_percent:g}%"
+        )
+    if not reasons:
+        return None
+    return CapBreach(
+        planned=planned,
+        total_keys=plan.total_keys,
+        max_actions_per_run=safety.max_actions_per_run,
+        max_action_percent=safety.max_action_percent,
+        reason="; ".join(reasons),
+    )
+
+
+def upcoming(
+    key: Key, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime
+) -> list[tuple[str, str, datetime]]:
+    """When rules will act on this key if nothing else changes: ``(rule, action, date)``, by date.
+
+    Covers ``unused`` rules (the date ``idle_for`` and any ``min_age`` are reached) and the grace of
+    ``delete`` rules (the date the key will have been disabled for ``grace``). A date already passed
+    is given as ``now`` (the rule acts at the next run). A protected key, a rule whose filters
+    exclude the key, and a key with no source of idleness get nothing. Filters are checked on the
+    key as it is now; the strongest-action choice between rules is not applied.
+    """
+    now = as_utc(now)
+    if is_protected(key, ruleset.safety):
+        return []
+    created = as_utc(key.created_at)
+    since = idle_since(key, history)
+    proof = _disabled_proof(key, history, audit, now)
+    found: list[tuple[str, str, datetime]] = []
+    for rule in ruleset.rules:
+        if not _in_scope(rule, key, now, check_min_age=False):
+            continue
+        start = created + rule.min_age if rule.min_age is not None else created
+        if rule.match == "unused":
+            if since is None or rule.idle_for is None:
+                continue
+            start = max(start, since + rule.idle_for, created + rule.idle_for)
+        elif _match_facts(rule, key, history, now) is None or rule.action != "delete":
+            continue
+        for action, date in _steps(rule, key, proof, max(start, now)):
+            found.append((rule.name, action, date))
+    return sorted(found, key=lambda item: (item[2], item[0], item[1]))
+
+
+# --- the parts ----------------------------------------------------------------------------------
+
+
+def _decision(
+    key: Key, action: DecisionAction, rule: str, rules: tuple[str, ...], evidence: dict[str, Any]
+) -> Decision:
+    return Decision(
+        key_hash=key.hash,
+        key_name=key.name,
+        workspace_id=key.workspace_id,
+        action=action,
+        rule=rule,
+        rules=rules,
+        evidence=evidence,
+    )
+
+
+def _in_scope(rule: Rule, key: Key, now: datetime, *, check_disabled: bool = True, check_min_age: bool = True) -> bool:
+    """Whether the rule's filters let it look at the key at all."""
+    if rule.names and not any(fnmatchcase(key.name, pattern) for pattern in rule.names):
+        return False
+    if any(fnmatchcase(key.name, pattern) for pattern in rule.exclude_names):
+        return False
+    if rule.workspaces and key.workspace_id not in rule.workspaces:
+        return False
+    if check_min_age and rule.min_age is not None and now - as_utc(key.created_at) < rule.min_age:
+        return False
+    return not (check_disabled and rule.disabled is not None and key.disabled != rule.disabled)
+
+
+def _window_spend(key: Key, window: str) -> float:
+    spend = key.usage_in(window)
+    if key.include_byok_in_limit:
+        spend += key.byok_usage_in(window)
+    return spend
+
+
+def _days(delta: timedelta) -> float:
+    return round(delta.total_seconds() / 86400, 2)
+
+
+def _match_facts(rule: Rule, key: Key, history: KeyHistory, now: datetime) -> dict[str, Any] | None:
+    """The facts that show the rule's match holds for the key, or None when it does not."""
+    if rule.match == "expired":
+        if key.expires_at is not None and as_utc(key.expires_at) <= now:
+            return {"expires_at": isoformat(key.expires_at)}
+        return None
+    if rule.match == "unused":
+        return _unused_facts(rule, key, history, now)
+    if rule.window is None:  # the model forbids it; never guess a window
+        return None
+    if rule.threshold_usd is not None:
+        spend = _window_spend(key, rule.window)
+        if spend >= rule.threshold_usd:
+            return {
+                "window": rule.window,
+                "window_spend_usd": spend,
+                "threshold_usd": rule.threshold_usd,
+                "include_byok_in_limit": key.include_byok_in_limit,
+            }
+        return None
+    if key.limit is not None and key.limit_remaining is not None and key.limit_remaining <= 0:
+        return {"limit": key.limit, "limit_remaining": key.limit_remaining, "limit_reset": key.limit_reset}
+    return None
+
+
+def _unused_facts(rule: Rule, key: Key, history: KeyHistory, now: datetime) -> dict[str, Any] | None:
+    if rule.idle_for is None:
+        return None
+    cutoff = now - rule.idle_for
+    if as_utc(key.created_at) > cutoff:
+        return None
+    since = idle_since(key, history)
+    # Any sign of use after the cutoff, from either source, makes ``since`` later than the cutoff;
+    # no source at all leaves it None: in both cases the key is not shown to be unused.
+    if since is None or since > cutoff:
+        return None
+    return {
+        "idle_for": duration_text(rule.idle_for),
+        "idle_since": isoformat(since),
+        "idle_days": _days(now - since),
+        "created_at": isoformat(key.created_at),
+        "reports_last_used": key.reports_last_used,
+        "last_used_at": isoformat(key.last_used_at),
+        "usage_unchanged_since": isoformat(history.usage_unchanged_since),
+    }
+
+
+def _disabled_proof(key: Key, history: KeyHistory, audit: AuditFacts, now: datetime) -> tuple[datetime, str] | None:
+    """The earliest time the key is shown to have been disabled since, and which source shows it.
+
+    Sources: the snapshot history; ``updated_at`` of a disabled key (its last change, so it has been
+    disabled at least since then); our own audit, when our last change to it was a disable. Times
+    later than ``now`` prove nothing. None for an enabled key or when no source shows it.
+    """
+    if not key.disabled:
+        return None
+    sources: list[tuple[datetime, str]] = []
+    if history.disabled_since is not None:
+        sources.append((as_utc(history.disabled_since), "history"))
+    if key.updated_at is not None:
+        sources.append((as_utc(key.updated_at), "updated_at"))
+    if audit.last_change == "disable" and audit.last_change_at is not None:
+        sources.append((as_utc(audit.last_change_at), "audit"))
+    valid = [source for source in sources if source[0] <= now]
+    return min(valid) if valid else None
+
+
+def _action_now(
+    rule: Rule, key: Key, history: KeyHistory, audit: AuditFacts, now: datetime
+) -> tuple[DecisionAction, dict[str, Any]] | None:
+    """What a matching rule does to the key now; None when it has nothing to do yet."""
+    if rule.action == "report":
+        return "report", {}
+    if rule.action == "disable":
+        return None if key.disabled else ("disable", {})
+    grace = duration_text(rule.grace)
+    if rule.grace <= timedelta(0):
+        return "delete", {"grace": grace, "step": "delete-at-once"}
+    if not key.disabled:
+        return "disable", {"grace": grace, "step": "disable-before-delete"}
+    proof = _disabled_proof(key, history, audit, now)
+    if proof is None:
+        return None
+    since, source = proof
+    if now - since < rule.grace:
+        return None
+    return "delete", {
+        "grace": grace,
+        "step": "delete-after-grace",
+        "disabled_since": isoformat(since),
+        "disabled_since_source": source,
+        "disabled_days": _days(now - since),
+    }
+
+
+def _under_budget_facts(rule: Rule, key: Key) -> dict[str, Any] | None:
+    """Positive proof that an over_budget rule no longer holds; None when it holds or is unknown."""
+    if rule.window is None:
+        return None
+    if rule.threshold_usd is not None:
+        spend = _window_spend(key, rule.window)
+        if spend < rule.threshold_usd:
+            return {"window": rule.window, "window_spend_usd": spend, "threshold_usd": rule.threshold_usd}
+        return None
+    if key.limit is None or (key.limit_remaining is not None and key.limit_remaining > 0):
+        return {"limit": key.limit, "limit_remaining": key.limit_remaining, "limit_reset": key.limit_reset}
+    return None
+
+
+def _reenable(
+    key: Key, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime
+) -> tuple[int, Rule, dict[str, Any]] | None:
+    """The ``reenable`` rule that may enable this key now, with its evidence, or None.
+
+    Only a key that is disabled and whose last change by us was a disable by that very rule; only
+    when the rule's filters still take the key in, except ``disabled`` (the rule turned the key
+    from enabled to disabled itself, so its ``disabled`` filter would otherwise lock the key out of
+    ever being re-enabled); only when the key is proven back under budget; and only when no other
+    disable or delete rule matches the key, disabled or not (enabling it would just make that rule
+    disable it again at the next run).
+    """
+    if not key.disabled or audit.last_change != "disable" or audit.last_change_rule is None:
+        return None
+    found = next(
+        ((index, rule) for index, rule in enumerate(ruleset.rules) if rule.name == audit.last_change_rule),
+        None,
+    )
+    if found is None:
+        return None
+    index, rule = found
+    if not (rule.reenable and rule.match == "over_budget" and rule.action == "disable"):
+        return None
+    if not _in_scope(rule, key, now, check_disabled=False):
+        return None
+    facts = _under_budget_facts(rule, key)
+    if facts is None:
+        return None
+    for other in ruleset.rules:
+        if other is rule or other.action == "report":
+            continue
+        if _in_scope(other, key, now, check_disabled=False) and _match_facts(other, key, history, now):
+            return None
+    return (
+        index,
+        rule,
+        {
+            "match": rule.match,
+            "step": "reenable",
+            "disabled_by_rule": rule.name,
+            "disabled_at": isoformat(audit.last_change_at),
+            **facts,
+        },
+    )
+
+
+def _steps(rule: Rule, key: Key, proof: tuple[datetime, str] | None, start: datetime) -> list[tuple[str, datetime]]:
+    """The actions a rule that holds from ``start`` will take on the key, and when."""
+    if rule.action == "report":
+        return [("report", start)]
+    if rule.action == "disable":
+        return [] if key.disabled else [("disable", start)]
+    if rule.grace <= timedelta(0):
+        return [("delete", start)]
+    if not key.disabled:
+        return [("disable", start), ("delete", start + rule.grace)]
+    if proof is None:
+        return []
+    return [("delete", max(start, proof[0] + rule.grace))]

@@ -1,0 +1,389 @@
+"""Read a rules file (TOML) into a ``RuleSet``, or stop with a ``RulesError`` naming file, line and field.
+
+``tomllib`` reports a line only for syntax errors. For a value that parses but is wrong, the line is
+found by scanning the text (``_Layout``): the table the value belongs to (``[safety]`` or the N-th
+``[[rule]]``) and then the first line inside it that assigns the field; the table's header line
+when the field is not written there (a missing required option, or an inline table).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, NoReturn, cast
+
+from keyhygiene.timeutil import TimeFormatError, parse_duration
+
+from .model import ACTIONS, DEFAULT_GRACE, MATCHES, WINDOWS, Rule, RulesError, RuleSet, Safety
+
+_TOP_LEVEL = ("safety", "rule")
+_SAFETY_KEYS = ("dry_run", "max_actions_per_run", "max_action_percent", "protect_hashes", "protect_names")
+_RULE_KEYS = (
+    "name",
+    "match",
+    "action",
+    "grace",
+    "idle_for",
+    "window",
+    "threshold_usd",
+    "reenable",
+    "names",
+    "exclude_names",
+    "workspaces",
+    "min_age",
+    "disabled",
+)
+
+
+def load_rules(path: str | Path) -> RuleSet:
+    """Read and check the rules file at ``path``; a missing or unreadable file is a ``RulesError``."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise RulesError(source, None, None, f"cannot read the rules file: {exc.strerror or exc}") from None
+    try:
+        # utf-8-sig: a byte-order mark from a Windows editor is not a mistake worth stopping for.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RulesError(source, line, None, "the file is not UTF-8 text") from None
+    return parse_rules(text, source)
+
+
+def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
+    """Check the text of a rules file and build its ``RuleSet``. An empty file is valid: no rules."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line, message = _syntax_error_position(str(exc), text)
+        raise RulesError(source, line, None, f"invalid TOML: {message}") from None
+    return _Reader(source, _Layout(text)).ruleset(data)
+
+
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+_TOML_AT_END = re.compile(r"\s*\(at end of document\)\s*$")
+
+
+def _syntax_error_position(message: str, text: str) -> tuple[int | None, str]:
+    found = _TOML_POSITION.search(message)
+    if found is not None:
+        return int(found.group(1)), f"{message[: found.start()]} (column {found.group(2)})"
+    found = _TOML_AT_END.search(message)
+    if found is not None:
+        return max(1, len(text.splitlines())), f"{message[: found.start()]} (at the end of the file)"
+    return None, message
+
+
+# --- where things are written -------------------------------------------------------------------
+
+_ARRAY_HEADER = re.compile(r"^\s*\[\[\s*(?P<path>[^\[\]]+?)\s*\]\]\s*(#.*)?$")
+_TABLE_HEADER = re.compile(r"^\s*\[\s*(?P<path>[^\[\]]+?)\s*\]\s*(#.*)?$")
+_ASSIGNMENT = re.compile(r"""^\s*(?P<key>"(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_-]+)\s*[.=]""")
+_KEY_PART = re.compile(r"""\s*("(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_-]+)\s*(?:\.|$)""")
+
+
+def _unquote(part: str) -> str:
+    return part[1:-1] if len(part) >= 2 and part[0] == part[-1] and part[0] in "\"'" else part
+
+
+def _key_path(text: str) -> tuple[str, ...]:
+    return tuple(_unquote(match.group(1)) for match in _KEY_PART.finditer(text))
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    line: int
+    path: tuple[str, ...]
+    is_array: bool
+
+
+class _Layout:
+    """Line numbers of the table headers and key assignments of a TOML text (a scan, not a parse)."""
+
+    def __init__(self, text: str) -> None:
+        self.headers: list[_Header] = []
+        # (line, index into headers of the table it sits in or -1 for the top level, first key segment)
+        self.assignments: list[tuple[int, int, str]] = []
+        in_string: str | None = None
+        for number, line in enumerate(text.splitlines(), start=1):
+            if in_string is not None:
+                if line.count(in_string) % 2 == 1:
+                    in_string = None
+                continue
+            array = _ARRAY_HEADER.match(line)
+            table = None if array else _TABLE_HEADER.match(line)
+            if array or table:
+                found = cast(re.Match[str], array or table)
+                self.headers.append(_Header(number, _key_path(found.group("path")), array is not None))
+                continue
+            assignment = _ASSIGNMENT.match(line)
+            if assignment is not None:
+                self.assignments.append((number, len(self.headers) - 1, _unquote(assignment.group("key"))))
+            for quotes in ('"""', "'''"):
+                if line.count(quotes) % 2 == 1:
+                    in_string = quotes
+                    break
+
+    def _top_level_assignment(self, key: str) -> int | None:
+        return next((line for line, table, name in self.assignments if table == -1 and name == key), None)
+
+    def _table_index(self, table: str, index: int | None) -> int | None:
+        """Index in ``headers`` of ``[table]`` (index None) or of the index-th ``[[table]]``."""
+        count = 0
+        for position, header in enumerate(self.headers):
+            if header.path != (table,) or header.is_array != (index is not None):
+                continue
+            if index is None or count == index:
+                return position
+            count += 1
+        return None
+
+    def table_line(self, table: str, index: int | None) -> int | None:
+        position = self._table_index(table, index)
+        if position is not None:
+            return self.headers[position].line
+        # Written inline (``safety = {...}`` or ``rule = [{...}]``): the assignment is the best we have.
+        return self._top_level_assignment(table)
+
+    def field_line(self, table: str, index: int | None, field: str) -> int | None:
+        position = self._table_index(table, index)
+        if position is None:
+            return self._top_level_assignment(table)
+        for line, in_table, name in self.assignments:
+            if in_table == position and name == field:
+                return line
+        # ``[safety.field]`` or ``[rule.field]`` right after the table declares the field as a sub-table.
+        for header in self.headers[position + 1 :]:
+            if header.path[:1] != (table,) or header.is_array:
+                break
+            if header.path[1:2] == (field,):
+                return header.line
+        return self.headers[position].line
+
+    def top_level_line(self, key: str) -> int | None:
+        for header in self.headers:
+            if header.path[:1] == (key,):
+                return header.line
+        return self._top_level_assignment(key)
+
+
+# --- checking values ----------------------------------------------------------------------------
+
+
+def _quoted(values: tuple[str, ...]) -> str:
+    return ", ".join(f'"{value}"' for value in values)
+
+
+def _unknown_key_message(key: str, known: tuple[str, ...], where: str) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f'; did you mean "{close[0]}"?' if close else f"; expected one of {_quoted(known)}"
+    return f'unknown key "{key}" in {where}{hint}'
+
+
+def _toml_repr(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def _type_name(value: object) -> str:
+    names = {bool: "a boolean", int: "a whole number", float: "a number", str: "a string", list: "a list"}
+    return names.get(type(value), "a table" if isinstance(value, dict) else type(value).__name__)
+
+
+class _Table:
+    """One table being read (``[safety]`` or one ``[[rule]]``): raises errors that point into it."""
+
+    def __init__(self, reader: _Reader, table: str, index: int | None, label: str) -> None:
+        self.reader = reader
+        self.table = table
+        self.index = index
+        self.label = label
+
+    def fail(self, field: str | None, message: str) -> NoReturn:
+        layout = self.reader.layout
+        if field is None:
+            line = layout.table_line(self.table, self.index)
+        else:
+            line = layout.field_line(self.table, self.index, field)
+        raise RulesError(self.reader.source, line, field, message)
+
+    def wrong_type(self, field: str, value: object, expected: str) -> NoReturn:
+        self.fail(field, f"expected {expected}, got {_type_name(value)} ({_toml_repr(value)}) in {self.label}")
+
+    def boolean(self, field: str, value: object) -> bool:
+        if not isinstance(value, bool):
+            self.wrong_type(field, value, "true or false")
+        return value
+
+    def string(self, field: str, value: object) -> str:
+        if not isinstance(value, str):
+            self.wrong_type(field, value, "a string")
+        if not value.strip():
+            self.fail(field, f"must not be empty in {self.label}")
+        return value
+
+    def number(self, field: str, value: object) -> float:
+        # bool is an int in Python; ``true`` where a number belongs is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.wrong_type(field, value, "a number")
+        if not math.isfinite(value):
+            self.fail(field, f"must be a finite number, got {value!r} in {self.label}")
+        return float(value)
+
+    def whole_number(self, field: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.wrong_type(field, value, "a whole number")
+        return value
+
+    def duration(self, field: str, value: object) -> timedelta:
+        if not isinstance(value, str):
+            self.wrong_type(field, value, 'a duration string like "7d"')
+        try:
+            return parse_duration(value)
+        except TimeFormatError as exc:
+            self.fail(field, f"{exc} (in {self.label})")
+
+    def string_list(self, field: str, value: object) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            self.wrong_type(field, value, "a list of strings")
+        items: list[str] = []
+        for position, item in enumerate(value, start=1):
+            if not isinstance(item, str):
+                self.fail(field, f"entry {position} is {_type_name(item)} ({_toml_repr(item)}), expected a string")
+            if not item.strip():
+                self.fail(field, f"entry {position} is empty in {self.label}")
+            items.append(item)
+        return tuple(items)
+
+    def choice(self, field: str, value: object, choices: tuple[str, ...]) -> str:
+        if not isinstance(value, str):
+            self.wrong_type(field, value, f"one of {_quoted(choices)}")
+        if value not in choices:
+            self.fail(field, f'unknown {field} "{value}" in {self.label}; expected one of {_quoted(choices)}')
+        return value
+
+
+class _Reader:
+    def __init__(self, source: str, layout: _Layout) -> None:
+        self.source = source
+        self.layout = layout
+
+    def fail_top_level(self, key: str, message: str) -> NoReturn:
+        raise RulesError(self.source, self.layout.top_level_line(key), key, message)
+
+    def ruleset(self, data: Mapping[str, Any]) -> RuleSet:
+        for key in data:
+            if key not in _TOP_LEVEL:
+                self.fail_top_level(key, _unknown_key_message(key, _TOP_LEVEL, "the rules file"))
+        safety_data = data.get("safety", {})
+        if not isinstance(safety_data, dict):
+            self.fail_top_level("safety", f"expected a [safety] table, got {_type_name(safety_data)}")
+        safety = self.safety(safety_data)
+        rules_data = data.get("rule", [])
+        if isinstance(rules_data, dict):
+            self.fail_top_level("rule", "write each rule as [[rule]] (double brackets), not [rule]")
+        if not isinstance(rules_data, list) or not all(isinstance(item, dict) for item in rules_data):
+            self.fail_top_level("rule", "expected [[rule]] tables")
+        rules: list[Rule] = []
+        seen: dict[str, int] = {}
+        for index, item in enumerate(rules_data):
+            rule = self.rule(index, item)
+            if rule.name in seen:
+                _Table(self, "rule", index, f"rule #{index + 1}").fail(
+                    "name", f'duplicate rule name "{rule.name}": rule #{seen[rule.name] + 1} has it too'
+                )
+            seen[rule.name] = index
+            rules.append(rule)
+        return RuleSet(safety=safety, rules=tuple(rules), source=self.source)
+
+    def safety(self, data: Mapping[str, Any]) -> Safety:
+        table = _Table(self, "safety", None, "[safety]")
+        for key in data:
+            if key not in _SAFETY_KEYS:
+                table.fail(key, _unknown_key_message(key, _SAFETY_KEYS, "[safety]"))
+        values: dict[str, Any] = {}
+        if "dry_run" in data:
+            values["dry_run"] = table.boolean("dry_run", data["dry_run"])
+        if "max_actions_per_run" in data:
+            cap = table.whole_number("max_actions_per_run", data["max_actions_per_run"])
+            if cap <= 0:
+                table.fail("max_actions_per_run", f"must be at least 1, got {cap}")
+            values["max_actions_per_run"] = cap
+        if "max_action_percent" in data:
+            percent = table.number("max_action_percent", data["max_action_percent"])
+            if not 0 < percent <= 100:
+                table.fail("max_action_percent", f"must be more than 0 and at most 100, got {percent:g}")
+            values["max_action_percent"] = percent
+        for field in ("protect_hashes", "protect_names"):
+            if field in data:
+                values[field] = table.string_list(field, data[field])
+        return Safety(**values)
+
+    def rule(self, index: int, data: Mapping[str, Any]) -> Rule:
+        table = _Table(self, "rule", index, f"rule #{index + 1}")
+        for key in data:
+            if key not in _RULE_KEYS:
+                table.fail(key, _unknown_key_message(key, _RULE_KEYS, f"rule #{index + 1}"))
+        for required in ("name", "match", "action"):
+            if required not in data:
+                table.fail(required, f"rule #{index + 1} has no {required}")
+        name = table.string("name", data["name"])
+        table.label = f'rule "{name}"'
+        match = table.choice("match", data["match"], MATCHES)
+        action = table.choice("action", data["action"], ACTIONS)
+
+        # Which options belong to which match and action: anything else is a mistake, not ignored,
+        # because an ignored option is a rule that does something other than what its author read.
+        belongs: dict[str, tuple[bool, str]] = {
+            "grace": (action == "delete", 'only applies to action = "delete"'),
+            "idle_for": (match == "unused", 'only applies to match = "unused"'),
+            "window": (match == "over_budget", 'only applies to match = "over_budget"'),
+            "threshold_usd": (match == "over_budget", 'only applies to match = "over_budget"'),
+            "reenable": (
+                match == "over_budget" and action == "disable",
+                'only applies to match = "over_budget" with action = "disable"',
+            ),
+        }
+        for key in data:
+            if key in belongs and not belongs[key][0]:
+                table.fail(key, f'{belongs[key][1]}; {table.label} has match = "{match}", action = "{action}"')
+
+        readers: dict[str, Callable[[str, object], object]] = {
+            "grace": table.duration,
+            "idle_for": table.duration,
+            "window": lambda field, value: table.choice(field, value, WINDOWS),
+            "threshold_usd": table.number,
+            "reenable": table.boolean,
+            "names": table.string_list,
+            "exclude_names": table.string_list,
+            "workspaces": table.string_list,
+            "min_age": table.duration,
+            "disabled": table.boolean,
+        }
+        values: dict[str, Any] = {key: readers[key](key, value) for key, value in data.items() if key in readers}
+
+        if match == "unused" and "idle_for" not in values:
+            table.fail("idle_for", f'{table.label}: match = "unused" needs idle_for, e.g. idle_for = "30d"')
+        if match == "over_budget" and "window" not in values:
+            table.fail("window", f'{table.label}: match = "over_budget" needs window = "daily|weekly|monthly|total"')
+        if "idle_for" in values and values["idle_for"] <= timedelta(0):
+            table.fail("idle_for", f"must be more than zero in {table.label}")
+        if "threshold_usd" in values and values["threshold_usd"] <= 0:
+            # 0 or less would make every key "over budget".
+            table.fail("threshold_usd", f"must be more than zero in {table.label}")
+        values.setdefault("grace", DEFAULT_GRACE)
+        try:
+            return Rule(name=name, match=cast(Any, match), action=cast(Any, action), **values)
+        except ValueError as exc:  # the checks above should have caught it; still say where
+            table.fail(None, str(exc))

@@ -1,0 +1,701 @@
+"""The rules engine on literal keys: every semantic of the rules file, at the edge of every duration
+and threshold."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from keysapi.models import Key
+from rules import (
+    AuditFacts,
+    Decision,
+    KeyHistory,
+    Plan,
+    Rule,
+    RuleSet,
+    Safety,
+    check_caps,
+    decide,
+    idle_since,
+    is_protected,
+    plan,
+    upcoming,
+)
+
+NOW = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
+SECOND = timedelta(seconds=1)
+DAY = timedelta(days=1)
+MISSING = object()  # leave the field out of the API object altogether
+
+
+def iso(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def make_key(**fields: Any) -> Key:
+    """A key as ``GET /keys`` would return it: an old, enabled, recently used key unless told otherwise."""
+    data: dict[str, Any] = {
+        "hash": "h1",
+        "name": "dev-alpha",
+        "label": "sk-or-v1-abc...123",
+        "disabled": False,
+        "limit": None,
+        "limit_remaining": None,
+        "limit_reset": None,
+        "include_byok_in_limit": False,
+        "usage": 10.0,
+        "usage_daily": 0.0,
+        "usage_weekly": 0.0,
+        "usage_monthly": 0.0,
+        "byok_usage": 0.0,
+        "byok_usage_daily": 0.0,
+        "byok_usage_weekly": 0.0,
+        "byok_usage_monthly": 0.0,
+        "created_at": NOW - timedelta(days=365),
+        "updated_at": None,
+        "expires_at": None,
+        "last_used_at": NOW - DAY,
+        "workspace_id": "ws-1",
+        "creator_user_id": "user-1",
+        "external_user": None,
+    }
+    data.update(fields)
+    data = {name: value for name, value in data.items() if value is not MISSING}
+    data = {name: iso(value) if isinstance(value, datetime) else value for name, value in data.items()}
+    return Key.from_api(data)
+
+
+def rule(name: str = "r", match: str = "expired", action: str = "disable", **options: Any) -> Rule:
+    if match == "unused":
+        options.setdefault("idle_for", timedelta(days=30))
+    if match == "over_budget":
+        options.setdefault("window", "monthly")
+    return Rule(name=name, match=match, action=action, **options)  # type: ignore[arg-type]
+
+
+def ruleset(*rules: Rule, **safety: Any) -> RuleSet:
+    return RuleSet(safety=Safety(**safety), rules=rules, source="test.toml")
+
+
+def run(
+    key: Key,
+    *rules: Rule,
+    history: KeyHistory | None = None,
+    audit: AuditFacts | None = None,
+    now: datetime = NOW,
+    **safety: Any,
+) -> Decision | None:
+    return decide(key, history or KeyHistory(), audit or AuditFacts(), ruleset(*rules, **safety), now)
+
+
+def action_of(decision: Decision | None) -> str | None:
+    return None if decision is None else decision.action
+
+
+# --- protection ---------------------------------------------------------------------------------
+
+EXPIRED = {"expires_at": NOW - DAY}
+DELETE_NOW = rule("wipe", "expired", "delete", grace=timedelta(0))
+
+
+def test_protected_by_hash_gets_no_decision_whatever_the_rules_say() -> None:
+    key = make_key(hash="keep-me", **EXPIRED)
+    assert run(key, DELETE_NOW, protect_hashes=("keep-me",)) is None
+    assert action_of(run(key, DELETE_NOW, protect_hashes=("other",))) == "delete"
+
+
+def test_protected_by_name_glob_gets_no_decision() -> None:
+    key = make_key(name="prod-billing", **EXPIRED)
+    assert run(key, DELETE_NOW, rule("see", "expired", "report"), protect_names=("prod-*",)) is None
+    assert is_protected(key, Safety(protect_names=("prod-*",)))
+    assert is_protected(key, Safety(protect_names=("x", "prod-b?lling")))
+
+
+def test_name_globs_are_case_sensitive_and_match_the_whole_name() -> None:
+    assert not is_protected(make_key(name="Prod-billing"), Safety(protect_names=("prod-*",)))
+    assert not is_protected(make_key(name="my-prod-key"), Safety(protect_names=("prod-*",)))
+    assert not is_protected(make_key(name="prod"), Safety(protect_names=("prod-*",)))
+
+
+def test_a_protected_key_is_never_reenabled() -> None:
+    key = make_key(hash="keep", disabled=True, usage_monthly=1.0)
+    reenabler = rule("spend", "over_budget", "disable", threshold_usd=100.0, reenable=True)
+    audit = AuditFacts("disable", "spend", NOW - DAY)
+    assert action_of(run(key, reenabler, audit=audit)) == "enable"
+    assert run(key, reenabler, audit=audit, protect_hashes=("keep",)) is None
+
+
+# --- filters ------------------------------------------------------------------------------------
+
+
+def test_names_filter_takes_keys_matching_any_glob() -> None:
+    r = rule(names=("dev-*", "ci-*"))
+    assert action_of(run(make_key(name="ci-build", **EXPIRED), r)) == "disable"
+    assert run(make_key(name="staging", **EXPIRED), r) is None
+
+
+def test_exclude_names_filter_drops_keys_matching_any_glob() -> None:
+    r = rule(exclude_names=("dev-keep*",))
+    assert run(make_key(name="dev-keeper", **EXPIRED), r) is None
+    assert action_of(run(make_key(name="dev-other", **EXPIRED), r)) == "disable"
+
+
+def test_workspaces_filter() -> None:
+    r = rule(workspaces=("ws-2",))
+    assert action_of(run(make_key(workspace_id="ws-2", **EXPIRED), r)) == "disable"
+    assert run(make_key(workspace_id="ws-1", **EXPIRED), r) is None
+    assert run(make_key(workspace_id=MISSING, **EXPIRED), r) is None
+
+
+def test_min_age_filter_edge() -> None:
+    r = rule("rep", "expired", "report", min_age=timedelta(days=7))
+    assert action_of(run(make_key(created_at=NOW - timedelta(days=7), **EXPIRED), r)) == "report"
+    assert run(make_key(created_at=NOW - timedelta(days=7) + SECOND, **EXPIRED), r) is None
+
+
+@pytest.mark.parametrize(
+    ("flag", "disabled", "matches"),
+    [(True, True, True), (True, False, False), (False, False, True), (False, True, False)],
+)
+def test_disabled_filter(flag: bool, disabled: bool, matches: bool) -> None:
+    r = rule("rep", "expired", "report", disabled=flag)
+    assert (run(make_key(disabled=disabled, **EXPIRED), r) is not None) is matches
+
+
+# --- expired ------------------------------------------------------------------------------------
+
+
+def test_expired_edge() -> None:
+    r = rule("exp", "expired", "report")
+    assert action_of(run(make_key(expires_at=NOW), r)) == "report"
+    assert run(make_key(expires_at=NOW + SECOND), r) is None
+    assert run(make_key(expires_at=None), r) is None
+    assert run(make_key(expires_at=MISSING), r) is None
+    decision = run(make_key(expires_at=NOW - DAY), r)
+    assert decision is not None
+    assert decision.evidence["expires_at"] == iso(NOW - DAY)
+
+
+# --- unused -------------------------------------------------------------------------------------
+
+D = timedelta(days=30)
+IDLE = rule("idle", "unused", "report", idle_for=D)
+
+
+def test_unused_by_last_used_at_edge() -> None:
+    assert action_of(run(make_key(last_used_at=NOW - D), IDLE)) == "report"
+    assert run(make_key(last_used_at=NOW - D + SECOND), IDLE) is None
+
+
+def test_unused_needs_the_key_to_be_at_least_d_old() -> None:
+    old_enough = make_key(created_at=NOW - D, last_used_at=None)
+    too_young = make_key(created_at=NOW - D + SECOND, last_used_at=None)
+    history = KeyHistory(usage_unchanged_since=NOW - D)
+    assert action_of(run(old_enough, IDLE, history=history)) == "report"
+    assert run(too_young, IDLE, history=history) is None
+
+
+def test_unused_by_history_edge_when_last_used_at_is_not_reported() -> None:
+    key = make_key(last_used_at=MISSING)
+    assert not key.reports_last_used
+    assert action_of(run(key, IDLE, history=KeyHistory(usage_unchanged_since=NOW - D))) == "report"
+    assert run(key, IDLE, history=KeyHistory(usage_unchanged_since=NOW - D + SECOND)) is None
+
+
+def test_no_source_of_idleness_means_not_unused() -> None:
+    assert run(make_key(last_used_at=MISSING), IDLE) is None
+    assert run(make_key(last_used_at=MISSING, usage=0.0), IDLE, history=KeyHistory()) is None
+
+
+def test_use_in_the_history_inside_d_wins_over_an_old_last_used_at() -> None:
+    key = make_key(last_used_at=NOW - timedelta(days=90))
+    assert run(key, IDLE, history=KeyHistory(usage_unchanged_since=NOW - DAY)) is None
+    assert action_of(run(key, IDLE, history=KeyHistory(usage_unchanged_since=NOW - D))) == "report"
+
+
+def test_a_recent_last_used_at_wins_over_an_old_history() -> None:
+    key = make_key(last_used_at=NOW - DAY)
+    assert run(key, IDLE, history=KeyHistory(usage_unchanged_since=NOW - timedelta(days=90))) is None
+
+
+def test_null_last_used_at_means_no_use_since_2026_01_01() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    key = make_key(last_used_at=None, created_at=datetime(2025, 6, 1, tzinfo=UTC))
+    assert key.reports_last_used
+    assert action_of(run(key, IDLE, now=start + D)) == "report"
+    assert run(key, IDLE, now=start + D - SECOND) is None
+
+
+def test_null_last_used_at_with_history_showing_use_is_not_unused() -> None:
+    key = make_key(last_used_at=None)
+    assert run(key, IDLE, history=KeyHistory(usage_unchanged_since=NOW - DAY)) is None
+
+
+def test_unused_evidence() -> None:
+    key = make_key(last_used_at=NOW - timedelta(days=41))
+    decision = run(key, IDLE, history=KeyHistory(usage_unchanged_since=NOW - timedelta(days=50)))
+    assert decision is not None
+    assert decision.evidence == {
+        "match": "unused",
+        "idle_for": "30d",
+        "idle_since": iso(NOW - timedelta(days=41)),
+        "idle_days": 41.0,
+        "created_at": iso(NOW - timedelta(days=365)),
+        "reports_last_used": True,
+        "last_used_at": iso(NOW - timedelta(days=41)),
+        "usage_unchanged_since": iso(NOW - timedelta(days=50)),
+    }
+
+
+def test_idle_since_is_the_latest_sign_of_use() -> None:
+    history = KeyHistory(usage_unchanged_since=NOW - timedelta(days=5))
+    assert idle_since(make_key(last_used_at=NOW - timedelta(days=9)), history) == NOW - timedelta(days=5)
+    assert idle_since(make_key(last_used_at=NOW - DAY), history) == NOW - DAY
+    assert idle_since(make_key(last_used_at=None), KeyHistory()) == datetime(2026, 1, 1, tzinfo=UTC)
+    assert idle_since(make_key(last_used_at=MISSING), history) == NOW - timedelta(days=5)
+    assert idle_since(make_key(last_used_at=MISSING), KeyHistory()) is None
+
+
+# --- over_budget --------------------------------------------------------------------------------
+
+
+def over(threshold: float | None = 100.0, window: str = "monthly", **options: Any) -> Rule:
+    return rule("spend", "over_budget", "report", window=window, threshold_usd=threshold, **options)
+
+
+def test_over_budget_threshold_edge() -> None:
+    assert action_of(run(make_key(usage_monthly=100.0), over())) == "report"
+    assert run(make_key(usage_monthly=99.99), over()) is None
+
+
+@pytest.mark.parametrize("window", ["daily", "weekly", "monthly"])
+def test_over_budget_reads_the_rules_window(window: str) -> None:
+    others = {f"usage_{w}": 0.0 for w in ("daily", "weekly", "monthly")}
+    key = make_key(**{**others, f"usage_{window}": 100.0})
+    assert action_of(run(key, over(window=window))) == "report"
+    for other in {"daily", "weekly", "monthly"} - {window}:
+        assert run(key, over(window=other)) is None
+
+
+def test_over_budget_total_window_is_lifetime_usage() -> None:
+    assert action_of(run(make_key(usage=100.0), over(window="total"))) == "report"
+    assert run(make_key(usage=99.0, usage_monthly=500.0), over(window="total")) is None
+
+
+def test_byok_counts_only_where_the_key_counts_it_in_its_limit() -> None:
+    fields = {"usage_monthly": 60.0, "byok_usage_monthly": 40.0}
+    decision = run(make_key(include_byok_in_limit=True, **fields), over())
+    assert decision is not None
+    assert decision.evidence["window_spend_usd"] == 100.0
+    assert decision.evidence["threshold_usd"] == 100.0
+    assert run(make_key(include_byok_in_limit=False, **fields), over()) is None
+    assert run(make_key(include_byok_in_limit=True, usage_monthly=60.0, byok_usage_monthly=39.99), over()) is None
+
+
+def test_over_budget_without_threshold_is_an_exhausted_limit() -> None:
+    r = over(threshold=None)
+    assert action_of(run(make_key(limit=10.0, limit_remaining=0.0), r)) == "report"
+    assert action_of(run(make_key(limit=10.0, limit_remaining=-0.5), r)) == "report"
+    assert run(make_key(limit=10.0, limit_remaining=0.01), r) is None
+    assert run(make_key(limit=None, limit_remaining=None, usage_monthly=1e6), r) is None
+    assert run(make_key(limit=10.0, limit_remaining=None), r) is None
+
+
+# --- several rules: the strongest action --------------------------------------------------------
+
+
+def test_the_strongest_action_wins_and_every_matching_rule_is_listed() -> None:
+    key = make_key(**EXPIRED, usage_monthly=500.0)
+    rules = (
+        rule("a-report", "expired", "report"),
+        rule("b-delete", "expired", "delete"),
+        rule("c-disable", "over_budget", "disable", threshold_usd=100.0),
+        rule("d-nomatch", "unused", "delete"),
+    )
+    decision = run(key, *rules)
+    assert decision is not None
+    assert (decision.action, decision.rule) == ("disable", "b-delete")
+    assert decision.evidence["step"] == "disable-before-delete"
+    assert decision.rules == ("a-report", "b-delete", "c-disable")
+
+
+def test_between_rules_of_the_same_strength_the_first_in_the_file_wins() -> None:
+    key = make_key(**EXPIRED, usage_monthly=500.0)
+    first = rule("first", "over_budget", "disable", threshold_usd=100.0)
+    second = rule("second", "expired", "disable")
+    decision = run(key, first, second)
+    assert decision is not None
+    assert (decision.rule, decision.rules) == ("first", ("first", "second"))
+    decision = run(key, second, first)
+    assert decision is not None
+    assert (decision.rule, decision.rules) == ("second", ("second", "first"))
+
+
+def test_a_delete_that_can_act_now_beats_a_disable() -> None:
+    key = make_key(**EXPIRED)
+    decision = run(key, rule("dis", "expired", "disable"), rule("del", "expired", "delete", grace=timedelta(0)))
+    assert decision is not None
+    assert (decision.action, decision.rule) == ("delete", "del")
+
+
+def test_disable_on_an_already_disabled_key_is_nothing_to_do() -> None:
+    key = make_key(disabled=True, **EXPIRED)
+    assert run(key, rule("dis", "expired", "disable")) is None
+
+
+def test_disable_on_a_disabled_key_with_a_report_rule_reports() -> None:
+    key = make_key(disabled=True, **EXPIRED)
+    decision = run(key, rule("dis", "expired", "disable"), rule("rep", "expired", "report"))
+    assert decision is not None
+    assert (decision.action, decision.rule, decision.rules) == ("report", "rep", ("dis", "rep"))
+    assert not decision.changes_key
+
+
+# --- delete -------------------------------------------------------------------------------------
+
+GRACE = timedelta(days=7)
+DELETE = rule("del", "expired", "delete", grace=GRACE)
+
+
+def test_delete_on_an_enabled_key_disables_first() -> None:
+    decision = run(make_key(**EXPIRED), DELETE)
+    assert decision is not None
+    assert decision.action == "disable"
+    assert decision.rule == "del"
+    assert decision.evidence == {
+        "match": "expired",
+        "expires_at": iso(NOW - DAY),
+        "grace": "7d",
+        "step": "disable-before-delete",
+    }
+
+
+def test_delete_with_zero_grace_deletes_an_enabled_key_at_once() -> None:
+    decision = run(make_key(**EXPIRED), rule("del", "expired", "delete", grace=timedelta(0)))
+    assert decision is not None
+    assert decision.action == "delete"
+    assert decision.evidence["step"] == "delete-at-once"
+
+
+def test_delete_with_zero_grace_deletes_a_disabled_key_without_proof() -> None:
+    key = make_key(disabled=True, updated_at=None, **EXPIRED)
+    assert action_of(run(key, rule("del", "expired", "delete", grace=timedelta(0)))) == "delete"
+
+
+def test_delete_after_grace_by_history_edge() -> None:
+    key = make_key(disabled=True, updated_at=None, **EXPIRED)
+    decision = run(key, DELETE, history=KeyHistory(disabled_since=NOW - GRACE))
+    assert decision is not None
+    assert decision.action == "delete"
+    assert decision.evidence["step"] == "delete-after-grace"
+    assert decision.evidence["disabled_since"] == iso(NOW - GRACE)
+    assert decision.evidence["disabled_since_source"] == "history"
+    assert run(key, DELETE, history=KeyHistory(disabled_since=NOW - GRACE + SECOND)) is None
+
+
+def test_delete_after_grace_by_updated_at_edge() -> None:
+    decision = run(make_key(disabled=True, updated_at=NOW - GRACE, **EXPIRED), DELETE)
+    assert decision is not None
+    assert (decision.action, decision.evidence["disabled_since_source"]) == ("delete", "updated_at")
+    assert run(make_key(disabled=True, updated_at=NOW - GRACE + SECOND, **EXPIRED), DELETE) is None
+
+
+def test_delete_after_grace_by_our_audit_edge() -> None:
+    key = make_key(disabled=True, updated_at=None, **EXPIRED)
+    decision = run(key, DELETE, audit=AuditFacts("disable", "anything", NOW - GRACE))
+    assert decision is not None
+    assert (decision.action, decision.evidence["disabled_since_source"]) == ("delete", "audit")
+    assert run(key, DELETE, audit=AuditFacts("disable", "anything", NOW - GRACE + SECOND)) is None
+
+
+def test_an_audit_that_is_not_a_disable_proves_nothing() -> None:
+    key = make_key(disabled=True, updated_at=None, **EXPIRED)
+    assert run(key, DELETE, audit=AuditFacts("enable", "del", NOW - timedelta(days=30))) is None
+    assert run(key, DELETE, audit=AuditFacts("delete", "del", NOW - timedelta(days=30))) is None
+    assert run(key, DELETE, audit=AuditFacts("disable", "del", None)) is None
+
+
+def test_delete_uses_the_earliest_valid_proof() -> None:
+    key = make_key(disabled=True, updated_at=NOW - timedelta(days=8), **EXPIRED)
+    decision = run(
+        key,
+        DELETE,
+        history=KeyHistory(disabled_since=NOW - DAY),
+        audit=AuditFacts("disable", "del", NOW - timedelta(days=2)),
+    )
+    assert decision is not None
+    assert decision.action == "delete"
+    assert decision.evidence["disabled_since"] == iso(NOW - timedelta(days=8))
+    assert decision.evidence["disabled_since_source"] == "updated_at"
+
+
+def test_a_proof_from_the_future_is_not_valid() -> None:
+    key = make_key(disabled=True, updated_at=NOW + DAY, **EXPIRED)
+    assert run(key, DELETE, history=KeyHistory(disabled_since=NOW - DAY)) is None
+
+
+def test_an_enabled_key_is_never_deleted_on_the_strength_of_old_disable_evidence() -> None:
+    key = make_key(disabled=False, updated_at=NOW - timedelta(days=90), **EXPIRED)
+    decision = run(
+        key,
+        DELETE,
+        history=KeyHistory(disabled_since=NOW - timedelta(days=90)),
+        audit=AuditFacts("disable", "del", NOW - timedelta(days=90)),
+    )
+    assert action_of(decision) == "disable"
+
+
+def test_a_disabled_key_without_proof_is_not_deleted_but_may_be_reported() -> None:
+    key = make_key(disabled=True, updated_at=None, **EXPIRED)
+    assert run(key, DELETE) is None
+    decision = run(key, DELETE, rule("rep", "expired", "report"))
+    assert decision is not None
+    assert (decision.action, decision.rule, decision.rules) == ("report", "rep", ("del", "rep"))
+
+
+# --- reenable -----------------------------------------------------------------------------------
+
+SPEND = rule("spend", "over_budget", "disable", threshold_usd=100.0, reenable=True)
+BY_SPEND = AuditFacts("disable", "spend", NOW - timedelta(days=20))
+
+
+def test_reenable_a_key_this_rule_disabled_once_under_budget() -> None:
+    decision = run(make_key(disabled=True, usage_monthly=99.99), SPEND, audit=BY_SPEND)
+    assert decision is not None
+    assert (decision.action, decision.rule, decision.rules) == ("enable", "spend", ("spend",))
+    assert decision.evidence == {
+        "match": "over_budget",
+        "step": "reenable",
+        "disabled_by_rule": "spend",
+        "disabled_at": iso(NOW - timedelta(days=20)),
+        "window": "monthly",
+        "window_spend_usd": 99.99,
+        "threshold_usd": 100.0,
+    }
+
+
+def test_no_reenable_while_still_over_budget() -> None:
+    assert run(make_key(disabled=True, usage_monthly=100.0), SPEND, audit=BY_SPEND) is None
+
+
+@pytest.mark.parametrize(
+    "audit",
+    [
+        AuditFacts(),
+        AuditFacts("disable", "other-rule", NOW - DAY),
+        AuditFacts("enable", "spend", NOW - DAY),
+        AuditFacts("delete", "spend", NOW - DAY),
+        AuditFacts("disable", None, NOW - DAY),
+    ],
+)
+def test_keys_disabled_by_anyone_else_are_never_enabled(audit: AuditFacts) -> None:
+    assert run(make_key(disabled=True, usage_monthly=0.0), SPEND, audit=audit) is None
+
+
+def test_no_reenable_without_reenable_true() -> None:
+    no_reenable = rule("spend", "over_budget", "disable", threshold_usd=100.0)
+    assert run(make_key(disabled=True, usage_monthly=0.0), no_reenable, audit=BY_SPEND) is None
+
+
+def test_no_reenable_of_a_key_that_is_enabled() -> None:
+    assert run(make_key(disabled=False, usage_monthly=0.0), SPEND, audit=BY_SPEND) is None
+
+
+def test_the_rules_own_disabled_filter_does_not_stop_reenable() -> None:
+    # disabled = false means "disable enabled keys over budget": the key it disabled is now disabled,
+    # and the filter must not lock it out of being re-enabled.
+    enabled_only = rule("spend", "over_budget", "disable", threshold_usd=100.0, reenable=True, disabled=False)
+    assert action_of(run(make_key(disabled=True, usage_monthly=0.0), enabled_only, audit=BY_SPEND)) == "enable"
+
+
+def test_no_reenable_when_the_rules_other_filters_no_longer_take_the_key() -> None:
+    narrowed = rule("spend", "over_budget", "disable", threshold_usd=100.0, reenable=True, names=("ci-*",))
+    assert run(make_key(name="dev-alpha", disabled=True, usage_monthly=0.0), narrowed, audit=BY_SPEND) is None
+
+
+def test_no_reenable_when_another_disable_or_delete_rule_matches() -> None:
+    key = make_key(disabled=True, usage_monthly=0.0, last_used_at=NOW - timedelta(days=60))
+    idle = rule("idle", "unused", "disable")
+    assert run(key, SPEND, idle, audit=BY_SPEND) is None
+    # ... even one that only looks at enabled keys: it would disable the key again next run.
+    idle_enabled_only = rule("idle", "unused", "disable", disabled=False)
+    assert run(key, SPEND, idle_enabled_only, audit=BY_SPEND) is None
+    # A delete rule still waiting for its grace blocks too.
+    waiting = rule("del", "unused", "delete", grace=timedelta(days=365))
+    assert run(key, SPEND, waiting, audit=BY_SPEND) is None
+
+
+def test_a_report_rule_does_not_block_reenable_and_is_listed() -> None:
+    key = make_key(disabled=True, usage_monthly=0.0, **EXPIRED)
+    decision = run(key, rule("look", "expired", "report"), SPEND, audit=BY_SPEND)
+    assert decision is not None
+    assert (decision.action, decision.rule, decision.rules) == ("enable", "spend", ("look", "spend"))
+
+
+def test_reenable_without_threshold_needs_limit_room_or_no_limit() -> None:
+    limit_rule = rule("lim", "over_budget", "disable", reenable=True)
+    audit = AuditFacts("disable", "lim", NOW - DAY)
+    assert action_of(run(make_key(disabled=True, limit=10.0, limit_remaining=0.01), limit_rule, audit=audit)) == (
+        "enable"
+    )
+    assert action_of(run(make_key(disabled=True, limit=None, limit_remaining=None), limit_rule, audit=audit)) == (
+        "enable"
+    )
+    assert run(make_key(disabled=True, limit=10.0, limit_remaining=0.0), limit_rule, audit=audit) is None
+    # A limit with no known remaining amount proves nothing either way: leave the key disabled.
+    assert run(make_key(disabled=True, limit=10.0, limit_remaining=None), limit_rule, audit=audit) is None
+
+
+def test_a_renamed_rule_no_longer_owns_its_keys() -> None:
+    renamed = rule("spend-v2", "over_budget", "disable", threshold_usd=100.0, reenable=True)
+    assert run(make_key(disabled=True, usage_monthly=0.0), renamed, audit=BY_SPEND) is None
+
+
+# --- plan and caps ------------------------------------------------------------------------------
+
+
+def test_plan_orders_by_hash_and_counts_every_key() -> None:
+    keys = [
+        make_key(hash="c", **EXPIRED),
+        make_key(hash="a", **EXPIRED),
+        make_key(hash="b"),
+        make_key(hash="d", name="prod-x", **EXPIRED),
+    ]
+    result = plan(keys, {}, {}, ruleset(rule("exp", "expired", "disable"), protect_names=("prod-*",)), NOW)
+    assert [d.key_hash for d in result.decisions] == ["a", "c"]
+    assert result.total_keys == 4
+    assert result.changes == result.decisions
+
+
+def test_plan_uses_each_keys_own_history_and_audit() -> None:
+    keys = [make_key(hash="a", disabled=True, **EXPIRED), make_key(hash="b", disabled=True, **EXPIRED)]
+    histories = {"a": KeyHistory(disabled_since=NOW - timedelta(days=30))}
+    audits = {"b": AuditFacts("disable", "del", NOW - DAY)}
+    result = plan(keys, histories, audits, ruleset(DELETE), NOW)
+    assert [(d.key_hash, d.action) for d in result.decisions] == [("a", "delete")]
+
+
+def test_plan_refuses_an_inventory_with_a_hash_twice() -> None:
+    with pytest.raises(ValueError, match="twice"):
+        plan([make_key(hash="a"), make_key(hash="a")], {}, {}, ruleset(), NOW)
+
+
+def test_plan_evidence_is_json_serialisable() -> None:
+    keys = [
+        make_key(hash="a", **EXPIRED),
+        make_key(hash="b", last_used_at=None),
+        make_key(hash="c", disabled=True, updated_at=NOW - timedelta(days=9), **EXPIRED),
+        make_key(hash="d", limit=5.0, limit_remaining=0.0),
+    ]
+    rules = (DELETE, rule("idle", "unused", "report"), over(threshold=None))
+    result = plan(keys, {}, {}, ruleset(*rules), NOW)
+    assert len(result.decisions) == 4
+    json.dumps([dict(d.evidence) for d in result.decisions])
+
+
+def decisions(count: int, action: str = "disable") -> tuple[Decision, ...]:
+    return tuple(
+        Decision(f"h{i:04}", f"k{i}", None, action, "r", ("r",), {})  # type: ignore[arg-type]
+        for i in range(count)
+    )
+
+
+def test_caps_equal_is_allowed_one_more_is_refused() -> None:
+    safety = Safety(max_actions_per_run=50, max_action_percent=100.0)
+    assert check_caps(Plan(decisions(50), total_keys=1000), safety) is None
+    breach = check_caps(Plan(decisions(51), total_keys=1000), safety)
+    assert breach is not None
+    assert (breach.planned, breach.total_keys, breach.max_actions_per_run) == (51, 1000, 50)
+    assert "max_actions_per_run = 50" in breach.reason
+
+
+def test_percent_cap_edge() -> None:
+    safety = Safety(max_actions_per_run=1000, max_action_percent=10.0)
+    assert check_caps(Plan(decisions(3), total_keys=30), safety) is None
+    breach = check_caps(Plan(decisions(4), total_keys=30), safety)
+    assert breach is not None
+    assert "max_action_percent = 10%" in breach.reason
+
+
+def test_percent_cap_is_exact_for_decimal_percentages() -> None:
+    safety = Safety(max_actions_per_run=1000, max_action_percent=0.3)
+    assert check_caps(Plan(decisions(3), total_keys=1000), safety) is None
+    assert check_caps(Plan(decisions(4), total_keys=1000), safety) is not None
+
+
+def test_reports_do_not_count_against_the_caps_but_enables_do() -> None:
+    safety = Safety(max_actions_per_run=1, max_action_percent=100.0)
+    assert check_caps(Plan(decisions(5, "report"), total_keys=5), safety) is None
+    assert check_caps(Plan(decisions(2, "enable"), total_keys=5), safety) is not None
+
+
+def test_empty_plan_is_within_caps() -> None:
+    assert check_caps(Plan((), total_keys=0), Safety()) is None
+
+
+def test_both_caps_are_reported() -> None:
+    breach = check_caps(Plan(decisions(6), total_keys=10), Safety(max_actions_per_run=5, max_action_percent=50))
+    assert breach is not None
+    assert "max_actions_per_run" in breach.reason
+    assert "max_action_percent" in breach.reason
+
+
+# --- upcoming -----------------------------------------------------------------------------------
+
+
+def test_upcoming_for_an_idle_rule_is_when_idle_for_is_reached() -> None:
+    key = make_key(last_used_at=NOW - timedelta(days=10))
+    rs = ruleset(rule("idle", "unused", "disable"))
+    assert upcoming(key, KeyHistory(), AuditFacts(), rs, NOW) == [("idle", "disable", NOW + timedelta(days=20))]
+
+
+def test_upcoming_for_an_idle_delete_rule_lists_disable_then_delete() -> None:
+    key = make_key(last_used_at=NOW - timedelta(days=10))
+    rs = ruleset(rule("idle", "unused", "delete", grace=GRACE))
+    assert upcoming(key, KeyHistory(), AuditFacts(), rs, NOW) == [
+        ("idle", "disable", NOW + timedelta(days=20)),
+        ("idle", "delete", NOW + timedelta(days=27)),
+    ]
+
+
+def test_upcoming_when_grace_ends_on_a_disabled_key() -> None:
+    key = make_key(disabled=True, updated_at=NOW - timedelta(days=2), **EXPIRED)
+    rs = ruleset(DELETE)
+    assert upcoming(key, KeyHistory(), AuditFacts(), rs, NOW) == [("del", "delete", NOW + timedelta(days=5))]
+
+
+def test_upcoming_due_already_is_now() -> None:
+    key = make_key(last_used_at=NOW - timedelta(days=90))
+    rs = ruleset(rule("idle", "unused", "report"))
+    assert upcoming(key, KeyHistory(), AuditFacts(), rs, NOW) == [("idle", "report", NOW)]
+
+
+def test_upcoming_respects_min_age_and_key_age() -> None:
+    key = make_key(created_at=NOW - timedelta(days=5), last_used_at=None)
+    rs = ruleset(rule("idle", "unused", "report", min_age=timedelta(days=60)))
+    assert upcoming(key, KeyHistory(), AuditFacts(), rs, NOW) == [("idle", "report", NOW + timedelta(days=55))]
+
+
+def test_upcoming_has_nothing_for_protected_keys_or_without_a_source() -> None:
+    rs = ruleset(rule("idle", "unused", "report"), protect_names=("prod-*",))
+    assert upcoming(make_key(name="prod-a", last_used_at=None), KeyHistory(), AuditFacts(), rs, NOW) == []
+    assert upcoming(make_key(last_used_at=MISSING), KeyHistory(), AuditFacts(), rs, NOW) == []
+
+
+def test_upcoming_skips_a_disable_rule_on_a_disabled_key() -> None:
+    key = make_key(disabled=True, last_used_at=NOW - timedelta(days=10))
+    assert upcoming(key, KeyHistory(), AuditFacts(), ruleset(rule("idle", "unused", "disable")), NOW) == []
+
+
+# --- time handling ------------------------------------------------------------------------------
+
+
+def test_naive_now_and_history_times_are_read_as_utc() -> None:
+    naive_now = NOW.replace(tzinfo=None)
+    key = make_key(last_used_at=MISSING)
+    history = KeyHistory(usage_unchanged_since=(NOW - D).replace(tzinfo=None))
+    assert action_of(run(key, IDLE, history=history, now=naive_now)) == "report"
