@@ -16,6 +16,9 @@ How one key is decided (``decide``):
    stronger, so a delete rule's first step is recorded under the delete rule; then file order).
 5. Failing a disable or delete, an ``over_budget`` rule with ``reenable = true`` may re-enable a key
    that it disabled itself (see ``_reenable``).
+
+``unused`` reads two sources of use, ``last_used_at`` and the snapshot history; ``idle_since``
+says how, including why a history in which usage never changed is no sign of use.
 """
 
 from __future__ import annotations
@@ -93,19 +96,38 @@ def is_protected(key: Key, safety: Safety) -> bool:
 
 
 def idle_since(key: Key, history: KeyHistory) -> datetime | None:
-    """The latest time any source shows use of the key (or the start of proven idleness).
+    """The latest time any source shows use of the key, or else the start of proven idleness.
 
-    Sources: ``last_used_at`` where the API reports the field (null counts as the start of 2026,
-    when recording began), and ``usage_unchanged_since`` from the snapshots. None when neither
-    source can show idleness. A key is unused for D exactly when it is at least D old and this time
-    is not later than ``now - D``.
+    Each source gives a *sign of use* (a time the key was seen used) and/or the time from which it
+    shows the key idle:
+
+    - ``last_used_at``, only where the API reports the field: a time is a sign of use at that time;
+      null is no sign of use and idleness from 2026-01-01 (OpenRouter records no use before then).
+    - the snapshot history: ``usage_unchanged_since`` later than ``first_seen_at`` means usage was
+      seen to change, a sign of use at that time. Equal to ``first_seen_at`` means usage never
+      changed while we watched: no sign of use, idleness from then. Without ``first_seen_at`` we
+      cannot tell, and read it as a sign of use (the cautious reading).
+
+    With any sign of use, the answer is the latest sign; with none, the earliest start of idleness;
+    None when no source shows anything. A key is unused for D exactly when it is at least D old and
+    this time is not later than ``now - D``: no sign of use inside D, and some source shows D idle.
     """
-    candidates: list[datetime] = []
+    signs: list[datetime] = []
+    idle_from: list[datetime] = []
     if key.reports_last_used:
-        candidates.append(LAST_USED_RECORDED_FROM if key.last_used_at is None else as_utc(key.last_used_at))
+        if key.last_used_at is None:
+            idle_from.append(LAST_USED_RECORDED_FROM)
+        else:
+            signs.append(as_utc(key.last_used_at))
     if history.usage_unchanged_since is not None:
-        candidates.append(as_utc(history.usage_unchanged_since))
-    return max(candidates) if candidates else None
+        unchanged = as_utc(history.usage_unchanged_since)
+        if history.first_seen_at is not None and unchanged <= as_utc(history.first_seen_at):
+            idle_from.append(unchanged)
+        else:
+            signs.append(unchanged)
+    if signs:
+        return max(signs)
+    return min(idle_from) if idle_from else None
 
 
 def decide(key: Key, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime) -> Decision | None:
@@ -315,6 +337,7 @@ def _unused_facts(rule: Rule, key: Key, history: KeyHistory, now: datetime) -> d
         "reports_last_used": key.reports_last_used,
         "last_used_at": isoformat(key.last_used_at),
         "usage_unchanged_since": isoformat(history.usage_unchanged_since),
+        "first_seen_at": isoformat(history.first_seen_at),
     }
 
 

@@ -248,7 +248,50 @@ def test_unused_evidence() -> None:
         "reports_last_used": True,
         "last_used_at": iso(NOW - timedelta(days=41)),
         "usage_unchanged_since": iso(NOW - timedelta(days=50)),
+        "first_seen_at": None,
     }
+
+
+def test_a_history_that_never_changed_is_no_sign_of_use() -> None:
+    # One snapshot so far (the first run): usage "unchanged since" the only snapshot says nothing
+    # about use; last_used_at alone shows the key idle.
+    key = make_key(last_used_at=NOW - timedelta(days=45))
+    first_run = KeyHistory(first_seen_at=NOW, usage_unchanged_since=NOW)
+    assert action_of(run(key, IDLE, history=first_run)) == "report"
+    # Usage seen to change yesterday is a sign of use, whatever last_used_at says.
+    changed = KeyHistory(first_seen_at=NOW - timedelta(days=90), usage_unchanged_since=NOW - DAY)
+    assert run(key, IDLE, history=changed) is None
+
+
+def test_a_history_that_never_changed_shows_idleness_from_first_sight_edge() -> None:
+    key = make_key(last_used_at=MISSING)
+    since_first_seen = KeyHistory(first_seen_at=NOW - D, usage_unchanged_since=NOW - D)
+    assert action_of(run(key, IDLE, history=since_first_seen)) == "report"
+    too_short = KeyHistory(first_seen_at=NOW - D + SECOND, usage_unchanged_since=NOW - D + SECOND)
+    assert run(key, IDLE, history=too_short) is None
+
+
+def test_a_change_seen_in_history_at_the_edge() -> None:
+    key = make_key(last_used_at=MISSING)
+    first = NOW - timedelta(days=90)
+    assert action_of(run(key, IDLE, history=KeyHistory(first, NOW - D))) == "report"
+    assert run(key, IDLE, history=KeyHistory(first, NOW - D + SECOND)) is None
+
+
+def test_history_alone_shows_idleness_when_null_last_used_at_cannot_yet() -> None:
+    # now - D is before 2026: null last_used_at shows no idleness for D, but it shows no use either,
+    # and a history that never changed since November does.
+    now = datetime(2026, 1, 20, tzinfo=UTC)
+    key = make_key(last_used_at=None, created_at=datetime(2025, 6, 1, tzinfo=UTC))
+    quiet = KeyHistory(
+        first_seen_at=datetime(2025, 11, 1, tzinfo=UTC), usage_unchanged_since=datetime(2025, 11, 1, tzinfo=UTC)
+    )
+    assert action_of(run(key, IDLE, history=quiet, now=now)) == "report"
+    assert run(key, IDLE, now=now) is None
+    moved = KeyHistory(
+        first_seen_at=datetime(2025, 11, 1, tzinfo=UTC), usage_unchanged_since=datetime(2025, 12, 25, tzinfo=UTC)
+    )
+    assert run(key, IDLE, history=moved, now=now) is None
 
 
 def test_idle_since_is_the_latest_sign_of_use() -> None:
@@ -258,6 +301,10 @@ def test_idle_since_is_the_latest_sign_of_use() -> None:
     assert idle_since(make_key(last_used_at=None), KeyHistory()) == datetime(2026, 1, 1, tzinfo=UTC)
     assert idle_since(make_key(last_used_at=MISSING), history) == NOW - timedelta(days=5)
     assert idle_since(make_key(last_used_at=MISSING), KeyHistory()) is None
+    # No sign of use from either source: the earliest start of idleness.
+    quiet = KeyHistory(first_seen_at=NOW - timedelta(days=400), usage_unchanged_since=NOW - timedelta(days=400))
+    assert idle_since(make_key(last_used_at=None), quiet) == NOW - timedelta(days=400)
+    assert idle_since(make_key(last_used_at=NOW - DAY), quiet) == NOW - DAY
 
 
 # --- over_budget --------------------------------------------------------------------------------

@@ -288,3 +288,48 @@ def test_check_caps_breaches_iff_a_cap_is_exceeded(planned_plan: Plan, safety: S
     if breach is not None:
         assert breach.planned == changes
         assert breach.total_keys == total
+
+
+RECORDING_START = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@st.composite
+def unused_histories(draw: st.DrawFn) -> KeyHistory:
+    first_seen = draw(optional_times)
+    # Often the same time: usage never changed while we watched.
+    unchanged = first_seen if first_seen is not None and draw(st.booleans()) else draw(optional_times)
+    return KeyHistory(first_seen_at=first_seen, usage_unchanged_since=unchanged)
+
+
+@EXAMPLES
+@given(
+    keys("h00"),
+    unused_histories(),
+    st.sampled_from([timedelta(days=7), timedelta(days=30)]),
+    st.sampled_from([NOW, datetime(2026, 1, 20, tzinfo=UTC), datetime(2026, 1, 31, tzinfo=UTC)]),
+)
+def test_unused_is_the_documented_reading_of_both_sources(
+    key: Key, history: KeyHistory, idle_for: timedelta, now: datetime
+) -> None:
+    cutoff = now - idle_for
+    used_inside = False
+    shows_idle = False
+    if key.reports_last_used:
+        if key.last_used_at is None:
+            shows_idle = cutoff >= RECORDING_START
+        elif key.last_used_at > cutoff:
+            used_inside = True
+        else:
+            shows_idle = True
+    unchanged = history.usage_unchanged_since
+    if unchanged is not None:
+        seen_to_change = history.first_seen_at is None or unchanged > history.first_seen_at
+        if seen_to_change and unchanged > cutoff:
+            used_inside = True
+        elif unchanged <= cutoff:
+            shows_idle = True
+    expected = now - key.created_at >= idle_for and not used_inside and shows_idle
+
+    only_rule = Rule(name="idle", match="unused", action="report", idle_for=idle_for)
+    decision = decide(key, history, AuditFacts(), RuleSet(Safety(), (only_rule,), "x"), now)
+    assert (decision is not None) == expected
