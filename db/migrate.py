@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from alembic import command
@@ -15,6 +19,31 @@ import migrations
 
 class SchemaOutOfDate(RuntimeError):
     """The database is not at the newest migration."""
+
+
+# Alembic logs "Context impl SQLiteImpl." and "Will assume ..." at INFO whenever it merely reads the
+# current revision, which every command does. Those lines belong to `db upgrade` only; a context
+# variable (not a logger level) keeps the silencing local to the thread that asked for it.
+_quiet = ContextVar("keyhygiene_quiet_alembic", default=False)
+
+
+class _QuietAlembic(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _quiet.get()
+
+
+_ALEMBIC_LOGGER = logging.getLogger("alembic.runtime.migration")
+if not any(isinstance(existing, _QuietAlembic) for existing in _ALEMBIC_LOGGER.filters):
+    _ALEMBIC_LOGGER.addFilter(_QuietAlembic())
+
+
+@contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    token = _quiet.set(True)
+    try:
+        yield
+    finally:
+        _quiet.reset(token)
 
 
 def alembic_config() -> Config:
@@ -31,7 +60,8 @@ def head_revision() -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as connection:
+    """The migration the database is at (None: no keyhygiene schema); logs nothing."""
+    with _quiet_alembic(), engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
 

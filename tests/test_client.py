@@ -1,0 +1,346 @@
+"""The keys API client against the fake OpenRouter API over real HTTP on loopback.
+
+Paging, workspaces, hidden keys, de-duplication, retries (429 and 5xx, Retry-After honoured), the
+concurrency bound, typed errors, and tolerant models.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from fakeapi import FakeOpenRouter
+from keysapi.client import KeysClient
+from keysapi.errors import (
+    AuthenticationFailed,
+    ConnectionFailed,
+    MalformedResponse,
+    NotFound,
+    RateLimited,
+    ServerError,
+)
+from keysapi.models import CurrentKey, Key
+from tests.conftest import MANAGEMENT_KEY
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def add_keys(fake: FakeOpenRouter, count: int, *, workspace_id: str | None = None, prefix: str = "key") -> list[str]:
+    """Add ``count`` keys, newest first in listing order; returns their hashes in that order."""
+    return [
+        fake.add_key(f"{prefix}-{index:04d}", workspace_id=workspace_id, created_at=NOW - timedelta(minutes=index))[
+            "hash"
+        ]
+        for index in range(count)
+    ]
+
+
+@pytest.fixture
+def make_client(fake_url: str) -> Iterator[Callable[..., KeysClient]]:
+    opened: list[KeysClient] = []
+
+    def make(concurrency: int = 4, retry_seconds: float = 2.0, key: str = MANAGEMENT_KEY) -> KeysClient:
+        client = KeysClient(fake_url, key, concurrency=concurrency, retry_seconds=retry_seconds, timeout=5)
+        opened.append(client)
+        return client
+
+    yield make
+    for client in opened:
+        client.close()
+
+
+def list_pages(fake: FakeOpenRouter) -> list[int]:
+    """The offsets of the GET /keys requests the fake answered, in order."""
+    return [int(call.query.get("offset", "0")) for call in fake.calls if call.method == "GET" and call.path == "/keys"]
+
+
+# -- paging -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [0, 1, 99, 100, 101, 200, 250])
+def test_sequential_paging_returns_every_key_once_and_stops_at_the_short_page(
+    fake: FakeOpenRouter, make_client, count: int
+) -> None:
+    hashes = add_keys(fake, count)
+
+    listing = make_client(concurrency=1).list_all_keys([None])
+
+    assert sorted(listing.keys) == sorted(hashes)
+    assert listing.duplicates == 0
+    # Like the cookbook: 100 per page, the first short page (possibly empty) is the last request.
+    assert list_pages(fake) == list(range(0, (count // 100 + 1) * 100, 100))
+
+
+@pytest.mark.parametrize("count", [0, 1, 99, 100, 101, 200, 250])
+def test_concurrent_paging_returns_every_key_once(fake: FakeOpenRouter, make_client, count: int) -> None:
+    hashes = add_keys(fake, count)
+
+    listing = make_client(concurrency=4).list_all_keys([None])
+
+    assert sorted(listing.keys) == sorted(hashes)
+    assert listing.per_workspace == {"default": count}
+    needed = count // 100 + 1
+    # Offsets are asked for ahead of knowing where the list ends: at most concurrency-1 extra pages.
+    assert needed <= len(list_pages(fake)) <= needed + 3
+    assert set(range(0, needed * 100, 100)) <= set(list_pages(fake))
+
+
+def test_every_workspace_is_listed(fake: FakeOpenRouter, make_client) -> None:
+    research = fake.add_workspace("Research")["id"]
+    empty = fake.add_workspace("Empty")["id"]
+    default_keys = add_keys(fake, 130, prefix="default")
+    research_keys = add_keys(fake, 230, workspace_id=research, prefix="research")
+    client = make_client(concurrency=3)
+
+    workspaces = [workspace.id for workspace in client.list_workspaces()]
+    listing = client.list_all_keys(workspaces)
+
+    assert set(workspaces) == {fake.default_workspace_id, research, empty}
+    assert sorted(listing.keys) == sorted(default_keys + research_keys)
+    assert listing.per_workspace == {fake.default_workspace_id: 130, research: 230, empty: 0}
+    assert {key.workspace_id for key in listing.keys.values()} == {fake.default_workspace_id, research}
+
+
+def test_workspace_listing_pages_past_100_workspaces(fake: FakeOpenRouter, make_client) -> None:
+    for index in range(120):
+        fake.add_workspace(f"ws-{index}")
+
+    workspaces = make_client().list_workspaces()
+
+    assert len({workspace.id for workspace in workspaces}) == 121
+
+
+def test_disabled_and_expired_keys_are_listed(fake: FakeOpenRouter, make_client) -> None:
+    active = fake.add_key("active")["hash"]
+    disabled = fake.add_key("disabled", disabled=True)["hash"]
+    expired = fake.add_key("expired", expires_at=NOW - timedelta(days=1))["hash"]
+
+    listing = make_client().list_all_keys([None])
+
+    assert set(listing.keys) == {active, disabled, expired}
+    assert listing.keys[disabled].disabled
+    assert listing.keys[expired].expires_at == NOW - timedelta(days=1)
+    for call in fake.calls:
+        if call.path == "/keys":
+            assert call.query["include_disabled"] == "true"
+            assert call.query["include_expired"] == "true"
+
+
+def test_a_key_shifted_onto_the_next_page_is_counted_once(fake: FakeOpenRouter, make_client) -> None:
+    hashes = add_keys(fake, 150)
+
+    def new_key_before_page_two(fake: FakeOpenRouter, workspace_id: str, offset: int) -> None:
+        if offset == 100:  # a new (newest) key pushes the last key of page 1 onto page 2
+            fake.add_key("brand-new", created_at=NOW + timedelta(minutes=1))
+
+    fake.faults.on_list_page(new_key_before_page_two)
+    listing = make_client(concurrency=1).list_all_keys([None])
+
+    assert sorted(listing.keys) == sorted(hashes)
+    assert listing.duplicates == 1
+
+
+def test_a_key_listed_in_two_workspaces_is_counted_once(fake: FakeOpenRouter, make_client) -> None:
+    other = fake.add_workspace("Other")["id"]
+    add_keys(fake, 10)
+    moving = fake.add_key("moving", created_at=NOW - timedelta(days=1))["hash"]
+
+    def move_after_first_page(fake: FakeOpenRouter, workspace_id: str, offset: int) -> None:
+        if workspace_id == other:  # the key moves after its old workspace was listed
+            fake.update_key(moving, {"workspace_id": other})
+
+    fake.faults.on_list_page(move_after_first_page)
+    listing = make_client(concurrency=1).list_all_keys([fake.default_workspace_id, other])
+
+    assert len(listing.keys) == 11
+    assert listing.duplicates == 1
+
+
+# -- retries ------------------------------------------------------------------------------------
+
+
+def test_rate_limits_are_retried_after_the_time_the_api_asks(fake: FakeOpenRouter, make_client) -> None:
+    hashes = add_keys(fake, 120)
+    fake.faults.rate_limit(2, retry_after=0.3, path="/keys")
+
+    started = time.monotonic()
+    listing = make_client(concurrency=1).list_all_keys([None])
+    elapsed = time.monotonic() - started
+
+    assert sorted(listing.keys) == sorted(hashes)
+    assert [call.status for call in fake.calls if call.path == "/keys"] == [429, 429, 200, 200]
+    assert elapsed >= 0.6  # two waits of Retry-After, one after the other
+
+
+def test_retry_after_is_honoured_beyond_our_own_backoff(fake: FakeOpenRouter, make_client) -> None:
+    add_keys(fake, 5)
+    # Our own first backoff is ~0.25 s; an API asking for 1 s must get its 1 s.
+    fake.faults.rate_limit(1, retry_after=1, path="/keys")
+
+    started = time.monotonic()
+    make_client(concurrency=1).list_all_keys([None])
+
+    assert time.monotonic() - started >= 1.0
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_server_errors_are_retried(fake: FakeOpenRouter, make_client, status: int) -> None:
+    hashes = add_keys(fake, 150)
+    fake.faults.server_error(2, status=status, retry_after=0.05, path="/keys")
+
+    listing = make_client().list_all_keys([None])
+
+    assert sorted(listing.keys) == sorted(hashes)
+    assert [call.status for call in fake.calls].count(status) == 2
+
+
+def test_a_dropped_connection_is_retried(fake: FakeOpenRouter, make_client) -> None:
+    hashes = add_keys(fake, 50)
+    fake.faults.drop_connection(1, path="/keys")
+
+    assert sorted(make_client().list_all_keys([None]).keys) == sorted(hashes)
+
+
+def test_retries_stop_when_the_budget_runs_out(fake: FakeOpenRouter, make_client) -> None:
+    add_keys(fake, 10)
+    fake.faults.server_error(1000, status=503, retry_after=0.05, path="/keys")
+
+    started = time.monotonic()
+    with pytest.raises(ServerError) as caught:
+        make_client(retry_seconds=0.4).list_all_keys([None])
+
+    assert time.monotonic() - started < 3
+    assert caught.value.status == 503
+    assert "503" in str(caught.value)
+
+
+def test_rate_limit_that_never_ends_raises_rate_limited(fake: FakeOpenRouter, make_client) -> None:
+    fake.faults.rate_limit(1000, retry_after=0.05, path="/keys")
+
+    with pytest.raises(RateLimited):
+        make_client(retry_seconds=0.3).list_keys_page(workspace_id=None, offset=0)
+
+
+def test_client_errors_are_not_retried(fake: FakeOpenRouter, make_client) -> None:
+    with pytest.raises(NotFound):
+        make_client().get_key("0" * 64)
+
+    assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize("kind", ["malformed", "truncated"])
+def test_a_broken_page_is_a_malformed_response(fake: FakeOpenRouter, make_client, kind: str) -> None:
+    add_keys(fake, 20)
+    getattr(fake.faults, kind)(1)
+
+    with pytest.raises(MalformedResponse):
+        make_client().list_all_keys([None])
+
+
+def test_an_unreachable_api_is_a_connection_failure_naming_no_secret() -> None:
+    client = KeysClient("http://127.0.0.1:9/api/v1", MANAGEMENT_KEY, retry_seconds=0.3)
+    with client, pytest.raises(ConnectionFailed) as caught:
+        client.current_key()
+
+    assert "cannot reach the API" in str(caught.value)
+    assert MANAGEMENT_KEY not in str(caught.value) + repr(client)
+
+
+def test_an_unknown_key_is_rejected_with_a_typed_error(fake: FakeOpenRouter, make_client) -> None:
+    with pytest.raises(AuthenticationFailed) as caught:
+        make_client(key="sk-or-v1-" + "0" * 64).current_key()
+
+    assert caught.value.status == 401
+
+
+# -- the concurrency bound ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 5])
+def test_never_more_requests_in_flight_than_the_concurrency(
+    fake: FakeOpenRouter, make_client, concurrency: int
+) -> None:
+    for name in ("A", "B"):
+        add_keys(fake, 230, workspace_id=fake.add_workspace(name)["id"], prefix=name)
+    add_keys(fake, 120)
+    fake.faults.latency = 0.02
+    fake.faults.rate_limit(3, retry_after=0.05, path="/keys")  # retries must not exceed it either
+    client = make_client(concurrency=concurrency)
+
+    listing = client.list_all_keys([workspace.id for workspace in client.list_workspaces()])
+
+    assert len(listing.keys) == 580
+    assert fake.max_in_flight <= concurrency
+    if concurrency > 1:
+        assert fake.max_in_flight >= 2  # and it does fetch concurrently
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def test_unknown_fields_are_kept_in_the_raw_json(fake: FakeOpenRouter, make_client) -> None:
+    add_keys(fake, 3)
+    fake.extra_fields = {"brand_new_field": {"nested": [1, 2]}, "is_free_tier": False}
+
+    keys = make_client().list_all_keys([None]).keys.values()
+
+    assert all(key.raw["brand_new_field"] == {"nested": [1, 2]} for key in keys)
+
+
+def test_missing_newer_fields_are_tolerated(fake: FakeOpenRouter, make_client) -> None:
+    hashes = add_keys(fake, 3)
+    fake.omit_fields = {"expires_at", "last_used_at", "workspace_id", "external_user", "creator_user_id"}
+
+    keys = make_client().list_all_keys([None]).keys
+
+    assert sorted(keys) == sorted(hashes)
+    for key in keys.values():
+        assert (key.expires_at, key.last_used_at, key.workspace_id, key.external_user) == (None, None, None, None)
+        assert not key.reports_last_used
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2025-08-24T10:30:00Z", datetime(2025, 8, 24, 10, 30, tzinfo=UTC)),
+        ("2025-02-19T20:52:27.363244+00:00", datetime(2025, 2, 19, 20, 52, 27, 363244, tzinfo=UTC)),
+    ],
+)
+def test_both_timestamp_styles_are_read(text: str, expected: datetime) -> None:
+    key = Key.from_api({"hash": "a" * 64, "name": "k", "created_at": text, "last_used_at": text})
+
+    assert key.created_at == expected
+    assert key.last_used_at == expected
+
+
+def test_both_timestamp_styles_from_the_fake(fake: FakeOpenRouter, make_client) -> None:
+    created = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    for index in range(40):  # hashes starting 0-4 come in the microsecond "+00:00" style
+        fake.add_key(f"k{index}", created_at=created)
+
+    keys = make_client().list_all_keys([None]).keys.values()
+    styles = {key.raw["created_at"].endswith("Z") for key in keys}
+
+    assert styles == {True, False}
+    for key in keys:  # the "Z" style carries whole seconds only
+        expected = created.replace(microsecond=0) if key.raw["created_at"].endswith("Z") else created
+        assert key.created_at == expected
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [{"usage": "12"}, {"disabled": "yes"}, {"created_at": "yesterday"}, {"hash": None}, {"name": 5}],
+)
+def test_a_field_of_the_wrong_type_is_malformed(broken: dict[str, object]) -> None:
+    data = {"hash": "a" * 64, "name": "k", "created_at": "2025-08-24T10:30:00Z", **broken}
+
+    with pytest.raises(MalformedResponse):
+        Key.from_api(data)
+
+
+def test_the_deprecated_provisioning_flag_still_means_management() -> None:
+    assert CurrentKey.from_api({"label": "x", "is_provisioning_key": True}).is_management_key
+    assert not CurrentKey.from_api({"label": "x"}).is_management_key

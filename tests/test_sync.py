@@ -1,0 +1,401 @@
+"""Sync end to end: the fake API over real HTTP into SQLite and PostgreSQL (the ``database`` fixture).
+
+What a user relies on: every key of every workspace is in the snapshot (disabled and expired ones
+too, each once), a key that vanished mid-scan is settled by a single-key GET, a failed sync leaves
+no trace in the inventory, old inventories can be read back exactly, and storage grows with what
+changed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text
+
+from db import snapshots
+from db.models import KeyState, Run, Snapshot
+from fakeapi import FakeOpenRouter
+from keyhygiene.context import Database
+from keyhygiene.jobs import JobOutcome, execute
+from keyhygiene.settings import Settings
+from keysapi.client import KeysClient
+from tests.conftest import MANAGEMENT_KEY
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def add_keys(fake: FakeOpenRouter, count: int, *, workspace_id: str | None = None, prefix: str = "key") -> list[str]:
+    """Add ``count`` keys, newest first in listing order; returns their hashes in that order."""
+    return [
+        fake.add_key(f"{prefix}-{index:04d}", workspace_id=workspace_id, created_at=NOW - timedelta(minutes=index))[
+            "hash"
+        ]
+        for index in range(count)
+    ]
+
+
+@pytest.fixture
+def sync(database: Database, fake_url: str) -> Iterator[Callable[..., JobOutcome]]:
+    """Run ``sync`` as a job on the test database with a client of the given concurrency."""
+    clients: list[KeysClient] = []
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        OPENROUTER_MANAGEMENT_KEY=MANAGEMENT_KEY,
+        OPENROUTER_BASE_URL=fake_url,
+        KEYHYGIENE_DATABASE_URL=str(database.engine.url.render_as_string(hide_password=False)),
+    )
+
+    def run(concurrency: int = 4, retry_seconds: float = 2.0) -> JobOutcome:
+        client = KeysClient(fake_url, MANAGEMENT_KEY, concurrency=concurrency, retry_seconds=retry_seconds)
+        clients.append(client)
+        return execute("sync", settings, database=database, client=client)
+
+    yield run
+    for client in clients:
+        client.close()
+
+
+def stored_hashes(database: Database, snapshot_id: int) -> list[str]:
+    with database.sessions() as session:
+        return sorted(key.hash for key in snapshots.keys_at(session, snapshot_id))
+
+
+def stored_raw(database: Database, snapshot_id: int) -> dict[str, dict[str, Any]]:
+    with database.sessions() as session:
+        return {key.hash: dict(key.raw) for key in snapshots.keys_at(session, snapshot_id)}
+
+
+def version_rows(database: Database) -> int:
+    with database.sessions() as session:
+        return snapshots.count_versions(session)
+
+
+# -- what a snapshot holds ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [0, 1, 99, 100, 101, 200, 250])
+def test_snapshot_holds_every_key(database: Database, fake: FakeOpenRouter, sync, count: int) -> None:
+    hashes = add_keys(fake, count)
+
+    outcome = sync()
+
+    assert outcome.exit_code == 0, outcome.message
+    assert outcome.sync is not None
+    assert stored_hashes(database, outcome.sync.snapshot_id) == sorted(hashes)
+    assert outcome.sync.key_count == count
+    assert version_rows(database) == count
+    with database.sessions() as session:
+        snapshot = session.get(Snapshot, outcome.sync.snapshot_id)
+        assert snapshot is not None
+        assert (snapshot.status, snapshot.key_count) == ("complete", count)
+
+
+def test_every_workspace_and_hidden_keys_are_in_the_snapshot(database: Database, fake: FakeOpenRouter, sync) -> None:
+    research = fake.add_workspace("Research")["id"]
+    sandbox = fake.add_workspace("Sandbox")["id"]
+    expected = {fake.default_workspace_id: 120, research: 105, sandbox: 3}
+    hidden: set[str] = set()
+    for workspace_id, count in expected.items():
+        add_keys(fake, count - 2, workspace_id=workspace_id, prefix=workspace_id[:8])
+        hidden.add(fake.add_key("off", workspace_id=workspace_id, disabled=True)["hash"])
+        hidden.add(fake.add_key("old", workspace_id=workspace_id, expires_at=NOW - timedelta(days=3))["hash"])
+
+    outcome = sync()
+
+    assert outcome.sync is not None
+    with database.sessions() as session:
+        snapshot = session.get(Snapshot, outcome.sync.snapshot_id)
+        keys = {key.hash: key for key in snapshots.keys_at(session, outcome.sync.snapshot_id)}
+    assert snapshot is not None and snapshot.workspace_counts == expected
+    assert len(keys) == sum(expected.values())
+    assert hidden <= set(keys)
+    assert sum(key.disabled for key in keys.values()) == 3
+    assert sum(key.expires_at is not None and key.expires_at < NOW for key in keys.values()) == 3
+
+
+def test_a_key_seen_twice_is_stored_once(database: Database, fake: FakeOpenRouter, sync) -> None:
+    hashes = add_keys(fake, 150)
+
+    def new_key_before_page_two(fake: FakeOpenRouter, workspace_id: str, offset: int) -> None:
+        if offset == 100:
+            fake.add_key("brand-new", created_at=NOW + timedelta(minutes=1))
+
+    fake.faults.on_list_page(new_key_before_page_two)
+    outcome = sync(concurrency=1)
+
+    assert outcome.sync is not None
+    assert stored_hashes(database, outcome.sync.snapshot_id) == sorted(hashes)
+    assert version_rows(database) == 150
+
+
+@pytest.mark.parametrize("fault", ["rate_limit", "server_error"])
+def test_sync_completes_through_rate_limits_and_server_errors(
+    database: Database, fake: FakeOpenRouter, sync, fault: str
+) -> None:
+    hashes = add_keys(fake, 230)
+    if fault == "rate_limit":
+        fake.faults.rate_limit(4, retry_after=0.1, path="/keys")
+    else:
+        fake.faults.server_error(4, status=502, retry_after=0.1, path="/keys")
+
+    outcome = sync()
+
+    assert outcome.exit_code == 0, outcome.message
+    assert outcome.sync is not None
+    assert stored_hashes(database, outcome.sync.snapshot_id) == sorted(hashes)
+    assert fake.faults.pending == 0
+
+
+# -- the vanished-key check --------------------------------------------------------------------------
+
+
+def test_a_key_deleted_between_two_pages_is_confirmed_gone(database: Database, fake: FakeOpenRouter, sync) -> None:
+    hashes = add_keys(fake, 250)
+    first = sync().sync
+    assert first is not None
+    victim = hashes[150]  # on the second page
+
+    def delete_before_page_two(fake: FakeOpenRouter, workspace_id: str, offset: int) -> None:
+        if offset == 100 and fake.get(victim) is not None:
+            fake.delete_key(victim)
+
+    fake.faults.on_list_page(delete_before_page_two)
+    fake.clear_calls()
+    second = sync(concurrency=1).sync
+
+    assert second is not None
+    assert second.confirmed_gone == [victim]
+    assert second.recovered == []
+    assert (second.gone, second.key_count) == (1, 249)
+    assert stored_hashes(database, second.snapshot_id) == sorted(set(hashes) - {victim})
+    assert [(c.path, c.status) for c in fake.calls if c.path.startswith("/keys/")] == [(f"/keys/{victim}", 404)]
+    assert victim in stored_hashes(database, first.snapshot_id)
+
+
+def test_a_key_skipped_by_offset_paging_is_recovered(database: Database, fake: FakeOpenRouter, sync) -> None:
+    hashes = add_keys(fake, 250)
+    assert sync().sync is not None
+    deleted, skipped = hashes[5], hashes[100]
+
+    def delete_after_page_one(fake: FakeOpenRouter, workspace_id: str, offset: int) -> None:
+        # Page 1 (keys 0-99) has been read; deleting key 5 moves key 100 to offset 99, which
+        # offset paging never reads again.
+        if offset == 100 and fake.get(deleted) is not None:
+            fake.delete_key(deleted)
+
+    fake.faults.on_list_page(delete_after_page_one)
+    fake.clear_calls()
+    second = sync(concurrency=1).sync
+
+    assert second is not None
+    assert second.recovered == [skipped]
+    assert skipped in stored_hashes(database, second.snapshot_id)
+    assert second.key_count == 250  # everything seen (the deleted key was read before it went)
+    assert (f"/keys/{skipped}", 200) in [(c.path, c.status) for c in fake.calls]
+    with database.sessions() as session:
+        recovered = {key.hash: key for key in snapshots.keys_at(session, second.snapshot_id)}[skipped]
+    assert recovered.raw == fake.get(skipped)
+
+
+# -- a failed sync leaves no trace --------------------------------------------------------------------
+
+
+def _install_poison_trigger(database: Database) -> None:
+    """Make the database itself refuse to store a key named 'poison', as a full disk would."""
+    with database.engine.begin() as connection:
+        if database.dialect == "sqlite":
+            connection.execute(
+                text(
+                    "CREATE TRIGGER poison BEFORE INSERT ON key_states WHEN NEW.name = 'poison' "
+                    "BEGIN SELECT RAISE(ABORT, 'simulated storage failure'); END"
+                )
+            )
+        else:
+            connection.execute(
+                text(
+                    "CREATE FUNCTION poison() RETURNS trigger AS $$ BEGIN "
+                    "IF NEW.name = 'poison' THEN RAISE EXCEPTION 'simulated storage failure'; END IF; "
+                    "RETURN NEW; END $$ LANGUAGE plpgsql"
+                )
+            )
+            connection.execute(
+                text("CREATE TRIGGER poison BEFORE INSERT ON key_states FOR EACH ROW EXECUTE FUNCTION poison()")
+            )
+
+
+def _fault_on_later_pages(fake: FakeOpenRouter, kind: str) -> None:
+    """The first page answers normally; the fault hits the pages after it."""
+
+    def inject(fake: FakeOpenRouter, workspace_id: str, offset: int) -> None:
+        if offset == 0:
+            if kind == "api":
+                fake.faults.server_error(10_000, status=503, retry_after=0.05, path="/keys")
+            else:
+                getattr(fake.faults, kind)(1)
+
+    fake.faults.on_list_page(inject)
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        ("api", "503"),
+        ("malformed", "not valid JSON"),
+        ("truncated", "not valid JSON"),
+        ("database", "simulated storage failure"),
+    ],
+)
+def test_a_failed_sync_stores_nothing_and_says_why_in_one_line(
+    database: Database,
+    fake: FakeOpenRouter,
+    env: dict[str, str],
+    cli,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+    expected: str,
+) -> None:
+    hashes = add_keys(fake, 250)
+    first = cli("sync")
+    assert first.exit_code == 0, first.stderr
+    with database.sessions() as session:
+        before = {key.hash: dict(key.raw) for key in snapshots.keys_at(session, 1)}
+    rows_before = version_rows(database)
+    # Changes that the failed sync would have written: new usage on 20 keys, 3 deleted, 1 new.
+    for key_hash in hashes[:20]:
+        fake.record_use(key_hash, 1.5)
+    for key_hash in hashes[-3:]:
+        fake.delete_key(key_hash)
+    fake.add_key("poison", created_at=NOW - timedelta(days=30))
+    if failure == "database":
+        _install_poison_trigger(database)
+    else:
+        monkeypatch.setenv("KEYHYGIENE_HTTP_CONCURRENCY", "1")  # the fault hits a known page
+        monkeypatch.setenv("KEYHYGIENE_HTTP_RETRY_SECONDS", "0.3")
+        _fault_on_later_pages(fake, failure)
+
+    result = cli("sync")
+
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("keyhygiene: run 2 sync failed: sync failed, no snapshot stored")
+    assert expected in lines[0]
+    assert result.stdout == ""
+    with database.sessions() as session:
+        failed = session.get(Snapshot, 2)
+        assert failed is not None
+        assert failed.status == "failed"
+        assert expected in (failed.error or "")
+        assert session.scalar(select(func.count()).where((KeyState.valid_from == 2) | (KeyState.valid_to == 2))) == 0
+        latest = snapshots.latest_snapshot(session)
+        assert latest is not None and latest.id == 1
+        assert {key.hash: dict(key.raw) for key in snapshots.keys_at(session, 1)} == before
+        run = session.get(Run, 2)
+        assert run is not None and run.status == "failed"
+    assert version_rows(database) == rows_before
+
+
+# -- history ----------------------------------------------------------------------------------------
+
+
+def test_an_old_inventory_reads_back_exactly(database: Database, fake: FakeOpenRouter, sync) -> None:
+    fake.set_clock(NOW)
+    hashes = add_keys(fake, 140)
+    fake.update_key(hashes[0], {"limit": 25.0, "limit_reset": "monthly"})
+    fake.extra_fields = {"future_field": {"a": [1, 2.5, None]}}
+    first = sync().sync
+    wire_then = {key["hash"]: {**key, "future_field": {"a": [1, 2.5, None]}} for key in fake.keys}
+    fake.extra_fields = {}
+
+    fake.advance(timedelta(hours=2))
+    for key_hash in hashes[:10]:
+        fake.record_use(key_hash, 0.7, byok_usd=0.1)
+    fake.update_key(hashes[10], {"disabled": True, "name": "renamed"})
+    fake.delete_key(hashes[11])
+    add_keys(fake, 3, prefix="later")
+    second = sync().sync
+    wire_second = {key["hash"]: key for key in fake.keys}
+    fake.advance(timedelta(hours=2))
+    fake.record_use(hashes[0], 5.0)
+    fake.delete_key(hashes[12])
+    third = sync().sync
+    assert first is not None and second is not None and third is not None
+
+    assert stored_raw(database, first.snapshot_id) == wire_then
+    assert stored_raw(database, second.snapshot_id) == wire_second
+    assert hashes[11] in stored_raw(database, first.snapshot_id)
+    with database.sessions() as session:
+        old = {key.hash: key for key in snapshots.keys_at(session, first.snapshot_id)}
+    assert old[hashes[10]].name == "key-0010" and not old[hashes[10]].disabled
+    assert old[hashes[0]].limit == 25.0
+    assert json.loads(json.dumps(old[hashes[0]].raw)) == wire_then[hashes[0]]
+
+
+def test_storage_grows_with_what_changed(database: Database, fake: FakeOpenRouter, sync) -> None:
+    hashes = add_keys(fake, 1000)
+    first = sync().sync
+    assert first is not None and first.new_versions == 1000
+
+    for key_hash in hashes[::100]:  # 1% of the keys see new usage
+        fake.record_use(key_hash, 0.25)
+    second = sync().sync
+    unchanged = sync().sync
+
+    assert second is not None and unchanged is not None
+    assert (second.new_versions, second.changed, second.added, second.gone) == (10, 10, 0, 0)
+    assert unchanged.new_versions == 0
+    assert version_rows(database) == 1010
+    assert stored_hashes(database, unchanged.snapshot_id) == sorted(hashes)
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def test_sync_prints_one_summary_line_and_only_json_on_stderr(
+    database: Database, fake: FakeOpenRouter, env: dict[str, str], cli
+) -> None:
+    research = fake.add_workspace("Research")["id"]
+    add_keys(fake, 120)
+    add_keys(fake, 30, workspace_id=research, prefix="r")
+
+    result = cli("sync")
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("\n") == 1
+    assert result.stdout.startswith("run 1 sync complete: snapshot 1: 150 keys in 2 workspaces")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        event = json.loads(line)
+        assert isinstance(event, dict)
+        assert {"timestamp", "level", "event"} <= set(event)
+        assert datetime.fromisoformat(event["timestamp"]).tzinfo is not None
+    assert result.events_named("sync_complete")[0]["keys"] == 150
+    assert not [event for event in result.events if str(event.get("logger", "")).startswith("alembic")]
+
+
+def test_sync_never_exceeds_the_configured_concurrency(
+    database: Database, fake: FakeOpenRouter, env: dict[str, str], cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("A", "B"):
+        add_keys(fake, 210, workspace_id=fake.add_workspace(name)["id"], prefix=name)
+    doomed = add_keys(fake, 40, prefix="doomed")
+    monkeypatch.setenv("KEYHYGIENE_HTTP_CONCURRENCY", "3")
+    assert cli("sync").exit_code == 0
+    for key_hash in doomed:  # the next sync checks each of them with a GET
+        fake.delete_key(key_hash)
+    fake.faults.latency = 0.01
+    fake.faults.rate_limit(2, retry_after=0.05)
+    fake.reset_stats()
+
+    result = cli("sync")
+
+    assert result.exit_code == 0, result.stderr
+    assert "40 gone" in result.stdout
+    assert 2 <= fake.max_in_flight <= 3
+    assert sum(1 for call in fake.calls if call.status == 404) == 40
