@@ -288,7 +288,7 @@ class KeysClient:
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
             stop=stop_after_delay(self.retry_seconds),
-            wait=_WaitRetryAfter(wait_exponential_jitter(initial=0.25, max=10.0), ceiling=self.retry_seconds),
+            wait=_WaitRetryAfter(wait_exponential_jitter(multiplier=0.25, max=10.0), ceiling=self.retry_seconds),
             reraise=True,
         )
         for attempt in retrying:

@@ -1,0 +1,168 @@
+"""Shared fixtures: real databases (SQLite and the machine's PostgreSQL), the fake API over HTTP.
+
+``database`` runs each test on both SQLite and PostgreSQL: every PostgreSQL test gets a schema of
+its own, so tests never see each other's rows. Set KEYHYGIENE_TEST_POSTGRES_URL to use another
+server (default: postgresql+psycopg://postgres@127.0.0.1:5432/test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from db.migrate import upgrade
+from fakeapi import FakeOpenRouter, FakeServer
+from keyhygiene.context import Database
+from keyhygiene.settings import Settings
+
+POSTGRES_URL = os.environ.get("KEYHYGIENE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MANAGEMENT_KEY = "sk-or-v1-" + "5ec2e7" * 10 + "abcd"
+"""The management key every test uses; tests check that it never shows up in output."""
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'keyhygiene.db'}"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    schema = f"kh_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL)
+    try:
+        with admin.begin() as connection:
+            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # pragma: no cover - only when PostgreSQL is down
+        admin.dispose()
+        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is not reachable ({exc}); start it (see .ci/run)")
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, empty database URL: once on SQLite, once on PostgreSQL."""
+    name = "sqlite_url" if request.param == "sqlite" else "postgres_url"
+    return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+def database(db_url: str) -> Iterator[Database]:
+    """A migrated database (both backends)."""
+    settings = Settings(KEYHYGIENE_DATABASE_URL=db_url)  # type: ignore[call-arg]
+    database = Database.open(settings, check=False)
+    upgrade(database.engine)
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def fake() -> FakeOpenRouter:
+    """An empty fake OpenRouter organisation with one default workspace, on the real clock.
+
+    keyhygiene judges keys against the real time, so tests build keys relative to ``utcnow()``;
+    tests of exact edges use the pure engine with literal times instead.
+    """
+    fake = FakeOpenRouter(MANAGEMENT_KEY)
+    fake.add_workspace("Default", default=True)
+    return fake
+
+
+@pytest.fixture
+def fake_url(fake: FakeOpenRouter) -> Iterator[str]:
+    """The fake served over real HTTP on loopback."""
+    with FakeServer(fake) as server:
+        yield server.base_url
+
+
+@pytest.fixture
+def rules_file(tmp_path: Path) -> Callable[[str], Path]:
+    """Write a rules file and return its path."""
+
+    def write(content: str) -> Path:
+        path = tmp_path / "keyhygiene.toml"
+        path.write_text(content)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, db_url: str, fake_url: str) -> dict[str, str]:
+    """The environment of a keyhygiene process pointed at the fake API and the test database."""
+    monkeypatch.chdir(tmp_path)  # no stray .env or database in the repository
+    values = {
+        "OPENROUTER_MANAGEMENT_KEY": MANAGEMENT_KEY,
+        "OPENROUTER_BASE_URL": fake_url,
+        "KEYHYGIENE_DATABASE_URL": db_url,
+        "KEYHYGIENE_RULES_FILE": str(tmp_path / "keyhygiene.toml"),
+        "KEYHYGIENE_LOG_FORMAT": "json",
+        "KEYHYGIENE_HTTP_RETRY_SECONDS": "5",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return values
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON log events the command wrote on stderr."""
+        found = []
+        for line in self.stderr.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    found.append(json.loads(line))
+        return found
+
+    def events_named(self, name: str) -> list[dict[str, Any]]:
+        return [event for event in self.events if event.get("event") == name]
+
+
+def _invoke(args: list[str]) -> CliResult:
+    from keyhygiene.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_out, old_err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.stdout, sys.stderr = old_out, old_err
+    result = CliResult(code, out.getvalue(), err.getvalue())
+    assert MANAGEMENT_KEY not in result.stdout + result.stderr, "the management key leaked into output"
+    return result
+
+
+@pytest.fixture
+def cli() -> Callable[..., CliResult]:
+    """Run ``keyhygiene ARGS...`` in this process; returns exit code, stdout, stderr."""
+
+    def run(*args: str) -> CliResult:
+        return _invoke(list(args))
+
+    return run

@@ -1,0 +1,409 @@
+"""Enforcement end to end: the CLI, the fake API over HTTP, a real database (SQLite and PostgreSQL).
+
+One scenario exercises every match, filter and safety limit; each test checks the exact PATCH
+and DELETE calls the fake received, the audit rows and the ``key_action`` log events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from db.models import Action, Run
+from fakeapi import FakeOpenRouter
+from keyhygiene.context import Database
+from keyhygiene.settings import Settings
+from keyhygiene.timeutil import utcnow
+
+from .conftest import CliResult
+
+DAY = timedelta(days=1)
+
+
+def _rules(
+    *, protect_hash: str, workspace: str, dry_run: bool = False, max_actions: int = 20, max_percent: int = 60
+) -> str:
+    return f"""
+[safety]
+dry_run = {str(dry_run).lower()}
+max_actions_per_run = {max_actions}
+max_action_percent = {max_percent}
+protect_hashes = ["{protect_hash}"]
+protect_names = ["prod-*"]
+
+[[rule]]
+name = "delete-expired"
+match = "expired"
+action = "delete"
+grace = "7d"
+
+[[rule]]
+name = "disable-idle"
+match = "unused"
+idle_for = "30d"
+action = "disable"
+names = ["dev-*", "svc-*", "prod-*"]
+workspaces = ["{workspace}"]
+
+[[rule]]
+name = "disable-overspend"
+match = "over_budget"
+window = "monthly"
+threshold_usd = 100.0
+action = "disable"
+exclude_names = ["billing-*"]
+
+[[rule]]
+name = "limit-exhausted"
+match = "over_budget"
+window = "monthly"
+action = "disable"
+reenable = true
+
+[[rule]]
+name = "report-old-disabled"
+match = "unused"
+idle_for = "60d"
+action = "report"
+disabled = true
+min_age = "90d"
+"""
+
+
+class Org:
+    """The scenario's keys by name, on the fake."""
+
+    def __init__(self, fake: FakeOpenRouter) -> None:
+        now = utcnow()
+        self.fake = fake
+        self.default = fake.default_workspace_id
+        self.other = str(fake.add_workspace("Research")["id"])
+        recent = now - DAY
+        add = fake.add_key
+        self.hashes: dict[str, str] = {}
+
+        def key(name: str, **fields: Any) -> None:
+            fields.setdefault("created_at", now - 100 * DAY)
+            fields.setdefault("last_used_at", recent)
+            fields.setdefault("usage", 1.0)
+            self.hashes[name] = str(add(name, **fields)["hash"])
+
+        key("dev-expired", expires_at=now - 3 * DAY)  # enabled: disabled first (grace 7d)
+        key("dev-expired-old", expires_at=now - 20 * DAY, disabled=True, updated_at=now - 10 * DAY)  # deleted
+        key("dev-expired-fresh", expires_at=now - 20 * DAY, disabled=True, updated_at=now - 2 * DAY)  # in grace
+        key("dev-idle", last_used_at=now - 45 * DAY)  # disabled by disable-idle
+        key("dev-busy")  # used yesterday: nothing
+        key("prod-idle", last_used_at=now - 45 * DAY)  # protected by name
+        key("svc-idle-protected", last_used_at=now - 45 * DAY)  # protected by hash
+        key("svc-overspend", usage=300.0, usage_monthly=150.0)  # disabled by disable-overspend
+        key("billing-overspend", usage=300.0, usage_monthly=150.0)  # excluded by exclude_names
+        key("svc-exhausted", limit=10.0, limit_reset="monthly", usage=12.0, usage_monthly=12.0)  # limit-exhausted
+        key("dev-idle-ws2", workspace_id=self.other, last_used_at=now - 45 * DAY)  # other workspace: nothing
+        key("dev-old-disabled", disabled=True, created_at=now - 200 * DAY, last_used_at=now - 90 * DAY)  # report
+        key("dev-idle-young", created_at=now - 20 * DAY, last_used_at=None, usage=0.0)  # too young
+        key(
+            "svc-disabled-by-someone", disabled=True, limit=10.0, limit_reset="monthly", usage=1.0, usage_monthly=1.0
+        )  # never enabled by us
+        for n in range(6):
+            key(f"svc-healthy-{n}")
+
+    def rules(self, **overrides: Any) -> str:
+        return _rules(protect_hash=self.hashes["svc-idle-protected"], workspace=self.default, **overrides)
+
+    def name_of(self, key_hash: str) -> str:
+        return next(name for name, h in self.hashes.items() if h == key_hash)
+
+    def changes(self) -> list[tuple[str, str, Any]]:
+        """(method, key name, body) of every PATCH and DELETE the fake received, in order."""
+        out = []
+        for call in self.fake.mutating_calls():
+            key_hash = call.path.rsplit("/", 1)[-1]
+            out.append((call.method, self.name_of(key_hash), call.body))
+        return out
+
+
+@pytest.fixture
+def org(fake: FakeOpenRouter) -> Org:
+    return Org(fake)
+
+
+@pytest.fixture
+def ready(env: dict[str, str], cli: Callable[..., CliResult]) -> dict[str, str]:
+    assert cli("db", "upgrade").exit_code == 0
+    return env
+
+
+def _actions(env: dict[str, str]) -> list[Action]:
+    database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=env["KEYHYGIENE_DATABASE_URL"]))  # type: ignore[call-arg]
+    try:
+        with database.sessions() as session:
+            return list(session.scalars(select(Action).order_by(Action.id)))
+    finally:
+        database.close()
+
+
+def _runs(env: dict[str, str]) -> list[Run]:
+    database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=env["KEYHYGIENE_DATABASE_URL"]))  # type: ignore[call-arg]
+    try:
+        with database.sessions() as session:
+            return list(session.scalars(select(Run).order_by(Run.id)))
+    finally:
+        database.close()
+
+
+EXPECTED_CHANGES = [
+    ("PATCH", "dev-expired", {"disabled": True}),
+    ("DELETE", "dev-expired-old", None),
+    ("PATCH", "dev-idle", {"disabled": True}),
+    ("PATCH", "svc-exhausted", {"disabled": True}),
+    ("PATCH", "svc-overspend", {"disabled": True}),
+]
+
+
+def test_run_changes_exactly_the_keys_the_rules_select(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules())
+
+    result = cli("run")
+
+    assert result.exit_code == 0, result.stderr
+    assert sorted(org.changes(), key=lambda c: c[1]) == sorted(EXPECTED_CHANGES, key=lambda c: c[1])
+    assert org.fake.get(org.hashes["dev-expired-old"]) is None
+    assert org.fake.get(org.hashes["dev-expired"])["disabled"] is True  # type: ignore[index]
+
+    done = {(org.name_of(a.key_hash), a.action, a.rule) for a in _actions(ready) if a.outcome == "done"}
+    assert done == {
+        ("dev-expired", "disable", "delete-expired"),
+        ("dev-expired-old", "delete", "delete-expired"),
+        ("dev-idle", "disable", "disable-idle"),
+        ("svc-exhausted", "disable", "limit-exhausted"),
+        ("svc-overspend", "disable", "disable-overspend"),
+        ("dev-old-disabled", "report", "report-old-disabled"),
+    }
+    assert all(a.outcome != "pending" and not a.dry_run for a in _actions(ready))
+
+    events = result.events_named("key_action")
+    assert len(events) == 6  # exactly one per planned or executed change
+    for event in events:
+        assert {"timestamp", "level", "run_id", "key_hash", "key_name", "rule", "action", "dry_run", "outcome"} <= set(
+            event
+        )
+        assert event["dry_run"] is False
+        assert event["outcome"] == "done"
+    assert {e["key_name"] for e in events} == {name for name, _, _ in done}
+
+
+def test_delete_follows_disable_after_grace_and_reenable_only_what_the_rule_disabled(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules())
+    assert cli("run").exit_code == 0
+    org.fake.clear_calls()
+
+    # The budget window "resets" for svc-exhausted (its limit is raised) and for the key that
+    # someone else disabled; only the one our rule disabled is enabled again.
+    org.fake.update_key(org.hashes["svc-exhausted"], {"limit": 1000.0})
+    org.fake.update_key(org.hashes["svc-disabled-by-someone"], {"limit": 1000.0})
+    org.fake.clear_calls()
+    result = cli("run")
+
+    assert result.exit_code == 0, result.stderr
+    assert org.changes() == [("PATCH", "svc-exhausted", {"disabled": False})]
+    enable = [a for a in _actions(ready) if a.action == "enable"]
+    assert [(org.name_of(a.key_hash), a.rule, a.outcome) for a in enable] == [
+        ("svc-exhausted", "limit-exhausted", "done")
+    ]
+    # dev-expired was disabled seconds ago: its grace (7d) has not passed, so it is not deleted.
+    assert org.fake.get(org.hashes["dev-expired"]) is not None
+
+
+def test_grace_zero_deletes_an_enabled_expired_key_at_once(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules().replace('grace = "7d"', 'grace = "0d"'))
+
+    assert cli("run").exit_code == 0
+
+    deleted = {name for method, name, _ in org.changes() if method == "DELETE"}
+    assert deleted == {"dev-expired", "dev-expired-old", "dev-expired-fresh"}
+
+
+@pytest.mark.parametrize("how", ["rules file", "--dry-run"])
+def test_dry_run_changes_nothing_and_records_the_plan(
+    how: str, org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules(dry_run=how == "rules file"))
+
+    result = cli("run", "--dry-run") if how == "--dry-run" else cli("run")
+
+    assert result.exit_code == 0, result.stderr
+    assert org.fake.mutating_calls() == []
+    actions = _actions(ready)
+    assert len(actions) == 6
+    assert all(a.dry_run and a.outcome == "planned" for a in actions)
+    events = result.events_named("key_action")
+    assert len(events) == 6
+    assert all(e["dry_run"] is True and e["outcome"] == "planned" for e in events)
+
+
+def test_caps_refuse_the_whole_enforcement(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules(max_actions=4))
+
+    result = cli("run")
+
+    assert result.exit_code == 3
+    assert "5" in result.stderr and "max_actions_per_run" in result.stderr
+    assert org.fake.mutating_calls() == []
+    assert _runs(ready)[-1].status == "refused"
+    assert {a.outcome for a in _actions(ready)} == {"refused"}
+    assert {e["outcome"] for e in result.events_named("key_action")} == {"refused"}
+
+
+def test_percent_cap_refuses(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules(max_percent=10))  # 5 changes of 20 keys is 25%
+
+    result = cli("run")
+
+    assert result.exit_code == 3
+    assert "max_action_percent" in result.stderr
+    assert org.fake.mutating_calls() == []
+
+
+def test_a_shrunken_inventory_is_never_enforced_on(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules(max_percent=20))
+    assert cli("sync").exit_code == 0
+    for n in range(6):  # 6 of 20 keys vanish: a 30% drop
+        org.fake.delete_key(org.hashes[f"svc-healthy-{n}"])
+    org.fake.clear_calls()
+
+    result = cli("run")
+
+    assert result.exit_code == 3
+    assert "shrank" in result.stderr
+    assert org.fake.mutating_calls() == []
+    assert _runs(ready)[-1].status == "refused"
+
+
+def test_each_change_is_checked_against_the_fresh_key(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules())
+    assert cli("sync").exit_code == 0
+    # Between the snapshot and enforcement: dev-idle is used again, svc-overspend is deleted by
+    # someone, and svc-exhausted is disabled by someone.
+    org.fake.record_use(org.hashes["dev-idle"], 0.5)
+    org.fake.delete_key(org.hashes["svc-overspend"])
+    org.fake.update_key(org.hashes["svc-exhausted"], {"disabled": True})
+    org.fake.clear_calls()
+
+    result = cli("enforce")
+
+    assert result.exit_code == 0, result.stderr
+    assert sorted(org.changes(), key=lambda c: c[1]) == [
+        ("PATCH", "dev-expired", {"disabled": True}),
+        ("DELETE", "dev-expired-old", None),
+    ]
+    skipped = {org.name_of(a.key_hash): a.reason for a in _actions(ready) if a.outcome == "skipped"}
+    assert set(skipped) == {"dev-idle", "svc-overspend", "svc-exhausted"}
+    assert "no longer matches" in (skipped["dev-idle"] or "")
+    assert "already gone" in (skipped["svc-overspend"] or "")
+    assert "already disabled" in (skipped["svc-exhausted"] or "")
+    reasons = {e["key_name"]: e.get("reason") for e in result.events_named("key_action") if e["outcome"] == "skipped"}
+    assert set(reasons) == set(skipped)
+
+
+def test_an_api_error_on_one_key_does_not_stop_the_others(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules())
+    org.fake.faults.malformed(1, method="PATCH", path=f"/keys/{org.hashes['dev-idle']}")
+
+    result = cli("run")
+
+    assert result.exit_code == 1  # a failed change makes the run fail, after the others were done
+    changed = {name for _, name, _ in org.changes()}
+    assert {"dev-expired", "dev-expired-old", "svc-exhausted", "svc-overspend"} <= changed
+    failed = [a for a in _actions(ready) if a.outcome == "failed"]
+    assert [org.name_of(a.key_hash) for a in failed] == ["dev-idle"]
+    assert failed[0].error
+
+
+def test_a_crash_between_intent_and_outcome_is_settled_from_the_fresh_state(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules())
+    assert cli("run").exit_code == 0
+    # Simulate a process killed after the API call but before the outcome was written: put
+    # the intents back to pending.
+    database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=ready["KEYHYGIENE_DATABASE_URL"]))  # type: ignore[call-arg]
+    with database.sessions() as session, session.begin():
+        for action in session.scalars(select(Action).where(Action.action.in_(("disable", "delete")))):
+            action.outcome = "pending"
+            action.finished_at = None
+    database.close()
+    org.fake.clear_calls()
+
+    result = cli("run")
+
+    assert result.exit_code == 0, result.stderr
+    assert org.fake.mutating_calls() == []  # nothing repeated blindly
+    actions = _actions(ready)
+    assert not [a for a in actions if a.outcome == "pending"]
+    settled = [a for a in actions if a.reason and "settled" in a.reason]
+    assert {org.name_of(a.key_hash) for a in settled} == {
+        "dev-expired",
+        "dev-expired-old",
+        "dev-idle",
+        "svc-exhausted",
+        "svc-overspend",
+    }
+    assert all(a.outcome == "done" for a in settled)
+
+
+def test_plan_prints_decisions_as_json_and_changes_nothing(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    import json
+
+    rules_file(org.rules())
+    assert cli("sync").exit_code == 0
+    org.fake.clear_calls()
+
+    result = cli("plan", "--format", "json")
+
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert {(row["key_name"], row["action"]) for row in rows} == {
+        ("dev-expired", "disable"),
+        ("dev-expired-old", "delete"),
+        ("dev-idle", "disable"),
+        ("svc-exhausted", "disable"),
+        ("svc-overspend", "disable"),
+        ("dev-old-disabled", "report"),
+    }
+    assert all(row["evidence"] for row in rows)
+    assert org.fake.calls == [] or all(call.method == "GET" for call in org.fake.calls)
+
+
+def test_an_invalid_rules_file_never_reaches_the_engine(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    path = rules_file(org.rules().replace('idle_for = "30d"', 'idle_for = "30 days"'))
+
+    result = cli("run")
+
+    assert result.exit_code == 2
+    assert str(path) in result.stderr and "idle_for" in result.stderr
+    assert org.fake.calls == []
