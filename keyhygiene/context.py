@@ -16,7 +16,7 @@ from db.migrate import SchemaOutOfDate, check_schema
 from keysapi.client import KeysClient
 from keysapi.errors import ApiError, AuthenticationFailed
 
-from .errors import DatabaseFailure, NotAManagementKey
+from .errors import DatabaseFailure, NotAManagementKey, UsageError
 from .logging import register_secret
 from .settings import Settings
 
@@ -40,7 +40,8 @@ class Database:
         try:
             engine = make_engine(settings.database)
         except (ArgumentError, ImportError) as exc:
-            raise DatabaseFailure(f"KEYHYGIENE_DATABASE_URL cannot be used: {exc}") from None
+            # A driver that is not installed or does not exist: the setting is wrong, not the database.
+            raise UsageError(f"KEYHYGIENE_DATABASE_URL cannot be used: {exc}") from None
         database = cls(engine=engine, sessions=make_session_factory(engine))
         if check:
             try:

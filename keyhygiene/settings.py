@@ -5,6 +5,7 @@ Bad values are refused here, with the variable's name, so that nothing downstrea
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from functools import cached_property
 from typing import Literal
@@ -14,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from .errors import UsageError
 from .timeutil import TimeFormatError, parse_duration
 
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
@@ -36,8 +38,21 @@ ENV_NAMES = {
 }
 
 
-class SettingsError(ValueError):
-    """Settings that cannot be used; the message names the variable."""
+class SettingsError(UsageError, ValueError):
+    """Settings that cannot be used; the message names the variable (exit 2, wherever it is raised)."""
+
+
+def _shown(name: str, value: object) -> str:
+    """How a refused value is echoed: never the management key, never a password inside a URL."""
+    if name == "OPENROUTER_MANAGEMENT_KEY":
+        return ""
+    if isinstance(value, str) and "://" in value:
+        try:
+            value = make_url(value).render_as_string(hide_password=True)
+        except (ArgumentError, ValueError):
+            # Not even a URL: drop whatever sits between "//" and "@", where a password would be.
+            value = re.sub(r"//[^/@]*@", "//***@", value)
+    return f" (got {value!r})"
 
 
 def _duration(value: object, *, allow_none: bool = False) -> timedelta | None:
@@ -148,9 +163,5 @@ def load_settings(**overrides: object) -> Settings:
             loc = error["loc"][0] if error["loc"] else ""
             name = ENV_NAMES.get(str(loc), str(loc))
             message = error["msg"].removeprefix("Value error, ")
-            problems.append(
-                f"{name}: {message} (got {error.get('input')!r})"
-                if name != "OPENROUTER_MANAGEMENT_KEY"
-                else f"{name}: {message}"
-            )
+            problems.append(f"{name}: {message}{_shown(name, error.get('input'))}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -1,0 +1,170 @@
+"""Bad input and failures at the command line: the exit code of the interface and one clear line.
+
+Every case here is something an operator meets in the first hour: no key, the wrong kind of key,
+an API or database that is not there, a database another process has locked.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import db.engine
+from db.migrate import upgrade
+from fakeapi import FakeOpenRouter
+from keyhygiene.context import Database
+from keyhygiene.settings import Settings
+from tests.conftest import MANAGEMENT_KEY
+
+Cli = Callable[..., object]
+
+
+@pytest.fixture
+def sqlite_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake_url: str, fake: FakeOpenRouter) -> Path:
+    """A migrated SQLite database and an environment pointing at it and at the fake API."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "keyhygiene.db"
+    url = f"sqlite:///{path}"
+    for name, value in {
+        "OPENROUTER_MANAGEMENT_KEY": MANAGEMENT_KEY,
+        "OPENROUTER_BASE_URL": fake_url,
+        "KEYHYGIENE_DATABASE_URL": url,
+        "KEYHYGIENE_LOG_FORMAT": "json",
+        "KEYHYGIENE_HTTP_RETRY_SECONDS": "0.3",
+    }.items():
+        monkeypatch.setenv(name, value)
+    database = Database.open(Settings(_env_file=None, KEYHYGIENE_DATABASE_URL=url), check=False)  # type: ignore[call-arg]
+    upgrade(database.engine)
+    database.close()
+    fake.add_key("some-key")
+    return path
+
+
+def error_line(result: object) -> str:
+    """The one line a failed command writes for people (log events are JSON lines)."""
+    stderr: str = result.stderr  # type: ignore[attr-defined]
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.lstrip().startswith("{")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("value", [None, "", "   "])
+def test_a_missing_management_key_is_a_usage_error(
+    sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch, fake: FakeOpenRouter, value: str | None
+) -> None:
+    if value is None:
+        monkeypatch.delenv("OPENROUTER_MANAGEMENT_KEY")
+    else:
+        monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", value)
+
+    result = cli("sync")
+
+    assert result.exit_code == 2
+    assert "OPENROUTER_MANAGEMENT_KEY is not set" in error_line(result)
+    assert fake.calls == []
+
+
+def test_a_regular_key_is_refused_and_never_printed(
+    sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch, fake: FakeOpenRouter
+) -> None:
+    regular = fake.add_regular_key()
+    monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", regular)
+
+    result = cli("sync")
+
+    assert result.exit_code == 2
+    assert "not a management key" in error_line(result)
+    assert regular not in result.stdout + result.stderr
+    assert regular.removeprefix("sk-or-v1-") not in result.stdout + result.stderr
+    assert [call.path for call in fake.calls] == ["/key"]  # nothing listed with it
+
+
+def test_a_key_the_api_rejects_is_a_usage_error(
+    sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch, fake: FakeOpenRouter
+) -> None:
+    unknown = "sk-or-v1-" + "0123456789abcdef" * 4
+    monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", unknown)
+
+    result = cli("sync")
+
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert "rejected by the API (401)" in line
+    assert unknown not in result.stdout + result.stderr
+
+
+def test_an_unreachable_api_fails_in_one_line(sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENROUTER_BASE_URL", "http://127.0.0.1:9/api/v1")
+
+    result = cli("sync")
+
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert "cannot reach the API at http://127.0.0.1:9/api/v1" in line
+
+
+def test_an_api_that_keeps_failing_fails_in_one_line(sqlite_env: Path, cli, fake: FakeOpenRouter) -> None:
+    fake.faults.server_error(10_000, status=500, retry_after=0.05)
+
+    result = cli("sync")
+
+    assert result.exit_code == 1
+    assert "500" in error_line(result)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "not a database url",
+        "mysql://root:hunter2@db.example/keys",
+        "postgresql+nosuchdriver://root:hunter2@127.0.0.1/keys",
+    ],
+)
+@pytest.mark.parametrize("command", [("sync",), ("db", "upgrade"), ("report", "inventory")])
+def test_an_invalid_database_url_is_a_usage_error_naming_the_variable(
+    sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch, url: str, command: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", url)
+
+    result = cli(*command)
+
+    assert result.exit_code == 2
+    assert "KEYHYGIENE_DATABASE_URL" in error_line(result)
+    assert "hunter2" not in result.stdout + result.stderr  # a password in the URL is not echoed
+
+
+@pytest.mark.parametrize("command", [("sync",), ("db", "upgrade"), ("report", "inventory")])
+def test_a_database_that_cannot_be_reached_fails_in_one_line(
+    sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", "postgresql+psycopg://postgres:hunter2@127.0.0.1:1/test")
+
+    result = cli(*command)
+
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert "127.0.0.1" in line and "1" in line
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_a_locked_sqlite_database_fails_in_one_line(
+    sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch, fake: FakeOpenRouter
+) -> None:
+    monkeypatch.setattr(db.engine, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    other = sqlite3.connect(sqlite_env, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        result = cli("sync")
+    finally:
+        other.rollback()
+        other.close()
+
+    assert result.exit_code == 1
+    assert "database is locked" in error_line(result)
+    assert not [call for call in fake.calls if call.path == "/keys"]  # stopped before listing
+
+    assert cli("sync").exit_code == 0  # and works once the lock is gone
