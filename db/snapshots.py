@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from keysapi.models import Key
@@ -21,6 +21,14 @@ COMPLETE = "complete"
 FAILED = "failed"
 
 _CHUNK = 500
+# Held (per transaction) while a snapshot is recorded on PostgreSQL; SQLite's BEGIN IMMEDIATE
+# already lets only one writer in.
+_RECORD_LOCK = 0x6B657973
+
+
+class SnapshotSuperseded(RuntimeError):
+    """A newer snapshot was recorded while this one was being taken; recording this one would
+    rewrite history out of order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +119,18 @@ def record_snapshot(
     Unchanged keys keep their open version; changed keys get their open version closed and a new
     one opened; keys no longer listed get their open version closed. The caller owns the
     transaction: everything here commits or rolls back together.
+
+    Versions are ordered by snapshot id, so a snapshot can only be recorded on top of older ones:
+    when two syncs overlap and the later-started one finished first, the other raises
+    SnapshotSuperseded and writes nothing.
     """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _RECORD_LOCK})
+    newer = session.scalar(select(func.max(Snapshot.id)).where(Snapshot.status == COMPLETE, Snapshot.id > snapshot_id))
+    if newer is not None:
+        raise SnapshotSuperseded(
+            f"snapshot {newer} was stored by another sync while this one was listing; this one is discarded"
+        )
     open_versions = {
         key_hash: (version_id, version_digest)
         for version_id, key_hash, version_digest in session.execute(

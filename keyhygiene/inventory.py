@@ -127,7 +127,7 @@ def take_snapshot(
         message = _failure_message(exc)
         _record_failure(database, snapshot_id, message)
         log.error("sync_failed", run_id=run_id, snapshot_id=snapshot_id, error=message)
-        if isinstance(exc, ApiError | SQLAlchemyError):
+        if isinstance(exc, ApiError | SQLAlchemyError | snapshots.SnapshotSuperseded):
             raise SyncFailed(f"sync failed, no snapshot stored: {message}") from None
         raise
     result = SyncResult(

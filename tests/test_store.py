@@ -1,0 +1,213 @@
+"""The snapshot store on SQLite and PostgreSQL: versioned key states, read back exactly.
+
+These drive ``db.snapshots`` with literal keys, so every version boundary is known in advance;
+``test_sync.py`` covers the same store through the fake API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from db import runs, snapshots
+from db.models import KeyState, Snapshot
+from keyhygiene.context import Database, session_scope
+from keysapi.models import Key
+
+T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+
+
+def key(n: int, **fields: Any) -> Key:
+    data: dict[str, Any] = {
+        "hash": f"{n:064x}",
+        "name": f"key-{n}",
+        "label": f"sk-or-v1-{n:03d}...abc",
+        "disabled": False,
+        "limit": None,
+        "limit_remaining": None,
+        "limit_reset": None,
+        "include_byok_in_limit": False,
+        "usage": 1.0 * n,
+        "usage_daily": 0.0,
+        "usage_weekly": 0.0,
+        "usage_monthly": 0.0,
+        "byok_usage": 0.0,
+        "byok_usage_daily": 0.0,
+        "byok_usage_weekly": 0.0,
+        "byok_usage_monthly": 0.0,
+        "created_at": "2025-08-24T10:30:00Z",
+        "updated_at": None,
+        "expires_at": None,
+        "creator_user_id": "user_1",
+        "workspace_id": "ws-default",
+        "external_user": None,
+        "last_used_at": "2026-02-19T20:52:27.363244+00:00",
+    }
+    data.update(fields)
+    return Key.from_api(data)
+
+
+def store(database: Database, keys: list[Key], at: datetime) -> tuple[int, snapshots.SnapshotWrite]:
+    """One complete sync's worth of writes: a run, a snapshot, its key states."""
+    with session_scope(database) as session:
+        run_id = runs.start_run(session, kind="sync", now=at).id
+        snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=at).id
+    with session_scope(database) as session:
+        written = snapshots.record_snapshot(
+            session,
+            snapshot_id=snapshot_id,
+            keys={k.hash: k for k in keys},
+            taken_at=at,
+            workspace_counts={"ws-default": len(keys)},
+        )
+    return snapshot_id, written
+
+
+def raw_at(database: Database, snapshot_id: int) -> dict[str, Mapping[str, Any]]:
+    with database.sessions() as session:
+        return {k.hash: k.raw for k in snapshots.keys_at(session, snapshot_id)}
+
+
+def test_each_snapshot_reads_back_exactly(database: Database) -> None:
+    day1 = [key(n) for n in range(1, 6)]
+    day2 = [key(1), key(2, usage=9.5, usage_daily=7.5), key(3), key(5, disabled=True), key(6)]  # 4 gone, 6 new
+    day3 = [key(1), key(2, usage=9.5, usage_daily=7.5), key(5, disabled=True), key(6, name="renamed")]
+
+    s1, w1 = store(database, day1, T0)
+    s2, w2 = store(database, day2, T0 + timedelta(hours=1))
+    s3, w3 = store(database, day3, T0 + timedelta(hours=2))
+
+    assert (w1.added, w1.changed, w1.gone, w1.new_versions) == (5, 0, 0, 5)
+    assert (w2.added, w2.changed, w2.gone, w2.new_versions) == (1, 2, 1, 3)
+    assert (w3.added, w3.changed, w3.gone, w3.new_versions) == (0, 1, 1, 1)
+    for snapshot_id, keys in ((s1, day1), (s2, day2), (s3, day3)):
+        assert raw_at(database, snapshot_id) == {k.hash: k.raw for k in keys}
+    with database.sessions() as session:
+        assert snapshots.count_versions(session) == 9
+        read_back = {k.hash: k for k in snapshots.keys_at(session, s2)}
+    assert read_back[key(2).hash] == key(2, usage=9.5, usage_daily=7.5)  # typed fields too, timestamps aware
+    assert read_back[key(2).hash].last_used_at == datetime(2026, 2, 19, 20, 52, 27, 363244, tzinfo=UTC)
+
+
+def test_an_unchanged_key_costs_no_new_row(database: Database) -> None:
+    keys = [key(n) for n in range(1, 301)]
+    store(database, keys, T0)
+
+    for hour in range(1, 4):
+        _, written = store(database, keys, T0 + timedelta(hours=hour))
+        assert written.new_versions == 0
+
+    with database.sessions() as session:
+        assert snapshots.count_versions(session) == 300
+
+
+def test_field_order_of_the_json_does_not_make_a_new_version(database: Database) -> None:
+    original = key(1)
+    reordered = Key.from_api(dict(reversed(list(original.raw.items()))))
+    store(database, [original], T0)
+
+    _, written = store(database, [reordered], T0 + timedelta(hours=1))
+
+    assert written.new_versions == 0
+
+
+def test_a_key_that_comes_back_gets_a_new_version(database: Database) -> None:
+    s1, _ = store(database, [key(1), key(2)], T0)
+    s2, _ = store(database, [key(1)], T0 + timedelta(hours=1))
+    s3, written = store(database, [key(1), key(2)], T0 + timedelta(hours=2))
+
+    assert written.added == 1
+    assert set(raw_at(database, s1)) == set(raw_at(database, s3)) == {key(1).hash, key(2).hash}
+    assert set(raw_at(database, s2)) == {key(1).hash}
+    with database.sessions() as session:
+        history = snapshots.versions(session, key_hashes=[key(2).hash])
+    assert [(v.valid_from_at, v.valid_to_at) for v in history] == [
+        (T0, T0 + timedelta(hours=1)),
+        (T0 + timedelta(hours=2), None),
+    ]
+
+
+def test_many_changes_at_once_cross_the_write_batches(database: Database) -> None:
+    keys = [key(n) for n in range(1, 2601)]
+    store(database, keys, T0)
+
+    changed = [key(n, usage=n + 0.5) for n in range(1, 2601)]
+    s2, written = store(database, changed, T0 + timedelta(hours=1))
+
+    assert (written.changed, written.new_versions) == (2600, 2600)
+    assert raw_at(database, s2) == {k.hash: k.raw for k in changed}
+    with database.sessions() as session:
+        open_rows = session.scalars(select(KeyState.valid_from).where(KeyState.valid_to.is_(None))).all()
+    assert open_rows == [s2] * 2600
+
+
+def test_a_write_that_fails_leaves_nothing(database: Database) -> None:
+    s1, _ = store(database, [key(1), key(2)], T0)
+    with session_scope(database) as session:
+        run_id = runs.start_run(session, kind="sync", now=T0).id
+        s2 = snapshots.start_snapshot(session, run_id=run_id, now=T0).id
+
+    with pytest.raises(RuntimeError), session_scope(database) as session:
+        snapshots.record_snapshot(session, snapshot_id=s2, keys={key(3).hash: key(3)}, taken_at=T0, workspace_counts={})
+        raise RuntimeError("the process died before commit")
+    with session_scope(database) as session:
+        snapshots.fail_snapshot(session, snapshot_id=s2, error="the process died before commit")
+
+    with database.sessions() as session:
+        latest = snapshots.latest_snapshot(session)
+        assert latest is not None and latest.id == s1
+        failed = session.get(Snapshot, s2)
+        assert failed is not None and (failed.status, failed.key_count) == ("failed", None)
+        assert snapshots.count_versions(session) == 2
+    assert set(raw_at(database, s1)) == {key(1).hash, key(2).hash}
+
+
+def test_running_and_failed_snapshots_are_never_read(database: Database) -> None:
+    s1, _ = store(database, [key(1)], T0)
+    with session_scope(database) as session:
+        run_id = runs.start_run(session, kind="sync", now=T0).id
+        snapshots.start_snapshot(session, run_id=run_id, now=T0 + timedelta(hours=1))
+
+    with database.sessions() as session:
+        latest = snapshots.latest_snapshot(session)
+        assert latest is not None and latest.id == s1
+        assert [s.id for s in snapshots.complete_snapshots(session)] == [s1]
+        at = snapshots.latest_snapshot(session, at=T0 - timedelta(seconds=1))
+        assert at is None
+
+
+def test_overlapping_syncs_cannot_record_out_of_order(database: Database) -> None:
+    store(database, [key(1), key(2)], T0)
+    with session_scope(database) as session:
+        run_id = runs.start_run(session, kind="sync", now=T0).id
+        slow = snapshots.start_snapshot(session, run_id=run_id, now=T0 + timedelta(minutes=1)).id
+    fast, _ = store(database, [key(1), key(2, usage=50.0)], T0 + timedelta(minutes=2))
+
+    with pytest.raises(snapshots.SnapshotSuperseded), session_scope(database) as session:
+        snapshots.record_snapshot(
+            session, snapshot_id=slow, keys={key(1).hash: key(1)}, taken_at=T0, workspace_counts={}
+        )
+
+    assert raw_at(database, fast) == {key(1).hash: key(1).raw, key(2).hash: key(2, usage=50.0).raw}
+    with database.sessions() as session:
+        assert snapshots.count_versions(session) == 3
+
+
+def test_timelines_follow_each_key(database: Database) -> None:
+    store(database, [key(1, usage=1.0), key(2)], T0)
+    store(database, [key(1, usage=2.0), key(2)], T0 + timedelta(days=1))
+    s3, _ = store(database, [key(1, usage=2.0, disabled=True)], T0 + timedelta(days=2))
+
+    with database.sessions() as session:
+        lines = snapshots.timelines(session, s3)
+
+    assert list(lines) == [key(1).hash]
+    assert [(p.seen_at, p.usage, p.disabled) for p in lines[key(1).hash]] == [
+        (T0, 1.0, False),
+        (T0 + timedelta(days=1), 2.0, False),
+        (T0 + timedelta(days=2), 2.0, True),
+    ]
