@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from db import audit, snapshots
 from db.snapshots import TimelinePoint
 from keysapi.client import KeysClient
-from keysapi.errors import ApiError, AuthenticationFailed, NotFound
+from keysapi.errors import ApiError, AuthenticationFailed, NotFound, RequestRejected
 from keysapi.models import Key
 from rules import AuditFacts, CapBreach, Decision, KeyHistory, Plan, RuleSet, check_caps, decide, plan
 
@@ -307,6 +307,12 @@ def execute_decision(
         _event(decision, run_id=run_id, dry_run=False, outcome=audit.SKIPPED, reason="already gone")
         return audit.SKIPPED
     except ApiError as exc:
+        if not isinstance(exc, RequestRejected) and _took_effect(client, decision):
+            # The answer was lost or garbled, but the key's fresh state shows the change was made.
+            reason = f"the API's answer was unreadable ({exc}); the key's fresh state shows the change was made"
+            _complete(database, action_id, outcome=audit.DONE, now=stamp(), reason=reason)
+            _event(decision, run_id=run_id, dry_run=False, outcome=audit.DONE, reason=reason)
+            return audit.DONE
         _complete(database, action_id, outcome=audit.FAILED, now=stamp(), error=str(exc))
         _event(decision, run_id=run_id, dry_run=False, outcome=audit.FAILED, error=str(exc))
         if isinstance(exc, AuthenticationFailed):
@@ -321,6 +327,21 @@ def execute_decision(
         reason=decision.evidence.get("step") if isinstance(decision.evidence, Mapping) else None,
     )
     return audit.DONE
+
+
+def _took_effect(client: KeysClient, decision: Decision) -> bool:
+    """Whether the key's fresh state shows ``decision`` was applied (False when that cannot be told)."""
+    try:
+        fresh = client.get_key(decision.key_hash)
+    except NotFound:
+        return decision.action == "delete"
+    except ApiError:
+        return False
+    if decision.action == "disable":
+        return fresh.disabled
+    if decision.action == "enable":
+        return not fresh.disabled
+    return False
 
 
 def settle_in_doubt(database: Database, client: KeysClient, *, now: datetime) -> int:

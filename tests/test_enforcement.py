@@ -407,3 +407,19 @@ def test_an_invalid_rules_file_never_reaches_the_engine(
     assert result.exit_code == 2
     assert str(path) in result.stderr and "idle_for" in result.stderr
     assert org.fake.calls == []
+
+
+def test_a_garbled_answer_is_settled_from_the_fresh_state(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules())
+    # The PATCH takes effect but its answer is cut in half: the audit must say what really happened.
+    org.fake.faults.truncated(1, method="PATCH", path=f"/keys/{org.hashes['dev-idle']}")
+
+    result = cli("run")
+
+    assert result.exit_code == 0, result.stderr
+    assert org.fake.get(org.hashes["dev-idle"])["disabled"] is True  # type: ignore[index]
+    row = next(a for a in _actions(ready) if org.name_of(a.key_hash) == "dev-idle")
+    assert row.outcome == "done"
+    assert "fresh state shows the change was made" in (row.reason or "")
