@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from db import audit, snapshots
+from db.models import Snapshot
 from db.snapshots import TimelinePoint
 from keysapi.client import KeysClient
 from keysapi.errors import ApiError, AuthenticationFailed, NotFound, RequestRejected
@@ -115,7 +116,7 @@ class PlanInputs:
 
 
 def load_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
-    snapshot = session.get(snapshots.Snapshot, snapshot_id)
+    snapshot = session.get(Snapshot, snapshot_id)
     if snapshot is None or snapshot.status != snapshots.COMPLETE or snapshot.taken_at is None:
         raise ValueError(f"snapshot {snapshot_id} is not a complete snapshot")
     previous = snapshots.previous_snapshot(session, snapshot_id)

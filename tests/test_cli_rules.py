@@ -1,0 +1,121 @@
+"""`keyhygiene rules check` and `keyhygiene plan` as an operator uses them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .conftest import CliResult
+
+GOOD = """
+[safety]
+dry_run = true
+protect_names = ["prod-*"]
+
+[[rule]]
+name = "disable-idle"
+match = "unused"
+idle_for = "30d"
+action = "disable"
+"""
+
+
+def test_rules_check_prints_the_rules_as_understood(
+    tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "rules.toml"
+    path.write_text(GOOD)
+
+    result = cli("rules", "check", str(path))
+
+    assert result.exit_code == 0, result.stderr
+    assert "disable-idle" in result.stdout
+    assert "30d" in result.stdout
+    assert "prod-*" in result.stdout
+    assert "DRY RUN" in result.stdout
+
+
+def test_rules_check_reads_the_configured_file_by_default(
+    tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "custom.toml").write_text(GOOD)
+    monkeypatch.setenv("KEYHYGIENE_RULES_FILE", str(tmp_path / "custom.toml"))
+
+    result = cli("rules", "check")
+
+    assert result.exit_code == 0, result.stderr
+    assert "disable-idle" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("broken", "line", "field"),
+    [
+        (GOOD.replace('idle_for = "30d"', 'idle_for = "a month"'), 9, "idle_for"),
+        (GOOD.replace('match = "unused"', 'match = "unsused"'), 8, "match"),
+        (GOOD.replace('action = "disable"', 'action = "disable"\nthreshold_usd = 5.0'), 11, "threshold_usd"),
+        (GOOD.replace("dry_run = true", "dry_run = true\nmax_actions = 5"), 4, "max_actions"),
+    ],
+)
+def test_rules_check_names_file_line_and_field(
+    broken: str,
+    line: int,
+    field: str,
+    tmp_path: Path,
+    cli: Callable[..., CliResult],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "rules.toml"
+    path.write_text(broken)
+
+    result = cli("rules", "check", str(path))
+
+    assert result.exit_code == 2
+    assert f"{path}:{line}: {field}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_rules_check_of_a_missing_file(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
+    result = cli("rules", "check", str(tmp_path / "nope.toml"))
+
+    assert result.exit_code == 2
+    assert "nope.toml" in result.stderr
+
+
+def test_plan_without_a_snapshot_says_to_sync_first(
+    env: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(GOOD)
+    assert cli("db", "upgrade").exit_code == 0
+
+    result = cli("plan")
+
+    assert result.exit_code == 1
+    assert "keyhygiene sync" in result.stderr
+
+
+def test_every_command_has_help(cli: Callable[..., CliResult]) -> None:
+    commands = [
+        [],
+        ["db"],
+        ["db", "upgrade"],
+        ["sync"],
+        ["plan"],
+        ["enforce"],
+        ["run"],
+        ["rules"],
+        ["rules", "check"],
+        ["report"],
+        ["trigger"],
+        ["worker"],
+        ["beat"],
+        ["demo"],
+    ]
+    for command in commands:
+        result = cli(*command, "--help")
+        assert result.exit_code == 0, (command, result.stderr)
+        assert "Usage:" in result.stdout
