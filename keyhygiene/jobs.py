@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +75,19 @@ def _run_context(run_id: int) -> Iterator[None]:
 
 
 def _start(
-    database: Database, *, kind: str, now: datetime, trigger: str, task_id: str | None, dry_run: bool | None
+    database: Database,
+    *,
+    kind: str,
+    now: datetime,
+    trigger: str,
+    task_id: str | None,
+    dry_run: bool | None,
+    stale_after: timedelta,
 ) -> int:
     try:
         with session_scope(database) as session:
+            # A run still 'running' long past any time limit belongs to a process that died.
+            runs.abandon_stale_runs(session, now=now, older_than=now - stale_after)
             return runs.start_run(session, kind=kind, now=now, trigger=trigger, task_id=task_id, dry_run=dry_run).id
     except SQLAlchemyError as exc:
         raise DatabaseFailure(f"cannot record the run: {describe_db_error(exc)}") from None
@@ -171,7 +180,15 @@ def execute(
         effective_dry_run = None if ruleset is None else (ruleset.safety.dry_run or dry_run)
         if database is None:
             database = Database.open(settings)
-        run_id = _start(database, kind=kind, now=clock(), trigger=trigger, task_id=task_id, dry_run=effective_dry_run)
+        run_id = _start(
+            database,
+            kind=kind,
+            now=clock(),
+            trigger=trigger,
+            task_id=task_id,
+            dry_run=effective_dry_run,
+            stale_after=2 * settings.job_time_limit,
+        )
         with _run_context(run_id):
             log.info("run_started", kind=kind, trigger=trigger, dry_run=effective_dry_run)
             outcome = _execute(
