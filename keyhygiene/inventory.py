@@ -20,7 +20,7 @@ from keysapi.models import Key
 
 from .context import Database, describe_db_error, session_scope
 from .errors import DatabaseFailure, KeyhygieneError
-from .logging import get_logger
+from .logging import get_logger, redact_text
 
 log = get_logger(__name__)
 
@@ -150,12 +150,13 @@ def take_snapshot(
 
 
 def _failure_message(exc: BaseException) -> str:
+    """One line about the failure, fit to be stored: it ends up in the database, not only in logs."""
     if isinstance(exc, SQLAlchemyError):
-        return f"database error: {describe_db_error(exc)}"
+        return redact_text(f"database error: {describe_db_error(exc)}")
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return redact_text(text.splitlines()[0]) if text else type(exc).__name__
 
 
 def _record_failure(database: Database, snapshot_id: int, message: str) -> None:

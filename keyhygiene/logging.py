@@ -15,6 +15,7 @@ from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 REDACTED = "[REDACTED]"
@@ -50,9 +51,14 @@ def _redact(value: Any) -> Any:
     return redact_text(repr(value))
 
 
+# Left as they are: the exception still to be rendered (redacted once it is text) and the
+# formatter's own bookkeeping.
+_PASS_THROUGH = frozenset({"exc_info", "_record", "_from_structlog"})
+
+
 def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """structlog processor: scrub secrets from every value of the event, tracebacks included."""
-    return {key: _redact(value) for key, value in event_dict.items()}
+    return {key: value if key in _PASS_THROUGH else _redact(value) for key, value in event_dict.items()}
 
 
 def _shared_processors() -> list[Processor]:
@@ -77,7 +83,9 @@ def configure_logging(log_format: str = "json", *, stream: TextIO | None = None,
         ]
     else:
         final = [
-            structlog.processors.dict_tracebacks,
+            # No local variables in tracebacks: they would put whatever a frame held (URLs with
+            # passwords, request headers) into the log, beyond what redaction can recognise.
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
             redact_secrets,
             structlog.processors.JSONRenderer(),
         ]
@@ -101,6 +109,9 @@ def configure_logging(log_format: str = "json", *, stream: TextIO | None = None,
             structlog.stdlib.filter_by_level,
             *shared,
             structlog.processors.StackInfoRenderer(),
+            # Also here, not only in the formatter: any other handler on the root logger (pytest's
+            # log capture, an operator's own) receives the event already scrubbed.
+            redact_secrets,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),

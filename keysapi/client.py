@@ -127,6 +127,7 @@ class KeysClient:
             limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
         )
         self._lock = threading.Lock()
+        self._management_key = management_key
         self.requests_sent = 0
 
     def __repr__(self) -> str:
@@ -307,23 +308,25 @@ class KeysClient:
         except httpx.TransportError as exc:
             raise ConnectionFailed(f"{where}: cannot reach the API at {self.base_url} ({type(exc).__name__})") from None
         status = response.status_code
+        if 200 <= status < 300:
+            try:
+                return response.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise MalformedResponse(f"{where}: the response is not valid JSON") from None
+        # A proxy or a confused upstream may echo the request's credential in its error body.
+        message = _error_message(response).replace(self._management_key, "[REDACTED]")
         if status == 429:
             raise RateLimited(
-                f"{where}: rate limited (429): {_error_message(response)}",
+                f"{where}: rate limited (429): {message}",
                 status=status,
                 retry_after=_retry_after(response),
             )
         if status in _RETRIED_STATUSES:
             raise ServerError(
-                f"{where}: the API failed ({status}): {_error_message(response)}",
+                f"{where}: the API failed ({status}): {message}",
                 status=status,
                 retry_after=_retry_after(response),
             )
         if 400 <= status < 500:
-            raise rejection_for(status, f"{where}: {status} {_error_message(response)}")
-        if status >= 500 or status < 200 or status >= 300:
-            raise ApiError(f"{where}: unexpected HTTP {status}: {_error_message(response)}")
-        try:
-            return response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise MalformedResponse(f"{where}: the response is not valid JSON") from None
+            raise rejection_for(status, f"{where}: {status} {message}")
+        raise ApiError(f"{where}: unexpected HTTP {status}: {message}")

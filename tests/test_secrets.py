@@ -1,0 +1,192 @@
+"""The management key never shows: not in logs (tracebacks included), errors, the database or output.
+
+The ``cli`` fixture already fails any command whose output carries MANAGEMENT_KEY; these tests
+push the key into the places it could slip through.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from db.models import Base
+from fakeapi import FakeOpenRouter
+from keyhygiene import logging as khlog
+from keyhygiene.context import Database
+from keyhygiene.jobs import execute
+from keyhygiene.settings import Settings
+from keysapi.client import KeysClient
+from keysapi.errors import ApiError
+from tests.conftest import MANAGEMENT_KEY
+
+KEY_BODY = MANAGEMENT_KEY.removeprefix("sk-or-v1-")
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    yield stream
+    khlog.clear()
+
+
+def leaks(text: str) -> bool:
+    return MANAGEMENT_KEY in text or KEY_BODY in text
+
+
+def _raise_with_key() -> None:
+    headers = {"Authorization": f"Bearer {MANAGEMENT_KEY}"}  # a local a traceback could show
+    raise RuntimeError(f"the API refused {MANAGEMENT_KEY} ({len(headers)} headers)")
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+@pytest.mark.parametrize("source", ["structlog", "stdlib"])
+def test_an_exception_carrying_the_key_is_logged_without_it(
+    log_stream: io.StringIO, log_format: str, source: str
+) -> None:
+    khlog.configure_logging(log_format, stream=log_stream)
+    khlog.bind(credential=MANAGEMENT_KEY)
+
+    try:
+        _raise_with_key()
+    except RuntimeError:
+        if source == "structlog":
+            khlog.get_logger("test").exception("api_call_failed", key=MANAGEMENT_KEY, nested={"k": [MANAGEMENT_KEY]})
+        else:
+            logging.getLogger("some.library").exception("request with %s failed", MANAGEMENT_KEY)
+
+    output = log_stream.getvalue()
+    assert "the API refused" in output and "RuntimeError" in output  # the traceback is there...
+    assert "[REDACTED]" in output
+    assert not leaks(output)  # ...without the key
+    if log_format == "json":
+        assert all(json.loads(line)["level"] == "error" for line in output.splitlines())
+
+
+def test_a_registered_secret_of_any_shape_is_redacted(log_stream: io.StringIO) -> None:
+    secret = "corp-vault-token-7f3a9c"  # not shaped like an OpenRouter key
+    khlog.register_secret(secret)
+    khlog.configure_logging("json", stream=log_stream)
+
+    khlog.get_logger("test").warning("retrying", url=f"https://proxy.example/?token={secret}")
+
+    assert secret not in log_stream.getvalue()
+    assert "[REDACTED]" in log_stream.getvalue()
+
+
+def test_tracebacks_in_json_logs_carry_no_local_variables(log_stream: io.StringIO) -> None:
+    khlog.configure_logging("json", stream=log_stream)
+
+    def connect() -> None:
+        password = "hunter2-is-not-key-shaped"  # noqa: F841 - the local variable is the point
+        raise ConnectionError("database refused the connection")
+
+    try:
+        connect()
+    except ConnectionError:
+        khlog.get_logger("test").exception("db_failed")
+
+    assert "database refused the connection" in log_stream.getvalue()
+    assert "hunter2" not in log_stream.getvalue()
+
+
+def test_other_log_handlers_receive_the_event_already_redacted(
+    log_stream: io.StringIO, caplog: pytest.LogCaptureFixture
+) -> None:
+    khlog.configure_logging("json", stream=log_stream)
+    logging.getLogger().addHandler(caplog.handler)  # as pytest's own capture, or an operator's handler
+    try:
+        khlog.get_logger("test").info("using_key", key=MANAGEMENT_KEY)
+    finally:
+        logging.getLogger().removeHandler(caplog.handler)
+
+    assert caplog.records
+    assert not leaks(caplog.text + repr([record.msg for record in caplog.records]))
+
+
+def test_errors_never_carry_the_key_even_when_the_api_echoes_it() -> None:
+    # A proxy that echoes the credential into its error body: behaviour the fake API does not
+    # have, so this one test answers at the transport (httpx.MockTransport).
+    def echoing_proxy(request: httpx.Request) -> httpx.Response:
+        message = f"upstream rejected credential {request.headers['Authorization']}"
+        return httpx.Response(400, json={"error": {"code": 400, "message": message}})
+
+    client = KeysClient("http://proxy.invalid/api/v1", MANAGEMENT_KEY, transport=httpx.MockTransport(echoing_proxy))
+    with client, pytest.raises(ApiError) as caught:
+        client.list_keys_page(workspace_id=None, offset=0)
+
+    assert "upstream rejected credential Bearer [REDACTED]" in str(caught.value)
+    assert not leaks(str(caught.value) + repr(caught.value) + repr(client))
+
+
+def _every_stored_value(database: Database) -> str:
+    parts: list[str] = []
+    with database.engine.connect() as connection:
+        for table in Base.metadata.sorted_tables:
+            for row in connection.execute(select(table)):
+                parts.extend(json.dumps(value, default=str) for value in row)
+    return "\n".join(parts)
+
+
+def test_the_database_never_holds_the_key(
+    database: Database,
+    fake: FakeOpenRouter,
+    fake_url: str,
+    env: dict[str, str],
+    cli,
+    rules_file,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KEYHYGIENE_HTTP_RETRY_SECONDS", "0.3")
+    for index in range(120):
+        fake.add_key(f"key-{index}", disabled=index % 7 == 0)
+    fake.add_regular_key(hash=fake.keys[0]["hash"])
+    rules_file(
+        "[safety]\ndry_run = false\nmax_action_percent = 100\nmax_actions_per_run = 500\n\n"
+        '[[rule]]\nname = "off"\nmatch = "unused"\nidle_for = "1d"\naction = "disable"\n'
+    )
+    assert cli("sync").exit_code == 0
+    assert cli("run").exit_code in (0, 3)
+    fake.faults.server_error(10_000, status=503, retry_after=0.01, path="/keys")
+    failed = cli("sync")
+    assert failed.exit_code == 1
+
+    # A sync that failed on an API echoing the key stores its error too.
+    def echoing_proxy(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/workspaces"):
+            return httpx.Response(200, json={"data": [], "total_count": 0})
+        return httpx.Response(400, json={"error": {"code": 400, "message": request.headers["Authorization"]}})
+
+    settings = Settings(_env_file=None, OPENROUTER_MANAGEMENT_KEY=MANAGEMENT_KEY)  # type: ignore[call-arg]
+    with KeysClient(fake_url, MANAGEMENT_KEY, transport=httpx.MockTransport(echoing_proxy)) as client:
+        outcome = execute("sync", settings, database=database, client=client)
+    assert outcome.exit_code == 1
+    assert not leaks(outcome.message)
+
+    stored = _every_stored_value(database)
+    assert "key-119" in stored and "[REDACTED]" in stored  # the scan sees the rows and the error
+    assert not leaks(stored)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="keyhygiene/jobs.py stores an unexpected error's message in runs.error without redact_text",
+)
+def test_an_unexpected_error_carrying_the_key_is_not_stored(
+    database: Database, fake: FakeOpenRouter, env: dict[str, str], cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: Any, **__: Any) -> None:  # a bug somewhere below the job, quoting the key
+        raise RuntimeError(f"cannot use {MANAGEMENT_KEY}")
+
+    monkeypatch.setattr(KeysClient, "list_all_keys", broken)
+
+    result = cli("sync")
+
+    assert result.exit_code == 1
+    assert not leaks(_every_stored_value(database))
