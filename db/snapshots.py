@@ -156,8 +156,11 @@ def record_snapshot(
 
     for ids in _chunks(to_close):
         session.execute(update(KeyState).where(KeyState.id.in_(ids)).values(valid_to=snapshot_id))
+    # render_nulls: without it the ORM leaves None columns out of each row's INSERT, so rows with
+    # different nullable fields cannot share a statement and are sent one by one (~10x slower).
+    bulk_insert = insert(KeyState).execution_options(render_nulls=True)
     for rows in _chunks(to_insert, 2000):
-        session.execute(insert(KeyState), list(rows))
+        session.execute(bulk_insert, list(rows))
     session.execute(
         update(Snapshot)
         .where(Snapshot.id == snapshot_id)
