@@ -208,7 +208,9 @@ def versioned_store(
     backend: str, url: str, size: Callable[[Engine], int], syncs: list[dict[str, Key]]
 ) -> list[StoreRun]:
     engine = make_engine(url)
-    database = Database(engine=engine, sessions=make_session_factory(engine))
+    database = Database(
+        engine=engine, sessions=make_session_factory(engine), writer=make_session_factory(engine, writer=True)
+    )
     upgrade(engine)
     results = []
     try:

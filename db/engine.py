@@ -9,6 +9,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_BEGIN = "keyhygiene_sqlite_begin"
 
 
 def make_engine(url: URL | str, **kwargs: Any) -> Engine:
@@ -30,11 +31,15 @@ def make_engine(url: URL | str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(connection: Any) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the write lock up front (IMMEDIATE), so a read-then-write transaction
+            # waits for the busy timeout instead of failing; readers stay DEFERRED and never
+            # hold up a sync in WAL mode.
+            connection.exec_driver_sql(f"BEGIN {connection.get_execution_options().get(SQLITE_BEGIN, 'DEFERRED')}")
 
     return engine
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    """Sessions that keep loaded objects usable after commit."""
-    return sessionmaker(engine, expire_on_commit=False)
+def make_session_factory(engine: Engine, *, writer: bool = False) -> sessionmaker[Session]:
+    """Sessions that keep loaded objects usable after commit; ``writer`` sessions lock SQLite up front."""
+    bind = engine.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"}) if writer else engine
+    return sessionmaker(bind, expire_on_commit=False)

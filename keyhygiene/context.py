@@ -29,10 +29,12 @@ def describe_db_error(error: BaseException) -> str:
 
 @dataclass
 class Database:
-    """The engine and session factory of one process."""
+    """The engine and session factories of one process: ``sessions`` for reading, ``writer`` for
+    transactions that write (see :func:`session_scope`)."""
 
     engine: Engine
     sessions: sessionmaker[Session]
+    writer: sessionmaker[Session]
 
     @classmethod
     def open(cls, settings: Settings, *, check: bool = True) -> Database:
@@ -42,7 +44,9 @@ class Database:
         except (ArgumentError, ImportError) as exc:
             # A driver that is not installed or does not exist: the setting is wrong, not the database.
             raise UsageError(f"KEYHYGIENE_DATABASE_URL cannot be used: {exc}") from None
-        database = cls(engine=engine, sessions=make_session_factory(engine))
+        database = cls(
+            engine=engine, sessions=make_session_factory(engine), writer=make_session_factory(engine, writer=True)
+        )
         if check:
             try:
                 check_schema(engine)
@@ -112,6 +116,6 @@ def verify_management_key(client: KeysClient) -> None:
 
 @contextmanager
 def session_scope(database: Database) -> Iterator[Session]:
-    """A session whose transaction commits on success and rolls back on any error."""
-    with database.sessions() as session, session.begin():
+    """A writing session whose transaction commits on success and rolls back on any error."""
+    with database.writer() as session, session.begin():
         yield session

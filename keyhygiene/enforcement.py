@@ -304,6 +304,12 @@ def execute_decision(
     try:
         _apply(client, decision)
     except NotFound:
+        if decision.action == "delete":
+            # The key existed a moment ago: a retried DELETE whose first answer was lost ends here.
+            reason = "the key is gone: DELETE answered 404 (an earlier attempt of the same request removed it)"
+            _complete(database, action_id, outcome=audit.DONE, now=stamp(), reason=reason)
+            _event(decision, run_id=run_id, dry_run=False, outcome=audit.DONE, reason=reason)
+            return audit.DONE
         _complete(database, action_id, outcome=audit.SKIPPED, now=stamp(), reason="already gone (404)")
         _event(decision, run_id=run_id, dry_run=False, outcome=audit.SKIPPED, reason="already gone")
         return audit.SKIPPED

@@ -102,7 +102,7 @@ def _finish(database: Database, outcome: JobOutcome, now: datetime, dry_run: boo
                 outcome.run_id,
                 status=outcome.status,
                 now=now,
-                error=None if outcome.status == runs.COMPLETE else outcome.message,
+                error=None if outcome.status == runs.COMPLETE else khlog.redact_text(outcome.message),
                 summary=outcome.summary or None,
                 dry_run=dry_run,
             )

@@ -423,3 +423,20 @@ def test_a_garbled_answer_is_settled_from_the_fresh_state(
     row = next(a for a in _actions(ready) if org.name_of(a.key_hash) == "dev-idle")
     assert row.outcome == "done"
     assert "fresh state shows the change was made" in (row.reason or "")
+
+
+def test_a_delete_whose_answer_was_lost_is_recorded_as_done(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules())
+    # The DELETE takes effect but the connection drops before the answer: the client retries and
+    # gets 404. The key is gone because of us, and the audit says so.
+    org.fake.faults.drop_connection(1, after_processing=True, method="DELETE")
+
+    result = cli("run")
+
+    assert result.exit_code == 0, result.stderr
+    assert org.fake.get(org.hashes["dev-expired-old"]) is None
+    row = next(a for a in _actions(ready) if org.name_of(a.key_hash) == "dev-expired-old")
+    assert (row.action, row.outcome) == ("delete", "done")
+    assert "404" in (row.reason or "")

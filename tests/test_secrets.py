@@ -174,10 +174,6 @@ def test_the_database_never_holds_the_key(
     assert not leaks(stored)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="keyhygiene/jobs.py stores an unexpected error's message in runs.error without redact_text",
-)
 def test_an_unexpected_error_carrying_the_key_is_not_stored(
     database: Database, fake: FakeOpenRouter, env: dict[str, str], cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
