@@ -249,12 +249,13 @@ def rules_check(file: str | None) -> None:
 
 
 @cli.command()
-@click.argument("kind", type=click.Choice(REPORT_KINDS))
+@click.argument("kind", type=click.Choice(REPORT_KINDS), metavar="KIND")
 @click.option(
     "--since",
     callback=_duration_option,
     metavar="DURATION",
-    help="Period to cover, e.g. 30d (spend, actions, trends; default depends on the report).",
+    help="Period to cover, e.g. 30d (spend, actions, trends, html: default 30d); idle: the shortest idleness "
+    "listed (default 7d).",
 )
 @click.option(
     "--at",
@@ -268,6 +269,13 @@ def rules_check(file: str | None) -> None:
     "--workspace", "workspaces", multiple=True, metavar="ID", help="Only keys of this workspace (repeatable)."
 )
 @click.option("--name", metavar="GLOB", help="Only keys whose name matches this pattern, e.g. 'dev-*'.")
+@click.option(
+    "--by",
+    type=click.Choice(["key", "workspace", "day"]),
+    default="key",
+    show_default=True,
+    help="spend: one row per key, per workspace or per UTC day.",
+)
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), help="html: the file to write.")
 @pass_state
 def report(
@@ -278,34 +286,47 @@ def report(
     fmt: str,
     workspaces: tuple[str, ...],
     name: str | None,
+    by: str,
     out: str | None,
 ) -> None:
-    """Historical reports from the snapshots: inventory, spend, actions, idle, trends, html."""
+    """Historical reports from the snapshots: inventory, spend, actions, idle, trends, html.
+
+    \b
+    inventory  every key at the newest snapshot, or as of --at
+    spend      spend over --since (default 30d) per key, workspace or day (--by)
+    actions    the audit log over --since (default 30d)
+    idle       keys with no new use for --since (default 7d), and when a rule acts on them
+    trends     per day: keys by state, idle 30d+, and spend
+    html       one self-contained HTML file with charts of all of the above (--out FILE)
+    """
     from .context import Database
     from .reports import ReportError, ReportParams, builders, table_columns
     from .reports.render import render
 
+    if kind == "html" and out is None:
+        raise click.UsageError("report html needs --out FILE")
     settings = state.settings
     ruleset = _optional_ruleset(settings) if kind in ("idle", "html") else None
-    params = ReportParams(now=utcnow(), since=since, at=at, workspaces=workspaces, name=name, ruleset=ruleset)
+    params = ReportParams(now=utcnow(), since=since, at=at, workspaces=workspaces, name=name, ruleset=ruleset, by=by)
     database = Database.open(settings)
     try:
         with database.sessions() as session:
-            if kind == "html":
-                if out is None:
-                    raise click.UsageError("report html needs --out FILE")
-                from .reports.html import write_html
-
-                write_html(session, params, out)
-                click.echo(f"wrote {out}")
-                return
-            builder = builders().get(kind)
-            if builder is None:
-                fail(f"report {kind!r} is not available in this version", EXIT_USAGE)
             try:
+                if kind == "html":
+                    from .reports.html import write_html
+
+                    assert out is not None
+                    write_html(session, params, out)
+                    click.echo(f"wrote {out}")
+                    return
+                builder = builders().get(kind)
+                if builder is None:
+                    fail(f"report {kind!r} is not available in this version", EXIT_USAGE)
                 result = builder(session, params)
             except ReportError as exc:
-                fail(str(exc))
+                fail(str(exc), exc.exit_code)
+            except OSError as exc:
+                fail(f"cannot write {out}: {exc.strerror or exc}")
     finally:
         database.close()
     render(result, fmt, Console(soft_wrap=False), table_columns=table_columns(kind))

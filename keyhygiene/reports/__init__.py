@@ -9,13 +9,28 @@ __all__ = ["Report", "ReportBuilder", "ReportError", "ReportParams", "builders",
 
 def builders() -> dict[str, ReportBuilder]:
     """Report kind → builder. ``html`` is not here: it writes a file (see keyhygiene.reports.html)."""
-    from . import inventory
+    from . import actions, idle, inventory, spend, trends
 
-    return {"inventory": inventory.build}
+    return {
+        "inventory": inventory.build,
+        "spend": spend.build,
+        "actions": actions.build,
+        "idle": idle.build,
+        "trends": trends.build,
+    }
 
 
 def table_columns(kind: str) -> list[str] | None:
-    """The narrower column set a report shows in a terminal table, if it has one."""
-    from . import inventory
+    """The narrower column set a report shows in a terminal table, if it has one.
 
-    return {"inventory": inventory.TABLE_COLUMNS}.get(kind)
+    Reports also carry their own (``Report.table_columns``), which is what the table uses when this
+    gives None; spend has none here because its columns depend on ``--by``.
+    """
+    from . import actions, idle, inventory, trends
+
+    return {
+        "inventory": inventory.TABLE_COLUMNS,
+        "actions": actions.TABLE_COLUMNS,
+        "idle": idle.TABLE_COLUMNS,
+        "trends": trends.TABLE_COLUMNS,
+    }.get(kind)

@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from fnmatch import fnmatchcase
 from typing import Any
 
 from sqlalchemy.orm import Session
 
+from db import snapshots
+from db.models import Snapshot
+from keyhygiene.errors import EXIT_FAILURE, EXIT_USAGE
+from keyhygiene.timeutil import isoformat
 from rules import RuleSet
+
+NO_SNAPSHOT = "there is no complete snapshot yet: run `keyhygiene sync` first"
 
 
 class ReportError(ValueError):
-    """A report that cannot be made from what is stored (no snapshot yet, --at too early...)."""
+    """A report that cannot be made from what is stored (no snapshot yet, --at too early...).
+
+    ``exit_code`` is the interface's: 1 when the store cannot answer, 2 when the request itself is
+    wrong (an --at in the future).
+    """
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True, slots=True)
 class ReportParams:
-    """The options of ``keyhygiene report``."""
+    """The options of ``keyhygiene report``.
+
+    ``by`` groups the spend report: ``key`` (default), ``workspace`` or ``day``.
+    """
 
     now: datetime
     since: timedelta | None = None
@@ -27,6 +44,7 @@ class ReportParams:
     workspaces: tuple[str, ...] = ()
     name: str | None = None
     ruleset: RuleSet | None = None
+    by: str = "key"
 
     def wants(self, *, name: str, workspace_id: str | None) -> bool:
         """Whether a key passes the --workspace and --name filters."""
@@ -34,18 +52,60 @@ class ReportParams:
             return False
         return self.name is None or fnmatchcase(name, self.name)
 
+    @property
+    def as_of(self) -> datetime:
+        """The end of what the report covers: --at, or now."""
+        return self.at or self.now
+
     def period_start(self, default: timedelta) -> datetime:
-        return (self.at or self.now) - (self.since or default)
+        return self.as_of - (default if self.since is None else self.since)
 
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    """Columns in display order and one dict per row (JSON-able values)."""
+    """Columns in display order and one dict per row (JSON-able values).
+
+    The rest only shapes the terminal table: the narrower column set, shorter headers, and shorter
+    times (``strftime`` formats by column; others show as ``YYYY-MM-DD HH:MM``).
+    """
 
     title: str
     columns: Sequence[str]
     rows: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    table_columns: Sequence[str] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    time_formats: Mapping[str, str] = field(default_factory=dict)
 
 
 ReportBuilder = Callable[[Session, ReportParams], Report]
+
+
+def check_at(params: ReportParams) -> None:
+    """Refuse an --at later than now: a report covers what was stored, not the future."""
+    if params.at is not None and params.at > params.now:
+        raise ReportError(f"--at {isoformat(params.at)} is in the future (now is {isoformat(params.now)})", EXIT_USAGE)
+
+
+def snapshot_for(session: Session, params: ReportParams) -> Snapshot:
+    """The newest complete snapshot at or before --at (or the newest of all), or a ReportError saying why not."""
+    check_at(params)
+    snapshot = snapshots.latest_snapshot(session, at=params.at)
+    if snapshot is None:
+        first = snapshots.first_snapshot(session)
+        if first is None:
+            raise ReportError(NO_SNAPSHOT)
+        raise ReportError(
+            f"--at {isoformat(params.at)} is before the first stored snapshot ({isoformat(first.taken_at)})"
+        )
+    return snapshot
+
+
+def day_start(day: date) -> datetime:
+    return datetime.combine(day, time(0), tzinfo=UTC)
+
+
+def usd(value: float) -> float:
+    """Money as reports print it: rounded to the micro-dollar, so float noise never shows."""
+    rounded = round(value, 6)
+    return 0.0 if rounded == 0 else rounded

@@ -5,9 +5,8 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from db import snapshots
-from keyhygiene.timeutil import isoformat
 
-from .base import Report, ReportError, ReportParams
+from .base import Report, ReportParams, snapshot_for
 
 COLUMNS = [
     "key_hash",
@@ -38,15 +37,18 @@ TABLE_COLUMNS = [
     "usage_monthly",
     "last_used_at",
 ]
+HEADERS = {
+    "key_hash": "key",
+    "disabled": "off",
+    "expired": "expired",
+    "limit_remaining": "limit left",
+    "usage_monthly": "this month",
+    "last_used_at": "last used",
+}
 
 
 def build(session: Session, params: ReportParams) -> Report:
-    snapshot = snapshots.latest_snapshot(session, at=params.at)
-    if snapshot is None:
-        first = snapshots.first_snapshot(session)
-        if first is None:
-            raise ReportError("no snapshot yet: run `keyhygiene sync` first")
-        raise ReportError(f"--at {isoformat(params.at)} is before the first snapshot ({isoformat(first.taken_at)})")
+    snapshot = snapshot_for(session, params)
     as_of = snapshot.taken_at
     assert as_of is not None
     rows = []
@@ -76,5 +78,12 @@ def build(session: Session, params: ReportParams) -> Report:
             }
         )
     rows.sort(key=lambda row: (row["workspace_id"] or "", row["name"], row["key_hash"]))
-    title = f"Inventory at snapshot {snapshot.id} ({isoformat(as_of)}): {len(rows)} keys"
-    return Report(title=title, columns=COLUMNS, rows=rows)
+    title = f"Inventory at snapshot {snapshot.id} ({as_of:%Y-%m-%d %H:%M} UTC): {len(rows)} keys"
+    return Report(
+        title=title,
+        columns=COLUMNS,
+        rows=rows,
+        table_columns=TABLE_COLUMNS,
+        headers=HEADERS,
+        time_formats=dict.fromkeys(("last_used_at", "created_at", "expires_at"), "%Y-%m-%d"),
+    )

@@ -1,0 +1,395 @@
+"""``keyhygiene demo``: the whole product in under a minute, with no account, broker or network.
+
+It starts the built-in fake OpenRouter API on loopback with a realistic organisation, simulates
+weeks of daily syncs while the keys are used (some stop, some are created, a few are deleted),
+runs a dry-run enforcement, prints the plan and a short report, and writes the HTML report. The
+simulated clock ends at the real now, so ``keyhygiene report ...`` against the demo database lines
+up with it afterwards. Everything lives in one directory (``./keyhygiene-demo`` by default).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from db.migrate import upgrade
+from fakeapi import FakeOpenRouter, FakeServer, generate_organisation
+from rules import Decision, load_rules
+
+from . import logging as khlog
+from .context import Database, open_client
+from .errors import EXIT_FAILURE, EXIT_OK
+from .jobs import execute
+from .reports import ReportParams
+from .reports import idle as idle_report
+from .reports.base import Report, usd
+from .reports.html import write_html
+from .reports.render import print_table
+from .reports.spend import compute_spend
+from .settings import load_settings
+from .timeutil import utcnow
+
+DEFAULT_DIRECTORY = "keyhygiene-demo"
+DAY = timedelta(days=1)
+
+DEMO_RULES = """\
+# The keyhygiene demo's rules. dry_run = true: enforcement plans and records, and changes nothing.
+[safety]
+dry_run = true
+# Demo only: a real organisation keeps these tight (the defaults are 50 changes and 10% of keys).
+max_actions_per_run = 1000
+max_action_percent = 60
+protect_names = ["prod-*"]       # never touched, whatever a rule says
+
+[[rule]]
+name = "delete-expired"
+match = "expired"
+action = "delete"
+grace = "7d"                     # disabled first, deleted once it has been disabled for 7 days
+
+[[rule]]
+name = "disable-idle"
+match = "unused"
+idle_for = "30d"
+action = "disable"
+
+[[rule]]
+name = "disable-overspend"
+match = "over_budget"
+window = "monthly"
+threshold_usd = 100.0
+action = "disable"
+reenable = true                  # re-enabled when the month resets
+"""
+
+_PEOPLE = ("alice", "bob", "carol", "dmitri", "erin", "farah", "gus", "hana", "ivan", "julia", "kofi", "li")
+_DEVICES = ("laptop", "desktop", "sandbox", "notebook", "vm")
+_ACTION_ORDER = {"delete": 0, "disable": 1, "enable": 2, "report": 3}
+
+
+@dataclass
+class _Spender:
+    """How one key is used during the simulation."""
+
+    key_hash: str
+    rate: float  # USD per active day
+    chance: float  # probability of use on a given day
+    byok_share: float
+    stops_on: int | None  # the day it falls idle, if it does
+
+
+@dataclass
+class _Simulation:
+    fake: FakeOpenRouter
+    rng: random.Random
+    start: datetime
+    days: int
+    spenders: dict[str, _Spender] = field(default_factory=dict)
+    created: int = 0
+    deleted: int = 0
+
+    def spender(self, key_hash: str, *, heavy: bool = False, stops: bool = True) -> None:
+        rng = self.rng
+        stops_on = rng.randrange(1, self.days) if stops and self.days > 1 and rng.random() < 0.12 else None
+        self.spenders[key_hash] = _Spender(
+            key_hash,
+            rate=rng.uniform(6.0, 9.0) if heavy else rng.lognormvariate(-0.8, 1.1),
+            chance=1.0 if heavy else rng.uniform(0.35, 0.95),
+            byok_share=rng.uniform(0.1, 0.6) if rng.random() < 0.15 else 0.0,
+            stops_on=stops_on,
+        )
+
+    def use(self, day: int, begin: datetime, end: datetime) -> None:
+        """Record the day's use of every active key between ``begin`` and ``end``."""
+        rng, fake = self.rng, self.fake
+        for spender in list(self.spenders.values()):
+            if spender.stops_on is not None and day >= spender.stops_on:
+                continue
+            key = fake.get(spender.key_hash)
+            if key is None or key["disabled"] or _expired(key, begin):
+                continue
+            if rng.random() > spender.chance:
+                continue
+            at = begin + (end - begin) * rng.random()
+            spend = round(spender.rate * rng.lognormvariate(0, 0.35), 4)
+            byok = round(spend * spender.byok_share, 4)
+            fake.set_clock(at)
+            fake.record_use(spender.key_hash, spend - byok, byok, at=at)
+
+    def churn(self, day: int, at: datetime) -> None:
+        """New keys now and then, and an occasional clean-up by a person."""
+        rng, fake = self.rng, self.fake
+        fake.set_clock(at)
+        if rng.random() < 0.35:
+            name = (
+                f"dev-{rng.choice(_PEOPLE)}-{rng.choice(_DEVICES)}"
+                if rng.random() < 0.6
+                else f"ci-runner-{rng.randint(61, 99)}"
+            )
+            key = fake.add_key(name, workspace_id=rng.choice([w["id"] for w in fake.workspaces]), created_at=at)
+            self.spender(key["hash"])
+            self.created += 1
+        if rng.random() < 0.15:
+            idle = [
+                k for k in fake.keys if k["hash"] not in self.spenders and not k["name"].startswith(("prod-", "demo"))
+            ]
+            if idle:
+                fake.delete_key(rng.choice(idle)["hash"])
+                self.deleted += 1
+
+
+def _expired(key: dict[str, Any], at: datetime) -> bool:
+    expires = key.get("expires_at")
+    return expires is not None and datetime.fromisoformat(expires.replace("Z", "+00:00")) <= at
+
+
+def _hand_made_keys(sim: _Simulation, end: datetime) -> None:
+    """A few keys that show every rule at work (and one that no rule may touch)."""
+    fake, start = sim.fake, sim.start
+    fake.set_clock(start - timedelta(hours=1))
+    fake.add_key(
+        "dev-old-laptop",
+        created_at=start - 120 * DAY,
+        usage=14.2,
+        last_used_at=end - 25 * DAY,
+        expires_at=end - 20 * DAY,
+    )
+    fake.add_key("ci-runner-legacy", created_at=start - 300 * DAY, usage=12.3, last_used_at=start - 60 * DAY)
+    fake.add_key(
+        "dev-alice-old-sandbox",
+        created_at=start - 200 * DAY,
+        usage=3.1,
+        disabled=True,
+        updated_at=start - 2 * DAY,
+        last_used_at=start - 90 * DAY,
+        expires_at=start - 3 * DAY,
+    )
+    fake.add_key(
+        "prod-payments-1",
+        created_at=start - 400 * DAY,
+        usage=880.0,
+        last_used_at=start - 45 * DAY,
+        expires_at=end - 10 * DAY,
+    )
+    overspend = fake.add_key("svc-batch-overspend", created_at=start - 30 * DAY, usage=40.0, last_used_at=start)
+    sim.spender(overspend["hash"], heavy=True, stops=False)
+
+
+def _why(evidence: dict[str, Any]) -> str:
+    match = evidence.get("match")
+    if match == "expired":
+        why = f"expired {str(evidence.get('expires_at', ''))[:10]}"
+        if evidence.get("step") == "delete-after-grace":
+            why = f"disabled {float(evidence.get('disabled_days', 0)):.0f} days"
+    elif match == "unused":
+        why = f"idle {float(evidence.get('idle_days', 0)):.0f} days"
+    elif match == "over_budget":
+        why = f"${float(evidence.get('window_spend_usd', 0)):,.2f} {evidence.get('window', '')}"
+    else:
+        why = ""
+    return why
+
+
+def _plan_rows(decisions: list[Decision], *, per_group: int = 4) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """A few examples of each (action, rule), strongest first, and how many there are of each."""
+    counts: Counter[str] = Counter()
+    rows = []
+    for decision in sorted(decisions, key=lambda d: (_ACTION_ORDER.get(d.action, 9), d.rule, d.key_name)):
+        group = f"{decision.action} by {decision.rule}"
+        counts[group] += 1
+        if counts[group] <= per_group:
+            rows.append(
+                {
+                    "action": decision.action,
+                    "rule": decision.rule,
+                    "name": decision.key_name,
+                    "why": _why(dict(decision.evidence)),
+                }
+            )
+    return rows, counts
+
+
+def run_demo(
+    *,
+    directory: str | None = None,
+    days: int = 42,
+    keys: int = 300,
+    seed: int = 7,
+    now: datetime | None = None,
+    console: Console | None = None,
+) -> int:
+    """Run the demo; returns the exit code. ``now`` (default: the real now) is when the simulation ends."""
+    console = console or Console()
+    khlog.configure_logging("console", level=logging.WARNING)
+    began = time.monotonic()
+    end = (now or utcnow()).astimezone(UTC)
+    start = end - (days - 1) * DAY
+
+    folder = Path(directory or DEFAULT_DIRECTORY)
+    folder.mkdir(parents=True, exist_ok=True)
+    db_path, rules_path, html_path = folder / "keyhygiene.db", folder / "keyhygiene.toml", folder / "report.html"
+    replaced = db_path.exists()
+    for stale in (db_path, folder / "keyhygiene.db-wal", folder / "keyhygiene.db-shm"):
+        stale.unlink(missing_ok=True)
+    rules_path.write_text(DEMO_RULES)
+
+    fake = FakeOpenRouter(seed=seed)
+    rng = random.Random(seed)
+    workspaces = 4
+    generate_organisation(fake, keys=keys, workspaces=workspaces, seed=seed, now=start - timedelta(hours=1))
+    sim = _Simulation(fake=fake, rng=rng, start=start, days=days)
+    for key in fake.keys:
+        last_used = key.get("last_used_at")
+        recent = last_used is not None and datetime.fromisoformat(last_used.replace("Z", "+00:00")) > start - 30 * DAY
+        if recent and not key["disabled"]:
+            sim.spender(key["hash"])
+    _hand_made_keys(sim, end)
+
+    console.print(
+        f"[bold]keyhygiene demo[/bold]: a fake OpenRouter organisation with {len(fake.keys)} keys in "
+        f"{workspaces} workspaces, {days} days of daily snapshots, on SQLite; no account, broker or network."
+    )
+    with FakeServer(fake) as server:
+        settings = load_settings(
+            _env_file=None,
+            OPENROUTER_MANAGEMENT_KEY=fake.management_key,
+            OPENROUTER_BASE_URL=server.base_url,
+            KEYHYGIENE_DATABASE_URL=f"sqlite:///{db_path}",
+            KEYHYGIENE_RULES_FILE=str(rules_path),
+            KEYHYGIENE_LOG_FORMAT="console",
+        )
+        database = Database.open(settings, check=False)
+        try:
+            upgrade(database.engine)
+            client = open_client(settings)
+            try:
+                for day in range(days):
+                    moment = start + day * DAY
+
+                    def at_moment(moment: datetime = moment) -> datetime:
+                        return moment
+
+                    if day:
+                        sim.churn(day, moment - timedelta(hours=12))
+                        sim.use(day, moment - DAY, moment - timedelta(minutes=1))
+                    if day == days - 1:
+                        _overspend_today(fake, end)
+                    fake.set_clock(moment)
+                    outcome = execute("sync", settings, clock=at_moment, database=database, client=client)
+                    if outcome.exit_code != EXIT_OK:
+                        console.print(f"[red]sync of simulated day {day + 1} failed:[/red] {outcome.message}")
+                        return EXIT_FAILURE
+                fake.set_clock(end)
+                enforced = execute(
+                    "enforce", settings, dry_run=True, clock=lambda: end, database=database, client=client
+                )
+            finally:
+                client.close()
+            if enforced.enforcement is None:
+                console.print(f"[red]the dry-run enforcement did not run:[/red] {enforced.message}")
+                return enforced.exit_code or EXIT_FAILURE
+            console.print(
+                f"Simulated {days} days: {sim.created} keys created and {sim.deleted} deleted along the way; "
+                f"{len(fake.keys)} keys now.\n"
+            )
+            ruleset = load_rules(rules_path)
+            decisions = list(enforced.enforcement.decisions)
+            rows, counts = _plan_rows(decisions)
+            print_table(
+                Report(
+                    title=f"The plan (dry run: nothing was changed): {len(decisions)} keys of "
+                    f"{enforced.enforcement.total_keys}, a few of each kind",
+                    columns=["action", "rule", "name", "why"],
+                    rows=rows,
+                    notes=[
+                        "In all: " + "; ".join(f"{group} {n}" for group, n in counts.items()),
+                        "prod-* keys are protected (protect_names): prod-payments-1 is expired and idle, "
+                        "and no rule touches it. The whole plan: keyhygiene plan",
+                    ],
+                ),
+                console,
+            )
+            params = ReportParams(now=end, since=timedelta(days=min(days, 30)), ruleset=ruleset)
+            names = {workspace["id"]: workspace["name"] for workspace in fake.workspaces}
+            with database.sessions() as session:
+                _summary(console, session, params, names)
+                write_html(session, replace(params, since=timedelta(days=days)), html_path)
+        finally:
+            database.close()
+
+    url = f"sqlite:///{db_path}"
+    width = max(len(str(path)) for path in (db_path, rules_path, html_path))
+    console.print(
+        f"\n[bold]Done in {time.monotonic() - began:.1f}s.[/bold] Everything is in {folder}/"
+        + (" (the previous demo database was replaced)" if replaced else "")
+        + ":\n"
+        + "".join(
+            f"  {path!s:<{width}}  {what}\n"
+            for path, what in (
+                (db_path, "snapshots and the audit log (SQLite)"),
+                (rules_path, "the demo rules (dry run)"),
+                (html_path, "the HTML report: open it in a browser"),
+            )
+        )
+        + "\n"
+        "Explore further:\n"
+        f"  export KEYHYGIENE_DATABASE_URL={url} KEYHYGIENE_RULES_FILE={rules_path}\n"
+        "  keyhygiene report spend --by workspace\n"
+        "  keyhygiene report idle\n"
+        "  keyhygiene report trends --since 14d\n"
+        "  keyhygiene report actions\n"
+        "  keyhygiene plan",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return EXIT_OK
+
+
+def _overspend_today(fake: FakeOpenRouter, end: datetime) -> None:
+    """A burst on the last day, inside the current UTC day (so inside this month, whatever the date)."""
+    key = next(k for k in fake.keys if k["name"] == "svc-batch-overspend")
+    today = end.replace(hour=0, minute=0, second=0, microsecond=0)
+    at = max(end - timedelta(minutes=10), today)
+    fake.set_clock(at)
+    fake.record_use(key["hash"], 150.0, at=at)
+
+
+def _summary(console: Console, session: Any, params: ReportParams, names: dict[str, str]) -> None:
+    figures = compute_spend(session, params)
+    top = sorted(figures.keys.values(), key=lambda item: -item.total)[:5]
+    by_workspace: dict[str, float] = {}
+    for item in figures.keys.values():
+        name = names.get(item.workspace_id or "", item.workspace_id or "-")
+        by_workspace[name] = by_workspace.get(name, 0.0) + item.total
+    days = int((params.since or DAY).total_seconds() // 86400)
+    print_table(
+        Report(
+            title=f"Spend over the last {days} days: ${usd(figures.total):,.2f}; the top keys",
+            columns=["name", "total"],
+            rows=[{"name": item.name, "total": usd(item.total)} for item in top],
+            notes=[
+                "By workspace: "
+                + ", ".join(
+                    f"{name} ${total:,.2f}" for name, total in sorted(by_workspace.items(), key=lambda i: -i[1])
+                )
+            ],
+        ),
+        console,
+    )
+    idle = idle_report.build(session, replace(params, since=timedelta(days=30))).rows
+    coming = idle_report.upcoming_actions(session, params)
+    due = {row["key_hash"] for row in coming if row["acts_on"] <= params.as_of}
+    soon = {row["key_hash"] for row in coming if row["acts_on"] <= params.as_of + timedelta(days=7)} - due
+    console.print(
+        f"\n{len(idle)} keys have had no new use for 30 days or more. Rules act on {len(due)} keys at the next "
+        f"run and on {len(soon)} more within 7 days if nothing changes (see the HTML report).",
+        highlight=False,
+    )

@@ -1,0 +1,72 @@
+"""``report actions``: the audit log over a period: what was planned or done to which key, by which
+rule, on what evidence, and how it ended."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy.orm import Session
+
+from db import audit
+
+from .base import Report, ReportParams, snapshot_for
+
+DEFAULT_PERIOD = timedelta(days=30)
+
+COLUMNS = [
+    "time",
+    "run_id",
+    "key_hash",
+    "key_name",
+    "workspace_id",
+    "rule",
+    "rules",
+    "action",
+    "dry_run",
+    "outcome",
+    "reason",
+    "error",
+    "evidence",
+]
+TABLE_COLUMNS = ["time", "key_name", "rule", "action", "dry_run", "outcome"]
+
+
+def build(session: Session, params: ReportParams) -> Report:
+    snapshot_for(session, params)  # an empty store, or --at before the first snapshot: say so
+    end = params.as_of
+    start = params.period_start(DEFAULT_PERIOD)
+    rows = []
+    for action in audit.actions_since(session, since=start, until=end):
+        if not params.wants(name=action.key_name, workspace_id=action.workspace_id):
+            continue
+        rows.append(
+            {
+                "time": action.created_at,
+                "run_id": action.run_id,
+                "key_hash": action.key_hash,
+                "key_name": action.key_name,
+                "workspace_id": action.workspace_id,
+                "rule": action.rule,
+                "rules": list(action.rules),
+                "action": action.action,
+                "dry_run": action.dry_run,
+                "outcome": action.outcome,
+                "reason": action.reason,
+                "error": action.error,
+                "evidence": dict(action.evidence),
+            }
+        )
+    outcomes: dict[str, int] = {}
+    for row in rows:
+        outcome = str(row["outcome"])
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    counted = ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
+    title = f"Audit log, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC: {len(rows)} records"
+    return Report(
+        title=title + (f" ({counted})" if counted else ""),
+        columns=COLUMNS,
+        rows=rows,
+        table_columns=TABLE_COLUMNS,
+        headers={"key_name": "key", "dry_run": "dry"},
+        time_formats={"time": "%m-%d %H:%M"},
+    )

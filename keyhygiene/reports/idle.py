@@ -1,0 +1,150 @@
+"""``report idle``: keys with no new use, for how long, and when a configured rule will act on them.
+
+Read at the newest snapshot (or the last one at or before --at) and measured to now (or --at).
+A key's idleness is the engine's own (``rules.idle_since``): the latest sign of use from
+``last_used_at`` and from the snapshots' usage history. Keys idle for at least --since (default
+7d) are listed, longest idle first. With a rules file, ``next_action``/``acts_on`` give the first
+thing a rule will do to the key if nothing changes (``rules.upcoming``); ``acts_on`` equal to the
+report time means at the next run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from db import history, snapshots
+from db.models import Snapshot
+from keyhygiene.enforcement import load_histories
+from keysapi.models import Key
+from rules import AuditFacts, KeyHistory, idle_since, is_protected, upcoming
+from rules.model import duration_text
+
+from .base import Report, ReportParams, snapshot_for, usd
+
+DEFAULT_IDLE = timedelta(days=7)
+
+COLUMNS = [
+    "key_hash",
+    "name",
+    "workspace_id",
+    "disabled",
+    "expired",
+    "protected",
+    "idle_since",
+    "idle_days",
+    "last_used_at",
+    "usage",
+    "byok_usage",
+    "next_rule",
+    "next_action",
+    "acts_on",
+]
+TABLE_COLUMNS = ["key_hash", "name", "idle_days", "next_action", "acts_on"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    snapshot: Snapshot
+    keys: list[Key]
+    histories: dict[str, KeyHistory]
+    audits: dict[str, AuditFacts]
+
+
+def _inputs(session: Session, params: ReportParams) -> _Inputs:
+    snapshot = snapshot_for(session, params)
+    audits = {
+        key_hash: AuditFacts(last_change=change.action, last_change_rule=change.rule, last_change_at=change.at)
+        for key_hash, change in history.last_changes_until(session, params.at).items()
+    }
+    keys = [
+        key
+        for key in snapshots.keys_at(session, snapshot.id)
+        if params.wants(name=key.name, workspace_id=key.workspace_id)
+    ]
+    return _Inputs(snapshot, keys, load_histories(session, snapshot.id), audits)
+
+
+def upcoming_actions(session: Session, params: ReportParams) -> list[dict[str, Any]]:
+    """Every rule action coming to any key (not only idle ones), soonest first; empty without rules."""
+    if params.ruleset is None:
+        return []
+    inputs = _inputs(session, params)
+    rows = []
+    for key in inputs.keys:
+        coming = upcoming(
+            key,
+            inputs.histories.get(key.hash, KeyHistory()),
+            inputs.audits.get(key.hash, AuditFacts()),
+            params.ruleset,
+            params.as_of,
+        )
+        for rule, action, when in coming:
+            rows.append(
+                {
+                    "key_hash": key.hash,
+                    "name": key.name,
+                    "workspace_id": key.workspace_id,
+                    "rule": rule,
+                    "action": action,
+                    "acts_on": when,
+                }
+            )
+    rows.sort(key=lambda row: (row["acts_on"], row["name"], row["rule"]))
+    return rows
+
+
+def build(session: Session, params: ReportParams) -> Report:
+    inputs = _inputs(session, params)
+    snapshot = inputs.snapshot
+    as_of = params.as_of
+    minimum = DEFAULT_IDLE if params.since is None else params.since
+    ruleset = params.ruleset
+    rows: list[dict[str, Any]] = []
+    for key in inputs.keys:
+        key_history = inputs.histories.get(key.hash, KeyHistory())
+        since = idle_since(key, key_history)
+        if since is None or as_of - since < minimum:
+            continue
+        next_rule = next_action = acts_on = None
+        protected = False
+        if ruleset is not None:
+            protected = is_protected(key, ruleset.safety)
+            coming = upcoming(key, key_history, inputs.audits.get(key.hash, AuditFacts()), ruleset, as_of)
+            if coming:
+                next_rule, next_action, acts_on = coming[0]
+        rows.append(
+            {
+                "key_hash": key.hash,
+                "name": key.name,
+                "workspace_id": key.workspace_id,
+                "disabled": key.disabled,
+                "expired": key.expires_at is not None and key.expires_at <= as_of,
+                "protected": protected,
+                "idle_since": since,
+                "idle_days": (as_of - since).days,
+                "last_used_at": key.last_used_at,
+                "usage": usd(key.usage),
+                "byok_usage": usd(key.byok_usage),
+                "next_rule": next_rule,
+                "next_action": next_action,
+                "acts_on": acts_on,
+            }
+        )
+    rows.sort(key=lambda row: (-row["idle_days"], row["name"], row["key_hash"]))
+    title = f"Keys idle for {duration_text(minimum)} or more at snapshot {snapshot.id}: {len(rows)}"
+    notes = []
+    if ruleset is None:
+        notes.append("no rules file: when rules would act is not shown (set KEYHYGIENE_RULES_FILE)")
+    return Report(
+        title=title,
+        columns=COLUMNS,
+        rows=rows,
+        notes=notes,
+        table_columns=TABLE_COLUMNS,
+        headers={"key_hash": "key", "idle_days": "idle days", "next_action": "next action", "acts_on": "acts on"},
+        time_formats=dict.fromkeys(("acts_on", "idle_since", "last_used_at"), "%Y-%m-%d"),
+    )

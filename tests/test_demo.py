@@ -1,0 +1,109 @@
+"""The full demo, end to end: the README's first command must work, quickly, with nothing but SQLite."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from rich.console import Console
+from sqlalchemy import select
+
+from db.models import Action
+from keyhygiene.context import Database
+from keyhygiene.demo import run_demo
+from keyhygiene.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """The demo configures logging for its process; put this test process's back afterwards."""
+    root = logging.getLogger()
+    handlers, level, config = list(root.handlers), root.level, structlog.get_config()
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.configure(**config)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No account, no broker, no settings: the demo needs none."""
+    monkeypatch.chdir(tmp_path)
+    for name in (
+        "OPENROUTER_MANAGEMENT_KEY",
+        "OPENROUTER_BASE_URL",
+        "KEYHYGIENE_DATABASE_URL",
+        "KEYHYGIENE_BROKER_URL",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def test_the_full_demo_runs_end_to_end_in_well_under_a_minute(
+    clean_env: Path, cli: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = io.StringIO()
+    began = time.monotonic()
+    code = run_demo(console=Console(file=out, width=80, color_system=None))
+    elapsed = time.monotonic() - began
+    text = out.getvalue()
+    assert code == 0, text
+    assert elapsed < 45, f"the demo took {elapsed:.1f}s"
+
+    folder = clean_env / "keyhygiene-demo"
+    assert {path.name for path in folder.iterdir()} >= {"keyhygiene.db", "keyhygiene.toml", "report.html"}
+    assert "The plan (dry run: nothing was changed)" in text
+    assert "Spend over the last 30 days" in text
+    assert "KEYHYGIENE_DATABASE_URL=sqlite:///keyhygiene-demo/keyhygiene.db" in text
+    assert max(len(line) for line in text.splitlines() if not line.startswith("  export")) <= 80
+    page = (folder / "report.html").read_text()
+    assert page.count('<svg class="chart"') == 5 and "http://" not in page and "https://" not in page
+
+    # The dry-run pass planned something under every rule and never touched a protected key.
+    database = Database.open(Settings(_env_file=None, KEYHYGIENE_DATABASE_URL=f"sqlite:///{folder / 'keyhygiene.db'}"))  # type: ignore[call-arg]
+    try:
+        with database.sessions() as session:
+            audit = list(session.scalars(select(Action)))
+    finally:
+        database.close()
+    assert audit and all(row.dry_run and row.outcome == "planned" for row in audit)
+    assert {(row.rule, row.action) for row in audit} >= {
+        ("delete-expired", "disable"),
+        ("delete-expired", "delete"),
+        ("disable-idle", "disable"),
+        ("disable-overspend", "disable"),
+    }
+    assert not [row for row in audit if row.key_name.startswith("prod-")]
+
+    # The simulated clock ended at the real now: follow-up reports line up without --at.
+    monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", "sqlite:///keyhygiene-demo/keyhygiene.db")
+    monkeypatch.setenv("KEYHYGIENE_RULES_FILE", "keyhygiene-demo/keyhygiene.toml")
+    spend = cli("report", "spend", "--format", "json")
+    assert spend.exit_code == 0, spend.stderr
+    rows = json.loads(spend.stdout)
+    assert len(rows) > 50 and rows[0]["name"] == "svc-batch-overspend"
+    trends = json.loads(cli("report", "trends", "--since", "7d", "--format", "json").stdout)
+    assert len(trends) == 7 and all(250 < row["keys"] < 400 for row in trends)
+    idle = json.loads(cli("report", "idle", "--format", "json").stdout)
+    assert any(row["next_action"] == "disable" for row in idle)
+    actions = json.loads(cli("report", "actions", "--format", "json").stdout)
+    assert len(actions) == len(audit)
+
+
+def test_the_demo_command_in_a_named_directory(clean_env: Path, cli: Callable[..., Any]) -> None:
+    first = cli("demo", "--dir", "somewhere/demo", "--days", "5", "--keys", "40")
+    assert first.exit_code == 0, first.stderr
+    assert "Everything is in somewhere/demo/" in first.stdout
+    assert (clean_env / "somewhere/demo/report.html").exists()
+    # Log lines only at WARNING and above: a quiet demo.
+    assert not [line for line in first.stderr.splitlines() if "[info" in line or '"level": "info"' in line]
+    again = cli("demo", "--dir", "somewhere/demo", "--days", "5", "--keys", "40")
+    assert again.exit_code == 0, again.stderr
+    assert "the previous demo database was replaced" in again.stdout

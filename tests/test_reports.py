@@ -1,0 +1,272 @@
+"""Reports against hand-computed figures on a constructed history, on SQLite and PostgreSQL.
+
+The history (``tests.test_reports_support.build_history``) is made by real syncs of the fake API;
+every expected figure below is worked out from its table by hand, not by running the code.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from fakeapi import FakeOpenRouter
+from keyhygiene.context import Database
+from keyhygiene.reports import ReportError, ReportParams, builders
+from keyhygiene.reports.render import print_table, to_csv, to_json
+from rules import parse_rules
+from tests.test_reports_support import D0, DAY, NOW, RULES, Org, build_history, day, key_hash
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def org(database: Database, fake: FakeOpenRouter, fake_url: str, tmp_path: Path) -> Iterator[Org]:
+    rules = tmp_path / "keyhygiene.toml"
+    rules.write_text(RULES)
+    org = Org(database, fake, fake_url, rules_file=rules)
+    try:
+        build_history(org)
+        yield org
+    finally:
+        org.close()
+
+
+def report(org: Org, kind: str, **options: Any) -> list[dict[str, Any]]:
+    """The report as its JSON rows (exactly what ``--format json`` prints)."""
+    options.setdefault("now", NOW)
+    with org.database.sessions() as session:
+        result = builders()[kind](session, ReportParams(**options))
+    rows = json.loads(to_json(result))
+    assert isinstance(rows, list)
+    return rows
+
+
+def by_name(rows: list[dict[str, Any]], field: str = "name") -> dict[str, dict[str, Any]]:
+    return {row[field]: row for row in rows}
+
+
+# -- spend ------------------------------------------------------------------------------------------
+
+
+def test_spend_per_key_across_creation_deletion_gaps_and_resets(org: Org) -> None:
+    rows = report(org, "spend", since=7 * DAY)  # (day 3 12:30, day 10 12:30]: baseline is the day-3 snapshot
+    spend = {name: (row["usage"], row["byok_usage"], row["total"]) for name, row in by_name(rows).items()}
+    assert spend == {
+        "alpha": (7.0, 0.0, 7.0),  # days 4..10, the gap's three days landing on day 6
+        "bravo": (0.5, 2.0, 2.5),  # BYOK reported apart and in the total
+        "charlie": (5.0, 0.0, 5.0),  # created inside the period: counted from zero
+        "delta": (2.0, 0.0, 2.0),  # deleted: counted up to its last observation (the 3.0 is never seen)
+        "echo": (1.0, 0.0, 1.0),  # 50 -> 5 is a reset: zero for that step, never negative
+        "foxtrot": (2.0, 0.0, 2.0),  # first seen inside the period, created before: from first sight
+        "hotel": (1.5, 0.0, 1.5),
+    }
+    rows_by_name = by_name(rows)
+    assert [row["name"] for row in rows][:2] == ["alpha", "charlie"]  # biggest first
+    assert rows_by_name["charlie"]["created_in_period"] is True
+    assert rows_by_name["charlie"]["counted_from"] == "2026-03-06T01:00:00Z"
+    assert rows_by_name["delta"]["deleted_in_period"] is True
+    assert rows_by_name["foxtrot"]["baseline_known"] is False
+    assert rows_by_name["foxtrot"]["counted_from"] == "2026-03-07T12:00:00Z"
+    assert rows_by_name["alpha"]["counted_from"] == "2026-03-04T12:00:00Z"
+    assert all(row["baseline_known"] for row in rows if row["name"] != "foxtrot")
+    assert rows_by_name["alpha"]["key_hash"] == key_hash("alpha")
+
+
+def test_spend_by_day_lands_each_step_on_the_day_of_the_later_snapshot(org: Org) -> None:
+    rows = report(org, "spend", since=7 * DAY, by="day")
+    assert [(row["day"], row["total"]) for row in rows] == [
+        ("2026-03-07", 7.0),  # alpha 3.0 over the gap + charlie 4.0
+        ("2026-03-08", 4.0),  # alpha, delta 2.0, echo 1.0
+        ("2026-03-09", 3.5),  # alpha, bravo 0.5 + 2.0 BYOK
+        ("2026-03-10", 5.5),  # alpha, charlie, foxtrot 2.0, hotel 1.5
+        ("2026-03-11", 1.0),  # alpha
+    ]
+    assert by_name(rows, "day")["2026-03-09"]["byok_usage"] == 2.0
+    assert by_name(rows, "day")["2026-03-10"]["keys"] == 4
+    assert sum(row["total"] for row in rows) == pytest.approx(21.0)
+
+
+def test_spend_by_workspace_and_filters(org: Org) -> None:
+    rows = report(org, "spend", since=7 * DAY, by="workspace")
+    assert [(row["workspace_id"], row["keys"], row["total"]) for row in rows] == [
+        (org.fake.default_workspace_id, 6, 19.5),
+        ("ws-research", 1, 1.5),
+    ]
+    only_research = report(org, "spend", since=7 * DAY, workspaces=("ws-research",))
+    assert [row["name"] for row in only_research] == ["hotel"]
+    named = report(org, "spend", since=7 * DAY, name="[a-c]*")
+    assert sorted(row["name"] for row in named) == ["alpha", "bravo", "charlie"]
+
+
+def test_spend_as_of_a_past_time(org: Org) -> None:
+    # (day 0 18:00, day 7 18:00]: baseline is day 0; steps at days 1, 2, 3, 6, 7.
+    rows = report(org, "spend", since=7 * DAY, at=day(7, 18))
+    spend = {name: row["total"] for name, row in by_name(rows).items()}
+    assert spend == {"alpha": 7.0, "charlie": 4.0, "delta": 2.0, "echo": 1.0}
+
+
+def test_spend_before_history_began_counts_from_first_sight(org: Org) -> None:
+    rows = report(org, "spend", since=30 * DAY)
+    spend = by_name(rows)
+    # No snapshot before the period: keys created before it count from their first observation.
+    assert spend["alpha"]["total"] == 10.0  # days 1..10
+    assert spend["alpha"]["baseline_known"] is False
+    assert spend["hotel"]["baseline_known"] is False
+    assert "golf" not in spend
+
+
+# -- inventory --------------------------------------------------------------------------------------
+
+
+def test_inventory_at_a_past_time(org: Org) -> None:
+    at_day_7 = by_name(report(org, "inventory", at=day(7, 15)))
+    assert len(at_day_7) == 14
+    assert at_day_7["alpha"]["usage"] == 18.0  # 10 + days 0..7
+    assert at_day_7["delta"]["usage"] == 22.0
+    assert at_day_7["echo"]["usage"] == 6.0
+    assert at_day_7["oscar"]["expired"] is True
+    at_day_6 = by_name(report(org, "inventory", at=day(6, 15)))
+    assert at_day_6["oscar"]["expired"] is False
+    at_day_8 = by_name(report(org, "inventory", at=day(8, 15)))
+    assert "delta" not in at_day_8 and len(at_day_8) == 13
+    at_day_3 = by_name(report(org, "inventory", at=day(3, 15)))
+    assert set(at_day_3) == set(at_day_7) - {"charlie", "foxtrot"}
+    assert at_day_3["echo"]["usage"] == 50.0
+    newest = by_name(report(org, "inventory"))
+    assert newest["alpha"]["usage"] == 21.0
+    assert newest["november"]["disabled"] is True
+
+
+# -- idle -------------------------------------------------------------------------------------------
+
+
+def test_idle_days_and_when_rules_act(org: Org) -> None:
+    ruleset = parse_rules(RULES)
+    rows = report(org, "idle", ruleset=ruleset)
+    assert [(row["name"], row["idle_days"]) for row in rows] == [
+        ("prod-mike", 70),  # last used D0-60d
+        ("india", 69),  # never used: null last_used_at means no use since 2026-01-01
+        ("golf", 55),
+        ("november", 45),
+        ("lima", 30),
+        ("kilo", 20),
+        ("oscar", 11),
+    ]
+    idle = by_name(rows)
+    now = "2026-03-11T12:30:00Z"
+    assert (idle["india"]["next_rule"], idle["india"]["next_action"], idle["india"]["acts_on"]) == (
+        "disable-idle",
+        "disable",
+        now,  # already due: at the next run
+    )
+    assert (idle["kilo"]["next_action"], idle["kilo"]["acts_on"]) == ("disable", "2026-03-21T12:00:00Z")
+    assert (idle["lima"]["next_rule"], idle["lima"]["next_action"]) == ("delete-expired", "disable")
+    assert idle["prod-mike"]["protected"] is True and idle["prod-mike"]["next_action"] is None
+    assert idle["november"]["next_action"] is None  # already disabled, not expired
+    assert idle["golf"]["idle_since"] == "2026-01-15T12:00:00Z"
+
+
+def test_idle_threshold_and_no_rules_file(org: Org) -> None:
+    rows = report(org, "idle", since=2 * DAY)
+    idle = by_name(rows)
+    assert idle["echo"]["idle_days"] == 3  # usage last changed at the day-7 snapshot
+    assert idle["bravo"]["idle_days"] == 2
+    assert "alpha" not in idle
+    assert idle["india"]["next_action"] is None
+
+
+# -- trends -----------------------------------------------------------------------------------------
+
+
+def test_trends_per_day(org: Org) -> None:
+    rows = report(org, "trends", since=10 * DAY)
+    table = [
+        (row["day"], row["keys"], row["disabled"], row["expired"], row["no_expiry"], row["no_limit"], row["idle_30d"])
+        for row in rows
+    ]
+    assert table == [
+        ("2026-03-02", 12, 1, 1, 10, 10, 5),
+        ("2026-03-03", 12, 1, 1, 10, 10, 5),
+        ("2026-03-04", 12, 1, 1, 10, 10, 5),
+        ("2026-03-07", 14, 1, 1, 12, 12, 5),
+        ("2026-03-08", 14, 1, 2, 12, 12, 5),  # oscar expired at day 7 00:00
+        ("2026-03-09", 13, 1, 2, 11, 11, 5),  # delta deleted
+        ("2026-03-10", 13, 1, 2, 11, 11, 4),  # hotel used
+        ("2026-03-11", 13, 1, 2, 11, 11, 5),  # lima reaches 30 days
+    ]
+    assert [row["spend"] for row in rows] == [1.0, 1.0, 1.0, 7.0, 4.0, 3.5, 5.5, 1.0]
+
+
+def test_trends_spend_matches_spend_by_day(org: Org) -> None:
+    trends = by_name(report(org, "trends", since=7 * DAY), "day")
+    spend = by_name(report(org, "spend", since=7 * DAY, by="day"), "day")
+    assert {d: row["spend"] for d, row in trends.items()} == {d: row["total"] for d, row in spend.items()}
+
+
+# -- actions ----------------------------------------------------------------------------------------
+
+
+def test_actions_are_the_audit_log_with_rule_evidence_and_outcome(org: Org) -> None:
+    outcome = org.run("enforce", day(10, 12.25))
+    assert outcome.exit_code == 0, outcome.message
+    rows = report(org, "actions", since=DAY)
+    planned = {(row["key_name"], row["rule"], row["action"], row["outcome"], row["dry_run"]) for row in rows}
+    assert planned == {
+        ("india", "disable-idle", "disable", "planned", True),
+        ("golf", "disable-idle", "disable", "planned", True),
+        ("lima", "delete-expired", "disable", "planned", True),
+        ("oscar", "delete-expired", "disable", "planned", True),
+    }
+    lima = by_name(rows, "key_name")["lima"]
+    assert lima["evidence"]["expires_at"] == "2026-02-24T12:00:00Z"
+    assert lima["rules"] == ["delete-expired", "disable-idle"]
+    assert report(org, "actions", since=DAY, at=day(10, 12)) == []
+    assert [row["key_name"] for row in report(org, "actions", since=DAY, name="g*")] == ["golf"]
+
+
+# -- output formats ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["inventory", "spend", "actions", "idle", "trends"])
+def test_tables_fit_80_columns_and_csv_has_a_header(org: Org, kind: str) -> None:
+    org.run("enforce", day(10, 12.25))
+    with org.database.sessions() as session:
+        result = builders()[kind](session, ReportParams(now=NOW, since=10 * DAY, ruleset=parse_rules(RULES)))
+    out = io.StringIO()
+    print_table(result, Console(file=out, width=80, color_system=None))
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert result.rows, kind
+    parsed = list(csv.DictReader(io.StringIO(to_csv(result))))
+    assert list(parsed[0]) == list(result.columns)
+    assert len(parsed) == len(result.rows)
+
+
+# -- what cannot be answered ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["inventory", "spend", "actions", "idle", "trends"])
+def test_an_empty_database_says_to_sync_first(database: Database, kind: str) -> None:
+    with database.sessions() as session, pytest.raises(ReportError, match="run `keyhygiene sync` first"):
+        builders()[kind](session, ReportParams(now=NOW))
+
+
+@pytest.mark.parametrize("kind", ["inventory", "spend", "actions", "idle", "trends"])
+def test_at_before_the_first_snapshot(org: Org, kind: str) -> None:
+    with org.database.sessions() as session, pytest.raises(ReportError, match="before the first stored snapshot"):
+        builders()[kind](session, ReportParams(now=NOW, at=D0 - DAY))
+
+
+def test_dates_are_plain_in_json(org: Org) -> None:
+    rows = report(org, "trends", since=2 * DAY)
+    assert rows[-1]["day"] == date(2026, 3, 11).isoformat()
+    assert rows[-1]["taken_at"] == "2026-03-11T12:00:00Z"
+    assert timedelta(0) < NOW - day(10)

@@ -1,0 +1,112 @@
+"""``keyhygiene report`` at the command line: output formats, and bad input as one line and an exit code."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fakeapi import FakeOpenRouter
+from keyhygiene.context import Database
+from tests.test_reports_support import RULES, Org, build_history, day
+
+pytestmark = pytest.mark.postgres
+
+AT = "2026-03-11T12:30:00Z"
+KINDS = ("inventory", "spend", "actions", "idle", "trends")
+
+
+@pytest.fixture
+def org(database: Database, fake: FakeOpenRouter, fake_url: str, env: dict[str, str]) -> Iterator[Org]:
+    rules = Path(env["KEYHYGIENE_RULES_FILE"])
+    rules.write_text(RULES)
+    org = Org(database, fake, fake_url, rules_file=rules)
+    try:
+        build_history(org)
+        assert org.run("enforce", day(10, 12.25)).exit_code == 0
+        yield org
+    finally:
+        org.close()
+
+
+def one_error_line(result: Any) -> str:
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    assert len(lines) == 1, result.stderr
+    return str(lines[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_json_is_exactly_one_array_on_stdout(org: Org, cli: Callable[..., Any], kind: str) -> None:
+    result = cli("report", kind, "--at", AT, "--since", "10d", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)  # nothing else on stdout, or this fails
+    assert isinstance(rows, list) and rows and all(isinstance(row, dict) for row in rows)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_csv_has_a_header_row(org: Org, cli: Callable[..., Any], kind: str) -> None:
+    result = cli("report", kind, "--at", AT, "--since", "10d", "--format", "csv")
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert len(rows) > 1 and all(len(row) == len(rows[0]) for row in rows)
+    as_json = json.loads(cli("report", kind, "--at", AT, "--since", "10d", "--format", "json").stdout)
+    assert rows[0][: len(as_json[0])] == list(as_json[0])[: len(rows[0])]
+
+
+def test_spend_by_and_filters_at_the_command_line(org: Org, cli: Callable[..., Any]) -> None:
+    result = cli("report", "spend", "--at", AT, "--since", "7d", "--by", "workspace", "--format", "json")
+    assert [row["total"] for row in json.loads(result.stdout)] == [19.5, 1.5]
+    result = cli("report", "spend", "--at", AT, "--since", "7d", "--workspace", "ws-research", "--format", "json")
+    assert [row["name"] for row in json.loads(result.stdout)] == ["hotel"]
+    result = cli("report", "spend", "--at", AT, "--since", "7d", "--name", "[a-c]*")
+    assert result.exit_code == 0
+    assert "alpha" in result.stdout and "delta" not in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+
+
+def test_idle_uses_the_rules_file(org: Org, cli: Callable[..., Any]) -> None:
+    rows = json.loads(cli("report", "idle", "--at", AT, "--format", "json").stdout)
+    kilo = next(row for row in rows if row["name"] == "kilo")
+    assert (kilo["next_rule"], kilo["acts_on"]) == ("disable-idle", "2026-03-21T12:00:00Z")
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("report", "bogus"), 2, "'bogus' is not one of"),
+        (("report", "spend", "--since", "3 weeks"), 2, "invalid duration '3 weeks'"),
+        (("report", "inventory", "--at", "last tuesday"), 2, "invalid time 'last tuesday'"),
+        (("report", "inventory", "--at", "2026-01-01"), 1, "is before the first stored snapshot"),
+        (("report", "inventory", "--at", "2999-01-01"), 2, "is in the future"),
+        (("report", "spend", "--by", "team"), 2, "'team' is not one of"),
+        (("report", "html"), 2, "report html needs --out FILE"),
+        (("report", "html", "--out", "/nonexistent/dir/report.html"), 1, "cannot write /nonexistent/dir"),
+    ],
+)
+def test_bad_input_is_one_line_and_the_interface_exit_code(
+    org: Org, cli: Callable[..., Any], args: tuple[str, ...], code: int, message: str
+) -> None:
+    result = cli(*args)
+    assert result.exit_code == code, result.stderr
+    assert result.stdout == ""
+    assert message in result.stderr
+    if code == 1:
+        assert one_error_line(result).startswith("keyhygiene: error: ")
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "html"])
+def test_an_empty_database_says_to_sync_first(
+    database: Database, env: dict[str, str], cli: Callable[..., Any], tmp_path: Path, kind: str
+) -> None:
+    result = cli("report", kind, "--out", str(tmp_path / "report.html"))
+    assert result.exit_code == 1
+    assert one_error_line(result) == (
+        "keyhygiene: error: there is no complete snapshot yet: run `keyhygiene sync` first"
+    )
+    assert not (tmp_path / "report.html").exists()

@@ -1,0 +1,274 @@
+"""Retention: pruning removes old history and leaves every report inside the retention unchanged."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from db import runs, snapshots
+from db.models import Action, KeyState, Run, Snapshot
+from db.retention import PRUNED
+from fakeapi import FakeOpenRouter, generate_organisation
+from keyhygiene import retention
+from keyhygiene.context import Database, session_scope
+from keyhygiene.enforcement import load_plan_inputs
+from keyhygiene.reports import ReportError, ReportParams, builders
+from keyhygiene.reports.html import render_html
+from keyhygiene.reports.render import to_json
+from keyhygiene.timeutil import isoformat
+from rules import parse_rules
+from tests.test_reports_support import DAY, HOUR, RULES, Org, key_hash
+
+pytestmark = pytest.mark.postgres
+
+T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+DAYS = 50
+NOW = T0 + DAYS * DAY + HOUR
+RETENTION = timedelta(days=20)
+CUTOFF = NOW - RETENTION
+SKIPPED_DAYS = {12, 13, 33, 41}
+
+
+@pytest.fixture
+def org(database: Database, fake: FakeOpenRouter, fake_url: str, tmp_path: Path) -> Iterator[Org]:
+    rules = tmp_path / "keyhygiene.toml"
+    rules.write_text(RULES)
+    org = Org(database, fake, fake_url, rules_file=rules)
+    try:
+        build_long_history(org)
+        yield org
+    finally:
+        org.close()
+
+
+def build_long_history(org: Org) -> None:
+    """Fifty days of syncs (a few days skipped) over a generated organisation with steady random
+    use, plus keys whose old history the retained reports still depend on:
+
+    - ``idle-since-day-3``: used until day 3, then idle; its usage windows reset afterwards, so its
+      idle stretch spans several versions that all end before the cutoff;
+    - ``disabled-long-ago``: disabled on day 2 and its limit changed while disabled (new versions);
+    - ``comes-back``: missing from the listings of days 10 to 35, listed again after;
+    - ``gone-early``: deleted on day 8; ``young``: created on day 40; ``reset``: counter goes down.
+    """
+    fake = org.fake
+    rng = random.Random(7)
+    fake.set_clock(T0 - HOUR)
+    generate_organisation(fake, keys=40, workspaces=2, seed=3, now=T0 - HOUR)
+    busy = [key["hash"] for key in fake.keys if not key["disabled"]][:25]
+    for name in ("idle-since-day-3", "disabled-long-ago", "comes-back", "gone-early", "reset"):
+        org.add(name, at=T0 - HOUR, created_at=T0 - 90 * DAY, usage=5.0, last_used_at=T0 - 2 * DAY)
+    hidden: dict[str, Any] | None = None
+    for k in range(DAYS + 1):
+        moment = T0 + k * DAY
+        fake.set_clock(moment - 6 * HOUR)
+        for key in busy:
+            if fake.get(key) is not None and rng.random() < 0.6:
+                fake.record_use(key, round(rng.uniform(0.01, 3.0), 2), at=moment - 6 * HOUR)
+        if k <= 3:
+            org.use("idle-since-day-3", 1.25, at=moment - 5 * HOUR)
+        if k == 2:
+            fake.update_key(key_hash("disabled-long-ago"), {"disabled": True})
+        if k in (5, 9, 15):
+            fake.update_key(key_hash("disabled-long-ago"), {"limit": 10.0 + k})
+        if k == 8:
+            org.delete("gone-early", at=moment - 4 * HOUR)
+        if k == 10:
+            hidden = fake.get(key_hash("comes-back"))
+            org.delete("comes-back", at=moment - 4 * HOUR)
+        if k == 36 and hidden is not None:
+            org.add("comes-back", at=moment - 4 * HOUR, created_at=T0 - 90 * DAY, usage=hidden["usage"] + 2.0)
+        if k == 40:
+            org.add("young", at=moment - 4 * HOUR, usage=1.0)
+        if k == 25:
+            org.delete("reset", at=moment - 4 * HOUR)
+            org.add("reset", at=moment - 4 * HOUR, created_at=T0 - 90 * DAY, usage=1.0)
+        if k % 3 == 0:
+            org.use("reset", 0.5, at=moment - 3 * HOUR)
+        if k not in SKIPPED_DAYS:
+            org.sync(moment)
+    outcome = org.run("enforce", NOW - HOUR / 2)
+    assert outcome.exit_code == 0, outcome.message
+    # A failed sync long ago: pruning removes its snapshot too.
+    with session_scope(org.database) as session:
+        run = runs.start_run(session, kind="sync", now=T0 + 12 * DAY)
+        snapshot = snapshots.start_snapshot(session, run_id=run.id, now=T0 + 12 * DAY)
+        snapshots.fail_snapshot(session, snapshot_id=snapshot.id, error="the API was down")
+        runs.finish_run(session, run.id, status=runs.FAILED, now=T0 + 12 * DAY, error="the API was down")
+
+
+def retained_reports(database: Database) -> dict[str, Any]:
+    """Every report about a time inside the retention, as JSON, plus the enforcement's inputs."""
+    ruleset = parse_rules(RULES)
+    inside = [CUTOFF, CUTOFF + HOUR * 13, NOW - 7 * DAY, NOW - 2 * DAY + HOUR, None]
+    found: dict[str, Any] = {}
+    with database.sessions() as session:
+        reports = builders()
+        for at in inside:
+            room = (at or NOW) - CUTOFF
+            for kind, options in [
+                ("inventory", {}),
+                ("idle", {"ruleset": ruleset, "since": DAY}),
+                ("spend", {"since": room, "by": "key"}),
+                ("spend", {"since": room, "by": "day"}),
+                ("spend", {"since": room, "by": "workspace"}),
+                ("trends", {"since": room}),
+                ("actions", {"since": room}),
+            ]:
+                params = ReportParams(now=NOW, at=at, **options)
+                found[f"{kind} {options.get('by', '')} at {at}"] = json.loads(to_json(reports[kind](session, params)))
+        found["html"] = render_html(session, ReportParams(now=NOW, since=RETENTION, ruleset=ruleset))
+        newest = snapshots.latest_snapshot(session)
+        assert newest is not None
+        inputs = load_plan_inputs(session, newest.id)
+        found["histories"] = {key: repr(history) for key, history in sorted(inputs.histories.items())}
+    return found
+
+
+def count(database: Database, model: Any) -> int:
+    with database.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def test_reports_inside_the_retention_are_identical_after_pruning(org: Org) -> None:
+    database = org.database
+    before = retained_reports(database)
+    versions_before = count(database, KeyState)
+    snapshots_before = count(database, Snapshot)
+
+    settings = org.settings.model_copy(update={"retention": RETENTION})
+    outcome = retention.prune_job(settings, clock=lambda: NOW, database=database)
+    assert outcome.exit_code == 0, outcome.message
+    summary = outcome.summary
+    assert summary["versions_deleted"] > 0 and summary["snapshots_deleted"] > 0
+    assert summary["runs_deleted"] > 0
+    assert summary["actions_deleted"] == 0  # the audit log is kept forever by default
+
+    assert count(database, KeyState) == versions_before - summary["versions_deleted"]
+    assert count(database, Snapshot) == snapshots_before - summary["snapshots_deleted"]
+    after = retained_reports(database)
+    assert after.keys() == before.keys()
+    for name in before:
+        assert after[name] == before[name], name
+
+    with database.sessions() as session:
+        anchor = session.get(Snapshot, summary["anchor_snapshot"])
+        assert anchor is not None and anchor.taken_at is not None and anchor.taken_at <= CUTOFF
+        assert anchor.taken_at > CUTOFF - DAY
+        older = session.scalars(select(Snapshot).where(Snapshot.id < anchor.id)).all()
+        assert all(snapshot.status == PRUNED for snapshot in older)
+        assert snapshots.first_snapshot(session) == anchor
+        # Nothing survives that ended before the anchor except what history walks still need.
+        ended = session.scalar(select(func.count()).select_from(KeyState).where(KeyState.valid_to <= anchor.id))
+        keys_alive_after = session.scalar(
+            select(func.count(func.distinct(KeyState.key_hash))).where(
+                (KeyState.valid_to.is_(None)) | (KeyState.valid_to > anchor.id)
+            )
+        )
+        assert ended is not None and keys_alive_after is not None and ended <= 5 * keys_alive_after
+        assert (
+            session.scalar(
+                select(func.count()).select_from(KeyState).where(KeyState.key_hash == key_hash("gone-early"))
+            )
+            == 0
+        )
+        prune_run = session.get(Run, outcome.run_id)
+        assert prune_run is not None and prune_run.kind == "prune" and prune_run.status == runs.COMPLETE
+        assert prune_run.summary == summary
+
+    with database.sessions() as session, pytest.raises(ReportError, match="before the first stored snapshot"):
+        builders()["inventory"](session, ReportParams(now=NOW, at=CUTOFF - 2 * DAY))
+
+    # Pruning again finds nothing more to remove.
+    again = retention.prune_job(settings, clock=lambda: NOW, database=database)
+    assert again.summary["versions_deleted"] == again.summary["snapshots_deleted"] == 0
+    assert retained_reports(database) == before
+
+
+def test_small_batches_give_the_same_result(org: Org, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = retained_reports(org.database)
+    sizes: list[int] = []
+    original = retention.retention.delete_versions
+
+    def counted(session: Any, ids: Any) -> int:
+        sizes.append(len(ids))
+        return original(session, ids)
+
+    monkeypatch.setattr(retention.retention, "delete_versions", counted)
+    result = retention.prune(org.database, now=NOW, retention_period=RETENTION, batch=7)
+    assert result.batches > 20
+    assert sizes and max(sizes) <= 7
+    assert retained_reports(org.database) == before
+
+
+def test_audit_retention_removes_old_audit_records_only(org: Org) -> None:
+    with session_scope(org.database) as session:
+        run = runs.start_run(session, kind="enforce", now=T0 + DAY)
+        runs.finish_run(session, run.id, status=runs.COMPLETE, now=T0 + DAY)
+        session.add(
+            Action(
+                run_id=run.id,
+                created_at=T0 + DAY,
+                finished_at=T0 + DAY,
+                key_hash=key_hash("gone-early"),
+                key_name="gone-early",
+                workspace_id=None,
+                rule="disable-idle",
+                rules=["disable-idle"],
+                action="disable",
+                dry_run=True,
+                outcome="planned",
+                evidence={},
+            )
+        )
+    audit_records = count(org.database, Action)
+    kept = retention.prune(org.database, now=NOW, retention_period=RETENTION)
+    assert kept.actions_deleted == 0 and count(org.database, Action) == audit_records
+    with org.database.sessions() as session:
+        assert session.get(Run, run.id) is not None  # its audit record still refers to it
+    pruned = retention.prune(org.database, now=NOW, retention_period=RETENTION, audit_retention=timedelta(days=30))
+    assert pruned.actions_deleted == 1 and count(org.database, Action) == audit_records - 1
+    assert pruned.runs_deleted == 1
+
+
+def test_prune_as_a_job_through_execute(org: Org) -> None:
+    outcome = org.run("prune", NOW)  # through keyhygiene.jobs.execute, with the default 400d retention
+    assert (outcome.kind, outcome.exit_code, outcome.summary["versions_deleted"]) == ("prune", 0, 0)
+    settings = org.settings.model_copy(update={"retention": timedelta(days=15), "audit_retention": timedelta(days=400)})
+    outcome = retention.prune_job(settings, clock=lambda: NOW, database=org.database, trigger="beat")
+    assert outcome.exit_code == 0
+    assert outcome.summary["audit_cutoff"] == isoformat(NOW - timedelta(days=400))
+    assert outcome.summary["cutoff"] == isoformat(NOW - timedelta(days=15))
+    with org.database.sessions() as session:
+        recorded = session.get(Run, outcome.run_id)
+        assert recorded is not None and recorded.trigger == "beat"
+
+
+def test_a_sync_during_a_prune_is_not_blocked_for_long(org: Org) -> None:
+    """Pruning in tiny batches while syncs run: both finish, and the store stays consistent."""
+    errors: list[BaseException] = []
+
+    def prune() -> None:
+        try:
+            retention.prune(org.database, now=NOW, retention_period=RETENTION, batch=5)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=prune)
+    worker.start()
+    for k in range(3):
+        org.sync(NOW + k * HOUR)
+    worker.join(timeout=120)
+    assert not worker.is_alive() and not errors
+    with org.database.sessions() as session:
+        newest = snapshots.latest_snapshot(session)
+        assert newest is not None and newest.taken_at == NOW + 2 * HOUR
+        assert len(snapshots.keys_at(session, newest.id)) == newest.key_count
