@@ -1,0 +1,30 @@
+# keyhygiene: the worker, beat and every command, in one image. No secret is ever copied in: the
+# management key comes at run time from OPENROUTER_MANAGEMENT_KEY or a file named by
+# OPENROUTER_MANAGEMENT_KEY_FILE (a Docker secret).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY keyhygiene ./keyhygiene
+COPY keysapi ./keysapi
+COPY fakeapi ./fakeapi
+COPY rules ./rules
+COPY db ./db
+COPY migrations ./migrations
+COPY tasks ./tasks
+COPY worker ./worker
+RUN pip install . && rm -rf /src
+
+COPY deploy/docker-entrypoint.sh /usr/local/bin/keyhygiene-entrypoint
+RUN chmod 0755 /usr/local/bin/keyhygiene-entrypoint \
+    && useradd --system --uid 10001 --home-dir /var/lib/keyhygiene --create-home keyhygiene
+
+USER keyhygiene
+WORKDIR /var/lib/keyhygiene
+ENTRYPOINT ["keyhygiene-entrypoint"]
+CMD ["keyhygiene", "--help"]

@@ -1,0 +1,390 @@
+"""The Celery worker and beat as an operator runs them: real processes, real Redis, the fake API
+over HTTP, SQLite. See tests/celery_support.py for how each test is isolated."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kombu import Connection, Exchange, Producer
+
+from db import audit, runs
+from fakeapi import FakeOpenRouter
+from keyhygiene.timeutil import utcnow
+from worker.lock import LOCK_KEY, JobLock
+from worker.names import QUEUE, TASK_NAMES
+
+from .celery_support import (
+    Deployment,
+    PrivateRedis,
+    RedisDatabase,
+    claim_redis_database,
+    deployment,
+    keyhygiene_executable,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.celery, pytest.mark.timeout(150)]
+
+
+@pytest.fixture(scope="session")
+def redis_db() -> Iterator[RedisDatabase]:
+    claimed = claim_redis_database()
+    try:
+        yield claimed
+    finally:
+        claimed.release()
+
+
+@pytest.fixture
+def deploy(
+    tmp_path: Path, redis_db: RedisDatabase, fake_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Deployment]:
+    yield from deployment(tmp_path, redis_db, fake_url, monkeypatch)
+
+
+def add_keys(fake: FakeOpenRouter, *, expired: int, healthy: int) -> list[str]:
+    """Keys that the live rules file deletes (expired) and keys it leaves alone; returns the expired hashes."""
+    now = utcnow()
+    doomed = [
+        fake.add_key(
+            f"dev-old-{n}", created_at=now - timedelta(days=90), expires_at=now - timedelta(days=1), usage=1.0
+        )["hash"]
+        for n in range(expired)
+    ]
+    for n in range(healthy):
+        fake.add_key(f"svc-{n}", created_at=now - timedelta(days=90), last_used_at=now, usage=5.0)
+    return doomed
+
+
+def run_of(deploy: Deployment, task_id: str) -> Any:
+    return next((run for run in deploy.runs() if run.task_id == task_id), None)
+
+
+def queued_task_id(stdout: str) -> str:
+    return stdout.split("as task ", 1)[1].split()[0]
+
+
+# -- the lock ------------------------------------------------------------------------------------
+
+
+def test_the_job_lock_is_exclusive_expires_and_is_released_only_by_its_holder(redis_db: RedisDatabase) -> None:
+    redis_db.flush()
+    first = JobLock(redis_db.client, ttl_seconds=0.5)
+    second = JobLock(redis_db.client, ttl_seconds=0.5)
+    assert first.acquire(kind="run", task_id="t1", now=utcnow())
+    assert not second.acquire(kind="sync", task_id="t2", now=utcnow())
+    holder = second.holder()
+    assert holder is not None and holder.kind == "run" and holder.task_id == "t1"
+    assert not second.release(), "a job that does not hold the lock cannot release it"
+    time.sleep(0.7)  # the holder died: the lock expires on its own
+    assert second.acquire(kind="sync", task_id="t2", now=utcnow())
+    assert not first.release(), "an expired holder cannot release its successor's lock"
+    assert second.holder() is not None and second.release()
+    assert not redis_db.client.exists(LOCK_KEY)
+
+
+# -- a triggered run --------------------------------------------------------------------------------
+
+
+def test_triggered_run_reaches_the_api_and_records_its_outcome(
+    deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., Any]
+) -> None:
+    doomed = add_keys(fake, expired=2, healthy=3)
+    worker = deploy.start_worker()
+
+    # --dry-run narrows the live rules file: the run is recorded, nothing is changed.
+    dry = cli("trigger", "run", "--dry-run", "--wait", "--timeout", "60")
+    assert dry.exit_code == 0, dry.stderr
+    assert "run complete" in dry.stdout and "dry run" in dry.stdout
+    assert fake.mutating_calls() == []
+
+    live = cli("trigger", "run", "--wait", "--timeout", "60")
+    assert live.exit_code == 0, live.stderr + worker.tail()
+    task_id = queued_task_id(live.stdout)
+    run = run_of(deploy, task_id)
+    assert run is not None and run.status == runs.COMPLETE and run.trigger == "trigger" and run.dry_run is False
+    assert f"run {run.id} run complete: " in live.stdout
+    assert sorted(call.path for call in fake.mutating_calls() if call.method == "DELETE") == sorted(
+        f"/keys/{key_hash}" for key_hash in doomed
+    )
+    assert sorted(
+        row.key_hash for row in deploy.actions() if row.run_id == run.id and row.outcome == audit.DONE
+    ) == sorted(doomed)
+    assert dry_run_flags(deploy)[:2] == [True, False]
+
+    pruned = cli("trigger", "prune", "--wait", "--timeout", "60")
+    assert pruned.exit_code == 0, pruned.stderr + worker.tail()
+    assert deploy.runs()[-1].kind == "prune" and deploy.runs()[-1].trigger == "trigger"
+
+    # Every line the worker wrote is JSON, Celery's and kombu's included; the job's lines carry the
+    # task and the run.
+    assert all(json.loads(line) for line in worker.lines() if line.strip())
+    actions = [e for e in worker.events_named("key_action") if e.get("task_id") == task_id]
+    assert len(actions) == 2
+    assert all(e["task_name"] == TASK_NAMES["run"] and e["run_id"] == run.id for e in actions)
+    loggers = {e.get("logger", "") for e in worker.events()}
+    assert any(name.startswith("celery.") for name in loggers)
+    # The context ends with the task: Celery's "succeeded" line of the next task has no stale run_id.
+    assert not any("run_id" in e for e in worker.events() if e.get("logger") == "celery.worker.strategy")
+
+
+def dry_run_flags(deploy: Deployment) -> list[bool | None]:
+    return [run.dry_run for run in deploy.runs()]
+
+
+def test_two_runs_triggered_together_make_one_scan_and_one_recorded_skip(
+    deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., Any]
+) -> None:
+    add_keys(fake, expired=0, healthy=5)
+    fake.faults.latency = 0.4  # the first run holds the lock for a few seconds
+    worker = deploy.start_worker("--concurrency", "2")
+
+    first = cli("trigger", "run")
+    second = cli("trigger", "run")
+    assert first.exit_code == 0 and second.exit_code == 0, first.stderr + second.stderr
+    task_ids = {queued_task_id(first.stdout), queued_task_id(second.stdout)}
+
+    finished = wait_until(
+        lambda: (done := [r for r in deploy.runs() if r.status in runs.FINAL_STATUSES]) and len(done) == 2 and done,
+        timeout=60,
+        what="both runs to finish",
+    )
+    assert {run.task_id for run in finished} == task_ids
+    assert sorted(run.status for run in finished) == [runs.COMPLETE, runs.SKIPPED]
+    skipped = next(run for run in finished if run.status == runs.SKIPPED)
+    assert "another job holds the lock" in (skipped.error or "")
+    lists = [c for c in fake.calls if c.method == "GET" and c.path == "/keys" and c.query.get("offset", "0") == "0"]
+    assert len(lists) == 1, "exactly one scan of the keys"
+    assert worker.events_named("job_skipped")[0]["task_id"] == skipped.task_id
+    assert not deploy.redis_db.client.exists(LOCK_KEY), "the lock is released after the run"
+
+    # --wait on a skipped job reports it, exit 1: the job did not run.
+    fake.faults.latency = 0.0
+    deploy.redis_db.client.set(LOCK_KEY, json.dumps({"kind": "run", "task_id": "elsewhere"}), px=30_000)
+    waited = cli("trigger", "sync", "--wait", "--timeout", "30")
+    assert waited.exit_code == 1
+    assert "sync skipped: another job holds the lock: a run (task elsewhere)" in waited.stderr
+
+
+# -- beat -------------------------------------------------------------------------------------------
+
+
+def test_beat_with_a_one_minute_schedule_starts_a_run_on_its_own(deploy: Deployment, fake: FakeOpenRouter) -> None:
+    add_keys(fake, expired=1, healthy=2)
+    deploy.start_worker(KEYHYGIENE_SCHEDULE="* * * * *")
+    beat = deploy.start_beat(KEYHYGIENE_SCHEDULE="* * * * *")
+
+    run = wait_until(
+        lambda: next((r for r in deploy.runs() if r.trigger == "schedule" and r.status in runs.FINAL_STATUSES), None),
+        timeout=90,
+        what="a scheduled run",
+    )
+    assert run.kind == "run" and run.status == runs.COMPLETE and run.task_id
+    assert any(call.method == "DELETE" for call in fake.mutating_calls())
+    assert beat.alive
+    assert all(json.loads(line) for line in beat.lines() if line.strip())
+    assert (deploy.directory / "celerybeat-schedule").exists() or any(
+        path.name.startswith("celerybeat-schedule") for path in deploy.directory.iterdir()
+    )
+
+
+# -- crash safety -----------------------------------------------------------------------------------
+
+
+def test_a_worker_killed_mid_enforcement_leaves_no_change_unrecorded(
+    deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., Any]
+) -> None:
+    doomed = add_keys(fake, expired=8, healthy=4)
+    worker = deploy.start_worker()
+    synced = cli("trigger", "sync", "--wait", "--timeout", "60")
+    assert synced.exit_code == 0, synced.stderr
+
+    fake.faults.latency = 0.5
+    assert cli("trigger", "enforce").exit_code == 0
+    wait_until(
+        lambda: sum(row.outcome == audit.DONE for row in deploy.actions()) >= 2,
+        timeout=60,
+        what="two keys deleted by the worker",
+    )
+    worker.kill(signal.SIGKILL)  # the worker and its pool child, mid-way through the enforcement
+    worker.popen.wait(timeout=10)
+    deleted_before = [call for call in fake.mutating_calls() if call.method == "DELETE"]
+    assert 2 <= len(deleted_before) < len(doomed), "the kill came in the middle of the enforcement"
+    time.sleep(1.0)  # a DELETE the worker had in flight lands at the fake after its death
+
+    fake.faults.latency = 0.0
+    settled = cli("enforce")  # the next run, inline: settles what was in doubt and finishes the job
+    assert settled.exit_code == 0, settled.stderr
+
+    actions = deploy.actions()
+    assert not [row for row in actions if row.outcome == audit.PENDING], "nothing is left in doubt"
+    deleted = [call for call in fake.mutating_calls() if call.method == "DELETE" and call.succeeded]
+    for call in deleted:
+        key_hash = call.path.rsplit("/", 1)[1]
+        assert any(
+            row.key_hash == key_hash and row.action == "delete" and row.outcome == audit.DONE for row in actions
+        ), f"the DELETE of {key_hash} has no audit record saying it was done"
+    assert sorted(call.path.rsplit("/", 1)[1] for call in deleted) == sorted(doomed)
+    assert len(deleted) == len(doomed), "no key was deleted twice"
+    assert fake.keys and all(not key["name"].startswith("dev-old") for key in fake.keys)
+
+
+def test_the_soft_time_limit_aborts_the_run_and_frees_the_lock(
+    deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., Any]
+) -> None:
+    add_keys(fake, expired=0, healthy=3)
+    fake.faults.latency = 1.5
+    worker = deploy.start_worker(KEYHYGIENE_JOB_TIME_LIMIT="2s")
+
+    result = cli("trigger", "sync", "--wait", "--timeout", "60")
+    assert result.exit_code == 1
+    assert "sync aborted" in result.stderr and "time limit" in result.stderr
+    assert not deploy.redis_db.client.exists(LOCK_KEY)
+    assert [run.status for run in deploy.runs()] == [runs.ABORTED]
+
+    fake.faults.latency = 0.0
+    again = cli("trigger", "sync", "--wait", "--timeout", "60")
+    assert again.exit_code == 0, again.stderr + worker.tail()
+
+
+# -- the broker ---------------------------------------------------------------------------------
+
+
+def test_the_worker_keeps_consuming_after_redis_restarts(
+    deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_keys(fake, expired=0, healthy=2)
+    private = PrivateRedis(tmp_path)
+    private.start()
+    try:
+        monkeypatch.setenv("KEYHYGIENE_BROKER_URL", private.url)
+        worker = deploy.start_worker(KEYHYGIENE_BROKER_URL=private.url)
+        heartbeat = str(tmp_path / "worker.heartbeat")
+        before = cli("trigger", "sync", "--wait", "--timeout", "30")
+        assert before.exit_code == 0, before.stderr
+
+        private.stop()
+        stopped_at = time.time()
+        time.sleep(2)
+        private.start()
+
+        # Consuming again: the heartbeat is written anew after the restart, and a job runs.
+        wait_until(
+            lambda: (
+                (tmp_path / "worker.heartbeat").exists()
+                and (tmp_path / "worker.heartbeat").stat().st_mtime > stopped_at + 2
+            ),
+            timeout=60,
+            what="the worker to reconnect",
+        )
+        assert len([e for e in worker.events() if str(e.get("event", "")).startswith("Connected to")]) >= 2
+        after = cli("trigger", "sync", "--wait", "--timeout", "60")
+        assert after.exit_code == 0, after.stderr + worker.tail()
+        assert [run.status for run in deploy.runs()] == [runs.COMPLETE, runs.COMPLETE]
+        health = subprocess.run(
+            [str(Path(keyhygiene_executable()).parent / "python"), "-m", "worker.health", "--file", heartbeat],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert health.returncode == 0, health.stderr
+        assert worker.alive
+    finally:
+        private.stop()
+
+
+def test_pickled_and_malformed_messages_are_rejected_without_running_anything(
+    deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    add_keys(fake, expired=2, healthy=1)
+    worker = deploy.start_worker()
+    marker = tmp_path / "unpickled"
+    bad_ids = [str(uuid.uuid4()) for _ in range(8)]
+    # Bodies and headers that Celery itself would choke on in the worker's main process.
+    malformed: list[tuple[bytes, dict[str, Any]]] = [
+        (b"{not json", {}),
+        (b'"just a string"', {}),
+        (b'{"a": 1, "b": 2, "c": 3}', {}),
+        (b"[[], {}, {}, {}]", {}),
+        (b'[[], {"dry_run": false}, {"callbacks": [{"task": "keyhygiene.enforce"}]}]', {}),
+        (b"[[], {}, {}]", {"expires": "not a time"}),
+        (b"[[], {}, {}]", {"id": None}),
+    ]
+
+    with Connection(deploy.broker_url) as connection:
+        producer = Producer(connection.channel(), exchange=Exchange(QUEUE, type="direct"), routing_key=QUEUE)
+        # A pickled message that would create a file if it were ever unpickled.
+        producer.publish(
+            pickle.dumps(((), {"dry_run": False}, {}, _Trap(str(marker)))),
+            serializer=None,
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+            headers=_headers(TASK_NAMES["enforce"], bad_ids[0]),
+        )
+        for task_id, (body, headers) in zip(bad_ids[1:], malformed, strict=True):
+            producer.publish(
+                body,
+                serializer=None,
+                content_type="application/json",
+                content_encoding="utf-8",
+                headers={**_headers(TASK_NAMES["run"], task_id), **headers},
+            )
+        # dry_run given as a string: never taken as "act", the run is a dry run.
+        narrowed = str(uuid.uuid4())
+        producer.publish(
+            [[], {"dry_run": "false", "trigger": "trigger"}, {}],
+            serializer="json",
+            headers=_headers(TASK_NAMES["run"], narrowed),
+        )
+
+    run = wait_until(
+        lambda: (r := run_of(deploy, narrowed)) is not None and r.status in runs.FINAL_STATUSES and r,
+        timeout=60,
+        what="the run of the well-formed message",
+    )
+    assert run.status == runs.COMPLETE and run.dry_run is True
+    assert [r.task_id for r in deploy.runs()] == [narrowed], "nothing ran for the rejected messages"
+    assert fake.mutating_calls() == []
+    assert not marker.exists(), "the pickled message was unpickled"
+    assert worker.alive
+    text = "\n".join(worker.lines())
+    assert "ContentDisallowed" in text or "disallowed" in text.lower()
+
+    # The worker still serves the next job.
+    assert cli("trigger", "sync", "--wait", "--timeout", "30").exit_code == 0
+
+
+class _Trap:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def _headers(task: str, task_id: str) -> dict[str, Any]:
+    return {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "argsrepr": "()",
+        "kwargsrepr": "{}",
+        "origin": "test",
+        "ignore_result": True,
+    }

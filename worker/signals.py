@@ -1,0 +1,48 @@
+"""Celery's signals wired to keyhygiene's logging.
+
+- Celery does not configure logging itself: its ``setup_logging`` signal hands it to
+  ``keyhygiene.logging.configure_logging``, so Celery's, kombu's and keyhygiene's own lines all come
+  out in one format (JSON lines by default) with the same redaction.
+- Each task binds ``task_id`` and ``task_name`` when it starts and clears the context when it ends;
+  ``keyhygiene.jobs.execute`` binds ``run_id`` itself. Every line a job writes can so be traced to
+  its task and its run.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+
+from keyhygiene import logging as khlog
+
+_log_format = {"value": "json"}
+
+
+def use_log_format(log_format: str) -> None:
+    """The format Celery's processes log in (the settings' KEYHYGIENE_LOG_FORMAT)."""
+    _log_format["value"] = log_format
+
+
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, str) else loglevel
+    khlog.configure_logging(_log_format["value"], level=level if isinstance(level, int) else logging.INFO)
+    # Celery's warnings (running as root, deprecations) become log lines in the same format too.
+    logging.captureWarnings(True)
+
+
+def _task_started(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    khlog.clear()
+    khlog.bind(task_id=task_id, task_name=getattr(task, "name", None))
+
+
+def _task_ended(**_: Any) -> None:
+    khlog.clear()
+
+
+def connect() -> None:
+    """Connect the receivers (idempotent: each is connected once per process)."""
+    signals.setup_logging.connect(_setup_logging, weak=False, dispatch_uid="keyhygiene.setup_logging")
+    signals.task_prerun.connect(_task_started, weak=False, dispatch_uid="keyhygiene.task_prerun")
+    signals.task_postrun.connect(_task_ended, weak=False, dispatch_uid="keyhygiene.task_postrun")

@@ -1,0 +1,167 @@
+"""``keyhygiene trigger JOB [--dry-run] [--wait]``: queue a job on the worker, and maybe wait for it.
+
+The message is sent once, with no retry, after a connection check bounded by a few seconds, so an
+unreachable broker is an exit 1 with a clear message, never a hang. ``--wait`` then polls the
+database for the run the worker records under the message's task id.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from kombu.utils.url import maybe_sanitize_url
+
+from db import runs
+from db.models import Run
+from keyhygiene.context import Database
+from keyhygiene.errors import EXIT_FAILURE, EXIT_OK, EXIT_REFUSED, BrokerFailure, UsageError
+from keyhygiene.jobs import JobOutcome
+from keyhygiene.settings import Settings
+
+from .celery_app import make_app
+from .lock import redis_client
+from .names import JOB_KINDS, TASK_NAMES
+
+POLL_INTERVAL = 0.5
+# Seconds the broker has to answer before trigger gives up (exit 1).
+BROKER_TIMEOUT = 3.0
+
+
+def trigger_job(
+    settings: Settings,
+    job: str,
+    *,
+    dry_run: bool,
+    wait: bool,
+    timeout: float,
+    echo: Callable[[str], None],
+) -> JobOutcome | None:
+    """Queue ``job``; with ``wait``, return its outcome once recorded (exit code as if run inline).
+
+    Raises BrokerFailure (exit 1) when the broker cannot be reached, UsageError (exit 2) for a job
+    that cannot be asked for, DatabaseFailure (exit 1) when ``wait`` cannot read the database.
+    """
+    if job not in JOB_KINDS:
+        raise UsageError(f"unknown job {job!r}: expected one of {', '.join(JOB_KINDS)}")
+    if job == "prune" and dry_run:
+        raise UsageError("prune has no dry run: it would delete the history all the same")
+    # Open the database before queueing, so a waiting trigger never leaves a job it cannot follow.
+    database = Database.open(settings) if wait else None
+    try:
+        task_id = _send(settings, job, dry_run=dry_run)
+        echo(f"queued {job}{' (dry run)' if dry_run else ''} as task {task_id}")
+        if database is None:
+            return None
+        return wait_for_run(database, job, task_id, timeout=timeout)
+    finally:
+        if database is not None:
+            database.close()
+
+
+def _send(settings: Settings, job: str, *, dry_run: bool) -> str:
+    task_id = str(uuid.uuid4())
+    where = maybe_sanitize_url(settings.broker_url)
+    app = make_app(settings)
+    # A broker that accepts the connection but never answers must fail as fast as one that refuses it.
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "socket_timeout": BROKER_TIMEOUT,
+        "socket_connect_timeout": BROKER_TIMEOUT,
+    }
+    try:
+        ping(settings.broker_url)
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=BROKER_TIMEOUT)
+            app.send_task(
+                TASK_NAMES[job],
+                kwargs={"dry_run": dry_run, "trigger": "trigger"},
+                task_id=task_id,
+                connection=connection,
+                retry=False,
+            )
+    except Exception as exc:  # kombu and redis-py raise several unrelated types for one cause
+        raise BrokerFailure(
+            f"cannot reach the broker at {where} (KEYHYGIENE_BROKER_URL): {_one_line(exc)}; nothing was queued"
+        ) from None
+    finally:
+        app.close()
+    return task_id
+
+
+def ping(url: str) -> None:
+    """Raise if the Redis at ``url`` does not answer within the broker timeout."""
+    client = redis_client(url, timeout=BROKER_TIMEOUT)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+def wait_for_run(database: Database, job: str, task_id: str, *, timeout: float) -> JobOutcome:
+    """Poll until the run of ``task_id`` reaches a final status, or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    run: Run | None = None
+    while True:
+        with database.sessions() as session:
+            run = runs.run_for_task(session, task_id)
+        if run is not None and run.status in runs.FINAL_STATUSES:
+            return outcome_of(run)
+        if time.monotonic() >= deadline:
+            state = "still queued" if run is None else f"run {run.id} is still {run.status}"
+            return JobOutcome(
+                job,
+                "waiting" if run is None else run.status,
+                EXIT_FAILURE,
+                f"gave up waiting after {timeout:g}s: task {task_id} is {state}; its outcome will be recorded",
+                run.id if run is not None else None,
+            )
+        time.sleep(POLL_INTERVAL)
+
+
+def outcome_of(run: Run) -> JobOutcome:
+    """A recorded run as the JobOutcome the same job would have returned inline.
+
+    complete → 0 (1 if a change failed), refused → 3, failed → the recorded code (default 1),
+    aborted → 1, skipped → 1: the job did not run, and a script must not take it as done.
+    """
+    summary: dict[str, Any] = dict(run.summary or {})
+    if run.status == runs.COMPLETE:
+        code = EXIT_FAILURE if int(summary.get("failed") or 0) > 0 else EXIT_OK
+        message = _describe_complete(summary)
+    elif run.status == runs.REFUSED:
+        code, message = EXIT_REFUSED, run.error or "enforcement refused by a safety limit; nothing changed"
+    elif run.status == runs.FAILED:
+        code, message = int(summary.get("exit_code") or EXIT_FAILURE), run.error or "failed"
+    else:
+        code, message = EXIT_FAILURE, run.error or run.status
+    return JobOutcome(run.kind, run.status, code, message, run.id, summary)
+
+
+def _describe_complete(summary: dict[str, Any]) -> str:
+    parts = []
+    nested = summary.get("sync")
+    sync: dict[str, Any] = nested if isinstance(nested, dict) else summary
+    if "keys" in sync and "new_versions" in sync:
+        parts.append(
+            f"snapshot {sync.get('snapshot_id')}: {sync.get('keys')} keys "
+            f"({sync.get('added')} new, {sync.get('changed')} changed, {sync.get('gone')} gone)"
+        )
+    if "planned_changes" in summary:
+        if summary.get("dry_run"):
+            parts.append(f"dry run: {summary.get('planned_changes')} change(s) planned; nothing was changed")
+        else:
+            parts.append(
+                f"{summary.get('done')} changed, {summary.get('skipped')} skipped, {summary.get('failed')} failed, "
+                f"{summary.get('reported')} reported ({summary.get('planned_changes')} planned)"
+            )
+    if not parts:
+        parts = [", ".join(f"{name}={value}" for name, value in summary.items() if not isinstance(value, dict))]
+    return "; ".join(part for part in parts if part) or "complete"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
