@@ -127,11 +127,19 @@ def delete_versions(session: Session, ids: Sequence[int]) -> int:
     return deleted
 
 
-def mark_pruned(session: Session, *, anchor_id: int) -> int:
-    """Complete snapshots older than the anchor stop being inventories; returns how many."""
-    result = session.execute(
-        update(Snapshot).where(Snapshot.id < anchor_id, Snapshot.status == COMPLETE).values(status=PRUNED)
+def mark_pruned(session: Session, *, anchor_id: int, limit: int) -> int:
+    """Up to ``limit`` complete snapshots older than the anchor stop being inventories; returns how many."""
+    ids = list(
+        session.scalars(
+            select(Snapshot.id)
+            .where(Snapshot.id < anchor_id, Snapshot.status == COMPLETE)
+            .order_by(Snapshot.id)
+            .limit(limit)
+        )
     )
+    if not ids:
+        return 0
+    result = session.execute(update(Snapshot).where(Snapshot.id.in_(ids)).values(status=PRUNED))
     return int(getattr(result, "rowcount", 0) or 0)
 
 

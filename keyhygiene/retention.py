@@ -98,7 +98,8 @@ def prune(
     if anchor is not None:
         result.anchor_snapshot = anchor.id
         result.versions_deleted = _prune_versions(database, anchor.id, batch, result)
-        result.snapshots_pruned = step(lambda s: retention.mark_pruned(s, anchor_id=anchor.id))
+        while count := step(lambda s: retention.mark_pruned(s, anchor_id=anchor.id, limit=batch)):
+            result.snapshots_pruned += count
 
     anchor_id = anchor.id if anchor is not None else None
     while count := step(
