@@ -6,7 +6,9 @@ it changed or gone (``valid_to``, exclusive; NULL while it is current). A key th
 between two syncs costs no new row, so storage grows with what changed, not with keys times runs.
 The state of every key as of snapshot S is the set of rows with
 ``valid_from <= S AND (valid_to IS NULL OR valid_to > S)``. Only complete snapshots ever open or
-close versions, because a sync writes everything in one transaction.
+close versions, because a sync writes everything in one transaction. Snapshots older than the
+retention are marked `pruned` by the prune job (see db/retention.py), which keeps every version that
+a report or a rule inside the retention still reads.
 """
 
 from __future__ import annotations

@@ -167,6 +167,16 @@ def run(state: State, dry_run: bool) -> None:
 
 
 @cli.command()
+@pass_state
+def prune(state: State) -> None:
+    """Remove snapshot history older than KEYHYGIENE_RETENTION (and audit records older than
+    KEYHYGIENE_AUDIT_RETENTION, when set), inline. Reports inside the retention do not change."""
+    from .jobs import execute
+
+    _finish_job(execute("prune", state.settings))
+
+
+@cli.command()
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @pass_state
 def plan(state: State, fmt: str) -> None:

@@ -41,6 +41,7 @@ from .timeutil import utcnow
 log = khlog.get_logger(__name__)
 
 Clock = Callable[[], datetime]
+JOBS = ("sync", "enforce", "run", "prune")
 
 
 @dataclass
@@ -159,18 +160,7 @@ def execute(
     ``dry_run`` can only narrow what the rules file allows: the effective dry-run is the rules
     file's ``dry_run`` OR this flag.
     """
-    if kind == "prune":
-        from .retention import prune_job
-
-        return prune_job(
-            settings,
-            trigger=trigger,
-            task_id=task_id,
-            clock=clock,
-            abort_errors=abort_errors,
-            database=database,
-        )
-    if kind not in ("sync", "enforce", "run"):
+    if kind not in JOBS:
         return JobOutcome(kind, runs.FAILED, EXIT_USAGE, f"unknown job {kind!r}")
 
     own_database = database is None
@@ -230,6 +220,13 @@ def _execute(
     clock: Clock,
     on_page: ProgressCallback | None,
 ) -> JobOutcome:
+    if kind == "prune":
+        from .retention import prune
+
+        pruned = prune(
+            database, now=clock(), retention_period=settings.retention, audit_retention=settings.audit_retention
+        )
+        return JobOutcome(kind, runs.COMPLETE, EXIT_OK, pruned.message(), run_id, summary=pruned.summary())
     opened = client is None
     api = client or open_client(settings)
     try:

@@ -12,20 +12,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
-from db import retention, runs
+from db import retention
 
 from . import logging as khlog
-from .context import Database, describe_db_error, session_scope
-from .errors import EXIT_FAILURE, EXIT_OK, KeyhygieneError
-from .settings import Settings
-from .timeutil import isoformat, utcnow
+from .context import Database, session_scope
+from .timeutil import isoformat
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .jobs import JobOutcome
 
 log = khlog.get_logger(__name__)
 
@@ -136,88 +131,3 @@ def _prune_versions(database: Database, anchor_id: int, batch: int, result: Prun
                 deleted += retention.delete_versions(session, doomed[start : start + batch])
             result.batches += 1
         after = keys[-1]
-
-
-def prune_job(
-    settings: Settings,
-    *,
-    trigger: str = "cli",
-    task_id: str | None = None,
-    clock: Callable[[], datetime] = utcnow,
-    abort_errors: tuple[type[BaseException], ...] = (),
-    database: Database | None = None,
-) -> JobOutcome:
-    """The ``prune`` job: record a run of kind ``prune``, prune, and record how it ended."""
-    from .jobs import JobOutcome
-
-    own_database = database is None
-    run_id: int | None = None
-    try:
-        try:
-            if database is None:
-                database = Database.open(settings)
-            with session_scope(database) as session:
-                run_id = runs.start_run(session, kind="prune", now=clock(), trigger=trigger, task_id=task_id).id
-            khlog.bind(run_id=run_id)
-            log.info("run_started", kind="prune", trigger=trigger)
-            done = prune(
-                database, now=clock(), retention_period=settings.retention, audit_retention=settings.audit_retention
-            )
-        except BaseException as exc:
-            outcome = JobOutcome("prune", runs.FAILED, EXIT_FAILURE, _describe(exc, abort_errors), run_id)
-            if (abort_errors and isinstance(exc, abort_errors)) or isinstance(exc, KeyboardInterrupt):
-                outcome.status = runs.ABORTED
-            elif isinstance(exc, KeyhygieneError):
-                outcome.exit_code = exc.exit_code
-            _record_end(database, outcome, clock())
-            if not isinstance(exc, Exception | KeyboardInterrupt):
-                raise  # SystemExit and the like: recorded above, and passed on
-            return outcome
-        outcome = JobOutcome("prune", runs.COMPLETE, EXIT_OK, done.message(), run_id, summary=done.summary())
-        return _record_end(database, outcome, clock())
-    finally:
-        khlog.unbind("run_id")
-        if own_database and database is not None:
-            database.close()
-
-
-def _describe(exc: BaseException, abort_errors: tuple[type[BaseException], ...]) -> str:
-    if abort_errors and isinstance(exc, abort_errors):
-        return "aborted: the job reached its time limit; what was pruned so far stays pruned"
-    if isinstance(exc, SQLAlchemyError):
-        return f"database error: {describe_db_error(exc)}"
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    if isinstance(exc, KeyhygieneError):
-        return str(exc)
-    return f"unexpected error: {type(exc).__name__}: {exc}"
-
-
-def _record_end(database: Database | None, outcome: JobOutcome, now: datetime) -> JobOutcome:
-    if database is None or outcome.run_id is None:
-        log.error("run_not_started", kind="prune", error=outcome.message)
-        return outcome
-    try:
-        with session_scope(database) as session:
-            runs.finish_run(
-                session,
-                outcome.run_id,
-                status=outcome.status,
-                now=now,
-                error=None if outcome.status == runs.COMPLETE else outcome.message,
-                summary=outcome.summary or None,
-            )
-    except SQLAlchemyError as exc:
-        outcome.status = runs.FAILED
-        outcome.exit_code = EXIT_FAILURE
-        outcome.message = f"{outcome.message}; and the run could not be recorded: {describe_db_error(exc)}"
-    log.info(
-        "run_finished",
-        run_id=outcome.run_id,
-        kind="prune",
-        status=outcome.status,
-        exit_code=outcome.exit_code,
-        message=outcome.message,
-        **outcome.summary,
-    )
-    return outcome

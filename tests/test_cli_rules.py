@@ -114,6 +114,7 @@ def test_every_command_has_help(cli: Callable[..., CliResult]) -> None:
         ["worker"],
         ["beat"],
         ["demo"],
+        ["prune"],
     ]
     for command in commands:
         result = cli(*command, "--help")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select
 
 from db import runs
@@ -47,3 +48,21 @@ def test_a_sync_records_its_run(env: dict[str, str], cli: Callable[..., CliResul
     database.close()
     assert (run.kind, run.status, run.trigger) == ("sync", "complete", "cli")
     assert run.summary is not None and run.summary["keys"] == 0
+
+
+def test_prune_runs_inline_and_is_recorded(
+    env: dict[str, str], cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli("db", "upgrade").exit_code == 0
+    assert cli("sync").exit_code == 0
+    monkeypatch.setenv("KEYHYGIENE_RETENTION", "1d")
+
+    result = cli("prune")
+
+    assert result.exit_code == 0, result.stderr
+    assert "prune complete" in result.stdout
+    database = Database.open(Settings())  # type: ignore[call-arg]
+    with database.sessions() as session:
+        kinds = [(run.kind, run.status) for run in session.scalars(select(Run).order_by(Run.id))]
+    database.close()
+    assert kinds[-1] == ("prune", "complete")

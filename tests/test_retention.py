@@ -20,6 +20,7 @@ from fakeapi import FakeOpenRouter, generate_organisation
 from keyhygiene import retention
 from keyhygiene.context import Database, session_scope
 from keyhygiene.enforcement import load_plan_inputs
+from keyhygiene.jobs import execute
 from keyhygiene.reports import ReportError, ReportParams, builders
 from keyhygiene.reports.html import render_html
 from keyhygiene.reports.render import to_json
@@ -145,7 +146,7 @@ def test_reports_inside_the_retention_are_identical_after_pruning(org: Org) -> N
     snapshots_before = count(database, Snapshot)
 
     settings = org.settings.model_copy(update={"retention": RETENTION})
-    outcome = retention.prune_job(settings, clock=lambda: NOW, database=database)
+    outcome = execute("prune", settings, clock=lambda: NOW, database=database)
     assert outcome.exit_code == 0, outcome.message
     summary = outcome.summary
     assert summary["versions_deleted"] > 0 and summary["snapshots_deleted"] > 0
@@ -188,7 +189,7 @@ def test_reports_inside_the_retention_are_identical_after_pruning(org: Org) -> N
         builders()["inventory"](session, ReportParams(now=NOW, at=CUTOFF - 2 * DAY))
 
     # Pruning again finds nothing more to remove.
-    again = retention.prune_job(settings, clock=lambda: NOW, database=database)
+    again = execute("prune", settings, clock=lambda: NOW, database=database)
     assert again.summary["versions_deleted"] == again.summary["snapshots_deleted"] == 0
     assert retained_reports(database) == before
 
@@ -243,7 +244,7 @@ def test_prune_as_a_job_through_execute(org: Org) -> None:
     outcome = org.run("prune", NOW)  # through keyhygiene.jobs.execute, with the default 400d retention
     assert (outcome.kind, outcome.exit_code, outcome.summary["versions_deleted"]) == ("prune", 0, 0)
     settings = org.settings.model_copy(update={"retention": timedelta(days=15), "audit_retention": timedelta(days=400)})
-    outcome = retention.prune_job(settings, clock=lambda: NOW, database=org.database, trigger="beat")
+    outcome = execute("prune", settings, clock=lambda: NOW, database=org.database, trigger="beat")
     assert outcome.exit_code == 0
     assert outcome.summary["audit_cutoff"] == isoformat(NOW - timedelta(days=400))
     assert outcome.summary["cutoff"] == isoformat(NOW - timedelta(days=15))
