@@ -6,8 +6,8 @@
         ...                            # point a client at base_url with fake.management_key
     fake.mutating_calls()              # what the client did
 
-The wire behaviour follows ``/work/shared/openrouter-keys-api.md``; choices where it is uncertain
-are listed in :mod:`fakeapi.api`. ``python -m fakeapi --help`` runs a standalone server.
+The wire behaviour follows OpenRouter's API-keys reference; choices where it is uncertain are
+listed in :mod:`fakeapi.api`. ``python -m fakeapi --help`` runs a standalone server.
 """
 
 from __future__ import annotations

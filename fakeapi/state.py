@@ -196,7 +196,7 @@ class FakeOpenRouter:
 
     Serve it over HTTP with :func:`fakeapi.serve`. Keys are added directly with :meth:`add_key`
     (or :func:`fakeapi.generate_organisation`, :func:`fakeapi.load_scenario`) and through
-    ``POST /keys``; the HTTP side follows ``/work/shared/openrouter-keys-api.md``.
+    ``POST /keys``; the HTTP side follows OpenRouter's API-keys reference.
     """
 
     def __init__(

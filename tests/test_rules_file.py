@@ -12,7 +12,8 @@ import pytest
 
 from rules import Rule, RulesError, RuleSet, Safety, describe, load_rules, parse_rules
 
-INTERFACE = Path("/work/shared/interface.md")
+# The public interface document, where the checkout sits beside it (as in development and CI).
+INTERFACE = Path(__file__).resolve().parents[2] / "shared" / "interface.md"
 
 FULL_EXAMPLE = """\
 [safety]
