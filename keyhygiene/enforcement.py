@@ -9,7 +9,7 @@ is ever repeated blindly.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -213,6 +213,21 @@ def _complete(
         audit.complete_action(session, action_id, outcome=outcome, now=now, reason=reason, error=error)
 
 
+def fresh_history(history: KeyHistory, snapshot_key: Key | None, fresh: Key, now: datetime) -> KeyHistory:
+    """The snapshot history, extended by what the fresh state shows since the snapshot.
+
+    Counters that moved since the snapshot are a sign of use now; a key whose disabled state changed
+    since the snapshot has no disabled history of ours to lean on.
+    """
+    if snapshot_key is None:
+        return history
+    if (fresh.usage, fresh.byok_usage) != (snapshot_key.usage, snapshot_key.byok_usage):
+        history = replace(history, usage_unchanged_since=now)
+    if fresh.disabled != snapshot_key.disabled:
+        history = replace(history, disabled_since=None)
+    return history
+
+
 def _already_in_target_state(decision: Decision, fresh: Key) -> str | None:
     if decision.action == "disable" and fresh.disabled:
         return "already disabled"
@@ -242,6 +257,7 @@ def execute_decision(
     audit_facts: AuditFacts,
     run_id: int,
     now: datetime,
+    snapshot_key: Key | None = None,
     clock: Any = None,
 ) -> str:
     """Check the key fresh, then record intent, change it, record the outcome. Returns the outcome.
@@ -282,7 +298,7 @@ def execute_decision(
 
     reason = _already_in_target_state(decision, fresh)
     if reason is None:
-        again = decide(fresh, history, audit_facts, ruleset, now)
+        again = decide(fresh, fresh_history(history, snapshot_key, fresh, now), audit_facts, ruleset, now)
         if again is None:
             reason = "no longer matches any rule on the key's fresh state"
         elif again.action != decision.action:
@@ -459,6 +475,7 @@ def enforce_snapshot(
         )
         raise EnforcementRefused(breach.reason)
 
+    snapshot_keys = {key.hash: key for key in inputs.keys}
     for decision in the_plan.decisions:
         if decision.action == "report" or dry_run:
             outcome = audit.PLANNED if dry_run else audit.DONE
@@ -477,6 +494,7 @@ def enforce_snapshot(
             audit_facts=inputs.audits.get(decision.key_hash, AuditFacts()),
             run_id=run_id,
             now=now,
+            snapshot_key=snapshot_keys.get(decision.key_hash),
             clock=clock,
         )
         if outcome == audit.DONE:

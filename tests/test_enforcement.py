@@ -440,3 +440,42 @@ def test_a_delete_whose_answer_was_lost_is_recorded_as_done(
     row = next(a for a in _actions(ready) if org.name_of(a.key_hash) == "dev-expired-old")
     assert (row.action, row.outcome) == ("delete", "done")
     assert "404" in (row.reason or "")
+
+
+def test_idleness_proved_by_history_alone_and_rechecked_on_fresh_usage(
+    fake: FakeOpenRouter, ready: dict[str, str], rules_file: Callable[[str], Path]
+) -> None:
+    from keyhygiene.context import open_client
+    from keyhygiene.jobs import execute
+
+    # An API that does not report last_used_at: only the snapshots can show idleness.
+    fake.omit_fields = {"last_used_at"}
+    now = utcnow()
+    quiet = str(fake.add_key("svc-quiet", created_at=now - 100 * DAY, usage=3.0)["hash"])
+    woken = str(fake.add_key("svc-woken", created_at=now - 100 * DAY, usage=3.0)["hash"])
+    for n in range(8):
+        fake.add_key(f"svc-other-{n}", created_at=now - 100 * DAY, usage=1.0)
+    rules_file(
+        "[safety]\ndry_run = false\nmax_action_percent = 50\n\n"
+        '[[rule]]\nname = "idle"\nmatch = "unused"\nidle_for = "30d"\naction = "disable"\n'
+        'names = ["svc-quiet", "svc-woken"]\n'
+    )
+    config = Settings()  # type: ignore[call-arg]
+    database = Database.open(config)
+    client = open_client(config)
+    try:
+        # First seen 40 days ago, unchanged since: the history proves 40 days of idleness.
+        assert execute("sync", config, clock=lambda: now - 40 * DAY, database=database, client=client).exit_code == 0
+        assert execute("sync", config, clock=lambda: now, database=database, client=client).exit_code == 0
+        fake.record_use(woken, 0.25)  # used after the snapshot, before enforcement
+        fake.clear_calls()
+
+        outcome = execute("enforce", config, clock=lambda: now, database=database, client=client)
+    finally:
+        client.close()
+        database.close()
+
+    assert outcome.exit_code == 0, outcome.message
+    assert [(call.method, call.path) for call in fake.mutating_calls()] == [("PATCH", f"/keys/{quiet}")]
+    skipped = [a for a in _actions(ready) if a.key_hash == woken]
+    assert [(a.outcome, "no longer matches" in (a.reason or "")) for a in skipped] == [("skipped", True)]
