@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -64,17 +63,6 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
-
-
-@dataclass
-class Api:
-    """Opens a verified management-key client on first use."""
-
-    settings: Settings
-
-    @cached_property
-    def client(self) -> KeysClient:
-        return open_client(self.settings)
 
 
 def open_client(settings: Settings, *, verify: bool = True) -> KeysClient:

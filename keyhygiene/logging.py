@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -136,9 +135,3 @@ def unbind(*names: str) -> None:
 
 def clear() -> None:
     structlog.contextvars.clear_contextvars()
-
-
-def copy_without(mapping: MutableMapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    """A copy of ``mapping`` without ``names`` (used to keep secrets out of structured values)."""
-    dropped = set(names)
-    return {key: value for key, value in mapping.items() if key not in dropped}
