@@ -93,17 +93,17 @@ def in_doubt(session: Session) -> list[Action]:
     )
 
 
-def last_changes(session: Session) -> dict[str, LastChange]:
-    """Per key, our newest change that was executed (not dry-run, outcome done)."""
+def last_changes(session: Session, *, until: datetime | None = None) -> dict[str, LastChange]:
+    """Per key, our newest executed change (not dry-run, outcome done), made at or before ``until``."""
+    conditions: list[Any] = [
+        Action.dry_run.is_(False),
+        Action.outcome == DONE,
+        Action.action.in_(("disable", "enable", "delete")),
+    ]
+    if until is not None:
+        conditions.append(Action.created_at <= until)
     newest = (
-        select(Action.key_hash, func.max(Action.id).label("id"))
-        .where(
-            Action.dry_run.is_(False),
-            Action.outcome == DONE,
-            Action.action.in_(("disable", "enable", "delete")),
-        )
-        .group_by(Action.key_hash)
-        .subquery()
+        select(Action.key_hash, func.max(Action.id).label("id")).where(*conditions).group_by(Action.key_hash).subquery()
     )
     rows = session.execute(
         select(Action.key_hash, Action.action, Action.rule, Action.finished_at, Action.created_at).join(

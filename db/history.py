@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import case, func, null, or_, select, type_coerce
+from sqlalchemy import case, null, or_, select, type_coerce
 from sqlalchemy.orm import Session
 from sqlalchemy.types import JSON
 
-from .audit import DONE, LastChange
-from .models import Action, KeyState, Snapshot
+from .models import KeyState, Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,25 +142,3 @@ def state_versions(session: Session, *, alive_from: int, until_snapshot: int) ->
             )
         )
     return result
-
-
-def last_changes_until(session: Session, until: datetime | None = None) -> dict[str, LastChange]:
-    """Per key, our newest executed change (not dry-run, outcome done) made at or before ``until``."""
-    conditions: list[Any] = [
-        Action.dry_run.is_(False),
-        Action.outcome == DONE,
-        Action.action.in_(("disable", "enable", "delete")),
-    ]
-    if until is not None:
-        conditions.append(Action.created_at <= until)
-    newest = select(Action.key_hash, func.max(Action.id).label("id")).where(*conditions).group_by(Action.key_hash)
-    sub = newest.subquery()
-    rows = session.execute(
-        select(Action.key_hash, Action.action, Action.rule, Action.finished_at, Action.created_at).join(
-            sub, sub.c.id == Action.id
-        )
-    )
-    return {
-        key_hash: LastChange(action=action, rule=rule, at=finished_at or created_at)
-        for key_hash, action, rule, finished_at, created_at in rows
-    }

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from db import history, snapshots
+from db import audit, snapshots
 from db.models import Snapshot
 from keyhygiene.enforcement import load_histories
 from keysapi.models import Key
@@ -58,7 +58,7 @@ def _inputs(session: Session, params: ReportParams) -> _Inputs:
     snapshot = snapshot_for(session, params)
     audits = {
         key_hash: AuditFacts(last_change=change.action, last_change_rule=change.rule, last_change_at=change.at)
-        for key_hash, change in history.last_changes_until(session, params.at).items()
+        for key_hash, change in audit.last_changes(session, until=params.at).items()
     }
     keys = [
         key
