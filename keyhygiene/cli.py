@@ -189,7 +189,7 @@ def plan(state: State, fmt: str) -> None:
     from db import snapshots
 
     from .context import Database
-    from .enforcement import decision_row, load_plan_inputs, make_plan
+    from .enforcement import decision_row, explain, load_plan_inputs, make_plan
     from .jobs import load_ruleset
 
     settings = state.settings
@@ -214,8 +214,7 @@ def plan(state: State, fmt: str) -> None:
     from .reports.render import print_table
 
     for row in rows:
-        evidence = row["evidence"]
-        row["why"] = "; ".join(f"{k}={v}" for k, v in evidence.items() if v is not None)
+        row["why"] = explain(row["evidence"])
     print_table(
         Report(
             title=f"Plan on snapshot {inputs.snapshot_id} ({isoformat(inputs.taken_at)}), {len(inputs.keys)} keys",

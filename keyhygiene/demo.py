@@ -26,6 +26,7 @@ from rules import Decision, load_rules
 
 from . import logging as khlog
 from .context import Database, open_client
+from .enforcement import explain
 from .errors import EXIT_FAILURE, EXIT_OK
 from .jobs import execute
 from .reports import ReportParams
@@ -183,21 +184,6 @@ def _hand_made_keys(sim: _Simulation, end: datetime) -> None:
     sim.spender(overspend["hash"], heavy=True, stops=False)
 
 
-def _why(evidence: dict[str, Any]) -> str:
-    match = evidence.get("match")
-    if match == "expired":
-        why = f"expired {str(evidence.get('expires_at', ''))[:10]}"
-        if evidence.get("step") == "delete-after-grace":
-            why = f"disabled {float(evidence.get('disabled_days', 0)):.0f} days"
-    elif match == "unused":
-        why = f"idle {float(evidence.get('idle_days', 0)):.0f} days"
-    elif match == "over_budget":
-        why = f"${float(evidence.get('window_spend_usd', 0)):,.2f} {evidence.get('window', '')}"
-    else:
-        why = ""
-    return why
-
-
 def _plan_rows(decisions: list[Decision], *, per_group: int = 4) -> tuple[list[dict[str, Any]], Counter[str]]:
     """A few examples of each (action, rule), strongest first, and how many there are of each."""
     counts: Counter[str] = Counter()
@@ -211,7 +197,7 @@ def _plan_rows(decisions: list[Decision], *, per_group: int = 4) -> tuple[list[d
                     "action": decision.action,
                     "rule": decision.rule,
                     "name": decision.key_name,
-                    "why": _why(dict(decision.evidence)),
+                    "why": explain(decision.evidence),
                 }
             )
     return rows, counts

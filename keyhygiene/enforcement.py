@@ -507,6 +507,25 @@ def enforce_snapshot(
     return result
 
 
+def explain(evidence: Mapping[str, Any]) -> str:
+    """A decision's evidence in a few words, for tables: "expired 2026-10-16", "idle 46 days"..."""
+    match = evidence.get("match")
+    step = evidence.get("step")
+    if step == "reenable":
+        return "back under budget"
+    if step == "delete-after-grace":
+        return f"disabled {float(evidence.get('disabled_days', 0)):.0f} days"
+    if match == "expired":
+        return f"expired {str(evidence.get('expires_at', ''))[:10]}"
+    if match == "unused":
+        return f"idle {float(evidence.get('idle_days', 0)):.0f} days"
+    if match == "over_budget":
+        if "window_spend_usd" in evidence:
+            return f"${float(evidence['window_spend_usd']):,.2f} {evidence.get('window', '')}"
+        return f"limit spent (${float(evidence.get('limit_remaining') or 0):,.2f} left)"
+    return ""
+
+
 def decision_row(decision: Decision) -> dict[str, Any]:
     """A decision as one flat JSON-able row (for ``plan --format json``)."""
     return {

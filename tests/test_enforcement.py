@@ -479,3 +479,21 @@ def test_idleness_proved_by_history_alone_and_rechecked_on_fresh_usage(
     assert [(call.method, call.path) for call in fake.mutating_calls()] == [("PATCH", f"/keys/{quiet}")]
     skipped = [a for a in _actions(ready) if a.key_hash == woken]
     assert [(a.outcome, "no longer matches" in (a.reason or "")) for a in skipped] == [("skipped", True)]
+
+
+def test_plan_table_says_why_in_a_few_words(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules())
+    assert cli("sync").exit_code == 0
+
+    result = cli("plan")
+
+    assert result.exit_code == 0, result.stderr
+    lines = {line.split()[1]: line for line in result.stdout.splitlines() if line[:1].isalnum() and " " in line}
+    assert "idle 45 days" in lines["dev-idle"]
+    assert "$150.00 monthly" in lines["svc-overspend"]
+    assert "limit spent" in lines["svc-exhausted"]
+    assert "disabled 10 days" in lines["dev-expired-old"]
+    assert "5 change(s) planned, 1 report(s)" in result.stdout
+    assert all(len(line) <= 80 for line in result.stdout.splitlines())
