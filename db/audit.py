@@ -116,6 +116,20 @@ def last_changes(session: Session, *, until: datetime | None = None) -> dict[str
     }
 
 
+def deleted_since(session: Session, since: datetime) -> set[str]:
+    """Hashes of the keys keyhygiene deleted (not dry-run, outcome done) at or after ``since``."""
+    return set(
+        session.scalars(
+            select(Action.key_hash).where(
+                Action.action == "delete",
+                Action.outcome == DONE,
+                Action.dry_run.is_(False),
+                Action.created_at >= since,
+            )
+        )
+    )
+
+
 def actions_since(
     session: Session,
     *,

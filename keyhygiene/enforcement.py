@@ -113,6 +113,8 @@ class PlanInputs:
     histories: dict[str, KeyHistory]
     audits: dict[str, AuditFacts]
     previous_key_count: int | None
+    deleted_by_us: int = 0
+    """Keys of the previous snapshot that keyhygiene itself deleted since: not a suspicious shrink."""
 
 
 def load_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
@@ -120,13 +122,19 @@ def load_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
     if snapshot is None or snapshot.status != snapshots.COMPLETE or snapshot.taken_at is None:
         raise ValueError(f"snapshot {snapshot_id} is not a complete snapshot")
     previous = snapshots.previous_snapshot(session, snapshot_id)
+    keys = snapshots.keys_at(session, snapshot_id)
+    deleted_by_us = 0
+    if previous is not None and previous.taken_at is not None:
+        vanished = snapshots.key_hashes_at(session, previous.id) - {key.hash for key in keys}
+        deleted_by_us = len(vanished & audit.deleted_since(session, previous.taken_at))
     return PlanInputs(
         snapshot_id=snapshot_id,
         taken_at=snapshot.taken_at,
-        keys=snapshots.keys_at(session, snapshot_id),
+        keys=keys,
         histories=load_histories(session, snapshot_id),
         audits=load_audit_facts(session),
         previous_key_count=previous.key_count if previous is not None else None,
+        deleted_by_us=deleted_by_us,
     )
 
 
@@ -140,10 +148,13 @@ def inventory_shrink(inputs: PlanInputs, ruleset: RuleSet) -> str | None:
     current = len(inputs.keys)
     if not previous:
         return None
-    dropped = (previous - current) / previous * 100
+    # Keys that keyhygiene deleted itself are an expected shrink; everything else must be explained.
+    dropped = max(previous - current - inputs.deleted_by_us, 0) / previous * 100
     if dropped > ruleset.safety.max_action_percent:
+        ours = f", not counting {inputs.deleted_by_us} deleted by keyhygiene" if inputs.deleted_by_us else ""
         return (
-            f"the inventory shrank from {previous} to {current} keys ({dropped:.1f}%) since the previous snapshot, "
+            f"the inventory shrank from {previous} to {current} keys ({dropped:.1f}%{ours}) "
+            "since the previous snapshot, "
             f"more than max_action_percent ({ruleset.safety.max_action_percent:g}%): refusing to act on it"
         )
     return None

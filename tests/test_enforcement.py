@@ -497,3 +497,31 @@ def test_plan_table_says_why_in_a_few_words(
     assert "disabled 10 days" in lines["dev-expired-old"]
     assert "5 change(s) planned, 1 report(s)" in result.stdout
     assert all(len(line) <= 80 for line in result.stdout.splitlines())
+
+
+def test_keys_keyhygiene_deleted_itself_do_not_count_as_a_suspicious_shrink(
+    fake: FakeOpenRouter, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    now = utcnow()
+    hashes = [
+        str(fake.add_key(f"svc-{n}", created_at=now - 100 * DAY, last_used_at=now - DAY)["hash"]) for n in range(8)
+    ]
+    for n in range(2):
+        fake.add_key(f"old-{n}", created_at=now - 100 * DAY, expires_at=now - DAY, disabled=True)
+    rules_file(
+        "[safety]\ndry_run = false\nmax_action_percent = 20\n\n"
+        '[[rule]]\nname = "expired"\nmatch = "expired"\naction = "delete"\ngrace = "0d"\n'
+    )
+    assert cli("run").exit_code == 0  # deletes 2 of 10 keys (20%, allowed)
+    fake.delete_key(hashes[0])  # and someone else deletes one more: 3 of 10 gone, 1 of them not ours
+
+    result = cli("run")
+
+    assert result.exit_code == 0, result.stderr
+
+    fake.delete_key(hashes[1])
+    fake.delete_key(hashes[2])  # 2 of 7 vanish and none by us: 28.6% is suspicious
+    result = cli("run")
+
+    assert result.exit_code == 3
+    assert "shrank from 7 to 5 keys" in result.stderr
