@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
@@ -69,9 +69,24 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is at the moment of writing, so that a progress bar that redirects
+    stderr (rich does) prints log lines above itself instead of through it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(log_format: str = "json", *, stream: TextIO | None = None, level: int = logging.INFO) -> None:
-    """Send structlog's and the standard library's log lines to ``stream`` (stderr) in one format."""
-    stream = stream or sys.stderr
+    """Send structlog's and the standard library's log lines to ``stream`` (default: the current
+    stderr) in one format."""
+    stream = stream or cast(TextIO, _CurrentStderr())
     shared = _shared_processors()
     final: list[Processor]
     if log_format == "console":
