@@ -221,18 +221,25 @@ def complete_snapshots(
     return list(session.scalars(query.order_by(Snapshot.id)))
 
 
-def _alive_at(snapshot_id: int) -> Any:
-    return and_(KeyState.valid_from <= snapshot_id, or_(KeyState.valid_to.is_(None), KeyState.valid_to > snapshot_id))
+def _alive_at(session: Session, snapshot_id: int) -> Any:
+    """The versions alive at ``snapshot_id``. At the newest snapshot that is simply the open
+    versions, which the ``valid_to`` index finds without reading the history."""
+    newest = session.scalar(select(func.max(Snapshot.id)).where(Snapshot.status == COMPLETE))
+    if newest is not None and snapshot_id >= newest:
+        return KeyState.valid_to.is_(None)
+    return and_(
+        KeyState.valid_from <= snapshot_id, or_(KeyState.valid_to.is_(None), KeyState.valid_to > snapshot_id)
+    )
 
 
 def keys_at(session: Session, snapshot_id: int) -> list[Key]:
     """Every key exactly as snapshot ``snapshot_id`` saw it, raw JSON included, by hash."""
-    raws = session.scalars(select(KeyState.raw).where(_alive_at(snapshot_id)).order_by(KeyState.key_hash))
+    raws = session.scalars(select(KeyState.raw).where(_alive_at(session, snapshot_id)).order_by(KeyState.key_hash))
     return [Key.from_api(raw) for raw in raws]
 
 
 def key_hashes_at(session: Session, snapshot_id: int) -> set[str]:
-    return set(session.scalars(select(KeyState.key_hash).where(_alive_at(snapshot_id))))
+    return set(session.scalars(select(KeyState.key_hash).where(_alive_at(session, snapshot_id))))
 
 
 def count_versions(session: Session) -> int:
@@ -274,7 +281,7 @@ class TimelinePoint:
 
 def timelines(session: Session, snapshot_id: int) -> dict[str, list[TimelinePoint]]:
     """For every key alive at ``snapshot_id``: its versions up to that snapshot, oldest first."""
-    alive = select(KeyState.key_hash).where(_alive_at(snapshot_id)).scalar_subquery()
+    alive = select(KeyState.key_hash).where(_alive_at(session, snapshot_id)).scalar_subquery()
     started = Snapshot.__table__.alias("started")
     rows = session.execute(
         select(KeyState.key_hash, started.c.taken_at, KeyState.usage, KeyState.byok_usage, KeyState.disabled)
