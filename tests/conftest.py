@@ -54,7 +54,7 @@ def postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest) -> str:
     """A fresh, empty database URL: once on SQLite, once on PostgreSQL."""
     name = "sqlite_url" if request.param == "sqlite" else "postgres_url"
