@@ -342,19 +342,22 @@ def _unused_facts(rule: Rule, key: Key, history: KeyHistory, now: datetime) -> d
 
 
 def _disabled_proof(key: Key, history: KeyHistory, audit: AuditFacts, now: datetime) -> tuple[datetime, str] | None:
-    """The earliest time the key is shown to have been disabled since, and which source shows it.
+    """The time since which the key is shown to have been disabled, and which source shows it.
 
-    Sources: the snapshot history; ``updated_at`` of a disabled key (its last change, so it has been
-    disabled at least since then); our own audit, when our last change to it was a disable. Times
-    later than ``now`` prove nothing. None for an enabled key or when no source shows it.
+    ``updated_at`` of a disabled key comes first: it is the API's own record of the key's last
+    change, so the key has been disabled at least since then, and any older evidence may predate a
+    re-enable and a new disable that our snapshots and audit log never saw. Without it, the earliest
+    of the snapshot history and our own audit (when our last change to the key was a disable).
+    A time later than ``now`` proves nothing. None for an enabled key or when no source shows it.
     """
     if not key.disabled:
         return None
+    if key.updated_at is not None:
+        updated_at = as_utc(key.updated_at)
+        return (updated_at, "updated_at") if updated_at <= now else None
     sources: list[tuple[datetime, str]] = []
     if history.disabled_since is not None:
         sources.append((as_utc(history.disabled_since), "history"))
-    if key.updated_at is not None:
-        sources.append((as_utc(key.updated_at), "updated_at"))
     if audit.last_change == "disable" and audit.last_change_at is not None:
         sources.append((as_utc(audit.last_change_at), "audit"))
     valid = [source for source in sources if source[0] <= now]

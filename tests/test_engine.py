@@ -466,18 +466,32 @@ def test_an_audit_that_is_not_a_disable_proves_nothing() -> None:
     assert run(key, DELETE, audit=AuditFacts("disable", "del", None)) is None
 
 
-def test_delete_uses_the_earliest_valid_proof() -> None:
+def test_delete_trusts_updated_at_over_older_evidence() -> None:
+    # Our audit says we disabled the key 30 days ago and the snapshots saw it disabled 20 days ago,
+    # but the API changed it 2 days ago: someone may have enabled and disabled it again since.
+    key = make_key(disabled=True, updated_at=NOW - timedelta(days=2), **EXPIRED)
+    history = KeyHistory(disabled_since=NOW - timedelta(days=20))
+    audit = AuditFacts("disable", "del", NOW - timedelta(days=30))
+    assert run(key, DELETE, history=history, audit=audit) is None
+
     key = make_key(disabled=True, updated_at=NOW - timedelta(days=8), **EXPIRED)
-    decision = run(
-        key,
-        DELETE,
-        history=KeyHistory(disabled_since=NOW - DAY),
-        audit=AuditFacts("disable", "del", NOW - timedelta(days=2)),
-    )
+    decision = run(key, DELETE, history=KeyHistory(disabled_since=NOW - DAY), audit=audit)
     assert decision is not None
     assert decision.action == "delete"
     assert decision.evidence["disabled_since"] == iso(NOW - timedelta(days=8))
     assert decision.evidence["disabled_since_source"] == "updated_at"
+
+
+def test_without_updated_at_the_earliest_of_history_and_audit_counts() -> None:
+    key = make_key(disabled=True, updated_at=None, **EXPIRED)
+    decision = run(
+        key,
+        DELETE,
+        history=KeyHistory(disabled_since=NOW - timedelta(days=5)),
+        audit=AuditFacts("disable", "del", NOW - timedelta(days=8)),
+    )
+    assert decision is not None
+    assert (decision.action, decision.evidence["disabled_since_source"]) == ("delete", "audit")
 
 
 def test_a_proof_from_the_future_is_not_valid() -> None:
