@@ -27,6 +27,7 @@ class LastChange:
     action: str
     rule: str
     at: datetime
+    key_updated_at: datetime | None = None
 
 
 def record_action(
@@ -76,9 +77,10 @@ def complete_action(
     now: datetime,
     reason: str | None = None,
     error: str | None = None,
+    key_updated_at: datetime | None = None,
 ) -> None:
     """Record the outcome of an intent. The caller commits."""
-    values: dict[str, Any] = {"outcome": outcome, "finished_at": now}
+    values: dict[str, Any] = {"outcome": outcome, "finished_at": now, "key_updated_at": key_updated_at}
     if reason is not None:
         values["reason"] = reason
     if error is not None:
@@ -106,13 +108,13 @@ def last_changes(session: Session, *, until: datetime | None = None) -> dict[str
         select(Action.key_hash, func.max(Action.id).label("id")).where(*conditions).group_by(Action.key_hash).subquery()
     )
     rows = session.execute(
-        select(Action.key_hash, Action.action, Action.rule, Action.finished_at, Action.created_at).join(
-            newest, newest.c.id == Action.id
-        )
+        select(
+            Action.key_hash, Action.action, Action.rule, Action.finished_at, Action.created_at, Action.key_updated_at
+        ).join(newest, newest.c.id == Action.id)
     )
     return {
-        key_hash: LastChange(action=action, rule=rule, at=finished_at or created_at)
-        for key_hash, action, rule, finished_at, created_at in rows
+        key_hash: LastChange(action=action, rule=rule, at=finished_at or created_at, key_updated_at=key_updated_at)
+        for key_hash, action, rule, finished_at, created_at, key_updated_at in rows
     }
 
 

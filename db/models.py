@@ -145,3 +145,6 @@ class Action(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     evidence: Mapped[dict[str, Any]]
+    # The key's updated_at as the API answered a change that was done; later changes by anyone
+    # else show up as a different updated_at.
+    key_updated_at: Mapped[datetime | None]

@@ -227,9 +227,7 @@ def _alive_at(session: Session, snapshot_id: int) -> Any:
     newest = session.scalar(select(func.max(Snapshot.id)).where(Snapshot.status == COMPLETE))
     if newest is not None and snapshot_id >= newest:
         return KeyState.valid_to.is_(None)
-    return and_(
-        KeyState.valid_from <= snapshot_id, or_(KeyState.valid_to.is_(None), KeyState.valid_to > snapshot_id)
-    )
+    return and_(KeyState.valid_from <= snapshot_id, or_(KeyState.valid_to.is_(None), KeyState.valid_to > snapshot_id))
 
 
 def keys_at(session: Session, snapshot_id: int) -> list[Key]:

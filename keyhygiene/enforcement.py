@@ -98,7 +98,12 @@ def load_histories(session: Session, snapshot_id: int) -> dict[str, KeyHistory]:
 
 def load_audit_facts(session: Session) -> dict[str, AuditFacts]:
     return {
-        key_hash: AuditFacts(last_change=change.action, last_change_rule=change.rule, last_change_at=change.at)
+        key_hash: AuditFacts(
+            last_change=change.action,
+            last_change_rule=change.rule,
+            last_change_at=change.at,
+            key_updated_at=change.key_updated_at,
+        )
         for key_hash, change in audit.last_changes(session).items()
     }
 
@@ -219,9 +224,12 @@ def _complete(
     now: datetime,
     reason: str | None = None,
     error: str | None = None,
+    key_updated_at: datetime | None = None,
 ) -> None:
     with session_scope(database) as session:
-        audit.complete_action(session, action_id, outcome=outcome, now=now, reason=reason, error=error)
+        audit.complete_action(
+            session, action_id, outcome=outcome, now=now, reason=reason, error=error, key_updated_at=key_updated_at
+        )
 
 
 def fresh_history(history: KeyHistory, snapshot_key: Key | None, fresh: Key, now: datetime) -> KeyHistory:
@@ -247,15 +255,16 @@ def _already_in_target_state(decision: Decision, fresh: Key) -> str | None:
     return None
 
 
-def _apply(client: KeysClient, decision: Decision) -> None:
+def _apply(client: KeysClient, decision: Decision) -> Key | None:
+    """Make the change; the key as the API answered it (None after a delete)."""
     if decision.action == "disable":
-        client.update_key(decision.key_hash, disabled=True)
-    elif decision.action == "enable":
-        client.update_key(decision.key_hash, disabled=False)
-    elif decision.action == "delete":
+        return client.update_key(decision.key_hash, disabled=True)
+    if decision.action == "enable":
+        return client.update_key(decision.key_hash, disabled=False)
+    if decision.action == "delete":
         client.delete_key(decision.key_hash)
-    else:  # pragma: no cover - report decisions never reach here
-        raise ValueError(f"not a change: {decision.action}")
+        return None
+    raise ValueError(f"not a change: {decision.action}")  # pragma: no cover - reports never get here
 
 
 def execute_decision(
@@ -329,7 +338,7 @@ def execute_decision(
 
     action_id = _record(database, decision, run_id=run_id, now=stamp(), dry_run=False, outcome=audit.PENDING)
     try:
-        _apply(client, decision)
+        answered = _apply(client, decision)
     except NotFound:
         if decision.action == "delete":
             # The key existed a moment ago: a retried DELETE whose first answer was lost ends here.
@@ -341,10 +350,18 @@ def execute_decision(
         _event(decision, run_id=run_id, dry_run=False, outcome=audit.SKIPPED, reason="already gone")
         return audit.SKIPPED
     except ApiError as exc:
-        if not isinstance(exc, RequestRejected) and _took_effect(client, decision):
+        applied, after = (False, None) if isinstance(exc, RequestRejected) else _took_effect(client, decision)
+        if applied:
             # The answer was lost or garbled, but the key's fresh state shows the change was made.
             reason = f"the API's answer was unreadable ({exc}); the key's fresh state shows the change was made"
-            _complete(database, action_id, outcome=audit.DONE, now=stamp(), reason=reason)
+            _complete(
+                database,
+                action_id,
+                outcome=audit.DONE,
+                now=stamp(),
+                reason=reason,
+                key_updated_at=after.updated_at if after is not None else None,
+            )
             _event(decision, run_id=run_id, dry_run=False, outcome=audit.DONE, reason=reason)
             return audit.DONE
         _complete(database, action_id, outcome=audit.FAILED, now=stamp(), error=str(exc))
@@ -352,7 +369,13 @@ def execute_decision(
         if isinstance(exc, AuthenticationFailed):
             raise
         return audit.FAILED
-    _complete(database, action_id, outcome=audit.DONE, now=stamp())
+    _complete(
+        database,
+        action_id,
+        outcome=audit.DONE,
+        now=stamp(),
+        key_updated_at=answered.updated_at if answered is not None else None,
+    )
     _event(
         decision,
         run_id=run_id,
@@ -363,19 +386,20 @@ def execute_decision(
     return audit.DONE
 
 
-def _took_effect(client: KeysClient, decision: Decision) -> bool:
-    """Whether the key's fresh state shows ``decision`` was applied (False when that cannot be told)."""
+def _took_effect(client: KeysClient, decision: Decision) -> tuple[bool, Key | None]:
+    """Whether the key's fresh state shows ``decision`` was applied, and that state (False when it
+    cannot be told)."""
     try:
         fresh = client.get_key(decision.key_hash)
     except NotFound:
-        return decision.action == "delete"
+        return decision.action == "delete", None
     except ApiError:
-        return False
+        return False, None
     if decision.action == "disable":
-        return fresh.disabled
+        return fresh.disabled, fresh
     if decision.action == "enable":
-        return not fresh.disabled
-    return False
+        return not fresh.disabled, fresh
+    return False, fresh
 
 
 def settle_in_doubt(database: Database, client: KeysClient, *, now: datetime) -> int:

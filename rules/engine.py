@@ -411,7 +411,8 @@ def _reenable(
 ) -> tuple[int, Rule, dict[str, Any]] | None:
     """The ``reenable`` rule that may enable this key now, with its evidence, or None.
 
-    Only a key that is disabled and whose last change by us was a disable by that very rule; only
+    Only a key that is disabled and whose last change by us was a disable by that very rule, with
+    nothing changed since (its ``updated_at`` is still the one the API answered our disable with); only
     when the rule's filters still take the key in, except ``disabled`` (the rule turned the key
     from enabled to disabled itself, so its ``disabled`` filter would otherwise lock the key out of
     ever being re-enabled); only when the key is proven back under budget; and only when no other
@@ -419,6 +420,11 @@ def _reenable(
     disable it again at the next run).
     """
     if not key.disabled or audit.last_change != "disable" or audit.last_change_rule is None:
+        return None
+    if key.updated_at is not None and (
+        audit.key_updated_at is None or as_utc(key.updated_at) != as_utc(audit.key_updated_at)
+    ):
+        # The key changed after our disable (or we cannot tell): someone else may have disabled it.
         return None
     found = next(
         ((index, rule) for index, rule in enumerate(ruleset.rules) if rule.name == audit.last_change_rule),

@@ -31,3 +31,6 @@ class AuditFacts:
     last_change: str | None = None  # "disable" | "enable" | "delete"
     last_change_rule: str | None = None
     last_change_at: datetime | None = None
+    # The key's ``updated_at`` as the API answered our change: if the key's ``updated_at`` differs
+    # now, someone else has changed the key since.
+    key_updated_at: datetime | None = None

@@ -206,11 +206,10 @@ def test_delete_follows_disable_after_grace_and_reenable_only_what_the_rule_disa
     assert cli("run").exit_code == 0
     org.fake.clear_calls()
 
-    # The budget window "resets" for svc-exhausted (its limit is raised) and for the key that
-    # someone else disabled; only the one our rule disabled is enabled again.
-    org.fake.update_key(org.hashes["svc-exhausted"], {"limit": 1000.0})
-    org.fake.update_key(org.hashes["svc-disabled-by-someone"], {"limit": 1000.0})
-    org.fake.clear_calls()
+    # The monthly window resets (the fake's calendar moves into the next month): svc-exhausted,
+    # which our rule disabled, is under budget again and is enabled; the key someone else disabled
+    # stays disabled.
+    org.fake.set_clock(utcnow() + timedelta(days=35))
     result = cli("run")
 
     assert result.exit_code == 0, result.stderr
@@ -525,3 +524,21 @@ def test_keys_keyhygiene_deleted_itself_do_not_count_as_a_suspicious_shrink(
 
     assert result.exit_code == 3
     assert "shrank from 7 to 5 keys" in result.stderr
+
+
+def test_a_key_changed_by_someone_after_our_disable_is_never_enabled_again(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules())
+    assert cli("run").exit_code == 0
+    # Someone enables svc-exhausted and disables it again: it is their disable now, not ours.
+    org.fake.update_key(org.hashes["svc-exhausted"], {"disabled": False})
+    org.fake.update_key(org.hashes["svc-exhausted"], {"disabled": True})
+    org.fake.set_clock(utcnow() + timedelta(days=35))  # and the budget window resets
+    org.fake.clear_calls()
+
+    result = cli("run")
+
+    assert result.exit_code == 0, result.stderr
+    assert org.changes() == []
+    assert not [a for a in _actions(ready) if a.action == "enable"]

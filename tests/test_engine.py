@@ -539,6 +539,18 @@ def test_reenable_a_key_this_rule_disabled_once_under_budget() -> None:
     }
 
 
+def test_reenable_only_while_the_key_is_as_our_disable_left_it() -> None:
+    ours = NOW - timedelta(days=20)
+    audit = AuditFacts("disable", "spend", ours, key_updated_at=ours)
+    assert action_of(run(make_key(disabled=True, usage_monthly=0.0, updated_at=ours), SPEND, audit=audit)) == "enable"
+    # Changed since our disable (someone enabled and disabled it again), or we never learnt the
+    # updated_at our disable left: someone else's disable, never enabled by us.
+    later = make_key(disabled=True, usage_monthly=0.0, updated_at=ours + timedelta(minutes=5))
+    assert run(later, SPEND, audit=audit) is None
+    unknown = AuditFacts("disable", "spend", ours)
+    assert run(make_key(disabled=True, usage_monthly=0.0, updated_at=ours), SPEND, audit=unknown) is None
+
+
 def test_no_reenable_while_still_over_budget() -> None:
     assert run(make_key(disabled=True, usage_monthly=100.0), SPEND, audit=BY_SPEND) is None
 
