@@ -9,7 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY keyhygiene ./keyhygiene
 COPY keysapi ./keysapi
 COPY fakeapi ./fakeapi
@@ -18,7 +18,7 @@ COPY db ./db
 COPY migrations ./migrations
 COPY tasks ./tasks
 COPY worker ./worker
-RUN pip install . && rm -rf /src
+RUN pip install --constraint constraints.txt . && rm -rf /src
 
 COPY deploy/docker-entrypoint.sh /usr/local/bin/keyhygiene-entrypoint
 RUN chmod 0755 /usr/local/bin/keyhygiene-entrypoint \
