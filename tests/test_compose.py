@@ -123,7 +123,9 @@ def test_every_setting_the_services_pass_is_one_keyhygiene_reads(compose: dict[s
 
 def test_the_dockerfile_installs_the_package_and_bakes_in_no_secret() -> None:
     text = DOCKERFILE.read_text()
-    assert re.search(r"^RUN pip install \.", text, re.MULTILINE)
+    # The package itself, with the same pinned versions the tests ran with.
+    assert re.search(r"^RUN pip install --constraint constraints\.txt \.", text, re.MULTILINE)
+    assert "COPY pyproject.toml README.md constraints.txt" in text
     assert "OPENROUTER_MANAGEMENT_KEY=" not in text
     assert re.search(r"^USER (?!root)", text, re.MULTILINE), "the image does not run as root"
     for package in ("keyhygiene", "keysapi", "rules", "db", "migrations", "tasks", "worker"):
