@@ -196,24 +196,48 @@ def _record(
     reason: str | None = None,
     error: str | None = None,
 ) -> int:
+    """Write and commit one audit record (before an API call, the intent)."""
+    return _record_all(
+        database, [decision], run_id=run_id, now=now, dry_run=dry_run, outcome=outcome, reason=reason, error=error
+    )[0]
+
+
+def _record_all(
+    database: Database,
+    decisions: Sequence[Decision],
+    *,
+    run_id: int,
+    now: datetime,
+    dry_run: bool,
+    outcome: str,
+    reason: str | None = None,
+    error: str | None = None,
+) -> list[int]:
+    """Write audit records for ``decisions`` in one transaction, then log one ``key_action`` each."""
     with session_scope(database) as session:
-        row = audit.record_action(
-            session,
-            run_id=run_id,
-            now=now,
-            key_hash=decision.key_hash,
-            key_name=decision.key_name,
-            workspace_id=decision.workspace_id,
-            rule=decision.rule,
-            rules=decision.rules,
-            action=decision.action,
-            dry_run=dry_run,
-            outcome=outcome,
-            evidence=decision.evidence,
-            reason=reason,
-            error=error,
-        )
-        return row.id
+        ids = [
+            audit.record_action(
+                session,
+                run_id=run_id,
+                now=now,
+                key_hash=decision.key_hash,
+                key_name=decision.key_name,
+                workspace_id=decision.workspace_id,
+                rule=decision.rule,
+                rules=decision.rules,
+                action=decision.action,
+                dry_run=dry_run,
+                outcome=outcome,
+                evidence=decision.evidence,
+                reason=reason,
+                error=error,
+            ).id
+            for decision in decisions
+        ]
+    if outcome != audit.PENDING:
+        for decision in decisions:
+            _event(decision, run_id=run_id, dry_run=dry_run, outcome=outcome, reason=reason, error=error)
+    return ids
 
 
 def _complete(
@@ -298,7 +322,6 @@ def execute_decision(
             outcome=audit.SKIPPED,
             reason="already gone (404 on the fresh check)",
         )
-        _event(decision, run_id=run_id, dry_run=False, outcome=audit.SKIPPED, reason="already gone")
         return audit.SKIPPED
     except AuthenticationFailed:
         raise
@@ -313,7 +336,6 @@ def execute_decision(
             reason="the fresh check failed",
             error=str(exc),
         )
-        _event(decision, run_id=run_id, dry_run=False, outcome=audit.FAILED, error=str(exc))
         return audit.FAILED
 
     reason = _already_in_target_state(decision, fresh)
@@ -333,57 +355,43 @@ def execute_decision(
             outcome=audit.SKIPPED,
             reason=reason,
         )
-        _event(decision, run_id=run_id, dry_run=False, outcome=audit.SKIPPED, reason=reason)
         return audit.SKIPPED
 
     action_id = _record(database, decision, run_id=run_id, now=stamp(), dry_run=False, outcome=audit.PENDING)
+
+    def outcome_is(
+        outcome: str, *, reason: str | None = None, error: str | None = None, after: Key | None = None
+    ) -> str:
+        """Complete the intent with its outcome, and log it."""
+        key_updated_at = after.updated_at if after is not None else None
+        _complete(
+            database, action_id, outcome=outcome, now=stamp(), reason=reason, error=error, key_updated_at=key_updated_at
+        )
+        _event(decision, run_id=run_id, dry_run=False, outcome=outcome, reason=reason, error=error)
+        return outcome
+
     try:
         answered = _apply(client, decision)
     except NotFound:
         if decision.action == "delete":
             # The key existed a moment ago: a retried DELETE whose first answer was lost ends here.
-            reason = "the key is gone: DELETE answered 404 (an earlier attempt of the same request removed it)"
-            _complete(database, action_id, outcome=audit.DONE, now=stamp(), reason=reason)
-            _event(decision, run_id=run_id, dry_run=False, outcome=audit.DONE, reason=reason)
-            return audit.DONE
-        _complete(database, action_id, outcome=audit.SKIPPED, now=stamp(), reason="already gone (404)")
-        _event(decision, run_id=run_id, dry_run=False, outcome=audit.SKIPPED, reason="already gone")
-        return audit.SKIPPED
+            return outcome_is(
+                audit.DONE,
+                reason="the key is gone: DELETE answered 404 (an earlier attempt of the same request removed it)",
+            )
+        return outcome_is(audit.SKIPPED, reason="already gone (404)")
     except ApiError as exc:
         applied, after = (False, None) if isinstance(exc, RequestRejected) else _took_effect(client, decision)
         if applied:
             # The answer was lost or garbled, but the key's fresh state shows the change was made.
             reason = f"the API's answer was unreadable ({exc}); the key's fresh state shows the change was made"
-            _complete(
-                database,
-                action_id,
-                outcome=audit.DONE,
-                now=stamp(),
-                reason=reason,
-                key_updated_at=after.updated_at if after is not None else None,
-            )
-            _event(decision, run_id=run_id, dry_run=False, outcome=audit.DONE, reason=reason)
-            return audit.DONE
-        _complete(database, action_id, outcome=audit.FAILED, now=stamp(), error=str(exc))
-        _event(decision, run_id=run_id, dry_run=False, outcome=audit.FAILED, error=str(exc))
+            return outcome_is(audit.DONE, reason=reason, after=after)
+        outcome_is(audit.FAILED, error=str(exc))
         if isinstance(exc, AuthenticationFailed):
             raise
         return audit.FAILED
-    _complete(
-        database,
-        action_id,
-        outcome=audit.DONE,
-        now=stamp(),
-        key_updated_at=answered.updated_at if answered is not None else None,
-    )
-    _event(
-        decision,
-        run_id=run_id,
-        dry_run=False,
-        outcome=audit.DONE,
-        reason=decision.evidence.get("step") if isinstance(decision.evidence, Mapping) else None,
-    )
-    return audit.DONE
+    step = decision.evidence.get("step")
+    return outcome_is(audit.DONE, reason=step if isinstance(step, str) else None, after=answered)
 
 
 def _took_effect(client: KeysClient, decision: Decision) -> tuple[bool, Key | None]:
@@ -490,17 +498,15 @@ def enforce_snapshot(
     breach: CapBreach | None = check_caps(the_plan, ruleset.safety)
     if breach is not None:
         result.refused = REFUSED_CAPS
-        for decision in the_plan.changes:
-            _record(
-                database,
-                decision,
-                run_id=run_id,
-                now=now,
-                dry_run=dry_run,
-                outcome=audit.REFUSED,
-                reason=breach.reason,
-            )
-            _event(decision, run_id=run_id, dry_run=dry_run, outcome=audit.REFUSED, reason=breach.reason)
+        _record_all(
+            database,
+            the_plan.changes,
+            run_id=run_id,
+            now=now,
+            dry_run=dry_run,
+            outcome=audit.REFUSED,
+            reason=breach.reason,
+        )
         log.error(
             "enforcement_refused",
             run_id=run_id,
@@ -510,15 +516,20 @@ def enforce_snapshot(
         )
         raise EnforcementRefused(breach.reason)
 
+    # Reports, and everything in a dry run, call no API: recorded together in one transaction.
+    unapplied = [decision for decision in the_plan.decisions if dry_run or decision.action == "report"]
+    _record_all(
+        database,
+        unapplied,
+        run_id=run_id,
+        now=now,
+        dry_run=dry_run,
+        outcome=audit.PLANNED if dry_run else audit.DONE,
+    )
+    result.reported = sum(1 for decision in unapplied if decision.action == "report")
+
     snapshot_keys = {key.hash: key for key in inputs.keys}
-    for decision in the_plan.decisions:
-        if decision.action == "report" or dry_run:
-            outcome = audit.PLANNED if dry_run else audit.DONE
-            _record(database, decision, run_id=run_id, now=now, dry_run=dry_run, outcome=outcome)
-            _event(decision, run_id=run_id, dry_run=dry_run, outcome=outcome)
-            if decision.action == "report":
-                result.reported += 1
-            continue
+    for decision in the_plan.changes if not dry_run else ():
         assert client is not None, "a client is needed to change keys"
         outcome = execute_decision(
             database,
