@@ -89,7 +89,3 @@ def abandon_stale_runs(session: Session, *, now: datetime, older_than: datetime)
         .values(status=ABORTED, finished_at=now, error="the process running this job stopped before it ended")
     )
     return int(getattr(result, "rowcount", 0) or 0)
-
-
-def recent_runs(session: Session, *, limit: int = 20) -> list[Run]:
-    return list(session.scalars(select(Run).order_by(Run.id.desc()).limit(limit)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -40,16 +40,6 @@ class SnapshotWrite:
     changed: int
     added: int
     gone: int
-
-
-@dataclass(frozen=True, slots=True)
-class Version:
-    """One stored version of a key, as history queries see it."""
-
-    key_hash: str
-    valid_from_at: datetime
-    valid_to_at: datetime | None
-    state: Key
 
 
 def digest(raw: Mapping[str, Any]) -> str:
@@ -205,10 +195,6 @@ def first_snapshot(session: Session) -> Snapshot | None:
     return session.scalars(select(Snapshot).where(Snapshot.status == COMPLETE).order_by(Snapshot.id).limit(1)).first()
 
 
-def snapshot_for_run(session: Session, run_id: int) -> Snapshot | None:
-    return session.scalars(select(Snapshot).where(Snapshot.run_id == run_id).order_by(Snapshot.id.desc())).first()
-
-
 def complete_snapshots(
     session: Session, *, since: datetime | None = None, until: datetime | None = None
 ) -> list[Snapshot]:
@@ -242,29 +228,6 @@ def key_hashes_at(session: Session, snapshot_id: int) -> set[str]:
 
 def count_versions(session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(KeyState)) or 0)
-
-
-def versions(
-    session: Session, *, key_hashes: Iterable[str] | None = None, until_snapshot: int | None = None
-) -> list[Version]:
-    """Stored versions in (key, time) order, with the times their validity began and ended."""
-    started = Snapshot.__table__.alias("started")
-    ended = Snapshot.__table__.alias("ended")
-    query = (
-        select(KeyState.key_hash, started.c.taken_at, ended.c.taken_at, KeyState.raw)
-        .join(started, started.c.id == KeyState.valid_from)
-        .outerjoin(ended, ended.c.id == KeyState.valid_to)
-        .order_by(KeyState.key_hash, KeyState.valid_from)
-    )
-    if until_snapshot is not None:
-        query = query.where(KeyState.valid_from <= until_snapshot)
-    result: list[Version] = []
-    wanted = set(key_hashes) if key_hashes is not None else None
-    for key_hash, valid_from_at, valid_to_at, raw in session.execute(query):
-        if wanted is not None and key_hash not in wanted:
-            continue
-        result.append(Version(key_hash, valid_from_at, valid_to_at, Key.from_api(raw)))
-    return result
 
 
 @dataclass(frozen=True, slots=True)

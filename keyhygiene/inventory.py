@@ -13,13 +13,13 @@ from datetime import datetime
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from db import runs, snapshots
+from db import snapshots
 from keysapi.client import KeysClient, Listing
 from keysapi.errors import ApiError, NotFound
 from keysapi.models import Key
 
 from .context import Database, describe_db_error, session_scope
-from .errors import DatabaseFailure, KeyhygieneError
+from .errors import KeyhygieneError
 from .logging import get_logger, redact_text
 
 log = get_logger(__name__)
@@ -165,20 +165,3 @@ def _record_failure(database: Database, snapshot_id: int, message: str) -> None:
             snapshots.fail_snapshot(session, snapshot_id=snapshot_id, error=message)
     except SQLAlchemyError as exc:  # the database itself is what failed; the snapshot stays unread
         log.error("sync_failure_not_recorded", snapshot_id=snapshot_id, error=describe_db_error(exc))
-
-
-def finish(
-    database: Database,
-    run_id: int,
-    *,
-    status: str,
-    now: datetime,
-    error: str | None = None,
-    summary: dict[str, object] | None = None,
-) -> None:
-    """Record the end of a run, translating a database failure into a DatabaseFailure."""
-    try:
-        with session_scope(database) as session:
-            runs.finish_run(session, run_id, status=status, now=now, error=error, summary=summary)
-    except SQLAlchemyError as exc:
-        raise DatabaseFailure(f"cannot record the end of run {run_id}: {describe_db_error(exc)}") from None
