@@ -11,9 +11,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY keyhygiene ./keyhygiene
-COPY keysapi ./keysapi
-COPY fakeapi ./fakeapi
-COPY rules ./rules
 COPY db ./db
 COPY migrations ./migrations
 COPY tasks ./tasks

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_plan.py [--keys 20000] [--days 30] [--churn 0.05] [--postgres URL]
 
 The store is built directly with the db layer, no HTTP: a realistic organisation
-(``fakeapi.generate_organisation``) is recorded as a first snapshot, then one snapshot per simulated
+(``keyhygiene.fakeapi.generate_organisation``) is recorded as a first snapshot, then one snapshot per simulated
 day in which ``--churn`` of the keys spend (usage, sometimes BYOK, and ``last_used_at`` move) and a
 few keys are created, deleted, disabled or enabled. SQLite in a temporary directory, or PostgreSQL
 in a temporary schema with ``--postgres``.
@@ -12,7 +12,7 @@ Measured on the newest snapshot, each beside a baseline run on the same store:
 
 1. Loading the engine's inputs: ``keyhygiene.enforcement.load_plan_inputs`` (one pass over the
    versions) against one history query per key (N+1).
-2. Planning: ``rules.plan`` over every key with an expired / unused / over_budget rules set, after
+2. Planning: ``keyhygiene.rules.plan`` over every key with an expired / unused / over_budget rules set, after
    either load.
 3. The spend report over ``--days``: ``report spend`` (one pass over the versions of the period)
    against rebuilding every daily inventory with ``db.snapshots.keys_at`` and diffing consecutive ones.
@@ -46,13 +46,13 @@ from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
 from db.models import KeyState, Snapshot
 from db.snapshots import TimelinePoint
-from fakeapi import FakeOpenRouter, generate_organisation
 from keyhygiene.context import Database, session_scope
 from keyhygiene.enforcement import PlanInputs, history_from_timeline, load_audit_facts, load_plan_inputs, make_plan
+from keyhygiene.fakeapi import FakeOpenRouter, generate_organisation
+from keyhygiene.keysapi.models import Key
 from keyhygiene.reports import ReportParams, builders
+from keyhygiene.rules import KeyHistory, Plan, RuleSet, parse_rules
 from keyhygiene.timeutil import isoformat
-from keysapi.models import Key
-from rules import KeyHistory, Plan, RuleSet, parse_rules
 
 RULES = """
 [safety]

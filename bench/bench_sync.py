@@ -40,10 +40,10 @@ from db import runs, snapshots
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
 from db.models import KeyState
-from fakeapi import FakeOpenRouter, FakeServer, generate_organisation
 from keyhygiene.context import Database, session_scope
-from keysapi.client import KeysClient
-from keysapi.models import Key
+from keyhygiene.fakeapi import FakeOpenRouter, FakeServer, generate_organisation
+from keyhygiene.keysapi.client import KeysClient
+from keyhygiene.keysapi.models import Key
 
 POSTGRES_URL = os.environ.get(
     "KEYHYGIENE_BENCH_POSTGRES_URL",

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from keysapi.models import Key
+from keyhygiene.keysapi.models import Key
 
 from .models import KeyState, Snapshot
 

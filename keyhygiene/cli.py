@@ -208,7 +208,7 @@ def plan(state: State, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(rows))
         return
-    from rules import check_caps
+    from keyhygiene.rules import check_caps
 
     from .reports.base import Report
     from .reports.render import print_table
@@ -244,7 +244,7 @@ def rules() -> None:
 @click.argument("file", required=False, type=click.Path(dir_okay=False))
 def rules_check(file: str | None) -> None:
     """Validate a rules file (default: KEYHYGIENE_RULES_FILE) and print the rules as understood."""
-    from rules import RulesError, describe, load_rules
+    from keyhygiene.rules import RulesError, describe, load_rules
 
     path = file or load_settings().rules_file
     try:
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a database or API failure outside a job: one line, never a traceback
         from sqlalchemy.exc import SQLAlchemyError
 
-        from keysapi.errors import ApiError
+        from keyhygiene.keysapi.errors import ApiError
 
         from .context import describe_db_error
 

@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_session_factory
 from db.migrate import SchemaOutOfDate, check_schema
-from keysapi.client import KeysClient
-from keysapi.errors import ApiError, AuthenticationFailed
+from keyhygiene.keysapi.client import KeysClient
+from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed
 
 from .errors import DatabaseFailure, NotAManagementKey, UsageError
 from .logging import register_secret

@@ -21,8 +21,8 @@ from typing import Any
 from rich.console import Console
 
 from db.migrate import upgrade
-from fakeapi import FakeOpenRouter, FakeServer, generate_organisation
-from rules import Decision, load_rules
+from keyhygiene.fakeapi import FakeOpenRouter, FakeServer, generate_organisation
+from keyhygiene.rules import Decision, load_rules
 
 from . import logging as khlog
 from .context import Database, open_client

@@ -18,10 +18,10 @@ from sqlalchemy.orm import Session
 from db import audit, snapshots
 from db.models import Snapshot
 from db.snapshots import TimelinePoint
-from keysapi.client import KeysClient
-from keysapi.errors import ApiError, AuthenticationFailed, NotFound, RequestRejected
-from keysapi.models import Key
-from rules import AuditFacts, CapBreach, Decision, KeyHistory, Plan, RuleSet, check_caps, decide, plan
+from keyhygiene.keysapi.client import KeysClient
+from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed, NotFound, RequestRejected
+from keyhygiene.keysapi.models import Key
+from keyhygiene.rules import AuditFacts, CapBreach, Decision, KeyHistory, Plan, RuleSet, check_caps, decide, plan
 
 from .context import Database, session_scope
 from .errors import EnforcementRefused

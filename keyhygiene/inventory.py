@@ -14,9 +14,9 @@ from datetime import datetime
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import snapshots
-from keysapi.client import KeysClient, Listing
-from keysapi.errors import ApiError, NotFound
-from keysapi.models import Key
+from keyhygiene.keysapi.client import KeysClient, Listing
+from keyhygiene.keysapi.errors import ApiError, NotFound
+from keyhygiene.keysapi.models import Key
 
 from .context import Database, describe_db_error, session_scope
 from .errors import KeyhygieneError

@@ -17,9 +17,9 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import runs, snapshots
-from keysapi.client import KeysClient
-from keysapi.errors import ApiError, AuthenticationFailed
-from rules import RulesError, RuleSet, load_rules
+from keyhygiene.keysapi.client import KeysClient
+from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed
+from keyhygiene.rules import RulesError, RuleSet, load_rules
 
 from . import logging as khlog
 from .context import Database, describe_db_error, open_client, session_scope

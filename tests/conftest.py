@@ -22,8 +22,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from db.migrate import upgrade
-from fakeapi import FakeOpenRouter, FakeServer
 from keyhygiene.context import Database
+from keyhygiene.fakeapi import FakeOpenRouter, FakeServer
 from keyhygiene.settings import Settings
 
 POSTGRES_URL = os.environ.get("KEYHYGIENE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

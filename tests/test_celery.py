@@ -18,7 +18,7 @@ import pytest
 from kombu import Connection, Exchange, Producer
 
 from db import audit, runs
-from fakeapi import FakeOpenRouter
+from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.timeutil import utcnow
 from worker.lock import LOCK_KEY, JobLock
 from worker.names import QUEUE, TASK_NAMES

@@ -14,8 +14,8 @@ import pytest
 
 import db.engine
 from db.migrate import upgrade
-from fakeapi import FakeOpenRouter
 from keyhygiene.context import Database
+from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.settings import Settings
 from tests.conftest import MANAGEMENT_KEY
 

@@ -12,9 +12,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from fakeapi import FakeOpenRouter
-from keysapi.client import KeysClient
-from keysapi.errors import (
+from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.keysapi.client import KeysClient
+from keyhygiene.keysapi.errors import (
     AuthenticationFailed,
     ConnectionFailed,
     MalformedResponse,
@@ -22,7 +22,7 @@ from keysapi.errors import (
     RateLimited,
     ServerError,
 )
-from keysapi.models import CurrentKey, Key
+from keyhygiene.keysapi.models import CurrentKey, Key
 from tests.conftest import MANAGEMENT_KEY
 
 NOW = datetime.now(UTC).replace(microsecond=0)

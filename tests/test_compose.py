@@ -128,7 +128,7 @@ def test_the_dockerfile_installs_the_package_and_bakes_in_no_secret() -> None:
     assert "COPY pyproject.toml README.md constraints.txt" in text
     assert "OPENROUTER_MANAGEMENT_KEY=" not in text
     assert re.search(r"^USER (?!root)", text, re.MULTILINE), "the image does not run as root"
-    for package in ("keyhygiene", "keysapi", "rules", "db", "migrations", "tasks", "worker"):
+    for package in ("keyhygiene", "db", "migrations", "tasks", "worker"):
         assert f"COPY {package} " in text, f"the image lacks the {package} package"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".env", "secrets/", "*.db", ".venv"} <= set(ignored)
@@ -137,7 +137,7 @@ def test_the_dockerfile_installs_the_package_and_bakes_in_no_secret() -> None:
 
 
 def test_the_example_rules_file_is_valid_and_changes_nothing() -> None:
-    from rules import load_rules
+    from keyhygiene.rules import load_rules
 
     ruleset = load_rules(ROOT / "deploy" / "keyhygiene.toml.example")
     assert ruleset.safety.dry_run is True

@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import select
 
 from db.models import Action, Run
-from fakeapi import FakeOpenRouter
 from keyhygiene.context import Database
+from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.settings import Settings
 from keyhygiene.timeutil import utcnow
 

@@ -14,8 +14,8 @@ from sqlalchemy import select
 
 from db.migrate import upgrade
 from db.models import Action
-from fakeapi import FakeOpenRouter, FakeServer
 from keyhygiene.context import Database, open_client
+from keyhygiene.fakeapi import FakeOpenRouter, FakeServer
 from keyhygiene.jobs import execute
 from keyhygiene.settings import Settings
 from keyhygiene.timeutil import utcnow

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from keysapi.models import Key
-from rules import (
+from keyhygiene.keysapi.models import Key
+from keyhygiene.rules import (
     AuditFacts,
     Decision,
     KeyHistory,

@@ -11,8 +11,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keysapi.models import Key
-from rules import (
+from keyhygiene.keysapi.models import Key
+from keyhygiene.rules import (
     AuditFacts,
     Decision,
     KeyHistory,

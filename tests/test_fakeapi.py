@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fakeapi import Call, FakeOpenRouter, FakeServer, generate_organisation, load_scenario, serve
+from keyhygiene.fakeapi import Call, FakeOpenRouter, FakeServer, generate_organisation, load_scenario, serve
 
 NOW = datetime(2026, 10, 15, 12, 0, tzinfo=UTC)  # a Thursday
 MANAGEMENT_KEY = "sk-or-v1-mgmt-" + "5" * 50
@@ -913,11 +913,11 @@ def test_command_line_serves_generated_keys_until_stopped() -> None:
     assert (
         "--scenario"
         in subprocess.run(
-            [sys.executable, "-m", "fakeapi", "--help"], capture_output=True, text=True, check=True
+            [sys.executable, "-m", "keyhygiene.fakeapi", "--help"], capture_output=True, text=True, check=True
         ).stdout
     )
     with subprocess.Popen(
-        [sys.executable, "-m", "fakeapi", "--port", "0", "--keys", "20", "--seed", "2"],
+        [sys.executable, "-m", "keyhygiene.fakeapi", "--port", "0", "--keys", "20", "--seed", "2"],
         stdout=subprocess.PIPE,
         text=True,
     ) as process:

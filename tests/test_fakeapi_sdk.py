@@ -16,7 +16,7 @@ openrouter = pytest.importorskip("openrouter")
 from openrouter import errors  # noqa: E402
 from openrouter.utils import BackoffStrategy, RetryConfig  # noqa: E402
 
-from fakeapi import FakeOpenRouter, load_scenario, serve  # noqa: E402
+from keyhygiene.fakeapi import FakeOpenRouter, load_scenario, serve  # noqa: E402
 
 MANAGEMENT_KEY = "sk-or-v1-mgmt-" + "7" * 50
 NOW = datetime(2026, 10, 15, 12, 0, tzinfo=UTC)

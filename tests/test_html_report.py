@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from fakeapi import FakeOpenRouter
 from keyhygiene.context import Database
+from keyhygiene.fakeapi import FakeOpenRouter
 from tests.test_reports_support import RULES, Org, build_history, day
 
 pytestmark = [pytest.mark.browser, pytest.mark.postgres]

@@ -12,8 +12,8 @@ from sqlalchemy import inspect, text
 
 from db.migrate import current_revision, head_revision, upgrade
 from db.models import Base
-from fakeapi import FakeOpenRouter
 from keyhygiene.context import Database
+from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.settings import Settings
 
 

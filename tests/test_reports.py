@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from fakeapi import FakeOpenRouter
 from keyhygiene.context import Database
+from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.reports import ReportError, ReportParams, builders
 from keyhygiene.reports.render import print_table, to_csv, to_json
-from rules import parse_rules
+from keyhygiene.rules import parse_rules
 from tests.test_reports_support import D0, DAY, NOW, RULES, Org, build_history, day, key_hash
 
 pytestmark = pytest.mark.postgres

@@ -12,8 +12,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from fakeapi import FakeOpenRouter
 from keyhygiene.context import Database, open_client
+from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.jobs import JobOutcome, execute
 from keyhygiene.settings import Settings
 from tests.conftest import MANAGEMENT_KEY

@@ -16,16 +16,16 @@ from sqlalchemy import func, select
 from db import runs, snapshots
 from db.models import Action, KeyState, Run, Snapshot
 from db.retention import PRUNED
-from fakeapi import FakeOpenRouter, generate_organisation
 from keyhygiene import retention
 from keyhygiene.context import Database, session_scope
 from keyhygiene.enforcement import load_plan_inputs
+from keyhygiene.fakeapi import FakeOpenRouter, generate_organisation
 from keyhygiene.jobs import execute
 from keyhygiene.reports import ReportError, ReportParams, builders
 from keyhygiene.reports.html import render_html
 from keyhygiene.reports.render import to_json
+from keyhygiene.rules import parse_rules
 from keyhygiene.timeutil import isoformat
-from rules import parse_rules
 from tests.test_reports_support import DAY, HOUR, RULES, Org, key_hash
 
 pytestmark = pytest.mark.postgres

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rules import Rule, RulesError, RuleSet, Safety, describe, load_rules, parse_rules
+from keyhygiene.rules import Rule, RulesError, RuleSet, Safety, describe, load_rules, parse_rules
 
 # The public interface document, where the checkout sits beside it (as in development and CI).
 INTERFACE = Path(__file__).resolve().parents[2] / "shared" / "interface.md"

@@ -17,13 +17,13 @@ import pytest
 from sqlalchemy import select
 
 from db.models import Base
-from fakeapi import FakeOpenRouter
 from keyhygiene import logging as khlog
 from keyhygiene.context import Database
+from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.jobs import execute
+from keyhygiene.keysapi.client import KeysClient
+from keyhygiene.keysapi.errors import ApiError
 from keyhygiene.settings import Settings
-from keysapi.client import KeysClient
-from keysapi.errors import ApiError
 from tests.conftest import MANAGEMENT_KEY
 
 KEY_BODY = MANAGEMENT_KEY.removeprefix("sk-or-v1-")

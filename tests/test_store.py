@@ -16,7 +16,7 @@ from sqlalchemy import select
 from db import runs, snapshots
 from db.models import KeyState, Snapshot
 from keyhygiene.context import Database, session_scope
-from keysapi.models import Key
+from keyhygiene.keysapi.models import Key
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 

@@ -18,11 +18,11 @@ from sqlalchemy import func, select, text
 
 from db import snapshots
 from db.models import KeyState, Run, Snapshot
-from fakeapi import FakeOpenRouter
 from keyhygiene.context import Database
+from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.jobs import JobOutcome, execute
+from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.settings import Settings
-from keysapi.client import KeysClient
 from tests.conftest import MANAGEMENT_KEY
 
 NOW = datetime.now(UTC).replace(microsecond=0)

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 from db import snapshots
 from db.models import Snapshot
 from keyhygiene.errors import EXIT_FAILURE, EXIT_USAGE
+from keyhygiene.rules import RuleSet
 from keyhygiene.timeutil import isoformat
-from rules import RuleSet
 
 NO_SNAPSHOT = "there is no complete snapshot yet: run `keyhygiene sync` first"
 

@@ -1,10 +1,10 @@
 """``report idle``: keys with no new use, for how long, and when a configured rule will act on them.
 
 Read at the newest snapshot (or the last one at or before --at) and measured to now (or --at).
-A key's idleness is the engine's own (``rules.idle_since``): the latest sign of use from
+A key's idleness is the engine's own (``keyhygiene.rules.idle_since``): the latest sign of use from
 ``last_used_at`` and from the snapshots' usage history. Keys idle for at least --since (default
 7d) are listed, longest idle first. With a rules file, ``next_action``/``acts_on`` give the first
-thing a rule will do to the key if nothing changes (``rules.upcoming``); ``acts_on`` equal to the
+thing a rule will do to the key if nothing changes (``keyhygiene.rules.upcoming``); ``acts_on`` equal to the
 report time means at the next run.
 """
 
@@ -19,9 +19,9 @@ from sqlalchemy.orm import Session
 from db import audit, snapshots
 from db.models import Snapshot
 from keyhygiene.enforcement import load_histories
-from keysapi.models import Key
-from rules import AuditFacts, KeyHistory, idle_since, is_protected, upcoming
-from rules.model import duration_text
+from keyhygiene.keysapi.models import Key
+from keyhygiene.rules import AuditFacts, KeyHistory, idle_since, is_protected, upcoming
+from keyhygiene.rules.model import duration_text
 
 from .base import Report, ReportParams, snapshot_for, usd
 

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 
 from db import history, snapshots
 from db.models import Snapshot
-from keysapi.models import Key
-from rules import KeyHistory, idle_since
+from keyhygiene.keysapi.models import Key
+from keyhygiene.rules import KeyHistory, idle_since
 
 from .base import Report, ReportParams, check_at, snapshot_for, usd
 from .spend import compute_spend

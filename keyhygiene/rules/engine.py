@@ -1,6 +1,6 @@
 """The rules engine: which key gets which action now, and why. Pure: no I/O, no clock, no logging.
 
-Everything is decided from the key's current state (``keysapi.models.Key``), its snapshot history
+Everything is decided from the key's current state (``keyhygiene.keysapi.models.Key``), its snapshot history
 (``KeyHistory``), our own last change to it (``AuditFacts``), the rules and ``now``. Naive datetimes
 in the inputs are read as UTC.
 
@@ -30,8 +30,8 @@ from decimal import Decimal
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
+from keyhygiene.keysapi.models import Key
 from keyhygiene.timeutil import as_utc, isoformat
-from keysapi.models import Key
 
 from .inputs import AuditFacts, KeyHistory
 from .model import Rule, RuleSet, Safety, duration_text

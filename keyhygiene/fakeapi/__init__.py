@@ -7,7 +7,7 @@
     fake.mutating_calls()              # what the client did
 
 The wire behaviour follows OpenRouter's API-keys reference; choices where it is uncertain are
-listed in :mod:`fakeapi.api`. ``python -m fakeapi --help`` runs a standalone server.
+listed in :mod:`keyhygiene.fakeapi.api`. ``python -m keyhygiene.fakeapi --help`` runs a standalone server.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``python -m fakeapi``: run the fake keys API as a standalone server until Ctrl-C."""
+"""``python -m keyhygiene.fakeapi``: run the fake keys API as a standalone server until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .state import FakeOpenRouter
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fakeapi",
+        prog="python -m keyhygiene.fakeapi",
         description=(
             "Serve a fake OpenRouter keys management API (GET/POST/PATCH/DELETE /api/v1/keys, "
             "GET /api/v1/key, GET /api/v1/workspaces) on this machine until Ctrl-C."

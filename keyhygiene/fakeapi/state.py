@@ -194,8 +194,8 @@ def redacted(secret: str) -> str:
 class FakeOpenRouter:
     """In-memory OpenRouter keys management API: state, clock, faults and a record of calls.
 
-    Serve it over HTTP with :func:`fakeapi.serve`. Keys are added directly with :meth:`add_key`
-    (or :func:`fakeapi.generate_organisation`, :func:`fakeapi.load_scenario`) and through
+    Serve it over HTTP with :func:`keyhygiene.fakeapi.serve`. Keys are added directly with :meth:`add_key`
+    (or :func:`keyhygiene.fakeapi.generate_organisation`, :func:`keyhygiene.fakeapi.load_scenario`) and through
     ``POST /keys``; the HTTP side follows OpenRouter's API-keys reference.
     """
 

@@ -2,7 +2,7 @@
 
 The client knows the wire format and nothing about rules. It retries what is worth retrying (429,
 502/503/504 and connection failures, honouring ``Retry-After``) within a bounded total time, and
-turns every other failure into a typed error from :mod:`keysapi.errors`. It is safe to share
+turns every other failure into a typed error from :mod:`keyhygiene.keysapi.errors`. It is safe to share
 between threads; listing fans out over a bounded pool so that no more than ``concurrency`` requests
 are ever in flight.
 """

@@ -30,7 +30,7 @@ _TIME_FIELDS = ("created_at", "updated_at", "expires_at", "last_used_at")
 
 def packaged_scenarios() -> list[str]:
     """Names of the scenarios shipped in ``fakeapi/scenarios`` (``small``, ...)."""
-    folder = resources.files("fakeapi").joinpath("scenarios")
+    folder = resources.files("keyhygiene.fakeapi").joinpath("scenarios")
     return sorted(entry.name.removesuffix(".json") for entry in folder.iterdir() if entry.name.endswith(".json"))
 
 
@@ -41,7 +41,7 @@ def _read(source: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
     if path.is_file():
         data = json.loads(path.read_text(encoding="utf-8"))
     elif isinstance(source, str) and source in packaged_scenarios():
-        packaged = resources.files("fakeapi").joinpath("scenarios", f"{source}.json")
+        packaged = resources.files("keyhygiene.fakeapi").joinpath("scenarios", f"{source}.json")
         data = json.loads(packaged.read_text(encoding="utf-8"))
     else:
         raise FileNotFoundError(f"no scenario file {str(source)!r} (packaged: {', '.join(packaged_scenarios())})")

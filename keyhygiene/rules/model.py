@@ -1,6 +1,6 @@
 """The rules file as keyhygiene understands it: immutable values, checked when built.
 
-``rules.loader`` turns a TOML file into these values and reports every mistake with the file, line
+``keyhygiene.rules.loader`` turns a TOML file into these values and reports every mistake with the file, line
 and field. The checks in ``__post_init__`` repeat the structural ones so that a ``Rule`` built in
 code (tests, other callers) cannot hold a combination the engine would have to guess about.
 """

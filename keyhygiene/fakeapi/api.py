@@ -1,7 +1,7 @@
 """The wire side of the fake: routing, authentication, validation, envelopes and error bodies.
 
 :func:`handle` turns one parsed request into one response and knows nothing about sockets, so the
-HTTP server stays a thin shell and faults stay in :mod:`fakeapi.server`.
+HTTP server stays a thin shell and faults stay in :mod:`keyhygiene.fakeapi.server`.
 
 Choices where the reference leaves room (all **[uncertain]** there):
 
