@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from keyhygiene.rules import Rule, RulesError, RuleSet, Safety, describe, load_rules, parse_rules
+from keyhygiene.rules import NotifyTarget, Rule, RulesError, RuleSet, Safety, describe, load_rules, parse_rules
 
 # The public interface document, where the checkout sits beside it (as in development and CI).
 INTERFACE = Path(__file__).resolve().parents[2] / "shared" / "interface.md"
@@ -44,7 +44,16 @@ action = "disable"
 reenable = true                # re-enable, when the window resets, keys this rule disabled
 
 # Optional filters on any rule: names = ["dev-*"], exclude_names = [...],
-# workspaces = ["<workspace id>"], min_age = "7d", disabled = true|false
+# workspaces = ["<workspace id or name>"], min_age = "7d", disabled = true|false
+# An empty list is an error (it would otherwise read as "no filter").
+
+[[notify]]                     # optional, any number
+name = "ops"
+url_env = "KEYHYGIENE_OPS_WEBHOOK"   # the webhook URL is a secret: read from this variable
+format = "slack"               # slack (incoming-webhook text) | json (the payload below)
+secret_env = "KEYHYGIENE_OPS_SECRET" # json only, optional: HMAC-SHA256 of the body in X-Keyhygiene-Signature
+on = ["failed", "refused", "done", "upcoming"]
+upcoming_within = "7d"         # "upcoming": keys a rule will act on within this, announced once each
 """
 
 EXPECTED_FULL = RuleSet(
@@ -68,6 +77,16 @@ EXPECTED_FULL = RuleSet(
         ),
     ),
     source="keyhygiene.toml",
+    notify=(
+        NotifyTarget(
+            name="ops",
+            url_env="KEYHYGIENE_OPS_WEBHOOK",
+            format="slack",
+            secret_env="KEYHYGIENE_OPS_SECRET",
+            on=frozenset({"failed", "refused", "done", "upcoming"}),
+            upcoming_within=timedelta(days=7),
+        ),
+    ),
 )
 
 

@@ -16,13 +16,14 @@ from .engine import (
 )
 from .inputs import AuditFacts, KeyHistory
 from .loader import load_rules, parse_rules
-from .model import Rule, RulesError, RuleSet, Safety
+from .model import NotifyTarget, Rule, RulesError, RuleSet, Safety
 
 __all__ = [
     "AuditFacts",
     "CapBreach",
     "Decision",
     "KeyHistory",
+    "NotifyTarget",
     "Plan",
     "Rule",
     "RuleSet",

@@ -21,9 +21,22 @@ from typing import Any, NoReturn, cast
 
 from keyhygiene.timeutil import TimeFormatError, parse_duration
 
-from .model import ACTIONS, DEFAULT_GRACE, MATCHES, WINDOWS, Rule, RulesError, RuleSet, Safety
+from .model import (
+    ACTIONS,
+    DEFAULT_GRACE,
+    MATCHES,
+    NOTIFY_EVENTS,
+    NOTIFY_FORMATS,
+    WINDOWS,
+    NotifyTarget,
+    Rule,
+    RulesError,
+    RuleSet,
+    Safety,
+)
 
-_TOP_LEVEL = ("safety", "rule")
+_TOP_LEVEL = ("safety", "rule", "notify")
+_NOTIFY_KEYS = ("name", "url_env", "format", "secret_env", "on", "upcoming_within")
 _SAFETY_KEYS = ("dry_run", "max_actions_per_run", "max_action_percent", "protect_hashes", "protect_names")
 _RULE_KEYS = (
     "name",
@@ -305,7 +318,51 @@ class _Reader:
                 )
             seen[rule.name] = index
             rules.append(rule)
-        return RuleSet(safety=safety, rules=tuple(rules), source=self.source)
+        notify_data = data.get("notify", [])
+        if not isinstance(notify_data, list) or not all(isinstance(item, dict) for item in notify_data):
+            self.fail_top_level("notify", "write each notify target as [[notify]] (double brackets)")
+        targets: list[NotifyTarget] = []
+        for index, item in enumerate(notify_data):
+            target = self.notify(index, item)
+            if any(other.name == target.name for other in targets):
+                _Table(self, "notify", index, f"notify #{index + 1}").fail(
+                    "name", f'duplicate notify name "{target.name}"'
+                )
+            targets.append(target)
+        return RuleSet(safety=safety, rules=tuple(rules), source=self.source, notify=tuple(targets))
+
+    def notify(self, index: int, data: Mapping[str, Any]) -> NotifyTarget:
+        table = _Table(self, "notify", index, f"notify #{index + 1}")
+        for key in data:
+            if key not in _NOTIFY_KEYS:
+                table.fail(key, _unknown_key_message(key, _NOTIFY_KEYS, f"notify #{index + 1}"))
+        for required in ("name", "url_env"):
+            if required not in data:
+                table.fail(required, f"notify #{index + 1} has no {required}")
+        values: dict[str, Any] = {
+            "name": table.string("name", data["name"]),
+            "url_env": table.string("url_env", data["url_env"]),
+        }
+        if "format" in data:
+            values["format"] = table.choice("format", data["format"], NOTIFY_FORMATS)
+        if "secret_env" in data:
+            values["secret_env"] = table.string("secret_env", data["secret_env"])
+        if "on" in data:
+            events = table.string_list("on", data["on"])
+            if not events:
+                table.fail("on", "must name at least one event")
+            for event in events:
+                if event not in NOTIFY_EVENTS:
+                    table.fail("on", f'unknown event "{event}"; expected some of {_quoted(NOTIFY_EVENTS)}')
+            values["on"] = frozenset(events)
+        if "upcoming_within" in data:
+            within = table.duration("upcoming_within", data["upcoming_within"])
+            if within <= timedelta(0):
+                table.fail("upcoming_within", "must be more than zero")
+            values["upcoming_within"] = within
+        if "upcoming" in values.get("on", ()) and "upcoming_within" not in values:
+            table.fail("upcoming_within", 'on = [..., "upcoming"] needs upcoming_within, e.g. "7d"')
+        return NotifyTarget(**values)
 
     def safety(self, data: Mapping[str, Any]) -> Safety:
         table = _Table(self, "safety", None, "[safety]")

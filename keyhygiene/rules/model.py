@@ -17,10 +17,14 @@ from keyhygiene.timeutil import format_duration
 Match = Literal["expired", "unused", "over_budget"]
 Action = Literal["disable", "delete", "report"]
 Window = Literal["daily", "weekly", "monthly", "total"]
+NotifyFormat = Literal["slack", "json"]
+NotifyEvent = Literal["done", "failed", "refused", "upcoming"]
 
 MATCHES: tuple[str, ...] = get_args(Match)
 ACTIONS: tuple[str, ...] = get_args(Action)
 WINDOWS: tuple[str, ...] = get_args(Window)
+NOTIFY_FORMATS: tuple[str, ...] = get_args(NotifyFormat)
+NOTIFY_EVENTS: tuple[str, ...] = get_args(NotifyEvent)
 
 DEFAULT_GRACE = timedelta(days=7)
 
@@ -124,12 +128,25 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class NotifyTarget:
+    """One ``[[notify]]``: where notices go (the URL is read from the variable ``url_env``) and for what."""
+
+    name: str
+    url_env: str
+    format: NotifyFormat = "json"
+    on: frozenset[NotifyEvent] = frozenset({"done", "failed", "refused"})
+    secret_env: str | None = None
+    upcoming_within: timedelta | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RuleSet:
     """A whole rules file: its safety settings, its rules in file order, and where it came from."""
 
     safety: Safety
     rules: tuple[Rule, ...]
     source: str
+    notify: tuple[NotifyTarget, ...] = ()
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
