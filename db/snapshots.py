@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -163,6 +163,51 @@ def record_snapshot(
         )
     )
     return SnapshotWrite(key_count=len(keys), new_versions=len(to_insert), changed=changed, added=added, gone=len(gone))
+
+
+class SnapshotWriter:
+    """Streams one sync's listing into the store; nothing of it is read until ``finish``.
+
+    The sync hands over each page as it arrives (``add``), asks which keys of the newest complete
+    snapshot it has not seen (``missing``) to check them one by one, and then ``finish`` records the
+    snapshot; ``discard`` drops whatever was handed over when the sync fails. Each call takes the
+    session to work in; the caller owns the transactions. Keys are the API's raw key objects;
+    a hash handed over twice keeps its first object (offset paging can repeat a key).
+    """
+
+    def __init__(self, snapshot_id: int) -> None:
+        self.snapshot_id = snapshot_id
+        self._keys: dict[str, Key] = {}
+        self.duplicates = 0
+
+    def add(self, session: Session, raw_keys: Iterable[Mapping[str, Any]]) -> None:
+        for raw in raw_keys:
+            key = Key.from_api(raw)
+            if key.hash in self._keys:
+                self.duplicates += 1
+                continue
+            self._keys[key.hash] = key
+
+    def missing(self, session: Session) -> list[str]:
+        """Hashes of keys in the newest complete snapshot that were not handed over, sorted."""
+        previous = latest_snapshot(session)
+        if previous is None:
+            return []
+        return sorted(key_hashes_at(session, previous.id) - self._keys.keys())
+
+    def finish(self, session: Session, *, taken_at: datetime, workspace_counts: Mapping[str, int]) -> SnapshotWrite:
+        """Record the snapshot as complete (see ``record_snapshot``)."""
+        return record_snapshot(
+            session,
+            snapshot_id=self.snapshot_id,
+            keys=self._keys,
+            taken_at=taken_at,
+            workspace_counts=workspace_counts,
+        )
+
+    def discard(self, session: Session) -> None:
+        """Forget what was handed over; the snapshot itself is marked failed by the caller."""
+        self._keys.clear()
 
 
 def fail_snapshot(session: Session, *, snapshot_id: int, error: str) -> None:

@@ -108,24 +108,24 @@ def take_snapshot(
     with session_scope(database) as session:
         snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=now).id
     log.info("sync_started", run_id=run_id, snapshot_id=snapshot_id)
+    writer = snapshots.SnapshotWriter(snapshot_id)
     try:
         listing = list_inventory(client, on_page=on_page)
+        with session_scope(database) as session:
+            writer.add(session, (key.raw for key in listing.keys.values()))
         with database.sessions() as session:
-            previous = snapshots.latest_snapshot(session)
-            known = snapshots.key_hashes_at(session, previous.id) if previous is not None else set()
-        recovered, confirmed_gone = check_missing(client, sorted(known - listing.keys.keys()))
-        keys = {**listing.keys, **recovered}
+            missing = writer.missing(session)
+        recovered, confirmed_gone = check_missing(client, missing)
         per_workspace = dict(listing.per_workspace)
         for key in recovered.values():
             workspace = key.workspace_id or "default"
             per_workspace[workspace] = per_workspace.get(workspace, 0) + 1
         with session_scope(database) as session:
-            written = snapshots.record_snapshot(
-                session, snapshot_id=snapshot_id, keys=keys, taken_at=now, workspace_counts=per_workspace
-            )
+            writer.add(session, (key.raw for key in recovered.values()))
+            written = writer.finish(session, taken_at=now, workspace_counts=per_workspace)
     except BaseException as exc:
         message = _failure_message(exc)
-        _record_failure(database, snapshot_id, message)
+        _record_failure(database, writer, message)
         log.error("sync_failed", run_id=run_id, snapshot_id=snapshot_id, error=message)
         if isinstance(exc, ApiError | SQLAlchemyError | snapshots.SnapshotSuperseded):
             raise SyncFailed(f"sync failed, no snapshot stored: {message}") from None
@@ -159,9 +159,11 @@ def _failure_message(exc: BaseException) -> str:
     return redact_text(text.splitlines()[0]) if text else type(exc).__name__
 
 
-def _record_failure(database: Database, snapshot_id: int, message: str) -> None:
+def _record_failure(database: Database, writer: snapshots.SnapshotWriter, message: str) -> None:
+    snapshot_id = writer.snapshot_id
     try:
         with session_scope(database) as session:
+            writer.discard(session)
             snapshots.fail_snapshot(session, snapshot_id=snapshot_id, error=message)
     except SQLAlchemyError as exc:  # the database itself is what failed; the snapshot stays unread
         log.error("sync_failure_not_recorded", snapshot_id=snapshot_id, error=describe_db_error(exc))
