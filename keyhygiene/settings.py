@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from .errors import UsageError
-from .timeutil import TimeFormatError, parse_duration
+from .timeutil import MAX_DURATION, TimeFormatError, parse_duration
 
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 
@@ -36,6 +36,12 @@ ENV_NAMES = {
     "http_timeout": "KEYHYGIENE_HTTP_TIMEOUT",
     "job_time_limit": "KEYHYGIENE_JOB_TIME_LIMIT",
 }
+
+
+# Timeouts in seconds are durations too: at most 100 years.
+_MAX_SECONDS = MAX_DURATION.total_seconds()
+# What an HTTP header value may carry, and what a key can be: printable ASCII, no space.
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]*")
 
 
 class SettingsError(UsageError, ValueError):
@@ -65,7 +71,7 @@ def _duration(value: object, *, allow_none: bool = False) -> timedelta | None:
     try:
         delta = parse_duration(str(value))
     except TimeFormatError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(exc.reason) from None
     if delta <= timedelta(0):
         raise ValueError("must be longer than zero")
     return delta
@@ -88,8 +94,13 @@ class Settings(BaseSettings):
     audit_retention: timedelta | None = Field(default=None, validation_alias="KEYHYGIENE_AUDIT_RETENTION")
     # Not in the public table, for operators who need them: the total time a request may spend in
     # retries, one request's timeout, and the hard time limit of one job.
-    http_retry_seconds: float = Field(default=60.0, gt=0, validation_alias="KEYHYGIENE_HTTP_RETRY_SECONDS")
-    http_timeout: float = Field(default=30.0, gt=0, validation_alias="KEYHYGIENE_HTTP_TIMEOUT")
+    # allow_inf_nan=False: "inf" would wait forever, "nan" compares false with every deadline.
+    http_retry_seconds: float = Field(
+        default=60.0, gt=0, le=_MAX_SECONDS, allow_inf_nan=False, validation_alias="KEYHYGIENE_HTTP_RETRY_SECONDS"
+    )
+    http_timeout: float = Field(
+        default=30.0, gt=0, le=_MAX_SECONDS, allow_inf_nan=False, validation_alias="KEYHYGIENE_HTTP_TIMEOUT"
+    )
     job_time_limit: timedelta = Field(default=timedelta(minutes=30), validation_alias="KEYHYGIENE_JOB_TIME_LIMIT")
 
     @field_validator("retention", "job_time_limit", mode="before")
@@ -101,6 +112,19 @@ class Settings(BaseSettings):
     @classmethod
     def _read_optional_duration(cls, value: object) -> timedelta | None:
         return _duration(value, allow_none=True)
+
+    @field_validator("management_key")
+    @classmethod
+    def _check_management_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # Surrounding whitespace (a newline at the end of a secret file) is dropped where the key is
+        # used; anything else that cannot go in an Authorization header is a mistake to stop on now,
+        # not a minute of retries ending in an unrelated protocol error.
+        if value is not None and not _HEADER_SAFE.fullmatch(value.get_secret_value().strip()):
+            raise ValueError(
+                "contains a character that cannot go in an HTTP header (a key is printable ASCII, "
+                "with no spaces or line breaks inside)"
+            )
+        return value
 
     @field_validator("base_url")
     @classmethod

@@ -1,7 +1,9 @@
 """Durations and times as keyhygiene reads and writes them.
 
-Durations are written ``90s``, ``15m``, ``12h``, ``30d`` or ``2w``. Times are ISO 8601; a time
-without an offset means UTC. Every datetime that leaves this module is timezone-aware UTC.
+Durations are written ``90s``, ``15m``, ``12h``, ``30d`` or ``2w``, at most 100 years. Times are
+ISO 8601; a time without an offset means UTC. Every datetime that leaves this module is
+timezone-aware UTC and lies in ``EARLIEST_TIME .. LATEST_TIME``, so that adding or subtracting any
+duration we accept can never overflow.
 """
 
 from __future__ import annotations
@@ -9,22 +11,44 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.ASCII)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+MAX_DURATION = timedelta(days=36500)
+"""The longest duration anything accepts: 100 years (36500d)."""
+# Far enough from datetime.min/max that a time plus or minus MAX_DURATION stays representable.
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 class TimeFormatError(ValueError):
-    """A duration or time that cannot be read; the message says what was expected."""
+    """A duration or time that cannot be read; the message quotes it and says what was expected,
+    ``reason`` says the same without the quote (for callers that show the value themselves)."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = message if reason is None else reason
 
 
 def parse_duration(text: str) -> timedelta:
-    """Read ``90s``, ``15m``, ``12h``, ``30d`` or ``2w`` into a timedelta."""
+    """Read ``90s``, ``15m``, ``12h``, ``30d`` or ``2w`` into a timedelta of at most 100 years."""
     match = _DURATION.match(text) if isinstance(text, str) else None
     if match is None:
-        raise TimeFormatError(
-            f"invalid duration {text!r}: expected a whole number and a unit, like 90s, 15m, 12h, 30d or 2w"
-        )
-    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+        reason = "expected a whole number and a unit, like 90s, 15m, 12h, 30d or 2w"
+        raise TimeFormatError(f"invalid duration {_shown(text)}: {reason}", reason)
+    digits, unit = match.group(1).lstrip("0") or "0", match.group(2)
+    # Compared as whole numbers before any timedelta exists: "9999999999999w" would overflow it
+    # (and a number of thousands of digits is past what int() reads).
+    if len(digits) > 12 or int(digits) * _UNIT_SECONDS[unit] > MAX_DURATION.total_seconds():
+        reason = "too long: at most 100 years (36500d)"
+        raise TimeFormatError(f"duration {_shown(text)} is {reason}", reason)
+    return timedelta(seconds=int(digits) * _UNIT_SECONDS[unit])
+
+
+def _shown(text: object) -> str:
+    """A refused value as messages quote it: repr, cut short (a 1 MiB line is not a message)."""
+    shown = repr(text)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 def format_duration(delta: timedelta) -> str:
@@ -38,14 +62,21 @@ def format_duration(delta: timedelta) -> str:
 
 
 def parse_time(text: str) -> datetime:
-    """Read an ISO 8601 time (``Z``, ``+00:00``, fractions or a bare date); naive means UTC."""
+    """Read an ISO 8601 time (``Z``, ``+00:00``, fractions or a bare date); naive means UTC.
+
+    The time, converted to UTC, must lie in ``EARLIEST_TIME .. LATEST_TIME`` (1970 to 9000).
+    """
     try:
-        value = datetime.fromisoformat(text.strip())
+        value = as_utc(datetime.fromisoformat(text.strip()))
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-14:00 is past datetime.max in UTC
+        value = None
     except (ValueError, AttributeError):
-        raise TimeFormatError(
-            f"invalid time {text!r}: expected ISO 8601, like 2026-01-31 or 2026-01-31T12:00:00Z"
-        ) from None
-    return as_utc(value)
+        reason = "expected ISO 8601, like 2026-01-31 or 2026-01-31T12:00:00Z"
+        raise TimeFormatError(f"invalid time {_shown(text)}: {reason}", reason) from None
+    if value is None or not EARLIEST_TIME <= value < LATEST_TIME:
+        reason = "out of range: expected a time between 1970 and 9000 (UTC)"
+        raise TimeFormatError(f"time {_shown(text)} is {reason}", reason)
+    return value
 
 
 def parse_api_time(value: object) -> datetime | None:
@@ -53,7 +84,8 @@ def parse_api_time(value: object) -> datetime | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise TimeFormatError(f"invalid timestamp {value!r}: expected an ISO 8601 string")
+        reason = "expected an ISO 8601 string"
+        raise TimeFormatError(f"invalid timestamp {_shown(value)}: {reason}", reason)
     return parse_time(value)
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from .model import (
     Safety,
 )
 
+MAX_RULES_BYTES = 1024 * 1024
 _TOP_LEVEL = ("safety", "rule", "notify")
 _NOTIFY_KEYS = ("name", "url_env", "format", "secret_env", "on", "upcoming_within")
 _SAFETY_KEYS = ("dry_run", "max_actions_per_run", "max_action_percent", "protect_hashes", "protect_names")
@@ -59,9 +62,15 @@ def load_rules(path: str | Path) -> RuleSet:
     """Read and check the rules file at ``path``; a missing or unreadable file is a ``RulesError``."""
     source = str(path)
     try:
-        data = Path(path).read_bytes()
+        # Checked before opening: opening a FIFO blocks, and /dev/zero never ends.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise RulesError(source, None, None, "cannot read the rules file: it is not a regular file")
+        with open(path, "rb") as file:
+            data = file.read(MAX_RULES_BYTES + 1)
     except OSError as exc:
         raise RulesError(source, None, None, f"cannot read the rules file: {exc.strerror or exc}") from None
+    if len(data) > MAX_RULES_BYTES:
+        raise RulesError(source, None, None, "cannot read the rules file: it is larger than 1 MiB")
     try:
         # utf-8-sig: a byte-order mark from a Windows editor is not a mistake worth stopping for.
         text = data.decode("utf-8-sig")
@@ -279,6 +288,13 @@ class _Table:
             items.append(item)
         return tuple(items)
 
+    def filter_list(self, field: str, value: object) -> tuple[str, ...]:
+        """A rule filter's list: never empty, since an empty filter would read as "no filter" (every key)."""
+        items = self.string_list(field, value)
+        if not items:
+            self.fail(field, f"must not be an empty list in {self.label}; leave {field} out to not filter by it")
+        return items
+
     def choice(self, field: str, value: object, choices: tuple[str, ...]) -> str:
         if not isinstance(value, str):
             self.wrong_type(field, value, f"one of {_quoted(choices)}")
@@ -422,9 +438,9 @@ class _Reader:
             "window": lambda field, value: table.choice(field, value, WINDOWS),
             "threshold_usd": table.number,
             "reenable": table.boolean,
-            "names": table.string_list,
-            "exclude_names": table.string_list,
-            "workspaces": table.string_list,
+            "names": table.filter_list,
+            "exclude_names": table.filter_list,
+            "workspaces": table.filter_list,
             "min_age": table.duration,
             "disabled": table.boolean,
         }
