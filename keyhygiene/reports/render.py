@@ -1,10 +1,17 @@
-"""Printing reports: a rich table for people, one JSON array or CSV for scripts."""
+"""Printing reports: a rich table for people, one JSON array or CSV for scripts.
+
+Key and workspace names are chosen by whoever creates a key, so none of them may steer what reads
+the output: tables show control characters escaped (an ESC or OSC sequence would otherwise drive
+the terminal) and never read a name as rich markup; CSV cells that a spreadsheet would run as a
+formula are prefixed with ``'``; JSON keeps every name exactly.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
 from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any
@@ -12,6 +19,7 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from keyhygiene.timeutil import isoformat
 
@@ -19,6 +27,27 @@ from .base import Report
 
 HASH_COLUMNS = frozenset({"key_hash"})
 HASH_SHOWN = 10
+
+# C0 controls, DEL, C1 controls (0x9b alone starts a CSI), line and paragraph separators, and the
+# bidirectional controls that reorder what a reader sees ("Trojan Source").
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# A cell starting with one of these is a formula (or becomes one) in Excel, LibreOffice and Sheets.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _escape_one(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape_control(text: str) -> str:
+    """``text`` with every control character written as a visible escape (ESC as ``\\x1b``)."""
+    return _UNSAFE.sub(_escape_one, text)
+
+
+def csv_safe(value: str) -> str:
+    """A CSV cell a spreadsheet shows as text: ``'`` before a cell that would start a formula."""
+    return "'" + value if value.startswith(_FORMULA_START) else value
 
 
 def _plain(value: Any) -> Any:
@@ -36,10 +65,12 @@ def _plain(value: Any) -> Any:
 def _csv_value(value: Any) -> Any:
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     plain = _plain(value)
     if isinstance(plain, dict | list):
         return json.dumps(plain, separators=(",", ":"), default=str)
-    return plain
+    return csv_safe(plain) if isinstance(plain, str) else plain
 
 
 def _cell(value: Any, *, time_format: str = "%Y-%m-%d %H:%M") -> str:
@@ -79,7 +110,7 @@ def print_table(report: Report, console: Console, *, columns: Sequence[str] | No
     """A table that fits an 80-column terminal: few columns, short hashes and headers, long text folds."""
     shown = [column for column in (columns or report.table_columns or report.columns)]
     # The title is printed on its own, so that it wraps at the terminal's width, not the table's.
-    console.print(report.title, style="bold", highlight=False)
+    console.print(Text(escape_control(report.title), style="bold"))
     table = Table(
         box=box.SIMPLE_HEAD,
         expand=False,
@@ -101,19 +132,20 @@ def print_table(report: Report, console: Console, *, columns: Sequence[str] | No
             min_width=min(len(header), 8),
         )
     for row in report.rows:
-        cells = []
+        cells: list[Text] = []
         for column in shown:
             value = row.get(column)
             if column in HASH_COLUMNS and isinstance(value, str):
                 value = value[:HASH_SHOWN]
             fmt = report.time_formats.get(column)
-            cells.append(_cell(value) if fmt is None else _cell(value, time_format=fmt))
+            text = _cell(value) if fmt is None else _cell(value, time_format=fmt)
+            cells.append(Text(escape_control(text)))  # Text: a name is never read as markup
         table.add_row(*cells)
     console.print(table)
     if not report.rows:
         console.print("(no rows)")
     for note in report.notes:
-        console.print(note, highlight=False)
+        console.print(Text(escape_control(note)))
 
 
 def render(report: Report, fmt: str, console: Console, *, table_columns: list[str] | None = None) -> None:
