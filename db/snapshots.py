@@ -210,6 +210,11 @@ class SnapshotWriter:
         self._keys.clear()
 
 
+def record_workspace_names(session: Session, *, snapshot_id: int, names: Mapping[str, str]) -> None:
+    """Store ``{workspace id: name}`` as snapshot ``snapshot_id``'s sync listed the workspaces."""
+    session.execute(update(Snapshot).where(Snapshot.id == snapshot_id).values(workspace_names=dict(names)))
+
+
 def fail_snapshot(session: Session, *, snapshot_id: int, error: str) -> None:
     """Record that a sync failed; it stored no key state."""
     session.execute(update(Snapshot).where(Snapshot.id == snapshot_id).values(status=FAILED, error=error))
@@ -224,6 +229,19 @@ def latest_snapshot(session: Session, *, at: datetime | None = None) -> Snapshot
     if at is not None:
         query = query.where(Snapshot.taken_at <= at)
     return session.scalars(query.order_by(Snapshot.id.desc()).limit(1)).first()
+
+
+def workspace_names(session: Session, snapshot_id: int | None = None) -> dict[str, str]:
+    """``{workspace id: name}`` of snapshot ``snapshot_id`` (default: the newest complete one).
+
+    Empty when there is no such snapshot or its names were never recorded (taken before they were).
+    """
+    if snapshot_id is None:
+        query = select(Snapshot.workspace_names).where(Snapshot.status == COMPLETE).order_by(Snapshot.id.desc())
+    else:
+        query = select(Snapshot.workspace_names).where(Snapshot.id == snapshot_id)
+    names = session.scalars(query.limit(1)).first()
+    return {str(key): str(value) for key, value in (names or {}).items()}
 
 
 def previous_snapshot(session: Session, snapshot_id: int) -> Snapshot | None:

@@ -6,6 +6,7 @@ with one line on stderr and the interface's exit code, never a traceback.
 
 from __future__ import annotations
 
+import math
 import sys
 from datetime import datetime
 from typing import Any, NoReturn
@@ -16,7 +17,7 @@ from rich.console import Console
 from . import logging as khlog
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, KeyhygieneError, UsageError
 from .settings import Settings, SettingsError, load_settings
-from .timeutil import TimeFormatError, isoformat, parse_duration, parse_time, utcnow
+from .timeutil import MAX_DURATION, TimeFormatError, isoformat, parse_duration, parse_time, utcnow
 
 REPORT_KINDS = ("inventory", "spend", "actions", "idle", "trends", "html")
 
@@ -63,6 +64,14 @@ def _duration_option(_: Any, __: Any, value: str | None) -> Any:
 
 def _time_callback(_: Any, __: Any, value: str | None) -> datetime | None:
     return _time_option(value)
+
+
+def _timeout_callback(_: Any, __: Any, value: float) -> float:
+    # Checked before anything is queued: a job queued by a trigger that then cannot wait is a
+    # job nobody follows. nan passes every comparison, hence isfinite.
+    if not (math.isfinite(value) and 0 < value <= MAX_DURATION.total_seconds()):
+        raise click.BadParameter(f"must be a number of seconds more than 0 and at most 100 years, got {value!r}")
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -203,6 +212,7 @@ def plan(state: State, fmt: str) -> None:
             inputs = load_plan_inputs(session, snapshot.id)
     finally:
         database.close()
+    _warn_unmatched_workspaces(ruleset, inputs.workspace_names)
     the_plan = make_plan(inputs, ruleset, utcnow())
     rows = [decision_row(decision) for decision in the_plan.decisions]
     if fmt == "json":
@@ -252,6 +262,65 @@ def rules_check(file: str | None) -> None:
     except RulesError as exc:
         fail(str(exc), EXIT_USAGE)
     click.echo(describe(ruleset))
+    if any(rule.workspaces for rule in ruleset.rules):
+        names = _newest_workspace_names()
+        if names is not None:
+            _warn_unmatched_workspaces(ruleset, names)
+
+
+def _newest_workspace_names() -> dict[str, str] | None:
+    """The workspaces of the newest snapshot, or None when there is no database to ask (yet).
+
+    ``rules check`` must work with no database at all (in CI, before the first sync): any trouble
+    reaching it only means there is nothing to check the workspace filters against.
+    """
+    from pathlib import Path
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db import snapshots
+
+    from .context import Database
+
+    try:
+        settings = load_settings()
+        if settings.database.get_backend_name() == "sqlite":
+            file = settings.database.database
+            # Opening a SQLite file that does not exist would create it.
+            if not file or file == ":memory:" or not Path(file).is_file():
+                return None
+        database = Database.open(settings)
+    except (UsageError, KeyhygieneError):
+        return None
+    try:
+        with database.sessions() as session:
+            return snapshots.workspace_names(session) or None
+    except SQLAlchemyError:  # an unreachable database only means nothing to check against
+        return None
+    finally:
+        database.close()
+
+
+def _warn_unmatched_workspaces(ruleset: Any, names: dict[str, str]) -> None:
+    """A warning on stderr for each workspace filter value that is no workspace id or name in ``names``."""
+    from keyhygiene.rules import unmatched_workspaces
+
+    from .reports.render import escape_control
+
+    if not names:
+        return  # a snapshot taken before names were recorded: nothing to compare with
+    listed = sorted(names.items(), key=lambda item: (item[1], item[0]))
+    known = ", ".join(f"{name!r} ({workspace_id})" for workspace_id, name in listed[:10])
+    if len(listed) > 10:
+        known += f" and {len(listed) - 10} more"
+    for rule, value in unmatched_workspaces(ruleset, names):
+        click.echo(
+            escape_control(
+                f"keyhygiene: warning: rule {rule!r}: workspaces: {value!r} is no workspace id or exact name in "
+                f"the newest snapshot (its workspaces: {known})"
+            ),
+            err=True,
+        )
 
 
 # -- reports ------------------------------------------------------------------------------------
@@ -275,7 +344,11 @@ def rules_check(file: str | None) -> None:
 )
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.option(
-    "--workspace", "workspaces", multiple=True, metavar="ID", help="Only keys of this workspace (repeatable)."
+    "--workspace",
+    "workspaces",
+    multiple=True,
+    metavar="ID|NAME",
+    help="Only keys of this workspace, by id or exact name (repeatable).",
 )
 @click.option("--name", metavar="GLOB", help="Only keys whose name matches this pattern, e.g. 'dev-*'.")
 @click.option(
@@ -308,6 +381,8 @@ def report(
     trends     per day: keys by state, idle 30d+, and spend
     html       one self-contained HTML file with charts of all of the above (--out FILE)
     """
+    from db import snapshots
+
     from .context import Database
     from .reports import ReportError, ReportParams, builders, table_columns
     from .reports.render import render
@@ -320,6 +395,7 @@ def report(
     database = Database.open(settings)
     try:
         with database.sessions() as session:
+            params = _with_workspace_ids(params, snapshots.workspace_names(session))
             try:
                 if kind == "html":
                     from .reports.html import write_html
@@ -339,6 +415,16 @@ def report(
     finally:
         database.close()
     render(result, fmt, Console(soft_wrap=False), table_columns=table_columns(kind))
+
+
+def _with_workspace_ids(params: Any, names: dict[str, str]) -> Any:
+    """Report parameters whose workspace filters (--workspace and the rules') are ids, not names."""
+    from dataclasses import replace
+
+    from keyhygiene.rules import resolve_workspaces, workspace_ids
+
+    ruleset = None if params.ruleset is None else resolve_workspaces(params.ruleset, names)
+    return replace(params, workspaces=workspace_ids(params.workspaces, names), ruleset=ruleset)
 
 
 def _optional_ruleset(settings: Settings) -> Any:
@@ -377,7 +463,14 @@ def beat(ctx: click.Context) -> None:
 @click.argument("job", type=click.Choice(["sync", "enforce", "run", "prune"]))
 @click.option("--dry-run", is_flag=True, help="Change nothing (can only narrow the rules file, never widen it).")
 @click.option("--wait", is_flag=True, help="Block until the run is recorded and print its outcome.")
-@click.option("--timeout", type=float, default=3600.0, show_default=True, help="With --wait: give up after seconds.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    callback=_timeout_callback,
+    help="With --wait: give up after this many seconds (more than 0).",
+)
 @pass_state
 def trigger(state: State, job: str, dry_run: bool, wait: bool, timeout: float) -> None:
     """Queue a job on the Celery worker now."""

@@ -21,7 +21,18 @@ from db.snapshots import TimelinePoint
 from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed, NotFound, RequestRejected
 from keyhygiene.keysapi.models import Key
-from keyhygiene.rules import AuditFacts, CapBreach, Decision, KeyHistory, Plan, RuleSet, check_caps, decide, plan
+from keyhygiene.rules import (
+    AuditFacts,
+    CapBreach,
+    Decision,
+    KeyHistory,
+    Plan,
+    RuleSet,
+    check_caps,
+    decide,
+    plan,
+    resolve_workspaces,
+)
 
 from .context import Database, session_scope
 from .errors import EnforcementRefused
@@ -120,6 +131,8 @@ class PlanInputs:
     previous_key_count: int | None
     deleted_by_us: int = 0
     """Keys of the previous snapshot that keyhygiene itself deleted since: not a suspicious shrink."""
+    workspace_names: dict[str, str] = field(default_factory=dict)
+    """``{workspace id: name}`` as the snapshot's sync listed them: rules may name a workspace."""
 
 
 def load_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
@@ -140,10 +153,12 @@ def load_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
         audits=load_audit_facts(session),
         previous_key_count=previous.key_count if previous is not None else None,
         deleted_by_us=deleted_by_us,
+        workspace_names=snapshots.workspace_names(session, snapshot_id),
     )
 
 
 def make_plan(inputs: PlanInputs, ruleset: RuleSet, now: datetime) -> Plan:
+    ruleset = resolve_workspaces(ruleset, inputs.workspace_names)
     return plan(inputs.keys, inputs.histories, inputs.audits, ruleset, now)
 
 
@@ -477,6 +492,8 @@ def enforce_snapshot(
     """
     with database.sessions() as session:
         inputs = load_plan_inputs(session, snapshot_id)
+    # Workspace names become ids once, so the fresh check before each change reads the same rules.
+    ruleset = resolve_workspaces(ruleset, inputs.workspace_names)
     result = EnforceResult(run_id=run_id, snapshot_id=snapshot_id, dry_run=dry_run, total_keys=len(inputs.keys))
 
     shrink = inventory_shrink(inputs, ruleset)

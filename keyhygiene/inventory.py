@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from db import snapshots
 from keyhygiene.keysapi.client import KeysClient, Listing
 from keyhygiene.keysapi.errors import ApiError, NotFound
-from keyhygiene.keysapi.models import Key
+from keyhygiene.keysapi.models import Key, Workspace
 
 from .context import Database, describe_db_error, session_scope
 from .errors import KeyhygieneError
@@ -61,9 +61,12 @@ class SyncFailed(KeyhygieneError):
     """The sync failed; no snapshot was stored."""
 
 
-def list_inventory(client: KeysClient, *, on_page: ProgressCallback | None = None) -> Listing:
-    """Every key of every workspace, disabled and expired ones included."""
-    workspace_ids: list[str | None] = [workspace.id for workspace in client.list_workspaces()]
+def list_inventory(
+    client: KeysClient, workspaces: list[Workspace], *, on_page: ProgressCallback | None = None
+) -> Listing:
+    """Every key of every workspace (as ``client.list_workspaces()`` gave them), disabled and expired
+    ones included."""
+    workspace_ids: list[str | None] = [workspace.id for workspace in workspaces]
     if not workspace_ids:
         # No workspace listed: ``GET /keys`` without workspace_id lists the default one.
         workspace_ids = [None]
@@ -110,7 +113,8 @@ def take_snapshot(
     log.info("sync_started", run_id=run_id, snapshot_id=snapshot_id)
     writer = snapshots.SnapshotWriter(snapshot_id)
     try:
-        listing = list_inventory(client, on_page=on_page)
+        workspaces = client.list_workspaces()
+        listing = list_inventory(client, workspaces, on_page=on_page)
         with session_scope(database) as session:
             writer.add(session, (key.raw for key in listing.keys.values()))
         with database.sessions() as session:
@@ -123,6 +127,8 @@ def take_snapshot(
         with session_scope(database) as session:
             writer.add(session, (key.raw for key in recovered.values()))
             written = writer.finish(session, taken_at=now, workspace_counts=per_workspace)
+            names = {workspace.id: workspace.name for workspace in workspaces}
+            snapshots.record_workspace_names(session, snapshot_id=snapshot_id, names=names)
     except BaseException as exc:
         message = _failure_message(exc)
         _record_failure(database, writer, message)

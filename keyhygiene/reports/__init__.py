@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Report, ReportBuilder, ReportError, ReportParams
+from sqlalchemy.orm import Session
+
+from .base import Report, ReportBuilder, ReportError, ReportParams, with_workspace_names
 
 __all__ = ["Report", "ReportBuilder", "ReportError", "ReportParams", "builders", "table_columns"]
 
@@ -12,12 +14,22 @@ def builders() -> dict[str, ReportBuilder]:
     from . import actions, idle, inventory, spend, trends
 
     return {
-        "inventory": inventory.build,
-        "spend": spend.build,
-        "actions": actions.build,
-        "idle": idle.build,
+        "inventory": _named(inventory.build),
+        "spend": _named(spend.build),
+        "actions": _named(actions.build),
+        "idle": _named(idle.build),
         "trends": trends.build,
     }
+
+
+def _named(build: ReportBuilder) -> ReportBuilder:
+    """``build``, with each workspace's name beside its id (as the newest snapshot listed it)."""
+    from db import snapshots
+
+    def build_named(session: Session, params: ReportParams) -> Report:
+        return with_workspace_names(build(session, params), snapshots.workspace_names(session))
+
+    return build_named
 
 
 def table_columns(kind: str) -> list[str] | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from fnmatch import fnmatchcase
 from typing import Any
@@ -79,6 +79,32 @@ class Report:
 
 
 ReportBuilder = Callable[[Session, ReportParams], Report]
+
+
+def with_workspace_names(report: Report, names: Mapping[str, str]) -> Report:
+    """The report with a ``workspace`` column (the workspace's name, from ``names``: id → name)
+    right after its ``workspace_id`` column; a report without one is returned as it is."""
+    if "workspace_id" not in report.columns or "workspace" in report.columns:
+        return report
+    columns: list[str] = []
+    for column in report.columns:
+        columns.append(column)
+        if column == "workspace_id":
+            columns.append("workspace")
+    rows = []
+    for row in report.rows:
+        named: dict[str, Any] = {}
+        for column, value in row.items():
+            named[column] = value
+            if column == "workspace_id":
+                named["workspace"] = names.get(value) if isinstance(value, str) else None
+        rows.append(named)
+    table_columns = report.table_columns
+    if table_columns is not None and "workspace_id" in table_columns:
+        table_columns = [column for column in columns if column in table_columns or column == "workspace"]
+    # Both columns would otherwise read "workspace" in a table (spend --by workspace heads its id so).
+    headers = {**report.headers, "workspace_id": "workspace id"}
+    return replace(report, columns=columns, rows=rows, table_columns=table_columns, headers=headers)
 
 
 def check_at(params: ReportParams) -> None:

@@ -16,7 +16,16 @@ from .engine import (
 )
 from .inputs import AuditFacts, KeyHistory
 from .loader import load_rules, parse_rules
-from .model import NotifyTarget, Rule, RulesError, RuleSet, Safety
+from .model import (
+    NotifyTarget,
+    Rule,
+    RulesError,
+    RuleSet,
+    Safety,
+    resolve_workspaces,
+    unmatched_workspaces,
+    workspace_ids,
+)
 
 __all__ = [
     "AuditFacts",
@@ -37,5 +46,8 @@ __all__ = [
     "load_rules",
     "parse_rules",
     "plan",
+    "resolve_workspaces",
+    "unmatched_workspaces",
     "upcoming",
+    "workspace_ids",
 ]

@@ -8,7 +8,8 @@ code (tests, other callers) cannot hold a combination the engine would have to g
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Literal, get_args
 
@@ -158,3 +159,38 @@ class RuleSet:
     def rule(self, name: str) -> Rule | None:
         """The rule called ``name``, or None."""
         return next((rule for rule in self.rules if rule.name == name), None)
+
+
+def _ids_of(value: str, names: Mapping[str, str]) -> tuple[str, ...]:
+    """The ids a value stands for: itself when it is an id, else every workspace of that exact name."""
+    if value in names:
+        return (value,)
+    return tuple(sorted(workspace_id for workspace_id, name in names.items() if name == value))
+
+
+def workspace_ids(values: tuple[str, ...], names: Mapping[str, str]) -> tuple[str, ...]:
+    """Workspace ids and exact names (``values``) as ids, given ``names`` (``{workspace id: name}``).
+
+    A value that is an id, or that matches nothing, stays as written: ids are what keys carry, and
+    a value that matches nothing keeps matching no key.
+    """
+    resolved: list[str] = []
+    for value in values:
+        for workspace_id in _ids_of(value, names) or (value,):
+            if workspace_id not in resolved:
+                resolved.append(workspace_id)
+    return tuple(resolved)
+
+
+def resolve_workspaces(ruleset: RuleSet, names: Mapping[str, str]) -> RuleSet:
+    """The rule set with each ``workspaces`` filter written as ids (see ``workspace_ids``)."""
+    rules = tuple(
+        replace(rule, workspaces=workspace_ids(rule.workspaces, names)) if rule.workspaces else rule
+        for rule in ruleset.rules
+    )
+    return replace(ruleset, rules=rules)
+
+
+def unmatched_workspaces(ruleset: RuleSet, names: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``(rule name, value)`` for each ``workspaces`` value that is neither an id nor a name in ``names``."""
+    return [(rule.name, value) for rule in ruleset.rules for value in rule.workspaces if not _ids_of(value, names)]
