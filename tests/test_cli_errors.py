@@ -168,3 +168,79 @@ def test_a_locked_sqlite_database_fails_in_one_line(
     assert not [call for call in fake.calls if call.path == "/keys"]  # stopped before listing
 
     assert cli("sync").exit_code == 0  # and works once the lock is gone
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("report", "inventory", "--at", "9999-12-31T23:59:59-14:00"), "out of range"),
+        (("report", "inventory", "--at", "0001-01-01T00:00:00+14:00"), "out of range"),
+        (("report", "spend", "--since", "99999999d"), "at most 100 years"),
+        (("report", "trends", "--since", "9999999999999w"), "at most 100 years"),
+        (("report", "actions", "--since", "9" * 5000 + "d"), "at most 100 years"),
+    ],
+)
+def test_times_and_durations_out_of_range_are_usage_errors(
+    sqlite_env: Path, cli, args: tuple[str, ...], words: str
+) -> None:
+    result = cli(*args)
+
+    assert result.exit_code == 2
+    assert words in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf"])
+def test_trigger_timeout_must_be_positive_before_anything_is_queued(
+    sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch, timeout: str
+) -> None:
+    # Nothing listens on port 9: had the trigger tried to queue, it would exit 1 "cannot reach the broker".
+    monkeypatch.setenv("KEYHYGIENE_BROKER_URL", "redis://127.0.0.1:9/0")
+
+    result = cli("trigger", "run", "--wait", "--timeout", timeout)
+
+    assert result.exit_code == 2
+    assert "--timeout" in result.stderr and "more than 0" in result.stderr
+    assert "queued" not in result.stdout + result.stderr
+
+
+BROKEN_RULES = "[[rule]]\nname = 'r'\nmatch = 'expired'\naction = 'disable'\nnames = []\n"
+
+
+@pytest.mark.parametrize("command", [("plan",), ("enforce",), ("run",), ("report", "idle"), ("rules", "check")])
+def test_a_broken_rules_file_stops_the_commands_that_read_it(
+    sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch, fake: FakeOpenRouter, command: tuple[str, ...]
+) -> None:
+    (sqlite_env.parent / "rules.toml").write_text(BROKEN_RULES)
+    monkeypatch.setenv("KEYHYGIENE_RULES_FILE", str(sqlite_env.parent / "rules.toml"))
+    assert cli("sync").exit_code == 0
+    fake.clear_calls()
+
+    result = cli(*command)
+
+    assert result.exit_code == 2
+    assert f"{sqlite_env.parent / 'rules.toml'}:5: names: must not be an empty list" in error_line(result)
+    assert [call for call in fake.calls if call.method != "GET"] == []
+
+
+@pytest.mark.parametrize("command", [("sync",), ("prune",), ("report", "inventory")])
+def test_commands_that_do_not_read_the_rules_file_run_with_a_broken_one(
+    sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]
+) -> None:
+    # The inventory is recorded whatever state the rules are in: it is what a fixed rules file reads.
+    (sqlite_env.parent / "rules.toml").write_text(BROKEN_RULES)
+    monkeypatch.setenv("KEYHYGIENE_RULES_FILE", str(sqlite_env.parent / "rules.toml"))
+    assert cli("sync").exit_code == 0
+
+    result = cli(*command)
+
+    assert result.exit_code == 0, result.stderr
+
+
+def test_dev_zero_as_the_rules_file_stops_plan_at_once(sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYHYGIENE_RULES_FILE", "/dev/zero")
+    assert cli("sync").exit_code == 0
+
+    result = cli("plan")
+
+    assert result.exit_code == 2
+    assert error_line(result) == "keyhygiene: error: /dev/zero: cannot read the rules file: it is not a regular file"

@@ -708,3 +708,70 @@ def test_describe_a_threshold_with_cents() -> None:
     text = '[[rule]]\nname = "r"\nmatch = "over_budget"\nwindow = "total"\nthreshold_usd = 0.005\naction = "report"\n'
     assert "lifetime spend (usage, plus BYOK" in describe(parse_rules(text))
     assert "at least $0.005" in describe(parse_rules(text))
+
+
+# --- rules that cannot widen or overflow ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["names", "exclude_names", "workspaces"])
+def test_an_empty_filter_list_is_an_error_not_no_filter(field: str) -> None:
+    # An empty allow-list from a generated config would otherwise select every key of the organisation.
+    text = rule_text('name = "r"', 'match = "expired"', 'action = "disable"', f"{field} = []")
+
+    assert_error(text, RULE_HEADER + 4, field, "must not be an empty list", f"leave {field} out")
+
+
+@pytest.mark.parametrize(
+    ("lines", "field"),
+    [
+        (['match = "unused"', 'idle_for = "99999999d"', 'action = "disable"'], "idle_for"),
+        (['match = "unused"', 'idle_for = "9999999999999w"', 'action = "disable"'], "idle_for"),
+        (['match = "unused"', 'idle_for = "36501d"', 'action = "disable"'], "idle_for"),
+        (['match = "expired"', 'grace = "5215w"', 'action = "delete"'], "grace"),
+        (['match = "expired"', 'min_age = "' + "9" * 5000 + 'd"', 'action = "report"'], "min_age"),
+    ],
+)
+def test_a_duration_over_100_years_is_an_error_at_its_line(lines: list[str], field: str) -> None:
+    assert_error(rule_text('name = "r"', *lines), RULE_HEADER + 3, field, "too long", "100 years")
+
+
+def test_a_duration_of_100_years_plans_without_overflow() -> None:
+    from datetime import UTC, datetime
+
+    from keyhygiene.keysapi.models import Key
+    from keyhygiene.rules import AuditFacts, KeyHistory, decide, upcoming
+
+    ruleset = parse_rules(
+        rule_text('name = "r"', 'match = "unused"', 'idle_for = "36500d"', 'min_age = "36500d"', 'action = "disable"')
+    )
+    key = Key.from_api({"hash": "h", "name": "k", "created_at": "8999-12-31T00:00:00Z", "last_used_at": None})
+    now = datetime(8999, 12, 31, tzinfo=UTC)
+
+    assert decide(key, KeyHistory(), AuditFacts(), ruleset, now) is None
+    coming = {rule: when for rule, _, when in upcoming(key, KeyHistory(), AuditFacts(), ruleset, now)}
+    assert coming["r"] == datetime(8999, 12, 31, tzinfo=UTC) + timedelta(days=36500)
+
+
+def test_dev_zero_is_refused_without_reading_it() -> None:
+    with pytest.raises(RulesError) as caught:
+        load_rules("/dev/zero")  # it never ends: reading it would hang
+
+    assert str(caught.value) == "/dev/zero: cannot read the rules file: it is not a regular file"
+
+
+def test_a_fifo_is_refused_without_opening_it(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "rules.fifo"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes
+
+    with pytest.raises(RulesError, match="not a regular file"):
+        load_rules(fifo)
+
+
+def test_a_file_over_1_mib_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.toml"
+    path.write_text(GOOD_RULES + "#" * (1024 * 1024) + "\n")
+
+    with pytest.raises(RulesError, match="larger than 1 MiB"):
+        load_rules(path)

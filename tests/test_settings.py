@@ -89,6 +89,15 @@ def test_values_come_from_the_environment_and_a_dotenv_file(clean_env: Path, mon
         ("OPENROUTER_BASE_URL", "openrouter.ai/api/v1"),
         ("KEYHYGIENE_BROKER_URL", "amqp://localhost"),
         ("KEYHYGIENE_HTTP_RETRY_SECONDS", "0"),
+        ("KEYHYGIENE_HTTP_RETRY_SECONDS", "inf"),
+        ("KEYHYGIENE_HTTP_TIMEOUT", "inf"),
+        ("KEYHYGIENE_HTTP_TIMEOUT", "nan"),
+        ("KEYHYGIENE_HTTP_TIMEOUT", "-1"),
+        ("KEYHYGIENE_HTTP_TIMEOUT", "1e300"),
+        ("KEYHYGIENE_RETENTION", "99999999999999999d"),
+        ("KEYHYGIENE_RETENTION", "99999999d"),
+        ("KEYHYGIENE_AUDIT_RETENTION", "36501d"),
+        ("KEYHYGIENE_JOB_TIME_LIMIT", "99999999999d"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_variable(
@@ -170,3 +179,45 @@ def test_commands_refuse_bad_settings_with_exit_2(
     assert len(lines) == 1 and name in lines[0], result.stderr
     assert value in lines[0]
     assert not (clean_env / "keyhygiene.db").exists()  # refused before touching anything
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        MANAGEMENT_KEY[:20] + "\n" + MANAGEMENT_KEY[20:],
+        MANAGEMENT_KEY[:20] + "\u00e9" + MANAGEMENT_KEY[20:],
+        MANAGEMENT_KEY[:20] + " " + MANAGEMENT_KEY[20:],
+        MANAGEMENT_KEY + "\x7f",
+    ],
+)
+@pytest.mark.parametrize("command", [("sync",), ("db", "upgrade")])
+def test_a_key_that_cannot_go_in_a_header_stops_the_command_without_echoing_it(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, cli, key: str, command: tuple[str, ...]
+) -> None:
+    # It used to retry for a minute and end in "cannot reach the API (LocalProtocolError)" or
+    # "unexpected error: UnicodeEncodeError".
+    monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", key)
+
+    result = cli(*command)
+
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "OPENROUTER_MANAGEMENT_KEY" in lines[0] and "HTTP header" in lines[0], result.stderr
+    assert MANAGEMENT_KEY[:20] not in result.stderr and MANAGEMENT_KEY[20:] not in result.stderr
+    assert not (clean_env / "keyhygiene.db").exists()
+
+
+def test_a_key_file_with_a_trailing_newline_is_fine(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", MANAGEMENT_KEY + "\n")
+
+    assert load_settings().require_management_key() == MANAGEMENT_KEY
+
+
+def test_the_longest_durations_are_accepted(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYHYGIENE_RETENTION", "36500d")
+    monkeypatch.setenv("KEYHYGIENE_JOB_TIME_LIMIT", "5214w")
+
+    settings = load_settings()
+
+    assert settings.retention == timedelta(days=36500)
+    assert settings.job_time_limit == timedelta(weeks=5214)
