@@ -97,9 +97,11 @@ def to_json(report: Report) -> str:
 
 
 def to_csv(report: Report) -> str:
-    """A header row, then one line per row; nested values (evidence, rule lists) as compact JSON."""
+    """A header row, then one line per row (CRLF); nested values (evidence, rule lists) as compact JSON."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(report.columns), extrasaction="ignore", lineterminator="\n")
+    # RFC 4180 line ends: with "\n" alone, the csv module leaves a cell holding "\r" unquoted,
+    # and that cell splits its row in every reader.
+    writer = csv.DictWriter(buffer, fieldnames=list(report.columns), extrasaction="ignore", lineterminator="\r\n")
     writer.writeheader()
     for row in report.rows:
         writer.writerow({k: _csv_value(v) for k, v in row.items()})
