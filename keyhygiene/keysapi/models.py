@@ -2,11 +2,14 @@
 
 Each model keeps the raw JSON it came from, tolerates fields it does not know, and tolerates the
 absence of the newer fields (``expires_at``, ``last_used_at``, ``workspace_id``, ``external_user``,
-``creator_user_id``). A field that is present but of the wrong type is a malformed response.
+``creator_user_id``). A field that is present but of the wrong type, a number that is not finite
+and a time outside 1970-9000 are a malformed response (the sync stores nothing); negative and huge
+finite numbers are kept as the API gave them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -22,8 +25,13 @@ def _number(data: Mapping[str, Any], name: str, default: float | None = 0.0) -> 
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise MalformedResponse(f"field {name!r} is {value!r}, expected a number")
-    return float(value)
+        raise MalformedResponse(f"field {name!r} is {value!r:.60}, expected a number")
+    # Python's JSON reader accepts NaN and Infinity, and an integer of 400 digits has no float:
+    # neither is an amount of money, and NaN compares false with every threshold.
+    number = float(value) if isinstance(value, float) or abs(value) < 2**1023 else math.inf
+    if not math.isfinite(number):
+        raise MalformedResponse(f"field {name!r} is {value!r:.60}, expected a finite number")
+    return number
 
 
 def _required_number(data: Mapping[str, Any], name: str) -> float:

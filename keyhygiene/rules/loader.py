@@ -39,9 +39,9 @@ from .model import (
 
 MAX_RULES_BYTES = 1024 * 1024
 _TOP_LEVEL = ("safety", "rule", "notify")
-_NOTIFY_KEYS = ("name", "url_env", "format", "secret_env", "on", "upcoming_within")
-_SAFETY_KEYS = ("dry_run", "max_actions_per_run", "max_action_percent", "protect_hashes", "protect_names")
-_RULE_KEYS = (
+NOTIFY_KEYS = ("name", "url_env", "format", "secret_env", "on", "upcoming_within")
+SAFETY_KEYS = ("dry_run", "max_actions_per_run", "max_action_percent", "protect_hashes", "protect_names")
+RULE_KEYS = (
     "name",
     "match",
     "action",
@@ -350,8 +350,8 @@ class _Reader:
     def notify(self, index: int, data: Mapping[str, Any]) -> NotifyTarget:
         table = _Table(self, "notify", index, f"notify #{index + 1}")
         for key in data:
-            if key not in _NOTIFY_KEYS:
-                table.fail(key, _unknown_key_message(key, _NOTIFY_KEYS, f"notify #{index + 1}"))
+            if key not in NOTIFY_KEYS:
+                table.fail(key, _unknown_key_message(key, NOTIFY_KEYS, f"notify #{index + 1}"))
         for required in ("name", "url_env"):
             if required not in data:
                 table.fail(required, f"notify #{index + 1} has no {required}")
@@ -383,8 +383,8 @@ class _Reader:
     def safety(self, data: Mapping[str, Any]) -> Safety:
         table = _Table(self, "safety", None, "[safety]")
         for key in data:
-            if key not in _SAFETY_KEYS:
-                table.fail(key, _unknown_key_message(key, _SAFETY_KEYS, "[safety]"))
+            if key not in SAFETY_KEYS:
+                table.fail(key, _unknown_key_message(key, SAFETY_KEYS, "[safety]"))
         values: dict[str, Any] = {}
         if "dry_run" in data:
             values["dry_run"] = table.boolean("dry_run", data["dry_run"])
@@ -406,8 +406,8 @@ class _Reader:
     def rule(self, index: int, data: Mapping[str, Any]) -> Rule:
         table = _Table(self, "rule", index, f"rule #{index + 1}")
         for key in data:
-            if key not in _RULE_KEYS:
-                table.fail(key, _unknown_key_message(key, _RULE_KEYS, f"rule #{index + 1}"))
+            if key not in RULE_KEYS:
+                table.fail(key, _unknown_key_message(key, RULE_KEYS, f"rule #{index + 1}"))
         for required in ("name", "match", "action"):
             if required not in data:
                 table.fail(required, f"rule #{index + 1} has no {required}")
