@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 ListPageCallback = Callable[["FakeOpenRouter", str, int], Any]
 
-KINDS = ("rate_limit", "server_error", "malformed", "truncated", "drop_connection")
+KINDS = ("rate_limit", "server_error", "malformed", "truncated", "drop_connection", "drop_mid_body")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +107,14 @@ class Faults:
         With ``after_processing`` the request takes effect first, as when a response is lost.
         """
         self._schedule(Fault("drop_connection", after_processing=after_processing), count, method, path)
+
+    def drop_mid_body(self, count: int, *, method: str | None = None, path: str | None = None) -> None:
+        """The next ``count`` matching requests take effect, then their answer stops half-way.
+
+        The headers announce the whole body; the socket closes after half of it, as when a
+        connection breaks mid-body (the client sees a protocol error, not a parse error).
+        """
+        self._schedule(Fault("drop_mid_body", after_processing=True), count, method, path)
 
     def on_list_page(self, callback: ListPageCallback | None) -> None:
         """Run ``callback(fake, workspace_id, offset)`` before each ``GET /keys`` page is computed.

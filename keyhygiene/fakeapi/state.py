@@ -15,6 +15,7 @@ import re
 import secrets
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -687,6 +688,19 @@ class FakeOpenRouter:
         """The POST, PATCH and DELETE calls (whatever their status; see ``Call.succeeded``)."""
         with self._lock:
             return [call for call in self._calls if call.method in ("POST", "PATCH", "DELETE")]
+
+    def change_counts(self) -> Counter[tuple[str, str]]:
+        """How many PATCH and DELETE requests each key received, as ``(method, hash) -> count``.
+
+        Every request counts, whatever became of it (answered, refused, or dropped), so a drill can
+        assert that no destructive call was ever sent twice.
+        """
+        with self._lock:
+            return Counter(
+                (call.method, call.path.rsplit("/", 1)[-1])
+                for call in self._calls
+                if call.method in ("PATCH", "DELETE") and call.path.startswith("/keys/")
+            )
 
     def clear_calls(self) -> None:
         with self._lock:
