@@ -29,6 +29,7 @@ class LeaseHolder:
     token: str
     host: str | None
     pid: int | None
+    process_space: str | None
     job: str | None
     acquired_at: datetime | None
     renewed_at: datetime | None
@@ -44,13 +45,26 @@ def holder(session: Session, name: str) -> LeaseHolder | None:
     row = session.get(Lease, name)
     if row is None or row.token is None:
         return None
-    return LeaseHolder(row.token, row.host, row.pid, row.job, row.acquired_at, row.renewed_at, row.expires_at)
+    return LeaseHolder(
+        row.token, row.host, row.pid, row.process_space, row.job, row.acquired_at, row.renewed_at, row.expires_at
+    )
 
 
 def try_acquire(
-    session: Session, name: str, *, token: str, host: str, pid: int, job: str, now: datetime, ttl: timedelta
+    session: Session,
+    name: str,
+    *,
+    token: str,
+    host: str,
+    pid: int,
+    process_space: str | None,
+    job: str,
+    now: datetime,
+    ttl: timedelta,
+    dead_token: str | None = None,
 ) -> bool:
-    """Take lease ``name`` if it is free or its holder let it expire. Never waits for a live holder.
+    """Take lease ``name`` if it is free, its holder let it expire, or it is still held under
+    ``dead_token`` (a holder the caller knows to be dead). Never waits for a live holder.
 
     The caller commits (the lease is taken once the transaction commits).
     """
@@ -58,14 +72,18 @@ def try_acquire(
         "token": token,
         "host": host,
         "pid": pid,
+        "process_space": process_space,
         "job": job,
         "acquired_at": now,
         "renewed_at": now,
         "expires_at": now + ttl,
     }
+    takeable = [Lease.token.is_(None), Lease.expires_at <= now]
+    if dead_token is not None:
+        takeable.append(Lease.token == dead_token)
     taken = session.execute(
         update(Lease)
-        .where(Lease.name == name, or_(Lease.token.is_(None), Lease.expires_at <= now))
+        .where(Lease.name == name, or_(*takeable))
         .values(**values)
         .execution_options(synchronize_session=False)
     )

@@ -163,6 +163,8 @@ class Lease(Base):
     token: Mapped[str | None] = mapped_column(String(64))
     host: Mapped[str | None] = mapped_column(String(255))
     pid: Mapped[int | None]
+    # Where ``pid`` means something: the kernel boot and PID namespace of the holder.
+    process_space: Mapped[str | None] = mapped_column(String(128))
     job: Mapped[str | None] = mapped_column(String(16))
     acquired_at: Mapped[datetime | None]
     renewed_at: Mapped[datetime | None]

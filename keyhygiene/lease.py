@@ -3,7 +3,8 @@
 A job takes the lease before it starts (``EnforcementLease.acquire``); a second one finds it taken
 and is recorded as skipped. While the job runs, a heartbeat thread renews the lease every
 ``RENEW_EVERY``; a holder that dies stops renewing, and its lease is taken over once it is
-``TTL`` old (well within two minutes). Before every destructive API call the job checks that the
+``TTL`` old (well within two minutes), or at once when the holder ran on this machine (same boot
+and PID namespace) and its process no longer exists. Before every destructive API call the job checks that the
 lease is still its own (``fence``): a holder that was too slow to renew, and lost the lease to
 another process, stops before it changes anything.
 
@@ -18,6 +19,7 @@ import socket
 import threading
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -32,6 +34,30 @@ log = get_logger(__name__)
 
 TTL = timedelta(seconds=90)
 RENEW_EVERY = timedelta(seconds=20)
+
+
+def process_space() -> str | None:
+    """This process's kernel boot and PID namespace: two processes that share it see each other's
+    pids, so one can tell for sure whether the other is still alive. None where it cannot be read."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot}/{namespace}"[:128]
+
+
+def _is_dead(holder: leases.LeaseHolder, space: str | None) -> bool:
+    """True only when ``holder`` is surely dead: same boot and PID namespace, and no such process."""
+    if space is None or holder.process_space != space or holder.pid is None:
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists but is not ours to signal
+        return False
+    return False
 
 
 class LeaseLost(KeyhygieneError):
@@ -59,6 +85,7 @@ class EnforcementLease:
         self.token = uuid.uuid4().hex
         self.host = socket.gethostname()
         self.pid = os.getpid()
+        self.process_space = process_space()
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -73,15 +100,18 @@ class EnforcementLease:
         try:
             with session_scope(self._database) as session:
                 previous = leases.holder(session, self.name)
+                dead = previous is not None and _is_dead(previous, self.process_space)
                 taken = leases.try_acquire(
                     session,
                     self.name,
                     token=self.token,
                     host=self.host,
                     pid=self.pid,
+                    process_space=self.process_space,
                     job=self.job,
                     now=utcnow(),
                     ttl=self.ttl,
+                    dead_token=previous.token if dead and previous is not None else None,
                 )
         except SQLAlchemyError as exc:
             raise DatabaseFailure(f"cannot take the enforcement lock: {describe_db_error(exc)}") from None

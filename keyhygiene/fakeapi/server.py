@@ -145,6 +145,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._drop()
             return
         payload = response.encode()
+        if fault is not None and fault.kind == "slow_answer":
+            time.sleep(fault.delay)
         if fault is not None and fault.kind == "drop_mid_body":
             self._send(response.status, payload, response.headers, cut_after=len(payload) // 2)
             self._drop()

@@ -223,6 +223,7 @@ class FakeOpenRouter:
         self._credentials: dict[str, _Credential] = {
             self.management_key: _Credential(label=redacted(self.management_key), is_management=True)
         }
+        self._revoked: dict[str, _Credential] = {}
         self._calls: list[Call] = []
         self._version = 0
         self._filtered: dict[tuple[str, bool, bool], tuple[int, datetime | None, list[str]]] = {}
@@ -562,6 +563,20 @@ class FakeOpenRouter:
                 record.last_used_at = when
 
     # ----------------------------------------------------------- HTTP side
+
+    def revoke(self, secret: str) -> None:
+        """Revoke a credential (the management key, say): every later request made with it gets 401."""
+        with self._lock:
+            credential = self._credentials.pop(secret, None)
+            if credential is not None:
+                self._revoked[secret] = credential
+
+    def restore(self, secret: str) -> None:
+        """Undo ``revoke``."""
+        with self._lock:
+            credential = self._revoked.pop(secret, None)
+            if credential is not None:
+                self._credentials[secret] = credential
 
     def credential(self, secret: str) -> _Credential | None:
         with self._lock:

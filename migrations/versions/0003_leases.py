@@ -24,6 +24,7 @@ def upgrade() -> None:
         sa.Column("token", sa.String(length=64), nullable=True),
         sa.Column("host", sa.String(length=255), nullable=True),
         sa.Column("pid", sa.Integer(), nullable=True),
+        sa.Column("process_space", sa.String(length=128), nullable=True),
         sa.Column("job", sa.String(length=16), nullable=True),
         sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("renewed_at", sa.DateTime(timezone=True), nullable=True),
