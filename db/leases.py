@@ -37,7 +37,7 @@ class LeaseHolder:
 
     def describe(self) -> str:
         since = f" since {self.acquired_at.isoformat()}" if self.acquired_at else ""
-        return f"a {self.job or 'job'} on {self.host or 'an unknown host'} (pid {self.pid}){since}"
+        return f"{self.job or 'a job'} on {self.host or 'an unknown host'} (pid {self.pid}){since}"
 
 
 def holder(session: Session, name: str) -> LeaseHolder | None:

@@ -28,7 +28,7 @@ from db import leases
 from .context import Database, describe_db_error, session_scope
 from .errors import DatabaseFailure, KeyhygieneError
 from .logging import get_logger
-from .timeutil import utcnow
+from .timeutil import isoformat, utcnow
 
 log = get_logger(__name__)
 
@@ -120,7 +120,9 @@ class EnforcementLease:
             return False
         if previous is not None:
             log.warning(
-                "enforcement_lock_taken_over", previous_holder=previous.describe(), expired_at=previous.expires_at
+                "enforcement_lock_taken_over",
+                previous_holder=previous.describe(),
+                expired_at=isoformat(previous.expires_at),
             )
         self._heartbeat = threading.Thread(target=self._renew_until_stopped, name="enforcement-lease", daemon=True)
         self._heartbeat.start()
