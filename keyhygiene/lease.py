@@ -57,7 +57,17 @@ def _is_dead(holder: leases.LeaseHolder, space: str | None) -> bool:
         return True
     except OSError:  # it exists but is not ours to signal
         return False
-    return False
+    return _is_zombie(holder.pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """A killed process that nobody reaped yet (an orphaned pool child, say) is dead all the same."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the command name, which is in parentheses and may itself hold spaces.
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 class LeaseLost(KeyhygieneError):

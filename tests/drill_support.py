@@ -33,6 +33,7 @@ from db.models import Action, Base, KeyState, Run, Snapshot
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 
+from .celery_support import wait_until
 from .conftest import MANAGEMENT_KEY
 
 DRILLS_JSON_ENV = "KEYHYGIENE_DRILLS_JSON"
@@ -158,6 +159,16 @@ def expired_keys(fake: FakeOpenRouter, now: Any, *, doomed: int = 8, healthy: in
     for n in range(healthy):
         fake.add_key(f"svc-{n}", created_at=now - timedelta(days=90), last_used_at=now, usage=5.0)
     return hashes
+
+
+def wait_for_change_in_flight(database: Database, *, what: str, timeout: float = 60) -> None:
+    """Wait until an intent is written and not yet completed: a change is in flight right now."""
+
+    def pending() -> Any:
+        with database.sessions() as session:
+            return session.scalars(select(Action).where(Action.outcome == "pending").limit(1)).first()
+
+    wait_until(pending, timeout=timeout, interval=0.05, what=what)
 
 
 def outputs_of(*results: Any) -> list[str]:

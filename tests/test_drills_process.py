@@ -35,7 +35,14 @@ from keyhygiene.timeutil import utcnow
 
 from .celery_support import LIVE_RULES, Process, wait_until
 from .conftest import MANAGEMENT_KEY, POSTGRES_URL, CliResult
-from .drill_support import Drill, drill_fixture, drill_log_fixture, expired_keys, outputs_of
+from .drill_support import (
+    Drill,
+    drill_fixture,
+    drill_log_fixture,
+    expired_keys,
+    outputs_of,
+    wait_for_change_in_flight,
+)
 
 __all__ = ["drill_fixture", "drill_log_fixture"]  # the fixtures ``drill`` and ``drill_log``
 
@@ -95,10 +102,6 @@ def setup(tmp_path: Path, sqlite_url: str, fake_url: str, monkeypatch: pytest.Mo
     made.close()
 
 
-def _pending_intent(setup: Setup) -> Any:
-    return setup.first(Action, Action.outcome == "pending")
-
-
 def _running_snapshot(setup: Setup) -> Any:
     return setup.first(Snapshot, Snapshot.status == "running")
 
@@ -123,7 +126,7 @@ def test_an_inline_run_signalled_mid_way(
     if phase == "sync":
         wait_until(lambda: _running_snapshot(setup), timeout=30, interval=0.05, what="a snapshot being taken")
     else:
-        wait_until(lambda: _pending_intent(setup), timeout=60, interval=0.05, what="a change in flight")
+        wait_for_change_in_flight(setup.database, what="a change in flight")
     drill.inject(f"{name} during {phase}")
     process.kill(sig)
 
@@ -169,7 +172,7 @@ def test_two_inline_enforcements_at_once_change_each_key_once(
     assert sync.exit_code == 0, sync.stderr
     fake.faults.latency = 0.2
     first = setup.start("enforce", name="first")
-    wait_until(lambda: _pending_intent(setup), timeout=30, interval=0.05, what="the first enforcement changing keys")
+    wait_for_change_in_flight(setup.database, what="the first enforcement changing keys")
     second = setup.start("enforce", name="second")
     drill.inject("a second `keyhygiene enforce` while the first one runs")
 
@@ -369,7 +372,7 @@ def test_a_postgresql_connection_cut_mid_enforcement(
         doomed = expired_keys(fake, utcnow())
         fake.faults.latency = 0.4
         process = setup.start("run", KEYHYGIENE_DATABASE_URL=proxied)
-        wait_until(lambda: _pending_intent(setup), timeout=60, interval=0.05, what="a change in flight")
+        wait_for_change_in_flight(setup.database, what="a change in flight")
         proxy.cut()
         drill.inject("the PostgreSQL connection cut (TCP proxy closed) with a DELETE in flight")
 

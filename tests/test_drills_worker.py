@@ -6,42 +6,30 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import select
 
 from db import runs
-from db.models import Action
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.timeutil import utcnow
 from worker.lock import LOCK_KEY
 
-from .celery_support import Deployment, RedisDatabase, claim_redis_database, deployment, wait_until
+from .celery_support import Deployment, RedisDatabase, deploy_fixture, redis_db_fixture, wait_until
 from .conftest import CliResult
-from .drill_support import Drill, drill_fixture, drill_log_fixture, expired_keys, outputs_of
+from .drill_support import (
+    Drill,
+    drill_fixture,
+    drill_log_fixture,
+    expired_keys,
+    outputs_of,
+    wait_for_change_in_flight,
+)
 
-__all__ = ["drill_fixture", "drill_log_fixture"]  # the fixtures ``drill`` and ``drill_log``
+__all__ = ["deploy_fixture", "drill_fixture", "drill_log_fixture", "redis_db_fixture"]  # fixtures
 
 pytestmark = [pytest.mark.celery, pytest.mark.timeout(150)]
-
-
-@pytest.fixture(scope="module")
-def redis_db() -> Iterator[RedisDatabase]:
-    claimed = claim_redis_database()
-    try:
-        yield claimed
-    finally:
-        claimed.release()
-
-
-@pytest.fixture
-def deploy(
-    tmp_path: Path, redis_db: RedisDatabase, fake_url: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Deployment]:
-    yield from deployment(tmp_path, redis_db, fake_url, monkeypatch)
 
 
 def test_an_inline_enforcement_while_the_worker_enforces_is_skipped(
@@ -56,11 +44,7 @@ def test_an_inline_enforcement_while_the_worker_enforces_is_skipped(
     queued = cli("trigger", "enforce")
     assert queued.exit_code == 0, queued.stderr
 
-    def pending() -> Any:
-        with deploy.database.sessions() as session:
-            return session.scalars(select(Action).where(Action.outcome == "pending").limit(1)).first()
-
-    wait_until(pending, timeout=60, interval=0.05, what="the worker changing keys")
+    wait_for_change_in_flight(deploy.database, what="the worker changing keys")
     inline = cli("enforce")
     drill.inject("`keyhygiene enforce` inline while the worker's enforcement runs")
 
