@@ -150,3 +150,24 @@ class Action(Base):
     # The key's updated_at as the API answered a change that was done; later changes by anyone
     # else show up as a different updated_at.
     key_updated_at: Mapped[datetime | None]
+
+
+class Lease(Base):
+    """A named lock held in the database: the enforcement lease (see db/leases.py).
+
+    ``token`` is NULL while nobody holds it; a holder keeps ``expires_at`` in the future by renewing
+    it, and a lease past ``expires_at`` belongs to a holder that died and may be taken over.
+    """
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token: Mapped[str | None] = mapped_column(String(64))
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None]
+    # Where ``pid`` means something: the kernel boot and PID namespace of the holder.
+    process_space: Mapped[str | None] = mapped_column(String(128))
+    job: Mapped[str | None] = mapped_column(String(16))
+    acquired_at: Mapped[datetime | None]
+    renewed_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]

@@ -7,7 +7,11 @@ with one line on stderr and the interface's exit code, never a traceback.
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -447,6 +451,7 @@ def worker(ctx: click.Context) -> None:
     """Start the Celery worker (extra options go to `celery worker`, e.g. --concurrency 2)."""
     from worker.main import run_worker
 
+    _leave_sigterm_to_celery()
     sys.exit(run_worker(list(ctx.args)))
 
 
@@ -456,6 +461,7 @@ def beat(ctx: click.Context) -> None:
     """Start the Celery beat scheduler. Run exactly one per deployment."""
     from worker.main import run_beat
 
+    _leave_sigterm_to_celery()
     sys.exit(run_beat(list(ctx.args)))
 
 
@@ -516,8 +522,40 @@ def demo(directory: str | None, days: int, keys: int) -> None:
     sys.exit(run_demo(directory=directory, days=days, keys=keys))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, Kubernetes, ``timeout``), handled exactly like Ctrl-C: a job records
+    its run (and snapshot) as aborted on the way out, and the command exits 1."""
+
+
+def _terminate(signum: int, _: Any) -> None:
+    raise Terminated(f"terminated by {signal.Signals(signum).name}")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into Terminated while a command runs (Celery's worker and beat install their own)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _leave_sigterm_to_celery() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the command, turning every known failure into one line and an exit code."""
+    with _sigterm_as_interrupt():
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         cli.main(args=argv, prog_name="keyhygiene", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -533,8 +571,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(exc), EXIT_USAGE)
     except KeyhygieneError as exc:
         fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        fail("interrupted")
+    except KeyboardInterrupt as exc:
+        fail(str(exc) or "interrupted")
     except Exception as exc:  # a database or API failure outside a job: one line, never a traceback
         from sqlalchemy.exc import SQLAlchemyError
 

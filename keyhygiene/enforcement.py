@@ -8,7 +8,7 @@ is ever repeated blindly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -19,7 +19,7 @@ from db import audit, snapshots
 from db.models import Snapshot
 from db.snapshots import TimelinePoint
 from keyhygiene.keysapi.client import KeysClient
-from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed, NotFound, RequestRejected
+from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed, NotFound, OutcomeUnknown, RequestRejected
 from keyhygiene.keysapi.models import Key
 from keyhygiene.rules import (
     AuditFacts,
@@ -318,8 +318,12 @@ def execute_decision(
     now: datetime,
     snapshot_key: Key | None = None,
     clock: Any = None,
+    fence: Callable[[], None] | None = None,
 ) -> str:
     """Check the key fresh, then record intent, change it, record the outcome. Returns the outcome.
+
+    ``fence`` is called just before the intent is recorded and must raise if this process may no
+    longer change keys (it lost the enforcement lease).
 
     Raises AuthenticationFailed (the credential no longer works: stop everything); every other API
     error is recorded against this key and the caller goes on with the next.
@@ -372,6 +376,8 @@ def execute_decision(
         )
         return audit.SKIPPED
 
+    if fence is not None:
+        fence()
     action_id = _record(database, decision, run_id=run_id, now=stamp(), dry_run=False, outcome=audit.PENDING)
 
     def outcome_is(
@@ -388,19 +394,20 @@ def execute_decision(
     try:
         answered = _apply(client, decision)
     except NotFound:
-        if decision.action == "delete":
-            # The key existed a moment ago: a retried DELETE whose first answer was lost ends here.
-            return outcome_is(
-                audit.DONE,
-                reason="the key is gone: DELETE answered 404 (an earlier attempt of the same request removed it)",
-            )
-        return outcome_is(audit.SKIPPED, reason="already gone (404)")
+        # The client never re-sends a change whose answer was lost, so a 404 here means someone
+        # else removed the key after the fresh check, not an earlier attempt of ours.
+        return outcome_is(audit.SKIPPED, reason=f"already gone ({decision.action.upper()} answered 404)")
     except ApiError as exc:
+        # A lost answer (OutcomeUnknown) or a garbled one: settled from the key's fresh state, never
+        # by sending the change again.
         applied, after = (False, None) if isinstance(exc, RequestRejected) else _took_effect(client, decision)
         if applied:
-            # The answer was lost or garbled, but the key's fresh state shows the change was made.
-            reason = f"the API's answer was unreadable ({exc}); the key's fresh state shows the change was made"
+            reason = f"the API's answer was lost or unreadable ({exc}); the key's fresh state shows the change was made"
             return outcome_is(audit.DONE, reason=reason, after=after)
+        if isinstance(exc, OutcomeUnknown):
+            reason = "the answer was lost and the key's fresh state shows no change; not re-sent, a later run decides"
+            outcome_is(audit.FAILED, reason=reason, error=str(exc))
+            return audit.FAILED
         outcome_is(audit.FAILED, error=str(exc))
         if isinstance(exc, AuthenticationFailed):
             raise
@@ -484,8 +491,11 @@ def enforce_snapshot(
     now: datetime,
     dry_run: bool,
     clock: Any = None,
+    fence: Callable[[], None] | None = None,
 ) -> EnforceResult:
     """Plan on snapshot ``snapshot_id`` and act on it within the safety limits.
+
+    ``fence`` runs before each change (see :func:`execute_decision`).
 
     ``dry_run`` is final: the caller has already combined the rules file and the command line.
     Raises EnforcementRefused (exit 3) when a safety limit refuses the whole enforcement.
@@ -559,6 +569,7 @@ def enforce_snapshot(
             now=now,
             snapshot_key=snapshot_keys.get(decision.key_hash),
             clock=clock,
+            fence=fence,
         )
         if outcome == audit.DONE:
             result.done += 1

@@ -35,6 +35,7 @@ from .errors import (
     UsageError,
 )
 from .inventory import ProgressCallback, SyncFailed, SyncResult, take_snapshot
+from .lease import EnforcementLease
 from .settings import Settings
 from .timeutil import utcnow
 
@@ -42,6 +43,9 @@ log = khlog.get_logger(__name__)
 
 Clock = Callable[[], datetime]
 JOBS = ("sync", "enforce", "run", "prune")
+CHANGING_JOBS = frozenset({"enforce", "run", "undo", "enable"})
+"""The jobs that change keys: each holds the enforcement lease for its whole run, unless it is a
+dry run (which changes nothing and must never make a live run skip)."""
 
 
 @dataclass
@@ -137,8 +141,8 @@ def _failure(
         return JobOutcome(kind, runs.FAILED, EXIT_FAILURE, f"API error: {exc}", run_id)
     if isinstance(exc, SQLAlchemyError):
         return JobOutcome(kind, runs.FAILED, EXIT_FAILURE, f"database error: {describe_db_error(exc)}", run_id)
-    if isinstance(exc, KeyboardInterrupt):
-        return JobOutcome(kind, runs.ABORTED, EXIT_FAILURE, "interrupted", run_id)
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (keyhygiene.cli.Terminated)
+        return JobOutcome(kind, runs.ABORTED, EXIT_FAILURE, str(exc) or "interrupted", run_id)
     return JobOutcome(kind, runs.FAILED, EXIT_FAILURE, f"unexpected error: {type(exc).__name__}: {exc}", run_id)
 
 
@@ -165,11 +169,17 @@ def execute(
 
     own_database = database is None
     run_id: int | None = None
+    lease: EnforcementLease | None = None
     try:
         ruleset = load_ruleset(settings) if kind in ("enforce", "run") else None
         effective_dry_run = None if ruleset is None else (ruleset.safety.dry_run or dry_run)
         if database is None:
             database = Database.open(settings)
+        if kind in CHANGING_JOBS and not effective_dry_run:
+            lease = EnforcementLease(database, job=kind)
+            if not lease.acquire():
+                held_by, lease = lease.held_by, None
+                return _skipped(database, kind, clock(), trigger, task_id, held_by.describe() if held_by else None)
         run_id = _start(
             database,
             kind=kind,
@@ -191,6 +201,7 @@ def execute(
                 dry_run=bool(effective_dry_run),
                 clock=clock,
                 on_page=on_page,
+                fence=lease.fence if lease is not None else None,
             )
             return _finish(database, outcome, clock(), effective_dry_run)
     except BaseException as exc:
@@ -204,8 +215,26 @@ def execute(
             raise  # SystemExit and the like: recorded above, and passed on
         return outcome
     finally:
+        if lease is not None:
+            lease.release()
         if own_database and database is not None:
             database.close()
+
+
+def _skipped(
+    database: Database, kind: str, now: datetime, trigger: str, task_id: str | None, holder: str | None
+) -> JobOutcome:
+    """Record a job that did not start because another job that changes keys holds the lease."""
+    reason = f"another enforcement holds the enforcement lock: {holder or 'a job that just ended'}; nothing was changed"
+    try:
+        with session_scope(database) as session:
+            run_id = runs.record_skipped_run(
+                session, kind=kind, now=now, reason=reason, trigger=trigger, task_id=task_id
+            ).id
+    except SQLAlchemyError as exc:
+        raise DatabaseFailure(f"cannot record the run: {describe_db_error(exc)}") from None
+    log.warning("job_skipped", run_id=run_id, kind=kind, reason=reason, trigger=trigger)
+    return JobOutcome(kind, runs.SKIPPED, EXIT_FAILURE, reason, run_id)
 
 
 def _execute(
@@ -219,6 +248,7 @@ def _execute(
     dry_run: bool,
     clock: Clock,
     on_page: ProgressCallback | None,
+    fence: Callable[[], None] | None = None,
 ) -> JobOutcome:
     if kind == "prune":
         from .retention import prune
@@ -257,6 +287,7 @@ def _execute(
             now=clock(),
             dry_run=dry_run,
             clock=clock,
+            fence=fence,
         )
         summary = enforcement.summary()
         if sync_result is not None:

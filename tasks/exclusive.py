@@ -45,7 +45,7 @@ def run_exclusive(
             kind, settings, runs.FAILED, "prune has no dry run; nothing was pruned", trigger, task_id, EXIT_USAGE
         )
     client = redis_client(settings.broker_url)
-    lock = JobLock(client, ttl_seconds=limits.lock_ttl)
+    lock = JobLock(client, ttl_seconds=limits.lock_ttl)  # a short lease, renewed while the job runs
     try:
         try:
             taken = lock.acquire(kind=kind, task_id=task_id, now=utcnow())

@@ -342,3 +342,20 @@ def deployment(
     finally:
         setup.close()
         redis_db.flush()
+
+
+@pytest.fixture(scope="session", name="redis_db")
+def redis_db_fixture() -> Iterator[RedisDatabase]:
+    """A Redis database number claimed for this session (import it into a test module to use it)."""
+    claimed = claim_redis_database()
+    try:
+        yield claimed
+    finally:
+        claimed.release()
+
+
+@pytest.fixture(name="deploy")
+def deploy_fixture(
+    tmp_path: Path, redis_db: RedisDatabase, fake_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Deployment]:
+    yield from deployment(tmp_path, redis_db, fake_url, monkeypatch)

@@ -85,7 +85,8 @@ def test_time_limits_are_configured_from_the_settings_in_order() -> None:
 def test_time_limits_are_strictly_ordered(seconds: int) -> None:
     limits = TimeLimits.for_limit(timedelta(seconds=seconds))
     assert limits.soft == seconds
-    assert limits.soft < limits.hard < limits.lock_ttl < limits.visibility_timeout
+    assert limits.soft < limits.hard < limits.hard + limits.lock_ttl < limits.visibility_timeout
+    assert limits.lock_ttl <= 120  # a killed worker's lock blocks the schedule for two minutes at most
 
 
 # -- beat ---------------------------------------------------------------------------------------

@@ -424,21 +424,40 @@ def test_a_garbled_answer_is_settled_from_the_fresh_state(
     assert "fresh state shows the change was made" in (row.reason or "")
 
 
-def test_a_delete_whose_answer_was_lost_is_recorded_as_done(
+def test_a_delete_whose_answer_was_lost_is_sent_once_and_settled_from_the_fresh_state(
     org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
 ) -> None:
     rules_file(org.rules())
-    # The DELETE takes effect but the connection drops before the answer: the client retries and
-    # gets 404. The key is gone because of us, and the audit says so.
+    # The DELETE takes effect but the connection drops before the answer: the client must not
+    # send it again; a fresh GET (404) shows the key is gone because of us, and the audit says so.
     org.fake.faults.drop_connection(1, after_processing=True, method="DELETE")
 
     result = cli("run")
 
     assert result.exit_code == 0, result.stderr
-    assert org.fake.get(org.hashes["dev-expired-old"]) is None
+    doomed = org.hashes["dev-expired-old"]
+    assert org.fake.get(doomed) is None
+    assert org.fake.change_counts()[("DELETE", doomed)] == 1
     row = next(a for a in _actions(ready) if org.name_of(a.key_hash) == "dev-expired-old")
     assert (row.action, row.outcome) == ("delete", "done")
-    assert "404" in (row.reason or "")
+    assert "fresh state shows the change was made" in (row.reason or "")
+
+
+def test_a_disable_whose_answer_was_lost_and_not_applied_is_failed_not_resent(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules())
+    idle = org.hashes["dev-idle"]
+    # A 502 from a proxy: the PATCH may or may not have reached the API. Here it did not.
+    org.fake.faults.server_error(1, 502, method="PATCH", path=f"/keys/{idle}")
+
+    result = cli("run")
+
+    assert result.exit_code == 1  # one change failed; the others were made
+    assert org.fake.change_counts()[("PATCH", idle)] == 1
+    assert org.fake.get(idle)["disabled"] is False  # type: ignore[index]
+    row = next(a for a in _actions(ready) if a.key_hash == idle)
+    assert row.outcome == "failed" and "not re-sent" in (row.reason or "")
 
 
 def test_idleness_proved_by_history_alone_and_rechecked_on_fresh_usage(

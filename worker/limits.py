@@ -1,13 +1,14 @@
 """The time limits of a job, all derived from KEYHYGIENE_JOB_TIME_LIMIT and strictly ordered.
 
-    soft limit  <  hard limit  <  lock expiry  <  broker visibility timeout
+    soft limit  <  hard limit  <  hard limit + lock lease  <  broker visibility timeout
 
 - At the soft limit Celery raises SoftTimeLimitExceeded inside the job, which ends it cleanly and
   records the run as aborted (its lock is released on the way out).
-- At the hard limit the pool kills the process running the job; the lock it held then expires on
-  its own shortly after, so nothing is left holding it.
-- Only after the lock has expired may Redis hand an unacknowledged message to another worker, so a
-  redelivered job always finds the lock free and never runs beside the one it replaces.
+- At the hard limit the pool kills the process running the job. The job lock is a short lease
+  (``lock_ttl``) that the job renews while it runs, so a killed job's lock expires at most
+  ``lock_ttl`` after its death, well before the hard limit when it died early.
+- Only after that may Redis hand an unacknowledged message to another worker, so a redelivered
+  job always finds the lock free and never runs beside the one it replaces.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from keyhygiene.settings import Settings
+from worker.lock import LEASE_TTL
 
 HARD_LIMIT_MARGIN = timedelta(seconds=30)
-LOCK_MARGIN = timedelta(seconds=60)
+LOCK_LEASE = timedelta(seconds=LEASE_TTL)
 VISIBILITY_MARGIN = timedelta(minutes=5)
 
 
@@ -40,8 +42,8 @@ class TimeLimits:
         soft = limit
         # A tenth of the limit, at least 30s, for the soft limit's clean-up (recording the run).
         hard = soft + max(HARD_LIMIT_MARGIN, limit / 10)
-        lock_ttl = hard + LOCK_MARGIN
-        visibility = lock_ttl + VISIBILITY_MARGIN
+        lock_ttl = LOCK_LEASE
+        visibility = hard + lock_ttl + VISIBILITY_MARGIN
         return cls(
             soft=soft.total_seconds(),
             hard=hard.total_seconds(),

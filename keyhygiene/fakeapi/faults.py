@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 ListPageCallback = Callable[["FakeOpenRouter", str, int], Any]
 
-KINDS = ("rate_limit", "server_error", "malformed", "truncated", "drop_connection")
+KINDS = ("rate_limit", "server_error", "malformed", "truncated", "drop_connection", "drop_mid_body", "slow_answer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,7 @@ class Fault:
     status: int = 0
     retry_after: float | None = None
     after_processing: bool = False
+    delay: float = 0.0
 
 
 @dataclass(slots=True)
@@ -107,6 +108,19 @@ class Faults:
         With ``after_processing`` the request takes effect first, as when a response is lost.
         """
         self._schedule(Fault("drop_connection", after_processing=after_processing), count, method, path)
+
+    def drop_mid_body(self, count: int, *, method: str | None = None, path: str | None = None) -> None:
+        """The next ``count`` matching requests take effect, then their answer stops half-way.
+
+        The headers announce the whole body; the socket closes after half of it, as when a
+        connection breaks mid-body (the client sees a protocol error, not a parse error).
+        """
+        self._schedule(Fault("drop_mid_body", after_processing=True), count, method, path)
+
+    def slow_answer(self, count: int, seconds: float, *, method: str | None = None, path: str | None = None) -> None:
+        """The next ``count`` matching requests take effect at once, but their answer waits ``seconds``
+        (long enough, and a client's read timeout fires after the change was made)."""
+        self._schedule(Fault("slow_answer", after_processing=True, delay=seconds), count, method, path)
 
     def on_list_page(self, callback: ListPageCallback | None) -> None:
         """Run ``callback(fake, workspace_id, offset)`` before each ``GET /keys`` page is computed.

@@ -116,7 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         fault = fake.faults.take(method, path)
         record = Call(method=method, path=path, query=query, body=body, status=0)
-        if fault is not None and not (fault.kind == "drop_connection" and fault.after_processing):
+        if fault is not None and not fault.after_processing:
             if fault.kind == "drop_connection":
                 fake.record_call(record)
                 self._drop()
@@ -145,6 +145,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._drop()
             return
         payload = response.encode()
+        if fault is not None and fault.kind == "slow_answer":
+            time.sleep(fault.delay)
+        if fault is not None and fault.kind == "drop_mid_body":
+            self._send(response.status, payload, response.headers, cut_after=len(payload) // 2)
+            self._drop()
+            return
         if fault is not None and fault.kind == "truncated":
             payload = payload[: len(payload) // 2]
         self._send(response.status, payload, response.headers)
@@ -167,14 +173,17 @@ class _Handler(BaseHTTPRequestHandler):
         headers: dict[str, str],
         *,
         content_type: str = "application/json",
+        cut_after: int | None = None,
     ) -> None:
+        """Answer; with ``cut_after``, the headers announce the whole payload but only that many bytes follow."""
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(payload)
+        self.wfile.write(payload if cut_after is None else payload[:cut_after])
+        self.wfile.flush()
 
     def _drop(self) -> None:
         self.close_connection = True

@@ -15,6 +15,7 @@ import re
 import secrets
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -222,6 +223,7 @@ class FakeOpenRouter:
         self._credentials: dict[str, _Credential] = {
             self.management_key: _Credential(label=redacted(self.management_key), is_management=True)
         }
+        self._revoked: dict[str, _Credential] = {}
         self._calls: list[Call] = []
         self._version = 0
         self._filtered: dict[tuple[str, bool, bool], tuple[int, datetime | None, list[str]]] = {}
@@ -562,6 +564,20 @@ class FakeOpenRouter:
 
     # ----------------------------------------------------------- HTTP side
 
+    def revoke(self, secret: str) -> None:
+        """Revoke a credential (the management key, say): every later request made with it gets 401."""
+        with self._lock:
+            credential = self._credentials.pop(secret, None)
+            if credential is not None:
+                self._revoked[secret] = credential
+
+    def restore(self, secret: str) -> None:
+        """Undo ``revoke``."""
+        with self._lock:
+            credential = self._revoked.pop(secret, None)
+            if credential is not None:
+                self._credentials[secret] = credential
+
     def credential(self, secret: str) -> _Credential | None:
         with self._lock:
             return self._credentials.get(secret)
@@ -687,6 +703,19 @@ class FakeOpenRouter:
         """The POST, PATCH and DELETE calls (whatever their status; see ``Call.succeeded``)."""
         with self._lock:
             return [call for call in self._calls if call.method in ("POST", "PATCH", "DELETE")]
+
+    def change_counts(self) -> Counter[tuple[str, str]]:
+        """How many PATCH and DELETE requests each key received, as ``(method, hash) -> count``.
+
+        Every request counts, whatever became of it (answered, refused, or dropped), so a drill can
+        assert that no destructive call was ever sent twice.
+        """
+        with self._lock:
+            return Counter(
+                (call.method, call.path.rsplit("/", 1)[-1])
+                for call in self._calls
+                if call.method in ("PATCH", "DELETE") and call.path.startswith("/keys/")
+            )
 
     def clear_calls(self) -> None:
         with self._lock:

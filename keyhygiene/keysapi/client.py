@@ -1,8 +1,10 @@
 """A thin, typed client for OpenRouter's API-keys (management) endpoints.
 
 The client knows the wire format and nothing about rules. It retries what is worth retrying (429,
-502/503/504 and connection failures, honouring ``Retry-After``) within a bounded total time, and
-turns every other failure into a typed error from :mod:`keyhygiene.keysapi.errors`. It is safe to share
+5xx and connection failures, honouring ``Retry-After``) within a bounded total time, and turns
+every other failure into a typed error from :mod:`keyhygiene.keysapi.errors`. A change (PATCH,
+DELETE) is re-sent only when it surely was not applied (no connection, 429, 503); when its answer
+is lost it raises OutcomeUnknown instead of repeating a destructive call. It is safe to share
 between threads; listing fans out over a bounded pool so that no more than ``concurrency`` requests
 are ever in flight.
 """
@@ -24,6 +26,7 @@ from .errors import (
     ApiError,
     ConnectionFailed,
     MalformedResponse,
+    OutcomeUnknown,
     RateLimited,
     ServerError,
     TransientError,
@@ -38,6 +41,12 @@ WORKSPACE_PAGE_SIZE = 100
 DEFAULT_WORKSPACE = "default"
 """How counts name the default workspace when the account lists no workspaces."""
 _RETRIED_STATUSES = {500, 502, 503, 504}
+_CHANGES = frozenset({"PATCH", "DELETE"})
+"""Destructive methods: retried only when the request surely was not applied (see ``_send_once``)."""
+_REFUSED_STATUSES = {503}
+"""5xx answers that refuse a request without acting on it; any other 5xx to a change is in doubt."""
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+"""Transport failures that happen before a request is on the wire."""
 _USER_AGENT = "keyhygiene/0.1 (+https://github.com/keyhygiene/keyhygiene)"
 
 
@@ -301,12 +310,21 @@ class KeysClient:
         where = f"{method} {path}"
         with self._lock:
             self.requests_sent += 1
+        change = method in _CHANGES
         try:
             response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException:
-            raise ConnectionFailed(f"{where}: the API did not answer in time") from None
-        except httpx.TransportError as exc:
+        except _NEVER_SENT as exc:
             raise ConnectionFailed(f"{where}: cannot reach the API at {self.base_url} ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            # The request may have reached the API: a change is in doubt, a read is simply retried.
+            lost = (
+                "the API did not answer in time"
+                if isinstance(exc, httpx.TimeoutException)
+                else (f"the connection broke before the answer ({type(exc).__name__})")
+            )
+            if change:
+                raise OutcomeUnknown(f"{where}: {lost}; the change may or may not have been made") from None
+            raise ConnectionFailed(f"{where}: {lost}") from None
         status = response.status_code
         if 200 <= status < 300:
             try:
@@ -321,6 +339,9 @@ class KeysClient:
                 status=status,
                 retry_after=_retry_after(response),
             )
+        if change and status in _RETRIED_STATUSES and status not in _REFUSED_STATUSES:
+            failed = f"{where}: the API failed ({status}) while making the change: {message}"
+            raise OutcomeUnknown(failed, status=status)
         if status in _RETRIED_STATUSES:
             raise ServerError(
                 f"{where}: the API failed ({status}): {message}",

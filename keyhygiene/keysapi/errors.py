@@ -7,6 +7,8 @@ The tree, and what a caller does with each::
     │   ├── RateLimited         429 (carries Retry-After when the API sent it)
     │   ├── ServerError         500, 502, 503, 504
     │   └── ConnectionFailed    could not connect, or the connection broke
+    ├── OutcomeUnknown          a PATCH or DELETE sent whose answer was lost (timeout, dropped
+    │                           connection, 500/502/504): never re-sent; settle it from a fresh GET
     ├── MalformedResponse       a body that is not the documented shape (not retried: a bug or a proxy)
     └── RequestRejected         4xx other than 429, carrying the API's own message
         ├── BadRequest          400
@@ -46,6 +48,18 @@ class ServerError(TransientError):
 
 class ConnectionFailed(TransientError):
     """The API could not be reached or the connection broke."""
+
+
+class OutcomeUnknown(ApiError):
+    """A change (PATCH or DELETE) may or may not have been applied: its answer was lost.
+
+    Re-sending it would be a blind repeat of a destructive call, so the client does not retry it;
+    the caller reads the key's fresh state to learn what happened.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class MalformedResponse(ApiError):

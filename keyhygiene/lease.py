@@ -1,0 +1,178 @@
+"""The enforcement lease: one job that changes keys at a time, across processes, workers and hosts.
+
+A job takes the lease before it starts (``EnforcementLease.acquire``); a second one finds it taken
+and is recorded as skipped. While the job runs, a heartbeat thread renews the lease every
+``RENEW_EVERY``; a holder that dies stops renewing, and its lease is taken over once it is
+``TTL`` old (well within two minutes), or at once when the holder ran on this machine (same boot
+and PID namespace) and its process no longer exists. Before every destructive API call the job checks that the
+lease is still its own (``fence``): a holder that was too slow to renew, and lost the lease to
+another process, stops before it changes anything.
+
+The lease times come from this process's clock; hosts sharing a database are expected to keep
+their clocks in step (NTP), and a skew well under ``TTL - RENEW_EVERY`` is harmless.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from db import leases
+
+from .context import Database, describe_db_error, session_scope
+from .errors import DatabaseFailure, KeyhygieneError
+from .logging import get_logger
+from .timeutil import isoformat, utcnow
+
+log = get_logger(__name__)
+
+TTL = timedelta(seconds=90)
+RENEW_EVERY = timedelta(seconds=20)
+
+
+def process_space() -> str | None:
+    """This process's kernel boot and PID namespace: two processes that share it see each other's
+    pids, so one can tell for sure whether the other is still alive. None where it cannot be read."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot}/{namespace}"[:128]
+
+
+def _is_dead(holder: leases.LeaseHolder, space: str | None) -> bool:
+    """True only when ``holder`` is surely dead: same boot and PID namespace, and no such process."""
+    if space is None or holder.process_space != space or holder.pid is None:
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists but is not ours to signal
+        return False
+    return _is_zombie(holder.pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """A killed process that nobody reaped yet (an orphaned pool child, say) is dead all the same."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the command name, which is in parentheses and may itself hold spaces.
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
+class LeaseLost(KeyhygieneError):
+    """The enforcement lease is no longer ours: stop before changing anything else (exit 1)."""
+
+
+class EnforcementLease:
+    """One attempt at the enforcement lease: ``acquire()``, then ``fence()`` before each change,
+    then ``release()``."""
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        job: str,
+        ttl: timedelta = TTL,
+        renew_every: timedelta = RENEW_EVERY,
+        name: str = leases.ENFORCEMENT,
+    ) -> None:
+        self._database = database
+        self.job = job
+        self.name = name
+        self.ttl = ttl
+        self.renew_every = renew_every
+        self.token = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.process_space = process_space()
+        self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self.held_by: leases.LeaseHolder | None = None
+        """Who held the lease when ``acquire`` found it taken."""
+
+    def acquire(self) -> bool:
+        """Take the lease and start renewing it; False (and ``held_by`` set) when another job holds it.
+
+        Never waits. Raises DatabaseFailure when the database cannot answer.
+        """
+        try:
+            with session_scope(self._database) as session:
+                previous = leases.holder(session, self.name)
+                dead = previous is not None and _is_dead(previous, self.process_space)
+                taken = leases.try_acquire(
+                    session,
+                    self.name,
+                    token=self.token,
+                    host=self.host,
+                    pid=self.pid,
+                    process_space=self.process_space,
+                    job=self.job,
+                    now=utcnow(),
+                    ttl=self.ttl,
+                    dead_token=previous.token if dead and previous is not None else None,
+                )
+        except SQLAlchemyError as exc:
+            raise DatabaseFailure(f"cannot take the enforcement lock: {describe_db_error(exc)}") from None
+        if not taken:
+            self.held_by = previous
+            return False
+        if previous is not None:
+            log.warning(
+                "enforcement_lock_taken_over",
+                previous_holder=previous.describe(),
+                expired_at=isoformat(previous.expires_at),
+            )
+        self._heartbeat = threading.Thread(target=self._renew_until_stopped, name="enforcement-lease", daemon=True)
+        self._heartbeat.start()
+        return True
+
+    def fence(self) -> None:
+        """Make sure the lease is still ours, and extend it; raises LeaseLost when it is not."""
+        if self._lost.is_set() or not self._renew():
+            self._lost.set()
+            raise LeaseLost(
+                "the enforcement lock was taken over by another process (this one stopped renewing it in time); "
+                "stopped before the next change"
+            )
+
+    def release(self) -> None:
+        """Stop renewing and free the lease (if it is still ours)."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=self.renew_every.total_seconds() + 5)
+        try:
+            with session_scope(self._database) as session:
+                leases.release(session, self.name, token=self.token)
+        except SQLAlchemyError as exc:
+            # Not fatal: the lease expires on its own within TTL.
+            log.warning(
+                "enforcement_lock_not_released", error=describe_db_error(exc), expires_in=self.ttl.total_seconds()
+            )
+
+    def _renew(self) -> bool:
+        with session_scope(self._database) as session:
+            return leases.renew(session, self.name, token=self.token, now=utcnow(), ttl=self.ttl)
+
+    def _renew_until_stopped(self) -> None:
+        while not self._stop.wait(self.renew_every.total_seconds()):
+            try:
+                if not self._renew():
+                    self._lost.set()
+                    log.error("enforcement_lock_lost")
+                    return
+            except SQLAlchemyError as exc:
+                # Keep trying: a lease is only lost once another process takes it over, and the
+                # fencing check before each change finds that out.
+                log.warning("enforcement_lock_not_renewed", error=describe_db_error(exc))
