@@ -9,7 +9,7 @@ __all__ = ["Report", "ReportBuilder", "ReportError", "ReportParams", "builders",
 
 def builders() -> dict[str, ReportBuilder]:
     """Report kind → builder. ``html`` is not here: it writes a file (see keyhygiene.reports.html)."""
-    from . import actions, idle, inventory, spend, trends
+    from . import actions, idle, inventory, runs, spend, trends
 
     return {
         "inventory": inventory.build,
@@ -17,6 +17,7 @@ def builders() -> dict[str, ReportBuilder]:
         "actions": actions.build,
         "idle": idle.build,
         "trends": trends.build,
+        "runs": runs.build,
     }
 
 
@@ -26,11 +27,12 @@ def table_columns(kind: str) -> list[str] | None:
     Reports also carry their own (``Report.table_columns``), which is what the table uses when this
     gives None; spend has none here because its columns depend on ``--by``.
     """
-    from . import actions, idle, inventory, trends
+    from . import actions, idle, inventory, runs, trends
 
     return {
         "inventory": inventory.TABLE_COLUMNS,
         "actions": actions.TABLE_COLUMNS,
         "idle": idle.TABLE_COLUMNS,
         "trends": trends.TABLE_COLUMNS,
+        "runs": runs.TABLE_COLUMNS,
     }.get(kind)
