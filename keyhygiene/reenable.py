@@ -208,10 +208,10 @@ def _unchanged_since_our_disable(target: _Target, safety: Safety) -> Recheck:
     def check(fresh: Key) -> str | None:
         if is_protected(fresh, safety):
             return "protected by protect_hashes or protect_names: never touched"
+        if undoing is not None and ours is not None and ours.run_id != undoing:
+            return f"keyhygiene changed this key again since (its {ours.action} in run {ours.run_id}): left alone"
         if ours is None or ours.action != "disable":
             return "keyhygiene did not disable this key: it re-enables only keys it disabled itself"
-        if undoing is not None and ours.run_id != undoing:
-            return f"keyhygiene changed this key again since (run {ours.run_id}): left alone"
         if ours.key_updated_at is None or fresh.updated_at is None:
             return "cannot tell whether anyone changed the key since our disable (no updated_at): left alone"
         if as_utc(fresh.updated_at) != as_utc(ours.key_updated_at):

@@ -102,18 +102,23 @@ def test_triggered_run_reaches_the_api_and_records_its_outcome(
     doomed = add_keys(fake, expired=2, healthy=3)
     worker = deploy.start_worker()
 
-    # --dry-run narrows the live rules file: the run is recorded, nothing is changed.
-    dry = cli("trigger", "run", "--dry-run", "--wait", "--timeout", "60")
+    # --dry-run narrows the live rules file: the run is recorded, nothing is changed. The run and
+    # each of its key_action events carry --allow-actions.
+    dry = cli("trigger", "run", "--dry-run", "--allow-actions", "5", "--wait", "--timeout", "60")
     assert dry.exit_code == 0, dry.stderr
-    assert "run complete" in dry.stdout and "dry run" in dry.stdout
+    assert "run ok" in dry.stdout and "dry run" in dry.stdout
     assert fake.mutating_calls() == []
+    dry_task = queued_task_id(dry.stdout)
+    assert run_of(deploy, dry_task).allow_actions == 5
+    planned = [e for e in worker.events_named("key_action") if e.get("task_id") == dry_task]
+    assert len(planned) == 2 and all(e["allow_actions"] == 5 and e["outcome"] == "planned" for e in planned)
 
     live = cli("trigger", "run", "--wait", "--timeout", "60")
     assert live.exit_code == 0, live.stderr + worker.tail()
     task_id = queued_task_id(live.stdout)
     run = run_of(deploy, task_id)
     assert run is not None and run.status == runs.OK and run.started_by == "trigger" and run.dry_run is False
-    assert f"run {run.id} run complete: " in live.stdout
+    assert f"run {run.id} run ok: " in live.stdout
     assert sorted(call.path for call in fake.mutating_calls() if call.method == "DELETE") == sorted(
         f"/keys/{key_hash}" for key_hash in doomed
     )
@@ -125,6 +130,21 @@ def test_triggered_run_reaches_the_api_and_records_its_outcome(
     pruned = cli("trigger", "prune", "--wait", "--timeout", "60")
     assert pruned.exit_code == 0, pruned.stderr + worker.tail()
     assert deploy.runs()[-1].kind == "prune" and deploy.runs()[-1].started_by == "trigger"
+
+    # Without --wait, trigger says how to look the run up, and the task id is found there.
+    queued = cli("trigger", "sync")
+    assert queued.exit_code == 0, queued.stderr
+    assert "keyhygiene report runs --since 1h" in queued.stdout
+    sync_task = queued_task_id(queued.stdout)
+    wait_until(
+        lambda: (found := run_of(deploy, sync_task)) is not None and found.status in runs.FINAL_STATUSES,
+        timeout=60,
+        what="the queued sync to finish",
+    )
+    listed = cli("report", "runs", "--since", "1h", "--format", "json")
+    assert listed.exit_code == 0, listed.stderr
+    row = next(row for row in json.loads(listed.stdout) if row["task_id"] == sync_task)
+    assert (row["job"], row["status"], row["started_by"], row["exit_code"]) == ("sync", "ok", "trigger", 0)
 
     # Every line the worker wrote is JSON, Celery's and kombu's included; the job's lines carry the
     # task and the run.
