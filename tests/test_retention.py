@@ -182,7 +182,7 @@ def test_reports_inside_the_retention_are_identical_after_pruning(org: Org) -> N
             == 0
         )
         prune_run = session.get(Run, outcome.run_id)
-        assert prune_run is not None and prune_run.kind == "prune" and prune_run.status == runs.COMPLETE
+        assert prune_run is not None and prune_run.kind == "prune" and prune_run.status == runs.OK
         assert prune_run.summary == summary
 
     with database.sessions() as session, pytest.raises(ReportError, match="before the first stored snapshot"):
