@@ -194,7 +194,7 @@ def build_store(url: str, *, keys: int, days: int, churn: float, seed: int) -> S
             snapshots.record_snapshot(
                 session, snapshot_id=snapshot_id, keys=organisation.keys, taken_at=now, workspace_counts={}
             )
-            runs.finish_run(session, run_id, status=runs.COMPLETE, now=now)
+            runs.finish_run(session, run_id, status=runs.OK, now=now, exit_code=0, message="ok")
         snapshot_ids.append(snapshot_id)
     with database.sessions() as session:
         versions = snapshots.count_versions(session)

@@ -28,6 +28,8 @@ class LastChange:
     rule: str
     at: datetime
     key_updated_at: datetime | None = None
+    run_id: int | None = None
+    key_name: str = ""
 
 
 def record_action(
@@ -95,8 +97,11 @@ def in_doubt(session: Session) -> list[Action]:
     )
 
 
-def last_changes(session: Session, *, until: datetime | None = None) -> dict[str, LastChange]:
-    """Per key, our newest executed change (not dry-run, outcome done), made at or before ``until``."""
+def last_changes(
+    session: Session, *, until: datetime | None = None, key_hashes: Sequence[str] | None = None
+) -> dict[str, LastChange]:
+    """Per key (of ``key_hashes``, or every key), our newest executed change (not dry-run, outcome
+    done), made at or before ``until``."""
     conditions: list[Any] = [
         Action.dry_run.is_(False),
         Action.outcome == DONE,
@@ -104,18 +109,50 @@ def last_changes(session: Session, *, until: datetime | None = None) -> dict[str
     ]
     if until is not None:
         conditions.append(Action.created_at <= until)
+    if key_hashes is not None:
+        conditions.append(Action.key_hash.in_(list(key_hashes)))
     newest = (
         select(Action.key_hash, func.max(Action.id).label("id")).where(*conditions).group_by(Action.key_hash).subquery()
     )
     rows = session.execute(
         select(
-            Action.key_hash, Action.action, Action.rule, Action.finished_at, Action.created_at, Action.key_updated_at
+            Action.key_hash,
+            Action.action,
+            Action.rule,
+            Action.finished_at,
+            Action.created_at,
+            Action.key_updated_at,
+            Action.run_id,
+            Action.key_name,
         ).join(newest, newest.c.id == Action.id)
     )
     return {
-        key_hash: LastChange(action=action, rule=rule, at=finished_at or created_at, key_updated_at=key_updated_at)
-        for key_hash, action, rule, finished_at, created_at, key_updated_at in rows
+        key_hash: LastChange(
+            action=action,
+            rule=rule,
+            at=finished_at or created_at,
+            key_updated_at=key_updated_at,
+            run_id=run_id,
+            key_name=key_name,
+        )
+        for key_hash, action, rule, finished_at, created_at, key_updated_at, run_id, key_name in rows
     }
+
+
+def changes_of_run(session: Session, run_id: int) -> list[Action]:
+    """The disables and deletes run ``run_id`` made (not dry-run, outcome done), in order."""
+    return list(
+        session.scalars(
+            select(Action)
+            .where(
+                Action.run_id == run_id,
+                Action.dry_run.is_(False),
+                Action.outcome == DONE,
+                Action.action.in_(("disable", "delete")),
+            )
+            .order_by(Action.id)
+        )
+    )
 
 
 def deleted_since(session: Session, since: datetime) -> set[str]:

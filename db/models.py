@@ -47,19 +47,25 @@ class Base(DeclarativeBase):
 
 
 class Run(Base):
-    """One job: sync, enforce, run (sync then enforce) or prune, however it was started."""
+    """One job (sync, enforce, run, prune, undo, enable), however it was started, and how it ended.
+
+    ``status``, ``exit_code`` and ``message`` are the job's outcome exactly as the command that ran
+    it reported it (see keyhygiene.jobs.JobOutcome); ``summary`` holds the job's counts.
+    """
 
     __tablename__ = "runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), index=True)
-    started_at: Mapped[datetime]
+    started_at: Mapped[datetime] = mapped_column(index=True)
     finished_at: Mapped[datetime | None]
     dry_run: Mapped[bool | None] = mapped_column(Boolean)
-    trigger: Mapped[str] = mapped_column(String(16), default="cli")
+    started_by: Mapped[str] = mapped_column(String(16), default="cli")
     task_id: Mapped[str | None] = mapped_column(String(64), index=True)
-    error: Mapped[str | None] = mapped_column(Text)
+    allow_actions: Mapped[int | None] = mapped_column(Integer)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    message: Mapped[str | None] = mapped_column(Text)
     summary: Mapped[dict[str, Any] | None]
 
 

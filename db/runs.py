@@ -1,22 +1,31 @@
-"""Run records: one row per job, whatever started it."""
+"""Run records: one row per job, whatever started it, carrying the job's own outcome."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from .models import Run
 
 RUNNING = "running"
-COMPLETE = "complete"
+OK = "ok"
 FAILED = "failed"
 REFUSED = "refused"
 SKIPPED = "skipped"
 ABORTED = "aborted"
-FINAL_STATUSES = (COMPLETE, FAILED, REFUSED, SKIPPED, ABORTED)
+FINAL_STATUSES = (OK, FAILED, REFUSED, SKIPPED, ABORTED)
+
+# Who started a run: the beat schedule, `keyhygiene trigger`, or a command run inline.
+BEAT = "beat"
+TRIGGER = "trigger"
+CLI = "cli"
+STARTERS = (BEAT, TRIGGER, CLI)
+
+ABANDONED = "the process running this job stopped before it ended"
 
 
 def start_run(
@@ -24,12 +33,21 @@ def start_run(
     *,
     kind: str,
     now: datetime,
-    trigger: str = "cli",
+    started_by: str = CLI,
     task_id: str | None = None,
     dry_run: bool | None = None,
+    allow_actions: int | None = None,
 ) -> Run:
     """Record that a job has started. The caller commits."""
-    run = Run(kind=kind, status=RUNNING, started_at=now, trigger=trigger, task_id=task_id, dry_run=dry_run)
+    run = Run(
+        kind=kind,
+        status=RUNNING,
+        started_at=now,
+        started_by=started_by,
+        task_id=task_id,
+        dry_run=dry_run,
+        allow_actions=allow_actions,
+    )
     session.add(run)
     session.flush()
     return run
@@ -41,12 +59,13 @@ def finish_run(
     *,
     status: str,
     now: datetime,
-    error: str | None = None,
+    exit_code: int,
+    message: str,
     summary: dict[str, Any] | None = None,
     dry_run: bool | None = None,
 ) -> None:
-    """Record how a job ended. The caller commits."""
-    values: dict[str, Any] = {"status": status, "finished_at": now, "error": error}
+    """Record how a job ended: its status, exit code and message. The caller commits."""
+    values: dict[str, Any] = {"status": status, "finished_at": now, "exit_code": exit_code, "message": message}
     if summary is not None:
         values["summary"] = summary
     if dry_run is not None:
@@ -54,21 +73,22 @@ def finish_run(
     session.execute(update(Run).where(Run.id == run_id).values(**values))
 
 
-def record_skipped_run(
-    session: Session, *, kind: str, now: datetime, reason: str, trigger: str, task_id: str | None
+def record_ended_run(
+    session: Session,
+    *,
+    kind: str,
+    now: datetime,
+    status: str,
+    exit_code: int,
+    message: str,
+    started_by: str,
+    task_id: str | None,
+    allow_actions: int | None = None,
 ) -> Run:
-    """Record a job that did not start because another one held the lock."""
-    run = Run(
-        kind=kind,
-        status=SKIPPED,
-        started_at=now,
-        finished_at=now,
-        trigger=trigger,
-        task_id=task_id,
-        error=reason,
-    )
-    session.add(run)
-    session.flush()
+    """Record a job that ended before it could start (another job held the lock, the rules file is
+    invalid, ...). The caller commits."""
+    run = start_run(session, kind=kind, now=now, started_by=started_by, task_id=task_id, allow_actions=allow_actions)
+    finish_run(session, run.id, status=status, now=now, exit_code=exit_code, message=message)
     return run
 
 
@@ -81,11 +101,29 @@ def run_for_task(session: Session, task_id: str) -> Run | None:
     return session.scalars(select(Run).where(Run.task_id == task_id).order_by(Run.id.desc()).limit(1)).first()
 
 
-def abandon_stale_runs(session: Session, *, now: datetime, older_than: datetime) -> int:
+def newest_runs(session: Session) -> list[Run]:
+    """The newest run of each job kind, by kind."""
+    newest = select(func.max(Run.id)).group_by(Run.kind).scalar_subquery()
+    return list(session.scalars(select(Run).where(Run.id.in_(newest)).order_by(Run.kind)))
+
+
+def newest_finished_run(session: Session, *, ignore: Sequence[str] = ()) -> Run | None:
+    """The newest run that has ended, leaving out the statuses in ``ignore``."""
+    statuses = [status for status in FINAL_STATUSES if status not in ignore]
+    return session.scalars(select(Run).where(Run.status.in_(statuses)).order_by(Run.id.desc()).limit(1)).first()
+
+
+def runs_between(session: Session, *, since: datetime, until: datetime) -> Iterator[Run]:
+    """Runs started in ``[since, until]``, oldest first, streamed."""
+    query = select(Run).where(Run.started_at >= since, Run.started_at <= until).order_by(Run.started_at, Run.id)
+    yield from session.scalars(query.execution_options(yield_per=500))
+
+
+def abandon_stale_runs(session: Session, *, now: datetime, older_than: datetime, exit_code: int) -> int:
     """Mark runs still 'running' since before ``older_than`` as aborted (their process died)."""
     result = session.execute(
         update(Run)
         .where(Run.status == RUNNING, Run.started_at < older_than)
-        .values(status=ABORTED, finished_at=now, error="the process running this job stopped before it ended")
+        .values(status=ABORTED, finished_at=now, exit_code=exit_code, message=ABANDONED)
     )
     return int(getattr(result, "rowcount", 0) or 0)

@@ -23,7 +23,19 @@ from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, KeyhygieneError, UsageErr
 from .settings import Settings, SettingsError, load_settings
 from .timeutil import MAX_DURATION, TimeFormatError, isoformat, parse_duration, parse_time, utcnow
 
-REPORT_KINDS = ("inventory", "spend", "actions", "idle", "trends", "html")
+REPORT_KINDS = ("inventory", "spend", "actions", "idle", "trends", "runs", "html")
+
+ALLOW_ACTIONS_HELP = (
+    "Lift both caps (max_actions_per_run, max_action_percent) for this one run, up to N changes; a "
+    "larger plan is still refused whole. Never lifts protect_*, the fresh check, the shrink guard or "
+    "dry-run. For working through a first backlog."
+)
+
+
+def _allow_actions_option(function: Any) -> Any:
+    return click.option(
+        "--allow-actions", "allow_actions", type=click.IntRange(min=1), metavar="N", help=ALLOW_ACTIONS_HELP
+    )(function)
 
 
 class State:
@@ -161,22 +173,99 @@ def sync(state: State) -> None:
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Change nothing, whatever the rules file says.")
+@_allow_actions_option
 @pass_state
-def enforce(state: State, dry_run: bool) -> None:
+def enforce(state: State, dry_run: bool, allow_actions: int | None) -> None:
     """Plan on the newest complete snapshot and act within the safety limits."""
     from .jobs import execute
 
-    _finish_job(execute("enforce", state.settings, dry_run=dry_run))
+    _finish_job(execute("enforce", state.settings, dry_run=dry_run, allow_actions=allow_actions))
 
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Change nothing, whatever the rules file says.")
+@_allow_actions_option
 @pass_state
-def run(state: State, dry_run: bool) -> None:
+def run(state: State, dry_run: bool, allow_actions: int | None) -> None:
     """Sync, then enforce on that fresh snapshot: the periodic job, inline, with no broker."""
     from .jobs import execute
 
-    _finish_job(execute("run", state.settings, dry_run=dry_run))
+    _finish_job(execute("run", state.settings, dry_run=dry_run, allow_actions=allow_actions))
+
+
+@cli.command()
+@click.argument("run_id", type=click.IntRange(min=1), metavar="RUN_ID")
+@click.option("--dry-run", is_flag=True, help="Check each key fresh and record what would be enabled; change nothing.")
+@pass_state
+def undo(state: State, run_id: int, dry_run: bool) -> None:
+    """Re-enable the keys run RUN_ID disabled, each only if nobody changed it since.
+
+    A key whose updated_at is no longer the one the API answered our disable with is left alone and
+    reported; deleted keys cannot be brought back. Each key is audited as action `enable` (rule
+    `undo:RUN_ID`). Find run ids with `keyhygiene report runs`.
+    """
+    from .jobs import execute
+
+    _finish_job(execute("undo", state.settings, dry_run=dry_run, undo_run_id=run_id))
+
+
+@cli.command()
+@click.argument("key_hashes", nargs=-1, required=True, metavar="HASH...")
+@click.option("--dry-run", is_flag=True, help="Check each key fresh and record what would be enabled; change nothing.")
+@pass_state
+def enable(state: State, key_hashes: tuple[str, ...], dry_run: bool) -> None:
+    """Re-enable the given keys (full hashes), each only if keyhygiene disabled it and nobody changed
+    it since. Audited as action `enable`, rule `manual`."""
+    from .jobs import execute
+
+    _finish_job(execute("enable", state.settings, dry_run=dry_run, key_hashes=key_hashes))
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@pass_state
+def status(state: State, fmt: str) -> None:
+    """The newest run of each job, the newest complete snapshot and the next scheduled run.
+
+    Exits 0 when the newest run that ended succeeded and the newest snapshot is younger than twice
+    the interval of KEYHYGIENE_SCHEDULE, else 1: usable as a monitoring probe or health check.
+    """
+    import json
+
+    from .context import Database
+    from .status import describe_snapshot, read_status
+
+    settings = state.settings
+    database = Database.open(settings)
+    try:
+        with database.sessions() as session:
+            current = read_status(session, schedule=settings.schedule, now=utcnow())
+    finally:
+        database.close()
+    if fmt == "json":
+        click.echo(json.dumps(current.as_json()))
+    else:
+        from .reports.base import Report
+        from .reports.render import print_table
+        from .reports.runs import HEADERS
+
+        print_table(
+            Report(
+                title="Newest run of each job",
+                columns=["job", "run_id", "started_at", "status", "started_by", "exit_code", "message"],
+                rows=current.runs,
+                headers=HEADERS,
+                time_formats={"started_at": "%m-%d %H:%M"},
+            ),
+            Console(soft_wrap=False),
+        )
+        click.echo(describe_snapshot(current))
+        click.echo(f"next scheduled run: {isoformat(current.next_run)} (KEYHYGIENE_SCHEDULE {settings.schedule!r})")
+        if current.healthy:
+            click.echo("healthy")
+        for problem in current.problems:
+            click.echo(f"problem: {khlog.redact_text(problem)}")
+    sys.exit(EXIT_OK if current.healthy else EXIT_FAILURE)
 
 
 @cli.command()
@@ -202,7 +291,7 @@ def plan(state: State, fmt: str) -> None:
     from db import snapshots
 
     from .context import Database
-    from .enforcement import decision_row, explain, load_plan_inputs, make_plan
+    from .enforcement import decision_row, explain, load_plan_inputs, make_plan, refusal_message
     from .jobs import load_ruleset
 
     settings = state.settings
@@ -243,7 +332,7 @@ def plan(state: State, fmt: str) -> None:
         f"{len(the_plan.changes)} change(s) planned, {len(rows) - len(the_plan.changes)} report(s); mode: {mode}"
     )
     if breach is not None:
-        click.echo(f"enforcement would be REFUSED: {breach.reason}")
+        click.echo(f"enforcement would be REFUSED: {refusal_message(breach)}")
 
 
 # -- rules --------------------------------------------------------------------------------------
@@ -336,8 +425,8 @@ def _warn_unmatched_workspaces(ruleset: Any, names: dict[str, str]) -> None:
     "--since",
     callback=_duration_option,
     metavar="DURATION",
-    help="Period to cover, e.g. 30d (spend, actions, trends, html: default 30d); idle: the shortest idleness "
-    "listed (default 7d).",
+    help="Period to cover, e.g. 30d (spend, actions, trends, html: default 30d; runs: default 7d); idle: the "
+    "shortest idleness listed (default 7d).",
 )
 @click.option(
     "--at",
@@ -375,7 +464,7 @@ def report(
     by: str,
     out: str | None,
 ) -> None:
-    """Historical reports from the snapshots: inventory, spend, actions, idle, trends, html.
+    """Historical reports from the snapshots: inventory, spend, actions, idle, trends, runs, html.
 
     \b
     inventory  every key at the newest snapshot, or as of --at
@@ -383,6 +472,7 @@ def report(
     actions    the audit log over --since (default 30d)
     idle       keys with no new use for --since (default 7d), and when a rule acts on them
     trends     per day: keys by state, idle 30d+, and spend
+    runs       one row per job run over --since (default 7d): status, counts, exit code, message
     html       one self-contained HTML file with charts of all of the above (--out FILE)
     """
     from db import snapshots
@@ -468,6 +558,7 @@ def beat(ctx: click.Context) -> None:
 @cli.command()
 @click.argument("job", type=click.Choice(["sync", "enforce", "run", "prune"]))
 @click.option("--dry-run", is_flag=True, help="Change nothing (can only narrow the rules file, never widen it).")
+@_allow_actions_option
 @click.option("--wait", is_flag=True, help="Block until the run is recorded and print its outcome.")
 @click.option(
     "--timeout",
@@ -478,12 +569,21 @@ def beat(ctx: click.Context) -> None:
     help="With --wait: give up after this many seconds (more than 0).",
 )
 @pass_state
-def trigger(state: State, job: str, dry_run: bool, wait: bool, timeout: float) -> None:
-    """Queue a job on the Celery worker now."""
+def trigger(state: State, job: str, dry_run: bool, allow_actions: int | None, wait: bool, timeout: float) -> None:
+    """Queue a job on the Celery worker now (--allow-actions: enforce and run only).
+
+    Without --wait it prints the task id; its run is found with `keyhygiene report runs --since 1h`.
+    """
     from worker.trigger import trigger_job
 
     outcome = trigger_job(
-        state.settings, job, dry_run=dry_run, wait=wait, timeout=timeout, echo=lambda line: click.echo(line)
+        state.settings,
+        job,
+        dry_run=dry_run,
+        allow_actions=allow_actions,
+        wait=wait,
+        timeout=timeout,
+        echo=lambda line: click.echo(line),
     )
     if outcome is not None:
         _finish_job(outcome)

@@ -200,7 +200,7 @@ def _event(
     log_method("key_action", **fields)
 
 
-def _record(
+def record_decision(
     database: Database,
     decision: Decision,
     *,
@@ -306,6 +306,10 @@ def _apply(client: KeysClient, decision: Decision) -> Key | None:
     raise ValueError(f"not a change: {decision.action}")  # pragma: no cover - reports never get here
 
 
+Recheck = Callable[[Key], str | None]
+"""Why a change must not be made on the key's fresh state (None: go ahead)."""
+
+
 def execute_decision(
     database: Database,
     client: KeysClient,
@@ -320,24 +324,52 @@ def execute_decision(
     clock: Any = None,
     fence: Callable[[], None] | None = None,
 ) -> str:
-    """Check the key fresh, then record intent, change it, record the outcome. Returns the outcome.
+    """Make one planned change, deciding again on the key's fresh state (see :func:`change_key`)."""
 
+    def recheck(fresh: Key) -> str | None:
+        again = decide(fresh, fresh_history(history, snapshot_key, fresh, now), audit_facts, ruleset, now)
+        if again is None:
+            return "no longer matches any rule on the key's fresh state"
+        if again.action != decision.action:
+            return f"on the key's fresh state the decision is {again.action}, not {decision.action}"
+        return None
+
+    return change_key(
+        database, client, decision, run_id=run_id, recheck=recheck, clock=clock or (lambda: now), fence=fence
+    )
+
+
+def change_key(
+    database: Database,
+    client: KeysClient,
+    decision: Decision,
+    *,
+    run_id: int,
+    recheck: Recheck,
+    clock: Callable[[], datetime],
+    dry_run: bool = False,
+    fence: Callable[[], None] | None = None,
+) -> str:
+    """The one way keyhygiene changes a key: fetch it fresh, ask ``recheck`` whether the change still
+    stands, record the intent, change it, record the outcome. Returns the outcome.
+
+    A key gone or already in the target state, or one ``recheck`` objects to, is recorded as skipped
+    with the reason. With ``dry_run`` the fresh check is made and the change recorded as planned.
     ``fence`` is called just before the intent is recorded and must raise if this process may no
     longer change keys (it lost the enforcement lease).
-
     Raises AuthenticationFailed (the credential no longer works: stop everything); every other API
     error is recorded against this key and the caller goes on with the next.
     """
-    stamp = clock or (lambda: now)
+    stamp = clock
     try:
         fresh = client.get_key(decision.key_hash)
     except NotFound:
-        _record(
+        record_decision(
             database,
             decision,
             run_id=run_id,
             now=stamp(),
-            dry_run=False,
+            dry_run=dry_run,
             outcome=audit.SKIPPED,
             reason="already gone (404 on the fresh check)",
         )
@@ -345,40 +377,39 @@ def execute_decision(
     except AuthenticationFailed:
         raise
     except ApiError as exc:
-        _record(
+        record_decision(
             database,
             decision,
             run_id=run_id,
             now=stamp(),
-            dry_run=False,
+            dry_run=dry_run,
             outcome=audit.FAILED,
             reason="the fresh check failed",
             error=str(exc),
         )
         return audit.FAILED
+    if not decision.key_name:
+        decision = replace(decision, key_name=fresh.name)
 
-    reason = _already_in_target_state(decision, fresh)
-    if reason is None:
-        again = decide(fresh, fresh_history(history, snapshot_key, fresh, now), audit_facts, ruleset, now)
-        if again is None:
-            reason = "no longer matches any rule on the key's fresh state"
-        elif again.action != decision.action:
-            reason = f"on the key's fresh state the decision is {again.action}, not {decision.action}"
+    reason = _already_in_target_state(decision, fresh) or recheck(fresh)
     if reason is not None:
-        _record(
+        record_decision(
             database,
             decision,
             run_id=run_id,
             now=stamp(),
-            dry_run=False,
+            dry_run=dry_run,
             outcome=audit.SKIPPED,
             reason=reason,
         )
         return audit.SKIPPED
+    if dry_run:
+        record_decision(database, decision, run_id=run_id, now=stamp(), dry_run=True, outcome=audit.PLANNED)
+        return audit.PLANNED
 
     if fence is not None:
         fence()
-    action_id = _record(database, decision, run_id=run_id, now=stamp(), dry_run=False, outcome=audit.PENDING)
+    action_id = record_decision(database, decision, run_id=run_id, now=stamp(), dry_run=False, outcome=audit.PENDING)
 
     def outcome_is(
         outcome: str, *, reason: str | None = None, error: str | None = None, after: Key | None = None
@@ -492,12 +523,14 @@ def enforce_snapshot(
     dry_run: bool,
     clock: Any = None,
     fence: Callable[[], None] | None = None,
+    allow_actions: int | None = None,
 ) -> EnforceResult:
     """Plan on snapshot ``snapshot_id`` and act on it within the safety limits.
 
     ``fence`` runs before each change (see :func:`execute_decision`).
 
     ``dry_run`` is final: the caller has already combined the rules file and the command line.
+    ``allow_actions`` (``--allow-actions N``) replaces both caps with N for this one enforcement.
     Raises EnforcementRefused (exit 3) when a safety limit refuses the whole enforcement.
     """
     with database.sessions() as session:
@@ -522,7 +555,7 @@ def enforce_snapshot(
     result.decisions = list(the_plan.decisions)
     result.planned = len(the_plan.changes)
 
-    breach: CapBreach | None = check_caps(the_plan, ruleset.safety)
+    breach: CapBreach | None = check_caps(the_plan, ruleset.safety, allow_actions=allow_actions)
     if breach is not None:
         result.refused = REFUSED_CAPS
         _record_all(
@@ -541,7 +574,7 @@ def enforce_snapshot(
             planned=breach.planned,
             total_keys=breach.total_keys,
         )
-        raise EnforcementRefused(breach.reason)
+        raise EnforcementRefused(refusal_message(breach))
 
     # Reports, and everything in a dry run, call no API: recorded together in one transaction.
     unapplied = [decision for decision in the_plan.decisions if dry_run or decision.action == "report"]
@@ -579,6 +612,16 @@ def enforce_snapshot(
             result.failed += 1
     log.info("enforcement_complete", run_id=run_id, **result.summary())
     return result
+
+
+def refusal_message(breach: CapBreach) -> str:
+    """Why the caps refused a plan, with the counts, and the way through a backlog the caps refuse."""
+    if breach.allow_actions is not None:
+        return f"{breach.reason}; read the plan (`keyhygiene plan`) and, if it is right, allow all of it"
+    return (
+        f"{breach.reason}; read the plan (`keyhygiene plan`) and, if it is right, work through this backlog "
+        f"once with `keyhygiene enforce --allow-actions {breach.planned}` (lifts both caps for that one run)"
+    )
 
 
 def explain(evidence: Mapping[str, Any]) -> str:

@@ -1,13 +1,17 @@
-"""The jobs: sync, enforce, run (sync then enforce) and prune, as plain functions.
+"""The jobs: sync, enforce, run (sync then enforce), prune, undo and enable, as plain functions.
 
 The command line calls them inline and the Celery tasks call the very same functions. Each one
 records a run, binds ``run_id`` to every log line it writes, and returns a JobOutcome whose exit
 code is the one the interface defines; none of them lets an exception escape without recording it.
+
+A run's outcome (status, exit code, message) is decided here, once, and written to its ``runs``
+row as it is; everything that reports a run (``trigger --wait``, ``status``, ``report runs``)
+reads it back from there (:meth:`JobOutcome.of_run`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -17,6 +21,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import runs, snapshots
+from db.models import Run
 from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed
 from keyhygiene.rules import RulesError, RuleSet, load_rules
@@ -42,7 +47,11 @@ from .timeutil import utcnow
 log = khlog.get_logger(__name__)
 
 Clock = Callable[[], datetime]
-JOBS = ("sync", "enforce", "run", "prune")
+JOBS = ("sync", "enforce", "run", "prune", "undo", "enable")
+# Jobs that read the rules file (undo and enable for its protect_* lists), and the ones that take
+# --allow-actions.
+RULES_JOBS = frozenset({"enforce", "run", "undo", "enable"})
+CAPPED_JOBS = frozenset({"enforce", "run"})
 CHANGING_JOBS = frozenset({"enforce", "run", "undo", "enable"})
 """The jobs that change keys: each holds the enforcement lease for its whole run, unless it is a
 dry run (which changes nothing and must never make a live run skip)."""
@@ -50,7 +59,7 @@ dry run (which changes nothing and must never make a live run skip)."""
 
 @dataclass
 class JobOutcome:
-    """How a job ended, as the command line and ``trigger --wait`` report it."""
+    """How a job ended, as every command reports it and its ``runs`` row records it."""
 
     kind: str
     status: str
@@ -60,6 +69,12 @@ class JobOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
     sync: SyncResult | None = None
     enforcement: EnforceResult | None = None
+
+    @classmethod
+    def of_run(cls, run: Run) -> JobOutcome:
+        """A recorded run as the outcome the job returned when it ended."""
+        code = EXIT_FAILURE if run.exit_code is None else run.exit_code
+        return cls(run.kind, run.status, code, run.message or run.status, run.id, dict(run.summary or {}))
 
 
 def load_ruleset(settings: Settings) -> RuleSet:
@@ -71,12 +86,16 @@ def load_ruleset(settings: Settings) -> RuleSet:
 
 
 @contextmanager
-def _run_context(run_id: int) -> Iterator[None]:
-    khlog.bind(run_id=run_id)
+def _run_context(run_id: int, allow_actions: int | None) -> Iterator[None]:
+    # --allow-actions is bound too, so that every key_action event of the run carries it.
+    context: dict[str, Any] = {"run_id": run_id}
+    if allow_actions is not None:
+        context["allow_actions"] = allow_actions
+    khlog.bind(**context)
     try:
         yield
     finally:
-        khlog.unbind("run_id")
+        khlog.unbind(*context)
 
 
 def _start(
@@ -84,16 +103,25 @@ def _start(
     *,
     kind: str,
     now: datetime,
-    trigger: str,
+    started_by: str,
     task_id: str | None,
     dry_run: bool | None,
+    allow_actions: int | None,
     stale_after: timedelta,
 ) -> int:
     try:
         with session_scope(database) as session:
             # A run still 'running' long past any time limit belongs to a process that died.
-            runs.abandon_stale_runs(session, now=now, older_than=now - stale_after)
-            return runs.start_run(session, kind=kind, now=now, trigger=trigger, task_id=task_id, dry_run=dry_run).id
+            runs.abandon_stale_runs(session, now=now, older_than=now - stale_after, exit_code=EXIT_FAILURE)
+            return runs.start_run(
+                session,
+                kind=kind,
+                now=now,
+                started_by=started_by,
+                task_id=task_id,
+                dry_run=dry_run,
+                allow_actions=allow_actions,
+            ).id
     except SQLAlchemyError as exc:
         raise DatabaseFailure(f"cannot record the run: {describe_db_error(exc)}") from None
 
@@ -107,7 +135,8 @@ def _finish(database: Database, outcome: JobOutcome, now: datetime, dry_run: boo
                 outcome.run_id,
                 status=outcome.status,
                 now=now,
-                error=None if outcome.status == runs.COMPLETE else khlog.redact_text(outcome.message),
+                exit_code=outcome.exit_code,
+                message=khlog.redact_text(outcome.message),
                 summary=outcome.summary or None,
                 dry_run=dry_run,
             )
@@ -115,6 +144,11 @@ def _finish(database: Database, outcome: JobOutcome, now: datetime, dry_run: boo
         outcome.status = runs.FAILED
         outcome.exit_code = EXIT_FAILURE
         outcome.message = f"{outcome.message}; and the run could not be recorded: {describe_db_error(exc)}"
+    _log_finished(outcome)
+    return outcome
+
+
+def _log_finished(outcome: JobOutcome) -> None:
     log.info(
         "run_finished",
         run_id=outcome.run_id,
@@ -123,7 +157,6 @@ def _finish(database: Database, outcome: JobOutcome, now: datetime, dry_run: boo
         exit_code=outcome.exit_code,
         message=outcome.message,
     )
-    return outcome
 
 
 def _failure(
@@ -132,7 +165,7 @@ def _failure(
     if abort_errors and isinstance(exc, abort_errors):
         return JobOutcome(kind, runs.ABORTED, EXIT_FAILURE, "aborted: the job reached its time limit", run_id)
     if isinstance(exc, EnforcementRefused):
-        return JobOutcome(kind, runs.REFUSED, EXIT_REFUSED, f"enforcement refused, nothing changed: {exc}", run_id)
+        return JobOutcome(kind, runs.REFUSED, EXIT_REFUSED, f"enforcement refused, nothing was changed: {exc}", run_id)
     if isinstance(exc, KeyhygieneError):
         return JobOutcome(kind, runs.FAILED, exc.exit_code, str(exc), run_id)
     if isinstance(exc, AuthenticationFailed):
@@ -151,46 +184,56 @@ def execute(
     settings: Settings,
     *,
     dry_run: bool = False,
-    trigger: str = "cli",
+    started_by: str = runs.CLI,
     task_id: str | None = None,
+    allow_actions: int | None = None,
+    undo_run_id: int | None = None,
+    key_hashes: Sequence[str] = (),
     clock: Clock = utcnow,
     on_page: ProgressCallback | None = None,
     abort_errors: tuple[type[BaseException], ...] = (),
     database: Database | None = None,
     client: KeysClient | None = None,
 ) -> JobOutcome:
-    """Run one job (``sync``, ``enforce``, ``run`` or ``prune``) and record it.
+    """Run one job and record it: ``sync``, ``enforce``, ``run``, ``prune``, ``undo`` (of run
+    ``undo_run_id``) or ``enable`` (of ``key_hashes``).
 
-    ``dry_run`` can only narrow what the rules file allows: the effective dry-run is the rules
-    file's ``dry_run`` OR this flag.
+    ``dry_run`` can only narrow what the rules file allows: the effective dry-run of ``enforce``
+    and ``run`` is the rules file's ``dry_run`` OR this flag (``undo`` and ``enable`` are an
+    operator's own request, so only this flag makes them dry runs). ``allow_actions`` lifts both
+    caps of ``enforce`` and ``run`` for this one run, up to that many changes.
     """
     if kind not in JOBS:
         return JobOutcome(kind, runs.FAILED, EXIT_USAGE, f"unknown job {kind!r}")
+    if allow_actions is not None and (kind not in CAPPED_JOBS or allow_actions < 1):
+        return JobOutcome(kind, runs.FAILED, EXIT_USAGE, "--allow-actions takes a positive count, for enforce and run")
 
     own_database = database is None
     run_id: int | None = None
     lease: EnforcementLease | None = None
     try:
-        ruleset = load_ruleset(settings) if kind in ("enforce", "run") else None
-        effective_dry_run = None if ruleset is None else (ruleset.safety.dry_run or dry_run)
+        ruleset = load_ruleset(settings) if kind in RULES_JOBS else None
+        effective_dry_run = _effective_dry_run(kind, ruleset, dry_run)
         if database is None:
             database = Database.open(settings)
         if kind in CHANGING_JOBS and not effective_dry_run:
             lease = EnforcementLease(database, job=kind)
             if not lease.acquire():
                 held_by, lease = lease.held_by, None
-                return _skipped(database, kind, clock(), trigger, task_id, held_by.describe() if held_by else None)
+                holder = held_by.describe() if held_by else None
+                return _skipped(database, kind, clock(), started_by, task_id, holder, allow_actions)
         run_id = _start(
             database,
             kind=kind,
             now=clock(),
-            trigger=trigger,
+            started_by=started_by,
             task_id=task_id,
             dry_run=effective_dry_run,
+            allow_actions=allow_actions,
             stale_after=2 * settings.job_time_limit,
         )
-        with _run_context(run_id):
-            log.info("run_started", kind=kind, trigger=trigger, dry_run=effective_dry_run)
+        with _run_context(run_id, allow_actions):
+            log.info("run_started", kind=kind, started_by=started_by, dry_run=effective_dry_run)
             outcome = _execute(
                 kind,
                 settings,
@@ -199,6 +242,9 @@ def execute(
                 ruleset,
                 run_id=run_id,
                 dry_run=bool(effective_dry_run),
+                allow_actions=allow_actions,
+                undo_run_id=undo_run_id,
+                key_hashes=key_hashes,
                 clock=clock,
                 on_page=on_page,
                 fence=lease.fence if lease is not None else None,
@@ -207,7 +253,7 @@ def execute(
     except BaseException as exc:
         outcome = _failure(kind, run_id, exc, abort_errors)
         if database is not None and run_id is not None:
-            with _run_context(run_id):
+            with _run_context(run_id, allow_actions):
                 _finish(database, outcome, clock())
         else:
             log.error("run_not_started", kind=kind, error=outcome.message)
@@ -222,19 +268,87 @@ def execute(
 
 
 def _skipped(
-    database: Database, kind: str, now: datetime, trigger: str, task_id: str | None, holder: str | None
+    database: Database,
+    kind: str,
+    now: datetime,
+    started_by: str,
+    task_id: str | None,
+    holder: str | None,
+    allow_actions: int | None,
 ) -> JobOutcome:
     """Record a job that did not start because another job that changes keys holds the lease."""
     reason = f"another enforcement holds the enforcement lock: {holder or 'a job that just ended'}; nothing was changed"
     try:
         with session_scope(database) as session:
-            run_id = runs.record_skipped_run(
-                session, kind=kind, now=now, reason=reason, trigger=trigger, task_id=task_id
+            run_id = runs.record_ended_run(
+                session,
+                kind=kind,
+                now=now,
+                status=runs.SKIPPED,
+                exit_code=EXIT_FAILURE,
+                message=reason,
+                started_by=started_by,
+                task_id=task_id,
+                allow_actions=allow_actions,
             ).id
     except SQLAlchemyError as exc:
         raise DatabaseFailure(f"cannot record the run: {describe_db_error(exc)}") from None
-    log.warning("job_skipped", run_id=run_id, kind=kind, reason=reason, trigger=trigger)
+    log.warning("job_skipped", run_id=run_id, kind=kind, reason=reason, started_by=started_by)
     return JobOutcome(kind, runs.SKIPPED, EXIT_FAILURE, reason, run_id)
+
+
+def _effective_dry_run(kind: str, ruleset: RuleSet | None, dry_run: bool) -> bool | None:
+    """Whether this run changes no key (None for jobs that change no key anyway)."""
+    if ruleset is None:
+        return None
+    return (ruleset.safety.dry_run or dry_run) if kind in CAPPED_JOBS else dry_run
+
+
+def record_unstarted(
+    settings: Settings,
+    outcome: JobOutcome,
+    *,
+    started_by: str,
+    task_id: str | None,
+    allow_actions: int | None = None,
+    now: datetime | None = None,
+) -> JobOutcome:
+    """Record a job that ended before :func:`execute` could record it (another job held the lock,
+    the rules file is invalid, ...), so that its outcome can be looked up like any other run.
+
+    Sets ``outcome.run_id``; when the database cannot be reached the outcome is only logged.
+    """
+    outcome.message = khlog.redact_text(outcome.message)
+    try:
+        database = Database.open(settings)
+    except KeyhygieneError as exc:
+        log.error("run_not_recorded", kind=outcome.kind, status=outcome.status, reason=outcome.message, error=str(exc))
+        return outcome
+    try:
+        with session_scope(database) as session:
+            outcome.run_id = runs.record_ended_run(
+                session,
+                kind=outcome.kind,
+                now=now or utcnow(),
+                status=outcome.status,
+                exit_code=outcome.exit_code,
+                message=outcome.message,
+                started_by=started_by,
+                task_id=task_id,
+                allow_actions=allow_actions,
+            ).id
+    except SQLAlchemyError as exc:
+        log.error(
+            "run_not_recorded",
+            kind=outcome.kind,
+            status=outcome.status,
+            reason=outcome.message,
+            error=describe_db_error(exc),
+        )
+    finally:
+        database.close()
+    _log_finished(outcome)
+    return outcome
 
 
 def _execute(
@@ -246,6 +360,9 @@ def _execute(
     *,
     run_id: int,
     dry_run: bool,
+    allow_actions: int | None,
+    undo_run_id: int | None,
+    key_hashes: Sequence[str],
     clock: Clock,
     on_page: ProgressCallback | None,
     fence: Callable[[], None] | None = None,
@@ -256,10 +373,24 @@ def _execute(
         pruned = prune(
             database, now=clock(), retention_period=settings.retention, audit_retention=settings.audit_retention
         )
-        return JobOutcome(kind, runs.COMPLETE, EXIT_OK, pruned.message(), run_id, summary=pruned.summary())
+        return JobOutcome(kind, runs.OK, EXIT_OK, pruned.message(), run_id, summary=pruned.summary())
     opened = client is None
     api = client or open_client(settings)
     try:
+        if kind in ("undo", "enable"):
+            assert ruleset is not None
+            return _reenable(
+                kind,
+                database,
+                api,
+                ruleset,
+                run_id=run_id,
+                dry_run=dry_run,
+                undo_run_id=undo_run_id,
+                key_hashes=key_hashes,
+                clock=clock,
+                fence=fence,
+            )
         sync_result: SyncResult | None = None
         if kind in ("sync", "run"):
             try:
@@ -269,7 +400,7 @@ def _execute(
             if kind == "sync":
                 return JobOutcome(
                     kind,
-                    runs.COMPLETE,
+                    runs.OK,
                     EXIT_OK,
                     _sync_message(sync_result),
                     run_id,
@@ -288,6 +419,7 @@ def _execute(
             dry_run=dry_run,
             clock=clock,
             fence=fence,
+            allow_actions=allow_actions,
         )
         summary = enforcement.summary()
         if sync_result is not None:
@@ -295,10 +427,12 @@ def _execute(
         message = _enforce_message(enforcement)
         if sync_result is not None:
             message = f"{_sync_message(sync_result)}; {message}"
+        # A change that failed fails the run (exit 1), after every other change was made.
+        succeeded = enforcement.failed == 0
         return JobOutcome(
             kind,
-            runs.COMPLETE,
-            EXIT_OK if enforcement.failed == 0 else EXIT_FAILURE,
+            runs.OK if succeeded else runs.FAILED,
+            EXIT_OK if succeeded else EXIT_FAILURE,
             message,
             run_id,
             summary=summary,
@@ -308,6 +442,58 @@ def _execute(
     finally:
         if opened:
             api.close()
+
+
+def _reenable(
+    kind: str,
+    database: Database,
+    client: KeysClient,
+    ruleset: RuleSet,
+    *,
+    run_id: int,
+    dry_run: bool,
+    undo_run_id: int | None,
+    key_hashes: Sequence[str],
+    clock: Clock,
+    fence: Callable[[], None] | None = None,
+) -> JobOutcome:
+    from .reenable import enable_keys, undo_run
+
+    if kind == "undo":
+        if undo_run_id is None:
+            raise UsageError("undo needs the id of the run to undo")
+        result = undo_run(
+            database,
+            client,
+            run_id=run_id,
+            undo_run_id=undo_run_id,
+            safety=ruleset.safety,
+            dry_run=dry_run,
+            clock=clock,
+            fence=fence,
+        )
+    else:
+        if not key_hashes:
+            raise UsageError("enable needs the hash of at least one key")
+        result = enable_keys(
+            database,
+            client,
+            run_id=run_id,
+            key_hashes=key_hashes,
+            safety=ruleset.safety,
+            dry_run=dry_run,
+            clock=clock,
+            fence=fence,
+        )
+    succeeded = result.failed == 0
+    return JobOutcome(
+        kind,
+        runs.OK if succeeded else runs.FAILED,
+        EXIT_OK if succeeded else EXIT_FAILURE,
+        result.message(),
+        run_id,
+        summary=result.summary(),
+    )
 
 
 def _newest_snapshot(database: Database) -> int:

@@ -1,8 +1,18 @@
-"""The cron expression of the periodic run (UTC), read once and validated."""
+"""The cron expression of the periodic run (UTC): validated, and asked when it fires next and how
+often it fires at most. Celery's crontab is the one judge, as it is the one that runs the schedule."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from celery.schedules import crontab
+
+# A period is measured over this many consecutive firings, enough to see every gap of any cron
+# expression whose fields repeat within a few years.
+_FIRINGS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,3 +49,36 @@ def parse_cron(expression: str) -> Cron:
     except Exception as exc:  # celery raises ValueError or its own ParseException
         raise ValueError(f"{expression!r} is not a valid cron expression: {exc}") from None
     return cron
+
+
+def cron_schedule(cron: Cron) -> crontab:
+    from celery.schedules import crontab
+
+    return crontab(
+        minute=cron.minute,
+        hour=cron.hour,
+        day_of_month=cron.day_of_month,
+        month_of_year=cron.month_of_year,
+        day_of_week=cron.day_of_week,
+    )
+
+
+def next_run(expression: str, *, after: datetime) -> datetime:
+    """The first firing of a cron expression (UTC) after ``after``."""
+    last, delta, _ = cron_schedule(parse_cron(expression)).remaining_delta(
+        after.astimezone(UTC).replace(second=0, microsecond=0), tz=UTC
+    )
+    return last + delta  # type: ignore[no-any-return]
+
+
+def shortest_period(expression: str, *, start: datetime | None = None) -> timedelta:
+    """The shortest time between two consecutive firings of a cron expression (UTC)."""
+    at = next_run(expression, after=start or datetime.now(UTC))
+    shortest: timedelta | None = None
+    for _ in range(_FIRINGS):
+        after = next_run(expression, after=at)
+        if after <= at:  # pragma: no cover - would be a Celery bug; never loop on it
+            break
+        shortest = after - at if shortest is None else min(shortest, after - at)
+        at = after
+    return shortest or timedelta(hours=1)

@@ -1,8 +1,8 @@
 """The Celery tasks: ``run`` (sync then enforce), ``sync``, ``enforce`` and ``prune``.
 
 Each is a few lines around the plain job function the command line runs inline. Arguments are
-primitives (``dry_run``, ``trigger``); outcomes are the run and audit records in the database, so
-tasks return nothing that anyone waits for.
+primitives (``dry_run``, ``trigger``: who started it, ``allow_actions``); outcomes are the run and
+audit records in the database, so tasks return nothing that anyone waits for.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from worker.names import TASK_NAMES
 
 from .exclusive import run_exclusive
 
-TRIGGERS = ("schedule", "trigger")
+# Who may be named as the starter in a message; "schedule" is what beat sent before it said "beat".
+STARTERS = {"beat": "beat", "schedule": "beat", "trigger": "trigger"}
 
 
 class JobTask(Task):  # type: ignore[misc]
@@ -32,23 +33,27 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     """Add the four job tasks to ``app``, running with ``settings``."""
     limits = TimeLimits.from_settings(settings)
 
-    def job(task: Task, kind: str, dry_run: Any, trigger: Any) -> dict[str, Any]:
+    def job(task: Task, kind: str, dry_run: Any, trigger: Any, allow_actions: Any = None) -> dict[str, Any]:
         outcome = run_exclusive(
             kind,
             settings,
             # Anything but a real False means dry run: a message can narrow what a job does, never widen it.
             dry_run=dry_run is not False,
-            trigger=trigger if trigger in TRIGGERS else "trigger",
+            started_by=STARTERS.get(trigger, "trigger") if isinstance(trigger, str) else "trigger",
             task_id=task.request.id,
             limits=limits,
+            # Only a real positive whole number lifts the caps; anything else keeps them.
+            allow_actions=allow_actions if _is_count(allow_actions) else None,
             abort_errors=(SoftTimeLimitExceeded,),
         )
         return {"run_id": outcome.run_id, "status": outcome.status, "exit_code": outcome.exit_code}
 
     @app.task(name=TASK_NAMES["run"], bind=True, base=JobTask, shared=False)  # type: ignore[untyped-decorator]
-    def run(self: Task, dry_run: bool = False, trigger: str = "trigger") -> dict[str, Any]:
+    def run(
+        self: Task, dry_run: bool = False, trigger: str = "trigger", allow_actions: int | None = None
+    ) -> dict[str, Any]:
         """Sync, then enforce on that fresh snapshot."""
-        return job(self, "run", dry_run, trigger)
+        return job(self, "run", dry_run, trigger, allow_actions)
 
     @app.task(name=TASK_NAMES["sync"], bind=True, base=JobTask, shared=False)  # type: ignore[untyped-decorator]
     def sync(self: Task, dry_run: bool = False, trigger: str = "trigger") -> dict[str, Any]:
@@ -56,11 +61,17 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         return job(self, "sync", dry_run, trigger)
 
     @app.task(name=TASK_NAMES["enforce"], bind=True, base=JobTask, shared=False)  # type: ignore[untyped-decorator]
-    def enforce(self: Task, dry_run: bool = False, trigger: str = "trigger") -> dict[str, Any]:
+    def enforce(
+        self: Task, dry_run: bool = False, trigger: str = "trigger", allow_actions: int | None = None
+    ) -> dict[str, Any]:
         """Plan and act on the newest snapshot, within the safety limits."""
-        return job(self, "enforce", dry_run, trigger)
+        return job(self, "enforce", dry_run, trigger, allow_actions)
 
     @app.task(name=TASK_NAMES["prune"], bind=True, base=JobTask, shared=False)  # type: ignore[untyped-decorator]
     def prune(self: Task, dry_run: bool = False, trigger: str = "trigger") -> dict[str, Any]:
         """Remove history older than the retention settings (refused with ``dry_run``)."""
         return job(self, "prune", dry_run, trigger)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -88,18 +88,23 @@ def test_triggered_run_reaches_the_api_and_records_its_outcome(
     doomed = add_keys(fake, expired=2, healthy=3)
     worker = deploy.start_worker()
 
-    # --dry-run narrows the live rules file: the run is recorded, nothing is changed.
-    dry = cli("trigger", "run", "--dry-run", "--wait", "--timeout", "60")
+    # --dry-run narrows the live rules file: the run is recorded, nothing is changed. The run and
+    # each of its key_action events carry --allow-actions.
+    dry = cli("trigger", "run", "--dry-run", "--allow-actions", "5", "--wait", "--timeout", "60")
     assert dry.exit_code == 0, dry.stderr
-    assert "run complete" in dry.stdout and "dry run" in dry.stdout
+    assert "run ok" in dry.stdout and "dry run" in dry.stdout
     assert fake.mutating_calls() == []
+    dry_task = queued_task_id(dry.stdout)
+    assert run_of(deploy, dry_task).allow_actions == 5
+    planned = [e for e in worker.events_named("key_action") if e.get("task_id") == dry_task]
+    assert len(planned) == 2 and all(e["allow_actions"] == 5 and e["outcome"] == "planned" for e in planned)
 
     live = cli("trigger", "run", "--wait", "--timeout", "60")
     assert live.exit_code == 0, live.stderr + worker.tail()
     task_id = queued_task_id(live.stdout)
     run = run_of(deploy, task_id)
-    assert run is not None and run.status == runs.COMPLETE and run.trigger == "trigger" and run.dry_run is False
-    assert f"run {run.id} run complete: " in live.stdout
+    assert run is not None and run.status == runs.OK and run.started_by == "trigger" and run.dry_run is False
+    assert f"run {run.id} run ok: " in live.stdout
     assert sorted(call.path for call in fake.mutating_calls() if call.method == "DELETE") == sorted(
         f"/keys/{key_hash}" for key_hash in doomed
     )
@@ -110,7 +115,22 @@ def test_triggered_run_reaches_the_api_and_records_its_outcome(
 
     pruned = cli("trigger", "prune", "--wait", "--timeout", "60")
     assert pruned.exit_code == 0, pruned.stderr + worker.tail()
-    assert deploy.runs()[-1].kind == "prune" and deploy.runs()[-1].trigger == "trigger"
+    assert deploy.runs()[-1].kind == "prune" and deploy.runs()[-1].started_by == "trigger"
+
+    # Without --wait, trigger says how to look the run up, and the task id is found there.
+    queued = cli("trigger", "sync")
+    assert queued.exit_code == 0, queued.stderr
+    assert "keyhygiene report runs --since 1h" in queued.stdout
+    sync_task = queued_task_id(queued.stdout)
+    wait_until(
+        lambda: (found := run_of(deploy, sync_task)) is not None and found.status in runs.FINAL_STATUSES,
+        timeout=60,
+        what="the queued sync to finish",
+    )
+    listed = cli("report", "runs", "--since", "1h", "--format", "json")
+    assert listed.exit_code == 0, listed.stderr
+    row = next(row for row in json.loads(listed.stdout) if row["task_id"] == sync_task)
+    assert (row["job"], row["status"], row["started_by"], row["exit_code"]) == ("sync", "ok", "trigger", 0)
 
     # Every line the worker wrote is JSON, Celery's and kombu's included; the job's lines carry the
     # task and the run.
@@ -146,9 +166,9 @@ def test_two_runs_triggered_together_make_one_scan_and_one_recorded_skip(
         what="both runs to finish",
     )
     assert {run.task_id for run in finished} == task_ids
-    assert sorted(run.status for run in finished) == [runs.COMPLETE, runs.SKIPPED]
+    assert sorted(run.status for run in finished) == [runs.OK, runs.SKIPPED]
     skipped = next(run for run in finished if run.status == runs.SKIPPED)
-    assert "another job holds the lock" in (skipped.error or "")
+    assert "another job holds the lock" in (skipped.message or "")
     lists = [c for c in fake.calls if c.method == "GET" and c.path == "/keys" and c.query.get("offset", "0") == "0"]
     assert len(lists) == 1, "exactly one scan of the keys"
     assert worker.events_named("job_skipped")[0]["task_id"] == skipped.task_id
@@ -171,11 +191,11 @@ def test_beat_with_a_one_minute_schedule_starts_a_run_on_its_own(deploy: Deploym
     beat = deploy.start_beat(KEYHYGIENE_SCHEDULE="* * * * *")
 
     run = wait_until(
-        lambda: next((r for r in deploy.runs() if r.trigger == "schedule" and r.status in runs.FINAL_STATUSES), None),
+        lambda: next((r for r in deploy.runs() if r.started_by == "beat" and r.status in runs.FINAL_STATUSES), None),
         timeout=90,
         what="a scheduled run",
     )
-    assert run.kind == "run" and run.status == runs.COMPLETE and run.task_id
+    assert run.kind == "run" and run.status == runs.OK and run.task_id
     assert any(call.method == "DELETE" for call in fake.mutating_calls())
     assert beat.alive
     assert all(json.loads(line) for line in beat.lines() if line.strip())
@@ -276,7 +296,7 @@ def test_the_worker_keeps_consuming_after_redis_restarts(
         assert len([e for e in worker.events() if str(e.get("event", "")).startswith("Connected to")]) >= 2
         after = cli("trigger", "sync", "--wait", "--timeout", "60")
         assert after.exit_code == 0, after.stderr + worker.tail()
-        assert [run.status for run in deploy.runs()] == [runs.COMPLETE, runs.COMPLETE]
+        assert [run.status for run in deploy.runs()] == [runs.OK, runs.OK]
         health = subprocess.run(
             [str(Path(keyhygiene_executable()).parent / "python"), "-m", "worker.health", "--file", heartbeat],
             capture_output=True,
@@ -338,7 +358,7 @@ def test_pickled_and_malformed_messages_are_rejected_without_running_anything(
         timeout=60,
         what="the run of the well-formed message",
     )
-    assert run.status == runs.COMPLETE and run.dry_run is True
+    assert run.status == runs.OK and run.dry_run is True
     assert [r.task_id for r in deploy.runs()] == [narrowed], "nothing ran for the rejected messages"
     assert fake.mutating_calls() == []
     assert not marker.exists(), "the pickled message was unpickled"

@@ -20,8 +20,6 @@ from celery.exceptions import InvalidTaskError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from db import runs
-from db.models import Run
 from keyhygiene.settings import Settings
 from worker.beat_schedule import PRUNE_SCHEDULE, beat_schedule, shortest_period
 from worker.celery_app import make_app
@@ -29,7 +27,6 @@ from worker.health import check
 from worker.limits import TimeLimits
 from worker.names import TASK_NAMES
 from worker.strategy import check_message
-from worker.trigger import outcome_of
 
 from .celery_support import keyhygiene_executable
 
@@ -95,7 +92,7 @@ def test_time_limits_are_strictly_ordered(seconds: int) -> None:
 def test_beat_sends_the_periodic_run_on_the_schedule_and_a_daily_prune() -> None:
     schedule = beat_schedule(settings(KEYHYGIENE_SCHEDULE="*/15 * * * *"))
     run, prune = schedule["hygiene-run"], schedule["history-prune"]
-    assert run["task"] == TASK_NAMES["run"] and run["kwargs"] == {"dry_run": False, "trigger": "schedule"}
+    assert run["task"] == TASK_NAMES["run"] and run["kwargs"] == {"dry_run": False, "trigger": "beat"}
     assert run["schedule"].minute == {0, 15, 30, 45} and run["schedule"].hour == set(range(24))
     assert prune["task"] == TASK_NAMES["prune"]
     assert shortest_period(PRUNE_SCHEDULE) == timedelta(days=1)
@@ -173,28 +170,6 @@ def test_trigger_refuses_a_dry_run_prune(cli: Callable[..., Any], monkeypatch: p
     result = cli("trigger", "prune", "--dry-run")
     assert result.exit_code == 2
     assert "prune has no dry run" in result.stderr
-
-
-def recorded(status: str, summary: dict[str, Any] | None = None, error: str | None = None) -> Run:
-    return Run(id=7, kind="enforce", status=status, summary=summary, error=error, started_at=datetime.now(UTC))
-
-
-@pytest.mark.parametrize(
-    ("run", "exit_code"),
-    [
-        (recorded(runs.COMPLETE, {"planned_changes": 2, "done": 2, "failed": 0}), 0),
-        (recorded(runs.COMPLETE, {"planned_changes": 2, "done": 1, "failed": 1}), 1),
-        (recorded(runs.REFUSED, error="enforcement refused"), 3),
-        (recorded(runs.FAILED, error="API error"), 1),
-        (recorded(runs.FAILED, {"exit_code": 2}, error="rules file: line 3"), 2),
-        (recorded(runs.ABORTED, error="aborted: the job reached its time limit"), 1),
-        (recorded(runs.SKIPPED, error="another job holds the lock"), 1),
-    ],
-)
-def test_wait_reports_the_exit_code_of_the_same_job_run_inline(run: Run, exit_code: int) -> None:
-    outcome = outcome_of(run)
-    assert outcome.exit_code == exit_code
-    assert outcome.run_id == 7 and outcome.status == run.status
 
 
 # -- messages -----------------------------------------------------------------------------------

@@ -706,6 +706,14 @@ def test_reports_do_not_count_against_the_caps_but_enables_do() -> None:
     assert check_caps(Plan(decisions(2, "enable"), total_keys=5), safety) is not None
 
 
+def test_allow_actions_replaces_both_caps_up_to_its_count() -> None:
+    safety = Safety(max_actions_per_run=5, max_action_percent=1.0)
+    assert check_caps(Plan(decisions(60), total_keys=100), safety, allow_actions=60) is None
+    breach = check_caps(Plan(decisions(61), total_keys=100), safety, allow_actions=60)
+    assert breach is not None and breach.allow_actions == 60
+    assert breach.reason == "61 planned changes exceed --allow-actions 60"
+
+
 def test_empty_plan_is_within_caps() -> None:
     assert check_caps(Plan((), total_keys=0), Safety()) is None
 

@@ -41,12 +41,12 @@ def test_a_sync_records_its_run(env: dict[str, str], cli: Callable[..., CliResul
     result = cli("sync")
 
     assert result.exit_code == 0
-    assert result.stdout.startswith("run 1 sync complete: snapshot 1: 0 keys")
+    assert result.stdout.startswith("run 1 sync ok: snapshot 1: 0 keys")
     database = Database.open(Settings())  # type: ignore[call-arg]
     with database.sessions() as session:
         run = session.scalars(select(Run)).one()
     database.close()
-    assert (run.kind, run.status, run.trigger) == ("sync", "complete", "cli")
+    assert (run.kind, run.status, run.started_by, run.exit_code) == ("sync", "ok", "cli", 0)
     assert run.summary is not None and run.summary["keys"] == 0
 
 
@@ -60,9 +60,9 @@ def test_prune_runs_inline_and_is_recorded(
     result = cli("prune")
 
     assert result.exit_code == 0, result.stderr
-    assert "prune complete" in result.stdout
+    assert "prune ok" in result.stdout
     database = Database.open(Settings())  # type: ignore[call-arg]
     with database.sessions() as session:
         kinds = [(run.kind, run.status) for run in session.scalars(select(Run).order_by(Run.id))]
     database.close()
-    assert kinds[-1] == ("prune", "complete")
+    assert kinds[-1] == ("prune", "ok")

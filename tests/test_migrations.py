@@ -41,13 +41,50 @@ def test_upgrade_twice_changes_nothing(empty_database: Database) -> None:
     upgrade(empty_database.engine)
     with empty_database.engine.begin() as connection:
         connection.execute(
-            text("INSERT INTO runs (kind, status, started_at, \"trigger\") VALUES ('sync', 'complete', :t, 'cli')"),
+            text("INSERT INTO runs (kind, status, started_at, started_by) VALUES ('sync', 'ok', :t, 'cli')"),
             {"t": "2026-01-01 00:00:00"},
         )
 
     assert upgrade(empty_database.engine) == (head_revision(), head_revision())
     with empty_database.engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM runs")).scalar() == 1
+
+
+def test_runs_recorded_before_0004_keep_their_outcome(empty_database: Database) -> None:
+    upgrade(empty_database.engine, "0002")
+    old_runs = [
+        # status, trigger, error, summary as keyhygiene recorded them before runs kept an exit code
+        ("complete", "schedule", None, '{"planned_changes": 2, "done": 2, "failed": 0}'),
+        ("complete", "trigger", None, '{"planned_changes": 2, "done": 1, "failed": 1}'),
+        ("refused", "cli", "enforcement refused: 135 planned changes exceed max_actions_per_run = 50", None),
+        ("failed", "trigger", "rules file: line 3: idle_for", '{"exit_code": 2}'),
+        ("failed", "cli", "API error", None),
+        ("skipped", "schedule", "another job holds the lock", None),
+        ("aborted", "beat", "aborted: the job reached its time limit", None),
+    ]
+    with empty_database.engine.begin() as connection:
+        for status, trigger, error, summary in old_runs:
+            connection.execute(
+                text(
+                    'INSERT INTO runs (kind, status, started_at, "trigger", error, summary) '
+                    "VALUES ('run', :status, :t, :trigger, :error, :summary)"
+                ),
+                {"status": status, "t": "2026-01-01 00:00:00", "trigger": trigger, "error": error, "summary": summary},
+            )
+
+    upgrade(empty_database.engine)
+
+    with empty_database.engine.connect() as connection:
+        rows = connection.execute(text("SELECT status, exit_code, started_by, message FROM runs ORDER BY id")).all()
+    assert [tuple(row) for row in rows] == [
+        ("ok", 0, "beat", None),
+        ("failed", 1, "trigger", None),
+        ("refused", 3, "cli", "enforcement refused: 135 planned changes exceed max_actions_per_run = 50"),
+        ("failed", 2, "trigger", "rules file: line 3: idle_for"),
+        ("failed", 1, "cli", "API error"),
+        ("skipped", 1, "beat", "another job holds the lock"),
+        ("aborted", 1, "beat", "aborted: the job reached its time limit"),
+    ]
 
 
 def test_db_upgrade_command(env: dict[str, str], cli) -> None:

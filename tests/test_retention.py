@@ -103,7 +103,7 @@ def build_long_history(org: Org) -> None:
         run = runs.start_run(session, kind="sync", now=T0 + 12 * DAY)
         snapshot = snapshots.start_snapshot(session, run_id=run.id, now=T0 + 12 * DAY)
         snapshots.fail_snapshot(session, snapshot_id=snapshot.id, error="the API was down")
-        runs.finish_run(session, run.id, status=runs.FAILED, now=T0 + 12 * DAY, error="the API was down")
+        runs.finish_run(session, run.id, status=runs.FAILED, now=T0 + 12 * DAY, exit_code=1, message="the API was down")
 
 
 def retained_reports(database: Database) -> dict[str, Any]:
@@ -182,7 +182,7 @@ def test_reports_inside_the_retention_are_identical_after_pruning(org: Org) -> N
             == 0
         )
         prune_run = session.get(Run, outcome.run_id)
-        assert prune_run is not None and prune_run.kind == "prune" and prune_run.status == runs.COMPLETE
+        assert prune_run is not None and prune_run.kind == "prune" and prune_run.status == runs.OK
         assert prune_run.summary == summary
 
     with database.sessions() as session, pytest.raises(ReportError, match="before the first stored snapshot"):
@@ -213,7 +213,7 @@ def test_small_batches_give_the_same_result(org: Org, monkeypatch: pytest.Monkey
 def test_audit_retention_removes_old_audit_records_only(org: Org) -> None:
     with session_scope(org.database) as session:
         run = runs.start_run(session, kind="enforce", now=T0 + DAY)
-        runs.finish_run(session, run.id, status=runs.COMPLETE, now=T0 + DAY)
+        runs.finish_run(session, run.id, status=runs.OK, now=T0 + DAY, exit_code=0, message="ok")
         session.add(
             Action(
                 run_id=run.id,
@@ -244,13 +244,13 @@ def test_prune_as_a_job_through_execute(org: Org) -> None:
     outcome = org.run("prune", NOW)  # through keyhygiene.jobs.execute, with the default 400d retention
     assert (outcome.kind, outcome.exit_code, outcome.summary["versions_deleted"]) == ("prune", 0, 0)
     settings = org.settings.model_copy(update={"retention": timedelta(days=15), "audit_retention": timedelta(days=400)})
-    outcome = execute("prune", settings, clock=lambda: NOW, database=org.database, trigger="beat")
+    outcome = execute("prune", settings, clock=lambda: NOW, database=org.database, started_by="beat")
     assert outcome.exit_code == 0
     assert outcome.summary["audit_cutoff"] == isoformat(NOW - timedelta(days=400))
     assert outcome.summary["cutoff"] == isoformat(NOW - timedelta(days=15))
     with org.database.sessions() as session:
         recorded = session.get(Run, outcome.run_id)
-        assert recorded is not None and recorded.trigger == "beat"
+        assert recorded is not None and recorded.started_by == "beat"
 
 
 def test_a_sync_during_a_prune_is_not_blocked_for_long(org: Org) -> None:

@@ -367,7 +367,7 @@ def test_sync_prints_one_summary_line_and_only_json_on_stderr(
 
     assert result.exit_code == 0, result.stderr
     assert result.stdout.count("\n") == 1
-    assert result.stdout.startswith("run 1 sync complete: snapshot 1: 150 keys in 2 workspaces")
+    assert result.stdout.startswith("run 1 sync ok: snapshot 1: 150 keys in 2 workspaces")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines
     for line in lines:

@@ -8,51 +8,19 @@ replayed in a burst.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from celery.schedules import crontab
-
-from keyhygiene.schedule import Cron, parse_cron
+from keyhygiene.schedule import cron_schedule, parse_cron, shortest_period
 from keyhygiene.settings import Settings
 
 from .names import TASK_NAMES
 
+__all__ = ["PRUNE_SCHEDULE", "beat_schedule", "cron_schedule", "shortest_period"]
+
 # 03:30 UTC: away from the top of the hour, where the default hourly run starts. A prune that finds
 # the lock taken is skipped and the next day's prune catches up (pruning is idempotent).
 PRUNE_SCHEDULE = "30 3 * * *"
-# A period is measured over this many consecutive firings, enough to see every gap of any cron
-# expression whose fields repeat within a few years.
-_FIRINGS = 200
-
-
-def cron_schedule(cron: Cron) -> crontab:
-    return crontab(
-        minute=cron.minute,
-        hour=cron.hour,
-        day_of_month=cron.day_of_month,
-        month_of_year=cron.month_of_year,
-        day_of_week=cron.day_of_week,
-    )
-
-
-def shortest_period(expression: str, *, start: datetime | None = None) -> timedelta:
-    """The shortest time between two consecutive firings of a cron expression (UTC)."""
-    schedule = cron_schedule(parse_cron(expression))
-
-    def following(moment: datetime) -> datetime:
-        last, delta, _ = schedule.remaining_delta(moment, tz=UTC)
-        return last + delta  # type: ignore[no-any-return]
-
-    at = following((start or datetime.now(UTC)).replace(second=0, microsecond=0))
-    shortest: timedelta | None = None
-    for _ in range(_FIRINGS):
-        after = following(at)
-        if after <= at:  # pragma: no cover - would be a Celery bug; never loop on it
-            break
-        shortest = after - at if shortest is None else min(shortest, after - at)
-        at = after
-    return shortest or timedelta(hours=1)
 
 
 def beat_schedule(settings: Settings, *, start: datetime | None = None) -> dict[str, dict[str, Any]]:
@@ -63,13 +31,13 @@ def beat_schedule(settings: Settings, *, start: datetime | None = None) -> dict[
         "hygiene-run": {
             "task": TASK_NAMES["run"],
             "schedule": cron_schedule(parse_cron(settings.schedule)),
-            "kwargs": {"dry_run": False, "trigger": "schedule"},
+            "kwargs": {"dry_run": False, "trigger": "beat"},
             "options": {"expires": run_expires.total_seconds()},
         },
         "history-prune": {
             "task": TASK_NAMES["prune"],
             "schedule": cron_schedule(parse_cron(PRUNE_SCHEDULE)),
-            "kwargs": {"dry_run": False, "trigger": "schedule"},
+            "kwargs": {"dry_run": False, "trigger": "beat"},
             "options": {"expires": prune_expires.total_seconds()},
         },
     }

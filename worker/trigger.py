@@ -1,8 +1,10 @@
-"""``keyhygiene trigger JOB [--dry-run] [--wait]``: queue a job on the worker, and maybe wait for it.
+"""``keyhygiene trigger JOB [--dry-run] [--allow-actions N] [--wait]``: queue a job on the worker,
+and maybe wait for it.
 
 The message is sent once, with no retry, after a connection check bounded by a few seconds, so an
 unreachable broker is an exit 1 with a clear message, never a hang. ``--wait`` then polls the
-database for the run the worker records under the message's task id.
+database for the run the worker records under the message's task id, and reports the outcome
+recorded there.
 """
 
 from __future__ import annotations
@@ -10,14 +12,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
 
 from db import runs
 from db.models import Run
 from keyhygiene.context import Database
-from keyhygiene.errors import EXIT_FAILURE, EXIT_OK, EXIT_REFUSED, BrokerFailure, UsageError
+from keyhygiene.errors import EXIT_FAILURE, BrokerFailure, UsageError
 from keyhygiene.jobs import JobOutcome
 from keyhygiene.settings import Settings
 
@@ -38,6 +39,7 @@ def trigger_job(
     wait: bool,
     timeout: float,
     echo: Callable[[str], None],
+    allow_actions: int | None = None,
 ) -> JobOutcome | None:
     """Queue ``job``; with ``wait``, return its outcome once recorded (exit code as if run inline).
 
@@ -48,12 +50,19 @@ def trigger_job(
         raise UsageError(f"unknown job {job!r}: expected one of {', '.join(JOB_KINDS)}")
     if job == "prune" and dry_run:
         raise UsageError("prune has no dry run: it would delete the history all the same")
+    if allow_actions is not None and job not in ("enforce", "run"):
+        raise UsageError(f"--allow-actions lifts the caps of enforce and run; {job} has none")
     # Open the database before queueing, so a waiting trigger never leaves a job it cannot follow.
     database = Database.open(settings) if wait else None
     try:
-        task_id = _send(settings, job, dry_run=dry_run)
-        echo(f"queued {job}{' (dry run)' if dry_run else ''} as task {task_id}")
+        task_id = _send(settings, job, dry_run=dry_run, allow_actions=allow_actions)
+        allowed = f", up to {allow_actions} changes allowed" if allow_actions is not None else ""
+        echo(f"queued {job}{' (dry run)' if dry_run else ''}{allowed} as task {task_id}")
         if database is None:
+            echo(
+                "its run is recorded under this task id: see `keyhygiene report runs --since 1h` "
+                "(column task_id) or `keyhygiene status`"
+            )
             return None
         return wait_for_run(database, job, task_id, timeout=timeout)
     finally:
@@ -61,7 +70,7 @@ def trigger_job(
             database.close()
 
 
-def _send(settings: Settings, job: str, *, dry_run: bool) -> str:
+def _send(settings: Settings, job: str, *, dry_run: bool, allow_actions: int | None) -> str:
     task_id = str(uuid.uuid4())
     where = maybe_sanitize_url(settings.broker_url)
     app = make_app(settings)
@@ -75,9 +84,12 @@ def _send(settings: Settings, job: str, *, dry_run: bool) -> str:
         ping(settings.broker_url)
         with app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, interval_start=0, timeout=BROKER_TIMEOUT)
+            kwargs: dict[str, object] = {"dry_run": dry_run, "trigger": "trigger"}
+            if allow_actions is not None:
+                kwargs["allow_actions"] = allow_actions
             app.send_task(
                 TASK_NAMES[job],
-                kwargs={"dry_run": dry_run, "trigger": "trigger"},
+                kwargs=kwargs,
                 task_id=task_id,
                 connection=connection,
                 retry=False,
@@ -108,7 +120,7 @@ def wait_for_run(database: Database, job: str, task_id: str, *, timeout: float) 
         with database.sessions() as session:
             run = runs.run_for_task(session, task_id)
         if run is not None and run.status in runs.FINAL_STATUSES:
-            return outcome_of(run)
+            return JobOutcome.of_run(run)
         if time.monotonic() >= deadline:
             state = "still queued" if run is None else f"run {run.id} is still {run.status}"
             return JobOutcome(
@@ -119,47 +131,6 @@ def wait_for_run(database: Database, job: str, task_id: str, *, timeout: float) 
                 run.id if run is not None else None,
             )
         time.sleep(POLL_INTERVAL)
-
-
-def outcome_of(run: Run) -> JobOutcome:
-    """A recorded run as the JobOutcome the same job would have returned inline.
-
-    complete → 0 (1 if a change failed), refused → 3, failed → the recorded code (default 1),
-    aborted → 1, skipped → 1: the job did not run, and a script must not take it as done.
-    """
-    summary: dict[str, Any] = dict(run.summary or {})
-    if run.status == runs.COMPLETE:
-        code = EXIT_FAILURE if int(summary.get("failed") or 0) > 0 else EXIT_OK
-        message = _describe_complete(summary)
-    elif run.status == runs.REFUSED:
-        code, message = EXIT_REFUSED, run.error or "enforcement refused by a safety limit; nothing changed"
-    elif run.status == runs.FAILED:
-        code, message = int(summary.get("exit_code") or EXIT_FAILURE), run.error or "failed"
-    else:
-        code, message = EXIT_FAILURE, run.error or run.status
-    return JobOutcome(run.kind, run.status, code, message, run.id, summary)
-
-
-def _describe_complete(summary: dict[str, Any]) -> str:
-    parts = []
-    nested = summary.get("sync")
-    sync: dict[str, Any] = nested if isinstance(nested, dict) else summary
-    if "keys" in sync and "new_versions" in sync:
-        parts.append(
-            f"snapshot {sync.get('snapshot_id')}: {sync.get('keys')} keys "
-            f"({sync.get('added')} new, {sync.get('changed')} changed, {sync.get('gone')} gone)"
-        )
-    if "planned_changes" in summary:
-        if summary.get("dry_run"):
-            parts.append(f"dry run: {summary.get('planned_changes')} change(s) planned; nothing was changed")
-        else:
-            parts.append(
-                f"{summary.get('done')} changed, {summary.get('skipped')} skipped, {summary.get('failed')} failed, "
-                f"{summary.get('reported')} reported ({summary.get('planned_changes')} planned)"
-            )
-    if not parts:
-        parts = [", ".join(f"{name}={value}" for name, value in summary.items() if not isinstance(value, dict))]
-    return "; ".join(part for part in parts if part) or "complete"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -11,7 +11,7 @@ __all__ = ["Report", "ReportBuilder", "ReportError", "ReportParams", "builders",
 
 def builders() -> dict[str, ReportBuilder]:
     """Report kind → builder. ``html`` is not here: it writes a file (see keyhygiene.reports.html)."""
-    from . import actions, idle, inventory, spend, trends
+    from . import actions, idle, inventory, runs, spend, trends
 
     return {
         "inventory": _named(inventory.build),
@@ -19,6 +19,7 @@ def builders() -> dict[str, ReportBuilder]:
         "actions": _named(actions.build),
         "idle": _named(idle.build),
         "trends": trends.build,
+        "runs": runs.build,
     }
 
 
@@ -38,11 +39,12 @@ def table_columns(kind: str) -> list[str] | None:
     Reports also carry their own (``Report.table_columns``), which is what the table uses when this
     gives None; spend has none here because its columns depend on ``--by``.
     """
-    from . import actions, idle, inventory, trends
+    from . import actions, idle, inventory, runs, trends
 
     return {
         "inventory": inventory.TABLE_COLUMNS,
         "actions": actions.TABLE_COLUMNS,
         "idle": idle.TABLE_COLUMNS,
         "trends": trends.TABLE_COLUMNS,
+        "runs": runs.TABLE_COLUMNS,
     }.get(kind)

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from db import audit
 
-from .base import Report, ReportParams, snapshot_for
+from .base import Report, ReportParams, snapshot_for, tally
 
 DEFAULT_PERIOD = timedelta(days=30)
 
@@ -56,11 +56,7 @@ def build(session: Session, params: ReportParams) -> Report:
                 "evidence": dict(action.evidence),
             }
         )
-    outcomes: dict[str, int] = {}
-    for row in rows:
-        outcome = str(row["outcome"])
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-    counted = ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
+    counted = tally(rows, "outcome")
     title = f"Audit log, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC: {len(rows)} records"
     return Report(
         title=title + (f" ({counted})" if counted else ""),

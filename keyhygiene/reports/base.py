@@ -135,3 +135,12 @@ def usd(value: float) -> float:
     """Money as reports print it: rounded to the micro-dollar, so float noise never shows."""
     rounded = round(value, 6)
     return 0.0 if rounded == 0 else rounded
+
+
+def tally(rows: Sequence[Mapping[str, Any]], column: str) -> str:
+    """How many rows hold each value of ``column``, for a title: "2 done, 1 skipped" ("" for none)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        value = str(row[column])
+        counts[value] = counts.get(value, 0) + 1
+    return ", ".join(f"{count} {value}" for value, count in sorted(counts.items()))

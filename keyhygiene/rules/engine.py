@@ -83,6 +83,7 @@ class CapBreach:
     max_actions_per_run: int
     max_action_percent: float
     reason: str
+    allow_actions: int | None = None
 
 
 # --- public functions ---------------------------------------------------------------------------
@@ -193,21 +194,29 @@ def plan(
     return Plan(decisions=tuple(decisions), total_keys=len(keys))
 
 
-def check_caps(plan: Plan, safety: Safety) -> CapBreach | None:
+def check_caps(plan: Plan, safety: Safety, *, allow_actions: int | None = None) -> CapBreach | None:
     """A breach when the plan's changes exceed ``max_actions_per_run`` or ``max_action_percent`` of all
-    keys (reaching a cap exactly is allowed); None when the plan is within both."""
+    keys (reaching a cap exactly is allowed); None when the plan is within both.
+
+    ``allow_actions`` (``--allow-actions N``) replaces both caps for one run: the plan may have up to
+    N changes, and more than N is a breach like any other.
+    """
     planned = len(plan.changes)
     reasons: list[str] = []
-    if planned > safety.max_actions_per_run:
-        reasons.append(f"{planned} planned changes exceed max_actions_per_run = {safety.max_actions_per_run}")
-    # Decimal of the written value, so that 0.3% of 1000 keys allows exactly 3 changes (float would not).
-    percent = Decimal(str(safety.max_action_percent))
-    if planned > 0 and Decimal(planned) * 100 > percent * plan.total_keys:
-        share = f"{planned * 100 / plan.total_keys:.4g}%" if plan.total_keys else "all"
-        reasons.append(
-            f"{planned} planned changes are {share} of {plan.total_keys} keys, "
-            f"more than max_action_percent = {safety.max_action_percent:g}%"
-        )
+    if allow_actions is not None:
+        if planned > allow_actions:
+            reasons.append(f"{planned} planned changes exceed --allow-actions {allow_actions}")
+    else:
+        if planned > safety.max_actions_per_run:
+            reasons.append(f"{planned} planned changes exceed max_actions_per_run = {safety.max_actions_per_run}")
+        # Decimal of the written value, so that 0.3% of 1000 keys allows exactly 3 changes (float would not).
+        percent = Decimal(str(safety.max_action_percent))
+        if planned > 0 and Decimal(planned) * 100 > percent * plan.total_keys:
+            share = f"{planned * 100 / plan.total_keys:.4g}%" if plan.total_keys else "all"
+            reasons.append(
+                f"{planned} planned changes are {share} of {plan.total_keys} keys, "
+                f"more than max_action_percent = {safety.max_action_percent:g}%"
+            )
     if not reasons:
         return None
     return CapBreach(
@@ -216,6 +225,7 @@ def check_caps(plan: Plan, safety: Safety) -> CapBreach | None:
         max_actions_per_run=safety.max_actions_per_run,
         max_action_percent=safety.max_action_percent,
         reason="; ".join(reasons),
+        allow_actions=allow_actions,
     )
 
 

@@ -1,0 +1,253 @@
+"""``undo`` and ``enable``: give back keys that keyhygiene disabled, only where nobody changed them since.
+
+Both make each change through enforcement's one path for changing a key (:func:`change_key`: a
+fresh GET just before, a write-ahead audit record, one ``key_action`` event), audited as action
+``enable``. On the key's fresh state a key is left alone (recorded as skipped, with the reason)
+when its ``updated_at`` is no longer the one the API answered our disable with: someone changed it
+since, and their change wins. Protected keys are never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from db import audit, runs
+from db.audit import LastChange
+from keyhygiene.keysapi.client import KeysClient
+from keyhygiene.keysapi.models import Key
+from keyhygiene.rules import Decision, Safety, is_protected
+
+from .context import Database
+from .enforcement import Recheck, change_key, record_decision
+from .errors import UsageError
+from .logging import get_logger
+from .timeutil import as_utc, isoformat
+
+log = get_logger(__name__)
+
+MANUAL_RULE = "manual"
+
+
+def undo_rule(run_id: int) -> str:
+    """The rule an undo of run ``run_id`` is audited under."""
+    return f"undo:{run_id}"
+
+
+@dataclass
+class ReenableResult:
+    """What one undo or enable asked for and did."""
+
+    dry_run: bool
+    keys: int = 0
+    planned: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    note: str = ""
+
+    def count(self, outcome: str) -> None:
+        if outcome == audit.DONE:
+            self.done += 1
+        elif outcome == audit.PLANNED:
+            self.planned += 1
+        elif outcome == audit.SKIPPED:
+            self.skipped += 1
+        else:
+            self.failed += 1
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "keys": self.keys,
+            "planned_changes": self.planned if self.dry_run else self.done + self.failed,
+            "done": self.done,
+            "skipped": self.skipped,
+            "failed": self.failed,
+        }
+
+    def message(self) -> str:
+        if self.dry_run:
+            text = (
+                f"dry run: {self.planned} of {self.keys} key(s) would be enabled, {self.skipped} left alone, "
+                f"{self.failed} could not be checked; nothing was changed"
+            )
+        else:
+            text = f"{self.done} of {self.keys} key(s) enabled, {self.skipped} left alone, {self.failed} failed"
+        if self.skipped:
+            text += " (see `keyhygiene report actions --since 1h` for why)"
+        return f"{self.note}: {text}" if self.note else text
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    decision: Decision
+    ours: LastChange | None
+    """Our newest change of the key, per the audit log."""
+
+
+def undo_run(
+    database: Database,
+    client: KeysClient,
+    *,
+    run_id: int,
+    undo_run_id: int,
+    safety: Safety,
+    dry_run: bool,
+    clock: Callable[[], datetime],
+    fence: Callable[[], None] | None = None,
+) -> ReenableResult:
+    """Enable the keys run ``undo_run_id`` disabled, each only if nobody changed it since.
+
+    Raises UsageError (exit 2) when there is no such run.
+    """
+    rule = undo_rule(undo_run_id)
+    with database.sessions() as session:
+        undone = runs.get_run(session, undo_run_id)
+        if undone is None:
+            raise UsageError(f"there is no run {undo_run_id}: see `keyhygiene report runs`")
+        changes = audit.changes_of_run(session, undo_run_id)
+        ours = audit.last_changes(session, key_hashes=[change.key_hash for change in changes])
+    result = ReenableResult(dry_run=dry_run, keys=len(changes))
+    if not changes:
+        result.note = f"run {undo_run_id} ({undone.kind}) disabled no key: nothing to undo"
+        return result
+    targets: list[_Target] = []
+    for change in changes:
+        decision = Decision(
+            key_hash=change.key_hash,
+            key_name=change.key_name,
+            workspace_id=change.workspace_id,
+            action="enable",
+            rule=rule,
+            rules=(rule,),
+            evidence={
+                "undo_run": undo_run_id,
+                "disabled_by_rule": change.rule,
+                "disabled_at": isoformat(change.finished_at or change.created_at),
+            },
+        )
+        if change.action == "delete":
+            # A deleted key cannot be brought back: say so in the audit, without asking the API.
+            result.count(
+                _skip(
+                    database, decision, run_id=run_id, now=clock(), dry_run=dry_run, reason="deleted: cannot be undone"
+                )
+            )
+            continue
+        targets.append(_Target(decision, ours.get(change.key_hash)))
+    result.note = f"undo of run {undo_run_id}"
+    _enable(
+        database,
+        client,
+        targets,
+        run_id=run_id,
+        safety=safety,
+        dry_run=dry_run,
+        clock=clock,
+        result=result,
+        fence=fence,
+    )
+    if result.done:
+        result.note += "; the rules that disabled these keys still apply: change them before the next run"
+    return result
+
+
+def enable_keys(
+    database: Database,
+    client: KeysClient,
+    *,
+    run_id: int,
+    key_hashes: Sequence[str],
+    safety: Safety,
+    dry_run: bool,
+    clock: Callable[[], datetime],
+    fence: Callable[[], None] | None = None,
+) -> ReenableResult:
+    """Enable the given keys, each only if keyhygiene disabled it and nobody changed it since."""
+    wanted = list(dict.fromkeys(key_hashes))
+    with database.sessions() as session:
+        ours = audit.last_changes(session, key_hashes=wanted)
+    targets = []
+    for key_hash in wanted:
+        last = ours.get(key_hash)
+        decision = Decision(
+            key_hash=key_hash,
+            key_name=last.key_name if last is not None else "",
+            workspace_id=None,
+            action="enable",
+            rule=MANUAL_RULE,
+            rules=(MANUAL_RULE,),
+            evidence={"disabled_by_rule": last.rule, "disabled_at": isoformat(last.at)} if last is not None else {},
+        )
+        targets.append(_Target(decision, last))
+    result = ReenableResult(dry_run=dry_run, keys=len(wanted))
+    _enable(
+        database,
+        client,
+        targets,
+        run_id=run_id,
+        safety=safety,
+        dry_run=dry_run,
+        clock=clock,
+        result=result,
+        fence=fence,
+    )
+    return result
+
+
+def _enable(
+    database: Database,
+    client: KeysClient,
+    targets: Sequence[_Target],
+    *,
+    run_id: int,
+    safety: Safety,
+    dry_run: bool,
+    clock: Callable[[], datetime],
+    result: ReenableResult,
+    fence: Callable[[], None] | None = None,
+) -> None:
+    for target in targets:
+        outcome = change_key(
+            database,
+            client,
+            target.decision,
+            run_id=run_id,
+            recheck=_unchanged_since_our_disable(target, safety),
+            clock=clock,
+            dry_run=dry_run,
+            fence=fence,
+        )
+        result.count(outcome)
+
+
+def _unchanged_since_our_disable(target: _Target, safety: Safety) -> Recheck:
+    """Why the fresh key must be left alone, or None when it is still as our disable left it."""
+    ours = target.ours
+    undoing = target.decision.evidence.get("undo_run")
+
+    def check(fresh: Key) -> str | None:
+        if is_protected(fresh, safety):
+            return "protected by protect_hashes or protect_names: never touched"
+        if undoing is not None and ours is not None and ours.run_id != undoing:
+            return f"keyhygiene changed this key again since (its {ours.action} in run {ours.run_id}): left alone"
+        if ours is None or ours.action != "disable":
+            return "keyhygiene did not disable this key: it re-enables only keys it disabled itself"
+        if ours.key_updated_at is None or fresh.updated_at is None:
+            return "cannot tell whether anyone changed the key since our disable (no updated_at): left alone"
+        if as_utc(fresh.updated_at) != as_utc(ours.key_updated_at):
+            return (
+                f"changed by someone else since our disable (updated_at {isoformat(fresh.updated_at)}, "
+                f"ours {isoformat(ours.key_updated_at)}): left alone"
+            )
+        return None
+
+    return check
+
+
+def _skip(database: Database, decision: Decision, *, run_id: int, now: datetime, dry_run: bool, reason: str) -> str:
+    record_decision(database, decision, run_id=run_id, now=now, dry_run=dry_run, outcome=audit.SKIPPED, reason=reason)
+    return audit.SKIPPED

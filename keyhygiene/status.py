@@ -1,0 +1,109 @@
+"""``keyhygiene status``: is the periodic hygiene working? Read from the runs and snapshots alone.
+
+Healthy means: the newest run that ended succeeded (a run skipped because another job held the
+lock says nothing either way, so it is passed over), and the newest complete snapshot is younger
+than twice the schedule's interval. Anything else is a problem, named in words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from db import runs, snapshots
+
+from .reports.runs import run_row
+from .schedule import next_run, shortest_period
+from .timeutil import isoformat
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """The newest run of each job, the newest snapshot, the schedule, and what is wrong."""
+
+    now: datetime
+    schedule: str
+    next_run: datetime
+    stale_after: timedelta
+    runs: list[dict[str, Any]]
+    snapshot: dict[str, Any] | None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "healthy": self.healthy,
+            "problems": self.problems,
+            "now": isoformat(self.now),
+            "schedule": self.schedule,
+            "next_run": isoformat(self.next_run),
+            "stale_after_seconds": int(self.stale_after.total_seconds()),
+            "snapshot": self.snapshot,
+            "runs": [{k: isoformat(v) if isinstance(v, datetime) else v for k, v in row.items()} for row in self.runs],
+        }
+
+
+def read_status(session: Session, *, schedule: str, now: datetime) -> Status:
+    """The status as of ``now``, for the periodic run on cron expression ``schedule``."""
+    stale_after = 2 * shortest_period(schedule, start=now)
+    problems: list[str] = []
+
+    last = runs.newest_finished_run(session, ignore=(runs.SKIPPED,))
+    if last is None:
+        problems.append("no run has ended yet")
+    elif last.status != runs.OK:
+        problems.append(f"the newest run ({last.id}, {last.kind}) ended {last.status}: {last.message or '-'}")
+
+    snapshot = snapshots.latest_snapshot(session)
+    snapshot_info: dict[str, Any] | None = None
+    if snapshot is None or snapshot.taken_at is None:
+        problems.append("there is no complete snapshot yet")
+    else:
+        age = now - snapshot.taken_at
+        snapshot_info = {
+            "snapshot_id": snapshot.id,
+            "taken_at": isoformat(snapshot.taken_at),
+            "age_seconds": int(age.total_seconds()),
+            "keys": snapshot.key_count,
+        }
+        if age > stale_after:
+            problems.append(
+                f"the newest snapshot is {_ago(age)} old, more than twice the schedule's interval ({_ago(stale_after)})"
+            )
+
+    return Status(
+        now=now,
+        schedule=schedule,
+        next_run=next_run(schedule, after=now),
+        stale_after=stale_after,
+        runs=[run_row(run) for run in runs.newest_runs(session)],
+        snapshot=snapshot_info,
+        problems=problems,
+    )
+
+
+def _ago(age: timedelta) -> str:
+    seconds = int(age.total_seconds())
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+def describe_snapshot(status: Status) -> str:
+    if status.snapshot is None:
+        return "newest complete snapshot: none yet (run `keyhygiene sync`)"
+    age = timedelta(seconds=status.snapshot["age_seconds"])
+    return (
+        f"newest complete snapshot: {status.snapshot['snapshot_id']} taken {status.snapshot['taken_at']} "
+        f"({_ago(age)} ago), {status.snapshot['keys']} keys"
+    )

@@ -1,0 +1,128 @@
+"""``keyhygiene status`` as a monitoring probe, and ``report runs``: fresh, stale, failed and empty
+histories (CLI, SQLite and PostgreSQL; the fake API over HTTP)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+
+from db import runs
+from keyhygiene.context import Database, session_scope
+from keyhygiene.jobs import execute
+from keyhygiene.settings import Settings
+from keyhygiene.timeutil import parse_time, utcnow
+
+from .conftest import CliResult
+
+
+@pytest.fixture
+def ready(env: dict[str, str], cli: Callable[..., CliResult]) -> dict[str, str]:
+    assert cli("db", "upgrade").exit_code == 0
+    return env
+
+
+def _status(cli: Callable[..., CliResult]) -> tuple[int, dict[str, object]]:
+    result = cli("status", "--format", "json")
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_nothing_has_run_yet(ready: dict[str, str], cli: Callable[..., CliResult]) -> None:
+    code, status = _status(cli)
+    assert code == 1
+    assert status["healthy"] is False
+    assert status["problems"] == ["no run has ended yet", "there is no complete snapshot yet"]
+
+
+def test_a_fresh_successful_history_is_healthy(ready: dict[str, str], cli: Callable[..., CliResult]) -> None:
+    assert cli("sync").exit_code == 0
+
+    code, status = _status(cli)
+    table = cli("status")
+
+    assert code == 0 and table.exit_code == 0
+    assert status["healthy"] is True and status["problems"] == []
+    assert [(row["job"], row["status"], row["exit_code"]) for row in status["runs"]] == [("sync", "ok", 0)]  # type: ignore[index, union-attr]
+    next_run = parse_time(str(status["next_run"]))
+    assert utcnow() < next_run <= utcnow() + timedelta(hours=1)  # the default schedule is hourly
+    assert "next scheduled run:" in table.stdout and "healthy" in table.stdout
+
+
+def test_a_snapshot_older_than_twice_the_interval_is_stale(
+    ready: dict[str, str], cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings()  # type: ignore[call-arg]
+    three_hours_ago = utcnow() - timedelta(hours=3)
+    assert execute("sync", settings, clock=lambda: three_hours_ago).exit_code == 0
+
+    code, status = _status(cli)
+    assert code == 1
+    assert status["problems"] == ["the newest snapshot is 3h 0m old, more than twice the schedule's interval (2h 0m)"]
+
+    monkeypatch.setenv("KEYHYGIENE_SCHEDULE", "0 */4 * * *")  # every four hours: 3h is fresh enough
+    assert _status(cli)[0] == 0
+
+
+def test_a_failed_newest_run_is_unhealthy_and_a_skipped_one_says_nothing(
+    ready: dict[str, str], cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli("sync").exit_code == 0
+    # Another job holding the lock is no sign of trouble.
+    database = Database.open(Settings())  # type: ignore[call-arg]
+    with session_scope(database) as session:
+        runs.record_ended_run(
+            session,
+            kind="run",
+            now=utcnow(),
+            status=runs.SKIPPED,
+            exit_code=1,
+            message="another job holds the lock",
+            started_by="beat",
+            task_id="t-1",
+        )
+    database.close()
+    assert _status(cli)[0] == 0
+
+    monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", "sk-or-v1-" + "0" * 64)  # a key the API rejects
+    failed = cli("sync")
+    assert failed.exit_code == 2
+
+    code, status = _status(cli)
+    assert code == 1
+    [problem] = status["problems"]  # type: ignore[misc]
+    assert problem.startswith(f"the newest run ({_newest_run_id(cli)}, sync) ended failed: ")
+    assert "rejected" in problem
+
+
+def _newest_run_id(cli: Callable[..., CliResult]) -> int:
+    rows = json.loads(cli("report", "runs", "--format", "json").stdout)
+    return int(rows[-1]["run_id"])
+
+
+def test_report_runs_lists_each_run_with_its_outcome(
+    ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], object]
+) -> None:
+    rules_file('[safety]\ndry_run = true\n\n[[rule]]\nname = "expired"\nmatch = "expired"\naction = "disable"\n')
+    assert cli("sync").exit_code == 0
+    assert cli("run", "--dry-run").exit_code == 0
+
+    rows = json.loads(cli("report", "runs", "--format", "json").stdout)
+    table = cli("report", "runs", "--since", "1h")
+    as_csv = list(csv.DictReader(io.StringIO(cli("report", "runs", "--format", "csv").stdout)))
+
+    assert [(row["run_id"], row["job"], row["status"], row["started_by"], row["dry_run"]) for row in rows] == [
+        (1, "sync", "ok", "cli", None),
+        (2, "run", "ok", "cli", True),
+    ]
+    assert set(rows[1]) == {
+        "run_id", "job", "started_at", "finished_at", "status", "dry_run", "started_by", "allow_actions",
+        "keys", "planned", "done", "skipped", "failed", "exit_code", "message", "task_id",
+    }  # fmt: skip
+    assert rows[1]["keys"] == 0 and rows[1]["planned"] == 0 and rows[1]["exit_code"] == 0
+    assert "dry run" in rows[1]["message"]
+    assert [row["job"] for row in as_csv] == ["sync", "run"]
+    assert table.exit_code == 0 and "Runs," in table.stdout and "2 ok" in table.stdout

@@ -1,0 +1,153 @@
+"""``undo RUN_ID`` and ``enable HASH...``: keys keyhygiene disabled come back, but only where nobody
+changed them since (CLI, the fake API over HTTP, SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.timeutil import utcnow
+
+from .conftest import CliResult
+
+RULES = """
+[safety]
+dry_run = false
+max_action_percent = 100
+protect_names = ["prod-*"]
+
+[[rule]]
+name = "disable-idle"
+match = "unused"
+idle_for = "30d"
+action = "disable"
+"""
+
+
+class Keys:
+    """Four idle keys that a run disables, and one busy key."""
+
+    def __init__(self, fake: FakeOpenRouter) -> None:
+        now = utcnow()
+        self.fake = fake
+        self.hash = {
+            name: str(
+                fake.add_key(name, created_at=now - timedelta(days=100), last_used_at=now - timedelta(days=60))["hash"]
+            )
+            for name in ("dev-a", "dev-b", "dev-c", "dev-d")
+        }
+        fake.add_key("svc-busy", created_at=now - timedelta(days=100), last_used_at=now - timedelta(hours=1))
+
+    def disabled(self, name: str) -> bool:
+        key = self.fake.get(self.hash[name])
+        assert key is not None
+        return bool(key["disabled"])
+
+    def patched(self) -> list[tuple[str, object]]:
+        names = {h: n for n, h in self.hash.items()}
+        return [(names[call.path.rsplit("/", 1)[-1]], call.body) for call in self.fake.mutating_calls()]
+
+
+@pytest.fixture
+def keys(fake: FakeOpenRouter, env: dict[str, str], cli: Callable[..., CliResult]) -> Keys:
+    Path(env["KEYHYGIENE_RULES_FILE"]).write_text(RULES)
+    assert cli("db", "upgrade").exit_code == 0
+    return Keys(fake)
+
+
+def _run_id(result: CliResult) -> int:
+    return int(result.stdout.split()[1])
+
+
+def _audit(cli: Callable[..., CliResult], run_id: int) -> dict[str, dict[str, object]]:
+    rows = json.loads(cli("report", "actions", "--since", "1h", "--format", "json").stdout)
+    return {str(row["key_name"]): row for row in rows if row["run_id"] == run_id}
+
+
+def test_undo_enables_what_the_run_disabled_and_leaves_a_key_someone_changed_alone(
+    keys: Keys, cli: Callable[..., CliResult]
+) -> None:
+    disabling = cli("run")
+    assert disabling.exit_code == 0, disabling.stderr
+    run_id = _run_id(disabling)
+    assert all(keys.disabled(name) for name in keys.hash)
+    # In between (a few seconds later: the API gives updated_at to the second): someone enables dev-b
+    # and disables it again (their disable now), someone deletes dev-c, and someone enables dev-d.
+    keys.fake.advance(timedelta(seconds=5))
+    keys.fake.update_key(keys.hash["dev-b"], {"disabled": False})
+    keys.fake.update_key(keys.hash["dev-b"], {"disabled": True})
+    keys.fake.delete_key(keys.hash["dev-c"])
+    keys.fake.update_key(keys.hash["dev-d"], {"disabled": False})
+    keys.fake.clear_calls()
+
+    preview = cli("undo", str(run_id), "--dry-run")
+    assert preview.exit_code == 0, preview.stderr
+    assert "dry run: 1 of 4 key(s) would be enabled, 3 left alone" in preview.stdout
+    assert keys.fake.mutating_calls() == []
+
+    undone = cli("undo", str(run_id))
+
+    assert undone.exit_code == 0, undone.stderr
+    assert "1 of 4 key(s) enabled, 3 left alone, 0 failed" in undone.stdout
+    assert "still apply" in undone.stdout  # the rule would disable dev-a again at the next run
+    assert keys.patched() == [("dev-a", {"disabled": False})]
+    assert not keys.disabled("dev-a") and keys.disabled("dev-b")
+    audit = _audit(cli, _run_id(undone))
+    assert {name: (row["action"], row["rule"], row["outcome"]) for name, row in audit.items()} == {
+        name: ("enable", f"undo:{run_id}", outcome)
+        for name, outcome in (("dev-a", "done"), ("dev-b", "skipped"), ("dev-c", "skipped"), ("dev-d", "skipped"))
+    }
+    assert "changed by someone else since our disable" in str(audit["dev-b"]["reason"])
+    assert "already gone" in str(audit["dev-c"]["reason"])
+    assert "already enabled" in str(audit["dev-d"]["reason"])
+    events = undone.events_named("key_action")
+    assert sorted((e["key_name"], e["action"], e["outcome"]) for e in events) == [
+        ("dev-a", "enable", "done"),
+        ("dev-b", "enable", "skipped"),
+        ("dev-c", "enable", "skipped"),
+        ("dev-d", "enable", "skipped"),
+    ]
+
+    # Undoing the same run again changes nothing: dev-a was enabled by the undo since.
+    keys.fake.update_key(keys.hash["dev-a"], {"disabled": True})  # and disabled by someone else
+    keys.fake.clear_calls()
+    again = cli("undo", str(run_id))
+    assert again.exit_code == 0, again.stderr
+    assert keys.fake.mutating_calls() == []
+    assert "changed this key again since" in str(_audit(cli, _run_id(again))["dev-a"]["reason"])
+
+    runs = json.loads(cli("report", "runs", "--format", "json").stdout)
+    assert [(r["job"], r["status"], r["dry_run"], r["planned"], r["done"], r["skipped"]) for r in runs[-3:]] == [
+        ("undo", "ok", True, 1, 0, 3),
+        ("undo", "ok", False, 1, 1, 3),
+        ("undo", "ok", False, 0, 0, 4),
+    ]
+
+
+def test_undo_of_an_unknown_run_is_a_usage_error(keys: Keys, cli: Callable[..., CliResult]) -> None:
+    result = cli("undo", "99")
+    assert result.exit_code == 2
+    assert "there is no run 99" in result.stderr
+    assert keys.fake.mutating_calls() == []
+
+
+def test_enable_gives_back_only_keys_keyhygiene_disabled(keys: Keys, cli: Callable[..., CliResult]) -> None:
+    assert cli("run").exit_code == 0
+    theirs = str(keys.fake.add_key("dev-theirs", disabled=True)["hash"])
+    keys.fake.clear_calls()
+
+    result = cli("enable", keys.hash["dev-a"], theirs)
+
+    assert result.exit_code == 0, result.stderr
+    assert "1 of 2 key(s) enabled, 1 left alone" in result.stdout
+    assert keys.patched() == [("dev-a", {"disabled": False})]
+    audit = _audit(cli, _run_id(result))
+    assert (audit["dev-a"]["action"], audit["dev-a"]["rule"], audit["dev-a"]["outcome"]) == ("enable", "manual", "done")
+    assert audit["dev-theirs"]["outcome"] == "skipped"
+    assert "did not disable this key" in str(audit["dev-theirs"]["reason"])
+    assert len(result.events_named("key_action")) == 2
