@@ -35,6 +35,9 @@ ENV_NAMES = {
     "http_retry_seconds": "KEYHYGIENE_HTTP_RETRY_SECONDS",
     "http_timeout": "KEYHYGIENE_HTTP_TIMEOUT",
     "job_time_limit": "KEYHYGIENE_JOB_TIME_LIMIT",
+    "metrics_addr": "KEYHYGIENE_METRICS_ADDR",
+    "notify_timeout": "KEYHYGIENE_NOTIFY_TIMEOUT",
+    "notify_retry_seconds": "KEYHYGIENE_NOTIFY_RETRY_SECONDS",
 }
 
 
@@ -91,6 +94,11 @@ class Settings(BaseSettings):
     http_retry_seconds: float = Field(default=60.0, gt=0, validation_alias="KEYHYGIENE_HTTP_RETRY_SECONDS")
     http_timeout: float = Field(default=30.0, gt=0, validation_alias="KEYHYGIENE_HTTP_TIMEOUT")
     job_time_limit: timedelta = Field(default=timedelta(minutes=30), validation_alias="KEYHYGIENE_JOB_TIME_LIMIT")
+    metrics_addr: str | None = Field(default=None, validation_alias="KEYHYGIENE_METRICS_ADDR")
+    # One webhook request's timeout, and the time a notice may spend in retries before it is recorded
+    # as failed (the next run retries it once).
+    notify_timeout: float = Field(default=5.0, gt=0, le=300, validation_alias="KEYHYGIENE_NOTIFY_TIMEOUT")
+    notify_retry_seconds: float = Field(default=30.0, ge=0, le=3600, validation_alias="KEYHYGIENE_NOTIFY_RETRY_SECONDS")
 
     @field_validator("retention", "job_time_limit", mode="before")
     @classmethod
@@ -101,6 +109,24 @@ class Settings(BaseSettings):
     @classmethod
     def _read_optional_duration(cls, value: object) -> timedelta | None:
         return _duration(value, allow_none=True)
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _check_metrics_addr(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        host, _, port = value.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be HOST:PORT, e.g. 0.0.0.0:9808")
+        return value.strip()
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``KEYHYGIENE_METRICS_ADDR`` as (host, port), or None when metrics are off."""
+        if self.metrics_addr is None:
+            return None
+        host, _, port = self.metrics_addr.rpartition(":")
+        return host.strip("[]"), int(port)
 
     @field_validator("base_url")
     @classmethod
