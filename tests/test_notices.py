@@ -16,11 +16,11 @@ from sqlalchemy import select
 from db.models import Action, Notice
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.fakeapi.webhook import WebhookSink
 from keyhygiene.settings import Settings
 from keyhygiene.timeutil import utcnow
 
 from .conftest import CliResult
-from .webhook_sink import WebhookSink
 
 DAY = timedelta(days=1)
 SIGNING_SECRET = "whsec-" + "9f" * 16

@@ -1,7 +1,8 @@
-"""A real webhook receiver on 127.0.0.1 for the notice tests: records what it is sent.
+"""A webhook receiver on 127.0.0.1 that records what it is sent: the demo's and the tests' notify target.
 
 It answers 200 by default; ``status`` makes it answer with another code, and ``hang`` makes it hold
-each request until the test ends (or the client gives up), as a stuck receiver would.
+each request until it is closed (or the client gives up), as a stuck receiver would. Its URL carries
+a random token, as real webhook URLs do, so tests can check that the URL never leaks.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class WebhookSink:
                 self.wfile.write(b"ok")
 
             def log_message(self, format: str, *args: Any) -> None:
-                pass
+                """Quiet: the receiver's own access log is not what a test or the demo shows."""
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
