@@ -131,6 +131,8 @@ def _notify(settings: Settings, database: Database, ruleset: RuleSet | None, out
     from .notices import after_run
 
     if ruleset is None:
+        if not Path(settings.rules_file).exists():
+            return  # no rules file, no notify targets
         try:
             ruleset = load_ruleset(settings)
         except UsageError as exc:
