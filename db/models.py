@@ -177,3 +177,37 @@ class Lease(Base):
     acquired_at: Mapped[datetime | None]
     renewed_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
+class Notice(Base):
+    """One message to one notify target: sent, or failed and kept to be retried once by the next run.
+
+    The target is named as in the rules file; its URL is a secret read from the environment and is
+    never stored. ``payload`` is the JSON body (key names and hashes, never a key's secret).
+    """
+
+    __tablename__ = "notices"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    target: Mapped[str] = mapped_column(String(128))
+    event: Mapped[str] = mapped_column(String(16))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None]
+    payload: Mapped[dict[str, Any]]
+
+
+class Announcement(Base):
+    """A key announced to a target as coming up for a rule's action on a due date: said once."""
+
+    __tablename__ = "announcements"
+    __table_args__ = (Index("ux_announcements_once", "target", "key_hash", "rule", "action", "due", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    target: Mapped[str] = mapped_column(String(128))
+    key_hash: Mapped[str] = mapped_column(String(128))
+    rule: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(String(16))
+    due: Mapped[datetime] = mapped_column(index=True)
+    notice_id: Mapped[int] = mapped_column(ForeignKey("notices.id"))

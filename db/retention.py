@@ -23,7 +23,7 @@ from datetime import datetime
 from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from .models import Action, KeyState, Run, Snapshot
+from .models import Action, KeyState, Notice, Run, Snapshot
 from .runs import RUNNING
 from .snapshots import COMPLETE, FAILED
 
@@ -165,6 +165,7 @@ def delete_old_runs(session: Session, *, cutoff: datetime, limit: int) -> int:
         Run.status != RUNNING,
         ~exists().where(Snapshot.run_id == Run.id),
         ~exists().where(Action.run_id == Run.id),
+        ~exists().where(Notice.run_id == Run.id),
     )
     ids = list(session.scalars(select(Run.id).where(*condition).order_by(Run.id).limit(limit)))
     if not ids:

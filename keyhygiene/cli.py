@@ -532,6 +532,28 @@ def _optional_ruleset(settings: Settings) -> Any:
     return load_ruleset(settings)
 
 
+@cli.command()
+@pass_state
+def metrics(state: State) -> None:
+    """Print the Prometheus metrics once (for node_exporter's textfile collector or a cron job).
+
+    The same text the worker serves at /metrics when KEYHYGIENE_METRICS_ADDR is set, read from the
+    database now.
+    """
+    from .context import Database
+    from .metrics import render
+
+    settings = state.settings
+    try:
+        database = Database.open(settings)
+    except KeyhygieneError as exc:
+        fail(str(exc), exc.exit_code)
+    try:
+        sys.stdout.write(render(database).decode())
+    finally:
+        database.close()
+
+
 # -- celery -------------------------------------------------------------------------------------
 
 

@@ -10,9 +10,12 @@ up with it afterwards. Everything lives in one directory (``./keyhygiene-demo`` 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +25,7 @@ from rich.console import Console
 
 from db.migrate import upgrade
 from keyhygiene.fakeapi import FakeOpenRouter, FakeServer, generate_organisation
+from keyhygiene.fakeapi.webhook import WebhookSink
 from keyhygiene.rules import Decision, load_rules
 
 from . import logging as khlog
@@ -69,6 +73,13 @@ window = "monthly"
 threshold_usd = 100.0
 action = "disable"
 reenable = true                  # re-enabled when the month resets
+
+[[notify]]                       # the demo's own webhook receiver on 127.0.0.1
+name = "demo-sink"
+url_env = "KEYHYGIENE_DEMO_WEBHOOK"
+format = "json"
+on = ["done", "failed", "refused", "upcoming"]
+upcoming_within = "7d"
 """
 
 _PEOPLE = ("alice", "bob", "carol", "dmitri", "erin", "farah", "gus", "hana", "ivan", "julia", "kofi", "li")
@@ -243,7 +254,7 @@ def run_demo(
         f"[bold]keyhygiene demo[/bold]: a fake OpenRouter organisation with {len(fake.keys)} keys in "
         f"{workspaces} workspaces, {days} days of daily snapshots, on SQLite; no account, broker or network."
     )
-    with FakeServer(fake) as server:
+    with FakeServer(fake) as server, WebhookSink() as sink, _environment("KEYHYGIENE_DEMO_WEBHOOK", sink.url):
         settings = load_settings(
             _env_file=None,
             OPENROUTER_MANAGEMENT_KEY=fake.management_key,
@@ -308,6 +319,7 @@ def run_demo(
             with database.sessions() as session:
                 _summary(console, session, params, names)
                 write_html(session, replace(params, since=timedelta(days=days)), html_path)
+            _notices(console, sink)
         finally:
             database.close()
 
@@ -337,6 +349,39 @@ def run_demo(
         soft_wrap=True,
     )
     return EXIT_OK
+
+
+@contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """``name=value`` in this process's environment for a while (the demo's webhook URL)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _notices(console: Console, sink: WebhookSink) -> None:
+    """What the demo's webhook receiver was sent: the notify target in the demo rules."""
+    bodies = sink.bodies()
+    if not bodies:
+        console.print("\nNotices: none were due (a dry run changes no key, so there is no 'done' notice).")
+        return
+    console.print(f"\n[bold]Notices[/bold] delivered to the demo's webhook receiver ({len(bodies)}):", highlight=False)
+    for body in bodies:
+        keys = len(body["keys"]) + body["more"]
+        if body["event"] == "upcoming":
+            console.print(f"  upcoming: {keys} key(s) a rule will act on within 7 days, each announced once")
+        else:
+            console.print(f"  run {body['run_id']}: {body['outcome']}, {keys} key(s)")
+        for key in body["keys"][:3]:
+            when = f" on {key['due'][:10]}" if key.get("due") else ""
+            line = f"    {key['key_name']}: {key['action']}{when} ({key['rule']}), owner {key['owner'] or '-'}"
+            console.print(line[:78], highlight=False)
 
 
 def _overspend_today(fake: FakeOpenRouter, end: datetime) -> None:

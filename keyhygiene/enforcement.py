@@ -543,7 +543,7 @@ def enforce_snapshot(
     if shrink is not None:
         result.refused = REFUSED_INVENTORY_SHRANK
         log.error("enforcement_refused", run_id=run_id, reason=shrink)
-        raise EnforcementRefused(shrink)
+        raise EnforcementRefused(shrink, result)
 
     if not dry_run and client is not None:
         result.settled = settle_in_doubt(database, client, now=now)
@@ -574,7 +574,7 @@ def enforce_snapshot(
             planned=breach.planned,
             total_keys=breach.total_keys,
         )
-        raise EnforcementRefused(refusal_message(breach))
+        raise EnforcementRefused(refusal_message(breach), result)
 
     # Reports, and everything in a dry run, call no API: recorded together in one transaction.
     unapplied = [decision for decision in the_plan.decisions if dry_run or decision.action == "report"]

@@ -37,6 +37,13 @@ class BrokerFailure(KeyhygieneError):
 
 
 class EnforcementRefused(KeyhygieneError):
-    """A safety limit refused the whole enforcement: exit 3, nothing changed."""
+    """A safety limit refused the whole enforcement: exit 3, nothing changed.
+
+    ``result`` is the enforcement's own account (what it planned), where it got that far.
+    """
 
     exit_code = EXIT_REFUSED
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result

@@ -159,13 +159,41 @@ def _log_finished(outcome: JobOutcome) -> None:
     )
 
 
+def _notify(settings: Settings, database: Database, ruleset: RuleSet | None, outcome: JobOutcome, clock: Clock) -> None:
+    """Send the run's notices, after its record is committed; never fails the job.
+
+    Jobs that do not otherwise read the rules file (sync, prune) read it here for its notify targets
+    only; a rules file that cannot be read then means no notices, not a failed job.
+    """
+    from .notices import after_run
+
+    if ruleset is None:
+        if not Path(settings.rules_file).exists():
+            return  # no rules file, no notify targets
+        try:
+            ruleset = load_ruleset(settings)
+        except UsageError as exc:
+            log.warning("notices_not_sent", reason=f"the rules file cannot be read: {exc}")
+            return
+    after_run(
+        database,
+        ruleset,
+        outcome,
+        now=clock(),
+        timeout=settings.notify_timeout,
+        retry_seconds=settings.notify_retry_seconds,
+    )
+
+
 def _failure(
     kind: str, run_id: int | None, exc: BaseException, abort_errors: tuple[type[BaseException], ...]
 ) -> JobOutcome:
     if abort_errors and isinstance(exc, abort_errors):
         return JobOutcome(kind, runs.ABORTED, EXIT_FAILURE, "aborted: the job reached its time limit", run_id)
     if isinstance(exc, EnforcementRefused):
-        return JobOutcome(kind, runs.REFUSED, EXIT_REFUSED, f"enforcement refused, nothing was changed: {exc}", run_id)
+        message = f"enforcement refused, nothing was changed: {exc}"
+        result = exc.result if isinstance(exc.result, EnforceResult) else None
+        return JobOutcome(kind, runs.REFUSED, EXIT_REFUSED, message, run_id, enforcement=result)
     if isinstance(exc, KeyhygieneError):
         return JobOutcome(kind, runs.FAILED, exc.exit_code, str(exc), run_id)
     if isinstance(exc, AuthenticationFailed):
@@ -249,12 +277,16 @@ def execute(
                 on_page=on_page,
                 fence=lease.fence if lease is not None else None,
             )
-            return _finish(database, outcome, clock(), effective_dry_run)
+            outcome = _finish(database, outcome, clock(), effective_dry_run)
+            _notify(settings, database, ruleset, outcome, clock)
+            return outcome
     except BaseException as exc:
         outcome = _failure(kind, run_id, exc, abort_errors)
         if database is not None and run_id is not None:
             with _run_context(run_id, allow_actions):
                 _finish(database, outcome, clock())
+                if isinstance(exc, Exception):
+                    _notify(settings, database, ruleset, outcome, clock)
         else:
             log.error("run_not_started", kind=kind, error=outcome.message)
         if not isinstance(exc, Exception | KeyboardInterrupt):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from db import retention
+from db import notices, retention
 
 from . import logging as khlog
 from .context import Database, session_scope
@@ -101,6 +101,9 @@ def prune(
         lambda s: retention.delete_old_snapshots(s, anchor_id=anchor_id, cutoff=result.cutoff, limit=batch)
     ):
         result.snapshots_deleted += count
+    # Notices live as long as the snapshots: then the runs they name can go too.
+    while step(lambda s: notices.delete_old_notices(s, before=result.cutoff, limit=batch)):
+        pass
     while count := step(lambda s: retention.delete_old_runs(s, cutoff=result.cutoff, limit=batch)):
         result.runs_deleted += count
     return result

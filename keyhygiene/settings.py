@@ -35,6 +35,9 @@ ENV_NAMES = {
     "http_retry_seconds": "KEYHYGIENE_HTTP_RETRY_SECONDS",
     "http_timeout": "KEYHYGIENE_HTTP_TIMEOUT",
     "job_time_limit": "KEYHYGIENE_JOB_TIME_LIMIT",
+    "metrics_addr": "KEYHYGIENE_METRICS_ADDR",
+    "notify_timeout": "KEYHYGIENE_NOTIFY_TIMEOUT",
+    "notify_retry_seconds": "KEYHYGIENE_NOTIFY_RETRY_SECONDS",
 }
 
 
@@ -102,6 +105,15 @@ class Settings(BaseSettings):
         default=30.0, gt=0, le=_MAX_SECONDS, allow_inf_nan=False, validation_alias="KEYHYGIENE_HTTP_TIMEOUT"
     )
     job_time_limit: timedelta = Field(default=timedelta(minutes=30), validation_alias="KEYHYGIENE_JOB_TIME_LIMIT")
+    metrics_addr: str | None = Field(default=None, validation_alias="KEYHYGIENE_METRICS_ADDR")
+    # One webhook request's timeout, and the time a notice may spend in retries before it is recorded
+    # as failed (the next run retries it once).
+    notify_timeout: float = Field(
+        default=5.0, gt=0, le=300, allow_inf_nan=False, validation_alias="KEYHYGIENE_NOTIFY_TIMEOUT"
+    )
+    notify_retry_seconds: float = Field(
+        default=30.0, ge=0, le=3600, allow_inf_nan=False, validation_alias="KEYHYGIENE_NOTIFY_RETRY_SECONDS"
+    )
 
     @field_validator("retention", "job_time_limit", mode="before")
     @classmethod
@@ -125,6 +137,23 @@ class Settings(BaseSettings):
                 "with no spaces or line breaks inside)"
             )
         return value
+    @field_validator("metrics_addr")
+    @classmethod
+    def _check_metrics_addr(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        host, _, port = value.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be HOST:PORT, e.g. 0.0.0.0:9808")
+        return value.strip()
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``KEYHYGIENE_METRICS_ADDR`` as (host, port), or None when metrics are off."""
+        if self.metrics_addr is None:
+            return None
+        host, _, port = self.metrics_addr.rpartition(":")
+        return host.strip("[]"), int(port)
 
     @field_validator("base_url")
     @classmethod

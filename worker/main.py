@@ -37,6 +37,7 @@ def run_worker(args: list[str]) -> int:
     _check_worker_can_run(settings)
     app = make_app(settings)
     app.steps["consumer"].add(heartbeat_step(Path(heartbeat_file) if heartbeat_file else DEFAULT_HEARTBEAT_FILE))
+    _serve_metrics(settings)
     log.info("worker_starting", broker=_safe_url(settings.broker_url), schedule=settings.schedule)
     return int(app.start(["--quiet", "worker", *DEFAULT_LOGLEVEL, *celery_args]) or 0)
 
@@ -65,6 +66,21 @@ def _check_worker_can_run(settings: Settings) -> None:
     settings.require_management_key()  # SettingsError: exit 2
     load_ruleset(settings)  # UsageError naming file, line and field: exit 2
     Database.open(settings).close()  # DatabaseFailure (unreachable, not migrated): exit 1
+
+
+def _serve_metrics(settings: Settings) -> None:
+    """With KEYHYGIENE_METRICS_ADDR set, serve /metrics from this (the worker's main) process."""
+    address = settings.metrics_address
+    if address is None:
+        return
+    from keyhygiene.metrics import serve
+
+    try:
+        serve(Database.open(settings), *address)
+    except OSError as exc:
+        raise UsageError(
+            f"KEYHYGIENE_METRICS_ADDR: cannot serve metrics on {settings.metrics_addr}: {exc.strerror or exc}"
+        ) from None
 
 
 def _pop_option(args: list[str], name: str) -> tuple[str | None, list[str]]:

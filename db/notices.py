@@ -1,0 +1,142 @@
+"""Notices sent to notify targets, and the advance warnings already given (each said once)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, exists, select, update
+from sqlalchemy.orm import Session
+
+from .models import Action, Announcement, Notice
+
+SENT = "sent"
+FAILED = "failed"  # not delivered; the next run tries once more
+GAVE_UP = "gave_up"  # not delivered after the retry: final
+
+
+@dataclass(frozen=True, slots=True)
+class Undelivered:
+    id: int
+    target: str
+    event: str
+    run_id: int | None
+    attempts: int
+    payload: dict[str, Any]
+
+
+def record_notice(
+    session: Session,
+    *,
+    now: datetime,
+    target: str,
+    event: str,
+    run_id: int | None,
+    status: str,
+    attempts: int,
+    payload: dict[str, Any],
+    error: str | None = None,
+) -> int:
+    """Add one notice as it ended (sent or failed). The caller commits."""
+    notice = Notice(
+        created_at=now,
+        target=target,
+        event=event,
+        run_id=run_id,
+        status=status,
+        attempts=attempts,
+        last_error=error,
+        sent_at=now if status == SENT else None,
+        payload=payload,
+    )
+    session.add(notice)
+    session.flush()
+    return notice.id
+
+
+def finish_retry(
+    session: Session, notice_id: int, *, now: datetime, sent: bool, attempts: int, error: str | None
+) -> None:
+    """Record the one retry of a failed notice: sent, or given up for good."""
+    session.execute(
+        update(Notice)
+        .where(Notice.id == notice_id)
+        .values(
+            status=SENT if sent else GAVE_UP,
+            attempts=Notice.attempts + attempts,
+            last_error=error,
+            sent_at=now if sent else None,
+        )
+    )
+
+
+def undelivered(session: Session) -> list[Undelivered]:
+    """Notices that failed and have not had their retry yet, oldest first."""
+    rows = session.execute(
+        select(Notice.id, Notice.target, Notice.event, Notice.run_id, Notice.attempts, Notice.payload)
+        .where(Notice.status == FAILED)
+        .order_by(Notice.id)
+    )
+    return [Undelivered(*row) for row in rows]
+
+
+def not_yet_announced(
+    session: Session, *, target: str, items: Sequence[tuple[str, str, str, datetime]]
+) -> list[tuple[str, str, str, datetime]]:
+    """Those of ``(key_hash, rule, action, due)`` not yet announced to ``target``."""
+    if not items:
+        return []
+    said: set[tuple[str, str, str, datetime]] = set()
+    for start in range(0, len(items), 500):
+        chunk = items[start : start + 500]
+        hashes = {key_hash for key_hash, *_ in chunk}
+        rows = session.execute(
+            select(Announcement.key_hash, Announcement.rule, Announcement.action, Announcement.due).where(
+                Announcement.target == target, Announcement.key_hash.in_(hashes)
+            )
+        )
+        said.update((row[0], row[1], row[2], row[3]) for row in rows)
+    return [item for item in items if item not in said]
+
+
+def record_announcements(
+    session: Session, *, target: str, notice_id: int, items: Iterable[tuple[str, str, str, datetime]]
+) -> None:
+    """Remember that these keys were announced to ``target`` (by notice ``notice_id``)."""
+    session.add_all(
+        Announcement(target=target, key_hash=key_hash, rule=rule, action=action, due=due, notice_id=notice_id)
+        for key_hash, rule, action, due in items
+    )
+
+
+def delete_old_notices(session: Session, *, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` notices created before ``before``, with their announcements once due."""
+    session.execute(
+        delete(Announcement).where(
+            Announcement.due < before,
+            Announcement.notice_id.in_(select(Notice.id).where(Notice.created_at < before)),
+        )
+    )
+    referenced = exists().where(Announcement.notice_id == Notice.id)
+    ids = list(
+        session.scalars(
+            select(Notice.id).where(Notice.created_at < before, ~referenced).order_by(Notice.id).limit(limit)
+        )
+    )
+    if not ids:
+        return 0
+    result = session.execute(delete(Notice).where(Notice.id.in_(ids), ~referenced))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def changes_of_run(session: Session, run_id: int, outcomes: Sequence[str]) -> list[Action]:
+    """The audit records of run ``run_id`` with one of ``outcomes`` (changes, not reports), by key name."""
+    return list(
+        session.scalars(
+            select(Action)
+            .where(Action.run_id == run_id, Action.outcome.in_(outcomes), Action.action != "report")
+            .order_by(Action.key_name, Action.key_hash)
+        )
+    )

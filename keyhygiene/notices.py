@@ -1,0 +1,415 @@
+"""Notices: tell people before and after, through the ``[[notify]]`` targets of the rules file.
+
+After each job whose outcome a target asks for (``done`` when keys were changed, ``failed``,
+``refused``), the target gets one message with the run id, the outcome, the counts and the keys
+changed or planned (at most ``MAX_KEYS`` listed, then a count). Targets with ``upcoming`` also get,
+once per key, rule, action and due date, the keys a rule will act on within ``upcoming_within``, so
+owners can react before a key is disabled.
+
+Notices go out only after the run's changes and its record are committed, and never make a job fail:
+each delivery is retried with backoff on 429, 5xx and connection errors within a bounded time; a
+notice that still fails is recorded (``notices`` table) and logged, and the next run retries it once
+before giving up for good. A target's URL (and signing secret) is read from the environment variable
+the target names: it is a secret, registered for redaction, and never stored, logged or reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from sqlalchemy.exc import SQLAlchemyError
+
+from db import audit, notices, runs
+from keyhygiene.rules import AuditFacts, KeyHistory, NotifyTarget, RuleSet, upcoming
+
+from . import logging as khlog
+from .context import Database, describe_db_error, session_scope
+from .timeutil import isoformat
+
+if TYPE_CHECKING:
+    from .jobs import JobOutcome
+
+log = khlog.get_logger(__name__)
+
+MAX_KEYS = 50
+SIGNATURE_HEADER = "X-Keyhygiene-Signature"
+_RETRIED = {429, 500, 502, 503, 504}
+_USER_AGENT = "keyhygiene-notices/0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeKey:
+    """One key in a notice."""
+
+    key_hash: str
+    key_name: str
+    workspace: str | None
+    owner: str | None
+    rule: str
+    action: str
+    due: datetime | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "key_hash": self.key_hash,
+            "key_name": self.key_name,
+            "workspace": self.workspace,
+            "owner": self.owner,
+            "rule": self.rule,
+            "action": self.action,
+            "due": isoformat(self.due) if self.due is not None else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """How one delivery ended."""
+
+    ok: bool
+    attempts: int
+    error: str | None = None
+
+
+# -- what to say ---------------------------------------------------------------------------------
+
+
+def run_outcome(outcome: JobOutcome) -> str | None:
+    """The notice outcome of a finished job: ``done`` (keys changed), ``failed``, ``refused``, or None."""
+    if outcome.status == runs.REFUSED:
+        return "refused"
+    if outcome.status in (runs.FAILED, runs.ABORTED):
+        return "failed"
+    if outcome.enforcement is not None and (outcome.enforcement.done or outcome.enforcement.failed):
+        return "done" if outcome.enforcement.done else "failed"
+    return None
+
+
+def payload(
+    *,
+    event: str,
+    run_id: int | None,
+    outcome: str | None,
+    counts: dict[str, Any],
+    keys: Sequence[NoticeKey],
+    message: str,
+    dry_run: bool | None,
+) -> dict[str, Any]:
+    """The ``json`` format's body (the interface's fields, plus ``more``, ``message`` and ``dry_run``)."""
+    listed = list(keys[:MAX_KEYS])
+    return {
+        "event": event,
+        "run_id": run_id,
+        "outcome": outcome,
+        "counts": counts,
+        "keys": [key.as_json() for key in listed],
+        "more": max(len(keys) - len(listed), 0),
+        "message": message,
+        "dry_run": dry_run,
+    }
+
+
+def slack_body(body: dict[str, Any]) -> dict[str, Any]:
+    """A Slack incoming-webhook message: one summary line, then the keys as a list."""
+    dry = " (dry run: nothing is changed)" if body.get("dry_run") else ""
+    if body["event"] == "upcoming":
+        summary = f"keyhygiene: {len(body['keys']) + body['more']} key(s) coming up for action{dry}"
+    else:
+        summary = f"keyhygiene run {body['run_id']}: {body['outcome']}{dry}. {body['message']}"
+    lines = [summary]
+    for key in body["keys"]:
+        when = f" on {key['due'][:10]}" if key.get("due") else ""
+        who = f", owner {key['owner']}" if key.get("owner") else ""
+        where = f", workspace {key['workspace']}" if key.get("workspace") else ""
+        lines.append(
+            f"• `{key['key_name']}` ({key['key_hash'][:12]}): {key['action']}{when} by rule {key['rule']}{where}{who}"
+        )
+    if body["more"]:
+        lines.append(f"… and {body['more']} more")
+    return {"text": "\n".join(lines)}
+
+
+def sign(body: bytes, secret: str) -> str:
+    """``sha256=`` and the hex HMAC-SHA256 of the body: what ``X-Keyhygiene-Signature`` carries."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+# -- delivering ----------------------------------------------------------------------------------
+
+
+class Sender:
+    """Delivers bodies to targets over HTTP, retrying within a bounded time; never raises."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        retry_seconds: float,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.retry_seconds = retry_seconds
+        self.sleep = sleep
+        self.client = httpx.Client(
+            timeout=httpx.Timeout(timeout),
+            transport=transport,
+            headers={"User-Agent": _USER_AGENT},
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Sender:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def deliver(self, target: NotifyTarget, body: dict[str, Any], *, once: bool = False) -> Delivered:
+        """POST ``body`` to the target in its format; ``once``: a single attempt (the retry of a failed one)."""
+        url = os.environ.get(target.url_env, "").strip()
+        if not url:
+            return Delivered(False, 0, f"{target.url_env} is not set")
+        if not url.startswith(("http://", "https://")):
+            return Delivered(False, 0, f"{target.url_env} does not hold an http(s) URL")
+        khlog.register_secret(url)
+        content = json.dumps(slack_body(body) if target.format == "slack" else body, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"}
+        if target.secret_env:
+            secret = os.environ.get(target.secret_env, "")
+            if not secret:
+                return Delivered(False, 0, f"{target.secret_env} is not set")
+            khlog.register_secret(secret)
+            headers[SIGNATURE_HEADER] = sign(content, secret)
+        deadline = time.monotonic() + self.retry_seconds
+        attempts = 0
+        delay = 0.5
+        while True:
+            attempts += 1
+            error, retry_after = self._post(url, content, headers)
+            if error is None:
+                return Delivered(True, attempts)
+            wait = min(max(retry_after or delay, 0.0), 30.0) * (1 + random.random() / 4)
+            final = retry_after is None  # a 4xx other than 429: sending it again changes nothing
+            if once or final or time.monotonic() + wait > deadline:
+                return Delivered(False, attempts, error)
+            self.sleep(wait)
+            delay = min(delay * 2, 10.0)
+
+    def _post(self, url: str, content: bytes, headers: dict[str, str]) -> tuple[str | None, float | None]:
+        """(None, None) when delivered; else (an error without the URL, a Retry-After or 0 when retried)."""
+        try:
+            response = self.client.post(url, content=content, headers=headers)
+        except httpx.TransportError as exc:
+            # Say what kind of failure, never the message: some carry the URL.
+            return f"{type(exc).__name__} (no answer)", 0.0
+        if response.is_success:
+            return None, None
+        if response.status_code in _RETRIED:
+            header = response.headers.get("Retry-After", "")
+            return f"HTTP {response.status_code}", float(header) if header.isdigit() else 0.0
+        return f"HTTP {response.status_code}", None
+
+
+# -- after a run ---------------------------------------------------------------------------------
+
+
+def after_run(
+    database: Database,
+    ruleset: RuleSet,
+    outcome: JobOutcome,
+    *,
+    now: datetime,
+    timeout: float,
+    retry_seconds: float,
+    transport: httpx.BaseTransport | None = None,
+) -> None:
+    """Send this run's notices and retry the ones earlier runs could not deliver. Never raises."""
+    if not ruleset.notify:
+        return
+    try:
+        with Sender(timeout=timeout, retry_seconds=retry_seconds, transport=transport) as sender:
+            _retry_undelivered(database, ruleset, sender, now=now)
+            _send_run_notice(database, ruleset, outcome, sender, now=now)
+            if outcome.kind in ("enforce", "run") and outcome.status in (runs.COMPLETE, runs.REFUSED):
+                _send_upcoming(database, ruleset, outcome, sender, now=now)
+    except SQLAlchemyError as exc:
+        log.error("notices_not_sent", run_id=outcome.run_id, error=f"database error: {describe_db_error(exc)}")
+    except Exception as exc:  # a notice must never fail the job it reports on
+        log.error("notices_not_sent", run_id=outcome.run_id, error=khlog.redact_text(f"{type(exc).__name__}: {exc}"))
+
+
+def _record(
+    database: Database, target: NotifyTarget, body: dict[str, Any], delivered: Delivered, *, now: datetime
+) -> int:
+    with session_scope(database) as session:
+        notice_id = notices.record_notice(
+            session,
+            now=now,
+            target=target.name,
+            event=body["event"],
+            run_id=body["run_id"],
+            status=notices.SENT if delivered.ok else notices.FAILED,
+            attempts=delivered.attempts,
+            payload=body,
+            error=delivered.error,
+        )
+    _log(target, body, delivered, notice_id)
+    return notice_id
+
+
+def _log(target: NotifyTarget, body: dict[str, Any], delivered: Delivered, notice_id: int) -> None:
+    fields = {
+        "target": target.name,
+        "notice_id": notice_id,
+        "notice_event": body["event"],
+        "run_id": body["run_id"],
+        "keys": len(body["keys"]) + body["more"],
+        "attempts": delivered.attempts,
+    }
+    if delivered.ok:
+        log.info("notice_sent", **fields)
+    else:
+        log.warning("notice_failed", error=delivered.error, **fields)
+
+
+def _send_run_notice(
+    database: Database, ruleset: RuleSet, outcome: JobOutcome, sender: Sender, *, now: datetime
+) -> None:
+    said = run_outcome(outcome)
+    if said is None:
+        return
+    targets = [target for target in ruleset.notify if said in target.on]
+    if not targets:
+        return
+    body = payload(
+        event="run",
+        run_id=outcome.run_id,
+        outcome=said,
+        counts=_counts(outcome),
+        keys=_run_keys(database, outcome, said),
+        message=outcome.message,
+        dry_run=outcome.enforcement.dry_run if outcome.enforcement is not None else None,
+    )
+    for target in targets:
+        _record(database, target, body, sender.deliver(target, body), now=now)
+
+
+def _counts(outcome: JobOutcome) -> dict[str, Any]:
+    summary = outcome.summary or {}
+    names = ("keys", "planned_changes", "done", "skipped", "failed", "reported")
+    counts = {name: summary[name] for name in names if isinstance(summary.get(name), int)}
+    if outcome.enforcement is not None:
+        counts.setdefault("planned_changes", outcome.enforcement.planned)
+        counts.setdefault("keys", outcome.enforcement.total_keys)
+    return counts
+
+
+def _run_keys(database: Database, outcome: JobOutcome, said: str) -> list[NoticeKey]:
+    """The keys changed (done), whose change failed (failed), or planned (refused)."""
+    if said == "refused":
+        decisions = outcome.enforcement.decisions if outcome.enforcement is not None else []
+        return [
+            NoticeKey(d.key_hash, d.key_name, d.workspace_id, None, d.rule, d.action)
+            for d in sorted(decisions, key=lambda d: (d.key_name, d.key_hash))
+            if d.changes_key
+        ]
+    if outcome.run_id is None:
+        return []
+    wanted = [audit.DONE] if said == "done" else [audit.FAILED]
+    with database.sessions() as session:
+        rows = notices.changes_of_run(session, outcome.run_id, wanted)
+        return [NoticeKey(row.key_hash, row.key_name, row.workspace_id, None, row.rule, row.action) for row in rows]
+
+
+def _send_upcoming(database: Database, ruleset: RuleSet, outcome: JobOutcome, sender: Sender, *, now: datetime) -> None:
+    targets = [t for t in ruleset.notify if "upcoming" in t.on and t.upcoming_within is not None]
+    if not targets:
+        return
+    horizon = max(target.upcoming_within or timedelta(0) for target in targets)
+    coming = upcoming_keys(database, ruleset, now=now, within=horizon)
+    for target in targets:
+        assert target.upcoming_within is not None
+        mine = [key for key in coming if key.due is not None and key.due <= now + target.upcoming_within]
+        items = [(key.key_hash, key.rule, key.action, key.due) for key in mine if key.due is not None]
+        with database.sessions() as session:
+            fresh = set(notices.not_yet_announced(session, target=target.name, items=items))
+        new = [key for key in mine if (key.key_hash, key.rule, key.action, key.due) in fresh]
+        if not new:
+            continue
+        body = payload(
+            event="upcoming",
+            run_id=outcome.run_id,
+            outcome=None,
+            counts={"upcoming": len(new)},
+            keys=new,
+            message=f"{len(new)} key(s) will be acted on within {target.upcoming_within}",
+            dry_run=ruleset.safety.dry_run,
+        )
+        notice_id = _record(database, target, body, sender.deliver(target, body), now=now)
+        # Said once: a notice that failed is retried by the next run, not announced afresh beside it.
+        with session_scope(database) as session:
+            notices.record_announcements(
+                session, target=target.name, notice_id=notice_id, items=[i for i in items if i in fresh]
+            )
+
+
+def upcoming_keys(database: Database, ruleset: RuleSet, *, now: datetime, within: timedelta) -> list[NoticeKey]:
+    """Keys of the newest snapshot whose next rule action falls after now and within ``within``, soonest first.
+
+    The same "when will a rule act" computation as ``report idle`` and the HTML report's upcoming
+    actions (``keyhygiene.rules.upcoming``); a key's action due now is this run's business, not a
+    warning, so only actions still ahead are announced.
+    """
+    from .enforcement import load_plan_inputs
+
+    with database.sessions() as session:
+        from db import snapshots
+
+        newest = snapshots.latest_snapshot(session)
+        if newest is None:
+            return []
+        inputs = load_plan_inputs(session, newest.id)
+    found: list[NoticeKey] = []
+    for key in inputs.keys:
+        steps = upcoming(
+            key, inputs.histories.get(key.hash, KeyHistory()), inputs.audits.get(key.hash, AuditFacts()), ruleset, now
+        )
+        if not steps:
+            continue
+        rule, action, due = steps[0]
+        if now < due <= now + within:
+            found.append(NoticeKey(key.hash, key.name, key.workspace_id, key.creator_user_id, rule, action, due))
+    found.sort(key=lambda key: (key.due or now, key.key_name, key.key_hash))
+    return found
+
+
+def _retry_undelivered(database: Database, ruleset: RuleSet, sender: Sender, *, now: datetime) -> None:
+    """Give every notice an earlier run failed to deliver its one retry; then it is sent or given up."""
+    with database.sessions() as session:
+        waiting = notices.undelivered(session)
+    targets = {target.name: target for target in ruleset.notify}
+    for notice in waiting:
+        target = targets.get(notice.target)
+        if target is None:
+            delivered = Delivered(False, 0, "the notify target is no longer in the rules file")
+        else:
+            delivered = sender.deliver(target, notice.payload, once=True)
+        with session_scope(database) as session:
+            notices.finish_retry(
+                session, notice.id, now=now, sent=delivered.ok, attempts=delivered.attempts, error=delivered.error
+            )
+        event = "notice_retry_sent" if delivered.ok else "notice_given_up"
+        (log.info if delivered.ok else log.warning)(
+            event, target=notice.target, notice_id=notice.id, run_id=notice.run_id, error=delivered.error
+        )

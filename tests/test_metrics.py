@@ -1,0 +1,161 @@
+"""Prometheus metrics as a monitoring system reads them: `keyhygiene metrics` once, and `/metrics`
+scraped over HTTP from real worker processes; every figure is read from the database."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
+
+from db.models import Run
+from keyhygiene.context import Database
+from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.timeutil import utcnow
+
+from .celery_support import Deployment, RedisDatabase, claim_redis_database, deployment, free_port, wait_until
+from .conftest import CliResult
+
+DAY = timedelta(days=1)
+
+RULES = """
+[safety]
+dry_run = false
+max_actions_per_run = 50
+max_action_percent = 100
+
+[[rule]]
+name = "delete-expired"
+match = "expired"
+action = "delete"
+grace = "0d"
+"""
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text, by (name, sorted labels)."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def populate(fake: FakeOpenRouter) -> None:
+    now = utcnow()
+    other = fake.add_workspace("Research")["id"]
+    for n in range(3):
+        fake.add_key(f"old-{n}", created_at=now - 90 * DAY, expires_at=now - DAY)
+    for n in range(4):
+        fake.add_key(f"svc-{n}", created_at=now - 90 * DAY, last_used_at=now - DAY, usage=2.0)
+    fake.add_key("paused", created_at=now - 90 * DAY, disabled=True, workspace_id=other)
+    fake.add_key("idle", created_at=now - 90 * DAY, last_used_at=now - 60 * DAY, usage=1.0, workspace_id=other)
+
+
+def test_metrics_once_agree_with_the_inventory_and_the_run_records(
+    env: dict[str, str],
+    database: Database,
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+) -> None:
+    rules_file(RULES.replace("dry_run = false", "dry_run = true"))
+    populate(fake)
+    assert cli("sync").exit_code == 0
+    assert cli("enforce").exit_code == 0
+
+    result = cli("metrics")
+
+    assert result.exit_code == 0, result.stderr
+    figures = samples(result.stdout)
+    inventory = json.loads(cli("report", "inventory", "--format", "json").stdout)
+    expected = Counter(
+        (row["workspace_id"], "expired" if row["expired"] else "disabled" if row["disabled"] else "active")
+        for row in inventory
+    )
+    got = {
+        (dict(labels)["workspace"], dict(labels)["state"]): value
+        for (name, labels), value in figures.items()
+        if name == "keyhygiene_keys"
+    }
+    assert got == {key: float(count) for key, count in expected.items()}
+    assert sum(got.values()) == 9
+    assert figures[("keyhygiene_database_up", ())] == 1.0
+    # Not used for 30 days: "idle" (60 days), and the never-used expired keys and "paused".
+    assert figures[("keyhygiene_idle_keys", ())] == 5.0
+    with database.sessions() as session:
+        recorded = dict(session.execute(select(Run.kind, func.count()).group_by(Run.kind)).all())
+        taken = session.scalar(select(func.max(Run.finished_at)).where(Run.kind == "sync"))
+    runs = {dict(labels)["job"]: value for (name, labels), value in figures.items() if name == "keyhygiene_runs_total"}
+    assert runs == {job: float(count) for job, count in recorded.items()}
+    planned = figures[
+        ("keyhygiene_key_actions_total", (("action", "delete"), ("dry_run", "true"), ("outcome", "planned")))
+    ]
+    assert planned == 3.0
+    assert taken is not None
+    assert figures[("keyhygiene_last_success_timestamp_seconds", (("job", "sync"),))] == pytest.approx(
+        taken.timestamp()
+    )
+
+
+def test_metrics_when_the_database_is_unreachable_say_so(env: dict[str, str], cli: Callable[..., CliResult]) -> None:
+    # No migration: the schema check refuses, with the interface's exit code and no traceback.
+    result = cli("metrics")
+    assert result.exit_code == 1
+    assert "db upgrade" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- from the worker ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_db() -> Iterator[RedisDatabase]:
+    claimed = claim_redis_database()
+    try:
+        yield claimed
+    finally:
+        claimed.release()
+
+
+@pytest.fixture
+def deploy(
+    tmp_path: Path, redis_db: RedisDatabase, fake_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Deployment]:
+    yield from deployment(tmp_path, redis_db, fake_url, monkeypatch)
+
+
+@pytest.mark.celery
+@pytest.mark.timeout(150)
+def test_two_workers_serve_the_same_figures_read_from_the_database(
+    deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., CliResult]
+) -> None:
+    populate(fake)
+    addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    for number, address in enumerate(addresses):
+        deploy.start_worker(name=f"worker{number}", KEYHYGIENE_METRICS_ADDR=address)
+
+    assert cli("run").exit_code == 0  # inline: the workers did not see it happen, the database did
+
+    def scrape(address: str) -> str:
+        response = httpx.get(f"http://{address}/metrics", timeout=10)
+        response.raise_for_status()
+        return response.text
+
+    def both_see_the_run() -> list[dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+        found = [samples(scrape(address)) for address in addresses]
+        wanted = ("keyhygiene_runs_total", (("job", "run"), ("status", "complete")))
+        return found if all(figures.get(wanted) == 1.0 for figures in found) else []
+
+    first, second = wait_until(both_see_the_run, timeout=30, what="both workers to report the run")
+    assert first == second
+    deleted = first[("keyhygiene_key_actions_total", (("action", "delete"), ("dry_run", "false"), ("outcome", "done")))]
+    assert deleted == 3.0
+    keys = sum(value for (name, _), value in first.items() if name == "keyhygiene_keys")
+    assert keys == 9.0  # the snapshot the run took, before its deletes

@@ -1,0 +1,313 @@
+"""Webhook notices as an operator and a key's owner receive them: a real HTTP receiver on 127.0.0.1,
+the fake API over HTTP, the real command line, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from db.models import Action, Notice
+from keyhygiene.context import Database
+from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.fakeapi.webhook import WebhookSink
+from keyhygiene.settings import Settings
+from keyhygiene.timeutil import utcnow
+
+from .conftest import CliResult
+
+DAY = timedelta(days=1)
+SIGNING_SECRET = "whsec-" + "9f" * 16
+
+
+def _rules(*, on: str, dry_run: bool = False, max_actions: int = 50, fmt: str = "json", within: str = "7d") -> str:
+    return f"""
+[safety]
+dry_run = {str(dry_run).lower()}
+max_actions_per_run = {max_actions}
+max_action_percent = 100
+
+[[rule]]
+name = "delete-expired"
+match = "expired"
+action = "delete"
+grace = "0d"
+
+[[rule]]
+name = "disable-idle"
+match = "unused"
+idle_for = "30d"
+action = "disable"
+
+[[notify]]
+name = "ops"
+url_env = "KH_TEST_WEBHOOK"
+format = "{fmt}"
+secret_env = "KH_TEST_WEBHOOK_SECRET"
+on = {on}
+upcoming_within = "{within}"
+"""
+
+
+@pytest.fixture(autouse=True)
+def migrated(database: Database) -> Database:
+    return database
+
+
+@pytest.fixture
+def sink(monkeypatch: pytest.MonkeyPatch) -> Iterator[WebhookSink]:
+    with WebhookSink() as receiver:
+        monkeypatch.setenv("KH_TEST_WEBHOOK", receiver.url)
+        monkeypatch.setenv("KH_TEST_WEBHOOK_SECRET", SIGNING_SECRET)
+        yield receiver
+
+
+def _stored_text(env: dict[str, str]) -> str:
+    """Every value the database holds, as text (for the secret checks)."""
+    database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=env["KEYHYGIENE_DATABASE_URL"]), check=False)  # type: ignore[call-arg]
+    try:
+        with database.sessions() as session:
+            parts = [repr(row) for row in session.execute(select(Notice.__table__))]
+            parts += [repr(row) for row in session.execute(select(Action.__table__))]
+        return "\n".join(parts)
+    finally:
+        database.close()
+
+
+def _notices(env: dict[str, str]) -> list[dict[str, Any]]:
+    database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=env["KEYHYGIENE_DATABASE_URL"]), check=False)  # type: ignore[call-arg]
+    try:
+        with database.sessions() as session:
+            return [dict(row._mapping) for row in session.execute(select(Notice.__table__).order_by(Notice.id))]
+    finally:
+        database.close()
+
+
+def _assert_no_secret(sink: WebhookSink, env: dict[str, str], *results: CliResult) -> None:
+    for result in results:
+        for secret in (sink.token, SIGNING_SECRET):
+            assert secret not in result.stdout + result.stderr, "a webhook secret leaked into output"
+    stored = _stored_text(env)
+    assert sink.token not in stored and SIGNING_SECRET not in stored, "a webhook secret was stored"
+
+
+def _expired_keys(fake: FakeOpenRouter, count: int) -> list[str]:
+    now = utcnow()
+    return [
+        fake.add_key(f"old-{n}", created_at=now - 90 * DAY, expires_at=now - DAY, creator_user_id=f"user_{n}")["hash"]
+        for n in range(count)
+    ]
+
+
+def test_a_run_that_changed_keys_sends_one_notice_with_its_counts_and_keys(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+) -> None:
+    rules_file(_rules(on='["done", "failed", "refused"]'))
+    expired = _expired_keys(fake, 3)
+    fake.add_key("fresh", created_at=utcnow() - DAY)
+
+    result = cli("run")
+
+    assert result.exit_code == 0, result.stderr
+    assert [call.method for call in fake.mutating_calls()].count("DELETE") == 3
+    (body,) = sink.bodies()
+    assert body["event"] == "run"
+    assert body["outcome"] == "done"
+    assert body["run_id"] == result.events_named("run_finished")[0]["run_id"]
+    assert body["counts"]["done"] == 3
+    assert body["counts"]["keys"] == 4
+    assert sorted(key["key_hash"] for key in body["keys"]) == sorted(expired)
+    assert {key["action"] for key in body["keys"]} == {"delete"}
+    assert body["more"] == 0
+    (stored,) = _notices(env)
+    assert (stored["target"], stored["event"], stored["status"], stored["attempts"]) == ("ops", "run", "sent", 1)
+    assert result.events_named("notice_sent")
+    _assert_no_secret(sink, env, result)
+
+
+def test_the_json_notice_is_signed_with_the_shared_secret(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+) -> None:
+    rules_file(_rules(on='["done"]'))
+    _expired_keys(fake, 1)
+
+    assert cli("run").exit_code == 0
+
+    (received,) = sink.received
+    expected = "sha256=" + hmac.new(SIGNING_SECRET.encode(), received.body, hashlib.sha256).hexdigest()
+    assert received.headers["X-Keyhygiene-Signature"] == expected
+    assert received.headers["Content-Type"] == "application/json"
+
+
+def test_a_refused_run_lists_what_it_planned_and_no_notice_goes_where_on_excludes_it(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+) -> None:
+    expired = _expired_keys(fake, 60)
+
+    rules_file(_rules(on='["done", "failed"]', max_actions=5))
+    assert cli("run").exit_code == 3
+    assert sink.received == [], "on excludes refused: nothing should be sent"
+
+    rules_file(_rules(on='["refused"]', max_actions=5))
+    result = cli("enforce")
+
+    assert result.exit_code == 3
+    (body,) = sink.bodies()
+    assert (body["event"], body["outcome"]) == ("run", "refused")
+    assert body["counts"]["planned_changes"] == 60
+    assert len(body["keys"]) == 50 and body["more"] == 10
+    assert {key["key_hash"] for key in body["keys"]} <= set(expired)
+    assert fake.mutating_calls() == []
+
+
+def test_slack_gets_a_summary_line_and_the_keys_as_a_list(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+) -> None:
+    rules_file(_rules(on='["done"]', fmt="slack"))
+    _expired_keys(fake, 2)
+
+    assert cli("run").exit_code == 0
+
+    (body,) = sink.bodies()
+    lines = body["text"].splitlines()
+    assert lines[0].startswith("keyhygiene run ") and ": done" in lines[0]
+    assert sorted(line.split("`")[1] for line in lines[1:]) == ["old-0", "old-1"]
+
+
+def test_upcoming_actions_are_announced_once_and_again_when_the_due_date_moves(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+) -> None:
+    now = utcnow()
+    # Idle for 25 days: the 30-day rule disables it in about 5 days, inside the 7-day warning.
+    soon = fake.add_key(
+        "svc-soon", created_at=now - 60 * DAY, last_used_at=now - 25 * DAY, usage=3.0, creator_user_id="user_owner"
+    )["hash"]
+    fake.add_key("svc-later", created_at=now - 60 * DAY, last_used_at=now - 5 * DAY, usage=1.0)
+    rules_file(_rules(on='["upcoming"]', within="7d"))
+
+    first = cli("run")
+    second = cli("run")
+
+    assert first.exit_code == 0 and second.exit_code == 0
+    (body,) = sink.bodies()  # once: the second run says nothing new
+    assert body["event"] == "upcoming"
+    (key,) = body["keys"]
+    assert (key["key_hash"], key["rule"], key["action"], key["owner"]) == (
+        soon,
+        "disable-idle",
+        "disable",
+        "user_owner",
+    )
+    due = key["due"]
+    assert (now + 4 * DAY).isoformat() < due < (now + 6 * DAY).isoformat()
+
+    # Used again (a free model: no spend, a newer last_used_at): due a day later, and announced anew.
+    fake.record_use(soon, 0.0, at=now - 24 * DAY)
+    assert cli("run").exit_code == 0
+
+    bodies = sink.bodies()
+    assert len(bodies) == 2
+    (again,) = bodies[1]["keys"]
+    assert again["key_hash"] == soon and again["due"] > due
+
+
+def test_a_failing_receiver_never_stops_enforcement_and_is_retried_once_by_the_next_run(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KEYHYGIENE_NOTIFY_RETRY_SECONDS", "1")
+    rules_file(_rules(on='["done"]'))
+    _expired_keys(fake, 2)
+    sink.status = 500
+
+    result = cli("run")
+
+    assert result.exit_code == 0, result.stderr
+    assert [call.method for call in fake.mutating_calls()].count("DELETE") == 2
+    (failed,) = _notices(env)
+    assert failed["status"] == "failed" and failed["attempts"] >= 2
+    assert failed["last_error"] == "HTTP 500"
+    (event,) = result.events_named("notice_failed")
+    assert event["error"] == "HTTP 500"
+    tried = len(sink.received)
+
+    # The next run (nothing left to change) retries the failed notice once: still failing, it gives up.
+    second = cli("run")
+    assert second.exit_code == 0
+    assert len(sink.received) == tried + 1
+    (given_up,) = _notices(env)
+    assert given_up["status"] == "gave_up"
+    assert second.events_named("notice_given_up")
+    _assert_no_secret(sink, env, result, second)
+
+
+def test_a_hanging_receiver_is_given_up_on_and_the_changes_are_made(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KEYHYGIENE_NOTIFY_TIMEOUT", "0.5")
+    monkeypatch.setenv("KEYHYGIENE_NOTIFY_RETRY_SECONDS", "0")
+    rules_file(_rules(on='["done"]'))
+    expired = _expired_keys(fake, 2)
+    sink.hang = True
+
+    result = cli("run")
+
+    assert result.exit_code == 0, result.stderr
+    assert all(fake.get(key_hash) is None for key_hash in expired)
+    (failed,) = _notices(env)
+    assert failed["status"] == "failed"
+    assert failed["last_error"] == "ReadTimeout (no answer)"
+    _assert_no_secret(sink, env, result)
+
+
+def test_a_target_whose_variable_is_unset_is_recorded_not_fatal(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("KH_TEST_WEBHOOK", raising=False)
+    rules_file(_rules(on='["done"]'))
+    _expired_keys(fake, 1)
+
+    result = cli("run")
+
+    assert result.exit_code == 0
+    (failed,) = _notices(env)
+    assert failed["last_error"] == "KH_TEST_WEBHOOK is not set"
