@@ -131,7 +131,7 @@ def delete_old_notices(session: Session, *, before: datetime, limit: int) -> int
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def changes_of_run(session: Session, run_id: int, outcomes: Sequence[str]) -> list[Action]:
+def actions_of_run(session: Session, run_id: int, outcomes: Sequence[str]) -> list[Action]:
     """The audit records of run ``run_id`` with one of ``outcomes`` (changes, not reports), by key name."""
     return list(
         session.scalars(

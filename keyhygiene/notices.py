@@ -241,7 +241,7 @@ def after_run(
         with Sender(timeout=timeout, retry_seconds=retry_seconds, transport=transport) as sender:
             _retry_undelivered(database, ruleset, sender, now=now)
             _send_run_notice(database, ruleset, outcome, sender, now=now)
-            if outcome.kind in ("enforce", "run") and outcome.status in (runs.COMPLETE, runs.REFUSED):
+            if outcome.kind in ("enforce", "run") and outcome.status in (runs.OK, runs.REFUSED):
                 _send_upcoming(database, ruleset, outcome, sender, now=now)
     except SQLAlchemyError as exc:
         log.error("notices_not_sent", run_id=outcome.run_id, error=f"database error: {describe_db_error(exc)}")
@@ -328,7 +328,7 @@ def _run_keys(database: Database, outcome: JobOutcome, said: str) -> list[Notice
         return []
     wanted = [audit.DONE] if said == "done" else [audit.FAILED]
     with database.sessions() as session:
-        rows = notices.changes_of_run(session, outcome.run_id, wanted)
+        rows = notices.actions_of_run(session, outcome.run_id, wanted)
         return [NoticeKey(row.key_hash, row.key_name, row.workspace_id, None, row.rule, row.action) for row in rows]
 
 

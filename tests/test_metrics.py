@@ -150,7 +150,7 @@ def test_two_workers_serve_the_same_figures_read_from_the_database(
 
     def both_see_the_run() -> list[dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
         found = [samples(scrape(address)) for address in addresses]
-        wanted = ("keyhygiene_runs_total", (("job", "run"), ("status", "complete")))
+        wanted = ("keyhygiene_runs_total", (("job", "run"), ("status", "ok")))
         return found if all(figures.get(wanted) == 1.0 for figures in found) else []
 
     first, second = wait_until(both_see_the_run, timeout=30, what="both workers to report the run")
