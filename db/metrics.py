@@ -47,7 +47,5 @@ def actions_by_action_and_outcome(session: Session) -> list[tuple[str, str, bool
 
 def last_success_by_job(session: Session) -> list[tuple[str, datetime]]:
     """The end of the newest successful run of each job."""
-    rows = session.execute(
-        select(Run.kind, func.max(Run.finished_at)).where(Run.status == runs.OK).group_by(Run.kind)
-    )
+    rows = session.execute(select(Run.kind, func.max(Run.finished_at)).where(Run.status == runs.OK).group_by(Run.kind))
     return [(str(kind), finished) for kind, finished in rows if finished is not None]

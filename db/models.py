@@ -177,6 +177,8 @@ class Lease(Base):
     acquired_at: Mapped[datetime | None]
     renewed_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
+
+
 class Notice(Base):
     """One message to one notify target: sent, or failed and kept to be retried once by the next run.
 

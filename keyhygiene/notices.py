@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from sqlalchemy.exc import SQLAlchemyError
 
-from db import audit, notices, runs
-from keyhygiene.rules import AuditFacts, KeyHistory, NotifyTarget, RuleSet, upcoming
+from db import audit, notices, runs, snapshots
+from keyhygiene.rules import AuditFacts, KeyHistory, NotifyTarget, RuleSet, resolve_workspaces, upcoming
 
 from . import logging as khlog
 from .context import Database, describe_db_error, session_scope
@@ -317,19 +317,27 @@ def _counts(outcome: JobOutcome) -> dict[str, Any]:
 
 def _run_keys(database: Database, outcome: JobOutcome, said: str) -> list[NoticeKey]:
     """The keys changed (done), whose change failed (failed), or planned (refused)."""
-    if said == "refused":
-        decisions = outcome.enforcement.decisions if outcome.enforcement is not None else []
-        return [
-            NoticeKey(d.key_hash, d.key_name, d.workspace_id, None, d.rule, d.action)
-            for d in sorted(decisions, key=lambda d: (d.key_name, d.key_hash))
-            if d.changes_key
-        ]
-    if outcome.run_id is None:
-        return []
-    wanted = [audit.DONE] if said == "done" else [audit.FAILED]
     with database.sessions() as session:
-        rows = notices.actions_of_run(session, outcome.run_id, wanted)
-        return [NoticeKey(row.key_hash, row.key_name, row.workspace_id, None, row.rule, row.action) for row in rows]
+        names = snapshots.workspace_names(session)
+        if said == "refused":
+            decisions = outcome.enforcement.decisions if outcome.enforcement is not None else []
+            rows: list[tuple[str, str, str | None, str, str]] = [
+                (d.key_hash, d.key_name, d.workspace_id, d.rule, d.action)
+                for d in sorted(decisions, key=lambda d: (d.key_name, d.key_hash))
+                if d.changes_key
+            ]
+        elif outcome.run_id is not None:
+            wanted = [audit.DONE] if said == "done" else [audit.FAILED]
+            rows = [
+                (row.key_hash, row.key_name, row.workspace_id, row.rule, row.action)
+                for row in notices.actions_of_run(session, outcome.run_id, wanted)
+            ]
+        else:
+            rows = []
+    return [
+        NoticeKey(key_hash, name, names.get(workspace or "", workspace), None, rule, action)
+        for key_hash, name, workspace, rule, action in rows
+    ]
 
 
 def _send_upcoming(database: Database, ruleset: RuleSet, outcome: JobOutcome, sender: Sender, *, now: datetime) -> None:
@@ -374,12 +382,12 @@ def upcoming_keys(database: Database, ruleset: RuleSet, *, now: datetime, within
     from .enforcement import load_plan_inputs
 
     with database.sessions() as session:
-        from db import snapshots
-
         newest = snapshots.latest_snapshot(session)
         if newest is None:
             return []
         inputs = load_plan_inputs(session, newest.id)
+    ruleset = resolve_workspaces(ruleset, inputs.workspace_names)
+    names = inputs.workspace_names
     found: list[NoticeKey] = []
     for key in inputs.keys:
         steps = upcoming(
@@ -389,7 +397,8 @@ def upcoming_keys(database: Database, ruleset: RuleSet, *, now: datetime, within
             continue
         rule, action, due = steps[0]
         if now < due <= now + within:
-            found.append(NoticeKey(key.hash, key.name, key.workspace_id, key.creator_user_id, rule, action, due))
+            workspace = names.get(key.workspace_id or "", key.workspace_id)
+            found.append(NoticeKey(key.hash, key.name, workspace, key.creator_user_id, rule, action, due))
     found.sort(key=lambda key: (key.due or now, key.key_name, key.key_hash))
     return found
 

@@ -137,6 +137,7 @@ class Settings(BaseSettings):
                 "with no spaces or line breaks inside)"
             )
         return value
+
     @field_validator("metrics_addr")
     @classmethod
     def _check_metrics_addr(cls, value: str | None) -> str | None:

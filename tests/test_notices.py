@@ -224,6 +224,7 @@ def test_upcoming_actions_are_announced_once_and_again_when_the_due_date_moves(
         "disable",
         "user_owner",
     )
+    assert key["workspace"] == "Default"  # the workspace's name, not its id
     due = key["due"]
     assert (now + 4 * DAY).isoformat() < due < (now + 6 * DAY).isoformat()
 

@@ -1,7 +1,7 @@
 """runs carry their own outcome: exit_code, message, started_by (was trigger), allow_actions
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 Create Date: 2026-12-01 13:40:00
 
 Existing runs are carried over: ``trigger`` becomes ``started_by`` (``schedule`` is now ``beat``),
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
