@@ -172,7 +172,8 @@ def test_two_runs_triggered_together_make_one_scan_and_one_recorded_skip(
     lists = [c for c in fake.calls if c.method == "GET" and c.path == "/keys" and c.query.get("offset", "0") == "0"]
     assert len(lists) == 1, "exactly one scan of the keys"
     assert worker.events_named("job_skipped")[0]["task_id"] == skipped.task_id
-    assert not deploy.redis_db.client.exists(LOCK_KEY), "the lock is released after the run"
+    # The run is recorded first and the lock released right after: wait for that, with a bound.
+    wait_until(lambda: not deploy.redis_db.client.exists(LOCK_KEY), timeout=10, what="the lock to be released")
 
     # --wait on a skipped job reports it, exit 1: the job did not run.
     fake.faults.latency = 0.0
@@ -255,7 +256,7 @@ def test_the_soft_time_limit_aborts_the_run_and_frees_the_lock(
     result = cli("trigger", "sync", "--wait", "--timeout", "60")
     assert result.exit_code == 1
     assert "sync aborted" in result.stderr and "time limit" in result.stderr
-    assert not deploy.redis_db.client.exists(LOCK_KEY)
+    wait_until(lambda: not deploy.redis_db.client.exists(LOCK_KEY), timeout=10, what="the lock to be released")
     assert [run.status for run in deploy.runs()] == [runs.ABORTED]
 
     fake.faults.latency = 0.0

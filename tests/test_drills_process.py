@@ -135,7 +135,7 @@ def test_an_inline_run_signalled_mid_way(
     drill.saw(f"exit {code}; run {run.status}")
     if sig == signal.SIGTERM:
         assert code == 1
-        assert run.status == "aborted" and "SIGTERM" in (run.error or "")
+        assert run.status == "aborted" and "SIGTERM" in (run.message or "")
         assert "Traceback" not in process.stderr_path.read_text()
         if phase == "sync":
             snapshot = setup.first(Snapshot)
@@ -180,9 +180,9 @@ def test_two_inline_enforcements_at_once_change_each_key_once(
     assert setup.finish(first) == 0, first.tail()
 
     statuses = sorted(run.status for run in setup.runs() if run.kind == "enforce")
-    assert statuses == ["complete", "skipped"]
+    assert statuses == ["ok", "skipped"]
     skipped = next(run for run in setup.runs() if run.status == "skipped")
-    assert "another enforcement holds the enforcement lock" in (skipped.error or "")
+    assert "another enforcement holds the enforcement lock" in (skipped.message or "")
     assert all(fake.get(key) is None for key in doomed)
     assert all(count == 1 for count in fake.change_counts().values())
     drill.saw(f"runs: {', '.join(statuses)}; {len(fake.change_counts())} DELETEs, one per key")

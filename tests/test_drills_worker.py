@@ -59,10 +59,10 @@ def test_an_inline_enforcement_while_the_worker_enforces_is_skipped(
         timeout=60,
         what="both enforcements to be recorded",
     )
-    assert sorted((run.trigger, run.status) for run in finished) == [("cli", "skipped"), ("trigger", "complete")]
+    assert sorted((run.started_by, run.status) for run in finished) == [("cli", "skipped"), ("trigger", "ok")]
     assert all(fake.get(key) is None for key in doomed)
     assert all(count == 1 for count in fake.change_counts().values())
-    drill.saw(f"worker: complete, {len(doomed)} DELETEs, one per key; inline: skipped, exit 1")
+    drill.saw(f"worker: ok, {len(doomed)} DELETEs, one per key; inline: skipped, exit 1")
     fake.faults.latency = 0.0
     recovery = cli("run")
     assert recovery.exit_code == 0, recovery.stderr
