@@ -19,6 +19,7 @@ from keyhygiene.keysapi.errors import (
     ConnectionFailed,
     MalformedResponse,
     NotFound,
+    OutcomeUnknown,
     RateLimited,
     ServerError,
 )
@@ -202,6 +203,41 @@ def test_a_dropped_connection_is_retried(fake: FakeOpenRouter, make_client) -> N
     fake.faults.drop_connection(1, path="/keys")
 
     assert sorted(make_client().list_all_keys([None]).keys) == sorted(hashes)
+
+
+LOST_ANSWERS: dict[str, Callable[[FakeOpenRouter], None]] = {
+    "dropped before it was applied": lambda fake: fake.faults.drop_connection(1, method="PATCH"),
+    "dropped after it was applied": lambda fake: fake.faults.drop_connection(1, after_processing=True, method="PATCH"),
+    "cut mid-body": lambda fake: fake.faults.drop_mid_body(1, method="PATCH"),
+    "500": lambda fake: fake.faults.server_error(1, 500, method="PATCH"),
+    "502": lambda fake: fake.faults.server_error(1, 502, method="PATCH"),
+    "504": lambda fake: fake.faults.server_error(1, 504, method="PATCH"),
+}
+
+
+@pytest.mark.parametrize("lost", list(LOST_ANSWERS))
+def test_a_change_whose_answer_was_lost_is_never_sent_again(fake: FakeOpenRouter, make_client, lost: str) -> None:
+    key = add_keys(fake, 1)[0]
+    LOST_ANSWERS[lost](fake)
+
+    with pytest.raises(OutcomeUnknown):
+        make_client().update_key(key, disabled=True)
+
+    assert fake.change_counts()[("PATCH", key)] == 1
+
+
+@pytest.mark.parametrize("refusal", [429, 503])
+def test_a_change_the_api_refused_is_sent_again(fake: FakeOpenRouter, make_client, refusal: int) -> None:
+    key = add_keys(fake, 1)[0]
+    if refusal == 429:
+        fake.faults.rate_limit(2, retry_after=0.05, method="DELETE")
+    else:
+        fake.faults.server_error(2, 503, retry_after=0.05, method="DELETE")
+
+    make_client().delete_key(key)
+
+    assert fake.get(key) is None
+    assert [call.status for call in fake.calls if call.method == "DELETE"] == [refusal, refusal, 200]
 
 
 def test_retries_stop_when_the_budget_runs_out(fake: FakeOpenRouter, make_client) -> None:

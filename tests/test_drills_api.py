@@ -45,6 +45,9 @@ def drill_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sqlite_url: str, 
         "KEYHYGIENE_LOG_FORMAT": "json",
         "KEYHYGIENE_HTTP_RETRY_SECONDS": "5",
         "KEYHYGIENE_HTTP_TIMEOUT": "1",
+        # One request at a time: a fault scheduled while page one is answered hits page two, not
+        # whichever page happened to be in flight.
+        "KEYHYGIENE_HTTP_CONCURRENCY": "1",
     }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -74,7 +77,7 @@ def _storm(fake: FakeOpenRouter, doomed: list[str], drill: Drill) -> None:
 
 def _server_errors(fake: FakeOpenRouter, doomed: list[str], drill: Drill) -> None:
     for status in (500, 502, 503):
-        fake.faults.server_error(2, status, path="/keys")
+        fake.faults.server_error(2, status, retry_after=0.1, path="/keys")
     fake.faults.server_error(2, 503, retry_after=0.1, method="DELETE")
     drill.inject("500, 502 and 503 twice each on list pages; 503 (refused) on 2 DELETEs", 8)
 
@@ -106,7 +109,7 @@ def _mid_body_page(fake: FakeOpenRouter, doomed: list[str], drill: Drill) -> Non
 def _broken_page(kind: str) -> Inject:
     def inject(fake: FakeOpenRouter, doomed: list[str], drill: Drill) -> None:
         def on_page(fake: FakeOpenRouter, workspace_id: str, offset: int) -> None:
-            if offset == 100:
+            if offset == 0:  # scheduled while page one is answered: it hits page two
                 getattr(fake.faults, kind)(1)
 
         fake.faults.on_list_page(on_page)
