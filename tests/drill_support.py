@@ -103,7 +103,7 @@ class Drill:
             )
         done = [a for a in actions if not a.dry_run and a.action in CHANGES and a.outcome == "done"]
         self.changes_audited = len(done)
-        self.runs_completed = sum(1 for run in runs.values() if run.status == "complete")
+        self.runs_completed = sum(1 for run in runs.values() if run.status == "ok")
         self.secrets_found = sum(text.count(MANAGEMENT_KEY) for text in [*outputs, database_text])
         acted_on = {
             (runs[a.run_id].summary or {}).get("snapshot_id")
