@@ -28,6 +28,9 @@ from .logging import get_logger, redact_text
 
 log = get_logger(__name__)
 
+_PAGES_PER_WRITE = 10
+"""Most pages handed to the store in one transaction, when several are waiting to be written."""
+
 
 @dataclass(frozen=True, slots=True)
 class SyncResult:
@@ -113,9 +116,9 @@ def take_snapshot(
     try:
         requests_before, listing_started = client.requests_sent, time.monotonic()
         listing = list_inventory(client, on_page=on_page)
-        for page in listing:
+        for keys in listing.batched(_PAGES_PER_WRITE):
             with session_scope(database) as session:
-                writer.add(session, page)
+                writer.add(session, keys)
         log.info(
             "listing_complete",
             run_id=run_id,

@@ -23,6 +23,7 @@ from keyhygiene.keysapi.errors import (
     ServerError,
 )
 from keyhygiene.keysapi.models import CurrentKey, Key
+from tests.celery_support import wait_until
 from tests.conftest import MANAGEMENT_KEY
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -175,6 +176,23 @@ def test_pages_are_handed_over_while_later_pages_are_in_flight(fake: FakeOpenRou
     assert sorted([raw["hash"] for raw in first] + rest) == sorted(hashes)
     assert stream.per_workspace == {"default": 2000}
     assert stream.pages == len(list_pages(fake))
+
+
+def test_pages_waiting_together_are_handed_over_together(fake: FakeOpenRouter, make_client) -> None:
+    hashes = add_keys(fake, 1250)
+    stream = make_client(concurrency=4).stream_keys([None])
+    batches = stream.batched(3)
+    first = next(batches)
+    # While the first batch is being "written", the workers fetch ahead.
+    wait_until(lambda: stream.waiting >= 3, timeout=30, what="pages waiting")
+
+    second = next(batches)
+    rest = list(batches)
+
+    assert 100 <= len(first) <= 300
+    assert len(second) == 300  # three pages that were waiting, in one batch
+    assert all(0 < len(batch) <= 300 for batch in rest)
+    assert sorted(raw["hash"] for batch in [first, second, *rest] for raw in batch) == sorted(hashes)
 
 
 def test_a_listing_left_early_sends_no_more_requests(fake: FakeOpenRouter, make_client) -> None:

@@ -107,6 +107,27 @@ class KeyStream:
             for worker in workers:
                 worker.join()
 
+    @property
+    def waiting(self) -> int:
+        """Pages fetched and waiting to be taken."""
+        return self._ready.qsize()
+
+    def batched(self, most_pages: int) -> Iterator[list[RawKey]]:
+        """Like iterating, but the pages that are already waiting when one is taken come with it, as
+        one list (at most ``most_pages`` pages): a consumer that falls behind catches up in fewer,
+        larger steps, and one that keeps up still gets each page as it arrives."""
+        batch: list[RawKey] = []
+        pages = 0
+        for page in self:
+            batch.extend(page)
+            pages += 1
+            if pages >= most_pages or not self.waiting:
+                if batch:
+                    yield batch
+                batch, pages = [], 0
+        if batch:
+            yield batch
+
     def _first_seen(self, workspace: _Workspace, page: list[RawKey]) -> list[RawKey]:
         fresh: list[RawKey] = []
         seen = self._seen
