@@ -1,12 +1,14 @@
 """Sync: list every key of every workspace and store it as one complete snapshot.
 
-The listing is finished, checked and completed before anything is written; the write is one
-transaction. A sync that fails at any point stores no key state and is recorded as failed.
+Each page goes to the snapshot's writer as it arrives, while later pages are still in flight; the
+writer keeps it out of every reader's sight until the listing is finished, checked and completed,
+and the snapshot is recorded in one transaction. A sync that fails at any point stores no key
+state and is recorded as failed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -14,9 +16,11 @@ from datetime import datetime
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import snapshots
-from keyhygiene.keysapi.client import KeysClient, Listing
+from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import ApiError, NotFound
 from keyhygiene.keysapi.models import Key, Workspace
+from keyhygiene.keysapi.paging import DEFAULT_WORKSPACE, KeyStream
+from keyhygiene.keysapi.paging import ProgressCallback as ProgressCallback  # what jobs pass down
 
 from .context import Database, describe_db_error, session_scope
 from .errors import KeyhygieneError
@@ -24,8 +28,8 @@ from .logging import get_logger, redact_text
 
 log = get_logger(__name__)
 
-ProgressCallback = Callable[[str, int], None]
-"""Called with (workspace id, keys on the page) after every page."""
+_PAGES_PER_WRITE = 10
+"""Most pages handed to the store in one transaction, when several are waiting to be written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,14 +67,14 @@ class SyncFailed(KeyhygieneError):
 
 def list_inventory(
     client: KeysClient, workspaces: list[Workspace], *, on_page: ProgressCallback | None = None
-) -> Listing:
+) -> KeyStream:
     """Every key of every workspace (as ``client.list_workspaces()`` gave them), disabled and expired
-    ones included."""
+    ones included, page by page."""
     workspace_ids: list[str | None] = [workspace.id for workspace in workspaces]
     if not workspace_ids:
         # No workspace listed: ``GET /keys`` without workspace_id lists the default one.
         workspace_ids = [None]
-    return client.list_all_keys(workspace_ids, on_page=on_page)
+    return client.stream_keys(workspace_ids, on_page=on_page)
 
 
 def check_missing(client: KeysClient, missing: list[str]) -> tuple[dict[str, Key], list[str]]:
@@ -113,16 +117,26 @@ def take_snapshot(
     log.info("sync_started", run_id=run_id, snapshot_id=snapshot_id)
     writer = snapshots.SnapshotWriter(snapshot_id)
     try:
+        requests_before, listing_started = client.requests_sent, time.monotonic()
         workspaces = client.list_workspaces()
         listing = list_inventory(client, workspaces, on_page=on_page)
-        with session_scope(database) as session:
-            writer.add(session, (key.raw for key in listing.keys.values()))
+        for keys in listing.batched(_PAGES_PER_WRITE):
+            with session_scope(database) as session:
+                writer.add(session, keys)
+        log.info(
+            "listing_complete",
+            run_id=run_id,
+            pages=listing.pages,
+            requests=client.requests_sent - requests_before,
+            duplicates=listing.duplicates,
+            seconds=round(time.monotonic() - listing_started, 3),
+        )
         with database.sessions() as session:
             missing = writer.missing(session)
         recovered, confirmed_gone = check_missing(client, missing)
         per_workspace = dict(listing.per_workspace)
         for key in recovered.values():
-            workspace = key.workspace_id or "default"
+            workspace = key.workspace_id or DEFAULT_WORKSPACE
             per_workspace[workspace] = per_workspace.get(workspace, 0) + 1
         with session_scope(database) as session:
             writer.add(session, (key.raw for key in recovered.values()))
@@ -151,7 +165,7 @@ def take_snapshot(
     )
     for key_hash in result.recovered:
         log.warning("key_recovered_by_check", run_id=run_id, key_hash=key_hash)
-    log.info("sync_complete", run_id=run_id, **result.summary())
+    log.info("sync_complete", run_id=run_id, requests=client.requests_sent, **result.summary())
     return result
 
 

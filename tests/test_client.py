@@ -24,6 +24,7 @@ from keyhygiene.keysapi.errors import (
     ServerError,
 )
 from keyhygiene.keysapi.models import CurrentKey, Key
+from tests.celery_support import wait_until
 from tests.conftest import MANAGEMENT_KEY
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -158,6 +159,54 @@ def test_a_key_listed_in_two_workspaces_is_counted_once(fake: FakeOpenRouter, ma
 
     assert len(listing.keys) == 11
     assert listing.duplicates == 1
+
+
+def test_pages_are_handed_over_while_later_pages_are_in_flight(fake: FakeOpenRouter, make_client) -> None:
+    hashes = add_keys(fake, 2000)
+    fake.faults.latency = 0.01
+    stream = make_client(concurrency=2).stream_keys([None])
+    pages = iter(stream)
+
+    first = next(pages)
+    asked_by_then = len(list_pages(fake))
+    rest = [raw["hash"] for page in pages for raw in page]
+
+    # The first page is there long before the listing ends, and a consumer that has not taken it
+    # holds the listing back: never more than 4 x concurrency pages are fetched ahead of it.
+    assert asked_by_then <= 4 * 2 + 1 < 21
+    assert sorted([raw["hash"] for raw in first] + rest) == sorted(hashes)
+    assert stream.per_workspace == {"default": 2000}
+    assert stream.pages == len(list_pages(fake))
+
+
+def test_pages_waiting_together_are_handed_over_together(fake: FakeOpenRouter, make_client) -> None:
+    hashes = add_keys(fake, 1250)
+    stream = make_client(concurrency=4).stream_keys([None])
+    batches = stream.batched(3)
+    first = next(batches)
+    # While the first batch is being "written", the workers fetch ahead.
+    wait_until(lambda: stream.waiting >= 3, timeout=30, what="pages waiting")
+
+    second = next(batches)
+    rest = list(batches)
+
+    assert 100 <= len(first) <= 300
+    assert len(second) == 300  # three pages that were waiting, in one batch
+    assert all(0 < len(batch) <= 300 for batch in rest)
+    assert sorted(raw["hash"] for batch in [first, second, *rest] for raw in batch) == sorted(hashes)
+
+
+def test_a_listing_left_early_sends_no_more_requests(fake: FakeOpenRouter, make_client) -> None:
+    add_keys(fake, 2000)
+    pages = iter(make_client(concurrency=3).stream_keys([None]))
+    next(pages)
+
+    pages.close()  # e.g. the database failed while storing the first page
+    asked = len(fake.calls)
+
+    assert asked < 21
+    assert make_client().list_keys_page(workspace_id=None, offset=0)  # the fake still answers...
+    assert len(fake.calls) == asked + 1  # ...and nothing but this one request reached it since
 
 
 # -- retries ------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from db.migrate import current_revision, head_revision, upgrade
+from db.migrate import current_revision, head_revision, recorded_revision, shipped_head, upgrade
 from db.models import Base
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
@@ -35,6 +35,16 @@ def test_upgrade_builds_the_schema_of_the_models(empty_database: Database) -> No
     with empty_database.engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
+
+
+def test_the_quick_schema_check_reads_what_alembic_reads(empty_database: Database) -> None:
+    # Commands check the schema without loading Alembic; they must agree with it.
+    assert shipped_head() == head_revision()
+    assert recorded_revision(empty_database.engine) is None
+
+    upgrade(empty_database.engine)
+
+    assert recorded_revision(empty_database.engine) == current_revision(empty_database.engine) == head_revision()
 
 
 def test_upgrade_twice_changes_nothing(empty_database: Database) -> None:

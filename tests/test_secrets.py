@@ -180,7 +180,7 @@ def test_an_unexpected_error_carrying_the_key_is_not_stored(
     def broken(*_: Any, **__: Any) -> None:  # a bug somewhere below the job, quoting the key
         raise RuntimeError(f"cannot use {MANAGEMENT_KEY}")
 
-    monkeypatch.setattr(KeysClient, "list_all_keys", broken)
+    monkeypatch.setattr(KeysClient, "stream_keys", broken)
 
     result = cli("sync")
 

@@ -5,17 +5,16 @@ The client knows the wire format and nothing about rules. It retries what is wor
 every other failure into a typed error from :mod:`keyhygiene.keysapi.errors`. A change (PATCH,
 DELETE) is re-sent only when it surely was not applied (no connection, 429, 503); when its answer
 is lost it raises OutcomeUnknown instead of repeating a destructive call. It is safe to share
-between threads; listing fans out over a bounded pool so that no more than ``concurrency`` requests
-are ever in flight.
+between threads; listing keeps ``concurrency`` requests in flight, never more
+(:mod:`keyhygiene.keysapi.paging`).
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -33,13 +32,9 @@ from .errors import (
     rejection_for,
 )
 from .models import CreatedKey, CurrentKey, Key, Workspace
-
-PAGE_SIZE = 100
-"""``GET /keys`` always answers at most 100 keys; a shorter page is the last one."""
+from .paging import PAGE_SIZE, KeyStream, ProgressCallback
 
 WORKSPACE_PAGE_SIZE = 100
-DEFAULT_WORKSPACE = "default"
-"""How counts name the default workspace when the account lists no workspaces."""
 _RETRIED_STATUSES = {500, 502, 503, 504}
 _CHANGES = frozenset({"PATCH", "DELETE"})
 """Destructive methods: retried only when the request surely was not applied (see ``_send_once``)."""
@@ -58,16 +53,6 @@ class Listing:
     per_workspace: dict[str, int]
     pages: int
     duplicates: int
-
-
-@dataclass(slots=True)
-class _WorkspacePaging:
-    """Paging state of one workspace: the next offset to ask for, and where its list ends."""
-
-    workspace_id: str | None
-    next_offset: int = 0
-    end: int | None = None  # offset of the first short page, once seen
-    pages: dict[int, list[Key]] = field(default_factory=dict)
 
 
 class _WaitRetryAfter(wait_base):
@@ -172,15 +157,16 @@ class KeysClient:
             if len(page) < WORKSPACE_PAGE_SIZE or (isinstance(total, int) and offset >= total):
                 return workspaces
 
-    def list_keys_page(
+    def list_key_objects(
         self,
         *,
         workspace_id: str | None,
         offset: int,
         include_disabled: bool = True,
         include_expired: bool = True,
-    ) -> list[Key]:
-        """One page (at most 100 keys) of ``GET /keys``."""
+    ) -> list[dict[str, Any]]:
+        """One page (at most 100 keys) of ``GET /keys`` as the API's raw key objects, each a JSON
+        object with a string ``hash``; nothing else is checked or converted."""
         params: dict[str, Any] = {
             "include_disabled": "true" if include_disabled else "false",
             "include_expired": "true" if include_expired else "false",
@@ -193,76 +179,47 @@ class KeysClient:
             raise MalformedResponse("GET /keys: 'data' is not a list")
         if len(page) > PAGE_SIZE:
             raise MalformedResponse(f"GET /keys: a page of {len(page)} keys, more than {PAGE_SIZE}")
+        for item in page:
+            if not isinstance(item, dict) or not isinstance(item.get("hash"), str):
+                raise MalformedResponse("GET /keys: an item is not a key object with a string 'hash'")
+        return page
+
+    def list_keys_page(
+        self,
+        *,
+        workspace_id: str | None,
+        offset: int,
+        include_disabled: bool = True,
+        include_expired: bool = True,
+    ) -> list[Key]:
+        """One page (at most 100 keys) of ``GET /keys``, typed."""
+        page = self.list_key_objects(
+            workspace_id=workspace_id,
+            offset=offset,
+            include_disabled=include_disabled,
+            include_expired=include_expired,
+        )
         return [Key.from_api(item) for item in page]
 
-    def list_all_keys(
-        self, workspace_ids: Iterable[str | None], *, on_page: Callable[[str, int], None] | None = None
-    ) -> Listing:
-        """Every key of the given workspaces (None: the default one), disabled and expired included.
+    def stream_keys(self, workspace_ids: Iterable[str | None], *, on_page: ProgressCallback | None = None) -> KeyStream:
+        """Every key of the given workspaces (None: the default one), disabled and expired ones
+        included, as raw key objects handed over page by page while later pages are in flight
+        (see :class:`~keyhygiene.keysapi.paging.KeyStream`); never more than ``concurrency``
+        requests at once."""
 
-        Pages of several workspaces and several offsets are fetched at once, never more than
-        ``concurrency`` at a time. Offsets are asked for ahead of knowing where a list ends; a page
-        shorter than 100 marks the end, and pages past it are dropped.
+        def fetch(workspace_id: str | None, offset: int) -> list[dict[str, Any]]:
+            return self.list_key_objects(workspace_id=workspace_id, offset=offset)
+
+        return KeyStream(fetch, workspace_ids, concurrency=self.concurrency, on_page=on_page)
+
+    def list_all_keys(self, workspace_ids: Iterable[str | None], *, on_page: ProgressCallback | None = None) -> Listing:
+        """Every key of the given workspaces (None: the default one), typed and held at once.
+
+        For a large organisation prefer :meth:`stream_keys`, which holds a few pages at a time.
         """
-        states = [_WorkspacePaging(workspace_id) for workspace_id in dict.fromkeys(workspace_ids)]
-        in_flight: dict[Future[list[Key]], tuple[_WorkspacePaging, int]] = {}
-        pages_fetched = 0
-
-        def next_request() -> tuple[_WorkspacePaging, int] | None:
-            # Round-robin over the workspaces still open, least advanced first.
-            open_states = [s for s in states if s.end is None]
-            if not open_states:
-                return None
-            state = min(open_states, key=lambda s: s.next_offset)
-            offset = state.next_offset
-            state.next_offset += PAGE_SIZE
-            return state, offset
-
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="keysapi") as pool:
-            try:
-                while True:
-                    while len(in_flight) < self.concurrency:
-                        request = next_request()
-                        if request is None:
-                            break
-                        state, offset = request
-                        future = pool.submit(self.list_keys_page, workspace_id=state.workspace_id, offset=offset)
-                        in_flight[future] = (state, offset)
-                    if not in_flight:
-                        break
-                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        state, offset = in_flight.pop(future)
-                        page = future.result()  # raises the first failure
-                        pages_fetched += 1
-                        if state.end is not None and offset > state.end:
-                            continue
-                        state.pages[offset] = page
-                        if len(page) < PAGE_SIZE:
-                            state.end = offset if state.end is None else min(state.end, offset)
-                        if on_page is not None:
-                            on_page(state.workspace_id or DEFAULT_WORKSPACE, len(page))
-            except BaseException:
-                for future in in_flight:
-                    future.cancel()
-                raise
-
-        keys: dict[str, Key] = {}
-        per_workspace: dict[str, int] = {}
-        duplicates = 0
-        for state in states:
-            seen_here = 0
-            for offset in sorted(state.pages):
-                if state.end is not None and offset > state.end:
-                    continue
-                for key in state.pages[offset]:
-                    if key.hash in keys:
-                        duplicates += 1
-                        continue
-                    keys[key.hash] = key
-                    seen_here += 1
-            per_workspace[state.workspace_id or DEFAULT_WORKSPACE] = seen_here
-        return Listing(keys=keys, per_workspace=per_workspace, pages=pages_fetched, duplicates=duplicates)
+        stream = self.stream_keys(workspace_ids, on_page=on_page)
+        keys = {raw["hash"]: Key.from_api(raw) for page in stream for raw in page}
+        return Listing(keys=keys, per_workspace=stream.per_workspace, pages=stream.pages, duplicates=stream.duplicates)
 
     def get_key(self, key_hash: str) -> Key:
         """``GET /keys/{hash}``; raises NotFound for a key that does not exist."""
