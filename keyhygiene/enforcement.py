@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -21,7 +22,18 @@ from db.snapshots import TimelinePoint
 from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed, NotFound, RequestRejected
 from keyhygiene.keysapi.models import Key
-from keyhygiene.rules import AuditFacts, CapBreach, Decision, KeyHistory, Plan, RuleSet, check_caps, decide, plan
+from keyhygiene.rules import (
+    AuditFacts,
+    CapBreach,
+    Decision,
+    KeyFacts,
+    KeyHistory,
+    Plan,
+    RuleSet,
+    check_caps,
+    decide,
+    plan,
+)
 
 from .context import Database, session_scope
 from .errors import EnforcementRefused
@@ -68,6 +80,44 @@ class EnforceResult:
 
 # -- inputs of the engine, from the store --------------------------------------------------------
 
+_ZERO = Decimal(0)
+
+
+def _money(value: float) -> Decimal:
+    # str() gives the shortest text that reads back as the same float: the number as the API wrote it.
+    return _ZERO if value == 0 else Decimal(str(value))
+
+
+def _optional_money(value: float | None) -> Decimal | None:
+    return None if value is None else _money(value)
+
+
+def key_facts(key: Key) -> KeyFacts:
+    """What the rules engine reads of a key (from the API or the store), money as exact Decimal."""
+    return KeyFacts(
+        hash=key.hash,
+        name=key.name,
+        workspace_id=key.workspace_id,
+        disabled=key.disabled,
+        created_at=key.created_at,
+        updated_at=key.updated_at,
+        expires_at=key.expires_at,
+        last_used_at=key.last_used_at,
+        reports_last_used=key.reports_last_used,
+        usage=_money(key.usage),
+        usage_daily=_money(key.usage_daily),
+        usage_weekly=_money(key.usage_weekly),
+        usage_monthly=_money(key.usage_monthly),
+        byok_usage=_money(key.byok_usage),
+        byok_usage_daily=_money(key.byok_usage_daily),
+        byok_usage_weekly=_money(key.byok_usage_weekly),
+        byok_usage_monthly=_money(key.byok_usage_monthly),
+        limit=_optional_money(key.limit),
+        limit_remaining=_optional_money(key.limit_remaining),
+        limit_reset=key.limit_reset,
+        include_byok_in_limit=key.include_byok_in_limit,
+    )
+
 
 def history_from_timeline(points: Sequence[TimelinePoint]) -> KeyHistory:
     """What a key's stored versions prove: first sight, since when usage and disabled held still."""
@@ -96,7 +146,8 @@ def load_histories(session: Session, snapshot_id: int) -> dict[str, KeyHistory]:
     }
 
 
-def load_audit_facts(session: Session) -> dict[str, AuditFacts]:
+def load_audit_facts(session: Session, *, until: datetime | None = None) -> dict[str, AuditFacts]:
+    """Per key, our newest executed change (made at or before ``until``) as the engine reads it."""
     return {
         key_hash: AuditFacts(
             last_change=change.action,
@@ -104,7 +155,7 @@ def load_audit_facts(session: Session) -> dict[str, AuditFacts]:
             last_change_at=change.at,
             key_updated_at=change.key_updated_at,
         )
-        for key_hash, change in audit.last_changes(session).items()
+        for key_hash, change in audit.last_changes(session, until=until).items()
     }
 
 
@@ -114,7 +165,7 @@ class PlanInputs:
 
     snapshot_id: int
     taken_at: datetime
-    keys: list[Key]
+    keys: list[KeyFacts]
     histories: dict[str, KeyHistory]
     audits: dict[str, AuditFacts]
     previous_key_count: int | None
@@ -127,7 +178,7 @@ def load_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
     if snapshot is None or snapshot.status != snapshots.COMPLETE or snapshot.taken_at is None:
         raise ValueError(f"snapshot {snapshot_id} is not a complete snapshot")
     previous = snapshots.previous_snapshot(session, snapshot_id)
-    keys = snapshots.keys_at(session, snapshot_id)
+    keys = [key_facts(key) for key in snapshots.keys_at(session, snapshot_id)]
     deleted_by_us = 0
     if previous is not None and previous.taken_at is not None:
         vanished = snapshots.key_hashes_at(session, previous.id) - {key.hash for key in keys}
@@ -256,7 +307,7 @@ def _complete(
         )
 
 
-def fresh_history(history: KeyHistory, snapshot_key: Key | None, fresh: Key, now: datetime) -> KeyHistory:
+def fresh_history(history: KeyHistory, snapshot_key: KeyFacts | None, fresh: KeyFacts, now: datetime) -> KeyHistory:
     """The snapshot history, extended by what the fresh state shows since the snapshot.
 
     Counters that moved since the snapshot are a sign of use now; a key whose disabled state changed
@@ -271,7 +322,7 @@ def fresh_history(history: KeyHistory, snapshot_key: Key | None, fresh: Key, now
     return history
 
 
-def _already_in_target_state(decision: Decision, fresh: Key) -> str | None:
+def _already_in_target_state(decision: Decision, fresh: KeyFacts) -> str | None:
     if decision.action == "disable" and fresh.disabled:
         return "already disabled"
     if decision.action == "enable" and not fresh.disabled:
@@ -301,7 +352,7 @@ def execute_decision(
     audit_facts: AuditFacts,
     run_id: int,
     now: datetime,
-    snapshot_key: Key | None = None,
+    snapshot_key: KeyFacts | None = None,
     clock: Any = None,
 ) -> str:
     """Check the key fresh, then record intent, change it, record the outcome. Returns the outcome.
@@ -311,7 +362,7 @@ def execute_decision(
     """
     stamp = clock or (lambda: now)
     try:
-        fresh = client.get_key(decision.key_hash)
+        fresh = key_facts(client.get_key(decision.key_hash))
     except NotFound:
         _record(
             database,

@@ -6,15 +6,17 @@ from .describe import describe
 from .engine import (
     CapBreach,
     Decision,
+    NextAction,
     Plan,
     check_caps,
     decide,
     idle_since,
     is_protected,
+    next_action,
     plan,
-    upcoming,
 )
 from .inputs import AuditFacts, KeyHistory
+from .keyfacts import KeyFacts, UseSigns
 from .loader import load_rules, parse_rules
 from .model import NotifyTarget, Rule, RulesError, RuleSet, Safety
 
@@ -22,20 +24,23 @@ __all__ = [
     "AuditFacts",
     "CapBreach",
     "Decision",
+    "KeyFacts",
     "KeyHistory",
+    "NextAction",
     "NotifyTarget",
     "Plan",
     "Rule",
     "RuleSet",
     "RulesError",
     "Safety",
+    "UseSigns",
     "check_caps",
     "decide",
     "describe",
     "idle_since",
     "is_protected",
     "load_rules",
+    "next_action",
     "parse_rules",
     "plan",
-    "upcoming",
 ]
