@@ -32,6 +32,7 @@ from keyhygiene.rules import (
     RuleSet,
     check_caps,
     decide,
+    lasting_evidence,
     plan,
 )
 
@@ -289,6 +290,39 @@ def _record_all(
         for decision in decisions:
             _event(decision, run_id=run_id, dry_run=dry_run, outcome=outcome, reason=reason, error=error)
     return ids
+
+
+def _record_plan(
+    database: Database,
+    decisions: Sequence[Decision],
+    *,
+    run_id: int,
+    now: datetime,
+    dry_run: bool,
+    outcome: str,
+    reason: str | None = None,
+) -> None:
+    """Record a dry run's plan (``planned``) or a refused run's changes (``refused``) in one transaction:
+    one row for the run, the decisions themselves only when no identical plan is stored yet. Then log
+    one ``key_action`` per decision, as for any other record."""
+    entries = [
+        audit.PlannedEntry(
+            key_hash=decision.key_hash,
+            key_name=decision.key_name,
+            workspace_id=decision.workspace_id,
+            rule=decision.rule,
+            rules=decision.rules,
+            action=decision.action,
+            evidence=lasting_evidence(decision.evidence),
+        )
+        for decision in decisions
+    ]
+    with session_scope(database) as session:
+        audit.record_plan(
+            session, run_id=run_id, now=now, entries=entries, dry_run=dry_run, outcome=outcome, reason=reason
+        )
+    for decision in decisions:
+        _event(decision, run_id=run_id, dry_run=dry_run, outcome=outcome, reason=reason)
 
 
 def _complete(
@@ -549,7 +583,7 @@ def enforce_snapshot(
     breach: CapBreach | None = check_caps(the_plan, ruleset.safety)
     if breach is not None:
         result.refused = REFUSED_CAPS
-        _record_all(
+        _record_plan(
             database,
             the_plan.changes,
             run_id=run_id,
@@ -567,16 +601,13 @@ def enforce_snapshot(
         )
         raise EnforcementRefused(breach.reason)
 
-    # Reports, and everything in a dry run, call no API: recorded together in one transaction.
+    # Reports, and everything in a dry run, call no API: recorded together in one transaction; a dry
+    # run's plan by reference when it equals one already stored.
     unapplied = [decision for decision in the_plan.decisions if dry_run or decision.action == "report"]
-    _record_all(
-        database,
-        unapplied,
-        run_id=run_id,
-        now=now,
-        dry_run=dry_run,
-        outcome=audit.PLANNED if dry_run else audit.DONE,
-    )
+    if dry_run:
+        _record_plan(database, unapplied, run_id=run_id, now=now, dry_run=True, outcome=audit.PLANNED)
+    else:
+        _record_all(database, unapplied, run_id=run_id, now=now, dry_run=False, outcome=audit.DONE)
     result.reported = sum(1 for decision in unapplied if decision.action == "report")
 
     snapshot_keys = {key.hash: key for key in inputs.keys}

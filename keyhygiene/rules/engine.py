@@ -30,7 +30,7 @@ from decimal import Decimal
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
-from keyhygiene.timeutil import as_utc, isoformat
+from keyhygiene.timeutil import as_utc, isoformat, parse_time
 
 from .inputs import AuditFacts, KeyHistory
 from .keyfacts import KeyFacts, UseSigns
@@ -43,6 +43,8 @@ LAST_USED_RECORDED_FROM = datetime(2026, 1, 1, tzinfo=UTC)
 
 _ACTION_STRENGTH: Mapping[str, int] = {"report": 0, "enable": 1, "disable": 2, "delete": 3}
 _RULE_STRENGTH: Mapping[str, int] = {"report": 0, "disable": 1, "delete": 2}
+# Evidence fields that count the days from another field to ``now``: they age with every run.
+_AGEING: Mapping[str, str] = {"idle_days": "idle_since", "disabled_days": "disabled_since"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +250,21 @@ def next_action(
         if decision is not None:
             return NextAction(due=moment, decision=decision)
     return None
+
+
+def lasting_evidence(evidence: Mapping[str, Any]) -> dict[str, Any]:
+    """The evidence without the day counts that only measure the time since another of its fields
+    (``idle_days``, ``disabled_days``): what stays equal from run to run while the decision does."""
+    return {name: value for name, value in evidence.items() if name not in _AGEING}
+
+
+def evidence_at(evidence: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """The evidence with its day counts measured at ``now`` (the inverse of ``lasting_evidence``)."""
+    aged = dict(evidence)
+    for days, since in _AGEING.items():
+        if isinstance(evidence.get(since), str) and days not in evidence:
+            aged[days] = _days(as_utc(now) - parse_time(evidence[since]))
+    return aged
 
 
 # --- the parts ----------------------------------------------------------------------------------
