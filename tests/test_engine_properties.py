@@ -25,6 +25,7 @@ from keyhygiene.rules import (
     check_caps,
     decide,
     is_protected,
+    next_action,
     plan,
 )
 
@@ -335,3 +336,24 @@ def test_unused_is_the_documented_reading_of_both_sources(
     only_rule = Rule(name="idle", match="unused", action="report", idle_for=idle_for)
     decision = decide(key, history, AuditFacts(), RuleSet(Safety(), (only_rule,), "x"), now)
     assert (decision is not None) == expected
+
+
+@EXAMPLES
+@given(worlds(), st.lists(st.integers(min_value=1, max_value=999), min_size=1, max_size=5))
+def test_next_action_is_the_plan_now_and_the_first_decision_later(world: World, fractions: list[int]) -> None:
+    inventory, history_map, audit_map, ruleset = world
+    for key in inventory:
+        history, audit = history_map.get(key.hash, KeyHistory()), audit_map.get(key.hash, AuditFacts())
+        now_decision = decide(key, history, audit, ruleset, NOW)
+        found = next_action(key, history, audit, ruleset, NOW)
+        if now_decision is not None:
+            assert found is not None and found.due == NOW and found.decision == now_decision
+            continue
+        if found is None:  # then no rule ever acts on the key as it stands
+            assert decide(key, history, audit, ruleset, NOW + timedelta(days=3650)) is None
+            continue
+        assert found.due > NOW
+        assert decide(key, history, audit, ruleset, found.due) == found.decision
+        for fraction in fractions:  # nothing happens before it is due
+            before = NOW + (found.due - NOW) * fraction / 1000
+            assert decide(key, history, audit, ruleset, before) is None

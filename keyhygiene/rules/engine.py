@@ -506,6 +506,8 @@ def _moments(key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: Rul
             disabled_from.append(as_utc(audit.last_change_at))
     moments = {now}
     for rule in ruleset.rules:
+        if not _in_scope(rule, key, now, check_min_age=False):
+            continue  # the filters that time does not change keep this rule off the key for good
         if rule.min_age is not None:
             moments.add(created + rule.min_age)
         if rule.match == "expired" and key.expires_at is not None:
