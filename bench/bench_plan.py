@@ -47,7 +47,14 @@ from db.migrate import upgrade
 from db.models import KeyState, Snapshot
 from db.snapshots import TimelinePoint
 from keyhygiene.context import Database, session_scope
-from keyhygiene.enforcement import PlanInputs, history_from_timeline, load_audit_facts, load_plan_inputs, make_plan
+from keyhygiene.enforcement import (
+    PlanInputs,
+    history_from_timeline,
+    key_facts,
+    load_audit_facts,
+    load_plan_inputs,
+    make_plan,
+)
 from keyhygiene.fakeapi import FakeOpenRouter, generate_organisation
 from keyhygiene.keysapi.models import Key
 from keyhygiene.reports import ReportParams, builders
@@ -284,7 +291,7 @@ def naive_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
     return PlanInputs(
         snapshot_id=snapshot_id,
         taken_at=snapshot.taken_at,
-        keys=keys,
+        keys=[key_facts(key) for key in keys],
         histories=histories,
         audits=load_audit_facts(session),
         previous_key_count=previous.key_count if previous is not None else None,

@@ -1,16 +1,27 @@
-"""The audit log: what keyhygiene planned and did to each key, and why."""
+"""The audit log: what keyhygiene planned and did to each key, and why.
+
+Two kinds of record, read back as one log (``audit_records``):
+
+- ``actions``: one row per change made to a key (the write-ahead intent, then its outcome), and per
+  report of a live run. Real changes are always recorded this way.
+- ``run_plans``: one row per dry run (outcome ``planned``) or refused run (``refused``), pointing to a
+  ``plans`` row whose ``plan_entries`` hold the decisions. A plan equal to one already stored is
+  recorded by reference only, so hourly dry runs of an unchanged plan add one row each.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Text, func, insert, literal, select, union_all, update
 from sqlalchemy.orm import Session
 
-from .models import Action
+from .models import Action, PlanEntry, RunPlan, StoredPlan
 
 PLANNED = "planned"
 PENDING = "pending"  # intent written, API call not yet known to have finished
@@ -169,19 +180,170 @@ def deleted_since(session: Session, since: datetime) -> set[str]:
     )
 
 
-def actions_since(
+@dataclass(frozen=True, slots=True)
+class PlannedEntry:
+    """One decision of a plan as it is stored: ``evidence`` holds only what stays equal between runs
+    while the decision does (the caller leaves out day counts that age with time)."""
+
+    key_hash: str
+    key_name: str
+    workspace_id: str | None
+    rule: str
+    rules: tuple[str, ...]
+    action: str
+    evidence: Mapping[str, Any]
+
+    def canonical(self) -> list[Any]:
+        return [
+            self.key_hash,
+            self.key_name,
+            self.workspace_id,
+            self.rule,
+            list(self.rules),
+            self.action,
+            self.evidence,
+        ]
+
+
+def plan_digest(entries: Sequence[PlannedEntry]) -> str:
+    """SHA-256 of the entries in hash order: equal plans, and only equal plans, share it."""
+    digest = hashlib.sha256()
+    for entry in sorted(entries, key=lambda entry: (entry.key_hash, entry.rule, entry.action)):
+        digest.update(json.dumps(entry.canonical(), sort_keys=True, separators=(",", ":"), default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def record_plan(
+    session: Session,
+    *,
+    run_id: int,
+    now: datetime,
+    entries: Sequence[PlannedEntry],
+    dry_run: bool,
+    outcome: str,
+    reason: str | None = None,
+) -> RunPlan:
+    """Record what a dry run planned (``planned``) or a refused run would have changed (``refused``):
+    one ``run_plans`` row, and the entries only when no stored plan has the same digest. The caller
+    commits."""
+    digest = plan_digest(entries)
+    plan_id = session.scalar(select(StoredPlan.id).where(StoredPlan.digest == digest))
+    if plan_id is None:
+        stored = StoredPlan(digest=digest, decisions=len(entries), created_at=now)
+        session.add(stored)
+        session.flush()
+        plan_id = stored.id
+        if entries:
+            session.execute(
+                insert(PlanEntry),
+                [
+                    {
+                        "plan_id": plan_id,
+                        "key_hash": entry.key_hash,
+                        "key_name": entry.key_name,
+                        "workspace_id": entry.workspace_id,
+                        "rule": entry.rule,
+                        "rules": list(entry.rules),
+                        "action": entry.action,
+                        "evidence": dict(entry.evidence),
+                    }
+                    for entry in entries
+                ],
+            )
+    row = RunPlan(run_id=run_id, plan_id=plan_id, created_at=now, dry_run=dry_run, outcome=outcome, reason=reason)
+    session.add(row)
+    session.flush()
+    return row
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One record of the audit log, whichever way it is stored. ``by_reference``: read from a stored
+    plan, whose evidence leaves out the day counts that age with time."""
+
+    time: datetime
+    run_id: int
+    key_hash: str
+    key_name: str
+    workspace_id: str | None
+    rule: str
+    rules: list[str]
+    action: str
+    dry_run: bool
+    outcome: str
+    reason: str | None
+    error: str | None
+    evidence: dict[str, Any]
+    by_reference: bool
+
+
+def audit_records(
     session: Session,
     *,
     since: datetime | None = None,
     until: datetime | None = None,
     run_id: int | None = None,
-) -> list[Action]:
-    """Audit records in time order."""
-    query = select(Action)
+) -> Iterator[AuditRecord]:
+    """The audit log in time order: the ``actions`` rows and every stored plan's entries expanded
+    for each run that refers to it (in SQL), streamed."""
+    direct = select(
+        Action.created_at.label("time"),
+        literal(0).label("source"),
+        Action.id.label("id"),
+        Action.run_id.label("run_id"),
+        Action.key_hash.label("key_hash"),
+        Action.key_name.label("key_name"),
+        Action.workspace_id.label("workspace_id"),
+        Action.rule.label("rule"),
+        Action.rules.label("rules"),
+        Action.action.label("action"),
+        Action.dry_run.label("dry_run"),
+        Action.outcome.label("outcome"),
+        Action.reason.label("reason"),
+        Action.error.label("error"),
+        Action.evidence.label("evidence"),
+    )
+    referenced = select(
+        RunPlan.created_at,
+        literal(1),
+        PlanEntry.id,
+        RunPlan.run_id,
+        PlanEntry.key_hash,
+        PlanEntry.key_name,
+        PlanEntry.workspace_id,
+        PlanEntry.rule,
+        PlanEntry.rules,
+        PlanEntry.action,
+        RunPlan.dry_run,
+        RunPlan.outcome,
+        RunPlan.reason,
+        literal(None, Text),
+        PlanEntry.evidence,
+    ).join(PlanEntry, PlanEntry.plan_id == RunPlan.plan_id)
     if since is not None:
-        query = query.where(Action.created_at >= since)
+        direct, referenced = direct.where(Action.created_at >= since), referenced.where(RunPlan.created_at >= since)
     if until is not None:
-        query = query.where(Action.created_at <= until)
+        direct, referenced = direct.where(Action.created_at <= until), referenced.where(RunPlan.created_at <= until)
     if run_id is not None:
-        query = query.where(Action.run_id == run_id)
-    return list(session.scalars(query.order_by(Action.created_at, Action.id)))
+        direct, referenced = direct.where(Action.run_id == run_id), referenced.where(RunPlan.run_id == run_id)
+    # The union's columns take the types of the first select: times come back aware, JSON decoded.
+    log = union_all(direct, referenced).subquery()
+    query = select(*log.c).order_by(log.c.time, log.c.source, log.c.run_id, log.c.id)
+    for row in session.execute(query.execution_options(yield_per=1000)):
+        yield AuditRecord(
+            time=row.time,
+            run_id=row.run_id,
+            key_hash=row.key_hash,
+            key_name=row.key_name,
+            workspace_id=row.workspace_id,
+            rule=row.rule,
+            rules=list(row.rules),
+            action=row.action,
+            dry_run=bool(row.dry_run),
+            outcome=row.outcome,
+            reason=row.reason,
+            error=row.error,
+            evidence=dict(row.evidence),
+            by_reference=bool(row.source),
+        )

@@ -213,3 +213,50 @@ class Announcement(Base):
     action: Mapped[str] = mapped_column(String(16))
     due: Mapped[datetime] = mapped_column(index=True)
     notice_id: Mapped[int] = mapped_column(ForeignKey("notices.id"))
+
+
+class StoredPlan(Base):
+    """A plan's decisions as dry runs and refusals record them, stored once per distinct content.
+
+    ``digest`` is a SHA-256 of the entries (``db.audit.plan_digest``): a run whose plan equals one
+    already stored records only a ``RunPlan`` pointing here, not its decisions key by key again.
+    """
+
+    __tablename__ = "plans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    decisions: Mapped[int]
+    created_at: Mapped[datetime]
+
+
+class PlanEntry(Base):
+    """One decision of a stored plan (the evidence without the day counts that only age with time)."""
+
+    __tablename__ = "plan_entries"
+    __table_args__ = (Index("ix_plan_entries_plan", "plan_id", "key_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    plan_id: Mapped[int] = mapped_column(ForeignKey("plans.id"))
+    key_hash: Mapped[str] = mapped_column(String(128))
+    key_name: Mapped[str] = mapped_column(Text)
+    workspace_id: Mapped[str | None] = mapped_column(String(64))
+    rule: Mapped[str] = mapped_column(Text)
+    rules: Mapped[list[str]]
+    action: Mapped[str] = mapped_column(String(16))
+    evidence: Mapped[dict[str, Any]]
+
+
+class RunPlan(Base):
+    """What one dry run planned, or what one refused run would have changed: one row per run, by
+    reference to a ``StoredPlan``. Read back key by key, it is that run's audit records."""
+
+    __tablename__ = "run_plans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    plan_id: Mapped[int] = mapped_column(ForeignKey("plans.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    dry_run: Mapped[bool] = mapped_column(Boolean)
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)

@@ -23,7 +23,7 @@ from datetime import datetime
 from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from .models import Action, KeyState, Notice, Run, Snapshot
+from .models import Action, KeyState, Notice, PlanEntry, Run, RunPlan, Snapshot, StoredPlan
 from .runs import RUNNING
 from .snapshots import COMPLETE, FAILED
 
@@ -166,6 +166,7 @@ def delete_old_runs(session: Session, *, cutoff: datetime, limit: int) -> int:
         ~exists().where(Snapshot.run_id == Run.id),
         ~exists().where(Action.run_id == Run.id),
         ~exists().where(Notice.run_id == Run.id),
+        ~exists().where(RunPlan.run_id == Run.id),
     )
     ids = list(session.scalars(select(Run.id).where(*condition).order_by(Run.id).limit(limit)))
     if not ids:
@@ -175,9 +176,22 @@ def delete_old_runs(session: Session, *, cutoff: datetime, limit: int) -> int:
 
 
 def delete_old_actions(session: Session, *, before: datetime, limit: int) -> int:
-    """Delete up to ``limit`` audit records created before ``before``."""
+    """Delete up to ``limit`` audit records created before ``before``: ``actions`` rows first, then
+    runs' plan references, then the stored plans no run refers to any more. Returns the records
+    deleted (a plan reference counts once)."""
     ids = list(session.scalars(select(Action.id).where(Action.created_at < before).order_by(Action.id).limit(limit)))
-    if not ids:
-        return 0
-    result = session.execute(delete(Action).where(Action.id.in_(ids)))
-    return int(getattr(result, "rowcount", 0) or 0)
+    if ids:
+        result = session.execute(delete(Action).where(Action.id.in_(ids)))
+        return int(getattr(result, "rowcount", 0) or 0)
+    ids = list(session.scalars(select(RunPlan.id).where(RunPlan.created_at < before).order_by(RunPlan.id).limit(limit)))
+    if ids:
+        result = session.execute(delete(RunPlan).where(RunPlan.id.in_(ids)))
+        return int(getattr(result, "rowcount", 0) or 0)
+    unreferenced = ~exists().where(RunPlan.plan_id == StoredPlan.id)
+    plan_ids = list(session.scalars(select(StoredPlan.id).where(unreferenced).order_by(StoredPlan.id).limit(limit)))
+    if plan_ids:
+        # Checked again in each statement: a run may have just referred to one of these plans.
+        entry_unreferenced = ~exists().where(RunPlan.plan_id == PlanEntry.plan_id)
+        session.execute(delete(PlanEntry).where(PlanEntry.plan_id.in_(plan_ids), entry_unreferenced))
+        session.execute(delete(StoredPlan).where(StoredPlan.id.in_(plan_ids), unreferenced))
+    return 0

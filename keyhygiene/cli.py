@@ -289,19 +289,27 @@ def prune(state: State) -> None:
 
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="table: show at most this many decisions (0: all), then count the rest. JSON always lists all.",
+)
 @pass_state
-def plan(state: State, fmt: str) -> None:
+def plan(state: State, fmt: str, limit: int) -> None:
     """Evaluate the rules against the newest snapshot and print what enforcement would do.
 
-    Changes nothing and calls no API.
+    Decisions are listed by action (delete, disable, enable, report), then key name. Changes
+    nothing and calls no API.
     """
-    import json
-
     from db import snapshots
+    from keyhygiene.rules import check_caps
 
     from .context import Database
-    from .enforcement import decision_row, explain, load_plan_inputs, make_plan, refusal_message
+    from .enforcement import load_plan_inputs, make_plan, refusal_message
     from .jobs import load_ruleset
+    from .plan_output import counts_line, ordered, print_table, write_json
 
     settings = state.settings
     ruleset = load_ruleset(settings)
@@ -316,30 +324,18 @@ def plan(state: State, fmt: str) -> None:
         database.close()
     _warn_unmatched_workspaces(ruleset, inputs.workspace_names)
     the_plan = make_plan(inputs, ruleset, utcnow())
-    rows = [decision_row(decision) for decision in the_plan.decisions]
+    decisions = ordered(the_plan.decisions)
     if fmt == "json":
-        click.echo(json.dumps(rows))
+        write_json(decisions, sys.stdout)
         return
-    from keyhygiene.rules import check_caps
-
-    from .reports.base import Report
-    from .reports.render import print_table
-
-    for row in rows:
-        row["why"] = explain(row["evidence"])
-    print_table(
-        Report(
-            title=f"Plan on snapshot {inputs.snapshot_id} ({isoformat(inputs.taken_at)}), {len(inputs.keys)} keys",
-            columns=["key_hash", "key_name", "action", "rule", "why"],
-            rows=rows,
-        ),
-        Console(),
-    )
-    breach = check_caps(the_plan, ruleset.safety)
+    title = f"Plan on snapshot {inputs.snapshot_id} ({isoformat(inputs.taken_at)}), {len(inputs.keys):,} keys"
+    print_table(decisions, Console(), title=title, limit=limit)
+    changes = len(the_plan.changes)
     mode = "DRY RUN (rules file)" if ruleset.safety.dry_run else "LIVE"
-    click.echo(
-        f"{len(the_plan.changes)} change(s) planned, {len(rows) - len(the_plan.changes)} report(s); mode: {mode}"
-    )
+    click.echo(f"{changes} change(s) planned, {len(decisions) - changes} report(s); mode: {mode}")
+    if decisions:
+        click.echo(f"by action: {counts_line(the_plan)}")
+    breach = check_caps(the_plan, ruleset.safety)
     if breach is not None:
         click.echo(f"enforcement would be REFUSED: {refusal_message(breach)}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -25,11 +26,13 @@ from keyhygiene.rules import (
     AuditFacts,
     CapBreach,
     Decision,
+    KeyFacts,
     KeyHistory,
     Plan,
     RuleSet,
     check_caps,
     decide,
+    lasting_evidence,
     plan,
     resolve_workspaces,
 )
@@ -79,6 +82,44 @@ class EnforceResult:
 
 # -- inputs of the engine, from the store --------------------------------------------------------
 
+_ZERO = Decimal(0)
+
+
+def _money(value: float) -> Decimal:
+    # str() gives the shortest text that reads back as the same float: the number as the API wrote it.
+    return _ZERO if value == 0 else Decimal(str(value))
+
+
+def _optional_money(value: float | None) -> Decimal | None:
+    return None if value is None else _money(value)
+
+
+def key_facts(key: Key) -> KeyFacts:
+    """What the rules engine reads of a key (from the API or the store), money as exact Decimal."""
+    return KeyFacts(
+        hash=key.hash,
+        name=key.name,
+        workspace_id=key.workspace_id,
+        disabled=key.disabled,
+        created_at=key.created_at,
+        updated_at=key.updated_at,
+        expires_at=key.expires_at,
+        last_used_at=key.last_used_at,
+        reports_last_used=key.reports_last_used,
+        usage=_money(key.usage),
+        usage_daily=_money(key.usage_daily),
+        usage_weekly=_money(key.usage_weekly),
+        usage_monthly=_money(key.usage_monthly),
+        byok_usage=_money(key.byok_usage),
+        byok_usage_daily=_money(key.byok_usage_daily),
+        byok_usage_weekly=_money(key.byok_usage_weekly),
+        byok_usage_monthly=_money(key.byok_usage_monthly),
+        limit=_optional_money(key.limit),
+        limit_remaining=_optional_money(key.limit_remaining),
+        limit_reset=key.limit_reset,
+        include_byok_in_limit=key.include_byok_in_limit,
+    )
+
 
 def history_from_timeline(points: Sequence[TimelinePoint]) -> KeyHistory:
     """What a key's stored versions prove: first sight, since when usage and disabled held still."""
@@ -107,7 +148,8 @@ def load_histories(session: Session, snapshot_id: int) -> dict[str, KeyHistory]:
     }
 
 
-def load_audit_facts(session: Session) -> dict[str, AuditFacts]:
+def load_audit_facts(session: Session, *, until: datetime | None = None) -> dict[str, AuditFacts]:
+    """Per key, our newest executed change (made at or before ``until``) as the engine reads it."""
     return {
         key_hash: AuditFacts(
             last_change=change.action,
@@ -115,7 +157,7 @@ def load_audit_facts(session: Session) -> dict[str, AuditFacts]:
             last_change_at=change.at,
             key_updated_at=change.key_updated_at,
         )
-        for key_hash, change in audit.last_changes(session).items()
+        for key_hash, change in audit.last_changes(session, until=until).items()
     }
 
 
@@ -125,7 +167,7 @@ class PlanInputs:
 
     snapshot_id: int
     taken_at: datetime
-    keys: list[Key]
+    keys: list[KeyFacts]
     histories: dict[str, KeyHistory]
     audits: dict[str, AuditFacts]
     previous_key_count: int | None
@@ -140,7 +182,7 @@ def load_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
     if snapshot is None or snapshot.status != snapshots.COMPLETE or snapshot.taken_at is None:
         raise ValueError(f"snapshot {snapshot_id} is not a complete snapshot")
     previous = snapshots.previous_snapshot(session, snapshot_id)
-    keys = snapshots.keys_at(session, snapshot_id)
+    keys = [key_facts(key) for key in snapshots.keys_at(session, snapshot_id)]
     deleted_by_us = 0
     if previous is not None and previous.taken_at is not None:
         vanished = snapshots.key_hashes_at(session, previous.id) - {key.hash for key in keys}
@@ -255,6 +297,39 @@ def _record_all(
     return ids
 
 
+def _record_plan(
+    database: Database,
+    decisions: Sequence[Decision],
+    *,
+    run_id: int,
+    now: datetime,
+    dry_run: bool,
+    outcome: str,
+    reason: str | None = None,
+) -> None:
+    """Record a dry run's plan (``planned``) or a refused run's changes (``refused``) in one transaction:
+    one row for the run, the decisions themselves only when no identical plan is stored yet. Then log
+    one ``key_action`` per decision, as for any other record."""
+    entries = [
+        audit.PlannedEntry(
+            key_hash=decision.key_hash,
+            key_name=decision.key_name,
+            workspace_id=decision.workspace_id,
+            rule=decision.rule,
+            rules=decision.rules,
+            action=decision.action,
+            evidence=lasting_evidence(decision.evidence),
+        )
+        for decision in decisions
+    ]
+    with session_scope(database) as session:
+        audit.record_plan(
+            session, run_id=run_id, now=now, entries=entries, dry_run=dry_run, outcome=outcome, reason=reason
+        )
+    for decision in decisions:
+        _event(decision, run_id=run_id, dry_run=dry_run, outcome=outcome, reason=reason)
+
+
 def _complete(
     database: Database,
     action_id: int,
@@ -271,7 +346,7 @@ def _complete(
         )
 
 
-def fresh_history(history: KeyHistory, snapshot_key: Key | None, fresh: Key, now: datetime) -> KeyHistory:
+def fresh_history(history: KeyHistory, snapshot_key: KeyFacts | None, fresh: KeyFacts, now: datetime) -> KeyHistory:
     """The snapshot history, extended by what the fresh state shows since the snapshot.
 
     Counters that moved since the snapshot are a sign of use now; a key whose disabled state changed
@@ -286,7 +361,7 @@ def fresh_history(history: KeyHistory, snapshot_key: Key | None, fresh: Key, now
     return history
 
 
-def _already_in_target_state(decision: Decision, fresh: Key) -> str | None:
+def _already_in_target_state(decision: Decision, fresh: KeyFacts) -> str | None:
     if decision.action == "disable" and fresh.disabled:
         return "already disabled"
     if decision.action == "enable" and not fresh.disabled:
@@ -306,7 +381,7 @@ def _apply(client: KeysClient, decision: Decision) -> Key | None:
     raise ValueError(f"not a change: {decision.action}")  # pragma: no cover - reports never get here
 
 
-Recheck = Callable[[Key], str | None]
+Recheck = Callable[[KeyFacts], str | None]
 """Why a change must not be made on the key's fresh state (None: go ahead)."""
 
 
@@ -320,13 +395,13 @@ def execute_decision(
     audit_facts: AuditFacts,
     run_id: int,
     now: datetime,
-    snapshot_key: Key | None = None,
+    snapshot_key: KeyFacts | None = None,
     clock: Any = None,
     fence: Callable[[], None] | None = None,
 ) -> str:
     """Make one planned change, deciding again on the key's fresh state (see :func:`change_key`)."""
 
-    def recheck(fresh: Key) -> str | None:
+    def recheck(fresh: KeyFacts) -> str | None:
         again = decide(fresh, fresh_history(history, snapshot_key, fresh, now), audit_facts, ruleset, now)
         if again is None:
             return "no longer matches any rule on the key's fresh state"
@@ -362,7 +437,7 @@ def change_key(
     """
     stamp = clock
     try:
-        fresh = client.get_key(decision.key_hash)
+        fresh = key_facts(client.get_key(decision.key_hash))
     except NotFound:
         record_decision(
             database,
@@ -558,7 +633,7 @@ def enforce_snapshot(
     breach: CapBreach | None = check_caps(the_plan, ruleset.safety, allow_actions=allow_actions)
     if breach is not None:
         result.refused = REFUSED_CAPS
-        _record_all(
+        _record_plan(
             database,
             the_plan.changes,
             run_id=run_id,
@@ -576,16 +651,13 @@ def enforce_snapshot(
         )
         raise EnforcementRefused(refusal_message(breach), result)
 
-    # Reports, and everything in a dry run, call no API: recorded together in one transaction.
+    # Reports, and everything in a dry run, call no API: recorded together in one transaction; a dry
+    # run's plan by reference when it equals one already stored.
     unapplied = [decision for decision in the_plan.decisions if dry_run or decision.action == "report"]
-    _record_all(
-        database,
-        unapplied,
-        run_id=run_id,
-        now=now,
-        dry_run=dry_run,
-        outcome=audit.PLANNED if dry_run else audit.DONE,
-    )
+    if dry_run:
+        _record_plan(database, unapplied, run_id=run_id, now=now, dry_run=True, outcome=audit.PLANNED)
+    else:
+        _record_all(database, unapplied, run_id=run_id, now=now, dry_run=False, outcome=audit.DONE)
     result.reported = sum(1 for decision in unapplied if decision.action == "report")
 
     snapshot_keys = {key.hash: key for key in inputs.keys}

@@ -30,7 +30,7 @@ import httpx
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import audit, notices, runs, snapshots
-from keyhygiene.rules import AuditFacts, KeyHistory, NotifyTarget, RuleSet, resolve_workspaces, upcoming
+from keyhygiene.rules import AuditFacts, KeyHistory, NotifyTarget, RuleSet, next_action, resolve_workspaces
 
 from . import logging as khlog
 from .context import Database, describe_db_error, session_scope
@@ -375,9 +375,9 @@ def _send_upcoming(database: Database, ruleset: RuleSet, outcome: JobOutcome, se
 def upcoming_keys(database: Database, ruleset: RuleSet, *, now: datetime, within: timedelta) -> list[NoticeKey]:
     """Keys of the newest snapshot whose next rule action falls after now and within ``within``, soonest first.
 
-    The same "when will a rule act" computation as ``report idle`` and the HTML report's upcoming
-    actions (``keyhygiene.rules.upcoming``); a key's action due now is this run's business, not a
-    warning, so only actions still ahead are announced.
+    The same "when will a rule act" answer as the plan, ``report idle`` and the HTML report's
+    upcoming actions (``keyhygiene.rules.next_action``); a key's action due now is this run's
+    business, not a warning, so only actions still ahead are announced.
     """
     from .enforcement import load_plan_inputs
 
@@ -386,19 +386,27 @@ def upcoming_keys(database: Database, ruleset: RuleSet, *, now: datetime, within
         if newest is None:
             return []
         inputs = load_plan_inputs(session, newest.id)
-    ruleset = resolve_workspaces(ruleset, inputs.workspace_names)
+        ruleset = resolve_workspaces(ruleset, inputs.workspace_names)
+        coming = []
+        for key in inputs.keys:
+            history = inputs.histories.get(key.hash, KeyHistory())
+            step = next_action(key, history, inputs.audits.get(key.hash, AuditFacts()), ruleset, now)
+            if step is not None and now < step.due <= now + within:
+                coming.append((key, step))
+        owners = notices.owners(session, newest.id, [key.hash for key, _ in coming])
     names = inputs.workspace_names
-    found: list[NoticeKey] = []
-    for key in inputs.keys:
-        steps = upcoming(
-            key, inputs.histories.get(key.hash, KeyHistory()), inputs.audits.get(key.hash, AuditFacts()), ruleset, now
+    found = [
+        NoticeKey(
+            key.hash,
+            key.name,
+            names.get(key.workspace_id or "", key.workspace_id),
+            owners.get(key.hash),
+            step.decision.rule,
+            step.decision.action,
+            step.due,
         )
-        if not steps:
-            continue
-        rule, action, due = steps[0]
-        if now < due <= now + within:
-            workspace = names.get(key.workspace_id or "", key.workspace_id)
-            found.append(NoticeKey(key.hash, key.name, workspace, key.creator_user_id, rule, action, due))
+        for key, step in coming
+    ]
     found.sort(key=lambda key: (key.due or now, key.key_name, key.key_hash))
     return found
 

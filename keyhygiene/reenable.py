@@ -17,8 +17,7 @@ from typing import Any
 from db import audit, runs
 from db.audit import LastChange
 from keyhygiene.keysapi.client import KeysClient
-from keyhygiene.keysapi.models import Key
-from keyhygiene.rules import Decision, Safety, is_protected
+from keyhygiene.rules import Decision, KeyFacts, Safety, is_protected
 
 from .context import Database
 from .enforcement import Recheck, change_key, record_decision
@@ -229,7 +228,7 @@ def _unchanged_since_our_disable(target: _Target, safety: Safety) -> Recheck:
     ours = target.ours
     undoing = target.decision.evidence.get("undo_run")
 
-    def check(fresh: Key) -> str | None:
+    def check(fresh: KeyFacts) -> str | None:
         if is_protected(fresh, safety):
             return "protected by protect_hashes or protect_names: never touched"
         if undoing is not None and ours is not None and ours.run_id != undoing:

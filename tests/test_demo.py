@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 import structlog
 from rich.console import Console
-from sqlalchemy import select
 
-from db.models import Action
+from db.audit import audit_records
 from keyhygiene.context import Database
 from keyhygiene.demo import run_demo
 from keyhygiene.settings import Settings
@@ -70,7 +69,7 @@ def test_the_full_demo_runs_end_to_end_in_well_under_a_minute(
     database = Database.open(Settings(_env_file=None, KEYHYGIENE_DATABASE_URL=f"sqlite:///{folder / 'keyhygiene.db'}"))  # type: ignore[call-arg]
     try:
         with database.sessions() as session:
-            audit = list(session.scalars(select(Action)))
+            audit = list(audit_records(session))
     finally:
         database.close()
     assert audit and all(row.dry_run and row.outcome == "planned" for row in audit)

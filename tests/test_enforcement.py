@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from db import audit
 from db.models import Action, Run
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
@@ -147,6 +148,16 @@ def _actions(env: dict[str, str]) -> list[Action]:
         database.close()
 
 
+def _audit(env: dict[str, str]) -> list[audit.AuditRecord]:
+    """The whole audit log as ``report actions`` reads it (plans stored by reference expanded)."""
+    database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=env["KEYHYGIENE_DATABASE_URL"]))  # type: ignore[call-arg]
+    try:
+        with database.sessions() as session:
+            return list(audit.audit_records(session))
+    finally:
+        database.close()
+
+
 def _runs(env: dict[str, str]) -> list[Run]:
     database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=env["KEYHYGIENE_DATABASE_URL"]))  # type: ignore[call-arg]
     try:
@@ -243,7 +254,8 @@ def test_dry_run_changes_nothing_and_records_the_plan(
 
     assert result.exit_code == 0, result.stderr
     assert org.fake.mutating_calls() == []
-    actions = _actions(ready)
+    assert _actions(ready) == []  # a dry run changes nothing: its plan is stored by reference
+    actions = _audit(ready)
     assert len(actions) == 6
     assert all(a.dry_run and a.outcome == "planned" for a in actions)
     events = result.events_named("key_action")
@@ -262,7 +274,9 @@ def test_caps_refuse_the_whole_enforcement(
     assert "5" in result.stderr and "max_actions_per_run" in result.stderr
     assert org.fake.mutating_calls() == []
     assert _runs(ready)[-1].status == "refused"
-    assert {a.outcome for a in _actions(ready)} == {"refused"}
+    assert _actions(ready) == []
+    assert {a.outcome for a in _audit(ready)} == {"refused"}
+    assert len(_audit(ready)) == 5
     assert {e["outcome"] for e in result.events_named("key_action")} == {"refused"}
 
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
+from keyhygiene.enforcement import key_facts
 from keyhygiene.keysapi.models import Key
 from keyhygiene.rules import (
     AuditFacts,
     Decision,
+    KeyFacts,
     KeyHistory,
     Plan,
     Rule,
@@ -22,8 +25,8 @@ from keyhygiene.rules import (
     decide,
     idle_since,
     is_protected,
+    next_action,
     plan,
-    upcoming,
 )
 
 NOW = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
@@ -36,8 +39,9 @@ def iso(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
 
-def make_key(**fields: Any) -> Key:
-    """A key as ``GET /keys`` would return it: an old, enabled, recently used key unless told otherwise."""
+def make_key(**fields: Any) -> KeyFacts:
+    """A key as ``GET /keys`` would return it, as the engine reads it: an old, enabled, recently used
+    key unless told otherwise."""
     data: dict[str, Any] = {
         "hash": "h1",
         "name": "dev-alpha",
@@ -66,7 +70,7 @@ def make_key(**fields: Any) -> Key:
     data.update(fields)
     data = {name: value for name, value in data.items() if value is not MISSING}
     data = {name: iso(value) if isinstance(value, datetime) else value for name, value in data.items()}
-    return Key.from_api(data)
+    return key_facts(Key.from_api(data))
 
 
 def rule(name: str = "r", match: str = "expired", action: str = "disable", **options: Any) -> Rule:
@@ -82,7 +86,7 @@ def ruleset(*rules: Rule, **safety: Any) -> RuleSet:
 
 
 def run(
-    key: Key,
+    key: KeyFacts,
     *rules: Rule,
     history: KeyHistory | None = None,
     audit: AuditFacts | None = None,
@@ -725,51 +729,85 @@ def test_both_caps_are_reported() -> None:
     assert "max_action_percent" in breach.reason
 
 
-# --- upcoming -----------------------------------------------------------------------------------
+# --- next_action ----------------------------------------------------------------------------------
 
 
-def test_upcoming_for_an_idle_rule_is_when_idle_for_is_reached() -> None:
+def coming(
+    key: KeyFacts, *rules: Rule, audit: AuditFacts | None = None, **safety: Any
+) -> tuple[str, str, datetime] | None:
+    found = next_action(key, KeyHistory(), audit or AuditFacts(), ruleset(*rules, **safety), NOW)
+    return None if found is None else (found.decision.rule, found.decision.action, found.due)
+
+
+def test_next_action_for_an_idle_rule_is_when_idle_for_is_reached() -> None:
     key = make_key(last_used_at=NOW - timedelta(days=10))
-    rs = ruleset(rule("idle", "unused", "disable"))
-    assert upcoming(key, KeyHistory(), AuditFacts(), rs, NOW) == [("idle", "disable", NOW + timedelta(days=20))]
+    assert coming(key, rule("idle", "unused", "disable")) == ("idle", "disable", NOW + timedelta(days=20))
 
 
-def test_upcoming_for_an_idle_delete_rule_lists_disable_then_delete() -> None:
+def test_next_action_of_an_idle_delete_rule_is_the_disable_first() -> None:
     key = make_key(last_used_at=NOW - timedelta(days=10))
-    rs = ruleset(rule("idle", "unused", "delete", grace=GRACE))
-    assert upcoming(key, KeyHistory(), AuditFacts(), rs, NOW) == [
-        ("idle", "disable", NOW + timedelta(days=20)),
-        ("idle", "delete", NOW + timedelta(days=27)),
-    ]
+    assert coming(key, rule("idle", "unused", "delete", grace=GRACE)) == ("idle", "disable", NOW + timedelta(days=20))
 
 
-def test_upcoming_when_grace_ends_on_a_disabled_key() -> None:
+def test_next_action_when_grace_ends_on_a_disabled_key() -> None:
     key = make_key(disabled=True, updated_at=NOW - timedelta(days=2), **EXPIRED)
-    rs = ruleset(DELETE)
-    assert upcoming(key, KeyHistory(), AuditFacts(), rs, NOW) == [("del", "delete", NOW + timedelta(days=5))]
+    assert coming(key, DELETE) == ("del", "delete", NOW + timedelta(days=5))
 
 
-def test_upcoming_due_already_is_now() -> None:
-    key = make_key(last_used_at=NOW - timedelta(days=90))
-    rs = ruleset(rule("idle", "unused", "report"))
-    assert upcoming(key, KeyHistory(), AuditFacts(), rs, NOW) == [("idle", "report", NOW)]
+def test_next_action_due_already_is_now_and_is_the_plans_decision() -> None:
+    key = make_key(last_used_at=NOW - timedelta(days=90), usage_monthly=150.0)
+    rules = (rule("idle", "unused", "report"), rule("spend", "over_budget", "disable", threshold_usd=100.0))
+    found = next_action(key, KeyHistory(), AuditFacts(), ruleset(*rules), NOW)
+    assert found is not None
+    assert found.due == NOW
+    assert found.decision == decide(key, KeyHistory(), AuditFacts(), ruleset(*rules), NOW)
+    assert (found.decision.rule, found.decision.action) == ("spend", "disable")
 
 
-def test_upcoming_respects_min_age_and_key_age() -> None:
+def test_next_action_is_one_per_key_with_the_strongest_action_of_the_rules_due_then() -> None:
+    key = make_key(last_used_at=NOW - timedelta(days=10))
+    rules = (
+        rule("see", "unused", "report"),
+        rule("idle", "unused", "disable"),
+        rule("wipe", "unused", "delete", grace=timedelta(0)),
+    )
+    assert coming(key, *rules) == ("wipe", "delete", NOW + timedelta(days=20))
+
+
+def test_next_action_covers_a_future_expiry_and_a_spent_limit() -> None:
+    expiring = make_key(expires_at=NOW + timedelta(days=3))
+    assert coming(expiring, rule("exp", "expired", "disable")) == ("exp", "disable", NOW + timedelta(days=3))
+    spent = make_key(limit=10.0, limit_remaining=0.0)
+    assert coming(spent, rule("cap", "over_budget", "disable")) == ("cap", "disable", NOW)
+
+
+def test_next_action_respects_min_age_and_key_age() -> None:
     key = make_key(created_at=NOW - timedelta(days=5), last_used_at=None)
-    rs = ruleset(rule("idle", "unused", "report", min_age=timedelta(days=60)))
-    assert upcoming(key, KeyHistory(), AuditFacts(), rs, NOW) == [("idle", "report", NOW + timedelta(days=55))]
+    assert coming(key, rule("idle", "unused", "report", min_age=timedelta(days=60))) == (
+        "idle",
+        "report",
+        NOW + timedelta(days=55),
+    )
 
 
-def test_upcoming_has_nothing_for_protected_keys_or_without_a_source() -> None:
-    rs = ruleset(rule("idle", "unused", "report"), protect_names=("prod-*",))
-    assert upcoming(make_key(name="prod-a", last_used_at=None), KeyHistory(), AuditFacts(), rs, NOW) == []
-    assert upcoming(make_key(last_used_at=MISSING), KeyHistory(), AuditFacts(), rs, NOW) == []
+def test_next_action_is_none_for_protected_keys_or_without_a_source() -> None:
+    idle = rule("idle", "unused", "report")
+    assert coming(make_key(name="prod-a", last_used_at=None), idle, protect_names=("prod-*",)) is None
+    assert coming(make_key(last_used_at=MISSING), idle) is None
 
 
-def test_upcoming_skips_a_disable_rule_on_a_disabled_key() -> None:
+def test_next_action_skips_a_disable_rule_on_a_disabled_key() -> None:
     key = make_key(disabled=True, last_used_at=NOW - timedelta(days=10))
-    assert upcoming(key, KeyHistory(), AuditFacts(), ruleset(rule("idle", "unused", "disable")), NOW) == []
+    assert coming(key, rule("idle", "unused", "disable")) is None
+
+
+def test_money_is_compared_exactly() -> None:
+    # 0.1 + 0.2 is 0.30000000000000004 in floats: a float engine would call this key over a 0.3 budget.
+    key = make_key(usage_monthly=0.1, byok_usage_monthly=0.2, include_byok_in_limit=True)
+    assert key.spend_in("monthly") == Decimal("0.3")
+    over = rule("spend", "over_budget", "report", threshold_usd=0.3)
+    assert action_of(run(key, over)) == "report"
+    assert run(key, rule("spend", "over_budget", "report", threshold_usd=0.30000000000000004)) is None
 
 
 # --- time handling ------------------------------------------------------------------------------

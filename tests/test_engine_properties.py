@@ -11,10 +11,12 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keyhygiene.enforcement import key_facts
 from keyhygiene.keysapi.models import Key
 from keyhygiene.rules import (
     AuditFacts,
     Decision,
+    KeyFacts,
     KeyHistory,
     Plan,
     Rule,
@@ -23,6 +25,7 @@ from keyhygiene.rules import (
     check_caps,
     decide,
     is_protected,
+    next_action,
     plan,
 )
 
@@ -50,7 +53,7 @@ def iso(value: datetime) -> str:
 
 
 @st.composite
-def keys(draw: st.DrawFn, key_hash: str) -> Key:
+def keys(draw: st.DrawFn, key_hash: str) -> KeyFacts:
     data: dict[str, Any] = {
         "hash": key_hash,
         "name": draw(st.sampled_from(NAMES)),
@@ -72,11 +75,11 @@ def keys(draw: st.DrawFn, key_hash: str) -> Key:
     if draw(st.booleans()):  # older API versions leave last_used_at out altogether
         value = draw(optional_times)
         data["last_used_at"] = None if value is None else iso(value)
-    return Key.from_api(data)
+    return key_facts(Key.from_api(data))
 
 
 @st.composite
-def inventories(draw: st.DrawFn) -> list[Key]:
+def inventories(draw: st.DrawFn) -> list[KeyFacts]:
     hashes = draw(st.lists(st.sampled_from(HASHES), unique=True, max_size=8))
     return [draw(keys(key_hash)) for key_hash in hashes]
 
@@ -145,7 +148,7 @@ def rulesets(draw: st.DrawFn, actions: tuple[str, ...] = ("disable", "delete", "
 @st.composite
 def worlds(
     draw: st.DrawFn, actions: tuple[str, ...] = ("disable", "delete", "report")
-) -> tuple[list[Key], dict[str, KeyHistory], dict[str, AuditFacts], RuleSet]:
+) -> tuple[list[KeyFacts], dict[str, KeyHistory], dict[str, AuditFacts], RuleSet]:
     ruleset = draw(rulesets(actions))
     inventory = draw(inventories())
     # Audits that name a rule with reenable = true, so that re-enabling is exercised, not just possible.
@@ -162,10 +165,10 @@ def worlds(
     return inventory, history_map, audit_map, ruleset
 
 
-World = tuple[list[Key], dict[str, KeyHistory], dict[str, AuditFacts], RuleSet]
+World = tuple[list[KeyFacts], dict[str, KeyHistory], dict[str, AuditFacts], RuleSet]
 
 
-def decided(world: World) -> list[tuple[Key, Decision]]:
+def decided(world: World) -> list[tuple[KeyFacts, Decision]]:
     inventory, history_map, audit_map, ruleset = world
     by_hash = {key.hash: key for key in inventory}
     return [(by_hash[d.key_hash], d) for d in plan(inventory, history_map, audit_map, ruleset, NOW).decisions]
@@ -309,7 +312,7 @@ def unused_histories(draw: st.DrawFn) -> KeyHistory:
     st.sampled_from([NOW, datetime(2026, 1, 20, tzinfo=UTC), datetime(2026, 1, 31, tzinfo=UTC)]),
 )
 def test_unused_is_the_documented_reading_of_both_sources(
-    key: Key, history: KeyHistory, idle_for: timedelta, now: datetime
+    key: KeyFacts, history: KeyHistory, idle_for: timedelta, now: datetime
 ) -> None:
     cutoff = now - idle_for
     used_inside = False
@@ -333,3 +336,24 @@ def test_unused_is_the_documented_reading_of_both_sources(
     only_rule = Rule(name="idle", match="unused", action="report", idle_for=idle_for)
     decision = decide(key, history, AuditFacts(), RuleSet(Safety(), (only_rule,), "x"), now)
     assert (decision is not None) == expected
+
+
+@EXAMPLES
+@given(worlds(), st.lists(st.integers(min_value=1, max_value=999), min_size=1, max_size=5))
+def test_next_action_is_the_plan_now_and_the_first_decision_later(world: World, fractions: list[int]) -> None:
+    inventory, history_map, audit_map, ruleset = world
+    for key in inventory:
+        history, audit = history_map.get(key.hash, KeyHistory()), audit_map.get(key.hash, AuditFacts())
+        now_decision = decide(key, history, audit, ruleset, NOW)
+        found = next_action(key, history, audit, ruleset, NOW)
+        if now_decision is not None:
+            assert found is not None and found.due == NOW and found.decision == now_decision
+            continue
+        if found is None:  # then no rule ever acts on the key as it stands
+            assert decide(key, history, audit, ruleset, NOW + timedelta(days=3650)) is None
+            continue
+        assert found.due > NOW
+        assert decide(key, history, audit, ruleset, found.due) == found.decision
+        for fraction in fractions:  # nothing happens before it is due
+            before = NOW + (found.due - NOW) * fraction / 1000
+            assert decide(key, history, audit, ruleset, before) is None

@@ -1,5 +1,8 @@
 """``report actions``: the audit log over a period: what was planned or done to which key, by which
-rule, on what evidence, and how it ended."""
+rule, on what evidence, and how it ended.
+
+Dry runs and refusals store their plan once and refer to it from each run (``db.audit``); they are
+read back here key by key, each with its day counts measured at that run's time."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from datetime import timedelta
 from sqlalchemy.orm import Session
 
 from db import audit
+from keyhygiene.rules import evidence_at
 
 from .base import Report, ReportParams, snapshot_for, tally
 
@@ -36,12 +40,13 @@ def build(session: Session, params: ReportParams) -> Report:
     end = params.as_of
     start = params.period_start(DEFAULT_PERIOD)
     rows = []
-    for action in audit.actions_since(session, since=start, until=end):
+    for action in audit.audit_records(session, since=start, until=end):
         if not params.wants(name=action.key_name, workspace_id=action.workspace_id):
             continue
+        evidence = evidence_at(action.evidence, action.time) if action.by_reference else action.evidence
         rows.append(
             {
-                "time": action.created_at,
+                "time": action.time,
                 "run_id": action.run_id,
                 "key_hash": action.key_hash,
                 "key_name": action.key_name,
@@ -53,7 +58,7 @@ def build(session: Session, params: ReportParams) -> Report:
                 "outcome": action.outcome,
                 "reason": action.reason,
                 "error": action.error,
-                "evidence": dict(action.evidence),
+                "evidence": evidence,
             }
         )
     counted = tally(rows, "outcome")

@@ -11,7 +11,7 @@ write their count into ``data-drawn`` on each chart, for tests that render the p
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
@@ -30,6 +30,7 @@ from .spend import compute_spend
 DEFAULT_PERIOD = timedelta(days=30)
 TOP_KEYS = 5
 UPCOMING_DAYS = 30
+DUE = "due"
 IDLE_BUCKETS: Sequence[tuple[str, int, int | None]] = (
     ("7-13 days", 7, 14),
     ("14-29 days", 14, 30),
@@ -87,7 +88,12 @@ def render_html(session: Session, params: ReportParams) -> str:
         _audit_section(audit_rows),
     ]
     latest = trend_rows[-1] if trend_rows else None
-    in_week = len({row["key_hash"] for row in coming if row["acts_on"] <= as_of + timedelta(days=7)})
+    # One row per key (the plan's own next action): the card is the chart's bars up to a week out.
+    in_week = sum(
+        sum(counts.values())
+        for label, counts in _upcoming_counts(coming, as_of).items()
+        if label == DUE or date.fromisoformat(label) <= as_of.date() + timedelta(days=7)
+    )
     cards = [
         ("keys", "keys at the newest snapshot", str(snapshot.key_count or 0), snapshot.key_count or 0),
         ("spend-total", "spent in the period", _money(usd(spend.total)), usd(spend.total)),
@@ -224,27 +230,39 @@ def _idle_section(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def _upcoming_counts(rows: list[dict[str, Any]], as_of: datetime) -> dict[str, Counter[str]]:
+    """Keys by when a rule next acts on them (``DUE``: at the next run; else the UTC day, up to
+    ``UPCOMING_DAYS`` ahead) and by action, in time order."""
+    horizon = as_of + timedelta(days=UPCOMING_DAYS)
+    labels = [DUE] + [(as_of.date() + timedelta(days=offset)).isoformat() for offset in range(UPCOMING_DAYS + 1)]
+    counts: dict[str, Counter[str]] = {label: Counter() for label in labels}
+    for row in rows:
+        if row["acts_on"] <= as_of:
+            counts[DUE][row["action"]] += 1
+        elif row["acts_on"] <= horizon:
+            counts[row["acts_on"].date().isoformat()][row["action"]] += 1
+    return counts
+
+
 def _upcoming_section(rows: list[dict[str, Any]], *, as_of: datetime, has_rules: bool) -> str:
     horizon = as_of + timedelta(days=UPCOMING_DAYS)
     soon = [row for row in rows if row["acts_on"] <= horizon]
-    days = [as_of.date() + timedelta(days=offset) for offset in range(UPCOMING_DAYS + 1)]
-    by_day: dict[str, Counter[date]] = defaultdict(Counter)
-    for row in soon:
-        by_day[row["action"]][max(row["acts_on"], as_of).date()] += 1
+    counts = _upcoming_counts(rows, as_of)
+    actions_seen = sorted({action for counter in counts.values() for action in counter})
     series = [
-        (action, ACTION_COLOURS.get(action, OTHER), [float(by_day[action][day]) for day in days])
-        for action in sorted(by_day)
+        (action, ACTION_COLOURS.get(action, OTHER), [float(counter[action]) for counter in counts.values()])
+        for action in actions_seen
     ]
     chart = _stacked_bars(
         "upcoming",
-        ["due" if day == as_of.date() else day.strftime("%m-%d") for day in days],
+        ["due" if label == DUE else label[5:] for label in counts],
         series,
         title=f"Rule actions due in the next {UPCOMING_DAYS} days",
     )
     figure_rows = [
-        (day.isoformat(), [(action, by_day[action][day], False) for action in sorted(by_day)])
-        for day in days
-        if any(by_day[action][day] for action in by_day)
+        (label, [(action, counter[action], False) for action in actions_seen])
+        for label, counter in counts.items()
+        if sum(counter.values())
     ]
     listing = _table(
         ["when", "key", "rule", "action"],
@@ -259,8 +277,10 @@ def _upcoming_section(rows: list[dict[str, Any]], *, as_of: datetime, has_rules:
         ],
         caption="Soonest",
     )
+    due = sum(counts[DUE].values())
     note = (
-        f"{len(soon)} actions that configured rules will take within {UPCOMING_DAYS} days if nothing changes "
+        f"{len(soon)} keys that configured rules will act on within {UPCOMING_DAYS} days if nothing changes, "
+        f"{due} of them at the next run, as `keyhygiene plan` shows; each key once, with the strongest action "
         "(a key used again, or re-enabled, drops out)."
         if has_rules
         else "No rules file was found, so no actions are scheduled."
@@ -269,7 +289,7 @@ def _upcoming_section(rows: list[dict[str, Any]], *, as_of: datetime, has_rules:
         "Upcoming actions",
         note,
         chart,
-        _figures("upcoming", ["day", *sorted(by_day)], figure_rows) + listing,
+        _figures("upcoming", ["when", *actions_seen], figure_rows) + listing,
     )
 
 

@@ -4,8 +4,8 @@ Read at the newest snapshot (or the last one at or before --at) and measured to 
 A key's idleness is the engine's own (``keyhygiene.rules.idle_since``): the latest sign of use from
 ``last_used_at`` and from the snapshots' usage history. Keys idle for at least --since (default
 7d) are listed, longest idle first. With a rules file, ``next_action``/``acts_on`` give the first
-thing a rule will do to the key if nothing changes (``keyhygiene.rules.upcoming``); ``acts_on`` equal to the
-report time means at the next run.
+thing a rule will do to the key if nothing changes (``keyhygiene.rules.next_action``, the plan's own
+answer); ``acts_on`` equal to the report time means at the next run.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from db import audit, snapshots
+from db import snapshots
 from db.models import Snapshot
-from keyhygiene.enforcement import load_histories
+from keyhygiene.enforcement import key_facts, load_audit_facts, load_histories
 from keyhygiene.keysapi.models import Key
-from keyhygiene.rules import AuditFacts, KeyHistory, idle_since, is_protected, upcoming
+from keyhygiene.rules import AuditFacts, KeyHistory, NextAction, idle_since, is_protected, next_action
 from keyhygiene.rules.model import duration_text
 
 from .base import Report, ReportParams, snapshot_for, usd
@@ -56,10 +56,8 @@ class _Inputs:
 
 def _inputs(session: Session, params: ReportParams) -> _Inputs:
     snapshot = snapshot_for(session, params)
-    audits = {
-        key_hash: AuditFacts(last_change=change.action, last_change_rule=change.rule, last_change_at=change.at)
-        for key_hash, change in audit.last_changes(session, until=params.at).items()
-    }
+    # The plan's own audit facts, so that the report's next action is the plan's (re-enables too).
+    audits = load_audit_facts(session, until=params.at)
     keys = [
         key
         for key in snapshots.keys_at(session, snapshot.id)
@@ -68,32 +66,38 @@ def _inputs(session: Session, params: ReportParams) -> _Inputs:
     return _Inputs(snapshot, keys, load_histories(session, snapshot.id), audits)
 
 
+def _next_action(key: Key, inputs: _Inputs, params: ReportParams) -> NextAction | None:
+    assert params.ruleset is not None
+    return next_action(
+        key_facts(key),
+        inputs.histories.get(key.hash, KeyHistory()),
+        inputs.audits.get(key.hash, AuditFacts()),
+        params.ruleset,
+        params.as_of,
+    )
+
+
 def upcoming_actions(session: Session, params: ReportParams) -> list[dict[str, Any]]:
-    """Every rule action coming to any key (not only idle ones), soonest first; empty without rules."""
+    """The next action a rule takes on each key (not only idle ones; one row per key, the strongest
+    action, as the plan decides it), soonest first; empty without rules."""
     if params.ruleset is None:
         return []
     inputs = _inputs(session, params)
     rows = []
     for key in inputs.keys:
-        coming = upcoming(
-            key,
-            inputs.histories.get(key.hash, KeyHistory()),
-            inputs.audits.get(key.hash, AuditFacts()),
-            params.ruleset,
-            params.as_of,
-        )
-        for rule, action, when in coming:
+        coming = _next_action(key, inputs, params)
+        if coming is not None:
             rows.append(
                 {
                     "key_hash": key.hash,
                     "name": key.name,
                     "workspace_id": key.workspace_id,
-                    "rule": rule,
-                    "action": action,
-                    "acts_on": when,
+                    "rule": coming.decision.rule,
+                    "action": coming.decision.action,
+                    "acts_on": coming.due,
                 }
             )
-    rows.sort(key=lambda row: (row["acts_on"], row["name"], row["rule"]))
+    rows.sort(key=lambda row: (row["acts_on"], row["name"], row["key_hash"]))
     return rows
 
 
@@ -109,13 +113,13 @@ def build(session: Session, params: ReportParams) -> Report:
         since = idle_since(key, key_history)
         if since is None or as_of - since < minimum:
             continue
-        next_rule = next_action = acts_on = None
+        next_rule = next_step = acts_on = None
         protected = False
         if ruleset is not None:
-            protected = is_protected(key, ruleset.safety)
-            coming = upcoming(key, key_history, inputs.audits.get(key.hash, AuditFacts()), ruleset, as_of)
-            if coming:
-                next_rule, next_action, acts_on = coming[0]
+            protected = is_protected(key_facts(key), ruleset.safety)
+            coming = _next_action(key, inputs, params)
+            if coming is not None:
+                next_rule, next_step, acts_on = coming.decision.rule, coming.decision.action, coming.due
         rows.append(
             {
                 "key_hash": key.hash,
@@ -130,7 +134,7 @@ def build(session: Session, params: ReportParams) -> Report:
                 "usage": usd(key.usage),
                 "byok_usage": usd(key.byok_usage),
                 "next_rule": next_rule,
-                "next_action": next_action,
+                "next_action": next_step,
                 "acts_on": acts_on,
             }
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from decimal import Decimal
 
 from .model import Rule, RuleSet, Safety, duration_text
 
@@ -46,8 +47,8 @@ def _describe_safety(safety: Safety) -> list[str]:
     ]
 
 
-def _usd(amount: float) -> str:
-    return f"${amount:,.2f}" if round(amount, 2) == amount else f"${amount!r}"
+def _usd(amount: Decimal) -> str:
+    return f"${amount:,.2f}" if amount == round(amount, 2) else f"${amount}"
 
 
 def _describe_match(rule: Rule) -> str:

@@ -1,6 +1,6 @@
 """The rules engine: which key gets which action now, and why. Pure: no I/O, no clock, no logging.
 
-Everything is decided from the key's current state (``keyhygiene.keysapi.models.Key``), its snapshot history
+Everything is decided from the key's current state (``KeyFacts``, money as Decimal), its snapshot history
 (``KeyHistory``), our own last change to it (``AuditFacts``), the rules and ``now``. Naive datetimes
 in the inputs are read as UTC.
 
@@ -30,10 +30,10 @@ from decimal import Decimal
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
-from keyhygiene.keysapi.models import Key
-from keyhygiene.timeutil import as_utc, isoformat
+from keyhygiene.timeutil import as_utc, isoformat, parse_time
 
 from .inputs import AuditFacts, KeyHistory
+from .keyfacts import KeyFacts, UseSigns
 from .model import Rule, RuleSet, Safety, duration_text
 
 DecisionAction = Literal["disable", "delete", "enable", "report"]
@@ -43,6 +43,8 @@ LAST_USED_RECORDED_FROM = datetime(2026, 1, 1, tzinfo=UTC)
 
 _ACTION_STRENGTH: Mapping[str, int] = {"report": 0, "enable": 1, "disable": 2, "delete": 3}
 _RULE_STRENGTH: Mapping[str, int] = {"report": 0, "disable": 1, "delete": 2}
+# Evidence fields that count the days from another field to ``now``: they age with every run.
+_AGEING: Mapping[str, str] = {"idle_days": "idle_since", "disabled_days": "disabled_since"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,17 +88,25 @@ class CapBreach:
     allow_actions: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class NextAction:
+    """The next time a rule acts on one key, and the decision it makes then (see ``next_action``)."""
+
+    due: datetime
+    decision: Decision
+
+
 # --- public functions ---------------------------------------------------------------------------
 
 
-def is_protected(key: Key, safety: Safety) -> bool:
+def is_protected(key: KeyFacts, safety: Safety) -> bool:
     """Whether the key's hash is listed in ``protect_hashes`` or its name matches a ``protect_names`` glob."""
     if key.hash in safety.protect_hashes:
         return True
     return any(fnmatchcase(key.name, pattern) for pattern in safety.protect_names)
 
 
-def idle_since(key: Key, history: KeyHistory) -> datetime | None:
+def idle_since(key: UseSigns, history: KeyHistory) -> datetime | None:
     """The latest time any source shows use of the key, or else the start of proven idleness.
 
     Each source gives a *sign of use* (a time the key was seen used) and/or the time from which it
@@ -131,7 +141,7 @@ def idle_since(key: Key, history: KeyHistory) -> datetime | None:
     return min(idle_from) if idle_from else None
 
 
-def decide(key: Key, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime) -> Decision | None:
+def decide(key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime) -> Decision | None:
     """The action to take on ``key`` now, or None when there is nothing to do or report."""
     now = as_utc(now)
     if is_protected(key, ruleset.safety):
@@ -170,7 +180,7 @@ def decide(key: Key, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, n
 
 
 def plan(
-    keys: Sequence[Key],
+    keys: Sequence[KeyFacts],
     histories: Mapping[str, KeyHistory],
     audits: Mapping[str, AuditFacts],
     ruleset: RuleSet,
@@ -229,44 +239,49 @@ def check_caps(plan: Plan, safety: Safety, *, allow_actions: int | None = None) 
     )
 
 
-def upcoming(
-    key: Key, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime
-) -> list[tuple[str, str, datetime]]:
-    """When rules will act on this key if nothing else changes: ``(rule, action, date)``, by date.
+def next_action(
+    key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime
+) -> NextAction | None:
+    """When a rule will next act on ``key`` if nothing about it changes, and what it will do then.
 
-    Covers ``unused`` rules (the date ``idle_for`` and any ``min_age`` are reached) and the grace of
-    ``delete`` rules (the date the key will have been disabled for ``grace``). A date already passed
-    is given as ``now`` (the rule acts at the next run). A protected key, a rule whose filters
-    exclude the key, and a key with no source of idleness get nothing. Filters are checked on the
-    key as it is now; the strongest-action choice between rules is not applied.
+    This is the one answer to "when will a rule act on this key": the plan, the idle report's
+    ``acts_on``, the HTML report's upcoming actions and advance notices all read it. The decision is
+    exactly what ``decide`` returns at ``due``, so it carries the strongest action of the rules that
+    hold then: one answer per key, never one per rule. ``due == now`` means the next run acts, and
+    the decision is then the plan's own decision for the key. A later ``due`` is the earliest time a
+    condition that only time changes turns a rule on: an expiry reached, a key old enough for
+    ``min_age``, idleness reaching ``idle_for``, a disabled key's ``grace`` over. Any change to the
+    key (new use, a re-enable, a new expiry) moves or removes it. None: no rule acts on the key as it
+    stands, however long one waits (a protected key, or nothing matches).
     """
     now = as_utc(now)
-    if is_protected(key, ruleset.safety):
-        return []
-    created = as_utc(key.created_at)
-    since = idle_since(key, history)
-    proof = _disabled_proof(key, history, audit, now)
-    found: list[tuple[str, str, datetime]] = []
-    for rule in ruleset.rules:
-        if not _in_scope(rule, key, now, check_min_age=False):
-            continue
-        start = created + rule.min_age if rule.min_age is not None else created
-        if rule.match == "unused":
-            if since is None or rule.idle_for is None:
-                continue
-            start = max(start, since + rule.idle_for, created + rule.idle_for)
-        elif _match_facts(rule, key, history, now) is None or rule.action != "delete":
-            continue
-        for action, date in _steps(rule, key, proof, max(start, now)):
-            found.append((rule.name, action, date))
-    return sorted(found, key=lambda item: (item[2], item[0], item[1]))
+    for moment in _moments(key, history, audit, ruleset, now):
+        decision = decide(key, history, audit, ruleset, moment)
+        if decision is not None:
+            return NextAction(due=moment, decision=decision)
+    return None
+
+
+def lasting_evidence(evidence: Mapping[str, Any]) -> dict[str, Any]:
+    """The evidence without the day counts that only measure the time since another of its fields
+    (``idle_days``, ``disabled_days``): what stays equal from run to run while the decision does."""
+    return {name: value for name, value in evidence.items() if name not in _AGEING}
+
+
+def evidence_at(evidence: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """The evidence with its day counts measured at ``now`` (the inverse of ``lasting_evidence``)."""
+    aged = dict(evidence)
+    for days, since in _AGEING.items():
+        if isinstance(evidence.get(since), str) and days not in evidence:
+            aged[days] = _days(as_utc(now) - parse_time(evidence[since]))
+    return aged
 
 
 # --- the parts ----------------------------------------------------------------------------------
 
 
 def _decision(
-    key: Key, action: DecisionAction, rule: str, rules: tuple[str, ...], evidence: dict[str, Any]
+    key: KeyFacts, action: DecisionAction, rule: str, rules: tuple[str, ...], evidence: dict[str, Any]
 ) -> Decision:
     return Decision(
         key_hash=key.hash,
@@ -279,7 +294,9 @@ def _decision(
     )
 
 
-def _in_scope(rule: Rule, key: Key, now: datetime, *, check_disabled: bool = True, check_min_age: bool = True) -> bool:
+def _in_scope(
+    rule: Rule, key: KeyFacts, now: datetime, *, check_disabled: bool = True, check_min_age: bool = True
+) -> bool:
     """Whether the rule's filters let it look at the key at all."""
     if rule.names and not any(fnmatchcase(key.name, pattern) for pattern in rule.names):
         return False
@@ -292,18 +309,17 @@ def _in_scope(rule: Rule, key: Key, now: datetime, *, check_disabled: bool = Tru
     return not (check_disabled and rule.disabled is not None and key.disabled != rule.disabled)
 
 
-def _window_spend(key: Key, window: str) -> float:
-    spend = key.usage_in(window)
-    if key.include_byok_in_limit:
-        spend += key.byok_usage_in(window)
-    return spend
+def _figure(amount: Decimal | None) -> float | None:
+    """Money as evidence records it: a JSON number. Decisions compare the exact Decimal; the figure
+    is only the record, and prints as the same digits (a float holds 15 significant digits)."""
+    return None if amount is None else float(amount)
 
 
 def _days(delta: timedelta) -> float:
     return round(delta.total_seconds() / 86400, 2)
 
 
-def _match_facts(rule: Rule, key: Key, history: KeyHistory, now: datetime) -> dict[str, Any] | None:
+def _match_facts(rule: Rule, key: KeyFacts, history: KeyHistory, now: datetime) -> dict[str, Any] | None:
     """The facts that show the rule's match holds for the key, or None when it does not."""
     if rule.match == "expired":
         if key.expires_at is not None and as_utc(key.expires_at) <= now:
@@ -314,21 +330,25 @@ def _match_facts(rule: Rule, key: Key, history: KeyHistory, now: datetime) -> di
     if rule.window is None:  # the model forbids it; never guess a window
         return None
     if rule.threshold_usd is not None:
-        spend = _window_spend(key, rule.window)
+        spend = key.spend_in(rule.window)
         if spend >= rule.threshold_usd:
             return {
                 "window": rule.window,
-                "window_spend_usd": spend,
-                "threshold_usd": rule.threshold_usd,
+                "window_spend_usd": _figure(spend),
+                "threshold_usd": _figure(rule.threshold_usd),
                 "include_byok_in_limit": key.include_byok_in_limit,
             }
         return None
     if key.limit is not None and key.limit_remaining is not None and key.limit_remaining <= 0:
-        return {"limit": key.limit, "limit_remaining": key.limit_remaining, "limit_reset": key.limit_reset}
+        return {
+            "limit": _figure(key.limit),
+            "limit_remaining": _figure(key.limit_remaining),
+            "limit_reset": key.limit_reset,
+        }
     return None
 
 
-def _unused_facts(rule: Rule, key: Key, history: KeyHistory, now: datetime) -> dict[str, Any] | None:
+def _unused_facts(rule: Rule, key: KeyFacts, history: KeyHistory, now: datetime) -> dict[str, Any] | None:
     if rule.idle_for is None:
         return None
     cutoff = now - rule.idle_for
@@ -351,7 +371,9 @@ def _unused_facts(rule: Rule, key: Key, history: KeyHistory, now: datetime) -> d
     }
 
 
-def _disabled_proof(key: Key, history: KeyHistory, audit: AuditFacts, now: datetime) -> tuple[datetime, str] | None:
+def _disabled_proof(
+    key: KeyFacts, history: KeyHistory, audit: AuditFacts, now: datetime
+) -> tuple[datetime, str] | None:
     """The time since which the key is shown to have been disabled, and which source shows it.
 
     ``updated_at`` of a disabled key comes first: it is the API's own record of the key's last
@@ -375,7 +397,7 @@ def _disabled_proof(key: Key, history: KeyHistory, audit: AuditFacts, now: datet
 
 
 def _action_now(
-    rule: Rule, key: Key, history: KeyHistory, audit: AuditFacts, now: datetime
+    rule: Rule, key: KeyFacts, history: KeyHistory, audit: AuditFacts, now: datetime
 ) -> tuple[DecisionAction, dict[str, Any]] | None:
     """What a matching rule does to the key now; None when it has nothing to do yet."""
     if rule.action == "report":
@@ -402,22 +424,30 @@ def _action_now(
     }
 
 
-def _under_budget_facts(rule: Rule, key: Key) -> dict[str, Any] | None:
+def _under_budget_facts(rule: Rule, key: KeyFacts) -> dict[str, Any] | None:
     """Positive proof that an over_budget rule no longer holds; None when it holds or is unknown."""
     if rule.window is None:
         return None
     if rule.threshold_usd is not None:
-        spend = _window_spend(key, rule.window)
+        spend = key.spend_in(rule.window)
         if spend < rule.threshold_usd:
-            return {"window": rule.window, "window_spend_usd": spend, "threshold_usd": rule.threshold_usd}
+            return {
+                "window": rule.window,
+                "window_spend_usd": _figure(spend),
+                "threshold_usd": _figure(rule.threshold_usd),
+            }
         return None
     if key.limit is None or (key.limit_remaining is not None and key.limit_remaining > 0):
-        return {"limit": key.limit, "limit_remaining": key.limit_remaining, "limit_reset": key.limit_reset}
+        return {
+            "limit": _figure(key.limit),
+            "limit_remaining": _figure(key.limit_remaining),
+            "limit_reset": key.limit_reset,
+        }
     return None
 
 
 def _reenable(
-    key: Key, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime
+    key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime
 ) -> tuple[int, Rule, dict[str, Any]] | None:
     """The ``reenable`` rule that may enable this key now, with its evidence, or None.
 
@@ -468,16 +498,32 @@ def _reenable(
     )
 
 
-def _steps(rule: Rule, key: Key, proof: tuple[datetime, str] | None, start: datetime) -> list[tuple[str, datetime]]:
-    """The actions a rule that holds from ``start`` will take on the key, and when."""
-    if rule.action == "report":
-        return [("report", start)]
-    if rule.action == "disable":
-        return [] if key.disabled else [("disable", start)]
-    if rule.grace <= timedelta(0):
-        return [("delete", start)]
-    if not key.disabled:
-        return [("disable", start), ("delete", start + rule.grace)]
-    if proof is None:
+def _moments(key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime) -> list[datetime]:
+    """``now``, then every later time at which a rule's condition can turn true with time alone.
+
+    ``decide`` depends on time only through these thresholds (each holds for good once reached), so
+    its answer can change only at one of them: checking each in order finds the first action.
+    """
+    if is_protected(key, ruleset.safety):
         return []
-    return [("delete", max(start, proof[0] + rule.grace))]
+    created = as_utc(key.created_at)
+    since = idle_since(key, history)
+    if key.updated_at is not None:
+        disabled_from = [as_utc(key.updated_at)]  # _disabled_proof reads nothing else then
+    else:
+        disabled_from = [as_utc(history.disabled_since)] if history.disabled_since is not None else []
+        if audit.last_change == "disable" and audit.last_change_at is not None:
+            disabled_from.append(as_utc(audit.last_change_at))
+    moments = {now}
+    for rule in ruleset.rules:
+        if not _in_scope(rule, key, now, check_min_age=False):
+            continue  # the filters that time does not change keep this rule off the key for good
+        if rule.min_age is not None:
+            moments.add(created + rule.min_age)
+        if rule.match == "expired" and key.expires_at is not None:
+            moments.add(as_utc(key.expires_at))
+        if rule.match == "unused" and rule.idle_for is not None and since is not None:
+            moments.add(max(created, since) + rule.idle_for)
+        if rule.action == "delete" and key.disabled:
+            moments.update(start + rule.grace for start in disabled_from)
+    return sorted(moment for moment in moments if moment >= now)

@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from decimal import Decimal
 from typing import Literal, get_args
 
 from keyhygiene.timeutil import format_duration
@@ -86,7 +87,7 @@ class Rule:
     grace: timedelta = DEFAULT_GRACE
     idle_for: timedelta | None = None
     window: Window | None = None
-    threshold_usd: float | None = None
+    threshold_usd: Decimal | None = None
     reenable: bool = False
     names: tuple[str, ...] = ()
     exclude_names: tuple[str, ...] = ()
@@ -95,6 +96,9 @@ class Rule:
     disabled: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.threshold_usd is not None and not isinstance(self.threshold_usd, Decimal):
+            # Money is compared exactly: a number written 100.1 means exactly 100.1 dollars.
+            object.__setattr__(self, "threshold_usd", Decimal(str(self.threshold_usd)))
         problem = self._problem()
         if problem is not None:
             raise ValueError(f"rule {self.name!r}: {problem}")

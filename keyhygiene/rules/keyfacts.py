@@ -1,0 +1,70 @@
+"""The engine's own view of one key: only the fields the rules read, with money as exact Decimal.
+
+The engine never sees the API's ``Key`` or a database row; the caller builds a ``KeyFacts`` from
+either with one function (``keyhygiene.enforcement.key_facts`` for the API's keys and the store's
+inventory). A report that only asks how long a key has been idle passes anything with the two
+fields of ``UseSigns``, so nothing is zero-filled to call the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal, Protocol
+
+Window = Literal["daily", "weekly", "monthly", "total"]
+
+
+class UseSigns(Protocol):
+    """What ``idle_since`` reads of a key besides its history."""
+
+    @property
+    def reports_last_used(self) -> bool: ...
+
+    @property
+    def last_used_at(self) -> datetime | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFacts:
+    """One key's current state as the rules read it.
+
+    ``reports_last_used``: whether the API gave ``last_used_at`` at all (older API versions do not);
+    null ``last_used_at`` then means "no use recorded", not "unknown".
+    Money (``usage*``, ``byok_usage*``, ``limit``, ``limit_remaining``) is in US dollars, exact.
+    """
+
+    hash: str
+    name: str
+    workspace_id: str | None
+    disabled: bool
+    created_at: datetime
+    updated_at: datetime | None
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    reports_last_used: bool
+    usage: Decimal
+    usage_daily: Decimal
+    usage_weekly: Decimal
+    usage_monthly: Decimal
+    byok_usage: Decimal
+    byok_usage_daily: Decimal
+    byok_usage_weekly: Decimal
+    byok_usage_monthly: Decimal
+    limit: Decimal | None
+    limit_remaining: Decimal | None
+    limit_reset: str | None
+    include_byok_in_limit: bool
+
+    def spend_in(self, window: Window) -> Decimal:
+        """Spend in ``window`` as a limit counts it: credits, plus BYOK where the key counts BYOK."""
+        if window == "total":
+            usage, byok = self.usage, self.byok_usage
+        elif window == "daily":
+            usage, byok = self.usage_daily, self.byok_usage_daily
+        elif window == "weekly":
+            usage, byok = self.usage_weekly, self.byok_usage_weekly
+        else:
+            usage, byok = self.usage_monthly, self.byok_usage_monthly
+        return usage + byok if self.include_byok_in_limit else usage
