@@ -342,3 +342,21 @@ def deployment(
     finally:
         setup.close()
         redis_db.flush()
+
+
+@pytest.fixture(scope="session")
+def redis_db() -> Iterator[RedisDatabase]:
+    """This session's own Redis database number (import the fixture into a test module to use it)."""
+    claimed = claim_redis_database()
+    try:
+        yield claimed
+    finally:
+        claimed.release()
+
+
+@pytest.fixture
+def deploy(
+    tmp_path: Path, redis_db: RedisDatabase, fake_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Deployment]:
+    """A Deployment for one test (see :func:`deployment`)."""
+    yield from deployment(tmp_path, redis_db, fake_url, monkeypatch)

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,29 +27,11 @@ from .celery_support import (
     Deployment,
     PrivateRedis,
     RedisDatabase,
-    claim_redis_database,
-    deployment,
     keyhygiene_executable,
     wait_until,
 )
 
 pytestmark = [pytest.mark.celery, pytest.mark.timeout(150)]
-
-
-@pytest.fixture(scope="session")
-def redis_db() -> Iterator[RedisDatabase]:
-    claimed = claim_redis_database()
-    try:
-        yield claimed
-    finally:
-        claimed.release()
-
-
-@pytest.fixture
-def deploy(
-    tmp_path: Path, redis_db: RedisDatabase, fake_url: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Deployment]:
-    yield from deployment(tmp_path, redis_db, fake_url, monkeypatch)
 
 
 def add_keys(fake: FakeOpenRouter, *, expired: int, healthy: int) -> list[str]:
