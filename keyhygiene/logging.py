@@ -130,8 +130,6 @@ def configure_logging(log_format: str = "auto", *, stream: TextIO | None = None,
     # httpx logs every request at INFO; the client logs what matters itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
-    # alembic logs every migration step at INFO; `db upgrade` prints what it did in one line.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
     structlog.configure(
         processors=[

@@ -14,11 +14,13 @@ import select
 import signal
 import subprocess
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.timeutil import utcnow
 
 from .celery_support import (
     Deployment,
@@ -131,8 +133,10 @@ def test_a_command_on_a_terminal_prints_readable_lines_and_no_json(tmp_path: Pat
     upgrade = Terminal(["db", "upgrade"], env, tmp_path)
     try:
         assert upgrade.wait(timeout=60) == 0
-        # One human line: the migration steps are not logged at all, let alone as JSON.
-        assert upgrade.lines() == ["database upgraded from empty to migration " + upgrade.lines()[0].split()[-1]]
+        lines = upgrade.lines()
+        assert not any(is_json(line) for line in lines), upgrade.text()
+        assert any(re.search(r"\[info\s*\] Running upgrade  -> 0001", line) for line in lines), upgrade.text()
+        assert lines[-1].startswith("database upgraded from empty to migration ")
     finally:
         upgrade.close()
     sync = Terminal(["sync"], env, tmp_path)
@@ -144,6 +148,30 @@ def test_a_command_on_a_terminal_prints_readable_lines_and_no_json(tmp_path: Pat
         assert lines[-1].startswith("run 1 sync complete")
     finally:
         sync.close()
+
+
+def test_a_refused_run_on_a_terminal_ends_with_its_one_line_set_apart(
+    tmp_path: Path, fake_url: str, fake: FakeOpenRouter
+) -> None:
+    for number in range(3):
+        fake.add_key(f"dev-old-{number}", expires_at=utcnow() - timedelta(days=1))
+    (tmp_path / "keyhygiene.toml").write_text(
+        "[safety]\nmax_actions_per_run = 1\nmax_action_percent = 100\n\n"
+        '[[rule]]\nname = "delete-expired"\nmatch = "expired"\naction = "delete"\n'
+    )
+    env = command_env(tmp_path, fake_url)
+    subprocess.run([keyhygiene_executable(), "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True)
+    run = Terminal(["run"], env, tmp_path)
+    try:
+        assert run.wait(timeout=120) == 3
+        lines = run.lines()
+        assert sum("key_action" in line for line in lines) == 3
+        assert re.match(r"keyhygiene: run \d+ run refused: .*3", lines[-1]), run.text()
+        # Bold red, after an empty line, on the terminal itself.
+        raw = run.output.decode(errors="replace").replace("\r", "")
+        assert re.search(r"\n\n\x1b\[[0-9;]*m(\x1b\[[0-9;]*m)?keyhygiene: run \d+ run refused", raw), raw[-500:]
+    finally:
+        run.close()
 
 
 def test_an_explicit_format_wins_over_the_terminal(tmp_path: Path, fake_url: str) -> None:
