@@ -3,7 +3,10 @@ command, the dependencies and health checks are in place, and no secret is baked
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +173,55 @@ def test_the_example_rules_file_is_valid_and_changes_nothing() -> None:
 
     ruleset = load_rules(ROOT / "deploy" / "keyhygiene.toml.example")
     assert ruleset.safety.dry_run is True
+
+
+# -- the image's entrypoint, run here as the container runs it --------------------------------------
+
+ENTRYPOINT = ROOT / "deploy" / "docker-entrypoint.sh"
+
+
+def run_entrypoint(tmp_path: Path, env: dict[str, str], *command: str) -> subprocess.CompletedProcess[str]:
+    # The venv's python (with SQLAlchemy) first on PATH, as the image's is.
+    path = f"{Path(sys.executable).parent}{os.pathsep}/usr/sbin:/usr/bin:/sbin:/bin"
+    return subprocess.run(
+        ["sh", str(ENTRYPOINT), *command], env={"PATH": path, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_entrypoint_reads_both_secrets_escapes_the_password_and_drops_root(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    password = "p@ss:w/rd%41#?& x"
+    (secrets / "postgres_password").write_text(password + "\n")
+    (secrets / "openrouter_management_key").write_text("sk-or-v1-" + "ab" * 32 + "\n")
+    for secret in secrets.iterdir():
+        secret.chmod(0o600)  # as the README says: readable by its owner only
+    done = run_entrypoint(
+        tmp_path,
+        {
+            "KEYHYGIENE_DATABASE_URL": "postgresql+psycopg://keyhygiene@postgres:5432/keyhygiene",
+            "KEYHYGIENE_DATABASE_PASSWORD_FILE": str(secrets / "postgres_password"),
+            "OPENROUTER_MANAGEMENT_KEY_FILE": str(secrets / "openrouter_management_key"),
+        },
+        "sh",
+        "-c",
+        'id -u; echo "$KEYHYGIENE_DATABASE_URL"; echo "$OPENROUTER_MANAGEMENT_KEY";'
+        ' echo "${OPENROUTER_MANAGEMENT_KEY_FILE-unset} ${KEYHYGIENE_DATABASE_PASSWORD_FILE-unset}"',
+    )
+    assert done.returncode == 0, done.stderr
+    uid, url, key, files = done.stdout.splitlines()
+    assert make_url(url).password == password and make_url(url).host == "postgres"
+    assert key == "sk-or-v1-" + "ab" * 32
+    assert files == "unset unset"
+    if os.getuid() == 0:
+        assert uid == "10001", "the command still runs as root"
+
+
+def test_the_entrypoint_names_what_it_cannot_use(tmp_path: Path) -> None:
+    missing = run_entrypoint(tmp_path, {"OPENROUTER_MANAGEMENT_KEY_FILE": str(tmp_path / "nope")}, "true")
+    assert missing.returncode == 2
+    assert "OPENROUTER_MANAGEMENT_KEY_FILE" in missing.stderr and "cannot be read" in missing.stderr
+    (tmp_path / "keyhygiene.toml").mkdir()  # what Docker makes of a missing bind-mount source
+    directory = run_entrypoint(tmp_path, {"KEYHYGIENE_RULES_FILE": str(tmp_path / "keyhygiene.toml")}, "true")
+    assert directory.returncode == 2
+    assert "is a directory" in directory.stderr and "deploy/keyhygiene.toml.example" in directory.stderr
