@@ -84,7 +84,9 @@ def test_migrate_waits_for_postgres_and_worker_and_beat_wait_for_migrate(compose
 def test_the_worker_health_check_is_the_heartbeat_the_worker_writes(compose: dict[str, Any]) -> None:
     worker = services(compose)["worker"]
     test = worker["healthcheck"]["test"]
-    assert test[:4] == ["CMD", "python", "-m", "worker.health"]
+    # As uid 10001, like everything else in the container (a healthcheck skips the entrypoint).
+    assert test[:5] == ["CMD", "setpriv", "--reuid=10001", "--regid=10001", "--clear-groups"]
+    assert test[5:8] == ["python", "-m", "worker.health"]
     heartbeat = test[test.index("--file") + 1]
     command = worker["command"]
     assert command[command.index("--heartbeat-file") + 1] == heartbeat
