@@ -1,16 +1,62 @@
 #!/bin/sh
-# Read OPENROUTER_MANAGEMENT_KEY from the file OPENROUTER_MANAGEMENT_KEY_FILE names (a Docker
-# secret), unless it is set directly (an env file), then run the command.
+# The image's entrypoint. It starts as root only to read the files compose mounts with the HOST
+# file's owner and mode (the secrets: outside swarm, compose ignores uid/gid/mode), then runs the
+# command as the unprivileged user keyhygiene (uid 10001).
+#
+#   OPENROUTER_MANAGEMENT_KEY_FILE     read into OPENROUTER_MANAGEMENT_KEY (unless that is set)
+#   KEYHYGIENE_DATABASE_PASSWORD_FILE  put, URL-escaped, into KEYHYGIENE_DATABASE_URL as its password
+#
+# Neither value is ever in the image, the compose file or `docker inspect`.
 set -eu
 
+APP_UID=10001
+APP_HOME=/var/lib/keyhygiene
+
+fail() {
+    echo "keyhygiene: error: $*" >&2
+    exit 2
+}
+
+readable() {  # variable name, file: exit 2 unless the file can be read
+    [ -f "$2" ] && [ -r "$2" ] || fail "$1 names $2, which cannot be read (as uid $(id -u)); check the secret file on the host"
+}
+
 if [ -n "${OPENROUTER_MANAGEMENT_KEY_FILE:-}" ] && [ -z "${OPENROUTER_MANAGEMENT_KEY:-}" ]; then
-    if [ ! -r "$OPENROUTER_MANAGEMENT_KEY_FILE" ]; then
-        echo "keyhygiene: error: OPENROUTER_MANAGEMENT_KEY_FILE names $OPENROUTER_MANAGEMENT_KEY_FILE, which cannot be read" >&2
-        exit 2
-    fi
+    readable OPENROUTER_MANAGEMENT_KEY_FILE "$OPENROUTER_MANAGEMENT_KEY_FILE"
     OPENROUTER_MANAGEMENT_KEY="$(tr -d '\r\n' < "$OPENROUTER_MANAGEMENT_KEY_FILE")"
     export OPENROUTER_MANAGEMENT_KEY
 fi
 unset OPENROUTER_MANAGEMENT_KEY_FILE
 
+if [ -n "${KEYHYGIENE_DATABASE_PASSWORD_FILE:-}" ]; then
+    readable KEYHYGIENE_DATABASE_PASSWORD_FILE "$KEYHYGIENE_DATABASE_PASSWORD_FILE"
+    # SQLAlchemy escapes what a URL cannot hold as it is (@ : / % # ? and the like).
+    KEYHYGIENE_DATABASE_URL="$(python - <<'PY'
+import os
+import sys
+
+from sqlalchemy.engine import make_url
+
+with open(os.environ["KEYHYGIENE_DATABASE_PASSWORD_FILE"], encoding="utf-8") as file:
+    password = file.read().rstrip("\r\n")
+try:
+    url = make_url(os.environ.get("KEYHYGIENE_DATABASE_URL", ""))
+except Exception:
+    sys.exit("keyhygiene: error: KEYHYGIENE_DATABASE_URL is not a database URL")
+print(url.set(password=password).render_as_string(hide_password=False))
+PY
+)" || exit 2
+    export KEYHYGIENE_DATABASE_URL
+fi
+unset KEYHYGIENE_DATABASE_PASSWORD_FILE
+
+# A bind mount of a rules file that was missing on the host shows up as a directory.
+if [ -n "${KEYHYGIENE_RULES_FILE:-}" ] && [ -d "$KEYHYGIENE_RULES_FILE" ]; then
+    fail "the rules file $KEYHYGIENE_RULES_FILE is a directory: put your rules at ./keyhygiene.toml next to docker-compose.yml (start from deploy/keyhygiene.toml.example; remove the directory Docker created)"
+fi
+
+if [ "$(id -u)" = 0 ]; then
+    export HOME="$APP_HOME" USER=keyhygiene
+    exec setpriv --reuid="$APP_UID" --regid="$APP_UID" --clear-groups --no-new-privs -- "$@"
+fi
 exec "$@"

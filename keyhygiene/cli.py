@@ -146,7 +146,13 @@ def _finish_job(outcome: Any) -> NoReturn:
     stream = sys.stdout if outcome.exit_code == EXIT_OK else sys.stderr
     prefix = "" if outcome.exit_code == EXIT_OK else "keyhygiene: "
     run = f"run {outcome.run_id} " if outcome.run_id is not None else ""
-    click.echo(f"{prefix}{run}{outcome.kind} {outcome.status}: {khlog.redact_text(outcome.message)}", file=stream)
+    line = f"{prefix}{run}{outcome.kind} {outcome.status}: {khlog.redact_text(outcome.message)}"
+    if stream.isatty():
+        # On a terminal the outcome follows a screenful of log lines: set it apart.
+        click.echo(file=stream)
+        click.secho(line, file=stream, bold=True, fg=None if outcome.exit_code == EXIT_OK else "red")
+    else:
+        click.echo(line, file=stream)
     sys.exit(outcome.exit_code)
 
 

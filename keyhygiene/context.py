@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -38,6 +39,8 @@ class Database:
     @classmethod
     def open(cls, settings: Settings, *, check: bool = True) -> Database:
         """Connect, and (by default) refuse a database that is not at the newest migration."""
+        if check:
+            _refuse_missing_sqlite_file(settings)
         try:
             engine = make_engine(settings.database)
         except (ArgumentError, ImportError) as exc:
@@ -63,6 +66,16 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _refuse_missing_sqlite_file(settings: Settings) -> None:
+    """Connecting would create an empty SQLite file; say to run ``db upgrade`` instead (only that creates one)."""
+    url = settings.database
+    path = url.database
+    if url.get_backend_name() != "sqlite" or not path or path == ":memory:" or path.startswith("file:"):
+        return
+    if not Path(path).exists():
+        raise DatabaseFailure(f"there is no database at {path}: run `keyhygiene db upgrade` first to create it")
 
 
 def open_client(settings: Settings, *, verify: bool = True) -> KeysClient:

@@ -9,9 +9,12 @@ up with it afterwards. Everything lives in one directory (``./keyhygiene-demo`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -309,7 +312,7 @@ def run_demo(
                     notes=[
                         "In all: " + "; ".join(f"{group} {n}" for group, n in counts.items()),
                         "prod-* keys are protected (protect_names): prod-payments-1 is expired and idle, "
-                        "and no rule touches it. The whole plan: keyhygiene plan",
+                        "and no rule touches it. The whole plan: " + shell_command() + " plan",
                     ],
                 ),
                 console,
@@ -324,6 +327,7 @@ def run_demo(
             database.close()
 
     url = f"sqlite:///{db_path}"
+    command = shell_command()
     width = max(len(str(path)) for path in (db_path, rules_path, html_path))
     console.print(
         f"\n[bold]Done in {time.monotonic() - began:.1f}s.[/bold] Everything is in {folder}/"
@@ -340,11 +344,11 @@ def run_demo(
         + "\n"
         "Explore further:\n"
         f"  export KEYHYGIENE_DATABASE_URL={url} KEYHYGIENE_RULES_FILE={rules_path}\n"
-        "  keyhygiene report spend --by workspace\n"
-        "  keyhygiene report idle\n"
-        "  keyhygiene report trends --since 14d\n"
-        "  keyhygiene report actions\n"
-        "  keyhygiene plan",
+        f"  {command} report spend --by workspace\n"
+        f"  {command} report idle\n"
+        f"  {command} report trends --since 14d\n"
+        f"  {command} report actions\n"
+        f"  {command} plan",
         highlight=False,
         soft_wrap=True,
     )
@@ -382,6 +386,21 @@ def _notices(console: Console, sink: WebhookSink) -> None:
             when = f" on {key['due'][:10]}" if key.get("due") else ""
             line = f"    {key['key_name']}: {key['action']}{when} ({key['rule']}), owner {key['owner'] or '-'}"
             console.print(line[:78], highlight=False)
+
+
+def shell_command() -> str:
+    """How to run keyhygiene from the user's shell: ``keyhygiene`` when that is this installation on
+    PATH, else the path of this installation's console script (a virtualenv not activated)."""
+    beside = Path(sys.executable).parent / "keyhygiene"
+    on_path = shutil.which("keyhygiene")
+    if not beside.exists():
+        return "keyhygiene"
+    if on_path is not None and Path(on_path).resolve() == beside.resolve():
+        return "keyhygiene"
+    with contextlib.suppress(ValueError):
+        relative = str(beside.relative_to(Path.cwd()))
+        return relative if "/" in relative else f"./{relative}"
+    return str(beside)
 
 
 def _overspend_today(fake: FakeOpenRouter, end: datetime) -> None:

@@ -1,6 +1,7 @@
 """Structured logging, configured once per process.
 
-JSON lines on stderr by default (``KEYHYGIENE_LOG_FORMAT=json``), or a readable console format.
+``KEYHYGIENE_LOG_FORMAT``: ``json`` (one JSON object per line on stderr), ``console`` (readable
+lines), or ``auto`` (the default): console when stderr is a terminal, JSON otherwise.
 Every event, exception and third-party log line (Celery, kombu, httpx) passes through the same
 processors, the last of which removes the management key and anything shaped like an OpenRouter
 secret, so no line can carry one.
@@ -83,9 +84,21 @@ class _CurrentStderr:
         return sys.stderr.isatty()
 
 
-def configure_logging(log_format: str = "json", *, stream: TextIO | None = None, level: int = logging.INFO) -> None:
+def resolve_format(log_format: str, stream: TextIO | None = None) -> str:
+    """``json`` or ``console``: ``auto`` is console when ``stream`` (default stderr) is a terminal."""
+    if log_format != "auto":
+        return log_format
+    try:
+        interactive = (stream or sys.stderr).isatty()
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        interactive = False
+    return "console" if interactive else "json"
+
+
+def configure_logging(log_format: str = "auto", *, stream: TextIO | None = None, level: int = logging.INFO) -> None:
     """Send structlog's and the standard library's log lines to ``stream`` (default: the current
-    stderr) in one format."""
+    stderr) in one format (``auto``: see :func:`resolve_format`)."""
+    log_format = resolve_format(log_format, stream)
     stream = stream or cast(TextIO, _CurrentStderr())
     shared = _shared_processors()
     final: list[Processor]

@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     rules_file: str = Field(default="keyhygiene.toml", validation_alias="KEYHYGIENE_RULES_FILE")
     broker_url: str = Field(default="redis://localhost:6379/0", validation_alias="KEYHYGIENE_BROKER_URL")
     schedule: str = Field(default="0 * * * *", validation_alias="KEYHYGIENE_SCHEDULE")
-    log_format: Literal["json", "console"] = Field(default="json", validation_alias="KEYHYGIENE_LOG_FORMAT")
+    log_format: Literal["auto", "json", "console"] = Field(default="auto", validation_alias="KEYHYGIENE_LOG_FORMAT")
     http_concurrency: int = Field(default=8, ge=1, le=64, validation_alias="KEYHYGIENE_HTTP_CONCURRENCY")
     retention: timedelta = Field(default=timedelta(days=400), validation_alias="KEYHYGIENE_RETENTION")
     audit_retention: timedelta | None = Field(default=None, validation_alias="KEYHYGIENE_AUDIT_RETENTION")

@@ -344,9 +344,9 @@ def deployment(
         redis_db.flush()
 
 
-@pytest.fixture(scope="session", name="redis_db")
-def redis_db_fixture() -> Iterator[RedisDatabase]:
-    """A Redis database number claimed for this session (import it into a test module to use it)."""
+@pytest.fixture(scope="session")
+def redis_db() -> Iterator[RedisDatabase]:
+    """This session's own Redis database number (import the fixture into a test module to use it)."""
     claimed = claim_redis_database()
     try:
         yield claimed
@@ -354,8 +354,9 @@ def redis_db_fixture() -> Iterator[RedisDatabase]:
         claimed.release()
 
 
-@pytest.fixture(name="deploy")
-def deploy_fixture(
+@pytest.fixture
+def deploy(
     tmp_path: Path, redis_db: RedisDatabase, fake_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Deployment]:
+    """A Deployment for one test (see :func:`deployment`)."""
     yield from deployment(tmp_path, redis_db, fake_url, monkeypatch)

@@ -30,6 +30,9 @@ POSTGRES_URL = os.environ.get("KEYHYGIENE_TEST_POSTGRES_URL", "postgresql+psycop
 MANAGEMENT_KEY = "sk-or-v1-" + "5ec2e7" * 10 + "abcd"
 """The management key every test uses; tests check that it never shows up in output."""
 
+# The Celery tests' fixtures (redis_db, deploy), shared by every module that starts a worker.
+pytest_plugins = ["tests.celery_support"]
+
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:

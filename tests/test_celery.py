@@ -27,13 +27,9 @@ from .celery_support import (
     Deployment,
     PrivateRedis,
     RedisDatabase,
-    deploy_fixture,
     keyhygiene_executable,
-    redis_db_fixture,
     wait_until,
 )
-
-__all__ = ["deploy_fixture", "redis_db_fixture"]  # the fixtures ``deploy`` and ``redis_db``
 
 pytestmark = [pytest.mark.celery, pytest.mark.timeout(150)]
 

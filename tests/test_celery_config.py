@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from keyhygiene.settings import Settings
 from worker.beat_schedule import PRUNE_SCHEDULE, beat_schedule, shortest_period
 from worker.celery_app import make_app
-from worker.health import check
+from worker.health import check, mark_stopped, touch
 from worker.limits import TimeLimits
 from worker.names import TASK_NAMES
 from worker.strategy import check_message
@@ -199,4 +199,16 @@ def test_the_health_check_wants_a_fresh_heartbeat(tmp_path: Path) -> None:
     stale = time.time() - 120
     os.utime(heartbeat, (stale, stale))
     alive, message = check(heartbeat, 60)
-    assert not alive and "not consuming" in message
+    assert not alive and "120s ago" in message
+
+
+def test_the_health_check_says_stopped_after_a_clean_stop_and_alive_after_a_restart(tmp_path: Path) -> None:
+    heartbeat = tmp_path / "heartbeat"
+    alive, message = check(heartbeat, 60)
+    assert not alive and "has not started" in message
+    touch(heartbeat)
+    mark_stopped(heartbeat)
+    alive, message = check(heartbeat, 60)
+    assert not alive and message.startswith("stopped at ") and "has not started" not in message
+    touch(heartbeat)
+    assert check(heartbeat, 60)[0] is True

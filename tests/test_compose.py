@@ -3,13 +3,17 @@ command, the dependencies and health checks are in place, and no secret is baked
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 from keyhygiene.cli import cli
 from keyhygiene.settings import ENV_NAMES
@@ -80,7 +84,9 @@ def test_migrate_waits_for_postgres_and_worker_and_beat_wait_for_migrate(compose
 def test_the_worker_health_check_is_the_heartbeat_the_worker_writes(compose: dict[str, Any]) -> None:
     worker = services(compose)["worker"]
     test = worker["healthcheck"]["test"]
-    assert test[:4] == ["CMD", "python", "-m", "worker.health"]
+    # As uid 10001, like everything else in the container (a healthcheck skips the entrypoint).
+    assert test[:5] == ["CMD", "setpriv", "--reuid=10001", "--regid=10001", "--clear-groups"]
+    assert test[5:8] == ["python", "-m", "worker.health"]
     heartbeat = test[test.index("--file") + 1]
     command = worker["command"]
     assert command[command.index("--heartbeat-file") + 1] == heartbeat
@@ -100,25 +106,51 @@ def test_the_rules_file_is_mounted_read_only_where_the_settings_point(compose: d
     for name in ("migrate", "worker"):
         service = services(compose)[name]
         rules_path = service["environment"]["KEYHYGIENE_RULES_FILE"]
-        assert f"./keyhygiene.toml:{rules_path}:ro" in service["volumes"]
+        (mount,) = service["volumes"]
+        assert mount["source"] == "./keyhygiene.toml" and mount["target"] == rules_path and mount["read_only"]
+        # A missing file stops `up` instead of becoming a directory of that name.
+        assert mount["bind"]["create_host_path"] is False
 
 
-def test_the_management_key_is_a_secret_never_a_value(compose: dict[str, Any]) -> None:
+def test_the_management_key_and_database_password_are_secrets_never_values(compose: dict[str, Any]) -> None:
     for name in ("migrate", "worker"):
         service = services(compose)[name]
         assert "OPENROUTER_MANAGEMENT_KEY" not in service["environment"]
-        assert service["secrets"] == ["openrouter_management_key"]
+        assert set(service["secrets"]) == {"openrouter_management_key", "postgres_password"}
         assert service["environment"]["OPENROUTER_MANAGEMENT_KEY_FILE"] == "/run/secrets/openrouter_management_key"
-    assert "OPENROUTER_MANAGEMENT_KEY_FILE" not in services(compose)["beat"]["environment"]
+    beat = services(compose)["beat"]
+    assert "OPENROUTER_MANAGEMENT_KEY_FILE" not in beat["environment"] and beat["secrets"] == ["postgres_password"]
+    for name in KEYHYGIENE_SERVICES:
+        environment = services(compose)[name]["environment"]
+        assert make_url(environment["KEYHYGIENE_DATABASE_URL"]).password is None
+        assert environment["KEYHYGIENE_DATABASE_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert "POSTGRES_PASSWORD" not in services(compose)["postgres"]["environment"]
+    assert services(compose)["postgres"]["secrets"] == ["postgres_password"]
     assert compose["secrets"]["openrouter_management_key"]["file"].startswith("./secrets/")
+    assert compose["secrets"]["postgres_password"]["file"].startswith("./secrets/")
     text = COMPOSE.read_text() + DOCKERFILE.read_text()
     assert not re.search(r"sk-or-v1-[0-9a-f]{16,}", text)
 
 
 def test_every_setting_the_services_pass_is_one_keyhygiene_reads(compose: dict[str, Any]) -> None:
-    known = set(ENV_NAMES.values()) | {"OPENROUTER_MANAGEMENT_KEY_FILE"}
+    image_only = {"OPENROUTER_MANAGEMENT_KEY_FILE", "KEYHYGIENE_DATABASE_PASSWORD_FILE"}
     for name in KEYHYGIENE_SERVICES:
-        assert set(services(compose)[name]["environment"]) <= known, name
+        assert set(services(compose)[name]["environment"]) <= set(ENV_NAMES.values()) | image_only, name
+
+
+def test_every_setting_in_the_env_file_reaches_every_keyhygiene_service(compose: dict[str, Any]) -> None:
+    for name in KEYHYGIENE_SERVICES:
+        assert services(compose)[name]["env_file"] == [{"path": ".env", "required": False}], name
+    example = (ROOT / "deploy" / "env.example").read_text()
+    named = set(re.findall(r"^#?(KEYHYGIENE_[A-Z_]+)=", example, re.MULTILINE))
+    assert "POSTGRES_PASSWORD" not in example.replace("#", "")
+    assert {"KEYHYGIENE_AUDIT_RETENTION", "KEYHYGIENE_JOB_TIME_LIMIT", "KEYHYGIENE_HTTP_CONCURRENCY"} <= named
+
+
+def test_one_image_is_built_once_for_every_keyhygiene_service(compose: dict[str, Any]) -> None:
+    svc = services(compose)
+    assert [name for name, service in svc.items() if "build" in service] == ["migrate"]
+    assert {svc[name]["image"] for name in KEYHYGIENE_SERVICES} == {svc["migrate"]["image"]}
 
 
 def test_the_dockerfile_installs_the_package_and_bakes_in_no_secret() -> None:
@@ -127,13 +159,15 @@ def test_the_dockerfile_installs_the_package_and_bakes_in_no_secret() -> None:
     assert re.search(r"^RUN pip install --constraint constraints\.txt \.", text, re.MULTILINE)
     assert "COPY pyproject.toml README.md constraints.txt" in text
     assert "OPENROUTER_MANAGEMENT_KEY=" not in text
-    assert re.search(r"^USER (?!root)", text, re.MULTILINE), "the image does not run as root"
     for package in ("keyhygiene", "db", "migrations", "tasks", "worker"):
         assert f"COPY {package} " in text, f"the image lacks the {package} package"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".env", "secrets/", "*.db", ".venv"} <= set(ignored)
+    # Started as root only to read the secrets; every command runs as uid 10001 (the compose smoke
+    # test, scripts/compose-smoke, checks the running processes).
     entrypoint = (ROOT / "deploy" / "docker-entrypoint.sh").read_text()
-    assert 'exec "$@"' in entrypoint
+    assert "--useradd --system --uid 10001" not in text and "--uid 10001" in text
+    assert re.search(r'exec setpriv --reuid="\$APP_UID" .* -- "\$@"', entrypoint)
 
 
 def test_the_example_rules_file_is_valid_and_changes_nothing() -> None:
@@ -141,3 +175,55 @@ def test_the_example_rules_file_is_valid_and_changes_nothing() -> None:
 
     ruleset = load_rules(ROOT / "deploy" / "keyhygiene.toml.example")
     assert ruleset.safety.dry_run is True
+
+
+# -- the image's entrypoint, run here as the container runs it --------------------------------------
+
+ENTRYPOINT = ROOT / "deploy" / "docker-entrypoint.sh"
+
+
+def run_entrypoint(tmp_path: Path, env: dict[str, str], *command: str) -> subprocess.CompletedProcess[str]:
+    # The venv's python (with SQLAlchemy) first on PATH, as the image's is.
+    path = f"{Path(sys.executable).parent}{os.pathsep}/usr/sbin:/usr/bin:/sbin:/bin"
+    return subprocess.run(
+        ["sh", str(ENTRYPOINT), *command], env={"PATH": path, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_entrypoint_reads_both_secrets_escapes_the_password_and_drops_root(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    password = "p@ss:w/rd%41#?& x"
+    (secrets / "postgres_password").write_text(password + "\n")
+    (secrets / "openrouter_management_key").write_text("sk-or-v1-" + "ab" * 32 + "\n")
+    for secret in secrets.iterdir():
+        secret.chmod(0o600)  # as the README says: readable by its owner only
+    done = run_entrypoint(
+        tmp_path,
+        {
+            "KEYHYGIENE_DATABASE_URL": "postgresql+psycopg://keyhygiene@postgres:5432/keyhygiene",
+            "KEYHYGIENE_DATABASE_PASSWORD_FILE": str(secrets / "postgres_password"),
+            "OPENROUTER_MANAGEMENT_KEY_FILE": str(secrets / "openrouter_management_key"),
+        },
+        "sh",
+        "-c",
+        'id -u; echo "$KEYHYGIENE_DATABASE_URL"; echo "$OPENROUTER_MANAGEMENT_KEY";'
+        ' echo "${OPENROUTER_MANAGEMENT_KEY_FILE-unset} ${KEYHYGIENE_DATABASE_PASSWORD_FILE-unset}"',
+    )
+    assert done.returncode == 0, done.stderr
+    uid, url, key, files = done.stdout.splitlines()
+    assert make_url(url).password == password and make_url(url).host == "postgres"
+    assert key == "sk-or-v1-" + "ab" * 32
+    assert files == "unset unset"
+    if os.getuid() == 0:
+        assert uid == "10001", "the command still runs as root"
+
+
+def test_the_entrypoint_names_what_it_cannot_use(tmp_path: Path) -> None:
+    missing = run_entrypoint(tmp_path, {"OPENROUTER_MANAGEMENT_KEY_FILE": str(tmp_path / "nope")}, "true")
+    assert missing.returncode == 2
+    assert "OPENROUTER_MANAGEMENT_KEY_FILE" in missing.stderr and "cannot be read" in missing.stderr
+    (tmp_path / "keyhygiene.toml").mkdir()  # what Docker makes of a missing bind-mount source
+    directory = run_entrypoint(tmp_path, {"KEYHYGIENE_RULES_FILE": str(tmp_path / "keyhygiene.toml")}, "true")
+    assert directory.returncode == 2
+    assert "is a directory" in directory.stderr and "deploy/keyhygiene.toml.example" in directory.stderr

@@ -16,7 +16,7 @@ from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.timeutil import utcnow
 from worker.lock import LOCK_KEY
 
-from .celery_support import Deployment, RedisDatabase, deploy_fixture, redis_db_fixture, wait_until
+from .celery_support import Deployment, RedisDatabase, wait_until
 from .conftest import CliResult
 from .drill_support import (
     Drill,
@@ -27,7 +27,7 @@ from .drill_support import (
     wait_for_change_in_flight,
 )
 
-__all__ = ["deploy_fixture", "drill_fixture", "drill_log_fixture", "redis_db_fixture"]  # fixtures
+__all__ = ["drill_fixture", "drill_log_fixture"]  # fixtures
 
 pytestmark = [pytest.mark.celery, pytest.mark.timeout(150)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.timeutil import utcnow
 
-from .celery_support import Deployment, RedisDatabase, claim_redis_database, deployment, free_port, wait_until
+from .celery_support import Deployment, free_port, wait_until
 from .conftest import CliResult
 
 DAY = timedelta(days=1)
@@ -113,22 +113,6 @@ def test_metrics_when_the_database_is_unreachable_say_so(env: dict[str, str], cl
 
 
 # -- from the worker ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_db() -> Iterator[RedisDatabase]:
-    claimed = claim_redis_database()
-    try:
-        yield claimed
-    finally:
-        claimed.release()
-
-
-@pytest.fixture
-def deploy(
-    tmp_path: Path, redis_db: RedisDatabase, fake_url: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Deployment]:
-    yield from deployment(tmp_path, redis_db, fake_url, monkeypatch)
 
 
 @pytest.mark.celery

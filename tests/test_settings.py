@@ -46,7 +46,7 @@ def test_defaults_are_those_of_the_interface(clean_env: Path) -> None:
     assert settings.rules_file == "keyhygiene.toml"
     assert settings.broker_url == "redis://localhost:6379/0"
     assert settings.schedule == "0 * * * *"
-    assert settings.log_format == "json"
+    assert settings.log_format == "auto"
     assert settings.http_concurrency == 8
     assert settings.retention == timedelta(days=400)
     assert settings.audit_retention is None

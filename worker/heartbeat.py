@@ -13,7 +13,7 @@ from celery import bootsteps
 
 from keyhygiene import logging as khlog
 
-from .health import HEARTBEAT_INTERVAL, touch
+from .health import HEARTBEAT_INTERVAL, mark_stopped, touch
 
 log = khlog.get_logger(__name__)
 
@@ -45,6 +45,9 @@ def heartbeat_step(path: Path, interval: float = HEARTBEAT_INTERVAL) -> type[boo
 
         def shutdown(self, consumer: Any) -> None:
             self.stop(consumer)
-            path.unlink(missing_ok=True)
+            try:
+                mark_stopped(path)
+            except OSError as exc:
+                log.warning("heartbeat_not_written", path=str(path), error=str(exc))
 
     return Heartbeat

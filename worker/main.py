@@ -16,8 +16,9 @@ from keyhygiene.errors import UsageError
 from keyhygiene.jobs import load_ruleset
 from keyhygiene.settings import Settings, load_settings
 
+from .beat_schedule import BEAT_MAX_LOOP_INTERVAL, HEARTBEAT_CONF_KEY
 from .celery_app import make_app
-from .health import DEFAULT_HEARTBEAT_FILE
+from .health import DEFAULT_HEARTBEAT_FILE, mark_stopped
 from .heartbeat import heartbeat_step
 
 log = khlog.get_logger(__name__)
@@ -43,11 +44,23 @@ def run_worker(args: list[str]) -> int:
 
 
 def run_beat(args: list[str]) -> int:
-    """Start Celery beat with extra ``celery beat`` options ``args`` (e.g. ``--schedule FILE``)."""
+    """Start Celery beat with extra ``celery beat`` options ``args`` (e.g. ``--schedule FILE``).
+
+    ``--heartbeat-file PATH`` (ours, not Celery's) sets a file beat touches on every tick, for
+    ``python -m worker.health``.
+    """
+    heartbeat_file, celery_args = _pop_option(args, "--heartbeat-file")
     settings = _startup_settings()
     app = make_app(settings)
+    app.conf.beat_scheduler = "worker.beat_schedule:HygieneScheduler"
+    app.conf.beat_max_loop_interval = BEAT_MAX_LOOP_INTERVAL
+    app.conf[HEARTBEAT_CONF_KEY] = heartbeat_file
     log.info("beat_starting", broker=_safe_url(settings.broker_url), schedule=settings.schedule)
-    return int(app.start(["--quiet", "beat", *DEFAULT_LOGLEVEL, *args]) or 0)
+    try:
+        return int(app.start(["--quiet", "beat", *DEFAULT_LOGLEVEL, *celery_args]) or 0)
+    finally:
+        if heartbeat_file:
+            mark_stopped(Path(heartbeat_file))
 
 
 def _startup_settings() -> Settings:

@@ -3,6 +3,8 @@
 - Celery does not configure logging itself: its ``setup_logging`` signal hands it to
   ``keyhygiene.logging.configure_logging``, so Celery's, kombu's and keyhygiene's own lines all come
   out in one format (JSON lines by default) with the same redaction.
+- The lines Celery's worker prints itself on Ctrl-C and shutdown ("worker: Warm shutdown") go
+  through the same logging instead of raw to stdout.
 - Each task binds ``task_id`` and ``task_name`` when it starts and clears the context when it ends;
   ``keyhygiene.jobs.execute`` binds ``run_id`` itself. Every line a job writes can so be traced to
   its task and its run.
@@ -17,7 +19,7 @@ from celery import signals
 
 from keyhygiene import logging as khlog
 
-_log_format = {"value": "json"}
+_log_format = {"value": "auto"}
 
 
 def use_log_format(log_format: str) -> None:
@@ -41,8 +43,18 @@ def _task_ended(**_: Any) -> None:
     khlog.clear()
 
 
+def _say(message: str, *_: Any, **__: Any) -> None:
+    # Celery calls this from its signal handlers; logging is safe there (its lock is reentrant).
+    logging.getLogger("celery.apps.worker").info(message.strip())
+
+
 def connect() -> None:
     """Connect the receivers (idempotent: each is connected once per process)."""
+    # Celery prints its shutdown lines with its own safe_say, past any logging configuration:
+    # replaced here so they follow KEYHYGIENE_LOG_FORMAT like every other line.
+    import celery.apps.worker
+
+    celery.apps.worker.safe_say = _say
     signals.setup_logging.connect(_setup_logging, weak=False, dispatch_uid="keyhygiene.setup_logging")
     signals.task_prerun.connect(_task_started, weak=False, dispatch_uid="keyhygiene.task_prerun")
     signals.task_postrun.connect(_task_ended, weak=False, dispatch_uid="keyhygiene.task_postrun")

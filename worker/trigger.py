@@ -9,6 +9,7 @@ recorded there.
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from .names import JOB_KINDS, TASK_NAMES
 POLL_INTERVAL = 0.5
 # Seconds the broker has to answer before trigger gives up (exit 1).
 BROKER_TIMEOUT = 3.0
+# Seconds `trigger --wait` gives the workers to answer a ping before it warns that none is running.
+WORKER_PING_TIMEOUT = 3.0
 
 
 def trigger_job(
@@ -64,6 +67,14 @@ def trigger_job(
                 "(column task_id) or `keyhygiene status`"
             )
             return None
+        if not workers_answer(settings):
+            print(
+                f"keyhygiene: warning: no worker answered within {WORKER_PING_TIMEOUT:g}s: task {task_id} waits "
+                "in the queue until a worker runs it (start one: keyhygiene worker); waiting up to "
+                f"{timeout:g}s",
+                file=sys.stderr,
+                flush=True,
+            )
         return wait_for_run(database, job, task_id, timeout=timeout)
     finally:
         if database is not None:
@@ -101,6 +112,17 @@ def _send(settings: Settings, job: str, *, dry_run: bool, allow_actions: int | N
     finally:
         app.close()
     return task_id
+
+
+def workers_answer(settings: Settings) -> bool:
+    """Whether at least one worker answers a ping on the broker within WORKER_PING_TIMEOUT seconds."""
+    app = make_app(settings)
+    try:
+        return bool(app.control.ping(timeout=WORKER_PING_TIMEOUT, limit=1))
+    except Exception:  # a broker hiccup here must not fail a job that was queued: just do not warn
+        return True
+    finally:
+        app.close()
 
 
 def ping(url: str) -> None:

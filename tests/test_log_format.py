@@ -1,0 +1,249 @@
+"""KEYHYGIENE_LOG_FORMAT=auto, the default: readable lines on a terminal, JSON lines otherwise, for
+every line a command, the worker or beat writes (Celery's own and its shutdown lines included).
+
+The terminal is a real pseudo-terminal (``pty``) the process writes to, as an operator's shell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.timeutil import utcnow
+
+from .celery_support import (
+    Deployment,
+    Process,
+    keyhygiene_executable,
+    wait_until,
+)
+from .conftest import MANAGEMENT_KEY
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def is_json(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+class Terminal:
+    """A process whose stdin, stdout and stderr are one pseudo-terminal, as in an operator's shell."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        master, slave = pty.openpty()
+        self.master = master
+        self.process = subprocess.Popen(
+            [keyhygiene_executable(), *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+        os.close(slave)
+        self.output = b""
+
+    def _read(self, seconds: float) -> bool:
+        """Read what is there within ``seconds``; False once the terminal is closed."""
+        ready, _, _ = select.select([self.master], [], [], seconds)
+        if not ready:
+            return True
+        try:
+            chunk = os.read(self.master, 65536)
+        except OSError:  # EIO: every process holding the terminal has exited
+            return False
+        self.output += chunk
+        return bool(chunk)
+
+    def read_until(self, text: str, *, timeout: float) -> None:
+        def seen() -> bool:
+            open_ = self._read(0.2)
+            if text in self.text():
+                return True
+            if not open_:
+                pytest.fail(f"the terminal closed before {text!r} was written:\n{self.text()[-3000:]}")
+            return False
+
+        wait_until(seen, timeout=timeout, interval=0, what=f"{text!r} on the terminal")
+
+    def wait(self, *, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self._read(0.2) and time.monotonic() < deadline:
+            pass
+        return self.process.wait(timeout=max(1.0, deadline - time.monotonic()))
+
+    def text(self) -> str:
+        return ANSI.sub("", self.output.decode(errors="replace")).replace("\r", "")
+
+    def lines(self) -> list[str]:
+        return [line for line in self.text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        os.close(self.master)
+
+
+def command_env(tmp_path: Path, fake_url: str, **extra: str) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("KEYHYGIENE_", "OPENROUTER_"))}
+    env.update(
+        OPENROUTER_MANAGEMENT_KEY=MANAGEMENT_KEY,
+        OPENROUTER_BASE_URL=fake_url,
+        KEYHYGIENE_DATABASE_URL=f"sqlite:///{tmp_path / 'keyhygiene.db'}",
+        KEYHYGIENE_RULES_FILE=str(tmp_path / "keyhygiene.toml"),
+        TERM="xterm",
+        **extra,
+    )
+    return env
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def test_a_command_logs_json_lines_when_stderr_is_not_a_terminal(tmp_path: Path, fake_url: str) -> None:
+    env = command_env(tmp_path, fake_url)
+    subprocess.run([keyhygiene_executable(), "db", "upgrade"], env=env, cwd=tmp_path, check=True)
+    done = subprocess.run(
+        [keyhygiene_executable(), "sync"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines and all(is_json(line) for line in lines), done.stderr
+    assert {"sync_started", "sync_complete"} <= {json.loads(line)["event"] for line in lines}
+
+
+def test_a_command_on_a_terminal_prints_readable_lines_and_no_json(tmp_path: Path, fake_url: str) -> None:
+    env = command_env(tmp_path, fake_url)
+    upgrade = Terminal(["db", "upgrade"], env, tmp_path)
+    try:
+        assert upgrade.wait(timeout=60) == 0
+        lines = upgrade.lines()
+        assert not any(is_json(line) for line in lines), upgrade.text()
+        assert any(re.search(r"\[info\s*\] Running upgrade  -> 0001", line) for line in lines), upgrade.text()
+        assert lines[-1].startswith("database upgraded from empty to migration ")
+    finally:
+        upgrade.close()
+    sync = Terminal(["sync"], env, tmp_path)
+    try:
+        assert sync.wait(timeout=120) == 0
+        lines = sync.lines()
+        assert not any(is_json(line) for line in lines), sync.text()
+        assert re.search(r"\[info\s*\] sync_complete", sync.text()), sync.text()
+        assert lines[-1].startswith("run 1 sync complete")
+    finally:
+        sync.close()
+
+
+def test_a_refused_run_on_a_terminal_ends_with_its_one_line_set_apart(
+    tmp_path: Path, fake_url: str, fake: FakeOpenRouter
+) -> None:
+    for number in range(3):
+        fake.add_key(f"dev-old-{number}", expires_at=utcnow() - timedelta(days=1))
+    (tmp_path / "keyhygiene.toml").write_text(
+        "[safety]\nmax_actions_per_run = 1\nmax_action_percent = 100\n\n"
+        '[[rule]]\nname = "delete-expired"\nmatch = "expired"\naction = "delete"\n'
+    )
+    env = command_env(tmp_path, fake_url)
+    subprocess.run([keyhygiene_executable(), "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True)
+    run = Terminal(["run"], env, tmp_path)
+    try:
+        assert run.wait(timeout=120) == 3
+        lines = run.lines()
+        assert sum("key_action" in line for line in lines) == 3
+        assert re.match(r"keyhygiene: run \d+ run refused: .*3", lines[-1]), run.text()
+        # Bold red, after an empty line, on the terminal itself.
+        raw = run.output.decode(errors="replace").replace("\r", "")
+        assert re.search(r"\n\n\x1b\[[0-9;]*m(\x1b\[[0-9;]*m)?keyhygiene: run \d+ run refused", raw), raw[-500:]
+    finally:
+        run.close()
+
+
+def test_an_explicit_format_wins_over_the_terminal(tmp_path: Path, fake_url: str) -> None:
+    env = command_env(tmp_path, fake_url, KEYHYGIENE_LOG_FORMAT="json")
+    subprocess.run([keyhygiene_executable(), "db", "upgrade"], env=env, cwd=tmp_path, check=True)
+    sync = Terminal(["sync"], env, tmp_path)
+    try:
+        assert sync.wait(timeout=120) == 0
+        # (on a terminal the progress spinner shares lines with the log, so look for the JSON itself)
+        assert '"event": "sync_complete"' in sync.text(), sync.text()
+    finally:
+        sync.close()
+
+
+# -- the worker and beat --------------------------------------------------------------------------
+
+
+@pytest.mark.celery
+@pytest.mark.timeout(150)
+def test_worker_and_beat_off_a_terminal_write_only_json_lines_their_shutdown_included(
+    deploy: Deployment, fake: FakeOpenRouter
+) -> None:
+    auto = {"KEYHYGIENE_LOG_FORMAT": "auto"}
+    worker = deploy.start_worker(**auto)
+    heartbeat = deploy.directory / "beat.heartbeat"
+    beat = Process(
+        "beat",
+        ["beat", "--schedule", str(deploy.directory / "celerybeat-schedule"), "--heartbeat-file", str(heartbeat)],
+        deploy.env(**auto),
+        deploy.directory,
+    )
+    deploy.processes.append(beat)
+    beat.wait_for_event(lambda e: e.get("event") == "beat_next_run", timeout=60, what="beat's next run")
+    wait_until(heartbeat.exists, timeout=60, what="beat's heartbeat file")
+
+    for process in (worker, beat):
+        process.kill(signal.SIGINT)  # Ctrl-C
+        process.popen.wait(timeout=60)
+
+    shutdown = worker.events_named("worker: Warm shutdown (MainProcess)")
+    assert shutdown and shutdown[0]["level"] == "info", worker.tail()
+    for process in (worker, beat):
+        lines = [line for line in process.lines() if line.strip()]
+        assert lines and all(is_json(line) for line in lines), process.tail()
+        assert process.stdout_path.read_text().strip() == "", f"{process.name} wrote to stdout"
+    due = next(event for event in beat.events_named("beat_next_run") if event["job"] == "hygiene-run")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:00:00\+00:00", due["due_at"]), due
+    # After a clean stop, the health check says so instead of "has not started".
+    check = subprocess.run(
+        [str(Path(keyhygiene_executable()).parent / "python"), "-m", "worker.health", "--file", str(heartbeat)],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 1 and check.stderr.startswith("stopped at "), check.stderr
+
+
+@pytest.mark.celery
+@pytest.mark.timeout(150)
+def test_the_worker_on_a_terminal_writes_readable_lines_its_shutdown_included(deploy: Deployment) -> None:
+    env = deploy.env(KEYHYGIENE_LOG_FORMAT="auto", TERM="xterm")
+    worker = Terminal(
+        ["worker", "--concurrency", "1", "--without-mingle", "--without-gossip", "--heartbeat-file", "hb"],
+        env,
+        deploy.directory,
+    )
+    try:
+        worker.read_until(" ready.", timeout=60)
+        os.killpg(worker.process.pid, signal.SIGINT)  # Ctrl-C on the terminal reaches the whole group
+        worker.wait(timeout=60)
+        lines = worker.lines()
+        assert not any(is_json(line) for line in lines), worker.text()
+        assert any("worker_starting" in line for line in lines)
+        assert any("Warm shutdown" in line and "[info" in line for line in lines), worker.text()
+    finally:
+        worker.close()
