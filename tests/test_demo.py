@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,16 +44,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_the_full_demo_runs_end_to_end_in_well_under_a_minute(
+def test_the_full_demo_runs_end_to_end(
     clean_env: Path, cli: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # How long it takes is measured by the benchmarks, not asserted here (CI machines are shared).
     out = io.StringIO()
-    began = time.monotonic()
     code = run_demo(console=Console(file=out, width=80, color_system=None))
-    elapsed = time.monotonic() - began
     text = out.getvalue()
     assert code == 0, text
-    assert elapsed < 45, f"the demo took {elapsed:.1f}s"
 
     folder = clean_env / "keyhygiene-demo"
     assert {path.name for path in folder.iterdir()} >= {"keyhygiene.db", "keyhygiene.toml", "report.html"}
