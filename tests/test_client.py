@@ -294,7 +294,7 @@ def test_retries_stop_when_the_budget_runs_out(fake: FakeOpenRouter, make_client
     fake.faults.server_error(1000, status=503, retry_after=0.05, path="/keys")
 
     with pytest.raises(ServerError) as caught:
-        make_client(retry_seconds=0.4).list_all_keys([None])
+        make_client(concurrency=1, retry_seconds=0.4).list_all_keys([None])
 
     # Stopped by the budget, not by the fault running out: 0.4 s of 0.05 s waits is a handful of tries.
     assert len([call for call in fake.calls if call.path == "/keys"]) < 20
