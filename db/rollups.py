@@ -512,3 +512,19 @@ def names_alive(session: Session, snapshot_id: int) -> Iterator[tuple[str, str, 
     alive = snapshots.alive_at(session, snapshot_id).subquery()
     rows = session.execute(select(alive.c.key_hash, alive.c.name, alive.c.workspace_id))
     yield from ((key_hash, name, workspace_id) for key_hash, name, workspace_id in rows)
+
+
+def keys_by_owner(session: Session, snapshot_id: int, *, workspaces: tuple[str, ...] = ()) -> dict[str | None, int]:
+    """How many keys snapshot ``snapshot_id`` listed per ``creator_user_id``."""
+    alive = snapshots.alive_at(session, snapshot_id).subquery()
+    query = select(alive.c.creator_user_id, func.count()).group_by(alive.c.creator_user_id)
+    if workspaces:
+        query = query.where(alive.c.workspace_id.in_(workspaces))
+    return {owner: int(count) for owner, count in session.execute(query)}
+
+
+def owners_alive(session: Session, snapshot_id: int) -> Iterator[tuple[str | None, str, str | None]]:
+    """(creator_user_id, name, workspace_id) of every key snapshot ``snapshot_id`` listed, streamed."""
+    alive = snapshots.alive_at(session, snapshot_id).subquery()
+    rows = session.execute(select(alive.c.creator_user_id, alive.c.name, alive.c.workspace_id))
+    yield from ((owner, name, workspace_id) for owner, name, workspace_id in rows)

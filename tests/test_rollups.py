@@ -4,6 +4,7 @@ migration, pruned with the history; and the reports that read them (partial days
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,9 +22,11 @@ from keyhygiene.context import Database, session_scope
 from keyhygiene.enforcement import load_histories
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.reports import ReportError, ReportParams, builders
+from keyhygiene.reports.html import render_html
+from keyhygiene.reports.idle import upcoming_actions
 from keyhygiene.reports.render import to_json
-from keyhygiene.rules import idle_since
-from tests.test_reports_support import DAY, HOUR, Org, key_hash
+from keyhygiene.rules import idle_since, parse_rules
+from tests.test_reports_support import DAY, HOUR, RULES, Org, key_hash
 
 pytestmark = pytest.mark.postgres
 
@@ -249,3 +252,28 @@ def test_prune_drops_the_rollups_before_the_retention(org: Org) -> None:
     assert days == {(T0 + DAY).date()}
     assert report(org, "trends", since=NOW - cutoff) == trends_before
     assert report(org, "spend", since=NOW - cutoff) == spend_before
+
+
+def test_the_html_report_has_an_owners_table(org: Org) -> None:
+    ruleset = parse_rules(RULES)
+    with org.database.sessions() as session:
+        page = render_html(session, ReportParams(now=NOW, since=DAY, ruleset=ruleset))
+        coming = upcoming_actions(session, ReportParams(now=NOW, ruleset=ruleset))
+    table = page[page.index('data-figures="owners"') :]
+    table = table[: table.index("</table>")]
+    found = {
+        key: dict(re.findall(r'data-col="([^"]+)" data-value="([^"]+)"', cells))
+        for key, cells in re.findall(r'<tr data-key="([^"]+)">(.*?)</tr>', table)
+    }
+    soon = [row for row in coming if row["acts_on"] <= NOW + 30 * DAY]
+    upcoming = {
+        owner: str(len({row["key_hash"] for row in soon if row["owner"] == owner}))
+        for owner in (None, "ann", "bob", "cat")
+    }
+    assert found == {
+        "(none)": {"keys": "5", "idle": "3", "spend": "0.25", "upcoming": upcoming[None]},
+        "ann": {"keys": "2", "idle": "0", "spend": "14.0", "upcoming": upcoming["ann"]},
+        "bob": {"keys": "1", "idle": "0", "spend": "12.0", "upcoming": upcoming["bob"]},
+        "cat": {"keys": "1", "idle": "1", "spend": "0.0", "upcoming": upcoming["cat"]},
+    }
+    assert upcoming["cat"] == "1" and upcoming[None] != "0"  # idle-old, and the idle keys of nobody
