@@ -288,6 +288,15 @@ def keys_at(session: Session, snapshot_id: int) -> list[Key]:
     return [Key.from_api(raw) for raw in raws]
 
 
+def fields_at(session: Session, snapshot_id: int, fields: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """The given fields (``alive_at``'s labels) of every key snapshot ``snapshot_id`` saw,
+    streamed, without reading the raw JSON."""
+    alive = alive_at(session, snapshot_id).subquery()
+    rows = session.execute(select(*(alive.c[name] for name in fields)))
+    for row in rows:
+        yield dict(row._mapping)
+
+
 def key_hashes_at(session: Session, snapshot_id: int) -> set[str]:
     return set(session.scalars(select(KeyState.key_hash).where(_alive_at(session, snapshot_id))))
 

@@ -75,8 +75,9 @@ def render_html(session: Session, params: ReportParams) -> str:
     spend = compute_spend(session, period)
     # Trends are kept per workspace: with a --name filter they show the workspaces' keys.
     trend_rows = trends.build(session, replace(period, name=None)).rows
-    idle_rows = idle.build(session, replace(params, since=None, by="key")).rows
-    coming = idle.upcoming_actions(session, params)
+    idle_inputs = idle.load_inputs(session, params)
+    idle_rows = idle.build(session, replace(params, since=None, by="key"), idle_inputs).rows
+    coming = idle.upcoming_actions(session, params, idle_inputs)
     audit_rows = actions.build(session, period).rows
     if params.name is None:
         owner_keys = rollups.keys_by_owner(session, snapshot.id, workspaces=params.workspaces)

@@ -71,11 +71,16 @@ def _inputs(session: Session, params: ReportParams) -> _Inputs:
     return _Inputs(snapshot, keys, load_histories(session, snapshot.id), audits)
 
 
-def upcoming_actions(session: Session, params: ReportParams) -> list[dict[str, Any]]:
+def load_inputs(session: Session, params: ReportParams) -> _Inputs:
+    """What ``build`` and ``upcoming_actions`` read, loaded once for a caller that wants both."""
+    return _inputs(session, params)
+
+
+def upcoming_actions(session: Session, params: ReportParams, inputs: _Inputs | None = None) -> list[dict[str, Any]]:
     """Every rule action coming to any key (not only idle ones), soonest first; empty without rules."""
     if params.ruleset is None:
         return []
-    inputs = _inputs(session, params)
+    inputs = inputs or _inputs(session, params)
     rows = []
     for key in inputs.keys:
         coming = upcoming(
@@ -121,10 +126,10 @@ def by_owner(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return grouped
 
 
-def build(session: Session, params: ReportParams) -> Report:
+def build(session: Session, params: ReportParams, inputs: _Inputs | None = None) -> Report:
     if params.by not in ("key", "owner"):
         raise ReportError(f"idle: --by must be key or owner, not {params.by!r}", EXIT_USAGE)
-    inputs = _inputs(session, params)
+    inputs = inputs or _inputs(session, params)
     snapshot = inputs.snapshot
     as_of = params.as_of
     minimum = DEFAULT_IDLE if params.since is None else params.since
