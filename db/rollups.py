@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Date, Float, Integer, String, and_, case, delete, func, insert, literal, or_, select, true
+from sqlalchemy import Date, Float, Index, Integer, String, and_, case, delete, func, insert, literal, or_, select, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -57,6 +57,8 @@ class KeyDay(Base):
     """What one key spent on one UTC day (only days where it spent or was first seen)."""
 
     __tablename__ = "key_days"
+    # Reports look up the keys first seen in a period; the row of a key's first day is rare.
+    __table_args__ = (Index("ix_key_days_first_seen_at", "first_seen_at"),)
 
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     key_hash: Mapped[str] = mapped_column(String(128), primary_key=True)

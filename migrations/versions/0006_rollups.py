@@ -41,6 +41,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),
     )
+    op.create_index("ix_key_days_first_seen_at", "key_days", ["first_seen_at"])
     op.create_table(
         "snapshot_rollups",
         sa.Column("snapshot_id", sa.Integer(), primary_key=True),
@@ -65,5 +66,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_snapshot_rollups_taken_at", table_name="snapshot_rollups")
     op.drop_table("snapshot_rollups")
+    op.drop_index("ix_key_days_first_seen_at", table_name="key_days")
     op.drop_table("key_days")
     op.drop_table("key_rollups")
