@@ -383,13 +383,13 @@ def spend_rows(session: Session, *, after_snapshot: int, until_snapshot: int) ->
     if not inside:
         return
     first_day, last_day = inside[0][1].date(), inside[-1][1].date()
-    outside_days = _days_with_snapshots_outside(session, after_snapshot, until_snapshot, (first_day, last_day))
+    lower = session.scalar(select(Snapshot.taken_at).where(Snapshot.id == after_snapshot))
+    outside_days = _partial_days(session, lower, until_snapshot, (first_day, last_day))
     whole = [
         inside_day
         for inside_day in sorted({taken_at.date() for _, taken_at in inside})
         if inside_day not in outside_days
     ]
-    lower = session.scalar(select(Snapshot.taken_at).where(Snapshot.id == after_snapshot))
     upper = inside[-1][1]
     days = KeyDay.__table__
     first_in_range = and_(days.c.first_seen_at <= upper, days.c.first_seen_at > lower if lower is not None else true())
@@ -432,25 +432,27 @@ def _snapshots_between(session: Session, after: int, until: int) -> list[tuple[i
     return [(snapshot_id, taken_at) for snapshot_id, taken_at in rows if taken_at is not None]
 
 
-def _days_with_snapshots_outside(session: Session, after: int, until: int, candidates: tuple[date, date]) -> set[date]:
-    """Which of the range's first and last day also have complete snapshots outside it."""
-    table = Snapshot
-    found: set[date] = set()
-    for candidate in set(candidates):
-        midnight = datetime(candidate.year, candidate.month, candidate.day, tzinfo=UTC)
-        outside = session.scalar(
-            select(func.count())
-            .select_from(table)
-            .where(
-                table.status == snapshots.COMPLETE,
-                table.taken_at >= midnight,
-                table.taken_at < midnight + timedelta(days=1),
-                or_(table.id <= after, table.id > until),
-            )
+def _partial_days(session: Session, lower: datetime | None, until: int, ends: tuple[date, date]) -> set[date]:
+    """Which of the range's first and last day ``key_days`` holds steps of outside the range: the
+    first day when the snapshot before the range (``lower``) was taken on it (pruned snapshots of
+    that day included, which may no longer exist), the last day when a later complete snapshot was."""
+    first_day, last_day = ends
+    partial: set[date] = set()
+    if lower is not None and lower.date() == first_day:
+        partial.add(first_day)
+    midnight = datetime(last_day.year, last_day.month, last_day.day, tzinfo=UTC)
+    later = session.scalar(
+        select(func.count())
+        .select_from(Snapshot)
+        .where(
+            Snapshot.status == snapshots.COMPLETE,
+            Snapshot.id > until,
+            Snapshot.taken_at < midnight + timedelta(days=1),
         )
-        if outside:
-            found.add(candidate)
-    return found
+    )
+    if later:
+        partial.add(last_day)
+    return partial
 
 
 def _steps_at(session: Session, snapshot_ids: list[int]) -> Iterator[SpendRow]:
