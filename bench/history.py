@@ -73,12 +73,18 @@ def build_history(keys: int, days: int) -> Path:
         return folder
     print(f"building {keys} keys x {days} daily snapshots with `keyhygiene demo` in {folder} ...", flush=True)
     began = time.monotonic()
-    subprocess.run(
-        [*keyhygiene(), "demo", "--dir", str(folder), "--keys", str(keys), "--days", str(days)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        env=environment(folder),
-    )
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "demo.log").open("wb") as log:
+        demo = subprocess.run(
+            [*keyhygiene(), "demo", "--dir", str(folder), "--keys", str(keys), "--days", str(days)],
+            stdout=log,
+            stderr=log,
+            env=environment(folder),
+        )
+    # On a large organisation the demo's closing enforcement is refused by the safety caps (exit
+    # 3); the history it built is complete all the same.
+    if demo.returncode not in (0, 3):
+        raise SystemExit(f"keyhygiene demo failed (exit {demo.returncode}); see {folder / 'demo.log'}")
     marker.write_text(f"built in {time.monotonic() - began:.0f} s\n")
     size = (folder / "keyhygiene.db").stat().st_size / 1e6
     print(f"built in {time.monotonic() - began:.0f} s; database {size:.0f} MB")

@@ -133,7 +133,7 @@ def compute_spend(session: Session, params: ReportParams, *, default: timedelta 
             latest[row.key_hash] = row.day
             spend.name, spend.workspace_id, spend.creator_user_id = row.name, row.workspace_id, row.creator_user_id
         spend.add(row.day, row.usage, row.byok_usage)
-        if row.first_seen_at is not None:
+        if row.first_seen_at is not None and row.created_at is not None:
             if row.created_at > start:
                 spend.created_in_period = True
                 spend.counted_from = row.created_at
