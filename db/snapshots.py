@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, text, update
+from sqlalchemy import Select, and_, func, insert, or_, select, text, update
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session
 
 from keyhygiene.keysapi.models import Key
 
+from . import rollups
 from .models import KeyState, Snapshot
 
 RUNNING = "running"
@@ -196,14 +198,16 @@ class SnapshotWriter:
         return sorted(key_hashes_at(session, previous.id) - self._keys.keys())
 
     def finish(self, session: Session, *, taken_at: datetime, workspace_counts: Mapping[str, int]) -> SnapshotWrite:
-        """Record the snapshot as complete (see ``record_snapshot``)."""
-        return record_snapshot(
+        """Record the snapshot as complete (see ``record_snapshot``), with its roll-ups."""
+        written = record_snapshot(
             session,
             snapshot_id=self.snapshot_id,
             keys=self._keys,
             taken_at=taken_at,
             workspace_counts=workspace_counts,
         )
+        rollups.record_rollups(session, snapshot_id=self.snapshot_id, taken_at=taken_at)
+        return written
 
     def discard(self, session: Session) -> None:
         """Forget what was handed over; the snapshot itself is marked failed by the caller."""
@@ -279,10 +283,36 @@ def _alive_at(session: Session, snapshot_id: int) -> Any:
     return and_(KeyState.valid_from <= snapshot_id, or_(KeyState.valid_to.is_(None), KeyState.valid_to > snapshot_id))
 
 
+# The key's own fields: every column of a version but its bookkeeping.
+_ALIVE_COLUMNS = [
+    attribute.key
+    for attribute in sa_inspect(KeyState).column_attrs
+    if attribute.key not in ("id", "valid_from", "valid_to", "digest", "raw")
+]
+
+
+def alive_at(session: Session, snapshot_id: int) -> Select[Any]:
+    """Every key as snapshot ``snapshot_id`` saw it, one row per key, as a selectable with the key's
+    fields labelled by name (``key_hash``, ``name``, ``usage``, ...); build queries on it with
+    ``.subquery()``. Its labels stay the same whatever the store's layout."""
+    return select(*(getattr(KeyState, name).label(name) for name in _ALIVE_COLUMNS)).where(
+        _alive_at(session, snapshot_id)
+    )
+
+
 def keys_at(session: Session, snapshot_id: int) -> list[Key]:
     """Every key exactly as snapshot ``snapshot_id`` saw it, raw JSON included, by hash."""
     raws = session.scalars(select(KeyState.raw).where(_alive_at(session, snapshot_id)).order_by(KeyState.key_hash))
     return [Key.from_api(raw) for raw in raws]
+
+
+def fields_at(session: Session, snapshot_id: int, fields: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """The given fields (``alive_at``'s labels) of every key snapshot ``snapshot_id`` saw,
+    streamed, without reading the raw JSON."""
+    alive = alive_at(session, snapshot_id).subquery()
+    rows = session.execute(select(*(alive.c[name] for name in fields)))
+    for row in rows:
+        yield dict(row._mapping)
 
 
 def key_hashes_at(session: Session, snapshot_id: int) -> set[str]:

@@ -457,10 +457,11 @@ def _warn_unmatched_workspaces(ruleset: Any, names: dict[str, str]) -> None:
 @click.option("--name", metavar="GLOB", help="Only keys whose name matches this pattern, e.g. 'dev-*'.")
 @click.option(
     "--by",
-    type=click.Choice(["key", "workspace", "day"]),
+    type=click.Choice(["key", "workspace", "day", "owner"]),
     default="key",
     show_default=True,
-    help="spend: one row per key, per workspace or per UTC day.",
+    help="spend: one row per key, per workspace, per UTC day or per owner (the key's creator_user_id); "
+    "idle: per key or per owner.",
 )
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), help="html: the file to write.")
 @pass_state

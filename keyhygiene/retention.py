@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from db import notices, retention
+from db import notices, retention, rollups
 
 from . import logging as khlog
 from .context import Database, session_scope
@@ -39,6 +39,7 @@ class PruneResult:
     snapshots_deleted: int = 0
     runs_deleted: int = 0
     actions_deleted: int = 0
+    rollups_deleted: int = 0
     batches: int = 0
 
     def summary(self) -> dict[str, Any]:
@@ -51,6 +52,7 @@ class PruneResult:
             "snapshots_deleted": self.snapshots_deleted,
             "runs_deleted": self.runs_deleted,
             "actions_deleted": self.actions_deleted,
+            "rollups_deleted": self.rollups_deleted,
             "batches": self.batches,
         }
 
@@ -95,6 +97,12 @@ def prune(
         result.versions_deleted = _prune_versions(database, anchor.id, batch, result)
         while count := step(lambda s: retention.mark_pruned(s, anchor_id=anchor.id, limit=batch)):
             result.snapshots_pruned += count
+        assert anchor.taken_at is not None
+        anchor_taken_at = anchor.taken_at
+        while count := step(
+            lambda s: rollups.prune_rollups(s, anchor_id=anchor.id, anchor_taken_at=anchor_taken_at, limit=batch)
+        ):
+            result.rollups_deleted += count
 
     anchor_id = anchor.id if anchor is not None else None
     while count := step(

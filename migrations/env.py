@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+import db.rollups  # noqa: F401  (its tables are part of the schema)
 from db.models import Base
 
 connection = context.config.attributes.get("connection")

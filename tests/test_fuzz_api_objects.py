@@ -13,9 +13,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keyhygiene.enforcement import key_facts
 from keyhygiene.keysapi.errors import MalformedResponse
 from keyhygiene.keysapi.models import Key
-from keyhygiene.rules import AuditFacts, KeyHistory, decide, parse_rules, upcoming
+from keyhygiene.rules import AuditFacts, KeyHistory, decide, next_action, parse_rules
 from keyhygiene.timeutil import parse_time
 
 NOW = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
@@ -126,8 +127,9 @@ def test_odd_key_objects_are_rejected_or_read_as_they_say(change: dict[str, Any]
     except MalformedResponse:
         return  # rejected explicitly: the sync fails and stores nothing
 
-    decision = decide(key, KeyHistory(), AuditFacts(), RULES, NOW)
-    upcoming(key, KeyHistory(), AuditFacts(), RULES, NOW)  # and the dates a rule acts on never overflow
+    facts = key_facts(key)
+    decision = decide(facts, KeyHistory(), AuditFacts(), RULES, NOW)
+    next_action(facts, KeyHistory(), AuditFacts(), RULES, NOW)  # and the dates a rule acts on never overflow
     rules = set() if decision is None else set(decision.rules)
     if "delete-expired" in rules:
         assert _said_expired(raw), raw

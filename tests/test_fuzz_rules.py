@@ -14,8 +14,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from keyhygiene.enforcement import key_facts
 from keyhygiene.keysapi.models import Key
-from keyhygiene.rules import AuditFacts, KeyHistory, RulesError, load_rules, plan, upcoming
+from keyhygiene.rules import AuditFacts, KeyHistory, RulesError, load_rules, next_action, plan
 from keyhygiene.rules.loader import NOTIFY_KEYS, RULE_KEYS, SAFETY_KEYS
 from keyhygiene.timeutil import EARLIEST_TIME, LATEST_TIME
 from tests.conftest import _invoke
@@ -120,9 +121,10 @@ def _check(text: str, cli: Callable[..., Any]) -> None:
         assert result.exit_code == 0, result.stderr
         # Accepted: the engine plans with it at both ends of time, without overflow.
         for now in (NOW, KEYS[1].created_at):
-            plan(KEYS, {}, {}, ruleset, now)
-            for key in KEYS:
-                upcoming(key, KeyHistory(), AuditFacts(), ruleset, now)
+            facts = [key_facts(key) for key in KEYS]
+            plan(facts, {}, {}, ruleset, now)
+            for key in facts:
+                next_action(key, KeyHistory(), AuditFacts(), ruleset, now)
         return
     assert result.exit_code == 2
     lines = result.stderr.splitlines()

@@ -35,7 +35,8 @@ class ReportError(ValueError):
 class ReportParams:
     """The options of ``keyhygiene report``.
 
-    ``by`` groups the spend report: ``key`` (default), ``workspace`` or ``day``.
+    ``by`` groups the spend report: ``key`` (default), ``workspace``, ``day`` or ``owner``; and the idle
+    report: ``key`` or ``owner``.
     """
 
     now: datetime

@@ -11,7 +11,7 @@ write their count into ``data-drawn`` on each chart, for tests that render the p
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from db import rollups
 from keyhygiene.timeutil import isoformat
 
 from . import actions, idle, trends
@@ -73,10 +74,22 @@ def render_html(session: Session, params: ReportParams) -> str:
     snapshot = snapshot_for(session, params)
     period = replace(params, since=DEFAULT_PERIOD if params.since is None else params.since)
     spend = compute_spend(session, period)
-    trend_rows = trends.build(session, period).rows
-    idle_rows = idle.build(session, replace(params, since=None)).rows
-    coming = idle.upcoming_actions(session, params)
+    # Trends are kept per workspace: with a --name filter they show the workspaces' keys.
+    trend_rows = trends.build(session, replace(period, name=None)).rows
+    idle_inputs = idle.load_inputs(session, params)
+    idle_rows = idle.build(session, replace(params, since=None, by="key"), idle_inputs).rows
+    coming = idle.upcoming_actions(session, params, idle_inputs)
     audit_rows = actions.build(session, period).rows
+    if params.name is None:
+        owner_keys = rollups.keys_by_owner(session, snapshot.id, workspaces=params.workspaces)
+    else:
+        owner_keys = dict(
+            Counter(
+                owner
+                for owner, name, workspace_id in rollups.owners_alive(session, snapshot.id)
+                if params.wants(name=name, workspace_id=workspace_id)
+            )
+        )
 
     as_of = params.as_of
     start = spend.start
@@ -85,6 +98,7 @@ def render_html(session: Session, params: ReportParams) -> str:
         _states_section(trend_rows),
         _idle_section(idle_rows),
         _upcoming_section(coming, as_of=as_of, has_rules=params.ruleset is not None),
+        _owners_section(owner_keys, idle_rows, spend, coming, as_of=as_of),
         _audit_section(audit_rows),
     ]
     latest = trend_rows[-1] if trend_rows else None
@@ -290,6 +304,51 @@ def _upcoming_section(rows: list[dict[str, Any]], *, as_of: datetime, has_rules:
         note,
         chart,
         _figures("upcoming", ["when", *actions_seen], figure_rows) + listing,
+    )
+
+
+def _owners_section(
+    keys: dict[str | None, int],
+    idle_rows: list[dict[str, Any]],
+    spend: Any,
+    coming: list[dict[str, Any]],
+    *,
+    as_of: datetime,
+) -> str:
+    """Per owner (the key's ``creator_user_id``): keys at the newest snapshot, idle keys, spend in
+    the period and the keys a rule acts on within the upcoming window."""
+    idle_keys = Counter(row["owner"] for row in idle_rows)
+    spent: dict[str | None, float] = defaultdict(float)
+    for item in spend.keys.values():
+        spent[item.creator_user_id] += item.total
+    horizon = as_of + timedelta(days=UPCOMING_DAYS)
+    acting: dict[str | None, set[str]] = defaultdict(set)
+    for row in coming:
+        if row["acts_on"] <= horizon:
+            acting[row["owner"]].add(row["key_hash"])
+    owners = set(keys) | set(idle_keys) | {owner for owner, total in spent.items() if total > 0} | set(acting)
+    ordered = sorted(owners, key=lambda owner: (-keys.get(owner, 0), owner is None, str(owner)))
+    figure_rows = [
+        (
+            owner or "(none)",
+            [
+                ("keys", keys.get(owner, 0), False),
+                ("idle", idle_keys.get(owner, 0), False),
+                ("spend", usd(spent.get(owner, 0.0)), True),
+                ("upcoming", len(acting.get(owner, ())), False),
+            ],
+        )
+        for owner in ordered
+    ]
+    return (
+        '<section id="owners"><h2>Owners</h2><p class="note">'
+        + escape(
+            f"Per owner (the key's creator_user_id): keys at the newest snapshot, keys idle 7 days or more, "
+            f"spend in the period, and keys a rule acts on within {UPCOMING_DAYS} days."
+        )
+        + "</p>"
+        + _figures("owners", ["owner", "keys", "idle keys", "spend", "upcoming actions"], figure_rows)
+        + "</section>"
     )
 
 

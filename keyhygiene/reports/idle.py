@@ -19,11 +19,12 @@ from sqlalchemy.orm import Session
 from db import snapshots
 from db.models import Snapshot
 from keyhygiene.enforcement import key_facts, load_audit_facts, load_histories
+from keyhygiene.errors import EXIT_USAGE
 from keyhygiene.keysapi.models import Key
 from keyhygiene.rules import AuditFacts, KeyHistory, NextAction, idle_since, is_protected, next_action
 from keyhygiene.rules.model import duration_text
 
-from .base import Report, ReportParams, snapshot_for, usd
+from .base import Report, ReportError, ReportParams, snapshot_for, usd
 
 DEFAULT_IDLE = timedelta(days=7)
 
@@ -31,6 +32,7 @@ COLUMNS = [
     "key_hash",
     "name",
     "workspace_id",
+    "owner",
     "disabled",
     "expired",
     "protected",
@@ -44,6 +46,7 @@ COLUMNS = [
     "acts_on",
 ]
 TABLE_COLUMNS = ["key_hash", "name", "idle_days", "next_action", "acts_on"]
+OWNER_COLUMNS = ["owner", "keys", "disabled", "longest_idle_days", "rule_acts"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +80,17 @@ def _next_action(key: Key, inputs: _Inputs, params: ReportParams) -> NextAction 
     )
 
 
-def upcoming_actions(session: Session, params: ReportParams) -> list[dict[str, Any]]:
+def load_inputs(session: Session, params: ReportParams) -> _Inputs:
+    """What ``build`` and ``upcoming_actions`` read, loaded once for a caller that wants both."""
+    return _inputs(session, params)
+
+
+def upcoming_actions(session: Session, params: ReportParams, inputs: _Inputs | None = None) -> list[dict[str, Any]]:
     """The next action a rule takes on each key (not only idle ones; one row per key, the strongest
     action, as the plan decides it), soonest first; empty without rules."""
     if params.ruleset is None:
         return []
-    inputs = _inputs(session, params)
+    inputs = inputs or _inputs(session, params)
     rows = []
     for key in inputs.keys:
         coming = _next_action(key, inputs, params)
@@ -92,6 +100,7 @@ def upcoming_actions(session: Session, params: ReportParams) -> list[dict[str, A
                     "key_hash": key.hash,
                     "name": key.name,
                     "workspace_id": key.workspace_id,
+                    "owner": key.creator_user_id,
                     "rule": coming.decision.rule,
                     "action": coming.decision.action,
                     "acts_on": coming.due,
@@ -101,8 +110,30 @@ def upcoming_actions(session: Session, params: ReportParams) -> list[dict[str, A
     return rows
 
 
-def build(session: Session, params: ReportParams) -> Report:
-    inputs = _inputs(session, params)
+def by_owner(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Idle keys per owner: how many, how many disabled, the longest idleness, and how many a rule
+    will act on; most idle keys first."""
+    groups: dict[str | None, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["owner"], []).append(row)
+    grouped = [
+        {
+            "owner": owner,
+            "keys": len(members),
+            "disabled": sum(1 for row in members if row["disabled"]),
+            "longest_idle_days": max(row["idle_days"] for row in members),
+            "rule_acts": sum(1 for row in members if row["next_action"] is not None),
+        }
+        for owner, members in groups.items()
+    ]
+    grouped.sort(key=lambda row: (-row["keys"], row["owner"] is None, str(row["owner"])))
+    return grouped
+
+
+def build(session: Session, params: ReportParams, inputs: _Inputs | None = None) -> Report:
+    if params.by not in ("key", "owner"):
+        raise ReportError(f"idle: --by must be key or owner, not {params.by!r}", EXIT_USAGE)
+    inputs = inputs or _inputs(session, params)
     snapshot = inputs.snapshot
     as_of = params.as_of
     minimum = DEFAULT_IDLE if params.since is None else params.since
@@ -125,6 +156,7 @@ def build(session: Session, params: ReportParams) -> Report:
                 "key_hash": key.hash,
                 "name": key.name,
                 "workspace_id": key.workspace_id,
+                "owner": key.creator_user_id,
                 "disabled": key.disabled,
                 "expired": key.expires_at is not None and key.expires_at <= as_of,
                 "protected": protected,
@@ -143,6 +175,14 @@ def build(session: Session, params: ReportParams) -> Report:
     notes = []
     if ruleset is None:
         notes.append("no rules file: when rules would act is not shown (set KEYHYGIENE_RULES_FILE)")
+    if params.by == "owner":
+        return Report(
+            title=title + " by owner (the key's creator_user_id)",
+            columns=OWNER_COLUMNS,
+            rows=by_owner(rows),
+            notes=notes,
+            headers={"longest_idle_days": "longest idle", "rule_acts": "rule acts on"},
+        )
     return Report(
         title=title,
         columns=COLUMNS,

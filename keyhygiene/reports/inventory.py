@@ -28,6 +28,8 @@ COLUMNS = [
     "last_used_at",
     "expires_at",
 ]
+FIELDS = [column for column in COLUMNS if column != "expired"]
+"""What the report reads of each key: its columns but ``expired``, which it works out."""
 TABLE_COLUMNS = [
     "key_hash",
     "name",
@@ -52,37 +54,17 @@ def build(session: Session, params: ReportParams) -> Report:
     as_of = snapshot.taken_at
     assert as_of is not None
     rows = []
-    for key in snapshots.keys_at(session, snapshot.id):
-        if not params.wants(name=key.name, workspace_id=key.workspace_id):
+    for key in snapshots.fields_at(session, snapshot.id, FIELDS):
+        if not params.wants(name=key["name"], workspace_id=key["workspace_id"]):
             continue
-        rows.append(
-            {
-                "key_hash": key.hash,
-                "name": key.name,
-                "workspace_id": key.workspace_id,
-                "disabled": key.disabled,
-                "expired": key.expires_at is not None and key.expires_at <= as_of,
-                "limit": key.limit,
-                "limit_remaining": key.limit_remaining,
-                "usage": key.usage,
-                "usage_daily": key.usage_daily,
-                "usage_weekly": key.usage_weekly,
-                "usage_monthly": key.usage_monthly,
-                "byok_usage": key.byok_usage,
-                "byok_usage_daily": key.byok_usage_daily,
-                "byok_usage_weekly": key.byok_usage_weekly,
-                "byok_usage_monthly": key.byok_usage_monthly,
-                "created_at": key.created_at,
-                "last_used_at": key.last_used_at,
-                "expires_at": key.expires_at,
-            }
-        )
+        expires_at = key["expires_at"]
+        rows.append({**key, "expired": expires_at is not None and expires_at <= as_of})
     rows.sort(key=lambda row: (row["workspace_id"] or "", row["name"], row["key_hash"]))
     title = f"Inventory at snapshot {snapshot.id} ({as_of:%Y-%m-%d %H:%M} UTC): {len(rows)} keys"
     return Report(
         title=title,
         columns=COLUMNS,
-        rows=rows,
+        rows=[{column: row[column] for column in COLUMNS} for row in rows],
         table_columns=TABLE_COLUMNS,
         headers=HEADERS,
         time_formats=dict.fromkeys(("last_used_at", "created_at", "expires_at"), "%Y-%m-%d"),

@@ -21,18 +21,19 @@ How spend is counted (``usage`` and ``byok_usage`` are lifetime counters, in USD
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from db import history, snapshots
+from db import rollups, snapshots
 
 from .base import Report, ReportError, ReportParams, check_at, snapshot_for, usd
 
 DEFAULT_PERIOD = timedelta(days=30)
-GROUPINGS = ("key", "workspace", "day")
+GROUPINGS = ("key", "workspace", "day", "owner")
 
 KEY_COLUMNS = [
     "key_hash",
@@ -47,6 +48,7 @@ KEY_COLUMNS = [
     "counted_from",
 ]
 WORKSPACE_COLUMNS = ["workspace_id", "keys", "usage", "byok_usage", "total"]
+OWNER_COLUMNS = ["owner", "keys", "usage", "byok_usage", "total"]
 DAY_COLUMNS = ["day", "keys", "usage", "byok_usage", "total"]
 
 
@@ -58,6 +60,7 @@ class KeySpend:
     name: str
     workspace_id: str | None
     counted_from: datetime
+    creator_user_id: str | None = None
     created_in_period: bool = False
     deleted_in_period: bool = False
     baseline_known: bool = True
@@ -70,16 +73,29 @@ class KeySpend:
     def total(self) -> float:
         return self.usage + self.byok_usage
 
+    def add(self, day: date, credit: float, byok: float) -> None:
+        if credit or byok:
+            entry = self.by_day.setdefault(day, [0.0, 0.0])
+            entry[0] += credit
+            entry[1] += byok
+            self.usage += credit
+            self.byok_usage += byok
+
 
 @dataclass
 class SpendFigures:
-    """The spend of every key (that passes the filters) over ``(start, end]``."""
+    """The spend of every key (that passes the filters) over ``(start, end]``.
+
+    ``keys`` holds the keys that spent or were first seen in the period; ``key_count`` counts
+    every key that existed in it.
+    """
 
     start: datetime
     end: datetime
     keys: dict[str, KeySpend]
     days: list[date]
     """The UTC days with a complete snapshot inside the period, oldest first."""
+    key_count: int = 0
 
     def day_totals(self) -> dict[date, tuple[float, float, int]]:
         """Per day: (usage, byok_usage, keys that spent)."""
@@ -98,31 +114,52 @@ class SpendFigures:
 
 
 def compute_spend(session: Session, params: ReportParams, *, default: timedelta = DEFAULT_PERIOD) -> SpendFigures:
-    """Spend per key and per day over the report's period; a ReportError when nothing covers it."""
+    """Spend per key and per day over the report's period, from the roll-ups (:mod:`db.rollups`);
+    a ReportError when nothing covers it."""
     end_snapshot = snapshot_for(session, params)
     end = params.as_of
     start = params.period_start(default)
     baseline = snapshots.latest_snapshot(session, at=start)
     after_id = baseline.id if baseline is not None else 0
-    versions = history.usage_versions(session, after_snapshot=after_id, until_snapshot=end_snapshot.id)
-
-    by_key: dict[str, list[history.UsageVersion]] = defaultdict(list)
-    for version in versions:
-        by_key[version.key_hash].append(version)
+    baseline_at = baseline.taken_at if baseline is not None and baseline.taken_at is not None else start
 
     keys: dict[str, KeySpend] = {}
-    for key_hash, key_versions in by_key.items():
-        latest = key_versions[-1]
-        if not params.wants(name=latest.name, workspace_id=latest.workspace_id):
-            continue
-        keys[key_hash] = _key_spend(
-            key_versions,
-            after_id=after_id,
-            end_id=end_snapshot.id,
-            start=start,
-            baseline_at=baseline.taken_at if baseline is not None and baseline.taken_at is not None else start,
-        )
+    latest: dict[str, date] = {}
+    for row in rollups.spend_rows(session, after_snapshot=after_id, until_snapshot=end_snapshot.id):
+        spend = keys.get(row.key_hash)
+        if spend is None:
+            spend = keys[row.key_hash] = KeySpend(row.key_hash, row.name, row.workspace_id, counted_from=baseline_at)
+        if row.day >= latest.get(row.key_hash, row.day):
+            latest[row.key_hash] = row.day
+            spend.name, spend.workspace_id, spend.creator_user_id = row.name, row.workspace_id, row.creator_user_id
+        spend.add(row.day, row.usage, row.byok_usage)
+        if row.first_seen_at is not None and row.created_at is not None:
+            if row.created_at > start:
+                spend.created_in_period = True
+                spend.counted_from = row.created_at
+                spend.add(row.day, row.first_usage, row.first_byok_usage)
+            else:
+                spend.baseline_known = False
+                spend.counted_from = row.first_seen_at
+    keys = {
+        key_hash: spend
+        for key_hash, spend in keys.items()
+        if params.wants(name=spend.name, workspace_id=spend.workspace_id)
+    }
+    spent = [key_hash for key_hash, spend in keys.items() if spend.total > 0]
+    alive_at_end = rollups.alive_hashes(session, end_snapshot.id, spent)
+    for key_hash in spent:
+        keys[key_hash].deleted_in_period = key_hash not in alive_at_end
 
+    first_seen = sum(1 for spend in keys.values() if spend.created_in_period or not spend.baseline_known)
+    if params.name is None:
+        at_start = rollups.keys_alive(session, after_id, workspaces=params.workspaces)
+    else:
+        at_start = sum(
+            1
+            for key_hash, name, workspace_id in rollups.names_alive(session, after_id)
+            if params.wants(name=name, workspace_id=workspace_id)
+        )
     days = sorted(
         {
             snapshot.taken_at.date()
@@ -130,46 +167,7 @@ def compute_spend(session: Session, params: ReportParams, *, default: timedelta 
             if snapshot.taken_at is not None and snapshot.taken_at > start
         }
     )
-    return SpendFigures(start=start, end=end, keys=keys, days=days)
-
-
-def _key_spend(
-    versions: list[history.UsageVersion], *, after_id: int, end_id: int, start: datetime, baseline_at: datetime
-) -> KeySpend:
-    """One key's spend; ``counted_from`` is the observation (or creation) its spend is counted from."""
-    latest = versions[-1]
-    previous: history.UsageVersion | None = None
-    spend: KeySpend | None = None
-    for version in versions:
-        if version.valid_from <= after_id:
-            previous = version  # the baseline: as the snapshot at the start of the period saw it
-            continue
-        if spend is None:
-            spend = KeySpend(latest.key_hash, latest.name, latest.workspace_id, counted_from=baseline_at)
-        if previous is None:
-            if version.created_at > start:
-                credit, byok = version.usage, version.byok_usage
-                spend.created_in_period = True
-                spend.counted_from = version.created_at
-            else:
-                credit = byok = 0.0
-                spend.baseline_known = False
-                spend.counted_from = version.seen_at
-        else:
-            credit = max(0.0, version.usage - previous.usage)
-            byok = max(0.0, version.byok_usage - previous.byok_usage)
-        previous = version
-        if credit or byok:
-            entry = spend.by_day.setdefault(version.seen_at.date(), [0.0, 0.0])
-            entry[0] += credit
-            entry[1] += byok
-            spend.usage += credit
-            spend.byok_usage += byok
-    if spend is None:
-        # Alive at the start and unchanged since: no spend, but it still existed in the period.
-        spend = KeySpend(latest.key_hash, latest.name, latest.workspace_id, counted_from=baseline_at)
-    spend.deleted_in_period = latest.valid_to is not None and latest.valid_to <= end_id
-    return spend
+    return SpendFigures(start=start, end=end, keys=keys, days=days, key_count=at_start + first_seen)
 
 
 def build(session: Session, params: ReportParams) -> Report:
@@ -182,7 +180,7 @@ def build(session: Session, params: ReportParams) -> Report:
     total = usd(figures.total)
     notes = [
         f"Spend is the growth of each key's lifetime usage and byok_usage between snapshots (USD); "
-        f"{len(figures.keys) - len(spent)} keys with no spend in the period are not listed."
+        f"{figures.key_count - len(spent)} keys with no spend in the period are not listed."
         if params.by == "key"
         else "Spend is the growth of each key's lifetime usage and byok_usage between snapshots (USD)."
     ]
@@ -194,11 +192,15 @@ def build(session: Session, params: ReportParams) -> Report:
         )
 
     if params.by == "workspace":
-        rows = _by_workspace(spent)
+        rows = _grouped(spent, "workspace_id", lambda spend: spend.workspace_id)
         title = f"Spend by workspace, {period}: ${total:,.2f}"
         return Report(
             title=title, columns=WORKSPACE_COLUMNS, rows=rows, notes=notes, headers={"workspace_id": "workspace"}
         )
+    if params.by == "owner":
+        rows = _grouped(spent, "owner", lambda spend: spend.creator_user_id)
+        title = f"Spend by owner (the key's creator_user_id), {period}: ${total:,.2f}"
+        return Report(title=title, columns=OWNER_COLUMNS, rows=rows, notes=notes, headers={"byok_usage": "byok"})
     if params.by == "day":
         rows = [
             {"day": day, "keys": keys, "usage": usd(credit), "byok_usage": usd(byok), "total": usd(credit + byok)}
@@ -234,22 +236,23 @@ def build(session: Session, params: ReportParams) -> Report:
     )
 
 
-def _by_workspace(spent: list[KeySpend]) -> list[dict[str, Any]]:
-    groups: dict[str, list[KeySpend]] = defaultdict(list)
+def _grouped(spent: list[KeySpend], column: str, group: Callable[[KeySpend], str | None]) -> list[dict[str, Any]]:
+    """One row per value of ``group`` (None is a group of its own), biggest spender first."""
+    groups: dict[str | None, list[KeySpend]] = defaultdict(list)
     for spend in spent:
-        groups[spend.workspace_id or ""].append(spend)
+        groups[group(spend) or None].append(spend)
     rows: list[dict[str, Any]] = []
-    for workspace_id, members in groups.items():
+    for value, members in groups.items():
         credit = sum(spend.usage for spend in members)
         byok = sum(spend.byok_usage for spend in members)
         rows.append(
             {
-                "workspace_id": workspace_id or None,
+                column: value,
                 "keys": len(members),
                 "usage": usd(credit),
                 "byok_usage": usd(byok),
                 "total": usd(credit + byok),
             }
         )
-    rows.sort(key=lambda row: (-row["total"], str(row["workspace_id"])))
+    rows.sort(key=lambda row: (-row["total"], row[column] is None, str(row[column])))
     return rows

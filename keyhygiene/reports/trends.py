@@ -1,149 +1,53 @@
 """``report trends``: per UTC day, how many keys were in which state, and what they spent.
 
 Each day is read at the last complete snapshot of that day inside the period ``(start, end]``
-(days without a snapshot have no row). ``idle_30d`` counts keys that the rules file's
-``match = "unused"`` with ``idle_for = "30d"`` would call unused at that snapshot: at least 30 days
-old and no use seen for 30 days, from ``last_used_at`` and from the usage history. ``spend`` is
-the day's total of ``report spend --by day`` for the same period and filters.
+(days without a snapshot have no row), from the roll-ups each sync keeps (:mod:`db.rollups`), so a
+year of history costs one row per snapshot and workspace. ``idle_30d`` counts keys that the rules
+file's ``match = "unused"`` with ``idle_for = "30d"`` would call unused at that snapshot: at least
+30 days old and no use seen for 30 days, from ``last_used_at`` and from the usage history.
+``spend`` is the day's total of ``report spend --by day`` for the same period and workspaces.
+Trends are kept per workspace, not per key, so ``--name`` does not apply to them.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from db import history, snapshots
-from db.models import Snapshot
-from keyhygiene.keysapi.models import Key
-from keyhygiene.rules import KeyHistory, idle_since
+from db import rollups
+from keyhygiene.errors import EXIT_USAGE
 
-from .base import Report, ReportParams, check_at, snapshot_for, usd
-from .spend import compute_spend
+from .base import Report, ReportError, ReportParams, check_at, snapshot_for, usd
 
 DEFAULT_PERIOD = timedelta(days=30)
-IDLE_FOR = timedelta(days=30)
 
 COLUMNS = ["day", "taken_at", "keys", "disabled", "expired", "no_expiry", "no_limit", "idle_30d", "spend"]
 TABLE_COLUMNS = ["day", "keys", "disabled", "expired", "no_expiry", "no_limit", "idle_30d", "spend"]
 HEADERS = {"no_expiry": "no expiry", "no_limit": "no limit", "idle_30d": "idle 30d+", "disabled": "disab."}
 
 
-@dataclass(frozen=True, slots=True)
-class _Seen:
-    """A version as it stood at one snapshot, with what its history proves."""
-
-    version: history.StateVersion
-    first_seen_at: datetime
-    unchanged_since: datetime
-
-
-def day_snapshots(session: Session, *, start: datetime, end: datetime) -> list[Snapshot]:
-    """The last complete snapshot of each UTC day within ``(start, end]``, oldest first."""
-    last_of_day: dict[date, Snapshot] = {}
-    for snapshot in snapshots.complete_snapshots(session, since=start, until=end):
-        if snapshot.taken_at is not None and snapshot.taken_at > start:
-            last_of_day[snapshot.taken_at.date()] = snapshot
-    return [last_of_day[day] for day in sorted(last_of_day)]
-
-
-def _as_key(version: history.StateVersion) -> Key:
-    """Just enough of a Key for the engine's idleness rule."""
-    return Key(
-        hash=version.key_hash,
-        name=version.name,
-        label="",
-        disabled=version.disabled,
-        limit=version.limit,
-        limit_remaining=None,
-        limit_reset=None,
-        include_byok_in_limit=False,
-        usage=version.usage,
-        usage_daily=0.0,
-        usage_weekly=0.0,
-        usage_monthly=0.0,
-        byok_usage=version.byok_usage,
-        byok_usage_daily=0.0,
-        byok_usage_weekly=0.0,
-        byok_usage_monthly=0.0,
-        created_at=version.created_at,
-        updated_at=None,
-        expires_at=version.expires_at,
-        last_used_at=version.last_used_at,
-        workspace_id=version.workspace_id,
-        creator_user_id=None,
-        external_user=None,
-        raw={"last_used_at": version.last_used_at} if version.reports_last_used else {},
-    )
-
-
-def _states_at(versions: list[history.StateVersion], chosen: list[Snapshot]) -> Iterator[tuple[Snapshot, _Seen]]:
-    """For one key's whole history: the version alive at each chosen snapshot, and since when its
-    counters have held still (as ``keyhygiene.enforcement.history_from_timeline`` reads it)."""
-    seen: list[_Seen] = []
-    first_seen_at = versions[0].seen_at
-    for index, version in enumerate(versions):
-        before = versions[index - 1] if index else None
-        if before is not None and before.usage == version.usage and before.byok_usage == version.byok_usage:
-            seen.append(_Seen(version, first_seen_at, seen[-1].unchanged_since))
-        else:
-            seen.append(_Seen(version, first_seen_at, version.seen_at))
-    position = 0
-    for snapshot in chosen:
-        while position + 1 < len(seen) and seen[position + 1].version.valid_from <= snapshot.id:
-            position += 1
-        current = seen[position]
-        alive = current.version.valid_from <= snapshot.id and (
-            current.version.valid_to is None or current.version.valid_to > snapshot.id
-        )
-        if alive:
-            yield snapshot, current
-
-
 def build(session: Session, params: ReportParams) -> Report:
     check_at(params)
     snapshot_for(session, params)  # no snapshot at all, or --at before the first: say so
+    if params.name is not None:
+        raise ReportError("trends are kept per workspace, not per key: --name is not available for trends", EXIT_USAGE)
     end = params.as_of
     start = params.period_start(DEFAULT_PERIOD)
-    chosen = day_snapshots(session, start=start, end=end)
-    counts: dict[int, dict[str, int]] = {
-        snapshot.id: dict.fromkeys(("keys", "disabled", "expired", "no_expiry", "no_limit", "idle_30d"), 0)
-        for snapshot in chosen
+    counts = rollups.day_counts(session, start=start, end=end, workspaces=params.workspaces)
+    spend = {
+        day.day: day.usage + day.byok_usage
+        for day in rollups.spend_by_day(session, start=start, end=end, workspaces=params.workspaces)
     }
-    if chosen:
-        versions = history.state_versions(session, alive_from=chosen[0].id, until_snapshot=chosen[-1].id)
-        by_key: dict[str, list[history.StateVersion]] = defaultdict(list)
-        for version in versions:
-            by_key[version.key_hash].append(version)
-        for key_versions in by_key.values():
-            for snapshot, seen in _states_at(key_versions, chosen):
-                version = seen.version
-                if not params.wants(name=version.name, workspace_id=version.workspace_id):
-                    continue
-                assert snapshot.taken_at is not None
-                at = snapshot.taken_at
-                row = counts[snapshot.id]
-                row["keys"] += 1
-                row["disabled"] += version.disabled
-                row["expired"] += version.expires_at is not None and version.expires_at <= at
-                row["no_expiry"] += version.expires_at is None
-                row["no_limit"] += version.limit is None
-                cutoff = at - IDLE_FOR
-                if version.created_at <= cutoff:
-                    facts = KeyHistory(first_seen_at=seen.first_seen_at, usage_unchanged_since=seen.unchanged_since)
-                    since = idle_since(_as_key(version), facts)
-                    row["idle_30d"] += since is not None and since <= cutoff
-
-    spend = compute_spend(session, params, default=DEFAULT_PERIOD).day_totals()
-    rows = []
-    for snapshot in chosen:
-        assert snapshot.taken_at is not None
-        day = snapshot.taken_at.date()
-        credit, byok, _ = spend.get(day, (0.0, 0.0, 0))
-        rows.append({"day": day, "taken_at": snapshot.taken_at, **counts[snapshot.id], "spend": usd(credit + byok)})
+    rows = [
+        {
+            "day": day.day,
+            "taken_at": day.taken_at,
+            **{name: getattr(day, name) for name in rollups.COUNTS},
+            "spend": usd(spend.get(day.day, 0.0)),
+        }
+        for day in counts
+    ]
     notes = [] if rows else ["no complete snapshot was taken in the period"]
     title = f"Trends per day, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC: {len(rows)} days"
     return Report(title=title, columns=COLUMNS, rows=rows, notes=notes, table_columns=TABLE_COLUMNS, headers=HEADERS)

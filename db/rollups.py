@@ -1,0 +1,535 @@
+"""Roll-ups: what the reports aggregate, kept up to date by each sync in the sync's transaction.
+
+Three tables, each small next to the versions they summarise:
+
+- ``key_rollups``: one row per key ever seen, its running state: the counters as last seen, when
+  it was first seen and when its usage last moved. It is what makes the other two incremental: a
+  sync compares the keys it stored (``db.snapshots.alive_at``) with it and writes only what moved.
+- ``key_days``: per key and UTC day, only where something happened: the spend of the steps whose
+  later snapshot fell on that day (growth of ``usage`` and ``byok_usage`` since the key's previous
+  observation; a counter that goes down counts zero), and, on the day a key was first seen, its
+  counters then (spend only when the key was created inside the period a report asks about).
+- ``snapshot_rollups``: per complete snapshot and workspace, the counts ``report trends`` shows
+  (keys, disabled, expired, without expiry, without limit, idle 30 days or more) and the spend of
+  that snapshot's steps. Per snapshot rather than per day so that a report ``--at`` any time reads
+  exactly the last snapshot of each day before it; a year of hourly syncs is still only
+  ~9,000 rows per workspace.
+
+Idle 30 days or more is the rules engine's ``unused`` reading (``keyhygiene.rules.idle_since``)
+with ``idle_for = "30d"``, written here as SQL over the running state: a sign of use is
+``last_used_at`` or a move of usage after the key was first seen; with none, a null
+``last_used_at`` shows idleness since 2026-01-01 and the history since the first sighting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Date, Float, Index, Integer, String, and_, case, delete, func, insert, literal, or_, select, true
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from . import snapshots
+from .models import Base, KeyState, Snapshot, UTCDateTime
+
+IDLE_FOR = timedelta(days=30)
+LAST_USED_RECORDED_FROM = datetime(2026, 1, 1, tzinfo=UTC)
+"""OpenRouter records no use before this (the same fact as ``keyhygiene.rules.engine``)."""
+NO_WORKSPACE = ""
+
+
+class KeyRollup(Base):
+    """One key's running state, as of the newest snapshot that saw it."""
+
+    __tablename__ = "key_rollups"
+
+    key_hash: Mapped[str] = mapped_column(String(128), primary_key=True)
+    first_seen_at: Mapped[datetime]
+    usage_changed_at: Mapped[datetime]
+    usage: Mapped[float] = mapped_column(Float)
+    byok_usage: Mapped[float] = mapped_column(Float)
+
+
+class KeyDay(Base):
+    """What one key spent on one UTC day (only days where it spent or was first seen)."""
+
+    __tablename__ = "key_days"
+    # Reports look up the keys first seen in a period; the row of a key's first day is rare.
+    __table_args__ = (Index("ix_key_days_first_seen_at", "first_seen_at"),)
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String)
+    workspace_id: Mapped[str | None] = mapped_column(String(64))
+    creator_user_id: Mapped[str | None] = mapped_column(String)
+    usage: Mapped[float] = mapped_column(Float)
+    byok_usage: Mapped[float] = mapped_column(Float)
+    first_seen_at: Mapped[datetime | None]
+    first_usage: Mapped[float | None] = mapped_column(Float)
+    first_byok_usage: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime]
+    last_used_at: Mapped[datetime | None]
+
+
+class SnapshotRollup(Base):
+    """The counts of one workspace's keys at one complete snapshot, and that snapshot's spend."""
+
+    __tablename__ = "snapshot_rollups"
+
+    snapshot_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    taken_at: Mapped[datetime] = mapped_column(index=True)
+    keys: Mapped[int]
+    disabled: Mapped[int]
+    expired: Mapped[int]
+    no_expiry: Mapped[int]
+    no_limit: Mapped[int]
+    idle_30d: Mapped[int]
+    usage: Mapped[float] = mapped_column(Float)
+    byok_usage: Mapped[float] = mapped_column(Float)
+
+
+COUNTS = ("keys", "disabled", "expired", "no_expiry", "no_limit", "idle_30d")
+
+
+def _upsert(session: Session, table: Any) -> Any:
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def _grown(new: Any, old: Any) -> Any:
+    """A step's spend: how much a lifetime counter grew (zero when it went down)."""
+    return case((new > old, new - old), else_=literal(0.0))
+
+
+def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) -> None:
+    """Bring the roll-ups up to complete snapshot ``snapshot_id`` (the newest), in the caller's
+    transaction. Writes one ``key_days`` and ``key_rollups`` row per key whose usage moved or that
+    is new, and the snapshot's ``snapshot_rollups`` rows from one aggregate."""
+    alive = snapshots.alive_at(session, snapshot_id).subquery("alive")
+    state = KeyRollup.__table__
+    known = state.c.key_hash.is_not(None)
+    moved = or_(~known, alive.c.usage != state.c.usage, alive.c.byok_usage != state.c.byok_usage)
+    joined = alive.outerjoin(state, state.c.key_hash == alive.c.key_hash)
+    step_usage = case((known, _grown(alive.c.usage, state.c.usage)), else_=literal(0.0))
+    step_byok = case((known, _grown(alive.c.byok_usage, state.c.byok_usage)), else_=literal(0.0))
+    day = taken_at.astimezone(UTC).date()
+    at = literal(taken_at, UTCDateTime())
+
+    # 1. The snapshot's counts, from the state before this snapshot moved it.
+    cutoff = taken_at - IDLE_FOR
+    first_seen = func.coalesce(state.c.first_seen_at, at)
+    changed_at = case((and_(known, moved), at), else_=func.coalesce(state.c.usage_changed_at, at))
+    used_later = changed_at > first_seen
+    has_sign = or_(alive.c.last_used_at.is_not(None), used_later)
+    signs_old = and_(
+        or_(alive.c.last_used_at.is_(None), alive.c.last_used_at <= cutoff), or_(~used_later, changed_at <= cutoff)
+    )
+    idle_from_old = or_(literal(cutoff >= LAST_USED_RECORDED_FROM), first_seen <= cutoff)
+    idle = and_(alive.c.created_at <= cutoff, case((has_sign, signs_old), else_=idle_from_old))
+    workspace = func.coalesce(alive.c.workspace_id, NO_WORKSPACE)
+
+    def count(condition: Any) -> Any:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+    counts = (
+        select(
+            literal(snapshot_id).label("snapshot_id"),
+            workspace.label("workspace_id"),
+            at.label("taken_at"),
+            func.count().label("keys"),
+            count(alive.c.disabled),
+            count(and_(alive.c.expires_at.is_not(None), alive.c.expires_at <= taken_at)),
+            count(alive.c.expires_at.is_(None)),
+            count(alive.c.limit.is_(None)),
+            count(idle),
+            func.coalesce(func.sum(step_usage), 0.0),
+            func.coalesce(func.sum(step_byok), 0.0),
+        )
+        .select_from(joined)
+        .group_by(workspace)
+    )
+    session.execute(delete(SnapshotRollup).where(SnapshotRollup.snapshot_id == snapshot_id))
+    session.execute(
+        insert(SnapshotRollup).from_select(
+            ["snapshot_id", "workspace_id", "taken_at", *COUNTS, "usage", "byok_usage"], counts
+        )
+    )
+
+    # 2. Spend per key and day: only keys that moved or are new.
+    days = KeyDay.__table__
+    new_days = (
+        select(
+            literal(day, Date()).label("day"),
+            alive.c.key_hash,
+            alive.c.name,
+            alive.c.workspace_id,
+            alive.c.creator_user_id,
+            step_usage.label("usage"),
+            step_byok.label("byok_usage"),
+            case((known, None), else_=at).label("first_seen_at"),
+            case((known, None), else_=alive.c.usage).label("first_usage"),
+            case((known, None), else_=alive.c.byok_usage).label("first_byok_usage"),
+            alive.c.created_at,
+            alive.c.last_used_at,
+        )
+        .select_from(joined)
+        .where(moved)
+    )
+    insert_days = _upsert(session, days).from_select(list(new_days.selected_columns.keys()), new_days)
+    excluded = insert_days.excluded
+    session.execute(
+        insert_days.on_conflict_do_update(
+            index_elements=[days.c.day, days.c.key_hash],
+            set_={
+                "name": excluded.name,
+                "workspace_id": excluded.workspace_id,
+                "creator_user_id": excluded.creator_user_id,
+                "usage": days.c.usage + excluded.usage,
+                "byok_usage": days.c.byok_usage + excluded.byok_usage,
+                "first_seen_at": func.coalesce(days.c.first_seen_at, excluded.first_seen_at),
+                "first_usage": func.coalesce(days.c.first_usage, excluded.first_usage),
+                "first_byok_usage": func.coalesce(days.c.first_byok_usage, excluded.first_byok_usage),
+                "created_at": excluded.created_at,
+                "last_used_at": excluded.last_used_at,
+            },
+        )
+    )
+
+    # 3. The running state of the keys that moved.
+    new_state = (
+        select(
+            alive.c.key_hash,
+            first_seen.label("first_seen_at"),
+            at.label("usage_changed_at"),
+            alive.c.usage,
+            alive.c.byok_usage,
+        )
+        .select_from(joined)
+        .where(moved)
+    )
+    insert_state = _upsert(session, state).from_select(list(new_state.selected_columns.keys()), new_state)
+    session.execute(
+        insert_state.on_conflict_do_update(
+            index_elements=[state.c.key_hash],
+            set_={
+                "usage_changed_at": insert_state.excluded.usage_changed_at,
+                "usage": insert_state.excluded.usage,
+                "byok_usage": insert_state.excluded.byok_usage,
+            },
+        )
+    )
+
+
+def rebuild_rollups(session: Session) -> int:
+    """Recompute every roll-up from the stored history, oldest snapshot first; returns how many
+    snapshots were replayed. For the migration that introduces roll-ups and for checking them."""
+    for table in (SnapshotRollup, KeyDay, KeyRollup):
+        session.execute(delete(table))
+    replayed = 0
+    for snapshot in snapshots.complete_snapshots(session):
+        assert snapshot.taken_at is not None
+        record_rollups(session, snapshot_id=snapshot.id, taken_at=snapshot.taken_at)
+        replayed += 1
+    return replayed
+
+
+def prune_rollups(session: Session, *, anchor_id: int, anchor_taken_at: datetime, limit: int) -> int:
+    """Drop up to about ``limit`` roll-up rows older than the retention's anchor (the oldest
+    snapshot kept whole): per-snapshot counts before it, then key days before its UTC day, oldest
+    first. Returns the rows deleted; 0 when nothing is left to drop. ``key_rollups`` stays: one row
+    per key, which a key that comes back still needs."""
+    counts = SnapshotRollup.__table__
+    doomed = list(
+        session.scalars(
+            select(counts.c.snapshot_id)
+            .where(counts.c.snapshot_id < anchor_id)
+            .distinct()
+            .order_by(counts.c.snapshot_id)
+            .limit(max(1, limit // 10))
+        )
+    )
+    if doomed:
+        result = session.execute(delete(SnapshotRollup).where(SnapshotRollup.snapshot_id.in_(doomed)))
+        return int(getattr(result, "rowcount", 0) or 0)
+    days = KeyDay.__table__
+    oldest = session.scalar(select(func.min(days.c.day)).where(days.c.day < anchor_taken_at.astimezone(UTC).date()))
+    if oldest is None:
+        return 0
+    result = session.execute(delete(KeyDay).where(KeyDay.day == oldest))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DayCounts:
+    """The keys by state at the last snapshot of one UTC day."""
+
+    day: date
+    snapshot_id: int
+    taken_at: datetime
+    keys: int
+    disabled: int
+    expired: int
+    no_expiry: int
+    no_limit: int
+    idle_30d: int
+
+
+def day_counts(
+    session: Session, *, start: datetime, end: datetime, workspaces: tuple[str, ...] = ()
+) -> list[DayCounts]:
+    """Per UTC day with a complete snapshot in ``(start, end]``: the counts at its last one, oldest first."""
+    table = SnapshotRollup.__table__
+    where = [table.c.taken_at > start, table.c.taken_at <= end]
+    if workspaces:
+        where.append(table.c.workspace_id.in_(workspaces))
+    # One row per snapshot in the period (a year of hourly syncs is 8,760): the last of each day.
+    last_of_day: dict[date, int] = {}
+    for snapshot_id, taken_at in session.execute(
+        select(table.c.snapshot_id, table.c.taken_at).where(*where).distinct().order_by(table.c.snapshot_id)
+    ):
+        last_of_day[taken_at.date()] = snapshot_id
+    chosen = sorted(last_of_day.values())
+    result: list[DayCounts] = []
+    for start_index in range(0, len(chosen), 500):
+        rows = session.execute(
+            select(table.c.snapshot_id, func.min(table.c.taken_at), *(func.sum(table.c[name]) for name in COUNTS))
+            .where(table.c.snapshot_id.in_(chosen[start_index : start_index + 500]), *where[2:])
+            .group_by(table.c.snapshot_id)
+            .order_by(table.c.snapshot_id)
+        )
+        result.extend(DayCounts(row[1].date(), row[0], row[1], *(int(value or 0) for value in row[2:])) for row in rows)
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class DaySpend:
+    day: date
+    usage: float
+    byok_usage: float
+
+
+def spend_by_day(
+    session: Session, *, start: datetime, end: datetime, workspaces: tuple[str, ...] = ()
+) -> Iterator[DaySpend]:
+    """Spend per UTC day over ``(start, end]``: the steps of the snapshots taken inside it, plus
+    what keys created inside it had spent when first seen. Days without spend have no row."""
+    steps = SnapshotRollup.__table__
+    step_where = [steps.c.taken_at > start, steps.c.taken_at <= end]
+    if workspaces:
+        step_where.append(steps.c.workspace_id.in_(workspaces))
+    per_snapshot = list(
+        session.execute(
+            select(steps.c.taken_at, func.sum(steps.c.usage), func.sum(steps.c.byok_usage))
+            .where(*step_where)
+            .group_by(steps.c.taken_at)
+        )
+    )
+    days = KeyDay.__table__
+    first_where = [days.c.first_seen_at > start, days.c.first_seen_at <= end, days.c.created_at > start]
+    if workspaces:
+        first_where.append(days.c.workspace_id.in_(workspaces))
+    firsts = session.execute(
+        select(days.c.day, func.sum(days.c.first_usage), func.sum(days.c.first_byok_usage))
+        .where(*first_where)
+        .group_by(days.c.day)
+    )
+    totals: dict[date, list[float]] = {}
+    for taken_at, credit, byok in per_snapshot:
+        entry = totals.setdefault(taken_at.date(), [0.0, 0.0])
+        entry[0] += credit or 0.0
+        entry[1] += byok or 0.0
+    for first_day, credit, byok in firsts:
+        entry = totals.setdefault(first_day, [0.0, 0.0])
+        entry[0] += credit or 0.0
+        entry[1] += byok or 0.0
+    for spend_day in sorted(totals):
+        credit, byok = totals[spend_day]
+        if credit or byok:
+            yield DaySpend(spend_day, credit, byok)
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRow:
+    """Spend of one key on one UTC day (``usage``/``byok_usage``, growth since its previous
+    observation), or its first observation (``first_seen_at`` set, with its counters then)."""
+
+    key_hash: str
+    day: date
+    name: str
+    workspace_id: str | None
+    creator_user_id: str | None
+    created_at: datetime | None
+    usage: float = 0.0
+    byok_usage: float = 0.0
+    first_seen_at: datetime | None = None
+    first_usage: float = 0.0
+    first_byok_usage: float = 0.0
+
+
+def spend_rows(session: Session, *, after_snapshot: int, until_snapshot: int) -> Iterator[SpendRow]:
+    """What keys spent at the complete snapshots ``(after_snapshot, until_snapshot]``, streamed:
+    whole UTC days from ``key_days``, and the steps of a day the range covers only in part (its
+    first and last day, when other snapshots of them lie outside) from the versions; plus the
+    first observation of every key first seen in the range. Only keys that spent or were first
+    seen have rows."""
+    inside = _snapshots_between(session, after_snapshot, until_snapshot)
+    if not inside:
+        return
+    first_day, last_day = inside[0][1].date(), inside[-1][1].date()
+    lower = session.scalar(select(Snapshot.taken_at).where(Snapshot.id == after_snapshot))
+    outside_days = _partial_days(session, lower, until_snapshot, (first_day, last_day))
+    whole = [
+        inside_day
+        for inside_day in sorted({taken_at.date() for _, taken_at in inside})
+        if inside_day not in outside_days
+    ]
+    upper = inside[-1][1]
+    days = KeyDay.__table__
+    if whole:
+        # The bulk of a long period: only the columns a step needs (no times to convert).
+        steps = session.execute(
+            select(
+                days.c.key_hash,
+                days.c.day,
+                days.c.name,
+                days.c.workspace_id,
+                days.c.creator_user_id,
+                days.c.usage,
+                days.c.byok_usage,
+            ).where(days.c.day >= whole[0], days.c.day <= whole[-1], or_(days.c.usage > 0, days.c.byok_usage > 0))
+        )
+        for key_hash, step_day, name, workspace_id, creator, credit, byok in steps:
+            yield SpendRow(key_hash, step_day, name, workspace_id, creator, None, credit, byok)
+    first_in_range = and_(days.c.first_seen_at <= upper, days.c.first_seen_at > lower if lower is not None else true())
+    for row in session.execute(select(days).where(first_in_range)):
+        yield SpendRow(
+            key_hash=row.key_hash,
+            day=row.day,
+            name=row.name,
+            workspace_id=row.workspace_id,
+            creator_user_id=row.creator_user_id,
+            created_at=row.created_at,
+            first_seen_at=row.first_seen_at,
+            first_usage=row.first_usage or 0.0,
+            first_byok_usage=row.first_byok_usage or 0.0,
+        )
+    partial = [snapshot_id for snapshot_id, taken_at in inside if taken_at.date() in outside_days]
+    if partial:
+        yield from _steps_at(session, partial)
+
+
+def _snapshots_between(session: Session, after: int, until: int) -> list[tuple[int, datetime]]:
+    table = Snapshot
+    rows = session.execute(
+        select(table.id, table.taken_at)
+        .where(table.status == snapshots.COMPLETE, table.id > after, table.id <= until)
+        .order_by(table.id)
+    )
+    return [(snapshot_id, taken_at) for snapshot_id, taken_at in rows if taken_at is not None]
+
+
+def _partial_days(session: Session, lower: datetime | None, until: int, ends: tuple[date, date]) -> set[date]:
+    """Which of the range's first and last day ``key_days`` holds steps of outside the range: the
+    first day when the snapshot before the range (``lower``) was taken on it (pruned snapshots of
+    that day included, which may no longer exist), the last day when a later complete snapshot was."""
+    first_day, last_day = ends
+    partial: set[date] = set()
+    if lower is not None and lower.date() == first_day:
+        partial.add(first_day)
+    midnight = datetime(last_day.year, last_day.month, last_day.day, tzinfo=UTC)
+    later = session.scalar(
+        select(func.count())
+        .select_from(Snapshot)
+        .where(
+            Snapshot.status == snapshots.COMPLETE,
+            Snapshot.id > until,
+            Snapshot.taken_at < midnight + timedelta(days=1),
+        )
+    )
+    if later:
+        partial.add(last_day)
+    return partial
+
+
+def _steps_at(session: Session, snapshot_ids: list[int]) -> Iterator[SpendRow]:
+    """The steps (growth since the key's previous version) of the keys whose usage moved at these
+    snapshots, read from the versions: a key's previous observation is its previous version."""
+    new = KeyState.__table__.alias("new")
+    old = KeyState.__table__.alias("old")
+    taken = Snapshot.__table__.alias("taken")
+    before = (
+        select(func.max(KeyState.valid_from))
+        .where(KeyState.key_hash == new.c.key_hash, KeyState.valid_from < new.c.valid_from)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        select(
+            new.c.key_hash,
+            taken.c.taken_at,
+            new.c.name,
+            new.c.workspace_id,
+            new.c.creator_user_id,
+            new.c.created_at,
+            _grown(new.c.usage, old.c.usage),
+            _grown(new.c.byok_usage, old.c.byok_usage),
+        )
+        .join(taken, taken.c.id == new.c.valid_from)
+        .join(old, and_(old.c.key_hash == new.c.key_hash, old.c.valid_from == before))
+        .where(
+            new.c.valid_from.in_(snapshot_ids), or_(new.c.usage != old.c.usage, new.c.byok_usage != old.c.byok_usage)
+        )
+        .order_by(new.c.key_hash, new.c.valid_from)
+    )
+    for key_hash, taken_at, name, workspace_id, creator, created_at, credit, byok in rows:
+        yield SpendRow(key_hash, taken_at.date(), name, workspace_id, creator, created_at, credit, byok)
+
+
+def alive_hashes(session: Session, snapshot_id: int, key_hashes: list[str]) -> set[str]:
+    """Which of ``key_hashes`` snapshot ``snapshot_id`` listed."""
+    alive = snapshots.alive_at(session, snapshot_id).subquery()
+    found: set[str] = set()
+    for start in range(0, len(key_hashes), 500):
+        chunk = key_hashes[start : start + 500]
+        found.update(session.scalars(select(alive.c.key_hash).where(alive.c.key_hash.in_(chunk))))
+    return found
+
+
+def keys_alive(session: Session, snapshot_id: int, *, workspaces: tuple[str, ...] = ()) -> int:
+    """How many keys snapshot ``snapshot_id`` listed (0 for none), within ``workspaces`` when
+    given: from its counts, without reading the versions."""
+    query = select(func.coalesce(func.sum(SnapshotRollup.keys), 0)).where(SnapshotRollup.snapshot_id == snapshot_id)
+    if workspaces:
+        query = query.where(SnapshotRollup.workspace_id.in_(workspaces))
+    return int(session.scalar(query) or 0)
+
+
+def names_alive(session: Session, snapshot_id: int) -> Iterator[tuple[str, str, str | None]]:
+    """(key_hash, name, workspace_id) of every key snapshot ``snapshot_id`` listed, streamed."""
+    if snapshot_id == 0:
+        return
+    alive = snapshots.alive_at(session, snapshot_id).subquery()
+    rows = session.execute(select(alive.c.key_hash, alive.c.name, alive.c.workspace_id))
+    yield from ((key_hash, name, workspace_id) for key_hash, name, workspace_id in rows)
+
+
+def keys_by_owner(session: Session, snapshot_id: int, *, workspaces: tuple[str, ...] = ()) -> dict[str | None, int]:
+    """How many keys snapshot ``snapshot_id`` listed per ``creator_user_id``."""
+    alive = snapshots.alive_at(session, snapshot_id).subquery()
+    query = select(alive.c.creator_user_id, func.count()).group_by(alive.c.creator_user_id)
+    if workspaces:
+        query = query.where(alive.c.workspace_id.in_(workspaces))
+    return {owner: int(count) for owner, count in session.execute(query)}
+
+
+def owners_alive(session: Session, snapshot_id: int) -> Iterator[tuple[str | None, str, str | None]]:
+    """(creator_user_id, name, workspace_id) of every key snapshot ``snapshot_id`` listed, streamed."""
+    alive = snapshots.alive_at(session, snapshot_id).subquery()
+    rows = session.execute(select(alive.c.creator_user_id, alive.c.name, alive.c.workspace_id))
+    yield from ((owner, name, workspace_id) for owner, name, workspace_id in rows)

@@ -1,0 +1,279 @@
+"""Roll-ups: kept by each sync, equal to a recomputation from the versions, rebuilt by the
+migration, pruned with the history; and the reports that read them (partial days, owners)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from alembic import command
+from sqlalchemy import inspect, select
+
+from db import rollups, snapshots
+from db.migrate import alembic_config, upgrade
+from db.models import KeyState, Snapshot
+from keyhygiene import retention
+from keyhygiene.context import Database, session_scope
+from keyhygiene.enforcement import load_histories
+from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.reports import ReportError, ReportParams, builders
+from keyhygiene.reports.html import render_html
+from keyhygiene.reports.idle import upcoming_actions
+from keyhygiene.reports.render import to_json
+from keyhygiene.rules import idle_since, parse_rules
+from tests.test_reports_support import DAY, HOUR, RULES, Org, key_hash
+
+pytestmark = pytest.mark.postgres
+
+T0 = datetime(2026, 6, 1, 20, 0, tzinfo=UTC)
+"""Syncs every 2 hours from 20:00, so day 0 ends and day 1 begins among them."""
+SYNCS = 12
+NOW = T0 + (SYNCS - 1) * 2 * HOUR + timedelta(minutes=10)
+
+
+def build_series(org: Org) -> None:
+    """Keys added, used, changed, disabled, deleted, re-listed and reset across a day boundary.
+
+    ==============  ==============================================================
+    steady          owner ann; +1.0 before every sync
+    byok            owner ann; +0.5 BYOK before every other sync
+    idle-old        owner cat; created 90d ago, last used 40d ago: idle 30d+ throughout
+    never-used      created 60d ago, no last_used_at: idle 30d+ throughout
+    young           created 10d ago, never used: not idle 30d+ (too young)
+    late            owner bob; created before sync 4 with 7.0 already spent, then +2.0 before sync 8
+    found           created 20d ago with 5.0 spent, first listed at sync 3
+    disabled-later  disabled before sync 6 (a change with no spend)
+    gone            owner bob; +3.0 before sync 5, deleted before sync 7
+    reset           usage 10.0, reset to 1.0 before sync 6 (a new key under the same hash), then +0.25
+    ==============  ==============================================================
+    """
+    fake = org.fake
+    ws = fake.add_workspace("Ops", id="ws-ops")["id"]
+    start = T0 - HOUR
+    org.add("steady", at=start, created_at=T0 - 50 * DAY, usage=4.0, last_used_at=T0 - DAY, creator_user_id="ann")
+    org.add("byok", at=start, created_at=T0 - 50 * DAY, creator_user_id="ann", workspace_id=ws)
+    org.add(
+        "idle-old", at=start, created_at=T0 - 90 * DAY, usage=3.0, last_used_at=T0 - 40 * DAY, creator_user_id="cat"
+    )
+    org.add("never-used", at=start, created_at=T0 - 60 * DAY, limit=5.0)
+    org.add("young", at=start, created_at=T0 - 10 * DAY, expires_at=T0 + 5 * HOUR)
+    org.add("disabled-later", at=start, created_at=T0 - 45 * DAY, usage=1.0, last_used_at=T0 - 35 * DAY)
+    org.add("gone", at=start, created_at=T0 - 45 * DAY, usage=2.0, creator_user_id="bob", workspace_id=ws)
+    org.add("reset", at=start, created_at=T0 - 70 * DAY, usage=10.0, last_used_at=T0 - DAY)
+    for k in range(SYNCS):
+        at = T0 + k * 2 * HOUR
+        before = at - 30 * 60 * timedelta(seconds=1)
+        org.use("steady", 1.0, at=before)
+        if k % 2:
+            org.use("byok", 0.0, 0.5, at=before)
+        if k == 3:
+            org.add("found", at=before, created_at=T0 - 20 * DAY, usage=5.0, last_used_at=T0 - 2 * DAY)
+        if k == 4:
+            org.add("late", at=before, usage=7.0, last_used_at=before, creator_user_id="bob")
+        if k == 5:
+            org.use("gone", 3.0, at=before)
+        if k == 6:
+            org.fake.update_key(key_hash("disabled-later"), {"disabled": True})
+            org.delete("reset", at=before)
+            org.add("reset", at=before, created_at=T0 - 70 * DAY, usage=1.0, last_used_at=before)
+        if k == 7:
+            org.delete("gone", at=before)
+            org.use("reset", 0.25, at=before)
+        if k == 8:
+            org.use("late", 2.0, at=before)
+        org.sync(at)
+
+
+@pytest.fixture
+def org(database: Database, fake: FakeOpenRouter, fake_url: str) -> Iterator[Org]:
+    org = Org(database, fake, fake_url)
+    try:
+        build_series(org)
+        yield org
+    finally:
+        org.close()
+
+
+def dump(database: Database) -> dict[str, list[tuple[Any, ...]]]:
+    """Every roll-up row, in a stable order, money rounded to the micro-dollar."""
+    result: dict[str, list[tuple[Any, ...]]] = {}
+    with database.sessions() as session:
+        for model in (rollups.KeyRollup, rollups.KeyDay, rollups.SnapshotRollup):
+            table = model.__table__
+            rows = session.execute(select(table).order_by(*table.primary_key.columns))
+            result[table.name] = [
+                tuple(round(value, 6) if isinstance(value, float) else value for value in row) for row in rows
+            ]
+    return result
+
+
+def test_rollups_equal_a_recomputation_from_the_versions(org: Org) -> None:
+    database = org.database
+    with database.sessions() as session:
+        taken = list(session.execute(select(Snapshot.id, Snapshot.taken_at).order_by(Snapshot.id)))
+        # Per snapshot and workspace: the counts, with idleness from the engine and the very
+        # histories enforcement reads.
+        expected_counts: dict[tuple[int, str], tuple[int, ...]] = {}
+        for snapshot_id, taken_at in taken:
+            histories = load_histories(session, snapshot_id)
+            cutoff = taken_at - timedelta(days=30)
+            per_workspace: dict[str, list[int]] = defaultdict(lambda: [0] * 6)
+            for key in snapshots.keys_at(session, snapshot_id):
+                since = idle_since(key, histories[key.hash])
+                row = per_workspace[key.workspace_id or ""]
+                row[0] += 1
+                row[1] += key.disabled
+                row[2] += key.expires_at is not None and key.expires_at <= taken_at
+                row[3] += key.expires_at is None
+                row[4] += key.limit is None
+                row[5] += key.created_at <= cutoff and since is not None and since <= cutoff
+            for workspace, counts in per_workspace.items():
+                expected_counts[(snapshot_id, workspace)] = tuple(counts)
+        # Per key and day: the growth between consecutive versions, on the later one's day.
+        seen_at = dict(taken)
+        expected_spend: dict[tuple[Any, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        previous: dict[str, tuple[float, float]] = {}
+        for version in session.scalars(select(KeyState).order_by(KeyState.key_hash, KeyState.valid_from)):
+            before = previous.get(version.key_hash)
+            if before is not None:
+                grown = (max(0.0, version.usage - before[0]), max(0.0, version.byok_usage - before[1]))
+                if any(grown):
+                    entry = expected_spend[(seen_at[version.valid_from].date(), version.key_hash)]
+                    entry[0] += grown[0]
+                    entry[1] += grown[1]
+            previous[version.key_hash] = (version.usage, version.byok_usage)
+        counts = {
+            (row.snapshot_id, row.workspace_id): (
+                row.keys,
+                row.disabled,
+                row.expired,
+                row.no_expiry,
+                row.no_limit,
+                row.idle_30d,
+            )
+            for row in session.scalars(select(rollups.SnapshotRollup))
+        }
+        spend = {
+            (row.day, row.key_hash): [round(row.usage, 6), round(row.byok_usage, 6)]
+            for row in session.scalars(select(rollups.KeyDay))
+            if row.usage or row.byok_usage
+        }
+    assert counts == expected_counts
+    assert spend == {key: [round(a, 6), round(b, 6)] for key, (a, b) in expected_spend.items()}
+    # The series covers what it claims: idle keys, a day boundary, the reset, the deletion.
+    default = next(workspace for _, workspace in counts if workspace != "ws-ops")
+    assert counts[(taken[-1][0], default)][5] == 3  # idle-old, never-used, disabled-later
+    assert len({day for day, _ in spend}) == 2
+    assert (taken[-1][1].date(), key_hash("reset")) in spend
+    assert max(snapshot_id for snapshot_id, _ in counts if counts[(snapshot_id, "ws-ops")][0] == 2) == taken[6][0]
+
+    before = dump(database)
+    with session_scope(database) as session:
+        assert rollups.rebuild_rollups(session) == SYNCS
+    assert dump(database) == before
+
+
+def test_the_migration_fills_the_rollups_from_the_stored_history(org: Org) -> None:
+    engine = org.database.engine
+    before = dump(org.database)
+    config = alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0002")
+    assert "key_days" not in inspect(engine).get_table_names()
+
+    upgrade(engine)
+
+    assert dump(org.database) == before
+    assert len(before["snapshot_rollups"]) == 2 * SYNCS  # two workspaces at every snapshot
+
+
+def report(org: Org, kind: str, **options: Any) -> list[dict[str, Any]]:
+    with org.database.sessions() as session:
+        result = builders()[kind](session, ReportParams(now=NOW, **options))
+    rows: list[dict[str, Any]] = json.loads(to_json(result))
+    return rows
+
+
+def test_spend_over_a_period_that_starts_and_ends_inside_a_day(org: Org) -> None:
+    # (day 1 01:10, day 1 11:10]: the syncs at 02:00 .. 10:00 of day 1 are inside; 00:00 is not.
+    at = T0 + 15 * HOUR + timedelta(minutes=10)
+    rows = {row["name"]: row for row in report(org, "spend", since=10 * HOUR, at=at)}
+    assert {name: row["total"] for name, row in rows.items()} == {
+        "steady": 5.0,
+        "byok": 1.5,
+        "late": 7.0,  # created inside the period: what it had when first seen counts
+        "gone": 3.0,
+        "reset": 0.25,
+    }
+    assert rows["gone"]["deleted_in_period"] and rows["late"]["created_in_period"]
+    by_day = report(org, "spend", since=10 * HOUR, at=at, by="day")
+    assert [(row["day"], row["total"]) for row in by_day] == [("2026-06-02", 16.75)]
+    # Across the day boundary: of day 0 only the 22:00 sync is inside; day 1 is whole.
+    whole = report(org, "spend", since=21 * HOUR, by="day")
+    assert [(row["day"], row["total"]) for row in whole] == [("2026-06-01", 1.5), ("2026-06-02", 24.75)]
+    trends = report(org, "trends", since=21 * HOUR)
+    assert [(row["day"], row["spend"]) for row in trends] == [("2026-06-01", 1.5), ("2026-06-02", 24.75)]
+
+
+def test_spend_and_idle_by_owner(org: Org) -> None:
+    rows = report(org, "spend", since=DAY, by="owner")
+    assert [(row["owner"], row["keys"], row["total"]) for row in rows] == [
+        ("ann", 2, 11.0 + 3.0),
+        ("bob", 2, 9.0 + 3.0),
+        (None, 1, 0.25),
+    ]
+    idle = report(org, "idle", since=30 * DAY, by="owner")
+    # never-used, young (idle since OpenRouter began recording use) and disabled-later; idle-old
+    assert [(row["owner"], row["keys"]) for row in idle] == [(None, 3), ("cat", 1)]
+
+
+def test_trends_refuse_a_name_filter(org: Org) -> None:
+    with org.database.sessions() as session, pytest.raises(ReportError, match="--name"):
+        builders()["trends"](session, ReportParams(now=NOW, name="st*"))
+
+
+def test_prune_drops_the_rollups_before_the_retention(org: Org) -> None:
+    cutoff = T0 + 13 * HOUR
+    trends_before = report(org, "trends", since=NOW - cutoff)
+    spend_before = report(org, "spend", since=NOW - cutoff)
+
+    retention.prune(org.database, now=NOW, retention_period=NOW - cutoff)
+
+    with org.database.sessions() as session:
+        kept = set(session.scalars(select(rollups.SnapshotRollup.taken_at)))
+        days = set(session.scalars(select(rollups.KeyDay.day)))
+    assert min(kept) == T0 + 12 * HOUR  # the anchor, the 08:00 sync of day 1
+    assert days == {(T0 + DAY).date()}
+    assert report(org, "trends", since=NOW - cutoff) == trends_before
+    assert report(org, "spend", since=NOW - cutoff) == spend_before
+
+
+def test_the_html_report_has_an_owners_table(org: Org) -> None:
+    ruleset = parse_rules(RULES)
+    with org.database.sessions() as session:
+        page = render_html(session, ReportParams(now=NOW, since=DAY, ruleset=ruleset))
+        coming = upcoming_actions(session, ReportParams(now=NOW, ruleset=ruleset))
+    table = page[page.index('data-figures="owners"') :]
+    table = table[: table.index("</table>")]
+    found = {
+        key: dict(re.findall(r'data-col="([^"]+)" data-value="([^"]+)"', cells))
+        for key, cells in re.findall(r'<tr data-key="([^"]+)">(.*?)</tr>', table)
+    }
+    soon = [row for row in coming if row["acts_on"] <= NOW + 30 * DAY]
+    upcoming = {
+        owner: str(len({row["key_hash"] for row in soon if row["owner"] == owner}))
+        for owner in (None, "ann", "bob", "cat")
+    }
+    assert found == {
+        "(none)": {"keys": "5", "idle": "3", "spend": "0.25", "upcoming": upcoming[None]},
+        "ann": {"keys": "2", "idle": "0", "spend": "14.0", "upcoming": upcoming["ann"]},
+        "bob": {"keys": "1", "idle": "0", "spend": "12.0", "upcoming": upcoming["bob"]},
+        "cat": {"keys": "1", "idle": "1", "spend": "0.0", "upcoming": upcoming["cat"]},
+    }
+    assert upcoming["cat"] == "1" and upcoming[None] != "0"  # idle-old, and the idle keys of nobody
