@@ -72,7 +72,30 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+    _incremental_auto_vacuum(engine)
     return before, current_revision(engine) or ""
+
+
+def _incremental_auto_vacuum(engine: Engine) -> None:
+    """SQLite: let prune hand freed pages back to the file system (``PRAGMA incremental_vacuum``).
+
+    The mode only takes effect through a VACUUM, which cannot run inside a transaction, so it is
+    done here, once per file, after the migrations have committed (0005 carries old history over
+    and relies on it)."""
+    if engine.dialect.name != "sqlite":
+        return
+    connection = engine.raw_connection()  # pysqlite in autocommit (see db/engine.py): no BEGIN
+    try:
+        cursor = connection.cursor()
+        if cursor.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL:
+            cursor.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            cursor.execute("VACUUM")
+        cursor.close()
+    finally:
+        connection.close()
+
+
+_INCREMENTAL = 2
 
 
 def check_schema(engine: Engine) -> None:

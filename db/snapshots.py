@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, text, update
+from sqlalchemy import Select, and_, case, delete, exists, func, insert, literal, null, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from keyhygiene.keysapi.errors import MalformedResponse
+from keyhygiene.keysapi.fields import FIELDS_BY_NAME, KEY_FIELDS, MICROS_PER_USD, STABLE, VOLATILE, Field, to_micros
 from keyhygiene.keysapi.models import Key
+from keyhygiene.timeutil import TimeFormatError, isoformat, parse_api_time
 
-from .models import KeyState, Snapshot
+from .history import full_versions
+from .models import Snapshot, UTCDateTime, key_records, key_usage, snapshot_staging, tracked_keys
 
 RUNNING = "running"
 COMPLETE = "complete"
 FAILED = "failed"
 
-_CHUNK = 500
 # Held (per transaction) while a snapshot is recorded on PostgreSQL; SQLite's BEGIN IMMEDIATE
 # already lets only one writer in.
 _RECORD_LOCK = 0x6B657973
@@ -42,47 +44,127 @@ class SnapshotWrite:
     gone: int
 
 
-def digest(raw: Mapping[str, Any]) -> str:
-    """A stable fingerprint of a key's JSON: equal digests mean an unchanged key."""
-    canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+_VOLATILE_NAMES = frozenset(field.name for field in VOLATILE)
+_STAGED = [
+    "snapshot_id",
+    "key_hash",
+    *(field.name for field in STABLE),
+    "raw",
+    *(field.name for field in VOLATILE),
+    "wire",
+]
+"""Staging columns in the order ``staged_row`` produces them (``limit`` is the ``limit_usd`` column)."""
 
 
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _text(raw: Mapping[str, Any], name: str) -> str | None:
+    value = raw.get(name)
+    if value is not None and not isinstance(value, str):
+        raise MalformedResponse(f"field {name!r} is {value!r}, expected a string")
+    return value
 
 
-def _row(key: Key, snapshot_id: int, key_digest: str) -> dict[str, Any]:
-    return {
-        "key_hash": key.hash,
-        "valid_from": snapshot_id,
-        "valid_to": None,
-        "digest": key_digest,
-        "name": key.name,
-        "label": key.label,
-        "workspace_id": key.workspace_id,
-        "disabled": key.disabled,
-        "limit": key.limit,
-        "limit_remaining": key.limit_remaining,
-        "limit_reset": key.limit_reset,
-        "include_byok_in_limit": key.include_byok_in_limit,
-        "usage": key.usage,
-        "usage_daily": key.usage_daily,
-        "usage_weekly": key.usage_weekly,
-        "usage_monthly": key.usage_monthly,
-        "byok_usage": key.byok_usage,
-        "byok_usage_daily": key.byok_usage_daily,
-        "byok_usage_weekly": key.byok_usage_weekly,
-        "byok_usage_monthly": key.byok_usage_monthly,
-        "created_at": key.created_at,
-        "updated_at": key.updated_at,
-        "expires_at": key.expires_at,
-        "last_used_at": key.last_used_at,
-        "creator_user_id": key.creator_user_id,
-        "external_user": key.external_user,
-        "raw": dict(key.raw),
-    }
+def _flag(raw: Mapping[str, Any], name: str) -> bool:
+    value = raw.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise MalformedResponse(f"field {name!r} is {value!r}, expected a boolean")
+    return value
+
+
+def _money(raw: Mapping[str, Any], name: str, nullable: bool) -> int | None:
+    value = raw.get(name)
+    if value is None:
+        return None if nullable else 0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MalformedResponse(f"field {name!r} is {value!r}, expected a number")
+    return to_micros(value)
+
+
+def _time(raw: Mapping[str, Any], name: str) -> datetime | None:
+    try:
+        return parse_api_time(raw.get(name))
+    except TimeFormatError as exc:
+        raise MalformedResponse(f"field {name!r}: {exc}") from None
+
+
+def _render(field: Field, value: Any) -> Any:
+    """A typed value as the API writes it (the inverse of reading it, for the usual styles)."""
+    if value is None:
+        return None
+    if field.kind == "money":
+        # Micro-dollars as staged, Decimal as read: either way the nearest float, as JSON has it.
+        return value / MICROS_PER_USD if isinstance(value, int) else float(value)
+    if field.kind == "time":
+        return isoformat(value)
+    return value
+
+
+def _read(field: Field, raw: Mapping[str, Any]) -> Any:
+    if field.kind == "money":
+        return _money(raw, field.name, field.nullable)
+    if field.kind == "time":
+        return _time(raw, field.name)
+    if field.kind == "flag":
+        return _flag(raw, field.name)
+    text = _text(raw, field.name)
+    return "" if text is None and not field.nullable else text
+
+
+def staged_row(raw: Mapping[str, Any], snapshot_id: int) -> tuple[Any, ...]:
+    """One staging row: the key's typed fields, its canonical stable JSON (serialised once), and
+    the exact wire values of the volatile fields the typed columns would not reproduce."""
+    if not isinstance(raw, Mapping):
+        raise MalformedResponse(f"expected a key object, got {type(raw).__name__}")
+    key_hash = _text(raw, "hash")
+    if not key_hash:
+        raise MalformedResponse("field 'hash' is missing")
+    stable = [_read(field, raw) for field in STABLE]
+    if stable[_CREATED_AT] is None:
+        raise MalformedResponse("field 'created_at' is missing")
+    canonical = json.dumps(
+        {name: value for name, value in raw.items() if name not in _VOLATILE_NAMES and name != "hash"},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    volatile = []
+    wire: dict[str, Any] = {}
+    absent: list[str] = []
+    for field in VOLATILE:
+        value = _read(field, raw)
+        volatile.append(value)
+        if field.name not in raw:
+            absent.append(field.name)
+        elif _render(field, value) != raw[field.name]:
+            wire[field.name] = raw[field.name]
+    if absent:
+        wire["-"] = absent
+    return (
+        snapshot_id,
+        key_hash,
+        *stable,
+        canonical,
+        *volatile,
+        json.dumps(wire, sort_keys=True, separators=(",", ":")) if wire else None,
+    )
+
+
+_CREATED_AT = [field.name for field in STABLE].index("created_at")
+
+
+def _restore(key_hash: str, raw_text: str, volatile: Sequence[Any], wire: str | None) -> dict[str, Any]:
+    """The key's raw JSON as the API sent it, from its stored parts (the inverse of ``staged_row``)."""
+    raw: dict[str, Any] = json.loads(raw_text)
+    raw["hash"] = key_hash
+    for field, value in zip(VOLATILE, volatile, strict=True):
+        raw[field.name] = _render(field, value)
+    if wire is not None:
+        exact = json.loads(wire)
+        for name in exact.pop("-", ()):
+            del raw[name]
+        raw.update(exact)
+    return raw
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -96,22 +178,56 @@ def start_snapshot(session: Session, *, run_id: int, now: datetime) -> Snapshot:
     return snapshot
 
 
-def record_snapshot(
-    session: Session,
-    *,
-    snapshot_id: int,
-    keys: Mapping[str, Key],
-    taken_at: datetime,
-    workspace_counts: Mapping[str, int],
+def _copy_rows(session: Session, rows: list[tuple[Any, ...]]) -> None:
+    """Append rows to the staging table: one executemany on SQLite, COPY on PostgreSQL."""
+    if not rows:
+        return
+    connection = session.connection()
+    columns = ", ".join(snapshot_staging.c[name].name for name in _STAGED)
+    dbapi = connection.connection.dbapi_connection
+    assert dbapi is not None
+    cursor = dbapi.cursor()
+    try:
+        if connection.dialect.name == "postgresql":
+            with cursor.copy(f"COPY {snapshot_staging.name} ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            # Bypass the ORM's per-row bind processing: times go in as SQLAlchemy stores them
+            # (naive UTC, microseconds always written), money is already integer micro-dollars.
+            marks = ", ".join("?" * len(_STAGED))
+            cursor.executemany(
+                f"INSERT INTO {snapshot_staging.name} ({columns}) VALUES ({marks})",
+                [tuple(_sqlite_value(value) for value in row) for row in rows],
+            )
+    finally:
+        cursor.close()
+
+
+def _sqlite_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+    return value
+
+
+def _same(left: Any, right: Any, names: Iterable[str]) -> Any:
+    return and_(*(left.c[name].is_not_distinct_from(right.c[name]) for name in names))
+
+
+_STABLE_NAMES = ["raw"]  # the stable typed columns are all read from the raw JSON it holds
+_VOLATILE_COLUMNS = [*(field.name for field in VOLATILE), "wire"]
+
+
+def record_staged(
+    session: Session, *, snapshot_id: int, taken_at: datetime, workspace_counts: Mapping[str, int]
 ) -> SnapshotWrite:
-    """Store a complete listing as snapshot ``snapshot_id``, writing only what changed.
+    """Record the keys staged for ``snapshot_id`` as a complete snapshot, writing only what changed.
 
-    Unchanged keys keep their open version; changed keys get their open version closed and a new
-    one opened; keys no longer listed get their open version closed. The caller owns the
-    transaction: everything here commits or rolls back together.
-
-    Versions are ordered by snapshot id, so a snapshot can only be recorded on top of older ones:
-    when two syncs overlap and the later-started one finished first, the other raises
+    Set-based, in the caller's transaction: unchanged keys keep their open versions; a key whose
+    volatile fields changed gets a new narrow usage version, one whose other fields changed a new
+    record version; keys no longer listed get their open versions closed. The staging rows are
+    removed. Versions are ordered by snapshot id, so a snapshot can only be recorded on top of older
+    ones: when two syncs overlap and the later-started one finished first, the other raises
     SnapshotSuperseded and writes nothing.
     """
     if session.get_bind().dialect.name == "postgresql":
@@ -121,93 +237,161 @@ def record_snapshot(
         raise SnapshotSuperseded(
             f"snapshot {newer} was stored by another sync while this one was listing; this one is discarded"
         )
-    open_versions = {
-        key_hash: (version_id, version_digest)
-        for version_id, key_hash, version_digest in session.execute(
-            select(KeyState.id, KeyState.key_hash, KeyState.digest).where(KeyState.valid_to.is_(None))
+    s, t = snapshot_staging, tracked_keys
+    staged = s.c.snapshot_id == snapshot_id
+    session.execute(
+        insert(t).from_select(
+            ["key_hash", "first_seen_at"],
+            select(s.c.key_hash, literal(taken_at, UTCDateTime())).where(
+                staged, ~exists().where(t.c.key_hash == s.c.key_hash)
+            ),
         )
-    }
-    to_close: list[int] = []
-    to_insert: list[dict[str, Any]] = []
-    added = changed = 0
-    for key_hash, key in keys.items():
-        key_digest = digest(key.raw)
-        current = open_versions.get(key_hash)
-        if current is None:
-            added += 1
-        elif current[1] == key_digest:
-            continue
-        else:
-            changed += 1
-            to_close.append(current[0])
-        to_insert.append(_row(key, snapshot_id, key_digest))
-    gone = [version_id for key_hash, (version_id, _) in open_versions.items() if key_hash not in keys]
-    to_close.extend(gone)
-
-    for ids in _chunks(to_close):
-        session.execute(update(KeyState).where(KeyState.id.in_(ids)).values(valid_to=snapshot_id))
-    # render_nulls: without it the ORM leaves None columns out of each row's INSERT, so rows with
-    # different nullable fields cannot share a statement and are sent one by one (~10x slower).
-    bulk_insert = insert(KeyState).execution_options(render_nulls=True)
-    for rows in _chunks(to_insert, 2000):
-        session.execute(bulk_insert, list(rows))
+    )
+    session.execute(
+        update(s).where(staged).values(key_id=select(t.c.id).where(t.c.key_hash == s.c.key_hash).scalar_subquery())
+    )
+    key_count = int(session.scalar(select(func.count()).select_from(s).where(staged)) or 0)
+    u, r = key_usage, key_records
+    mine = and_(staged, s.c.key_id == u.c.key_id)
+    open_before = int(session.scalar(select(func.count()).select_from(u).where(u.c.valid_to.is_(None))) or 0)
+    kept = int(
+        session.scalar(select(func.count()).select_from(u).where(u.c.valid_to.is_(None), exists().where(mine))) or 0
+    )
+    session.execute(
+        update(u)
+        .where(u.c.valid_to.is_(None), ~exists().where(mine, _same(u, s, _VOLATILE_COLUMNS)))
+        .values(valid_to=snapshot_id)
+    )
+    record_mine = and_(staged, s.c.key_id == r.c.key_id)
+    session.execute(
+        update(r)
+        .where(r.c.valid_to.is_(None), ~exists().where(record_mine, r.c.raw == s.c.raw))
+        .values(valid_to=snapshot_id)
+    )
+    changed_keys = (
+        select(s.c.key_id)
+        .where(staged, ~exists().where(r.c.key_id == s.c.key_id, r.c.valid_to.is_(None)))
+        .union(select(s.c.key_id).where(staged, ~exists().where(u.c.key_id == s.c.key_id, u.c.valid_to.is_(None))))
+        .subquery()
+    )
+    touched = int(session.scalar(select(func.count()).select_from(changed_keys)) or 0)
+    session.execute(
+        insert(r).from_select(
+            ["key_id", "valid_from", *(field.name for field in STABLE), "raw"],
+            select(s.c.key_id, literal(snapshot_id), *(s.c[field.name] for field in STABLE), s.c.raw).where(
+                staged, ~exists().where(r.c.key_id == s.c.key_id, r.c.valid_to.is_(None))
+            ),
+        )
+    )
+    # The version each new usage version follows (just closed, or the last one of a key that
+    # comes back), for carrying over since when usage and disabled have held.
+    before = key_usage.alias("before")
+    latest = (
+        select(before.c.id)
+        .where(before.c.key_id == s.c.key_id, before.c.valid_from < snapshot_id)
+        .order_by(before.c.valid_from.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    previous = key_usage.alias("previous")
+    now = literal(taken_at, UTCDateTime())
+    same_usage = and_(previous.c.usage == s.c.usage, previous.c.byok_usage == s.c.byok_usage)
+    session.execute(
+        insert(u).from_select(
+            ["key_id", "valid_from", *_VOLATILE_COLUMNS, "usage_since", "disabled_since"],
+            select(
+                s.c.key_id,
+                literal(snapshot_id),
+                *(s.c[name] for name in _VOLATILE_COLUMNS),
+                case((same_usage, previous.c.usage_since), else_=now),
+                case(
+                    (and_(s.c.disabled, previous.c.disabled), previous.c.disabled_since),
+                    (s.c.disabled, now),
+                    else_=null(),
+                ),
+            )
+            .select_from(s.outerjoin(previous, previous.c.id == latest))
+            .where(staged, ~exists().where(u.c.key_id == s.c.key_id, u.c.valid_to.is_(None))),
+        )
+    )
+    session.execute(delete(s).where(staged))
+    added = key_count - kept
+    gone = open_before - kept
+    new_versions = touched  # keys with a new version: added or changed
     session.execute(
         update(Snapshot)
         .where(Snapshot.id == snapshot_id)
         .values(
             status=COMPLETE,
             taken_at=taken_at,
-            key_count=len(keys),
+            key_count=key_count,
             workspace_counts=dict(workspace_counts),
-            new_versions=len(to_insert),
+            new_versions=new_versions,
         )
     )
-    return SnapshotWrite(key_count=len(keys), new_versions=len(to_insert), changed=changed, added=added, gone=len(gone))
+    return SnapshotWrite(
+        key_count=key_count, new_versions=new_versions, changed=touched - added, added=added, gone=gone
+    )
 
 
 class SnapshotWriter:
     """Streams one sync's listing into the store; nothing of it is read until ``finish``.
 
-    The sync hands over each page as it arrives (``add``), asks which keys of the newest complete
-    snapshot it has not seen (``missing``) to check them one by one, and then ``finish`` records the
-    snapshot; ``discard`` drops whatever was handed over when the sync fails. Each call takes the
-    session to work in; the caller owns the transactions. Keys are the API's raw key objects;
+    The sync hands over each page as it arrives (``add``): it goes into a staging table, each key
+    serialised once. ``missing`` says which keys of the newest complete snapshot were not handed
+    over (the sync checks them one by one); ``finish`` records the snapshot from the staging rows
+    in one set-based pass; ``discard`` drops the staging rows when the sync fails. Each call takes
+    the session to work in; the caller owns the transactions. Keys are the API's raw key objects;
     a hash handed over twice keeps its first object (offset paging can repeat a key).
     """
 
     def __init__(self, snapshot_id: int) -> None:
         self.snapshot_id = snapshot_id
-        self._keys: dict[str, Key] = {}
+        self._seen: set[str] = set()
         self.duplicates = 0
 
     def add(self, session: Session, raw_keys: Iterable[Mapping[str, Any]]) -> None:
+        rows = []
         for raw in raw_keys:
-            key = Key.from_api(raw)
-            if key.hash in self._keys:
+            row = staged_row(raw, self.snapshot_id)
+            if row[1] in self._seen:
                 self.duplicates += 1
                 continue
-            self._keys[key.hash] = key
+            self._seen.add(row[1])
+            rows.append(row)
+        _copy_rows(session, rows)
 
     def missing(self, session: Session) -> list[str]:
         """Hashes of keys in the newest complete snapshot that were not handed over, sorted."""
         previous = latest_snapshot(session)
         if previous is None:
             return []
-        return sorted(key_hashes_at(session, previous.id) - self._keys.keys())
+        return sorted(key_hashes_at(session, previous.id) - self._seen)
 
     def finish(self, session: Session, *, taken_at: datetime, workspace_counts: Mapping[str, int]) -> SnapshotWrite:
-        """Record the snapshot as complete (see ``record_snapshot``)."""
-        return record_snapshot(
-            session,
-            snapshot_id=self.snapshot_id,
-            keys=self._keys,
-            taken_at=taken_at,
-            workspace_counts=workspace_counts,
+        """Record the snapshot as complete (see ``record_staged``)."""
+        return record_staged(
+            session, snapshot_id=self.snapshot_id, taken_at=taken_at, workspace_counts=workspace_counts
         )
 
     def discard(self, session: Session) -> None:
-        """Forget what was handed over; the snapshot itself is marked failed by the caller."""
-        self._keys.clear()
+        """Drop what was handed over; the snapshot itself is marked failed by the caller."""
+        session.execute(delete(snapshot_staging).where(snapshot_staging.c.snapshot_id == self.snapshot_id))
+        self._seen.clear()
+
+
+def record_snapshot(
+    session: Session,
+    *,
+    snapshot_id: int,
+    keys: Iterable[Mapping[str, Any]],
+    taken_at: datetime,
+    workspace_counts: Mapping[str, int],
+) -> SnapshotWrite:
+    """Store a complete listing (raw key objects) as snapshot ``snapshot_id`` in one go."""
+    writer = SnapshotWriter(snapshot_id)
+    writer.add(session, keys)
+    return writer.finish(session, taken_at=taken_at, workspace_counts=workspace_counts)
 
 
 def fail_snapshot(session: Session, *, snapshot_id: int, error: str) -> None:
@@ -252,50 +436,98 @@ def complete_snapshots(
     return list(session.scalars(query.order_by(Snapshot.id)))
 
 
-def _alive_at(session: Session, snapshot_id: int) -> Any:
-    """The versions alive at ``snapshot_id``. At the newest snapshot that is simply the open
-    versions, which the ``valid_to`` index finds without reading the history."""
+def _alive(table: Any, snapshot_id: int, newest: bool) -> Any:
+    if newest:
+        return table.c.valid_to.is_(None)
+    return and_(table.c.valid_from <= snapshot_id, or_(table.c.valid_to.is_(None), table.c.valid_to > snapshot_id))
+
+
+def _alive_join(snapshot_id: int, newest: bool) -> tuple[Any, Any]:
+    """(FROM clause, WHERE clause) of the keys alive at a snapshot: each key's one alive usage
+    version, its alive record version and its hash."""
+    u, r, t = key_usage, key_records, tracked_keys
+    joined = u.join(t, t.c.id == u.c.key_id).join(r, and_(r.c.key_id == u.c.key_id, _alive(r, snapshot_id, newest)))
+    return joined, _alive(u, snapshot_id, newest)
+
+
+ALIVE_COLUMNS = ("key_hash", *(field.name for field in KEY_FIELDS if field.name != "hash"))
+"""The labels of ``alive_at``."""
+
+
+def _column(name: str) -> Any:
+    if name == "key_hash":
+        return tracked_keys.c.key_hash
+    table = key_usage if FIELDS_BY_NAME[name].volatile else key_records
+    return table.c[name].label(name)
+
+
+def alive_at(snapshot_id: int, *, newest: bool = False) -> Select[Any]:
+    """The keys alive at snapshot ``snapshot_id``, one row each, with the labels of ``ALIVE_COLUMNS``
+    (money as ``Decimal``). ``newest``: the snapshot is the newest complete one, so the open
+    versions are the answer and the indexes find them without reading the history."""
+    joined, alive = _alive_join(snapshot_id, newest)
+    return select(*(_column(name) for name in ALIVE_COLUMNS)).select_from(joined).where(alive)
+
+
+def _is_newest(session: Session, snapshot_id: int) -> bool:
     newest = session.scalar(select(func.max(Snapshot.id)).where(Snapshot.status == COMPLETE))
-    if newest is not None and snapshot_id >= newest:
-        return KeyState.valid_to.is_(None)
-    return and_(KeyState.valid_from <= snapshot_id, or_(KeyState.valid_to.is_(None), KeyState.valid_to > snapshot_id))
+    return newest is not None and snapshot_id >= newest
 
 
-def keys_at(session: Session, snapshot_id: int) -> list[Key]:
-    """Every key exactly as snapshot ``snapshot_id`` saw it, raw JSON included, by hash."""
-    raws = session.scalars(select(KeyState.raw).where(_alive_at(session, snapshot_id)).order_by(KeyState.key_hash))
-    return [Key.from_api(raw) for raw in raws]
+def keys_at(session: Session, snapshot_id: int) -> Iterator[Key]:
+    """Every key exactly as snapshot ``snapshot_id`` saw it, raw JSON included, by hash (streamed)."""
+    joined, alive = _alive_join(snapshot_id, _is_newest(session, snapshot_id))
+    query = (
+        select(
+            tracked_keys.c.key_hash,
+            key_records.c.raw,
+            *(key_usage.c[field.name] for field in VOLATILE),
+            key_usage.c.wire,
+        )
+        .select_from(joined)
+        .where(alive)
+        .order_by(tracked_keys.c.key_hash)
+    )
+    for row in session.execute(query.execution_options(yield_per=2000)):
+        yield Key.from_api(_restore(row[0], row[1], row[2:-1], row[-1]))
 
 
 def key_hashes_at(session: Session, snapshot_id: int) -> set[str]:
-    return set(session.scalars(select(KeyState.key_hash).where(_alive_at(session, snapshot_id))))
-
-
-def count_versions(session: Session) -> int:
-    return int(session.scalar(select(func.count()).select_from(KeyState)) or 0)
+    u = key_usage
+    query = (
+        select(tracked_keys.c.key_hash)
+        .join(u, u.c.key_id == tracked_keys.c.id)
+        .where(_alive(u, snapshot_id, _is_newest(session, snapshot_id)))
+    )
+    return set(session.scalars(query))
 
 
 @dataclass(frozen=True, slots=True)
-class TimelinePoint:
-    """One stored version of a key, reduced to what history rules read."""
+class HistoryFacts:
+    """What the stored versions prove about one key alive at a snapshot."""
 
-    seen_at: datetime
-    usage: float
-    byok_usage: float
-    disabled: bool
+    key_hash: str
+    first_seen_at: datetime
+    usage_unchanged_since: datetime
+    disabled_since: datetime | None
 
 
-def timelines(session: Session, snapshot_id: int) -> dict[str, list[TimelinePoint]]:
-    """For every key alive at ``snapshot_id``: its versions up to that snapshot, oldest first."""
-    alive = select(KeyState.key_hash).where(_alive_at(session, snapshot_id)).scalar_subquery()
-    started = Snapshot.__table__.alias("started")
-    rows = session.execute(
-        select(KeyState.key_hash, started.c.taken_at, KeyState.usage, KeyState.byok_usage, KeyState.disabled)
-        .join(started, started.c.id == KeyState.valid_from)
-        .where(KeyState.valid_from <= snapshot_id, KeyState.key_hash.in_(alive))
-        .order_by(KeyState.key_hash, KeyState.valid_from)
+def history_facts(session: Session, snapshot_id: int) -> Iterator[HistoryFacts]:
+    """For every key alive at ``snapshot_id``: when it was first seen, since when its lifetime usage
+    and BYOK usage have held their values, and since when it has been disabled (None: enabled).
+
+    One query over the maintained columns of the alive usage versions; streamed."""
+    u, t = key_usage, tracked_keys
+    query = (
+        select(t.c.key_hash, t.c.first_seen_at, u.c.usage_since, u.c.disabled_since)
+        .join(t, t.c.id == u.c.key_id)
+        .where(_alive(u, snapshot_id, _is_newest(session, snapshot_id)))
     )
-    result: dict[str, list[TimelinePoint]] = {}
-    for key_hash, seen_at, usage, byok_usage, disabled in rows:
-        result.setdefault(key_hash, []).append(TimelinePoint(seen_at, usage, byok_usage, disabled))
-    return result
+    for row in session.execute(query.execution_options(yield_per=5000)):
+        yield HistoryFacts(row[0], row[1], row[2], row[3])
+
+
+def count_versions(session: Session) -> int:
+    """Stored versions of whole keys: each state a key was seen in, for as long as it held (a
+    usage version and a record version that overlap make one)."""
+    return int(session.scalar(select(func.count()).select_from(full_versions())) or 0)

@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session
 
 from db import audit, snapshots
 from db.models import Snapshot
-from db.snapshots import TimelinePoint
 from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed, NotFound, RequestRejected
 from keyhygiene.keysapi.models import Key
@@ -69,30 +68,15 @@ class EnforceResult:
 # -- inputs of the engine, from the store --------------------------------------------------------
 
 
-def history_from_timeline(points: Sequence[TimelinePoint]) -> KeyHistory:
-    """What a key's stored versions prove: first sight, since when usage and disabled held still."""
-    if not points:
-        return KeyHistory()
-    current = points[-1]
-    unchanged_since = current.seen_at
-    for point in reversed(points):
-        if point.usage != current.usage or point.byok_usage != current.byok_usage:
-            break
-        unchanged_since = point.seen_at
-    disabled_since: datetime | None = None
-    for point in reversed(points):
-        if not point.disabled:
-            break
-        disabled_since = point.seen_at
-    return KeyHistory(
-        first_seen_at=points[0].seen_at, usage_unchanged_since=unchanged_since, disabled_since=disabled_since
-    )
-
-
 def load_histories(session: Session, snapshot_id: int) -> dict[str, KeyHistory]:
+    """What the stored versions prove about each key alive at the snapshot (one query)."""
     return {
-        key_hash: history_from_timeline(points)
-        for key_hash, points in snapshots.timelines(session, snapshot_id).items()
+        facts.key_hash: KeyHistory(
+            first_seen_at=facts.first_seen_at,
+            usage_unchanged_since=facts.usage_unchanged_since,
+            disabled_since=facts.disabled_since,
+        )
+        for facts in snapshots.history_facts(session, snapshot_id)
     }
 
 
@@ -127,7 +111,7 @@ def load_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
     if snapshot is None or snapshot.status != snapshots.COMPLETE or snapshot.taken_at is None:
         raise ValueError(f"snapshot {snapshot_id} is not a complete snapshot")
     previous = snapshots.previous_snapshot(session, snapshot_id)
-    keys = snapshots.keys_at(session, snapshot_id)
+    keys = list(snapshots.keys_at(session, snapshot_id))
     deleted_by_us = 0
     if previous is not None and previous.taken_at is not None:
         vanished = snapshots.key_hashes_at(session, previous.id) - {key.hash for key in keys}

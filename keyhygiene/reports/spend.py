@@ -148,7 +148,7 @@ def _key_spend(
             spend = KeySpend(latest.key_hash, latest.name, latest.workspace_id, counted_from=baseline_at)
         if previous is None:
             if version.created_at > start:
-                credit, byok = version.usage, version.byok_usage
+                credit, byok = float(version.usage), float(version.byok_usage)
                 spend.created_in_period = True
                 spend.counted_from = version.created_at
             else:
@@ -156,8 +156,9 @@ def _key_spend(
                 spend.baseline_known = False
                 spend.counted_from = version.seen_at
         else:
-            credit = max(0.0, version.usage - previous.usage)
-            byok = max(0.0, version.byok_usage - previous.byok_usage)
+            # Differences of exact stored amounts (Decimal), so each delta is exact to the micro-dollar.
+            credit = max(0.0, float(version.usage - previous.usage))
+            byok = max(0.0, float(version.byok_usage - previous.byok_usage))
         previous = version
         if credit or byok:
             entry = spend.by_day.setdefault(version.seen_at.date(), [0.0, 0.0])

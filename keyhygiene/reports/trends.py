@@ -57,15 +57,15 @@ def _as_key(version: history.StateVersion) -> Key:
         name=version.name,
         label="",
         disabled=version.disabled,
-        limit=version.limit,
+        limit=None if version.limit is None else float(version.limit),
         limit_remaining=None,
         limit_reset=None,
         include_byok_in_limit=False,
-        usage=version.usage,
+        usage=float(version.usage),
         usage_daily=0.0,
         usage_weekly=0.0,
         usage_monthly=0.0,
-        byok_usage=version.byok_usage,
+        byok_usage=float(version.byok_usage),
         byok_usage_daily=0.0,
         byok_usage_weekly=0.0,
         byok_usage_monthly=0.0,
@@ -81,26 +81,16 @@ def _as_key(version: history.StateVersion) -> Key:
 
 
 def _states_at(versions: list[history.StateVersion], chosen: list[Snapshot]) -> Iterator[tuple[Snapshot, _Seen]]:
-    """For one key's whole history: the version alive at each chosen snapshot, and since when its
-    counters have held still (as ``keyhygiene.enforcement.history_from_timeline`` reads it)."""
-    seen: list[_Seen] = []
-    first_seen_at = versions[0].seen_at
-    for index, version in enumerate(versions):
-        before = versions[index - 1] if index else None
-        if before is not None and before.usage == version.usage and before.byok_usage == version.byok_usage:
-            seen.append(_Seen(version, first_seen_at, seen[-1].unchanged_since))
-        else:
-            seen.append(_Seen(version, first_seen_at, version.seen_at))
+    """For one key's history: the version alive at each chosen snapshot, and since when its
+    counters have held still (maintained by the store, as enforcement reads it)."""
     position = 0
     for snapshot in chosen:
-        while position + 1 < len(seen) and seen[position + 1].version.valid_from <= snapshot.id:
+        while position + 1 < len(versions) and versions[position + 1].valid_from <= snapshot.id:
             position += 1
-        current = seen[position]
-        alive = current.version.valid_from <= snapshot.id and (
-            current.version.valid_to is None or current.version.valid_to > snapshot.id
-        )
+        version = versions[position]
+        alive = version.valid_from <= snapshot.id and (version.valid_to is None or version.valid_to > snapshot.id)
         if alive:
-            yield snapshot, current
+            yield snapshot, _Seen(version, version.first_seen_at, version.usage_since)
 
 
 def build(session: Session, params: ReportParams) -> Report:
