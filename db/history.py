@@ -60,7 +60,7 @@ class StateVersion:
 
 def full_versions() -> Any:
     """A subquery of full key versions: ``key_hash``, ``valid_from``, ``valid_to``, every field of
-    the key, and ``wire`` (see ``db.models.key_usage``)."""
+    the key, and the usage version's ``wire`` (see ``db.models.key_usage``)."""
     u, r, t = key_usage, key_records, tracked_keys
     valid_from = case((u.c.valid_from >= r.c.valid_from, u.c.valid_from), else_=r.c.valid_from)
     valid_to = case(
@@ -74,7 +74,7 @@ def full_versions() -> Any:
         or_(r.c.valid_to.is_(None), u.c.valid_from < r.c.valid_to),
         or_(u.c.valid_to.is_(None), r.c.valid_from < u.c.valid_to),
     )
-    fields = [c for c in r.c if c.name not in ("id", "key_id", "valid_from", "valid_to", "digest", "raw")]
+    fields = [c for c in r.c if c.name not in ("id", "key_id", "valid_from", "valid_to", "wire")]
     fields += [c for c in u.c if c.name not in ("id", "key_id", "valid_from", "valid_to")]
     return (
         select(t.c.key_hash, t.c.first_seen_at, valid_from.label("valid_from"), valid_to.label("valid_to"), *fields)

@@ -5,7 +5,7 @@ Snapshots are stored as *versions*: a version is valid from the snapshot that fi
 while it is current). The key's fields are split by how often they change (see
 :mod:`keyhygiene.keysapi.fields`): the fields that change with use (usage counters,
 ``limit_remaining``, ``last_used_at``, ``disabled``) are versioned in the narrow ``key_usage`` table,
-everything else (with the raw JSON of unknown fields) in ``key_records``, which gets a new version
+everything else (with any fields we do not know) in ``key_records``, which gets a new version
 only when something in it changes. A key that did not change between two syncs costs no row; a
 usage tick costs one narrow row. Keys are referred to by a small integer (``tracked_keys``).
 
@@ -160,7 +160,7 @@ key_records = Table(
     Column("valid_from", Integer, ForeignKey("snapshots.id"), nullable=False),
     Column("valid_to", Integer, ForeignKey("snapshots.id")),
     *(_column(field) for field in STABLE),
-    Column("raw", Text, nullable=False),
+    Column("wire", Text),
     *_version_indexes("key_records"),
 )
 
@@ -179,8 +179,9 @@ key_usage = Table(
 )
 """``usage_since``: when the version's (usage, byok_usage) pair was first seen, carried over while
 it holds; ``disabled_since``: when the trailing run of disabled versions began (NULL: enabled);
-``wire``: the exact JSON of volatile fields the typed columns do not reproduce (absent fields,
-sub-micro-dollar digits, other time styles), NULL for nearly every row."""
+``wire`` (here and in ``key_records``): the exact JSON of what the typed columns do not give back
+(absent fields, sub-micro-dollar digits, other time styles, and in records fields we do not know),
+NULL for nearly every row."""
 
 snapshot_staging = Table(
     "snapshot_staging",
@@ -189,9 +190,9 @@ snapshot_staging = Table(
     Column("key_hash", String(128), nullable=False),
     Column("key_id", Integer),
     *(_column(field) for field in STABLE),
-    Column("raw", Text, nullable=False),
+    Column("record_wire", Text),
     *(_column(field) for field in VOLATILE),
-    Column("wire", Text),
+    Column("usage_wire", Text),
     Index("ix_snapshot_staging_snapshot_key", "snapshot_id", "key_id"),
 )
 

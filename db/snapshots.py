@@ -44,48 +44,74 @@ class SnapshotWrite:
     gone: int
 
 
-_VOLATILE_NAMES = frozenset(field.name for field in VOLATILE)
+_KNOWN = frozenset(field.name for field in KEY_FIELDS)
 _STAGED = [
     "snapshot_id",
     "key_hash",
     *(field.name for field in STABLE),
-    "raw",
+    "record_wire",
     *(field.name for field in VOLATILE),
-    "wire",
+    "usage_wire",
 ]
 """Staging columns in the order ``staged_row`` produces them (``limit`` is the ``limit_usd`` column)."""
 
 
-def _text(raw: Mapping[str, Any], name: str) -> str | None:
-    value = raw.get(name)
-    if value is not None and not isinstance(value, str):
-        raise MalformedResponse(f"field {name!r} is {value!r}, expected a string")
-    return value
+def _typed(raw: Mapping[str, Any], fields: Sequence[Field], wire: dict[str, Any]) -> list[Any]:
+    """The typed values of ``fields``; what they would not give back exactly goes into ``wire``:
+    ``"-"`` lists fields the API left out, ``"="`` holds exact values (other time styles,
+    digits below a micro-dollar, a null where a default is read)."""
+    values: list[Any] = []
+    for field in fields:
+        name = field.name
+        value = raw.get(name)
+        kind = field.kind
+        exact = True
+        if value is None:
+            typed: Any = None if field.nullable else {"money": 0, "flag": False, "text": ""}.get(kind)
+            if name not in raw:
+                wire.setdefault("-", []).append(name)
+            elif typed is not None:
+                exact = False
+        elif kind == "money":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise MalformedResponse(f"field {name!r} is {value!r}, expected a number")
+            typed = to_micros(value)
+            exact = typed / MICROS_PER_USD == value
+        elif kind == "time":
+            typed, exact = _parse_time(name, value)
+        elif kind == "flag":
+            if not isinstance(value, bool):
+                raise MalformedResponse(f"field {name!r} is {value!r}, expected a boolean")
+            typed = value
+        else:
+            if not isinstance(value, str):
+                raise MalformedResponse(f"field {name!r} is {value!r}, expected a string")
+            typed = value
+        if not exact:
+            wire.setdefault("=", {})[name] = value
+        values.append(typed)
+    return values
 
 
-def _flag(raw: Mapping[str, Any], name: str) -> bool:
-    value = raw.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise MalformedResponse(f"field {name!r} is {value!r}, expected a boolean")
-    return value
+_TIMES: dict[str, tuple[datetime | None, bool]] = {}
+"""Times seen on the wire: the same ``created_at`` comes back in every sync, so each distinct
+string is parsed (and checked to be written back the same) once per process."""
 
 
-def _money(raw: Mapping[str, Any], name: str, nullable: bool) -> int | None:
-    value = raw.get(name)
-    if value is None:
-        return None if nullable else 0
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise MalformedResponse(f"field {name!r} is {value!r}, expected a number")
-    return to_micros(value)
-
-
-def _time(raw: Mapping[str, Any], name: str) -> datetime | None:
+def _parse_time(name: str, value: Any) -> tuple[datetime | None, bool]:
+    """(the time, whether ``isoformat`` writes it back exactly as the API did)."""
+    known = _TIMES.get(value) if isinstance(value, str) else None
+    if known is not None:
+        return known
     try:
-        return parse_api_time(raw.get(name))
+        parsed = parse_api_time(value)
     except TimeFormatError as exc:
         raise MalformedResponse(f"field {name!r}: {exc}") from None
+    result = (parsed, isoformat(parsed) == value)
+    if len(_TIMES) > 500_000:
+        _TIMES.clear()
+    _TIMES[value] = result
+    return result
 
 
 def _render(field: Field, value: Any) -> Any:
@@ -100,71 +126,50 @@ def _render(field: Field, value: Any) -> Any:
     return value
 
 
-def _read(field: Field, raw: Mapping[str, Any]) -> Any:
-    if field.kind == "money":
-        return _money(raw, field.name, field.nullable)
-    if field.kind == "time":
-        return _time(raw, field.name)
-    if field.kind == "flag":
-        return _flag(raw, field.name)
-    text = _text(raw, field.name)
-    return "" if text is None and not field.nullable else text
+def _wire_text(wire: dict[str, Any]) -> str | None:
+    return json.dumps(wire, sort_keys=True, separators=(",", ":")) if wire else None
 
 
-def staged_row(raw: Mapping[str, Any], snapshot_id: int) -> tuple[Any, ...]:
-    """One staging row: the key's typed fields, its canonical stable JSON (serialised once), and
-    the exact wire values of the volatile fields the typed columns would not reproduce."""
+def staged_row(raw: Mapping[str, Any], snapshot_id: int) -> list[Any]:
+    """One staging row: the key's typed fields, and per part the exact JSON of what they would not
+    give back (fields we do not know, absent fields, other styles): NULL for nearly every key."""
     if not isinstance(raw, Mapping):
         raise MalformedResponse(f"expected a key object, got {type(raw).__name__}")
-    key_hash = _text(raw, "hash")
-    if not key_hash:
-        raise MalformedResponse("field 'hash' is missing")
-    stable = [_read(field, raw) for field in STABLE]
+    key_hash = raw.get("hash")
+    if not key_hash or not isinstance(key_hash, str):
+        raise MalformedResponse(f"field 'hash' is {key_hash!r}, expected a string")
+    record_wire: dict[str, Any] = {}
+    stable = _typed(raw, STABLE, record_wire)
     if stable[_CREATED_AT] is None:
         raise MalformedResponse("field 'created_at' is missing")
-    canonical = json.dumps(
-        {name: value for name, value in raw.items() if name not in _VOLATILE_NAMES and name != "hash"},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-    volatile = []
-    wire: dict[str, Any] = {}
-    absent: list[str] = []
-    for field in VOLATILE:
-        value = _read(field, raw)
-        volatile.append(value)
-        if field.name not in raw:
-            absent.append(field.name)
-        elif _render(field, value) != raw[field.name]:
-            wire[field.name] = raw[field.name]
-    if absent:
-        wire["-"] = absent
-    return (
-        snapshot_id,
-        key_hash,
-        *stable,
-        canonical,
-        *volatile,
-        json.dumps(wire, sort_keys=True, separators=(",", ":")) if wire else None,
-    )
+    if not _KNOWN.issuperset(raw):
+        record_wire["+"] = {name: value for name, value in raw.items() if name not in _KNOWN}
+    usage_wire: dict[str, Any] = {}
+    volatile = _typed(raw, VOLATILE, usage_wire)
+    return [snapshot_id, key_hash, *stable, _wire_text(record_wire), *volatile, _wire_text(usage_wire)]
 
 
 _CREATED_AT = [field.name for field in STABLE].index("created_at")
 
 
-def _restore(key_hash: str, raw_text: str, volatile: Sequence[Any], wire: str | None) -> dict[str, Any]:
-    """The key's raw JSON as the API sent it, from its stored parts (the inverse of ``staged_row``)."""
-    raw: dict[str, Any] = json.loads(raw_text)
-    raw["hash"] = key_hash
-    for field, value in zip(VOLATILE, volatile, strict=True):
+def _restore(key_hash: str, values: Sequence[Any], wires: Sequence[str | None]) -> dict[str, Any]:
+    """The key's raw JSON as the API sent it, from its stored parts (the inverse of ``staged_row``).
+
+    ``values``: the typed fields in ``_RESTORED`` order; ``wires``: the record's and the usage's."""
+    raw: dict[str, Any] = {"hash": key_hash}
+    for field, value in zip(_RESTORED, values, strict=True):
         raw[field.name] = _render(field, value)
-    if wire is not None:
-        exact = json.loads(wire)
-        for name in exact.pop("-", ()):
-            del raw[name]
-        raw.update(exact)
+    for wire in wires:
+        if wire is not None:
+            exact = json.loads(wire)
+            for name in exact.get("-", ()):
+                del raw[name]
+            raw.update(exact.get("=", {}))
+            raw.update(exact.get("+", {}))
     return raw
+
+
+_RESTORED = (*STABLE, *VOLATILE)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -178,7 +183,7 @@ def start_snapshot(session: Session, *, run_id: int, now: datetime) -> Snapshot:
     return snapshot
 
 
-def _copy_rows(session: Session, rows: list[tuple[Any, ...]]) -> None:
+def _copy_rows(session: Session, rows: list[list[Any]]) -> None:
     """Append rows to the staging table: one executemany on SQLite, COPY on PostgreSQL."""
     if not rows:
         return
@@ -196,26 +201,31 @@ def _copy_rows(session: Session, rows: list[tuple[Any, ...]]) -> None:
             # Bypass the ORM's per-row bind processing: times go in as SQLAlchemy stores them
             # (naive UTC, microseconds always written), money is already integer micro-dollars.
             marks = ", ".join("?" * len(_STAGED))
-            cursor.executemany(
-                f"INSERT INTO {snapshot_staging.name} ({columns}) VALUES ({marks})",
-                [tuple(_sqlite_value(value) for value in row) for row in rows],
-            )
+            for row in rows:
+                for index in _TIME_COLUMNS:
+                    if row[index] is not None:
+                        row[index] = _sqlite_time(row[index])
+            cursor.executemany(f"INSERT INTO {snapshot_staging.name} ({columns}) VALUES ({marks})", rows)
     finally:
         cursor.close()
 
 
-def _sqlite_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
-    return value
+_TIME_COLUMNS = [
+    index for index, name in enumerate(_STAGED) if name in FIELDS_BY_NAME and FIELDS_BY_NAME[name].kind == "time"
+]
+
+
+def _sqlite_time(value: datetime) -> str:
+    """An aware time as SQLAlchemy stores it in SQLite: naive UTC, microseconds always written."""
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
 def _same(left: Any, right: Any, names: Iterable[str]) -> Any:
     return and_(*(left.c[name].is_not_distinct_from(right.c[name]) for name in names))
 
 
-_STABLE_NAMES = ["raw"]  # the stable typed columns are all read from the raw JSON it holds
-_VOLATILE_COLUMNS = [*(field.name for field in VOLATILE), "wire"]
+_RECORD_COLUMNS = [field.name for field in STABLE]
+_VOLATILE_COLUMNS = [field.name for field in VOLATILE]
 
 
 def record_staged(
@@ -259,13 +269,19 @@ def record_staged(
     )
     session.execute(
         update(u)
-        .where(u.c.valid_to.is_(None), ~exists().where(mine, _same(u, s, _VOLATILE_COLUMNS)))
+        .where(
+            u.c.valid_to.is_(None),
+            ~exists().where(mine, _same(u, s, _VOLATILE_COLUMNS), u.c.wire.is_not_distinct_from(s.c.usage_wire)),
+        )
         .values(valid_to=snapshot_id)
     )
     record_mine = and_(staged, s.c.key_id == r.c.key_id)
     session.execute(
         update(r)
-        .where(r.c.valid_to.is_(None), ~exists().where(record_mine, r.c.raw == s.c.raw))
+        .where(
+            r.c.valid_to.is_(None),
+            ~exists().where(record_mine, _same(r, s, _RECORD_COLUMNS), r.c.wire.is_not_distinct_from(s.c.record_wire)),
+        )
         .values(valid_to=snapshot_id)
     )
     changed_keys = (
@@ -277,8 +293,8 @@ def record_staged(
     touched = int(session.scalar(select(func.count()).select_from(changed_keys)) or 0)
     session.execute(
         insert(r).from_select(
-            ["key_id", "valid_from", *(field.name for field in STABLE), "raw"],
-            select(s.c.key_id, literal(snapshot_id), *(s.c[field.name] for field in STABLE), s.c.raw).where(
+            ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
+            select(s.c.key_id, literal(snapshot_id), *(s.c[name] for name in _RECORD_COLUMNS), s.c.record_wire).where(
                 staged, ~exists().where(r.c.key_id == s.c.key_id, r.c.valid_to.is_(None))
             ),
         )
@@ -298,11 +314,12 @@ def record_staged(
     same_usage = and_(previous.c.usage == s.c.usage, previous.c.byok_usage == s.c.byok_usage)
     session.execute(
         insert(u).from_select(
-            ["key_id", "valid_from", *_VOLATILE_COLUMNS, "usage_since", "disabled_since"],
+            ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since"],
             select(
                 s.c.key_id,
                 literal(snapshot_id),
                 *(s.c[name] for name in _VOLATILE_COLUMNS),
+                s.c.usage_wire,
                 case((same_usage, previous.c.usage_since), else_=now),
                 case(
                     (and_(s.c.disabled, previous.c.disabled), previous.c.disabled_since),
@@ -477,19 +494,15 @@ def _is_newest(session: Session, snapshot_id: int) -> bool:
 def keys_at(session: Session, snapshot_id: int) -> Iterator[Key]:
     """Every key exactly as snapshot ``snapshot_id`` saw it, raw JSON included, by hash (streamed)."""
     joined, alive = _alive_join(snapshot_id, _is_newest(session, snapshot_id))
+    columns = [(key_usage if field.volatile else key_records).c[field.name] for field in _RESTORED]
     query = (
-        select(
-            tracked_keys.c.key_hash,
-            key_records.c.raw,
-            *(key_usage.c[field.name] for field in VOLATILE),
-            key_usage.c.wire,
-        )
+        select(tracked_keys.c.key_hash, *columns, key_records.c.wire, key_usage.c.wire)
         .select_from(joined)
         .where(alive)
         .order_by(tracked_keys.c.key_hash)
     )
     for row in session.execute(query.execution_options(yield_per=2000)):
-        yield Key.from_api(_restore(row[0], row[1], row[2:-1], row[-1]))
+        yield Key.from_api(_restore(row[0], row[1:-2], row[-2:]))
 
 
 def key_hashes_at(session: Session, snapshot_id: int) -> set[str]:

@@ -5,9 +5,9 @@ Revises: 0002
 Create Date: 2026-12-01 13:30:00
 
 ``key_states`` (one full row, raw JSON included, per change of anything) becomes ``tracked_keys``
-(a small id per key hash), ``key_records`` (what rarely changes, with the raw JSON of everything
-but the volatile fields) and ``key_usage`` (the fields that change with use), plus
-``snapshot_staging`` for syncs in progress. Every old version is carried over: each is split
+(a small id per key hash), ``key_records`` (what rarely changes, with any fields we do not know)
+and ``key_usage`` (the fields that change with use), plus ``snapshot_staging`` for syncs in
+progress. Every old version is carried over: each is split
 into its two parts from its raw JSON (so what the API sent is rebuilt exactly), runs of equal
 parts are merged, and since when usage and ``disabled`` held is computed along each key's history.
 On SQLite, ``db.migrate.upgrade`` then switches the file to ``auto_vacuum=INCREMENTAL`` (a VACUUM,
@@ -94,7 +94,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("key_hash"),
     )
-    op.create_table("key_records", *_versioned(), *_columns(_STABLE), sa.Column("raw", sa.Text(), nullable=False))
+    op.create_table("key_records", *_versioned(), *_columns(_STABLE), sa.Column("wire", sa.Text(), nullable=True))
     _indexes("key_records")
     op.create_table(
         "key_usage",
@@ -111,9 +111,9 @@ def upgrade() -> None:
         sa.Column("key_hash", sa.String(length=128), nullable=False),
         sa.Column("key_id", sa.Integer(), nullable=True),
         *_columns(_STABLE),
-        sa.Column("raw", sa.Text(), nullable=False),
+        sa.Column("record_wire", sa.Text(), nullable=True),
         *_columns(_VOLATILE),
-        sa.Column("wire", sa.Text(), nullable=True),
+        sa.Column("usage_wire", sa.Text(), nullable=True),
     )
     op.create_index("ix_snapshot_staging_snapshot_key", "snapshot_staging", ["snapshot_id", "key_id"])
 
@@ -151,7 +151,7 @@ def _old_versions(connection: sa.Connection) -> Iterator[tuple[str, int, int | N
 def _carry_over(connection: sa.Connection) -> None:
     """Split every old version in two, merge runs of equal parts, and carry the history columns."""
     keys_table = _table("tracked_keys", [], "id", "key_hash", "first_seen_at")
-    records_table = _table("key_records", _STABLE, "key_id", "valid_from", "valid_to", "raw")
+    records_table = _table("key_records", _STABLE, "key_id", "valid_from", "valid_to", "wire")
     usage_table = _table(
         "key_usage", _VOLATILE, "key_id", "valid_from", "valid_to", "wire", "usage_since", "disabled_since"
     )
@@ -180,7 +180,7 @@ def _carry_over(connection: sa.Connection) -> None:
     version: dict[str, Any] | None = None
     for key_hash, valid_from, valid_to, seen_at, raw in _old_versions(connection):
         row = staged_row(raw, 0)
-        stable = dict(zip([*stable_names, "raw"], row[2 : 2 + len(stable_names) + 1], strict=True))
+        stable = dict(zip([*stable_names, "wire"], row[2 : 2 + len(stable_names) + 1], strict=True))
         volatile = dict(zip([*volatile_names, "wire"], row[3 + len(stable_names) :], strict=True))
         if key_hash != current_hash:
             current_hash, key_id, record, version = key_hash, key_id + 1, None, None
