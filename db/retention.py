@@ -64,6 +64,7 @@ def delete_forgotten_keys(session: Session, *, limit: int) -> int:
     """Delete up to ``limit`` keys that have no version left."""
     t = tracked_keys
     orphan = ~exists().where(key_usage.c.key_id == t.c.id) & ~exists().where(key_records.c.key_id == t.c.id)
+    orphan &= ~exists().where(snapshot_staging.c.key_id == t.c.id)  # a sync in progress saw it again
     return _delete_ids(session, t, orphan, limit)
 
 

@@ -52,15 +52,19 @@ _STAGED = [
     "record_wire",
     *(field.name for field in VOLATILE),
     "usage_wire",
+    "key_id",
 ]
-"""Staging columns in the order ``staged_row`` produces them (``limit`` is the ``limit_usd`` column)."""
+"""Staging columns in the order ``SnapshotWriter.add`` writes them: ``staged_row``'s, then the
+key's id when it is already tracked (``limit`` is the ``limit_usd`` column)."""
 
 
 def _typed(raw: Mapping[str, Any], fields: Sequence[Field], wire: dict[str, Any]) -> list[Any]:
     """The typed values of ``fields``; what they would not give back exactly goes into ``wire``:
-    ``"-"`` lists fields the API left out, ``"="`` holds exact values (other time styles,
-    digits below a micro-dollar, a null where a default is read)."""
+    ``"-"`` lists fields the API left out, ``"="`` holds exact values (unusual time styles,
+    digits below a micro-dollar, a null where a default is read), ``"t": "u"`` says the part's
+    times are written ``2026-02-19T20:52:27.363244+00:00`` (the other documented style)."""
     values: list[Any] = []
+    times: list[tuple[str, Any, str | None]] = []
     for field in fields:
         name = field.name
         value = raw.get(name)
@@ -78,7 +82,8 @@ def _typed(raw: Mapping[str, Any], fields: Sequence[Field], wire: dict[str, Any]
             typed = to_micros(value)
             exact = typed / MICROS_PER_USD == value
         elif kind == "time":
-            typed, exact = _parse_time(name, value)
+            typed, style = _parse_time(name, value)
+            times.append((name, value, style))
         elif kind == "flag":
             if not isinstance(value, bool):
                 raise MalformedResponse(f"field {name!r} is {value!r}, expected a boolean")
@@ -90,16 +95,22 @@ def _typed(raw: Mapping[str, Any], fields: Sequence[Field], wire: dict[str, Any]
         if not exact:
             wire.setdefault("=", {})[name] = value
         values.append(typed)
+    part_style = "u" if any(style == "u" for _, _, style in times) else "Z"
+    if part_style == "u":
+        wire["t"] = "u"
+    for name, value, style in times:
+        if style != part_style:
+            wire.setdefault("=", {})[name] = value
     return values
 
 
-_TIMES: dict[str, tuple[datetime | None, bool]] = {}
+_TIMES: dict[str, tuple[datetime | None, str | None]] = {}
 """Times seen on the wire: the same ``created_at`` comes back in every sync, so each distinct
 string is parsed (and checked to be written back the same) once per process."""
 
 
-def _parse_time(name: str, value: Any) -> tuple[datetime | None, bool]:
-    """(the time, whether ``isoformat`` writes it back exactly as the API did)."""
+def _parse_time(name: str, value: Any) -> tuple[datetime | None, str | None]:
+    """(the time, the style that writes it back exactly as the API did: "Z", "u" or None)."""
     known = _TIMES.get(value) if isinstance(value, str) else None
     if known is not None:
         return known
@@ -107,14 +118,23 @@ def _parse_time(name: str, value: Any) -> tuple[datetime | None, bool]:
         parsed = parse_api_time(value)
     except TimeFormatError as exc:
         raise MalformedResponse(f"field {name!r}: {exc}") from None
-    result = (parsed, isoformat(parsed) == value)
+    style = next((style for style in ("Z", "u") if _time_text(parsed, style) == value), None)
+    result = (parsed, style)
     if len(_TIMES) > 500_000:
         _TIMES.clear()
     _TIMES[value] = result
     return result
 
 
-def _render(field: Field, value: Any) -> Any:
+def _time_text(value: datetime | None, style: str) -> str | None:
+    """``2026-02-19T20:52:27Z`` (style "Z", fractions only when present) or
+    ``2026-02-19T20:52:27.000000+00:00`` (style "u")."""
+    if value is None or style == "Z":
+        return isoformat(value)
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _render(field: Field, value: Any, time_style: str = "Z") -> Any:
     """A typed value as the API writes it (the inverse of reading it, for the usual styles)."""
     if value is None:
         return None
@@ -122,7 +142,7 @@ def _render(field: Field, value: Any) -> Any:
         # Micro-dollars as staged, Decimal as read: either way the nearest float, as JSON has it.
         return value / MICROS_PER_USD if isinstance(value, int) else float(value)
     if field.kind == "time":
-        return isoformat(value)
+        return _time_text(value, time_style)
     return value
 
 
@@ -156,16 +176,16 @@ def _restore(key_hash: str, values: Sequence[Any], wires: Sequence[str | None]) 
     """The key's raw JSON as the API sent it, from its stored parts (the inverse of ``staged_row``).
 
     ``values``: the typed fields in ``_RESTORED`` order; ``wires``: the record's and the usage's."""
+    record, usage = (json.loads(wire) if wire is not None else {} for wire in wires)
+    record_style, usage_style = record.get("t", "Z"), usage.get("t", "Z")
     raw: dict[str, Any] = {"hash": key_hash}
     for field, value in zip(_RESTORED, values, strict=True):
-        raw[field.name] = _render(field, value)
-    for wire in wires:
-        if wire is not None:
-            exact = json.loads(wire)
-            for name in exact.get("-", ()):
-                del raw[name]
-            raw.update(exact.get("=", {}))
-            raw.update(exact.get("+", {}))
+        raw[field.name] = _render(field, value, usage_style if field.volatile else record_style)
+    for exact in (record, usage):
+        for name in exact.get("-", ()):
+            del raw[name]
+        raw.update(exact.get("=", {}))
+        raw.update(exact.get("+", {}))
     return raw
 
 
@@ -253,12 +273,14 @@ def record_staged(
         insert(t).from_select(
             ["key_hash", "first_seen_at"],
             select(s.c.key_hash, literal(taken_at, UTCDateTime())).where(
-                staged, ~exists().where(t.c.key_hash == s.c.key_hash)
+                staged, s.c.key_id.is_(None), ~exists().where(t.c.key_hash == s.c.key_hash)
             ),
         )
     )
     session.execute(
-        update(s).where(staged).values(key_id=select(t.c.id).where(t.c.key_hash == s.c.key_hash).scalar_subquery())
+        update(s)
+        .where(staged, s.c.key_id.is_(None))
+        .values(key_id=select(t.c.id).where(t.c.key_hash == s.c.key_hash).scalar_subquery())
     )
     key_count = int(session.scalar(select(func.count()).select_from(s).where(staged)) or 0)
     u, r = key_usage, key_records
@@ -351,6 +373,17 @@ def record_staged(
     )
 
 
+def _tracked_ids(session: Session, key_hashes: Sequence[str]) -> dict[str, int]:
+    """The ids of the hashes already tracked: resolved per page, so that recording the snapshot
+    only has to look up the keys it has never seen."""
+    t = tracked_keys
+    found: dict[str, int] = {}
+    for start in range(0, len(key_hashes), 5000):
+        chunk = key_hashes[start : start + 5000]
+        found.update(session.execute(select(t.c.key_hash, t.c.id).where(t.c.key_hash.in_(chunk))).all())
+    return found
+
+
 class SnapshotWriter:
     """Streams one sync's listing into the store; nothing of it is read until ``finish``.
 
@@ -376,6 +409,9 @@ class SnapshotWriter:
                 continue
             self._seen.add(row[1])
             rows.append(row)
+        known = _tracked_ids(session, [row[1] for row in rows])
+        for row in rows:
+            row.append(known.get(row[1]))
         _copy_rows(session, rows)
 
     def missing(self, session: Session) -> list[str]:
