@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from db import runs, snapshots
-from db.models import Snapshot, key_usage, tracked_keys
+from db import retention, runs, snapshots
+from db.models import Snapshot, key_usage, snapshot_staging, tracked_keys
 from keyhygiene.context import Database, session_scope
 from keyhygiene.keysapi.models import Key
 
@@ -254,3 +254,27 @@ def test_money_sums_are_exact_to_the_cent(database: Database) -> None:
         total = session.scalar(select(func.sum(alive.c.usage)))
 
     assert total == Decimal("333.40")
+
+
+def test_staged_pages_are_never_read_and_never_left_behind(database: Database) -> None:
+    s1, _ = store(database, [key(1)], T0)
+    writers = []
+    for started in (T0 - timedelta(days=3), T0 + timedelta(hours=1)):  # a crashed sync, a live one
+        with session_scope(database) as session:
+            run_id = runs.start_run(session, kind="sync", now=started).id
+            writer = snapshots.SnapshotWriter(snapshots.start_snapshot(session, run_id=run_id, now=started).id)
+        with session_scope(database) as session:
+            writer.add(session, [key(2).raw, key(3).raw])
+        writers.append(writer)
+
+    def staged() -> set[int]:
+        with database.sessions() as session:
+            return set(session.scalars(select(snapshot_staging.c.snapshot_id)))
+
+    assert raw_at(database, s1) == {key(1).hash: key(1).raw}  # staged keys are invisible
+    with session_scope(database) as session:
+        retention.delete_abandoned_staging(session, cutoff=T0 - timedelta(days=1))
+    assert staged() == {writers[1].snapshot_id}  # the crashed sync's pages are gone, the live one's kept
+    with session_scope(database) as session:
+        writers[1].discard(session)
+    assert staged() == set()
