@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -61,7 +62,9 @@ key's id when it is already tracked (``limit`` is the ``limit_usd`` column)."""
 def _typed(raw: Mapping[str, Any], fields: Sequence[Field], wire: dict[str, Any]) -> list[Any]:
     """The typed values of ``fields``; what they would not give back exactly goes into ``wire``:
     ``"-"`` lists fields the API left out, ``"="`` holds exact values (unusual time styles,
-    digits below a micro-dollar, a null where a default is read), ``"t": "u"`` says the part's
+    digits below a micro-dollar, a null where a default is read), ``"~"`` how many floats away
+    from its micro-dollars an amount was (float noise such as 0.30000000000000004), ``"t": "u"``
+    says the part's
     times are written ``2026-02-19T20:52:27.363244+00:00`` (the other documented style)."""
     values: list[Any] = []
     times: list[tuple[str, Any, str | None]] = []
@@ -80,7 +83,12 @@ def _typed(raw: Mapping[str, Any], fields: Sequence[Field], wire: dict[str, Any]
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise MalformedResponse(f"field {name!r} is {value!r}, expected a number")
             typed = to_micros(value)
-            exact = typed / MICROS_PER_USD == value
+            if typed / MICROS_PER_USD != value:
+                ulps = _ulps(typed / MICROS_PER_USD, float(value))
+                if ulps is None:
+                    exact = False
+                else:
+                    wire.setdefault("~", {})[name] = ulps
         elif kind == "time":
             typed, style = _parse_time(name, value)
             times.append((name, value, style))
@@ -102,6 +110,22 @@ def _typed(raw: Mapping[str, Any], fields: Sequence[Field], wire: dict[str, Any]
         if style != part_style:
             wire.setdefault("=", {})[name] = value
     return values
+
+
+def _ulps(base: float, value: float) -> int | None:
+    """How many representable floats ``value`` lies above ``base`` (None when far or of another sign)."""
+    if (base < 0) != (value < 0):
+        return None
+    steps = _float_bits(value) - _float_bits(base)
+    return steps if abs(steps) <= 4096 else None
+
+
+def _float_bits(value: float) -> int:
+    return int(struct.unpack("<q", struct.pack("<d", value))[0])
+
+
+def _bits_float(bits: int) -> float:
+    return float(struct.unpack("<d", struct.pack("<q", bits))[0])
 
 
 _TIMES: dict[str, tuple[datetime | None, str | None]] = {}
@@ -182,6 +206,8 @@ def _restore(key_hash: str, values: Sequence[Any], wires: Sequence[str | None]) 
     for field, value in zip(_RESTORED, values, strict=True):
         raw[field.name] = _render(field, value, usage_style if field.volatile else record_style)
     for exact in (record, usage):
+        for name, steps in exact.get("~", {}).items():
+            raw[name] = _bits_float(_float_bits(raw[name]) + steps)
         for name in exact.get("-", ()):
             del raw[name]
         raw.update(exact.get("=", {}))
