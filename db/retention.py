@@ -146,7 +146,14 @@ def reclaim_space(engine: Engine, *, pages_per_step: int = 20_000) -> int:
             free = int(connection.exec_driver_sql("PRAGMA freelist_count").scalar() or 0)
             if free == 0:
                 return freed
-            connection.exec_driver_sql(f"PRAGMA incremental_vacuum({min(free, pages_per_step)})").fetchall()
+            # Each step of this pragma frees one page and it returns no rows: run it to the end
+            # on the driver's cursor (SQLAlchemy closes a result without rows after one step).
+            cursor = connection.connection.cursor()
+            try:
+                cursor.execute(f"PRAGMA incremental_vacuum({min(free, pages_per_step)})")
+                cursor.fetchall()
+            finally:
+                cursor.close()
             after = int(connection.exec_driver_sql("PRAGMA freelist_count").scalar() or 0)
         if after >= free:  # auto_vacuum is not INCREMENTAL on this file: nothing to give back
             return freed

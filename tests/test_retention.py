@@ -271,7 +271,7 @@ def test_a_sync_during_a_prune_is_not_blocked_for_long(org: Org) -> None:
     with org.database.sessions() as session:
         newest = snapshots.latest_snapshot(session)
         assert newest is not None and newest.taken_at == NOW + 2 * HOUR
-        assert len(snapshots.keys_at(session, newest.id)) == newest.key_count
+        assert len(list(snapshots.keys_at(session, newest.id))) == newest.key_count
 
 
 def test_prune_gives_the_space_back_on_sqlite(org: Org) -> None:
