@@ -36,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, create_engine, event, select, text
+from sqlalchemy import bindparam, create_engine, event, func, or_, select, text
 from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,12 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from db import history, runs, snapshots
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
-from db.models import KeyState, Snapshot
-from db.snapshots import TimelinePoint
+from db.models import Snapshot, key_records, key_usage, tracked_keys
 from keyhygiene.context import Database, session_scope
 from keyhygiene.enforcement import (
     PlanInputs,
-    history_from_timeline,
     key_facts,
     load_audit_facts,
     load_plan_inputs,
@@ -199,7 +197,7 @@ def build_store(url: str, *, keys: int, days: int, churn: float, seed: int) -> S
             run_id = runs.start_run(session, kind="sync", now=now).id
             snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=now).id
             snapshots.record_snapshot(
-                session, snapshot_id=snapshot_id, keys=organisation.keys, taken_at=now, workspace_counts={}
+                session, snapshot_id=snapshot_id, keys=organisation.raw.values(), taken_at=now, workspace_counts={}
             )
             runs.finish_run(session, run_id, status=runs.OK, now=now, exit_code=0, message="ok")
         snapshot_ids.append(snapshot_id)
@@ -262,7 +260,8 @@ def measure(store: Store, run: Callable[[Session], T]) -> tuple[T, float, int]:
 def warm_up(store: Store) -> None:
     """Read every version once, so that neither side pays for a cold cache."""
     with store.database.sessions() as session:
-        session.execute(select(KeyState.raw)).all()
+        session.execute(select(key_usage)).all()
+        session.execute(select(key_records)).all()
 
 
 # 1. the engine's inputs
@@ -274,20 +273,18 @@ def naive_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
     assert snapshot is not None and snapshot.taken_at is not None
     previous = snapshots.previous_snapshot(session, snapshot_id)
     keys = snapshots.keys_at(session, snapshot_id)
+    keys = list(keys)
     one_key = (
-        select(Snapshot.taken_at, KeyState.usage, KeyState.byok_usage, KeyState.disabled)
-        .join(Snapshot, Snapshot.id == KeyState.valid_from)
-        .where(KeyState.key_hash == bindparam("h"), KeyState.valid_from <= snapshot_id)
-        .order_by(KeyState.valid_from)
+        select(Snapshot.taken_at, key_usage.c.usage, key_usage.c.byok_usage, key_usage.c.disabled)
+        .join(Snapshot, Snapshot.id == key_usage.c.valid_from)
+        .join(tracked_keys, tracked_keys.c.id == key_usage.c.key_id)
+        .where(tracked_keys.c.key_hash == bindparam("h"), key_usage.c.valid_from <= snapshot_id)
+        .order_by(key_usage.c.valid_from)
     )
     histories: dict[str, KeyHistory] = {}
     for key in keys:
-        points = [
-            TimelinePoint(seen_at, usage, byok_usage, disabled)
-            for seen_at, usage, byok_usage, disabled in session.execute(one_key, {"h": key.hash})
-            if seen_at is not None
-        ]
-        histories[key.hash] = history_from_timeline(points)
+        points = [row for row in session.execute(one_key, {"h": key.hash}) if row[0] is not None]
+        histories[key.hash] = history_from_points(points)
     return PlanInputs(
         snapshot_id=snapshot_id,
         taken_at=snapshot.taken_at,
@@ -298,9 +295,31 @@ def naive_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
     )
 
 
+def history_from_points(points: list[Any]) -> KeyHistory:
+    """What a key's (seen_at, usage, byok_usage, disabled) versions prove, walked in Python."""
+    if not points:
+        return KeyHistory()
+    current = points[-1]
+    unchanged_since = current[0]
+    for seen_at, usage, byok_usage, _ in reversed(points):
+        if (usage, byok_usage) != (current[1], current[2]):
+            break
+        unchanged_since = seen_at
+    disabled_since: datetime | None = None
+    for seen_at, _, _, disabled in reversed(points):
+        if not disabled:
+            break
+        disabled_since = seen_at
+    return KeyHistory(first_seen_at=points[0][0], usage_unchanged_since=unchanged_since, disabled_since=disabled_since)
+
+
 def history_rows(session: Session, snapshot_id: int) -> int:
-    """Versions up to ``snapshot_id`` of the keys alive at it: what either side reads as history."""
-    return sum(len(points) for points in snapshots.timelines(session, snapshot_id).values())
+    """Usage versions up to ``snapshot_id`` of the keys alive at it: what the baseline reads as history."""
+    alive = select(key_usage.c.key_id).where(
+        key_usage.c.valid_from <= snapshot_id, or_(key_usage.c.valid_to.is_(None), key_usage.c.valid_to > snapshot_id)
+    )
+    query = select(func.count()).where(key_usage.c.valid_from <= snapshot_id, key_usage.c.key_id.in_(alive))
+    return int(session.scalar(query) or 0)
 
 
 # 3. the spend report

@@ -1,20 +1,22 @@
-"""History queries the reports need: versions over a period, whole key histories, past audit facts.
+"""Whole-key versions: what ``db.snapshots.count_versions`` counts and a period's versions.
 
-Everything here reads versions (see :mod:`db.models`): a key's lifetime counters only change at
-the snapshot that opened a new version, so a period's spend and a key's idleness can be computed
-from versions alone, without reading every snapshot.
+The store versions a key's volatile fields and the rest separately (see :mod:`db.models`); these
+queries read *full versions*: each overlap of one usage version with one record version of
+the same key is one version of the whole key, valid from the later start to the earlier end. That
+is exactly the sequence of states the snapshots saw, without reading every snapshot.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import case, null, or_, select, type_coerce
+from sqlalchemy import and_, case, or_, select
 from sqlalchemy.orm import Session
-from sqlalchemy.types import JSON
 
-from .models import KeyState, Snapshot
+from .models import Snapshot, key_records, key_usage, tracked_keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,29 +29,34 @@ class UsageVersion:
     seen_at: datetime
     name: str
     workspace_id: str | None
-    usage: float
-    byok_usage: float
+    usage: Decimal
+    byok_usage: Decimal
     created_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
-class StateVersion:
-    """One version of a key reduced to what the per-day counts need."""
-
-    key_hash: str
-    valid_from: int
-    valid_to: int | None
-    seen_at: datetime
-    name: str
-    workspace_id: str | None
-    disabled: bool
-    limit: float | None
-    usage: float
-    byok_usage: float
-    created_at: datetime
-    expires_at: datetime | None
-    last_used_at: datetime | None
-    reports_last_used: bool
+def full_versions() -> Any:
+    """A subquery of full key versions: ``key_hash``, ``valid_from``, ``valid_to``, every field of
+    the key, and the usage version's ``wire`` (see ``db.models.key_usage``)."""
+    u, r, t = key_usage, key_records, tracked_keys
+    valid_from = case((u.c.valid_from >= r.c.valid_from, u.c.valid_from), else_=r.c.valid_from)
+    valid_to = case(
+        (u.c.valid_to.is_(None), r.c.valid_to),
+        (r.c.valid_to.is_(None), u.c.valid_to),
+        (u.c.valid_to <= r.c.valid_to, u.c.valid_to),
+        else_=r.c.valid_to,
+    )
+    overlap = and_(
+        r.c.key_id == u.c.key_id,
+        or_(r.c.valid_to.is_(None), u.c.valid_from < r.c.valid_to),
+        or_(u.c.valid_to.is_(None), r.c.valid_from < u.c.valid_to),
+    )
+    fields = [c for c in r.c if c.name not in ("id", "key_id", "valid_from", "valid_to", "wire")]
+    fields += [c for c in u.c if c.name not in ("id", "key_id", "valid_from", "valid_to")]
+    return (
+        select(t.c.key_hash, t.c.first_seen_at, valid_from.label("valid_from"), valid_to.label("valid_to"), *fields)
+        .select_from(u.join(r, overlap).join(t, t.c.id == u.c.key_id))
+        .subquery("full_versions")
+    )
 
 
 def usage_versions(session: Session, *, after_snapshot: int, until_snapshot: int) -> list[UsageVersion]:
@@ -57,88 +64,22 @@ def usage_versions(session: Session, *, after_snapshot: int, until_snapshot: int
 
     In (key, time) order. ``after_snapshot`` 0 means "from the beginning of the history".
     """
+    v = full_versions()
     started = Snapshot.__table__.alias("started")
     rows = session.execute(
         select(
-            KeyState.key_hash,
-            KeyState.valid_from,
-            KeyState.valid_to,
+            v.c.key_hash,
+            v.c.valid_from,
+            v.c.valid_to,
             started.c.taken_at,
-            KeyState.name,
-            KeyState.workspace_id,
-            KeyState.usage,
-            KeyState.byok_usage,
-            KeyState.created_at,
+            v.c.name,
+            v.c.workspace_id,
+            v.c.usage,
+            v.c.byok_usage,
+            v.c.created_at,
         )
-        .join(started, started.c.id == KeyState.valid_from)
-        .where(
-            KeyState.valid_from <= until_snapshot,
-            or_(KeyState.valid_to.is_(None), KeyState.valid_to > after_snapshot),
-        )
-        .order_by(KeyState.key_hash, KeyState.valid_from)
+        .join(started, started.c.id == v.c.valid_from)
+        .where(v.c.valid_from <= until_snapshot, or_(v.c.valid_to.is_(None), v.c.valid_to > after_snapshot))
+        .order_by(v.c.key_hash, v.c.valid_from)
     )
     return [UsageVersion(*row) for row in rows]
-
-
-def state_versions(session: Session, *, alive_from: int, until_snapshot: int) -> list[StateVersion]:
-    """The whole stored history, up to ``until_snapshot``, of every key alive at some snapshot in
-    ``[alive_from, until_snapshot]``.
-
-    In (key, time) order. Whole histories, not just the period, because idleness at a snapshot
-    depends on how long the counters have held still, however far back that began.
-    """
-    started = Snapshot.__table__.alias("started")
-    wanted = (
-        select(KeyState.key_hash)
-        .where(
-            KeyState.valid_from <= until_snapshot,
-            or_(KeyState.valid_to.is_(None), KeyState.valid_to > alive_from),
-        )
-        .distinct()
-    )
-    # The raw JSON is only read where it is needed: whether a null last_used_at was reported at all.
-    raw_when_unused = case((KeyState.last_used_at.is_(None), type_coerce(KeyState.raw, JSON)), else_=null())
-    rows = session.execute(
-        select(
-            KeyState.key_hash,
-            KeyState.valid_from,
-            KeyState.valid_to,
-            started.c.taken_at,
-            KeyState.name,
-            KeyState.workspace_id,
-            KeyState.disabled,
-            KeyState.limit,
-            KeyState.usage,
-            KeyState.byok_usage,
-            KeyState.created_at,
-            KeyState.expires_at,
-            KeyState.last_used_at,
-            type_coerce(raw_when_unused, JSON),
-        )
-        .join(started, started.c.id == KeyState.valid_from)
-        .where(KeyState.valid_from <= until_snapshot, KeyState.key_hash.in_(wanted))
-        .order_by(KeyState.key_hash, KeyState.valid_from)
-    )
-    result: list[StateVersion] = []
-    for row in rows:
-        raw = row[13]
-        reports = row.last_used_at is not None or (isinstance(raw, dict) and "last_used_at" in raw)
-        result.append(
-            StateVersion(
-                key_hash=row.key_hash,
-                valid_from=row.valid_from,
-                valid_to=row.valid_to,
-                seen_at=row[3],
-                name=row.name,
-                workspace_id=row.workspace_id,
-                disabled=row.disabled,
-                limit=row[7],
-                usage=row.usage,
-                byok_usage=row.byok_usage,
-                created_at=row.created_at,
-                expires_at=row.expires_at,
-                last_used_at=row.last_used_at,
-                reports_last_used=reports,
-            )
-        )
-    return result

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, select, union_all
 from sqlalchemy.orm import Session
 
 from . import runs, snapshots
-from .models import Action, KeyState, Run
+from .models import Action, PlanEntry, Run, RunPlan
 
 
 def keys_by_workspace_and_state(session: Session, snapshot_id: int, *, at: datetime) -> list[tuple[str, str, int]]:
@@ -16,18 +16,14 @@ def keys_by_workspace_and_state(session: Session, snapshot_id: int, *, at: datet
 
     A key's state is ``expired`` (at ``at``), else ``disabled``, else ``active``.
     """
+    alive = snapshots.alive_at(snapshot_id, newest=snapshots.is_newest(session, snapshot_id)).subquery()
     state = case(
-        (KeyState.expires_at.is_not(None) & (KeyState.expires_at <= at), "expired"),
-        (KeyState.disabled.is_(True), "disabled"),
+        (alive.c.expires_at.is_not(None) & (alive.c.expires_at <= at), "expired"),
+        (alive.c.disabled.is_(True), "disabled"),
         else_="active",
     ).label("state")
-    workspace = func.coalesce(KeyState.workspace_id, "default").label("workspace")
-    rows = session.execute(
-        select(workspace, state, func.count())
-        .where(snapshots._alive_at(session, snapshot_id))
-        .group_by(workspace, state)
-        .order_by(workspace, state)
-    )
+    workspace = func.coalesce(alive.c.workspace_id, "default").label("workspace")
+    rows = session.execute(select(workspace, state, func.count()).group_by(workspace, state).order_by(workspace, state))
     return [(str(ws), str(st), int(count)) for ws, st, count in rows]
 
 
@@ -37,9 +33,20 @@ def runs_by_job_and_status(session: Session) -> list[tuple[str, str, int]]:
 
 
 def actions_by_action_and_outcome(session: Session) -> list[tuple[str, str, bool, int]]:
+    """(action, outcome, dry run, records) over the audit log: ``actions`` rows and the decisions
+    of the plans that dry runs and refused runs recorded by reference (``run_plans``)."""
+    recorded = select(Action.action, Action.outcome, Action.dry_run, func.count().label("records")).group_by(
+        Action.action, Action.outcome, Action.dry_run
+    )
+    planned = (
+        select(PlanEntry.action, RunPlan.outcome, RunPlan.dry_run, func.count().label("records"))
+        .join(PlanEntry, PlanEntry.plan_id == RunPlan.plan_id)
+        .group_by(PlanEntry.action, RunPlan.outcome, RunPlan.dry_run)
+    )
+    both = union_all(recorded, planned).subquery()
     rows = session.execute(
-        select(Action.action, Action.outcome, Action.dry_run, func.count()).group_by(
-            Action.action, Action.outcome, Action.dry_run
+        select(both.c.action, both.c.outcome, both.c.dry_run, func.sum(both.c.records)).group_by(
+            both.c.action, both.c.outcome, both.c.dry_run
         )
     )
     return [(str(action), str(outcome), bool(dry_run), int(count)) for action, outcome, dry_run, count in rows]

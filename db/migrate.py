@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import DBAPIError
@@ -88,26 +88,38 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     from alembic import command
 
     before = current_revision(engine)
+    _migrate(engine, command.upgrade, revision)
+    _incremental_auto_vacuum(engine)
+    return before, current_revision(engine) or ""
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Take the schema back to ``revision`` (what the migrations' own downgrades can carry back)."""
+    from alembic import command
+
+    _migrate(engine, command.downgrade, revision)
+
+
+def _migrate(engine: Engine, step: Callable[[Any, str], None], revision: str) -> None:
     config = alembic_config()
     with engine.connect() as connection:
         raw = connection.connection.dbapi_connection if engine.dialect.name == "sqlite" else None
         if raw is not None:
             # A batch migration rebuilds a table (copy, drop, rename) that other tables refer to:
             # SQLite must not check foreign keys midway, and the switch only works outside a
-            # transaction. They are checked as a whole before the upgrade counts as done.
+            # transaction. They are checked as a whole before the migration counts as done.
             raw.execute("PRAGMA foreign_keys=OFF")
         try:
             with connection.begin():
                 config.attributes["connection"] = connection
-                command.upgrade(config, revision)
+                step(config, revision)
                 if raw is not None:
                     broken = connection.exec_driver_sql("PRAGMA foreign_key_check").first()
                     if broken is not None:
-                        raise RuntimeError(f"the upgrade left a broken reference in table {broken[0]}")
+                        raise RuntimeError(f"the migration left a broken reference in table {broken[0]}")
         finally:
             if raw is not None:
                 raw.execute("PRAGMA foreign_keys=ON")
-    return before, current_revision(engine) or ""
 
 
 def shipped_head() -> str:
@@ -133,6 +145,28 @@ def recorded_revision(engine: Engine) -> str | None:
                 raise
             return None
     return versions[0] if len(versions) == 1 else None if not versions else ",".join(sorted(versions))
+
+
+def _incremental_auto_vacuum(engine: Engine) -> None:
+    """SQLite: let prune hand freed pages back to the file system (``PRAGMA incremental_vacuum``).
+
+    The mode only takes effect through a VACUUM, which cannot run inside a transaction, so it is
+    done here, once per file, after the migrations have committed (0005 carries old history over
+    and relies on it)."""
+    if engine.dialect.name != "sqlite":
+        return
+    connection = engine.raw_connection()  # pysqlite in autocommit (see db/engine.py): no BEGIN
+    try:
+        cursor = connection.cursor()
+        if cursor.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL:
+            cursor.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            cursor.execute("VACUUM")
+        cursor.close()
+    finally:
+        connection.close()
+
+
+_INCREMENTAL = 2
 
 
 def check_schema(engine: Engine) -> None:

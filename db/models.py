@@ -1,25 +1,47 @@
 """The database schema.
 
-Snapshots are stored as *versioned key states*: a row of ``key_states`` holds one version of one
-key, valid from the snapshot that first saw it (``valid_from``) until the snapshot that first saw
-it changed or gone (``valid_to``, exclusive; NULL while it is current). A key that did not change
-between two syncs costs no new row, so storage grows with what changed, not with keys times runs.
-The state of every key as of snapshot S is the set of rows with
-``valid_from <= S AND (valid_to IS NULL OR valid_to > S)``. Only complete snapshots ever open or
-close versions, because a sync writes everything in one transaction. Snapshots older than the
-retention are marked `pruned` by the prune job (see db/retention.py), which keeps every version that
-a report or a rule inside the retention still reads.
+Snapshots are stored as *versions*: a version is valid from the snapshot that first saw it
+(``valid_from``) until the snapshot that first saw it changed or gone (``valid_to``, exclusive; NULL
+while it is current). The key's fields are split by how often they change (see
+:mod:`keyhygiene.keysapi.fields`): the fields that change with use (usage counters,
+``limit_remaining``, ``last_used_at``, ``disabled``) are versioned in the narrow ``key_usage`` table,
+everything else (with any fields we do not know) in ``key_records``, which gets a new version
+only when something in it changes. A key that did not change between two syncs costs no row; a
+usage tick costs one narrow row. Keys are referred to by a small integer (``tracked_keys``).
+
+The state of every key as of snapshot S is its ``key_usage`` and ``key_records`` versions with
+``valid_from <= S AND (valid_to IS NULL OR valid_to > S)``; the raw JSON the API sent is rebuilt
+exactly from them (``db.snapshots.keys_at``). Only complete snapshots ever open or close versions:
+a sync stages its pages in ``snapshot_staging`` and records them in one transaction. Money is
+integer micro-dollars (``Money``), read as ``Decimal``. Snapshots older than the retention are
+marked `pruned` by the prune job (see db/retention.py).
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    text,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from keyhygiene.keysapi.fields import STABLE, VOLATILE, Field, to_micros
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -40,6 +62,26 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Money(TypeDecorator[Decimal]):
+    """USD stored as integer micro-dollars, so SQL sums are exact; read back as ``Decimal``.
+
+    Accepts a Decimal, an int (whole dollars) or a float (converted through its shortest repr, so
+    0.1 is 0.1, not 0.1000000000000000055...)."""
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: Decimal | float | None, dialect: Dialect) -> int | None:
+        if value is None:
+            return None
+        return to_micros(value)
+
+    def process_result_value(self, value: int | None, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        return Decimal(int(value)).scaleb(-6)  # micro-dollars
 
 
 class Base(DeclarativeBase):
@@ -87,44 +129,80 @@ class Snapshot(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
 
-class KeyState(Base):
-    """One version of one key, valid over a range of snapshots."""
+def _column(field: Field) -> Column[Any]:
+    """The column that holds one field of the key object."""
+    types: dict[str, Any] = {"text": Text(), "flag": Boolean(), "money": Money(), "time": UTCDateTime()}
+    # "limit" is a reserved word in SQL.
+    column_name = "limit_usd" if field.name == "limit" else field.name
+    return Column(column_name, types[field.kind], key=field.name, nullable=field.nullable)
 
-    __tablename__ = "key_states"
-    __table_args__ = (
-        Index("ix_key_states_hash_from", "key_hash", "valid_from"),
-        Index("ix_key_states_valid_from", "valid_from"),
-        Index("ix_key_states_valid_to", "valid_to"),
-    )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    key_hash: Mapped[str] = mapped_column(String(128))
-    valid_from: Mapped[int] = mapped_column(ForeignKey("snapshots.id"))
-    valid_to: Mapped[int | None] = mapped_column(ForeignKey("snapshots.id"))
-    digest: Mapped[str] = mapped_column(String(64))
-    name: Mapped[str] = mapped_column(Text)
-    label: Mapped[str] = mapped_column(Text)
-    workspace_id: Mapped[str | None] = mapped_column(String(64))
-    disabled: Mapped[bool] = mapped_column(Boolean)
-    limit: Mapped[float | None] = mapped_column("limit_usd", Float)
-    limit_remaining: Mapped[float | None] = mapped_column(Float)
-    limit_reset: Mapped[str | None] = mapped_column(String(32))
-    include_byok_in_limit: Mapped[bool] = mapped_column(Boolean)
-    usage: Mapped[float] = mapped_column(Float)
-    usage_daily: Mapped[float] = mapped_column(Float)
-    usage_weekly: Mapped[float] = mapped_column(Float)
-    usage_monthly: Mapped[float] = mapped_column(Float)
-    byok_usage: Mapped[float] = mapped_column(Float)
-    byok_usage_daily: Mapped[float] = mapped_column(Float)
-    byok_usage_weekly: Mapped[float] = mapped_column(Float)
-    byok_usage_monthly: Mapped[float] = mapped_column(Float)
-    created_at: Mapped[datetime]
-    updated_at: Mapped[datetime | None]
-    expires_at: Mapped[datetime | None]
-    last_used_at: Mapped[datetime | None]
-    creator_user_id: Mapped[str | None] = mapped_column(Text)
-    external_user: Mapped[str | None] = mapped_column(Text)
-    raw: Mapped[dict[str, Any]]
+_OPEN = text("valid_to IS NULL")
+"""The open (current) versions: one per key alive at the newest snapshot, found by a partial index."""
+
+
+def _version_indexes(table: str) -> list[Index]:
+    """A key's versions in time order; versions by end (prune); the one open version per key."""
+    return [
+        Index(f"ix_{table}_key_from", "key_id", "valid_from"),
+        Index(f"ix_{table}_valid_to", "valid_to"),
+        Index(f"ix_{table}_open", "key_id", unique=True, sqlite_where=_OPEN, postgresql_where=_OPEN),
+    ]
+
+
+tracked_keys = Table(
+    "tracked_keys",
+    Base.metadata,
+    Column("id", Integer, primary_key=True),
+    Column("key_hash", String(128), nullable=False, unique=True),
+    Column("first_seen_at", UTCDateTime(), nullable=False),
+)
+"""Every key hash ever stored, once; versions refer to it by id. ``first_seen_at``: the time of the
+first snapshot that saw it."""
+
+key_records = Table(
+    "key_records",
+    Base.metadata,
+    Column("id", Integer, primary_key=True),
+    Column("key_id", Integer, ForeignKey("tracked_keys.id"), nullable=False),
+    Column("valid_from", Integer, ForeignKey("snapshots.id"), nullable=False),
+    Column("valid_to", Integer, ForeignKey("snapshots.id")),
+    *(_column(field) for field in STABLE),
+    Column("wire", Text),
+    *_version_indexes("key_records"),
+)
+
+key_usage = Table(
+    "key_usage",
+    Base.metadata,
+    Column("id", Integer, primary_key=True),
+    Column("key_id", Integer, ForeignKey("tracked_keys.id"), nullable=False),
+    Column("valid_from", Integer, ForeignKey("snapshots.id"), nullable=False),
+    Column("valid_to", Integer, ForeignKey("snapshots.id")),
+    *(_column(field) for field in VOLATILE),
+    Column("usage_since", UTCDateTime(), nullable=False),
+    Column("disabled_since", UTCDateTime()),
+    Column("wire", Text),
+    *_version_indexes("key_usage"),
+)
+"""``usage_since``: when the version's (usage, byok_usage) pair was first seen, carried over while
+it holds; ``disabled_since``: when the trailing run of disabled versions began (NULL: enabled);
+``wire`` (here and in ``key_records``): the exact JSON of what the typed columns do not give back
+(absent fields, sub-micro-dollar digits, other time styles, and in records fields we do not know),
+NULL for nearly every row."""
+
+snapshot_staging = Table(
+    "snapshot_staging",
+    Base.metadata,
+    Column("snapshot_id", Integer, nullable=False),
+    Column("key_hash", String(128), nullable=False),
+    Column("key_id", Integer),
+    *(_column(field) for field in STABLE),
+    Column("record_wire", Text),
+    *(_column(field) for field in VOLATILE),
+    Column("usage_wire", Text),
+    Index("ix_snapshot_staging_snapshot_key", "snapshot_id", "key_id"),
+)
 
 
 class Action(Base):

@@ -10,8 +10,8 @@ from typing import Any
 from sqlalchemy import delete, exists, select, update
 from sqlalchemy.orm import Session
 
-from .models import Action, Announcement, KeyState, Notice
-from .snapshots import _alive_at as alive_at
+from .models import Action, Announcement, Notice
+from .snapshots import alive_at, is_newest
 
 SENT = "sent"
 FAILED = "failed"  # not delivered; the next run tries once more
@@ -146,10 +146,11 @@ def actions_of_run(session: Session, run_id: int, outcomes: Sequence[str]) -> li
 def owners(session: Session, snapshot_id: int, key_hashes: Sequence[str]) -> dict[str, str]:
     """``creator_user_id`` of the given keys as snapshot ``snapshot_id`` saw them (keys without one left out)."""
     found: dict[str, str] = {}
+    alive = alive_at(snapshot_id, newest=is_newest(session, snapshot_id)).subquery()
     for start in range(0, len(key_hashes), 500):
         rows = session.execute(
-            select(KeyState.key_hash, KeyState.creator_user_id).where(
-                alive_at(session, snapshot_id), KeyState.key_hash.in_(key_hashes[start : start + 500])
+            select(alive.c.key_hash, alive.c.creator_user_id).where(
+                alive.c.key_hash.in_(key_hashes[start : start + 500])
             )
         )
         found.update({key_hash: owner for key_hash, owner in rows if owner})

@@ -3,44 +3,47 @@
 The *anchor* is the newest complete snapshot taken at or before the cutoff. Every report about a
 time after the cutoff reads the anchor or later snapshots, and the versions alive at them, so:
 
-- versions whose validity ended at or before the anchor are deleted, except the few an older
-  key's history walk still needs (``versions_to_keep``);
+- versions (usage and record versions) whose validity ended at or before the anchor are deleted;
+  what the rules need from older history (first sight, since when usage and ``disabled`` held) is
+  kept on the alive versions themselves (see ``db.models.key_usage``), so nothing older is read;
+- keys with no version left are forgotten;
 - complete snapshots older than the anchor become ``pruned``: no report reads them as an
   inventory any more; those that a kept version still begins or ends at stay as rows (their time
   is the time that version began), the rest are deleted;
+- staging rows of syncs that failed or were abandoned are deleted;
 - runs older than the cutoff that no snapshot and no audit record refers to are deleted;
 - audit records older than the audit retention (when there is one) are deleted.
 
 Each function does one bounded step; the caller commits each step in its own short transaction.
+On SQLite, ``reclaim_space`` then hands the freed pages back to the file system.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import delete, exists, func, or_, select, update
+from sqlalchemy import Engine, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from .models import Action, KeyState, Notice, PlanEntry, Run, RunPlan, Snapshot, StoredPlan
+from .models import (
+    Action,
+    Notice,
+    PlanEntry,
+    Run,
+    RunPlan,
+    Snapshot,
+    StoredPlan,
+    key_records,
+    key_usage,
+    snapshot_staging,
+    tracked_keys,
+)
 from .runs import RUNNING
 from .snapshots import COMPLETE, FAILED
 
 PRUNED = "pruned"
 """A snapshot older than the retention: its inventory is gone; it remains only as a time."""
-
-
-@dataclass(frozen=True, slots=True)
-class OldVersion:
-    """A version as far as pruning needs it."""
-
-    id: int
-    key_hash: str
-    valid_from: int
-    usage: float
-    byok_usage: float
-    disabled: bool
 
 
 def anchor_snapshot(session: Session, cutoff: datetime) -> Snapshot | None:
@@ -53,78 +56,37 @@ def anchor_snapshot(session: Session, cutoff: datetime) -> Snapshot | None:
     ).first()
 
 
-def ended_versions(session: Session, *, anchor_id: int, after_key: str | None, limit: int) -> list[OldVersion]:
-    """Versions whose validity ended at or before the anchor, in (key, time) order, for keys after
-    ``after_key``; at most ``limit`` rows, or all of one key's rows when that key alone has more."""
-    query = select(
-        KeyState.id, KeyState.key_hash, KeyState.valid_from, KeyState.usage, KeyState.byok_usage, KeyState.disabled
-    ).where(KeyState.valid_to.is_not(None), KeyState.valid_to <= anchor_id)
-    if after_key is not None:
-        query = query.where(KeyState.key_hash > after_key)
-    rows = [
-        OldVersion(*row) for row in session.execute(query.order_by(KeyState.key_hash, KeyState.valid_from).limit(limit))
-    ]
-    if len(rows) == limit and rows[0].key_hash == rows[-1].key_hash:
-        one_key = query.where(KeyState.key_hash == rows[0].key_hash).order_by(KeyState.valid_from)
-        rows = [OldVersion(*row) for row in session.execute(one_key)]
-    return rows
+def _delete_ids(session: Session, table: Any, condition: Any, limit: int) -> int:
+    ids = list(session.scalars(select(table.c.id).where(condition).order_by(table.c.id).limit(limit)))
+    if not ids:
+        return 0
+    result = session.execute(delete(table).where(table.c.id.in_(ids)))
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
-def successors(session: Session, *, anchor_id: int, key_hashes: Sequence[str]) -> dict[str, OldVersion]:
-    """Per key, its oldest version still valid after the anchor (the one old versions lead up to)."""
-    first = (
-        select(KeyState.key_hash, func.min(KeyState.valid_from).label("valid_from"))
-        .where(
-            KeyState.key_hash.in_(list(key_hashes)),
-            or_(KeyState.valid_to.is_(None), KeyState.valid_to > anchor_id),
-        )
-        .group_by(KeyState.key_hash)
-        .subquery()
-    )
-    rows = session.execute(
-        select(
-            KeyState.id, KeyState.key_hash, KeyState.valid_from, KeyState.usage, KeyState.byok_usage, KeyState.disabled
-        ).join(first, (first.c.key_hash == KeyState.key_hash) & (first.c.valid_from == KeyState.valid_from))
-    )
-    return {row.key_hash: OldVersion(*row) for row in rows}
-
-
-def versions_to_keep(old: Sequence[OldVersion], successor: OldVersion | None) -> set[int]:
-    """Which of one key's ended versions a retained report can still reach.
-
-    The history rules read (``keyhygiene.enforcement.history_from_timeline``) walks back from a
-    key's current version while usage (or ``disabled``) holds, and notes the key's first sighting.
-    After the anchor, such a walk can only continue into the old versions through ``successor``, so
-    it needs: the first version (first sighting), the oldest version of the run of equal usage
-    ending at the successor and the one before it (where the walk stops), and likewise for a run
-    of disabled versions. At most five per key; none for a key that did not outlive the anchor.
-    """
-    if successor is None or not old:
-        return set()
-    chain = [*old, successor]
-    keep = {0}
-
-    def run_start(same: Callable[[OldVersion], bool]) -> int:
-        index = len(chain) - 1
-        while index > 0 and same(chain[index - 1]):
-            index -= 1
-        return index
-
-    starts = [run_start(lambda v: v.usage == successor.usage and v.byok_usage == successor.byok_usage)]
-    if successor.disabled:
-        starts.append(run_start(lambda v: v.disabled))
-    for start in starts:
-        keep.update(index for index in (start - 1, start) if 0 <= index < len(old))
-    return {old[index].id for index in keep}
-
-
-def delete_versions(session: Session, ids: Sequence[int]) -> int:
-    deleted = 0
-    for start in range(0, len(ids), 1000):
-        chunk = list(ids[start : start + 1000])
-        result = session.execute(delete(KeyState).where(KeyState.id.in_(chunk)))
-        deleted += int(getattr(result, "rowcount", 0) or 0)
+def delete_ended_versions(session: Session, *, anchor_id: int, limit: int) -> int:
+    """Delete up to ``limit`` versions whose validity ended at or before the anchor."""
+    deleted = _delete_ids(session, key_usage, key_usage.c.valid_to <= anchor_id, limit)
+    if deleted < limit:
+        deleted += _delete_ids(session, key_records, key_records.c.valid_to <= anchor_id, limit - deleted)
     return deleted
+
+
+def delete_forgotten_keys(session: Session, *, limit: int) -> int:
+    """Delete up to ``limit`` keys that have no version left."""
+    t = tracked_keys
+    orphan = ~exists().where(key_usage.c.key_id == t.c.id) & ~exists().where(key_records.c.key_id == t.c.id)
+    orphan &= ~exists().where(snapshot_staging.c.key_id == t.c.id)  # a sync in progress saw it again
+    return _delete_ids(session, t, orphan, limit)
+
+
+def delete_abandoned_staging(session: Session, *, cutoff: datetime) -> int:
+    """Staging rows of syncs that failed, or that have been running since before the cutoff (a
+    crashed process): nothing will ever read them."""
+    s = snapshot_staging
+    live = exists().where(Snapshot.id == s.c.snapshot_id, Snapshot.status == RUNNING, Snapshot.started_at >= cutoff)
+    result = session.execute(delete(s).where(~live))
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def mark_pruned(session: Session, *, anchor_id: int, limit: int) -> int:
@@ -149,7 +111,9 @@ def delete_old_snapshots(session: Session, *, anchor_id: int | None, cutoff: dat
     older = Snapshot.status == FAILED
     if anchor_id is not None:
         older = or_(Snapshot.id < anchor_id, older)
-    unreferenced = ~exists().where(or_(KeyState.valid_from == Snapshot.id, KeyState.valid_to == Snapshot.id))
+    unreferenced = ~exists().where(or_(key_usage.c.valid_from == Snapshot.id, key_usage.c.valid_to == Snapshot.id))
+    unreferenced &= ~exists().where(or_(key_records.c.valid_from == Snapshot.id, key_records.c.valid_to == Snapshot.id))
+    unreferenced &= ~exists().where(snapshot_staging.c.snapshot_id == Snapshot.id)
     condition = (older, Snapshot.started_at < cutoff, unreferenced)
     ids = list(session.scalars(select(Snapshot.id).where(*condition).order_by(Snapshot.id).limit(limit)))
     if not ids:
@@ -195,3 +159,29 @@ def delete_old_actions(session: Session, *, before: datetime, limit: int) -> int
         session.execute(delete(PlanEntry).where(PlanEntry.plan_id.in_(plan_ids), entry_unreferenced))
         session.execute(delete(StoredPlan).where(StoredPlan.id.in_(plan_ids), unreferenced))
     return 0
+
+
+def reclaim_space(engine: Engine, *, pages_per_step: int = 20_000) -> int:
+    """SQLite: return free pages to the file system (``auto_vacuum=INCREMENTAL``, set by migration
+    0005), a bounded number per step so a sync waits for one step at most; returns the pages
+    freed. PostgreSQL: nothing (autovacuum makes the space reusable; see the README)."""
+    if engine.dialect.name != "sqlite":
+        return 0
+    freed = 0
+    while True:
+        with engine.begin() as connection:
+            free = int(connection.exec_driver_sql("PRAGMA freelist_count").scalar() or 0)
+            if free == 0:
+                return freed
+            # Each step of this pragma frees one page and it returns no rows: run it to the end
+            # on the driver's cursor (SQLAlchemy closes a result without rows after one step).
+            cursor = connection.connection.cursor()
+            try:
+                cursor.execute(f"PRAGMA incremental_vacuum({min(free, pages_per_step)})")
+                cursor.fetchall()
+            finally:
+                cursor.close()
+            after = int(connection.exec_driver_sql("PRAGMA freelist_count").scalar() or 0)
+        if after >= free:  # auto_vacuum is not INCREMENTAL on this file: nothing to give back
+            return freed
+        freed += free - after

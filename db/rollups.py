@@ -26,14 +26,30 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Date, Float, Index, Integer, String, and_, case, delete, func, insert, literal, or_, select, true
+from sqlalchemy import (
+    Date,
+    Index,
+    Integer,
+    String,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    true,
+    type_coerce,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from . import snapshots
-from .models import Base, KeyState, Snapshot, UTCDateTime
+from .models import Base, Money, Snapshot, UTCDateTime, key_records, key_usage, tracked_keys
 
 IDLE_FOR = timedelta(days=30)
 LAST_USED_RECORDED_FROM = datetime(2026, 1, 1, tzinfo=UTC)
@@ -49,8 +65,8 @@ class KeyRollup(Base):
     key_hash: Mapped[str] = mapped_column(String(128), primary_key=True)
     first_seen_at: Mapped[datetime]
     usage_changed_at: Mapped[datetime]
-    usage: Mapped[float] = mapped_column(Float)
-    byok_usage: Mapped[float] = mapped_column(Float)
+    usage: Mapped[Decimal] = mapped_column(Money)
+    byok_usage: Mapped[Decimal] = mapped_column(Money)
 
 
 class KeyDay(Base):
@@ -65,11 +81,11 @@ class KeyDay(Base):
     name: Mapped[str] = mapped_column(String)
     workspace_id: Mapped[str | None] = mapped_column(String(64))
     creator_user_id: Mapped[str | None] = mapped_column(String)
-    usage: Mapped[float] = mapped_column(Float)
-    byok_usage: Mapped[float] = mapped_column(Float)
+    usage: Mapped[Decimal] = mapped_column(Money)
+    byok_usage: Mapped[Decimal] = mapped_column(Money)
     first_seen_at: Mapped[datetime | None]
-    first_usage: Mapped[float | None] = mapped_column(Float)
-    first_byok_usage: Mapped[float | None] = mapped_column(Float)
+    first_usage: Mapped[Decimal | None] = mapped_column(Money)
+    first_byok_usage: Mapped[Decimal | None] = mapped_column(Money)
     created_at: Mapped[datetime]
     last_used_at: Mapped[datetime | None]
 
@@ -88,8 +104,8 @@ class SnapshotRollup(Base):
     no_expiry: Mapped[int]
     no_limit: Mapped[int]
     idle_30d: Mapped[int]
-    usage: Mapped[float] = mapped_column(Float)
-    byok_usage: Mapped[float] = mapped_column(Float)
+    usage: Mapped[Decimal] = mapped_column(Money)
+    byok_usage: Mapped[Decimal] = mapped_column(Money)
 
 
 COUNTS = ("keys", "disabled", "expired", "no_expiry", "no_limit", "idle_30d")
@@ -102,20 +118,20 @@ def _upsert(session: Session, table: Any) -> Any:
 
 def _grown(new: Any, old: Any) -> Any:
     """A step's spend: how much a lifetime counter grew (zero when it went down)."""
-    return case((new > old, new - old), else_=literal(0.0))
+    return case((new > old, new - old), else_=literal(0))
 
 
 def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) -> None:
     """Bring the roll-ups up to complete snapshot ``snapshot_id`` (the newest), in the caller's
     transaction. Writes one ``key_days`` and ``key_rollups`` row per key whose usage moved or that
     is new, and the snapshot's ``snapshot_rollups`` rows from one aggregate."""
-    alive = snapshots.alive_at(session, snapshot_id).subquery("alive")
+    alive = snapshots.alive_at(snapshot_id, newest=snapshots.is_newest(session, snapshot_id)).subquery("alive")
     state = KeyRollup.__table__
     known = state.c.key_hash.is_not(None)
     moved = or_(~known, alive.c.usage != state.c.usage, alive.c.byok_usage != state.c.byok_usage)
     joined = alive.outerjoin(state, state.c.key_hash == alive.c.key_hash)
-    step_usage = case((known, _grown(alive.c.usage, state.c.usage)), else_=literal(0.0))
-    step_byok = case((known, _grown(alive.c.byok_usage, state.c.byok_usage)), else_=literal(0.0))
+    step_usage = case((known, _grown(alive.c.usage, state.c.usage)), else_=literal(0))
+    step_byok = case((known, _grown(alive.c.byok_usage, state.c.byok_usage)), else_=literal(0))
     day = taken_at.astimezone(UTC).date()
     at = literal(taken_at, UTCDateTime())
 
@@ -146,8 +162,8 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) ->
             count(alive.c.expires_at.is_(None)),
             count(alive.c.limit.is_(None)),
             count(idle),
-            func.coalesce(func.sum(step_usage), 0.0),
-            func.coalesce(func.sum(step_byok), 0.0),
+            func.coalesce(func.sum(step_usage), 0),
+            func.coalesce(func.sum(step_byok), 0),
         )
         .select_from(joined)
         .group_by(workspace)
@@ -230,9 +246,11 @@ def rebuild_rollups(session: Session) -> int:
     for table in (SnapshotRollup, KeyDay, KeyRollup):
         session.execute(delete(table))
     replayed = 0
-    for snapshot in snapshots.complete_snapshots(session):
-        assert snapshot.taken_at is not None
-        record_rollups(session, snapshot_id=snapshot.id, taken_at=snapshot.taken_at)
+    # Only the columns it needs: the migration that calls it runs before later columns exist.
+    complete = select(Snapshot.id, Snapshot.taken_at).where(Snapshot.status == snapshots.COMPLETE).order_by(Snapshot.id)
+    for snapshot_id, taken_at in session.execute(complete).all():
+        assert taken_at is not None
+        record_rollups(session, snapshot_id=snapshot_id, taken_at=taken_at)
         replayed += 1
     return replayed
 
@@ -343,12 +361,12 @@ def spend_by_day(
     totals: dict[date, list[float]] = {}
     for taken_at, credit, byok in per_snapshot:
         entry = totals.setdefault(taken_at.date(), [0.0, 0.0])
-        entry[0] += credit or 0.0
-        entry[1] += byok or 0.0
+        entry[0] += _usd(credit)
+        entry[1] += _usd(byok)
     for first_day, credit, byok in firsts:
         entry = totals.setdefault(first_day, [0.0, 0.0])
-        entry[0] += credit or 0.0
-        entry[1] += byok or 0.0
+        entry[0] += _usd(credit)
+        entry[1] += _usd(byok)
     for spend_day in sorted(totals):
         credit, byok = totals[spend_day]
         if credit or byok:
@@ -406,7 +424,7 @@ def spend_rows(session: Session, *, after_snapshot: int, until_snapshot: int) ->
             ).where(days.c.day >= whole[0], days.c.day <= whole[-1], or_(days.c.usage > 0, days.c.byok_usage > 0))
         )
         for key_hash, step_day, name, workspace_id, creator, credit, byok in steps:
-            yield SpendRow(key_hash, step_day, name, workspace_id, creator, None, credit, byok)
+            yield SpendRow(key_hash, step_day, name, workspace_id, creator, None, _usd(credit), _usd(byok))
     first_in_range = and_(days.c.first_seen_at <= upper, days.c.first_seen_at > lower if lower is not None else true())
     for row in session.execute(select(days).where(first_in_range)):
         yield SpendRow(
@@ -417,8 +435,8 @@ def spend_rows(session: Session, *, after_snapshot: int, until_snapshot: int) ->
             creator_user_id=row.creator_user_id,
             created_at=row.created_at,
             first_seen_at=row.first_seen_at,
-            first_usage=row.first_usage or 0.0,
-            first_byok_usage=row.first_byok_usage or 0.0,
+            first_usage=_usd(row.first_usage),
+            first_byok_usage=_usd(row.first_byok_usage),
         )
     partial = [snapshot_id for snapshot_id, taken_at in inside if taken_at.date() in outside_days]
     if partial:
@@ -459,41 +477,54 @@ def _partial_days(session: Session, lower: datetime | None, until: int, ends: tu
 
 
 def _steps_at(session: Session, snapshot_ids: list[int]) -> Iterator[SpendRow]:
-    """The steps (growth since the key's previous version) of the keys whose usage moved at these
-    snapshots, read from the versions: a key's previous observation is its previous version."""
-    new = KeyState.__table__.alias("new")
-    old = KeyState.__table__.alias("old")
+    """The steps (growth since the key's previous usage version) of the keys whose usage moved at
+    these snapshots, read from the versions: a key's previous observation is its previous version."""
+    new = key_usage.alias("new")
+    old = key_usage.alias("old")
     taken = Snapshot.__table__.alias("taken")
+    record = key_records
     before = (
-        select(func.max(KeyState.valid_from))
-        .where(KeyState.key_hash == new.c.key_hash, KeyState.valid_from < new.c.valid_from)
+        select(func.max(key_usage.c.valid_from))
+        .where(key_usage.c.key_id == new.c.key_id, key_usage.c.valid_from < new.c.valid_from)
         .scalar_subquery()
+    )
+    alive_record = and_(
+        record.c.key_id == new.c.key_id,
+        record.c.valid_from <= new.c.valid_from,
+        or_(record.c.valid_to.is_(None), record.c.valid_to > new.c.valid_from),
     )
     rows = session.execute(
         select(
-            new.c.key_hash,
+            tracked_keys.c.key_hash,
             taken.c.taken_at,
-            new.c.name,
-            new.c.workspace_id,
-            new.c.creator_user_id,
-            new.c.created_at,
-            _grown(new.c.usage, old.c.usage),
-            _grown(new.c.byok_usage, old.c.byok_usage),
+            record.c.name,
+            record.c.workspace_id,
+            record.c.creator_user_id,
+            record.c.created_at,
+            type_coerce(_grown(new.c.usage, old.c.usage), Money()),
+            type_coerce(_grown(new.c.byok_usage, old.c.byok_usage), Money()),
         )
         .join(taken, taken.c.id == new.c.valid_from)
-        .join(old, and_(old.c.key_hash == new.c.key_hash, old.c.valid_from == before))
+        .join(tracked_keys, tracked_keys.c.id == new.c.key_id)
+        .join(record, alive_record)
+        .join(old, and_(old.c.key_id == new.c.key_id, old.c.valid_from == before))
         .where(
             new.c.valid_from.in_(snapshot_ids), or_(new.c.usage != old.c.usage, new.c.byok_usage != old.c.byok_usage)
         )
-        .order_by(new.c.key_hash, new.c.valid_from)
+        .order_by(tracked_keys.c.key_hash, new.c.valid_from)
     )
     for key_hash, taken_at, name, workspace_id, creator, created_at, credit, byok in rows:
-        yield SpendRow(key_hash, taken_at.date(), name, workspace_id, creator, created_at, credit, byok)
+        yield SpendRow(key_hash, taken_at.date(), name, workspace_id, creator, created_at, _usd(credit), _usd(byok))
+
+
+def _usd(amount: Decimal | None) -> float:
+    """Money as the reports compute with it (exact sums are done in SQL, in micro-dollars)."""
+    return 0.0 if amount is None else float(amount)
 
 
 def alive_hashes(session: Session, snapshot_id: int, key_hashes: list[str]) -> set[str]:
     """Which of ``key_hashes`` snapshot ``snapshot_id`` listed."""
-    alive = snapshots.alive_at(session, snapshot_id).subquery()
+    alive = snapshots.alive_at(snapshot_id, newest=snapshots.is_newest(session, snapshot_id)).subquery()
     found: set[str] = set()
     for start in range(0, len(key_hashes), 500):
         chunk = key_hashes[start : start + 500]
@@ -514,14 +545,14 @@ def names_alive(session: Session, snapshot_id: int) -> Iterator[tuple[str, str, 
     """(key_hash, name, workspace_id) of every key snapshot ``snapshot_id`` listed, streamed."""
     if snapshot_id == 0:
         return
-    alive = snapshots.alive_at(session, snapshot_id).subquery()
+    alive = snapshots.alive_at(snapshot_id, newest=snapshots.is_newest(session, snapshot_id)).subquery()
     rows = session.execute(select(alive.c.key_hash, alive.c.name, alive.c.workspace_id))
     yield from ((key_hash, name, workspace_id) for key_hash, name, workspace_id in rows)
 
 
 def keys_by_owner(session: Session, snapshot_id: int, *, workspaces: tuple[str, ...] = ()) -> dict[str | None, int]:
     """How many keys snapshot ``snapshot_id`` listed per ``creator_user_id``."""
-    alive = snapshots.alive_at(session, snapshot_id).subquery()
+    alive = snapshots.alive_at(snapshot_id, newest=snapshots.is_newest(session, snapshot_id)).subquery()
     query = select(alive.c.creator_user_id, func.count()).group_by(alive.c.creator_user_id)
     if workspaces:
         query = query.where(alive.c.workspace_id.in_(workspaces))
@@ -530,6 +561,6 @@ def keys_by_owner(session: Session, snapshot_id: int, *, workspaces: tuple[str, 
 
 def owners_alive(session: Session, snapshot_id: int) -> Iterator[tuple[str | None, str, str | None]]:
     """(creator_user_id, name, workspace_id) of every key snapshot ``snapshot_id`` listed, streamed."""
-    alive = snapshots.alive_at(session, snapshot_id).subquery()
+    alive = snapshots.alive_at(snapshot_id, newest=snapshots.is_newest(session, snapshot_id)).subquery()
     rows = session.execute(select(alive.c.creator_user_id, alive.c.name, alive.c.workspace_id))
     yield from ((owner, name, workspace_id) for owner, name, workspace_id in rows)

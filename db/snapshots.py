@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, func, insert, or_, select, text, update
-from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import Select, and_, case, delete, exists, func, insert, literal, null, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from keyhygiene.keysapi.errors import MalformedResponse
+from keyhygiene.keysapi.fields import FIELDS_BY_NAME, KEY_FIELDS, MICROS_PER_USD, STABLE, VOLATILE, Field, to_micros
 from keyhygiene.keysapi.models import Key
+from keyhygiene.timeutil import TimeFormatError, isoformat, parse_api_time
 
 from . import rollups
-from .models import KeyState, Snapshot
+from .history import full_versions
+from .models import Snapshot, UTCDateTime, key_records, key_usage, snapshot_staging, tracked_keys
 
 RUNNING = "running"
 COMPLETE = "complete"
 FAILED = "failed"
 
-_CHUNK = 500
 # Held (per transaction) while a snapshot is recorded on PostgreSQL; SQLite's BEGIN IMMEDIATE
 # already lets only one writer in.
 _RECORD_LOCK = 0x6B657973
@@ -44,47 +46,177 @@ class SnapshotWrite:
     gone: int
 
 
-def digest(raw: Mapping[str, Any]) -> str:
-    """A stable fingerprint of a key's JSON: equal digests mean an unchanged key."""
-    canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+_KNOWN = frozenset(field.name for field in KEY_FIELDS)
+_STAGED = [
+    "snapshot_id",
+    "key_hash",
+    *(field.name for field in STABLE),
+    "record_wire",
+    *(field.name for field in VOLATILE),
+    "usage_wire",
+    "key_id",
+]
+"""Staging columns in the order ``SnapshotWriter.add`` writes them: ``staged_row``'s, then the
+key's id when it is already tracked (``limit`` is the ``limit_usd`` column)."""
 
 
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _typed(raw: Mapping[str, Any], fields: Sequence[Field], wire: dict[str, Any]) -> list[Any]:
+    """The typed values of ``fields``; what they would not give back exactly goes into ``wire``:
+    ``"-"`` lists fields the API left out, ``"="`` holds exact values (unusual time styles,
+    digits below a micro-dollar, a null where a default is read), ``"~"`` how many floats away
+    from its micro-dollars an amount was (float noise such as 0.30000000000000004), ``"t": "u"``
+    says the part's
+    times are written ``2026-02-19T20:52:27.363244+00:00`` (the other documented style)."""
+    values: list[Any] = []
+    times: list[tuple[str, Any, str | None]] = []
+    for field in fields:
+        name = field.name
+        value = raw.get(name)
+        kind = field.kind
+        exact = True
+        if value is None:
+            typed: Any = None if field.nullable else {"money": 0, "flag": False, "text": ""}.get(kind)
+            if name not in raw:
+                wire.setdefault("-", []).append(name)
+            elif typed is not None:
+                exact = False
+        elif kind == "money":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise MalformedResponse(f"field {name!r} is {value!r}, expected a number")
+            typed = to_micros(value)
+            if typed / MICROS_PER_USD != value:
+                ulps = _ulps(typed / MICROS_PER_USD, float(value))
+                if ulps is None:
+                    exact = False
+                else:
+                    wire.setdefault("~", {})[name] = ulps
+        elif kind == "time":
+            typed, style = _parse_time(name, value)
+            times.append((name, value, style))
+        elif kind == "flag":
+            if not isinstance(value, bool):
+                raise MalformedResponse(f"field {name!r} is {value!r}, expected a boolean")
+            typed = value
+        else:
+            if not isinstance(value, str):
+                raise MalformedResponse(f"field {name!r} is {value!r}, expected a string")
+            typed = value
+        if not exact:
+            wire.setdefault("=", {})[name] = value
+        values.append(typed)
+    part_style = "u" if any(style == "u" for _, _, style in times) else "Z"
+    if part_style == "u":
+        wire["t"] = "u"
+    for name, value, style in times:
+        if style != part_style:
+            wire.setdefault("=", {})[name] = value
+    return values
 
 
-def _row(key: Key, snapshot_id: int, key_digest: str) -> dict[str, Any]:
-    return {
-        "key_hash": key.hash,
-        "valid_from": snapshot_id,
-        "valid_to": None,
-        "digest": key_digest,
-        "name": key.name,
-        "label": key.label,
-        "workspace_id": key.workspace_id,
-        "disabled": key.disabled,
-        "limit": key.limit,
-        "limit_remaining": key.limit_remaining,
-        "limit_reset": key.limit_reset,
-        "include_byok_in_limit": key.include_byok_in_limit,
-        "usage": key.usage,
-        "usage_daily": key.usage_daily,
-        "usage_weekly": key.usage_weekly,
-        "usage_monthly": key.usage_monthly,
-        "byok_usage": key.byok_usage,
-        "byok_usage_daily": key.byok_usage_daily,
-        "byok_usage_weekly": key.byok_usage_weekly,
-        "byok_usage_monthly": key.byok_usage_monthly,
-        "created_at": key.created_at,
-        "updated_at": key.updated_at,
-        "expires_at": key.expires_at,
-        "last_used_at": key.last_used_at,
-        "creator_user_id": key.creator_user_id,
-        "external_user": key.external_user,
-        "raw": dict(key.raw),
-    }
+def _ulps(base: float, value: float) -> int | None:
+    """How many representable floats ``value`` lies above ``base`` (None when far or of another sign)."""
+    if (base < 0) != (value < 0):
+        return None
+    steps = _float_bits(value) - _float_bits(base)
+    return steps if abs(steps) <= 4096 else None
+
+
+def _float_bits(value: float) -> int:
+    return int(struct.unpack("<q", struct.pack("<d", value))[0])
+
+
+def _bits_float(bits: int) -> float:
+    return float(struct.unpack("<d", struct.pack("<q", bits))[0])
+
+
+_TIMES: dict[str, tuple[datetime | None, str | None]] = {}
+"""Times seen on the wire: the same ``created_at`` comes back in every sync, so each distinct
+string is parsed (and checked to be written back the same) once per process."""
+
+
+def _parse_time(name: str, value: Any) -> tuple[datetime | None, str | None]:
+    """(the time, the style that writes it back exactly as the API did: "Z", "u" or None)."""
+    known = _TIMES.get(value) if isinstance(value, str) else None
+    if known is not None:
+        return known
+    try:
+        parsed = parse_api_time(value)
+    except TimeFormatError as exc:
+        raise MalformedResponse(f"field {name!r}: {exc}") from None
+    style = next((style for style in ("Z", "u") if _time_text(parsed, style) == value), None)
+    result = (parsed, style)
+    if len(_TIMES) > 500_000:
+        _TIMES.clear()
+    _TIMES[value] = result
+    return result
+
+
+def _time_text(value: datetime | None, style: str) -> str | None:
+    """``2026-02-19T20:52:27Z`` (style "Z", fractions only when present) or
+    ``2026-02-19T20:52:27.000000+00:00`` (style "u")."""
+    if value is None or style == "Z":
+        return isoformat(value)
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _render(field: Field, value: Any, time_style: str = "Z") -> Any:
+    """A typed value as the API writes it (the inverse of reading it, for the usual styles)."""
+    if value is None:
+        return None
+    if field.kind == "money":
+        # Micro-dollars as staged, Decimal as read: either way the nearest float, as JSON has it.
+        return value / MICROS_PER_USD if isinstance(value, int) else float(value)
+    if field.kind == "time":
+        return _time_text(value, time_style)
+    return value
+
+
+def _wire_text(wire: dict[str, Any]) -> str | None:
+    return json.dumps(wire, sort_keys=True, separators=(",", ":")) if wire else None
+
+
+def staged_row(raw: Mapping[str, Any], snapshot_id: int) -> list[Any]:
+    """One staging row: the key's typed fields, and per part the exact JSON of what they would not
+    give back (fields we do not know, absent fields, other styles): NULL for nearly every key."""
+    if not isinstance(raw, Mapping):
+        raise MalformedResponse(f"expected a key object, got {type(raw).__name__}")
+    key_hash = raw.get("hash")
+    if not key_hash or not isinstance(key_hash, str):
+        raise MalformedResponse(f"field 'hash' is {key_hash!r}, expected a string")
+    record_wire: dict[str, Any] = {}
+    stable = _typed(raw, STABLE, record_wire)
+    if stable[_CREATED_AT] is None:
+        raise MalformedResponse("field 'created_at' is missing")
+    if not _KNOWN.issuperset(raw):
+        record_wire["+"] = {name: value for name, value in raw.items() if name not in _KNOWN}
+    usage_wire: dict[str, Any] = {}
+    volatile = _typed(raw, VOLATILE, usage_wire)
+    return [snapshot_id, key_hash, *stable, _wire_text(record_wire), *volatile, _wire_text(usage_wire)]
+
+
+_CREATED_AT = [field.name for field in STABLE].index("created_at")
+
+
+def _restore(key_hash: str, values: Sequence[Any], wires: Sequence[str | None]) -> dict[str, Any]:
+    """The key's raw JSON as the API sent it, from its stored parts (the inverse of ``staged_row``).
+
+    ``values``: the typed fields in ``_RESTORED`` order; ``wires``: the record's and the usage's."""
+    record, usage = (json.loads(wire) if wire is not None else {} for wire in wires)
+    record_style, usage_style = record.get("t", "Z"), usage.get("t", "Z")
+    raw: dict[str, Any] = {"hash": key_hash}
+    for field, value in zip(_RESTORED, values, strict=True):
+        raw[field.name] = _render(field, value, usage_style if field.volatile else record_style)
+    for exact in (record, usage):
+        for name, steps in exact.get("~", {}).items():
+            raw[name] = _bits_float(_float_bits(raw[name]) + steps)
+        for name in exact.get("-", ()):
+            del raw[name]
+        raw.update(exact.get("=", {}))
+        raw.update(exact.get("+", {}))
+    return raw
+
+
+_RESTORED = (*STABLE, *VOLATILE)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -98,22 +230,61 @@ def start_snapshot(session: Session, *, run_id: int, now: datetime) -> Snapshot:
     return snapshot
 
 
-def record_snapshot(
-    session: Session,
-    *,
-    snapshot_id: int,
-    keys: Mapping[str, Key],
-    taken_at: datetime,
-    workspace_counts: Mapping[str, int],
+def _copy_rows(session: Session, rows: list[list[Any]]) -> None:
+    """Append rows to the staging table: one executemany on SQLite, COPY on PostgreSQL."""
+    if not rows:
+        return
+    connection = session.connection()
+    columns = ", ".join(snapshot_staging.c[name].name for name in _STAGED)
+    dbapi = connection.connection.dbapi_connection
+    assert dbapi is not None
+    cursor = dbapi.cursor()
+    try:
+        if connection.dialect.name == "postgresql":
+            with cursor.copy(f"COPY {snapshot_staging.name} ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            # Bypass the ORM's per-row bind processing: times go in as SQLAlchemy stores them
+            # (naive UTC, microseconds always written), money is already integer micro-dollars.
+            marks = ", ".join("?" * len(_STAGED))
+            for row in rows:
+                for index in _TIME_COLUMNS:
+                    if row[index] is not None:
+                        row[index] = _sqlite_time(row[index])
+            cursor.executemany(f"INSERT INTO {snapshot_staging.name} ({columns}) VALUES ({marks})", rows)
+    finally:
+        cursor.close()
+
+
+_TIME_COLUMNS = [
+    index for index, name in enumerate(_STAGED) if name in FIELDS_BY_NAME and FIELDS_BY_NAME[name].kind == "time"
+]
+
+
+def _sqlite_time(value: datetime) -> str:
+    """An aware time as SQLAlchemy stores it in SQLite: naive UTC, microseconds always written."""
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+
+def _same(left: Any, right: Any, names: Iterable[str]) -> Any:
+    return and_(*(left.c[name].is_not_distinct_from(right.c[name]) for name in names))
+
+
+_RECORD_COLUMNS = [field.name for field in STABLE]
+_VOLATILE_COLUMNS = [field.name for field in VOLATILE]
+
+
+def record_staged(
+    session: Session, *, snapshot_id: int, taken_at: datetime, workspace_counts: Mapping[str, int]
 ) -> SnapshotWrite:
-    """Store a complete listing as snapshot ``snapshot_id``, writing only what changed.
+    """Record the keys staged for ``snapshot_id`` as a complete snapshot, writing only what changed.
 
-    Unchanged keys keep their open version; changed keys get their open version closed and a new
-    one opened; keys no longer listed get their open version closed. The caller owns the
-    transaction: everything here commits or rolls back together.
-
-    Versions are ordered by snapshot id, so a snapshot can only be recorded on top of older ones:
-    when two syncs overlap and the later-started one finished first, the other raises
+    Set-based, in the caller's transaction: unchanged keys keep their open versions; a key whose
+    volatile fields changed gets a new narrow usage version, one whose other fields changed a new
+    record version; keys no longer listed get their open versions closed. The staging rows are
+    removed. Versions are ordered by snapshot id, so a snapshot can only be recorded on top of older
+    ones: when two syncs overlap and the later-started one finished first, the other raises
     SnapshotSuperseded and writes nothing.
     """
     if session.get_bind().dialect.name == "postgresql":
@@ -123,95 +294,186 @@ def record_snapshot(
         raise SnapshotSuperseded(
             f"snapshot {newer} was stored by another sync while this one was listing; this one is discarded"
         )
-    open_versions = {
-        key_hash: (version_id, version_digest)
-        for version_id, key_hash, version_digest in session.execute(
-            select(KeyState.id, KeyState.key_hash, KeyState.digest).where(KeyState.valid_to.is_(None))
+    s, t = snapshot_staging, tracked_keys
+    staged = s.c.snapshot_id == snapshot_id
+    session.execute(
+        insert(t).from_select(
+            ["key_hash", "first_seen_at"],
+            select(s.c.key_hash, literal(taken_at, UTCDateTime())).where(
+                staged, s.c.key_id.is_(None), ~exists().where(t.c.key_hash == s.c.key_hash)
+            ),
         )
-    }
-    to_close: list[int] = []
-    to_insert: list[dict[str, Any]] = []
-    added = changed = 0
-    for key_hash, key in keys.items():
-        key_digest = digest(key.raw)
-        current = open_versions.get(key_hash)
-        if current is None:
-            added += 1
-        elif current[1] == key_digest:
-            continue
-        else:
-            changed += 1
-            to_close.append(current[0])
-        to_insert.append(_row(key, snapshot_id, key_digest))
-    gone = [version_id for key_hash, (version_id, _) in open_versions.items() if key_hash not in keys]
-    to_close.extend(gone)
-
-    for ids in _chunks(to_close):
-        session.execute(update(KeyState).where(KeyState.id.in_(ids)).values(valid_to=snapshot_id))
-    # render_nulls: without it the ORM leaves None columns out of each row's INSERT, so rows with
-    # different nullable fields cannot share a statement and are sent one by one (~10x slower).
-    bulk_insert = insert(KeyState).execution_options(render_nulls=True)
-    for rows in _chunks(to_insert, 2000):
-        session.execute(bulk_insert, list(rows))
+    )
+    session.execute(
+        update(s)
+        .where(staged, s.c.key_id.is_(None))
+        .values(key_id=select(t.c.id).where(t.c.key_hash == s.c.key_hash).scalar_subquery())
+    )
+    key_count = int(session.scalar(select(func.count()).select_from(s).where(staged)) or 0)
+    u, r = key_usage, key_records
+    mine = and_(staged, s.c.key_id == u.c.key_id)
+    open_before = int(session.scalar(select(func.count()).select_from(u).where(u.c.valid_to.is_(None))) or 0)
+    kept = int(
+        session.scalar(select(func.count()).select_from(u).where(u.c.valid_to.is_(None), exists().where(mine))) or 0
+    )
+    session.execute(
+        update(u)
+        .where(
+            u.c.valid_to.is_(None),
+            ~exists().where(mine, _same(u, s, _VOLATILE_COLUMNS), u.c.wire.is_not_distinct_from(s.c.usage_wire)),
+        )
+        .values(valid_to=snapshot_id)
+    )
+    record_mine = and_(staged, s.c.key_id == r.c.key_id)
+    session.execute(
+        update(r)
+        .where(
+            r.c.valid_to.is_(None),
+            ~exists().where(record_mine, _same(r, s, _RECORD_COLUMNS), r.c.wire.is_not_distinct_from(s.c.record_wire)),
+        )
+        .values(valid_to=snapshot_id)
+    )
+    changed_keys = (
+        select(s.c.key_id)
+        .where(staged, ~exists().where(r.c.key_id == s.c.key_id, r.c.valid_to.is_(None)))
+        .union(select(s.c.key_id).where(staged, ~exists().where(u.c.key_id == s.c.key_id, u.c.valid_to.is_(None))))
+        .subquery()
+    )
+    touched = int(session.scalar(select(func.count()).select_from(changed_keys)) or 0)
+    session.execute(
+        insert(r).from_select(
+            ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
+            select(s.c.key_id, literal(snapshot_id), *(s.c[name] for name in _RECORD_COLUMNS), s.c.record_wire).where(
+                staged, ~exists().where(r.c.key_id == s.c.key_id, r.c.valid_to.is_(None))
+            ),
+        )
+    )
+    # The version each new usage version follows (just closed, or the last one of a key that
+    # comes back), for carrying over since when usage and disabled have held.
+    before = key_usage.alias("before")
+    latest = (
+        select(before.c.id)
+        .where(before.c.key_id == s.c.key_id, before.c.valid_from < snapshot_id)
+        .order_by(before.c.valid_from.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    previous = key_usage.alias("previous")
+    now = literal(taken_at, UTCDateTime())
+    same_usage = and_(previous.c.usage == s.c.usage, previous.c.byok_usage == s.c.byok_usage)
+    session.execute(
+        insert(u).from_select(
+            ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since"],
+            select(
+                s.c.key_id,
+                literal(snapshot_id),
+                *(s.c[name] for name in _VOLATILE_COLUMNS),
+                s.c.usage_wire,
+                case((same_usage, previous.c.usage_since), else_=now),
+                case(
+                    (and_(s.c.disabled, previous.c.disabled), previous.c.disabled_since),
+                    (s.c.disabled, now),
+                    else_=null(),
+                ),
+            )
+            .select_from(s.outerjoin(previous, previous.c.id == latest))
+            .where(staged, ~exists().where(u.c.key_id == s.c.key_id, u.c.valid_to.is_(None))),
+        )
+    )
+    session.execute(delete(s).where(staged))
+    added = key_count - kept
+    gone = open_before - kept
+    new_versions = touched  # keys with a new version: added or changed
     session.execute(
         update(Snapshot)
         .where(Snapshot.id == snapshot_id)
         .values(
             status=COMPLETE,
             taken_at=taken_at,
-            key_count=len(keys),
+            key_count=key_count,
             workspace_counts=dict(workspace_counts),
-            new_versions=len(to_insert),
+            new_versions=new_versions,
         )
     )
-    return SnapshotWrite(key_count=len(keys), new_versions=len(to_insert), changed=changed, added=added, gone=len(gone))
+    return SnapshotWrite(
+        key_count=key_count, new_versions=new_versions, changed=touched - added, added=added, gone=gone
+    )
+
+
+def _tracked_ids(session: Session, key_hashes: Sequence[str]) -> dict[str, int]:
+    """The ids of the hashes already tracked: resolved per page, so that recording the snapshot
+    only has to look up the keys it has never seen."""
+    t = tracked_keys
+    found: dict[str, int] = {}
+    for start in range(0, len(key_hashes), 5000):
+        chunk = key_hashes[start : start + 5000]
+        found.update(session.execute(select(t.c.key_hash, t.c.id).where(t.c.key_hash.in_(chunk))).all())
+    return found
 
 
 class SnapshotWriter:
     """Streams one sync's listing into the store; nothing of it is read until ``finish``.
 
-    The sync hands over each page as it arrives (``add``), asks which keys of the newest complete
-    snapshot it has not seen (``missing``) to check them one by one, and then ``finish`` records the
-    snapshot; ``discard`` drops whatever was handed over when the sync fails. Each call takes the
-    session to work in; the caller owns the transactions. Keys are the API's raw key objects;
+    The sync hands over each page as it arrives (``add``): it goes into a staging table, each key
+    serialised once. ``missing`` says which keys of the newest complete snapshot were not handed
+    over (the sync checks them one by one); ``finish`` records the snapshot from the staging rows
+    in one set-based pass; ``discard`` drops the staging rows when the sync fails. Each call takes
+    the session to work in; the caller owns the transactions. Keys are the API's raw key objects;
     a hash handed over twice keeps its first object (offset paging can repeat a key).
     """
 
     def __init__(self, snapshot_id: int) -> None:
         self.snapshot_id = snapshot_id
-        self._keys: dict[str, Key] = {}
+        self._seen: set[str] = set()
         self.duplicates = 0
 
     def add(self, session: Session, raw_keys: Iterable[Mapping[str, Any]]) -> None:
+        rows = []
         for raw in raw_keys:
-            key = Key.from_api(raw)
-            if key.hash in self._keys:
+            row = staged_row(raw, self.snapshot_id)
+            if row[1] in self._seen:
                 self.duplicates += 1
                 continue
-            self._keys[key.hash] = key
+            self._seen.add(row[1])
+            rows.append(row)
+        known = _tracked_ids(session, [row[1] for row in rows])
+        for row in rows:
+            row.append(known.get(row[1]))
+        _copy_rows(session, rows)
 
     def missing(self, session: Session) -> list[str]:
         """Hashes of keys in the newest complete snapshot that were not handed over, sorted."""
         previous = latest_snapshot(session)
         if previous is None:
             return []
-        return sorted(key_hashes_at(session, previous.id) - self._keys.keys())
+        return sorted(key_hashes_at(session, previous.id) - self._seen)
 
     def finish(self, session: Session, *, taken_at: datetime, workspace_counts: Mapping[str, int]) -> SnapshotWrite:
-        """Record the snapshot as complete (see ``record_snapshot``), with its roll-ups."""
-        written = record_snapshot(
-            session,
-            snapshot_id=self.snapshot_id,
-            keys=self._keys,
-            taken_at=taken_at,
-            workspace_counts=workspace_counts,
+        """Record the snapshot as complete (see ``record_staged``), with its roll-ups."""
+        written = record_staged(
+            session, snapshot_id=self.snapshot_id, taken_at=taken_at, workspace_counts=workspace_counts
         )
         rollups.record_rollups(session, snapshot_id=self.snapshot_id, taken_at=taken_at)
         return written
 
     def discard(self, session: Session) -> None:
-        """Forget what was handed over; the snapshot itself is marked failed by the caller."""
-        self._keys.clear()
+        """Drop what was handed over; the snapshot itself is marked failed by the caller."""
+        session.execute(delete(snapshot_staging).where(snapshot_staging.c.snapshot_id == self.snapshot_id))
+        self._seen.clear()
+
+
+def record_snapshot(
+    session: Session,
+    *,
+    snapshot_id: int,
+    keys: Iterable[Mapping[str, Any]],
+    taken_at: datetime,
+    workspace_counts: Mapping[str, int],
+) -> SnapshotWrite:
+    """Store a complete listing (raw key objects) as snapshot ``snapshot_id`` in one go."""
+    writer = SnapshotWriter(snapshot_id)
+    writer.add(session, keys)
+    return writer.finish(session, taken_at=taken_at, workspace_counts=workspace_counts)
 
 
 def record_workspace_names(session: Session, *, snapshot_id: int, names: Mapping[str, str]) -> None:
@@ -274,76 +536,103 @@ def complete_snapshots(
     return list(session.scalars(query.order_by(Snapshot.id)))
 
 
-def _alive_at(session: Session, snapshot_id: int) -> Any:
-    """The versions alive at ``snapshot_id``. At the newest snapshot that is simply the open
-    versions, which the ``valid_to`` index finds without reading the history."""
+def _alive(table: Any, snapshot_id: int, newest: bool) -> Any:
+    if newest:
+        return table.c.valid_to.is_(None)
+    return and_(table.c.valid_from <= snapshot_id, or_(table.c.valid_to.is_(None), table.c.valid_to > snapshot_id))
+
+
+def _alive_join(snapshot_id: int, newest: bool) -> tuple[Any, Any]:
+    """(FROM clause, WHERE clause) of the keys alive at a snapshot: each key's one alive usage
+    version, its alive record version and its hash."""
+    u, r, t = key_usage, key_records, tracked_keys
+    joined = u.join(t, t.c.id == u.c.key_id).join(r, and_(r.c.key_id == u.c.key_id, _alive(r, snapshot_id, newest)))
+    return joined, _alive(u, snapshot_id, newest)
+
+
+ALIVE_COLUMNS = ("key_hash", *(field.name for field in KEY_FIELDS if field.name != "hash"))
+"""The labels of ``alive_at``."""
+
+
+def _column(name: str) -> Any:
+    if name == "key_hash":
+        return tracked_keys.c.key_hash
+    table = key_usage if FIELDS_BY_NAME[name].volatile else key_records
+    return table.c[name].label(name)
+
+
+def alive_at(snapshot_id: int, *, newest: bool = False) -> Select[Any]:
+    """The keys alive at snapshot ``snapshot_id``, one row each, with the labels of ``ALIVE_COLUMNS``
+    (money as ``Decimal``). ``newest``: the snapshot is the newest complete one, so the open
+    versions are the answer and the indexes find them without reading the history."""
+    joined, alive = _alive_join(snapshot_id, newest)
+    return select(*(_column(name) for name in ALIVE_COLUMNS)).select_from(joined).where(alive)
+
+
+def is_newest(session: Session, snapshot_id: int) -> bool:
     newest = session.scalar(select(func.max(Snapshot.id)).where(Snapshot.status == COMPLETE))
-    if newest is not None and snapshot_id >= newest:
-        return KeyState.valid_to.is_(None)
-    return and_(KeyState.valid_from <= snapshot_id, or_(KeyState.valid_to.is_(None), KeyState.valid_to > snapshot_id))
+    return newest is not None and snapshot_id >= newest
 
 
-# The key's own fields: every column of a version but its bookkeeping.
-_ALIVE_COLUMNS = [
-    attribute.key
-    for attribute in sa_inspect(KeyState).column_attrs
-    if attribute.key not in ("id", "valid_from", "valid_to", "digest", "raw")
-]
-
-
-def alive_at(session: Session, snapshot_id: int) -> Select[Any]:
-    """Every key as snapshot ``snapshot_id`` saw it, one row per key, as a selectable with the key's
-    fields labelled by name (``key_hash``, ``name``, ``usage``, ...); build queries on it with
-    ``.subquery()``. Its labels stay the same whatever the store's layout."""
-    return select(*(getattr(KeyState, name).label(name) for name in _ALIVE_COLUMNS)).where(
-        _alive_at(session, snapshot_id)
+def keys_at(session: Session, snapshot_id: int) -> Iterator[Key]:
+    """Every key exactly as snapshot ``snapshot_id`` saw it, raw JSON included, by hash (streamed)."""
+    joined, alive = _alive_join(snapshot_id, is_newest(session, snapshot_id))
+    columns = [(key_usage if field.volatile else key_records).c[field.name] for field in _RESTORED]
+    query = (
+        select(tracked_keys.c.key_hash, *columns, key_records.c.wire, key_usage.c.wire)
+        .select_from(joined)
+        .where(alive)
+        .order_by(tracked_keys.c.key_hash)
     )
-
-
-def keys_at(session: Session, snapshot_id: int) -> list[Key]:
-    """Every key exactly as snapshot ``snapshot_id`` saw it, raw JSON included, by hash."""
-    raws = session.scalars(select(KeyState.raw).where(_alive_at(session, snapshot_id)).order_by(KeyState.key_hash))
-    return [Key.from_api(raw) for raw in raws]
+    for row in session.execute(query.execution_options(yield_per=2000)):
+        yield Key.from_api(_restore(row[0], row[1:-2], row[-2:]))
 
 
 def fields_at(session: Session, snapshot_id: int, fields: Sequence[str]) -> Iterator[dict[str, Any]]:
     """The given fields (``alive_at``'s labels) of every key snapshot ``snapshot_id`` saw,
     streamed, without reading the raw JSON."""
-    alive = alive_at(session, snapshot_id).subquery()
+    alive = alive_at(snapshot_id, newest=is_newest(session, snapshot_id)).subquery()
     rows = session.execute(select(*(alive.c[name] for name in fields)))
     for row in rows:
         yield dict(row._mapping)
 
 
 def key_hashes_at(session: Session, snapshot_id: int) -> set[str]:
-    return set(session.scalars(select(KeyState.key_hash).where(_alive_at(session, snapshot_id))))
-
-
-def count_versions(session: Session) -> int:
-    return int(session.scalar(select(func.count()).select_from(KeyState)) or 0)
+    u = key_usage
+    query = (
+        select(tracked_keys.c.key_hash)
+        .join(u, u.c.key_id == tracked_keys.c.id)
+        .where(_alive(u, snapshot_id, is_newest(session, snapshot_id)))
+    )
+    return set(session.scalars(query))
 
 
 @dataclass(frozen=True, slots=True)
-class TimelinePoint:
-    """One stored version of a key, reduced to what history rules read."""
+class HistoryFacts:
+    """What the stored versions prove about one key alive at a snapshot."""
 
-    seen_at: datetime
-    usage: float
-    byok_usage: float
-    disabled: bool
+    key_hash: str
+    first_seen_at: datetime
+    usage_unchanged_since: datetime
+    disabled_since: datetime | None
 
 
-def timelines(session: Session, snapshot_id: int) -> dict[str, list[TimelinePoint]]:
-    """For every key alive at ``snapshot_id``: its versions up to that snapshot, oldest first."""
-    alive = select(KeyState.key_hash).where(_alive_at(session, snapshot_id)).scalar_subquery()
-    started = Snapshot.__table__.alias("started")
-    rows = session.execute(
-        select(KeyState.key_hash, started.c.taken_at, KeyState.usage, KeyState.byok_usage, KeyState.disabled)
-        .join(started, started.c.id == KeyState.valid_from)
-        .where(KeyState.valid_from <= snapshot_id, KeyState.key_hash.in_(alive))
-        .order_by(KeyState.key_hash, KeyState.valid_from)
+def history_facts(session: Session, snapshot_id: int) -> Iterator[HistoryFacts]:
+    """For every key alive at ``snapshot_id``: when it was first seen, since when its lifetime usage
+    and BYOK usage have held their values, and since when it has been disabled (None: enabled).
+
+    One query over the maintained columns of the alive usage versions; streamed."""
+    u, t = key_usage, tracked_keys
+    query = (
+        select(t.c.key_hash, t.c.first_seen_at, u.c.usage_since, u.c.disabled_since)
+        .join(t, t.c.id == u.c.key_id)
+        .where(_alive(u, snapshot_id, is_newest(session, snapshot_id)))
     )
-    result: dict[str, list[TimelinePoint]] = {}
-    for key_hash, seen_at, usage, byok_usage, disabled in rows:
-        result.setdefault(key_hash, []).append(TimelinePoint(seen_at, usage, byok_usage, disabled))
-    return result
+    for row in session.execute(query.execution_options(yield_per=5000)):
+        yield HistoryFacts(row[0], row[1], row[2], row[3])
+
+
+def count_versions(session: Session) -> int:
+    """Stored versions of whole keys: each state a key was seen in, for as long as it held (a
+    usage version and a record version that overlap make one)."""
+    return int(session.scalar(select(func.count()).select_from(full_versions())) or 0)

@@ -26,13 +26,14 @@ from typing import Any
 
 from rich.console import Console
 
+from db import runs, snapshots
 from db.migrate import upgrade
 from keyhygiene.fakeapi import FakeOpenRouter, FakeServer, generate_organisation
 from keyhygiene.fakeapi.webhook import WebhookSink
 from keyhygiene.rules import Decision, load_rules
 
 from . import logging as khlog
-from .context import Database, open_client
+from .context import Database, open_client, session_scope
 from .enforcement import explain
 from .errors import EXIT_FAILURE, EXIT_OK
 from .jobs import execute
@@ -99,6 +100,8 @@ class _Spender:
     chance: float  # probability of use on a given day
     byok_share: float
     stops_on: int | None  # the day it falls idle, if it does
+    expires_at: datetime | None  # the demo never disables or deletes a key that is in use
+    disabled: bool
 
 
 @dataclass
@@ -114,12 +117,16 @@ class _Simulation:
     def spender(self, key_hash: str, *, heavy: bool = False, stops: bool = True) -> None:
         rng = self.rng
         stops_on = rng.randrange(1, self.days) if stops and self.days > 1 and rng.random() < 0.12 else None
+        key = self.fake.get(key_hash) or {}
+        expires = key.get("expires_at")
         self.spenders[key_hash] = _Spender(
             key_hash,
             rate=rng.uniform(6.0, 9.0) if heavy else rng.lognormvariate(-0.8, 1.1),
             chance=1.0 if heavy else rng.uniform(0.35, 0.95),
             byok_share=rng.uniform(0.1, 0.6) if rng.random() < 0.15 else 0.0,
             stops_on=stops_on,
+            expires_at=None if expires is None else datetime.fromisoformat(expires.replace("Z", "+00:00")),
+            disabled=bool(key.get("disabled")),
         )
 
     def use(self, day: int, begin: datetime, end: datetime) -> None:
@@ -128,8 +135,7 @@ class _Simulation:
         for spender in list(self.spenders.values()):
             if spender.stops_on is not None and day >= spender.stops_on:
                 continue
-            key = fake.get(spender.key_hash)
-            if key is None or key["disabled"] or _expired(key, begin):
+            if spender.disabled or (spender.expires_at is not None and spender.expires_at <= begin):
                 continue
             if rng.random() > spender.chance:
                 continue
@@ -159,11 +165,6 @@ class _Simulation:
             if idle:
                 fake.delete_key(rng.choice(idle)["hash"])
                 self.deleted += 1
-
-
-def _expired(key: dict[str, Any], at: datetime) -> bool:
-    expires = key.get("expires_at")
-    return expires is not None and datetime.fromisoformat(expires.replace("Z", "+00:00")) <= at
 
 
 def _hand_made_keys(sim: _Simulation, end: datetime) -> None:
@@ -283,6 +284,9 @@ def run_demo(
                     if day == days - 1:
                         _overspend_today(fake, end)
                     fake.set_clock(moment)
+                    if day < days - 1:
+                        _record_past_day(database, fake, moment)
+                        continue
                     outcome = execute("sync", settings, clock=at_moment, database=database, client=client)
                     if outcome.exit_code != EXIT_OK:
                         console.print(f"[red]sync of simulated day {day + 1} failed:[/red] {outcome.message}")
@@ -401,6 +405,27 @@ def shell_command() -> str:
         relative = str(beside.relative_to(Path.cwd()))
         return relative if "/" in relative else f"./{relative}"
     return str(beside)
+
+
+def _record_past_day(database: Database, fake: FakeOpenRouter, moment: datetime) -> None:
+    """One simulated past day's snapshot, through the store's own write path (SnapshotWriter) but
+    straight from the fake's state: a day that is already over needs no HTTP round trips. The
+    last day is a real ``keyhygiene sync`` over HTTP."""
+    with session_scope(database) as session:
+        run_id = runs.start_run(session, kind="sync", now=moment).id
+        snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=moment).id
+    keys = fake.keys
+    writer = snapshots.SnapshotWriter(snapshot_id)
+    with session_scope(database) as session:
+        writer.add(session, keys)
+        written = writer.finish(
+            session, taken_at=moment, workspace_counts=Counter(key["workspace_id"] or "default" for key in keys)
+        )
+        summary = {"snapshot_id": snapshot_id, "keys": written.key_count, "new_versions": written.new_versions}
+        message = f"snapshot {snapshot_id}: {written.key_count} keys (a simulated past day)"
+        runs.finish_run(
+            session, run_id, status=runs.OK, now=moment, exit_code=EXIT_OK, message=message, summary=summary
+        )
 
 
 def _overspend_today(fake: FakeOpenRouter, end: datetime) -> None:

@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session
 
 from db import audit, snapshots
 from db.models import Snapshot
-from db.snapshots import TimelinePoint
 from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed, NotFound, OutcomeUnknown, RequestRejected
 from keyhygiene.keysapi.models import Key
@@ -121,30 +120,15 @@ def key_facts(key: Key) -> KeyFacts:
     )
 
 
-def history_from_timeline(points: Sequence[TimelinePoint]) -> KeyHistory:
-    """What a key's stored versions prove: first sight, since when usage and disabled held still."""
-    if not points:
-        return KeyHistory()
-    current = points[-1]
-    unchanged_since = current.seen_at
-    for point in reversed(points):
-        if point.usage != current.usage or point.byok_usage != current.byok_usage:
-            break
-        unchanged_since = point.seen_at
-    disabled_since: datetime | None = None
-    for point in reversed(points):
-        if not point.disabled:
-            break
-        disabled_since = point.seen_at
-    return KeyHistory(
-        first_seen_at=points[0].seen_at, usage_unchanged_since=unchanged_since, disabled_since=disabled_since
-    )
-
-
 def load_histories(session: Session, snapshot_id: int) -> dict[str, KeyHistory]:
+    """What the stored versions prove about each key alive at the snapshot (one query)."""
     return {
-        key_hash: history_from_timeline(points)
-        for key_hash, points in snapshots.timelines(session, snapshot_id).items()
+        facts.key_hash: KeyHistory(
+            first_seen_at=facts.first_seen_at,
+            usage_unchanged_since=facts.usage_unchanged_since,
+            disabled_since=facts.disabled_since,
+        )
+        for facts in snapshots.history_facts(session, snapshot_id)
     }
 
 

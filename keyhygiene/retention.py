@@ -41,6 +41,7 @@ class PruneResult:
     actions_deleted: int = 0
     rollups_deleted: int = 0
     batches: int = 0
+    pages_freed: int = 0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -54,6 +55,7 @@ class PruneResult:
             "actions_deleted": self.actions_deleted,
             "rollups_deleted": self.rollups_deleted,
             "batches": self.batches,
+            "pages_freed": self.pages_freed,
         }
 
     def message(self) -> str:
@@ -104,6 +106,9 @@ def prune(
         ):
             result.rollups_deleted += count
 
+    while step(lambda s: retention.delete_forgotten_keys(s, limit=batch)):
+        pass
+    step(lambda s: retention.delete_abandoned_staging(s, cutoff=result.cutoff))
     anchor_id = anchor.id if anchor is not None else None
     while count := step(
         lambda s: retention.delete_old_snapshots(s, anchor_id=anchor_id, cutoff=result.cutoff, limit=batch)
@@ -114,31 +119,17 @@ def prune(
         pass
     while count := step(lambda s: retention.delete_old_runs(s, cutoff=result.cutoff, limit=batch)):
         result.runs_deleted += count
+    result.pages_freed = retention.reclaim_space(database.engine)
     return result
 
 
 def _prune_versions(database: Database, anchor_id: int, batch: int, result: PruneResult) -> int:
-    """Delete versions that ended at or before the anchor, key by key, in pages of ``batch`` rows."""
+    """Delete versions that ended at or before the anchor, ``batch`` rows per transaction."""
     deleted = 0
-    after: str | None = None
     while True:
-        with database.sessions() as session:
-            page = retention.ended_versions(session, anchor_id=anchor_id, after_key=after, limit=batch)
-            if not page:
-                return deleted
-            by_key: dict[str, list[retention.OldVersion]] = {}
-            for version in page:
-                by_key.setdefault(version.key_hash, []).append(version)
-            keys = list(by_key)
-            if len(page) >= batch and len(keys) > 1:
-                keys.pop()  # its rows may go on in the next page: read it whole there
-            following = retention.successors(session, anchor_id=anchor_id, key_hashes=keys)
-        doomed: list[int] = []
-        for key_hash in keys:
-            keep = retention.versions_to_keep(by_key[key_hash], following.get(key_hash))
-            doomed.extend(version.id for version in by_key[key_hash] if version.id not in keep)
-        for start in range(0, len(doomed), batch):
-            with session_scope(database) as session:
-                deleted += retention.delete_versions(session, doomed[start : start + batch])
-            result.batches += 1
-        after = keys[-1]
+        with session_scope(database) as session:
+            count = retention.delete_ended_versions(session, anchor_id=anchor_id, limit=batch)
+        result.batches += 1
+        if not count:
+            return deleted
+        deleted += count

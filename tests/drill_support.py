@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from db.models import Action, Base, KeyState, Run, Snapshot
+from db.models import Action, Base, Run, Snapshot, key_records, key_usage
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 
@@ -93,11 +93,15 @@ class Drill:
             actions = list(session.scalars(select(Action)))
             runs = {run.id: run for run in session.scalars(select(Run))}
             complete = {s.id for s in session.scalars(select(Snapshot).where(Snapshot.status == "complete"))}
-            stray_versions = session.scalar(
-                select(KeyState.id).where(
-                    KeyState.valid_from.not_in(complete) if complete else KeyState.id.is_not(None)
+            strays = [
+                session.scalar(
+                    select(table.c.id).where(
+                        table.c.valid_from.not_in(complete) if complete else table.c.id.is_not(None)
+                    )
                 )
-            )
+                for table in (key_usage, key_records)
+            ]
+            stray_versions = next((found for found in strays if found is not None), None)
             database_text = "\n".join(
                 repr(tuple(row)) for table in Base.metadata.sorted_tables for row in session.execute(select(table))
             )

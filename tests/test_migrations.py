@@ -3,6 +3,8 @@ database whose schema is missing or behind."""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -10,10 +12,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
+from db import snapshots
 from db.migrate import current_revision, head_revision, recorded_revision, shipped_head, upgrade
 from db.models import Base
 from keyhygiene.context import Database
-from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.fakeapi import FakeOpenRouter, generate_organisation
+from keyhygiene.keysapi.models import Key
 from keyhygiene.settings import Settings
 
 
@@ -147,3 +151,125 @@ def test_only_db_upgrade_logs_alembic(env: dict[str, str], cli) -> None:
     assert any("Running upgrade" in event["event"] for event in alembic_events(upgraded))
     assert synced.exit_code == 0
     assert alembic_events(synced) == []
+
+
+def _old_layout_history() -> list[tuple[datetime, list[dict[str, Any]]]]:
+    """Six daily listings with every kind of change the old store versioned."""
+    fake = FakeOpenRouter(seed=5)
+    start = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    generate_organisation(fake, keys=30, workspaces=2, seed=5, now=start - timedelta(hours=1))
+    hashes = [key["hash"] for key in fake.keys]
+    listings = []
+    for day in range(6):
+        moment = start + timedelta(days=day)
+        fake.set_clock(moment - timedelta(hours=2))
+        for key_hash in hashes[day : day + 8]:
+            if fake.get(key_hash) is not None:
+                fake.record_use(key_hash, 0.1 + 0.2 * day, 0.05)  # float noise below a micro-dollar
+        if day == 2:
+            fake.update_key(hashes[3], {"disabled": True})
+            fake.update_key(hashes[4], {"name": "renamed"})
+        fake.set_clock(moment)
+        keys = fake.keys
+        if day in (3, 4):
+            keys = [key for key in keys if key["hash"] != hashes[5]]  # gone, then back
+        if day >= 1:
+            keys[0] = dict(keys[0], brand_new_field={"nested": [1, None]})
+            del keys[1]["last_used_at"]  # an older API version
+        listings.append((moment, keys))
+    return listings
+
+
+def _write_old_layout(connection: Any, listings: list[tuple[datetime, list[dict[str, Any]]]]) -> None:
+    """What the 0002 store wrote: one full row per change of anything, raw JSON included."""
+    open_rows: dict[str, tuple[int, dict[str, Any]]] = {}
+    for snapshot_id, (moment, keys) in enumerate(listings, start=1):
+        naive = moment.replace(tzinfo=None)
+        connection.execute(
+            text(
+                'INSERT INTO runs (id, kind, status, started_at, "trigger") '
+                "VALUES (:i, 'sync', 'complete', :t, 'cli')"
+            ),
+            {"i": snapshot_id, "t": naive},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO snapshots (id, run_id, status, started_at, taken_at, key_count) "
+                "VALUES (:i, :i, 'complete', :t, :t, :n)"
+            ),
+            {"i": snapshot_id, "t": naive, "n": len(keys)},
+        )
+        listed = {key["hash"]: key for key in keys}
+        for key_hash, (row_id, raw) in list(open_rows.items()):
+            if listed.get(key_hash) != raw:
+                connection.execute(
+                    text("UPDATE key_states SET valid_to = :s WHERE id = :i"), {"s": snapshot_id, "i": row_id}
+                )
+                del open_rows[key_hash]
+        for key_hash, raw in listed.items():
+            if key_hash in open_rows:
+                continue
+            key = Key.from_api(raw)
+            values = {
+                name: getattr(key, name)
+                for name in ("name", "label", "workspace_id", "disabled", "limit_remaining", "limit_reset")
+            }
+            values |= {
+                name: getattr(key, name)
+                for name in ("include_byok_in_limit", "usage", "usage_daily", "usage_weekly", "usage_monthly")
+            }
+            values |= {name: getattr(key, name) for name in ("byok_usage", "byok_usage_daily", "byok_usage_weekly")}
+            values |= {name: getattr(key, name) for name in ("byok_usage_monthly", "creator_user_id", "external_user")}
+            times = {
+                name: None if getattr(key, name) is None else getattr(key, name).replace(tzinfo=None)
+                for name in ("created_at", "updated_at", "expires_at", "last_used_at")
+            }
+            names = [*values, *times, "limit_usd", "key_hash", "valid_from", "digest", "raw"]
+            row = connection.execute(
+                text(
+                    f"INSERT INTO key_states ({', '.join(names)}) VALUES ({', '.join(':' + n for n in names)}) "
+                    "RETURNING id"
+                ),
+                {**values, **times, "limit_usd": key.limit, "key_hash": key_hash, "valid_from": snapshot_id}
+                | {"digest": "x", "raw": json.dumps(raw)},
+            ).scalar()
+            open_rows[key_hash] = (row, raw)
+
+
+def _expected_history(listings: list[tuple[datetime, list[dict[str, Any]]]], key_hash: str) -> tuple[Any, ...]:
+    """What the old history walk concluded for a key alive at the last snapshot."""
+    seen = [(moment, key) for moment, keys in listings for key in keys if key["hash"] == key_hash]
+    last = seen[-1][1]
+    unchanged = seen[-1][0]
+    for moment, key in reversed(seen):
+        if (key["usage"], key.get("byok_usage")) != (last["usage"], last.get("byok_usage")):
+            break
+        unchanged = moment
+    disabled = None
+    for moment, key in reversed(seen):
+        if not key["disabled"]:
+            break
+        disabled = moment
+    return seen[0][0], unchanged, disabled
+
+
+def test_0005_carries_an_old_store_over_without_losing_anything(empty_database: Database) -> None:
+    listings = _old_layout_history()
+    upgrade(empty_database.engine, "0002")
+    with empty_database.engine.begin() as connection:
+        _write_old_layout(connection, listings)
+        old_versions = connection.execute(text("SELECT count(*) FROM key_states")).scalar()
+
+    upgrade(empty_database.engine)
+
+    with empty_database.sessions() as session:
+        for snapshot_id, (_, keys) in enumerate(listings, start=1):
+            stored = {key.hash: dict(key.raw) for key in snapshots.keys_at(session, snapshot_id)}
+            assert stored == {key["hash"]: key for key in keys}, snapshot_id
+        assert snapshots.count_versions(session) == old_versions
+        facts = {f.key_hash: f for f in snapshots.history_facts(session, len(listings))}
+    assert facts.keys() == {key["hash"] for key in listings[-1][1]}
+    for key_hash, fact in facts.items():
+        assert (fact.first_seen_at, fact.usage_unchanged_since, fact.disabled_since) == _expected_history(
+            listings, key_hash
+        ), key_hash

@@ -11,12 +11,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from alembic import command
 from sqlalchemy import inspect, select
 
 from db import rollups, snapshots
-from db.migrate import alembic_config, upgrade
-from db.models import KeyState, Snapshot
+from db.migrate import downgrade, upgrade
+from db.models import Snapshot, key_usage, tracked_keys
 from keyhygiene import retention
 from keyhygiene.context import Database, session_scope
 from keyhygiene.enforcement import load_histories
@@ -138,15 +137,20 @@ def test_rollups_equal_a_recomputation_from_the_versions(org: Org) -> None:
         seen_at = dict(taken)
         expected_spend: dict[tuple[Any, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
         previous: dict[str, tuple[float, float]] = {}
-        for version in session.scalars(select(KeyState).order_by(KeyState.key_hash, KeyState.valid_from)):
+        usage_versions = (
+            select(tracked_keys.c.key_hash, key_usage.c.valid_from, key_usage.c.usage, key_usage.c.byok_usage)
+            .join(tracked_keys, tracked_keys.c.id == key_usage.c.key_id)
+            .order_by(tracked_keys.c.key_hash, key_usage.c.valid_from)
+        )
+        for version in session.execute(usage_versions):
             before = previous.get(version.key_hash)
             if before is not None:
-                grown = (max(0.0, version.usage - before[0]), max(0.0, version.byok_usage - before[1]))
+                grown = (max(0.0, float(version.usage) - before[0]), max(0.0, float(version.byok_usage) - before[1]))
                 if any(grown):
                     entry = expected_spend[(seen_at[version.valid_from].date(), version.key_hash)]
                     entry[0] += grown[0]
                     entry[1] += grown[1]
-            previous[version.key_hash] = (version.usage, version.byok_usage)
+            previous[version.key_hash] = (float(version.usage), float(version.byok_usage))
         counts = {
             (row.snapshot_id, row.workspace_id): (
                 row.keys,
@@ -159,7 +163,7 @@ def test_rollups_equal_a_recomputation_from_the_versions(org: Org) -> None:
             for row in session.scalars(select(rollups.SnapshotRollup))
         }
         spend = {
-            (row.day, row.key_hash): [round(row.usage, 6), round(row.byok_usage, 6)]
+            (row.day, row.key_hash): [round(float(row.usage), 6), round(float(row.byok_usage), 6)]
             for row in session.scalars(select(rollups.KeyDay))
             if row.usage or row.byok_usage
         }
@@ -181,10 +185,7 @@ def test_rollups_equal_a_recomputation_from_the_versions(org: Org) -> None:
 def test_the_migration_fills_the_rollups_from_the_stored_history(org: Org) -> None:
     engine = org.database.engine
     before = dump(org.database)
-    config = alembic_config()
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, "0002")
+    downgrade(engine, "0005")
     assert "key_days" not in inspect(engine).get_table_names()
 
     upgrade(engine)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from db import runs, snapshots
-from db.models import KeyState, Snapshot
+from db import retention, runs, snapshots
+from db.models import Snapshot, key_usage, snapshot_staging, tracked_keys
 from keyhygiene.context import Database, session_scope
 from keyhygiene.keysapi.models import Key
 
@@ -60,7 +61,7 @@ def store(database: Database, keys: list[Key], at: datetime) -> tuple[int, snaps
         written = snapshots.record_snapshot(
             session,
             snapshot_id=snapshot_id,
-            keys={k.hash: k for k in keys},
+            keys=[k.raw for k in keys],
             taken_at=at,
             workspace_counts={"ws-default": len(keys)},
         )
@@ -125,9 +126,10 @@ def test_a_key_that_comes_back_gets_a_new_version(database: Database) -> None:
     assert set(raw_at(database, s2)) == {key(1).hash}
     with database.sessions() as session:
         versions = session.execute(
-            select(KeyState.valid_from, KeyState.valid_to)
-            .where(KeyState.key_hash == key(2).hash)
-            .order_by(KeyState.valid_from)
+            select(key_usage.c.valid_from, key_usage.c.valid_to)
+            .join(tracked_keys, tracked_keys.c.id == key_usage.c.key_id)
+            .where(tracked_keys.c.key_hash == key(2).hash)
+            .order_by(key_usage.c.valid_from)
         ).all()
     assert [tuple(row) for row in versions] == [(s1, s2), (s3, None)]
 
@@ -142,7 +144,7 @@ def test_many_changes_at_once_cross_the_write_batches(database: Database) -> Non
     assert (written.changed, written.new_versions) == (2600, 2600)
     assert raw_at(database, s2) == {k.hash: k.raw for k in changed}
     with database.sessions() as session:
-        open_rows = session.scalars(select(KeyState.valid_from).where(KeyState.valid_to.is_(None))).all()
+        open_rows = session.scalars(select(key_usage.c.valid_from).where(key_usage.c.valid_to.is_(None))).all()
     assert open_rows == [s2] * 2600
 
 
@@ -153,7 +155,7 @@ def test_a_write_that_fails_leaves_nothing(database: Database) -> None:
         s2 = snapshots.start_snapshot(session, run_id=run_id, now=T0).id
 
     with pytest.raises(RuntimeError), session_scope(database) as session:
-        snapshots.record_snapshot(session, snapshot_id=s2, keys={key(3).hash: key(3)}, taken_at=T0, workspace_counts={})
+        snapshots.record_snapshot(session, snapshot_id=s2, keys=[key(3).raw], taken_at=T0, workspace_counts={})
         raise RuntimeError("the process died before commit")
     with session_scope(database) as session:
         snapshots.fail_snapshot(session, snapshot_id=s2, error="the process died before commit")
@@ -189,26 +191,90 @@ def test_overlapping_syncs_cannot_record_out_of_order(database: Database) -> Non
     fast, _ = store(database, [key(1), key(2, usage=50.0)], T0 + timedelta(minutes=2))
 
     with pytest.raises(snapshots.SnapshotSuperseded), session_scope(database) as session:
-        snapshots.record_snapshot(
-            session, snapshot_id=slow, keys={key(1).hash: key(1)}, taken_at=T0, workspace_counts={}
-        )
+        snapshots.record_snapshot(session, snapshot_id=slow, keys=[key(1).raw], taken_at=T0, workspace_counts={})
 
     assert raw_at(database, fast) == {key(1).hash: key(1).raw, key(2).hash: key(2, usage=50.0).raw}
     with database.sessions() as session:
         assert snapshots.count_versions(session) == 3
 
 
-def test_timelines_follow_each_key(database: Database) -> None:
+def test_history_facts_say_since_when_usage_and_disabled_held(database: Database) -> None:
     store(database, [key(1, usage=1.0), key(2)], T0)
-    store(database, [key(1, usage=2.0), key(2)], T0 + timedelta(days=1))
-    s3, _ = store(database, [key(1, usage=2.0, disabled=True)], T0 + timedelta(days=2))
+    store(database, [key(1, usage=2.0), key(2, usage_daily=1.0)], T0 + timedelta(days=1))
+    store(database, [key(1, usage=2.0, disabled=True), key(2, usage_daily=0.0)], T0 + timedelta(days=2))
+    s4, _ = store(database, [key(1, usage=2.0, disabled=True, name="renamed")], T0 + timedelta(days=3))
 
     with database.sessions() as session:
-        lines = snapshots.timelines(session, s3)
+        facts = {f.key_hash: f for f in snapshots.history_facts(session, s4)}
 
-    assert list(lines) == [key(1).hash]
-    assert [(p.seen_at, p.usage, p.disabled) for p in lines[key(1).hash]] == [
-        (T0, 1.0, False),
-        (T0 + timedelta(days=1), 2.0, False),
-        (T0 + timedelta(days=2), 2.0, True),
-    ]
+    assert list(facts) == [key(1).hash]
+    assert facts[key(1).hash] == snapshots.HistoryFacts(
+        key(1).hash,
+        first_seen_at=T0,
+        usage_unchanged_since=T0 + timedelta(days=1),
+        disabled_since=T0 + timedelta(days=2),
+    )
+
+
+def test_a_key_that_comes_back_keeps_its_history(database: Database) -> None:
+    store(database, [key(1), key(2)], T0)
+    store(database, [key(1)], T0 + timedelta(days=1))
+    s3, _ = store(database, [key(1), key(2)], T0 + timedelta(days=2))
+
+    with database.sessions() as session:
+        facts = {f.key_hash: f for f in snapshots.history_facts(session, s3)}
+
+    assert (facts[key(2).hash].first_seen_at, facts[key(2).hash].usage_unchanged_since) == (T0, T0)
+
+
+def test_the_raw_json_comes_back_exactly_whatever_its_numbers_and_times(database: Database) -> None:
+    odd = dict(
+        key(1).raw,
+        usage=0.1 + 0.2,  # 0.30000000000000004: not a whole number of micro-dollars
+        usage_daily=7,  # an integer
+        limit=12.3456789,
+        limit_remaining=1e-9,
+        last_used_at="2026-02-19T20:52:27Z",
+        brand_new_field={"nested": [1, 2.5, None]},
+    )
+    older_api = {name: value for name, value in key(2).raw.items() if not name.startswith(("byok", "last_used"))}
+    s1, _ = store(database, [Key.from_api(odd), Key.from_api(older_api)], T0)
+
+    assert raw_at(database, s1) == {key(1).hash: odd, key(2).hash: older_api}
+
+
+def test_money_sums_are_exact_to_the_cent(database: Database) -> None:
+    # Ten thousand keys of $0.01, $0.02 and $0.07: a float sum of these drifts off the cent.
+    amounts = [0.01, 0.02, 0.07] * 3334
+    assert round(sum(amounts), 2) != sum(amounts)  # the trap this test is about
+    s1, _ = store(database, [key(n + 1, usage=amount) for n, amount in enumerate(amounts)], T0)
+
+    alive = snapshots.alive_at(s1).subquery()
+    with database.sessions() as session:
+        total = session.scalar(select(func.sum(alive.c.usage)))
+
+    assert total == Decimal("333.40")
+
+
+def test_staged_pages_are_never_read_and_never_left_behind(database: Database) -> None:
+    s1, _ = store(database, [key(1)], T0)
+    writers = []
+    for started in (T0 - timedelta(days=3), T0 + timedelta(hours=1)):  # a crashed sync, a live one
+        with session_scope(database) as session:
+            run_id = runs.start_run(session, kind="sync", now=started).id
+            writer = snapshots.SnapshotWriter(snapshots.start_snapshot(session, run_id=run_id, now=started).id)
+        with session_scope(database) as session:
+            writer.add(session, [key(2).raw, key(3).raw])
+        writers.append(writer)
+
+    def staged() -> set[int]:
+        with database.sessions() as session:
+            return set(session.scalars(select(snapshot_staging.c.snapshot_id)))
+
+    assert raw_at(database, s1) == {key(1).hash: key(1).raw}  # staged keys are invisible
+    with session_scope(database) as session:
+        retention.delete_abandoned_staging(session, cutoff=T0 - timedelta(days=1))
+    assert staged() == {writers[1].snapshot_id}  # the crashed sync's pages are gone, the live one's kept
+    with session_scope(database) as session:
+        writers[1].discard(session)
+    assert staged() == set()

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from db import snapshots
-from db.models import KeyState, Run, Snapshot
+from db.models import Run, Snapshot, key_records, key_usage, snapshot_staging
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.jobs import JobOutcome, execute
@@ -210,7 +210,7 @@ def _install_poison_trigger(database: Database) -> None:
         if database.dialect == "sqlite":
             connection.execute(
                 text(
-                    "CREATE TRIGGER poison BEFORE INSERT ON key_states WHEN NEW.name = 'poison' "
+                    "CREATE TRIGGER poison BEFORE INSERT ON key_records WHEN NEW.name = 'poison' "
                     "BEGIN SELECT RAISE(ABORT, 'simulated storage failure'); END"
                 )
             )
@@ -223,7 +223,7 @@ def _install_poison_trigger(database: Database) -> None:
                 )
             )
             connection.execute(
-                text("CREATE TRIGGER poison BEFORE INSERT ON key_states FOR EACH ROW EXECUTE FUNCTION poison()")
+                text("CREATE TRIGGER poison BEFORE INSERT ON key_records FOR EACH ROW EXECUTE FUNCTION poison()")
             )
 
 
@@ -291,7 +291,10 @@ def test_a_failed_sync_stores_nothing_and_says_why_in_one_line(
         assert failed is not None
         assert failed.status == "failed"
         assert expected in (failed.error or "")
-        assert session.scalar(select(func.count()).where((KeyState.valid_from == 2) | (KeyState.valid_to == 2))) == 0
+        for table in (key_usage, key_records):
+            written = select(func.count()).where((table.c.valid_from == 2) | (table.c.valid_to == 2))
+            assert session.scalar(written) == 0
+        assert session.scalar(select(func.count()).select_from(snapshot_staging)) == 0
         latest = snapshots.latest_snapshot(session)
         assert latest is not None and latest.id == 1
         assert {key.hash: dict(key.raw) for key in snapshots.keys_at(session, 1)} == before

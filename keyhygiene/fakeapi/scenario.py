@@ -21,11 +21,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from keyhygiene.keysapi.fields import KEY_FIELDS
+
 from ._times import utc
 from .generate import generate_organisation
 from .state import FakeOpenRouter
 
-_TIME_FIELDS = ("created_at", "updated_at", "expires_at", "last_used_at")
+_TIME_FIELDS = tuple(field.name for field in KEY_FIELDS if field.kind == "time")
 
 
 def packaged_scenarios() -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from sqlalchemy.orm import Session
 
 from db import snapshots
@@ -58,7 +60,9 @@ def build(session: Session, params: ReportParams) -> Report:
         if not params.wants(name=key["name"], workspace_id=key["workspace_id"]):
             continue
         expires_at = key["expires_at"]
-        rows.append({**key, "expired": expires_at is not None and expires_at <= as_of})
+        # Money is stored exact (Decimal); reports print it as numbers, like every other report.
+        money = {name: float(value) for name, value in key.items() if isinstance(value, Decimal)}
+        rows.append({**key, **money, "expired": expires_at is not None and expires_at <= as_of})
     rows.sort(key=lambda row: (row["workspace_id"] or "", row["name"], row["key_hash"]))
     title = f"Inventory at snapshot {snapshot.id} ({as_of:%Y-%m-%d %H:%M} UTC): {len(rows)} keys"
     return Report(

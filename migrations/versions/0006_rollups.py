@@ -1,7 +1,7 @@
 """roll-ups for the reports: key_rollups, key_days, snapshot_rollups, filled from the stored history
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-01 14:00:00
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.orm import Session
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
@@ -23,8 +23,8 @@ def upgrade() -> None:
         sa.Column("key_hash", sa.String(128), primary_key=True),
         sa.Column("first_seen_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("usage_changed_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("usage", sa.Float(), nullable=False),
-        sa.Column("byok_usage", sa.Float(), nullable=False),
+        sa.Column("usage", sa.BigInteger(), nullable=False),
+        sa.Column("byok_usage", sa.BigInteger(), nullable=False),
     )
     op.create_table(
         "key_days",
@@ -33,11 +33,11 @@ def upgrade() -> None:
         sa.Column("name", sa.String(), nullable=False),
         sa.Column("workspace_id", sa.String(64), nullable=True),
         sa.Column("creator_user_id", sa.String(), nullable=True),
-        sa.Column("usage", sa.Float(), nullable=False),
-        sa.Column("byok_usage", sa.Float(), nullable=False),
+        sa.Column("usage", sa.BigInteger(), nullable=False),
+        sa.Column("byok_usage", sa.BigInteger(), nullable=False),
         sa.Column("first_seen_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("first_usage", sa.Float(), nullable=True),
-        sa.Column("first_byok_usage", sa.Float(), nullable=True),
+        sa.Column("first_usage", sa.BigInteger(), nullable=True),
+        sa.Column("first_byok_usage", sa.BigInteger(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),
     )
@@ -53,8 +53,8 @@ def upgrade() -> None:
         sa.Column("no_expiry", sa.Integer(), nullable=False),
         sa.Column("no_limit", sa.Integer(), nullable=False),
         sa.Column("idle_30d", sa.Integer(), nullable=False),
-        sa.Column("usage", sa.Float(), nullable=False),
-        sa.Column("byok_usage", sa.Float(), nullable=False),
+        sa.Column("usage", sa.BigInteger(), nullable=False),
+        sa.Column("byok_usage", sa.BigInteger(), nullable=False),
     )
     op.create_index("ix_snapshot_rollups_taken_at", "snapshot_rollups", ["taken_at"])
     # Fill them by replaying the stored snapshots, oldest first, exactly as each sync would have.
