@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import func, inspect, select, text
 
-from db import snapshots
+from db import rollups, snapshots
 from db.migrate import current_revision, head_revision, recorded_revision, shipped_head, upgrade
 from db.models import Base
 from keyhygiene.context import Database
@@ -268,6 +268,15 @@ def test_0005_carries_an_old_store_over_without_losing_anything(empty_database: 
             assert stored == {key["hash"]: key for key in keys}, snapshot_id
         assert snapshots.count_versions(session) == old_versions
         facts = {f.key_hash: f for f in snapshots.history_facts(session, len(listings))}
+        # 0006 (after 0005) filled the reports' roll-ups from the carried history.
+        counted = dict(
+            session.execute(
+                select(rollups.SnapshotRollup.snapshot_id, func.sum(rollups.SnapshotRollup.keys)).group_by(
+                    rollups.SnapshotRollup.snapshot_id
+                )
+            ).all()
+        )
+    assert counted == {snapshot_id: len(keys) for snapshot_id, (_, keys) in enumerate(listings, start=1)}
     assert facts.keys() == {key["hash"] for key in listings[-1][1]}
     for key_hash, fact in facts.items():
         assert (fact.first_seen_at, fact.usage_unchanged_since, fact.disabled_since) == _expected_history(
