@@ -20,6 +20,7 @@ from rich.text import Text
 from keyhygiene.rules import Decision, Plan
 
 from .enforcement import decision_row, explain
+from .reports.render import escape_control
 
 DEFAULT_LIMIT = 50
 ACTION_ORDER = ("delete", "disable", "enable", "report")
@@ -45,13 +46,6 @@ def write_json(decisions: Iterable[Decision], out: TextIO) -> None:
     out.write("\n]\n")
 
 
-def printable(text: str) -> str:
-    """Control characters (a terminal escape in a key name) shown escaped, never raw."""
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
-
-
 def counts_line(plan: Plan) -> str:
     """How many decisions of each action, in ``ACTION_ORDER``: "3 delete, 40 disable, 2 report"."""
     counts: Counter[str] = Counter(decision.action for decision in plan.decisions)
@@ -69,9 +63,9 @@ def print_table(decisions: Sequence[Decision], console: Console, *, title: str, 
     rows = [
         (
             decision.key_hash[:HASH_SHOWN],
-            printable(decision.key_name),
+            escape_control(decision.key_name),
             decision.action,
-            printable(decision.rule),
+            escape_control(decision.rule),
             explain(decision.evidence),
         )
         for decision in shown
