@@ -85,29 +85,38 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     """Bring the schema to ``revision``; returns (before, after)."""
+    before = current_revision(engine)
+    _migrate(engine, "upgrade", revision)
+    return before, current_revision(engine) or ""
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Take the schema back to ``revision`` (for tests of migrations; keyhygiene never downgrades)."""
+    _migrate(engine, "downgrade", revision)
+
+
+def _migrate(engine: Engine, direction: str, revision: str) -> None:
     from alembic import command
 
-    before = current_revision(engine)
     config = alembic_config()
     with engine.connect() as connection:
         raw = connection.connection.dbapi_connection if engine.dialect.name == "sqlite" else None
         if raw is not None:
             # A batch migration rebuilds a table (copy, drop, rename) that other tables refer to:
             # SQLite must not check foreign keys midway, and the switch only works outside a
-            # transaction. They are checked as a whole before the upgrade counts as done.
+            # transaction. They are checked as a whole before the migration counts as done.
             raw.execute("PRAGMA foreign_keys=OFF")
         try:
             with connection.begin():
                 config.attributes["connection"] = connection
-                command.upgrade(config, revision)
+                getattr(command, direction)(config, revision)
                 if raw is not None:
                     broken = connection.exec_driver_sql("PRAGMA foreign_key_check").first()
                     if broken is not None:
-                        raise RuntimeError(f"the upgrade left a broken reference in table {broken[0]}")
+                        raise RuntimeError(f"the migration left a broken reference in table {broken[0]}")
         finally:
             if raw is not None:
                 raw.execute("PRAGMA foreign_keys=ON")
-    return before, current_revision(engine) or ""
 
 
 def shipped_head() -> str:

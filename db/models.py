@@ -81,7 +81,7 @@ class Snapshot(Base):
     taken_at: Mapped[datetime | None] = mapped_column(index=True)
     key_count: Mapped[int | None]
     workspace_counts: Mapped[dict[str, Any] | None]
-    # {workspace id: name} as the sync listed the workspaces; NULL for snapshots taken before 0007.
+    # {workspace id: name} as the sync listed the workspaces; NULL for snapshots taken before 0006.
     workspace_names: Mapped[dict[str, Any] | None]
     new_versions: Mapped[int | None]
     error: Mapped[str | None] = mapped_column(Text)

@@ -11,11 +11,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from alembic import command
 from sqlalchemy import inspect, select
 
 from db import rollups, snapshots
-from db.migrate import alembic_config, upgrade
+from db.migrate import downgrade, upgrade
 from db.models import KeyState, Snapshot
 from keyhygiene import retention
 from keyhygiene.context import Database, session_scope
@@ -181,10 +180,7 @@ def test_rollups_equal_a_recomputation_from_the_versions(org: Org) -> None:
 def test_the_migration_fills_the_rollups_from_the_stored_history(org: Org) -> None:
     engine = org.database.engine
     before = dump(org.database)
-    config = alembic_config()
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, "0002")
+    downgrade(engine, "0002")
     assert "key_days" not in inspect(engine).get_table_names()
 
     upgrade(engine)

@@ -1,7 +1,7 @@
 """snapshots.workspace_names: each workspace's name as the sync listed it, by id
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0006
+Revises: 0004
 Create Date: 2026-12-01 13:50:00
 
 Existing snapshots keep every value they had; their workspace names were never recorded, so the
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0006"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
