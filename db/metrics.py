@@ -8,7 +8,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from . import runs, snapshots
-from .models import Action, KeyState, Run
+from .models import Action, KeyState, PlanEntry, Run, RunPlan
 
 
 def keys_by_workspace_and_state(session: Session, snapshot_id: int, *, at: datetime) -> list[tuple[str, str, int]]:
@@ -37,12 +37,22 @@ def runs_by_job_and_status(session: Session) -> list[tuple[str, str, int]]:
 
 
 def actions_by_action_and_outcome(session: Session) -> list[tuple[str, str, bool, int]]:
-    rows = session.execute(
-        select(Action.action, Action.outcome, Action.dry_run, func.count()).group_by(
-            Action.action, Action.outcome, Action.dry_run
-        )
+    """The audit log counted as ``report actions`` lists it: the ``actions`` rows, and each stored
+    plan's entries once for every run that refers to it (dry runs and refusals)."""
+    counts: dict[tuple[str, str, bool], int] = {}
+    direct = select(Action.action, Action.outcome, Action.dry_run, func.count()).group_by(
+        Action.action, Action.outcome, Action.dry_run
     )
-    return [(str(action), str(outcome), bool(dry_run), int(count)) for action, outcome, dry_run, count in rows]
+    referenced = (
+        select(PlanEntry.action, RunPlan.outcome, RunPlan.dry_run, func.count())
+        .join(RunPlan, RunPlan.plan_id == PlanEntry.plan_id)
+        .group_by(PlanEntry.action, RunPlan.outcome, RunPlan.dry_run)
+    )
+    for query in (direct, referenced):
+        for action, outcome, dry_run, count in session.execute(query):
+            key = (str(action), str(outcome), bool(dry_run))
+            counts[key] = counts.get(key, 0) + int(count)
+    return [(action, outcome, dry_run, count) for (action, outcome, dry_run), count in sorted(counts.items())]
 
 
 def last_success_by_job(session: Session) -> list[tuple[str, datetime]]:
