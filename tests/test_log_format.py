@@ -145,7 +145,7 @@ def test_a_command_on_a_terminal_prints_readable_lines_and_no_json(tmp_path: Pat
         lines = sync.lines()
         assert not any(is_json(line) for line in lines), sync.text()
         assert re.search(r"\[info\s*\] sync_complete", sync.text()), sync.text()
-        assert lines[-1].startswith("run 1 sync complete")
+        assert lines[-1].startswith("run 1 sync ok")
     finally:
         sync.close()
 
