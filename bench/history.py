@@ -71,7 +71,8 @@ def build_history(keys: int, days: int) -> Path:
     folder = Path(tempfile.gettempdir()) / f"keyhygiene-bench-history-{keys}x{days}"
     marker = folder / "complete"
     if marker.exists():
-        print(f"reusing the history in {folder}")
+        print(f"reusing the history in {folder} (brought to the newest migration)")
+        subprocess.run([*keyhygiene(), "db", "upgrade"], check=True, capture_output=True, env=environment(folder))
         return folder
     print(f"building {keys} keys x {days} daily snapshots with `keyhygiene demo` in {folder} ...", flush=True)
     began = time.monotonic()
