@@ -68,11 +68,13 @@ def commands(days: int, out: Path) -> list[Command]:
 
 def build_history(keys: int, days: int) -> Path:
     """The demo's folder for this size, built once (a ``complete`` marker says it finished)."""
-    folder = Path(tempfile.gettempdir()) / f"keyhygiene-bench-history-{keys}x{days}"
+    from db.migrate import head_revision
+
+    # A history is reused only by the schema that built it.
+    folder = Path(tempfile.gettempdir()) / f"keyhygiene-bench-history-{keys}x{days}-{head_revision()}"
     marker = folder / "complete"
     if marker.exists():
-        print(f"reusing the history in {folder} (brought to the newest migration)")
-        subprocess.run([*keyhygiene(), "db", "upgrade"], check=True, capture_output=True, env=environment(folder))
+        print(f"reusing the history in {folder}")
         return folder
     print(f"building {keys} keys x {days} daily snapshots with `keyhygiene demo` in {folder} ...", flush=True)
     began = time.monotonic()
