@@ -1,4 +1,4 @@
-"""History benchmark: each report command, as a whole process, on the demo's history.
+"""History benchmark: each report command and `plan`, as a whole process, on the demo's history.
 
     .venv/bin/python -m bench history [--keys 10000] [--days 365] [--repeat 3] [--quick]
 
@@ -54,19 +54,24 @@ class Measurement:
 def commands(days: int, out: Path) -> list[Command]:
     middle = (datetime.now(UTC) - timedelta(days=days / 2)).strftime("%Y-%m-%dT%H:%M:%SZ")
     return [
-        Command("report inventory", ("inventory", "--format", "json"), 1),
-        Command("report inventory --at (mid-history)", ("inventory", "--at", middle, "--format", "json"), 1),
-        Command("report spend --since 30d", ("spend", "--since", "30d", "--format", "json"), 1),
-        Command("report idle", ("idle", "--format", "json"), 1),
-        Command(f"report trends --since {days}d", ("trends", "--since", f"{days}d", "--format", "json"), 1),
-        Command("report actions", ("actions", "--format", "json"), 1),
-        Command("report html", ("html", "--out", str(out)), 3),
+        Command("report inventory", ("report", "inventory", "--format", "json"), 1),
+        Command("report inventory --at (mid-history)", ("report", "inventory", "--at", middle, "--format", "json"), 1),
+        Command("report spend --since 30d", ("report", "spend", "--since", "30d", "--format", "json"), 1),
+        Command("report idle", ("report", "idle", "--format", "json"), 1),
+        Command(f"report trends --since {days}d", ("report", "trends", "--since", f"{days}d", "--format", "json"), 1),
+        Command("report actions", ("report", "actions", "--format", "json"), 1),
+        Command("report html", ("report", "html", "--out", str(out)), 3),
+        Command("plan", ("plan",), 2),
+        Command("plan --format json", ("plan", "--format", "json"), 2),
     ]
 
 
 def build_history(keys: int, days: int) -> Path:
     """The demo's folder for this size, built once (a ``complete`` marker says it finished)."""
-    folder = Path(tempfile.gettempdir()) / f"keyhygiene-bench-history-{keys}x{days}"
+    from db.migrate import head_revision
+
+    # A history is reused only by the schema that built it.
+    folder = Path(tempfile.gettempdir()) / f"keyhygiene-bench-history-{keys}x{days}-{head_revision()}"
     marker = folder / "complete"
     if marker.exists():
         print(f"reusing the history in {folder}")
@@ -110,7 +115,7 @@ def measure(command: Command, folder: Path, repeat: int) -> Measurement:
     for _ in range(repeat):
         began = time.perf_counter()
         process = subprocess.Popen(
-            [*keyhygiene(), "report", *command.args],
+            [*keyhygiene(), *command.args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=environment(folder),

@@ -114,9 +114,10 @@ def take_snapshot(
     """List, check and store one complete snapshot for run ``run_id``; raise SyncFailed on any failure."""
     with session_scope(database) as session:
         snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=now).id
-    log.info("sync_started", run_id=run_id, snapshot_id=snapshot_id)
     writer = snapshots.SnapshotWriter(snapshot_id)
+    # From here on the snapshot row exists: whatever ends the sync (SIGTERM too) must mark it failed.
     try:
+        log.info("sync_started", run_id=run_id, snapshot_id=snapshot_id)
         requests_before, listing_started = client.requests_sent, time.monotonic()
         workspaces = client.list_workspaces()
         listing = list_inventory(client, workspaces, on_page=on_page)

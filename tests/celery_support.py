@@ -305,10 +305,10 @@ class Deployment:
             process.wait_for_event(lambda e: str(e.get("event", "")).endswith(" ready."), timeout=30, what="ready")
         return process
 
-    def start_beat(self, **env: str) -> Process:
-        process = Process(
-            "beat", ["beat", "--schedule", str(self.directory / "celerybeat-schedule")], self.env(**env), self.directory
-        )
+    def start_beat(self, *, name: str = "beat", **env: str) -> Process:
+        """A ``keyhygiene beat`` process named ``name``, with a schedule file of its own."""
+        schedule = "celerybeat-schedule" if name == "beat" else f"{name}-schedule"
+        process = Process(name, ["beat", "--schedule", str(self.directory / schedule)], self.env(**env), self.directory)
         self.processes.append(process)
         return process
 

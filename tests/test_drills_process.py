@@ -144,6 +144,9 @@ def test_an_inline_run_signalled_mid_way(
     else:
         assert code == -signal.SIGKILL
         assert run.status == "running"  # the process could record nothing
+        # The API still carries out a request the killed process had sent (here after the fake's
+        # latency); the next run comes after that, as a scheduled one would.
+        wait_until(lambda: fake.in_flight == 0, timeout=10, interval=0.02, what="the API to answer the killed run")
     repeated = drill.repeated_calls(fake)
 
     fake.faults.latency = 0.0

@@ -47,6 +47,21 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return found
 
 
+def run_counters(figures: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[tuple[str, str], float]:
+    """``keyhygiene_runs_total`` by (job, status)."""
+    return {
+        (dict(labels)["job"], dict(labels)["status"]): value
+        for (name, labels), value in figures.items()
+        if name == "keyhygiene_runs_total"
+    }
+
+
+def runs_reported(cli: Callable[..., CliResult]) -> dict[tuple[str, str], float]:
+    """What `keyhygiene report runs` counts by (job, status), over all of the history."""
+    rows = json.loads(cli("report", "runs", "--since", "3650d", "--format", "json").stdout)
+    return {key: float(count) for key, count in Counter((row["job"], row["status"]) for row in rows).items()}
+
+
 def populate(fake: FakeOpenRouter) -> None:
     now = utcnow()
     other = fake.add_workspace("Research")["id"]
@@ -90,10 +105,8 @@ def test_metrics_once_agree_with_the_inventory_and_the_run_records(
     # Not used for 30 days: "idle" (60 days), and the never-used expired keys and "paused".
     assert figures[("keyhygiene_idle_keys", ())] == 5.0
     with database.sessions() as session:
-        recorded = dict(session.execute(select(Run.kind, func.count()).group_by(Run.kind)).all())
         taken = session.scalar(select(func.max(Run.finished_at)).where(Run.kind == "sync"))
-    runs = {dict(labels)["job"]: value for (name, labels), value in figures.items() if name == "keyhygiene_runs_total"}
-    assert runs == {job: float(count) for job, count in recorded.items()}
+    assert run_counters(figures) == runs_reported(cli)
     planned = figures[
         ("keyhygiene_key_actions_total", (("action", "delete"), ("dry_run", "true"), ("outcome", "planned")))
     ]
@@ -142,4 +155,6 @@ def test_two_workers_serve_the_same_figures_read_from_the_database(
     deleted = first[("keyhygiene_key_actions_total", (("action", "delete"), ("dry_run", "false"), ("outcome", "done")))]
     assert deleted == 3.0
     keys = sum(value for (name, _), value in first.items() if name == "keyhygiene_keys")
-    assert keys == 9.0  # the snapshot the run took, before its deletes
+    inventory = json.loads(cli("report", "inventory", "--format", "json").stdout)
+    assert keys == len(inventory) == 9  # the snapshot the run took, before its deletes
+    assert run_counters(first) == runs_reported(cli)

@@ -50,6 +50,8 @@ def test_tables_show_control_characters_escaped(
     for character in CONTROL:
         assert character not in result.stdout
     escaped = HOSTILE.encode("unicode_escape").decode().replace("\\r", "\\x0d")
+    if command == ("plan",):
+        escaped = escaped[:30]  # the plan cuts a long name with an ellipsis, escapes and all
     assert escaped in result.stdout  # every character visible, in order; the link and markup as text
 
 

@@ -735,6 +735,12 @@ class FakeOpenRouter:
         with self._stats_lock:
             self._in_flight -= 1
 
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered right now (a dead client's request is still carried out)."""
+        with self._stats_lock:
+            return self._in_flight
+
     def reset_stats(self) -> None:
         """Zero ``request_count`` and ``max_in_flight``."""
         with self._stats_lock:
