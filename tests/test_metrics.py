@@ -19,23 +19,10 @@ from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.timeutil import utcnow
 
-from .celery_support import Deployment, free_port, wait_until
+from .celery_support import LIVE_RULES, Deployment, free_port, wait_until
 from .conftest import CliResult
 
 DAY = timedelta(days=1)
-
-RULES = """
-[safety]
-dry_run = false
-max_actions_per_run = 50
-max_action_percent = 100
-
-[[rule]]
-name = "delete-expired"
-match = "expired"
-action = "delete"
-grace = "0d"
-"""
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -80,7 +67,7 @@ def test_metrics_once_agree_with_the_inventory_and_the_run_records(
     cli: Callable[..., CliResult],
     rules_file: Callable[[str], Path],
 ) -> None:
-    rules_file(RULES.replace("dry_run = false", "dry_run = true"))
+    rules_file(LIVE_RULES.replace("dry_run = false", "dry_run = true"))
     populate(fake)
     assert cli("sync").exit_code == 0
     assert cli("enforce").exit_code == 0
