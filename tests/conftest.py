@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +30,17 @@ from keyhygiene.settings import Settings
 POSTGRES_URL = os.environ.get("KEYHYGIENE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MANAGEMENT_KEY = "sk-or-v1-" + "5ec2e7" * 10 + "abcd"
 """The management key every test uses; tests check that it never shows up in output."""
+
+SECRETS = re.compile(
+    "|".join(
+        (
+            re.escape(MANAGEMENT_KEY),
+            r"/services/hook-[0-9a-f]{32}",  # a webhook URL of keyhygiene.fakeapi.webhook.WebhookSink
+            r"whsec-[0-9a-f]{32}",  # the notice tests' signing secret
+        )
+    )
+)
+"""Every secret the suite hands keyhygiene; none may show up in anything it captured or wrote."""
 
 # The Celery tests' fixtures (redis_db, deploy), shared by every module that starts a worker.
 pytest_plugins = ["tests.celery_support"]
@@ -158,6 +170,7 @@ def _invoke(args: list[str]) -> CliResult:
         sys.stdout, sys.stderr = old_out, old_err
     result = CliResult(code, out.getvalue(), err.getvalue())
     assert MANAGEMENT_KEY not in result.stdout + result.stderr, "the management key leaked into output"
+    assert not SECRETS.search(result.stdout + result.stderr), "a secret leaked into output"
     return result
 
 
@@ -169,3 +182,36 @@ def cli() -> Callable[..., CliResult]:
         return _invoke(list(args))
 
     return run
+
+
+# -- the session-wide secret scan ------------------------------------------------------------------
+
+_leaks: list[str] = []
+# Files a test writes as keyhygiene's input (a secret file, a .env): the one place a secret belongs.
+_INPUTS = re.compile(r"(^|/)(\.env|[^/]*management_key[^/]*)$|/secrets/")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Every test's captured stdout, stderr and log records are scanned for a secret."""
+    captured = report.capstdout + report.capstderr + report.caplog
+    if SECRETS.search(captured):
+        _leaks.append(f"{report.nodeid} ({report.when}): in the captured output")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After the run, every file the tests' processes wrote (databases, logs, HTML reports, the
+    worker's and beat's output) is scanned for a secret; any hit fails the run."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    base = factory.getbasetemp() if factory is not None else None
+    if base is not None and base.exists():
+        for path in base.rglob("*"):
+            if not path.is_file() or path.is_symlink() or _INPUTS.search(path.as_posix()):
+                continue
+            with contextlib.suppress(OSError), path.open("rb") as file:
+                if SECRETS.search(file.read(64 * 1024 * 1024).decode("latin-1")):
+                    _leaks.append(f"{path}: in a file the tests wrote")
+    if _leaks:
+        print("\nsecret scan: a secret was found where it must never be:", file=sys.stderr)
+        for leak in _leaks:
+            print(f"  {leak}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
