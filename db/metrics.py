@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 
-from sqlalchemy import case, func, select, union_all
+from sqlalchemy import case, func, select, type_coerce, union_all
 from sqlalchemy.orm import Session
 
 from . import runs, snapshots
-from .models import Action, PlanEntry, Run, RunPlan
+from .models import Action, Money, PlanEntry, Run, RunPlan
+from .rollups import SnapshotRollup
 
 
 def keys_by_workspace_and_state(session: Session, snapshot_id: int, *, at: datetime) -> list[tuple[str, str, int]]:
@@ -56,3 +58,16 @@ def last_success_by_job(session: Session) -> list[tuple[str, datetime]]:
     """The end of the newest successful run of each job."""
     rows = session.execute(select(Run.kind, func.max(Run.finished_at)).where(Run.status == runs.OK).group_by(Run.kind))
     return [(str(kind), finished) for kind, finished in rows if finished is not None]
+
+
+def idle_keys(session: Session, snapshot_id: int) -> int:
+    """Keys with no new use for 30 days or more at a snapshot, from the sync's own roll-up counts."""
+    table = SnapshotRollup.__table__
+    return int(session.scalar(select(func.sum(table.c.idle_30d)).where(table.c.snapshot_id == snapshot_id)) or 0)
+
+
+def spend_since(session: Session, since: datetime) -> Decimal:
+    """Spend (credits and BYOK) recorded by the snapshots taken after ``since``, summed exactly in SQL."""
+    table = SnapshotRollup.__table__
+    spent = type_coerce(func.sum(table.c.usage + table.c.byok_usage), Money())
+    return session.scalar(select(spent).where(table.c.taken_at > since)) or Decimal(0)

@@ -19,8 +19,6 @@ from db import metrics, snapshots
 
 from .context import Database
 from .logging import get_logger
-from .reports import ReportParams, builders
-from .reports.spend import compute_spend
 from .timeutil import utcnow
 
 log = get_logger(__name__)
@@ -72,10 +70,10 @@ class DatabaseCollector(Collector):
                 ):
                     keys.add_metric([workspace, state], count)
                 last_snapshot.add_metric([], newest.taken_at.timestamp())
-                reports = builders()
-                idle.add_metric([], len(reports["idle"](session, ReportParams(now=now, since=IDLE_AFTER)).rows))
-                spent = compute_spend(session, ReportParams(now=now, since=timedelta(days=1)))
-                spend.add_metric([], float(spent.total))
+                # From the roll-ups each sync keeps: a scrape costs two small aggregates, not a
+                # pass over every key.
+                idle.add_metric([], metrics.idle_keys(session, newest.id))
+                spend.add_metric([], float(metrics.spend_since(session, now - timedelta(days=1))))
             yield keys
             yield last_snapshot
             yield idle
