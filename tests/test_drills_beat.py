@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 from kombu import Connection
 
-from db import runs
+from db import leases, runs
 from db.models import Run
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.timeutil import utcnow
@@ -148,6 +148,11 @@ def test_a_job_redelivered_after_its_worker_was_killed_repeats_no_change(
         what="the redelivered enforcement to be recorded",
     )
     assert redelivered.status == runs.OK, redelivered.message
+
+    def lease_free() -> bool:
+        with deploy.database.sessions() as session:
+            return leases.holder(session, leases.ENFORCEMENT) is None
+
     assert all(fake.get(key) is None for key in doomed)
     counts = fake.change_counts()
     assert max(counts.values()) == 1, f"a destructive call was repeated: {counts}"
@@ -166,6 +171,8 @@ def test_a_job_redelivered_after_its_worker_was_killed_repeats_no_change(
     # The next run treats a run 'running' for over twice the job time limit as abandoned: with a
     # 1 s limit here, the killed run (started seconds ago) is that old already.
     monkeypatch.setenv("KEYHYGIENE_JOB_TIME_LIMIT", "1s")
+    # The redelivered job records its run and then lets go of the enforcement lock: wait for that.
+    wait_until(lease_free, timeout=30, what="the redelivered job to release the enforcement lock")
     recovery = cli("run")
     assert recovery.exit_code == 0, recovery.stderr
     [after] = [run for run in deploy.runs() if run.id == abandoned.id]
