@@ -11,8 +11,6 @@ import math
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -22,6 +20,7 @@ from rich.console import Console
 from . import logging as khlog
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, KeyhygieneError, UsageError
 from .settings import Settings, SettingsError, load_settings
+from .shutdown import stop_on_signals
 from .timeutil import MAX_DURATION, TimeFormatError, isoformat, parse_duration, parse_time, utcnow
 
 REPORT_KINDS = ("inventory", "spend", "actions", "idle", "trends", "runs", "html")
@@ -575,7 +574,7 @@ def worker(ctx: click.Context) -> None:
     """Start the Celery worker (extra options go to `celery worker`, e.g. --concurrency 2)."""
     from worker.main import run_worker
 
-    _leave_sigterm_to_celery()
+    _leave_signals_to_celery()
     sys.exit(run_worker(list(ctx.args)))
 
 
@@ -585,7 +584,7 @@ def beat(ctx: click.Context) -> None:
     """Start the Celery beat scheduler. Run exactly one per deployment."""
     from worker.main import run_beat
 
-    _leave_sigterm_to_celery()
+    _leave_signals_to_celery()
     sys.exit(run_beat(list(ctx.args)))
 
 
@@ -656,36 +655,15 @@ def demo(directory: str | None, days: int, keys: int) -> None:
     sys.exit(run_demo(directory=directory, days=days, keys=keys))
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``docker stop``, Kubernetes, ``timeout``), handled exactly like Ctrl-C: a job records
-    its run (and snapshot) as aborted on the way out, and the command exits 1."""
-
-
-def _terminate(signum: int, _: Any) -> None:
-    raise Terminated(f"terminated by {signal.Signals(signum).name}")
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into Terminated while a command runs (Celery's worker and beat install their own)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _leave_sigterm_to_celery() -> None:
+def _leave_signals_to_celery() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the command, turning every known failure into one line and an exit code."""
-    with _sigterm_as_interrupt():
+    with stop_on_signals():
         _main(argv)
 
 

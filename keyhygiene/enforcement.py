@@ -39,6 +39,7 @@ from keyhygiene.rules import (
 from .context import Database, session_scope
 from .errors import EnforcementRefused
 from .logging import get_logger
+from .shutdown import change_in_flight
 from .timeutil import isoformat
 
 log = get_logger(__name__)
@@ -468,7 +469,24 @@ def change_key(
 
     if fence is not None:
         fence()
-    action_id = record_decision(database, decision, run_id=run_id, now=stamp(), dry_run=False, outcome=audit.PENDING)
+    # From the intent to its outcome a stop (SIGTERM, Ctrl-C) is held: the outcome is always recorded.
+    with change_in_flight():
+        action_id = record_decision(
+            database, decision, run_id=run_id, now=stamp(), dry_run=False, outcome=audit.PENDING
+        )
+        return _carry_out(database, client, decision, action_id, run_id=run_id, stamp=stamp)
+
+
+def _carry_out(
+    database: Database,
+    client: KeysClient,
+    decision: Decision,
+    action_id: int,
+    *,
+    run_id: int,
+    stamp: Callable[[], datetime],
+) -> str:
+    """Make the change whose intent ``action_id`` records, and complete the record with its outcome."""
 
     def outcome_is(
         outcome: str, *, reason: str | None = None, error: str | None = None, after: Key | None = None

@@ -174,7 +174,7 @@ def _failure_message(exc: BaseException) -> str:
     """One line about the failure, fit to be stored: it ends up in the database, not only in logs."""
     if isinstance(exc, SQLAlchemyError):
         return redact_text(f"database error: {describe_db_error(exc)}")
-    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (keyhygiene.cli.Terminated)
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM (keyhygiene.shutdown.Terminated)
         return str(exc) or "interrupted"
     text = str(exc).strip()
     return redact_text(text.splitlines()[0]) if text else type(exc).__name__

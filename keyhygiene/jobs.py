@@ -202,7 +202,7 @@ def _failure(
         return JobOutcome(kind, runs.FAILED, EXIT_FAILURE, f"API error: {exc}", run_id)
     if isinstance(exc, SQLAlchemyError):
         return JobOutcome(kind, runs.FAILED, EXIT_FAILURE, f"database error: {describe_db_error(exc)}", run_id)
-    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (keyhygiene.cli.Terminated)
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM (keyhygiene.shutdown.Terminated)
         return JobOutcome(kind, runs.ABORTED, EXIT_FAILURE, str(exc) or "interrupted", run_id)
     return JobOutcome(kind, runs.FAILED, EXIT_FAILURE, f"unexpected error: {type(exc).__name__}: {exc}", run_id)
 

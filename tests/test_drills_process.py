@@ -116,7 +116,8 @@ def test_an_inline_run_signalled_mid_way(
 ) -> None:
     name = signal.Signals(sig).name
     drill.expectation = (
-        "SIGTERM: the run (and a snapshot being taken) recorded aborted, exit 1 at once"
+        "SIGTERM: a change in flight completes and is recorded first; the run (and a snapshot being "
+        "taken) recorded aborted, exit 1"
         if sig == signal.SIGTERM
         else "SIGKILL: nothing to record; the next run settles the change in flight and takes the lock over at once"
     )
@@ -141,6 +142,10 @@ def test_an_inline_run_signalled_mid_way(
             snapshot = setup.first(Snapshot)
             assert snapshot.status == "failed"
             drill.saw(f"snapshot {snapshot.status} ({snapshot.error})")
+        else:  # the stop waited for the change in flight, and its outcome is in the audit log
+            assert not [a for a in _actions(setup) if a.outcome == "pending"]
+            assert drill.repeated_calls(fake) == 0
+            drill.saw("the change in flight was recorded before the exit")
     else:
         assert code == -signal.SIGKILL
         assert run.status == "running"  # the process could record nothing

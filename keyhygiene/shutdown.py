@@ -1,0 +1,63 @@
+"""Stopping on SIGTERM or Ctrl-C without leaving a change unrecorded.
+
+A command stops at once when told to, except while a change to a key is in flight: between the
+intent written to the audit log and its outcome. A stop asked for then is held until the outcome is
+recorded (one API call, bounded by the HTTP timeout) and raised right after, so a ``docker stop``
+never leaves a change made at the API with nothing in the audit log to say so. A second signal
+while one is held stops at once; the next enforcement settles that change from the key's fresh state.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, Kubernetes, ``timeout``) or Ctrl-C: a job records its run (and
+    snapshot) as aborted on the way out, and the command exits 1."""
+
+
+_holding = 0
+_held: str | None = None
+
+
+def _stop(signum: int, _: Any) -> None:
+    global _held
+    why = "interrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"
+    if _holding and _held is None:
+        _held = why
+        return
+    raise Terminated(why)
+
+
+@contextmanager
+def change_in_flight() -> Iterator[None]:
+    """Hold a stop asked for inside the block until the block ends, then raise it."""
+    global _holding, _held
+    _holding += 1
+    try:
+        yield
+    finally:
+        _holding -= 1
+        if not _holding and _held is not None:
+            why, _held = _held, None
+            raise Terminated(why)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into Terminated while a command runs, held during a change in
+    flight. Only the main thread can handle signals; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
