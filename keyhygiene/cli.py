@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 import click
-from rich.console import Console
 
 from . import logging as khlog
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, KeyhygieneError, UsageError
@@ -165,6 +164,7 @@ def sync(state: State) -> None:
     settings = state.settings
     _settle()
     if sys.stderr.isatty():
+        from rich.console import Console
         from rich.progress import Progress, SpinnerColumn, TextColumn
 
         with Progress(
@@ -259,6 +259,8 @@ def status(state: State, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(current.as_json()))
     else:
+        from rich.console import Console
+
         from .reports.base import Report
         from .reports.render import print_table
         from .reports.runs import HEADERS
@@ -333,6 +335,8 @@ def plan(state: State, fmt: str, limit: int) -> None:
     if fmt == "json":
         write_json(decisions, sys.stdout)
         return
+    from rich.console import Console
+
     title = f"Plan on snapshot {inputs.snapshot_id} ({isoformat(inputs.taken_at)}), {len(inputs.keys):,} keys"
     print_table(decisions, Console(), title=title, limit=limit)
     changes = len(the_plan.changes)
@@ -519,6 +523,8 @@ def report(
                 fail(f"cannot write {out}: {exc.strerror or exc}")
     finally:
         database.close()
+    from rich.console import Console
+
     render(result, fmt, Console(soft_wrap=False), table_columns=table_columns(kind))
 
 
