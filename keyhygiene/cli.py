@@ -467,6 +467,13 @@ def _warn_unmatched_workspaces(ruleset: Any, names: dict[str, str]) -> None:
     "idle: per key or per owner.",
 )
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), help="html: the file to write.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="table: show at most this many rows (0: all), then count the rest. JSON and CSV always list all.",
+)
 @pass_state
 def report(
     state: State,
@@ -478,6 +485,7 @@ def report(
     name: str | None,
     by: str,
     out: str | None,
+    limit: int,
 ) -> None:
     """Historical reports from the snapshots: inventory, spend, actions, idle, trends, runs, html.
 
@@ -525,7 +533,7 @@ def report(
         database.close()
     from rich.console import Console
 
-    render(result, fmt, Console(soft_wrap=False), table_columns=table_columns(kind))
+    render(result, fmt, Console(soft_wrap=False), table_columns=table_columns(kind), limit=limit)
 
 
 def _with_workspace_ids(params: Any, names: dict[str, str]) -> Any:

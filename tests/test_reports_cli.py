@@ -59,6 +59,21 @@ def test_csv_has_a_header_row(org: Org, cli: Callable[..., Any], kind: str) -> N
     assert rows[0][: len(as_json[0])] == list(as_json[0])[: len(rows[0])]
 
 
+def test_a_table_shows_the_first_rows_and_counts_the_rest(org: Org, cli: Callable[..., Any]) -> None:
+    every = json.loads(cli("report", "inventory", "--at", AT, "--format", "json").stdout)
+    assert len(every) > 3
+    names = [row["name"] for row in every]
+
+    cut = cli("report", "inventory", "--at", AT, "--limit", "2")
+    assert cut.exit_code == 0, cut.stderr
+    assert f"... and {len(every) - 2:,} more rows" in cut.stdout
+    assert [name for name in names if name in cut.stdout] == names[:2]
+
+    whole = cli("report", "inventory", "--at", AT, "--limit", "0")
+    assert "more rows" not in whole.stdout
+    assert all(name in whole.stdout for name in names)
+
+
 def test_spend_by_and_filters_at_the_command_line(org: Org, cli: Callable[..., Any]) -> None:
     result = cli("report", "spend", "--at", AT, "--since", "7d", "--by", "workspace", "--format", "json")
     assert [row["total"] for row in json.loads(result.stdout)] == [19.5, 1.5]

@@ -108,9 +108,12 @@ def to_csv(report: Report) -> str:
     return buffer.getvalue()
 
 
-def print_table(report: Report, console: Console, *, columns: Sequence[str] | None = None) -> None:
-    """A table that fits an 80-column terminal: few columns, short hashes and headers, long text folds."""
+def print_table(report: Report, console: Console, *, columns: Sequence[str] | None = None, limit: int = 0) -> None:
+    """A table that fits an 80-column terminal: few columns, short hashes and headers, long text
+    folds. With ``limit``, the first ``limit`` rows, then a line counting the rest: laying out a
+    table costs far more than the report, and nobody reads 10,000 rows in a terminal."""
     shown = [column for column in (columns or report.table_columns or report.columns)]
+    rows = report.rows if limit <= 0 else report.rows[:limit]
     # The title is printed on its own, so that it wraps at the terminal's width, not the table's.
     console.print(Text(escape_control(report.title), style="bold"))
     table = Table(
@@ -122,8 +125,7 @@ def print_table(report: Report, console: Console, *, columns: Sequence[str] | No
     )
     for column in shown:
         numeric = any(
-            isinstance(row.get(column), int | float) and not isinstance(row.get(column), bool)
-            for row in report.rows[:50]
+            isinstance(row.get(column), int | float) and not isinstance(row.get(column), bool) for row in rows[:50]
         )
         header = report.headers.get(column, column.replace("_", " "))
         table.add_column(
@@ -133,7 +135,7 @@ def print_table(report: Report, console: Console, *, columns: Sequence[str] | No
             no_wrap=numeric or column in HASH_COLUMNS or column in report.time_formats,
             min_width=min(len(header), 8),
         )
-    for row in report.rows:
+    for row in rows:
         cells: list[Text] = []
         for column in shown:
             value = row.get(column)
@@ -146,14 +148,19 @@ def print_table(report: Report, console: Console, *, columns: Sequence[str] | No
     console.print(table)
     if not report.rows:
         console.print("(no rows)")
+    rest = len(report.rows) - len(rows)
+    if rest:
+        console.print(Text(f"... and {rest:,} more rows (--limit 0 shows all; --format csv or json lists every one)"))
     for note in report.notes:
         console.print(Text(escape_control(note)))
 
 
-def render(report: Report, fmt: str, console: Console, *, table_columns: list[str] | None = None) -> None:
+def render(
+    report: Report, fmt: str, console: Console, *, table_columns: list[str] | None = None, limit: int = 0
+) -> None:
     if fmt == "json":
         console.file.write(to_json(report) + "\n")
     elif fmt == "csv":
         console.file.write(to_csv(report))
     else:
-        print_table(report, console, columns=table_columns)
+        print_table(report, console, columns=table_columns, limit=limit)
