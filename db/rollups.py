@@ -30,6 +30,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Date,
     Index,
     Integer,
@@ -47,6 +48,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from keyhygiene.keysapi.fields import MICROS_PER_USD
 
 from . import snapshots
 from .models import Base, Money, Snapshot, UTCDateTime, key_records, key_usage, tracked_keys
@@ -391,12 +394,15 @@ class SpendRow:
     first_byok_usage: float = 0.0
 
 
-def spend_rows(session: Session, *, after_snapshot: int, until_snapshot: int) -> Iterator[SpendRow]:
+def spend_rows(
+    session: Session, *, after_snapshot: int, until_snapshot: int, per_day: bool = True
+) -> Iterator[SpendRow]:
     """What keys spent at the complete snapshots ``(after_snapshot, until_snapshot]``, streamed:
     whole UTC days from ``key_days``, and the steps of a day the range covers only in part (its
     first and last day, when other snapshots of them lie outside) from the versions; plus the
     first observation of every key first seen in the range. Only keys that spent or were first
-    seen have rows."""
+    seen have rows. Without ``per_day``, the whole days come summed in SQL, one row per key on its
+    last day there (with its name, workspace and owner of that day): totals, not a daily series."""
     inside = _snapshots_between(session, after_snapshot, until_snapshot)
     if not inside:
         return
@@ -410,7 +416,36 @@ def spend_rows(session: Session, *, after_snapshot: int, until_snapshot: int) ->
     ]
     upper = inside[-1][1]
     days = KeyDay.__table__
-    if whole:
+    if whole and not per_day:
+        spent = or_(days.c.usage > 0, days.c.byok_usage > 0)
+        totals = (
+            select(
+                days.c.key_hash,
+                func.max(days.c.day).label("day"),
+                # Summed as the integer micro-dollars they are stored as: exact.
+                func.sum(type_coerce(days.c.usage, BigInteger)).label("usage"),
+                func.sum(type_coerce(days.c.byok_usage, BigInteger)).label("byok_usage"),
+            )
+            .where(days.c.day >= whole[0], days.c.day <= whole[-1], spent)
+            .group_by(days.c.key_hash)
+            .subquery()
+        )
+        summed = session.execute(
+            select(
+                totals.c.key_hash,
+                totals.c.day,
+                days.c.name,
+                days.c.workspace_id,
+                days.c.creator_user_id,
+                totals.c.usage,
+                totals.c.byok_usage,
+            ).join(days, and_(days.c.key_hash == totals.c.key_hash, days.c.day == totals.c.day))
+        )
+        for key_hash, last_day, name, workspace_id, creator, credit, byok in summed:
+            yield SpendRow(
+                key_hash, last_day, name, workspace_id, creator, None, _micros_usd(credit), _micros_usd(byok)
+            )
+    elif whole:
         # The bulk of a long period: only the columns a step needs (no times to convert).
         steps = session.execute(
             select(
@@ -515,6 +550,12 @@ def _steps_at(session: Session, snapshot_ids: list[int]) -> Iterator[SpendRow]:
     )
     for key_hash, taken_at, name, workspace_id, creator, created_at, credit, byok in rows:
         yield SpendRow(key_hash, taken_at.date(), name, workspace_id, creator, created_at, _usd(credit), _usd(byok))
+
+
+def _micros_usd(micros: Any) -> float:
+    """A sum of a Money column as SQL returns it (integer micro-dollars, or a Decimal of them on
+    PostgreSQL) in USD."""
+    return 0.0 if micros is None else int(micros) / MICROS_PER_USD
 
 
 def _usd(amount: Decimal | None) -> float:

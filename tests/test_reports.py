@@ -21,6 +21,7 @@ from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.reports import ReportError, ReportParams, builders
 from keyhygiene.reports.render import print_table, to_csv, to_json
+from keyhygiene.reports.spend import compute_spend
 from keyhygiene.rules import parse_rules
 from tests.test_reports_support import D0, DAY, NOW, RULES, Org, build_history, day, key_hash
 
@@ -203,6 +204,33 @@ def test_trends_per_day(org: Org) -> None:
         ("2026-03-11", 13, 1, 2, 11, 11, 5),  # lima reaches 30 days
     ]
     assert [row["spend"] for row in rows] == [1.0, 1.0, 1.0, 7.0, 4.0, 3.5, 5.5, 1.0]
+
+
+@pytest.mark.parametrize("since_days", [1, 2, 7, 30])
+def test_spend_summed_in_the_database_matches_the_daily_series(org: Org, since_days: int) -> None:
+    """Per-key spend comes from SQL sums; the daily series (charts, --by day) from the days."""
+    for at in (None, day(6, 18.0), day(8, 12.75)):
+        params = ReportParams(now=NOW, since=since_days * DAY, at=at)
+        with org.database.sessions() as session:
+            totals = compute_spend(session, params, per_day=False)
+            daily = compute_spend(session, params, per_day=True)
+        assert daily.keys and set(totals.keys) == set(daily.keys)
+        for hashed, summed in totals.keys.items():
+            series = daily.keys[hashed]
+            assert (
+                round(summed.usage, 6) == round(sum(u for u, _ in series.by_day.values()), 6) == round(series.usage, 6)
+            )
+            assert round(summed.byok_usage, 6) == round(series.byok_usage, 6)
+            assert (summed.name, summed.workspace_id, summed.creator_user_id) == (
+                series.name,
+                series.workspace_id,
+                series.creator_user_id,
+            )
+            assert (summed.created_in_period, summed.baseline_known, summed.counted_from) == (
+                series.created_in_period,
+                series.baseline_known,
+                series.counted_from,
+            )
 
 
 def test_trends_spend_matches_spend_by_day(org: Org) -> None:

@@ -113,9 +113,12 @@ class SpendFigures:
         return sum(spend.total for spend in self.keys.values())
 
 
-def compute_spend(session: Session, params: ReportParams, *, default: timedelta = DEFAULT_PERIOD) -> SpendFigures:
-    """Spend per key and per day over the report's period, from the roll-ups (:mod:`db.rollups`);
-    a ReportError when nothing covers it."""
+def compute_spend(
+    session: Session, params: ReportParams, *, default: timedelta = DEFAULT_PERIOD, per_day: bool = True
+) -> SpendFigures:
+    """Spend per key (and, with ``per_day``, per day) over the report's period, from the roll-ups
+    (:mod:`db.rollups`); a ReportError when nothing covers it. Without ``per_day`` the database
+    sums each key's days, and ``by_day`` is not a daily series: use the totals only."""
     end_snapshot = snapshot_for(session, params)
     end = params.as_of
     start = params.period_start(default)
@@ -125,7 +128,8 @@ def compute_spend(session: Session, params: ReportParams, *, default: timedelta 
 
     keys: dict[str, KeySpend] = {}
     latest: dict[str, date] = {}
-    for row in rollups.spend_rows(session, after_snapshot=after_id, until_snapshot=end_snapshot.id):
+    rows = rollups.spend_rows(session, after_snapshot=after_id, until_snapshot=end_snapshot.id, per_day=per_day)
+    for row in rows:
         spend = keys.get(row.key_hash)
         if spend is None:
             spend = keys[row.key_hash] = KeySpend(row.key_hash, row.name, row.workspace_id, counted_from=baseline_at)
@@ -174,7 +178,7 @@ def build(session: Session, params: ReportParams) -> Report:
     check_at(params)
     if params.by not in GROUPINGS:
         raise ReportError(f"--by must be one of {', '.join(GROUPINGS)}, not {params.by!r}")
-    figures = compute_spend(session, params)
+    figures = compute_spend(session, params, per_day=params.by == "day")
     period = f"{figures.start:%Y-%m-%d %H:%M} to {figures.end:%Y-%m-%d %H:%M} UTC"
     spent = [spend for spend in figures.keys.values() if spend.total > 0]
     total = usd(figures.total)
