@@ -8,7 +8,7 @@ is ever repeated blindly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
@@ -20,6 +20,7 @@ from db import audit, snapshots
 from db.models import Snapshot
 from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed, NotFound, OutcomeUnknown, RequestRejected
+from keyhygiene.keysapi.fields import MICROS_PER_USD
 from keyhygiene.keysapi.models import Key
 from keyhygiene.rules import (
     AuditFacts,
@@ -121,6 +122,47 @@ def key_facts(key: Key) -> KeyFacts:
     )
 
 
+def _micros(value: int | None) -> Decimal | None:
+    """Stored micro-dollars as ``key_facts`` reads the same amount from the API's JSON."""
+    return None if value is None else _money(value / MICROS_PER_USD)
+
+
+def facts_at(session: Session, snapshot_id: int) -> Iterator[KeyFacts]:
+    """What the rules engine reads of every key the snapshot saw, by hash, streamed: the same
+    facts as ``key_facts`` of ``snapshots.keys_at``, mostly straight from the typed columns."""
+    for stored in snapshots.typed_keys_at(session, snapshot_id):
+        yield stored_facts(stored)
+
+
+def stored_facts(stored: Mapping[str, Any] | Key) -> KeyFacts:
+    """``key_facts`` of one item of ``snapshots.typed_keys_at``: typed columns or a rebuilt Key."""
+    if isinstance(stored, Key):
+        return key_facts(stored)
+    return KeyFacts(
+        hash=stored["key_hash"],
+        name=stored["name"],
+        workspace_id=stored["workspace_id"],
+        disabled=stored["disabled"],
+        created_at=stored["created_at"],
+        updated_at=stored["updated_at"],
+        expires_at=stored["expires_at"],
+        last_used_at=stored["last_used_at"],
+        reports_last_used=True,  # every field was there: the stored JSON lists none missing
+        usage=_money(stored["usage"] / MICROS_PER_USD),
+        usage_daily=_money(stored["usage_daily"] / MICROS_PER_USD),
+        usage_weekly=_money(stored["usage_weekly"] / MICROS_PER_USD),
+        usage_monthly=_money(stored["usage_monthly"] / MICROS_PER_USD),
+        byok_usage=_money(stored["byok_usage"] / MICROS_PER_USD),
+        byok_usage_daily=_money(stored["byok_usage_daily"] / MICROS_PER_USD),
+        byok_usage_weekly=_money(stored["byok_usage_weekly"] / MICROS_PER_USD),
+        byok_usage_monthly=_money(stored["byok_usage_monthly"] / MICROS_PER_USD),
+        limit=_micros(stored["limit"]),
+        limit_remaining=_micros(stored["limit_remaining"]),
+        limit_reset=stored["limit_reset"],
+        include_byok_in_limit=stored["include_byok_in_limit"],
+    )
+
+
 def load_histories(session: Session, snapshot_id: int) -> dict[str, KeyHistory]:
     """What the stored versions prove about each key alive at the snapshot (one query)."""
     return {
@@ -167,7 +209,7 @@ def load_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
     if snapshot is None or snapshot.status != snapshots.COMPLETE or snapshot.taken_at is None:
         raise ValueError(f"snapshot {snapshot_id} is not a complete snapshot")
     previous = snapshots.previous_snapshot(session, snapshot_id)
-    keys = [key_facts(key) for key in snapshots.keys_at(session, snapshot_id)]
+    keys = list(facts_at(session, snapshot_id))
     deleted_by_us = 0
     if previous is not None and previous.taken_at is not None:
         vanished = snapshots.key_hashes_at(session, previous.id) - {key.hash for key in keys}

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from db import retention, runs, snapshots
 from db.models import Snapshot, key_usage, snapshot_staging, tracked_keys
 from keyhygiene.context import Database, session_scope
+from keyhygiene.enforcement import facts_at, key_facts
 from keyhygiene.keysapi.models import Key
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -241,6 +242,27 @@ def test_the_raw_json_comes_back_exactly_whatever_its_numbers_and_times(database
     s1, _ = store(database, [Key.from_api(odd), Key.from_api(older_api)], T0)
 
     assert raw_at(database, s1) == {key(1).hash: odd, key(2).hash: older_api}
+
+
+def test_the_rules_read_the_same_facts_from_the_typed_columns_as_from_the_raw_json(database: Database) -> None:
+    """Plans and the idle report read keys straight from the typed columns (``facts_at``); keys the
+    columns do not hold exactly are rebuilt from their raw JSON. Either way: the API's facts."""
+    usual = [key(n, usage=0.25 * n, usage_daily=0.000043, limit=25.5, limit_remaining=3.25) for n in range(3, 30)]
+    micro_style = {"created_at": "2025-08-24T10:30:00.000000+00:00", "expires_at": "2027-01-01T00:00:00.250000+00:00"}
+    usual += [key(n, usage=0.07, **micro_style) for n in range(30, 40)]  # the API's other time style
+    odd = dict(key(1).raw, usage=0.1 + 0.2, limit=12.3456789, limit_remaining=1e-9, last_used_at="2026-02-19T20:52:27Z")
+    older_api = {name: value for name, value in key(2).raw.items() if not name.startswith(("byok", "last_used"))}
+    keys = [Key.from_api(odd), Key.from_api(older_api), *usual, key(40, disabled=True, usage=0), key(41, usage=7)]
+    s1, _ = store(database, keys, T0)
+
+    with database.sessions() as session:
+        typed = list(facts_at(session, s1))
+        rebuilt = [key_facts(k) for k in snapshots.keys_at(session, s1)]
+        kinds = [type(item).__name__ for item in snapshots.typed_keys_at(session, s1)]
+
+    assert typed == rebuilt == sorted((key_facts(k) for k in keys), key=lambda facts: facts.hash)
+    assert [str(facts.usage) for facts in typed] == [str(facts.usage) for facts in rebuilt]
+    assert kinds.count("Key") == 2 and kinds.count("dict") == len(keys) - 2  # only the odd ones rebuilt
 
 
 def test_money_sums_are_exact_to_the_cent(database: Database) -> None:

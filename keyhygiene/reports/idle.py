@@ -18,10 +18,10 @@ from sqlalchemy.orm import Session
 
 from db import snapshots
 from db.models import Snapshot
-from keyhygiene.enforcement import key_facts, load_audit_facts, load_histories
+from keyhygiene.enforcement import load_audit_facts, load_histories, stored_facts
 from keyhygiene.errors import EXIT_USAGE
 from keyhygiene.keysapi.models import Key
-from keyhygiene.rules import AuditFacts, KeyHistory, NextAction, idle_since, is_protected, next_action
+from keyhygiene.rules import AuditFacts, KeyFacts, KeyHistory, NextAction, idle_since, is_protected, next_action
 from keyhygiene.rules.model import duration_text
 
 from .base import Report, ReportError, ReportParams, snapshot_for, usd
@@ -52,7 +52,9 @@ OWNER_COLUMNS = ["owner", "keys", "disabled", "longest_idle_days", "rule_acts"]
 @dataclass(frozen=True, slots=True)
 class _Inputs:
     snapshot: Snapshot
-    keys: list[Key]
+    keys: list[KeyFacts]
+    owners: dict[str, str | None]
+    """Each key's ``creator_user_id``, by hash."""
     histories: dict[str, KeyHistory]
     audits: dict[str, AuditFacts]
 
@@ -61,18 +63,20 @@ def _inputs(session: Session, params: ReportParams) -> _Inputs:
     snapshot = snapshot_for(session, params)
     # The plan's own audit facts, so that the report's next action is the plan's (re-enables too).
     audits = load_audit_facts(session, until=params.at)
-    keys = [
-        key
-        for key in snapshots.keys_at(session, snapshot.id)
-        if params.wants(name=key.name, workspace_id=key.workspace_id)
-    ]
-    return _Inputs(snapshot, keys, load_histories(session, snapshot.id), audits)
+    keys: list[KeyFacts] = []
+    owners: dict[str, str | None] = {}
+    for stored in snapshots.typed_keys_at(session, snapshot.id):
+        facts = stored_facts(stored)
+        if params.wants(name=facts.name, workspace_id=facts.workspace_id):
+            keys.append(facts)
+            owners[facts.hash] = stored.creator_user_id if isinstance(stored, Key) else stored["creator_user_id"]
+    return _Inputs(snapshot, keys, owners, load_histories(session, snapshot.id), audits)
 
 
-def _next_action(key: Key, inputs: _Inputs, params: ReportParams) -> NextAction | None:
+def _next_action(key: KeyFacts, inputs: _Inputs, params: ReportParams) -> NextAction | None:
     assert params.ruleset is not None
     return next_action(
-        key_facts(key),
+        key,
         inputs.histories.get(key.hash, KeyHistory()),
         inputs.audits.get(key.hash, AuditFacts()),
         params.ruleset,
@@ -100,7 +104,7 @@ def upcoming_actions(session: Session, params: ReportParams, inputs: _Inputs | N
                     "key_hash": key.hash,
                     "name": key.name,
                     "workspace_id": key.workspace_id,
-                    "owner": key.creator_user_id,
+                    "owner": inputs.owners[key.hash],
                     "rule": coming.decision.rule,
                     "action": coming.decision.action,
                     "acts_on": coming.due,
@@ -147,7 +151,7 @@ def build(session: Session, params: ReportParams, inputs: _Inputs | None = None)
         next_rule = next_step = acts_on = None
         protected = False
         if ruleset is not None:
-            protected = is_protected(key_facts(key), ruleset.safety)
+            protected = is_protected(key, ruleset.safety)
             coming = _next_action(key, inputs, params)
             if coming is not None:
                 next_rule, next_step, acts_on = coming.decision.rule, coming.decision.action, coming.due
@@ -156,15 +160,15 @@ def build(session: Session, params: ReportParams, inputs: _Inputs | None = None)
                 "key_hash": key.hash,
                 "name": key.name,
                 "workspace_id": key.workspace_id,
-                "owner": key.creator_user_id,
+                "owner": inputs.owners[key.hash],
                 "disabled": key.disabled,
                 "expired": key.expires_at is not None and key.expires_at <= as_of,
                 "protected": protected,
                 "idle_since": since,
                 "idle_days": (as_of - since).days,
                 "last_used_at": key.last_used_at,
-                "usage": usd(key.usage),
-                "byok_usage": usd(key.byok_usage),
+                "usage": usd(float(key.usage)),
+                "byok_usage": usd(float(key.byok_usage)),
                 "next_rule": next_rule,
                 "next_action": next_step,
                 "acts_on": acts_on,
