@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Sequence
 from datetime import date, datetime
-from typing import Any
+from typing import IO, Any
 
 from rich import box
 from rich.console import Console
@@ -91,20 +91,38 @@ def _cell(value: Any, *, time_format: str = "%Y-%m-%d %H:%M") -> str:
     return str(value)
 
 
+def write_json(report: Report, out: IO[str]) -> None:
+    """Exactly one JSON array of objects, one per row, written row by row (never one big string)."""
+    out.write("[")
+    for index, row in enumerate(report.rows):
+        if index:
+            out.write(", ")
+        out.write(json.dumps({k: _plain(v) for k, v in row.items()}, default=str))
+    out.write("]")
+
+
 def to_json(report: Report) -> str:
-    """Exactly one JSON array of objects, one per row."""
-    return json.dumps([{k: _plain(v) for k, v in row.items()} for row in report.rows], default=str)
-
-
-def to_csv(report: Report) -> str:
-    """A header row, then one line per row (CRLF); nested values (evidence, rule lists) as compact JSON."""
+    """``write_json``'s text."""
     buffer = io.StringIO()
+    write_json(report, buffer)
+    return buffer.getvalue()
+
+
+def write_csv(report: Report, out: IO[str]) -> None:
+    """A header row, then one line per row (CRLF), written row by row; nested values (evidence,
+    rule lists) as compact JSON."""
     # RFC 4180 line ends: with "\n" alone, the csv module leaves a cell holding "\r" unquoted,
     # and that cell splits its row in every reader.
-    writer = csv.DictWriter(buffer, fieldnames=list(report.columns), extrasaction="ignore", lineterminator="\r\n")
+    writer = csv.DictWriter(out, fieldnames=list(report.columns), extrasaction="ignore", lineterminator="\r\n")
     writer.writeheader()
     for row in report.rows:
         writer.writerow({k: _csv_value(v) for k, v in row.items()})
+
+
+def to_csv(report: Report) -> str:
+    """``write_csv``'s text."""
+    buffer = io.StringIO()
+    write_csv(report, buffer)
     return buffer.getvalue()
 
 
@@ -159,8 +177,9 @@ def render(
     report: Report, fmt: str, console: Console, *, table_columns: list[str] | None = None, limit: int = 0
 ) -> None:
     if fmt == "json":
-        console.file.write(to_json(report) + "\n")
+        write_json(report, console.file)
+        console.file.write("\n")
     elif fmt == "csv":
-        console.file.write(to_csv(report))
+        write_csv(report, console.file)
     else:
         print_table(report, console, columns=table_columns, limit=limit)
