@@ -271,6 +271,7 @@ def run_demo(
         try:
             upgrade(database.engine)
             client = open_client(settings)
+            staged = snapshots.StagedRows()  # most keys do not change from one simulated day to the next
             try:
                 for day in range(days):
                     moment = start + day * DAY
@@ -285,7 +286,7 @@ def run_demo(
                         _overspend_today(fake, end)
                     fake.set_clock(moment)
                     if day < days - 1:
-                        _record_past_day(database, fake, moment)
+                        _record_past_day(database, fake, moment, staged)
                         continue
                     outcome = execute("sync", settings, clock=at_moment, database=database, client=client)
                     if outcome.exit_code != EXIT_OK:
@@ -407,7 +408,7 @@ def shell_command() -> str:
     return str(beside)
 
 
-def _record_past_day(database: Database, fake: FakeOpenRouter, moment: datetime) -> None:
+def _record_past_day(database: Database, fake: FakeOpenRouter, moment: datetime, reuse: snapshots.StagedRows) -> None:
     """One simulated past day's snapshot, through the store's own write path (SnapshotWriter) but
     straight from the fake's state: a day that is already over needs no HTTP round trips. The
     last day is a real ``keyhygiene sync`` over HTTP."""
@@ -415,7 +416,7 @@ def _record_past_day(database: Database, fake: FakeOpenRouter, moment: datetime)
         run_id = runs.start_run(session, kind="sync", now=moment).id
         snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=moment).id
     keys = fake.keys
-    writer = snapshots.SnapshotWriter(snapshot_id)
+    writer = snapshots.SnapshotWriter(snapshot_id, reuse=reuse)
     with session_scope(database) as session:
         writer.add(session, keys)
         written = writer.finish(

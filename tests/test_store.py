@@ -53,7 +53,9 @@ def key(n: int, **fields: Any) -> Key:
     return Key.from_api(data)
 
 
-def store(database: Database, keys: list[Key], at: datetime) -> tuple[int, snapshots.SnapshotWrite]:
+def store(
+    database: Database, keys: list[Key], at: datetime, reuse: snapshots.StagedRows | None = None
+) -> tuple[int, snapshots.SnapshotWrite]:
     """One complete sync's worth of writes: a run, a snapshot, its key states."""
     with session_scope(database) as session:
         run_id = runs.start_run(session, kind="sync", now=at).id
@@ -65,6 +67,7 @@ def store(database: Database, keys: list[Key], at: datetime) -> tuple[int, snaps
             keys=[k.raw for k in keys],
             taken_at=at,
             workspace_counts={"ws-default": len(keys)},
+            reuse=reuse,
         )
     return snapshot_id, written
 
@@ -93,6 +96,21 @@ def test_each_snapshot_reads_back_exactly(database: Database) -> None:
         read_back = {k.hash: k for k in snapshots.keys_at(session, s2)}
     assert read_back[key(2).hash] == key(2, usage=9.5, usage_daily=7.5)  # typed fields too, timestamps aware
     assert read_back[key(2).hash].last_used_at == datetime(2026, 2, 19, 20, 52, 27, 363244, tzinfo=UTC)
+
+
+def test_staging_rows_reused_across_snapshots_store_the_same_history(database: Database) -> None:
+    """The demo records its simulated days reusing the staging rows of keys that did not change."""
+    reuse = snapshots.StagedRows()
+    days = [
+        [key(n) for n in range(1, 6)],
+        [key(1), key(2, usage=9.5, last_used_at="2026-03-01T10:00:00Z"), key(3), key(5, disabled=True), key(6)],
+        [key(1), key(2, usage=9.5, last_used_at="2026-03-01T10:00:00Z"), key(5), key(6, name="renamed")],
+    ]
+    stored = [store(database, keys, T0 + timedelta(hours=hour), reuse) for hour, keys in enumerate(days)]
+
+    for (snapshot_id, _), keys in zip(stored, days, strict=True):
+        assert raw_at(database, snapshot_id) == {k.hash: k.raw for k in keys}
+    assert [written.new_versions for _, written in stored] == [5, 3, 2]
 
 
 def test_an_unchanged_key_costs_no_new_row(database: Database) -> None:

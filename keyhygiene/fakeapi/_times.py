@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 
 WINDOWS = ("daily", "weekly", "monthly")
 
@@ -59,8 +60,10 @@ def optional_utc(value: datetime | str | None) -> datetime | None:
     return None if value is None else utc(value)
 
 
+@lru_cache(maxsize=1 << 18)
 def format_time(moment: datetime, *, microsecond_style: bool) -> str:
-    """``2025-08-24T10:30:00Z``, or ``2025-02-19T20:52:27.363244+00:00`` when asked."""
+    """``2025-08-24T10:30:00Z``, or ``2025-02-19T20:52:27.363244+00:00`` when asked. Remembered:
+    every listing writes every key's times again."""
     moment = moment.astimezone(UTC)
     if microsecond_style:
         return moment.isoformat(timespec="microseconds")
