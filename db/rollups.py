@@ -46,7 +46,6 @@ from sqlalchemy import (
     true,
     type_coerce,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from keyhygiene.keysapi.fields import MICROS_PER_USD
@@ -116,7 +115,13 @@ COUNTS = ("keys", "disabled", "expired", "no_expiry", "no_limit", "idle_30d")
 
 def _upsert(session: Session, table: Any) -> Any:
     dialect = session.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql  # loaded by the sync that writes, not by every report
+
+        return postgresql.insert(table)
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(table)
 
 
 def _grown(new: Any, old: Any) -> Any:

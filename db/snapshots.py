@@ -670,16 +670,18 @@ def keys_at(session: Session, snapshot_id: int) -> Iterator[Key]:
         yield Key.from_api(_restore(row[0], row[1:-2], row[-2:]))
 
 
-_TYPED_EXACTLY = (None, _OTHER_STYLE_TEXT)
-"""Stored JSON parts that add nothing to the typed values (the other time style changes no time)."""
+_NOTHING_MORE = frozenset({"t", "~"})
+"""Notes of a stored JSON part that the typed values can carry: the other time style (which
+changes no time) and float noise on an amount."""
 
 
 def typed_keys_at(session: Session, snapshot_id: int) -> Iterator[dict[str, Any] | Key]:
     """Every key snapshot ``snapshot_id`` saw, by hash, streamed, for reading its fields: a dict of
-    the typed columns (``ALIVE_COLUMNS``' names, money as integer micro-dollars) when they hold the
-    key exactly, as for nearly every key; otherwise (the API sent something the columns do not
-    hold: a field left out, digits below a micro-dollar, another time style) the ``Key`` rebuilt
-    from its exact raw JSON, as ``keys_at`` gives it. Skips rebuilding and re-parsing the JSON."""
+    the typed columns (``ALIVE_COLUMNS``' names; money in USD as the float the API sent, float
+    noise included) when they hold the key exactly, as for nearly every key; otherwise (the API
+    sent a field the columns do not hold, left one out, or gave digits below a micro-dollar) the
+    ``Key`` rebuilt from its exact raw JSON, as ``keys_at`` gives it. Skips rebuilding and
+    re-parsing the JSON."""
     joined, alive = _alive_join(snapshot_id, is_newest(session, snapshot_id))
     columns = [
         type_coerce(column, BigInteger) if field.kind == "money" else column
@@ -688,6 +690,7 @@ def typed_keys_at(session: Session, snapshot_id: int) -> Iterator[dict[str, Any]
         )
     ]
     names = ("key_hash", *(field.name for field in _RESTORED))
+    money = [index + 1 for index, field in enumerate(_RESTORED) if field.kind == "money"]
     query = (
         select(tracked_keys.c.key_hash, *columns, key_records.c.wire, key_usage.c.wire)
         .select_from(joined)
@@ -695,19 +698,33 @@ def typed_keys_at(session: Session, snapshot_id: int) -> Iterator[dict[str, Any]
         .order_by(tracked_keys.c.key_hash)
     )
     for row in session.execute(query.execution_options(yield_per=2000)):
-        if row[-2] in _TYPED_EXACTLY and row[-1] in _TYPED_EXACTLY:
-            yield dict(zip(names, row[:-2], strict=True))
-        else:  # _restore takes money as micro-dollars too
-            yield Key.from_api(_restore(row[0], row[1:-2], row[-2:]))
+        notes = [json.loads(wire) for wire in row[-2:] if wire is not None and wire != _OTHER_STYLE_TEXT]
+        if any(not _NOTHING_MORE.issuperset(note) for note in notes):
+            yield Key.from_api(_restore(row[0], row[1:-2], row[-2:]))  # _restore takes micro-dollars
+            continue
+        key = dict(zip(names, row[:-2], strict=True))
+        for index in money:
+            if row[index] is not None:
+                key[names[index]] = row[index] / MICROS_PER_USD
+        for note in notes:
+            for name, steps in note.get("~", {}).items():
+                key[name] = _bits_float(_float_bits(key[name]) + steps)
+        yield key
 
 
-def fields_at(session: Session, snapshot_id: int, fields: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """The given fields (``alive_at``'s labels) of every key snapshot ``snapshot_id`` saw,
-    streamed, without reading the raw JSON."""
-    alive = alive_at(snapshot_id, newest=is_newest(session, snapshot_id)).subquery()
-    rows = session.execute(select(*(alive.c[name] for name in fields)))
+def fields_at(session: Session, snapshot_id: int, fields: Sequence[str]) -> Iterator[tuple[Any, ...]]:
+    """The given fields (``alive_at``'s labels) of every key snapshot ``snapshot_id`` saw, as
+    tuples in that order, streamed, without reading the raw JSON; money as integer micro-dollars."""
+    joined, alive = _alive_join(snapshot_id, is_newest(session, snapshot_id))
+    columns = [
+        type_coerce(_column(name), BigInteger)
+        if name in FIELDS_BY_NAME and FIELDS_BY_NAME[name].kind == "money"
+        else _column(name)
+        for name in fields
+    ]
+    rows = session.execute(select(*columns).select_from(joined).where(alive).execution_options(yield_per=5000))
     for row in rows:
-        yield dict(row._mapping)
+        yield tuple(row)
 
 
 def key_hashes_at(session: Session, snapshot_id: int) -> set[str]:

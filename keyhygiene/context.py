@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -13,12 +14,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_session_factory
 from db.migrate import SchemaOutOfDate, check_schema
-from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed
 
 from .errors import DatabaseFailure, NotAManagementKey, UsageError
 from .logging import register_secret
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from keyhygiene.keysapi.client import KeysClient
 
 
 def describe_db_error(error: BaseException) -> str:
@@ -80,6 +83,8 @@ def _refuse_missing_sqlite_file(settings: Settings) -> None:
 
 def open_client(settings: Settings, *, verify: bool = True) -> KeysClient:
     """A client for the configured API; with ``verify``, ``GET /key`` must say it is a management key."""
+    from keyhygiene.keysapi.client import KeysClient  # httpx: only commands that call the API load it
+
     key = settings.require_management_key()
     register_secret(key)
     client = KeysClient(

@@ -12,15 +12,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
 from db import audit, snapshots
 from db.models import Snapshot
-from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed, NotFound, OutcomeUnknown, RequestRejected
-from keyhygiene.keysapi.fields import MICROS_PER_USD
 from keyhygiene.keysapi.models import Key
 from keyhygiene.rules import (
     AuditFacts,
@@ -42,6 +40,9 @@ from .errors import EnforcementRefused
 from .logging import get_logger
 from .shutdown import change_in_flight
 from .timeutil import isoformat
+
+if TYPE_CHECKING:
+    from keyhygiene.keysapi.client import KeysClient
 
 log = get_logger(__name__)
 
@@ -122,11 +123,6 @@ def key_facts(key: Key) -> KeyFacts:
     )
 
 
-def _micros(value: int | None) -> Decimal | None:
-    """Stored micro-dollars as ``key_facts`` reads the same amount from the API's JSON."""
-    return None if value is None else _money(value / MICROS_PER_USD)
-
-
 def facts_at(session: Session, snapshot_id: int) -> Iterator[KeyFacts]:
     """What the rules engine reads of every key the snapshot saw, by hash, streamed: the same
     facts as ``key_facts`` of ``snapshots.keys_at``, mostly straight from the typed columns."""
@@ -148,16 +144,16 @@ def stored_facts(stored: Mapping[str, Any] | Key) -> KeyFacts:
         expires_at=stored["expires_at"],
         last_used_at=stored["last_used_at"],
         reports_last_used=True,  # every field was there: the stored JSON lists none missing
-        usage=_money(stored["usage"] / MICROS_PER_USD),
-        usage_daily=_money(stored["usage_daily"] / MICROS_PER_USD),
-        usage_weekly=_money(stored["usage_weekly"] / MICROS_PER_USD),
-        usage_monthly=_money(stored["usage_monthly"] / MICROS_PER_USD),
-        byok_usage=_money(stored["byok_usage"] / MICROS_PER_USD),
-        byok_usage_daily=_money(stored["byok_usage_daily"] / MICROS_PER_USD),
-        byok_usage_weekly=_money(stored["byok_usage_weekly"] / MICROS_PER_USD),
-        byok_usage_monthly=_money(stored["byok_usage_monthly"] / MICROS_PER_USD),
-        limit=_micros(stored["limit"]),
-        limit_remaining=_micros(stored["limit_remaining"]),
+        usage=_money(stored["usage"]),
+        usage_daily=_money(stored["usage_daily"]),
+        usage_weekly=_money(stored["usage_weekly"]),
+        usage_monthly=_money(stored["usage_monthly"]),
+        byok_usage=_money(stored["byok_usage"]),
+        byok_usage_daily=_money(stored["byok_usage_daily"]),
+        byok_usage_weekly=_money(stored["byok_usage_weekly"]),
+        byok_usage_monthly=_money(stored["byok_usage_monthly"]),
+        limit=_optional_money(stored["limit"]),
+        limit_remaining=_optional_money(stored["limit_remaining"]),
         limit_reset=stored["limit_reset"],
         include_byok_in_limit=stored["include_byok_in_limit"],
     )

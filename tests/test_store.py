@@ -270,7 +270,15 @@ def test_the_rules_read_the_same_facts_from_the_typed_columns_as_from_the_raw_js
     usual += [key(n, usage=0.07, **micro_style) for n in range(30, 40)]  # the API's other time style
     odd = dict(key(1).raw, usage=0.1 + 0.2, limit=12.3456789, limit_remaining=1e-9, last_used_at="2026-02-19T20:52:27Z")
     older_api = {name: value for name, value in key(2).raw.items() if not name.startswith(("byok", "last_used"))}
-    keys = [Key.from_api(odd), Key.from_api(older_api), *usual, key(40, disabled=True, usage=0), key(41, usage=7)]
+    noisy = key(42, usage=0.1 + 0.2, usage_daily=0.1 + 0.7)  # float noise, read from the columns and its note
+    keys = [
+        Key.from_api(odd),
+        Key.from_api(older_api),
+        *usual,
+        key(40, disabled=True, usage=0),
+        key(41, usage=7),
+        noisy,
+    ]
     s1, _ = store(database, keys, T0)
 
     with database.sessions() as session:

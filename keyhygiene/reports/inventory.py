@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 from sqlalchemy.orm import Session
 
 from db import snapshots
+from keyhygiene.keysapi.fields import FIELDS_BY_NAME, MICROS_PER_USD
 
 from .base import Report, ReportParams, snapshot_for
 
@@ -56,19 +55,29 @@ def build(session: Session, params: ReportParams) -> Report:
     as_of = snapshot.taken_at
     assert as_of is not None
     rows = []
-    for key in snapshots.fields_at(session, snapshot.id, FIELDS):
-        if not params.wants(name=key["name"], workspace_id=key["workspace_id"]):
+    money = [
+        index for index, name in enumerate(FIELDS) if name in FIELDS_BY_NAME and FIELDS_BY_NAME[name].kind == "money"
+    ]
+    name_at, workspace_at, expires_at = FIELDS.index("name"), FIELDS.index("workspace_id"), FIELDS.index("expires_at")
+    wants = params.wants
+    for values in snapshots.fields_at(session, snapshot.id, FIELDS):
+        if not wants(name=values[name_at], workspace_id=values[workspace_at]):
             continue
-        expires_at = key["expires_at"]
-        # Money is stored exact (Decimal); reports print it as numbers, like every other report.
-        money = {name: float(value) for name, value in key.items() if isinstance(value, Decimal)}
-        rows.append({**key, **money, "expired": expires_at is not None and expires_at <= as_of})
+        key = list(values)
+        # Money is stored exact (micro-dollars); reports print it as numbers, like every other report.
+        for index in money:
+            if key[index] is not None:
+                key[index] = key[index] / MICROS_PER_USD
+        expires = key[expires_at]
+        row = dict(zip(FIELDS, key, strict=True))
+        row["expired"] = expires is not None and expires <= as_of
+        rows.append(row)
     rows.sort(key=lambda row: (row["workspace_id"] or "", row["name"], row["key_hash"]))
     title = f"Inventory at snapshot {snapshot.id} ({as_of:%Y-%m-%d %H:%M} UTC): {len(rows)} keys"
     return Report(
         title=title,
         columns=COLUMNS,
-        rows=[{column: row[column] for column in COLUMNS} for row in rows],
+        rows=[{column: row[column] for column in COLUMNS} for row in rows],  # in the columns' order
         table_columns=TABLE_COLUMNS,
         headers=HEADERS,
         time_formats=dict.fromkeys(("last_used_at", "created_at", "expires_at"), "%Y-%m-%d"),
