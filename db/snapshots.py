@@ -158,6 +158,9 @@ def _bits_float(bits: int) -> float:
     return float(struct.unpack("<d", struct.pack("<q", bits))[0])
 
 
+_TIMES_KEPT = 50_000
+"""At most this many times are remembered: a sync of 100,000 keys sees few of them twice, and the
+memory counts (the demo, which records a year of days in one process, is what repeats them)."""
 _TIMES: dict[str, tuple[datetime | None, str | None]] = {}
 """Times seen on the wire: the same ``created_at`` comes back in every sync, so each distinct
 string is parsed (and checked to be written back the same) once per process."""
@@ -176,7 +179,7 @@ def _parse_time(name: str, value: Any) -> tuple[datetime | None, str | None]:
             raise MalformedResponse(f"field {name!r}: {exc}") from None
         style = next((style for style in ("Z", "u") if _time_text(parsed, style) == value), None)
         result = (parsed, style)
-    if len(_TIMES) > 500_000:
+    if len(_TIMES) > _TIMES_KEPT:
         _TIMES.clear()
     _TIMES[value] = result
     return result
