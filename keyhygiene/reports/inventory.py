@@ -59,6 +59,8 @@ def build(session: Session, params: ReportParams) -> Report:
         index for index, name in enumerate(FIELDS) if name in FIELDS_BY_NAME and FIELDS_BY_NAME[name].kind == "money"
     ]
     name_at, workspace_at, expires_at = FIELDS.index("name"), FIELDS.index("workspace_id"), FIELDS.index("expires_at")
+    # Each row's values in COLUMNS order: FIELDS, with "expired" put in its place.
+    expired_at = COLUMNS.index("expired")
     wants = params.wants
     for values in snapshots.fields_at(session, snapshot.id, FIELDS):
         if not wants(name=values[name_at], workspace_id=values[workspace_at]):
@@ -69,15 +71,14 @@ def build(session: Session, params: ReportParams) -> Report:
             if key[index] is not None:
                 key[index] = key[index] / MICROS_PER_USD
         expires = key[expires_at]
-        row = dict(zip(FIELDS, key, strict=True))
-        row["expired"] = expires is not None and expires <= as_of
-        rows.append(row)
+        key.insert(expired_at, expires is not None and expires <= as_of)
+        rows.append(dict(zip(COLUMNS, key, strict=True)))
     rows.sort(key=lambda row: (row["workspace_id"] or "", row["name"], row["key_hash"]))
     title = f"Inventory at snapshot {snapshot.id} ({as_of:%Y-%m-%d %H:%M} UTC): {len(rows)} keys"
     return Report(
         title=title,
         columns=COLUMNS,
-        rows=[{column: row[column] for column in COLUMNS} for row in rows],  # in the columns' order
+        rows=rows,
         table_columns=TABLE_COLUMNS,
         headers=HEADERS,
         time_formats=dict.fromkeys(("last_used_at", "created_at", "expires_at"), "%Y-%m-%d"),
