@@ -67,6 +67,7 @@ class KeyRollup(Base):
     key_hash: Mapped[str] = mapped_column(String(128), primary_key=True)
     first_seen_at: Mapped[datetime]
     usage_changed_at: Mapped[datetime]
+    """A copy of the key's ``key_usage.usage_since`` at that snapshot."""
     usage: Mapped[Decimal] = mapped_column(Money)
     byok_usage: Mapped[Decimal] = mapped_column(Money)
 
@@ -146,7 +147,9 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) ->
     # 1. The snapshot's counts, from the state before this snapshot moved it.
     cutoff = taken_at - IDLE_FOR
     first_seen = func.coalesce(state.c.first_seen_at, at)
-    changed_at = case((and_(known, moved), at), else_=func.coalesce(state.c.usage_changed_at, at))
+    # Since when usage has held: the store's own answer (``key_usage.usage_since``), the one the
+    # rules and the idle report read, so every report agrees on it.
+    changed_at = alive.c.usage_since
     used_later = changed_at > first_seen
     has_sign = or_(alive.c.last_used_at.is_not(None), used_later)
     signs_old = and_(
@@ -228,7 +231,7 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) ->
         select(
             alive.c.key_hash,
             first_seen.label("first_seen_at"),
-            at.label("usage_changed_at"),
+            alive.c.usage_since.label("usage_changed_at"),
             alive.c.usage,
             alive.c.byok_usage,
         )

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from db import snapshots
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.reports import ReportError, ReportParams, builders
@@ -231,6 +232,19 @@ def test_spend_summed_in_the_database_matches_the_daily_series(org: Org, since_d
                 series.baseline_known,
                 series.counted_from,
             )
+
+
+def test_trends_and_the_idle_report_agree_on_who_is_idle_30_days(org: Org) -> None:
+    """Both read since when a key's usage has held from one place, the store's usage versions."""
+    with org.database.sessions() as session:
+        taken = [s.taken_at for s in snapshots.complete_snapshots(session) if s.taken_at is not None]
+    checked = 0
+    for taken_at in taken[-6:]:
+        trends = report(org, "trends", since=40 * DAY, at=taken_at)
+        idle = report(org, "idle", since=30 * DAY, at=taken_at, now=taken_at)
+        assert trends[-1]["idle_30d"] == len(idle), taken_at
+        checked += len(idle)
+    assert checked > 0
 
 
 def test_trends_spend_matches_spend_by_day(org: Org) -> None:
