@@ -19,6 +19,7 @@ marked `pruned` by the prune job (see db/retention.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -62,6 +63,28 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], datetime | None] | None:
+        if dialect.name != "sqlite":
+            return super().result_processor(dialect, coltype)
+        return _read_sqlite_time
+
+
+def _read_sqlite_time(value: Any) -> datetime | None:
+    """A time as SQLite hands it back: the naive UTC text it was stored as, read by the C parser
+    with its zone attached in the same call (about 4x faster than a regular expression and a
+    replace; history reads convert hundreds of thousands of these)."""
+    if value is None:
+        return None
+    moment: datetime
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value + "+00:00")
+        except ValueError:
+            moment = datetime.fromisoformat(value)  # a text that carries its own offset
+    else:
+        moment = value
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 class Money(TypeDecorator[Decimal]):

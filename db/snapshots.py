@@ -680,13 +680,14 @@ _NOTHING_MORE = frozenset({"t", "~"})
 changes no time) and float noise on an amount."""
 
 
-def typed_keys_at(session: Session, snapshot_id: int) -> Iterator[dict[str, Any] | Key]:
-    """Every key snapshot ``snapshot_id`` saw, by hash, streamed, for reading its fields: a dict of
-    the typed columns (``ALIVE_COLUMNS``' names; money in USD as the float the API sent, float
-    noise included) when they hold the key exactly, as for nearly every key; otherwise (the API
-    sent a field the columns do not hold, left one out, or gave digits below a micro-dollar) the
-    ``Key`` rebuilt from its exact raw JSON, as ``keys_at`` gives it. Skips rebuilding and
-    re-parsing the JSON."""
+def typed_keys_at(session: Session, snapshot_id: int) -> Iterator[tuple[dict[str, Any] | Key, HistoryFacts]]:
+    """Every key snapshot ``snapshot_id`` saw, by hash, streamed, for reading its fields, with what
+    the stored versions prove about it (``history_facts``), from one query: a dict of the typed
+    columns (``ALIVE_COLUMNS``' names; money in USD as the float the API sent, float noise
+    included) when they hold the key exactly, as for nearly every key; otherwise (the API sent a
+    field the columns do not hold, left one out, or gave digits below a micro-dollar) the ``Key``
+    rebuilt from its exact raw JSON, as ``keys_at`` gives it. Skips rebuilding and re-parsing the
+    JSON."""
     joined, alive = _alive_join(snapshot_id, is_newest(session, snapshot_id))
     columns = [
         type_coerce(column, BigInteger) if field.kind == "money" else column
@@ -696,16 +697,18 @@ def typed_keys_at(session: Session, snapshot_id: int) -> Iterator[dict[str, Any]
     ]
     names = ("key_hash", *(field.name for field in _RESTORED))
     money = [index + 1 for index, field in enumerate(_RESTORED) if field.kind == "money"]
+    history = (tracked_keys.c.first_seen_at, key_usage.c.usage_since, key_usage.c.disabled_since)
     query = (
-        select(tracked_keys.c.key_hash, *columns, key_records.c.wire, key_usage.c.wire)
+        select(tracked_keys.c.key_hash, *columns, key_records.c.wire, key_usage.c.wire, *history)
         .select_from(joined)
         .where(alive)
         .order_by(tracked_keys.c.key_hash)
     )
-    for row in session.execute(query.execution_options(yield_per=2000)):
+    for full in session.execute(query.execution_options(yield_per=2000)):
+        row, facts = full[:-3], HistoryFacts(full[0], *full[-3:])
         notes = [json.loads(wire) for wire in row[-2:] if wire is not None and wire != _OTHER_STYLE_TEXT]
         if any(not _NOTHING_MORE.issuperset(note) for note in notes):
-            yield Key.from_api(_restore(row[0], row[1:-2], row[-2:]))  # _restore takes micro-dollars
+            yield Key.from_api(_restore(row[0], row[1:-2], row[-2:])), facts  # _restore takes micro-dollars
             continue
         key = dict(zip(names, row[:-2], strict=True))
         for index in money:
@@ -714,7 +717,7 @@ def typed_keys_at(session: Session, snapshot_id: int) -> Iterator[dict[str, Any]
         for note in notes:
             for name, steps in note.get("~", {}).items():
                 key[name] = _bits_float(_float_bits(key[name]) + steps)
-        yield key
+        yield key, facts
 
 
 def fields_at(session: Session, snapshot_id: int, fields: Sequence[str]) -> Iterator[tuple[Any, ...]]:

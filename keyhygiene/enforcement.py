@@ -123,15 +123,25 @@ def key_facts(key: Key) -> KeyFacts:
     )
 
 
-def facts_at(session: Session, snapshot_id: int) -> Iterator[KeyFacts]:
-    """What the rules engine reads of every key the snapshot saw, by hash, streamed: the same
-    facts as ``key_facts`` of ``snapshots.keys_at``, mostly straight from the typed columns."""
-    for stored in snapshots.typed_keys_at(session, snapshot_id):
-        yield stored_facts(stored)
+def facts_at(session: Session, snapshot_id: int) -> Iterator[tuple[KeyFacts, KeyHistory]]:
+    """What the rules engine reads of every key the snapshot saw, by hash, streamed, with its
+    history: the same facts as ``key_facts`` of ``snapshots.keys_at`` and ``key_history`` of
+    ``snapshots.history_facts``, from one query, mostly straight from the typed columns."""
+    for stored, history in snapshots.typed_keys_at(session, snapshot_id):
+        yield stored_facts(stored), key_history(history)
+
+
+def key_history(facts: snapshots.HistoryFacts) -> KeyHistory:
+    """What the rules read of a key's stored history."""
+    return KeyHistory(
+        first_seen_at=facts.first_seen_at,
+        usage_unchanged_since=facts.usage_unchanged_since,
+        disabled_since=facts.disabled_since,
+    )
 
 
 def stored_facts(stored: Mapping[str, Any] | Key) -> KeyFacts:
-    """``key_facts`` of one item of ``snapshots.typed_keys_at``: typed columns or a rebuilt Key."""
+    """``key_facts`` of a key as ``snapshots.typed_keys_at`` reads it: typed columns or a rebuilt Key."""
     if isinstance(stored, Key):
         return key_facts(stored)
     return KeyFacts(
@@ -157,18 +167,6 @@ def stored_facts(stored: Mapping[str, Any] | Key) -> KeyFacts:
         limit_reset=stored["limit_reset"],
         include_byok_in_limit=stored["include_byok_in_limit"],
     )
-
-
-def load_histories(session: Session, snapshot_id: int) -> dict[str, KeyHistory]:
-    """What the stored versions prove about each key alive at the snapshot (one query)."""
-    return {
-        facts.key_hash: KeyHistory(
-            first_seen_at=facts.first_seen_at,
-            usage_unchanged_since=facts.usage_unchanged_since,
-            disabled_since=facts.disabled_since,
-        )
-        for facts in snapshots.history_facts(session, snapshot_id)
-    }
 
 
 def load_audit_facts(session: Session, *, until: datetime | None = None) -> dict[str, AuditFacts]:
@@ -205,7 +203,11 @@ def load_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
     if snapshot is None or snapshot.status != snapshots.COMPLETE or snapshot.taken_at is None:
         raise ValueError(f"snapshot {snapshot_id} is not a complete snapshot")
     previous = snapshots.previous_snapshot(session, snapshot_id)
-    keys = list(facts_at(session, snapshot_id))
+    keys: list[KeyFacts] = []
+    histories: dict[str, KeyHistory] = {}
+    for facts, history in facts_at(session, snapshot_id):
+        keys.append(facts)
+        histories[facts.hash] = history
     deleted_by_us = 0
     if previous is not None and previous.taken_at is not None:
         vanished = snapshots.key_hashes_at(session, previous.id) - {key.hash for key in keys}
@@ -214,7 +216,7 @@ def load_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
         snapshot_id=snapshot_id,
         taken_at=snapshot.taken_at,
         keys=keys,
-        histories=load_histories(session, snapshot_id),
+        histories=histories,
         audits=load_audit_facts(session),
         previous_key_count=previous.key_count if previous is not None else None,
         deleted_by_us=deleted_by_us,

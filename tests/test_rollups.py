@@ -18,7 +18,7 @@ from db.migrate import downgrade, upgrade
 from db.models import Snapshot, key_usage, tracked_keys
 from keyhygiene import retention
 from keyhygiene.context import Database, session_scope
-from keyhygiene.enforcement import load_histories
+from keyhygiene.enforcement import key_history
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.reports import ReportError, ReportParams, builders
 from keyhygiene.reports.html import render_html
@@ -119,7 +119,7 @@ def test_rollups_equal_a_recomputation_from_the_versions(org: Org) -> None:
         # histories enforcement reads.
         expected_counts: dict[tuple[int, str], tuple[int, ...]] = {}
         for snapshot_id, taken_at in taken:
-            histories = load_histories(session, snapshot_id)
+            histories = {facts.key_hash: key_history(facts) for facts in snapshots.history_facts(session, snapshot_id)}
             cutoff = taken_at - timedelta(days=30)
             per_workspace: dict[str, list[int]] = defaultdict(lambda: [0] * 6)
             for key in snapshots.keys_at(session, snapshot_id):

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from db import retention, runs, snapshots
 from db.models import Snapshot, key_usage, snapshot_staging, tracked_keys
 from keyhygiene.context import Database, session_scope
-from keyhygiene.enforcement import facts_at, key_facts
+from keyhygiene.enforcement import facts_at, key_facts, key_history
 from keyhygiene.keysapi.models import Key
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -282,9 +282,12 @@ def test_the_rules_read_the_same_facts_from_the_typed_columns_as_from_the_raw_js
     s1, _ = store(database, keys, T0)
 
     with database.sessions() as session:
-        typed = list(facts_at(session, s1))
+        read = list(facts_at(session, s1))
+        typed = [facts for facts, _ in read]
         rebuilt = [key_facts(k) for k in snapshots.keys_at(session, s1)]
-        kinds = [type(item).__name__ for item in snapshots.typed_keys_at(session, s1)]
+        kinds = [type(item).__name__ for item, _ in snapshots.typed_keys_at(session, s1)]
+        histories = {facts.hash: history for facts, history in read}
+        assert histories == {facts.key_hash: key_history(facts) for facts in snapshots.history_facts(session, s1)}
 
     assert typed == rebuilt == sorted((key_facts(k) for k in keys), key=lambda facts: facts.hash)
     assert [str(facts.usage) for facts in typed] == [str(facts.usage) for facts in rebuilt]

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from db import snapshots
 from db.models import Snapshot
-from keyhygiene.enforcement import load_audit_facts, load_histories, stored_facts
+from keyhygiene.enforcement import key_history, load_audit_facts, stored_facts
 from keyhygiene.errors import EXIT_USAGE
 from keyhygiene.keysapi.models import Key
 from keyhygiene.rules import AuditFacts, KeyFacts, KeyHistory, NextAction, idle_since, is_protected, next_action
@@ -65,12 +65,14 @@ def _inputs(session: Session, params: ReportParams) -> _Inputs:
     audits = load_audit_facts(session, until=params.at)
     keys: list[KeyFacts] = []
     owners: dict[str, str | None] = {}
-    for stored in snapshots.typed_keys_at(session, snapshot.id):
+    histories: dict[str, KeyHistory] = {}
+    for stored, history in snapshots.typed_keys_at(session, snapshot.id):
         facts = stored_facts(stored)
         if params.wants(name=facts.name, workspace_id=facts.workspace_id):
             keys.append(facts)
             owners[facts.hash] = stored.creator_user_id if isinstance(stored, Key) else stored["creator_user_id"]
-    return _Inputs(snapshot, keys, owners, load_histories(session, snapshot.id), audits)
+            histories[facts.hash] = key_history(history)
+    return _Inputs(snapshot, keys, owners, histories, audits)
 
 
 def _next_action(key: KeyFacts, inputs: _Inputs, params: ReportParams) -> NextAction | None:
