@@ -12,11 +12,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import snapshots
-from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import ApiError, NotFound
 from keyhygiene.keysapi.models import Key, Workspace
 from keyhygiene.keysapi.paging import DEFAULT_WORKSPACE, KeyStream
@@ -25,6 +25,9 @@ from keyhygiene.keysapi.paging import ProgressCallback as ProgressCallback  # wh
 from .context import Database, describe_db_error, session_scope
 from .errors import KeyhygieneError
 from .logging import get_logger, redact_text
+
+if TYPE_CHECKING:
+    from keyhygiene.keysapi.client import KeysClient
 
 log = get_logger(__name__)
 

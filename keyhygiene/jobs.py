@@ -16,13 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import runs, snapshots
 from db.models import Run
-from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed
 from keyhygiene.rules import RulesError, RuleSet, load_rules
 
@@ -43,6 +42,9 @@ from .inventory import ProgressCallback, SyncFailed, SyncResult, take_snapshot
 from .lease import EnforcementLease
 from .settings import Settings
 from .timeutil import utcnow
+
+if TYPE_CHECKING:
+    from keyhygiene.keysapi.client import KeysClient
 
 log = khlog.get_logger(__name__)
 
