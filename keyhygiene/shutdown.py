@@ -2,9 +2,10 @@
 
 A command stops at once when told to, except while a change to a key is in flight: between the
 intent written to the audit log and its outcome. A stop asked for then is held until the outcome is
-recorded (one API call, bounded by the HTTP timeout) and raised right after, so a ``docker stop``
-never leaves a change made at the API with nothing in the audit log to say so. A second signal
-while one is held stops at once; the next enforcement settles that change from the key's fresh state.
+recorded (one API call: the HTTP timeout, and the retry window while the API answers 429) and
+raised right after, so the audit log says what became of that change. A second signal while one is
+held (or a SIGKILL) stops at once: the intent stays pending, and the next enforcement settles it
+from the key's fresh state.
 """
 
 from __future__ import annotations
