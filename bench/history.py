@@ -1,8 +1,8 @@
 """History benchmark: each report command and `plan`, as a whole process, on the demo's history.
 
-    .venv/bin/python -m bench history [--keys 10000] [--days 365] [--repeat 3] [--quick]
+    .venv/bin/python -m bench history [--keys 10000] [--days 365] [--every 1d] [--repeat 3] [--quick]
 
-The history is built with ``keyhygiene demo --keys N --days D`` (daily snapshots on SQLite) and
+The history is built with ``keyhygiene demo --keys N --days D --every E`` (snapshots on SQLite) and
 kept under the temporary directory, keyed by its size, so later runs reuse it. Each command runs
 ``--repeat`` times as its own process (``keyhygiene report ...`` against that database, with the
 demo's rules file); the table shows the minimum and median wall time and the peak RSS of the
@@ -66,22 +66,23 @@ def commands(days: int, out: Path) -> list[Command]:
     ]
 
 
-def build_history(keys: int, days: int) -> Path:
+def build_history(keys: int, days: int, every: str = "1d") -> Path:
     """The demo's folder for this size, built once (a ``complete`` marker says it finished)."""
     from db.migrate import head_revision
 
     # A history is reused only by the schema that built it.
-    folder = Path(tempfile.gettempdir()) / f"keyhygiene-bench-history-{keys}x{days}-{head_revision()}"
+    size = f"{keys}x{days}" + ("" if every == "1d" else f"-every-{every}")
+    folder = Path(tempfile.gettempdir()) / f"keyhygiene-bench-history-{size}-{head_revision()}"
     marker = folder / "complete"
     if marker.exists():
         print(f"reusing the history in {folder}")
         return folder
-    print(f"building {keys} keys x {days} daily snapshots with `keyhygiene demo` in {folder} ...", flush=True)
+    print(f"building {keys} keys x {days} days, a snapshot every {every}, with `keyhygiene demo`: {folder}", flush=True)
     began = time.monotonic()
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "demo.log").open("wb") as log:
         demo = subprocess.run(
-            [*keyhygiene(), "demo", "--dir", str(folder), "--keys", str(keys), "--days", str(days)],
+            [*keyhygiene(), "demo", "--dir", str(folder), "--keys", str(keys), "--days", str(days), "--every", every],
             stdout=log,
             stderr=log,
             env=environment(folder),
@@ -91,8 +92,8 @@ def build_history(keys: int, days: int) -> Path:
     if demo.returncode not in (0, 3):
         raise SystemExit(f"keyhygiene demo failed (exit {demo.returncode}); see {folder / 'demo.log'}")
     marker.write_text(f"built in {time.monotonic() - began:.0f} s\n")
-    size = (folder / "keyhygiene.db").stat().st_size / 1e6
-    print(f"built in {time.monotonic() - began:.0f} s; database {size:.0f} MB")
+    megabytes = (folder / "keyhygiene.db").stat().st_size / 1e6
+    print(f"built in {time.monotonic() - began:.0f} s; database {megabytes:.0f} MB")
     return folder
 
 
@@ -136,14 +137,16 @@ def measure(command: Command, folder: Path, repeat: int) -> Measurement:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench history", description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, default=10_000, help="keys in the demo organisation (default 10000)")
-    parser.add_argument("--days", type=int, default=365, help="days of daily snapshots (default 365)")
+    parser.add_argument("--days", type=int, default=365, help="days of history (default 365)")
+    parser.add_argument("--every", default="1d", help="time between two snapshots: 1d (default), 1h, ...")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each command (default 3)")
     parser.add_argument("--quick", action="store_true", help=f"a small history ({QUICK[0]} keys x {QUICK[1]} days)")
     options = parser.parse_args(argv)
     keys, days = QUICK if options.quick else (options.keys, options.days)
-    folder = build_history(keys, days)
+    folder = build_history(keys, days, options.every)
     results = [measure(command, folder, options.repeat) for command in commands(days, folder / "bench.html")]
-    print(f"\n{keys} keys x {days} daily snapshots, {options.repeat} runs each (whole processes, SQLite)\n")
+    cadence = "daily snapshots" if options.every == "1d" else f"days, a snapshot every {options.every}"
+    print(f"\n{keys} keys x {days} {cadence}, {options.repeat} runs each (whole processes, SQLite)\n")
     print("| command | wall min | wall median | CPU median | peak RSS | target |")
     print("|---|---|---|---|---|---|")
     for result in results:

@@ -11,7 +11,7 @@ import math
 import signal
 import sys
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 import click
@@ -79,6 +79,13 @@ def _duration_option(_: Any, __: Any, value: str | None) -> Any:
 
 def _time_callback(_: Any, __: Any, value: str | None) -> datetime | None:
     return _time_option(value)
+
+
+def _every_callback(_: Any, __: Any, value: str) -> timedelta:
+    every = _duration_option(_, __, value)
+    if not timedelta(minutes=1) <= every <= timedelta(days=1) or timedelta(days=1) % every:
+        raise click.BadParameter(f"must divide a day into whole steps of a minute or more (1d, 1h, 30m), got {value!r}")
+    return every  # type: ignore[no-any-return]
 
 
 def _timeout_callback(_: Any, __: Any, value: float) -> float:
@@ -656,17 +663,24 @@ def trigger(state: State, job: str, dry_run: bool, allow_actions: int | None, wa
 )
 @click.option(
     "--keys",
-    type=click.IntRange(10, 20000),
+    type=click.IntRange(10, 100_000),
     default=300,
     show_default=True,
     help="Keys in the demo organisation.",
 )
-def demo(directory: str | None, days: int, keys: int) -> None:
+@click.option(
+    "--every",
+    default="1d",
+    show_default=True,
+    callback=_every_callback,
+    help="Time between two simulated snapshots: 1d, or a whole fraction of a day (1h, 6h, 30m, ...).",
+)
+def demo(directory: str | None, days: int, keys: int, every: timedelta) -> None:
     """A complete hygiene pass against a built-in fake OpenRouter API with sample keys, on SQLite:
     no broker, no account and no network needed."""
     from .demo import run_demo
 
-    sys.exit(run_demo(directory=directory, days=days, keys=keys))
+    sys.exit(run_demo(directory=directory, days=days, keys=keys, every=every))
 
 
 def _leave_signals_to_celery() -> None:

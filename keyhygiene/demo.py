@@ -130,8 +130,10 @@ class _Simulation:
         )
 
     def use(self, day: int, begin: datetime, end: datetime) -> None:
-        """Record the day's use of every active key between ``begin`` and ``end``."""
+        """Record the use of every active key between ``begin`` and ``end`` (a day or a part of
+        one: each active key is used once in it, with a day's spend scaled to its length)."""
         rng, fake = self.rng, self.fake
+        share = (end - begin + timedelta(minutes=1)) / DAY
         for spender in list(self.spenders.values()):
             if spender.stops_on is not None and day >= spender.stops_on:
                 continue
@@ -140,16 +142,17 @@ class _Simulation:
             if rng.random() > spender.chance:
                 continue
             at = begin + (end - begin) * rng.random()
-            spend = round(spender.rate * rng.lognormvariate(0, 0.35), 4)
+            spend = round(spender.rate * rng.lognormvariate(0, 0.35) * share, 4)
             byok = round(spend * spender.byok_share, 4)
             fake.set_clock(at)
             fake.record_use(spender.key_hash, spend - byok, byok, at=at)
 
-    def churn(self, day: int, at: datetime) -> None:
-        """New keys now and then, and an occasional clean-up by a person."""
+    def churn(self, at: datetime, share: float = 1.0) -> None:
+        """New keys now and then, and an occasional clean-up by a person (``share``: the part of a
+        day this covers)."""
         rng, fake = self.rng, self.fake
         fake.set_clock(at)
-        if rng.random() < 0.35:
+        if rng.random() < 0.35 * share:
             name = (
                 f"dev-{rng.choice(_PEOPLE)}-{rng.choice(_DEVICES)}"
                 if rng.random() < 0.6
@@ -158,7 +161,7 @@ class _Simulation:
             key = fake.add_key(name, workspace_id=rng.choice([w["id"] for w in fake.workspaces]), created_at=at)
             self.spender(key["hash"])
             self.created += 1
-        if rng.random() < 0.15:
+        if rng.random() < 0.15 * share:
             idle = [
                 k for k in fake.keys if k["hash"] not in self.spenders and not k["name"].startswith(("prod-", "demo"))
             ]
@@ -223,16 +226,22 @@ def run_demo(
     directory: str | None = None,
     days: int = 42,
     keys: int = 300,
+    every: timedelta = DAY,
     seed: int = 7,
     now: datetime | None = None,
     console: Console | None = None,
 ) -> int:
-    """Run the demo; returns the exit code. ``now`` (default: the real now) is when the simulation ends."""
+    """Run the demo; returns the exit code. ``now`` (default: the real now) is when the simulation
+    ends; ``every``: the time between two snapshots (a day, or a whole fraction of one)."""
+    if every <= timedelta(0) or DAY % every:
+        raise ValueError(f"every={every} does not divide a day")
     console = console or Console()
     khlog.configure_logging("console", level=logging.WARNING)
     began = time.monotonic()
     end = (now or utcnow()).astimezone(UTC)
-    start = end - (days - 1) * DAY
+    steps = days * (DAY // every)
+    start = end - (steps - 1) * every
+    share = every / DAY
 
     folder = Path(directory or DEFAULT_DIRECTORY)
     folder.mkdir(parents=True, exist_ok=True)
@@ -256,7 +265,8 @@ def run_demo(
 
     console.print(
         f"[bold]keyhygiene demo[/bold]: a fake OpenRouter organisation with {len(fake.keys)} keys in "
-        f"{workspaces} workspaces, {days} days of daily snapshots, on SQLite; no account, broker or network."
+        f"{workspaces} workspaces, {days} days of {_cadence(every)} snapshots, on SQLite; no account, broker or "
+        "network."
     )
     with FakeServer(fake) as server, WebhookSink() as sink, _environment("KEYHYGIENE_DEMO_WEBHOOK", sink.url):
         settings = load_settings(
@@ -273,24 +283,24 @@ def run_demo(
             client = open_client(settings)
             staged = snapshots.StagedRows()  # most keys do not change from one simulated day to the next
             try:
-                for day in range(days):
-                    moment = start + day * DAY
+                for step in range(steps):
+                    moment = start + step * every
 
                     def at_moment(moment: datetime = moment) -> datetime:
                         return moment
 
-                    if day:
-                        sim.churn(day, moment - timedelta(hours=12))
-                        sim.use(day, moment - DAY, moment - timedelta(minutes=1))
-                    if day == days - 1:
+                    if step:
+                        sim.churn(moment - every / 2, share)
+                        sim.use((moment - start) // DAY, moment - every, moment - timedelta(minutes=1))
+                    if step == steps - 1:
                         _overspend_today(fake, end)
                     fake.set_clock(moment)
-                    if day < days - 1:
+                    if step < steps - 1:
                         _record_past_day(database, fake, moment, staged)
                         continue
                     outcome = execute("sync", settings, clock=at_moment, database=database, client=client)
                     if outcome.exit_code != EXIT_OK:
-                        console.print(f"[red]sync of simulated day {day + 1} failed:[/red] {outcome.message}")
+                        console.print(f"[red]the last simulated sync failed:[/red] {outcome.message}")
                         return EXIT_FAILURE
                 fake.set_clock(end)
                 enforced = execute(
@@ -372,6 +382,13 @@ def _environment(name: str, value: str) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
+
+
+def _cadence(every: timedelta) -> str:
+    if every == DAY:
+        return "daily"
+    hours = every / timedelta(hours=1)
+    return "hourly" if hours == 1 else f"{hours:g}-hourly"
 
 
 def _notices(console: Console, sink: WebhookSink) -> None:

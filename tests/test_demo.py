@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import structlog
 from rich.console import Console
 
 from db.audit import audit_records
+from db.snapshots import complete_snapshots
 from keyhygiene.context import Database
 from keyhygiene.demo import run_demo
 from keyhygiene.settings import Settings
@@ -103,3 +106,34 @@ def test_the_demo_command_in_a_named_directory(clean_env: Path, cli: Callable[..
     again = cli("demo", "--dir", "somewhere/demo", "--days", "5", "--keys", "40")
     assert again.exit_code == 0, again.stderr
     assert "the previous demo database was replaced" in again.stdout
+
+
+def test_an_hourly_demo_takes_a_snapshot_every_hour(
+    clean_env: Path, cli: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = cli("demo", "--dir", "hourly", "--days", "2", "--keys", "40", "--every", "1h")
+    assert made.exit_code == 0, made.stderr
+    assert "2 days of hourly snapshots" in " ".join(made.stdout.split())
+    monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", "sqlite:///hourly/keyhygiene.db")
+    monkeypatch.setenv("KEYHYGIENE_RULES_FILE", "hourly/keyhygiene.toml")
+    database = Database.open(Settings(_env_file=None, KEYHYGIENE_DATABASE_URL="sqlite:///hourly/keyhygiene.db"))  # type: ignore[call-arg]
+    try:
+        with database.sessions() as session:
+            taken = [snapshot.taken_at for snapshot in complete_snapshots(session)]
+    finally:
+        database.close()
+    assert len(taken) == 48
+    assert {later - earlier for earlier, later in itertools.pairwise(taken)} == {timedelta(hours=1)}
+    # The keys in use spent at every hourly step, and the spend report reads those steps.
+    spend = json.loads(cli("report", "spend", "--since", "2d", "--by", "day", "--format", "json").stdout)
+    assert spend and sum(row["total"] for row in spend) > 0
+
+
+@pytest.mark.parametrize("every", ["7h", "0m", "2d", "soon"])
+def test_the_demo_refuses_a_step_that_does_not_divide_a_day(
+    clean_env: Path, cli: Callable[..., Any], every: str
+) -> None:
+    refused = cli("demo", "--every", every)
+    assert refused.exit_code == 2
+    assert "--every" in refused.stderr
+    assert not (clean_env / "keyhygiene-demo").exists()

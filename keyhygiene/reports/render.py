@@ -91,13 +91,26 @@ def _cell(value: Any, *, time_format: str = "%Y-%m-%d %H:%M") -> str:
     return str(value)
 
 
+def _json_default(value: Any) -> Any:
+    """What JSON has no type for: times as ISO 8601 (UTC, ``Z``), anything else as its text."""
+    if isinstance(value, datetime):
+        return isoformat(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+# The C encoder walks each row and calls back only for the values JSON has no type for (times).
+_JSON_ROW = json.JSONEncoder(default=_json_default).encode
+
+
 def write_json(report: Report, out: IO[str]) -> None:
     """Exactly one JSON array of objects, one per row, written row by row (never one big string)."""
     out.write("[")
     for index, row in enumerate(report.rows):
         if index:
             out.write(", ")
-        out.write(json.dumps({k: _plain(v) for k, v in row.items()}, default=str))
+        out.write(_JSON_ROW(row))
     out.write("]")
 
 
