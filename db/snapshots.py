@@ -648,12 +648,13 @@ def _column(name: str) -> Any:
 
 def alive_at(snapshot_id: int, *, newest: bool = False) -> Select[Any]:
     """The keys alive at snapshot ``snapshot_id``, one row each, with the labels of ``ALIVE_COLUMNS``
-    (money as ``Decimal``) and ``usage_since`` (since when its usage and BYOK usage have held).
+    (money as ``Decimal``), ``usage_since`` (since when its usage and BYOK usage have held) and
+    ``key_id`` (its ``tracked_keys`` id).
     ``newest``: the snapshot is the newest complete one, so the open versions are the answer and
     the indexes find them without reading the history."""
     joined, alive = _alive_join(snapshot_id, newest)
     columns = [_column(name) for name in ALIVE_COLUMNS]
-    return select(*columns, key_usage.c.usage_since).select_from(joined).where(alive)
+    return select(*columns, key_usage.c.usage_since, key_usage.c.key_id).select_from(joined).where(alive)
 
 
 def is_newest(session: Session, snapshot_id: int) -> bool:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect, select
+from sqlalchemy import func, inspect, select, text
 
 from db import rollups, snapshots
 from db.migrate import downgrade, upgrade
@@ -162,8 +162,11 @@ def test_rollups_equal_a_recomputation_from_the_versions(org: Org) -> None:
             )
             for row in session.scalars(select(rollups.SnapshotRollup))
         }
+        hashes = {
+            key_id: key_hash for key_id, key_hash in session.execute(select(tracked_keys.c.id, tracked_keys.c.key_hash))
+        }
         spend = {
-            (row.day, row.key_hash): [round(float(row.usage), 6), round(float(row.byok_usage), 6)]
+            (row.day, hashes[row.key_id]): [round(float(row.usage), 6), round(float(row.byok_usage), 6)]
             for row in session.scalars(select(rollups.KeyDay))
             if row.usage or row.byok_usage
         }
@@ -192,6 +195,37 @@ def test_the_migration_fills_the_rollups_from_the_stored_history(org: Org) -> No
 
     assert dump(org.database) == before
     assert len(before["snapshot_rollups"]) == 2 * SYNCS  # two workspaces at every snapshot
+
+
+def test_0010_carries_the_wide_key_days_over_to_the_compact_layout(org: Org) -> None:
+    engine = org.database.engine
+    reports = [("spend", {"by": by, "since": 2 * DAY}) for by in ("key", "day", "workspace", "owner")]
+    reports.append(("trends", {"since": 2 * DAY}))
+    before = dump(org.database)
+    answers = [report(org, kind, **options) for kind, options in reports]
+    downgrade(engine, "0009")
+    wide = {column["name"] for column in inspect(engine).get_columns("key_days")}
+    assert {"key_hash", "name", "workspace_id", "creator_user_id", "created_at"} <= wide
+    with org.database.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(text("key_days"))) == len(before["key_days"])
+
+    upgrade(engine)
+
+    assert {column["name"] for column in inspect(engine).get_columns("key_days")} == {
+        "day",
+        "key_id",
+        "usage",
+        "byok_usage",
+        "first_seen_at",
+        "first_usage",
+        "first_byok_usage",
+    }
+    assert dump(org.database) == before
+    assert [report(org, kind, **options) for kind, options in reports] == answers
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as connection:
+            ddl = connection.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'key_days'").scalar_one()
+        assert "WITHOUT ROWID" in ddl
 
 
 def report(org: Org, kind: str, **options: Any) -> list[dict[str, Any]]:

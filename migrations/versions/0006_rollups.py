@@ -1,4 +1,4 @@
-"""roll-ups for the reports: key_rollups, key_days, snapshot_rollups, filled from the stored history
+"""roll-ups for the reports: key_rollups, key_days, snapshot_rollups (filled by 0010)
 
 Revision ID: 0006
 Revises: 0005
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.orm import Session
 
 revision = "0006"
 down_revision = "0005"
@@ -57,10 +56,8 @@ def upgrade() -> None:
         sa.Column("byok_usage", sa.BigInteger(), nullable=False),
     )
     op.create_index("ix_snapshot_rollups_taken_at", "snapshot_rollups", ["taken_at"])
-    # Fill them by replaying the stored snapshots, oldest first, exactly as each sync would have.
-    from db.rollups import rebuild_rollups
-
-    rebuild_rollups(Session(bind=op.get_bind()))
+    # Filled by 0010, which gives key_days its compact layout and then replays the stored
+    # snapshots with today's code (the replay writes that layout, not this one).
 
 
 def downgrade() -> None:
