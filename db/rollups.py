@@ -357,13 +357,22 @@ def spend_by_day(
         )
     )
     days = KeyDay.__table__
-    record = records_at(None)
-    first_where = [days.c.first_seen_at > start, days.c.first_seen_at <= end, record.c.created_at > start]
+
+    def newest(column: Any) -> Any:
+        # Looked up per first-seen row (few), from the key's newest record version.
+        return (
+            select(column)
+            .where(key_records.c.key_id == days.c.key_id)
+            .order_by(key_records.c.valid_from.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+
+    first_where = [days.c.first_seen_at > start, days.c.first_seen_at <= end, newest(key_records.c.created_at) > start]
     if workspaces:
-        first_where.append(record.c.workspace_id.in_(workspaces))
+        first_where.append(newest(key_records.c.workspace_id).in_(workspaces))
     firsts = session.execute(
         select(days.c.day, func.sum(days.c.first_usage), func.sum(days.c.first_byok_usage))
-        .select_from(days.join(record, record.c.key_id == days.c.key_id))
         .where(*first_where)
         .group_by(days.c.day)
     )
