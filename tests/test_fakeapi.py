@@ -629,6 +629,18 @@ def test_record_use_updates_usage_and_last_used(fake: FakeOpenRouter) -> None:
     assert datetime.fromisoformat(key["last_used_at"]) == NOW
 
 
+def test_spend_adds_up_as_a_decimal_backed_api_answers_it(fake: FakeOpenRouter, api: httpx.Client) -> None:
+    key_hash = fake.add_key("k", limit=1, usage=0.1)["hash"]
+
+    fake.record_use(key_hash, 0.2, byok_usd=0.1)
+    fake.record_use(key_hash, 0.0778, byok_usd=0.2)
+
+    body = api.get(f"/keys/{key_hash}").json()["data"]
+    # Binary float sums would give 0.37779999999999997 (0.1 + 0.2 + 0.0778) and 0.30000000000000004.
+    assert (body["usage"], body["byok_usage"], body["usage_daily"]) == (0.3778, 0.3, 0.2778)
+    assert body["limit_remaining"] == 0.6222
+
+
 # ------------------------------------------------------------------ faults
 
 

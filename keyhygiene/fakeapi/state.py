@@ -29,6 +29,12 @@ LIMIT_RESETS = ("daily", "weekly", "monthly")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def decimal_sum(*amounts: float) -> float:
+    """A sum of USD amounts as a decimal-backed API answers it: to the nano-dollar, with no binary
+    float noise (20 - 4.2 reads 15.8, and 0.1 + 0.2 reads 0.3, not 0.30000000000000004)."""
+    return round(sum(amounts), 9)
+
+
 class UnknownKey(LookupError):
     """No live key has that hash."""
 
@@ -96,7 +102,7 @@ class _Key:
 
     def limit_remaining(self, now: Windows) -> float | None:
         # Rounded so that 20 - 4.2 reads 15.8, as a decimal-backed API would answer.
-        return None if self.limit is None else round(self.limit - self.limit_spend(now), 9)
+        return None if self.limit is None else decimal_sum(self.limit, -self.limit_spend(now))
 
     def roll(self, now: Windows) -> None:
         """Zero the window usages whose window has passed, and move to the current windows."""
@@ -553,12 +559,12 @@ class FakeOpenRouter:
             current = Windows.at(now)
             record.roll(current)
             used = Windows.at(when)
-            record.usage += usd
-            record.byok_usage += byok_usd
+            record.usage = decimal_sum(record.usage, usd)
+            record.byok_usage = decimal_sum(record.byok_usage, byok_usd)
             for window in WINDOWS:
                 if getattr(used, window) == getattr(current, window):
-                    record.window_usage[window] += usd
-                    record.window_byok_usage[window] += byok_usd
+                    record.window_usage[window] = decimal_sum(record.window_usage[window], usd)
+                    record.window_byok_usage[window] = decimal_sum(record.window_byok_usage[window], byok_usd)
             if record.last_used_at is None or when > record.last_used_at:
                 record.last_used_at = when
 
