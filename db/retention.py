@@ -39,6 +39,7 @@ from .models import (
     snapshot_staging,
     tracked_keys,
 )
+from .rollups import KeyDay
 from .runs import RUNNING
 from .snapshots import COMPLETE, FAILED
 
@@ -77,6 +78,7 @@ def delete_forgotten_keys(session: Session, *, limit: int) -> int:
     t = tracked_keys
     orphan = ~exists().where(key_usage.c.key_id == t.c.id) & ~exists().where(key_records.c.key_id == t.c.id)
     orphan &= ~exists().where(snapshot_staging.c.key_id == t.c.id)  # a sync in progress saw it again
+    orphan &= ~exists().where(KeyDay.key_id == t.c.id)  # its last days go first: ids are not reused under them
     return _delete_ids(session, t, orphan, limit)
 
 

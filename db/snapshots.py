@@ -313,7 +313,7 @@ def _copy_rows(session: Session, rows: list[list[Any]]) -> None:
             marks = ", ".join("?" * len(_STAGED))
             for row in rows:
                 for index in _TIME_COLUMNS:
-                    if row[index] is not None:
+                    if isinstance(row[index], datetime):  # not a row reused as it was last written
                         row[index] = _sqlite_time(row[index])
             cursor.executemany(f"INSERT INTO {snapshot_staging.name} ({columns}) VALUES ({marks})", rows)
     finally:
@@ -477,20 +477,25 @@ def _tracked_ids(session: Session, key_hashes: Sequence[str]) -> dict[str, int]:
 
 
 class StagedRows:
-    """The staging rows of a process's previous snapshot, by hash, to reuse for keys whose JSON
-    has not changed since: for a process that records many snapshots in a row (the demo's
-    simulated days), where most keys are the same from one to the next."""
+    """The staging rows of a process's previous snapshot, by hash, as they were written (tracked
+    id included, times converted for the database), to reuse for keys whose JSON has not changed
+    since: for a process that records many snapshots of one store in a row, with nothing else
+    writing to it in between (the demo's simulated days), where most keys are the same from one
+    to the next."""
 
     def __init__(self) -> None:
         self._rows: dict[Any, tuple[Mapping[str, Any], list[Any]]] = {}
 
-    def row(self, raw: Mapping[str, Any], snapshot_id: int) -> list[Any]:
+    def written(self, raw: Mapping[str, Any], snapshot_id: int) -> list[Any] | None:
+        """The row written for ``raw`` last time, for ``snapshot_id``; None when its JSON changed."""
         known = self._rows.get(raw.get("hash")) if isinstance(raw, Mapping) else None
         if known is not None and known[0] == raw:
             return [snapshot_id, *known[1][1:]]
-        row = staged_row(raw, snapshot_id)
-        self._rows[row[1]] = (raw, list(row))  # a copy: the writer completes and converts its own
-        return row
+        return None
+
+    def keep(self, raw: Mapping[str, Any], row: list[Any]) -> None:
+        """Remember the row written for ``raw`` (complete: its key is tracked)."""
+        self._rows[row[1]] = (raw, row)
 
 
 class SnapshotWriter:
@@ -512,18 +517,28 @@ class SnapshotWriter:
 
     def add(self, session: Session, raw_keys: Iterable[Mapping[str, Any]]) -> None:
         rows = []
+        fresh: list[tuple[Mapping[str, Any], list[Any]]] = []
         reuse = self._reuse
         for raw in raw_keys:
-            row = staged_row(raw, self.snapshot_id) if reuse is None else reuse.row(raw, self.snapshot_id)
+            row = None if reuse is None else reuse.written(raw, self.snapshot_id)
+            staged = row is None
+            if row is None:
+                row = staged_row(raw, self.snapshot_id)
             if row[1] in self._seen:
                 self.duplicates += 1
                 continue
             self._seen.add(row[1])
             rows.append(row)
-        known = _tracked_ids(session, [row[1] for row in rows])
-        for row in rows:
+            if staged:
+                fresh.append((raw, row))
+        known = _tracked_ids(session, [row[1] for _, row in fresh])
+        for _, row in fresh:
             row.append(known.get(row[1]))
         _copy_rows(session, rows)
+        if reuse is not None:
+            for raw, row in fresh:
+                if row[-1] is not None:  # a key first seen now is tracked only when the snapshot is recorded
+                    reuse.keep(raw, list(row))
 
     def missing(self, session: Session) -> list[str]:
         """Hashes of keys in the newest complete snapshot that were not handed over, sorted."""
