@@ -320,7 +320,7 @@ def plan(state: State, fmt: str, limit: int) -> None:
     from db import snapshots
     from keyhygiene.rules import check_caps
 
-    from .context import Database
+    from .context import Database, collection_paused
     from .enforcement import load_plan_inputs, make_plan, refusal_message
     from .jobs import load_ruleset
     from .plan_output import counts_line, ordered, print_table, write_json
@@ -337,8 +337,9 @@ def plan(state: State, fmt: str, limit: int) -> None:
     finally:
         database.close()
     _warn_unmatched_workspaces(ruleset, inputs.workspace_names)
-    the_plan = make_plan(inputs, ruleset, utcnow())
-    decisions = ordered(the_plan.decisions)
+    with collection_paused():  # a decision per key, all kept: see collection_paused
+        the_plan = make_plan(inputs, ruleset, utcnow())
+        decisions = ordered(the_plan.decisions)
     if fmt == "json":
         write_json(decisions, sys.stdout)
         return

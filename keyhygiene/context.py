@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,21 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from keyhygiene.keysapi.client import KeysClient
+
+
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside (reference counting still frees what is dropped): for
+    building one large list of small objects, such as every key's facts. Each automatic full
+    collection walks every object built so far again, which costs a fifth of loading 100,000
+    keys. Collection resumes as it was when the block ends."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def describe_db_error(error: BaseException) -> str:

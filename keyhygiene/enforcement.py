@@ -35,7 +35,7 @@ from keyhygiene.rules import (
     resolve_workspaces,
 )
 
-from .context import Database, session_scope
+from .context import Database, collection_paused, session_scope
 from .errors import EnforcementRefused
 from .logging import get_logger
 from .shutdown import change_in_flight
@@ -124,10 +124,11 @@ def key_facts(key: Key) -> KeyFacts:
 
 
 def facts_at(session: Session, snapshot_id: int) -> Iterator[tuple[KeyFacts, KeyHistory]]:
-    """What the rules engine reads of every key the snapshot saw, by hash, streamed, with its
-    history: the same facts as ``key_facts`` of ``snapshots.keys_at`` and ``key_history`` of
-    ``snapshots.history_facts``, from one query, mostly straight from the typed columns."""
-    for stored, history in snapshots.typed_keys_at(session, snapshot_id):
+    """What the rules engine reads of every key the snapshot saw, streamed in no set order (the
+    engine orders its decisions), with its history: the same facts as ``key_facts`` of
+    ``snapshots.keys_at`` and ``key_history`` of ``snapshots.history_facts``, from one query,
+    mostly straight from the typed columns."""
+    for stored, history in snapshots.typed_keys_at(session, snapshot_id, by_hash=False):
         yield stored_facts(stored), key_history(history)
 
 
@@ -205,13 +206,16 @@ def load_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
     previous = snapshots.previous_snapshot(session, snapshot_id)
     keys: list[KeyFacts] = []
     histories: dict[str, KeyHistory] = {}
-    for facts, history in facts_at(session, snapshot_id):
-        keys.append(facts)
-        histories[facts.hash] = history
+    with collection_paused():
+        for facts, history in facts_at(session, snapshot_id):
+            keys.append(facts)
+            histories[facts.hash] = history
     deleted_by_us = 0
     if previous is not None and previous.taken_at is not None:
-        vanished = snapshots.key_hashes_at(session, previous.id) - {key.hash for key in keys}
-        deleted_by_us = len(vanished & audit.deleted_since(session, previous.taken_at))
+        deleted = audit.deleted_since(session, previous.taken_at)
+        if deleted:  # else no need to read the previous snapshot's hashes
+            vanished = snapshots.key_hashes_at(session, previous.id) - {key.hash for key in keys}
+            deleted_by_us = len(vanished & deleted)
     return PlanInputs(
         snapshot_id=snapshot_id,
         taken_at=snapshot.taken_at,

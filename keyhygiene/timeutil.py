@@ -91,7 +91,10 @@ def parse_api_time(value: object) -> datetime | None:
 
 def as_utc(value: datetime) -> datetime:
     """Attach UTC to a naive datetime, or convert an aware one to UTC."""
-    if value.tzinfo is None:
+    zone = value.tzinfo
+    if zone is UTC:  # as the store and the API client give times: nothing to convert
+        return value
+    if zone is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
 

@@ -3,8 +3,10 @@ and rule sets."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from fnmatch import fnmatchcase
 from fractions import Fraction
 from typing import Any
 
@@ -357,3 +359,32 @@ def test_next_action_is_the_plan_now_and_the_first_decision_later(world: World, 
         for fraction in fractions:  # nothing happens before it is due
             before = NOW + (found.due - NOW) * fraction / 1000
             assert decide(key, history, audit, ruleset, before) is None
+
+
+GLOB_PARTS = st.sampled_from(["*", "?", "[a-c]", "[!x]", "prod", "-", ".", "+", "(", "\\", "$", "é", "\n"])
+NAME_PARTS = st.sampled_from(["prod", "-", "a", "x", ".", "+", "(", "\\", "$", "é", "\n", "[", "]"])
+EXPIRED = key_facts(
+    Key.from_api(
+        {
+            "hash": "h1",
+            "name": "",
+            "created_at": iso(NOW - timedelta(days=90)),
+            "expires_at": iso(NOW - timedelta(days=1)),
+        }
+    )
+)
+
+
+@EXAMPLES
+@given(
+    patterns=st.lists(st.lists(GLOB_PARTS, max_size=4).map("".join), min_size=1, max_size=3).map(tuple),
+    name=st.lists(NAME_PARTS, max_size=5).map("".join),
+)
+def test_name_globs_match_exactly_as_fnmatchcase(patterns: tuple[str, ...], name: str) -> None:
+    """protect_names, names and exclude_names read each glob as ``fnmatch.fnmatchcase`` does."""
+    key = replace(EXPIRED, name=name)
+    expected = any(fnmatchcase(name, pattern) for pattern in patterns)
+    assert is_protected(key, Safety(protect_names=patterns)) is expected
+    for scope, acts in (({"names": patterns}, expected), ({"exclude_names": patterns}, not expected)):
+        rule = Rule(name="r", match="expired", action="report", **scope)
+        assert (decide(key, KeyHistory(), AuditFacts(), RuleSet(Safety(), (rule,), "x"), NOW) is not None) is acts
