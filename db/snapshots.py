@@ -252,12 +252,20 @@ def staged_row(raw: Mapping[str, Any], snapshot_id: int) -> list[Any]:
         raise MalformedResponse("field 'created_at' is missing")
     if not _KNOWN.issuperset(raw):
         record_wire["+"] = {name: value for name, value in raw.items() if name not in _KNOWN}
+    return [snapshot_id, key_hash, *stable, _wire_text(record_wire), *_staged_usage(raw)]
+
+
+def _staged_usage(raw: Mapping[str, Any]) -> list[Any]:
+    """The usage half of a staging row: the typed fields that change with use, and their note."""
     usage_wire: dict[str, Any] = {}
     volatile = _typed(raw, _VOLATILE_SPEC, usage_wire)
-    return [snapshot_id, key_hash, *stable, _wire_text(record_wire), *volatile, _wire_text(usage_wire)]
+    return [*volatile, _wire_text(usage_wire)]
 
 
 _CREATED_AT = [field.name for field in STABLE].index("created_at")
+_USAGE_AT = 2 + len(STABLE) + 1
+"""Where a staging row's usage half begins (after the snapshot, the hash, the record and its note)."""
+_VOLATILE_NAMES = frozenset(field.name for field in VOLATILE)
 
 
 def _restore(key_hash: str, values: Sequence[Any], wires: Sequence[str | None]) -> dict[str, Any]:
@@ -487,11 +495,21 @@ class StagedRows:
         self._rows: dict[Any, tuple[Mapping[str, Any], list[Any]]] = {}
 
     def written(self, raw: Mapping[str, Any], snapshot_id: int) -> list[Any] | None:
-        """The row written for ``raw`` last time, for ``snapshot_id``; None when its JSON changed."""
+        """The row written for ``raw`` last time, for ``snapshot_id``: as it was, or with a new
+        usage half when only the fields that change with use changed; None when more changed."""
         known = self._rows.get(raw.get("hash")) if isinstance(raw, Mapping) else None
-        if known is not None and known[0] == raw:
-            return [snapshot_id, *known[1][1:]]
-        return None
+        if known is None:
+            return None
+        before, row = known
+        if before == raw:
+            return [snapshot_id, *row[1:]]
+        if before.keys() != raw.keys() or any(
+            value != before[name] for name, value in raw.items() if name not in _VOLATILE_NAMES
+        ):
+            return None
+        used = [snapshot_id, *row[1:_USAGE_AT], *_staged_usage(raw), row[-1]]
+        self._rows[row[1]] = (raw, used)  # the writer converts its times in place as it writes it
+        return used
 
     def keep(self, raw: Mapping[str, Any], row: list[Any]) -> None:
         """Remember the row written for ``raw`` (complete: its key is tracked)."""

@@ -429,12 +429,11 @@ def _record_past_day(database: Database, fake: FakeOpenRouter, moment: datetime,
     """One simulated past day's snapshot, through the store's own write path (SnapshotWriter) but
     straight from the fake's state: a day that is already over needs no HTTP round trips. The
     last day is a real ``keyhygiene sync`` over HTTP."""
-    with session_scope(database) as session:
+    keys = fake.keys
+    with session_scope(database) as session:  # one transaction: nobody watches a simulated day run
         run_id = runs.start_run(session, kind="sync", now=moment).id
         snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=moment).id
-    keys = fake.keys
-    writer = snapshots.SnapshotWriter(snapshot_id, reuse=reuse)
-    with session_scope(database) as session:
+        writer = snapshots.SnapshotWriter(snapshot_id, reuse=reuse)
         writer.add(session, keys)
         written = writer.finish(
             session, taken_at=moment, workspace_counts=Counter(key["workspace_id"] or "default" for key in keys)
