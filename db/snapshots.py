@@ -662,10 +662,23 @@ def _alive(table: Any, snapshot_id: int, newest: bool) -> Any:
 
 def _alive_join(snapshot_id: int, newest: bool) -> tuple[Any, Any]:
     """(FROM clause, WHERE clause) of the keys alive at a snapshot: each key's one alive usage
-    version, its alive record version and its hash."""
+    version, its alive record version and its hash. The newest snapshot's are the open versions;
+    an older one's usage version is found per key, as its last one begun at or before the
+    snapshot (one index seek each), not by a range over every version that ended after it."""
     u, r, t = key_usage, key_records, tracked_keys
-    joined = u.join(t, t.c.id == u.c.key_id).join(r, and_(r.c.key_id == u.c.key_id, _alive(r, snapshot_id, newest)))
-    return joined, _alive(u, snapshot_id, newest)
+    if newest:
+        joined = u.join(t, t.c.id == u.c.key_id).join(r, and_(r.c.key_id == u.c.key_id, _alive(r, snapshot_id, True)))
+        return joined, _alive(u, snapshot_id, True)
+    earlier = key_usage.alias("earlier")
+    last_begun = (
+        select(earlier.c.id)
+        .where(earlier.c.key_id == t.c.id, earlier.c.valid_from <= snapshot_id)
+        .order_by(earlier.c.valid_from.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    joined = r.join(t, and_(t.c.id == r.c.key_id, _alive(r, snapshot_id, newest))).join(u, u.c.id == last_begun)
+    return joined, or_(u.c.valid_to.is_(None), u.c.valid_to > snapshot_id)
 
 
 ALIVE_COLUMNS = ("key_hash", *(field.name for field in KEY_FIELDS if field.name != "hash"))
