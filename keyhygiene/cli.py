@@ -340,9 +340,9 @@ def plan(state: State, fmt: str, limit: int) -> None:
     with collection_paused():  # a decision per key, all kept: see collection_paused
         the_plan = make_plan(inputs, ruleset, utcnow())
         decisions = ordered(the_plan.decisions)
-    if fmt == "json":
-        write_json(decisions, sys.stdout)
-        return
+        if fmt == "json":
+            write_json(decisions, sys.stdout)
+            return
     from rich.console import Console
 
     title = f"Plan on snapshot {inputs.snapshot_id} ({isoformat(inputs.taken_at)}), {len(inputs.keys):,} keys"
