@@ -73,11 +73,13 @@ class KeySpend:
     def total(self) -> float:
         return self.usage + self.byok_usage
 
-    def add(self, day: date, credit: float, byok: float) -> None:
+    def add(self, day: date, credit: float, byok: float, *, per_day: bool = True) -> None:
+        """Count spend of ``day``; without ``per_day`` only in the totals (``by_day`` stays empty)."""
         if credit or byok:
-            entry = self.by_day.setdefault(day, [0.0, 0.0])
-            entry[0] += credit
-            entry[1] += byok
+            if per_day:
+                entry = self.by_day.setdefault(day, [0.0, 0.0])
+                entry[0] += credit
+                entry[1] += byok
             self.usage += credit
             self.byok_usage += byok
 
@@ -118,7 +120,7 @@ def compute_spend(
 ) -> SpendFigures:
     """Spend per key (and, with ``per_day``, per day) over the report's period, from the roll-ups
     (:mod:`db.rollups`); a ReportError when nothing covers it. Without ``per_day`` the database
-    sums each key's days, and ``by_day`` is not a daily series: use the totals only."""
+    sums each key's days and ``by_day`` stays empty: only the totals are known."""
     end_snapshot = snapshot_for(session, params)
     end = params.as_of
     start = params.period_start(default)
@@ -136,12 +138,12 @@ def compute_spend(
         if row.day >= latest.get(row.key_hash, row.day):
             latest[row.key_hash] = row.day
             spend.name, spend.workspace_id, spend.creator_user_id = row.name, row.workspace_id, row.creator_user_id
-        spend.add(row.day, row.usage, row.byok_usage)
+        spend.add(row.day, row.usage, row.byok_usage, per_day=per_day)
         if row.first_seen_at is not None and row.created_at is not None:
             if row.created_at > start:
                 spend.created_in_period = True
                 spend.counted_from = row.created_at
-                spend.add(row.day, row.first_usage, row.first_byok_usage)
+                spend.add(row.day, row.first_usage, row.first_byok_usage, per_day=per_day)
             else:
                 spend.baseline_known = False
                 spend.counted_from = row.first_seen_at
