@@ -26,7 +26,7 @@ from keyhygiene.timeutil import isoformat
 
 from . import actions, idle, trends
 from .base import ReportParams, check_at, snapshot_for, usd
-from .spend import compute_spend
+from .spend import DailySpend, compute_spend, daily_spend
 
 DEFAULT_PERIOD = timedelta(days=30)
 TOP_KEYS = 5
@@ -73,7 +73,12 @@ def render_html(session: Session, params: ReportParams) -> str:
     check_at(params)
     snapshot = snapshot_for(session, params)
     period = replace(params, since=DEFAULT_PERIOD if params.since is None else params.since)
-    spend = compute_spend(session, period)
+    # Per key, the totals summed in the database; per day, every key's spend streamed, and the
+    # series of the biggest spenders only (a daily series per key is millions of rows at scale).
+    spend = compute_spend(session, period, per_day=False)
+    top = [item for item in sorted(spend.keys.values(), key=lambda item: (-item.total, item.name)) if item.total > 0]
+    top = top[:TOP_KEYS]
+    daily = daily_spend(session, period, spend.keys, series_of=[item.key_hash for item in top])
     # Trends are kept per workspace: with a --name filter they show the workspaces' keys.
     trend_rows = trends.build(session, replace(period, name=None)).rows
     idle_inputs = idle.load_inputs(session, params)
@@ -94,7 +99,7 @@ def render_html(session: Session, params: ReportParams) -> str:
     as_of = params.as_of
     start = spend.start
     sections = [
-        _spend_section(spend),
+        _spend_section(spend, top, daily),
         _states_section(trend_rows),
         _idle_section(idle_rows),
         _upcoming_section(coming, as_of=as_of, has_rules=params.ruleset is not None),
@@ -155,14 +160,12 @@ def render_html(session: Session, params: ReportParams) -> str:
 # -- sections -----------------------------------------------------------------------------------
 
 
-def _spend_section(spend: Any) -> str:
+def _spend_section(spend: Any, top: list[Any], daily: DailySpend) -> str:
     days: list[date] = spend.days
-    ranked = sorted(spend.keys.values(), key=lambda item: (-item.total, item.name))
-    top = [item for item in ranked if item.total > 0][:TOP_KEYS]
-    day_totals = spend.day_totals()
+    day_totals = {day: daily.totals.get(day, (0.0, 0.0)) for day in days}
     series: list[tuple[str, str, list[float]]] = []
     for index, item in enumerate(top):
-        values = [sum(item.by_day.get(day, [0.0, 0.0])) for day in days]
+        values = [daily.series[item.key_hash].get(day, 0.0) for day in days]
         series.append((item.name, PALETTE[index % len(PALETTE)], values))
     other = [
         max(0.0, day_totals[day][0] + day_totals[day][1] - sum(values[i] for _, _, values in series))
