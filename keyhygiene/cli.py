@@ -660,7 +660,7 @@ def trigger(state: State, job: str, dry_run: bool, allow_actions: int | None, wa
     type=click.IntRange(1, 400),
     default=42,
     show_default=True,
-    help="Days of daily snapshots to simulate.",
+    help="Days of history to simulate (a snapshot each day, or as often as --every says).",
 )
 @click.option(
     "--keys",
