@@ -660,25 +660,42 @@ def _alive(table: Any, snapshot_id: int, newest: bool) -> Any:
     return and_(table.c.valid_from <= snapshot_id, or_(table.c.valid_to.is_(None), table.c.valid_to > snapshot_id))
 
 
+def _alive_usage(snapshot_id: int, newest: bool) -> tuple[Any, Any]:
+    """(FROM clause, WHERE clause) of each key alive at a snapshot with its hash and its one alive
+    usage version."""
+    u, t = key_usage, tracked_keys
+    if newest:
+        return u.join(t, t.c.id == u.c.key_id), _alive(u, snapshot_id, True)
+    return t.join(u, u.c.id == _last_begun(snapshot_id)), _alive_after(snapshot_id)
+
+
 def _alive_join(snapshot_id: int, newest: bool) -> tuple[Any, Any]:
-    """(FROM clause, WHERE clause) of the keys alive at a snapshot: each key's one alive usage
-    version, its alive record version and its hash. The newest snapshot's are the open versions;
-    an older one's usage version is found per key, as its last one begun at or before the
-    snapshot (one index seek each), not by a range over every version that ended after it."""
+    """``_alive_usage`` with each key's alive record version joined. For an older snapshot the
+    join starts from the record versions alive then (few, and found by their own index)."""
     u, r, t = key_usage, key_records, tracked_keys
     if newest:
-        joined = u.join(t, t.c.id == u.c.key_id).join(r, and_(r.c.key_id == u.c.key_id, _alive(r, snapshot_id, True)))
-        return joined, _alive(u, snapshot_id, True)
+        joined, alive = _alive_usage(snapshot_id, True)
+        return joined.join(r, and_(r.c.key_id == u.c.key_id, _alive(r, snapshot_id, True))), alive
+    joined = r.join(t, and_(t.c.id == r.c.key_id, _alive(r, snapshot_id, False)))
+    return joined.join(u, u.c.id == _last_begun(snapshot_id)), _alive_after(snapshot_id)
+
+
+def _last_begun(snapshot_id: int) -> Any:
+    """The id of a key's (``tracked_keys``) last usage version begun at or before an older
+    snapshot: one index seek per key, not a range over every version that ended after it."""
     earlier = key_usage.alias("earlier")
-    last_begun = (
+    return (
         select(earlier.c.id)
-        .where(earlier.c.key_id == t.c.id, earlier.c.valid_from <= snapshot_id)
+        .where(earlier.c.key_id == tracked_keys.c.id, earlier.c.valid_from <= snapshot_id)
         .order_by(earlier.c.valid_from.desc())
         .limit(1)
         .scalar_subquery()
     )
-    joined = r.join(t, and_(t.c.id == r.c.key_id, _alive(r, snapshot_id, newest))).join(u, u.c.id == last_begun)
-    return joined, or_(u.c.valid_to.is_(None), u.c.valid_to > snapshot_id)
+
+
+def _alive_after(snapshot_id: int) -> Any:
+    """That version had not ended by the snapshot (so the key was alive at it)."""
+    return or_(key_usage.c.valid_to.is_(None), key_usage.c.valid_to > snapshot_id)
 
 
 ALIVE_COLUMNS = ("key_hash", *(field.name for field in KEY_FIELDS if field.name != "hash"))
@@ -787,13 +804,8 @@ def fields_at(session: Session, snapshot_id: int, fields: Sequence[str]) -> Iter
 
 
 def key_hashes_at(session: Session, snapshot_id: int) -> set[str]:
-    u = key_usage
-    query = (
-        select(tracked_keys.c.key_hash)
-        .join(u, u.c.key_id == tracked_keys.c.id)
-        .where(_alive(u, snapshot_id, is_newest(session, snapshot_id)))
-    )
-    return set(session.scalars(query))
+    joined, alive = _alive_usage(snapshot_id, is_newest(session, snapshot_id))
+    return set(session.scalars(select(tracked_keys.c.key_hash).select_from(joined).where(alive)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -812,11 +824,9 @@ def history_facts(session: Session, snapshot_id: int) -> Iterator[HistoryFacts]:
 
     One query over the maintained columns of the alive usage versions; streamed."""
     u, t = key_usage, tracked_keys
-    query = (
-        select(t.c.key_hash, t.c.first_seen_at, u.c.usage_since, u.c.disabled_since)
-        .join(t, t.c.id == u.c.key_id)
-        .where(_alive(u, snapshot_id, is_newest(session, snapshot_id)))
-    )
+    joined, alive = _alive_usage(snapshot_id, is_newest(session, snapshot_id))
+    columns = (t.c.key_hash, t.c.first_seen_at, u.c.usage_since, u.c.disabled_since)
+    query = select(*columns).select_from(joined).where(alive)
     for row in session.execute(query.execution_options(yield_per=5000)):
         yield HistoryFacts(row[0], row[1], row[2], row[3])
 
