@@ -432,7 +432,7 @@ def spend_rows(
     ]
     upper = inside[-1][1]
     days, t = KeyDay.__table__, tracked_keys
-    record = records_at(until_snapshot)
+    record = _records_at(until_snapshot)
     described = (t.c.key_hash, record.c.name, record.c.workspace_id, record.c.creator_user_id)
 
     def joined(source: Any) -> Any:
@@ -498,7 +498,7 @@ def spend_rows(
         yield from _steps_at(session, partial)
 
 
-def records_at(until_snapshot: int | None) -> Any:
+def _records_at(until_snapshot: int | None) -> Any:
     """Each key's record version as of snapshot ``until_snapshot`` (the newest one begun at or
     before it; the newest of all for None), as a subquery: ``key_id``, ``name``, ``workspace_id``,
     ``creator_user_id``, ``created_at``. Records change rarely: one group over them, not the usage."""

@@ -81,11 +81,11 @@ def _time_callback(_: Any, __: Any, value: str | None) -> datetime | None:
     return _time_option(value)
 
 
-def _every_callback(_: Any, __: Any, value: str) -> timedelta:
-    every = _duration_option(_, __, value)
+def _every_callback(ctx: Any, param: Any, value: str) -> timedelta:
+    every: timedelta = _duration_option(ctx, param, value)
     if not timedelta(minutes=1) <= every <= timedelta(days=1) or timedelta(days=1) % every:
         raise click.BadParameter(f"must divide a day into whole steps of a minute or more (1d, 1h, 30m), got {value!r}")
-    return every  # type: ignore[no-any-return]
+    return every
 
 
 def _timeout_callback(_: Any, __: Any, value: float) -> float:

@@ -129,11 +129,10 @@ class _Simulation:
             disabled=bool(key.get("disabled")),
         )
 
-    def use(self, day: int, begin: datetime, end: datetime) -> None:
-        """Record the use of every active key between ``begin`` and ``end`` (a day or a part of
-        one: each active key is used once in it, with a day's spend scaled to its length)."""
+    def use(self, day: int, begin: datetime, end: datetime, share: float = 1.0) -> None:
+        """Record the use of every active key between ``begin`` and ``end``: each active key is
+        used once in it, with a day's spend times ``share`` (the part of a day this covers)."""
         rng, fake = self.rng, self.fake
-        share = (end - begin + timedelta(minutes=1)) / DAY
         for spender in list(self.spenders.values()):
             if spender.stops_on is not None and day >= spender.stops_on:
                 continue
@@ -291,7 +290,7 @@ def run_demo(
 
                     if step:
                         sim.churn(moment - every / 2, share)
-                        sim.use((moment - start) // DAY, moment - every, moment - timedelta(minutes=1))
+                        sim.use((moment - start) // DAY, moment - every, moment - timedelta(minutes=1), share)
                     if step == steps - 1:
                         _overspend_today(fake, end)
                     fake.set_clock(moment)

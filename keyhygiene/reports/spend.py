@@ -137,7 +137,7 @@ def compute_spend(
             spend.name, spend.workspace_id, spend.creator_user_id = row.name, row.workspace_id, row.creator_user_id
         spend.add(row.day, row.usage, row.byok_usage, per_day=per_day)
         if row.first_seen_at is not None and row.created_at is not None:
-            if row.created_at > start:
+            if _created_inside(row, start):
                 spend.created_in_period = True
                 spend.counted_from = row.created_at
                 spend.add(row.day, row.first_usage, row.first_byok_usage, per_day=per_day)
@@ -212,7 +212,7 @@ def daily_spend(
         if row.key_hash not in keys:
             continue
         credit, byok = _micros(row.usage), _micros(row.byok_usage)
-        if row.first_seen_at is not None and row.created_at is not None and row.created_at > start:
+        if _created_inside(row, start):
             credit, byok = credit + _micros(row.first_usage), byok + _micros(row.first_byok_usage)
         if credit or byok:
             day = totals[row.day]
@@ -227,6 +227,11 @@ def daily_spend(
             for key_hash, days in series.items()
         },
     )
+
+
+def _created_inside(row: rollups.SpendRow, start: datetime) -> bool:
+    """A first observation of a key created inside the period: what it had then counts as spend."""
+    return row.first_seen_at is not None and row.created_at is not None and row.created_at > start
 
 
 def _micros(amount: float) -> int:
