@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
+from .engine import SQLITE_BEGIN
 from .models import (
     Action,
     Notice,
@@ -170,8 +171,12 @@ def reclaim_space(engine: Engine, *, pages_per_step: int = 20_000) -> int:
     if engine.dialect.name != "sqlite":
         return 0
     freed = 0
+    # IMMEDIATE: the step reads the free list and then writes; a deferred transaction whose read
+    # a sync's commit overtook could not take the write lock, and would fail at once ("database
+    # is locked") instead of waiting for the busy timeout.
+    writer = engine.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
     while True:
-        with engine.begin() as connection:
+        with writer.begin() as connection:
             free = int(connection.exec_driver_sql("PRAGMA freelist_count").scalar() or 0)
             if free == 0:
                 return freed
