@@ -616,6 +616,26 @@ def test_advancing_the_clock_resets_windows_at_utc_boundaries(fake: FakeOpenRout
     assert windows() == (103, 0, 0, 0, 0, 10)
 
 
+def test_a_listing_shows_every_change_since_the_previous_one(fake: FakeOpenRouter, api: httpx.Client) -> None:
+    # The fake re-uses a key's JSON while nothing about it changed: no change may be missed, and
+    # what one caller does to its copy must not show in the next listing.
+    key_hash = fake.add_key("k", limit=10)["hash"]
+
+    def listed() -> dict[str, Any]:
+        return next(key for key in fake.keys if key["hash"] == key_hash)
+
+    listed()["name"] = "scribbled on by a caller"
+    assert listed()["name"] == "k"
+    fake.record_use(key_hash, 2.5)
+    assert (listed()["usage"], listed()["usage_daily"], listed()["limit_remaining"]) == (2.5, 2.5, 7.5)
+    fake.record_use(key_hash, 1.0, at=NOW - timedelta(days=40))  # lifetime only: no window moves
+    assert (listed()["usage"], listed()["usage_daily"], listed()["limit_remaining"]) == (3.5, 2.5, 6.5)
+    assert api.patch(f"/keys/{key_hash}", json={"name": "renamed", "disabled": True}).status_code == 200
+    assert (listed()["name"], listed()["disabled"]) == ("renamed", True)
+    fake.advance(timedelta(days=1))
+    assert (listed()["usage"], listed()["usage_daily"], listed()["usage_monthly"]) == (3.5, 0.0, 2.5)
+
+
 def test_record_use_updates_usage_and_last_used(fake: FakeOpenRouter) -> None:
     key_hash = fake.add_key("k", limit=50, include_byok_in_limit=True)["hash"]
 

@@ -79,6 +79,11 @@ class _Key:
     last_used_at: datetime | None
     creator_user_id: str | None
     external_user: str | None
+    rendered: tuple[tuple[float, ...], dict[str, Any]] | None = field(default=None, compare=False, repr=False)
+    """The last ``to_json`` and the window figures it was made with; every change clears it."""
+
+    def changed(self) -> None:
+        self.rendered = None
 
     @property
     def sort_key(self) -> tuple[int, str]:
@@ -115,15 +120,34 @@ class _Key:
     def is_expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now
 
+    def window_figures(self, now: Windows) -> tuple[float, ...]:
+        """``usage_in`` of each window, plain and BYOK: the only part of the JSON that moves with the clock."""
+        mine, usage, byok = self.windows, self.window_usage, self.window_byok_usage
+        daily, weekly, monthly = mine.daily == now.daily, mine.weekly == now.weekly, mine.monthly == now.monthly
+        return (
+            usage["daily"] if daily else 0.0,
+            usage["weekly"] if weekly else 0.0,
+            usage["monthly"] if monthly else 0.0,
+            byok["daily"] if daily else 0.0,
+            byok["weekly"] if weekly else 0.0,
+            byok["monthly"] if monthly else 0.0,
+        )
+
     def to_json(self, now: Windows) -> dict[str, Any]:
-        """The key object of section 2 of the reference, with every field."""
+        """The key object of section 2 of the reference, with every field (a copy of the last one
+        made, while the key and its window figures are what they were: most keys of a listing have
+        not changed since the previous one)."""
+        figures = self.window_figures(now)
+        rendered = self.rendered
+        if rendered is not None and rendered[0] == figures:
+            return dict(rendered[1])
         # Keys whose hash starts with 0-4 use the guide's "+00:00" microsecond style.
         micro = self.hash[:1] in "01234"
 
         def when(moment: datetime | None) -> str | None:
             return None if moment is None else format_time(moment, microsecond_style=micro)
 
-        return {
+        data = {
             "hash": self.hash,
             "name": self.name,
             "label": self.label,
@@ -133,13 +157,13 @@ class _Key:
             "limit_reset": self.limit_reset,
             "include_byok_in_limit": self.include_byok_in_limit,
             "usage": self.usage,
-            "usage_daily": self.usage_in("daily", now),
-            "usage_weekly": self.usage_in("weekly", now),
-            "usage_monthly": self.usage_in("monthly", now),
+            "usage_daily": figures[0],
+            "usage_weekly": figures[1],
+            "usage_monthly": figures[2],
             "byok_usage": self.byok_usage,
-            "byok_usage_daily": self.usage_in("daily", now, byok=True),
-            "byok_usage_weekly": self.usage_in("weekly", now, byok=True),
-            "byok_usage_monthly": self.usage_in("monthly", now, byok=True),
+            "byok_usage_daily": figures[3],
+            "byok_usage_weekly": figures[4],
+            "byok_usage_monthly": figures[5],
             "created_at": when(self.created_at),
             "updated_at": when(self.updated_at),
             "expires_at": when(self.expires_at),
@@ -148,6 +172,8 @@ class _Key:
             "external_user": self.external_user,
             "last_used_at": when(self.last_used_at),
         }
+        self.rendered = (figures, data)
+        return dict(data)
 
 
 @dataclass(slots=True)
@@ -532,6 +558,7 @@ class FakeOpenRouter:
                 record.workspace_id = target
                 self._order[target].add(record.sort_key)
             record.updated_at = now
+            record.changed()
             self._version += 1
             return record.to_json(Windows.at(now))
 
@@ -567,6 +594,7 @@ class FakeOpenRouter:
                     record.window_byok_usage[window] = decimal_sum(record.window_byok_usage[window], byok_usd)
             if record.last_used_at is None or when > record.last_used_at:
                 record.last_used_at = when
+            record.changed()
 
     # ----------------------------------------------------------- HTTP side
 
