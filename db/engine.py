@@ -9,6 +9,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_CACHE_KIB = 32 * 1024
 SQLITE_BEGIN = "keyhygiene_sqlite_begin"
 
 
@@ -27,6 +28,9 @@ def make_engine(url: URL | str, **kwargs: Any) -> Engine:
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA synchronous=NORMAL")
+            # 32 MB of page cache instead of SQLite's 2 MB: recording a snapshot walks the open
+            # versions of every key several times, and a year's store is hundreds of MB.
+            cursor.execute(f"PRAGMA cache_size={-SQLITE_CACHE_KIB}")
             cursor.close()
 
         @event.listens_for(engine, "begin")
