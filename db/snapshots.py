@@ -516,6 +516,15 @@ class StagedRows:
         self._rows[row[1]] = (raw, row)
 
 
+@dataclass(slots=True)
+class StagedKeys:
+    """Keys turned into staging rows, not yet written (``SnapshotWriter.stage``)."""
+
+    rows: list[list[Any]]
+    fresh: list[tuple[Mapping[str, Any], list[Any]]]
+    """The rows made anew (not reused), with the key each was made from."""
+
+
 class SnapshotWriter:
     """Streams one sync's listing into the store; nothing of it is read until ``finish``.
 
@@ -534,6 +543,12 @@ class SnapshotWriter:
         self.duplicates = 0
 
     def add(self, session: Session, raw_keys: Iterable[Mapping[str, Any]]) -> None:
+        self.write(session, self.stage(raw_keys))
+
+    def stage(self, raw_keys: Iterable[Mapping[str, Any]]) -> StagedKeys:
+        """The first half of ``add``, which needs no database: the keys' staging rows. Another
+        writer's ``write`` may take them (for a snapshot started after they were staged), as long
+        as nothing is staged with the same ``reuse`` until they are written."""
         rows = []
         fresh: list[tuple[Mapping[str, Any], list[Any]]] = []
         reuse = self._reuse
@@ -549,14 +564,22 @@ class SnapshotWriter:
             rows.append(row)
             if staged:
                 fresh.append((raw, row))
+        return StagedKeys(rows, fresh)
+
+    def write(self, session: Session, staged: StagedKeys) -> None:
+        """The second half of ``add``: write staged rows as this writer's snapshot's."""
+        rows, fresh = staged.rows, staged.fresh
+        if rows and rows[0][0] != self.snapshot_id:
+            for row in rows:
+                row[0] = self.snapshot_id
         known = _tracked_ids(session, [row[1] for _, row in fresh])
         for _, row in fresh:
             row.append(known.get(row[1]))
         _copy_rows(session, rows)
-        if reuse is not None:
+        if self._reuse is not None:
             for raw, row in fresh:
                 if row[-1] is not None:  # a key first seen now is tracked only when the snapshot is recorded
-                    reuse.keep(raw, list(row))
+                    self._reuse.keep(raw, list(row))
 
     def missing(self, session: Session) -> list[str]:
         """Hashes of keys in the newest complete snapshot that were not handed over, sorted."""

@@ -15,9 +15,11 @@ import os
 import random
 import shutil
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -33,7 +35,7 @@ from keyhygiene.fakeapi.webhook import WebhookSink
 from keyhygiene.rules import Decision, load_rules
 
 from . import logging as khlog
-from .context import Database, open_client, session_scope
+from .context import Database, collection_paused, open_client, session_scope
 from .enforcement import explain
 from .errors import EXIT_FAILURE, EXIT_OK
 from .jobs import execute
@@ -280,27 +282,28 @@ def run_demo(
         try:
             upgrade(database.engine)
             client = open_client(settings)
-            staged = snapshots.StagedRows()  # most keys do not change from one simulated day to the next
             try:
-                for step in range(steps):
-                    moment = start + step * every
+                with _PastDays(database) as past, collection_paused():
+                    for step in range(steps):
+                        moment = start + step * every
 
-                    def at_moment(moment: datetime = moment) -> datetime:
-                        return moment
+                        def at_moment(moment: datetime = moment) -> datetime:
+                            return moment
 
-                    if step:
-                        sim.churn(moment - every / 2, share)
-                        sim.use((moment - start) // DAY, moment - every, moment - timedelta(minutes=1), share)
-                    if step == steps - 1:
-                        _overspend_today(fake, end)
-                    fake.set_clock(moment)
-                    if step < steps - 1:
-                        _record_past_day(database, fake, moment, staged)
-                        continue
-                    outcome = execute("sync", settings, clock=at_moment, database=database, client=client)
-                    if outcome.exit_code != EXIT_OK:
-                        console.print(f"[red]the last simulated sync failed:[/red] {outcome.message}")
-                        return EXIT_FAILURE
+                        if step:
+                            sim.churn(moment - every / 2, share)
+                            sim.use((moment - start) // DAY, moment - every, moment - timedelta(minutes=1), share)
+                        if step == steps - 1:
+                            _overspend_today(fake, end)
+                        fake.set_clock(moment)
+                        if step < steps - 1:
+                            past.record(moment, fake.keys)
+                            continue
+                        past.wait()
+                        outcome = execute("sync", settings, clock=at_moment, database=database, client=client)
+                        if outcome.exit_code != EXIT_OK:
+                            console.print(f"[red]the last simulated sync failed:[/red] {outcome.message}")
+                            return EXIT_FAILURE
                 fake.set_clock(end)
                 enforced = execute(
                     "enforce", settings, dry_run=True, clock=lambda: end, database=database, client=client
@@ -424,24 +427,62 @@ def shell_command() -> str:
     return str(beside)
 
 
-def _record_past_day(database: Database, fake: FakeOpenRouter, moment: datetime, reuse: snapshots.StagedRows) -> None:
-    """One simulated past day's snapshot, through the store's own write path (SnapshotWriter) but
-    straight from the fake's state: a day that is already over needs no HTTP round trips. The
-    last day is a real ``keyhygiene sync`` over HTTP."""
-    keys = fake.keys
-    with session_scope(database) as session:  # one transaction: nobody watches a simulated day run
-        run_id = runs.start_run(session, kind="sync", now=moment).id
-        snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=moment).id
-        writer = snapshots.SnapshotWriter(snapshot_id, reuse=reuse)
-        writer.add(session, keys)
-        written = writer.finish(
-            session, taken_at=moment, workspace_counts=Counter(key["workspace_id"] or "default" for key in keys)
-        )
-        summary = {"snapshot_id": snapshot_id, "keys": written.key_count, "new_versions": written.new_versions}
-        message = f"snapshot {snapshot_id}: {written.key_count} keys (a simulated past day)"
-        runs.finish_run(
-            session, run_id, status=runs.OK, now=moment, exit_code=EXIT_OK, message=message, summary=summary
-        )
+class _PastDays:
+    """Records the simulated past days' snapshots through the store's own write path
+    (SnapshotWriter), straight from the fake's state: a day that is already over needs no HTTP
+    round trips. Each day is one transaction, on a thread of its own, while the caller simulates
+    the next day and stages its keys: the database and the simulation take a core each. One day
+    at a time is handed over; ``wait`` (and leaving the block) waits for it."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._reuse = snapshots.StagedRows()  # most keys do not change from one simulated day to the next
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyhygiene-demo")
+        self._day: Future[None] | None = None
+        self._written = threading.Event()  # the day handed over last has written its staging rows
+
+    def __enter__(self) -> _PastDays:
+        return self
+
+    def __exit__(self, *error: object) -> None:
+        self._thread.shutdown(wait=True)
+        if error[0] is None:
+            self.wait()
+
+    def record(self, moment: datetime, keys: list[dict[str, Any]]) -> None:
+        """Hand over the snapshot of ``keys`` taken at ``moment``; returns once its staging rows are
+        written, so that the caller's next simulated day runs beside the SQL that records this one
+        (a few long statements) and not beside the row-by-row insert, which would make both wait
+        on the interpreter's lock at every row."""
+        staged = snapshots.SnapshotWriter(0, reuse=self._reuse).stage(keys)  # the id comes when it is written
+        counts = Counter(key["workspace_id"] or "default" for key in keys)
+        self.wait()
+        self._written.clear()
+        self._day = self._thread.submit(self._record, moment, staged, counts)
+        self._written.wait()  # the next day's staging reads what this day's rows left in _reuse
+
+    def wait(self) -> None:
+        """Until the day handed over last is recorded; raises what recording it raised."""
+        day, self._day = self._day, None
+        if day is not None:
+            day.result()
+
+    def _record(self, moment: datetime, staged: snapshots.StagedKeys, counts: Counter[str]) -> None:
+        try:
+            with session_scope(self._database) as session:
+                run_id = runs.start_run(session, kind="sync", now=moment).id
+                snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=moment).id
+                writer = snapshots.SnapshotWriter(snapshot_id, reuse=self._reuse)
+                writer.write(session, staged)
+                self._written.set()
+                written = writer.finish(session, taken_at=moment, workspace_counts=counts)
+                summary = {"snapshot_id": snapshot_id, "keys": written.key_count, "new_versions": written.new_versions}
+                message = f"snapshot {snapshot_id}: {written.key_count} keys (a simulated past day)"
+                runs.finish_run(
+                    session, run_id, status=runs.OK, now=moment, exit_code=EXIT_OK, message=message, summary=summary
+                )
+        finally:
+            self._written.set()
 
 
 def _overspend_today(fake: FakeOpenRouter, end: datetime) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from db import retention, runs, snapshots
 from db.models import Snapshot, key_usage, snapshot_staging, tracked_keys
 from keyhygiene.context import Database, session_scope
+from keyhygiene.demo import _PastDays
 from keyhygiene.enforcement import facts_at, key_facts, key_history
 from keyhygiene.keysapi.models import Key
 
@@ -111,6 +112,32 @@ def test_staging_rows_reused_across_snapshots_store_the_same_history(database: D
     for (snapshot_id, _), keys in zip(stored, days, strict=True):
         assert raw_at(database, snapshot_id) == {k.hash: k.raw for k in keys}
     assert [written.new_versions for _, written in stored] == [5, 3, 2]
+
+
+def test_past_days_recorded_on_a_thread_store_what_one_sync_after_another_would(database: Database) -> None:
+    """The demo records each simulated day on a thread of its own while it stages the next day's
+    keys, reusing the rows of keys that did not change; rows staged before their snapshot exists."""
+    days = [
+        [key(n) for n in range(1, 6)],
+        [key(1), key(2, usage=9.5, last_used_at="2026-03-01T10:00:00Z"), key(3), key(5, disabled=True), key(6)],
+        [key(1), key(2, usage=9.5, last_used_at="2026-03-01T10:00:00Z"), key(5), key(6, name="renamed")],
+        [key(1), key(2, usage=12.0, last_used_at="2026-03-02T10:00:00Z"), key(5), key(6, name="renamed"), key(4)],
+    ]
+    with _PastDays(database) as past:
+        for hour, keys in enumerate(days):
+            past.record(T0 + timedelta(hours=hour), [dict(k.raw) for k in keys])
+
+    with database.sessions() as session:
+        recorded = session.execute(
+            select(Snapshot.id, Snapshot.new_versions)
+            .where(Snapshot.status == snapshots.COMPLETE)
+            .order_by(Snapshot.id)
+        ).all()
+        assert session.scalar(select(func.count()).select_from(snapshot_staging)) == 0
+    assert [raw_at(database, snapshot_id) for snapshot_id, _ in recorded] == [
+        {k.hash: k.raw for k in keys} for keys in days
+    ]
+    assert [new_versions for _, new_versions in recorded] == [5, 3, 2, 2]
 
 
 def test_an_unchanged_key_costs_no_new_row(database: Database) -> None:
