@@ -9,12 +9,12 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-SQLITE_CACHE_KIB = 32 * 1024
 SQLITE_BEGIN = "keyhygiene_sqlite_begin"
 
 
-def make_engine(url: URL | str, **kwargs: Any) -> Engine:
-    """An engine for ``url``; SQLite gets WAL journaling, a busy timeout and foreign keys."""
+def make_engine(url: URL | str, *, sqlite_cache_kib: int | None = None, **kwargs: Any) -> Engine:
+    """An engine for ``url``; SQLite gets WAL journaling, a busy timeout and foreign keys, and
+    ``sqlite_cache_kib`` of page cache per connection instead of its default 2 MB, when given."""
     engine = create_engine(url, pool_pre_ping=True, **kwargs)
     if engine.dialect.name == "sqlite":
 
@@ -28,9 +28,8 @@ def make_engine(url: URL | str, **kwargs: Any) -> Engine:
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA synchronous=NORMAL")
-            # 32 MB of page cache instead of SQLite's 2 MB: recording a snapshot walks the open
-            # versions of every key several times, and a year's store is hundreds of MB.
-            cursor.execute(f"PRAGMA cache_size={-SQLITE_CACHE_KIB}")
+            if sqlite_cache_kib is not None:
+                cursor.execute(f"PRAGMA cache_size={-sqlite_cache_kib}")
             cursor.close()
 
         @event.listens_for(engine, "begin")

@@ -278,7 +278,9 @@ def run_demo(
             KEYHYGIENE_RULES_FILE=str(rules_path),
             KEYHYGIENE_LOG_FORMAT="console",
         )
-        database = Database.open(settings, check=False)
+        # A year of daily snapshots in one process: each day's SQL walks every key's open versions,
+        # spread over a file of hundreds of MB (SQLite's default cache is 2 MB).
+        database = Database.open(settings, check=False, sqlite_cache_kib=32 * 1024)
         try:
             upgrade(database.engine)
             client = open_client(settings)
