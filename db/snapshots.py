@@ -186,16 +186,22 @@ def _parse_time(name: str, value: Any) -> tuple[datetime | None, str | None]:
 
 
 def _plain_time(value: Any) -> tuple[datetime, str] | None:
-    """The API's usual style, ``2026-02-19T20:52:27Z``, read without writing it back to compare
-    (the shape is checked here, the digits by ``fromisoformat``); None for anything else."""
+    """The API's two documented styles, ``2026-02-19T20:52:27Z`` ("Z") and
+    ``2026-02-19T20:52:27.363244+00:00`` ("u"), read without writing them back to compare: the
+    shape is checked here, the digits by ``fromisoformat``, and a time of that shape that parses
+    writes back as it came. None for anything else."""
     if not (
         isinstance(value, str)
-        and len(value) == 20
-        and value[19] == "Z"
-        and value[10] == "T"
+        and value[10:11] == "T"
         and value[4] == value[7] == "-"
         and value[13] == value[16] == ":"
     ):
+        return None
+    if len(value) == 20 and value[19] == "Z":
+        style = "Z"
+    elif len(value) == 32 and value[19] == "." and value.endswith("+00:00"):
+        style = "u"
+    else:
         return None
     try:
         parsed = datetime.fromisoformat(value)
@@ -203,7 +209,7 @@ def _plain_time(value: Any) -> tuple[datetime, str] | None:
         return None
     if parsed.tzinfo is not UTC or not EARLIEST_TIME <= parsed < LATEST_TIME:
         return None
-    return parsed, "Z"
+    return parsed, style
 
 
 def _time_text(value: datetime | None, style: str) -> str | None:

@@ -6,8 +6,9 @@ These drive ``db.snapshots`` with literal keys, so every version boundary is kno
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -287,6 +288,26 @@ def test_the_raw_json_comes_back_exactly_whatever_its_numbers_and_times(database
     s1, _ = store(database, [Key.from_api(odd), Key.from_api(older_api)], T0)
 
     assert raw_at(database, s1) == {key(1).hash: odd, key(2).hash: older_api}
+
+
+def test_times_in_every_style_come_back_as_the_api_wrote_them(database: Database) -> None:
+    rng = random.Random(5)
+    styles = [
+        lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ"),  # the API's usual style
+        lambda t: t.isoformat(timespec="microseconds"),  # its other documented style
+        lambda t: t.isoformat().replace("+00:00", "Z"),  # fractions only when present
+        lambda t: t.isoformat(),
+        lambda t: t.isoformat(timespec="milliseconds"),
+        lambda t: t.astimezone(timezone(timedelta(hours=2))).isoformat(),
+    ]
+    keys = []
+    for n in range(1, 241):
+        created = T0 - timedelta(seconds=rng.randrange(10**8), microseconds=rng.choice([0, rng.randrange(10**6)]))
+        used = T0 - timedelta(seconds=rng.randrange(10**6), microseconds=rng.choice([0, rng.randrange(10**6)]))
+        keys.append(key(n, created_at=styles[n % 6](created), last_used_at=styles[(n // 6) % 6](used)))
+    s1, _ = store(database, keys, T0)
+
+    assert raw_at(database, s1) == {k.hash: k.raw for k in keys}
 
 
 def test_the_rules_read_the_same_facts_from_the_typed_columns_as_from_the_raw_json(database: Database) -> None:
