@@ -141,6 +141,28 @@ def test_past_days_recorded_on_a_thread_store_what_one_sync_after_another_would(
     assert [new_versions for _, new_versions in recorded] == [5, 3, 2, 2]
 
 
+def test_a_past_day_that_fails_stops_the_demo_and_leaves_no_snapshot(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: Any, **kwargs: Any) -> snapshots.SnapshotWrite:
+        raise RuntimeError("the disk is full")
+
+    with pytest.raises(RuntimeError, match="the disk is full"), _PastDays(database) as past:
+        past.record(T0, [key(1).raw, key(2).raw])
+        past.wait()
+        monkeypatch.setattr(snapshots.SnapshotWriter, "finish", fail)
+        past.record(T0 + timedelta(hours=1), [key(1).raw])  # fails on the recording thread
+    # leaving the block waited for it and raised; the next day handed over raises too
+    with _PastDays(database) as past:
+        past.record(T0 + timedelta(hours=2), [key(1).raw])
+        with pytest.raises(RuntimeError, match="the disk is full"):
+            past.record(T0 + timedelta(hours=3), [key(1).raw])
+
+    with database.sessions() as session:
+        assert session.scalars(select(Snapshot.status).order_by(Snapshot.id)).all() == [snapshots.COMPLETE]
+        assert session.scalar(select(func.count()).select_from(snapshot_staging)) == 0
+
+
 def test_an_unchanged_key_costs_no_new_row(database: Database) -> None:
     keys = [key(n) for n in range(1, 301)]
     store(database, keys, T0)
