@@ -233,6 +233,7 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) ->
         )
         .select_from(joined)
         .where(moved)
+        .order_by(alive.c.key_hash)  # in the primary key's order: appended, not scattered
     )
     insert_state = _upsert(session, state).from_select(list(new_state.selected_columns.keys()), new_state)
     session.execute(

@@ -191,10 +191,7 @@ def _plain_time(value: Any) -> tuple[datetime, str] | None:
     shape is checked here, the digits by ``fromisoformat``, and a time of that shape that parses
     writes back as it came. None for anything else."""
     if not (
-        isinstance(value, str)
-        and value[10:11] == "T"
-        and value[4] == value[7] == "-"
-        and value[13] == value[16] == ":"
+        isinstance(value, str) and value[10:11] == "T" and value[4] == value[7] == "-" and value[13] == value[16] == ":"
     ):
         return None
     if len(value) == 20 and value[19] == "Z":
