@@ -582,7 +582,7 @@ class SnapshotWriter:
         if self._reuse is not None:
             for raw, row in fresh:
                 if row[-1] is not None:  # a key first seen now is tracked only when the snapshot is recorded
-                    self._reuse.keep(raw, list(row))
+                    self._reuse.keep(raw, row)  # as written: nothing changes it after
 
     def missing(self, session: Session) -> list[str]:
         """Hashes of keys in the newest complete snapshot that were not handed over, sorted."""

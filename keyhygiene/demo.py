@@ -10,6 +10,7 @@ up with it afterwards. Everything lives in one directory (``./keyhygiene-demo`` 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -429,6 +430,10 @@ def shell_command() -> str:
     return str(beside)
 
 
+_COLLECT_EVERY = 7
+"""Simulated days between two collections of the cyclic garbage they left (see ``_PastDays.record``)."""
+
+
 class _PastDays:
     """Records the simulated past days' snapshots through the store's own write path
     (SnapshotWriter), straight from the fake's state: a day that is already over needs no HTTP
@@ -442,6 +447,7 @@ class _PastDays:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyhygiene-demo")
         self._day: Future[None] | None = None
         self._written = threading.Event()  # the day handed over last has written its staging rows
+        self._days = 0
 
     def __enter__(self) -> _PastDays:
         return self
@@ -459,6 +465,12 @@ class _PastDays:
         staged = snapshots.SnapshotWriter(0, reuse=self._reuse).stage(keys)  # the id comes when it is written
         counts = Counter(key["workspace_id"] or "default" for key in keys)
         self.wait()
+        self._days += 1
+        if self._days % _COLLECT_EVERY == 0:
+            # The caller keeps cyclic garbage collection paused (it would walk every key's JSON and
+            # staging row again and again); what each day leaves in cycles (its session, its
+            # transaction) is collected here, while the recording thread holds none of it.
+            gc.collect(1)
         self._written.clear()
         self._day = self._thread.submit(self._record, moment, staged, counts)
         self._written.wait()  # the next day's staging reads what this day's rows left in _reuse
