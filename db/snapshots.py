@@ -158,19 +158,8 @@ def _bits_float(bits: int) -> float:
     return float(struct.unpack("<d", struct.pack("<q", bits))[0])
 
 
-_TIMES_KEPT = 50_000
-"""At most this many times are remembered: a sync of 100,000 keys sees few of them twice, and the
-memory counts (the demo, which records a year of days in one process, is what repeats them)."""
-_TIMES: dict[str, tuple[datetime | None, str | None]] = {}
-"""Times seen on the wire: the same ``created_at`` comes back in every sync, so each distinct
-string is parsed (and checked to be written back the same) once per process."""
-
-
 def _parse_time(name: str, value: Any) -> tuple[datetime | None, str | None]:
     """(the time, the style that writes it back exactly as the API did: "Z", "u" or None)."""
-    known = _TIMES.get(value) if isinstance(value, str) else None
-    if known is not None:
-        return known
     result: tuple[datetime | None, str | None] | None = _plain_time(value)
     if result is None:
         try:
@@ -179,9 +168,6 @@ def _parse_time(name: str, value: Any) -> tuple[datetime | None, str | None]:
             raise MalformedResponse(f"field {name!r}: {exc}") from None
         style = next((style for style in ("Z", "u") if _time_text(parsed, style) == value), None)
         result = (parsed, style)
-    if len(_TIMES) > _TIMES_KEPT:
-        _TIMES.clear()
-    _TIMES[value] = result
     return result
 
 
@@ -309,26 +295,37 @@ def _copy_rows(session: Session, rows: list[list[Any]]) -> None:
     if not rows:
         return
     connection = session.connection()
-    columns = ", ".join(snapshot_staging.c[name].name for name in _STAGED)
     dbapi = connection.connection.dbapi_connection
     assert dbapi is not None
     cursor = dbapi.cursor()
     try:
         if connection.dialect.name == "postgresql":
-            with cursor.copy(f"COPY {snapshot_staging.name} ({columns}) FROM STDIN") as copy:
+            with cursor.copy(f"COPY {snapshot_staging.name} ({_STAGED_COLUMNS}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
         else:
             # Bypass the ORM's per-row bind processing: times go in as SQLAlchemy stores them
             # (naive UTC, microseconds always written), money is already integer micro-dollars.
-            marks = ", ".join("?" * len(_STAGED))
             for row in rows:
                 for index in _TIME_COLUMNS:
                     if isinstance(row[index], datetime):  # not a row reused as it was last written
                         row[index] = _sqlite_time(row[index])
-            cursor.executemany(f"INSERT INTO {snapshot_staging.name} ({columns}) VALUES ({marks})", rows)
+            cursor.executemany(_SQLITE_STAGING_INSERT, rows)
     finally:
         cursor.close()
+
+
+_STAGED_COLUMNS = ", ".join(snapshot_staging.c[name].name for name in _STAGED)
+_SQLITE_STAGING_INSERT = "INSERT INTO {table} ({columns}) VALUES ({marks}, coalesce(?{key_id}, ({tracked})))".format(
+    table=snapshot_staging.name,
+    columns=_STAGED_COLUMNS,
+    marks=", ".join(f"?{number}" for number in range(1, len(_STAGED))),
+    key_id=len(_STAGED),
+    tracked=f"SELECT id FROM {tracked_keys.name} WHERE key_hash = ?{_STAGED.index('key_hash') + 1}",
+)
+"""A staging row on SQLite: its key id as given, else the id of its hash when already tracked,
+looked up by SQLite as it inserts (the PostgreSQL COPY cannot; ``SnapshotWriter.write``)."""
+assert _STAGED[-1] == "key_id"
 
 
 _TIME_COLUMNS = [
@@ -340,7 +337,7 @@ def _sqlite_time(value: datetime) -> str:
     """An aware time as SQLAlchemy stores it in SQLite: naive UTC, microseconds always written."""
     if value.tzinfo is not UTC:
         value = value.astimezone(UTC)
-    return value.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+    return value.isoformat(" ", "microseconds")[:26]  # without its "+00:00"
 
 
 def _same(left: Any, right: Any, names: Iterable[str]) -> Any:
@@ -575,9 +572,15 @@ class SnapshotWriter:
         if rows and rows[0][0] != self.snapshot_id:
             for row in rows:
                 row[0] = self.snapshot_id
-        known = _tracked_ids(session, [row[1] for _, row in fresh])
-        for _, row in fresh:
-            row.append(known.get(row[1]))
+        if self._reuse is None and session.get_bind().dialect.name == "sqlite":
+            # The insert looks the ids up itself (``_SQLITE_STAGING_INSERT``): far cheaper than
+            # a query per page and a round of Python over its rows.
+            for _, row in fresh:
+                row.append(None)
+        else:
+            known = _tracked_ids(session, [row[1] for _, row in fresh])
+            for _, row in fresh:
+                row.append(known.get(row[1]))
         _copy_rows(session, rows)
         if self._reuse is not None:
             for raw, row in fresh:
