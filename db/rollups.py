@@ -2,9 +2,10 @@
 
 Three tables, each small next to the versions they summarise:
 
-- ``key_rollups``: one row per key ever seen, its running state: the counters as last seen, when
-  it was first seen and when its usage last moved. It is what makes the other two incremental: a
-  sync compares the keys it stored (``db.snapshots.alive_at``) with it and writes only what moved.
+- ``key_rollups``: one row per tracked key (by its ``tracked_keys`` id), its running state: the
+  counters as last seen, when it was first seen and when its usage last moved. It is what makes
+  the other two incremental: a sync compares the keys it stored (``db.snapshots.alive_at``) with
+  it and writes only what moved. A key that retention forgets entirely loses its row with it.
 - ``key_days``: per key and UTC day, only where something happened: the spend of the steps whose
   later snapshot fell on that day (growth of ``usage`` and ``byok_usage`` since the key's previous
   observation; a counter that goes down counts zero), and, on the day a key was first seen, its
@@ -67,7 +68,8 @@ class KeyRollup(Base):
 
     __tablename__ = "key_rollups"
 
-    key_hash: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    """Its ``tracked_keys.id`` (on SQLite the rowid: each sync joins every alive key to its row)."""
     first_seen_at: Mapped[datetime]
     usage_changed_at: Mapped[datetime]
     """A copy of the key's ``key_usage.usage_since`` at that snapshot."""
@@ -142,9 +144,9 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) ->
     is new, and the snapshot's ``snapshot_rollups`` rows from one aggregate."""
     alive = snapshots.alive_at(snapshot_id, newest=snapshots.is_newest(session, snapshot_id)).subquery("alive")
     state = KeyRollup.__table__
-    known = state.c.key_hash.is_not(None)
+    known = state.c.key_id.is_not(None)
     moved = or_(~known, alive.c.usage != state.c.usage, alive.c.byok_usage != state.c.byok_usage)
-    joined = alive.outerjoin(state, state.c.key_hash == alive.c.key_hash)
+    joined = alive.outerjoin(state, state.c.key_id == alive.c.key_id)
     step_usage = case((known, _grown(alive.c.usage, state.c.usage)), else_=literal(0))
     step_byok = case((known, _grown(alive.c.byok_usage, state.c.byok_usage)), else_=literal(0))
     day = taken_at.astimezone(UTC).date()
@@ -225,7 +227,7 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) ->
     # 3. The running state of the keys that moved.
     new_state = (
         select(
-            alive.c.key_hash,
+            alive.c.key_id,
             first_seen.label("first_seen_at"),
             alive.c.usage_since.label("usage_changed_at"),
             alive.c.usage,
@@ -233,12 +235,12 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) ->
         )
         .select_from(joined)
         .where(moved)
-        .order_by(alive.c.key_hash)  # in the primary key's order: appended, not scattered
+        .order_by(alive.c.key_id)  # in the primary key's order: appended, not scattered
     )
     insert_state = _upsert(session, state).from_select(list(new_state.selected_columns.keys()), new_state)
     session.execute(
         insert_state.on_conflict_do_update(
-            index_elements=[state.c.key_hash],
+            index_elements=[state.c.key_id],
             set_={
                 "usage_changed_at": insert_state.excluded.usage_changed_at,
                 "usage": insert_state.excluded.usage,
@@ -267,7 +269,8 @@ def prune_rollups(session: Session, *, anchor_id: int, anchor_taken_at: datetime
     """Drop up to about ``limit`` roll-up rows older than the retention's anchor (the oldest
     snapshot kept whole): per-snapshot counts before it, then key days before its UTC day, oldest
     first. Returns the rows deleted; 0 when nothing is left to drop. ``key_rollups`` stays: one row
-    per key, which a key that comes back still needs."""
+    per tracked key, which a key that comes back still needs (it goes with the key, when retention
+    forgets the key: ``db.retention.delete_forgotten_keys``)."""
     counts = SnapshotRollup.__table__
     doomed = list(
         session.scalars(

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from db import runs, snapshots
+from db import rollups, runs, snapshots
 from db.models import Action, Run, Snapshot, key_records, key_usage, tracked_keys
 from db.retention import PRUNED
 from keyhygiene import retention
@@ -179,6 +179,10 @@ def test_reports_inside_the_retention_are_identical_after_pruning(org: Org) -> N
             assert ended == 0
         gone = select(func.count()).select_from(tracked_keys).where(tracked_keys.c.key_hash == key_hash("gone-early"))
         assert session.scalar(gone) == 0
+        # A forgotten key's running roll-up state goes with it: an id SQLite hands out again
+        # finds no state, and every key still tracked keeps its own.
+        states = set(session.scalars(select(rollups.KeyRollup.key_id)))
+        assert states == set(session.scalars(select(tracked_keys.c.id)))
         prune_run = session.get(Run, outcome.run_id)
         assert prune_run is not None and prune_run.kind == "prune" and prune_run.status == runs.OK
         assert prune_run.summary == summary

@@ -312,3 +312,32 @@ def test_the_html_report_has_an_owners_table(org: Org) -> None:
         "cat": {"keys": "1", "idle": "1", "spend": "0.0", "upcoming": upcoming["cat"]},
     }
     assert upcoming["cat"] == "1" and upcoming[None] != "0"  # idle-old, and the idle keys of nobody
+
+
+def test_0011_keys_the_running_state_by_id_and_back(org: Org) -> None:
+    engine = org.database.engine
+    before = dump(org.database)
+    answers = [report(org, "spend", since=2 * DAY), report(org, "trends", since=2 * DAY)]
+    with org.database.sessions() as session:
+        hashes = dict(session.execute(select(tracked_keys.c.id, tracked_keys.c.key_hash)).all())
+    downgrade(engine, "0010")
+    with org.database.sessions() as session:
+        by_hash = dict(session.execute(text("SELECT key_hash, usage FROM key_rollups")).all())
+    assert by_hash == {hashes[row[0]]: row[3] * 1_000_000 for row in before["key_rollups"]}  # micro-dollars
+    with org.database.engine.begin() as connection:  # the state of a key retention already forgot
+        connection.execute(
+            text(
+                "INSERT INTO key_rollups (key_hash, first_seen_at, usage_changed_at, usage, byok_usage) "
+                "VALUES ('forgotten', :at, :at, 5, 0)"
+            ),
+            {"at": T0},
+        )
+
+    upgrade(engine)
+
+    assert dump(org.database) == before
+    assert [report(org, "spend", since=2 * DAY), report(org, "trends", since=2 * DAY)] == answers
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as connection:
+            ddl = connection.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'key_rollups'").scalar_one()
+        assert "key_id INTEGER NOT NULL" in ddl and "PRIMARY KEY (key_id)" in ddl  # the rowid

@@ -1,6 +1,5 @@
 """key_days keyed by the key's id, with only its numbers (the name, workspace and owner come from
-the record versions); SQLite keeps the rows in the primary key (WITHOUT ROWID). Fills the roll-ups
-of a store that has history and none yet (one upgraded from before 0006).
+the record versions); SQLite keeps the rows in the primary key (WITHOUT ROWID).
 
 Revision ID: 0010
 Revises: 0009
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.orm import Session
 
 revision = "0010"
 down_revision = "0009"
@@ -48,13 +46,8 @@ def upgrade() -> None:
         sqlite_where=_FIRST_DAY,
         postgresql_where=_FIRST_DAY,
     )
-    bind = op.get_bind()
-    if bind.execute(sa.text("SELECT 1 FROM key_rollups LIMIT 1")).first() is None:
-        # No roll-ups yet (0006 created them empty): replay the stored snapshots, oldest first,
-        # exactly as each sync would have written them.
-        from db.rollups import rebuild_rollups
-
-        rebuild_rollups(Session(bind=bind))
+    # A store with history and no roll-ups yet (0006 created them empty) has them filled by 0011,
+    # once key_rollups has the layout that db.rollups writes.
 
 
 def downgrade() -> None:

@@ -1,0 +1,69 @@
+"""key_rollups keyed by the key's tracked id instead of its 64-character hash: every sync joins
+each alive key to its running state three times, by integer now (on SQLite the table's rowid).
+A state whose key retention has already forgotten is dropped: a key that comes back after that is
+new to the store. Fills the roll-ups of a store that has history and none yet (one upgraded from
+before 0006); that stays the last step of the newest migration that changes a roll-up table, as it
+runs today's ``db.rollups``.
+
+Revision ID: 0011
+Revises: 0010
+Create Date: 2026-12-02 01:30:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.orm import Session
+
+revision = "0011"
+down_revision = "0010"
+branch_labels = None
+depends_on = None
+
+_STATE = ("first_seen_at", "usage_changed_at", "usage", "byok_usage")
+
+
+def upgrade() -> None:
+    _rekey(
+        sa.Column("key_id", sa.Integer(), primary_key=True, autoincrement=False),
+        "t.id",
+        "JOIN tracked_keys t ON t.key_hash = r.key_hash ORDER BY t.id",
+    )
+    bind = op.get_bind()
+    if bind.execute(sa.text("SELECT 1 FROM key_rollups LIMIT 1")).first() is None:
+        # No roll-ups yet: replay the stored snapshots, oldest first, exactly as each sync would
+        # have written them.
+        from db.rollups import rebuild_rollups
+
+        rebuild_rollups(Session(bind=bind))
+
+
+def downgrade() -> None:
+    _rekey(
+        sa.Column("key_hash", sa.String(128), primary_key=True),
+        "t.key_hash",
+        "JOIN tracked_keys t ON t.id = r.key_id",
+    )
+
+
+def _rekey(key: sa.Column[object], value: str, join: str) -> None:
+    """Rebuild key_rollups with ``key`` as its primary key, the running state carried over: each
+    old row ``r`` gets ``value`` as its key, from what ``join`` adds (a state whose key is not
+    tracked any more finds nothing and is dropped)."""
+    op.create_table(
+        "key_rollups_rekeyed",
+        key,
+        sa.Column("first_seen_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("usage_changed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("usage", sa.BigInteger(), nullable=False),
+        sa.Column("byok_usage", sa.BigInteger(), nullable=False),
+    )
+    op.execute(
+        f"INSERT INTO key_rollups_rekeyed ({key.name}, {', '.join(_STATE)}) "
+        f"SELECT {value}, {', '.join(f'r.{name}' for name in _STATE)} FROM key_rollups r {join}"
+    )
+    op.drop_table("key_rollups")
+    op.rename_table("key_rollups_rekeyed", "key_rollups")
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("ALTER TABLE key_rollups RENAME CONSTRAINT key_rollups_rekeyed_pkey TO key_rollups_pkey")
