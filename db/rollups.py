@@ -3,9 +3,10 @@
 Three tables, each small next to the versions they summarise:
 
 - ``key_rollups``: one row per tracked key (by its ``tracked_keys`` id), its running state: the
-  counters as last seen, when it was first seen and when its usage last moved. It is what makes
-  the other two incremental: a sync compares the keys it stored (``db.snapshots.alive_at``) with
-  it and writes only what moved. A key that retention forgets entirely loses its row with it.
+  counters as last seen and when it was first seen (since when its usage has held is on its usage
+  version, ``key_usage.usage_since``). It is what makes the other two incremental: a sync compares
+  the keys it stored (``db.snapshots.alive_at``) with it and writes only what moved. A key that
+  retention forgets entirely loses its row with it.
 - ``key_days``: per key and UTC day, only where something happened: the spend of the steps whose
   later snapshot fell on that day (growth of ``usage`` and ``byok_usage`` since the key's previous
   observation; a counter that goes down counts zero), and, on the day a key was first seen, its
@@ -71,8 +72,6 @@ class KeyRollup(Base):
     key_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     """Its ``tracked_keys.id`` (on SQLite the rowid: each sync joins every alive key to its row)."""
     first_seen_at: Mapped[datetime]
-    usage_changed_at: Mapped[datetime]
-    """A copy of the key's ``key_usage.usage_since`` at that snapshot."""
     usage: Mapped[Decimal] = mapped_column(Money)
     byok_usage: Mapped[Decimal] = mapped_column(Money)
 
@@ -229,7 +228,6 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) ->
         select(
             alive.c.key_id,
             first_seen.label("first_seen_at"),
-            alive.c.usage_since.label("usage_changed_at"),
             alive.c.usage,
             alive.c.byok_usage,
         )
@@ -242,7 +240,6 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) ->
         insert_state.on_conflict_do_update(
             index_elements=[state.c.key_id],
             set_={
-                "usage_changed_at": insert_state.excluded.usage_changed_at,
                 "usage": insert_state.excluded.usage,
                 "byok_usage": insert_state.excluded.byok_usage,
             },

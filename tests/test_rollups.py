@@ -323,7 +323,16 @@ def test_0011_keys_the_running_state_by_id_and_back(org: Org) -> None:
     downgrade(engine, "0010")
     with org.database.sessions() as session:
         by_hash = dict(session.execute(text("SELECT key_hash, usage FROM key_rollups")).all())
-    assert by_hash == {hashes[row[0]]: row[3] * 1_000_000 for row in before["key_rollups"]}  # micro-dollars
+        # The old layout's copy of since when usage held comes back from the usage versions.
+        copies = session.execute(
+            text(
+                "SELECT count(*), sum(CASE WHEN r.usage_changed_at = u.usage_since THEN 1 ELSE 0 END) "
+                "FROM key_rollups r JOIN tracked_keys t ON t.key_hash = r.key_hash "
+                "JOIN key_usage u ON u.key_id = t.id AND u.valid_to IS NULL"
+            )
+        ).one()
+    assert by_hash == {hashes[row[0]]: row[2] * 1_000_000 for row in before["key_rollups"]}  # micro-dollars
+    assert copies[0] > 0 and copies[1] == copies[0]
     with org.database.engine.begin() as connection:  # the state of a key retention already forgot
         connection.execute(
             text(
