@@ -636,6 +636,34 @@ def test_a_listing_shows_every_change_since_the_previous_one(fake: FakeOpenRoute
     assert (listed()["usage"], listed()["usage_daily"], listed()["usage_monthly"]) == (3.5, 0.0, 2.5)
 
 
+def test_a_page_of_keys_is_its_keys_in_compact_json_after_every_change(
+    fake: FakeOpenRouter, api: httpx.Client
+) -> None:
+    # The fake encodes a key's JSON once while nothing about it changed: a page must still be
+    # byte for byte what encoding its keys gives, whatever happened since the previous one.
+    hashes = [fake.add_key(f"k{index}", limit=10)["hash"] for index in range(3)]
+
+    def page() -> bytes:
+        response = api.get("/keys", params={"include_disabled": "true", "include_expired": "true"})
+        assert response.status_code == 200
+        return response.content
+
+    def encoded() -> bytes:
+        keys = fake.list_page(fake.default_workspace_id, 0, include_disabled=True, include_expired=True)
+        return json.dumps({"data": keys}, separators=(",", ":"), allow_nan=False).encode()
+
+    assert page() == encoded() and len(json.loads(page())["data"]) == 3
+    fake.record_use(hashes[0], 2.5)
+    assert page() == encoded() and b'"usage":2.5,' in page()
+    assert api.patch(f"/keys/{hashes[1]}", json={"name": "renamed", "disabled": True}).status_code == 200
+    assert page() == encoded() and b'"name":"renamed"' in page()
+    fake.advance(timedelta(days=1))  # the day's window figures go back to zero
+    assert page() == encoded() and b'"usage_daily":0.0' in page()
+    fake.omit_fields.add("label")
+    fake.extra_fields["new_field"] = 1
+    assert page() == encoded() and b'"label"' not in page() and page().count(b'"new_field":1') == 3
+
+
 def test_record_use_updates_usage_and_last_used(fake: FakeOpenRouter) -> None:
     key_hash = fake.add_key("k", limit=50, include_byok_in_limit=True)["hash"]
 

@@ -60,6 +60,8 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
     def encode(self) -> bytes:
+        if isinstance(self.payload, bytes):  # already encoded (a page of keys)
+            return self.payload
         return json.dumps(self.payload, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -160,10 +162,12 @@ def _list_keys(fake: FakeOpenRouter, query: dict[str, str]) -> Response:
     if callback is not None:
         callback(fake, workspace_id, offset)
     try:
-        page = fake.list_page(workspace_id, offset, include_disabled=include_disabled, include_expired=include_expired)
+        body = fake.list_page_body(
+            workspace_id, offset, include_disabled=include_disabled, include_expired=include_expired
+        )
     except UnknownWorkspace:
         raise _Problem(404, "Workspace not found") from None
-    return Response(200, {"data": page})
+    return Response(200, body)
 
 
 def _list_workspaces(fake: FakeOpenRouter, query: dict[str, str]) -> Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import random
 import re
 import secrets
@@ -79,8 +80,11 @@ class _Key:
     last_used_at: datetime | None
     creator_user_id: str | None
     external_user: str | None
-    rendered: tuple[tuple[float, ...], dict[str, Any]] | None = field(default=None, compare=False, repr=False)
-    """The last ``to_json`` and the window figures it was made with; every change clears it."""
+    rendered: tuple[tuple[float, ...], dict[str, Any], bytes | None] | None = field(
+        default=None, compare=False, repr=False
+    )
+    """The last ``to_json``, the window figures it was made with, and its encoding once asked for
+    (``encoded``); every change clears it."""
 
     def changed(self) -> None:
         self.rendered = None
@@ -141,6 +145,23 @@ class _Key:
         rendered = self.rendered
         if rendered is not None and rendered[0] == figures:
             return dict(rendered[1])
+        return dict(self._render(figures, now))
+
+    def encoded(self, now: Windows) -> bytes:
+        """``to_json`` as the wire carries it (compact JSON), encoded once while it holds."""
+        figures = self.window_figures(now)
+        rendered = self.rendered
+        if rendered is None or rendered[0] != figures:
+            data = self._render(figures, now)
+        elif rendered[2] is not None:
+            return rendered[2]
+        else:
+            data = rendered[1]
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+        self.rendered = (figures, data, text)
+        return text
+
+    def _render(self, figures: tuple[float, ...], now: Windows) -> dict[str, Any]:
         # Keys whose hash starts with 0-4 use the guide's "+00:00" microsecond style.
         micro = self.hash[:1] in "01234"
 
@@ -172,8 +193,8 @@ class _Key:
             "external_user": self.external_user,
             "last_used_at": when(self.last_used_at),
         }
-        self.rendered = (figures, data)
-        return dict(data)
+        self.rendered = (figures, data, None)
+        return data
 
 
 @dataclass(slots=True)
@@ -691,17 +712,30 @@ class FakeOpenRouter:
     ) -> list[dict[str, Any]]:
         """One ``GET /keys`` page: up to 100 keys of a workspace from ``offset``, newest first."""
         with self._lock:
-            if workspace_id not in self._workspaces:
-                raise UnknownWorkspace(workspace_id)
-            now = self.now()
-            windows = Windows.at(now)
-            if include_disabled and include_expired:
-                hashes = [h for _, h in self._order[workspace_id].sorted()[offset : offset + PAGE_SIZE]]
-            else:
-                hashes = self._visible(workspace_id, now, include_disabled, include_expired)[
-                    offset : offset + PAGE_SIZE
-                ]
-            return [self.render(self._keys[h].to_json(windows)) for h in hashes]
+            windows, keys = self._page(workspace_id, offset, include_disabled, include_expired)
+            return [self.render(key.to_json(windows)) for key in keys]
+
+    def list_page_body(self, workspace_id: str, offset: int, *, include_disabled: bool, include_expired: bool) -> bytes:
+        """``list_page`` as the body of its answer, ``{"data":[...]}`` in compact JSON: each key's
+        JSON is encoded once while it holds (every time, with ``omit_fields`` or ``extra_fields``)."""
+        with self._lock:
+            windows, keys = self._page(workspace_id, offset, include_disabled, include_expired)
+            if self.omit_fields or self.extra_fields:
+                page = [self.render(key.to_json(windows)) for key in keys]
+                return json.dumps({"data": page}, separators=(",", ":"), allow_nan=False).encode()
+            return b'{"data":[' + b",".join([key.encoded(windows) for key in keys]) + b"]}"
+
+    def _page(
+        self, workspace_id: str, offset: int, include_disabled: bool, include_expired: bool
+    ) -> tuple[Windows, list[_Key]]:
+        if workspace_id not in self._workspaces:
+            raise UnknownWorkspace(workspace_id)
+        now = self.now()
+        if include_disabled and include_expired:
+            hashes = [h for _, h in self._order[workspace_id].sorted()[offset : offset + PAGE_SIZE]]
+        else:
+            hashes = self._visible(workspace_id, now, include_disabled, include_expired)[offset : offset + PAGE_SIZE]
+        return Windows.at(now), [self._keys[h] for h in hashes]
 
     def _visible(self, workspace_id: str, now: datetime, include_disabled: bool, include_expired: bool) -> list[str]:
         cache_key = (workspace_id, include_disabled, include_expired)
