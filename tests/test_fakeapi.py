@@ -636,9 +636,7 @@ def test_a_listing_shows_every_change_since_the_previous_one(fake: FakeOpenRoute
     assert (listed()["usage"], listed()["usage_daily"], listed()["usage_monthly"]) == (3.5, 0.0, 2.5)
 
 
-def test_a_page_of_keys_is_its_keys_in_compact_json_after_every_change(
-    fake: FakeOpenRouter, api: httpx.Client
-) -> None:
+def test_a_page_of_keys_is_its_keys_in_compact_json_after_every_change(fake: FakeOpenRouter, api: httpx.Client) -> None:
     # The fake encodes a key's JSON once while nothing about it changed: a page must still be
     # byte for byte what encoding its keys gives, whatever happened since the previous one.
     hashes = [fake.add_key(f"k{index}", limit=10)["hash"] for index in range(3)]
