@@ -176,15 +176,15 @@ def _plain_time(value: Any) -> tuple[datetime, str] | None:
     ``2026-02-19T20:52:27.363244+00:00`` ("u"), read without writing them back to compare: the
     shape is checked here, the digits by ``fromisoformat``, and a time of that shape that parses
     writes back as it came. None for anything else."""
-    if not (
-        isinstance(value, str) and value[10:11] == "T" and value[4] == value[7] == "-" and value[13] == value[16] == ":"
-    ):
+    if not isinstance(value, str):
         return None
     if len(value) == 20 and value[19] == "Z":
         style = "Z"
     elif len(value) == 32 and value[19] == "." and value.endswith("+00:00"):
         style = "u"
     else:
+        return None
+    if not (value[10] == "T" and value[4] == value[7] == "-" and value[13] == value[16] == ":"):
         return None
     try:
         parsed = datetime.fromisoformat(value)

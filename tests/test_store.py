@@ -321,12 +321,15 @@ def test_times_in_every_style_come_back_as_the_api_wrote_them(database: Database
         lambda t: t.isoformat(),
         lambda t: t.isoformat(timespec="milliseconds"),
         lambda t: t.astimezone(timezone(timedelta(hours=2))).isoformat(),
+        lambda t: t.strftime("%Y-%m-%dT%H:%M"),  # no seconds: shorter than either documented style
     ]
     keys = []
-    for n in range(1, 241):
+    for n in range(1, 295):
         created = T0 - timedelta(seconds=rng.randrange(10**8), microseconds=rng.choice([0, rng.randrange(10**6)]))
         used = T0 - timedelta(seconds=rng.randrange(10**6), microseconds=rng.choice([0, rng.randrange(10**6)]))
-        keys.append(key(n, created_at=styles[n % 6](created), last_used_at=styles[(n // 6) % 6](used)))
+        keys.append(
+            key(n, created_at=styles[n % len(styles)](created), last_used_at=styles[(n // 7) % len(styles)](used))
+        )
     s1, _ = store(database, keys, T0)
 
     assert raw_at(database, s1) == {k.hash: k.raw for k in keys}
