@@ -58,10 +58,14 @@ def anchor_snapshot(session: Session, cutoff: datetime) -> Snapshot | None:
     ).first()
 
 
-def _delete_ids(session: Session, table: Any, condition: Any, limit: int) -> int:
+def _delete_ids(session: Session, table: Any, condition: Any, limit: int, *, dependents: tuple[Any, ...] = ()) -> int:
+    """Delete up to ``limit`` rows of ``table`` meeting ``condition``, oldest id first, after the
+    rows of the ``dependents`` (columns holding such an id) that refer to them."""
     ids = list(session.scalars(select(table.c.id).where(condition).order_by(table.c.id).limit(limit)))
     if not ids:
         return 0
+    for column in dependents:
+        session.execute(delete(column.table).where(column.in_(ids)))
     result = session.execute(delete(table).where(table.c.id.in_(ids)))
     return int(getattr(result, "rowcount", 0) or 0)
 
@@ -81,13 +85,8 @@ def delete_forgotten_keys(session: Session, *, limit: int) -> int:
     orphan = ~exists().where(key_usage.c.key_id == t.c.id) & ~exists().where(key_records.c.key_id == t.c.id)
     orphan &= ~exists().where(snapshot_staging.c.key_id == t.c.id)  # a sync in progress saw it again
     orphan &= ~exists().where(KeyDay.key_id == t.c.id)  # its last days go first: ids are not reused under them
-    ids = list(session.scalars(select(t.c.id).where(orphan).order_by(t.c.id).limit(limit)))
-    if not ids:
-        return 0
-    # Before the key: SQLite may give a deleted id to the next new key, which must not find a state.
-    session.execute(delete(KeyRollup).where(KeyRollup.key_id.in_(ids)))
-    result = session.execute(delete(t).where(t.c.id.in_(ids)))
-    return int(getattr(result, "rowcount", 0) or 0)
+    # The state goes with the key: SQLite may give a deleted id to the next new key.
+    return _delete_ids(session, t, orphan, limit, dependents=(KeyRollup.__table__.c.key_id,))
 
 
 def delete_abandoned_staging(session: Session, *, cutoff: datetime) -> int:
