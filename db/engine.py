@@ -12,9 +12,13 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_BEGIN = "keyhygiene_sqlite_begin"
 
 
-def make_engine(url: URL | str, *, sqlite_cache_kib: int | None = None, **kwargs: Any) -> Engine:
+def make_engine(
+    url: URL | str, *, sqlite_cache_kib: int | None = None, sqlite_durable: bool = True, **kwargs: Any
+) -> Engine:
     """An engine for ``url``; SQLite gets WAL journaling, a busy timeout and foreign keys, and
-    ``sqlite_cache_kib`` of page cache per connection instead of its default 2 MB, when given."""
+    ``sqlite_cache_kib`` of page cache per connection instead of its default 2 MB, when given.
+    ``sqlite_durable=False`` stops SQLite from syncing to disk at all (``synchronous=OFF``): only
+    for a database that is thrown away when the machine fails (the demo's)."""
     engine = create_engine(url, pool_pre_ping=True, **kwargs)
     if engine.dialect.name == "sqlite":
 
@@ -27,7 +31,7 @@ def make_engine(url: URL | str, *, sqlite_cache_kib: int | None = None, **kwargs
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute(f"PRAGMA synchronous={'NORMAL' if sqlite_durable else 'OFF'}")
             if sqlite_cache_kib is not None:
                 cursor.execute(f"PRAGMA cache_size={-sqlite_cache_kib}")
             cursor.close()

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Integer,
     Select,
     and_,
     case,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     null,
     or_,
     select,
@@ -26,7 +28,9 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from keyhygiene.keysapi.errors import MalformedResponse
 from keyhygiene.keysapi.fields import FIELDS_BY_NAME, KEY_FIELDS, MICROS_PER_USD, STABLE, VOLATILE, Field
@@ -473,6 +477,42 @@ def record_staged(
     )
 
 
+def _stage_unchanged(session: Session, snapshot_id: int, rows: list[list[Any]]) -> list[list[Any]]:
+    """Stage the keys of ``rows`` (rows written for an earlier snapshot, tracked id last) by copying
+    their open versions in SQL: what they hold is what those rows wrote, when nothing else wrote to
+    the store in between (``StagedRows``). Returns, as rows for ``snapshot_id``, the keys that had
+    no open versions to copy (gone from the snapshot before and back as they were)."""
+    s, t, r, u = snapshot_staging, tracked_keys, key_records, key_usage
+    ids = [row[-1] for row in rows]
+    wanted: ColumnElement[bool]
+    if session.get_bind().dialect.name == "sqlite":
+        wanted = t.c.id.in_(select(literal_column("value")).select_from(func.json_each(json.dumps(ids))))
+    else:
+        wanted = t.c.id == func.any(literal(ids, ARRAY(Integer)))
+    current = (
+        select(
+            literal(snapshot_id),
+            t.c.key_hash,
+            *(r.c[name] for name in _RECORD_COLUMNS),
+            r.c.wire,
+            *(u.c[name] for name in _VOLATILE_COLUMNS),
+            u.c.wire,
+            t.c.id,
+        )
+        .select_from(
+            t.join(r, and_(r.c.key_id == t.c.id, r.c.valid_to.is_(None))).join(
+                u, and_(u.c.key_id == t.c.id, u.c.valid_to.is_(None))
+            )
+        )
+        .where(wanted)
+    )
+    copied = int(getattr(session.execute(insert(s).from_select(_STAGED, current)), "rowcount", 0) or 0)
+    if copied == len(rows):
+        return []
+    found = set(session.scalars(select(s.c.key_id).where(s.c.snapshot_id == snapshot_id)))
+    return [[snapshot_id, *row[1:]] for row in rows if row[-1] not in found]
+
+
 def _tracked_ids(session: Session, key_hashes: Sequence[str]) -> dict[str, int]:
     """The ids of the hashes already tracked: resolved per page, so that recording the snapshot
     only has to look up the keys it has never seen."""
@@ -494,15 +534,21 @@ class StagedRows:
     def __init__(self) -> None:
         self._rows: dict[Any, tuple[Mapping[str, Any], list[Any]]] = {}
 
-    def written(self, raw: Mapping[str, Any], snapshot_id: int) -> list[Any] | None:
-        """The row written for ``raw`` last time, for ``snapshot_id``: as it was, or with a new
-        usage half when only the fields that change with use changed; None when more changed."""
+    def unchanged(self, raw: Mapping[str, Any]) -> list[Any] | None:
+        """The row written last time for exactly this JSON (its snapshot id the old one), or None."""
         known = self._rows.get(raw.get("hash")) if isinstance(raw, Mapping) else None
         if known is None:
             return None
         before, row = known
-        if before == raw:
-            return [snapshot_id, *row[1:]]
+        return row if before is raw or before == raw else None
+
+    def written(self, raw: Mapping[str, Any], snapshot_id: int) -> list[Any] | None:
+        """The row written for ``raw`` last time, for ``snapshot_id``, with a new usage half when
+        only the fields that change with use changed; None when more changed."""
+        known = self._rows.get(raw.get("hash")) if isinstance(raw, Mapping) else None
+        if known is None:
+            return None
+        before, row = known
         if before.keys() != raw.keys() or any(
             value != before[name] for name, value in raw.items() if name not in _VOLATILE_NAMES
         ):
@@ -523,6 +569,9 @@ class StagedKeys:
     rows: list[list[Any]]
     fresh: list[tuple[Mapping[str, Any], list[Any]]]
     """The rows made anew (not reused), with the key each was made from."""
+    unchanged: list[list[Any]]
+    """Rows written for an earlier snapshot for keys whose JSON has not changed since (``StagedRows``):
+    the store copies them from the keys' open versions instead of taking them from Python."""
 
 
 class SnapshotWriter:
@@ -551,24 +600,37 @@ class SnapshotWriter:
         as nothing is staged with the same ``reuse`` until they are written."""
         rows = []
         fresh: list[tuple[Mapping[str, Any], list[Any]]] = []
-        reuse = self._reuse
+        unchanged = []
+        reuse, seen = self._reuse, self._seen
         for raw in raw_keys:
-            row = None if reuse is None else reuse.written(raw, self.snapshot_id)
+            row = None
+            if reuse is not None:
+                row = reuse.unchanged(raw)
+                if row is not None:
+                    if row[1] in seen:
+                        self.duplicates += 1
+                    else:
+                        seen.add(row[1])
+                        unchanged.append(row)
+                    continue
+                row = reuse.written(raw, self.snapshot_id)
             staged = row is None
             if row is None:
                 row = staged_row(raw, self.snapshot_id)
-            if row[1] in self._seen:
+            if row[1] in seen:
                 self.duplicates += 1
                 continue
-            self._seen.add(row[1])
+            seen.add(row[1])
             rows.append(row)
             if staged:
                 fresh.append((raw, row))
-        return StagedKeys(rows, fresh)
+        return StagedKeys(rows, fresh, unchanged)
 
     def write(self, session: Session, staged: StagedKeys) -> None:
         """The second half of ``add``: write staged rows as this writer's snapshot's."""
         rows, fresh = staged.rows, staged.fresh
+        if staged.unchanged:
+            rows = rows + _stage_unchanged(session, self.snapshot_id, staged.unchanged)
         if rows and rows[0][0] != self.snapshot_id:
             for row in rows:
                 row[0] = self.snapshot_id

@@ -56,12 +56,14 @@ class Database:
     writer: sessionmaker[Session]
 
     @classmethod
-    def open(cls, settings: Settings, *, check: bool = True, sqlite_cache_kib: int | None = None) -> Database:
+    def open(
+        cls, settings: Settings, *, check: bool = True, sqlite_cache_kib: int | None = None, sqlite_durable: bool = True
+    ) -> Database:
         """Connect, and (by default) refuse a database that is not at the newest migration."""
         if check:
             _refuse_missing_sqlite_file(settings)
         try:
-            engine = make_engine(settings.database, sqlite_cache_kib=sqlite_cache_kib)
+            engine = make_engine(settings.database, sqlite_cache_kib=sqlite_cache_kib, sqlite_durable=sqlite_durable)
         except (ArgumentError, ImportError) as exc:
             # A driver that is not installed or does not exist: the setting is wrong, not the database.
             raise UsageError(f"KEYHYGIENE_DATABASE_URL cannot be used: {exc}") from None

@@ -636,6 +636,27 @@ def test_a_listing_shows_every_change_since_the_previous_one(fake: FakeOpenRoute
     assert (listed()["usage"], listed()["usage_daily"], listed()["usage_monthly"]) == (3.5, 0.0, 2.5)
 
 
+def test_shared_keys_stay_the_same_objects_until_a_key_changes(fake: FakeOpenRouter, api: httpx.Client) -> None:
+    # The demo compares the past days' keys by identity first: an object handed out must never
+    # change afterwards, and a key that changed must come as a new object.
+    used, renamed, quiet = (fake.add_key(name, limit=10)["hash"] for name in ("used", "renamed", "quiet"))
+
+    def shared() -> dict[str, dict[str, Any]]:
+        return {key["hash"]: key for key in fake.shared_keys()}
+
+    before = shared()
+    assert list(before.values()) == fake.keys
+    fake.record_use(used, 2.5)
+    assert api.patch(f"/keys/{renamed}", json={"name": "new name"}).status_code == 200
+    after = shared()
+    assert after[quiet] is before[quiet]
+    assert after[used] is not before[used] and (before[used]["usage"], after[used]["usage"]) == (0.0, 2.5)
+    assert after[renamed] is not before[renamed] and before[renamed]["name"] == "renamed"
+    assert list(after.values()) == fake.keys
+    fake.advance(timedelta(days=1))  # the used key's daily figure goes back to zero
+    assert shared()[used] is not after[used] and after[used]["usage_daily"] == 2.5
+
+
 def test_a_page_of_keys_is_its_keys_in_compact_json_after_every_change(fake: FakeOpenRouter, api: httpx.Client) -> None:
     # The fake encodes a key's JSON once while nothing about it changed: a page must still be
     # byte for byte what encoding its keys gives, whatever happened since the previous one.

@@ -10,12 +10,14 @@ import random
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
 from db import retention, runs, snapshots
+from db.engine import make_engine
 from db.models import Snapshot, key_usage, snapshot_staging, tracked_keys
 from keyhygiene.context import Database, session_scope
 from keyhygiene.demo import _PastDays
@@ -113,6 +115,30 @@ def test_staging_rows_reused_across_snapshots_store_the_same_history(database: D
     for (snapshot_id, _), keys in zip(stored, days, strict=True):
         assert raw_at(database, snapshot_id) == {k.hash: k.raw for k in keys}
     assert [written.new_versions for _, written in stored] == [5, 3, 2]
+
+
+def test_reused_rows_of_keys_gone_and_back_as_they_were_are_stored_again(database: Database) -> None:
+    """Keys whose JSON has not changed are staged from their open versions; a key that was missing
+    from the snapshot before has none, and is staged from its row all the same."""
+    reuse = snapshots.StagedRows()
+    days = [
+        [key(1), key(2), key(3)],
+        [key(1), key(2), key(3)],  # now tracked: the rows are kept for reuse
+        [key(1), key(2)],  # 3 gone: its versions are closed
+        [key(1), key(2), key(3)],  # 3 back exactly as it was
+        [key(1), key(3, name="renamed")],
+    ]
+    stored = [store(database, keys, T0 + timedelta(hours=hour), reuse) for hour, keys in enumerate(days)]
+
+    for (snapshot_id, _), keys in zip(stored, days, strict=True):
+        assert raw_at(database, snapshot_id) == {k.hash: k.raw for k in keys}
+    assert [(w.key_count, w.added, w.gone, w.new_versions) for _, w in stored] == [
+        (3, 3, 0, 3),
+        (3, 0, 0, 0),
+        (2, 0, 1, 0),
+        (3, 1, 0, 1),
+        (2, 0, 1, 1),
+    ]
 
 
 def test_past_days_recorded_on_a_thread_store_what_one_sync_after_another_would(database: Database) -> None:
@@ -402,3 +428,16 @@ def test_staged_pages_are_never_read_and_never_left_behind(database: Database) -
     with session_scope(database) as session:
         writers[1].discard(session)
     assert staged() == set()
+
+
+def test_sqlite_syncs_to_disk_at_commit_unless_the_database_may_be_lost(tmp_path: Path) -> None:
+    """Every command's SQLite keeps WAL with synchronous=NORMAL; only the demo, whose database is
+    thrown away, may turn syncing off."""
+    for durable, expected in ((True, 1), (False, 0)):
+        engine = make_engine(f"sqlite:///{tmp_path / f'{durable}.db'}", sqlite_durable=durable)
+        try:
+            with engine.connect() as connection:
+                assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == expected
+                assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        finally:
+            engine.dispose()

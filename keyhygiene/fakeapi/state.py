@@ -141,11 +141,15 @@ class _Key:
         """The key object of section 2 of the reference, with every field (a copy of the last one
         made, while the key and its window figures are what they were: most keys of a listing have
         not changed since the previous one)."""
+        return dict(self.shared_json(now))
+
+    def shared_json(self, now: Windows) -> dict[str, Any]:
+        """``to_json`` itself, not a copy: never to be modified."""
         figures = self.window_figures(now)
         rendered = self.rendered
         if rendered is not None and rendered[0] == figures:
-            return dict(rendered[1])
-        return dict(self._render(figures, now))
+            return rendered[1]
+        return self._render(figures, now)
 
     def encoded(self, now: Windows) -> bytes:
         """``to_json`` as the wire carries it (compact JSON), encoded once while it holds."""
@@ -552,6 +556,14 @@ class FakeOpenRouter:
         with self._lock:
             now = Windows.at(self.now())
             return [record.to_json(now) for record in self._keys.values()]
+
+    def shared_keys(self) -> list[dict[str, Any]]:
+        """``keys`` without the copies: the fake's own JSON of each key, for a reader that never
+        modifies it (the demo's past days). A key's object stays the same while the key and its
+        window figures do, and is replaced, never changed, when they change."""
+        with self._lock:
+            now = Windows.at(self.now())
+            return [record.shared_json(now) for record in self._keys.values()]
 
     def get(self, hash: str) -> dict[str, Any] | None:
         """A copy of one live key's JSON, or None."""
