@@ -325,6 +325,7 @@ def plan(state: State, fmt: str, limit: int) -> None:
     from .jobs import load_ruleset
     from .plan_output import counts_line, ordered, print_table, write_json
 
+    _settle()
     settings = state.settings
     ruleset = load_ruleset(settings)
     database = Database.open(settings)
@@ -514,6 +515,7 @@ def report(
 
     if kind == "html" and out is None:
         raise click.UsageError("report html needs --out FILE")
+    _settle()
     settings = state.settings
     ruleset = _optional_ruleset(settings) if kind in ("idle", "html") else None
     params = ReportParams(now=utcnow(), since=since, at=at, workspaces=workspaces, name=name, ruleset=ruleset, by=by)
@@ -693,7 +695,12 @@ def _leave_signals_to_celery() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the command, turning every known failure into one line and an exit code."""
     with stop_on_signals():
-        _main(argv)
+        try:
+            _main(argv)
+        finally:
+            # The process ends here: its objects are freed as it exits, without a last cyclic
+            # collection walking every one of them first (a tenth of a second after a large report).
+            gc.freeze()
 
 
 def _main(argv: list[str] | None) -> None:

@@ -8,6 +8,7 @@ server (default: postgresql+psycopg://postgres@127.0.0.1:5432/test).
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import os
@@ -168,6 +169,7 @@ def _invoke(args: list[str]) -> CliResult:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.stdout, sys.stderr = old_out, old_err
+        gc.unfreeze()  # the command froze what it left for its process's exit; this process goes on
     result = CliResult(code, out.getvalue(), err.getvalue())
     assert MANAGEMENT_KEY not in result.stdout + result.stderr, "the management key leaked into output"
     assert not SECRETS.search(result.stdout + result.stderr), "a secret leaked into output"
