@@ -179,9 +179,11 @@ tracked_keys = Table(
     Column("id", Integer, primary_key=True),
     Column("key_hash", String(128), nullable=False, unique=True),
     Column("first_seen_at", UTCDateTime(), nullable=False),
+    Column("fingerprint", BigInteger),
 )
 """Every key hash ever stored, once; versions refer to it by id. ``first_seen_at``: the time of the
-first snapshot that saw it."""
+first snapshot that saw it. ``fingerprint``: ``db.snapshots.fingerprint`` of the JSON its open
+versions were made from, written with them (NULL until a sync records the key)."""
 
 key_records = Table(
     "key_records",
@@ -224,6 +226,7 @@ snapshot_staging = Table(
     Column("record_wire", Text),
     *(_column(field) for field in VOLATILE),
     Column("usage_wire", Text),
+    Column("fingerprint", BigInteger),
     Index("ix_snapshot_staging_snapshot_key", "snapshot_id", "key_id"),
 )
 

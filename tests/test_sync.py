@@ -17,7 +17,8 @@ import pytest
 from sqlalchemy import func, select, text
 
 from db import snapshots
-from db.models import Run, Snapshot, key_records, key_usage, snapshot_staging
+from db.migrate import downgrade, upgrade
+from db.models import Run, Snapshot, key_records, key_usage, snapshot_staging, tracked_keys
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.jobs import JobOutcome, execute
@@ -67,6 +68,14 @@ def stored_hashes(database: Database, snapshot_id: int) -> list[str]:
 def stored_raw(database: Database, snapshot_id: int) -> dict[str, dict[str, Any]]:
     with database.sessions() as session:
         return {key.hash: dict(key.raw) for key in snapshots.keys_at(session, snapshot_id)}
+
+
+def fingerprints(database: Database) -> dict[str, int | None]:
+    with database.sessions() as session:
+        return {
+            key_hash: print_
+            for key_hash, print_ in session.execute(select(tracked_keys.c.key_hash, tracked_keys.c.fingerprint))
+        }
 
 
 def version_rows(database: Database) -> int:
@@ -354,6 +363,32 @@ def test_storage_grows_with_what_changed(database: Database, fake: FakeOpenRoute
     assert unchanged.new_versions == 0
     assert version_rows(database) == 1010
     assert stored_hashes(database, unchanged.snapshot_id) == sorted(hashes)
+
+
+def test_a_store_from_before_fingerprints_is_synced_in_full_then_by_fingerprint(
+    database: Database, fake: FakeOpenRouter, sync
+) -> None:
+    """Migration 0012 adds the fingerprints empty: the first sync after it types every key, and
+    records their fingerprints; later syncs copy the keys that did not change."""
+    hashes = add_keys(fake, 150)
+    assert sync().sync is not None
+    downgrade(database.engine, "0011")
+    upgrade(database.engine)
+    assert set(fingerprints(database).values()) == {None}
+
+    fake.record_use(hashes[0], 1.0)
+    second = sync().sync
+    fake.update_key(hashes[1], {"name": "renamed"})
+    third = sync().sync
+
+    assert second is not None and third is not None
+    assert (second.new_versions, third.new_versions, third.changed) == (1, 1, 1)
+    assert stored_raw(database, third.snapshot_id) == {key["hash"]: key for key in fake.keys}
+    if database.engine.dialect.name == "sqlite":
+        assert fingerprints(database) == {key["hash"]: snapshots.fingerprint(key) for key in fake.keys}
+    else:  # PostgreSQL stages every key by COPY and keeps no fingerprints
+        assert set(fingerprints(database).values()) == {None}
+    assert version_rows(database) == 152
 
 
 # -- the command -----------------------------------------------------------------------------------
