@@ -424,18 +424,19 @@ def record_staged(
         .where(staged, s.c.key_id.is_(None))
         .values(key_id=select(t.c.id).where(t.c.key_hash == s.c.key_hash).scalar_subquery())
     )
-    # Each key's fingerprint goes with the versions this snapshot leaves open for it.
-    held = t.alias("held")
-    moved = (
-        select(s.c.key_id)
-        .select_from(s.join(held, held.c.id == s.c.key_id))
-        .where(staged, held.c.fingerprint.is_distinct_from(s.c.fingerprint))
-    )
-    session.execute(
-        update(t)
-        .where(t.c.id.in_(moved))
-        .values(fingerprint=select(s.c.fingerprint).where(staged, s.c.key_id == t.c.id).scalar_subquery())
-    )
+    if session.get_bind().dialect.name == "sqlite":  # PostgreSQL keeps none (known_fingerprints)
+        # Each key's fingerprint goes with the versions this snapshot leaves open for it.
+        held = t.alias("held")
+        moved = (
+            select(s.c.key_id)
+            .select_from(s.join(held, held.c.id == s.c.key_id))
+            .where(staged, held.c.fingerprint.is_distinct_from(s.c.fingerprint))
+        )
+        session.execute(
+            update(t)
+            .where(t.c.id.in_(moved))
+            .values(fingerprint=select(s.c.fingerprint).where(staged, s.c.key_id == t.c.id).scalar_subquery())
+        )
     key_count = int(session.scalar(select(func.count()).select_from(s).where(staged)) or 0)
     u, r = key_usage, key_records
     mine = and_(staged, s.c.key_id == u.c.key_id)
