@@ -24,6 +24,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     null,
     or_,
     select,
@@ -542,8 +543,11 @@ def _stage_unchanged(session: Session, snapshot_id: int, keys: Sequence[tuple[in
         copy = text(_SQLITE_COPY_OPEN).bindparams(snapshot_id=snapshot_id, given=json.dumps(keys))
         if int(getattr(session.execute(copy), "rowcount", 0) or 0) == len(keys):
             return set()
-        staged = session.scalars(select(s.c.key_id).where(s.c.snapshot_id == snapshot_id, s.c.key_id.is_not(None)))
-        return wanted.difference(staged)
+        # Which of these keys were copied: looked up among them only, not among all staged so far.
+        among: Select[Any] = select(literal_column("value")).select_from(func.json_each(json.dumps(sorted(wanted))))
+        return wanted.difference(
+            session.scalars(select(s.c.key_id).where(s.c.snapshot_id == snapshot_id, s.c.key_id.in_(among)))
+        )
     ids, prints, hashes = zip(*keys, strict=True)
     given = (
         func.unnest(
@@ -594,8 +598,8 @@ def known_fingerprints(session: Session) -> dict[int, int] | None:
     """The tracked id of each key alive at the newest snapshot, by the fingerprint of the JSON its
     open versions hold (``SnapshotWriter``'s ``known``): about 100 bytes a key. None on PostgreSQL,
     where a sync stages every key by COPY and keeps no fingerprints: copying the versions of 99,000
-    unchanged keys cost its server more than COPY of their rows saved (second syncs of 100,000 keys
-    took 10.5 s instead of 8.8 s), whereas on SQLite they took 7.1 s instead of 8.2 s."""
+    unchanged keys cost its server more than COPY of their rows saved (README, How snapshots are
+    stored, has the figures of both)."""
     if session.get_bind().dialect.name != "sqlite":
         return None
     t, u = tracked_keys, key_usage
@@ -737,19 +741,19 @@ class SnapshotWriter:
     def write(self, session: Session, staged: StagedKeys) -> None:
         """The second half of ``add``: write staged rows as this writer's snapshot's."""
         rows, fresh = staged.rows, staged.fresh
+        if rows and rows[0][0] != self.snapshot_id:  # staged before this writer's snapshot existed
+            for row in rows:
+                row[0] = self.snapshot_id
         complete: list[list[Any]] = []  # rows with their tracked id already
         if staged.unchanged:
             missed = _stage_unchanged(session, self.snapshot_id, [key[:3] for key in staged.unchanged])
             for key_id, print_, _, source in staged.unchanged:
                 if key_id in missed:
-                    row = [self.snapshot_id, *source[1:]] if isinstance(source, list) else staged_row(source, 0)
-                    if not isinstance(source, list):
-                        row.extend((print_, key_id))
-                    complete.append(row)
+                    if isinstance(source, list):
+                        complete.append([self.snapshot_id, *source[1:]])
+                    else:
+                        complete.append([*staged_row(source, self.snapshot_id), print_, key_id])
         rows = rows + complete
-        if rows and any(row[0] != self.snapshot_id for row in rows):
-            for row in rows:
-                row[0] = self.snapshot_id
         if self._reuse is None and session.get_bind().dialect.name == "sqlite":
             # The insert looks the ids up itself (``_SQLITE_STAGING_INSERT``): far cheaper than
             # a query per page and a round of Python over its rows.
