@@ -30,6 +30,7 @@ from sqlalchemy import (
     select,
     text,
     type_coerce,
+    union_all,
     update,
 )
 from sqlalchemy.orm import Session
@@ -392,7 +393,12 @@ _VOLATILE_COLUMNS = [field.name for field in VOLATILE]
 
 
 def record_staged(
-    session: Session, *, snapshot_id: int, taken_at: datetime, workspace_counts: Mapping[str, int]
+    session: Session,
+    *,
+    snapshot_id: int,
+    taken_at: datetime,
+    workspace_counts: Mapping[str, int],
+    new_fingerprints: bool = True,
 ) -> SnapshotWrite:
     """Record the keys staged for ``snapshot_id`` as a complete snapshot, writing only what changed.
 
@@ -402,6 +408,11 @@ def record_staged(
     removed. Versions are ordered by snapshot id, so a snapshot can only be recorded on top of older
     ones: when two syncs overlap and the later-started one finished first, the other raises
     SnapshotSuperseded and writes nothing.
+
+    On SQLite, each key's fingerprint goes with the versions this snapshot leaves open for it: a
+    key with new versions takes its staged one, and with ``new_fingerprints`` (a key may have been
+    staged from its JSON with a fingerprint the store does not hold: the writer knows) so does every
+    key whose staged fingerprint differs from its tracked one.
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _RECORD_LOCK})
@@ -425,26 +436,13 @@ def record_staged(
         .where(staged, s.c.key_id.is_(None))
         .values(key_id=select(t.c.id).where(t.c.key_hash == s.c.key_hash).scalar_subquery())
     )
-    if session.get_bind().dialect.name == "sqlite":  # PostgreSQL keeps none (known_fingerprints)
-        # Each key's fingerprint goes with the versions this snapshot leaves open for it.
-        held = t.alias("held")
-        moved = (
-            select(s.c.key_id)
-            .select_from(s.join(held, held.c.id == s.c.key_id))
-            .where(staged, held.c.fingerprint.is_distinct_from(s.c.fingerprint))
-        )
-        session.execute(
-            update(t)
-            .where(t.c.id.in_(moved))
-            .values(fingerprint=select(s.c.fingerprint).where(staged, s.c.key_id == t.c.id).scalar_subquery())
-        )
     key_count = int(session.scalar(select(func.count()).select_from(s).where(staged)) or 0)
     u, r = key_usage, key_records
     mine = and_(staged, s.c.key_id == u.c.key_id)
-    open_before = int(session.scalar(select(func.count()).select_from(u).where(u.c.valid_to.is_(None))) or 0)
-    kept = int(
-        session.scalar(select(func.count()).select_from(u).where(u.c.valid_to.is_(None), exists().where(mine))) or 0
-    )
+    # Versions are only appended, and only here (under the lock): this snapshot's new versions are
+    # the ones past these ids, found by the primary keys without reading the history.
+    usage_before = int(session.scalar(select(func.max(u.c.id))) or 0)
+    records_before = int(session.scalar(select(func.max(r.c.id))) or 0)
     session.execute(
         update(u)
         .where(
@@ -462,13 +460,6 @@ def record_staged(
         )
         .values(valid_to=snapshot_id)
     )
-    changed_keys = (
-        select(s.c.key_id)
-        .where(staged, ~exists().where(r.c.key_id == s.c.key_id, r.c.valid_to.is_(None)))
-        .union(select(s.c.key_id).where(staged, ~exists().where(u.c.key_id == s.c.key_id, u.c.valid_to.is_(None))))
-        .subquery()
-    )
-    touched = int(session.scalar(select(func.count()).select_from(changed_keys)) or 0)
     session.execute(
         insert(r).from_select(
             ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
@@ -509,10 +500,36 @@ def record_staged(
             .where(staged, ~exists().where(u.c.key_id == s.c.key_id, u.c.valid_to.is_(None))),
         )
     )
+    # The keys with a new version (added or changed), and what the counts of closed and new usage
+    # versions say: a closed one belongs to a key that changed or is gone, a new one to a key that
+    # changed or is new.
+    fresh = union_all(
+        select(u.c.key_id, literal(1).label("usage")).where(u.c.id > usage_before, u.c.valid_from == snapshot_id),
+        select(r.c.key_id, literal(0).label("usage")).where(r.c.id > records_before, r.c.valid_from == snapshot_id),
+    ).subquery("fresh")
+    new_keys = select(fresh.c.key_id, func.max(fresh.c.usage).label("usage")).group_by(fresh.c.key_id).subquery()
+    touched, new_usage = session.execute(select(func.count(), func.coalesce(func.sum(new_keys.c.usage), 0))).one()
+    closed, gone = session.execute(
+        select(func.count(), func.count().filter(~exists().where(mine))).where(u.c.valid_to == snapshot_id)
+    ).one()
+    added = int(new_usage) - (closed - gone)
+    if session.get_bind().dialect.name == "sqlite":  # PostgreSQL keeps none (known_fingerprints)
+        held = t.alias("held")
+        # Every staged key, or (nothing staged with a fingerprint the store may lack) only those
+        # with new versions: each key's staging row is looked up by its id.
+        candidates = s if new_fingerprints else new_keys.join(s, and_(staged, s.c.key_id == new_keys.c.key_id))
+        moved = (
+            select(s.c.key_id)
+            .select_from(candidates.join(held, held.c.id == s.c.key_id))
+            .where(staged, held.c.fingerprint.is_distinct_from(s.c.fingerprint))
+        )
+        session.execute(
+            update(t)
+            .where(t.c.id.in_(moved))
+            .values(fingerprint=select(s.c.fingerprint).where(staged, s.c.key_id == t.c.id).scalar_subquery())
+        )
     session.execute(delete(s).where(staged))
-    added = key_count - kept
-    gone = open_before - kept
-    new_versions = touched  # keys with a new version: added or changed
+    new_versions = touched
     session.execute(
         update(Snapshot)
         .where(Snapshot.id == snapshot_id)
@@ -660,6 +677,8 @@ class StagedKeys:
     """Keys whose JSON the store already holds (tracked id, fingerprint, hash, and the key's JSON or
     the row written for it before): copied from the keys' open versions in SQL, not taken from
     Python (``_stage_unchanged``)."""
+    printed: bool = False
+    """A row was made with a fingerprint: the store may not hold it yet (``record_staged``)."""
 
 
 class SnapshotWriter:
@@ -686,6 +705,7 @@ class SnapshotWriter:
         self._seen: set[str] = set()
         self._reuse = reuse
         self._known = known
+        self._printed = False  # a key was staged from its JSON with its fingerprint
         self.duplicates = 0
 
     def add(self, session: Session, raw_keys: Iterable[Mapping[str, Any]]) -> None:
@@ -699,6 +719,7 @@ class SnapshotWriter:
         fresh: list[tuple[Mapping[str, Any], list[Any]]] = []
         unchanged: list[tuple[int, int | None, str, Mapping[str, Any] | list[Any]]] = []
         reuse, known, seen = self._reuse, self._known, self._seen
+        printed = False
         for raw in raw_keys:
             row = None
             print_ = None
@@ -728,6 +749,7 @@ class SnapshotWriter:
                 row = staged_row(raw, self.snapshot_id)
                 if print_ is None and known is not None:
                     print_ = fingerprint(raw)
+                printed = printed or print_ is not None
                 row.append(print_)
             if row[1] in seen:
                 self.duplicates += 1
@@ -736,11 +758,12 @@ class SnapshotWriter:
             rows.append(row)
             if staged:
                 fresh.append((raw, row))
-        return StagedKeys(rows, fresh, unchanged)
+        return StagedKeys(rows, fresh, unchanged, printed)
 
     def write(self, session: Session, staged: StagedKeys) -> None:
         """The second half of ``add``: write staged rows as this writer's snapshot's."""
         rows, fresh = staged.rows, staged.fresh
+        self._printed = self._printed or staged.printed
         if rows and rows[0][0] != self.snapshot_id:  # staged before this writer's snapshot existed
             for row in rows:
                 row[0] = self.snapshot_id
@@ -753,6 +776,7 @@ class SnapshotWriter:
                         complete.append([self.snapshot_id, *source[1:]])
                     else:
                         complete.append([*staged_row(source, self.snapshot_id), print_, key_id])
+                        self._printed = self._printed or print_ is not None
         rows = rows + complete
         if self._reuse is None and session.get_bind().dialect.name == "sqlite":
             # The insert looks the ids up itself (``_SQLITE_STAGING_INSERT``): far cheaper than
@@ -779,7 +803,11 @@ class SnapshotWriter:
     def finish(self, session: Session, *, taken_at: datetime, workspace_counts: Mapping[str, int]) -> SnapshotWrite:
         """Record the snapshot as complete (see ``record_staged``), with its roll-ups."""
         written = record_staged(
-            session, snapshot_id=self.snapshot_id, taken_at=taken_at, workspace_counts=workspace_counts
+            session,
+            snapshot_id=self.snapshot_id,
+            taken_at=taken_at,
+            workspace_counts=workspace_counts,
+            new_fingerprints=self._printed,
         )
         rollups.record_rollups(session, snapshot_id=self.snapshot_id, taken_at=taken_at)
         return written
