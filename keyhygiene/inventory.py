@@ -22,7 +22,7 @@ from keyhygiene.keysapi.models import Key, Workspace
 from keyhygiene.keysapi.paging import DEFAULT_WORKSPACE, KeyStream
 from keyhygiene.keysapi.paging import ProgressCallback as ProgressCallback  # what jobs pass down
 
-from .context import Database, describe_db_error, session_scope
+from .context import Database, describe_db_error, quick_handoffs, session_scope
 from .errors import KeyhygieneError
 from .logging import get_logger, redact_text
 
@@ -106,6 +106,7 @@ def check_missing(client: KeysClient, missing: list[str]) -> tuple[dict[str, Key
     return found, gone
 
 
+@quick_handoffs()  # the listing threads take back the interpreter's lock after each page
 def take_snapshot(
     database: Database,
     client: KeysClient,

@@ -9,6 +9,7 @@ changed.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -268,8 +269,10 @@ def test_a_failed_sync_stores_nothing_and_says_why_in_one_line(
     expected: str,
 ) -> None:
     hashes = add_keys(fake, 250)
+    switch_interval = sys.getswitchinterval()  # a sync shortens it while it lists, and only then
     first = cli("sync")
     assert first.exit_code == 0, first.stderr
+    assert sys.getswitchinterval() == switch_interval
     with database.sessions() as session:
         before = {key.hash: dict(key.raw) for key in snapshots.keys_at(session, 1)}
     rows_before = version_rows(database)
@@ -289,6 +292,7 @@ def test_a_failed_sync_stores_nothing_and_says_why_in_one_line(
     result = cli("sync")
 
     assert result.exit_code == 1
+    assert sys.getswitchinterval() == switch_interval
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("{")]
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
