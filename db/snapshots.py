@@ -985,11 +985,9 @@ _NOTHING_MORE = frozenset({"t", "~"})
 changes no time) and float noise on an amount."""
 
 
-def typed_keys_at(
-    session: Session, snapshot_id: int, *, by_hash: bool = True
-) -> Iterator[tuple[dict[str, Any] | Key, HistoryFacts]]:
-    """Every key snapshot ``snapshot_id`` saw (by hash, or in no set order when not ``by_hash``:
-    no sort of the whole inventory), streamed, for reading its fields, with what
+def typed_keys_at(session: Session, snapshot_id: int) -> Iterator[tuple[dict[str, Any] | Key, HistoryFacts]]:
+    """Every key snapshot ``snapshot_id`` saw (in no set order: no sort of the whole inventory;
+    every caller orders what it makes of them), streamed, for reading its fields, with what
     the stored versions prove about it (``history_facts``), from one query: a dict of the typed
     columns (``ALIVE_COLUMNS``' names; money in USD as the float the API sent, float noise
     included) when they hold the key exactly, as for nearly every key; otherwise (the API sent a
@@ -1011,8 +1009,6 @@ def typed_keys_at(
         .select_from(joined)
         .where(alive)
     )
-    if by_hash:
-        query = query.order_by(tracked_keys.c.key_hash)
     for full in session.execute(query.execution_options(yield_per=2000)):
         row, facts = full[:-3], HistoryFacts(full[0], *full[-3:])
         notes = [json.loads(wire) for wire in row[-2:] if wire is not None and wire != _OTHER_STYLE_TEXT]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,18 +42,28 @@ def collection_paused() -> Iterator[None]:
             gc.enable()
 
 
+_HANDOFFS = threading.Lock()
+_handoff_blocks: list[float] = []  # the interval before the first open block, once per open block
+
+
 @contextmanager
 def quick_handoffs(seconds: float = 0.001) -> Iterator[None]:
     """Threads hand the interpreter's lock to one waiting for it after ``seconds`` (default 1 ms)
     instead of 5 ms, inside: for a thread that runs many short steps with the lock released (a
     page request, an SQL statement) beside one that computes. Taking the lock back after each
-    step waited up to 5 ms for the computing thread to yield it. Restored when the block ends."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
+    step waited up to 5 ms for the computing thread to yield it. The interval is the process's:
+    blocks may overlap (jobs on a threads pool), and the last one to end restores the interval
+    from before the first."""
+    with _HANDOFFS:
+        _handoff_blocks.append(_handoff_blocks[0] if _handoff_blocks else sys.getswitchinterval())
+        sys.setswitchinterval(seconds)
     try:
         yield
     finally:
-        sys.setswitchinterval(before)
+        with _HANDOFFS:
+            before = _handoff_blocks.pop()
+            if not _handoff_blocks:
+                sys.setswitchinterval(before)
 
 
 def describe_db_error(error: BaseException) -> str:

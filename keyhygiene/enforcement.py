@@ -128,7 +128,7 @@ def facts_at(session: Session, snapshot_id: int) -> Iterator[tuple[KeyFacts, Key
     engine orders its decisions), with its history: the same facts as ``key_facts`` of
     ``snapshots.keys_at`` and ``key_history`` of ``snapshots.history_facts``, from one query,
     mostly straight from the typed columns."""
-    for stored, history in snapshots.typed_keys_at(session, snapshot_id, by_hash=False):
+    for stored, history in snapshots.typed_keys_at(session, snapshot_id):
         yield stored_facts(stored), key_history(history)
 
 

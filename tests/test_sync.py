@@ -20,7 +20,7 @@ from sqlalchemy import func, select, text
 from db import snapshots
 from db.migrate import downgrade, upgrade
 from db.models import Run, Snapshot, key_records, key_usage, snapshot_staging, tracked_keys
-from keyhygiene.context import Database
+from keyhygiene.context import Database, quick_handoffs
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.jobs import JobOutcome, execute
 from keyhygiene.keysapi.client import KeysClient
@@ -441,3 +441,16 @@ def test_sync_never_exceeds_the_configured_concurrency(
     assert "40 gone" in result.stdout
     assert 2 <= fake.max_in_flight <= 3
     assert sum(1 for call in fake.calls if call.status == 404) == 40
+
+
+def test_overlapping_syncs_leave_the_interpreter_switch_interval_as_they_found_it() -> None:
+    """Two syncs on a threads pool overlap: the first to end keeps the short interval for the
+    other, and the last one restores the interval from before both."""
+    before = sys.getswitchinterval()
+    first, second = quick_handoffs(), quick_handoffs()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert sys.getswitchinterval() == pytest.approx(0.001)
+    second.__exit__(None, None, None)
+    assert sys.getswitchinterval() == before

@@ -67,7 +67,7 @@ def _inputs(session: Session, params: ReportParams) -> _Inputs:
     owners: dict[str, str | None] = {}
     histories: dict[str, KeyHistory] = {}
     # In no set order: every list made of them is sorted on a key that ends with the hash.
-    for stored, history in snapshots.typed_keys_at(session, snapshot.id, by_hash=False):
+    for stored, history in snapshots.typed_keys_at(session, snapshot.id):
         facts = stored_facts(stored)
         if params.wants(name=facts.name, workspace_id=facts.workspace_id):
             keys.append(facts)
