@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import marshal
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from hashlib import blake2b
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import (
@@ -980,20 +981,18 @@ def keys_at(session: Session, snapshot_id: int) -> Iterator[Key]:
         yield Key.from_api(_restore(row[0], row[1:-2], row[-2:]))
 
 
-_NOTHING_MORE = frozenset({"t", "~"})
-"""Notes of a stored JSON part that the typed values can carry: the other time style (which
-changes no time) and float noise on an amount."""
-
-
-def typed_keys_at(session: Session, snapshot_id: int) -> Iterator[tuple[dict[str, Any] | Key, HistoryFacts]]:
+def typed_keys_at(
+    session: Session, snapshot_id: int, fields: Sequence[str]
+) -> Iterator[tuple[tuple[Any, ...] | Key, HistoryFacts]]:
     """Every key snapshot ``snapshot_id`` saw (in no set order: no sort of the whole inventory;
     every caller orders what it makes of them), streamed, for reading its fields, with what
-    the stored versions prove about it (``history_facts``), from one query: a dict of the typed
-    columns (``ALIVE_COLUMNS``' names; money in USD as the float the API sent, float noise
-    included) when they hold the key exactly, as for nearly every key; otherwise (the API sent a
-    field the columns do not hold, left one out, or gave digits below a micro-dollar) the ``Key``
-    rebuilt from its exact raw JSON, as ``keys_at`` gives it. Skips rebuilding and re-parsing the
-    JSON."""
+    the stored versions prove about it (``history_facts``), from one query.
+
+    Each key comes as the tuple of its ``fields`` (names of ``KEY_FIELDS``; money as integer
+    micro-dollars) when the typed columns hold it exactly, as for nearly every key; otherwise (the
+    API sent a field the columns do not hold, left one out, gave digits below a micro-dollar or an
+    amount with float noise) as the ``Key`` rebuilt from its exact raw JSON, as ``keys_at`` gives
+    it. Skips rebuilding and re-parsing the JSON of the keys the columns hold."""
     joined, alive = _alive_join(snapshot_id, is_newest(session, snapshot_id))
     columns = [
         type_coerce(column, BigInteger) if field.kind == "money" else column
@@ -1001,28 +1000,32 @@ def typed_keys_at(session: Session, snapshot_id: int) -> Iterator[tuple[dict[str
             (field, (key_usage if field.volatile else key_records).c[field.name]) for field in _RESTORED
         )
     ]
-    names = ("key_hash", *(field.name for field in _RESTORED))
-    money = [index + 1 for index, field in enumerate(_RESTORED) if field.kind == "money"]
+    positions = {field.name: index + 1 for index, field in enumerate(_RESTORED)} | {"hash": 0}
+    pick = _picker([positions[name] for name in fields])
     history = (tracked_keys.c.first_seen_at, key_usage.c.usage_since, key_usage.c.disabled_since)
     query = (
         select(tracked_keys.c.key_hash, *columns, key_records.c.wire, key_usage.c.wire, *history)
         .select_from(joined)
         .where(alive)
     )
-    for full in session.execute(query.execution_options(yield_per=2000)):
-        row, facts = full[:-3], HistoryFacts(full[0], *full[-3:])
-        notes = [json.loads(wire) for wire in row[-2:] if wire is not None and wire != _OTHER_STYLE_TEXT]
-        if any(not _NOTHING_MORE.issuperset(note) for note in notes):
-            yield Key.from_api(_restore(row[0], row[1:-2], row[-2:])), facts  # _restore takes micro-dollars
-            continue
-        key = dict(zip(names, row[:-2], strict=True))
-        for index in money:
-            if row[index] is not None:
-                key[names[index]] = row[index] / MICROS_PER_USD
-        for note in notes:
-            for name, steps in note.get("~", {}).items():
-                key[name] = _bits_float(_float_bits(key[name]) + steps)
-        yield key, facts
+    record_wire = len(_RESTORED) + 1
+    usage_wire = record_wire + 1
+    plain = (None, _OTHER_STYLE_TEXT)  # no note, or only the other time style (which changes no time)
+    for row in session.execute(query.execution_options(yield_per=2000)):
+        facts = HistoryFacts(row[0], row[-3], row[-2], row[-1])
+        if row[record_wire] in plain and row[usage_wire] in plain:
+            yield pick(row), facts
+        else:
+            wires = (row[record_wire], row[usage_wire])
+            yield Key.from_api(_restore(row[0], row[1:record_wire], wires)), facts  # _restore takes micro-dollars
+
+
+def _picker(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """A function that takes the items at ``positions`` of a row, as a tuple (also for one item)."""
+    if len(positions) == 1:
+        (only,) = positions
+        return lambda row: (row[only],)
+    return itemgetter(*positions)
 
 
 def fields_at(session: Session, snapshot_id: int, fields: Sequence[str]) -> Iterator[tuple[Any, ...]]:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from db import audit, snapshots
 from db.models import Snapshot
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed, NotFound, OutcomeUnknown, RequestRejected
+from keyhygiene.keysapi.fields import MICROS_PER_USD
 from keyhygiene.keysapi.models import Key
 from keyhygiene.rules import (
     AuditFacts,
@@ -123,12 +124,37 @@ def key_facts(key: Key) -> KeyFacts:
     )
 
 
+FACT_FIELDS = (
+    "hash",
+    "name",
+    "workspace_id",
+    "disabled",
+    "created_at",
+    "updated_at",
+    "expires_at",
+    "last_used_at",
+    "usage",
+    "usage_daily",
+    "usage_weekly",
+    "usage_monthly",
+    "byok_usage",
+    "byok_usage_daily",
+    "byok_usage_weekly",
+    "byok_usage_monthly",
+    "limit",
+    "limit_remaining",
+    "limit_reset",
+    "include_byok_in_limit",
+)
+"""The key fields the rules read, in the order ``stored_facts`` takes them from a stored row."""
+
+
 def facts_at(session: Session, snapshot_id: int) -> Iterator[tuple[KeyFacts, KeyHistory]]:
     """What the rules engine reads of every key the snapshot saw, streamed in no set order (the
     engine orders its decisions), with its history: the same facts as ``key_facts`` of
     ``snapshots.keys_at`` and ``key_history`` of ``snapshots.history_facts``, from one query,
     mostly straight from the typed columns."""
-    for stored, history in snapshots.typed_keys_at(session, snapshot_id):
+    for stored, history in snapshots.typed_keys_at(session, snapshot_id, FACT_FIELDS):
         yield stored_facts(stored), key_history(history)
 
 
@@ -141,32 +167,39 @@ def key_history(facts: snapshots.HistoryFacts) -> KeyHistory:
     )
 
 
-def stored_facts(stored: Mapping[str, Any] | Key) -> KeyFacts:
-    """``key_facts`` of a key as ``snapshots.typed_keys_at`` reads it: typed columns or a rebuilt Key."""
+def _usd(micros: int) -> Decimal:
+    # As ``_money`` reads the float the API sent: the stored micro-dollars hold it exactly.
+    return _ZERO if micros == 0 else Decimal(str(micros / MICROS_PER_USD))
+
+
+def stored_facts(stored: Sequence[Any] | Key) -> KeyFacts:
+    """``key_facts`` of a key as ``snapshots.typed_keys_at`` reads it: the ``FACT_FIELDS`` of its typed
+    columns (money in micro-dollars; any fields after them are ignored), or a rebuilt Key."""
     if isinstance(stored, Key):
         return key_facts(stored)
+    limit, remaining = stored[16], stored[17]
     return KeyFacts(
-        hash=stored["key_hash"],
-        name=stored["name"],
-        workspace_id=stored["workspace_id"],
-        disabled=stored["disabled"],
-        created_at=stored["created_at"],
-        updated_at=stored["updated_at"],
-        expires_at=stored["expires_at"],
-        last_used_at=stored["last_used_at"],
+        hash=stored[0],
+        name=stored[1],
+        workspace_id=stored[2],
+        disabled=stored[3],
+        created_at=stored[4],
+        updated_at=stored[5],
+        expires_at=stored[6],
+        last_used_at=stored[7],
         reports_last_used=True,  # every field was there: the stored JSON lists none missing
-        usage=_money(stored["usage"]),
-        usage_daily=_money(stored["usage_daily"]),
-        usage_weekly=_money(stored["usage_weekly"]),
-        usage_monthly=_money(stored["usage_monthly"]),
-        byok_usage=_money(stored["byok_usage"]),
-        byok_usage_daily=_money(stored["byok_usage_daily"]),
-        byok_usage_weekly=_money(stored["byok_usage_weekly"]),
-        byok_usage_monthly=_money(stored["byok_usage_monthly"]),
-        limit=_optional_money(stored["limit"]),
-        limit_remaining=_optional_money(stored["limit_remaining"]),
-        limit_reset=stored["limit_reset"],
-        include_byok_in_limit=stored["include_byok_in_limit"],
+        usage=_usd(stored[8]),
+        usage_daily=_usd(stored[9]),
+        usage_weekly=_usd(stored[10]),
+        usage_monthly=_usd(stored[11]),
+        byok_usage=_usd(stored[12]),
+        byok_usage_daily=_usd(stored[13]),
+        byok_usage_weekly=_usd(stored[14]),
+        byok_usage_monthly=_usd(stored[15]),
+        limit=None if limit is None else _usd(limit),
+        limit_remaining=None if remaining is None else _usd(remaining),
+        limit_reset=stored[18],
+        include_byok_in_limit=stored[19],
     )
 
 

@@ -24,7 +24,7 @@ from db.engine import make_engine
 from db.models import Snapshot, key_usage, snapshot_staging, tracked_keys
 from keyhygiene.context import Database, session_scope
 from keyhygiene.demo import _PastDays
-from keyhygiene.enforcement import facts_at, key_facts, key_history
+from keyhygiene.enforcement import FACT_FIELDS, facts_at, key_facts, key_history
 from keyhygiene.keysapi.models import Key
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -469,7 +469,7 @@ def test_the_rules_read_the_same_facts_from_the_typed_columns_as_from_the_raw_js
     usual += [key(n, usage=0.07, **micro_style) for n in range(30, 40)]  # the API's other time style
     odd = dict(key(1).raw, usage=0.1 + 0.2, limit=12.3456789, limit_remaining=1e-9, last_used_at="2026-02-19T20:52:27Z")
     older_api = {name: value for name, value in key(2).raw.items() if not name.startswith(("byok", "last_used"))}
-    noisy = key(42, usage=0.1 + 0.2, usage_daily=0.1 + 0.7)  # float noise, read from the columns and its note
+    noisy = key(42, usage=0.1 + 0.2, usage_daily=0.1 + 0.7)  # float noise: rebuilt from its note
     keys = [
         Key.from_api(odd),
         Key.from_api(older_api),
@@ -484,13 +484,13 @@ def test_the_rules_read_the_same_facts_from_the_typed_columns_as_from_the_raw_js
         read = list(facts_at(session, s1))
         typed = sorted((facts for facts, _ in read), key=lambda facts: facts.hash)  # read in no set order
         rebuilt = [key_facts(k) for k in snapshots.keys_at(session, s1)]
-        kinds = [type(item).__name__ for item, _ in snapshots.typed_keys_at(session, s1)]
+        kinds = [type(item).__name__ for item, _ in snapshots.typed_keys_at(session, s1, FACT_FIELDS)]
         histories = {facts.hash: history for facts, history in read}
         assert histories == {facts.key_hash: key_history(facts) for facts in snapshots.history_facts(session, s1)}
 
     assert typed == rebuilt == sorted((key_facts(k) for k in keys), key=lambda facts: facts.hash)
     assert [str(facts.usage) for facts in typed] == [str(facts.usage) for facts in rebuilt]
-    assert kinds.count("Key") == 2 and kinds.count("dict") == len(keys) - 2  # only the odd ones rebuilt
+    assert kinds.count("Key") == 3 and kinds.count("tuple") == len(keys) - 3  # only the odd ones rebuilt
 
 
 def test_money_sums_are_exact_to_the_cent(database: Database) -> None:

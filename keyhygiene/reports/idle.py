@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from db import snapshots
 from db.models import Snapshot
-from keyhygiene.enforcement import key_history, load_audit_facts, stored_facts
+from keyhygiene.enforcement import FACT_FIELDS, key_history, load_audit_facts, stored_facts
 from keyhygiene.errors import EXIT_USAGE
 from keyhygiene.keysapi.models import Key
 from keyhygiene.rules import AuditFacts, KeyFacts, KeyHistory, NextAction, idle_since, is_protected, next_action
@@ -67,11 +67,11 @@ def _inputs(session: Session, params: ReportParams) -> _Inputs:
     owners: dict[str, str | None] = {}
     histories: dict[str, KeyHistory] = {}
     # In no set order: every list made of them is sorted on a key that ends with the hash.
-    for stored, history in snapshots.typed_keys_at(session, snapshot.id):
+    for stored, history in snapshots.typed_keys_at(session, snapshot.id, (*FACT_FIELDS, "creator_user_id")):
         facts = stored_facts(stored)
         if params.wants(name=facts.name, workspace_id=facts.workspace_id):
             keys.append(facts)
-            owners[facts.hash] = stored.creator_user_id if isinstance(stored, Key) else stored["creator_user_id"]
+            owners[facts.hash] = stored.creator_user_id if isinstance(stored, Key) else stored[-1]
             histories[facts.hash] = key_history(history)
     return _Inputs(snapshot, keys, owners, histories, audits)
 

@@ -195,11 +195,12 @@ def plan(
     """
     seen: set[str] = set()
     decisions: list[Decision] = []
+    no_history, no_audit = KeyHistory(), AuditFacts()  # frozen: one of each serves every key without
     for key in keys:
         if key.hash in seen:
             raise ValueError(f"key hash {key.hash!r} appears twice in the inventory")
         seen.add(key.hash)
-        decision = decide(key, histories.get(key.hash, KeyHistory()), audits.get(key.hash, AuditFacts()), ruleset, now)
+        decision = decide(key, histories.get(key.hash, no_history), audits.get(key.hash, no_audit), ruleset, now)
         if decision is not None:
             decisions.append(decision)
     decisions.sort(key=lambda decision: decision.key_hash)
