@@ -9,7 +9,7 @@ is ever repeated blindly.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from db import audit, snapshots
 from db.models import Snapshot
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed, NotFound, OutcomeUnknown, RequestRejected
-from keyhygiene.keysapi.fields import MICROS_PER_USD
+from keyhygiene.keysapi.fields import FIELDS_BY_NAME, MICROS_PER_USD
 from keyhygiene.keysapi.models import Key
 from keyhygiene.rules import (
     AuditFacts,
@@ -124,29 +124,11 @@ def key_facts(key: Key) -> KeyFacts:
     )
 
 
-FACT_FIELDS = (
-    "hash",
-    "name",
-    "workspace_id",
-    "disabled",
-    "created_at",
-    "updated_at",
-    "expires_at",
-    "last_used_at",
-    "usage",
-    "usage_daily",
-    "usage_weekly",
-    "usage_monthly",
-    "byok_usage",
-    "byok_usage_daily",
-    "byok_usage_weekly",
-    "byok_usage_monthly",
-    "limit",
-    "limit_remaining",
-    "limit_reset",
-    "include_byok_in_limit",
-)
-"""The key fields the rules read, in the order ``stored_facts`` takes them from a stored row."""
+FACT_FIELDS = tuple(item.name for item in fields(KeyFacts) if item.name != "reports_last_used")
+"""The stored key fields the rules read: ``KeyFacts``' own, in its order, less what the store does
+not keep as a column."""
+_MONEY_AT = tuple(index for index, name in enumerate(FACT_FIELDS) if FIELDS_BY_NAME[name].kind == "money")
+_REPORTS_LAST_USED_AT = [item.name for item in fields(KeyFacts)].index("reports_last_used")
 
 
 def facts_at(session: Session, snapshot_id: int) -> Iterator[tuple[KeyFacts, KeyHistory]]:
@@ -177,30 +159,12 @@ def stored_facts(stored: Sequence[Any] | Key) -> KeyFacts:
     columns (money in micro-dollars; any fields after them are ignored), or a rebuilt Key."""
     if isinstance(stored, Key):
         return key_facts(stored)
-    limit, remaining = stored[16], stored[17]
-    return KeyFacts(
-        hash=stored[0],
-        name=stored[1],
-        workspace_id=stored[2],
-        disabled=stored[3],
-        created_at=stored[4],
-        updated_at=stored[5],
-        expires_at=stored[6],
-        last_used_at=stored[7],
-        reports_last_used=True,  # every field was there: the stored JSON lists none missing
-        usage=_usd(stored[8]),
-        usage_daily=_usd(stored[9]),
-        usage_weekly=_usd(stored[10]),
-        usage_monthly=_usd(stored[11]),
-        byok_usage=_usd(stored[12]),
-        byok_usage_daily=_usd(stored[13]),
-        byok_usage_weekly=_usd(stored[14]),
-        byok_usage_monthly=_usd(stored[15]),
-        limit=None if limit is None else _usd(limit),
-        limit_remaining=None if remaining is None else _usd(remaining),
-        limit_reset=stored[18],
-        include_byok_in_limit=stored[19],
-    )
+    values = list(stored[: len(FACT_FIELDS)])
+    for index in _MONEY_AT:
+        if values[index] is not None:
+            values[index] = _usd(values[index])
+    values.insert(_REPORTS_LAST_USED_AT, True)  # every field was there: the stored JSON lists none missing
+    return KeyFacts(*values)
 
 
 def load_audit_facts(session: Session, *, until: datetime | None = None) -> dict[str, AuditFacts]:
