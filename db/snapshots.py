@@ -279,6 +279,8 @@ _CREATED_AT = [field.name for field in STABLE].index("created_at")
 _USAGE_AT = 2 + len(STABLE) + 1
 """Where a staging row's usage half begins (after the snapshot, the hash, the record and its note)."""
 _VOLATILE_NAMES = frozenset(field.name for field in VOLATILE)
+_stable_values = itemgetter(*(field.name for field in KEY_FIELDS if not field.volatile))
+"""The values of a key's fields that do not change with use (hash included), as one tuple."""
 
 
 def _restore(key_hash: str, values: Sequence[Any], wires: Sequence[str | None]) -> dict[str, Any]:
@@ -654,9 +656,12 @@ class StagedRows:
         if known is None:
             return None
         before, row = known
-        if before.keys() != raw.keys() or any(
-            value != before[name] for name, value in raw.items() if name not in _VOLATILE_NAMES
-        ):
+        if before.keys() != raw.keys():
+            return None
+        if len(raw) == len(_KNOWN) and _KNOWN.issuperset(raw):  # the usual key: every field, no other
+            if _stable_values(raw) != _stable_values(before):
+                return None
+        elif any(value != before[name] for name, value in raw.items() if name not in _VOLATILE_NAMES):
             return None
         used = [snapshot_id, *row[1:_USAGE_AT], *_staged_usage(raw), None, row[-1]]
         self._rows[row[1]] = (raw, used)  # the writer converts its times in place as it writes it
@@ -761,24 +766,16 @@ class SnapshotWriter:
                 fresh.append((raw, row))
         return StagedKeys(rows, fresh, unchanged, printed)
 
-    def write(self, session: Session, staged: StagedKeys) -> None:
-        """The second half of ``add``: write staged rows as this writer's snapshot's."""
+    def write(self, session: Session, staged: StagedKeys, *, rows_written: Callable[[], None] | None = None) -> None:
+        """The second half of ``add``: write staged rows as this writer's snapshot's. ``rows_written``
+        is called once the rows made from the keys' JSON are written (and kept for ``reuse``),
+        before the keys the store already holds are copied from their versions: a caller that
+        waits only for the former lets the copy, which is SQL alone, run beside its own work."""
         rows, fresh = staged.rows, staged.fresh
         self._printed = self._printed or staged.printed
         if rows and rows[0][0] != self.snapshot_id:  # staged before this writer's snapshot existed
             for row in rows:
                 row[0] = self.snapshot_id
-        complete: list[list[Any]] = []  # rows with their tracked id already
-        if staged.unchanged:
-            missed = _stage_unchanged(session, self.snapshot_id, [key[:3] for key in staged.unchanged])
-            for key_id, print_, _, source in staged.unchanged:
-                if key_id in missed:
-                    if isinstance(source, list):
-                        complete.append([self.snapshot_id, *source[1:]])
-                    else:
-                        complete.append([*staged_row(source, self.snapshot_id), print_, key_id])
-                        self._printed = self._printed or print_ is not None
-        rows = rows + complete
         if self._reuse is None and session.get_bind().dialect.name == "sqlite":
             # The insert looks the ids up itself (``_SQLITE_STAGING_INSERT``): far cheaper than
             # a query per page and a round of Python over its rows.
@@ -793,6 +790,20 @@ class SnapshotWriter:
             for raw, row in fresh:
                 if row[-1] is not None:  # a key first seen now is tracked only when the snapshot is recorded
                     self._reuse.keep(raw, row)  # as written: nothing changes it after
+        if rows_written is not None:
+            rows_written()
+        if not staged.unchanged:
+            return
+        missed = _stage_unchanged(session, self.snapshot_id, [key[:3] for key in staged.unchanged])
+        complete: list[list[Any]] = []  # the keys that could not be copied, from their JSON (tracked ids known)
+        for key_id, print_, _, source in staged.unchanged:
+            if key_id in missed:
+                if isinstance(source, list):
+                    complete.append([self.snapshot_id, *source[1:]])
+                else:
+                    complete.append([*staged_row(source, self.snapshot_id), print_, key_id])
+                    self._printed = self._printed or print_ is not None
+        _copy_rows(session, complete)
 
     def missing(self, session: Session) -> list[str]:
         """Hashes of keys in the newest complete snapshot that were not handed over, sorted."""

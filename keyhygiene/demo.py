@@ -490,8 +490,7 @@ class _PastDays:
                 run_id = runs.start_run(session, kind="sync", now=moment).id
                 snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=moment).id
                 writer = snapshots.SnapshotWriter(snapshot_id, reuse=self._reuse)
-                writer.write(session, staged)
-                self._written.set()
+                writer.write(session, staged, rows_written=self._written.set)
                 written = writer.finish(session, taken_at=moment, workspace_counts=counts)
                 summary = {"snapshot_id": snapshot_id, "keys": written.key_count, "new_versions": written.new_versions}
                 message = f"snapshot {snapshot_id}: {written.key_count} keys (a simulated past day)"

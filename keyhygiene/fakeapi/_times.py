@@ -28,8 +28,7 @@ class Windows:
 
     @classmethod
     def at(cls, moment: datetime) -> Windows:
-        day = moment.astimezone(UTC).date()
-        return cls(daily=day, weekly=day - timedelta(days=day.weekday()), monthly=day.replace(day=1))
+        return _windows_of(moment.astimezone(UTC).date())
 
     def start(self, window: str) -> datetime:
         """The first instant of ``daily``, ``weekly`` or ``monthly``."""
@@ -46,6 +45,13 @@ class Windows:
         else:
             day = date(day.year + day.month // 12, day.month % 12 + 1, 1)
         return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+@lru_cache(maxsize=1024)
+def _windows_of(day: date) -> Windows:
+    """``Windows.at`` any instant of ``day``: one object per day, made once (a simulated day asks
+    for it once per use of every key)."""
+    return Windows(daily=day, weekly=day - timedelta(days=day.weekday()), monthly=day.replace(day=1))
 
 
 def utc(value: datetime | str) -> datetime:

@@ -115,8 +115,11 @@ class _Key:
 
     def roll(self, now: Windows) -> None:
         """Zero the window usages whose window has passed, and move to the current windows."""
+        mine = self.windows
+        if mine is now:
+            return
         for window in WINDOWS:
-            if getattr(self.windows, window) != getattr(now, window):
+            if getattr(mine, window) != getattr(now, window):
                 self.window_usage[window] = 0.0
                 self.window_byok_usage[window] = 0.0
         self.windows = now
@@ -618,13 +621,14 @@ class FakeOpenRouter:
             when = now if at is None else utc(at)
             current = Windows.at(now)
             record.roll(current)
-            used = Windows.at(when)
+            used = current if when == now else Windows.at(when)
             record.usage = decimal_sum(record.usage, usd)
             record.byok_usage = decimal_sum(record.byok_usage, byok_usd)
+            usage, byok = record.window_usage, record.window_byok_usage
             for window in WINDOWS:
-                if getattr(used, window) == getattr(current, window):
-                    record.window_usage[window] = decimal_sum(record.window_usage[window], usd)
-                    record.window_byok_usage[window] = decimal_sum(record.window_byok_usage[window], byok_usd)
+                if used is current or getattr(used, window) == getattr(current, window):
+                    usage[window] = decimal_sum(usage[window], usd)
+                    byok[window] = decimal_sum(byok[window], byok_usd)
             if record.last_used_at is None or when > record.last_used_at:
                 record.last_used_at = when
             record.changed()
