@@ -999,8 +999,8 @@ def typed_keys_at(
     every caller orders what it makes of them), streamed, for reading its fields, with what
     the stored versions prove about it (``history_facts``), from one query.
 
-    Each key comes as the tuple of its ``fields`` (names of ``KEY_FIELDS``; money as integer
-    micro-dollars) when the typed columns hold it exactly, as for nearly every key; otherwise (the
+    Each key comes as the tuple of its ``fields`` (two or more names of ``KEY_FIELDS``; money as
+    integer micro-dollars) when the typed columns hold it exactly, as for nearly every key; otherwise (the
     API sent a field the columns do not hold, left one out, gave digits below a micro-dollar or an
     amount with float noise) as the ``Key`` rebuilt from its exact raw JSON, as ``keys_at`` gives
     it. Skips rebuilding and re-parsing the JSON of the keys the columns hold."""
@@ -1012,7 +1012,7 @@ def typed_keys_at(
         )
     ]
     positions = {field.name: index + 1 for index, field in enumerate(_RESTORED)} | {"hash": 0}
-    pick = _picker([positions[name] for name in fields])
+    pick = itemgetter(*(positions[name] for name in fields))
     history = (tracked_keys.c.first_seen_at, key_usage.c.usage_since, key_usage.c.disabled_since)
     query = (
         select(tracked_keys.c.key_hash, *columns, key_records.c.wire, key_usage.c.wire, *history)
@@ -1029,14 +1029,6 @@ def typed_keys_at(
         else:
             wires = (row[record_wire], row[usage_wire])
             yield Key.from_api(_restore(row[0], row[1:record_wire], wires)), facts  # _restore takes micro-dollars
-
-
-def _picker(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
-    """A function that takes the items at ``positions`` of a row, as a tuple (also for one item)."""
-    if len(positions) == 1:
-        (only,) = positions
-        return lambda row: (row[only],)
-    return itemgetter(*positions)
 
 
 def fields_at(session: Session, snapshot_id: int, fields: Sequence[str]) -> Iterator[tuple[Any, ...]]:

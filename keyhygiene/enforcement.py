@@ -149,11 +149,6 @@ def key_history(facts: snapshots.HistoryFacts) -> KeyHistory:
     )
 
 
-def _usd(micros: int) -> Decimal:
-    # As ``_money`` reads the float the API sent: the stored micro-dollars hold it exactly.
-    return _ZERO if micros == 0 else Decimal(str(micros / MICROS_PER_USD))
-
-
 def stored_facts(stored: Sequence[Any] | Key) -> KeyFacts:
     """``key_facts`` of a key as ``snapshots.typed_keys_at`` reads it: the ``FACT_FIELDS`` of its typed
     columns (money in micro-dollars; any fields after them are ignored), or a rebuilt Key."""
@@ -162,7 +157,7 @@ def stored_facts(stored: Sequence[Any] | Key) -> KeyFacts:
     values = list(stored[: len(FACT_FIELDS)])
     for index in _MONEY_AT:
         if values[index] is not None:
-            values[index] = _usd(values[index])
+            values[index] = _money(values[index] / MICROS_PER_USD)  # the float the API sent, exactly
     values.insert(_REPORTS_LAST_USED_AT, True)  # every field was there: the stored JSON lists none missing
     return KeyFacts(*values)
 
