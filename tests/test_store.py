@@ -309,6 +309,8 @@ def test_field_order_of_the_json_does_not_make_a_new_version(database: Database)
     _, written = store(database, [reordered], T0 + timedelta(hours=1))
 
     assert written.new_versions == 0
+    if database.engine.dialect.name == "sqlite":  # the next sync copies it as now listed
+        assert fingerprints(database) == {original.hash: snapshots.fingerprint(reordered.raw)}
 
 
 def test_a_key_that_comes_back_gets_a_new_version(database: Database) -> None:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 
 from db import snapshots
 from db.migrate import downgrade, upgrade
@@ -392,6 +392,34 @@ def test_a_store_from_before_fingerprints_is_synced_in_full_then_by_fingerprint(
         assert fingerprints(database) == {key["hash"]: snapshots.fingerprint(key) for key in fake.keys}
     else:  # PostgreSQL stages every key by COPY and keeps no fingerprints
         assert set(fingerprints(database).values()) == {None}
+    assert version_rows(database) == 152
+
+
+def test_fingerprints_that_do_not_match_the_stored_json_only_cost_one_full_sync(
+    database: Database, fake: FakeOpenRouter, sync
+) -> None:
+    """Stored fingerprints that no listed key gives (a store restored from elsewhere, or written by a
+    release that hashed differently): the next sync types every key, writes no version for the keys
+    that did not change and records their fingerprints; the sync after it copies them again."""
+    if database.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL keeps no fingerprints")
+    hashes = add_keys(fake, 150)
+    assert sync().sync is not None
+    with database.engine.begin() as connection:  # fingerprints no key gives
+        connection.execute(update(tracked_keys).values(fingerprint=tracked_keys.c.id))
+
+    fake.record_use(hashes[0], 1.0)
+    second = sync().sync
+    after_second = fingerprints(database)
+    listed_second = {key["hash"]: snapshots.fingerprint(key) for key in fake.keys}
+    fake.update_key(hashes[1], {"name": "renamed"})
+    third = sync().sync
+
+    assert second is not None and third is not None
+    assert (second.new_versions, second.changed, third.new_versions, third.changed) == (1, 1, 1, 1)
+    assert after_second == listed_second
+    assert fingerprints(database) == {key["hash"]: snapshots.fingerprint(key) for key in fake.keys}
+    assert stored_raw(database, third.snapshot_id) == {key["hash"]: key for key in fake.keys}
     assert version_rows(database) == 152
 
 
