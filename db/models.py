@@ -233,6 +233,16 @@ snapshot_staging = Table(
     Index("ix_snapshot_staging_snapshot_key", "snapshot_id", "key_id"),
 )
 
+snapshot_carried = Table(
+    "snapshot_carried",
+    Base.metadata,
+    Column("snapshot_id", Integer, primary_key=True),
+    Column("key_id", Integer, primary_key=True),
+    sqlite_with_rowid=False,
+)
+"""Keys a sync in progress listed exactly as the store holds them (their tracked id): recorded by
+keeping their open versions, with no staging row."""
+
 
 class Action(Base):
     """The audit log: one row per planned or executed change to a key.

@@ -37,6 +37,7 @@ from .models import (
     StoredPlan,
     key_records,
     key_usage,
+    snapshot_carried,
     snapshot_staging,
     tracked_keys,
 )
@@ -84,6 +85,7 @@ def delete_forgotten_keys(session: Session, *, limit: int) -> int:
     t = tracked_keys
     orphan = ~exists().where(key_usage.c.key_id == t.c.id) & ~exists().where(key_records.c.key_id == t.c.id)
     orphan &= ~exists().where(snapshot_staging.c.key_id == t.c.id)  # a sync in progress saw it again
+    orphan &= ~exists().where(snapshot_carried.c.key_id == t.c.id)
     orphan &= ~exists().where(KeyDay.key_id == t.c.id)  # its last days go first: ids are not reused under them
     # The state goes with the key: SQLite may give a deleted id to the next new key.
     return _delete_ids(session, t, orphan, limit, dependents=(KeyRollup.__table__.c.key_id,))
@@ -92,10 +94,14 @@ def delete_forgotten_keys(session: Session, *, limit: int) -> int:
 def delete_abandoned_staging(session: Session, *, cutoff: datetime) -> int:
     """Staging rows of syncs that failed, or that have been running since before the cutoff (a
     crashed process): nothing will ever read them."""
-    s = snapshot_staging
-    live = exists().where(Snapshot.id == s.c.snapshot_id, Snapshot.status == RUNNING, Snapshot.started_at >= cutoff)
-    result = session.execute(delete(s).where(~live))
-    return int(getattr(result, "rowcount", 0) or 0)
+    deleted = 0
+    for table in (snapshot_staging, snapshot_carried):
+        live = exists().where(
+            Snapshot.id == table.c.snapshot_id, Snapshot.status == RUNNING, Snapshot.started_at >= cutoff
+        )
+        result = session.execute(delete(table).where(~live))
+        deleted += int(getattr(result, "rowcount", 0) or 0)
+    return deleted
 
 
 def mark_pruned(session: Session, *, anchor_id: int, limit: int) -> int:
@@ -123,6 +129,7 @@ def delete_old_snapshots(session: Session, *, anchor_id: int | None, cutoff: dat
     unreferenced = ~exists().where(or_(key_usage.c.valid_from == Snapshot.id, key_usage.c.valid_to == Snapshot.id))
     unreferenced &= ~exists().where(or_(key_records.c.valid_from == Snapshot.id, key_records.c.valid_to == Snapshot.id))
     unreferenced &= ~exists().where(snapshot_staging.c.snapshot_id == Snapshot.id)
+    unreferenced &= ~exists().where(snapshot_carried.c.snapshot_id == Snapshot.id)
     condition = (older, Snapshot.started_at < cutoff, unreferenced)
     ids = list(session.scalars(select(Snapshot.id).where(*condition).order_by(Snapshot.id).limit(limit)))
     if not ids:

@@ -43,7 +43,7 @@ from keyhygiene.timeutil import EARLIEST_TIME, LATEST_TIME, TimeFormatError, iso
 
 from . import rollups
 from .history import full_versions
-from .models import Snapshot, UTCDateTime, key_records, key_usage, snapshot_staging, tracked_keys
+from .models import Snapshot, UTCDateTime, key_records, key_usage, snapshot_carried, snapshot_staging, tracked_keys
 
 RUNNING = "running"
 COMPLETE = "complete"
@@ -353,26 +353,17 @@ _SQLITE_STAGING_INSERT = "INSERT INTO {table} ({columns}) VALUES ({marks}, coale
 looked up by SQLite as it inserts (the PostgreSQL COPY cannot; ``SnapshotWriter.write``)."""
 assert _STAGED[-1] == "key_id"
 
-_SQLITE_COPY_OPEN = (
-    "INSERT INTO {staging} ({columns}) SELECT :snapshot_id, t.key_hash, {record}, r.wire, {usage}, u.wire, "
-    "t.fingerprint, t.id FROM json_each(:given) AS g "
-    "CROSS JOIN {tracked} AS t ON t.id = json_extract(g.value, '$[0]') "
-    "CROSS JOIN {records} AS r ON r.key_id = t.id AND r.valid_to IS NULL "
-    "CROSS JOIN {usage_table} AS u ON u.key_id = t.id AND u.valid_to IS NULL "
-    "WHERE t.fingerprint IS json_extract(g.value, '$[1]') AND t.key_hash = json_extract(g.value, '$[2]')"
-).format(
-    staging=snapshot_staging.name,
-    columns=_STAGED_COLUMNS,
-    record=", ".join(f"r.{key_records.c[field.name].name}" for field in STABLE),
-    usage=", ".join(f"u.{key_usage.c[field.name].name}" for field in VOLATILE),
-    tracked=tracked_keys.name,
-    records=key_records.name,
-    usage_table=key_usage.name,
+_SQLITE_CARRY = (
+    f"INSERT INTO {snapshot_carried.name} (snapshot_id, key_id) SELECT :snapshot_id, t.id FROM json_each(:given) AS g "
+    f"CROSS JOIN {tracked_keys.name} AS t ON t.id = json_extract(g.value, '$[0]') "
+    "WHERE t.fingerprint IS json_extract(g.value, '$[1]') AND t.key_hash = json_extract(g.value, '$[2]') "
+    f"AND EXISTS (SELECT 1 FROM {key_records.name} AS r WHERE r.key_id = t.id AND r.valid_to IS NULL) "
+    f"AND EXISTS (SELECT 1 FROM {key_usage.name} AS u WHERE u.key_id = t.id AND u.valid_to IS NULL)"
 )
 """``_stage_unchanged`` on SQLite: each given key (a JSON array of [id, fingerprint, hash]) looks
-up its tracked row by id, then its open versions; CROSS JOIN keeps SQLite to that order (one seek
-per key), where it might otherwise scan the tracked keys and search the JSON for each. A null
-fingerprint (the demo's reused rows) matches a key tracked without one."""
+up its tracked row by id; CROSS JOIN keeps SQLite to that order (one seek per key), where it might
+otherwise scan the tracked keys and search the JSON for each. A null fingerprint (the demo's
+reused rows) matches a key tracked without one."""
 
 
 _TIME_COLUMNS = [
@@ -402,6 +393,7 @@ def record_staged(
     taken_at: datetime,
     workspace_counts: Mapping[str, int],
     new_fingerprints: bool = True,
+    carried_on: int | None = None,
 ) -> SnapshotWrite:
     """Record the keys staged for ``snapshot_id`` as a complete snapshot, writing only what changed.
 
@@ -411,6 +403,11 @@ def record_staged(
     removed. Versions are ordered by snapshot id, so a snapshot can only be recorded on top of older
     ones: when two syncs overlap and the later-started one finished first, the other raises
     SnapshotSuperseded and writes nothing.
+
+    Carried keys (``snapshot_carried``: listed exactly as their open versions hold them when the
+    newest complete snapshot was ``carried_on``) keep whatever versions are open now, so they are
+    only recorded on top of that same snapshot: when another sync has recorded one since, this one
+    raises SnapshotSuperseded and writes nothing.
 
     On SQLite, each key's fingerprint goes with the versions this snapshot leaves open for it: a
     key with new versions takes its staged one, and with ``new_fingerprints`` (a key may have been
@@ -424,6 +421,11 @@ def record_staged(
         raise SnapshotSuperseded(
             f"snapshot {newer} was stored by another sync while this one was listing; this one is discarded"
         )
+    c = snapshot_carried
+    carried = c.c.snapshot_id == snapshot_id
+    carried_keys = int(session.scalar(select(func.count()).select_from(c).where(carried)) or 0)
+    if carried_keys:
+        _check_carried_on(session, carried_on)
     s, t = snapshot_staging, tracked_keys
     staged = s.c.snapshot_id == snapshot_id
     session.execute(
@@ -439,7 +441,7 @@ def record_staged(
         .where(staged, s.c.key_id.is_(None))
         .values(key_id=select(t.c.id).where(t.c.key_hash == s.c.key_hash).scalar_subquery())
     )
-    key_count = int(session.scalar(select(func.count()).select_from(s).where(staged)) or 0)
+    key_count = carried_keys + int(session.scalar(select(func.count()).select_from(s).where(staged)) or 0)
     u, r = key_usage, key_records
     mine = and_(staged, s.c.key_id == u.c.key_id)
     # Versions are only appended, and only here (under the lock): this snapshot's new versions are
@@ -451,6 +453,7 @@ def record_staged(
         .where(
             u.c.valid_to.is_(None),
             ~exists().where(mine, _same(u, s, _VOLATILE_COLUMNS), u.c.wire.is_not_distinct_from(s.c.usage_wire)),
+            ~exists().where(carried, c.c.key_id == u.c.key_id),
         )
         .values(valid_to=snapshot_id)
     )
@@ -460,6 +463,7 @@ def record_staged(
         .where(
             r.c.valid_to.is_(None),
             ~exists().where(record_mine, _same(r, s, _RECORD_COLUMNS), r.c.wire.is_not_distinct_from(s.c.record_wire)),
+            ~exists().where(carried, c.c.key_id == r.c.key_id),
         )
         .values(valid_to=snapshot_id)
     )
@@ -532,6 +536,7 @@ def record_staged(
             .values(fingerprint=select(s.c.fingerprint).where(staged, s.c.key_id == t.c.id).scalar_subquery())
         )
     session.execute(delete(s).where(staged))
+    session.execute(delete(c).where(carried))
     new_versions = touched
     session.execute(
         update(Snapshot)
@@ -549,24 +554,43 @@ def record_staged(
     )
 
 
+def newest_complete(session: Session) -> int | None:
+    """The id of the newest complete snapshot (None before the first)."""
+    return session.scalar(select(func.max(Snapshot.id)).where(Snapshot.status == COMPLETE))
+
+
+def _check_carried_on(session: Session, carried_on: int | None) -> None:
+    """Raise SnapshotSuperseded unless the newest complete snapshot is still ``carried_on``: keys
+    carried on top of it keep the versions it left open, which another sync's snapshot may have
+    closed or replaced since."""
+    newest = newest_complete(session)
+    if newest != carried_on:
+        raise SnapshotSuperseded(
+            f"snapshot {newest} was stored by another sync while this one was listing; this one is discarded"
+        )
+
+
 def _stage_unchanged(session: Session, snapshot_id: int, keys: Sequence[tuple[int, int | None, str]]) -> set[int]:
-    """Stage keys whose JSON the store already holds (tracked id, fingerprint, hash) by copying
-    their open versions in SQL, where the key is still tracked with that fingerprint: the versions
-    a snapshot leaves open for a key are written, in the same transaction, with the fingerprint of
-    the JSON they were made from. (The demo's reused rows have none: their contract is that nothing
-    else writes to the store.) Returns the ids of the keys not staged (the store has moved on since
-    the fingerprint was read, or the key has no open versions): the caller stages them from their
-    JSON."""
+    """Stage keys whose JSON the store already holds (tracked id, fingerprint, hash), where the key
+    is still tracked with that fingerprint and has open versions: the versions a snapshot leaves
+    open for a key are written, in the same transaction, with the fingerprint of the JSON they were
+    made from. (The demo's reused rows have none: their contract is that nothing else writes to the
+    store.) On SQLite each is carried (a ``snapshot_carried`` row: it keeps its open versions, see
+    ``record_staged``); on PostgreSQL, where only the demo stages this way, its open versions are
+    copied into the staging table. Returns the ids of the keys not staged (the store has moved on
+    since the fingerprint was read, or the key has no open versions): the caller stages them from
+    their JSON."""
     s, t, r, u = snapshot_staging, tracked_keys, key_records, key_usage
     wanted = {key_id for key_id, _, _ in keys}
     if session.get_bind().dialect.name == "sqlite":
-        copy = text(_SQLITE_COPY_OPEN).bindparams(snapshot_id=snapshot_id, given=json.dumps(keys))
-        if int(getattr(session.execute(copy), "rowcount", 0) or 0) == len(keys):
+        carry = text(_SQLITE_CARRY).bindparams(snapshot_id=snapshot_id, given=json.dumps(keys))
+        if int(getattr(session.execute(carry), "rowcount", 0) or 0) == len(keys):
             return set()
-        # Which of these keys were copied: looked up among them only, not among all staged so far.
+        # Which of these keys were carried: looked up among them only, not among all so far.
+        c = snapshot_carried
         among: Select[Any] = select(literal_column("value")).select_from(func.json_each(json.dumps(sorted(wanted))))
         return wanted.difference(
-            session.scalars(select(s.c.key_id).where(s.c.snapshot_id == snapshot_id, s.c.key_id.in_(among)))
+            session.scalars(select(c.c.key_id).where(c.c.snapshot_id == snapshot_id, c.c.key_id.in_(among)))
         )
     ids, prints, hashes = zip(*keys, strict=True)
     given = (
@@ -681,7 +705,7 @@ class StagedKeys:
     """The rows made anew (not reused), with the key each was made from."""
     unchanged: list[tuple[int, int | None, str, Mapping[str, Any] | list[Any]]]
     """Keys whose JSON the store already holds (tracked id, fingerprint, hash, and the key's JSON or
-    the row written for it before): copied from the keys' open versions in SQL, not taken from
+    the row written for it before): carried or copied from the keys' open versions in SQL, not taken from
     Python (``_stage_unchanged``)."""
     printed: bool = False
     """A row was made with a fingerprint: the store may not hold it yet (``record_staged``)."""
@@ -712,6 +736,8 @@ class SnapshotWriter:
         self._reuse = reuse
         self._known = known
         self._printed = False  # a key was staged from its JSON with its fingerprint
+        self._carrying = False  # keys were carried (``record_staged``), on top of:
+        self._carried_on: int | None = None
         self.duplicates = 0
 
     def add(self, session: Session, raw_keys: Iterable[Mapping[str, Any]]) -> None:
@@ -769,8 +795,8 @@ class SnapshotWriter:
     def write(self, session: Session, staged: StagedKeys, *, rows_written: Callable[[], None] | None = None) -> None:
         """The second half of ``add``: write staged rows as this writer's snapshot's. ``rows_written``
         is called once the rows made from the keys' JSON are written (and kept for ``reuse``),
-        before the keys the store already holds are copied from their versions: a caller that
-        waits only for the former lets the copy, which is SQL alone, run beside its own work."""
+        before the keys the store already holds are carried or copied from their versions: a caller
+        that waits only for the former lets that step, which is SQL alone, run beside its own work."""
         rows, fresh = staged.rows, staged.fresh
         self._printed = self._printed or staged.printed
         if rows and rows[0][0] != self.snapshot_id:  # staged before this writer's snapshot existed
@@ -794,8 +820,13 @@ class SnapshotWriter:
             rows_written()
         if not staged.unchanged:
             return
+        if session.get_bind().dialect.name == "sqlite":  # carried, not copied: all on top of one snapshot
+            newest = newest_complete(session)
+            if self._carrying:
+                _check_carried_on(session, self._carried_on)
+            self._carrying, self._carried_on = True, newest
         missed = _stage_unchanged(session, self.snapshot_id, [key[:3] for key in staged.unchanged])
-        complete: list[list[Any]] = []  # the keys that could not be copied, from their JSON (tracked ids known)
+        complete: list[list[Any]] = []  # the keys not carried or copied, from their JSON (tracked ids known)
         for key_id, print_, _, source in staged.unchanged:
             if key_id in missed:
                 if isinstance(source, list):
@@ -820,6 +851,7 @@ class SnapshotWriter:
             taken_at=taken_at,
             workspace_counts=workspace_counts,
             new_fingerprints=self._printed,
+            carried_on=self._carried_on,
         )
         rollups.record_rollups(session, snapshot_id=self.snapshot_id, taken_at=taken_at)
         return written
@@ -827,6 +859,7 @@ class SnapshotWriter:
     def discard(self, session: Session) -> None:
         """Drop what was handed over; the snapshot itself is marked failed by the caller."""
         session.execute(delete(snapshot_staging).where(snapshot_staging.c.snapshot_id == self.snapshot_id))
+        session.execute(delete(snapshot_carried).where(snapshot_carried.c.snapshot_id == self.snapshot_id))
         self._seen.clear()
 
 
@@ -840,7 +873,7 @@ def record_snapshot(
     reuse: StagedRows | None = None,
 ) -> SnapshotWrite:
     """Store a complete listing (raw key objects) as snapshot ``snapshot_id`` in one go; keys the
-    store already holds as listed are copied from their versions, as a sync does."""
+    store already holds as listed keep their versions, as in a sync."""
     known = None if reuse is not None else known_fingerprints(session)
     writer = SnapshotWriter(snapshot_id, reuse=reuse, known=known)
     writer.add(session, keys)

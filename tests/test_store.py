@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from db import retention, runs, snapshots
 from db.engine import make_engine
-from db.models import Snapshot, key_usage, snapshot_staging, tracked_keys
+from db.models import Snapshot, key_usage, snapshot_carried, snapshot_staging, tracked_keys
 from keyhygiene.context import Database, session_scope
 from keyhygiene.demo import _PastDays
 from keyhygiene.enforcement import FACT_FIELDS, facts_at, key_facts, key_history
@@ -395,6 +395,42 @@ def test_overlapping_syncs_cannot_record_out_of_order(database: Database) -> Non
         assert snapshots.count_versions(session) == 3
 
 
+def test_keys_carried_on_top_of_a_snapshot_are_not_recorded_on_top_of_another(database: Database) -> None:
+    """On SQLite a key listed exactly as the store holds it is carried: it keeps whatever versions
+    are open when its snapshot is recorded. When another sync records a snapshot in between (one
+    that started earlier and saw key 2 change), carrying would store that sync's key 2 as this
+    one's: this sync is discarded instead, at its next page or when it records. On PostgreSQL the
+    keys' versions are copied when listed, so the later sync records what it listed."""
+    store(database, [key(1), key(2), key(3)], T0)
+    earlier, later = start(database, T0 + timedelta(minutes=1)), start(database, T0 + timedelta(minutes=2))
+    with session_scope(database) as session:
+        writer = snapshots.SnapshotWriter(later, known=snapshots.known_fingerprints(session))
+        writer.add(session, [key(1).raw, key(2).raw])
+    with session_scope(database) as session:
+        snapshots.record_snapshot(
+            session,
+            snapshot_id=earlier,
+            keys=[key(1).raw, key(2, usage=50.0).raw, key(3).raw],
+            taken_at=T0,
+            workspace_counts={},
+        )
+
+    if database.engine.dialect.name == "sqlite":
+        with pytest.raises(snapshots.SnapshotSuperseded), session_scope(database) as session:
+            writer.add(session, [key(3).raw])
+        with pytest.raises(snapshots.SnapshotSuperseded), session_scope(database) as session:
+            writer.finish(session, taken_at=T0 + timedelta(minutes=2), workspace_counts={})
+        with database.sessions() as session:
+            assert snapshots.latest_snapshot(session).id == earlier
+            assert snapshots.count_versions(session) == 4  # the first 3, and key 2's new usage version
+    else:
+        with session_scope(database) as session:
+            writer.add(session, [key(3).raw])
+            writer.finish(session, taken_at=T0 + timedelta(minutes=2), workspace_counts={})
+        assert raw_at(database, later) == {k.hash: k.raw for k in (key(1), key(2), key(3))}
+    assert raw_at(database, earlier)[key(2).hash] == key(2, usage=50.0).raw
+
+
 def test_history_facts_say_since_when_usage_and_disabled_held(database: Database) -> None:
     store(database, [key(1, usage=1.0), key(2)], T0)
     store(database, [key(1, usage=2.0), key(2, usage_daily=1.0)], T0 + timedelta(days=1))
@@ -514,14 +550,20 @@ def test_staged_pages_are_never_read_and_never_left_behind(database: Database) -
     for started in (T0 - timedelta(days=3), T0 + timedelta(hours=1)):  # a crashed sync, a live one
         with session_scope(database) as session:
             run_id = runs.start_run(session, kind="sync", now=started).id
-            writer = snapshots.SnapshotWriter(snapshots.start_snapshot(session, run_id=run_id, now=started).id)
-        with session_scope(database) as session:
-            writer.add(session, [key(2).raw, key(3).raw])
+            snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=started).id
+            writer = snapshots.SnapshotWriter(snapshot_id, known=snapshots.known_fingerprints(session))
+        with session_scope(database) as session:  # on SQLite key 1, listed as stored, is carried
+            writer.add(session, [key(1).raw, key(2).raw, key(3).raw])
         writers.append(writer)
 
     def staged() -> set[int]:
         with database.sessions() as session:
-            return set(session.scalars(select(snapshot_staging.c.snapshot_id)))
+            rows = set(session.scalars(select(snapshot_staging.c.snapshot_id)))
+            return rows | set(session.scalars(select(snapshot_carried.c.snapshot_id)))
+
+    if database.engine.dialect.name == "sqlite":  # both carried key 1
+        with database.sessions() as session:
+            assert set(session.scalars(select(snapshot_carried.c.snapshot_id))) == {w.snapshot_id for w in writers}
 
     assert raw_at(database, s1) == {key(1).hash: key(1).raw}  # staged keys are invisible
     with session_scope(database) as session:
