@@ -85,7 +85,8 @@ def delete_forgotten_keys(session: Session, *, limit: int) -> int:
     t = tracked_keys
     orphan = ~exists().where(key_usage.c.key_id == t.c.id) & ~exists().where(key_records.c.key_id == t.c.id)
     orphan &= ~exists().where(snapshot_staging.c.key_id == t.c.id)  # a sync in progress saw it again
-    orphan &= ~exists().where(snapshot_carried.c.key_id == t.c.id)
+    # (A key a sync in progress carried had open versions then; if another sync has closed them
+    # since, that sync is refused when it records: ``db.snapshots.record_staged``.)
     orphan &= ~exists().where(KeyDay.key_id == t.c.id)  # its last days go first: ids are not reused under them
     # The state goes with the key: SQLite may give a deleted id to the next new key.
     return _delete_ids(session, t, orphan, limit, dependents=(KeyRollup.__table__.c.key_id,))

@@ -418,14 +418,12 @@ def record_staged(
         session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _RECORD_LOCK})
     newer = session.scalar(select(func.max(Snapshot.id)).where(Snapshot.status == COMPLETE, Snapshot.id > snapshot_id))
     if newer is not None:
-        raise SnapshotSuperseded(
-            f"snapshot {newer} was stored by another sync while this one was listing; this one is discarded"
-        )
+        raise _superseded(newer)
     c = snapshot_carried
     carried = c.c.snapshot_id == snapshot_id
     carried_keys = int(session.scalar(select(func.count()).select_from(c).where(carried)) or 0)
-    if carried_keys:
-        _check_carried_on(session, carried_on)
+    if carried_keys and (newest := newest_complete(session)) != carried_on:
+        raise _superseded(newest)
     s, t = snapshot_staging, tracked_keys
     staged = s.c.snapshot_id == snapshot_id
     session.execute(
@@ -559,15 +557,10 @@ def newest_complete(session: Session) -> int | None:
     return session.scalar(select(func.max(Snapshot.id)).where(Snapshot.status == COMPLETE))
 
 
-def _check_carried_on(session: Session, carried_on: int | None) -> None:
-    """Raise SnapshotSuperseded unless the newest complete snapshot is still ``carried_on``: keys
-    carried on top of it keep the versions it left open, which another sync's snapshot may have
-    closed or replaced since."""
-    newest = newest_complete(session)
-    if newest != carried_on:
-        raise SnapshotSuperseded(
-            f"snapshot {newest} was stored by another sync while this one was listing; this one is discarded"
-        )
+def _superseded(newer: int | None) -> SnapshotSuperseded:
+    return SnapshotSuperseded(
+        f"snapshot {newer} was stored by another sync while this one was listing; this one is discarded"
+    )
 
 
 def _stage_unchanged(session: Session, snapshot_id: int, keys: Sequence[tuple[int, int | None, str]]) -> set[int]:
@@ -821,9 +814,11 @@ class SnapshotWriter:
         if not staged.unchanged:
             return
         if session.get_bind().dialect.name == "sqlite":  # carried, not copied: all on top of one snapshot
+            # Keys carried on top of a snapshot keep the versions it left open, which another
+            # sync's snapshot may close or replace: ``record_staged`` checks it again.
             newest = newest_complete(session)
-            if self._carrying:
-                _check_carried_on(session, self._carried_on)
+            if self._carrying and newest != self._carried_on:
+                raise _superseded(newest)
             self._carrying, self._carried_on = True, newest
         missed = _stage_unchanged(session, self.snapshot_id, [key[:3] for key in staged.unchanged])
         complete: list[list[Any]] = []  # the keys not carried or copied, from their JSON (tracked ids known)

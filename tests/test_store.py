@@ -309,7 +309,7 @@ def test_field_order_of_the_json_does_not_make_a_new_version(database: Database)
     _, written = store(database, [reordered], T0 + timedelta(hours=1))
 
     assert written.new_versions == 0
-    if database.engine.dialect.name == "sqlite":  # the next sync copies it as now listed
+    if database.engine.dialect.name == "sqlite":  # the next sync carries it as now listed
         assert fingerprints(database) == {original.hash: snapshots.fingerprint(reordered.raw)}
 
 

@@ -400,7 +400,7 @@ def test_fingerprints_that_do_not_match_the_stored_json_only_cost_one_full_sync(
 ) -> None:
     """Stored fingerprints that no listed key gives (a store restored from elsewhere, or written by a
     release that hashed differently): the next sync types every key, writes no version for the keys
-    that did not change and records their fingerprints; the sync after it copies them again."""
+    that did not change and records their fingerprints; the sync after it records only what changed."""
     if database.engine.dialect.name != "sqlite":
         pytest.skip("PostgreSQL keeps no fingerprints")
     hashes = add_keys(fake, 150)
