@@ -426,17 +426,30 @@ def record_staged(
         raise _superseded(newest)
     s, t = snapshot_staging, tracked_keys
     staged = s.c.snapshot_id == snapshot_id
-    session.execute(
-        insert(t).from_select(
-            ["key_hash", "first_seen_at", "fingerprint"],
-            select(s.c.key_hash, literal(taken_at, UTCDateTime()), s.c.fingerprint).where(
-                staged, s.c.key_id.is_(None), ~exists().where(t.c.key_hash == s.c.key_hash)
-            ),
+    first_seen = select(s.c.key_hash, literal(taken_at, UTCDateTime()), s.c.fingerprint)
+    untracked = ~exists().where(t.c.key_hash == s.c.key_hash)
+    if session.get_bind().dialect.name == "postgresql":
+        # New keys take the ids reserved for them when staged (``_reserve_ids``). A key another
+        # sync has tracked since keeps its id there: this sync's staging row is pointed at it below.
+        session.execute(
+            insert(t).from_select(
+                ["key_hash", "first_seen_at", "fingerprint", "id"],
+                first_seen.add_columns(
+                    func.coalesce(s.c.key_id, func.nextval(func.pg_get_serial_sequence(t.name, "id")))
+                ).where(staged, untracked),
+            )
         )
-    )
+        unresolved = or_(s.c.key_id.is_(None), ~exists().where(t.c.id == s.c.key_id, t.c.key_hash == s.c.key_hash))
+    else:
+        session.execute(
+            insert(t).from_select(
+                ["key_hash", "first_seen_at", "fingerprint"], first_seen.where(staged, s.c.key_id.is_(None), untracked)
+            )
+        )
+        unresolved = s.c.key_id.is_(None)
     session.execute(
         update(s)
-        .where(staged, s.c.key_id.is_(None))
+        .where(staged, unresolved)
         .values(key_id=select(t.c.id).where(t.c.key_hash == s.c.key_hash).scalar_subquery())
     )
     key_count = carried_keys + int(session.scalar(select(func.count()).select_from(s).where(staged)) or 0)
@@ -631,6 +644,22 @@ def _tracked_ids(session: Session, key_hashes: Sequence[str]) -> dict[str, int]:
     return found
 
 
+def _reserve_ids(session: Session, key_hashes: Sequence[str]) -> dict[str, int]:
+    """On PostgreSQL, an id taken from the tracked keys' sequence for each hash not tracked yet, so
+    that recording the snapshot inserts the new keys with the ids their staging rows already hold,
+    instead of updating every one of those rows afterwards (on a first sync, 100,000 updated rows).
+    A reserved id only becomes a key's when the snapshot is recorded; a sync that fails leaves a
+    gap in the sequence. Nothing on SQLite, where the staging insert looks tracked ids up itself
+    and the store has no sequence to reserve from."""
+    if not key_hashes or session.get_bind().dialect.name != "postgresql":
+        return {}
+    ids = session.scalars(
+        text(f"SELECT nextval(pg_get_serial_sequence('{tracked_keys.name}', 'id')) FROM generate_series(1, :count)"),
+        {"count": len(key_hashes)},
+    )
+    return dict(zip(key_hashes, ids, strict=True))
+
+
 def known_fingerprints(session: Session) -> dict[int, int] | None:
     """The tracked id of each key alive at the newest snapshot, by the fingerprint of the JSON its
     open versions hold (``SnapshotWriter``'s ``known``): about 100 bytes a key. None on PostgreSQL,
@@ -801,13 +830,15 @@ class SnapshotWriter:
             for _, row in fresh:
                 row.append(None)
         else:
-            tracked = _tracked_ids(session, [row[1] for _, row in fresh])
+            hashes = [row[1] for _, row in fresh]
+            tracked = _tracked_ids(session, hashes)
+            reserved = _reserve_ids(session, [key_hash for key_hash in hashes if key_hash not in tracked])
             for _, row in fresh:
-                row.append(tracked.get(row[1]))
+                row.append(tracked.get(row[1]) or reserved.get(row[1]))
         _copy_rows(session, rows)
         if self._reuse is not None:
             for raw, row in fresh:
-                if row[-1] is not None:  # a key first seen now is tracked only when the snapshot is recorded
+                if row[1] in tracked:  # a key first seen now is tracked only when the snapshot is recorded
                     self._reuse.keep(raw, row)  # as written: nothing changes it after
         if rows_written is not None:
             rows_written()

@@ -431,6 +431,30 @@ def test_keys_carried_on_top_of_a_snapshot_are_not_recorded_on_top_of_another(da
     assert raw_at(database, earlier)[key(2).hash] == key(2, usage=50.0).raw
 
 
+def test_a_new_key_two_overlapping_syncs_list_is_tracked_once(database: Database) -> None:
+    """Both syncs list key 4 before either has recorded it (on PostgreSQL each reserves an id for
+    it as it stages the key). The one that records second stores key 4 under the id the first gave
+    it: one tracked key, one history."""
+    store(database, [key(1)], T0)
+    earlier, later = start(database, T0 + timedelta(minutes=1)), start(database, T0 + timedelta(minutes=2))
+    with session_scope(database) as session:
+        late_writer = snapshots.SnapshotWriter(later)
+        late_writer.add(session, [key(1).raw, key(4, usage=2.0).raw])
+    with session_scope(database) as session:
+        snapshots.record_snapshot(
+            session, snapshot_id=earlier, keys=[key(1).raw, key(4).raw], taken_at=T0, workspace_counts={}
+        )
+    with session_scope(database) as session:
+        written = late_writer.finish(session, taken_at=T0 + timedelta(minutes=2), workspace_counts={})
+
+    assert (written.added, written.changed) == (0, 1)
+    assert raw_at(database, earlier)[key(4).hash] == key(4).raw
+    assert raw_at(database, later) == {key(1).hash: key(1).raw, key(4).hash: key(4, usage=2.0).raw}
+    with database.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(tracked_keys)) == 2
+        assert snapshots.count_versions(session) == 3  # key 1 as listed, key 4 as each sync listed it
+
+
 def test_history_facts_say_since_when_usage_and_disabled_held(database: Database) -> None:
     store(database, [key(1, usage=1.0), key(2)], T0)
     store(database, [key(1, usage=2.0), key(2, usage_daily=1.0)], T0 + timedelta(days=1))
