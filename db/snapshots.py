@@ -409,7 +409,7 @@ def record_staged(
     only recorded on top of that same snapshot: when another sync has recorded one since, this one
     raises SnapshotSuperseded and writes nothing.
 
-    On SQLite, each key's fingerprint goes with the versions this snapshot leaves open for it: a
+    Each key's fingerprint goes with the versions this snapshot leaves open for it: a
     key with new versions takes its staged one, and with ``new_fingerprints`` (a key may have been
     staged from its JSON with a fingerprint the store does not hold: the writer knows) so does every
     key whose staged fingerprint differs from its tracked one.
@@ -531,21 +531,20 @@ def record_staged(
         select(func.count(), func.count().filter(~exists().where(mine))).where(u.c.valid_to == snapshot_id)
     ).one()
     added = int(new_usage) - (closed - gone)
-    if session.get_bind().dialect.name == "sqlite":  # PostgreSQL keeps none (known_fingerprints)
-        held = t.alias("held")
-        # Every staged key, or (nothing staged with a fingerprint the store may lack) only those
-        # with new versions: each key's staging row is looked up by its id.
-        candidates = s if new_fingerprints else new_keys.join(s, and_(staged, s.c.key_id == new_keys.c.key_id))
-        moved = (
-            select(s.c.key_id)
-            .select_from(candidates.join(held, held.c.id == s.c.key_id))
-            .where(staged, held.c.fingerprint.is_distinct_from(s.c.fingerprint))
-        )
-        session.execute(
-            update(t)
-            .where(t.c.id.in_(moved))
-            .values(fingerprint=select(s.c.fingerprint).where(staged, s.c.key_id == t.c.id).scalar_subquery())
-        )
+    held = t.alias("held")
+    # Every staged key, or (nothing staged with a fingerprint the store may lack) only those
+    # with new versions: each key's staging row is looked up by its id.
+    candidates = s if new_fingerprints else new_keys.join(s, and_(staged, s.c.key_id == new_keys.c.key_id))
+    moved = (
+        select(s.c.key_id)
+        .select_from(candidates.join(held, held.c.id == s.c.key_id))
+        .where(staged, held.c.fingerprint.is_distinct_from(s.c.fingerprint))
+    )
+    session.execute(
+        update(t)
+        .where(t.c.id.in_(moved))
+        .values(fingerprint=select(s.c.fingerprint).where(staged, s.c.key_id == t.c.id).scalar_subquery())
+    )
     session.execute(delete(s).where(staged))
     session.execute(delete(c).where(carried))
     new_versions = touched
@@ -581,19 +580,16 @@ def _stage_unchanged(session: Session, snapshot_id: int, keys: Sequence[tuple[in
     is still tracked with that fingerprint and has open versions: the versions a snapshot leaves
     open for a key are written, in the same transaction, with the fingerprint of the JSON they were
     made from. (The demo's reused rows have none: their contract is that nothing else writes to the
-    store.) On SQLite each is carried (a ``snapshot_carried`` row: it keeps its open versions, see
-    ``record_staged``); on PostgreSQL, where only the demo stages this way, its open versions are
-    copied into the staging table. Returns the ids of the keys not staged (the store has moved on
-    since the fingerprint was read, or the key has no open versions): the caller stages them from
-    their JSON."""
-    s, t, r, u = snapshot_staging, tracked_keys, key_records, key_usage
+    store.) Each is carried: a ``snapshot_carried`` row says it keeps its open versions (see
+    ``record_staged``). Returns the ids of the keys not carried (the store has moved on since the
+    fingerprint was read, or the key has no open versions): the caller stages them from their JSON."""
+    c, t, r, u = snapshot_carried, tracked_keys, key_records, key_usage
     wanted = {key_id for key_id, _, _ in keys}
     if session.get_bind().dialect.name == "sqlite":
         carry = text(_SQLITE_CARRY).bindparams(snapshot_id=snapshot_id, given=json.dumps(keys))
         if int(getattr(session.execute(carry), "rowcount", 0) or 0) == len(keys):
             return set()
         # Which of these keys were carried: looked up among them only, not among all so far.
-        c = snapshot_carried
         among: Select[Any] = select(literal_column("value")).select_from(func.json_each(json.dumps(sorted(wanted))))
         return wanted.difference(
             session.scalars(select(c.c.key_id).where(c.c.snapshot_id == snapshot_id, c.c.key_id.in_(among)))
@@ -608,29 +604,27 @@ def _stage_unchanged(session: Session, snapshot_id: int, keys: Sequence[tuple[in
         .table_valued("id", "fingerprint", "key_hash")
         .render_derived(name="given", with_types=False)
     )
-    current = select(
-        literal(snapshot_id),
-        t.c.key_hash,
-        *(r.c[name] for name in _RECORD_COLUMNS),
-        r.c.wire,
-        *(u.c[name] for name in _VOLATILE_COLUMNS),
-        u.c.wire,
-        t.c.fingerprint,
-        t.c.id,
-    ).select_from(
-        given.join(
-            t,
-            and_(
-                t.c.id == given.c.id,
-                t.c.fingerprint.is_not_distinct_from(given.c.fingerprint),
-                t.c.key_hash == given.c.key_hash,
-            ),
+    carried = (
+        select(literal(snapshot_id), t.c.id)
+        .select_from(
+            given.join(
+                t,
+                and_(
+                    t.c.id == given.c.id,
+                    t.c.fingerprint.is_not_distinct_from(given.c.fingerprint),
+                    t.c.key_hash == given.c.key_hash,
+                ),
+            )
         )
-        .join(r, and_(r.c.key_id == t.c.id, r.c.valid_to.is_(None)))
-        .join(u, and_(u.c.key_id == t.c.id, u.c.valid_to.is_(None)))
+        .where(
+            exists().where(r.c.key_id == t.c.id, r.c.valid_to.is_(None)),
+            exists().where(u.c.key_id == t.c.id, u.c.valid_to.is_(None)),
+        )
     )
-    # psycopg reports no row count for INSERT ... SELECT: the copied ids come back instead.
-    return wanted.difference(session.scalars(insert(s).from_select(_STAGED, current).returning(s.c.key_id)))
+    # psycopg reports no row count for INSERT ... SELECT: the carried ids come back instead.
+    return wanted.difference(
+        session.scalars(insert(c).from_select(["snapshot_id", "key_id"], carried).returning(c.c.key_id))
+    )
 
 
 def _tracked_ids(session: Session, key_hashes: Sequence[str]) -> dict[str, int]:
@@ -660,14 +654,9 @@ def _reserve_ids(session: Session, key_hashes: Sequence[str]) -> dict[str, int]:
     return dict(zip(key_hashes, ids, strict=True))
 
 
-def known_fingerprints(session: Session) -> dict[int, int] | None:
+def known_fingerprints(session: Session) -> dict[int, int]:
     """The tracked id of each key alive at the newest snapshot, by the fingerprint of the JSON its
-    open versions hold (``SnapshotWriter``'s ``known``): about 100 bytes a key. None on PostgreSQL,
-    where a sync stages every key by COPY and keeps no fingerprints: copying the versions of 99,000
-    unchanged keys cost its server more than COPY of their rows saved (README, How snapshots are
-    stored, has the figures of both)."""
-    if session.get_bind().dialect.name != "sqlite":
-        return None
+    open versions hold (``SnapshotWriter``'s ``known``): about 100 bytes a key."""
     t, u = tracked_keys, key_usage
     query = (
         select(t.c.fingerprint, t.c.id)
@@ -744,7 +733,7 @@ class SnapshotWriter:
     a hash handed over twice keeps its first object (offset paging can repeat a key).
 
     ``known`` (``known_fingerprints``: the tracked id of each fingerprint the store holds) lets a
-    key whose JSON has not changed since the store last recorded it be staged by SQL from its open
+    key whose JSON has not changed since the store last recorded it be carried with its open
     versions, without being typed and written row by row; ``reuse`` does the same from the rows of
     the process's previous snapshot (``StagedRows``). Without ``known``, keys are staged without
     their fingerprints, and the store keeps none for them.
@@ -844,13 +833,12 @@ class SnapshotWriter:
             rows_written()
         if not staged.unchanged:
             return
-        if session.get_bind().dialect.name == "sqlite":  # carried, not copied: all on top of one snapshot
-            # Keys carried on top of a snapshot keep the versions it left open, which another
-            # sync's snapshot may close or replace: ``record_staged`` checks it again.
-            newest = newest_complete(session)
-            if self._carrying and newest != self._carried_on:
-                raise _superseded(newest)
-            self._carrying, self._carried_on = True, newest
+        # Keys carried on top of a snapshot keep the versions it left open, which another
+        # sync's snapshot may close or replace: ``record_staged`` checks it again.
+        newest = newest_complete(session)
+        if self._carrying and newest != self._carried_on:
+            raise _superseded(newest)
+        self._carrying, self._carried_on = True, newest
         missed = _stage_unchanged(session, self.snapshot_id, [key[:3] for key in staged.unchanged])
         complete: list[list[Any]] = []  # the keys not carried or copied, from their JSON (tracked ids known)
         for key_id, print_, _, source in staged.unchanged:

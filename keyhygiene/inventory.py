@@ -118,7 +118,7 @@ def take_snapshot(
     """List, check and store one complete snapshot for run ``run_id``; raise SyncFailed on any failure."""
     with session_scope(database) as session:
         snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=now).id
-        # On SQLite, keys listed exactly as the store holds them are staged from their versions.
+        # Keys listed exactly as the store holds them are carried with their versions.
         known = snapshots.known_fingerprints(session)
     writer = snapshots.SnapshotWriter(snapshot_id, known=known)
     # From here on the snapshot row exists: whatever ends the sync (SIGTERM too) must mark it failed.

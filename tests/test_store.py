@@ -178,18 +178,14 @@ def test_a_fingerprint_is_the_same_in_every_process_and_tells_any_difference() -
     assert len({snapshots.fingerprint(raw), *(snapshots.fingerprint(variant) for variant in variants)}) == 6
 
 
-def test_keys_listed_as_the_store_holds_them_are_copied_from_their_versions(database: Database) -> None:
+def test_keys_listed_as_the_store_holds_them_are_carried_with_their_versions(database: Database) -> None:
     """A sync reads the fingerprints of what the store holds; a key listed exactly as stored is not
-    turned into a row in Python but copied from its open versions, and reads back the same."""
+    turned into a row in Python but carried with its open versions, and reads back the same."""
     day1 = [key(n) for n in range(1, 6)]
     store(database, day1, T0)
     with database.sessions() as session:
         known = snapshots.known_fingerprints(session)
-    if database.engine.dialect.name == "postgresql":  # COPY of every row is cheaper there
-        assert known is None and set(fingerprints(database).values()) == {None}
-        return
     assert fingerprints(database) == {k.hash: snapshots.fingerprint(k.raw) for k in day1}
-    assert known is not None
     day2 = [key(1), key(2, usage=9.5), key(3, name="renamed"), key(5), key(6)]  # 4 gone, 6 new
     snapshot_id = start(database, T0 + timedelta(hours=1))
 
@@ -211,15 +207,12 @@ def test_keys_listed_as_the_store_holds_them_are_copied_from_their_versions(data
 
 def test_a_key_changed_since_its_fingerprint_was_read_is_staged_from_its_json(database: Database) -> None:
     """Another sync may record between reading the fingerprints and writing a page: a key is
-    copied only while the store still holds it as listed; otherwise it is staged from its JSON."""
-    if database.engine.dialect.name == "postgresql":
-        pytest.skip("a sync on PostgreSQL keeps no fingerprints and copies nothing")
+    carried only while the store still holds it as listed; otherwise it is staged from its JSON."""
     store(database, [key(1), key(2)], T0)
     other = start(database, T0 + timedelta(hours=1))  # started first, records first
     mine = start(database, T0 + timedelta(hours=2))
     with database.sessions() as session:
         known = snapshots.known_fingerprints(session)
-    assert known is not None
     with session_scope(database) as session:
         snapshots.record_snapshot(
             session,
@@ -396,11 +389,10 @@ def test_overlapping_syncs_cannot_record_out_of_order(database: Database) -> Non
 
 
 def test_keys_carried_on_top_of_a_snapshot_are_not_recorded_on_top_of_another(database: Database) -> None:
-    """On SQLite a key listed exactly as the store holds it is carried: it keeps whatever versions
-    are open when its snapshot is recorded. When another sync records a snapshot in between (one
-    that started earlier and saw key 2 change), carrying would store that sync's key 2 as this
-    one's: this sync is discarded instead, at its next page or when it records. On PostgreSQL the
-    keys' versions are copied when listed, so the later sync records what it listed."""
+    """A key listed exactly as the store holds it is carried: it keeps whatever versions are open
+    when its snapshot is recorded. When another sync records a snapshot in between (one that
+    started earlier and saw key 2 change), carrying would store that sync's key 2 as this one's:
+    this sync is discarded instead, at its next page or when it records."""
     store(database, [key(1), key(2), key(3)], T0)
     earlier, later = start(database, T0 + timedelta(minutes=1)), start(database, T0 + timedelta(minutes=2))
     with session_scope(database) as session:
@@ -415,19 +407,13 @@ def test_keys_carried_on_top_of_a_snapshot_are_not_recorded_on_top_of_another(da
             workspace_counts={},
         )
 
-    if database.engine.dialect.name == "sqlite":
-        with pytest.raises(snapshots.SnapshotSuperseded), session_scope(database) as session:
-            writer.add(session, [key(3).raw])
-        with pytest.raises(snapshots.SnapshotSuperseded), session_scope(database) as session:
-            writer.finish(session, taken_at=T0 + timedelta(minutes=2), workspace_counts={})
-        with database.sessions() as session:
-            assert snapshots.latest_snapshot(session).id == earlier
-            assert snapshots.count_versions(session) == 4  # the first 3, and key 2's new usage version
-    else:
-        with session_scope(database) as session:
-            writer.add(session, [key(3).raw])
-            writer.finish(session, taken_at=T0 + timedelta(minutes=2), workspace_counts={})
-        assert raw_at(database, later) == {k.hash: k.raw for k in (key(1), key(2), key(3))}
+    with pytest.raises(snapshots.SnapshotSuperseded), session_scope(database) as session:
+        writer.add(session, [key(3).raw])
+    with pytest.raises(snapshots.SnapshotSuperseded), session_scope(database) as session:
+        writer.finish(session, taken_at=T0 + timedelta(minutes=2), workspace_counts={})
+    with database.sessions() as session:
+        assert snapshots.latest_snapshot(session).id == earlier
+        assert snapshots.count_versions(session) == 4  # the first 3, and key 2's new usage version
     assert raw_at(database, earlier)[key(2).hash] == key(2, usage=50.0).raw
 
 

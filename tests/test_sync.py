@@ -388,10 +388,7 @@ def test_a_store_from_before_fingerprints_is_synced_in_full_then_by_fingerprint(
     assert second is not None and third is not None
     assert (second.new_versions, third.new_versions, third.changed) == (1, 1, 1)
     assert stored_raw(database, third.snapshot_id) == {key["hash"]: key for key in fake.keys}
-    if database.engine.dialect.name == "sqlite":
-        assert fingerprints(database) == {key["hash"]: snapshots.fingerprint(key) for key in fake.keys}
-    else:  # PostgreSQL stages every key by COPY and keeps no fingerprints
-        assert set(fingerprints(database).values()) == {None}
+    assert fingerprints(database) == {key["hash"]: snapshots.fingerprint(key) for key in fake.keys}
     assert version_rows(database) == 152
 
 
@@ -401,8 +398,6 @@ def test_fingerprints_that_do_not_match_the_stored_json_only_cost_one_full_sync(
     """Stored fingerprints that no listed key gives (a store restored from elsewhere, or written by a
     release that hashed differently): the next sync types every key, writes no version for the keys
     that did not change and records their fingerprints; the sync after it records only what changed."""
-    if database.engine.dialect.name != "sqlite":
-        pytest.skip("PostgreSQL keeps no fingerprints")
     hashes = add_keys(fake, 150)
     assert sync().sync is not None
     with database.engine.begin() as connection:  # fingerprints no key gives
