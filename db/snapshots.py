@@ -6,6 +6,7 @@ import json
 import marshal
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from hashlib import blake2b
@@ -316,16 +317,39 @@ def start_snapshot(session: Session, *, run_id: int, now: datetime) -> Snapshot:
     return snapshot
 
 
-def _copy_rows(session: Session, rows: list[list[Any]]) -> None:
-    """Append rows to the staging table: one executemany on SQLite, COPY on PostgreSQL."""
-    if not rows:
-        return
+@contextmanager
+def _dbapi_cursor(session: Session) -> Iterator[tuple[Any, str]]:
+    """A DBAPI cursor in the session's transaction, and the dialect's name: for appending many rows
+    without the ORM's per-row bind processing."""
     connection = session.connection()
     dbapi = connection.connection.dbapi_connection
     assert dbapi is not None
     cursor = dbapi.cursor()
     try:
-        if connection.dialect.name == "postgresql":
+        yield cursor, connection.dialect.name
+    finally:
+        cursor.close()
+
+
+def _carry(session: Session, snapshot_id: int, key_ids: Sequence[int]) -> None:
+    """Append carried keys (``snapshot_carried``): one executemany on SQLite, COPY on PostgreSQL."""
+    table = snapshot_carried.name
+    with _dbapi_cursor(session) as (cursor, dialect):
+        if dialect == "postgresql":
+            with cursor.copy(f"COPY {table} (snapshot_id, key_id) FROM STDIN") as copy:
+                for key_id in key_ids:
+                    copy.write_row((snapshot_id, key_id))
+        else:
+            rows = [(snapshot_id, key_id) for key_id in key_ids]
+            cursor.executemany(f"INSERT INTO {table} (snapshot_id, key_id) VALUES (?, ?)", rows)
+
+
+def _copy_rows(session: Session, rows: list[list[Any]]) -> None:
+    """Append rows to the staging table: one executemany on SQLite, COPY on PostgreSQL."""
+    if not rows:
+        return
+    with _dbapi_cursor(session) as (cursor, dialect):
+        if dialect == "postgresql":
             with cursor.copy(f"COPY {snapshot_staging.name} ({_STAGED_COLUMNS}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
@@ -337,8 +361,6 @@ def _copy_rows(session: Session, rows: list[list[Any]]) -> None:
                     if isinstance(row[index], datetime):  # not a row reused as it was last written
                         row[index] = _sqlite_time(row[index])
             cursor.executemany(_SQLITE_STAGING_INSERT, rows)
-    finally:
-        cursor.close()
 
 
 _STAGED_COLUMNS = ", ".join(snapshot_staging.c[name].name for name in _STAGED)
@@ -576,12 +598,13 @@ def _superseded(newer: int | None) -> SnapshotSuperseded:
 
 
 def _stage_unchanged(session: Session, snapshot_id: int, keys: Sequence[tuple[int, int | None, str]]) -> set[int]:
-    """Stage keys whose JSON the store already holds (tracked id, fingerprint, hash), where the key
-    is still tracked with that fingerprint and has open versions: the versions a snapshot leaves
-    open for a key are written, in the same transaction, with the fingerprint of the JSON they were
-    made from. (The demo's reused rows have none: their contract is that nothing else writes to the
-    store.) Each is carried: a ``snapshot_carried`` row says it keeps its open versions (see
-    ``record_staged``). Returns the ids of the keys not carried (the store has moved on since the
+    """Stage keys whose JSON the writer's ``reuse`` rows say the store already holds (tracked id,
+    fingerprint, hash), where the key is still tracked with that fingerprint and has open versions
+    (a reused row may be of a key that has gone since, and come back as it was): the versions a
+    snapshot leaves open for a key are written, in the same transaction, with the fingerprint of the
+    JSON they were made from. (The demo's reused rows have none: their contract is that nothing else
+    writes to the store.) Each is carried: a ``snapshot_carried`` row says it keeps its open versions
+    (see ``record_staged``). Returns the ids of the keys not carried (the store has moved on since the
     fingerprint was read, or the key has no open versions): the caller stages them from their JSON."""
     c, t, r, u = snapshot_carried, tracked_keys, key_records, key_usage
     wanted = {key_id for key_id, _, _ in keys}
@@ -654,16 +677,30 @@ def _reserve_ids(session: Session, key_hashes: Sequence[str]) -> dict[str, int]:
     return dict(zip(key_hashes, ids, strict=True))
 
 
-def known_fingerprints(session: Session) -> dict[int, int]:
-    """The tracked id of each key alive at the newest snapshot, by the fingerprint of the JSON its
-    open versions hold (``SnapshotWriter``'s ``known``): about 100 bytes a key."""
+@dataclass(frozen=True, slots=True)
+class KnownKeys:
+    """What the store holds as of its newest complete snapshot (``known_fingerprints``)."""
+
+    snapshot_id: int | None
+    """The newest complete snapshot when these were read (None before the first)."""
+    ids: Mapping[int, int]
+    """The tracked id of each key alive at it, by the fingerprint of the JSON its open versions hold."""
+
+
+def known_fingerprints(session: Session) -> KnownKeys:
+    """The fingerprints the store holds and the snapshot they are as of (``SnapshotWriter``'s
+    ``known``): about 100 bytes a key. Open versions and fingerprints only change when a snapshot is
+    recorded, so they stay exactly these for as long as that snapshot is the newest complete one.
+    The newest snapshot is read first: one recorded between the two reads makes the sync refused
+    when it records (``record_staged``), never makes it carry keys against the wrong versions."""
+    newest = newest_complete(session)
     t, u = tracked_keys, key_usage
     query = (
         select(t.c.fingerprint, t.c.id)
         .select_from(t.join(u, and_(u.c.key_id == t.c.id, u.c.valid_to.is_(None))))
         .where(t.c.fingerprint.is_not(None))
     )
-    return {print_: key_id for print_, key_id in session.execute(query)}
+    return KnownKeys(newest, {print_: key_id for print_, key_id in session.execute(query)})
 
 
 class StagedRows:
@@ -732,20 +769,21 @@ class SnapshotWriter:
     the session to work in; the caller owns the transactions. Keys are the API's raw key objects;
     a hash handed over twice keeps its first object (offset paging can repeat a key).
 
-    ``known`` (``known_fingerprints``: the tracked id of each fingerprint the store holds) lets a
-    key whose JSON has not changed since the store last recorded it be carried with its open
-    versions, without being typed and written row by row; ``reuse`` does the same from the rows of
-    the process's previous snapshot (``StagedRows``). Without ``known``, keys are staged without
-    their fingerprints, and the store keeps none for them.
+    ``known`` (``known_fingerprints``: the tracked id of each fingerprint the store holds, as of
+    its newest snapshot) lets a key whose JSON has not changed since the store last recorded it be
+    carried with its open versions, without being typed and written row by row: on top of that
+    snapshot only, so a sync that finds another one recorded since is refused. ``reuse`` does the
+    same from the rows of the process's previous snapshot (``StagedRows``), checking each key
+    against the store (``_stage_unchanged``). Without ``known``, keys are staged without their
+    fingerprints, and the store keeps none for them.
     """
 
-    def __init__(
-        self, snapshot_id: int, *, reuse: StagedRows | None = None, known: Mapping[int, int] | None = None
-    ) -> None:
+    def __init__(self, snapshot_id: int, *, reuse: StagedRows | None = None, known: KnownKeys | None = None) -> None:
         self.snapshot_id = snapshot_id
         self._seen: set[str] = set()
         self._reuse = reuse
-        self._known = known
+        self._known = known.ids if known is not None else None
+        self._known_on = known.snapshot_id if known is not None else None
         self._printed = False  # a key was staged from its JSON with its fingerprint
         self._carrying = False  # keys were carried (``record_staged``), on top of:
         self._carried_on: int | None = None
@@ -836,6 +874,14 @@ class SnapshotWriter:
         # Keys carried on top of a snapshot keep the versions it left open, which another
         # sync's snapshot may close or replace: ``record_staged`` checks it again.
         newest = newest_complete(session)
+        if self._known is not None:
+            # Fingerprinted as of ``known``'s snapshot: while it is still the newest, every such
+            # key has exactly the open versions its fingerprint was read with.
+            if newest != self._known_on:
+                raise _superseded(newest)
+            self._carrying, self._carried_on = True, newest
+            _carry(session, self.snapshot_id, [key_id for key_id, _, _, _ in staged.unchanged])
+            return
         if self._carrying and newest != self._carried_on:
             raise _superseded(newest)
         self._carrying, self._carried_on = True, newest

@@ -205,9 +205,10 @@ def test_keys_listed_as_the_store_holds_them_are_carried_with_their_versions(dat
     }
 
 
-def test_a_key_changed_since_its_fingerprint_was_read_is_staged_from_its_json(database: Database) -> None:
-    """Another sync may record between reading the fingerprints and writing a page: a key is
-    carried only while the store still holds it as listed; otherwise it is staged from its JSON."""
+def test_a_sync_whose_fingerprints_are_older_than_the_newest_snapshot_is_refused(database: Database) -> None:
+    """Another sync may record between reading the fingerprints and writing a page: keys they say
+    are unchanged may not be any more (key 1 was renamed), so carrying them would store the other
+    sync's key 1 as this one's. This sync is refused at its first page and stores nothing."""
     store(database, [key(1), key(2)], T0)
     other = start(database, T0 + timedelta(hours=1))  # started first, records first
     mine = start(database, T0 + timedelta(hours=2))
@@ -225,13 +226,14 @@ def test_a_key_changed_since_its_fingerprint_was_read_is_staged_from_its_json(da
     writer = snapshots.SnapshotWriter(mine, known=known)
     staged = writer.stage([dict(key(1).raw), dict(key(2).raw)])  # key 1 listed as it was before
     assert len(staged.unchanged) == 2  # as far as the fingerprints read earlier tell
-    with session_scope(database) as session:
+    with pytest.raises(snapshots.SnapshotSuperseded), session_scope(database) as session:
         writer.write(session, staged)
-        writer.finish(session, taken_at=T0 + timedelta(hours=2), workspace_counts={"ws-default": 2})
 
-    assert raw_at(database, mine) == {key(1).hash: key(1).raw, key(2).hash: key(2).raw}
-    assert raw_at(database, other)[key(1).hash]["name"] == "changed"
-    assert fingerprints(database)[key(1).hash] == snapshots.fingerprint(key(1).raw)
+    with database.sessions() as session:
+        assert snapshots.latest_snapshot(session).id == other
+        assert session.scalar(select(func.count()).select_from(snapshot_carried)) == 0
+    assert raw_at(database, other) == {key(1).hash: key(1, name="changed").raw, key(2).hash: key(2).raw}
+    assert fingerprints(database)[key(1).hash] == snapshots.fingerprint(key(1, name="changed").raw)
 
 
 def test_past_days_recorded_on_a_thread_store_what_one_sync_after_another_would(database: Database) -> None:
