@@ -436,7 +436,8 @@ def record_staged(
     staged from its JSON with a fingerprint the store does not hold: the writer knows) so does every
     key whose staged fingerprint differs from its tracked one.
     """
-    if session.get_bind().dialect.name == "postgresql":
+    postgresql = session.get_bind().dialect.name == "postgresql"
+    if postgresql:
         session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _RECORD_LOCK})
     newer = session.scalar(select(func.max(Snapshot.id)).where(Snapshot.status == COMPLETE, Snapshot.id > snapshot_id))
     if newer is not None:
@@ -450,7 +451,7 @@ def record_staged(
     staged = s.c.snapshot_id == snapshot_id
     first_seen = select(s.c.key_hash, literal(taken_at, UTCDateTime()), s.c.fingerprint)
     untracked = ~exists().where(t.c.key_hash == s.c.key_hash)
-    if session.get_bind().dialect.name == "postgresql":
+    if postgresql:
         # New keys take the ids reserved for them when staged (``_reserve_ids``). A key another
         # sync has tracked since keeps its id there: this sync's staging row is pointed at it below.
         session.execute(
@@ -753,8 +754,8 @@ class StagedKeys:
     """The rows made anew (not reused), with the key each was made from."""
     unchanged: list[tuple[int, int | None, str, Mapping[str, Any] | list[Any]]]
     """Keys whose JSON the store already holds (tracked id, fingerprint, hash, and the key's JSON or
-    the row written for it before): carried or copied from the keys' open versions in SQL, not taken from
-    Python (``_stage_unchanged``)."""
+    the row written for it before): carried with their open versions, not written row by row
+    (``SnapshotWriter.write``)."""
     printed: bool = False
     """A row was made with a fingerprint: the store may not hold it yet (``record_staged``)."""
 
@@ -844,7 +845,7 @@ class SnapshotWriter:
     def write(self, session: Session, staged: StagedKeys, *, rows_written: Callable[[], None] | None = None) -> None:
         """The second half of ``add``: write staged rows as this writer's snapshot's. ``rows_written``
         is called once the rows made from the keys' JSON are written (and kept for ``reuse``),
-        before the keys the store already holds are carried or copied from their versions: a caller
+        before the keys the store already holds are carried with their versions: a caller
         that waits only for the former lets that step, which is SQL alone, run beside its own work."""
         rows, fresh = staged.rows, staged.fresh
         self._printed = self._printed or staged.printed
@@ -886,7 +887,7 @@ class SnapshotWriter:
             raise _superseded(newest)
         self._carrying, self._carried_on = True, newest
         missed = _stage_unchanged(session, self.snapshot_id, [key[:3] for key in staged.unchanged])
-        complete: list[list[Any]] = []  # the keys not carried or copied, from their JSON (tracked ids known)
+        complete: list[list[Any]] = []  # the keys not carried, from their JSON (tracked ids known)
         for key_id, print_, _, source in staged.unchanged:
             if key_id in missed:
                 if isinstance(source, list):
