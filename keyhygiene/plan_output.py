@@ -20,7 +20,7 @@ from rich.text import Text
 from keyhygiene.rules import Decision, Plan
 
 from .enforcement import decision_row, explain
-from .reports.render import escape_control
+from .reports.render import escape_control, write_plain_table
 
 DEFAULT_LIMIT = 50
 ACTION_ORDER = ("delete", "disable", "enable", "report")
@@ -84,12 +84,13 @@ def print_table(decisions: Sequence[Decision], console: Console, *, title: str, 
         if short > 0:
             widths[column] = max(MIN_WIDTH, widths[column] - short)
     widths[1] = max(MIN_WIDTH, min(widths[1], room - widths[3] - widths[4]))
-    table = Table(box=box.SIMPLE_HEAD, expand=False, pad_edge=False, show_edge=False, collapse_padding=True)
-    for header, width in zip(headers, widths, strict=True):
-        table.add_column(header, width=width, no_wrap=True, overflow="ellipsis")
-    for row in rows:
-        table.add_row(*(Text(cell) for cell in row))
-    console.print(table)
+    if not write_plain_table(console, headers, rows, right=[False] * len(headers), widths=widths):
+        table = Table(box=box.SIMPLE_HEAD, expand=False, pad_edge=False, show_edge=False, collapse_padding=True)
+        for header, width in zip(headers, widths, strict=True):
+            table.add_column(header, width=width, no_wrap=True, overflow="ellipsis")
+        for row in rows:
+            table.add_row(*(Text(cell) for cell in row))
+        console.print(table)
     rest = len(decisions) - len(shown)
     if rest:
         console.print(Text(f"... and {rest:,} more (--limit 0 shows all; --format json lists every one)"))

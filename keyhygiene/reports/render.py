@@ -147,36 +147,36 @@ def print_table(report: Report, console: Console, *, columns: Sequence[str] | No
     rows = report.rows if limit <= 0 else report.rows[:limit]
     # The title is printed on its own, so that it wraps at the terminal's width, not the table's.
     console.print(Text(escape_control(report.title), style="bold"))
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        expand=False,
-        pad_edge=False,
-        show_edge=False,
-        collapse_padding=True,
-    )
-    for column in shown:
-        numeric = any(
-            isinstance(row.get(column), int | float) and not isinstance(row.get(column), bool) for row in rows[:50]
-        )
-        header = report.headers.get(column, column.replace("_", " "))
-        table.add_column(
-            header,
-            justify="right" if numeric else "left",
-            overflow="fold",
-            no_wrap=numeric or column in HASH_COLUMNS or column in report.time_formats,
-            min_width=min(len(header), 8),
-        )
+    headers = [report.headers.get(column, column.replace("_", " ")) for column in shown]
+    numeric = [
+        any(isinstance(row.get(column), int | float) and not isinstance(row.get(column), bool) for row in rows[:50])
+        for column in shown
+    ]
+    lines: list[list[str]] = []
     for row in rows:
-        cells: list[Text] = []
+        cells: list[str] = []
         for column in shown:
             value = row.get(column)
             if column in HASH_COLUMNS and isinstance(value, str):
                 value = value[:HASH_SHOWN]
             fmt = report.time_formats.get(column)
             text = _cell(value) if fmt is None else _cell(value, time_format=fmt)
-            cells.append(Text(escape_control(text)))  # Text: a name is never read as markup
-        table.add_row(*cells)
-    console.print(table)
+            cells.append(escape_control(text))
+        lines.append(cells)
+    min_widths = [min(len(header), 8) for header in headers]
+    if not write_plain_table(console, headers, lines, right=numeric, min_widths=min_widths):
+        table = Table(box=box.SIMPLE_HEAD, expand=False, pad_edge=False, show_edge=False, collapse_padding=True)
+        for column, header, right, min_width in zip(shown, headers, numeric, min_widths, strict=True):
+            table.add_column(
+                header,
+                justify="right" if right else "left",
+                overflow="fold",
+                no_wrap=right or column in HASH_COLUMNS or column in report.time_formats,
+                min_width=min_width,
+            )
+        for cells in lines:
+            table.add_row(*(Text(cell) for cell in cells))  # Text: a name is never read as markup
+        console.print(table)
     if not report.rows:
         console.print("(no rows)")
     rest = len(report.rows) - len(rows)
@@ -184,6 +184,48 @@ def print_table(report: Report, console: Console, *, columns: Sequence[str] | No
         console.print(Text(f"... and {rest:,} more rows (--limit 0 shows all; --format csv or json lists every one)"))
     for note in report.notes:
         console.print(Text(escape_control(note)))
+
+
+def write_plain_table(
+    console: Console,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    right: Sequence[bool],
+    min_widths: Sequence[int] | None = None,
+    widths: Sequence[int] | None = None,
+) -> bool:
+    """Write the table as rich lays out a ``SIMPLE_HEAD`` table without edges (a header, a rule,
+    two spaces between columns) when that is plain: every cell ASCII and either ``widths`` given
+    (cells cut to them with an ellipsis) or the natural widths fitting the console. Rich takes a
+    few milliseconds a row to lay a table out, most of a short report's time; False when the
+    table is not plain, for rich to lay it out."""
+    if not rows or not all(cell.isascii() for cells in (headers, *rows) for cell in cells):
+        return False
+    if widths is None:
+        floors = min_widths or [0] * len(headers)
+        widths = [
+            max(floor, len(header), *(len(cells[index]) for cells in rows))
+            for index, (header, floor) in enumerate(zip(headers, floors, strict=True))
+        ]
+    if sum(widths) + 2 * (len(widths) - 1) > console.width:
+        return False
+    layout = list(zip(widths, right, strict=True))
+
+    def line(cells: Sequence[str]) -> str:
+        parts = []
+        for cell, (width, flush_right) in zip(cells, layout, strict=True):
+            if len(cell) > width:
+                cell = cell[: width - 1] + "\u2026"
+            parts.append(cell.rstrip().rjust(width) if flush_right else cell.ljust(width))
+        return "  ".join(parts)
+
+    header = line(headers)
+    console.print(Text(header, style="table.header"), soft_wrap=True)
+    out = console.file
+    out.write("\u2500" * len(header) + "\n")
+    out.write("".join(line(cells) + "\n" for cells in rows))
+    return True
 
 
 def render(
