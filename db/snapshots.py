@@ -344,8 +344,10 @@ def _carry(session: Session, snapshot_id: int, key_ids: Sequence[int]) -> None:
             cursor.executemany(f"INSERT INTO {table} (snapshot_id, key_id) VALUES (?, ?)", rows)
 
 
-def _copy_rows(session: Session, rows: list[list[Any]]) -> None:
-    """Append rows to the staging table: one executemany on SQLite, COPY on PostgreSQL."""
+def _copy_rows(session: Session, rows: list[list[Any]], *, reserved: bool = False) -> None:
+    """Append rows to the staging table: one executemany on SQLite, COPY on PostgreSQL. On SQLite,
+    ``reserved`` says each row's key id is one reserved for it in case its hash is not tracked yet
+    (``SnapshotWriter.write``); otherwise it is its tracked id, or None to look that up."""
     if not rows:
         return
     with _dbapi_cursor(session) as (cursor, dialect):
@@ -360,19 +362,23 @@ def _copy_rows(session: Session, rows: list[list[Any]]) -> None:
                 for index in _TIME_COLUMNS:
                     if isinstance(row[index], datetime):  # not a row reused as it was last written
                         row[index] = _sqlite_time(row[index])
-            cursor.executemany(_SQLITE_STAGING_INSERT, rows)
+            cursor.executemany(_SQLITE_STAGING_RESERVED if reserved else _SQLITE_STAGING_INSERT, rows)
 
 
 _STAGED_COLUMNS = ", ".join(snapshot_staging.c[name].name for name in _STAGED)
-_SQLITE_STAGING_INSERT = "INSERT INTO {table} ({columns}) VALUES ({marks}, coalesce(?{key_id}, ({tracked})))".format(
+_SQLITE_STAGING = "INSERT INTO {table} ({columns}) VALUES ({marks}, coalesce({{first}}, {{then}}))".format(
     table=snapshot_staging.name,
     columns=_STAGED_COLUMNS,
     marks=", ".join(f"?{number}" for number in range(1, len(_STAGED))),
-    key_id=len(_STAGED),
-    tracked=f"SELECT id FROM {tracked_keys.name} WHERE key_hash = ?{_STAGED.index('key_hash') + 1}",
 )
+_GIVEN_ID = f"?{len(_STAGED)}"
+_TRACKED_ID = f"(SELECT id FROM {tracked_keys.name} WHERE key_hash = ?{_STAGED.index('key_hash') + 1})"
+_SQLITE_STAGING_INSERT = _SQLITE_STAGING.format(first=_GIVEN_ID, then=_TRACKED_ID)
 """A staging row on SQLite: its key id as given, else the id of its hash when already tracked,
 looked up by SQLite as it inserts (the PostgreSQL COPY cannot; ``SnapshotWriter.write``)."""
+_SQLITE_STAGING_RESERVED = _SQLITE_STAGING.format(first=_TRACKED_ID, then=_GIVEN_ID)
+"""A staging row on SQLite: the id of its hash when already tracked, else the id given, reserved
+for it (``record_staged`` tracks the new key with it)."""
 assert _STAGED[-1] == "key_id"
 
 _SQLITE_CARRY = (
@@ -451,9 +457,11 @@ def record_staged(
     staged = s.c.snapshot_id == snapshot_id
     first_seen = select(s.c.key_hash, literal(taken_at, UTCDateTime()), s.c.fingerprint)
     untracked = ~exists().where(t.c.key_hash == s.c.key_hash)
+    unresolved = or_(s.c.key_id.is_(None), ~exists().where(t.c.id == s.c.key_id, t.c.key_hash == s.c.key_hash))
+    # New keys take the ids reserved for them when staged (``_reserve_ids``, ``SnapshotWriter.write``).
+    # A key another sync has tracked since keeps its id there: this sync's staging row is pointed
+    # at it below.
     if postgresql:
-        # New keys take the ids reserved for them when staged (``_reserve_ids``). A key another
-        # sync has tracked since keeps its id there: this sync's staging row is pointed at it below.
         session.execute(
             insert(t).from_select(
                 ["key_hash", "first_seen_at", "fingerprint", "id"],
@@ -462,14 +470,14 @@ def record_staged(
                 ).where(staged, untracked),
             )
         )
-        unresolved = or_(s.c.key_id.is_(None), ~exists().where(t.c.id == s.c.key_id, t.c.key_hash == s.c.key_hash))
     else:
-        session.execute(
-            insert(t).from_select(
-                ["key_hash", "first_seen_at", "fingerprint"], first_seen.where(staged, s.c.key_id.is_(None), untracked)
-            )
-        )
-        unresolved = s.c.key_id.is_(None)
+        # SQLite has no sequence: an id reserved by this sync may have been taken by another one
+        # since, and its key then gets the next free id, as does one staged without an id.
+        free = ~exists().where(t.c.id == s.c.key_id)
+        columns = ["key_hash", "first_seen_at", "fingerprint"]
+        reserved = first_seen.add_columns(s.c.key_id).where(staged, untracked, s.c.key_id.is_not(None), free)
+        session.execute(insert(t).from_select([*columns, "id"], reserved))
+        session.execute(insert(t).from_select(columns, first_seen.where(staged, unresolved, untracked)))
     session.execute(
         update(s)
         .where(staged, unresolved)
@@ -667,8 +675,8 @@ def _reserve_ids(session: Session, key_hashes: Sequence[str]) -> dict[str, int]:
     that recording the snapshot inserts the new keys with the ids their staging rows already hold,
     instead of updating every one of those rows afterwards (on a first sync, 100,000 updated rows).
     A reserved id only becomes a key's when the snapshot is recorded; a sync that fails leaves a
-    gap in the sequence. Nothing on SQLite, where the staging insert looks tracked ids up itself
-    and the store has no sequence to reserve from."""
+    gap in the sequence. Nothing on SQLite, which has no sequence: the writer reserves ids past
+    the largest tracked one itself (``SnapshotWriter.write``)."""
     if not key_hashes or session.get_bind().dialect.name != "postgresql":
         return {}
     ids = session.scalars(
@@ -788,6 +796,7 @@ class SnapshotWriter:
         self._printed = False  # a key was staged from its JSON with its fingerprint
         self._carrying = False  # keys were carried (``record_staged``), on top of:
         self._carried_on: int | None = None
+        self._next_id: int | None = None  # the next id to reserve for a key staged on SQLite
         self.duplicates = 0
 
     def add(self, session: Session, raw_keys: Iterable[Mapping[str, Any]]) -> None:
@@ -852,18 +861,24 @@ class SnapshotWriter:
         if rows and rows[0][0] != self.snapshot_id:  # staged before this writer's snapshot existed
             for row in rows:
                 row[0] = self.snapshot_id
-        if self._reuse is None and session.get_bind().dialect.name == "sqlite":
-            # The insert looks the ids up itself (``_SQLITE_STAGING_INSERT``): far cheaper than
-            # a query per page and a round of Python over its rows.
-            for _, row in fresh:
-                row.append(None)
+        ids_reserved = self._reuse is None and session.get_bind().dialect.name == "sqlite"
+        if ids_reserved:
+            # The insert looks tracked ids up itself (``_SQLITE_STAGING_RESERVED``): far cheaper
+            # than a query per page and a round of Python over its rows. Each row also takes an
+            # id for its key in case it is new, so that recording the snapshot need not update
+            # every new key's staging row with the id it is given then.
+            if self._next_id is None:
+                self._next_id = int(session.scalar(select(func.max(tracked_keys.c.id))) or 0) + 1
+            for key_id, (_, row) in enumerate(fresh, start=self._next_id):
+                row.append(key_id)
+            self._next_id += len(fresh)
         else:
             hashes = [row[1] for _, row in fresh]
             tracked = _tracked_ids(session, hashes)
             reserved = _reserve_ids(session, [key_hash for key_hash in hashes if key_hash not in tracked])
             for _, row in fresh:
                 row.append(tracked.get(row[1]) or reserved.get(row[1]))
-        _copy_rows(session, rows)
+        _copy_rows(session, rows, reserved=ids_reserved)
         if self._reuse is not None:
             for raw, row in fresh:
                 if row[1] in tracked:  # a key first seen now is tracked only when the snapshot is recorded

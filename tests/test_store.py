@@ -420,9 +420,9 @@ def test_keys_carried_on_top_of_a_snapshot_are_not_recorded_on_top_of_another(da
 
 
 def test_a_new_key_two_overlapping_syncs_list_is_tracked_once(database: Database) -> None:
-    """Both syncs list key 4 before either has recorded it (on PostgreSQL each reserves an id for
-    it as it stages the key). The one that records second stores key 4 under the id the first gave
-    it: one tracked key, one history."""
+    """Both syncs list key 4 before either has recorded it (each reserves an id for it as it
+    stages the key). The one that records second stores key 4 under the id the first gave it: one
+    tracked key, one history."""
     store(database, [key(1)], T0)
     earlier, later = start(database, T0 + timedelta(minutes=1)), start(database, T0 + timedelta(minutes=2))
     with session_scope(database) as session:
@@ -441,6 +441,32 @@ def test_a_new_key_two_overlapping_syncs_list_is_tracked_once(database: Database
     with database.sessions() as session:
         assert session.scalar(select(func.count()).select_from(tracked_keys)) == 2
         assert snapshots.count_versions(session) == 3  # key 1 as listed, key 4 as each sync listed it
+
+
+def test_a_new_key_whose_reserved_id_another_sync_took_gets_its_own(database: Database) -> None:
+    """Two overlapping syncs list different new keys and reserve ids for them as they stage them
+    (on SQLite, the ids past the largest tracked one: the same ones). The first to record gives
+    those ids to its keys; the other's new key is tracked under an id of its own, with its own
+    history."""
+    store(database, [key(1)], T0)
+    earlier, later = start(database, T0 + timedelta(minutes=1)), start(database, T0 + timedelta(minutes=2))
+    with session_scope(database) as session:
+        late_writer = snapshots.SnapshotWriter(later)
+        late_writer.add(session, [key(4).raw, key(1).raw])
+    with session_scope(database) as session:
+        snapshots.record_snapshot(
+            session, snapshot_id=earlier, keys=[key(1).raw, key(5).raw, key(6).raw], taken_at=T0, workspace_counts={}
+        )
+    with session_scope(database) as session:
+        written = late_writer.finish(session, taken_at=T0 + timedelta(minutes=2), workspace_counts={})
+
+    assert (written.added, written.gone) == (1, 2)
+    assert raw_at(database, earlier) == {k.hash: k.raw for k in (key(1), key(5), key(6))}
+    assert raw_at(database, later) == {key(1).hash: key(1).raw, key(4).hash: key(4).raw}
+    with database.sessions() as session:
+        ids = dict(session.execute(select(tracked_keys.c.key_hash, tracked_keys.c.id)).all())
+        assert len(set(ids.values())) == 4 == len(ids)
+        assert snapshots.count_versions(session) == 4  # keys 1, 5 and 6 as the first listed them, key 4
 
 
 def test_history_facts_say_since_when_usage_and_disabled_held(database: Database) -> None:
