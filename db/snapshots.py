@@ -458,7 +458,7 @@ def record_staged(
     first_seen = select(s.c.key_hash, literal(taken_at, UTCDateTime()), s.c.fingerprint)
     untracked = ~exists().where(t.c.key_hash == s.c.key_hash)
     unresolved = or_(s.c.key_id.is_(None), ~exists().where(t.c.id == s.c.key_id, t.c.key_hash == s.c.key_hash))
-    # New keys take the ids reserved for them when staged (``_reserve_ids``, ``SnapshotWriter.write``).
+    # New keys take the ids reserved for them when staged (``_key_ids``, ``SnapshotWriter.write``).
     # A key another sync has tracked since keeps its id there: this sync's staging row is pointed
     # at it below.
     if postgresql:
@@ -659,31 +659,35 @@ def _stage_unchanged(session: Session, snapshot_id: int, keys: Sequence[tuple[in
     )
 
 
-def _tracked_ids(session: Session, key_hashes: Sequence[str]) -> dict[str, int]:
-    """The ids of the hashes already tracked: resolved per page, so that recording the snapshot
-    only has to look up the keys it has never seen."""
-    t = tracked_keys
-    found: dict[str, int] = {}
-    for start in range(0, len(key_hashes), 5000):
-        chunk = key_hashes[start : start + 5000]
-        found.update(session.execute(select(t.c.key_hash, t.c.id).where(t.c.key_hash.in_(chunk))).all())
-    return found
-
-
-def _reserve_ids(session: Session, key_hashes: Sequence[str]) -> dict[str, int]:
-    """On PostgreSQL, an id taken from the tracked keys' sequence for each hash not tracked yet, so
-    that recording the snapshot inserts the new keys with the ids their staging rows already hold,
+def _key_ids(session: Session, key_hashes: Sequence[str]) -> tuple[dict[str, int], set[str]]:
+    """(an id for each hash, the hashes already tracked), resolved per page so that recording the
+    snapshot only has to look up the keys it has never seen. A tracked hash gets its id; on
+    PostgreSQL, a hash not tracked yet gets one taken from the tracked keys' sequence, so that
+    recording the snapshot inserts the new keys with the ids their staging rows already hold,
     instead of updating every one of those rows afterwards (on a first sync, 100,000 updated rows).
     A reserved id only becomes a key's when the snapshot is recorded; a sync that fails leaves a
-    gap in the sequence. Nothing on SQLite, which has no sequence: the writer reserves ids past
-    the largest tracked one itself (``SnapshotWriter.write``)."""
-    if not key_hashes or session.get_bind().dialect.name != "postgresql":
-        return {}
-    ids = session.scalars(
-        text(f"SELECT nextval(pg_get_serial_sequence('{tracked_keys.name}', 'id')) FROM generate_series(1, :count)"),
-        {"count": len(key_hashes)},
-    )
-    return dict(zip(key_hashes, ids, strict=True))
+    gap in the sequence. SQLite has no sequence: there a sync's writer reserves ids itself
+    (``SnapshotWriter.write``). One statement with all the hashes as one parameter (an array, or
+    JSON on SQLite): a page's hundred bound parameters cost more than the lookup itself."""
+    if not key_hashes:
+        return {}, set()
+    with _dbapi_cursor(session) as (cursor, dialect):
+        if dialect == "postgresql":
+            cursor.execute(_PG_KEY_IDS, (list(key_hashes),))
+        else:
+            cursor.execute(_SQLITE_TRACKED_IDS, (json.dumps(list(key_hashes)),))
+        found = cursor.fetchall()
+    return {key_hash: key_id for key_hash, key_id, _ in found}, {key_hash for key_hash, _, tracked in found if tracked}
+
+
+_PG_KEY_IDS = (
+    f"SELECT given.key_hash, coalesce(t.id, nextval(pg_get_serial_sequence('{tracked_keys.name}', 'id'))), "
+    "t.id IS NOT NULL FROM unnest(%s::text[]) AS given(key_hash) "
+    f"LEFT JOIN {tracked_keys.name} AS t ON t.key_hash = given.key_hash"
+)
+_SQLITE_TRACKED_IDS = (
+    f"SELECT t.key_hash, t.id, 1 FROM json_each(?) AS given JOIN {tracked_keys.name} AS t ON t.key_hash = given.value"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -873,11 +877,9 @@ class SnapshotWriter:
                 row.append(key_id)
             self._next_id += len(fresh)
         else:
-            hashes = [row[1] for _, row in fresh]
-            tracked = _tracked_ids(session, hashes)
-            reserved = _reserve_ids(session, [key_hash for key_hash in hashes if key_hash not in tracked])
+            ids, tracked = _key_ids(session, [row[1] for _, row in fresh])
             for _, row in fresh:
-                row.append(tracked.get(row[1]) or reserved.get(row[1]))
+                row.append(ids.get(row[1]))
         _copy_rows(session, rows, reserved=ids_reserved)
         if self._reuse is not None:
             for raw, row in fresh:
