@@ -422,6 +422,7 @@ def record_staged(
     workspace_counts: Mapping[str, int],
     new_fingerprints: bool = True,
     carried_on: int | None = None,
+    reserved_ids: bool = False,
 ) -> SnapshotWrite:
     """Record the keys staged for ``snapshot_id`` as a complete snapshot, writing only what changed.
 
@@ -441,6 +442,10 @@ def record_staged(
     key with new versions takes its staged one, and with ``new_fingerprints`` (a key may have been
     staged from its JSON with a fingerprint the store does not hold: the writer knows) so does every
     key whose staged fingerprint differs from its tracked one.
+
+    ``reserved_ids``: on SQLite, staging rows may hold ids reserved for keys not tracked yet
+    (``SnapshotWriter.write``); without it, a staged id is the key's tracked one, or None. On
+    PostgreSQL, staged ids of new keys are always reserved.
     """
     postgresql = session.get_bind().dialect.name == "postgresql"
     if postgresql:
@@ -470,7 +475,7 @@ def record_staged(
                 ).where(staged, untracked),
             )
         )
-    else:
+    elif reserved_ids:
         # SQLite has no sequence: an id reserved by this sync may have been taken by another one
         # since, and its key then gets the next free id, as does one staged without an id.
         free = ~exists().where(t.c.id == s.c.key_id)
@@ -478,6 +483,10 @@ def record_staged(
         reserved = first_seen.add_columns(s.c.key_id).where(staged, untracked, s.c.key_id.is_not(None), free)
         session.execute(insert(t).from_select([*columns, "id"], reserved))
         session.execute(insert(t).from_select(columns, first_seen.where(staged, unresolved, untracked)))
+    else:  # every staged id is the key's tracked one (the demo's reused rows): only None is resolved
+        unresolved = s.c.key_id.is_(None)
+        first_seen_now = first_seen.where(staged, unresolved, untracked)
+        session.execute(insert(t).from_select(["key_hash", "first_seen_at", "fingerprint"], first_seen_now))
     session.execute(
         update(s)
         .where(staged, unresolved)
@@ -686,8 +695,10 @@ _PG_KEY_IDS = (
     f"LEFT JOIN {tracked_keys.name} AS t ON t.key_hash = given.key_hash"
 )
 _SQLITE_TRACKED_IDS = (
-    f"SELECT t.key_hash, t.id, 1 FROM json_each(?) AS given JOIN {tracked_keys.name} AS t ON t.key_hash = given.value"
+    f"SELECT t.key_hash, t.id, 1 FROM json_each(?) AS given CROSS JOIN {tracked_keys.name} AS t "
+    "ON t.key_hash = given.value"
 )
+"""CROSS JOIN keeps SQLite to one index seek per given hash (as in ``_SQLITE_CARRY``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -930,6 +941,7 @@ class SnapshotWriter:
             workspace_counts=workspace_counts,
             new_fingerprints=self._printed,
             carried_on=self._carried_on,
+            reserved_ids=self._next_id is not None,
         )
         rollups.record_rollups(session, snapshot_id=self.snapshot_id, taken_at=taken_at)
         return written
