@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from keyhygiene.enforcement import key_facts
@@ -136,6 +136,7 @@ def _check(text: str, cli: Callable[..., Any]) -> None:
 
 @EXAMPLES
 @given(text=rules_files)
+@example(text='[[rule]]\nname = "0\\r"\nmatch = "expired"\naction = "expired"\n')  # a name with a CR: one line
 def test_every_generated_rules_file_is_accepted_or_refused_with_file_line_and_field(text: str) -> None:
     _check(text, lambda *args: _invoke(list(args)))
 

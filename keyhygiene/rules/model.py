@@ -8,6 +8,7 @@ code (tests, other callers) cannot hold a combination the engine would have to g
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -55,9 +56,13 @@ class RulesError(Exception):
 
     def __str__(self) -> str:
         where = self.path if self.line is None else f"{self.path}:{self.line}"
-        if self.field is None:
-            return f"{where}: {self.message}"
-        return f"{where}: {self.field}: {self.message}"
+        said = f"{where}: {self.message}" if self.field is None else f"{where}: {self.field}: {self.message}"
+        # One line, whatever the file holds: a rule named "a\rb" is shown as written in TOML.
+        return _CONTROL.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), said)
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""Characters a terminal acts on, or that end a line for ``str.splitlines``."""
 
 
 @dataclass(frozen=True, slots=True)
