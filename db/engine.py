@@ -50,3 +50,9 @@ def make_session_factory(engine: Engine, *, writer: bool = False) -> sessionmake
     """Sessions that keep loaded objects usable after commit; ``writer`` sessions lock SQLite up front."""
     bind = engine.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"}) if writer else engine
     return sessionmaker(bind, expire_on_commit=False)
+
+
+def describe_db_error(error: BaseException) -> str:
+    """One line about a database failure, without the driver's multi-line noise or a password."""
+    text = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return text[0] if text else type(error).__name__

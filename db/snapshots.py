@@ -783,6 +783,27 @@ class StagedKeys:
     """A row was made with a fingerprint: the store may not hold it yet (``record_staged``)."""
 
 
+@dataclass(frozen=True, slots=True)
+class WriterShare:
+    """What a writer in another process needs to stage keys of a shared snapshot (``share``)."""
+
+    snapshot_id: int
+    lanes: int
+    floor: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriterState:
+    """What a sharing writer reports back to the writer that records the snapshot (``absorb``)."""
+
+    printed: bool
+    """A key was staged from its JSON with its fingerprint."""
+    reserved: bool
+    """Ids were reserved for keys not tracked yet, on SQLite (``record_staged``'s ``reserved_ids``)."""
+    carried_on: int | None
+    """The snapshot the carried keys were carried on top of (None: none were carried)."""
+
+
 class SnapshotWriter:
     """Streams one sync's listing into the store; nothing of it is read until ``finish``.
 
@@ -812,6 +833,8 @@ class SnapshotWriter:
         self._carrying = False  # keys were carried (``record_staged``), on top of:
         self._carried_on: int | None = None
         self._next_id: int | None = None  # the next id to reserve for a key staged on SQLite
+        self._id_lane, self._id_lanes, self._id_floor = 0, 1, 0
+        self._reserved = False  # ids were reserved on SQLite, here or by a sharing writer
         self.duplicates = 0
 
     def add(self, session: Session, raw_keys: Iterable[Mapping[str, Any]]) -> None:
@@ -883,10 +906,14 @@ class SnapshotWriter:
             # id for its key in case it is new, so that recording the snapshot need not update
             # every new key's staging row with the id it is given then.
             if self._next_id is None:
-                self._next_id = int(session.scalar(select(func.max(tracked_keys.c.id))) or 0) + 1
-            for key_id, (_, row) in enumerate(fresh, start=self._next_id):
+                after = max(int(session.scalar(select(func.max(tracked_keys.c.id))) or 0) + 1, self._id_floor)
+                self._next_id = after + (self._id_lane - after) % self._id_lanes
+            step, key_id = self._id_lanes, self._next_id
+            for _, row in fresh:
                 row.append(key_id)
-            self._next_id += len(fresh)
+                key_id += step
+            self._next_id = key_id
+            self._reserved = True
         else:
             ids, tracked = _key_ids(session, [row[1] for _, row in fresh])
             for _, row in fresh:
@@ -925,12 +952,48 @@ class SnapshotWriter:
                     self._printed = self._printed or print_ is not None
         _copy_rows(session, complete)
 
-    def missing(self, session: Session) -> list[str]:
-        """Hashes of keys in the newest complete snapshot that were not handed over, sorted."""
+    def share(self, lanes: int) -> WriterShare:
+        """Let ``lanes - 1`` other writers (``SnapshotWriter.sharing``, each in a process of its
+        own) stage keys of this writer's snapshot beside it. On SQLite each reserves ids for new keys
+        from its own lane (the ids equal to its lane modulo ``lanes``), above the ids this one has
+        reserved so far, so that no two of them reserve the same id. Hand over each key to only one
+        of them; ``absorb`` what each staged before ``finish``."""
+        floor = self._next_id or 0
+        self._id_lane, self._id_lanes, self._id_floor = 0, lanes, floor
+        self._next_id = None  # reserved afresh in lane 0, above the ids reserved so far
+        return WriterShare(self.snapshot_id, lanes, floor)
+
+    @classmethod
+    def sharing(cls, share: WriterShare, lane: int, *, known: KnownKeys | None = None) -> SnapshotWriter:
+        """A writer that stages keys of ``share``'s snapshot beside the writer that shared it."""
+        if not 0 < lane < share.lanes:
+            raise ValueError(f"lane {lane} of {share.lanes}: lane 0 is the sharing writer's")
+        writer = cls(share.snapshot_id, known=known)
+        writer._id_lane, writer._id_lanes, writer._id_floor = lane, share.lanes, share.floor
+        return writer
+
+    def state(self) -> WriterState:
+        """What ``finish`` needs to know of the keys this writer staged (``absorb``)."""
+        carried_on = self._carried_on if self._carrying else None
+        return WriterState(printed=self._printed, reserved=self._reserved, carried_on=carried_on)
+
+    def absorb(self, state: WriterState) -> None:
+        """Take in what a sharing writer staged, so that ``finish`` records it too."""
+        self._printed = self._printed or state.printed
+        self._reserved = self._reserved or state.reserved
+        if state.carried_on is None:
+            return
+        if self._carrying and self._carried_on != state.carried_on:
+            raise _superseded(max(self._carried_on or 0, state.carried_on))
+        self._carrying, self._carried_on = True, state.carried_on
+
+    def missing(self, session: Session, listed: Iterable[str] | None = None) -> list[str]:
+        """Hashes of keys in the newest complete snapshot that were not handed over (to this
+        writer, or to any writer when ``listed`` gives every hash the listing handed over), sorted."""
         previous = latest_snapshot(session)
         if previous is None:
             return []
-        return sorted(key_hashes_at(session, previous.id) - self._seen)
+        return sorted(key_hashes_at(session, previous.id).difference(self._seen if listed is None else listed))
 
     def finish(self, session: Session, *, taken_at: datetime, workspace_counts: Mapping[str, int]) -> SnapshotWrite:
         """Record the snapshot as complete (see ``record_staged``), with its roll-ups."""
@@ -941,7 +1004,7 @@ class SnapshotWriter:
             workspace_counts=workspace_counts,
             new_fingerprints=self._printed,
             carried_on=self._carried_on,
-            reserved_ids=self._next_id is not None,
+            reserved_ids=self._reserved,
         )
         rollups.record_rollups(session, snapshot_id=self.snapshot_id, taken_at=taken_at)
         return written

@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.engine import describe_db_error as describe_db_error  # where the jobs take it from
 from db.engine import make_engine, make_session_factory
 from db.migrate import SchemaOutOfDate, check_schema
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed
@@ -64,12 +65,6 @@ def quick_handoffs(seconds: float = 0.001) -> Iterator[None]:
             before = _handoff_blocks.pop()
             if not _handoff_blocks:
                 sys.setswitchinterval(before)
-
-
-def describe_db_error(error: BaseException) -> str:
-    """One line about a database failure, without the driver's multi-line noise or a password."""
-    text = str(getattr(error, "orig", None) or error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 @dataclass

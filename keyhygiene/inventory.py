@@ -8,6 +8,7 @@ state and is recorded as failed.
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from keyhygiene.keysapi.paging import ProgressCallback as ProgressCallback  # wh
 from .context import Database, describe_db_error, quick_handoffs, session_scope
 from .errors import KeyhygieneError
 from .logging import get_logger, redact_text
+from .staging import HelperFailed, StagingHelper
 
 if TYPE_CHECKING:
     from keyhygiene.keysapi.client import KeysClient
@@ -33,6 +35,12 @@ log = get_logger(__name__)
 
 _PAGES_PER_WRITE = 10
 """Most pages handed to the store in one transaction, when several are waiting to be written."""
+
+STAGING_HELPER_FROM_KEYS = 10_000
+"""A sync that lists this many keys more than the store holds fingerprints for (a first sync, or an
+organisation that grew) stages part of them in a second process (:mod:`keyhygiene.staging`), on a
+machine with more than one core. Keys the store already holds as listed are only fingerprinted and
+carried, which costs the sync less than handing them to another process would."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,25 +129,39 @@ def take_snapshot(
         # Keys listed exactly as the store holds them are carried with their versions.
         known = snapshots.known_fingerprints(session)
     writer = snapshots.SnapshotWriter(snapshot_id, known=known)
+    helper: StagingHelper | None = None
+    helper_wanted = _helper_possible(database)
     # From here on the snapshot row exists: whatever ends the sync (SIGTERM too) must mark it failed.
     try:
         log.info("sync_started", run_id=run_id, snapshot_id=snapshot_id)
         requests_before, listing_started = client.requests_sent, time.monotonic()
+        unknown, handed_over = -len(known.ids), 0  # keys listed beyond the ones with a fingerprint
         workspaces = client.list_workspaces()
         listing = list_inventory(client, workspaces, on_page=on_page)
         for keys in listing.batched(_PAGES_PER_WRITE):
+            if helper_wanted and unknown >= STAGING_HELPER_FROM_KEYS:
+                helper_wanted = False
+                helper = StagingHelper.start(_url(database), writer.share(2), 1, use_known=True)
+            unknown += len(keys)
+            if helper is not None and helper.offer(keys):
+                handed_over += len(keys)
+                continue
             with session_scope(database) as session:
                 writer.add(session, keys)
+        if helper is not None:
+            writer.absorb(helper.finish())
+            helper = None
         log.info(
             "listing_complete",
             run_id=run_id,
             pages=listing.pages,
             requests=client.requests_sent - requests_before,
             duplicates=listing.duplicates,
+            staged_by_helper=handed_over,
             seconds=round(time.monotonic() - listing_started, 3),
         )
         with database.sessions() as session:
-            missing = writer.missing(session)
+            missing = writer.missing(session, listing.listed)
         recovered, confirmed_gone = check_missing(client, missing)
         per_workspace = dict(listing.per_workspace)
         for key in recovered.values():
@@ -151,10 +173,12 @@ def take_snapshot(
             names = {workspace.id: workspace.name for workspace in workspaces}
             snapshots.record_workspace_names(session, snapshot_id=snapshot_id, names=names)
     except BaseException as exc:
+        if helper is not None:  # before its rows are discarded: it may be writing some
+            helper.stop()
         message = _failure_message(exc)
         _record_failure(database, writer, message)
         log.error("sync_failed", run_id=run_id, snapshot_id=snapshot_id, error=message)
-        if isinstance(exc, ApiError | SQLAlchemyError | snapshots.SnapshotSuperseded):
+        if isinstance(exc, ApiError | SQLAlchemyError | snapshots.SnapshotSuperseded | HelperFailed):
             raise SyncFailed(f"sync failed, no snapshot stored: {message}") from None
         raise
     result = SyncResult(
@@ -174,6 +198,18 @@ def take_snapshot(
         log.warning("key_recovered_by_check", run_id=run_id, key_hash=key_hash)
     log.info("sync_complete", run_id=run_id, requests=client.requests_sent, **result.summary())
     return result
+
+
+def _helper_possible(database: Database) -> bool:
+    """A second process can stage keys: more than one core, and a database it can open too."""
+    url = database.engine.url
+    if url.get_backend_name() == "sqlite" and (not url.database or "memory" in str(url)):
+        return False
+    return len(os.sched_getaffinity(0)) > 1 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) > 1
+
+
+def _url(database: Database) -> str:
+    return database.engine.url.render_as_string(hide_password=False)
 
 
 def _failure_message(exc: BaseException) -> str:

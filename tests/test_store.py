@@ -443,6 +443,66 @@ def test_a_new_key_two_overlapping_syncs_list_is_tracked_once(database: Database
         assert snapshots.count_versions(session) == 3  # key 1 as listed, key 4 as each sync listed it
 
 
+def test_writers_sharing_a_snapshot_give_every_new_key_its_own_id(database: Database) -> None:
+    """A sync that stages part of its listing in a second process (``keyhygiene.staging``) has two
+    writers of one snapshot, each reserving ids for the new keys it stages, in turns, while another
+    sync records new keys in between. Every key is tracked once, under an id of its own, and the
+    snapshot holds exactly what both staged."""
+    store(database, [key(1)], T0)
+    other = start(database, T0 + timedelta(seconds=30))  # a sync started earlier, recorded meanwhile
+    snapshot_id = start(database, T0 + timedelta(minutes=1))
+    writer = snapshots.SnapshotWriter(snapshot_id)
+    with session_scope(database) as session:
+        writer.add(session, [key(1).raw, key(10).raw, key(11).raw])
+    helper = snapshots.SnapshotWriter.sharing(writer.share(2), 1)
+    with session_scope(database) as session:
+        helper.add(session, [key(20).raw, key(21).raw])
+    with session_scope(database) as session:
+        snapshots.record_snapshot(
+            session, snapshot_id=other, keys=[key(1).raw, key(30).raw], taken_at=T0, workspace_counts={}
+        )
+    with session_scope(database) as session:
+        writer.add(session, [key(12).raw])
+    with session_scope(database) as session:
+        helper.add(session, [key(22).raw, key(30, usage=3.0).raw])
+    writer.absorb(helper.state())
+    with session_scope(database) as session:
+        written = writer.finish(session, taken_at=T0 + timedelta(minutes=1), workspace_counts={})
+
+    listed = [key(n) for n in (1, 10, 11, 20, 21, 12, 22)] + [key(30, usage=3.0)]
+    assert raw_at(database, snapshot_id) == {k.hash: k.raw for k in listed}
+    assert (written.key_count, written.added, written.changed) == (8, 6, 1)
+    with database.sessions() as session:
+        ids = dict(session.execute(select(tracked_keys.c.key_hash, tracked_keys.c.id)).all())
+        assert len(ids) == len(set(ids.values())) == 8
+        assert session.scalar(select(func.count()).select_from(snapshot_staging)) == 0
+
+
+def test_a_sharing_writer_that_carried_keys_on_another_snapshot_makes_the_sync_refused(database: Database) -> None:
+    """Each writer of a shared snapshot carries unchanged keys on top of the newest snapshot it
+    read; if theirs differ, another sync recorded in between, and the sync is discarded."""
+    first, _ = store(database, [key(1), key(2)], T0)
+    snapshot_id = start(database, T0 + timedelta(minutes=2))
+    with database.sessions() as session:
+        known = snapshots.known_fingerprints(session)
+    writer = snapshots.SnapshotWriter(snapshot_id, known=known)
+    helper = snapshots.SnapshotWriter.sharing(writer.share(2), 1, known=known)
+    with session_scope(database) as session:
+        writer.add(session, [key(1).raw])
+    writer.absorb(helper.state())  # the helper carried nothing: nothing to disagree on
+
+    with pytest.raises(snapshots.SnapshotSuperseded):
+        writer.absorb(snapshots.WriterState(printed=False, reserved=False, carried_on=first + 100))
+    writer.absorb(snapshots.WriterState(printed=True, reserved=False, carried_on=first))
+    with session_scope(database) as session:
+        helper.add(session, [key(2).raw])
+    writer.absorb(helper.state())
+    with session_scope(database) as session:
+        written = writer.finish(session, taken_at=T0 + timedelta(minutes=2), workspace_counts={})
+    assert (written.key_count, written.new_versions) == (2, 0)
+    assert raw_at(database, snapshot_id) == {key(1).hash: key(1).raw, key(2).hash: key(2).raw}
+
+
 def test_a_new_key_whose_reserved_id_another_sync_took_gets_its_own(database: Database) -> None:
     """Two overlapping syncs list different new keys and reserve ids for them as they stage them
     (on SQLite, the ids past the largest tracked one: the same ones). The first to record gives

@@ -9,7 +9,9 @@ changed.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,14 +19,16 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text, update
 
-from db import snapshots
+from db import runs, snapshots
 from db.migrate import downgrade, upgrade
 from db.models import Run, Snapshot, key_records, key_usage, snapshot_staging, tracked_keys
-from keyhygiene.context import Database, quick_handoffs
+from keyhygiene import inventory
+from keyhygiene.context import Database, quick_handoffs, session_scope
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.jobs import JobOutcome, execute
 from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.settings import Settings
+from keyhygiene.staging import HelperFailed, StagingHelper
 from tests.conftest import MANAGEMENT_KEY
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -214,13 +218,14 @@ def test_a_key_skipped_by_offset_paging_is_recovered(database: Database, fake: F
 # -- a failed sync leaves no trace --------------------------------------------------------------------
 
 
-def _install_poison_trigger(database: Database) -> None:
-    """Make the database itself refuse to store a key named 'poison', as a full disk would."""
+def _install_poison_trigger(database: Database, table: str = "key_records") -> None:
+    """Make the database itself refuse to store a key named 'poison' in ``table`` (by default when
+    the snapshot is recorded; ``snapshot_staging``: when it is staged), as a full disk would."""
     with database.engine.begin() as connection:
         if database.dialect == "sqlite":
             connection.execute(
                 text(
-                    "CREATE TRIGGER poison BEFORE INSERT ON key_records WHEN NEW.name = 'poison' "
+                    f"CREATE TRIGGER poison BEFORE INSERT ON {table} WHEN NEW.name = 'poison' "
                     "BEGIN SELECT RAISE(ABORT, 'simulated storage failure'); END"
                 )
             )
@@ -233,7 +238,7 @@ def _install_poison_trigger(database: Database) -> None:
                 )
             )
             connection.execute(
-                text("CREATE TRIGGER poison BEFORE INSERT ON key_records FOR EACH ROW EXECUTE FUNCTION poison()")
+                text(f"CREATE TRIGGER poison BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION poison()")
             )
 
 
@@ -250,6 +255,7 @@ def _fault_on_later_pages(fake: FakeOpenRouter, kind: str) -> None:
     fake.faults.on_list_page(inject)
 
 
+@pytest.mark.parametrize("staging", ["one process", "with a staging helper"])
 @pytest.mark.parametrize(
     ("failure", "expected"),
     [
@@ -267,7 +273,10 @@ def test_a_failed_sync_stores_nothing_and_says_why_in_one_line(
     monkeypatch: pytest.MonkeyPatch,
     failure: str,
     expected: str,
+    staging: str,
 ) -> None:
+    if staging == "with a staging helper":  # the helper may be staging a batch when the sync fails
+        monkeypatch.setattr(inventory, "STAGING_HELPER_FROM_KEYS", -sys.maxsize)
     hashes = add_keys(fake, 250)
     switch_interval = sys.getswitchinterval()  # a sync shortens it while it lists, and only then
     first = cli("sync")
@@ -416,6 +425,155 @@ def test_fingerprints_that_do_not_match_the_stored_json_only_cost_one_full_sync(
     assert fingerprints(database) == {key["hash"]: snapshots.fingerprint(key) for key in fake.keys}
     assert stored_raw(database, third.snapshot_id) == {key["hash"]: key for key in fake.keys}
     assert version_rows(database) == 152
+
+
+# -- a second process stages part of a large listing ---------------------------------------------
+
+
+@pytest.fixture
+def helper_from_the_first_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Syncs start their staging helper (``keyhygiene.staging``) at once, however few keys they list
+    and however many the store already holds."""
+    monkeypatch.setattr(inventory, "STAGING_HELPER_FROM_KEYS", -sys.maxsize)
+
+
+@pytest.mark.usefixtures("env", "helper_from_the_first_key")
+def test_a_listing_staged_partly_by_a_second_process_is_stored_exactly(
+    database: Database, fake: FakeOpenRouter, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large sync hands batches of keys to a helper process that stages them beside it: every key
+    is stored once, exactly as listed, with its own id and fingerprint, and the next sync (also
+    shared) writes only what changed."""
+    research = fake.add_workspace("Research")["id"]
+    hashes = add_keys(fake, 700) + add_keys(fake, 450, workspace_id=research, prefix="r")
+    fake.add_key("off", disabled=True)
+    fake.add_key("old", workspace_id=research, expires_at=NOW - timedelta(days=3))
+    monkeypatch.setenv("KEYHYGIENE_HTTP_CONCURRENCY", "8")
+
+    first = cli("sync")
+
+    assert first.exit_code == 0, first.stderr
+    assert first.events_named("listing_complete")[0]["staged_by_helper"] > 0
+    assert first.stdout.startswith("run 1 sync ok: snapshot 1: 1152 keys in 2 workspaces (1152 new, 0 changed")
+    first_raw = {key["hash"]: key for key in fake.keys}
+    assert stored_raw(database, 1) == first_raw
+    assert fingerprints(database) == {key["hash"]: snapshots.fingerprint(key) for key in fake.keys}
+
+    for key_hash in hashes[::50]:  # 23 keys see new usage
+        fake.record_use(key_hash, 0.5)
+    fake.update_key(hashes[1], {"name": "renamed"})
+    for key_hash in hashes[-4:]:
+        fake.delete_key(key_hash)
+    fake.add_key("brand-new")
+    second = cli("sync")
+
+    assert second.exit_code == 0, second.stderr
+    assert second.events_named("listing_complete")[0]["staged_by_helper"] > 0
+    summary = second.events_named("sync_complete")[0]
+    assert (summary["added"], summary["changed"], summary["gone"], summary["new_versions"]) == (1, 24, 4, 25)
+    assert stored_raw(database, 2) == {key["hash"]: key for key in fake.keys}
+    assert stored_raw(database, 1) == first_raw
+    assert fingerprints(database) == {
+        **{key_hash: snapshots.fingerprint(first_raw[key_hash]) for key_hash in hashes[-4:]},
+        **{key["hash"]: snapshots.fingerprint(key) for key in fake.keys},
+    }
+    with database.sessions() as session:
+        ids = session.scalars(select(tracked_keys.c.id)).all()
+        assert len(ids) == len(set(ids)) == 1153
+        assert session.scalar(select(func.count()).select_from(snapshot_staging)) == 0
+    assert version_rows(database) == 1152 + 25
+
+
+@pytest.mark.usefixtures("env", "helper_from_the_first_key")
+def test_a_failure_in_the_staging_process_fails_the_sync_and_stores_nothing(
+    database: Database, fake: FakeOpenRouter, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_keys(fake, 250)
+    assert cli("sync").exit_code == 0
+    before = stored_raw(database, 1)
+    rows_before = version_rows(database)
+    # The newest key is listed first: its page is the first batch, which the idle helper takes.
+    fake.add_key("poison", created_at=NOW + timedelta(minutes=1))
+    _install_poison_trigger(database, "snapshot_staging")
+    monkeypatch.setenv("KEYHYGIENE_HTTP_CONCURRENCY", "1")
+
+    result = cli("sync")
+
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("keyhygiene: run 2 sync failed: sync failed, no snapshot stored")
+    assert "the staging helper failed" in lines[0] and "simulated storage failure" in lines[0]
+    assert "Traceback" not in result.stderr
+    with database.sessions() as session:
+        failed = session.get(Snapshot, 2)
+        assert failed is not None and failed.status == "failed"
+        assert "simulated storage failure" in (failed.error or "")
+        assert session.scalar(select(func.count()).select_from(snapshot_staging)) == 0
+        assert session.scalar(select(func.count()).select_from(tracked_keys)) == 250
+    assert stored_raw(database, 1) == before
+    assert version_rows(database) == rows_before
+
+
+def _staging_helper(database: Database) -> StagingHelper:
+    with session_scope(database) as session:
+        run_id = runs.start_run(session, kind="sync", now=NOW).id
+        snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=NOW).id
+    writer = snapshots.SnapshotWriter(snapshot_id)
+    url = database.engine.url.render_as_string(hide_password=False)
+    helper = StagingHelper.start(url, writer.share(2), 1, use_known=False)
+    assert helper is not None
+    return helper
+
+
+def _staged_rows(database: Database) -> int:
+    with database.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(snapshot_staging)) or 0)
+
+
+def test_the_staging_process_commits_every_batch_it_took_before_it_reports(
+    database: Database, fake: FakeOpenRouter
+) -> None:
+    helper = _staging_helper(database)
+    batches = [[fake.add_key(f"key-{batch}-{n}") for n in range(40)] for batch in range(5)]
+    taken = [batch for batch in batches if helper.offer(batch)]
+    state = helper.finish()
+
+    assert taken  # it had room for the first one at least
+    assert _staged_rows(database) == 40 * len(taken)
+    assert state == snapshots.WriterState(printed=False, reserved=database.dialect == "sqlite", carried_on=None)
+
+
+@pytest.mark.parametrize("handed_over", [0, 1])
+def test_stopping_the_staging_process_ends_it_whatever_it_is_doing(
+    database: Database, fake: FakeOpenRouter, handed_over: int
+) -> None:
+    """A sync that fails stops its helper before it discards the staging rows: busy or idle, the
+    helper ends, and the sync does not wait for anything else."""
+    helper = _staging_helper(database)
+    for batch in range(handed_over):
+        assert helper.offer([fake.add_key(f"key-{batch}-{n}") for n in range(100)])
+    stopping = threading.Thread(target=helper.stop)
+    stopping.start()
+    stopping.join(timeout=60)
+
+    assert not stopping.is_alive()
+    with pytest.raises(HelperFailed):
+        helper.offer([fake.add_key("late")])
+
+
+def test_the_staging_process_stops_when_its_sync_is_gone(database: Database) -> None:
+    """A helper whose sync ends without asking for its result (the sync was killed) exits on its
+    own, without waiting for anything."""
+    helper = subprocess.run(
+        [sys.executable, "-m", "keyhygiene.staging"],
+        input=b"",
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert helper.returncode == 1
+    assert helper.stdout == b""
 
 
 # -- the command -----------------------------------------------------------------------------------

@@ -108,6 +108,11 @@ class KeyStream:
                 worker.join()
 
     @property
+    def listed(self) -> set[str]:
+        """The hashes of every key handed over so far."""
+        return self._seen
+
+    @property
     def waiting(self) -> int:
         """Pages fetched and waiting to be taken."""
         return self._ready.qsize()
