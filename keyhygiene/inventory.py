@@ -36,7 +36,7 @@ log = get_logger(__name__)
 _PAGES_PER_WRITE = 10
 """Most pages handed to the store in one transaction, when several are waiting to be written."""
 
-STAGING_HELPER_FROM_KEYS = 10_000
+STAGING_HELPER_FROM_KEYS = 25_000
 """A sync that lists this many keys more than the store holds fingerprints for (a first sync, or an
 organisation that grew) stages part of them in a second process (:mod:`keyhygiene.staging`), on a
 machine with more than one core. Keys the store already holds as listed are only fingerprinted and
