@@ -462,7 +462,10 @@ def record_staged(
     staged = s.c.snapshot_id == snapshot_id
     first_seen = select(s.c.key_hash, literal(taken_at, UTCDateTime()), s.c.fingerprint)
     untracked = ~exists().where(t.c.key_hash == s.c.key_hash)
-    unresolved = or_(s.c.key_id.is_(None), ~exists().where(t.c.id == s.c.key_id, t.c.key_hash == s.c.key_hash))
+    if postgresql or reserved_ids:  # a staged id may be a reserved one that another key took since
+        unresolved = or_(s.c.key_id.is_(None), ~exists().where(t.c.id == s.c.key_id, t.c.key_hash == s.c.key_hash))
+    else:  # every staged id is the key's tracked one (the demo's reused rows): only None is resolved
+        unresolved = s.c.key_id.is_(None)
     # New keys take the ids reserved for them when staged (``_key_ids``, ``SnapshotWriter.write``).
     # A key another sync has tracked since keeps its id there: this sync's staging row is pointed
     # at it below.
@@ -483,8 +486,7 @@ def record_staged(
         reserved = first_seen.add_columns(s.c.key_id).where(staged, untracked, s.c.key_id.is_not(None), free)
         session.execute(insert(t).from_select([*columns, "id"], reserved))
         session.execute(insert(t).from_select(columns, first_seen.where(staged, unresolved, untracked)))
-    else:  # every staged id is the key's tracked one (the demo's reused rows): only None is resolved
-        unresolved = s.c.key_id.is_(None)
+    else:
         first_seen_now = first_seen.where(staged, unresolved, untracked)
         session.execute(insert(t).from_select(["key_hash", "first_seen_at", "fingerprint"], first_seen_now))
     session.execute(

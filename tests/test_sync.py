@@ -9,6 +9,8 @@ changed.
 from __future__ import annotations
 
 import json
+import marshal
+import struct
 import subprocess
 import sys
 import threading
@@ -562,18 +564,32 @@ def test_stopping_the_staging_process_ends_it_whatever_it_is_doing(
         helper.offer([fake.add_key("late")])
 
 
-def test_the_staging_process_stops_when_its_sync_is_gone(database: Database) -> None:
-    """A helper whose sync ends without asking for its result (the sync was killed) exits on its
-    own, without waiting for anything."""
+def test_the_staging_process_stops_when_its_sync_is_gone(database: Database, fake: FakeOpenRouter) -> None:
+    """A helper whose sync ends without asking for its result (the sync's process was killed)
+    exits as its input closes, after the batch it took; it waits for nothing else."""
+    with session_scope(database) as session:
+        run_id = runs.start_run(session, kind="sync", now=NOW).id
+        snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=NOW).id
+    header = {
+        "database": database.engine.url.render_as_string(hide_password=False),
+        "snapshot_id": snapshot_id,
+        "lanes": 2,
+        "floor": 0,
+        "lane": 1,
+        "known": False,
+    }
+    frames = [json.dumps(header).encode(), marshal.dumps([fake.add_key("taken")])]
     helper = subprocess.run(
         [sys.executable, "-m", "keyhygiene.staging"],
-        input=b"",
+        input=b"".join(struct.pack("<I", len(frame)) + frame for frame in frames),
         capture_output=True,
         timeout=60,
         check=False,
     )
+
     assert helper.returncode == 1
-    assert helper.stdout == b""
+    assert helper.stdout == b"ok\n"  # the batch was committed; no result was asked for or given
+    assert _staged_rows(database) == 1
 
 
 # -- the command -----------------------------------------------------------------------------------
