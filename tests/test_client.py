@@ -375,6 +375,20 @@ def test_unknown_fields_are_kept_in_the_raw_json(fake: FakeOpenRouter, make_clie
     assert all(key.raw["brand_new_field"] == {"nested": [1, 2]} for key in keys)
 
 
+def test_json_that_only_the_standard_library_reads_is_still_read(fake: FakeOpenRouter, make_client) -> None:
+    # The fast decoder refuses a lone surrogate escape ("\ud800", which JSON allows) and integers
+    # beyond 64 bits; such a page is read as it always was, not refused.
+    hashes = add_keys(fake, 3)
+    odd = fake.add_key("half a pair \ud800", created_at=NOW)["hash"]
+    fake.extra_fields = {"quota_tokens": 2**70}
+
+    keys = make_client().list_all_keys([None]).keys
+
+    assert set(keys) == {*hashes, odd}
+    assert keys[odd].name == "half a pair \ud800"
+    assert all(key.raw["quota_tokens"] == 2**70 for key in keys.values())
+
+
 def test_missing_newer_fields_are_tolerated(fake: FakeOpenRouter, make_client) -> None:
     hashes = add_keys(fake, 3)
     fake.omit_fields = {"expires_at", "last_used_at", "workspace_id", "external_user", "creator_user_id"}

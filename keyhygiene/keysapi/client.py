@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import orjson
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 from tenacity.wait import wait_base
 
@@ -84,6 +85,21 @@ def _retry_after(response: httpx.Response) -> float | None:
         return float(value)
     except ValueError:
         return None  # an HTTP date; fall back to our own backoff
+
+
+def _decoded(body: bytes, where: str) -> Any:
+    """A response body's JSON. orjson reads a page of keys four times faster than the standard
+    library, which matters at a thousand pages; what orjson refuses and the standard library reads
+    (a lone surrogate escape such as ``"\\ud800"``, an integer beyond 64 bits, NaN) is read by the
+    latter, so no answer is refused that was read before."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MalformedResponse(f"{where}: the response is not valid JSON") from None
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -284,10 +300,7 @@ class KeysClient:
             raise ConnectionFailed(f"{where}: {lost}") from None
         status = response.status_code
         if 200 <= status < 300:
-            try:
-                return response.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise MalformedResponse(f"{where}: the response is not valid JSON") from None
+            return _decoded(response.content, where)
         # A proxy or a confused upstream may echo the request's credential in its error body.
         message = _error_message(response).replace(self._management_key, "[REDACTED]")
         if status == 429:
