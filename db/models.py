@@ -45,6 +45,28 @@ from sqlalchemy.types import TypeDecorator
 from keyhygiene.keysapi.fields import STABLE, VOLATILE, Field, to_micros
 
 
+def storable_text(text: str) -> str:
+    """``text`` as a database can store it: a lone surrogate (``"\\ud800"`` is valid JSON, so the API
+    can send one) is written out as its escape; any other text is unchanged."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+class StoredText(TypeDecorator[str]):
+    """Text that came from the API (a key's name), stored whatever it holds (``storable_text``)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else storable_text(value)
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Stores UTC; always hands back timezone-aware UTC datetimes (SQLite keeps no zone)."""
 
@@ -260,15 +282,15 @@ class Action(Base):
     created_at: Mapped[datetime] = mapped_column(index=True)
     finished_at: Mapped[datetime | None]
     key_hash: Mapped[str] = mapped_column(String(128))
-    key_name: Mapped[str] = mapped_column(Text)
+    key_name: Mapped[str] = mapped_column(StoredText)
     workspace_id: Mapped[str | None] = mapped_column(String(64))
     rule: Mapped[str] = mapped_column(Text)
     rules: Mapped[list[str]]
     action: Mapped[str] = mapped_column(String(16))
     dry_run: Mapped[bool] = mapped_column(Boolean)
     outcome: Mapped[str] = mapped_column(String(16), index=True)
-    reason: Mapped[str | None] = mapped_column(Text)
-    error: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(StoredText)
+    error: Mapped[str | None] = mapped_column(StoredText)
     evidence: Mapped[dict[str, Any]]
     # The key's updated_at as the API answered a change that was done; later changes by anyone
     # else show up as a different updated_at.
@@ -356,7 +378,7 @@ class PlanEntry(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     plan_id: Mapped[int] = mapped_column(ForeignKey("plans.id"))
     key_hash: Mapped[str] = mapped_column(String(128))
-    key_name: Mapped[str] = mapped_column(Text)
+    key_name: Mapped[str] = mapped_column(StoredText)
     workspace_id: Mapped[str | None] = mapped_column(String(64))
     rule: Mapped[str] = mapped_column(Text)
     rules: Mapped[list[str]]

@@ -44,7 +44,16 @@ from keyhygiene.timeutil import EARLIEST_TIME, LATEST_TIME, TimeFormatError, iso
 
 from . import rollups
 from .history import full_versions
-from .models import Snapshot, UTCDateTime, key_records, key_usage, snapshot_carried, snapshot_staging, tracked_keys
+from .models import (
+    Snapshot,
+    UTCDateTime,
+    key_records,
+    key_usage,
+    snapshot_carried,
+    snapshot_staging,
+    storable_text,
+    tracked_keys,
+)
 
 RUNNING = "running"
 COMPLETE = "complete"
@@ -141,6 +150,11 @@ def _typed(raw: Mapping[str, Any], spec: _Spec, wire: dict[str, Any]) -> list[An
         else:
             if value.__class__ is not str:
                 raise MalformedResponse(f"field {name!r} is {value!r}, expected a string")
+            if not value.isascii() and (stored := storable_text(value)) is not value:
+                # A lone surrogate ("\\ud800" is valid JSON): no database stores it as text. The
+                # column gets it written out; the exact value goes into the note, which is ASCII.
+                wire.setdefault("=", {})[name] = value
+                value = stored
             values.append(value)
     if times:
         part_style = "u" if any(style == "u" for _, _, style in times) else "Z"

@@ -210,6 +210,29 @@ def test_run_changes_exactly_the_keys_the_rules_select(
     assert {e["key_name"] for e in events} == {name for name, _, _ in done}
 
 
+def test_a_key_whose_name_no_database_stores_as_text_is_planned_changed_and_audited(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    # JSON allows a lone surrogate ("\ud800") in a name; neither database stores one as text. Such a
+    # key must not fail every run: its audit records write the name out.
+    org.fake.update_key(org.hashes["dev-idle"], {"name": "dev-idle \ud800"})
+    org.hashes["dev-idle \ud800"] = org.hashes.pop("dev-idle")
+    rules_file(org.rules())
+
+    planned = cli("run", "--dry-run")
+    result = cli("run")
+
+    assert planned.exit_code == 0, planned.stderr
+    assert result.exit_code == 0, result.stderr
+    assert ("PATCH", "dev-idle \ud800", {"disabled": True}) in org.changes()
+    names = [
+        (record.key_name, record.dry_run)
+        for record in _audit(ready)
+        if record.key_hash == org.hashes["dev-idle \ud800"]
+    ]
+    assert names == [("dev-idle \\ud800", True), ("dev-idle \\ud800", False)]
+
+
 def test_delete_follows_disable_after_grace_and_reenable_only_what_the_rule_disabled(
     org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
 ) -> None:

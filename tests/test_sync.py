@@ -363,6 +363,23 @@ def test_an_old_inventory_reads_back_exactly(database: Database, fake: FakeOpenR
     assert json.loads(json.dumps(old[hashes[0]].raw)) == wire_then[hashes[0]]
 
 
+def test_a_name_no_database_can_store_as_text_is_kept_exactly(database: Database, fake: FakeOpenRouter, sync) -> None:
+    # JSON allows a lone surrogate ("\ud800"); neither SQLite nor PostgreSQL stores one as text.
+    # One such key must not stop every sync: it is stored, and reads back as the API sent it.
+    fake.set_clock(NOW)
+    add_keys(fake, 5)
+    odd = fake.add_key("half a pair \ud800", created_at=NOW)["hash"]
+
+    outcome = sync()
+
+    assert outcome.sync is not None, outcome.message
+    assert stored_raw(database, outcome.sync.snapshot_id)[odd] == next(key for key in fake.keys if key["hash"] == odd)
+    with database.sessions() as session:
+        stored = {key.hash: key for key in snapshots.keys_at(session, outcome.sync.snapshot_id)}
+    assert stored[odd].name == "half a pair \ud800"
+    assert len(stored) == 6
+
+
 def test_storage_grows_with_what_changed(database: Database, fake: FakeOpenRouter, sync) -> None:
     hashes = add_keys(fake, 1000)
     first = sync().sync
