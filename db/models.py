@@ -58,7 +58,8 @@ def storable_text(text: str) -> str:
 
 
 class StoredText(TypeDecorator[str]):
-    """Text that came from the API (a key's name), stored whatever it holds (``storable_text``)."""
+    """Text that may hold what the API sent (a key's name, an error message quoting one), stored
+    whatever it holds (``storable_text``)."""
 
     impl = Text
     cache_ok = True
@@ -152,7 +153,7 @@ class Run(Base):
     task_id: Mapped[str | None] = mapped_column(String(64), index=True)
     allow_actions: Mapped[int | None] = mapped_column(Integer)
     exit_code: Mapped[int | None] = mapped_column(Integer)
-    message: Mapped[str | None] = mapped_column(Text)
+    message: Mapped[str | None] = mapped_column(StoredText)
     summary: Mapped[dict[str, Any] | None]
 
 
@@ -171,7 +172,7 @@ class Snapshot(Base):
     # {workspace id: name} as the sync listed the workspaces; NULL for snapshots taken before 0007.
     workspace_names: Mapped[dict[str, Any] | None]
     new_versions: Mapped[int | None]
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(StoredText)
 
 
 def _column(field: Field) -> Column[Any]:
@@ -334,7 +335,7 @@ class Notice(Base):
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     attempts: Mapped[int] = mapped_column(Integer)
-    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(StoredText)
     sent_at: Mapped[datetime | None]
     payload: Mapped[dict[str, Any]]
 
@@ -398,4 +399,4 @@ class RunPlan(Base):
     created_at: Mapped[datetime] = mapped_column(index=True)
     dry_run: Mapped[bool] = mapped_column(Boolean)
     outcome: Mapped[str] = mapped_column(String(16))
-    reason: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(StoredText)

@@ -284,6 +284,25 @@ def test_a_past_day_that_fails_stops_the_demo_and_leaves_no_snapshot(
         assert session.scalar(select(func.count()).select_from(snapshot_staging)) == 0
 
 
+def test_a_failure_that_quotes_text_no_database_stores_is_still_recorded(database: Database) -> None:
+    # An API error message may quote a key's name, and JSON lets a name hold a lone surrogate: the
+    # failure must still be recorded (written out), or the run and its snapshot stay "running".
+    said = "GET /keys: 400 no such key: half a pair \ud800"
+    with session_scope(database) as session:
+        run_id = runs.start_run(session, kind="sync", now=T0).id
+        snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=T0).id
+    with session_scope(database) as session:
+        snapshots.fail_snapshot(session, snapshot_id=snapshot_id, error=said)
+        runs.finish_run(session, run_id, status=runs.FAILED, exit_code=1, message=said, now=T0)
+
+    with database.sessions() as session:
+        run = runs.get_run(session, run_id)
+        snapshot = session.get(Snapshot, snapshot_id)
+        assert run is not None and snapshot is not None
+        assert (run.status, run.message) == (runs.FAILED, "GET /keys: 400 no such key: half a pair \\ud800")
+        assert (snapshot.status, snapshot.error) == (snapshots.FAILED, run.message)
+
+
 def test_an_unchanged_key_costs_no_new_row(database: Database) -> None:
     keys = [key(n) for n in range(1, 301)]
     store(database, keys, T0)
