@@ -11,6 +11,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, inspect, select, text
+from sqlalchemy.exc import IntegrityError
 
 from db import rollups, snapshots
 from db.migrate import current_revision, head_revision, recorded_revision, shipped_head, upgrade
@@ -62,6 +63,33 @@ def test_upgrade_twice_changes_nothing(empty_database: Database) -> None:
     assert upgrade(empty_database.engine) == (head_revision(), head_revision())
     with empty_database.engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM runs")).scalar() == 1
+
+
+def test_versions_name_snapshots_without_a_foreign_key(empty_database: Database) -> None:
+    # 0014: a sync's versions all name the snapshot it records; PostgreSQL checked that one row
+    # once per version. The foreign key to the tracked key stays, and so does the partial index.
+    upgrade(empty_database.engine)
+
+    inspector = inspect(empty_database.engine)
+    for table in ("key_records", "key_usage"):
+        referred = {
+            (tuple(fk["constrained_columns"]), fk["referred_table"]) for fk in inspector.get_foreign_keys(table)
+        }
+        assert referred == {(("key_id",), "tracked_keys")}, table
+    with empty_database.engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO tracked_keys (id, key_hash, first_seen_at) VALUES (1, 'h', :t)"),
+            {"t": "2026-01-01 00:00:00"},
+        )
+        version = (
+            "INSERT INTO key_usage (key_id, valid_from, valid_to, disabled, usage, usage_daily, usage_weekly, "
+            "usage_monthly, byok_usage, byok_usage_daily, byok_usage_weekly, byok_usage_monthly, usage_since) "
+            "VALUES (1, :start, :end, false, 0, 0, 0, 0, 0, 0, 0, 0, :t)"
+        )
+        for start, end in ((1, 2), (2, 3), (3, None)):  # closed versions may share the key
+            connection.execute(text(version), {"start": start, "end": end, "t": "2026-01-01 00:00:00"})
+    with pytest.raises(IntegrityError), empty_database.engine.begin() as connection:  # one open version per key
+        connection.execute(text(version), {"start": 4, "end": None, "t": "2026-01-01 00:00:00"})
 
 
 def test_runs_recorded_before_0004_keep_their_outcome(empty_database: Database) -> None:
