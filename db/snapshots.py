@@ -62,6 +62,8 @@ FAILED = "failed"
 # Held (per transaction) while a snapshot is recorded on PostgreSQL; SQLite's BEGIN IMMEDIATE
 # already lets only one writer in.
 _RECORD_LOCK = 0x6B657973
+_RECORD_WORK_MEM = "64MB"
+"""Memory per sort or hash while PostgreSQL records a snapshot (``SET LOCAL``: this transaction)."""
 
 
 class SnapshotSuperseded(RuntimeError):
@@ -464,6 +466,9 @@ def record_staged(
     postgresql = session.get_bind().dialect.name == "postgresql"
     if postgresql:
         session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _RECORD_LOCK})
+        # Recording sorts and groups every key staged (and its roll-ups, after): within the
+        # server's default 4 MB, a first sync of 100,000 keys sorted on disk. Until the commit only.
+        session.execute(text(f"SET LOCAL work_mem = '{_RECORD_WORK_MEM}'"))
     newer = session.scalar(select(func.max(Snapshot.id)).where(Snapshot.status == COMPLETE, Snapshot.id > snapshot_id))
     if newer is not None:
         raise _superseded(newer)
