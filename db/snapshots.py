@@ -71,6 +71,11 @@ class SnapshotSuperseded(RuntimeError):
     rewrite history out of order."""
 
 
+class StagingIncomplete(RuntimeError):
+    """Fewer keys are staged for a snapshot than its sync listed: rows written while it listed are
+    gone (a database restored or restarted under it). Recording it would mark those keys gone."""
+
+
 @dataclass(frozen=True, slots=True)
 class SnapshotWrite:
     """What recording one snapshot changed in the store."""
@@ -439,6 +444,7 @@ def record_staged(
     new_fingerprints: bool = True,
     carried_on: int | None = None,
     reserved_ids: bool = False,
+    expected_keys: int | None = None,
 ) -> SnapshotWrite:
     """Record the keys staged for ``snapshot_id`` as a complete snapshot, writing only what changed.
 
@@ -462,6 +468,9 @@ def record_staged(
     ``reserved_ids``: on SQLite, staging rows may hold ids reserved for keys not tracked yet
     (``SnapshotWriter.write``); without it, a staged id is the key's tracked one, or None. On
     PostgreSQL, staged ids of new keys are always reserved.
+
+    ``expected_keys``: how many distinct keys the sync handed over, staged or carried; when fewer
+    are found, StagingIncomplete is raised and nothing is written.
     """
     postgresql = session.get_bind().dialect.name == "postgresql"
     if postgresql:
@@ -479,6 +488,12 @@ def record_staged(
         raise _superseded(newest)
     s, t = snapshot_staging, tracked_keys
     staged = s.c.snapshot_id == snapshot_id
+    key_count = carried_keys + int(session.scalar(select(func.count()).select_from(s).where(staged)) or 0)
+    if expected_keys is not None and key_count != expected_keys:
+        raise StagingIncomplete(
+            f"{expected_keys} keys were listed but {key_count} are staged: "
+            "the staging rows written while listing are gone (was the database restored or restarted?)"
+        )
     first_seen = select(s.c.key_hash, literal(taken_at, UTCDateTime()), s.c.fingerprint)
     untracked = ~exists().where(t.c.key_hash == s.c.key_hash)
     if postgresql or reserved_ids:  # a staged id may be a reserved one that another key took since
@@ -513,7 +528,6 @@ def record_staged(
         .where(staged, unresolved)
         .values(key_id=select(t.c.id).where(t.c.key_hash == s.c.key_hash).scalar_subquery())
     )
-    key_count = carried_keys + int(session.scalar(select(func.count()).select_from(s).where(staged)) or 0)
     u, r = key_usage, key_records
     mine = and_(staged, s.c.key_id == u.c.key_id)
     # Versions are only appended, and only here (under the lock): this snapshot's new versions are
@@ -1016,8 +1030,15 @@ class SnapshotWriter:
             return []
         return sorted(key_hashes_at(session, previous.id).difference(self._seen if listed is None else listed))
 
-    def finish(self, session: Session, *, taken_at: datetime, workspace_counts: Mapping[str, int]) -> SnapshotWrite:
-        """Record the snapshot as complete (see ``record_staged``), with its roll-ups."""
+    def finish(
+        self,
+        session: Session,
+        *,
+        taken_at: datetime,
+        workspace_counts: Mapping[str, int],
+        expected_keys: int | None = None,
+    ) -> SnapshotWrite:
+        """Record the snapshot as complete (see ``record_staged``, and its ``expected_keys``), with its roll-ups."""
         written = record_staged(
             session,
             snapshot_id=self.snapshot_id,
@@ -1026,6 +1047,7 @@ class SnapshotWriter:
             new_fingerprints=self._printed,
             carried_on=self._carried_on,
             reserved_ids=self._reserved,
+            expected_keys=expected_keys,
         )
         rollups.record_rollups(session, snapshot_id=self.snapshot_id, taken_at=taken_at)
         return written

@@ -169,7 +169,10 @@ def take_snapshot(
             per_workspace[workspace] = per_workspace.get(workspace, 0) + 1
         with session_scope(database) as session:
             writer.add(session, (key.raw for key in recovered.values()))
-            written = writer.finish(session, taken_at=now, workspace_counts=per_workspace)
+            # Every key listed or recovered is staged or carried exactly once: fewer means rows
+            # written while listing were lost, and recording would mark those keys gone.
+            expected = len(listing.listed) + len(recovered)
+            written = writer.finish(session, taken_at=now, workspace_counts=per_workspace, expected_keys=expected)
             names = {workspace.id: workspace.name for workspace in workspaces}
             snapshots.record_workspace_names(session, snapshot_id=snapshot_id, names=names)
     except BaseException as exc:
@@ -178,7 +181,9 @@ def take_snapshot(
         message = _failure_message(exc)
         _record_failure(database, writer, message)
         log.error("sync_failed", run_id=run_id, snapshot_id=snapshot_id, error=message)
-        if isinstance(exc, ApiError | SQLAlchemyError | snapshots.SnapshotSuperseded | HelperFailed):
+        if isinstance(
+            exc, ApiError | SQLAlchemyError | snapshots.SnapshotSuperseded | snapshots.StagingIncomplete | HelperFailed
+        ):
             raise SyncFailed(f"sync failed, no snapshot stored: {message}") from None
         raise
     result = SyncResult(

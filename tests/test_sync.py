@@ -327,6 +327,44 @@ def test_a_failed_sync_stores_nothing_and_says_why_in_one_line(
     assert version_rows(database) == rows_before
 
 
+def test_staging_rows_lost_while_listing_fail_the_sync_instead_of_marking_keys_gone(
+    database: Database, fake: FakeOpenRouter, sync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pages are staged in their own transactions as they arrive. Rows that are gone when the sync
+    # records (a database restored, or a server restarted under it) must not read as keys gone.
+    kept = add_keys(fake, 120, prefix="kept")
+    first = sync(concurrency=1)
+    assert first.exit_code == 0, first.message
+    with database.sessions() as session:
+        before = {key.hash: dict(key.raw) for key in snapshots.keys_at(session, 1)}
+    add_keys(fake, 250, prefix="new")  # staged row by row; the kept keys are carried
+    writes = 0
+    original = snapshots.SnapshotWriter.write
+
+    def losing_write(self: snapshots.SnapshotWriter, session: Any, staged: Any, **kwargs: Any) -> None:
+        nonlocal writes
+        original(self, session, staged, **kwargs)
+        writes += 1
+        if writes == 2:  # what this sync staged so far disappears with this transaction
+            session.execute(snapshot_staging.delete().where(snapshot_staging.c.snapshot_id == self.snapshot_id))
+
+    monkeypatch.setattr(snapshots.SnapshotWriter, "write", losing_write)
+    outcome = sync(concurrency=1)
+
+    assert writes > 2
+    assert outcome.exit_code == 1
+    assert "sync failed, no snapshot stored" in outcome.message
+    assert "370 keys were listed but" in outcome.message
+    with database.sessions() as session:
+        latest = snapshots.latest_snapshot(session)
+        assert latest is not None and latest.id == 1
+        assert {key.hash: dict(key.raw) for key in snapshots.keys_at(session, 1)} == before
+        for table in (key_usage, key_records):
+            written = select(func.count()).where((table.c.valid_from == 2) | (table.c.valid_to == 2))
+            assert session.scalar(written) == 0
+    assert sorted(before) == sorted(kept)
+
+
 # -- history ----------------------------------------------------------------------------------------
 
 
