@@ -267,7 +267,9 @@ snapshot_carried = Table(
     sqlite_with_rowid=False,
 )
 """Keys a sync in progress listed exactly as the store holds them (their tracked id): recorded by
-keeping their open versions, with no staging row."""
+keeping their open versions, with no staging row. Like ``snapshot_staging``, UNLOGGED on
+PostgreSQL (migration 0015): a server crash empties both, and the sync that was running fails
+when it finds fewer keys staged than it listed."""
 
 
 class Action(Base):

@@ -11,10 +11,6 @@ still finds its snapshots). The foreign key from versions to ``tracked_keys`` st
 On SQLite the two tables are rebuilt without them (one copy of each), so that both databases hold
 the schema the models describe.
 
-The staging tables stay logged on PostgreSQL: an UNLOGGED table would skip the write-ahead log,
-but a server that crashed and came back during a sync would empty it, and the sync, reconnecting,
-would record a snapshot without the keys staged before the crash.
-
 Revision ID: 0014
 Revises: 0013
 Create Date: 2026-12-03 14:45:00
