@@ -72,8 +72,9 @@ class SnapshotSuperseded(RuntimeError):
 
 
 class StagingIncomplete(RuntimeError):
-    """Fewer keys are staged for a snapshot than its sync listed: rows written while it listed are
-    gone (a database restored or restarted under it). Recording it would mark those keys gone."""
+    """The keys staged for a snapshot are not the ones its sync listed, nearly always fewer: rows
+    written while it listed are gone (a database restored or restarted under it). Recording it
+    would mark those keys gone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,8 +470,9 @@ def record_staged(
     (``SnapshotWriter.write``); without it, a staged id is the key's tracked one, or None. On
     PostgreSQL, staged ids of new keys are always reserved.
 
-    ``expected_keys``: how many distinct keys the sync handed over, staged or carried; when fewer
-    are found, StagingIncomplete is raised and nothing is written.
+    ``expected_keys``: how many distinct keys the sync handed over, staged or carried; when the
+    staging tables hold another number (fewer: rows were lost), StagingIncomplete is raised and
+    nothing is written.
     """
     postgresql = session.get_bind().dialect.name == "postgresql"
     if postgresql:
