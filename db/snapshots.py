@@ -764,6 +764,12 @@ def known_fingerprints(session: Session) -> KnownKeys:
     return KnownKeys(newest, {print_: key_id for print_, key_id in session.execute(query)})
 
 
+CARRY_BATCH = 10_000
+"""Keys carried on the known snapshot are held back and written this many at a time, in id order:
+written page by page, in the order listed, each transaction rewrote pages all over the carried
+keys' index (on SQLite, 1.1 s of a second sync of 100,000 keys instead of 0.2 s)."""
+
+
 class StagedRows:
     """The staging rows of a process's previous snapshot, by hash, as they were written (tracked
     id included, times converted for the database), to reuse for keys whose JSON has not changed
@@ -872,6 +878,7 @@ class SnapshotWriter:
         self._next_id: int | None = None  # the next id to reserve for a key staged on SQLite
         self._id_lane, self._id_lanes, self._id_floor = 0, 1, 0
         self._reserved = False  # ids were reserved on SQLite, here or by a sharing writer
+        self._to_carry: list[int] = []  # ids of keys carried on ``known``'s snapshot, not written yet
         self.duplicates = 0
 
     def add(self, session: Session, raw_keys: Iterable[Mapping[str, Any]]) -> None:
@@ -966,15 +973,16 @@ class SnapshotWriter:
             return
         # Keys carried on top of a snapshot keep the versions it left open, which another
         # sync's snapshot may close or replace: ``record_staged`` checks it again.
-        newest = newest_complete(session)
         if self._known is not None:
             # Fingerprinted as of ``known``'s snapshot: while it is still the newest, every such
-            # key has exactly the open versions its fingerprint was read with.
-            if newest != self._known_on:
-                raise _superseded(newest)
-            self._carrying, self._carried_on = True, newest
-            _carry(session, self.snapshot_id, [key_id for key_id, _, _, _ in staged.unchanged])
+            # key has exactly the open versions its fingerprint was read with (checked as they are
+            # carried, and again by ``record_staged``).
+            self._carrying, self._carried_on = True, self._known_on
+            self._to_carry.extend(key_id for key_id, _, _, _ in staged.unchanged)
+            if len(self._to_carry) >= CARRY_BATCH:
+                self._carry_now(session)
             return
+        newest = newest_complete(session)
         if self._carrying and newest != self._carried_on:
             raise _superseded(newest)
         self._carrying, self._carried_on = True, newest
@@ -988,6 +996,17 @@ class SnapshotWriter:
                     complete.append([*staged_row(source, self.snapshot_id), print_, key_id])
                     self._printed = self._printed or print_ is not None
         _copy_rows(session, complete)
+
+    def _carry_now(self, session: Session) -> None:
+        """Write the carried keys held back so far, in id order, if their snapshot is still the newest."""
+        if not self._to_carry:
+            return
+        newest = newest_complete(session)
+        if newest != self._known_on:
+            raise _superseded(newest)
+        self._to_carry.sort()
+        _carry(session, self.snapshot_id, self._to_carry)
+        self._to_carry = []
 
     def share(self, lanes: int) -> WriterShare:
         """Let ``lanes - 1`` other writers (``SnapshotWriter.sharing``, each in a process of its
@@ -1009,8 +1028,10 @@ class SnapshotWriter:
         writer._id_lane, writer._id_lanes, writer._id_floor = lane, share.lanes, share.floor
         return writer
 
-    def state(self) -> WriterState:
-        """What ``finish`` needs to know of the keys this writer staged (``absorb``)."""
+    def state(self, session: Session) -> WriterState:
+        """What ``finish`` needs to know of the keys this writer staged (``absorb``), once the keys
+        it still holds back are written in ``session``."""
+        self._carry_now(session)
         carried_on = self._carried_on if self._carrying else None
         return WriterState(printed=self._printed, reserved=self._reserved, carried_on=carried_on)
 
@@ -1041,6 +1062,7 @@ class SnapshotWriter:
         expected_keys: int | None = None,
     ) -> SnapshotWrite:
         """Record the snapshot as complete (see ``record_staged``, and its ``expected_keys``), with its roll-ups."""
+        self._carry_now(session)
         written = record_staged(
             session,
             snapshot_id=self.snapshot_id,
@@ -1059,6 +1081,7 @@ class SnapshotWriter:
         session.execute(delete(snapshot_staging).where(snapshot_staging.c.snapshot_id == self.snapshot_id))
         session.execute(delete(snapshot_carried).where(snapshot_carried.c.snapshot_id == self.snapshot_id))
         self._seen.clear()
+        self._to_carry = []
 
 
 def record_snapshot(

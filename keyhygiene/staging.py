@@ -202,7 +202,9 @@ def main() -> int:
         writer = snapshots.SnapshotWriter.sharing(share, header["lane"], known=known)
         while (data := _read_frame(stdin)) is not None:
             if not data:
-                stdout.write(json.dumps(_state_fields(writer.state())).encode() + b"\n")
+                with writing() as session, session.begin():
+                    state = writer.state(session)  # writes the keys it carried and still held back
+                stdout.write(json.dumps(_state_fields(state)).encode() + b"\n")
                 stdout.flush()
                 return 0
             with writing() as session, session.begin():

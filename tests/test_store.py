@@ -208,7 +208,8 @@ def test_keys_listed_as_the_store_holds_them_are_carried_with_their_versions(dat
 def test_a_sync_whose_fingerprints_are_older_than_the_newest_snapshot_is_refused(database: Database) -> None:
     """Another sync may record between reading the fingerprints and writing a page: keys they say
     are unchanged may not be any more (key 1 was renamed), so carrying them would store the other
-    sync's key 1 as this one's. This sync is refused at its first page and stores nothing."""
+    sync's key 1 as this one's. This sync is refused as soon as it writes the keys it carries
+    (here: when it records) and stores nothing."""
     store(database, [key(1), key(2)], T0)
     other = start(database, T0 + timedelta(hours=1))  # started first, records first
     mine = start(database, T0 + timedelta(hours=2))
@@ -226,8 +227,10 @@ def test_a_sync_whose_fingerprints_are_older_than_the_newest_snapshot_is_refused
     writer = snapshots.SnapshotWriter(mine, known=known)
     staged = writer.stage([dict(key(1).raw), dict(key(2).raw)])  # key 1 listed as it was before
     assert len(staged.unchanged) == 2  # as far as the fingerprints read earlier tell
+    with session_scope(database) as session:
+        writer.write(session, staged)  # carried keys are held back: nothing is written yet
     with pytest.raises(snapshots.SnapshotSuperseded), session_scope(database) as session:
-        writer.write(session, staged)
+        writer.finish(session, taken_at=T0 + timedelta(hours=2), workspace_counts={})
 
     with database.sessions() as session:
         assert snapshots.latest_snapshot(session).id == other
@@ -409,11 +412,16 @@ def test_overlapping_syncs_cannot_record_out_of_order(database: Database) -> Non
         assert snapshots.count_versions(session) == 3
 
 
-def test_keys_carried_on_top_of_a_snapshot_are_not_recorded_on_top_of_another(database: Database) -> None:
+@pytest.mark.parametrize("carry_batch", [1, snapshots.CARRY_BATCH])
+def test_keys_carried_on_top_of_a_snapshot_are_not_recorded_on_top_of_another(
+    database: Database, monkeypatch: pytest.MonkeyPatch, carry_batch: int
+) -> None:
     """A key listed exactly as the store holds it is carried: it keeps whatever versions are open
     when its snapshot is recorded. When another sync records a snapshot in between (one that
     started earlier and saw key 2 change), carrying would store that sync's key 2 as this one's:
-    this sync is discarded instead, at its next page or when it records."""
+    this sync is discarded instead, as soon as it writes the keys it carries (every
+    ``CARRY_BATCH``) or when it records."""
+    monkeypatch.setattr(snapshots, "CARRY_BATCH", carry_batch)
     store(database, [key(1), key(2), key(3)], T0)
     earlier, later = start(database, T0 + timedelta(minutes=1)), start(database, T0 + timedelta(minutes=2))
     with session_scope(database) as session:
@@ -428,8 +436,9 @@ def test_keys_carried_on_top_of_a_snapshot_are_not_recorded_on_top_of_another(da
             workspace_counts={},
         )
 
-    with pytest.raises(snapshots.SnapshotSuperseded), session_scope(database) as session:
-        writer.add(session, [key(3).raw])
+    if carry_batch == 1:
+        with pytest.raises(snapshots.SnapshotSuperseded), session_scope(database) as session:
+            writer.add(session, [key(3).raw])
     with pytest.raises(snapshots.SnapshotSuperseded), session_scope(database) as session:
         writer.finish(session, taken_at=T0 + timedelta(minutes=2), workspace_counts={})
     with database.sessions() as session:
@@ -484,7 +493,8 @@ def test_writers_sharing_a_snapshot_give_every_new_key_its_own_id(database: Data
         writer.add(session, [key(12).raw])
     with session_scope(database) as session:
         helper.add(session, [key(22).raw, key(30, usage=3.0).raw])
-    writer.absorb(helper.state())
+    with session_scope(database) as session:
+        writer.absorb(helper.state(session))
     with session_scope(database) as session:
         written = writer.finish(session, taken_at=T0 + timedelta(minutes=1), workspace_counts={})
 
@@ -508,14 +518,15 @@ def test_a_sharing_writer_that_carried_keys_on_another_snapshot_makes_the_sync_r
     helper = snapshots.SnapshotWriter.sharing(writer.share(2), 1, known=known)
     with session_scope(database) as session:
         writer.add(session, [key(1).raw])
-    writer.absorb(helper.state())  # the helper carried nothing: nothing to disagree on
+    with session_scope(database) as session:
+        writer.absorb(helper.state(session))  # the helper carried nothing: nothing to disagree on
 
     with pytest.raises(snapshots.SnapshotSuperseded):
         writer.absorb(snapshots.WriterState(printed=False, reserved=False, carried_on=first + 100))
     writer.absorb(snapshots.WriterState(printed=True, reserved=False, carried_on=first))
     with session_scope(database) as session:
         helper.add(session, [key(2).raw])
-    writer.absorb(helper.state())
+        writer.absorb(helper.state(session))
     with session_scope(database) as session:
         written = writer.finish(session, taken_at=T0 + timedelta(minutes=2), workspace_counts={})
     assert (written.key_count, written.new_versions) == (2, 0)
@@ -661,7 +672,8 @@ def test_money_sums_are_exact_to_the_cent(database: Database) -> None:
     assert total == Decimal("333.40")
 
 
-def test_staged_pages_are_never_read_and_never_left_behind(database: Database) -> None:
+def test_staged_pages_are_never_read_and_never_left_behind(database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshots, "CARRY_BATCH", 1)  # carried keys are written with their page
     s1, _ = store(database, [key(1)], T0)
     writers = []
     for started in (T0 - timedelta(days=3), T0 + timedelta(hours=1)):  # a crashed sync, a live one
