@@ -6,9 +6,14 @@ concurrency bound, typed errors, and tolerant models.
 
 from __future__ import annotations
 
+import http.client
+import http.server
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import ClassVar
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -443,3 +448,65 @@ def test_a_field_of_the_wrong_type_is_malformed(broken: dict[str, object]) -> No
 def test_the_deprecated_provisioning_flag_still_means_management() -> None:
     assert CurrentKey.from_api({"label": "x", "is_provisioning_key": True}).is_management_key
     assert not CurrentKey.from_api({"label": "x"}).is_management_key
+
+
+def test_an_answer_slower_than_the_timeout_is_retried_for_a_read_and_in_doubt_for_a_change(
+    fake: FakeOpenRouter, fake_url: str
+) -> None:
+    key = add_keys(fake, 1)[0]
+    fake.faults.slow_answer(1, 2.0, method="GET", path="/key")
+    fake.faults.slow_answer(1, 2.0, method="PATCH")
+    with KeysClient(fake_url, MANAGEMENT_KEY, timeout=0.5, retry_seconds=5) as client:
+        assert client.current_key().is_management_key  # the second try is answered in time
+        with pytest.raises(OutcomeUnknown, match="did not answer in time"):
+            client.update_key(key, disabled=True)
+    assert fake.change_counts()[("PATCH", key)] == 1
+
+
+class _ForwardingProxy(http.server.BaseHTTPRequestHandler):
+    """An HTTP proxy: records each request's target (absolute-form) and forwards it."""
+
+    targets: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.targets.append(self.path)
+        target = urlsplit(self.path)
+        upstream = http.client.HTTPConnection(target.hostname or "", target.port, timeout=10)
+        headers = {name: value for name, value in self.headers.items() if name.lower() != "proxy-connection"}
+        upstream.request("GET", f"{target.path}?{target.query}", headers=headers)
+        answer = upstream.getresponse()
+        body = answer.read()
+        upstream.close()
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.getheader("Content-Type") or "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_the_proxy_the_environment_names_is_used_unless_no_proxy_exempts_the_host(
+    fake: FakeOpenRouter, fake_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind an outbound proxy, operators set HTTP(S)_PROXY as for curl; NO_PROXY exempts hosts."""
+    first = add_keys(fake, 3)[0]
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ForwardingProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    _ForwardingProxy.targets.clear()
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+    try:
+        with KeysClient(fake_url, MANAGEMENT_KEY, retry_seconds=0) as client:
+            assert client.list_keys_page(workspace_id=None, offset=0)[0].hash == first
+        assert _ForwardingProxy.targets == [f"{fake_url}/keys?include_disabled=true&include_expired=true&offset=0"]
+
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        with KeysClient(fake_url, MANAGEMENT_KEY, retry_seconds=0) as client:
+            assert client.list_keys_page(workspace_id=None, offset=0)[0].hash == first
+        assert len(_ForwardingProxy.targets) == 1  # not through the proxy
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
