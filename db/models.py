@@ -243,7 +243,10 @@ it holds; ``disabled_since``: when the trailing run of disabled versions began (
 NULL for nearly every row. ``valid_from`` and ``valid_to`` are snapshot ids without a foreign key
 (since migration 0014): every version a sync writes names the snapshot it records, and checking
 that one row once per version was a third of the time PostgreSQL took to write them; ``prune`` keeps
-every snapshot row that a kept version begins or ends at."""
+every snapshot row that a kept version begins or ends at. ``key_id`` references ``tracked_keys``:
+a foreign key on SQLite; on PostgreSQL (migration 0016) statement triggers check the same for all
+the rows of a statement at once, where the foreign key checked and locked the key's row once per
+version."""
 
 snapshot_staging = Table(
     "snapshot_staging",

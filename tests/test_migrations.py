@@ -39,7 +39,16 @@ def test_upgrade_builds_the_schema_of_the_models(empty_database: Database) -> No
     assert set(Base.metadata.tables) <= tables
     with empty_database.engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
-        assert compare_metadata(context, Base.metadata) == []
+        differences = compare_metadata(context, Base.metadata)
+    if empty_database.engine.dialect.name == "postgresql":
+        # 0016: there, statement triggers check what these two foreign keys would
+        # (test_versions_name_only_tracked_keys).
+        assert sorted((kind, fk.parent.name) for kind, fk in differences) == [
+            ("add_fk", "key_records"),
+            ("add_fk", "key_usage"),
+        ]
+    else:
+        assert differences == []
 
 
 def test_the_quick_schema_check_reads_what_alembic_reads(empty_database: Database) -> None:
@@ -67,15 +76,17 @@ def test_upgrade_twice_changes_nothing(empty_database: Database) -> None:
 
 def test_versions_name_snapshots_without_a_foreign_key(empty_database: Database) -> None:
     # 0014: a sync's versions all name the snapshot it records; PostgreSQL checked that one row
-    # once per version. The foreign key to the tracked key stays, and so does the partial index.
+    # once per version. The reference to the tracked key stays (on PostgreSQL, since 0016, as
+    # statement triggers: test_versions_name_only_tracked_keys), and so does the partial index.
     upgrade(empty_database.engine)
 
     inspector = inspect(empty_database.engine)
+    on_sqlite = empty_database.engine.dialect.name == "sqlite"
     for table in ("key_records", "key_usage"):
         referred = {
             (tuple(fk["constrained_columns"]), fk["referred_table"]) for fk in inspector.get_foreign_keys(table)
         }
-        assert referred == {(("key_id",), "tracked_keys")}, table
+        assert referred == ({(("key_id",), "tracked_keys")} if on_sqlite else set()), table
     with empty_database.engine.begin() as connection:
         connection.execute(
             text("INSERT INTO tracked_keys (id, key_hash, first_seen_at) VALUES (1, 'h', :t)"),
@@ -90,6 +101,52 @@ def test_versions_name_snapshots_without_a_foreign_key(empty_database: Database)
             connection.execute(text(version), {"start": start, "end": end, "t": "2026-01-01 00:00:00"})
     with pytest.raises(IntegrityError), empty_database.engine.begin() as connection:  # one open version per key
         connection.execute(text(version), {"start": 4, "end": None, "t": "2026-01-01 00:00:00"})
+
+
+def test_versions_name_only_tracked_keys(empty_database: Database) -> None:
+    """What the foreign keys from versions to ``tracked_keys`` guard, on both databases: a version
+    must name a tracked key, and a key that versions name cannot go. On PostgreSQL, since 0016, a
+    statement trigger checks every row of a statement at once."""
+    upgrade(empty_database.engine)
+    at = {"t": "2026-01-01 00:00:00"}
+    version = (
+        "INSERT INTO key_usage (key_id, valid_from, disabled, usage, usage_daily, usage_weekly, usage_monthly, "
+        "byok_usage, byok_usage_daily, byok_usage_weekly, byok_usage_monthly, usage_since) "
+        "SELECT id, 1, false, 0, 0, 0, 0, 0, 0, 0, 0, :t FROM tracked_keys WHERE key_hash IN ('a', 'b')"
+    )
+    record = "INSERT INTO key_records (key_id, valid_from, name, label, include_byok_in_limit, created_at) "
+    with empty_database.engine.begin() as connection:
+        for key_id, key_hash in ((1, "a"), (2, "b"), (3, "unnamed")):
+            connection.execute(
+                text("INSERT INTO tracked_keys (id, key_hash, first_seen_at) VALUES (:id, :h, :t)"),
+                {"id": key_id, "h": key_hash, **at},
+            )
+        connection.execute(text(version), at)
+        connection.execute(text(record + "VALUES (1, 1, 'n', '', false, :t)"), at)
+
+    refused = {
+        "a usage version of an untracked key, beside one of a tracked key": version.replace(
+            "SELECT id, 1, false", "SELECT CASE WHEN key_hash = 'a' THEN id ELSE 99 END, 2, false"
+        )
+        .replace("usage_since)", "usage_since, valid_to)")
+        .replace(":t FROM", ":t, 3 FROM"),
+        "a record version of an untracked key": record + "VALUES (99, 1, 'n', '', false, :t)",
+        "a version moved to an untracked key": "UPDATE key_records SET key_id = 99 WHERE key_id = 1",
+        "deleting a key that a usage version names": "DELETE FROM tracked_keys WHERE key_hash = 'b'",
+        "deleting keys that a record version names": "DELETE FROM tracked_keys WHERE id IN (1, 3)",
+        "changing the id of a named key": "UPDATE tracked_keys SET id = 10 WHERE id = 2",
+    }
+    for what, statement in refused.items():
+        with pytest.raises(IntegrityError, match=r"FOREIGN KEY|tracked_keys"), empty_database.engine.begin() as c:
+            c.execute(text(statement), at)
+            pytest.fail(f"not refused: {what}")
+
+    with empty_database.engine.begin() as connection:  # what no version names can go
+        connection.execute(text("UPDATE tracked_keys SET fingerprint = 7 WHERE id IN (1, 3)"))
+        connection.execute(text("DELETE FROM tracked_keys WHERE id = 3"))
+        kept = connection.execute(text("SELECT id FROM tracked_keys ORDER BY id")).scalars().all()
+        assert kept == [1, 2]
+        assert connection.execute(text("SELECT count(*) FROM key_usage")).scalar() == 2
 
 
 def test_staging_skips_the_write_ahead_log_on_postgresql(empty_database: Database) -> None:
