@@ -235,6 +235,28 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) ->
         .select_from(joined)
         .where(moved)
     )
+    # The running state of the keys that moved (step 3).
+    new_state = (
+        select(
+            alive.c.key_id,
+            first_seen.label("first_seen_at"),
+            alive.c.usage,
+            alive.c.byok_usage,
+        )
+        .select_from(joined)
+        .where(moved)
+        .order_by(alive.c.key_id)  # in the primary key's order: appended, not scattered
+    )
+    # On a store's first snapshot both tables are empty: nothing to merge with, and a plain insert
+    # costs PostgreSQL half what an upsert does (100,000 rows: 0.23 s against 0.45 s).
+    first = (
+        session.scalar(select(state.c.key_id).limit(1)) is None
+        and session.scalar(select(days.c.key_id).limit(1)) is None
+    )
+    if first:
+        session.execute(insert(KeyDay).from_select(list(new_days.selected_columns.keys()), new_days))
+        session.execute(insert(KeyRollup).from_select(list(new_state.selected_columns.keys()), new_state))
+        return
     insert_days = _upsert(session, days).from_select(list(new_days.selected_columns.keys()), new_days)
     excluded = insert_days.excluded
     session.execute(
@@ -250,18 +272,7 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) ->
         )
     )
 
-    # 3. The running state of the keys that moved.
-    new_state = (
-        select(
-            alive.c.key_id,
-            first_seen.label("first_seen_at"),
-            alive.c.usage,
-            alive.c.byok_usage,
-        )
-        .select_from(joined)
-        .where(moved)
-        .order_by(alive.c.key_id)  # in the primary key's order: appended, not scattered
-    )
+    # 3. The running state of the keys that moved (``new_state``, above).
     insert_state = _upsert(session, state).from_select(list(new_state.selected_columns.keys()), new_state)
     session.execute(
         insert_state.on_conflict_do_update(
