@@ -6,6 +6,7 @@ concurrency bound, typed errors, and tolerant models.
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import http.server
 import threading
@@ -467,21 +468,53 @@ class _ForwardingProxy(http.server.BaseHTTPRequestHandler):
     """An HTTP proxy: records each request's target (absolute-form) and forwards it."""
 
     targets: ClassVar[list[str]] = []
+    upstream: ClassVar[str | None] = None  # forward every request here instead (a reverse proxy)
+    compress = False  # gzip the answers of requests that accept it
+    compressed: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
         self.targets.append(self.path)
-        target = urlsplit(self.path)
+        target = urlsplit(self.upstream + self.path if self.upstream else self.path)
         upstream = http.client.HTTPConnection(target.hostname or "", target.port, timeout=10)
         headers = {name: value for name, value in self.headers.items() if name.lower() != "proxy-connection"}
+        headers["Host"] = target.netloc
         upstream.request("GET", f"{target.path}?{target.query}", headers=headers)
         answer = upstream.getresponse()
         body = answer.read()
         upstream.close()
         self.send_response(answer.status)
         self.send_header("Content-Type", answer.getheader("Content-Type") or "application/json")
+        if self.compress and "gzip" in self.headers.get("Accept-Encoding", ""):
+            body = gzip.compress(body)
+            self.send_header("Content-Encoding", "gzip")
+            self.compressed.append(self.path)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+class _CompressingFront(_ForwardingProxy):
+    """A reverse proxy in front of the fake API that gzips what it answers, as a CDN does."""
+
+    targets: ClassVar[list[str]] = []
+    compress = True
+
+
+def test_compressed_answers_are_read(fake: FakeOpenRouter, fake_url: str) -> None:
+    hashes = add_keys(fake, 150)
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CompressingFront)
+    _CompressingFront.upstream = fake_url.split("/api/")[0]
+    _CompressingFront.compressed.clear()
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    try:
+        with KeysClient(
+            f"http://127.0.0.1:{front.server_address[1]}/api/v1", MANAGEMENT_KEY, retry_seconds=0
+        ) as client:
+            assert sorted(client.list_all_keys([None]).keys) == sorted(hashes)
+    finally:
+        front.shutdown()
+        front.server_close()
+    assert any(target.startswith("/api/v1/keys?") for target in _CompressingFront.compressed)
 
     def log_message(self, *_: object) -> None:
         pass
