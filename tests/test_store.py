@@ -627,6 +627,28 @@ def test_times_in_every_style_come_back_as_the_api_wrote_them(database: Database
     assert raw_at(database, s1) == {k.hash: k.raw for k in keys}
 
 
+def test_rows_staged_for_sqlite_hold_each_time_as_sqlite_stores_it() -> None:
+    """Staged for SQLite, a key's times are cut from the API's text instead of written back from the
+    parsed time: the same text either way, in every style."""
+    texts = [
+        "2026-02-19T20:52:27Z",
+        "2026-02-19T20:52:27.363244+00:00",
+        "2024-02-29T23:59:59.000001+00:00",
+        "2026-02-19T20:52:27.5Z",
+        "2026-02-19T22:52:27.000001+02:00",
+        "2026-02-19T20:52",
+    ]
+    for text in texts:
+        raw = dict(key(1, created_at=text, updated_at=text, last_used_at=text).raw)
+        parsed = snapshots.staged_row(raw, 1)
+        assert sum(isinstance(value, datetime) for value in parsed) == 3
+        expected = [
+            value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(value, datetime) else value
+            for value in parsed
+        ]
+        assert snapshots.staged_row(raw, 1, sqlite=True) == expected, text
+
+
 def test_the_rules_read_the_same_facts_from_the_typed_columns_as_from_the_raw_json(database: Database) -> None:
     """Plans and the idle report read keys straight from the typed columns (``facts_at``); keys the
     columns do not hold exactly are rebuilt from their raw JSON. Either way: the API's facts."""
