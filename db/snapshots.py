@@ -125,6 +125,7 @@ def _typed(raw: Mapping[str, Any], spec: _Spec, wire: dict[str, Any], sqlite: bo
     Runs once per key and part of every sync: written for speed."""
     values: list[Any] = []
     times: list[tuple[str, Any, str | None]] = []
+    u_style = 0  # times in the "u" style
     for name, kind, read_as in spec:
         value = raw.get(name)
         if value is None:
@@ -151,6 +152,8 @@ def _typed(raw: Mapping[str, Any], spec: _Spec, wire: dict[str, Any], sqlite: bo
         elif kind == "time":
             typed, style = _parse_time(name, value)
             times.append((name, value, style))
+            if style == "u":
+                u_style += 1
             values.append(_sqlite_text(value, style, typed) if sqlite and typed is not None else typed)
         elif kind == "flag":
             if value is not True and value is not False:
@@ -165,10 +168,10 @@ def _typed(raw: Mapping[str, Any], spec: _Spec, wire: dict[str, Any], sqlite: bo
                 wire.setdefault("=", {})[name] = value
                 value = stored
             values.append(value)
-    if times:
-        part_style = "u" if any(style == "u" for _, _, style in times) else "Z"
-        if part_style == "u":
-            wire["t"] = "u"
+    if u_style:
+        wire["t"] = "u"
+    if times and u_style != len(times):  # not every time in the "u" style: all "Z", or some in neither
+        part_style = "u" if u_style else "Z"
         for name, value, style in times:
             if style != part_style:
                 wire.setdefault("=", {})[name] = value
@@ -275,7 +278,7 @@ def staged_row(raw: Mapping[str, Any], snapshot_id: int, *, sqlite: bool = False
     """One staging row: the key's typed fields, and per part the exact JSON of what they would not
     give back (fields we do not know, absent fields, other styles): NULL for nearly every key.
     With ``sqlite``, its times are already the text SQLite stores."""
-    if not isinstance(raw, Mapping):
+    if raw.__class__ is not dict and not isinstance(raw, Mapping):  # a dict is one: checked first, for speed
         raise MalformedResponse(f"expected a key object, got {type(raw).__name__}")
     key_hash = raw.get("hash")
     if not key_hash or not isinstance(key_hash, str):
@@ -925,7 +928,7 @@ class SnapshotWriter:
                         unchanged.append((row[-1], row[-2], row[1], row))
                     continue
                 row = reuse.written(raw, self.snapshot_id)
-            elif known is not None and isinstance(raw, Mapping):
+            elif known is not None and (raw.__class__ is dict or isinstance(raw, Mapping)):
                 print_ = fingerprint(raw)
                 key_id = known.get(print_)
                 key_hash = raw.get("hash")
