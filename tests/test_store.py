@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from db import retention, runs, snapshots
 from db.engine import make_engine
@@ -531,6 +531,28 @@ def test_a_sharing_writer_that_carried_keys_on_another_snapshot_makes_the_sync_r
         written = writer.finish(session, taken_at=T0 + timedelta(minutes=2), workspace_counts={})
     assert (written.key_count, written.new_versions) == (2, 0)
     assert raw_at(database, snapshot_id) == {key(1).hash: key(1).raw, key(2).hash: key(2).raw}
+
+
+def test_a_staging_row_without_an_id_is_resolved_even_when_every_key_is_new(database: Database) -> None:
+    """Recording skips looking up the rows of keys it has just tracked with the ids they were staged
+    with, when that is every row (a first sync). A row staged without an id is not one of them: it
+    is still given the id its key is tracked with."""
+    snapshot_id = start(database, T0)
+    with session_scope(database) as session:
+        writer = snapshots.SnapshotWriter(snapshot_id, known=snapshots.known_fingerprints(session))
+        writer.add(session, [key(n).raw for n in range(1, 5)])
+    with session_scope(database) as session:
+        session.execute(update(snapshot_staging).where(snapshot_staging.c.key_hash == key(3).hash).values(key_id=None))
+    with session_scope(database) as session:
+        written = writer.finish(session, taken_at=T0, workspace_counts={})
+
+    assert (written.key_count, written.added) == (4, 4)
+    assert raw_at(database, snapshot_id) == {key(n).hash: key(n).raw for n in range(1, 5)}
+    with database.sessions() as session:
+        tracked = dict(session.execute(select(tracked_keys.c.key_hash, tracked_keys.c.id)).all())
+        versioned = dict(session.execute(select(key_usage.c.key_id, key_usage.c.usage)).all())
+    assert len(tracked) == len(set(tracked.values())) == 4
+    assert {n: versioned[tracked[key(n).hash]] for n in range(1, 5)} == {n: key(n).raw["usage"] for n in range(1, 5)}
 
 
 def test_a_new_key_whose_reserved_id_another_sync_took_gets_its_own(database: Database) -> None:
