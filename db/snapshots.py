@@ -534,19 +534,17 @@ def record_staged(
                     func.coalesce(s.c.key_id, func.nextval(func.pg_get_serial_sequence(t.name, "id")))
                 ).where(staged, untracked),
             ),
-            execution_options={"preserve_rowcount": True},
+            execution_options=_COUNTED,
         )
-        with_given_ids = int(getattr(tracked_now, "rowcount", -1))
+        with_given_ids = _rows(tracked_now)
     elif reserved_ids:
         # SQLite has no sequence: an id reserved by this sync may have been taken by another one
         # since, and its key then gets the next free id, as does one staged without an id.
         free = ~exists().where(t.c.id == s.c.key_id)
         columns = ["key_hash", "first_seen_at", "fingerprint"]
         reserved = first_seen.add_columns(s.c.key_id).where(staged, untracked, s.c.key_id.is_not(None), free)
-        tracked_now = session.execute(
-            insert(t).from_select([*columns, "id"], reserved), execution_options={"preserve_rowcount": True}
-        )
-        with_given_ids = int(getattr(tracked_now, "rowcount", -1))
+        tracked_now = session.execute(insert(t).from_select([*columns, "id"], reserved), execution_options=_COUNTED)
+        with_given_ids = _rows(tracked_now)
     # When every staging row's key was just tracked with the id it was staged with (every key listed
     # is new: a first sync), no row is left unresolved; proving it row by row would cost a lookup
     # per key in each of the two statements below (about 0.1 s for 100,000 keys).
@@ -587,13 +585,14 @@ def record_staged(
         )
         .values(valid_to=snapshot_id)
     )
-    session.execute(
+    records_added = session.execute(
         insert(r).from_select(
             ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
             select(s.c.key_id, literal(snapshot_id), *(s.c[name] for name in _RECORD_COLUMNS), s.c.record_wire).where(
                 staged, ~exists().where(r.c.key_id == s.c.key_id, r.c.valid_to.is_(None))
             ),
-        )
+        ),
+        execution_options=_COUNTED,
     )
     # The version each new usage version follows (just closed, or the last one of a key that
     # comes back), for carrying over since when usage and disabled have held.
@@ -608,7 +607,7 @@ def record_staged(
     previous = key_usage.alias("previous")
     now = literal(taken_at, UTCDateTime())
     same_usage = and_(previous.c.usage == s.c.usage, previous.c.byok_usage == s.c.byok_usage)
-    session.execute(
+    usage_added = session.execute(
         insert(u).from_select(
             ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since"],
             select(
@@ -625,7 +624,8 @@ def record_staged(
             )
             .select_from(s.outerjoin(previous, previous.c.id == latest))
             .where(staged, ~exists().where(u.c.key_id == s.c.key_id, u.c.valid_to.is_(None))),
-        )
+        ),
+        execution_options=_COUNTED,
     )
     # The keys with a new version (added or changed), and what the counts of closed and new usage
     # versions say: a closed one belongs to a key that changed or is gone, a new one to a key that
@@ -635,7 +635,12 @@ def record_staged(
         select(r.c.key_id, literal(0).label("usage")).where(r.c.id > records_before, r.c.valid_from == snapshot_id),
     ).subquery("fresh")
     new_keys = select(fresh.c.key_id, func.max(fresh.c.usage).label("usage")).group_by(fresh.c.key_id).subquery()
-    touched, new_usage = session.execute(select(func.count(), func.coalesce(func.sum(new_keys.c.usage), 0))).one()
+    if _rows(records_added) == _rows(usage_added) == staged_rows:
+        # Each staged key gets at most one version of each kind: every one of them got both, and
+        # no other key got any (a first sync). Counting them again would read every new version.
+        touched = new_usage = staged_rows
+    else:
+        touched, new_usage = session.execute(select(func.count(), func.coalesce(func.sum(new_keys.c.usage), 0))).one()
     closed, gone = session.execute(
         select(func.count(), func.count().filter(~exists().where(mine))).where(u.c.valid_to == snapshot_id)
     ).one()
@@ -672,6 +677,15 @@ def record_staged(
     return SnapshotWrite(
         key_count=key_count, new_versions=new_versions, changed=touched - added, added=added, gone=gone
     )
+
+
+_COUNTED = {"preserve_rowcount": True}
+"""For an insert whose row count is read: SQLAlchemy keeps it for updates and deletes only."""
+
+
+def _rows(result: Any) -> int:
+    """The rows a statement run with ``_COUNTED`` wrote (-1 when the driver does not say)."""
+    return int(getattr(result, "rowcount", -1))
 
 
 def newest_complete(session: Session) -> int | None:
