@@ -607,6 +607,13 @@ def record_staged(
     previous = key_usage.alias("previous")
     now = literal(taken_at, UTCDateTime())
     same_usage = and_(previous.c.usage == s.c.usage, previous.c.byok_usage == s.c.byok_usage)
+    usage_since: Any = case((same_usage, previous.c.usage_since), else_=now)
+    disabled_since: Any = case(
+        (and_(s.c.disabled, previous.c.disabled), previous.c.disabled_since), (s.c.disabled, now), else_=null()
+    )
+    with_previous: Any = s.outerjoin(previous, previous.c.id == latest)
+    if not usage_before:  # the store holds no usage version yet (its first snapshot): none follows another
+        usage_since, disabled_since, with_previous = now, case((s.c.disabled, now), else_=null()), s
     usage_added = session.execute(
         insert(u).from_select(
             ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since"],
@@ -615,14 +622,10 @@ def record_staged(
                 literal(snapshot_id),
                 *(s.c[name] for name in _VOLATILE_COLUMNS),
                 s.c.usage_wire,
-                case((same_usage, previous.c.usage_since), else_=now),
-                case(
-                    (and_(s.c.disabled, previous.c.disabled), previous.c.disabled_since),
-                    (s.c.disabled, now),
-                    else_=null(),
-                ),
+                usage_since,
+                disabled_since,
             )
-            .select_from(s.outerjoin(previous, previous.c.id == latest))
+            .select_from(with_previous)
             .where(staged, ~exists().where(u.c.key_id == s.c.key_id, u.c.valid_to.is_(None))),
         ),
         execution_options=_COUNTED,
