@@ -306,9 +306,9 @@ def fingerprint(raw: Mapping[str, Any]) -> int:
     (even the order of the fields) only costs a full row. The bytes hashed are marshal's format 2,
     which tags every value with its type, writes floats as their eight bytes and holds no
     references (format 3 adds them, and they depend on how objects happen to be shared), so the
-    same JSON gives the same bytes in every process: half the cost of format 0, which writes floats
-    as text and which releases before 2026-12-03's evening hashed (a store they wrote takes the full
-    path once), and a third of ``repr``'s. Anything marshal cannot write is hashed by its ``repr``."""
+    same JSON gives the same bytes in every process, at half the cost of format 0 (floats as text)
+    and a third of ``repr``'s. Earlier releases hashed format 0: a store they wrote takes the full
+    path once. Anything marshal cannot write is hashed by its ``repr``."""
     try:
         data = marshal.dumps(raw, 2)  # type: ignore[arg-type]  # a dict from JSON; anything else is caught below
     except ValueError:
