@@ -607,12 +607,16 @@ def record_staged(
     previous = key_usage.alias("previous")
     now = literal(taken_at, UTCDateTime())
     same_usage = and_(previous.c.usage == s.c.usage, previous.c.byok_usage == s.c.byok_usage)
-    usage_since: Any = case((same_usage, previous.c.usage_since), else_=now)
-    disabled_since: Any = case(
-        (and_(s.c.disabled, previous.c.disabled), previous.c.disabled_since), (s.c.disabled, now), else_=null()
-    )
-    with_previous: Any = s.outerjoin(previous, previous.c.id == latest)
-    if not usage_before:  # the store holds no usage version yet (its first snapshot): none follows another
+    usage_since: Any
+    disabled_since: Any
+    with_previous: Any
+    if usage_before:
+        usage_since = case((same_usage, previous.c.usage_since), else_=now)
+        disabled_since = case(
+            (and_(s.c.disabled, previous.c.disabled), previous.c.disabled_since), (s.c.disabled, now), else_=null()
+        )
+        with_previous = s.outerjoin(previous, previous.c.id == latest)
+    else:  # the store holds no usage version yet (its first snapshot): none follows another
         usage_since, disabled_since, with_previous = now, case((s.c.disabled, now), else_=null()), s
     usage_added = session.execute(
         insert(u).from_select(
