@@ -349,6 +349,9 @@ def test_staging_rows_lost_while_listing_fail_the_sync_instead_of_marking_keys_g
             session.execute(snapshot_staging.delete().where(snapshot_staging.c.snapshot_id == self.snapshot_id))
 
     monkeypatch.setattr(snapshots.SnapshotWriter, "write", losing_write)
+    # One page per transaction: otherwise pages waiting while the store writes come as one batch,
+    # and on a busy machine the listing's four pages can all arrive before the second write.
+    monkeypatch.setattr(inventory, "_PAGES_PER_WRITE", 1)
     outcome = sync(concurrency=1)
 
     assert writes > 2
