@@ -594,23 +594,23 @@ def record_staged(
         ),
         execution_options=_COUNTED,
     )
-    # The version each new usage version follows (just closed, or the last one of a key that
-    # comes back), for carrying over since when usage and disabled have held.
-    before = key_usage.alias("before")
-    latest = (
-        select(before.c.id)
-        .where(before.c.key_id == s.c.key_id, before.c.valid_from < snapshot_id)
-        .order_by(before.c.valid_from.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    previous = key_usage.alias("previous")
     now = literal(taken_at, UTCDateTime())
-    same_usage = and_(previous.c.usage == s.c.usage, previous.c.byok_usage == s.c.byok_usage)
     usage_since: Any
     disabled_since: Any
     with_previous: Any
     if usage_before:
+        # The version each new usage version follows (just closed, or the last one of a key that
+        # comes back), for carrying over since when usage and disabled have held.
+        before = key_usage.alias("before")
+        latest = (
+            select(before.c.id)
+            .where(before.c.key_id == s.c.key_id, before.c.valid_from < snapshot_id)
+            .order_by(before.c.valid_from.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+        previous = key_usage.alias("previous")
+        same_usage = and_(previous.c.usage == s.c.usage, previous.c.byok_usage == s.c.byok_usage)
         usage_since = case((same_usage, previous.c.usage_since), else_=now)
         disabled_since = case(
             (and_(s.c.disabled, previous.c.disabled), previous.c.disabled_since), (s.c.disabled, now), else_=null()
