@@ -37,6 +37,7 @@ from .errors import (
 )
 from .models import CreatedKey, CurrentKey, Key, Workspace
 from .paging import PAGE_SIZE, KeyStream, ProgressCallback
+from .reads import ReadTransport
 
 WORKSPACE_PAGE_SIZE = 100
 _RETRIED_STATUSES = {500, 502, 503, 504}
@@ -148,8 +149,11 @@ class KeysClient:
         self.base_url = base_url.rstrip("/")
         self.concurrency = max(1, concurrency)
         self.retry_seconds = retry_seconds
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        self._transport = transport or httpx.HTTPTransport(limits=limits, proxy=_proxy_for(self.base_url))
+        self._proxy = _proxy_for(self.base_url)
+        # GETs (every page of a listing) go through the lean ``ReadTransport``; changes, and every
+        # request through a proxy, through httpx's own transport, made when first needed.
+        self._changes: httpx.BaseTransport | None = transport
+        self._reads = transport or (None if self._proxy else ReadTransport(max_connections=self.concurrency))
         # What httpx.Client sends by default (compressed answers are decoded), and the credential.
         self._headers = [*_BASE_HEADERS, (b"Authorization", f"Bearer {management_key}".encode())]
         self._timeout = {"timeout": httpx.Timeout(timeout).as_dict()}
@@ -167,7 +171,19 @@ class KeysClient:
         self.close()
 
     def close(self) -> None:
-        self._transport.close()
+        if self._reads is not None:
+            self._reads.close()
+        if self._changes is not None and self._changes is not self._reads:
+            self._changes.close()
+
+    def _transport(self, method: str) -> httpx.BaseTransport:
+        if method == "GET" and self._reads is not None:
+            return self._reads
+        with self._lock:
+            if self._changes is None:
+                limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+                self._changes = httpx.HTTPTransport(limits=limits, proxy=self._proxy)
+            return self._changes
 
     # -- the endpoints -------------------------------------------------------------------------
 
@@ -302,12 +318,11 @@ class KeysClient:
             self.requests_sent += 1
         change = method in _CHANGES
         url = self.base_url + path if params is None else f"{self.base_url}{path}?{urlencode(params)}"
-        # Straight to the transport (httpx's connection pool): httpx.Client's cookies, redirects,
-        # auth flow and URL merging cost more CPU per page than its HTTP does, and this client
-        # needs none of them.
+        # Straight to a transport: httpx.Client's cookies, redirects, auth flow and URL merging
+        # cost more CPU per page than its HTTP does, and this client needs none of them.
         request = httpx.Request(method, url, headers=self._headers, json=body, extensions=self._timeout)
         try:
-            response = self._transport.handle_request(request)
+            response = self._transport(method).handle_request(request)
             try:
                 response.read()
             finally:
