@@ -668,7 +668,26 @@ def test_rows_staged_for_sqlite_hold_each_time_as_sqlite_stores_it() -> None:
             value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(value, datetime) else value
             for value in parsed
         ]
-        assert snapshots.staged_row(raw, 1, sqlite=True) == expected, text
+        assert snapshots.staged_row(raw, 1, dialect="sqlite") == expected, text
+
+
+def test_rows_staged_for_postgresql_give_it_the_apis_text_only_where_that_text_names_utc() -> None:
+    """Staged for PostgreSQL, a time in a style the store writes back exactly goes as the API's own
+    text, which ends in Z or +00:00 (the server reads it into a timestamptz); any other time goes as
+    the parsed datetime. (That the server stores the same instants either way: the round trips
+    of every style above, on both databases.)"""
+    own_text = ["2026-02-19T20:52:27Z", "2026-02-19T20:52:27.363244+00:00", "2024-02-29T23:59:59.000001+00:00"]
+    for text in [*own_text, "2026-02-19T22:52:27.000001+02:00", "2026-02-19T20:52"]:
+        raw = dict(key(1, created_at=text, updated_at=text, last_used_at=text).raw)
+        parsed = snapshots.staged_row(raw, 1)
+        staged = snapshots.staged_row(raw, 1, dialect="postgresql")
+        times = [index for index, value in enumerate(parsed) if isinstance(value, datetime)]
+        assert len(times) == 3
+        for index in times:
+            assert staged[index] == (text if text in own_text else parsed[index]), text
+        assert [value for index, value in enumerate(staged) if index not in times] == [
+            value for index, value in enumerate(parsed) if index not in times
+        ]
 
 
 def test_the_rules_read_the_same_facts_from_the_typed_columns_as_from_the_raw_json(database: Database) -> None:
