@@ -121,7 +121,8 @@ def _typed(raw: Mapping[str, Any], spec: _Spec, wire: dict[str, Any], dialect: s
     digits below a micro-dollar, a null where a default is read), ``"~"`` how many floats away
     from its micro-dollars an amount was (float noise such as 0.30000000000000004), ``"t": "u"``
     says the part's times are written ``2026-02-19T20:52:27.363244+00:00`` (the other documented
-    style). Times are datetimes, or text for ``dialect`` (``_time_for``).
+    style). Times are datetimes, or as ``dialect`` is given them: for SQLite the text it stores
+    (``_sqlite_text``); for PostgreSQL the API's own text when it writes back exactly.
     Runs once per key and part of every sync: written for speed."""
     values: list[Any] = []
     times: list[tuple[str, Any, str | None]] = []
@@ -154,7 +155,15 @@ def _typed(raw: Mapping[str, Any], spec: _Spec, wire: dict[str, Any], dialect: s
             times.append((name, value, style))
             if style == "u":
                 u_style += 1
-            values.append(typed if dialect is None or typed is None else _time_for(dialect, value, style, typed))
+            if dialect == "sqlite" and typed is not None:
+                values.append(_sqlite_text(value, style, typed))
+            elif dialect == "postgresql" and style is not None:
+                # The API's own text, which ends in Z or +00:00 (the server reads it into a
+                # timestamptz): COPY writes text about three times faster than it turns
+                # datetimes into text (3 against 9 µs a row of four times, measured).
+                values.append(value)
+            else:
+                values.append(typed)
         elif kind == "flag":
             if value is not True and value is not False:
                 raise MalformedResponse(f"field {name!r} is {value!r}, expected a boolean")
@@ -231,20 +240,6 @@ def _plain_time(value: Any) -> tuple[datetime, str] | None:
     return parsed, style
 
 
-def _time_for(dialect: str, value: str, style: str | None, typed: datetime) -> str | datetime:
-    """A staged time as ``dialect`` is given it. SQLite: the text it stores (``_sqlite_text``).
-    PostgreSQL: the API's own text when it is in a style that writes back exactly (it ends in
-    ``Z`` or ``+00:00``, which the server reads into a ``timestamptz``), else the datetime: COPY
-    writes text about three times faster than it turns datetimes into text (9 against 3 µs a row
-    of four times, measured), and a first sync of 100,000 keys writes 100,000 such rows beside the
-    listing."""
-    if dialect == "sqlite":
-        return _sqlite_text(value, style, typed)
-    if dialect == "postgresql" and style is not None:
-        return value
-    return typed
-
-
 def _sqlite_text(value: str, style: str | None, typed: datetime) -> str:
     """``_sqlite_time(typed)``, cut straight from the API's text when it is in a documented style
     (``_plain_time``'s shapes, whose digits ``fromisoformat`` has checked): about five times
@@ -291,7 +286,7 @@ _OTHER_STYLE_TEXT = json.dumps(_OTHER_STYLE, sort_keys=True, separators=(",", ":
 def staged_row(raw: Mapping[str, Any], snapshot_id: int, *, dialect: str | None = None) -> list[Any]:
     """One staging row: the key's typed fields, and per part the exact JSON of what they would not
     give back (fields we do not know, absent fields, other styles): NULL for nearly every key.
-    With ``dialect``, its times are already as that database is given them (``_time_for``)."""
+    With ``dialect``, its times are already as that database is given them (``_typed``)."""
     if raw.__class__ is not dict and not isinstance(raw, Mapping):  # a dict is one: checked first, for speed
         raise MalformedResponse(f"expected a key object, got {type(raw).__name__}")
     key_hash = raw.get("hash")

@@ -31,9 +31,10 @@ BODY = json.dumps(PAGE).encode()
 
 
 class _Scripted:
-    """A raw HTTP/1.1 server on loopback; ``answer(connection_number, request_number)`` says what
-    each request on each connection gets: "answer" (200 with keep-alive), "answer-then-close"
-    (200 with keep-alive advertised, then the socket is closed), or "close" (closed unanswered)."""
+    """A raw HTTP/1.1 server on loopback. ``script`` maps (connection number, request number on it),
+    both from 1, to what that request gets: "answer-then-close" (200 with keep-alive advertised,
+    then the socket is closed) or "close" (closed unanswered); any other request is answered 200
+    and the connection kept. ``requests`` lists each request as it arrived, before its answer."""
 
     def __init__(self, script: dict[tuple[int, int], str]) -> None:
         self.script = script
