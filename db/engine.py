@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -44,6 +46,28 @@ def make_engine(
             connection.exec_driver_sql(f"BEGIN {connection.get_execution_options().get(SQLITE_BEGIN, 'DEFERRED')}")
 
     return engine
+
+
+@contextmanager
+def sqlite_cache(session: Session, kib: int) -> Iterator[None]:
+    """Inside, the session's SQLite connection has at least ``kib`` of page cache, and its own again
+    after (a larger one is left as it is; other databases are left alone): for statements that
+    write into a large index in no particular order, where each page the cache cannot keep is
+    written out and read back again, many times over."""
+    connection = session.connection()
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    before = connection.exec_driver_sql("PRAGMA cache_size").scalar_one()
+    page_kib = connection.exec_driver_sql("PRAGMA page_size").scalar_one() // 1024
+    if (-before if before < 0 else before * page_kib) >= kib:
+        yield
+        return
+    connection.exec_driver_sql(f"PRAGMA cache_size={-int(kib)}")
+    try:
+        yield
+    finally:
+        connection.exec_driver_sql(f"PRAGMA cache_size={before}")
 
 
 def make_session_factory(engine: Engine, *, writer: bool = False) -> sessionmaker[Session]:
