@@ -68,8 +68,8 @@ _RECORD_WORK_MEM = "64MB"
 _RECORD_CACHE_KIB = 16 * 1024
 """SQLite's page cache while a recording tracks new keys (``sqlite_cache``), instead of its 2 MB:
 they go into the index of key hashes in no order, and 100,000 of them (about 9 MB of index)
-through 2 MB of cache wrote and read its pages back over and over (0.45-0.75 s against
-0.28-0.41 s, alternating runs)."""
+through 2 MB of cache wrote and read its pages back over and over (0.40-0.50 s against
+0.23-0.32 s, alternating runs)."""
 
 
 class SnapshotSuperseded(RuntimeError):
