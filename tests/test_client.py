@@ -6,15 +6,9 @@ concurrency bound, typed errors, and tolerant models.
 
 from __future__ import annotations
 
-import gzip
-import http.client
-import http.server
-import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import ClassVar
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -32,6 +26,7 @@ from keyhygiene.keysapi.errors import (
 from keyhygiene.keysapi.models import CurrentKey, Key
 from tests.celery_support import wait_until
 from tests.conftest import MANAGEMENT_KEY
+from tests.http_fronts import Front, serving
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -336,7 +331,7 @@ def test_an_unreachable_api_is_a_connection_failure_naming_no_secret() -> None:
     with client, pytest.raises(ConnectionFailed) as caught:
         client.current_key()
 
-    assert "cannot reach the API" in str(caught.value)
+    assert "cannot reach the API at http://127.0.0.1:9/api/v1 (ConnectError: Connection refused)" in str(caught.value)
     assert MANAGEMENT_KEY not in str(caught.value) + repr(client)
 
 
@@ -464,60 +459,15 @@ def test_an_answer_slower_than_the_timeout_is_retried_for_a_read_and_in_doubt_fo
     assert fake.change_counts()[("PATCH", key)] == 1
 
 
-class _ForwardingProxy(http.server.BaseHTTPRequestHandler):
-    """An HTTP proxy: records each request's target (absolute-form) and forwards it."""
-
-    targets: ClassVar[list[str]] = []
-    upstream: ClassVar[str | None] = None  # forward every request here instead (a reverse proxy)
-    compress = False  # gzip the answers of requests that accept it
-    compressed: ClassVar[list[str]] = []
-
-    def do_GET(self) -> None:
-        self.targets.append(self.path)
-        target = urlsplit(self.upstream + self.path if self.upstream else self.path)
-        upstream = http.client.HTTPConnection(target.hostname or "", target.port, timeout=10)
-        headers = {name: value for name, value in self.headers.items() if name.lower() != "proxy-connection"}
-        headers["Host"] = target.netloc
-        upstream.request("GET", f"{target.path}?{target.query}", headers=headers)
-        answer = upstream.getresponse()
-        body = answer.read()
-        upstream.close()
-        self.send_response(answer.status)
-        self.send_header("Content-Type", answer.getheader("Content-Type") or "application/json")
-        if self.compress and "gzip" in self.headers.get("Accept-Encoding", ""):
-            body = gzip.compress(body)
-            self.send_header("Content-Encoding", "gzip")
-            self.compressed.append(self.path)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class _CompressingFront(_ForwardingProxy):
-    """A reverse proxy in front of the fake API that gzips what it answers, as a CDN does."""
-
-    targets: ClassVar[list[str]] = []
-    compress = True
-
-
 def test_compressed_answers_are_read(fake: FakeOpenRouter, fake_url: str) -> None:
+    """Behind a CDN that gzips what it answers."""
     hashes = add_keys(fake, 150)
-    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CompressingFront)
-    _CompressingFront.upstream = fake_url.split("/api/")[0]
-    _CompressingFront.compressed.clear()
-    threading.Thread(target=front.serve_forever, daemon=True).start()
-    try:
-        with KeysClient(
-            f"http://127.0.0.1:{front.server_address[1]}/api/v1", MANAGEMENT_KEY, retry_seconds=0
-        ) as client:
-            assert sorted(client.list_all_keys([None]).keys) == sorted(hashes)
-    finally:
-        front.shutdown()
-        front.server_close()
-    assert any(target.startswith("/api/v1/keys?") for target in _CompressingFront.compressed)
-
-    def log_message(self, *_: object) -> None:
-        pass
+    with (
+        serving(Front(upstream=fake_url.split("/api/")[0], compress=True)) as front,
+        KeysClient(f"{front.url}/api/v1", MANAGEMENT_KEY, retry_seconds=0) as client,
+    ):
+        assert sorted(client.list_all_keys([None]).keys) == sorted(hashes)
+    assert any(target.startswith("/api/v1/keys?") for target in front.compressed)
 
 
 def test_the_proxy_the_environment_names_is_used_unless_no_proxy_exempts_the_host(
@@ -525,21 +475,15 @@ def test_the_proxy_the_environment_names_is_used_unless_no_proxy_exempts_the_hos
 ) -> None:
     """Behind an outbound proxy, operators set HTTP(S)_PROXY as for curl; NO_PROXY exempts hosts."""
     first = add_keys(fake, 3)[0]
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ForwardingProxy)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    _ForwardingProxy.targets.clear()
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
-    try:
+    with serving(Front()) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
         with KeysClient(fake_url, MANAGEMENT_KEY, retry_seconds=0) as client:
             assert client.list_keys_page(workspace_id=None, offset=0)[0].hash == first
-        assert _ForwardingProxy.targets == [f"{fake_url}/keys?include_disabled=true&include_expired=true&offset=0"]
+        assert proxy.targets == [f"{fake_url}/keys?include_disabled=true&include_expired=true&offset=0"]
 
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         with KeysClient(fake_url, MANAGEMENT_KEY, retry_seconds=0) as client:
             assert client.list_keys_page(workspace_id=None, offset=0)[0].hash == first
-        assert len(_ForwardingProxy.targets) == 1  # not through the proxy
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
+        assert len(proxy.targets) == 1  # not through the proxy

@@ -8,23 +8,22 @@ changes never go through it.
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
-import ssl
 import subprocess
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
 
+import httpx
 import pytest
 
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.keysapi.client import KeysClient
-from keyhygiene.keysapi.errors import ConnectionFailed, OutcomeUnknown
+from keyhygiene.keysapi.errors import CertificateRefused, ConnectionFailed, OutcomeUnknown
+from keyhygiene.keysapi.reads import ReadTransport
 from tests.conftest import MANAGEMENT_KEY
+from tests.http_fronts import Front, serving
 
 PAGE = {"data": [{"hash": f"h{index:03d}", "name": f"key {index}"} for index in range(3)]}
 BODY = json.dumps(PAGE).encode()
@@ -126,44 +125,31 @@ def test_changes_never_go_through_the_read_transport() -> None:
     assert server.requests == [(1, 1), (2, 1)]
 
 
-class _ChunkingFront(http.server.BaseHTTPRequestHandler):
-    """In front of the fake API: answers with ``Transfer-Encoding: chunked``, in small chunks."""
-
-    protocol_version = "HTTP/1.1"
-    upstream: ClassVar[str] = ""
-
-    def do_GET(self) -> None:
-        upstream = urllib.request.Request(
-            self.upstream + self.path, headers={"Authorization": self.headers["Authorization"]}
-        )
-        with urllib.request.urlopen(upstream, timeout=10) as answer:  # loopback
-            body = answer.read()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        for start in range(0, len(body), 1000):
-            chunk = body[start : start + 1000]
-            self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-        self.wfile.write(b"0\r\n\r\n")
-
-    def log_message(self, *_: object) -> None:
-        pass
-
-
 def test_chunked_answers_are_read(fake: FakeOpenRouter, fake_url: str) -> None:
     hashes = {fake.add_key(f"key-{index}")["hash"] for index in range(250)}
-    _ChunkingFront.upstream = fake_url.split("/api/")[0]
-    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ChunkingFront)
-    threading.Thread(target=front.serve_forever, daemon=True).start()
-    try:
-        with KeysClient(
-            f"http://127.0.0.1:{front.server_address[1]}/api/v1", MANAGEMENT_KEY, retry_seconds=0
-        ) as client:
-            assert set(client.list_all_keys([None]).keys) == hashes
-    finally:
-        front.shutdown()
-        front.server_close()
+    with (
+        serving(Front(upstream=fake_url.split("/api/")[0], chunked=True)) as front,
+        KeysClient(f"{front.url}/api/v1", MANAGEMENT_KEY, retry_seconds=0) as client,
+    ):
+        assert set(client.list_all_keys([None]).keys) == hashes
+
+
+@pytest.mark.parametrize(
+    ("body", "raised"),
+    [(b"", httpx.ReadTimeout), (b"x" * 64_000_000, httpx.WriteTimeout)],
+    ids=["answer-late", "request-stuck"],
+)
+def test_a_timeout_is_named_for_the_half_of_the_exchange_that_stalled(body: bytes, raised: type[Exception]) -> None:
+    """A server that takes the connection and never reads nor answers: a short request waits for
+    its answer (ReadTimeout); a request larger than the sockets' buffers cannot be sent (WriteTimeout)."""
+    timeouts = {"connect": 5.0, "read": 0.2, "write": 0.2, "pool": 5.0}
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # the kernel accepts; nothing reads
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/v1/keys"
+        request = httpx.Request("POST" if body else "GET", url, content=body, extensions={"timeout": timeouts})
+        transport = ReadTransport(max_connections=1)
+        with pytest.raises(raised):
+            transport.handle_request(request)
+        transport.close()
 
 
 # -- TLS ----------------------------------------------------------------------------------------
@@ -186,28 +172,33 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture
 def https_front(fake_url: str, certificate: tuple[Path, Path]) -> Iterator[str]:
     """The fake API behind TLS, with the self-signed certificate: its base URL."""
-    _ChunkingFront.upstream = fake_url.split("/api/")[0]
-    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ChunkingFront)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(*certificate)
-    front.socket = context.wrap_socket(front.socket, server_side=True)
-    threading.Thread(target=front.serve_forever, daemon=True).start()
-    yield f"https://127.0.0.1:{front.server_address[1]}/api/v1"
-    front.shutdown()
-    front.server_close()
+    with serving(Front(upstream=fake_url.split("/api/")[0], chunked=True), certificate=certificate) as front:
+        yield f"{front.url}/api/v1"
 
 
-def test_an_untrusted_certificate_is_refused(
-    fake: FakeOpenRouter, https_front: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("call", ["read", "change"])
+def test_an_untrusted_certificate_is_refused_at_once_saying_why(
+    fake: FakeOpenRouter, https_front: str, monkeypatch: pytest.MonkeyPatch, call: str
 ) -> None:
-    fake.add_key("key-0")
+    """Reads (``http.client``) and changes (httpx's own transport) alike: no retry, since a
+    certificate does not become trusted by waiting, and a message that says what to set."""
+    key_hash = fake.add_key("key-0")["hash"]
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     with (
-        KeysClient(https_front, MANAGEMENT_KEY, retry_seconds=0) as client,
-        pytest.raises(ConnectionFailed, match="cannot reach the API"),
+        KeysClient(https_front, MANAGEMENT_KEY, retry_seconds=30) as client,
+        pytest.raises(CertificateRefused) as raised,
     ):
-        _page(client)
+        if call == "read":
+            _page(client)
+        else:
+            client.update_key(key_hash, disabled=True)
+    message = str(raised.value)
+    assert f"the TLS certificate of {https_front} is not trusted (self-signed certificate)" in message
+    assert "SSL_CERT_FILE" in message
+    assert MANAGEMENT_KEY not in message
+    assert client.requests_sent == 1
+    assert fake.calls == []
 
 
 def test_a_certificate_trusted_through_ssl_cert_file_is_accepted(

@@ -13,6 +13,7 @@ pool, with the proxy the environment names), without ``httpx.Client``'s per-requ
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from tenacity.wait import wait_base
 
 from .errors import (
     ApiError,
+    CertificateRefused,
     ConnectionFailed,
     MalformedResponse,
     OutcomeUnknown,
@@ -105,6 +107,17 @@ def _retry_after(response: httpx.Response) -> float | None:
         return float(value)
     except ValueError:
         return None  # an HTTP date; fall back to our own backoff
+
+
+def _refused_certificate(exc: BaseException) -> str | None:
+    """Why the server's certificate was refused, when that is what ended the connection (httpx's
+    and ``ReadTransport``'s ``ConnectError`` both keep the ``ssl`` error in their chain)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_message or "certificate verify failed"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _decoded(body: bytes, where: str) -> Any:
@@ -328,7 +341,15 @@ class KeysClient:
             finally:
                 response.close()
         except _NEVER_SENT as exc:
-            raise ConnectionFailed(f"{where}: cannot reach the API at {self.base_url} ({type(exc).__name__})") from None
+            refused = _refused_certificate(exc)
+            if refused is not None:
+                raise CertificateRefused(
+                    f"{where}: the TLS certificate of {self.base_url} is not trusted ({refused}); "
+                    "trust its issuer through SSL_CERT_FILE or SSL_CERT_DIR"
+                ) from None
+            said = str(exc).strip()
+            reason = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
+            raise ConnectionFailed(f"{where}: cannot reach the API at {self.base_url} ({reason})") from None
         except httpx.TransportError as exc:
             # The request may have reached the API: a change is in doubt, a read is simply retried.
             lost = (

@@ -7,6 +7,8 @@ The tree, and what a caller does with each::
     │   ├── RateLimited         429 (carries Retry-After when the API sent it)
     │   ├── ServerError         500, 502, 503, 504
     │   └── ConnectionFailed    could not connect, or the connection broke
+    ├── CertificateRefused      the API's TLS certificate is not trusted (not retried: it will not
+    │                           pass by itself; trust its issuer through SSL_CERT_FILE or SSL_CERT_DIR)
     ├── OutcomeUnknown          a PATCH or DELETE sent whose answer was lost (timeout, dropped
     │                           connection, 500/502/504): never re-sent; settle it from a fresh GET
     ├── MalformedResponse       a body that is not the documented shape (not retried: a bug or a proxy)
@@ -48,6 +50,11 @@ class ServerError(TransientError):
 
 class ConnectionFailed(TransientError):
     """The API could not be reached or the connection broke."""
+
+
+class CertificateRefused(ApiError):
+    """The API's TLS certificate was refused (self-signed, expired, another host's, an unknown
+    issuer): a setting to mend, so it is not retried."""
 
 
 class OutcomeUnknown(ApiError):

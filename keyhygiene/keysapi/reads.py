@@ -8,13 +8,14 @@ its GETs through :class:`ReadTransport`, and everything else (every change) thro
 transport; with a proxy configured, everything goes through httpx's.
 
 What stays as with httpx's transport: the request and response objects (an answer's
-``Content-Encoding`` is decoded by httpx, as before), httpx's exceptions (``ConnectError`` and
-``ConnectTimeout`` before a request is on the wire; ``ReadTimeout``, ``ReadError``,
-``RemoteProtocolError`` after), TLS verified against httpx's trust store (certifi, or
-``SSL_CERT_FILE`` / ``SSL_CERT_DIR``), the request's timeouts, and at most ``max_connections``
-connections at once, kept alive between requests. A kept connection that the server closed while
-it was idle is dropped before it is used; one that turns out closed when the request is sent on it
-is replaced by a new one, once, for a GET or HEAD.
+``Content-Encoding`` is decoded by httpx, as before), httpx's exceptions (``ConnectError``, with
+what the system said, and ``ConnectTimeout`` before a request is on the wire; ``WriteTimeout``
+while it is sent; ``ReadTimeout``, ``ReadError``, ``RemoteProtocolError`` after; a refused
+certificate's ``ssl.SSLCertVerificationError`` as the ``ConnectError``'s cause), TLS verified
+against httpx's trust store (certifi, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``), the request's
+timeouts, and at most ``max_connections`` connections at once, kept alive between requests. A kept
+connection that the server closed while it was idle is dropped before it is used; one that turns
+out closed when the request is sent on it is replaced by a new one, once, for a GET or HEAD.
 """
 
 from __future__ import annotations
@@ -71,12 +72,14 @@ class ReadTransport(httpx.BaseTransport):
         body = request.read() or None
         while True:
             connection, kept = self._connection(origin, timeouts)
+            sent = False  # the whole request is on the wire: a timeout after is the answer's
             try:
                 connection.putrequest(request.method, target, skip_host=True, skip_accept_encoding=True)
                 for name, value in headers:
                     connection.putheader(name, value)
                 _set_timeout(connection, timeouts.get("write"))
                 connection.endheaders(body)
+                sent = True
                 _set_timeout(connection, timeouts.get("read"))
                 answer = connection.getresponse()
                 content = answer.read()
@@ -88,6 +91,8 @@ class ReadTransport(httpx.BaseTransport):
                 raise httpx.RemoteProtocolError(closed) from None
             except TimeoutError:
                 connection.close()
+                if not sent:
+                    raise httpx.WriteTimeout("the request could not be sent in time") from None
                 raise httpx.ReadTimeout("the answer did not come in time") from None
             except http.client.HTTPException as exc:
                 connection.close()
@@ -124,9 +129,12 @@ class ReadTransport(httpx.BaseTransport):
         except TimeoutError:
             connection.close()
             raise httpx.ConnectTimeout("the connection was not made in time") from None
-        except OSError as exc:  # refused, unreachable, no such host, a certificate refused (ssl.SSLError)
+        except ssl.SSLCertVerificationError as exc:  # kept as the cause: the client tells it apart
             connection.close()
-            raise httpx.ConnectError(f"the connection failed ({type(exc).__name__})") from None
+            raise httpx.ConnectError(f"the certificate was refused: {exc.verify_message}") from exc
+        except OSError as exc:  # refused, unreachable, no such host, a TLS handshake that failed
+            connection.close()
+            raise httpx.ConnectError(_reason(exc)) from None
         return connection, False
 
     def _keep(self, origin: Origin, connection: http.client.HTTPConnection) -> None:
@@ -141,6 +149,13 @@ class ReadTransport(httpx.BaseTransport):
             if self._tls is None:
                 self._tls = httpx.create_ssl_context()
             return self._tls
+
+
+def _reason(exc: OSError) -> str:
+    """What the system said of a failed connection ("Connection refused", "Name or service not
+    known", a TLS alert), else the error's type."""
+    said = getattr(exc, "reason", None) or exc.strerror  # ssl.SSLError names its reason
+    return str(said) if said else type(exc).__name__
 
 
 def _set_timeout(connection: http.client.HTTPConnection, seconds: float | None) -> None:
