@@ -486,16 +486,30 @@ def test_delete_trusts_updated_at_over_older_evidence() -> None:
     assert decision.evidence["disabled_since_source"] == "updated_at"
 
 
-def test_without_updated_at_the_earliest_of_history_and_audit_counts() -> None:
+def test_without_updated_at_the_latest_of_history_and_audit_counts() -> None:
     key = make_key(disabled=True, updated_at=None, **EXPIRED)
-    decision = run(
-        key,
-        DELETE,
-        history=KeyHistory(disabled_since=NOW - timedelta(days=5)),
-        audit=AuditFacts("disable", "del", NOW - timedelta(days=8)),
-    )
+    # The snapshots saw the key disabled a day after our disable (the next sync): a day's wait more.
+    history, audit = KeyHistory(disabled_since=NOW - timedelta(days=6)), AuditFacts("disable", "del", NOW - GRACE)
+    assert run(key, DELETE, history=history, audit=audit) is None
+    decision = run(key, DELETE, history=KeyHistory(disabled_since=NOW - GRACE), audit=audit)
     assert decision is not None
-    assert (decision.action, decision.evidence["disabled_since_source"]) == ("delete", "audit")
+    assert (decision.action, decision.evidence["disabled_since_source"]) == ("delete", "history")
+
+    # We disabled it 10 days ago; it was enabled and disabled again since, which the snapshots saw:
+    # its grace counts from the new disable, a day ago.
+    history, audit = KeyHistory(disabled_since=NOW - DAY), AuditFacts("disable", "del", NOW - timedelta(days=10))
+    assert run(key, DELETE, history=history, audit=audit) is None
+
+
+def test_our_own_disable_outweighs_an_older_updated_at() -> None:
+    """An API whose ``updated_at`` did not move with our disable: the key is not deleted on the
+    strength of a change older than the disable."""
+    key = make_key(disabled=True, updated_at=NOW - timedelta(days=20), **EXPIRED)
+    assert run(key, DELETE, audit=AuditFacts("disable", "del", NOW - timedelta(hours=1))) is None
+    decision = run(key, DELETE, audit=AuditFacts("disable", "del", NOW - GRACE))
+    assert decision is not None
+    assert decision.evidence["disabled_since"] == iso(NOW - GRACE)
+    assert decision.evidence["disabled_since_source"] == "audit"
 
 
 def test_a_proof_from_the_future_is_not_valid() -> None:

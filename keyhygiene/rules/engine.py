@@ -380,29 +380,37 @@ def _unused_facts(rule: Rule, key: KeyFacts, history: KeyHistory, now: datetime)
     }
 
 
-def _disabled_proof(
-    key: KeyFacts, history: KeyHistory, audit: AuditFacts, now: datetime
-) -> tuple[datetime, str] | None:
-    """The time since which the key is shown to have been disabled, and which source shows it.
+def _disabled_start(key: KeyFacts, history: KeyHistory, audit: AuditFacts) -> tuple[datetime, str] | None:
+    """The latest time any source shows the key to have been disabled from, and that source.
 
-    ``updated_at`` of a disabled key comes first: it is the API's own record of the key's last
-    change, so the key has been disabled at least since then, and any older evidence may predate a
-    re-enable and a new disable that our snapshots and audit log never saw. Without it, the earliest
-    of the snapshot history and our own audit (when our last change to the key was a disable).
-    A time later than ``now`` proves nothing. None for an enabled key or when no source shows it.
+    The sources: the key's ``updated_at`` (the API's own record of its last change: a disabled key
+    has been disabled at least since then), else the snapshot history (since when the snapshots
+    have seen it disabled without a break), and our audit log when our last change to the key was
+    a disable. The latest one counts: an earlier one may predate a re-enable and a new disable
+    that the others saw, or come from an API whose ``updated_at`` did not move with our disable.
+    The cost of the rule is that a grace counted by the snapshots may start up to one sync after
+    our disable. None when no source shows it.
     """
-    if not key.disabled:
-        return None
-    if key.updated_at is not None:
-        updated_at = as_utc(key.updated_at)
-        return (updated_at, "updated_at") if updated_at <= now else None
     sources: list[tuple[datetime, str]] = []
-    if history.disabled_since is not None:
+    if key.updated_at is not None:
+        sources.append((as_utc(key.updated_at), "updated_at"))
+    elif history.disabled_since is not None:
         sources.append((as_utc(history.disabled_since), "history"))
     if audit.last_change == "disable" and audit.last_change_at is not None:
         sources.append((as_utc(audit.last_change_at), "audit"))
-    valid = [source for source in sources if source[0] <= now]
-    return min(valid) if valid else None
+    return max(sources, default=None)
+
+
+def _disabled_proof(
+    key: KeyFacts, history: KeyHistory, audit: AuditFacts, now: datetime
+) -> tuple[datetime, str] | None:
+    """The time since which a disabled key is shown to have been disabled, and which source shows it
+    (``_disabled_start``). A time later than ``now`` proves nothing. None for an enabled key or when
+    no source shows it."""
+    if not key.disabled:
+        return None
+    start = _disabled_start(key, history, audit)
+    return start if start is not None and start[0] <= now else None
 
 
 def _action_now(
@@ -517,12 +525,7 @@ def _moments(key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: Rul
         return []
     created = as_utc(key.created_at)
     since = idle_since(key, history)
-    if key.updated_at is not None:
-        disabled_from = [as_utc(key.updated_at)]  # _disabled_proof reads nothing else then
-    else:
-        disabled_from = [as_utc(history.disabled_since)] if history.disabled_since is not None else []
-        if audit.last_change == "disable" and audit.last_change_at is not None:
-            disabled_from.append(as_utc(audit.last_change_at))
+    disabled_start = _disabled_start(key, history, audit)
     moments = {now}
     for rule in ruleset.rules:
         if not _in_scope(rule, key, now, check_min_age=False):
@@ -533,6 +536,6 @@ def _moments(key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: Rul
             moments.add(as_utc(key.expires_at))
         if rule.match == "unused" and rule.idle_for is not None and since is not None:
             moments.add(max(created, since) + rule.idle_for)
-        if rule.action == "delete" and key.disabled:
-            moments.update(start + rule.grace for start in disabled_from)
+        if rule.action == "delete" and key.disabled and disabled_start is not None:
+            moments.add(disabled_start[0] + rule.grace)
     return sorted(moment for moment in moments if moment >= now)
