@@ -500,7 +500,7 @@ def report(
 
     \b
     inventory  every key at the newest snapshot, or as of --at
-    spend      spend over --since (default 30d) per key, workspace or day (--by)
+    spend      spend over --since (default 30d) per key, workspace, day or owner (--by)
     actions    the audit log over --since (default 30d)
     idle       keys with no new use for --since (default 7d), and when a rule acts on them
     trends     per day: keys by state, idle 30d+, and spend
@@ -510,7 +510,7 @@ def report(
     from db import snapshots
 
     from .context import Database
-    from .reports import ReportError, ReportParams, builders, table_columns
+    from .reports import ReportError, ReportParams, builders
     from .reports.render import render
 
     if kind == "html" and out is None:
@@ -543,7 +543,7 @@ def report(
         database.close()
     from rich.console import Console
 
-    render(result, fmt, Console(soft_wrap=False), table_columns=table_columns(kind), limit=limit)
+    render(result, fmt, Console(soft_wrap=False), limit=limit)
 
 
 def _with_workspace_ids(params: Any, names: dict[str, str]) -> Any:

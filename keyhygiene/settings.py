@@ -96,8 +96,8 @@ class Settings(BaseSettings):
     http_concurrency: int = Field(default=8, ge=1, le=64, validation_alias="KEYHYGIENE_HTTP_CONCURRENCY")
     retention: timedelta = Field(default=timedelta(days=400), validation_alias="KEYHYGIENE_RETENTION")
     audit_retention: timedelta | None = Field(default=None, validation_alias="KEYHYGIENE_AUDIT_RETENTION")
-    # Not in the public table, for operators who need them: the total time a request may spend in
-    # retries, one request's timeout, and the hard time limit of one job.
+    # Beyond the interface's settings (the README's table lists them): the total time a request may
+    # spend in retries, one request's timeout, and the soft time limit of one job.
     # allow_inf_nan=False: "inf" would wait forever, "nan" compares false with every deadline.
     http_retry_seconds: float = Field(
         default=60.0, gt=0, le=_MAX_SECONDS, allow_inf_nan=False, validation_alias="KEYHYGIENE_HTTP_RETRY_SECONDS"

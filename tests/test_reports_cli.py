@@ -91,6 +91,22 @@ def test_idle_uses_the_rules_file(org: Org, cli: Callable[..., Any]) -> None:
     assert (kilo["next_rule"], kilo["acts_on"]) == ("disable-idle", "2026-03-21T12:00:00Z")
 
 
+def test_idle_by_owner_shows_one_row_per_owner_in_a_table(org: Org, cli: Callable[..., Any]) -> None:
+    owners = json.loads(cli("report", "idle", "--at", AT, "--by", "owner", "--format", "json").stdout)
+    assert owners and all(set(row) >= {"owner", "keys", "longest_idle_days"} for row in owners)
+
+    table = cli("report", "idle", "--at", AT, "--by", "owner")
+    assert table.exit_code == 0, table.stderr
+    assert "longest idle" in table.stdout and "idle days" not in table.stdout
+    lines = table.stdout.splitlines()
+    shown = [line.split() for line in lines[lines.index(next(line for line in lines if line.startswith("─"))) + 1 :]]
+    expected = [
+        [row["owner"] or "-", *(str(row[name]) for name in ("keys", "disabled", "longest_idle_days", "rule_acts"))]
+        for row in owners
+    ]
+    assert [line for line in shown if line] == expected
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [

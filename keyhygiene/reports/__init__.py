@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session
 
 from .base import Report, ReportBuilder, ReportError, ReportParams, with_workspace_names
 
-__all__ = ["Report", "ReportBuilder", "ReportError", "ReportParams", "builders", "table_columns"]
+__all__ = ["Report", "ReportBuilder", "ReportError", "ReportParams", "builders"]
 
 
 def builders() -> dict[str, ReportBuilder]:
@@ -31,20 +31,3 @@ def _named(build: ReportBuilder) -> ReportBuilder:
         return with_workspace_names(build(session, params), snapshots.workspace_names(session))
 
     return build_named
-
-
-def table_columns(kind: str) -> list[str] | None:
-    """The narrower column set a report shows in a terminal table, if it has one.
-
-    Reports also carry their own (``Report.table_columns``), which is what the table uses when this
-    gives None; spend has none here because its columns depend on ``--by``.
-    """
-    from . import actions, idle, inventory, runs, trends
-
-    return {
-        "inventory": inventory.TABLE_COLUMNS,
-        "actions": actions.TABLE_COLUMNS,
-        "idle": idle.TABLE_COLUMNS,
-        "trends": trends.TABLE_COLUMNS,
-        "runs": runs.TABLE_COLUMNS,
-    }.get(kind)

@@ -139,11 +139,11 @@ def to_csv(report: Report) -> str:
     return buffer.getvalue()
 
 
-def print_table(report: Report, console: Console, *, columns: Sequence[str] | None = None, limit: int = 0) -> None:
+def print_table(report: Report, console: Console, *, limit: int = 0) -> None:
     """A table that fits an 80-column terminal: few columns, short hashes and headers, long text
     folds. With ``limit``, the first ``limit`` rows, then a line counting the rest: laying out a
     table costs far more than the report, and nobody reads 10,000 rows in a terminal."""
-    shown = [column for column in (columns or report.table_columns or report.columns)]
+    shown = list(report.table_columns or report.columns)
     rows = report.rows if limit <= 0 else report.rows[:limit]
     # The title is printed on its own, so that it wraps at the terminal's width, not the table's.
     console.print(Text(escape_control(report.title), style="bold"))
@@ -228,13 +228,11 @@ def write_plain_table(
     return True
 
 
-def render(
-    report: Report, fmt: str, console: Console, *, table_columns: list[str] | None = None, limit: int = 0
-) -> None:
+def render(report: Report, fmt: str, console: Console, *, limit: int = 0) -> None:
     if fmt == "json":
         write_json(report, console.file)
         console.file.write("\n")
     elif fmt == "csv":
         write_csv(report, console.file)
     else:
-        print_table(report, console, columns=table_columns, limit=limit)
+        print_table(report, console, limit=limit)
