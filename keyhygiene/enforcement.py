@@ -402,8 +402,9 @@ def _apply(client: KeysClient, decision: Decision) -> Key | None:
     raise ValueError(f"not a change: {decision.action}")  # pragma: no cover - reports never get here
 
 
-Recheck = Callable[[KeyFacts], str | None]
-"""Why a change must not be made on the key's fresh state (None: go ahead)."""
+Recheck = Callable[[Decision, KeyFacts], Decision | str]
+"""The change as it stands on the key's fresh state (the decision given, or the one made again on
+that state, which the audit then records), or why it must not be made."""
 
 
 def execute_decision(
@@ -422,13 +423,13 @@ def execute_decision(
 ) -> str:
     """Make one planned change, deciding again on the key's fresh state (see :func:`change_key`)."""
 
-    def recheck(fresh: KeyFacts) -> str | None:
+    def recheck(planned: Decision, fresh: KeyFacts) -> Decision | str:
         again = decide(fresh, fresh_history(history, snapshot_key, fresh, now), audit_facts, ruleset, now)
         if again is None:
             return "no longer matches any rule on the key's fresh state"
-        if again.action != decision.action:
-            return f"on the key's fresh state the decision is {again.action}, not {decision.action}"
-        return None
+        if again.action != planned.action:
+            return f"on the key's fresh state the decision is {again.action}, not {planned.action}"
+        return again  # the rule and the evidence of the fresh state are what the audit keeps
 
     return change_key(
         database, client, decision, run_id=run_id, recheck=recheck, clock=clock or (lambda: now), fence=fence
@@ -447,7 +448,8 @@ def change_key(
     fence: Callable[[], None] | None = None,
 ) -> str:
     """The one way keyhygiene changes a key: fetch it fresh, ask ``recheck`` whether the change still
-    stands, record the intent, change it, record the outcome. Returns the outcome.
+    stands (and as which decision), record the intent, change it, record the outcome. Returns the
+    outcome.
 
     A key gone or already in the target state, or one ``recheck`` objects to, is recorded as skipped
     with the reason. With ``dry_run`` the fresh check is made and the change recorded as planned.
@@ -484,10 +486,15 @@ def change_key(
             error=str(exc),
         )
         return audit.FAILED
-    if not decision.key_name:
-        decision = replace(decision, key_name=fresh.name)
-
-    reason = _already_in_target_state(decision, fresh) or recheck(fresh)
+    # The audit names the key as the API does now (renamed or moved since the snapshot).
+    decision = replace(
+        decision, key_name=fresh.name or decision.key_name, workspace_id=fresh.workspace_id or decision.workspace_id
+    )
+    checked = _already_in_target_state(decision, fresh) or recheck(decision, fresh)
+    if isinstance(checked, Decision):
+        decision, reason = checked, None
+    else:
+        reason = checked
     if reason is not None:
         record_decision(
             database,

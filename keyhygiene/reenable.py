@@ -224,11 +224,11 @@ def _enable(
 
 
 def _unchanged_since_our_disable(target: _Target, safety: Safety) -> Recheck:
-    """Why the fresh key must be left alone, or None when it is still as our disable left it."""
+    """Why the fresh key must be left alone, or the decision when it is still as our disable left it."""
     ours = target.ours
     undoing = target.decision.evidence.get("undo_run")
 
-    def check(fresh: KeyFacts) -> str | None:
+    def check(decision: Decision, fresh: KeyFacts) -> Decision | str:
         if is_protected(fresh, safety):
             return "protected by protect_hashes or protect_names: never touched"
         if undoing is not None and ours is not None and ours.run_id != undoing:
@@ -242,7 +242,7 @@ def _unchanged_since_our_disable(target: _Target, safety: Safety) -> Recheck:
                 f"changed by someone else since our disable (updated_at {isoformat(fresh.updated_at)}, "
                 f"ours {isoformat(ours.key_updated_at)}): left alone"
             )
-        return None
+        return decision
 
     return check
 

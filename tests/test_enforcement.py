@@ -360,6 +360,30 @@ def test_each_change_is_checked_against_the_fresh_key(
     assert set(reasons) == set(skipped)
 
 
+def test_the_audit_keeps_the_decision_made_on_the_fresh_key(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    """Between the snapshot and enforcement svc-overspend is renamed out of disable-overspend's
+    reach and given a monthly limit it has spent past: still a disable, now by limit-exhausted.
+    The audit and the log say so, under the key's new name (undo and re-enable read that rule)."""
+    rules_file(org.rules())
+    assert cli("sync").exit_code == 0
+    org.fake.update_key(
+        org.hashes["svc-overspend"], {"name": "billing-overspend-2", "limit": 10.0, "limit_reset": "monthly"}
+    )
+
+    result = cli("enforce")
+
+    assert result.exit_code == 0, result.stderr
+    done = {a.key_hash: a for a in _actions(ready) if a.outcome == "done"}
+    action = done[org.hashes["svc-overspend"]]
+    assert (action.action, action.rule, action.key_name) == ("disable", "limit-exhausted", "billing-overspend-2")
+    events = [e for e in result.events_named("key_action") if e["key_hash"] == org.hashes["svc-overspend"]]
+    assert [(e["rule"], e["key_name"], e["outcome"]) for e in events] == [
+        ("limit-exhausted", "billing-overspend-2", "done")
+    ]
+
+
 def test_an_api_error_on_one_key_does_not_stop_the_others(
     org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
 ) -> None:
