@@ -6,13 +6,17 @@ recorded (one API call: the HTTP timeout, and the retry window while the API ans
 raised right after, so the audit log says what became of that change. A second signal while one is
 held (or a SIGKILL) stops at once: the intent stays pending, and the next enforcement settles it
 from the key's fresh state.
+
+In a worker's pool process, Celery's soft time limit arrives the same way (SIGUSR1, whose handler
+raises SoftTimeLimitExceeded): it is held as well, and raised once the outcome is recorded. The
+hard limit comes at least 30 s later (``worker.limits``), longer than one change takes.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,18 +39,46 @@ def _stop(signum: int, _: Any) -> None:
     raise Terminated(why)
 
 
+_SOFT_LIMIT = signal.SIGUSR1
+"""billiard's SIG_SOFT_TIMEOUT: how a Celery pool tells a job that its soft time limit has come."""
+
+
 @contextmanager
 def change_in_flight() -> Iterator[None]:
-    """Hold a stop asked for inside the block until the block ends, then raise it."""
+    """Hold a stop (or a soft time limit) asked for inside the block until the block ends, then raise it."""
     global _holding, _held
     _holding += 1
+    release = _hold_soft_limit() if _holding == 1 else None
     try:
         yield
     finally:
         _holding -= 1
+        came = release() if release is not None else None
         if not _holding and _held is not None:
             why, _held = _held, None
             raise Terminated(why)
+        if came is not None:
+            came()
+
+
+def _hold_soft_limit() -> Callable[[], Callable[[], None] | None] | None:
+    """Hold SIGUSR1 when a handler of its own is installed (a pool process's soft time limit); the
+    release restores that handler and returns what raises the held signal, if it came."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(_SOFT_LIMIT)
+    if not callable(previous):
+        return None  # no pool here: SIGUSR1 keeps its default
+    came: list[int] = []
+    signal.signal(_SOFT_LIMIT, lambda signum, _: came.append(signum))
+
+    def release() -> Callable[[], None] | None:
+        signal.signal(_SOFT_LIMIT, previous)
+        if not came:
+            return None
+        return lambda: previous(_SOFT_LIMIT, None)
+
+    return release
 
 
 @contextmanager

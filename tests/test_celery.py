@@ -260,6 +260,29 @@ def test_the_soft_time_limit_aborts_the_run_and_frees_the_lock(
     assert again.exit_code == 0, again.stderr + worker.tail()
 
 
+def test_the_soft_time_limit_waits_for_the_change_in_flight_to_be_recorded(
+    deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., Any]
+) -> None:
+    """Every DELETE takes 1.5 s to answer and the job may take 2 s: the soft limit comes while a
+    DELETE is in flight. Its outcome is recorded before the run stops, so nothing is left pending."""
+    doomed = add_keys(fake, expired=6, healthy=2)
+    assert cli("sync").exit_code == 0
+    deploy.start_worker(KEYHYGIENE_JOB_TIME_LIMIT="2s")
+    fake.faults.slow_answer(len(doomed), 1.5, method="DELETE")
+
+    result = cli("trigger", "enforce", "--wait", "--timeout", "60")
+
+    assert result.exit_code == 1
+    assert "enforce aborted" in result.stderr and "time limit" in result.stderr
+    assert [run.status for run in deploy.runs() if run.kind == "enforce"] == [runs.ABORTED]
+    actions = deploy.actions()
+    assert not [row for row in actions if row.outcome == audit.PENDING], "no change is left in doubt"
+    deleted = [call.path.rsplit("/", 1)[1] for call in fake.mutating_calls() if call.method == "DELETE"]
+    assert 1 <= len(deleted) < len(doomed)
+    done = {row.key_hash for row in actions if row.action == "delete" and row.outcome == audit.DONE}
+    assert done == set(deleted)
+
+
 # -- the broker ---------------------------------------------------------------------------------
 
 
