@@ -545,8 +545,8 @@ def _carry_out(
     try:
         answered = _apply(client, decision)
     except NotFound:
-        # The client never re-sends a change whose answer was lost, so a 404 here means someone
-        # else removed the key after the fresh check, not an earlier attempt of ours.
+        # The client never re-sends a change whose answer was lost (a 404 after a 503 is in doubt,
+        # below), so a 404 here means someone else removed the key after the fresh check.
         return outcome_is(audit.SKIPPED, reason=f"already gone ({decision.action.upper()} answered 404)")
     except ApiError as exc:
         # A lost answer (OutcomeUnknown) or a garbled one: settled from the key's fresh state, never

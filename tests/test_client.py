@@ -290,6 +290,25 @@ def test_a_change_the_api_refused_is_sent_again(fake: FakeOpenRouter, make_clien
     assert [call.status for call in fake.calls if call.method == "DELETE"] == [refusal, refusal, 200]
 
 
+@pytest.mark.parametrize(("refusal", "raised"), [(503, OutcomeUnknown), (429, NotFound)])
+def test_a_delete_gone_after_a_refusal_is_in_doubt_only_after_a_503(
+    fake: FakeOpenRouter, make_client, refusal: int, raised: type[Exception]
+) -> None:
+    """The key is gone when the DELETE is sent again. After a 429 that is someone else's doing; after
+    a 503 it may be ours (a gateway answering 503 once the API acted): in doubt, settled by a GET."""
+    key = add_keys(fake, 1)[0]
+    if refusal == 429:
+        fake.faults.rate_limit(1, retry_after=0.05, method="DELETE")
+    else:
+        fake.faults.server_error(1, 503, retry_after=0.05, method="DELETE")
+    fake.delete_key(key)  # gone before the DELETE is sent again
+
+    with pytest.raises(raised):
+        make_client().delete_key(key)
+
+    assert [call.status for call in fake.calls if call.method == "DELETE"] == [refusal, 404]
+
+
 def test_retries_stop_when_the_budget_runs_out(fake: FakeOpenRouter, make_client) -> None:
     add_keys(fake, 10)
     fake.faults.server_error(1000, status=503, retry_after=0.05, path="/keys")

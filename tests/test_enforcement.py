@@ -504,6 +504,25 @@ def test_a_delete_whose_answer_was_lost_is_sent_once_and_settled_from_the_fresh_
     assert "fresh state shows the change was made" in (row.reason or "")
 
 
+def test_a_delete_answered_503_after_it_took_effect_is_recorded_as_done(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    """A 503 refuses a request, so the DELETE is sent again; but a gateway may answer 503 after
+    the API behind it acted. The second DELETE's 404 is then our own doing, and the audit says so."""
+    rules_file(org.rules())
+    org.fake.faults.server_error(1, 503, method="DELETE", after_processing=True)
+
+    result = cli("run")
+
+    assert result.exit_code == 0, result.stderr
+    doomed = org.hashes["dev-expired-old"]
+    assert org.fake.get(doomed) is None
+    assert org.fake.change_counts()[("DELETE", doomed)] == 2
+    row = next(a for a in _actions(ready) if org.name_of(a.key_hash) == "dev-expired-old")
+    assert (row.action, row.outcome) == ("delete", "done")
+    assert "fresh state shows the change was made" in (row.reason or "")
+
+
 def test_a_disable_whose_answer_was_lost_and_not_applied_is_failed_not_resent(
     org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
 ) -> None:

@@ -77,11 +77,16 @@ class Faults:
         retry_after: float | None = None,
         method: str | None = None,
         path: str | None = None,
+        after_processing: bool = False,
     ) -> None:
-        """The next ``count`` matching requests get ``status`` (a 5xx) with the standard error body."""
+        """The next ``count`` matching requests get ``status`` (a 5xx) with the standard error body.
+
+        With ``after_processing`` the request takes effect first, as behind a gateway that answers
+        5xx once the API behind it has acted."""
         if not 500 <= status <= 599:
             raise ValueError(f"server_error status must be 5xx, got {status}")
-        self._schedule(Fault("server_error", status, retry_after), count, method, path)
+        fault = Fault("server_error", status, retry_after, after_processing=after_processing)
+        self._schedule(fault, count, method, path)
 
     def malformed(self, count: int, *, method: str | None = "GET", path: str | None = "/keys") -> None:
         """The next ``count`` matching responses are an HTML page with status 200 instead of JSON."""

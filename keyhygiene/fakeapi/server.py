@@ -152,6 +152,10 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.kind == "drop_connection":
             self._drop()
             return
+        if fault is not None and fault.kind == "server_error":  # after the request took effect
+            answer = self._fault_response(fault)
+            self._send(answer.status, answer.encode(), answer.headers)
+            return
         payload = response.encode()
         if fault is not None and fault.kind == "slow_answer":
             time.sleep(fault.delay)

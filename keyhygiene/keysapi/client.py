@@ -31,6 +31,7 @@ from .errors import (
     CertificateRefused,
     ConnectionFailed,
     MalformedResponse,
+    NotFound,
     OutcomeUnknown,
     RateLimited,
     ServerError,
@@ -320,9 +321,22 @@ class KeysClient:
             wait=_WaitRetryAfter(wait_exponential_jitter(multiplier=0.25, max=10.0), ceiling=self.retry_seconds),
             reraise=True,
         )
+        refused = False  # an attempt was answered 503 (see _REFUSED_STATUSES)
         for attempt in retrying:
             with attempt:
-                return self._send_once(method, path, **kwargs)
+                try:
+                    return self._send_once(method, path, **kwargs)
+                except ServerError:
+                    refused = True
+                    raise
+                except NotFound:
+                    # A gateway may answer 503 after the API behind it deleted the key: then the
+                    # 404 to the DELETE sent again may be our own doing.
+                    if method == "DELETE" and refused:
+                        raise OutcomeUnknown(
+                            f"{method} {path}: 404 after an attempt answered 503, which may have deleted the key"
+                        ) from None
+                    raise
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 
     def _send_once(self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None) -> Any:
