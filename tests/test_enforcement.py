@@ -485,39 +485,33 @@ def test_a_garbled_answer_is_settled_from_the_fresh_state(
     assert "fresh state shows the change was made" in (row.reason or "")
 
 
-def test_a_delete_whose_answer_was_lost_is_sent_once_and_settled_from_the_fresh_state(
-    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+DELETES_IN_DOUBT = {
+    # The DELETE takes effect but the connection drops before the answer: it is not sent again.
+    "answer lost": (lambda fake: fake.faults.drop_connection(1, after_processing=True, method="DELETE"), 1),
+    # A 503 refuses a request, so the DELETE is sent again; but a gateway may answer 503 once the
+    # API behind it acted: the second DELETE's 404 may be our own doing.
+    "503 after it took effect": (
+        lambda fake: fake.faults.server_error(1, 503, method="DELETE", after_processing=True),
+        2,
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(DELETES_IN_DOUBT))
+def test_a_delete_in_doubt_is_settled_from_the_fresh_state(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path], fault: str
 ) -> None:
+    """A fresh GET (404) shows the key is gone because of us, and the audit says so."""
     rules_file(org.rules())
-    # The DELETE takes effect but the connection drops before the answer: the client must not
-    # send it again; a fresh GET (404) shows the key is gone because of us, and the audit says so.
-    org.fake.faults.drop_connection(1, after_processing=True, method="DELETE")
+    schedule, deletes_sent = DELETES_IN_DOUBT[fault]
+    schedule(org.fake)
 
     result = cli("run")
 
     assert result.exit_code == 0, result.stderr
     doomed = org.hashes["dev-expired-old"]
     assert org.fake.get(doomed) is None
-    assert org.fake.change_counts()[("DELETE", doomed)] == 1
-    row = next(a for a in _actions(ready) if org.name_of(a.key_hash) == "dev-expired-old")
-    assert (row.action, row.outcome) == ("delete", "done")
-    assert "fresh state shows the change was made" in (row.reason or "")
-
-
-def test_a_delete_answered_503_after_it_took_effect_is_recorded_as_done(
-    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
-) -> None:
-    """A 503 refuses a request, so the DELETE is sent again; but a gateway may answer 503 after
-    the API behind it acted. The second DELETE's 404 is then our own doing, and the audit says so."""
-    rules_file(org.rules())
-    org.fake.faults.server_error(1, 503, method="DELETE", after_processing=True)
-
-    result = cli("run")
-
-    assert result.exit_code == 0, result.stderr
-    doomed = org.hashes["dev-expired-old"]
-    assert org.fake.get(doomed) is None
-    assert org.fake.change_counts()[("DELETE", doomed)] == 2
+    assert org.fake.change_counts()[("DELETE", doomed)] == deletes_sent
     row = next(a for a in _actions(ready) if org.name_of(a.key_hash) == "dev-expired-old")
     assert (row.action, row.outcome) == ("delete", "done")
     assert "fresh state shows the change was made" in (row.reason or "")
