@@ -13,8 +13,10 @@ from sqlalchemy.orm import Session
 from .models import Action, Announcement, Notice
 from .snapshots import alive_at, is_newest
 
+SENDING = "sending"  # recorded before it is sent; a run that ended with it so was cut short mid-send
 SENT = "sent"
 FAILED = "failed"  # not delivered; the next run tries once more
+RETRYING = "retrying"  # its one retry is being sent (claimed by one run)
 GAVE_UP = "gave_up"  # not delivered after the retry: final
 
 
@@ -40,7 +42,7 @@ def record_notice(
     payload: dict[str, Any],
     error: str | None = None,
 ) -> int:
-    """Add one notice as it ended (sent or failed). The caller commits."""
+    """Add one notice: before it is sent (SENDING, then ``finish_send``), or as it ended. The caller commits."""
     notice = Notice(
         created_at=now,
         target=target,
@@ -57,15 +59,23 @@ def record_notice(
     return notice.id
 
 
-def finish_retry(
-    session: Session, notice_id: int, *, now: datetime, sent: bool, attempts: int, error: str | None
+def finish_send(
+    session: Session,
+    notice_id: int,
+    *,
+    now: datetime,
+    sent: bool,
+    attempts: int,
+    error: str | None,
+    retry: bool = False,
 ) -> None:
-    """Record the one retry of a failed notice: sent, or given up for good."""
+    """Record how sending a notice ended: sent, or failed (retried once by the next run); with
+    ``retry``, how its one retry ended: sent, or given up for good."""
     session.execute(
         update(Notice)
         .where(Notice.id == notice_id)
         .values(
-            status=SENT if sent else GAVE_UP,
+            status=SENT if sent else GAVE_UP if retry else FAILED,
             attempts=Notice.attempts + attempts,
             last_error=error,
             sent_at=now if sent else None,
@@ -73,8 +83,26 @@ def finish_retry(
     )
 
 
-def undelivered(session: Session) -> list[Undelivered]:
-    """Notices that failed and have not had their retry yet, oldest first."""
+def claim_retry(session: Session, notice_id: int) -> bool:
+    """Take a failed notice's one retry for this run; False when another run took it first."""
+    result = session.execute(
+        update(Notice).where(Notice.id == notice_id, Notice.status == FAILED).values(status=RETRYING)
+    )
+    return int(getattr(result, "rowcount", 0) or 0) == 1
+
+
+def undelivered(session: Session, *, sending_before: datetime) -> list[Undelivered]:
+    """Notices that failed and have not had their retry yet, oldest first.
+
+    A notice recorded as SENDING before ``sending_before`` (longer ago than any send may take) was
+    cut short mid-send: the process died, or the job met its hard time limit. It may or may not
+    have arrived; it is marked failed here and gets the one retry (at least once, rather than
+    perhaps never). The caller commits."""
+    session.execute(
+        update(Notice)
+        .where(Notice.status == SENDING, Notice.created_at < sending_before)
+        .values(status=FAILED, last_error="cut short while it was being sent")
+    )
     rows = session.execute(
         select(Notice.id, Notice.target, Notice.event, Notice.run_id, Notice.attempts, Notice.payload)
         .where(Notice.status == FAILED)

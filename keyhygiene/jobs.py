@@ -161,6 +161,10 @@ def _log_finished(outcome: JobOutcome) -> None:
     )
 
 
+ABORTED_NOTICE_SECONDS = 15.0
+"""What the notices of a job stopped at its soft time limit may take, all together."""
+
+
 def _notify(settings: Settings, database: Database, ruleset: RuleSet | None, outcome: JobOutcome, clock: Clock) -> None:
     """Send the run's notices, after its record is committed; never fails the job.
 
@@ -184,6 +188,8 @@ def _notify(settings: Settings, database: Database, ruleset: RuleSet | None, out
         now=clock(),
         timeout=settings.notify_timeout,
         retry_seconds=settings.notify_retry_seconds,
+        # Past the soft time limit the hard one is at least 30 s away (worker.limits): half of it.
+        within=ABORTED_NOTICE_SECONDS if outcome.status == runs.ABORTED else None,
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import random
 import time
@@ -27,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from db import audit, notices, runs, snapshots
 from keyhygiene.rules import AuditFacts, KeyHistory, NotifyTarget, RuleSet, next_action, resolve_workspaces
@@ -156,8 +157,11 @@ class Sender:
         retry_seconds: float,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        deadline: float | None = None,
     ) -> None:
+        self.timeout = timeout
         self.retry_seconds = retry_seconds
+        self.deadline = deadline  # time.monotonic() past which nothing more is sent, whatever the budget
         self.sleep = sleep
         self.client = httpx.Client(
             timeout=httpx.Timeout(timeout),
@@ -192,33 +196,43 @@ class Sender:
             khlog.register_secret(secret)
             headers[SIGNATURE_HEADER] = sign(content, secret)
         deadline = time.monotonic() + self.retry_seconds
+        if self.deadline is not None:
+            deadline = min(deadline, self.deadline)
         attempts = 0
         delay = 0.5
-        while True:
+        error = "no time was left to send it (the job was past its time limit)"
+        while (left := (self.deadline or math.inf) - time.monotonic()) > 0:
             attempts += 1
-            error, retry_after = self._post(url, content, headers)
-            if error is None:
+            failed, retry_after = self._post(url, content, headers, timeout=min(self.timeout, left))
+            if failed is None:
                 return Delivered(True, attempts)
+            error = failed
             wait = min(max(retry_after or delay, 0.0), 30.0) * (1 + random.random() / 4)
             final = retry_after is None  # a 4xx other than 429: sending it again changes nothing
             if once or final or time.monotonic() + wait > deadline:
-                return Delivered(False, attempts, error)
+                break
             self.sleep(wait)
             delay = min(delay * 2, 10.0)
+        return Delivered(False, attempts, error)
 
-    def _post(self, url: str, content: bytes, headers: dict[str, str]) -> tuple[str | None, float | None]:
-        """(None, None) when delivered; else (an error without the URL, a Retry-After or 0 when retried)."""
+    def _post(
+        self, url: str, content: bytes, headers: dict[str, str], *, timeout: float
+    ) -> tuple[str | None, float | None]:
+        """(None, None) when delivered; else (an error without the URL, a Retry-After or 0 when retried).
+
+        Only the status and the headers of the answer are read, never its body: a receiver that
+        sends its body slowly cannot hold the job."""
         try:
-            response = self.client.post(url, content=content, headers=headers)
+            with self.client.stream("POST", url, content=content, headers=headers, timeout=timeout) as response:
+                status, retry_after = response.status_code, response.headers.get("Retry-After", "")
         except httpx.TransportError as exc:
             # Say what kind of failure, never the message: some carry the URL.
             return f"{type(exc).__name__} (no answer)", 0.0
-        if response.is_success:
+        if 200 <= status < 300:
             return None, None
-        if response.status_code in _RETRIED:
-            header = response.headers.get("Retry-After", "")
-            return f"HTTP {response.status_code}", float(header) if header.isdigit() else 0.0
-        return f"HTTP {response.status_code}", None
+        if status in _RETRIED:
+            return f"HTTP {status}", float(retry_after) if retry_after.isdigit() else 0.0
+        return f"HTTP {status}", None
 
 
 # -- after a run ---------------------------------------------------------------------------------
@@ -233,13 +247,21 @@ def after_run(
     timeout: float,
     retry_seconds: float,
     transport: httpx.BaseTransport | None = None,
+    within: float | None = None,
 ) -> None:
-    """Send this run's notices and retry the ones earlier runs could not deliver. Never raises."""
+    """Send this run's notices and retry the ones earlier runs could not deliver. Never raises.
+
+    ``within``: the seconds all of it may take (a job past its soft time limit has little left);
+    what is not sent by then is recorded as failed, and retried by the next run."""
     if not ruleset.notify:
         return
+    deadline = time.monotonic() + within if within is not None else None
+    # A send takes at most its retry budget and a last attempt's timeouts (connect, write, read):
+    # a notice still being sent after longer than that was cut short (``notices.undelivered``).
+    sending_before = now - timedelta(seconds=retry_seconds + 3 * timeout + 60)
     try:
-        with Sender(timeout=timeout, retry_seconds=retry_seconds, transport=transport) as sender:
-            _retry_undelivered(database, ruleset, sender, now=now)
+        with Sender(timeout=timeout, retry_seconds=retry_seconds, transport=transport, deadline=deadline) as sender:
+            _retry_undelivered(database, ruleset, sender, now=now, sending_before=sending_before)
             _send_run_notice(database, ruleset, outcome, sender, now=now)
             if outcome.kind in ("enforce", "run") and outcome.status in (runs.OK, runs.REFUSED):
                 _send_upcoming(database, ruleset, outcome, sender, now=now)
@@ -249,9 +271,21 @@ def after_run(
         log.error("notices_not_sent", run_id=outcome.run_id, error=khlog.redact_text(f"{type(exc).__name__}: {exc}"))
 
 
-def _record(
-    database: Database, target: NotifyTarget, body: dict[str, Any], delivered: Delivered, *, now: datetime
-) -> int:
+def _send(
+    database: Database,
+    target: NotifyTarget,
+    body: dict[str, Any],
+    sender: Sender,
+    *,
+    now: datetime,
+    announcing: Sequence[tuple[str, str, str, datetime]] = (),
+) -> None:
+    """Record the notice as being sent, send it, record how that ended, log it.
+
+    Recorded first, so that a notice is never sent without its record: a process that dies while
+    sending leaves it SENDING, and a later run retries it. ``announcing``: the upcoming actions it
+    announces, recorded with it in one transaction (each is announced once: another run announcing
+    the same one at the same moment makes this raise IntegrityError, and nothing is sent)."""
     with session_scope(database) as session:
         notice_id = notices.record_notice(
             session,
@@ -259,13 +293,18 @@ def _record(
             target=target.name,
             event=body["event"],
             run_id=body["run_id"],
-            status=notices.SENT if delivered.ok else notices.FAILED,
-            attempts=delivered.attempts,
+            status=notices.SENDING,
+            attempts=0,
             payload=body,
-            error=delivered.error,
+        )
+        if announcing:
+            notices.record_announcements(session, target=target.name, notice_id=notice_id, items=announcing)
+    delivered = sender.deliver(target, body)
+    with session_scope(database) as session:
+        notices.finish_send(
+            session, notice_id, now=now, sent=delivered.ok, attempts=delivered.attempts, error=delivered.error
         )
     _log(target, body, delivered, notice_id)
-    return notice_id
 
 
 def _log(target: NotifyTarget, body: dict[str, Any], delivered: Delivered, notice_id: int) -> None:
@@ -302,7 +341,7 @@ def _send_run_notice(
         dry_run=outcome.enforcement.dry_run if outcome.enforcement is not None else None,
     )
     for target in targets:
-        _record(database, target, body, sender.deliver(target, body), now=now)
+        _send(database, target, body, sender, now=now)
 
 
 def _counts(outcome: JobOutcome) -> dict[str, Any]:
@@ -350,26 +389,27 @@ def _send_upcoming(database: Database, ruleset: RuleSet, outcome: JobOutcome, se
         assert target.upcoming_within is not None
         mine = [key for key in coming if key.due is not None and key.due <= now + target.upcoming_within]
         items = [(key.key_hash, key.rule, key.action, key.due) for key in mine if key.due is not None]
-        with database.sessions() as session:
-            fresh = set(notices.not_yet_announced(session, target=target.name, items=items))
-        new = [key for key in mine if (key.key_hash, key.rule, key.action, key.due) in fresh]
-        if not new:
-            continue
-        body = payload(
-            event="upcoming",
-            run_id=outcome.run_id,
-            outcome=None,
-            counts={"upcoming": len(new)},
-            keys=new,
-            message=f"{len(new)} key(s) will be acted on within {target.upcoming_within}",
-            dry_run=ruleset.safety.dry_run,
-        )
-        notice_id = _record(database, target, body, sender.deliver(target, body), now=now)
-        # Said once: a notice that failed is retried by the next run, not announced afresh beside it.
-        with session_scope(database) as session:
-            notices.record_announcements(
-                session, target=target.name, notice_id=notice_id, items=[i for i in items if i in fresh]
+        for _ in range(2):  # a second look when another run announced some of them at the same moment
+            with database.sessions() as session:
+                fresh = set(notices.not_yet_announced(session, target=target.name, items=items))
+            new = [key for key in mine if (key.key_hash, key.rule, key.action, key.due) in fresh]
+            if not new:
+                break
+            body = payload(
+                event="upcoming",
+                run_id=outcome.run_id,
+                outcome=None,
+                counts={"upcoming": len(new)},
+                keys=new,
+                message=f"{len(new)} key(s) will be acted on within {target.upcoming_within}",
+                dry_run=ruleset.safety.dry_run,
             )
+            # Said once: a notice that failed is retried by the next run, not announced afresh beside it.
+            try:
+                _send(database, target, body, sender, now=now, announcing=[i for i in items if i in fresh])
+            except IntegrityError:
+                continue
+            break
 
 
 def upcoming_keys(database: Database, ruleset: RuleSet, *, now: datetime, within: timedelta) -> list[NoticeKey]:
@@ -411,20 +451,32 @@ def upcoming_keys(database: Database, ruleset: RuleSet, *, now: datetime, within
     return found
 
 
-def _retry_undelivered(database: Database, ruleset: RuleSet, sender: Sender, *, now: datetime) -> None:
-    """Give every notice an earlier run failed to deliver its one retry; then it is sent or given up."""
-    with database.sessions() as session:
-        waiting = notices.undelivered(session)
+def _retry_undelivered(
+    database: Database, ruleset: RuleSet, sender: Sender, *, now: datetime, sending_before: datetime
+) -> None:
+    """Give every notice an earlier run failed to deliver its one retry; then it is sent or given up.
+    Each retry is claimed first: of two runs at once, one sends it."""
+    with session_scope(database) as session:
+        waiting = notices.undelivered(session, sending_before=sending_before)
     targets = {target.name: target for target in ruleset.notify}
     for notice in waiting:
+        with session_scope(database) as session:
+            if not notices.claim_retry(session, notice.id):
+                continue
         target = targets.get(notice.target)
         if target is None:
             delivered = Delivered(False, 0, "the notify target is no longer in the rules file")
         else:
             delivered = sender.deliver(target, notice.payload, once=True)
         with session_scope(database) as session:
-            notices.finish_retry(
-                session, notice.id, now=now, sent=delivered.ok, attempts=delivered.attempts, error=delivered.error
+            notices.finish_send(
+                session,
+                notice.id,
+                now=now,
+                sent=delivered.ok,
+                attempts=delivered.attempts,
+                error=delivered.error,
+                retry=True,
             )
         event = "notice_retry_sent" if delivered.ok else "notice_given_up"
         (log.info if delivered.ok else log.warning)(

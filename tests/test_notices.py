@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db.models import Action, Notice
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.fakeapi.webhook import WebhookSink
+from keyhygiene.notices import Sender
+from keyhygiene.rules import NotifyTarget
 from keyhygiene.settings import Settings
 from keyhygiene.timeutil import utcnow
 
+from .celery_support import keyhygiene_executable, wait_until
 from .conftest import CliResult
 
 DAY = timedelta(days=1)
@@ -236,6 +242,100 @@ def test_upcoming_actions_are_announced_once_and_again_when_the_due_date_moves(
     assert len(bodies) == 2
     (again,) = bodies[1]["keys"]
     assert again["key_hash"] == soon and again["due"] > due
+
+
+def _idle_soon(fake: FakeOpenRouter) -> str:
+    """A key idle for 25 days: the 30-day rule disables it in about 5 days, inside a 7-day warning."""
+    now = utcnow()
+    return str(fake.add_key("svc-soon", created_at=now - 60 * DAY, last_used_at=now - 25 * DAY, usage=3.0)["hash"])
+
+
+def _keyhygiene(*args: str) -> subprocess.Popen[str]:
+    """``keyhygiene ARGS...`` as its own process, with this test's environment."""
+    return subprocess.Popen([keyhygiene_executable(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_runs_at_once_announce_an_upcoming_action_once(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dry-run enforce from cron beside the worker's: the receiver takes 5 s to (not) answer the
+    first one's notice, and the second one, started meanwhile, must not announce the key again."""
+    soon = _idle_soon(fake)
+    rules_file(_rules(on='["upcoming"]', dry_run=True))
+    assert cli("sync").exit_code == 0
+    monkeypatch.setenv("KEYHYGIENE_NOTIFY_TIMEOUT", "5")
+    monkeypatch.setenv("KEYHYGIENE_NOTIFY_RETRY_SECONDS", "0")
+    sink.hang = True
+
+    beside = _keyhygiene("enforce")  # starts while the run below is sending
+    first = cli("enforce")
+    _, err = beside.communicate(timeout=120)
+
+    assert first.exit_code == 0 and beside.returncode == 0, err
+    assert [[key["key_hash"] for key in body["keys"]] for body in sink.bodies()] == [[soon]]
+    (notice,) = _notices(env)
+    assert (notice["event"], notice["status"], notice["last_error"]) == (
+        "upcoming",
+        "failed",
+        "ReadTimeout (no answer)",
+    )
+
+
+def test_a_notice_cut_short_mid_send_is_on_record_and_sent_by_a_later_run(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+) -> None:
+    """The process dies (SIGKILL, the hard time limit) while its notice is being sent: the notice is
+    on record as being sent, and once that is older than any send may take, the next run retries it."""
+    soon = _idle_soon(fake)
+    rules_file(_rules(on='["upcoming"]', dry_run=True))
+    assert cli("sync").exit_code == 0
+    sink.hang = True
+
+    dying = _keyhygiene("enforce")
+    wait_until(lambda: sink.received, timeout=60, what="the notice to reach the receiver")
+    dying.kill()
+    dying.communicate(timeout=30)
+    (cut,) = _notices(env)
+    assert (cut["event"], cut["status"]) == ("upcoming", "sending")
+
+    database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=env["KEYHYGIENE_DATABASE_URL"]), check=False)  # type: ignore[call-arg]
+    try:  # two hours pass
+        with database.sessions() as session, session.begin():
+            session.execute(update(Notice).values(created_at=utcnow() - timedelta(hours=2)))
+    finally:
+        database.close()
+    sink.hang = False
+    later = cli("enforce")
+
+    assert later.exit_code == 0, later.stderr
+    bodies = sink.bodies()
+    assert [[key["key_hash"] for key in body["keys"]] for body in bodies] == [[soon], [soon]]  # cut, then retried
+    (sent,) = _notices(env)  # and not announced afresh beside the retry
+    assert sent["status"] == "sent"
+    assert later.events_named("notice_retry_sent")
+
+
+def test_a_deadline_stops_the_retries_and_cuts_the_attempt_short() -> None:
+    """A job past its soft time limit gives its notices what is left before the hard one."""
+    with WebhookSink() as receiver, Sender(timeout=30, retry_seconds=60, deadline=time.monotonic() + 1) as sender:
+        receiver.hang = True
+        os.environ["KH_TEST_DEADLINE_HOOK"] = receiver.url
+        try:
+            target = NotifyTarget(name="ops", url_env="KH_TEST_DEADLINE_HOOK")
+            delivered = sender.deliver(target, {"event": "run", "run_id": 1, "keys": [], "more": 0})
+        finally:
+            del os.environ["KH_TEST_DEADLINE_HOOK"]
+    assert (delivered.ok, delivered.attempts, delivered.error) == (False, 1, "ReadTimeout (no answer)")
+    assert len(receiver.received) == 1
 
 
 def test_a_failing_receiver_never_stops_enforcement_and_is_retried_once_by_the_next_run(
