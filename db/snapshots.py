@@ -1192,9 +1192,16 @@ def record_workspace_names(session: Session, *, snapshot_id: int, names: Mapping
     session.execute(update(Snapshot).where(Snapshot.id == snapshot_id).values(workspace_names=dict(names)))
 
 
-def fail_snapshot(session: Session, *, snapshot_id: int, error: str) -> None:
-    """Record that a sync failed; it stored no key state."""
-    session.execute(update(Snapshot).where(Snapshot.id == snapshot_id).values(status=FAILED, error=error))
+def fail_snapshot(session: Session, *, snapshot_id: int, error: str) -> bool:
+    """Record that a sync failed and stored no key state; False when its snapshot was recorded
+    complete first (the failure came after the commit), which then stays complete: its versions
+    are in the store, and only a complete snapshot may be the one they begin at."""
+    result = session.execute(
+        update(Snapshot)
+        .where(Snapshot.id == snapshot_id, Snapshot.status == RUNNING)
+        .values(status=FAILED, error=error)
+    )
+    return _rows(result) == 1
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -179,12 +179,13 @@ def take_snapshot(
         if helper is not None:  # before its rows are discarded: it may be writing some
             helper.stop()
         message = _failure_message(exc)
-        _record_failure(database, writer, message)
-        log.error("sync_failed", run_id=run_id, snapshot_id=snapshot_id, error=message)
+        stored = _record_failure(database, writer, message) is False
+        log.error("sync_failed", run_id=run_id, snapshot_id=snapshot_id, error=message, snapshot_stored=stored)
         if isinstance(
             exc, ApiError | SQLAlchemyError | snapshots.SnapshotSuperseded | snapshots.StagingIncomplete | HelperFailed
         ):
-            raise SyncFailed(f"sync failed, no snapshot stored: {message}") from None
+            said = f"snapshot {snapshot_id} was stored, then" if stored else "no snapshot stored"
+            raise SyncFailed(f"sync failed, {said}: {message}") from None
         raise
     result = SyncResult(
         run_id=run_id,
@@ -227,11 +228,14 @@ def _failure_message(exc: BaseException) -> str:
     return redact_text(text.splitlines()[0]) if text else type(exc).__name__
 
 
-def _record_failure(database: Database, writer: snapshots.SnapshotWriter, message: str) -> None:
+def _record_failure(database: Database, writer: snapshots.SnapshotWriter, message: str) -> bool | None:
+    """Mark the snapshot failed and discard its staging rows: True; False when it was recorded
+    complete before the failure (it stays so); None when the database could not be told."""
     snapshot_id = writer.snapshot_id
     try:
         with session_scope(database) as session:
             writer.discard(session)
-            snapshots.fail_snapshot(session, snapshot_id=snapshot_id, error=message)
+            return snapshots.fail_snapshot(session, snapshot_id=snapshot_id, error=message)
     except SQLAlchemyError as exc:  # the database itself is what failed; the snapshot stays unread
         log.error("sync_failure_not_recorded", snapshot_id=snapshot_id, error=describe_db_error(exc))
+        return None
