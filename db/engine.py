@@ -74,8 +74,17 @@ def sqlite_cache(session: Session, kib: int) -> Iterator[None]:
 
 
 def make_session_factory(engine: Engine, *, writer: bool = False) -> sessionmaker[Session]:
-    """Sessions that keep loaded objects usable after commit; ``writer`` sessions lock SQLite up front."""
-    bind = engine.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"}) if writer else engine
+    """Sessions that keep loaded objects usable after commit; ``writer`` sessions lock SQLite up front.
+
+    A reading session sees the database as one moment, whatever commits meanwhile: on SQLite a read
+    transaction does; on PostgreSQL it takes REPEATABLE READ, since by default each statement would
+    see what had committed before it. Reading "the newest snapshot" is two statements (is it the
+    newest? then its open versions): a sync recorded in between must not slip its keys in."""
+    bind: Engine = engine
+    if writer:
+        bind = engine.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
+    elif engine.dialect.name == "postgresql":
+        bind = engine.execution_options(isolation_level="REPEATABLE READ")
     return sessionmaker(bind, expire_on_commit=False)
 
 

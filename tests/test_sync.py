@@ -15,11 +15,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import OperationalError
 
 from db import runs, snapshots
 from db.migrate import downgrade, upgrade
@@ -30,6 +32,7 @@ from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.jobs import JobOutcome, execute
 from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.settings import Settings
+from keyhygiene.shutdown import Terminated
 from keyhygiene.staging import HelperFailed, StagingHelper
 from tests.conftest import MANAGEMENT_KEY
 
@@ -325,6 +328,81 @@ def test_a_failed_sync_stores_nothing_and_says_why_in_one_line(
         run = session.get(Run, 2)
         assert run is not None and run.status == "failed"
     assert version_rows(database) == rows_before
+
+
+@pytest.mark.parametrize(
+    ("failure", "said"),
+    [
+        (Terminated("terminated by SIGTERM"), "terminated by SIGTERM"),
+        # A connection that broke after COMMIT reached the server, before its answer came back.
+        (OperationalError("COMMIT", {}, Exception("server closed the connection")), "snapshot 2 was stored, then"),
+    ],
+    ids=["sigterm", "connection lost"],
+)
+def test_a_failure_after_the_snapshot_is_committed_leaves_it_complete(
+    database: Database, fake: FakeOpenRouter, sync, monkeypatch: pytest.MonkeyPatch, failure: BaseException, said: str
+) -> None:
+    """Marking it failed would leave versions that begin at a failed snapshot: the snapshot before
+    would then be read with this one's key states."""
+    hashes = add_keys(fake, 30)
+    assert sync().status == runs.OK
+    for key_hash in hashes[:5]:
+        fake.record_use(key_hash, 2.0)
+    finishing = threading.Event()
+    real_finish, real_scope = snapshots.SnapshotWriter.finish, inventory.session_scope
+
+    def finish(self: snapshots.SnapshotWriter, *args: Any, **kwargs: Any) -> snapshots.SnapshotWrite:
+        finishing.set()
+        return real_finish(self, *args, **kwargs)
+
+    @contextmanager
+    def scope(database: Database) -> Iterator[Any]:
+        with real_scope(database) as session:
+            yield session
+        if finishing.is_set():  # the recording transaction has committed
+            finishing.clear()
+            raise failure
+
+    monkeypatch.setattr(snapshots.SnapshotWriter, "finish", finish)
+    monkeypatch.setattr(inventory, "session_scope", scope)
+
+    outcome = sync()
+
+    assert outcome.status in (runs.FAILED, runs.ABORTED)
+    assert said in outcome.message
+    with database.sessions() as session:
+        stored = session.get(Snapshot, 2)
+        assert stored is not None and stored.status == "complete"
+        latest = snapshots.latest_snapshot(session)
+        assert latest is not None and latest.id == 2
+        usage = {key.hash: key.usage for key in snapshots.keys_at(session, 2)}
+        assert [usage[key_hash] for key_hash in hashes[:6]] == [2.0] * 5 + [0.0]
+
+
+def test_a_reader_sees_one_moment_while_a_sync_records_beside_it(
+    database: Database, fake: FakeOpenRouter, sync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a snapshot's keys asks "is it the newest?" and then reads the versions that answer
+    points to: a sync that records snapshot 2 between the two must not put its keys under snapshot 1."""
+    hashes = add_keys(fake, 20)
+    assert sync().status == runs.OK
+    fake.delete_key(hashes[0])
+    for key_hash in hashes[1:4]:
+        fake.record_use(key_hash, 3.0)
+    real_is_newest = snapshots.is_newest
+
+    def is_newest_then_a_sync(session: Any, snapshot_id: int) -> bool:
+        newest = real_is_newest(session, snapshot_id)
+        monkeypatch.setattr(snapshots, "is_newest", real_is_newest)
+        assert sync().status == runs.OK  # recorded and committed before the versions are read
+        return newest
+
+    with database.sessions() as session:
+        monkeypatch.setattr(snapshots, "is_newest", is_newest_then_a_sync)
+        usage = {key.hash: key.usage for key in snapshots.keys_at(session, 1)}
+    assert snapshots.is_newest is real_is_newest  # the sync ran in between
+    assert sorted(usage) == sorted(hashes)
+    assert all(usage[key_hash] == 0.0 for key_hash in hashes)
 
 
 def test_staging_rows_lost_while_listing_fail_the_sync_instead_of_marking_keys_gone(
