@@ -5,8 +5,11 @@
 #
 #   OPENROUTER_MANAGEMENT_KEY_FILE     read into OPENROUTER_MANAGEMENT_KEY (unless that is set)
 #   KEYHYGIENE_DATABASE_PASSWORD_FILE  put, URL-escaped, into KEYHYGIENE_DATABASE_URL as its password
+#   KEYHYGIENE_<NAME>_FILE             any other (a [[notify]] target's webhook URL or signing
+#                                      secret): read into KEYHYGIENE_<NAME> (unless that is set);
+#                                      KEYHYGIENE_RULES_FILE is a setting, not one of these
 #
-# Neither value is ever in the image, the compose file or `docker inspect`.
+# None of these values is ever in the image, the compose file or `docker inspect`.
 set -eu
 
 APP_UID=10001
@@ -49,6 +52,18 @@ PY
     export KEYHYGIENE_DATABASE_URL
 fi
 unset KEYHYGIENE_DATABASE_PASSWORD_FILE
+
+for file_variable in $(env | sed -n 's/^\(KEYHYGIENE_[A-Z0-9_]*_FILE\)=.*/\1/p'); do
+    [ "$file_variable" = KEYHYGIENE_RULES_FILE ] && continue
+    name=${file_variable%_FILE}
+    eval "path=\${$file_variable}"
+    eval "given=\${$name:-}"
+    if [ -n "$path" ] && [ -z "$given" ]; then
+        readable "$file_variable" "$path"
+        export "$name=$(tr -d '\r\n' < "$path")"
+    fi
+    unset "$file_variable"
+done
 
 # A bind mount of a rules file that was missing on the host shows up as a directory.
 if [ -n "${KEYHYGIENE_RULES_FILE:-}" ] && [ -d "$KEYHYGIENE_RULES_FILE" ]; then

@@ -147,6 +147,21 @@ def sign(body: bytes, secret: str) -> str:
 # -- delivering ----------------------------------------------------------------------------------
 
 
+def secret_setting(name: str) -> tuple[str, str | None]:
+    """The value of the variable ``name``, else the contents of the file that ``NAME_FILE`` names
+    (a Docker secret: never in ``docker inspect``), without surrounding white space; and why it
+    could not be read, when the file cannot be."""
+    value = os.environ.get(name, "").strip()
+    path = os.environ.get(f"{name}_FILE", "").strip()
+    if value or not path:
+        return value, None
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().strip(), None
+    except (OSError, UnicodeDecodeError) as exc:
+        return "", f"{name}_FILE names {path}, which cannot be read ({type(exc).__name__})"
+
+
 class Sender:
     """Delivers bodies to targets over HTTP, retrying within a bounded time; never raises."""
 
@@ -181,18 +196,18 @@ class Sender:
 
     def deliver(self, target: NotifyTarget, body: dict[str, Any], *, once: bool = False) -> Delivered:
         """POST ``body`` to the target in its format; ``once``: a single attempt (the retry of a failed one)."""
-        url = os.environ.get(target.url_env, "").strip()
-        if not url:
-            return Delivered(False, 0, f"{target.url_env} is not set")
+        url, unread = secret_setting(target.url_env)
+        if unread or not url:
+            return Delivered(False, 0, unread or f"{target.url_env} is not set")
         if not url.startswith(("http://", "https://")):
             return Delivered(False, 0, f"{target.url_env} does not hold an http(s) URL")
         khlog.register_secret(url)
         content = json.dumps(slack_body(body) if target.format == "slack" else body, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json"}
         if target.secret_env:
-            secret = os.environ.get(target.secret_env, "")
-            if not secret:
-                return Delivered(False, 0, f"{target.secret_env} is not set")
+            secret, unread = secret_setting(target.secret_env)
+            if unread or not secret:
+                return Delivered(False, 0, unread or f"{target.secret_env} is not set")
             khlog.register_secret(secret)
             headers[SIGNATURE_HEADER] = sign(content, secret)
         deadline = time.monotonic() + self.retry_seconds

@@ -190,12 +190,14 @@ def run_entrypoint(tmp_path: Path, env: dict[str, str], *command: str) -> subpro
     )
 
 
-def test_the_entrypoint_reads_both_secrets_escapes_the_password_and_drops_root(tmp_path: Path) -> None:
+def test_the_entrypoint_reads_the_secrets_escapes_the_password_and_drops_root(tmp_path: Path) -> None:
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     password = "p@ss:w/rd%41#?& x"
     (secrets / "postgres_password").write_text(password + "\n")
     (secrets / "openrouter_management_key").write_text("sk-or-v1-" + "ab" * 32 + "\n")
+    webhook = "https://hooks.example.test/services/T0/B0/" + "x" * 24
+    (secrets / "ops_webhook").write_text(webhook + "\n")
     for secret in secrets.iterdir():
         secret.chmod(0o600)  # as the README says: readable by its owner only
     done = run_entrypoint(
@@ -204,17 +206,21 @@ def test_the_entrypoint_reads_both_secrets_escapes_the_password_and_drops_root(t
             "KEYHYGIENE_DATABASE_URL": "postgresql+psycopg://keyhygiene@postgres:5432/keyhygiene",
             "KEYHYGIENE_DATABASE_PASSWORD_FILE": str(secrets / "postgres_password"),
             "OPENROUTER_MANAGEMENT_KEY_FILE": str(secrets / "openrouter_management_key"),
+            "KEYHYGIENE_OPS_WEBHOOK_FILE": str(secrets / "ops_webhook"),  # a [[notify]] target's url_env
+            "KEYHYGIENE_RULES_FILE": "/etc/keyhygiene/keyhygiene.toml",  # a setting: left as it is
         },
         "sh",
         "-c",
-        'id -u; echo "$KEYHYGIENE_DATABASE_URL"; echo "$OPENROUTER_MANAGEMENT_KEY";'
-        ' echo "${OPENROUTER_MANAGEMENT_KEY_FILE-unset} ${KEYHYGIENE_DATABASE_PASSWORD_FILE-unset}"',
+        'id -u; echo "$KEYHYGIENE_DATABASE_URL"; echo "$OPENROUTER_MANAGEMENT_KEY"; echo "$KEYHYGIENE_OPS_WEBHOOK";'
+        ' echo "${OPENROUTER_MANAGEMENT_KEY_FILE-unset} ${KEYHYGIENE_DATABASE_PASSWORD_FILE-unset}'
+        ' ${KEYHYGIENE_OPS_WEBHOOK_FILE-unset} ${KEYHYGIENE_RULES_FILE-unset} ${KEYHYGIENE_RULES-unset}"',
     )
     assert done.returncode == 0, done.stderr
-    uid, url, key, files = done.stdout.splitlines()
+    uid, url, key, hook, files = done.stdout.splitlines()
     assert make_url(url).password == password and make_url(url).host == "postgres"
     assert key == "sk-or-v1-" + "ab" * 32
-    assert files == "unset unset"
+    assert hook == webhook
+    assert files == "unset unset unset /etc/keyhygiene/keyhygiene.toml unset"
     if os.getuid() == 0:
         assert uid == "10001", "the command still runs as root"
 

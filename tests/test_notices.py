@@ -338,6 +338,27 @@ def test_a_deadline_stops_the_retries_and_cuts_the_attempt_short() -> None:
     assert len(receiver.received) == 1
 
 
+def test_a_webhook_url_and_secret_may_come_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``NAME_FILE`` (a mounted secret) when ``NAME`` is not set; a file that cannot be read is named."""
+    secrets = tmp_path / "secrets"  # where the session's secret scan expects secrets
+    secrets.mkdir()
+    with WebhookSink() as receiver, Sender(timeout=5, retry_seconds=0) as sender:
+        (secrets / "url").write_text(receiver.url + "\n")
+        (secrets / "signing").write_text(SIGNING_SECRET + "\n")
+        monkeypatch.setenv("KH_FILE_HOOK_FILE", str(secrets / "url"))
+        monkeypatch.setenv("KH_FILE_SECRET_FILE", str(secrets / "signing"))
+        target = NotifyTarget(name="ops", url_env="KH_FILE_HOOK", secret_env="KH_FILE_SECRET")
+        delivered = sender.deliver(target, {"event": "run", "run_id": 1, "keys": [], "more": 0})
+        monkeypatch.setenv("KH_FILE_SECRET_FILE", str(secrets / "missing"))
+        unread = sender.deliver(target, {"event": "run", "run_id": 2, "keys": [], "more": 0})
+    assert delivered.ok
+    (received,) = receiver.received
+    expected = "sha256=" + hmac.new(SIGNING_SECRET.encode(), received.body, hashlib.sha256).hexdigest()
+    assert received.headers["X-Keyhygiene-Signature"] == expected
+    assert (unread.ok, unread.attempts) == (False, 0)
+    assert unread.error == f"KH_FILE_SECRET_FILE names {secrets / 'missing'}, which cannot be read (FileNotFoundError)"
+
+
 def test_a_failing_receiver_never_stops_enforcement_and_is_retried_once_by_the_next_run(
     env: dict[str, str],
     fake: FakeOpenRouter,
