@@ -344,6 +344,25 @@ def _effective_dry_run(kind: str, ruleset: RuleSet | None, dry_run: bool) -> boo
     return (ruleset.safety.dry_run or dry_run) if kind in CAPPED_JOBS else dry_run
 
 
+def finished_run(settings: Settings, task_id: str) -> JobOutcome | None:
+    """The outcome of a run already recorded as ended for the Celery task ``task_id``, if any: the
+    same message delivered again (the broker restores a message whose worker lost its connection
+    while the job ran). None when there is none, or the database cannot tell (the job then runs,
+    and meets the same database)."""
+    try:
+        database = Database.open(settings)
+    except KeyhygieneError:
+        return None
+    try:
+        with database.sessions() as session:
+            run = runs.run_for_task(session, task_id)
+            return JobOutcome.of_run(run) if run is not None and run.status in runs.FINAL_STATUSES else None
+    except SQLAlchemyError:
+        return None
+    finally:
+        database.close()
+
+
 def record_unstarted(
     settings: Settings,
     outcome: JobOutcome,

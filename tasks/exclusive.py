@@ -11,8 +11,8 @@ import redis
 
 from db import runs
 from keyhygiene import logging as khlog
-from keyhygiene.errors import EXIT_FAILURE, EXIT_USAGE
-from keyhygiene.jobs import JobOutcome, execute, record_unstarted
+from keyhygiene.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from keyhygiene.jobs import JobOutcome, execute, finished_run, record_unstarted
 from keyhygiene.settings import Settings
 from keyhygiene.timeutil import utcnow
 from worker.limits import TimeLimits
@@ -46,6 +46,10 @@ def run_exclusive(
             allow_actions=allow_actions,
         )
 
+    if task_id is not None and (earlier := finished_run(settings, task_id)) is not None:
+        # Delivered again after it ran (its worker lost the broker mid-job): done once is enough.
+        log.warning("job_redelivered", kind=kind, task_id=task_id, run_id=earlier.run_id, status=earlier.status)
+        return earlier
     if kind == "prune" and dry_run:
         # Pruning has no dry run: refuse rather than delete history the caller asked to keep.
         return unstarted(runs.FAILED, EXIT_USAGE, "prune has no dry run; nothing was pruned")
@@ -59,6 +63,10 @@ def run_exclusive(
             return unstarted(runs.FAILED, EXIT_FAILURE, f"cannot take the job lock in Redis, nothing was done: {exc}")
         if not taken:
             holder = lock.holder()
+            if holder is not None and task_id is not None and holder.task_id == task_id:
+                # Delivered again while it still runs: that run records the outcome, not this one.
+                log.warning("job_redelivered", kind=kind, task_id=task_id, status=runs.RUNNING)
+                return JobOutcome(kind, runs.RUNNING, EXIT_OK, f"task {task_id} is already running", None)
             reason = f"another job holds the lock: {holder.describe() if holder else 'a job that just ended'}"
             log.warning("job_skipped", kind=kind, reason=reason, started_by=started_by)
             return unstarted(runs.SKIPPED, EXIT_FAILURE, reason)

@@ -390,6 +390,32 @@ def test_pickled_and_malformed_messages_are_rejected_without_running_anything(
     assert cli("trigger", "sync", "--wait", "--timeout", "30").exit_code == 0
 
 
+def test_a_job_delivered_again_after_it_ran_is_not_run_twice(
+    deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., Any]
+) -> None:
+    """Redis puts back a message whose worker lost its connection while the job ran (late
+    acknowledgement), and a worker takes it again once the job is over: it is not run twice, and
+    no second run is recorded under its task id for `trigger --wait` to find."""
+    add_keys(fake, expired=0, healthy=3)
+    worker = deploy.start_worker()
+    assert cli("trigger", "sync", "--wait", "--timeout", "60").exit_code == 0
+    (run,) = deploy.runs()
+    listings = sum(call.method == "GET" and call.path.endswith("/keys") for call in fake.calls)
+
+    with Connection(deploy.broker_url) as connection:
+        producer = Producer(connection.channel(), exchange=Exchange(QUEUE, type="direct"), routing_key=QUEUE)
+        producer.publish(
+            [[], {"dry_run": False, "trigger": "trigger"}, {}],
+            serializer="json",
+            headers=_headers(TASK_NAMES["sync"], str(run.task_id)),
+        )
+
+    (again,) = wait_until(lambda: worker.events_named("job_redelivered"), timeout=60, what="the message taken again")
+    assert (again["task_id"], again["run_id"], again["status"]) == (run.task_id, run.id, runs.OK)
+    assert [(r.id, r.status) for r in deploy.runs()] == [(run.id, runs.OK)]
+    assert sum(call.method == "GET" and call.path.endswith("/keys") for call in fake.calls) == listings
+
+
 class _Trap:
     def __init__(self, path: str) -> None:
         self.path = path

@@ -9,7 +9,11 @@ Choices that matter for a job that can delete a customer's key:
   timeout has passed, by which time its lock has expired. A redelivered enforcement is safe: it
   first settles every intent left ``pending`` from the key's fresh state, and checks every key
   fresh again before changing it, so nothing is repeated blindly. When only a pool child dies the
-  message is acknowledged instead, so a job that kills its process cannot loop forever.
+  message is acknowledged instead, so a job that kills its process cannot loop forever. A worker
+  that loses its Redis connection while a job runs has its unacknowledged message put back at once
+  (kombu restores it on the closed channel): it is recognised by its task id
+  (``tasks.exclusive``), so a job that ended is not run again, and one still running is not run
+  beside itself.
 - One message at a time per process (``worker_prefetch_multiplier=1``), and a worker that keeps
   retrying the broker forever, at start and after Redis restarts.
 - Time limits in the order soft < hard < lock expiry < visibility timeout (see ``worker.limits``).
