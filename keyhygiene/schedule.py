@@ -82,3 +82,27 @@ def shortest_period(expression: str, *, start: datetime | None = None) -> timede
         shortest = after - at if shortest is None else min(shortest, after - at)
         at = after
     return shortest or timedelta(hours=1)
+
+
+def current_period(expression: str, *, now: datetime) -> timedelta:
+    """The interval a cron expression (UTC) is in at ``now``: the longer of the gap between its last
+    two firings and the gap from the last to the next. A schedule of working hours (``0 9-17 * *
+    1-5``) is hourly by day, but on a Monday morning, and until its first run of the week is over,
+    its interval is the 64 hours from Friday's last run."""
+    shortest = shortest_period(expression, start=now)
+    following = next_run(expression, after=now)
+    lookback = 3 * shortest
+    while lookback <= _LONGEST_LOOKBACK:
+        last: list[datetime] = []
+        at = now - lookback
+        while (at := next_run(expression, after=at)) <= now:
+            last = [*last[-1:], at]
+        if len(last) == 2:
+            return max(last[1] - last[0], following - last[1])
+        lookback *= 4
+    return shortest  # pragma: no cover - no two firings in two years: a cron expression cannot do that
+
+
+_LONGEST_LOOKBACK = timedelta(days=800)
+"""Where ``current_period`` stops looking: a schedule that fires at least once a year has fired
+twice within it."""

@@ -2,7 +2,9 @@
 
 Healthy means: the newest run that ended succeeded (a run skipped because another job held the
 lock says nothing either way, so it is passed over), and the newest complete snapshot is younger
-than twice the schedule's interval. Anything else is a problem, named in words.
+than twice the schedule's interval: the one it is in now, between its last two firings, so that a
+schedule of working hours is not stale every night and weekend. Anything else is a problem, named
+in words.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from sqlalchemy.orm import Session
 from db import runs, snapshots
 
 from .reports.runs import run_row
-from .schedule import next_run, shortest_period
+from .schedule import current_period, next_run
 from .timeutil import isoformat
 
 
@@ -51,7 +53,7 @@ class Status:
 
 def read_status(session: Session, *, schedule: str, now: datetime) -> Status:
     """The status as of ``now``, for the periodic run on cron expression ``schedule``."""
-    stale_after = 2 * shortest_period(schedule, start=now)
+    stale_after = 2 * current_period(schedule, now=now)
     problems: list[str] = []
 
     last = runs.newest_finished_run(session, ignore=(runs.SKIPPED,))

@@ -15,6 +15,7 @@ from db import runs
 from keyhygiene.context import Database, session_scope
 from keyhygiene.jobs import execute
 from keyhygiene.settings import Settings
+from keyhygiene.status import read_status
 from keyhygiene.timeutil import parse_time, utcnow
 
 from .conftest import CliResult
@@ -65,6 +66,27 @@ def test_a_snapshot_older_than_twice_the_interval_is_stale(
 
     monkeypatch.setenv("KEYHYGIENE_SCHEDULE", "0 */4 * * *")  # every four hours: 3h is fresh enough
     assert _status(cli)[0] == 0
+
+
+def test_a_schedule_of_working_hours_is_not_stale_overnight_or_over_the_weekend(ready: dict[str, str]) -> None:
+    """Hourly from 9 to 17 on weekdays: on Monday at 08:00 Friday's 17:00 snapshot is as fresh as
+    the schedule makes it; at 11:05, after the 9, 10 and 11 o'clock runs brought nothing, it is stale."""
+    settings = Settings()  # type: ignore[call-arg]
+    friday_17 = parse_time("2026-11-27T17:00:30Z")
+    assert execute("sync", settings, clock=lambda: friday_17).exit_code == 0
+    working_hours = "0 9-17 * * 1-5"
+    database = Database.open(settings)
+    try:
+        with database.sessions() as session:
+            monday_morning = read_status(session, schedule=working_hours, now=parse_time("2026-11-30T08:00:00Z"))
+            monday_late = read_status(session, schedule=working_hours, now=parse_time("2026-11-30T11:05:00Z"))
+    finally:
+        database.close()
+    assert monday_morning.problems == []
+    assert monday_morning.stale_after == timedelta(hours=128)  # twice the 64 h since Friday's last run
+    assert monday_late.problems == [
+        "the newest snapshot is 2d 18h old, more than twice the schedule's interval (2h 0m)"
+    ]
 
 
 def test_a_failed_newest_run_is_unhealthy_and_a_skipped_one_says_nothing(
