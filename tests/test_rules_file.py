@@ -518,6 +518,26 @@ RULE_ERRORS = [
         "disabled",
         "expected true or false",
     ),
+    # A delete disables the key first: a filter on enabled keys would keep it from ever deleting it.
+    (
+        ['name = "r"', 'match = "expired"', 'action = "delete"', "disabled = false"],
+        4,
+        "disabled",
+        "would then never delete it",
+    ),
+    (['name = "r"', 'match = "expired"', 'action = "disable"', "disabled = true"], 4, "disabled", "can never act"),
+    (
+        [
+            'name = "r"',
+            'match = "over_budget"',
+            'action = "report"',
+            'window = "total"',
+            "threshold_usd = 1" + "0" * 400,
+        ],
+        5,
+        "threshold_usd",
+        "too large a number",
+    ),
 ]
 
 
@@ -564,6 +584,46 @@ def test_multiline_strings_do_not_confuse_line_finding() -> None:
         '''
     )
     assert_error(text, 7, "grace", 'only applies to action = "delete"')
+
+
+def test_triple_quotes_in_comments_and_one_line_strings_open_no_string() -> None:
+    text = textwrap.dedent(
+        """\
+        [[rule]]
+        name = "a"  # see \"\"\" notes
+        match = "expired"
+        action = "disable"
+        label = 'x\"\"\"y'
+
+        [[rule]]
+        name = "b"
+        match = "bogus"
+        action = "report"
+        """
+    )
+    assert_error(text.replace('label = \'x"""y\'\n', 'exclude_names = [\'x"""y\']\n'), 9, "match", "bogus")
+
+
+def test_notify_names_variables_and_upcoming_within_goes_with_upcoming() -> None:
+    url = "https://hooks.slack.com/services/T000/B000/SECRETxyz"
+    error = assert_error(f'[[notify]]\nname = "ops"\nurl_env = "{url}"\n', 3, "url_env", "not the value itself")
+    assert url not in str(error)
+    assert_error(
+        '[[notify]]\nname = "ops"\nurl_env = "OPS_HOOK"\nsecret_env = "s3cr3t value"\n',
+        4,
+        "secret_env",
+        "not the value",
+    )
+    assert_error(
+        '[[notify]]\nname = "ops"\nurl_env = "OPS_HOOK"\nupcoming_within = "7d"\n',
+        4,
+        "upcoming_within",
+        'only applies with "upcoming" in on',
+    )
+
+
+def test_a_number_too_large_for_a_float_is_an_error_not_a_crash() -> None:
+    assert_error(f"[safety]\nmax_action_percent = 1{'0' * 400}\n", 2, "max_action_percent", "too large a number")
 
 
 def test_rules_written_inline_point_at_the_rule_line() -> None:
@@ -669,7 +729,6 @@ def test_describe_normalises_durations_and_lists_filters() -> None:
         exclude_names = ["dev-keep"]
         workspaces = ["ws-1"]
         min_age = "90m"
-        disabled = false
 
         [[rule]]
         name = "now"
@@ -678,6 +737,12 @@ def test_describe_normalises_durations_and_lists_filters() -> None:
         action = "delete"
         grace = "0d"
         disabled = true
+
+        [[rule]]
+        name = "watch"
+        match = "expired"
+        action = "report"
+        disabled = false
         """
     )
     out = describe(parse_rules(text, "r.toml"))

@@ -106,6 +106,7 @@ def _syntax_error_position(message: str, text: str) -> tuple[int | None, str]:
 
 # --- where things are written -------------------------------------------------------------------
 
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ARRAY_HEADER = re.compile(r"^\s*\[\[\s*(?P<path>[^\[\]]+?)\s*\]\]\s*(#.*)?$")
 _TABLE_HEADER = re.compile(r"^\s*\[\s*(?P<path>[^\[\]]+?)\s*\]\s*(#.*)?$")
 _ASSIGNMENT = re.compile(r"""^\s*(?P<key>"(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_-]+)\s*[.=]""")
@@ -127,6 +128,48 @@ class _Header:
     is_array: bool
 
 
+def _open_string_after(line: str, open_string: str | None) -> str | None:
+    """The multi-line string (its delimiter) still open at the end of ``line``, given the one open
+    at its start: strings on one line, escapes in basic strings and comments are read as TOML
+    reads them, so a \"\"\" inside a comment or a one-line string opens nothing."""
+    at = 0
+    while at < len(line):
+        if open_string is not None:  # inside a multi-line string: find its end
+            end = line.find(open_string, at)
+            if open_string == '"""':
+                while end > 0 and _escaped(line, end):
+                    end = line.find('"""', end + 1)
+            if end < 0:
+                return open_string
+            quote, at, open_string = open_string[0], end + 3, None
+            for _ in range(2):  # up to two more quotes: the string's last characters, then its end
+                if at < len(line) and line[at] == quote:
+                    at += 1
+            continue
+        char = line[at]
+        if char == "#":
+            return None
+        if line.startswith(('"""', "'''"), at):
+            open_string, at = line[at : at + 3], at + 3
+            continue
+        if char in "\"'":
+            end = at + 1
+            while end < len(line) and line[end] != char:
+                end += 2 if char == '"' and line[end] == "\\" else 1
+            at = end + 1
+            continue
+        at += 1
+    return open_string
+
+
+def _escaped(line: str, at: int) -> bool:
+    """Whether the character at ``at`` is escaped by an odd run of backslashes before it."""
+    run = 0
+    while at - run - 1 >= 0 and line[at - run - 1] == "\\":
+        run += 1
+    return run % 2 == 1
+
+
 class _Layout:
     """Line numbers of the table headers and key assignments of a TOML text (a scan, not a parse)."""
 
@@ -137,8 +180,7 @@ class _Layout:
         in_string: str | None = None
         for number, line in enumerate(text.splitlines(), start=1):
             if in_string is not None:
-                if line.count(in_string) % 2 == 1:
-                    in_string = None
+                in_string = _open_string_after(line, in_string)
                 continue
             array = _ARRAY_HEADER.match(line)
             table = None if array else _TABLE_HEADER.match(line)
@@ -149,10 +191,7 @@ class _Layout:
             assignment = _ASSIGNMENT.match(line)
             if assignment is not None:
                 self.assignments.append((number, len(self.headers) - 1, _unquote(assignment.group("key"))))
-            for quotes in ('"""', "'''"):
-                if line.count(quotes) % 2 == 1:
-                    in_string = quotes
-                    break
+            in_string = _open_string_after(line, None)
 
     def _top_level_assignment(self, key: str) -> int | None:
         return next((line for line, table, name in self.assignments if table == -1 and name == key), None)
@@ -259,9 +298,25 @@ class _Table:
         # bool is an int in Python; ``true`` where a number belongs is a mistake, not 1.
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.wrong_type(field, value, "a number")
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            self.fail(field, f"is too large a number in {self.label}")
+        if not math.isfinite(number):
             self.fail(field, f"must be a finite number, got {value!r} in {self.label}")
-        return float(value)
+        return number
+
+    def variable_name(self, field: str, value: object, holds: str) -> str:
+        """The name of an environment variable, never its value: what it holds is a secret, and a
+        value written here would end up in logs and messages as if it were a name."""
+        name = self.string(field, value)
+        if not _VARIABLE_NAME.fullmatch(name):
+            self.fail(
+                field,
+                f"names the environment variable that holds {holds} (letters, digits and _, "
+                f"e.g. KEYHYGIENE_OPS_WEBHOOK), not the value itself, in {self.label}",
+            )
+        return name
 
     def whole_number(self, field: str, value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -357,12 +412,12 @@ class _Reader:
                 table.fail(required, f"notify #{index + 1} has no {required}")
         values: dict[str, Any] = {
             "name": table.string("name", data["name"]),
-            "url_env": table.string("url_env", data["url_env"]),
+            "url_env": table.variable_name("url_env", data["url_env"], "the webhook's URL"),
         }
         if "format" in data:
             values["format"] = table.choice("format", data["format"], NOTIFY_FORMATS)
         if "secret_env" in data:
-            values["secret_env"] = table.string("secret_env", data["secret_env"])
+            values["secret_env"] = table.variable_name("secret_env", data["secret_env"], "the signing secret")
         if "on" in data:
             events = table.string_list("on", data["on"])
             if not events:
@@ -378,6 +433,8 @@ class _Reader:
             values["upcoming_within"] = within
         if "upcoming" in values.get("on", ()) and "upcoming_within" not in values:
             table.fail("upcoming_within", 'on = [..., "upcoming"] needs upcoming_within, e.g. "7d"')
+        if "upcoming_within" in values and "upcoming" not in values.get("on", ()):
+            table.fail("upcoming_within", 'only applies with "upcoming" in on, e.g. on = ["done", "upcoming"]')
         return NotifyTarget(**values)
 
     def safety(self, data: Mapping[str, Any]) -> Safety:
@@ -455,6 +512,15 @@ class _Reader:
         if "threshold_usd" in values and values["threshold_usd"] <= 0:
             # 0 or less would make every key "over budget".
             table.fail("threshold_usd", f"must be more than zero in {table.label}")
+        if action == "delete" and values.get("disabled") is False and values.get("grace", DEFAULT_GRACE):
+            table.fail(
+                "disabled",
+                f"{table.label}: disabled = false cannot go with a delete after a grace: the rule disables a "
+                'key first, and would then never delete it (leave disabled out, or grace = "0d" to delete '
+                "enabled keys at once)",
+            )
+        if action == "disable" and values.get("disabled") is True:
+            table.fail("disabled", f'{table.label}: disabled = true with action = "disable" can never act')
         values.setdefault("grace", DEFAULT_GRACE)
         try:
             return Rule(name=name, match=cast(Any, match), action=cast(Any, action), **values)
