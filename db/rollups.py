@@ -534,7 +534,7 @@ def spend_rows(
         )
     partial = [snapshot_id for snapshot_id, taken_at in inside if taken_at.date() in outside_days]
     if partial:
-        yield from _steps_at(session, partial)
+        yield from _steps_at(session, partial, until_snapshot)
 
 
 def _records_at(until_snapshot: int | None) -> Any:
@@ -586,23 +586,21 @@ def _partial_days(session: Session, lower: datetime | None, until: int, ends: tu
     return partial
 
 
-def _steps_at(session: Session, snapshot_ids: list[int]) -> Iterator[SpendRow]:
+def _steps_at(session: Session, snapshot_ids: list[int], until_snapshot: int) -> Iterator[SpendRow]:
     """The steps (growth since the key's previous usage version) of the keys whose usage moved at
-    these snapshots, read from the versions: a key's previous observation is its previous version."""
+    these snapshots, read from the versions: a key's previous observation is its previous version.
+    Each key is described as its record stood at ``until_snapshot`` (the period's end), as the
+    whole days are: a key renamed or moved on the last day is named as it ended up."""
     new = key_usage.alias("new")
     old = key_usage.alias("old")
     taken = Snapshot.__table__.alias("taken")
-    record = key_records
+    record = _records_at(until_snapshot)
     before = (
         select(func.max(key_usage.c.valid_from))
         .where(key_usage.c.key_id == new.c.key_id, key_usage.c.valid_from < new.c.valid_from)
         .scalar_subquery()
     )
-    alive_record = and_(
-        record.c.key_id == new.c.key_id,
-        record.c.valid_from <= new.c.valid_from,
-        or_(record.c.valid_to.is_(None), record.c.valid_to > new.c.valid_from),
-    )
+    alive_record = record.c.key_id == new.c.key_id
     rows = session.execute(
         select(
             tracked_keys.c.key_hash,

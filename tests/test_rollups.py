@@ -235,6 +235,35 @@ def report(org: Org, kind: str, **options: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def test_a_key_moved_on_the_last_day_is_counted_where_it_ended_up(
+    database: Database, fake: FakeOpenRouter, fake_url: str
+) -> None:
+    """Spend names each key as its record stood at the end of the period, on a last day that later
+    snapshots cut short too: it spent 2.0 before 06:00 and moved to Research, without spending,
+    before 12:00; its spend to 12:00 is Research's."""
+    mover = Org(database, fake, fake_url)
+    try:
+        research = fake.add_workspace("Research", id="ws-research")["id"]
+        day0 = datetime(2026, 6, 1, tzinfo=UTC)
+        mover.add("mover", at=day0, created_at=day0 - 30 * DAY, usage=1.0)
+        for hour, spend in ((6, 1.0), (12, 1.0), (30, 2.0)):  # day 0 at 06:00, 12:00; day 1 at 06:00
+            mover.use("mover", spend, at=day0 + (hour - 1) * HOUR)
+            mover.sync(day0 + hour * HOUR)
+        fake.update_key(key_hash("mover"), {"workspace_id": research})  # no spend since
+        mover.sync(day0 + 36 * HOUR)  # day 1, 12:00: the end of the period asked about
+        mover.use("mover", 8.0, at=day0 + 41 * HOUR)
+        mover.sync(day0 + 42 * HOUR)  # day 1, 18:00: after it, so day 1 is only partly inside
+        with database.sessions() as session:
+            params = ReportParams(now=day0 + 43 * HOUR, at=day0 + 36 * HOUR, since=DAY, by="workspace")
+            rows = json.loads(to_json(builders()["spend"](session, params)))
+            only = ReportParams(now=day0 + 43 * HOUR, at=day0 + 36 * HOUR, since=DAY, workspaces=("ws-research",))
+            listed = json.loads(to_json(builders()["spend"](session, only)))
+    finally:
+        mover.close()
+    assert [(row["workspace"], row["total"]) for row in rows] == [("Research", 2.0)]
+    assert [(row["name"], row["total"]) for row in listed] == [("mover", 2.0)]
+
+
 def test_spend_over_a_period_that_starts_and_ends_inside_a_day(org: Org) -> None:
     # (day 1 01:10, day 1 11:10]: the syncs at 02:00 .. 10:00 of day 1 are inside; 00:00 is not.
     at = T0 + 15 * HOUR + timedelta(minutes=10)

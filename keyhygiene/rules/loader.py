@@ -433,8 +433,6 @@ class _Reader:
             values["upcoming_within"] = within
         if "upcoming" in values.get("on", ()) and "upcoming_within" not in values:
             table.fail("upcoming_within", 'on = [..., "upcoming"] needs upcoming_within, e.g. "7d"')
-        if "upcoming_within" in values and "upcoming" not in values.get("on", ()):
-            table.fail("upcoming_within", 'only applies with "upcoming" in on, e.g. on = ["done", "upcoming"]')
         return NotifyTarget(**values)
 
     def safety(self, data: Mapping[str, Any]) -> Safety:
