@@ -600,7 +600,7 @@ def _steps_at(session: Session, snapshot_ids: list[int], until_snapshot: int) ->
         .where(key_usage.c.key_id == new.c.key_id, key_usage.c.valid_from < new.c.valid_from)
         .scalar_subquery()
     )
-    alive_record = record.c.key_id == new.c.key_id
+    its_record = record.c.key_id == new.c.key_id
     rows = session.execute(
         select(
             tracked_keys.c.key_hash,
@@ -614,7 +614,7 @@ def _steps_at(session: Session, snapshot_ids: list[int], until_snapshot: int) ->
         )
         .join(taken, taken.c.id == new.c.valid_from)
         .join(tracked_keys, tracked_keys.c.id == new.c.key_id)
-        .join(record, alive_record)
+        .join(record, its_record)
         .join(old, and_(old.c.key_id == new.c.key_id, old.c.valid_from == before))
         .where(
             new.c.valid_from.in_(snapshot_ids), or_(new.c.usage != old.c.usage, new.c.byok_usage != old.c.byok_usage)

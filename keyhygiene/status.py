@@ -2,9 +2,9 @@
 
 Healthy means: the newest run that ended succeeded (a run skipped because another job held the
 lock says nothing either way, so it is passed over), and the newest complete snapshot is younger
-than twice the schedule's interval: the one it is in now, between its last two firings, so that a
-schedule of working hours is not stale every night and weekend. Anything else is a problem, named
-in words.
+than twice the schedule's interval: the one it is in now (``schedule.current_period``: the longer
+of the gap between its last two firings and the gap to its next), so that a schedule of working
+hours is not stale every night and weekend. Anything else is a problem, named in words.
 """
 
 from __future__ import annotations

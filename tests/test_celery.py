@@ -263,12 +263,12 @@ def test_the_soft_time_limit_aborts_the_run_and_frees_the_lock(
 def test_the_soft_time_limit_waits_for_the_change_in_flight_to_be_recorded(
     deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., Any]
 ) -> None:
-    """Every DELETE takes 1.5 s to answer and the job may take 2 s: the soft limit comes while a
+    """Every DELETE takes 2.5 s to answer and the job may take 3 s: the soft limit comes while a
     DELETE is in flight. Its outcome is recorded before the run stops, so nothing is left pending."""
     doomed = add_keys(fake, expired=6, healthy=2)
     assert cli("sync").exit_code == 0
-    deploy.start_worker(KEYHYGIENE_JOB_TIME_LIMIT="2s")
-    fake.faults.slow_answer(len(doomed), 1.5, method="DELETE")
+    deploy.start_worker(KEYHYGIENE_JOB_TIME_LIMIT="3s")
+    fake.faults.slow_answer(len(doomed), 2.5, method="DELETE")
 
     result = cli("trigger", "enforce", "--wait", "--timeout", "60")
 
