@@ -337,6 +337,7 @@ def plan(state: State, fmt: str, limit: int) -> None:
             inputs = load_plan_inputs(session, snapshot.id)
     finally:
         database.close()
+    _warn_rules(ruleset)
     _warn_unmatched_workspaces(ruleset, inputs.workspace_names)
     with collection_paused():  # a decision per key, all kept: see collection_paused
         the_plan = make_plan(inputs, ruleset, utcnow())
@@ -378,6 +379,7 @@ def rules_check(file: str | None) -> None:
     except RulesError as exc:
         fail(str(exc), EXIT_USAGE)
     click.echo(describe(ruleset))
+    _warn_rules(ruleset)
     if any(rule.workspaces for rule in ruleset.rules):
         names = _newest_workspace_names()
         if names is not None:
@@ -415,6 +417,12 @@ def _newest_workspace_names() -> dict[str, str] | None:
         return None
     finally:
         database.close()
+
+
+def _warn_rules(ruleset: Any) -> None:
+    """A warning on stderr for each setting of the rules file that does nothing as written."""
+    for warning in ruleset.warnings:
+        click.echo(f"keyhygiene: warning: {warning}", err=True)
 
 
 def _warn_unmatched_workspaces(ruleset: Any, names: dict[str, str]) -> None:

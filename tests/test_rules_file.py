@@ -616,6 +616,22 @@ def test_notify_names_variables_not_their_secrets() -> None:
     )
 
 
+def test_upcoming_within_without_the_upcoming_event_is_a_warning_with_its_line() -> None:
+    text = '[[notify]]\nname = "ops"\nurl_env = "OPS_HOOK"\non = ["failed"]\nupcoming_within = "7d"\n'
+    ruleset = parse_rules(text, "rules.toml")
+
+    assert ruleset.notify[0].upcoming_within == timedelta(days=7)  # kept: the file stays valid
+    assert [str(warning) for warning in ruleset.warnings] == [
+        'rules.toml:5: upcoming_within: has no effect: on does not include "upcoming", so no upcoming notices are sent'
+    ]
+    assert parse_rules(text.replace('["failed"]', '["failed", "upcoming"]')).warnings == ()
+
+
+def test_upcoming_within_with_the_default_events_is_a_warning_too() -> None:
+    ruleset = parse_rules('[[notify]]\nname = "ops"\nurl_env = "OPS_HOOK"\nupcoming_within = "7d"\n', "r.toml")
+    assert [warning.line for warning in ruleset.warnings] == [4]
+
+
 def test_a_number_too_large_for_a_float_is_an_error_not_a_crash() -> None:
     assert_error(f"[safety]\nmax_action_percent = 1{'0' * 400}\n", 2, "max_action_percent", "too large a number")
 

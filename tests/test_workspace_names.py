@@ -102,6 +102,25 @@ def test_a_value_naming_no_workspace_is_warned_about(
     assert "'Production'" in warnings[0]  # the names it could have meant are listed
 
 
+@pytest.mark.parametrize("command", [("rules", "check"), ("plan",)])
+def test_a_notify_setting_that_does_nothing_is_warned_about(
+    org: dict[str, str], env: dict[str, str], cli: Callable[..., Any], command: tuple[str, ...]
+) -> None:
+    notify = '\n[[notify]]\nname = "ops"\nurl_env = "OPS_HOOK"\non = ["failed"]\nupcoming_within = "7d"\n'
+    rules = Path(env["KEYHYGIENE_RULES_FILE"])
+    rules.write_text(RULES + notify)
+
+    result = cli(*command)
+
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    line = (RULES + notify).splitlines().index('upcoming_within = "7d"') + 1
+    assert warnings == [
+        f"keyhygiene: warning: {rules}:{line}: upcoming_within: has no effect: on does not include "
+        '"upcoming", so no upcoming notices are sent'
+    ]
+
+
 def test_rules_check_without_a_database_does_not_create_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Callable[..., Any]
 ) -> None:

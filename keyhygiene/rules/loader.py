@@ -272,12 +272,19 @@ class _Table:
         self.label = label
 
     def fail(self, field: str | None, message: str) -> NoReturn:
+        raise self.located(field, message)
+
+    def warn(self, field: str, message: str) -> None:
+        """Note a setting that is valid but does nothing as written (``RuleSet.warnings``)."""
+        self.reader.warnings.append(self.located(field, message))
+
+    def located(self, field: str | None, message: str) -> RulesError:
         layout = self.reader.layout
         if field is None:
             line = layout.table_line(self.table, self.index)
         else:
             line = layout.field_line(self.table, self.index, field)
-        raise RulesError(self.reader.source, line, field, message)
+        return RulesError(self.reader.source, line, field, message)
 
     def wrong_type(self, field: str, value: object, expected: str) -> NoReturn:
         self.fail(field, f"expected {expected}, got {_type_name(value)} ({_toml_repr(value)}) in {self.label}")
@@ -362,6 +369,7 @@ class _Reader:
     def __init__(self, source: str, layout: _Layout) -> None:
         self.source = source
         self.layout = layout
+        self.warnings: list[RulesError] = []
 
     def fail_top_level(self, key: str, message: str) -> NoReturn:
         raise RulesError(self.source, self.layout.top_level_line(key), key, message)
@@ -400,7 +408,9 @@ class _Reader:
                     "name", f'duplicate notify name "{target.name}"'
                 )
             targets.append(target)
-        return RuleSet(safety=safety, rules=tuple(rules), source=self.source, notify=tuple(targets))
+        return RuleSet(
+            safety=safety, rules=tuple(rules), source=self.source, notify=tuple(targets), warnings=tuple(self.warnings)
+        )
 
     def notify(self, index: int, data: Mapping[str, Any]) -> NotifyTarget:
         table = _Table(self, "notify", index, f"notify #{index + 1}")
@@ -433,6 +443,12 @@ class _Reader:
             values["upcoming_within"] = within
         if "upcoming" in values.get("on", ()) and "upcoming_within" not in values:
             table.fail("upcoming_within", 'on = [..., "upcoming"] needs upcoming_within, e.g. "7d"')
+        if "upcoming_within" in values and "upcoming" not in values.get("on", ()):
+            # Allowed (the default on has no "upcoming" either): a file may keep the window while
+            # the event is switched off for a while.
+            table.warn(
+                "upcoming_within", 'has no effect: on does not include "upcoming", so no upcoming notices are sent'
+            )
         return NotifyTarget(**values)
 
     def safety(self, data: Mapping[str, Any]) -> Safety:

@@ -157,6 +157,9 @@ class RuleSet:
     rules: tuple[Rule, ...]
     source: str
     notify: tuple[NotifyTarget, ...] = ()
+    warnings: tuple[RulesError, ...] = ()
+    """Settings that are valid but do nothing as written, each with where it is (``rules check`` and
+    ``plan`` print them; they never stop a job)."""
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
