@@ -143,13 +143,17 @@ def _typed(raw: Mapping[str, Any], spec: _Spec, wire: dict[str, Any], dialect: s
             values.append(read_as)
         elif kind == "money":
             cls = value.__class__
-            if cls is float:
-                typed = round(value * MICROS_PER_USD)
-            elif cls is int:
-                typed = value * MICROS_PER_USD
-            else:
-                raise MalformedResponse(f"field {name!r} is {value!r}, expected a number")
-            if typed / MICROS_PER_USD != value:
+            try:
+                if cls is float:
+                    typed = round(value * MICROS_PER_USD)
+                elif cls is int:
+                    typed = value * MICROS_PER_USD
+                else:
+                    raise MalformedResponse(f"field {name!r} is {value!r}, expected a number")
+                exact = typed / MICROS_PER_USD == value
+            except (OverflowError, ValueError):  # beyond a float's range in micro-dollars, or NaN
+                raise MalformedResponse(f"field {name!r} is {value!r}, expected an amount in US dollars") from None
+            if not exact:
                 ulps = _ulps(typed / MICROS_PER_USD, float(value))
                 if ulps is None:
                     wire.setdefault("=", {})[name] = value
@@ -293,6 +297,13 @@ def staged_row(raw: Mapping[str, Any], snapshot_id: int, *, dialect: str | None 
     """One staging row: the key's typed fields, and per part the exact JSON of what they would not
     give back (fields we do not know, absent fields, other styles): NULL for nearly every key.
     With ``dialect``, its times are already as that database is given them (``_typed``)."""
+    if raw.__class__ is dict and (row := _PLAIN_ROWS[dialect](raw, snapshot_id)) is not None:
+        return row
+    return _staged_row(raw, snapshot_id, dialect)
+
+
+def _staged_row(raw: Mapping[str, Any], snapshot_id: int, dialect: str | None) -> list[Any]:
+    """``staged_row`` for any key: field by field as ``_typed`` reads them."""
     if raw.__class__ is not dict and not isinstance(raw, Mapping):  # a dict is one: checked first, for speed
         raise MalformedResponse(f"expected a key object, got {type(raw).__name__}")
     key_hash = raw.get("hash")
@@ -305,6 +316,87 @@ def staged_row(raw: Mapping[str, Any], snapshot_id: int, *, dialect: str | None 
     if not _KNOWN.issuperset(raw):
         record_wire["+"] = {name: value for name, value in raw.items() if name not in _KNOWN}
     return [snapshot_id, key_hash, *stable, _wire_text(record_wire), *_staged_usage(raw, dialect)]
+
+
+def _plain_row_source(dialect: str | None) -> str:
+    """The source of ``_PLAIN_ROWS[dialect]``: ``staged_row`` for a key as the API nearly always
+    sends it, one statement per field instead of ``_typed``'s loop over the specs (10 against
+    14 µs a key on the fake's keys; a first sync of 100,000 keys uses 0.6 s less CPU). It gives
+    None for any key that is not plain: the fields exactly the known ones, every value of its
+    field's type, no null where a default is read, text in ASCII, amounts exact in micro-dollars,
+    times in one documented style per part. ``staged_row`` then takes the general path, which
+    gives the same row for every plain key (``tests/test_store.py`` checks both on generated keys)."""
+    lines = [
+        "    if raw.keys() != KNOWN:",
+        "        return None",
+        "    key_hash = raw['hash']",
+        "    if key_hash.__class__ is not str or not key_hash:",
+        "        return None",
+        "    row = [snapshot_id, key_hash]",
+        "    append = row.append",
+    ]
+    for spec in (_STABLE_SPEC, _VOLATILE_SPEC):  # each part's fields, then its note
+        lines += ["    times = u_style = 0"]
+        for name, kind, read_as in spec:
+            lines.append(f"    value = raw[{name!r}]")
+            if read_as is None and name != "created_at":
+                lines += ["    if value is None:", "        append(None)", "    else:"]
+            else:  # a null here is read as a default and noted, or (created_at) refused: not plain
+                lines += ["    if value is None:", "        return None", "    else:"]
+            body: list[str]
+            if kind == "money":
+                body = [
+                    "if value.__class__ is float:",
+                    f"    typed = round(value * {MICROS_PER_USD})",
+                    "elif value.__class__ is int:",
+                    f"    typed = value * {MICROS_PER_USD}",
+                    "else:",
+                    "    return None",
+                    f"if typed / {MICROS_PER_USD} != value:",
+                    "    return None",
+                    "append(typed)",
+                ]
+            elif kind == "time":
+                body = ["parsed = plain_time(value)", "if parsed is None:", "    return None", "times += 1"]
+                if dialect == "sqlite":
+                    body += [
+                        "if parsed[1] == 'u':",
+                        "    u_style += 1",
+                        "    append(f'{value[:10]} {value[11:26]}')",
+                        "else:",
+                        "    append(f'{value[:10]} {value[11:19]}.000000')",
+                    ]
+                else:
+                    body += ["if parsed[1] == 'u':", "    u_style += 1"]
+                    body.append("append(value)" if dialect == "postgresql" else "append(parsed[0])")
+            elif kind == "flag":
+                body = ["if value is not True and value is not False:", "    return None", "append(value)"]
+            else:
+                body = ["if value.__class__ is not str or not value.isascii():", "    return None", "append(value)"]
+            lines += [f"        {line}" for line in body]
+        lines += [
+            "    if not u_style:",
+            "        append(None)",
+            "    elif u_style == times:",
+            "        append(OTHER_STYLE_TEXT)",
+            "    else:",
+            "        return None",
+        ]
+    lines.append("    return row")
+    # An amount beyond a float's range in micro-dollars (or NaN): the general path says what is wrong.
+    inside = "\n".join(f"    {line}" for line in lines)
+    handler = "    except (OverflowError, ValueError):\n        return None\n"
+    return f"def plain_row(raw, snapshot_id):\n    try:\n{inside}\n{handler}"
+
+
+def _plain_row_function(dialect: str | None) -> Callable[[Mapping[str, Any], int], list[Any] | None]:
+    scope: dict[str, Any] = {"KNOWN": _KNOWN, "plain_time": _plain_time, "OTHER_STYLE_TEXT": _OTHER_STYLE_TEXT}
+    exec(compile(_plain_row_source(dialect), f"<staged_row, plain keys, {dialect}>", "exec"), scope)  # noqa: S102
+    function: Callable[[Mapping[str, Any], int], list[Any] | None] = scope["plain_row"]
+    return function
+
+
+_PLAIN_ROWS = {dialect: _plain_row_function(dialect) for dialect in (None, "sqlite", "postgresql")}
 
 
 def _staged_usage(raw: Mapping[str, Any], dialect: str | None = None) -> list[Any]:

@@ -6,17 +6,20 @@ These drive ``db.snapshots`` with literal keys, so every version boundary is kno
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import event, func, select, update
 
 from db import retention, runs, snapshots
@@ -26,6 +29,8 @@ from db.models import Snapshot, key_usage, snapshot_carried, snapshot_staging, t
 from keyhygiene.context import Database, session_scope
 from keyhygiene.demo import _PastDays
 from keyhygiene.enforcement import FACT_FIELDS, facts_at, key_facts, key_history
+from keyhygiene.fakeapi import FakeOpenRouter, generate_organisation
+from keyhygiene.keysapi.errors import MalformedResponse
 from keyhygiene.keysapi.models import Key
 from keyhygiene.settings import Settings
 
@@ -690,6 +695,76 @@ def test_rows_staged_for_postgresql_give_it_the_apis_text_only_where_that_text_n
         assert [value for index, value in enumerate(staged) if index not in times] == [
             value for index, value in enumerate(parsed) if index not in times
         ]
+
+
+_ODD_FIELD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**20), max_value=10**20),
+    st.floats(),
+    st.sampled_from([0.1 + 0.2, 1e-7, 0.0000005, 123.456789, -0.0, 1e303, 10**400]),
+    st.text(max_size=6),
+    st.sampled_from(["\ud800", "café", "", "x"]),
+    st.sampled_from(
+        [
+            "2026-02-19T20:52:27Z",
+            "2026-02-19T20:52:27.363244+00:00",
+            "2026-02-19T20:52:27.5Z",
+            "2026-02-19T22:52:27+02:00",
+            "2026-02-30T00:00:00Z",
+            "0001-01-01T00:00:00Z",
+            "2026-02-19 20:52:27Z",
+        ]
+    ),
+    st.just(Ellipsis),  # the field left out
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    changes=st.dictionaries(st.sampled_from([*sorted(snapshots._KNOWN), "extra"]), _ODD_FIELD_VALUES, max_size=3),
+    dialect=st.sampled_from([None, "sqlite", "postgresql"]),
+)
+def test_the_plain_key_path_stages_what_the_general_path_does(changes: dict[str, Any], dialect: str | None) -> None:
+    """``staged_row`` takes a straight-line path for keys as the API nearly always sends them: where
+    it takes a key at all, its row is the one the general path makes, and any key the general path
+    refuses (or notes anything about) goes the general way."""
+    raw = dict(key(7, usage=12.25, limit=50.0, expires_at="2027-01-01T00:00:00Z").raw)
+    for name, value in changes.items():
+        if value is Ellipsis:
+            raw.pop(name, None)
+        else:
+            raw[name] = value
+    plain, plain_error = _outcome(lambda: snapshots._PLAIN_ROWS[dialect](raw, 3))
+    general, general_error = _outcome(lambda: snapshots._staged_row(raw, 3, dialect))
+    assert plain_error is None  # not even an amount too large for a float: the general path names it
+    if general_error is not None:
+        assert plain is None and general_error is MalformedResponse
+    elif plain is not None:
+        assert plain == general
+        assert general[snapshots._USAGE_AT - 1] in (None, snapshots._OTHER_STYLE_TEXT)  # no exact values noted
+
+
+def _outcome(call: Callable[[], Any]) -> tuple[Any, type[BaseException] | None]:
+    try:
+        return call(), None
+    except Exception as exc:
+        return None, type(exc)
+
+
+def test_keys_as_the_api_sends_them_take_the_plain_path() -> None:
+    """The keys of the fake's generated organisation, in both of the API's time styles."""
+    fake = FakeOpenRouter()
+    generate_organisation(fake, keys=300, workspaces=3, seed=1, now=T0)
+    raws = json.loads(json.dumps(fake.keys))  # as they come over the wire
+    times = ("created_at", "updated_at", "expires_at", "last_used_at")
+    raws += [{**raw, **{name: raw[name][:19] + "Z" for name in times if raw[name]}} for raw in raws[:50]]
+    assert {raw["created_at"][-1] for raw in raws} == {"Z", "0"}  # both styles
+    for dialect in (None, "sqlite", "postgresql"):
+        for raw in raws:
+            plain = snapshots._PLAIN_ROWS[dialect](raw, 1)
+            assert plain is not None, raw
+            assert plain == snapshots._staged_row(raw, 1, dialect)
 
 
 def test_the_rules_read_the_same_facts_from_the_typed_columns_as_from_the_raw_json(database: Database) -> None:
