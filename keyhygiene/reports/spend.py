@@ -9,9 +9,12 @@ How spend is counted (``usage`` and ``byok_usage`` are lifetime counters, in USD
 - The baseline is the key as the last snapshot at or before ``start`` saw it.
 - A key created inside the period (``created_at`` after ``start``) counts from zero at creation:
   its first observation's counters are all spend of the period.
-- A key created before the period but first seen inside it (history begins inside the period,
-  or it was missing from the snapshot at the start) counts from its first observation: what it
-  spent before that is unknown and is not guessed. Such rows say ``baseline_known: false``.
+- A key created before the period but first seen inside it (history begins inside the period)
+  counts from its first observation: what it spent before that is unknown and is not guessed.
+  Such rows say ``baseline_known: false``. A key seen before the period, absent from the snapshot
+  at its start and seen again inside it (rare: a sync fetches every key it missed before it
+  records one gone) counts its growth since it was last seen, on the day it is seen again, like
+  any gap between snapshots.
 - A deleted key counts up to its last observation; what it spent between that sync and its
   deletion is unknown.
 - A counter that goes down (a reset, an API correction) counts zero for that step, never negative;
