@@ -632,6 +632,23 @@ def test_upcoming_within_with_the_default_events_is_a_warning_too() -> None:
     assert [warning.line for warning in ruleset.warnings] == [4]
 
 
+def test_a_rules_file_with_a_warning_loads_equal_each_time() -> None:
+    text = '[[notify]]\nname = "ops"\nurl_env = "OPS_HOOK"\non = ["failed"]\nupcoming_within = "7d"\n'
+    assert parse_rules(text, "r.toml") == parse_rules(text, "r.toml")
+    assert pickle.loads(pickle.dumps(parse_rules(text, "r.toml"))) == parse_rules(text, "r.toml")
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])
+def test_line_numbers_count_only_the_line_ends_toml_knows(separator: str) -> None:
+    """TOML ends lines with LF or CRLF; other characters Python would break a line at may stand in
+    a comment or a string, and do not move the lines after them."""
+    rule = f'[[rule]]\nname = "a{separator}b"\nmatch = "expired"\naction = "report"\ngrace = "1d"\n'
+    text = f"# ops{separator}hook\r\n{rule}"
+    assert_error(text, 6, "grace", 'only applies to action = "delete"')
+    warned = parse_rules(text.replace('grace = "1d"', '[[notify]]\nname = "o"\nurl_env = "H"\nupcoming_within = "1d"'))
+    assert [warning.line for warning in warned.warnings] == [9]
+
+
 def test_a_number_too_large_for_a_float_is_an_error_not_a_crash() -> None:
     assert_error(f"[safety]\nmax_action_percent = 1{'0' * 400}\n", 2, "max_action_percent", "too large a number")
 

@@ -100,8 +100,17 @@ def _syntax_error_position(message: str, text: str) -> tuple[int | None, str]:
         return int(found.group(1)), f"{message[: found.start()]} (column {found.group(2)})"
     found = _TOML_AT_END.search(message)
     if found is not None:
-        return max(1, len(text.splitlines())), f"{message[: found.start()]} (at the end of the file)"
+        return max(1, len(_lines(text))), f"{message[: found.start()]} (at the end of the file)"
     return None, message
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of a TOML text as TOML counts them: ended by LF or CRLF only. (``str.splitlines``
+    also breaks at U+2028, U+0085 and others, which TOML allows in comments and strings.)"""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 # --- where things are written -------------------------------------------------------------------
@@ -178,7 +187,7 @@ class _Layout:
         # (line, index into headers of the table it sits in or -1 for the top level, first key segment)
         self.assignments: list[tuple[int, int, str]] = []
         in_string: str | None = None
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(_lines(text), start=1):
             if in_string is not None:
                 in_string = _open_string_after(line, in_string)
                 continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from decimal import Decimal
 from typing import Literal, get_args
@@ -157,7 +157,7 @@ class RuleSet:
     rules: tuple[Rule, ...]
     source: str
     notify: tuple[NotifyTarget, ...] = ()
-    warnings: tuple[RulesError, ...] = ()
+    warnings: tuple[RulesError, ...] = field(default=(), compare=False)
     """Settings that are valid but do nothing as written, each with where it is (``rules check`` and
     ``plan`` print them; they never stop a job)."""
 
