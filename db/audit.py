@@ -151,14 +151,15 @@ def last_changes(
 
 
 def changes_of_run(session: Session, run_id: int) -> list[Action]:
-    """The disables and deletes run ``run_id`` made (not dry-run, outcome done), in order."""
+    """The disables and deletes run ``run_id`` made (not dry-run, outcome done) or may have made
+    (outcome pending: the run ended before it learned the API's answer), in order."""
     return list(
         session.scalars(
             select(Action)
             .where(
                 Action.run_id == run_id,
                 Action.dry_run.is_(False),
-                Action.outcome == DONE,
+                Action.outcome.in_((DONE, PENDING)),
                 Action.action.in_(("disable", "delete")),
             )
             .order_by(Action.id)

@@ -1485,6 +1485,14 @@ def fields_at(session: Session, snapshot_id: int, fields: Sequence[str]) -> Iter
         yield tuple(row)
 
 
+def tracked_hashes(session: Session, key_hashes: Sequence[str]) -> set[str]:
+    """Which of ``key_hashes`` any stored snapshot has held."""
+    if not key_hashes:
+        return set()
+    found = session.scalars(select(tracked_keys.c.key_hash).where(tracked_keys.c.key_hash.in_(list(key_hashes))))
+    return set(found)
+
+
 def key_hashes_at(session: Session, snapshot_id: int) -> set[str]:
     joined, alive = _alive_usage(snapshot_id, is_newest(session, snapshot_id))
     return set(session.scalars(select(tracked_keys.c.key_hash).select_from(joined).where(alive)))

@@ -222,8 +222,10 @@ def undo(state: State, run_id: int, dry_run: bool) -> None:
     """Re-enable the keys run RUN_ID disabled, each only if nobody changed it since.
 
     A key whose updated_at is no longer the one the API answered our disable with is left alone and
-    reported; deleted keys cannot be brought back. Each key is audited as action `enable` (rule
-    `undo:RUN_ID`). Find run ids with `keyhygiene report runs`.
+    reported; deleted keys cannot be brought back. A change the run may have made but never recorded
+    (it was killed) is first settled from the key's fresh state. Each key is audited as action
+    `enable` (rule `undo:RUN_ID`). Find run ids with `keyhygiene report runs`. The rules that
+    disabled the keys still apply: change them, or protect the keys, before the next run.
     """
     from .jobs import execute
 
@@ -236,7 +238,9 @@ def undo(state: State, run_id: int, dry_run: bool) -> None:
 @pass_state
 def enable(state: State, key_hashes: tuple[str, ...], dry_run: bool) -> None:
     """Re-enable the given keys (full hashes), each only if keyhygiene disabled it and nobody changed
-    it since. Audited as action `enable`, rule `manual`."""
+    it since. Audited as action `enable`, rule `manual`. A hash no snapshot holds is left alone
+    without asking the API. The rules that disabled the keys still apply: change them, or protect
+    the keys, before the next run."""
     from .jobs import execute
 
     _finish_job(execute("enable", state.settings, dry_run=dry_run, key_hashes=key_hashes))

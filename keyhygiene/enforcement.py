@@ -616,7 +616,10 @@ def settle_in_doubt(database: Database, client: KeysClient, *, now: datetime) ->
                 audit.FAILED,
                 "settled after a crash: the change was not made; a later run decides again",
             )
-        _complete(database, row.id, outcome=outcome, now=now, reason=reason)
+        # The key as the change left it, as the lost-answer path records it: what ``undo`` and
+        # ``enable`` compare with to tell whether anyone changed the key since.
+        key_updated_at = fresh.updated_at if applied and fresh is not None else None
+        _complete(database, row.id, outcome=outcome, now=now, reason=reason, key_updated_at=key_updated_at)
         log.info(
             "key_action",
             run_id=row.run_id,

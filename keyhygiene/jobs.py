@@ -516,8 +516,13 @@ def _reenable(
     clock: Clock,
     fence: Callable[[], None] | None = None,
 ) -> JobOutcome:
+    from .enforcement import settle_in_doubt
     from .reenable import enable_keys, undo_run
 
+    if not dry_run:
+        # A change whose run died before it learned the API's answer is settled from the key's
+        # fresh state first, as enforcement does: until then it cannot be given back.
+        settle_in_doubt(database, client, now=clock())
     if kind == "undo":
         if undo_run_id is None:
             raise UsageError("undo needs the id of the run to undo")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from db import audit, runs
+from db import audit, runs, snapshots
 from db.audit import LastChange
 from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.rules import Decision, KeyFacts, Safety, is_protected
@@ -45,7 +45,19 @@ class ReenableResult:
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    deleted: int = 0
+    """Keys the undone run deleted: left alone, since nothing brings a deleted key back."""
     note: str = ""
+
+    @property
+    def warning(self) -> str:
+        """What the operator must do next, when keys were (or would be) enabled."""
+        if (self.planned if self.dry_run else self.done) == 0:
+            return ""
+        return (
+            "the rules that disabled these keys still apply: change them, or protect the keys, "
+            "before the next run disables them again"
+        )
 
     def count(self, outcome: str) -> None:
         if outcome == audit.DONE:
@@ -75,8 +87,12 @@ class ReenableResult:
             )
         else:
             text = f"{self.done} of {self.keys} key(s) enabled, {self.skipped} left alone, {self.failed} failed"
+        if self.deleted:
+            text += f"; {self.deleted} of them were deleted and cannot be brought back"
         if self.skipped:
             text += " (see `keyhygiene report actions --since 1h` for why)"
+        if self.warning:
+            text += f". Note: {self.warning}"
         return f"{self.note}: {text}" if self.note else text
 
 
@@ -105,8 +121,8 @@ def undo_run(
     rule = undo_rule(undo_run_id)
     with database.sessions() as session:
         undone = runs.get_run(session, undo_run_id)
-        if undone is None:
-            raise UsageError(f"there is no run {undo_run_id}: see `keyhygiene report runs`")
+        if undone is None or undo_run_id >= run_id:  # a later id: this undo's own run, or one begun since
+            raise UsageError(f"there is no run {undo_run_id} before this one: see `keyhygiene report runs`")
         changes = audit.changes_of_run(session, undo_run_id)
         ours = audit.last_changes(session, key_hashes=[change.key_hash for change in changes])
     result = ReenableResult(dry_run=dry_run, keys=len(changes))
@@ -128,13 +144,18 @@ def undo_run(
                 "disabled_at": isoformat(change.finished_at or change.created_at),
             },
         )
-        if change.action == "delete":
-            # A deleted key cannot be brought back: say so in the audit, without asking the API.
-            result.count(
-                _skip(
-                    database, decision, run_id=run_id, now=clock(), dry_run=dry_run, reason="deleted: cannot be undone"
-                )
+        reason = None
+        if change.outcome == audit.PENDING:
+            reason = (
+                f"in doubt: run {undo_run_id} ended before it learned whether its {change.action} was made; "
+                "a live undo, or the next enforcement, settles it from the key's fresh state: undo again then"
             )
+        elif change.action == "delete":
+            # A deleted key cannot be brought back: say so in the audit, without asking the API.
+            reason = "deleted: cannot be undone"
+            result.deleted += 1
+        if reason is not None:
+            result.count(_skip(database, decision, run_id=run_id, now=clock(), dry_run=dry_run, reason=reason))
             continue
         targets.append(_Target(decision, ours.get(change.key_hash)))
     result.note = f"undo of run {undo_run_id}"
@@ -149,8 +170,6 @@ def undo_run(
         result=result,
         fence=fence,
     )
-    if result.done:
-        result.note += "; the rules that disabled these keys still apply: change them before the next run"
     return result
 
 
@@ -169,7 +188,9 @@ def enable_keys(
     wanted = list(dict.fromkeys(key_hashes))
     with database.sessions() as session:
         ours = audit.last_changes(session, key_hashes=wanted)
+        tracked = snapshots.tracked_hashes(session, wanted)
     targets = []
+    unknown: list[Decision] = []
     for key_hash in wanted:
         last = ours.get(key_hash)
         decision = Decision(
@@ -179,10 +200,20 @@ def enable_keys(
             action="enable",
             rule=MANUAL_RULE,
             rules=(MANUAL_RULE,),
-            evidence={"disabled_by_rule": last.rule, "disabled_at": isoformat(last.at)} if last is not None else {},
+            evidence=_last_change_evidence(last),
         )
-        targets.append(_Target(decision, last))
+        if last is None and key_hash not in tracked:
+            # A name, a shortened hash, a typo, or a key no sync has listed: not asked of the API.
+            unknown.append(decision)
+        else:
+            targets.append(_Target(decision, last))
     result = ReenableResult(dry_run=dry_run, keys=len(wanted))
+    for decision in unknown:
+        reason = (
+            "keyhygiene did not disable this key: no snapshot holds a key with this hash (give a key's "
+            "full hash, as `keyhygiene report inventory` shows it)"
+        )
+        result.count(_skip(database, decision, run_id=run_id, now=clock(), dry_run=dry_run, reason=reason))
     _enable(
         database,
         client,
@@ -195,6 +226,15 @@ def enable_keys(
         fence=fence,
     )
     return result
+
+
+def _last_change_evidence(last: LastChange | None) -> dict[str, Any]:
+    """What the audit says of keyhygiene's newest change of a key that ``enable`` was asked for."""
+    if last is None:
+        return {}
+    if last.action == "disable":
+        return {"disabled_by_rule": last.rule, "disabled_at": isoformat(last.at)}
+    return {"last_change": last.action, "last_change_rule": last.rule, "last_change_at": isoformat(last.at)}
 
 
 def _enable(
@@ -233,8 +273,13 @@ def _unchanged_since_our_disable(target: _Target, safety: Safety) -> Recheck:
             return "protected by protect_hashes or protect_names: never touched"
         if undoing is not None and ours is not None and ours.run_id != undoing:
             return f"keyhygiene changed this key again since (its {ours.action} in run {ours.run_id}): left alone"
-        if ours is None or ours.action != "disable":
+        if ours is None:
             return "keyhygiene did not disable this key: it re-enables only keys it disabled itself"
+        if ours.action != "disable":
+            return (
+                f"keyhygiene's newest change of this key is its {ours.action} in run {ours.run_id}, not a "
+                "disable: it re-enables only keys it disabled itself"
+            )
         if ours.key_updated_at is None or fresh.updated_at is None:
             return "cannot tell whether anyone changed the key since our disable (no updated_at): left alone"
         if as_utc(fresh.updated_at) != as_utc(ours.key_updated_at):

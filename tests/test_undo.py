@@ -9,7 +9,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
+from db.engine import make_engine
+from db.models import Action
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.timeutil import utcnow
 
@@ -148,6 +151,93 @@ def test_enable_gives_back_only_keys_keyhygiene_disabled(keys: Keys, cli: Callab
     assert keys.patched() == [("dev-a", {"disabled": False})]
     audit = _audit(cli, _run_id(result))
     assert (audit["dev-a"]["action"], audit["dev-a"]["rule"], audit["dev-a"]["outcome"]) == ("enable", "manual", "done")
-    assert audit["dev-theirs"]["outcome"] == "skipped"
-    assert "did not disable this key" in str(audit["dev-theirs"]["reason"])
+    theirs_row = next(row for row in audit.values() if row["key_hash"] == theirs)  # no snapshot names it
+    assert theirs_row["outcome"] == "skipped"
+    assert "did not disable this key" in str(theirs_row["reason"])
     assert len(result.events_named("key_action")) == 2
+
+
+def test_enable_of_a_name_or_a_shortened_hash_says_no_snapshot_holds_it(
+    keys: Keys, cli: Callable[..., CliResult]
+) -> None:
+    assert cli("run").exit_code == 0
+    keys.fake.clear_calls()
+
+    result = cli("enable", "dev-a", keys.hash["dev-b"][:12])
+
+    assert result.exit_code == 0, result.stderr
+    assert "0 of 2 key(s) enabled, 2 left alone" in result.stdout
+    assert [call for call in keys.fake.calls if call.path.startswith("/keys")] == []  # not even a GET
+    reasons = [event["reason"] for event in result.events_named("key_action")]
+    assert len(reasons) == 2 and all("no snapshot holds a key with this hash" in reason for reason in reasons)
+    assert keys.disabled("dev-a") and keys.disabled("dev-b")
+
+
+def test_undo_of_a_run_not_begun_before_it_is_a_usage_error(keys: Keys, cli: Callable[..., CliResult]) -> None:
+    assert cli("run").exit_code == 0  # run 1; this undo is run 2
+    keys.fake.clear_calls()
+
+    result = cli("undo", "2")
+
+    assert result.exit_code == 2, result.stderr
+    assert "there is no run 2 before this one" in result.stderr
+    assert keys.fake.mutating_calls() == []
+
+
+def test_a_disable_whose_run_died_before_its_outcome_is_settled_and_undone(
+    keys: Keys, env: dict[str, str], cli: Callable[..., CliResult]
+) -> None:
+    """The run was killed after the API disabled dev-b and before the outcome was recorded: a dry
+    undo says so; a live undo settles it from the key's fresh state, then gives it back."""
+    disabling = cli("run")
+    run_id = _run_id(disabling)
+    engine = make_engine(env["KEYHYGIENE_DATABASE_URL"])
+    with engine.begin() as connection:
+        connection.execute(
+            update(Action.__table__)
+            .where(Action.run_id == run_id, Action.key_name == "dev-b")
+            .values(outcome="pending", finished_at=None, key_updated_at=None)
+        )
+    engine.dispose()
+    assert keys.disabled("dev-b")
+
+    dry = cli("undo", str(run_id), "--dry-run")
+    assert dry.exit_code == 0, dry.stderr
+    assert "3 of 4 key(s) would be enabled, 1 left alone" in dry.stdout
+    assert "in doubt" in str(_audit(cli, _run_id(dry))["dev-b"]["reason"])
+
+    live = cli("undo", str(run_id))
+    assert live.exit_code == 0, live.stderr
+    assert "4 of 4 key(s) enabled" in live.stdout
+    assert not any(keys.disabled(name) for name in ("dev-a", "dev-b", "dev-c", "dev-d"))
+
+
+def test_undo_says_how_many_keys_were_deleted(keys: Keys, env: dict[str, str], cli: Callable[..., CliResult]) -> None:
+    deleting_rules = RULES.replace('action = "disable"', 'action = "delete"\ngrace = "0d"')
+    Path(env["KEYHYGIENE_RULES_FILE"]).write_text(deleting_rules)
+    deleting = cli("run")
+    assert deleting.exit_code == 0, deleting.stderr
+
+    result = cli("undo", str(_run_id(deleting)))
+
+    assert result.exit_code == 0, result.stderr
+    assert "0 of 4 key(s) enabled, 4 left alone, 0 failed; 4 of them were deleted and cannot be brought back" in (
+        result.stdout
+    )
+
+
+def test_enable_after_our_own_enable_names_that_change(keys: Keys, cli: Callable[..., CliResult]) -> None:
+    """dev-a was disabled by a run, given back by undo, then disabled by hand: keyhygiene's newest
+    change of it is the enable, so enable leaves it alone and says so."""
+    disabling = cli("run")
+    undo = cli("undo", str(_run_id(disabling)))
+    assert undo.exit_code == 0, undo.stderr
+    keys.fake.update_key(keys.hash["dev-a"], {"disabled": True})
+
+    result = cli("enable", keys.hash["dev-a"])
+
+    assert result.exit_code == 0, result.stderr
+    row = _audit(cli, _run_id(result))["dev-a"]
+    assert row["outcome"] == "skipped"
+    assert f"its enable in run {_run_id(undo)}, not a disable" in str(row["reason"])
+    assert "disabled_by_rule" not in str(row["evidence"])
