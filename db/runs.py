@@ -107,10 +107,16 @@ def newest_runs(session: Session) -> list[Run]:
     return list(session.scalars(select(Run).where(Run.id.in_(newest)).order_by(Run.kind)))
 
 
-def newest_finished_run(session: Session, *, ignore: Sequence[str] = ()) -> Run | None:
-    """The newest run that has ended, leaving out the statuses in ``ignore``."""
+def newest_finished_run(
+    session: Session, *, ignore: Sequence[str] = (), kinds: Sequence[str] | None = None
+) -> Run | None:
+    """The newest run that has ended, leaving out the statuses in ``ignore`` (and, with ``kinds``,
+    runs of any other job)."""
     statuses = [status for status in FINAL_STATUSES if status not in ignore]
-    return session.scalars(select(Run).where(Run.status.in_(statuses)).order_by(Run.id.desc()).limit(1)).first()
+    query = select(Run).where(Run.status.in_(statuses))
+    if kinds is not None:
+        query = query.where(Run.kind.in_(list(kinds)))
+    return session.scalars(query.order_by(Run.id.desc()).limit(1)).first()
 
 
 def runs_between(session: Session, *, since: datetime, until: datetime) -> Iterator[Run]:

@@ -1,7 +1,8 @@
 """``keyhygiene status``: is the periodic hygiene working? Read from the runs and snapshots alone.
 
-Healthy means: the newest run that ended succeeded (a run skipped because another job held the
-lock says nothing either way, so it is passed over), and the newest complete snapshot is younger
+Healthy means: the newest run of the periodic jobs that ended succeeded (a run skipped because
+another job held the lock says nothing either way, so it is passed over, and an operator's
+``undo`` or ``enable`` is no sign of the schedule working or not), and the newest complete snapshot is younger
 than twice the schedule's interval: the one it is in now (``schedule.current_period``: the longer
 of the gap between its last two firings and the gap to its next), so that a schedule of working
 hours is not stale every night and weekend. Anything else is a problem, named in words.
@@ -20,6 +21,9 @@ from db import runs, snapshots
 from .reports.runs import run_row
 from .schedule import current_period, next_run
 from .timeutil import isoformat
+
+HEALTH_JOBS = ("run", "sync", "enforce", "prune")
+"""The jobs whose runs say whether the hygiene is working (not ``undo`` nor ``enable``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +60,7 @@ def read_status(session: Session, *, schedule: str, now: datetime) -> Status:
     stale_after = 2 * current_period(schedule, now=now)
     problems: list[str] = []
 
-    last = runs.newest_finished_run(session, ignore=(runs.SKIPPED,))
+    last = runs.newest_finished_run(session, ignore=(runs.SKIPPED,), kinds=HEALTH_JOBS)
     if last is None:
         problems.append("no run has ended yet")
     elif last.status != runs.OK:

@@ -8,6 +8,7 @@ import io
 import json
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -118,6 +119,29 @@ def test_a_failed_newest_run_is_unhealthy_and_a_skipped_one_says_nothing(
     [problem] = status["problems"]  # type: ignore[misc]
     assert problem.startswith(f"the newest run ({_newest_run_id(cli)}, sync) ended failed: ")
     assert "rejected" in problem
+
+
+def test_an_operators_undo_or_enable_says_nothing_of_the_schedule(
+    ready: dict[str, str], cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dry ``enable`` after a failed sync does not hide the failure; a mistyped ``undo`` (exit 2)
+    after a good sync does not make the probe fail."""
+    Path(ready["KEYHYGIENE_RULES_FILE"]).write_text("")
+    assert cli("sync").exit_code == 0
+    mistyped = cli("undo", "999")
+    assert mistyped.exit_code == 2 and "there is no run 999" in mistyped.stderr
+    assert _status(cli)[0] == 0
+
+    good_key = ready["OPENROUTER_MANAGEMENT_KEY"]
+    monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", "sk-or-v1-" + "0" * 64)  # a key the API rejects
+    assert cli("sync").exit_code == 2
+    monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", good_key)
+    assert cli("enable", "0" * 64, "--dry-run").exit_code == 0
+
+    code, status = _status(cli)
+    assert code == 1
+    [problem] = status["problems"]  # type: ignore[misc]
+    assert ", sync) ended failed: " in problem
 
 
 def _newest_run_id(cli: Callable[..., CliResult]) -> int:
