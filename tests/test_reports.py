@@ -24,7 +24,8 @@ from keyhygiene.reports import ReportError, ReportParams, builders
 from keyhygiene.reports.render import print_table, to_csv, to_json
 from keyhygiene.reports.spend import compute_spend
 from keyhygiene.rules import parse_rules
-from tests.test_reports_support import D0, DAY, NOW, RULES, Org, build_history, day, key_hash
+from keyhygiene.timeutil import isoformat
+from tests.test_reports_support import D0, DAY, HOUR, NOW, RULES, Org, build_history, day, key_hash
 
 pytestmark = pytest.mark.postgres
 
@@ -183,6 +184,26 @@ def test_idle_threshold_and_no_rules_file(org: Org) -> None:
     assert idle["bravo"]["idle_days"] == 2
     assert "alpha" not in idle
     assert idle["india"]["next_action"] is None
+
+
+def test_a_key_is_idle_no_longer_than_it_has_existed(database: Database, fake: FakeOpenRouter, fake_url: str) -> None:
+    """A key never used reads idle from when OpenRouter began recording use, but it cannot have
+    been idle before it existed: as the rules read it, it is unused for D only once D old."""
+    org = Org(database, fake, fake_url)
+    try:
+        created = day(40, 10)
+        org.add("brand-new", at=created)
+        org.sync(day(40))
+        org.sync(day(41))
+        at = day(41, 12.5)
+
+        assert report(org, "idle", at=at, now=at) == []  # 7 days by default: it is a day old
+        [row] = report(org, "idle", at=at, now=at, since=HOUR)
+        assert (row["name"], row["idle_since"], row["idle_days"]) == ("brand-new", isoformat(created), 1)
+        trends = report(org, "trends", at=at, now=at, since=2 * DAY)
+        assert trends[-1]["idle_30d"] == len(report(org, "idle", at=at, now=at, since=30 * DAY)) == 0
+    finally:
+        org.close()
 
 
 # -- trends -----------------------------------------------------------------------------------------

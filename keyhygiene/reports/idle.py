@@ -23,6 +23,7 @@ from keyhygiene.errors import EXIT_USAGE
 from keyhygiene.keysapi.models import Key
 from keyhygiene.rules import AuditFacts, KeyFacts, KeyHistory, NextAction, idle_since, is_protected, next_action
 from keyhygiene.rules.model import duration_text
+from keyhygiene.timeutil import as_utc
 
 from .base import Report, ReportError, ReportParams, snapshot_for, usd
 
@@ -149,7 +150,12 @@ def build(session: Session, params: ReportParams, inputs: _Inputs | None = None)
     for key in inputs.keys:
         key_history = inputs.histories.get(key.hash, KeyHistory())
         since = idle_since(key, key_history)
-        if since is None or as_of - since < minimum:
+        if since is None:
+            continue
+        # Idle no longer than it has existed (a key never used reads idle from 2026-01-01, when
+        # OpenRouter began recording use): as the rules read it, unused for D only once D old.
+        since = max(since, as_utc(key.created_at))
+        if as_of - since < minimum:
             continue
         next_rule = next_step = acts_on = None
         protected = False
