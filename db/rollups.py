@@ -641,12 +641,10 @@ def alive_hashes(session: Session, snapshot_id: int, key_hashes: list[str]) -> s
     return snapshots.key_hashes_at(session, snapshot_id).intersection(key_hashes)
 
 
-def keys_alive(session: Session, snapshot_id: int, *, workspaces: tuple[str, ...] = ()) -> int:
-    """How many keys snapshot ``snapshot_id`` listed (0 for none), within ``workspaces`` when
-    given: from its counts, without reading the versions."""
+def keys_alive(session: Session, snapshot_id: int) -> int:
+    """How many keys snapshot ``snapshot_id`` listed (0 for none): from its counts, without reading
+    the versions."""
     query = select(func.coalesce(func.sum(SnapshotRollup.keys), 0)).where(SnapshotRollup.snapshot_id == snapshot_id)
-    if workspaces:
-        query = query.where(SnapshotRollup.workspace_id.in_(workspaces))
     return int(session.scalar(query) or 0)
 
 

@@ -206,6 +206,38 @@ def test_a_key_is_idle_no_longer_than_it_has_existed(database: Database, fake: F
         org.close()
 
 
+@pytest.mark.parametrize(
+    ("workspace", "listed", "without_spend"), [("Research", ["mover"], 0), ("Default", ["spender"], 1)]
+)
+def test_the_keys_without_spend_are_counted_once_for_a_key_moved_in_the_period(
+    database: Database, fake: FakeOpenRouter, fake_url: str, workspace: str, listed: list[str], without_spend: int
+) -> None:
+    """mover spent after it moved from Default to Research: it is listed under Research, and is
+    not counted among Default's keys without spend (it was counted as -1 in Research and as 1 in
+    Default); in Default, spender spent and stays spent nothing."""
+    fake.add_workspace("Research", id="ws-research")
+    org = Org(database, fake, fake_url)
+    try:
+        org.add("mover", at=day(40, 11), created_at=day(1), usage=1.0)
+        org.add("stays", at=day(40, 11), created_at=day(1), usage=1.0)
+        org.add("spender", at=day(40, 11), created_at=day(1), usage=1.0)
+        org.sync(day(40))
+        fake.set_clock(day(40, 17))
+        fake.update_key(key_hash("mover"), {"workspace_id": "ws-research"})
+        org.use("mover", 2.0, at=day(40, 18))
+        org.use("spender", 2.0, at=day(40, 18))
+        org.sync(day(41))
+        at = day(41, 13)
+        with org.database.sessions() as session:
+            ids = {name: workspace_id for workspace_id, name in snapshots.workspace_names(session).items()}
+            result = builders()["spend"](session, ReportParams(now=at, at=at, since=DAY, workspaces=(ids[workspace],)))
+        names = sorted(row["name"] for row in result.rows)
+        assert names == listed
+        assert f"{without_spend} keys with no spend in the period are not listed." in result.notes[0]
+    finally:
+        org.close()
+
+
 # -- trends -----------------------------------------------------------------------------------------
 
 

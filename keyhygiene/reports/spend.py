@@ -102,6 +102,8 @@ class SpendFigures:
     days: list[date]
     """The UTC days with a complete snapshot inside the period, oldest first."""
     key_count: int = 0
+    without_spend: int = 0
+    """Keys of ``key_count`` that spent nothing in the period (and are not listed by key)."""
 
     def day_totals(self) -> dict[date, tuple[float, float, int]]:
         """Per day: (usage, byok_usage, keys that spent)."""
@@ -147,6 +149,7 @@ def compute_spend(
             else:
                 spend.baseline_known = False
                 spend.counted_from = row.first_seen_at
+    spent_anywhere = {key_hash for key_hash, spend in keys.items() if spend.total > 0}
     keys = {
         key_hash: spend
         for key_hash, spend in keys.items()
@@ -158,14 +161,21 @@ def compute_spend(
         keys[key_hash].deleted_in_period = key_hash not in alive_at_end
 
     first_seen = sum(1 for spend in keys.values() if spend.created_in_period or not spend.baseline_known)
-    if params.name is None:
-        at_start = rollups.keys_alive(session, after_id, workspaces=params.workspaces)
+    if params.name is None and not params.workspaces:
+        at_start = rollups.keys_alive(session, after_id)
+        without_spend = at_start + first_seen - len(spent)
     else:
-        at_start = sum(
-            1
+        # A key is in the filter by its name and workspace at the start or (``keys``) at the end; one
+        # that spent is listed under its name and workspace at the end, and is not "without spend"
+        # under the ones it had at the start (a key moved or renamed in the period).
+        in_scope = {
+            key_hash
             for key_hash, name, workspace_id in rollups.names_alive(session, after_id)
             if params.wants(name=name, workspace_id=workspace_id)
-        )
+        }
+        in_scope.update(keys)
+        at_start = len(in_scope) - first_seen
+        without_spend = len(in_scope - spent_anywhere)
     days = sorted(
         {
             snapshot.taken_at.date()
@@ -173,7 +183,9 @@ def compute_spend(
             if snapshot.taken_at is not None and snapshot.taken_at > start
         }
     )
-    return SpendFigures(start=start, end=end, keys=keys, days=days, key_count=at_start + first_seen)
+    return SpendFigures(
+        start=start, end=end, keys=keys, days=days, key_count=at_start + first_seen, without_spend=without_spend
+    )
 
 
 def _period(session: Session, params: ReportParams, default: timedelta) -> tuple[Any, datetime, int, datetime]:
@@ -252,7 +264,7 @@ def build(session: Session, params: ReportParams) -> Report:
     total = usd(figures.total)
     notes = [
         f"Spend is the growth of each key's lifetime usage and byok_usage between snapshots (USD); "
-        f"{figures.key_count - len(spent)} keys with no spend in the period are not listed."
+        f"{figures.without_spend} keys with no spend in the period are not listed."
         if params.by == "key"
         else "Spend is the growth of each key's lifetime usage and byok_usage between snapshots (USD)."
     ]
