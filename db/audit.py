@@ -323,7 +323,8 @@ def audit_records(
         PlanEntry.evidence,
     ).join(PlanEntry, PlanEntry.plan_id == RunPlan.plan_id)
     if since is not None:
-        direct, referenced = direct.where(Action.created_at >= since), referenced.where(RunPlan.created_at >= since)
+        # (since, until], as spend and trends count a period: back-to-back windows list a record once.
+        direct, referenced = direct.where(Action.created_at > since), referenced.where(RunPlan.created_at > since)
     if until is not None:
         direct, referenced = direct.where(Action.created_at <= until), referenced.where(RunPlan.created_at <= until)
     if run_id is not None:

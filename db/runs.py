@@ -120,8 +120,8 @@ def newest_finished_run(
 
 
 def runs_between(session: Session, *, since: datetime, until: datetime) -> Iterator[Run]:
-    """Runs started in ``[since, until]``, oldest first, streamed."""
-    query = select(Run).where(Run.started_at >= since, Run.started_at <= until).order_by(Run.started_at, Run.id)
+    """Runs started in ``(since, until]`` (as every report counts a period), oldest first, streamed."""
+    query = select(Run).where(Run.started_at > since, Run.started_at <= until).order_by(Run.started_at, Run.id)
     yield from session.scalars(query.execution_options(yield_per=500))
 
 

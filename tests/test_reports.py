@@ -327,6 +327,21 @@ def test_actions_are_the_audit_log_with_rule_evidence_and_outcome(org: Org) -> N
     assert [row["key_name"] for row in report(org, "actions", since=DAY, name="g*")] == ["golf"]
 
 
+@pytest.mark.parametrize("kind", ["actions", "runs"])
+def test_back_to_back_periods_list_each_record_once(org: Org, kind: str) -> None:
+    """A dry enforce at 12:15: the hour ending then lists it, the hour after it does not, as a
+    snapshot at a period's start belongs to the period before it in spend and trends."""
+    at = day(10, 12.25)
+    outcome = org.run("enforce", at)
+    assert outcome.exit_code == 0, outcome.message
+
+    def ours(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [row for row in rows if row["run_id"] == outcome.run_id]
+
+    assert ours(report(org, kind, since=HOUR, at=at, now=at))
+    assert ours(report(org, kind, since=HOUR, at=at + HOUR, now=at + HOUR)) == []
+
+
 # -- output formats ---------------------------------------------------------------------------------
 
 
