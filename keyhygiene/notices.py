@@ -85,13 +85,17 @@ class Delivered:
 
 
 def run_outcome(outcome: JobOutcome) -> str | None:
-    """The notice outcome of a finished job: ``done`` (keys changed), ``failed``, ``refused``, or None."""
+    """The notice outcome of a finished job: ``done`` (keys changed, by enforcement or given back by
+    ``undo`` and ``enable``), ``failed``, ``refused``, or None."""
     if outcome.status == runs.REFUSED:
         return "refused"
     if outcome.status in (runs.FAILED, runs.ABORTED):
         return "failed"
     if outcome.enforcement is not None and (outcome.enforcement.done or outcome.enforcement.failed):
         return "done" if outcome.enforcement.done else "failed"
+    summary = outcome.summary or {}
+    if outcome.kind in ("undo", "enable") and summary.get("dry_run") is False and summary.get("done"):
+        return "done"  # keys given back: a change like any other (a failed one fails the job)
     return None
 
 
@@ -353,10 +357,17 @@ def _send_run_notice(
         counts=_counts(outcome),
         keys=_run_keys(database, outcome, said),
         message=outcome.message,
-        dry_run=outcome.enforcement.dry_run if outcome.enforcement is not None else None,
+        dry_run=_dry_run(outcome),
     )
     for target in targets:
         _send(database, target, body, sender, now=now)
+
+
+def _dry_run(outcome: JobOutcome) -> bool | None:
+    if outcome.enforcement is not None:
+        return outcome.enforcement.dry_run
+    said = (outcome.summary or {}).get("dry_run")  # undo and enable
+    return said if isinstance(said, bool) else None
 
 
 def _counts(outcome: JobOutcome) -> dict[str, Any]:

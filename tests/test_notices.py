@@ -141,6 +141,33 @@ def test_a_run_that_changed_keys_sends_one_notice_with_its_counts_and_keys(
     _assert_no_secret(sink, env, result)
 
 
+def test_keys_given_back_by_undo_or_enable_send_a_done_notice(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+) -> None:
+    rules_file(_rules(on='["done", "failed", "refused"]'))
+    now = utcnow()
+    idle = [fake.add_key(f"idle-{n}", created_at=now - 90 * DAY, last_used_at=now - 60 * DAY)["hash"] for n in range(2)]
+    disabling = cli("run")
+    assert disabling.exit_code == 0, disabling.stderr
+    assert len(sink.bodies()) == 1
+
+    assert cli("undo", str(disabling.events_named("run_finished")[0]["run_id"]), "--dry-run").exit_code == 0
+    assert len(sink.bodies()) == 1  # a dry run changes nothing: no notice
+    undone = cli("undo", str(disabling.events_named("run_finished")[0]["run_id"]))
+
+    assert undone.exit_code == 0, undone.stderr
+    body = sink.bodies()[-1]
+    assert (body["event"], body["outcome"], body["dry_run"]) == ("run", "done", False)
+    assert body["run_id"] == undone.events_named("run_finished")[0]["run_id"]
+    assert body["counts"]["done"] == 2
+    assert sorted(key["key_hash"] for key in body["keys"]) == sorted(idle)
+    assert {key["action"] for key in body["keys"]} == {"enable"}
+
+
 def test_the_json_notice_is_signed_with_the_shared_secret(
     env: dict[str, str],
     fake: FakeOpenRouter,
