@@ -92,8 +92,7 @@ class KeySpend:
 class SpendFigures:
     """The spend of every key (that passes the filters) over ``(start, end]``.
 
-    ``keys`` holds the keys that spent or were first seen in the period; ``key_count`` counts
-    every key that existed in it.
+    ``keys`` holds the keys that spent or were first seen in the period.
     """
 
     start: datetime
@@ -101,9 +100,8 @@ class SpendFigures:
     keys: dict[str, KeySpend]
     days: list[date]
     """The UTC days with a complete snapshot inside the period, oldest first."""
-    key_count: int = 0
     without_spend: int = 0
-    """Keys of ``key_count`` that spent nothing in the period (and are not listed by key)."""
+    """Keys that existed in the period and spent nothing in it (not listed by key)."""
 
     def day_totals(self) -> dict[date, tuple[float, float, int]]:
         """Per day: (usage, byok_usage, keys that spent)."""
@@ -160,10 +158,9 @@ def compute_spend(
     for key_hash in spent:
         keys[key_hash].deleted_in_period = key_hash not in alive_at_end
 
-    first_seen = sum(1 for spend in keys.values() if spend.created_in_period or not spend.baseline_known)
     if params.name is None and not params.workspaces:
-        at_start = rollups.keys_alive(session, after_id)
-        without_spend = at_start + first_seen - len(spent)
+        first_seen = sum(1 for spend in keys.values() if spend.created_in_period or not spend.baseline_known)
+        without_spend = rollups.keys_alive(session, after_id) + first_seen - len(spent)
     else:
         # A key is in the filter by its name and workspace at the start or (``keys``) at the end; one
         # that spent is listed under its name and workspace at the end, and is not "without spend"
@@ -174,7 +171,6 @@ def compute_spend(
             if params.wants(name=name, workspace_id=workspace_id)
         }
         in_scope.update(keys)
-        at_start = len(in_scope) - first_seen
         without_spend = len(in_scope - spent_anywhere)
     days = sorted(
         {
@@ -183,9 +179,7 @@ def compute_spend(
             if snapshot.taken_at is not None and snapshot.taken_at > start
         }
     )
-    return SpendFigures(
-        start=start, end=end, keys=keys, days=days, key_count=at_start + first_seen, without_spend=without_spend
-    )
+    return SpendFigures(start=start, end=end, keys=keys, days=days, without_spend=without_spend)
 
 
 def _period(session: Session, params: ReportParams, default: timedelta) -> tuple[Any, datetime, int, datetime]:
