@@ -348,27 +348,40 @@ class DayCounts:
 def day_counts(
     session: Session, *, start: datetime, end: datetime, workspaces: tuple[str, ...] = ()
 ) -> list[DayCounts]:
-    """Per UTC day with a complete snapshot in ``(start, end]``: the counts at its last one, oldest first."""
-    table = SnapshotRollup.__table__
-    where = [table.c.taken_at > start, table.c.taken_at <= end]
-    if workspaces:
-        where.append(table.c.workspace_id.in_(workspaces))
+    """Per UTC day with a complete snapshot in ``(start, end]``: the counts at its last one, oldest
+    first. A snapshot holds no roll-up row for a workspace without keys (nor any row when it holds no
+    key at all): such a day counts zero, it is neither skipped nor read at an earlier snapshot."""
     # One row per snapshot in the period (a year of hourly syncs is 8,760): the last of each day.
-    last_of_day: dict[date, int] = {}
+    # Complete snapshots only: the retention marks a snapshot pruned before it drops its roll-ups.
+    last_of_day: dict[date, tuple[int, datetime]] = {}
     for snapshot_id, taken_at in session.execute(
-        select(table.c.snapshot_id, table.c.taken_at).where(*where).distinct().order_by(table.c.snapshot_id)
+        select(Snapshot.id, Snapshot.taken_at)
+        .where(Snapshot.status == snapshots.COMPLETE, Snapshot.taken_at > start, Snapshot.taken_at <= end)
+        .order_by(Snapshot.id)
     ):
-        last_of_day[taken_at.date()] = snapshot_id
+        assert taken_at is not None  # bounded by the period
+        last_of_day[taken_at.astimezone(UTC).date()] = (snapshot_id, taken_at)
     chosen = sorted(last_of_day.values())
+    table = SnapshotRollup.__table__
+    in_workspaces = [table.c.workspace_id.in_(workspaces)] if workspaces else []
     result: list[DayCounts] = []
     for start_index in range(0, len(chosen), 500):
-        rows = session.execute(
-            select(table.c.snapshot_id, func.min(table.c.taken_at), *(func.sum(table.c[name]) for name in COUNTS))
-            .where(table.c.snapshot_id.in_(chosen[start_index : start_index + 500]), *where[2:])
-            .group_by(table.c.snapshot_id)
-            .order_by(table.c.snapshot_id)
-        )
-        result.extend(DayCounts(row[1].date(), row[0], row[1], *(int(value or 0) for value in row[2:])) for row in rows)
+        batch = chosen[start_index : start_index + 500]
+        sums = {
+            row[0]: row[1:]
+            for row in session.execute(
+                select(table.c.snapshot_id, *(func.sum(table.c[name]) for name in COUNTS))
+                .where(table.c.snapshot_id.in_([snapshot_id for snapshot_id, _ in batch]), *in_workspaces)
+                .group_by(table.c.snapshot_id)
+            )
+        }
+        for snapshot_id, taken_at in batch:
+            counts = sums.get(snapshot_id, (0,) * len(COUNTS))
+            result.append(
+                DayCounts(
+                    taken_at.astimezone(UTC).date(), snapshot_id, taken_at, *(int(value or 0) for value in counts)
+                )
+            )
     return result
 
 
@@ -397,19 +410,24 @@ def spend_by_day(
     )
     days = KeyDay.__table__
 
-    def newest(column: Any) -> Any:
-        # Looked up per first-seen row (few), from the key's newest record version.
+    def at_first_sight(column: Any) -> Any:
+        # Looked up per first-seen row (few), from the key's first record version: the workspace
+        # it was in when first seen, as that snapshot's counts (``day_counts``) place it.
         return (
             select(column)
             .where(key_records.c.key_id == days.c.key_id)
-            .order_by(key_records.c.valid_from.desc())
+            .order_by(key_records.c.valid_from)
             .limit(1)
             .scalar_subquery()
         )
 
-    first_where = [days.c.first_seen_at > start, days.c.first_seen_at <= end, newest(key_records.c.created_at) > start]
+    first_where = [
+        days.c.first_seen_at > start,
+        days.c.first_seen_at <= end,
+        at_first_sight(key_records.c.created_at) > start,
+    ]
     if workspaces:
-        first_where.append(newest(key_records.c.workspace_id).in_(workspaces))
+        first_where.append(at_first_sight(key_records.c.workspace_id).in_(workspaces))
     firsts = session.execute(
         select(days.c.day, func.sum(days.c.first_usage), func.sum(days.c.first_byok_usage))
         .where(*first_where)

@@ -297,6 +297,73 @@ def test_spend_and_idle_by_owner(org: Org) -> None:
     assert [(row["owner"], row["keys"]) for row in idle] == [(None, 2), ("cat", 1)]
 
 
+def test_trends_count_zero_where_the_last_snapshot_of_a_day_has_no_keys(
+    database: Database, fake: FakeOpenRouter, fake_url: str
+) -> None:
+    """A day is read at its last snapshot even when that snapshot holds no key of the workspace
+    asked about, or no key at all: the day counts zero keys, not the keys of an earlier snapshot."""
+    store = Org(database, fake, fake_url)
+    try:
+        ops = fake.add_workspace("Ops", id="ws-ops")["id"]
+        day0 = datetime(2026, 6, 1, tzinfo=UTC)
+        store.add("ops-only", at=day0, created_at=day0 - 30 * DAY, workspace_id=ops)
+        store.add("default", at=day0, created_at=day0 - 30 * DAY)
+        store.sync(day0 + 6 * HOUR)  # day 0: one key in each workspace
+        store.delete("ops-only", at=day0 + 7 * HOUR)
+        store.sync(day0 + 12 * HOUR)  # day 0's last snapshot: Ops has no key
+        store.sync(day0 + 30 * HOUR)  # day 1: Ops still has none
+        store.delete("default", at=day0 + 31 * HOUR)
+        store.sync(day0 + 54 * HOUR)  # day 2: the organisation has no key at all
+        with database.sessions() as session:
+            now = day0 + 55 * HOUR
+
+            def trends(**options: Any) -> list[tuple[str, int]]:
+                result = builders()["trends"](session, ReportParams(now=now, since=3 * DAY, **options))
+                return [(row["day"], row["keys"]) for row in json.loads(to_json(result))]
+
+            in_ops = trends(workspaces=("ws-ops",))
+            everywhere = trends()
+    finally:
+        store.close()
+    assert in_ops == [("2026-06-01", 0), ("2026-06-02", 0), ("2026-06-03", 0)]
+    assert everywhere == [("2026-06-01", 1), ("2026-06-02", 1), ("2026-06-03", 0)]
+
+
+def test_trends_count_a_new_keys_first_spend_in_the_workspace_it_was_first_seen_in(
+    database: Database, fake: FakeOpenRouter, fake_url: str
+) -> None:
+    """What a key created inside the period had spent when first seen is that day's spend of the
+    workspace it was in then, as the snapshot's counts place it, even after it moved elsewhere."""
+    store = Org(database, fake, fake_url)
+    try:
+        ops = fake.add_workspace("Ops", id="ws-ops")["id"]
+        research = fake.add_workspace("Research", id="ws-research")["id"]
+        day0 = datetime(2026, 6, 1, tzinfo=UTC)
+        store.add("other", at=day0, created_at=day0 - 30 * DAY, workspace_id=research)
+        store.sync(day0 + 6 * HOUR)
+        store.add("newbie", at=day0 + 7 * HOUR, usage=3.0, workspace_id=ops)
+        store.sync(day0 + 12 * HOUR)  # first seen in Ops, with 3.0 spent
+        fake.update_key(key_hash("newbie"), {"workspace_id": research})
+        store.sync(day0 + 30 * HOUR)  # day 1: in Research, no spend since
+        with database.sessions() as session:
+            now = day0 + 31 * HOUR
+
+            def spend(workspace: str, at: datetime) -> list[tuple[str, int, float]]:
+                params = ReportParams(now=now, at=at, since=2 * DAY, workspaces=(workspace,))
+                result = builders()["trends"](session, params)
+                return [(row["day"], row["keys"], row["spend"]) for row in json.loads(to_json(result))]
+
+            at_day0 = {name: spend(name, day0 + 13 * HOUR) for name in ("ws-ops", "ws-research")}
+            at_day1 = {name: spend(name, now) for name in ("ws-ops", "ws-research")}
+    finally:
+        store.close()
+    assert at_day0 == {"ws-ops": [("2026-06-01", 1, 3.0)], "ws-research": [("2026-06-01", 1, 0.0)]}
+    assert at_day1 == {
+        "ws-ops": [("2026-06-01", 1, 3.0), ("2026-06-02", 0, 0.0)],
+        "ws-research": [("2026-06-01", 1, 0.0), ("2026-06-02", 2, 0.0)],
+    }
+
+
 def test_trends_refuse_a_name_filter(org: Org) -> None:
     with org.database.sessions() as session, pytest.raises(ReportError, match="--name"):
         builders()["trends"](session, ReportParams(now=NOW, name="st*"))

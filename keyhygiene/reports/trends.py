@@ -1,7 +1,8 @@
 """``report trends``: per UTC day, how many keys were in which state, and what they spent.
 
 Each day is read at the last complete snapshot of that day inside the period ``(start, end]``
-(days without a snapshot have no row), from the roll-ups each sync keeps (:mod:`db.rollups`), so a
+(days without a snapshot have no row; a day whose last snapshot holds no key of the workspaces
+asked about counts zero), from the roll-ups each sync keeps (:mod:`db.rollups`), so a
 year of history costs one row per snapshot and workspace. ``idle_30d`` counts keys that the rules
 file's ``match = "unused"`` with ``idle_for = "30d"`` would call unused at that snapshot: at least
 30 days old and no use seen for 30 days, from ``last_used_at`` and from the usage history.
