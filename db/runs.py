@@ -19,6 +19,10 @@ SKIPPED = "skipped"
 ABORTED = "aborted"
 FINAL_STATUSES = (OK, FAILED, REFUSED, SKIPPED, ABORTED)
 
+# The jobs the worker runs (its Celery tasks, beat's and `trigger`'s): the ones whose runs say
+# whether the hygiene is working. `undo` and `enable` are run by hand, from the command line only.
+WORKER_JOBS = ("run", "sync", "enforce", "prune")
+
 # Who started a run: the beat schedule, `keyhygiene trigger`, or a command run inline.
 BEAT = "beat"
 TRIGGER = "trigger"

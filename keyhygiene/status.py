@@ -22,9 +22,6 @@ from .reports.runs import run_row
 from .schedule import current_period, next_run
 from .timeutil import isoformat
 
-HEALTH_JOBS = ("run", "sync", "enforce", "prune")
-"""The jobs whose runs say whether the hygiene is working (not ``undo`` nor ``enable``)."""
-
 
 @dataclass(frozen=True, slots=True)
 class Status:
@@ -60,7 +57,7 @@ def read_status(session: Session, *, schedule: str, now: datetime) -> Status:
     stale_after = 2 * current_period(schedule, now=now)
     problems: list[str] = []
 
-    last = runs.newest_finished_run(session, ignore=(runs.SKIPPED,), kinds=HEALTH_JOBS)
+    last = runs.newest_finished_run(session, ignore=(runs.SKIPPED,), kinds=runs.WORKER_JOBS)
     if last is None:
         problems.append("no run has ended yet")
     elif last.status != runs.OK:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
-JOB_KINDS = ("run", "sync", "enforce", "prune")
+from db.runs import WORKER_JOBS
+
+JOB_KINDS = WORKER_JOBS
 TASK_NAMES = {kind: f"keyhygiene.{kind}" for kind in JOB_KINDS}
 QUEUE = "keyhygiene"
