@@ -229,7 +229,9 @@ def record_plan(
     one ``run_plans`` row, and the entries only when no stored plan has the same digest. The caller
     commits."""
     digest = plan_digest(entries)
-    plan_id = session.scalar(select(StoredPlan.id).where(StoredPlan.digest == digest))
+    # Locked (PostgreSQL) until the caller commits: the audit retention skips a plan a run is
+    # referring to, and one it is deleting this moment is, once it has, not found here.
+    plan_id = session.scalar(select(StoredPlan.id).where(StoredPlan.digest == digest).with_for_update(key_share=True))
     if plan_id is None:
         stored = StoredPlan(digest=digest, decisions=len(entries), created_at=now)
         session.add(stored)

@@ -169,7 +169,11 @@ def delete_old_actions(session: Session, *, before: datetime, limit: int) -> int
         result = session.execute(delete(RunPlan).where(RunPlan.id.in_(ids)))
         return int(getattr(result, "rowcount", 0) or 0)
     unreferenced = ~exists().where(RunPlan.plan_id == StoredPlan.id)
-    plan_ids = list(session.scalars(select(StoredPlan.id).where(unreferenced).order_by(StoredPlan.id).limit(limit)))
+    # Locked (PostgreSQL) until this step commits, leaving out any plan a run is referring to now
+    # (``db.audit.record_plan`` locks it): that run would otherwise wait for this step and then
+    # fail on the plan it deleted, or this step for the run, on the reference it added.
+    candidates = select(StoredPlan.id).where(unreferenced).order_by(StoredPlan.id).limit(limit)
+    plan_ids = list(session.scalars(candidates.with_for_update(of=StoredPlan, skip_locked=True)))
     if plan_ids:
         # Checked again in each statement: a run may have just referred to one of these plans.
         entry_unreferenced = ~exists().where(RunPlan.plan_id == PlanEntry.plan_id)

@@ -77,14 +77,24 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(name))
 
 
-@pytest.fixture
-def database(db_url: str) -> Iterator[Database]:
-    """A migrated database (both backends)."""
-    settings = Settings(KEYHYGIENE_DATABASE_URL=db_url)  # type: ignore[call-arg]
+def _migrated(url: str) -> Iterator[Database]:
+    settings = Settings(KEYHYGIENE_DATABASE_URL=url)  # type: ignore[call-arg]
     database = Database.open(settings, check=False)
     upgrade(database.engine)
     yield database
     database.close()
+
+
+@pytest.fixture
+def database(db_url: str) -> Iterator[Database]:
+    """A migrated database (both backends)."""
+    yield from _migrated(db_url)
+
+
+@pytest.fixture
+def pg_database(postgres_url: str) -> Iterator[Database]:
+    """A migrated PostgreSQL database, for what only a database with concurrent writers shows."""
+    yield from _migrated(postgres_url)
 
 
 @pytest.fixture

@@ -4,21 +4,26 @@ events still show every planned decision of every run."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, text
 from structlog.testing import capture_logs
 
-from db import audit
+from db import audit, runs
+from db import retention as retention_db
+from db.audit import PlannedEntry
+from db.migrate import upgrade
 from db.models import Action, PlanEntry, RunPlan, StoredPlan
 from keyhygiene import retention
 from keyhygiene.context import Database, session_scope
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.reports import ReportParams
 from keyhygiene.reports.actions import build as actions_report
+from keyhygiene.settings import Settings
 from tests.test_reports_support import NOW, RULES, Org, build_history, key_hash
 
 HOUR = timedelta(hours=1)
@@ -141,9 +146,6 @@ def test_audit_retention_removes_old_plan_references_then_unreferenced_plans(org
 def test_dry_run_records_written_before_0008_stay_readable_beside_new_ones(db_url: str) -> None:
     from sqlalchemy import text
 
-    from db.migrate import upgrade
-    from keyhygiene.settings import Settings
-
     database = Database.open(Settings(_env_file=None, KEYHYGIENE_DATABASE_URL=db_url), check=False)  # type: ignore[call-arg]
     try:
         upgrade(database.engine, "0002")  # the schema before plans were stored by reference
@@ -176,3 +178,116 @@ def test_dry_run_records_written_before_0008_stay_readable_beside_new_ones(db_ur
         (7, "old-key", "planned", {"idle_days": 40}, False),
         (7, "new-key", "planned", {}, True),
     ]
+
+
+# -- a dry run and the audit retention at the same moment (PostgreSQL: SQLite has one writer) ------
+
+
+PLAN = [PlannedEntry("a" * 64, "golf", None, "disable-idle", ("disable-idle",), "disable", {"idle_days": 40})]
+
+
+def unreferenced_plan(database: Database) -> int:
+    """A stored plan that no run refers to any more (its run's reference was pruned)."""
+    with session_scope(database) as session:
+        run = runs.start_run(session, kind="enforce", now=NOW)
+        plan_id = audit.record_plan(
+            session, run_id=run.id, now=NOW, entries=PLAN, dry_run=True, outcome="planned"
+        ).plan_id
+        session.execute(delete(RunPlan))
+    return plan_id
+
+
+def dry_run_records(database: Database, done: threading.Event) -> Callable[[], int]:
+    """A run's dry-run record of PLAN, in a thread: the plan id its reference points to."""
+    result: list[int | BaseException] = []
+
+    def record() -> None:
+        try:
+            with session_scope(database) as session:
+                run = runs.start_run(session, kind="enforce", now=NOW + HOUR)
+                reference = audit.record_plan(
+                    session, run_id=run.id, now=NOW + HOUR, entries=PLAN, dry_run=True, outcome="planned"
+                )
+                result.append(reference.plan_id)
+        except BaseException as exc:
+            result.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=record)
+    thread.start()
+
+    def outcome() -> int:
+        thread.join(timeout=30)
+        assert result, "the dry run's record did not end"
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
+
+    return outcome
+
+
+def waiting_on_a_lock(database: Database) -> bool:
+    with database.engine.connect() as connection:
+        waiting = connection.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        ).scalar_one()
+    return bool(waiting)
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(3000):  # bounded: about 30 s
+        if condition():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def plan_entries(database: Database, plan_id: int) -> int:
+    with database.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(PlanEntry).where(PlanEntry.plan_id == plan_id)) or 0)
+
+
+def test_a_plan_the_retention_deletes_while_a_dry_run_refers_to_it_is_stored_again(pg_database: Database) -> None:
+    """The retention deletes an unreferenced plan and a dry run with the same plan refers to it before
+    the deletion commits: the dry run waits, then stores the plan again; it does not fail."""
+    old = unreferenced_plan(pg_database)
+    with session_scope(pg_database) as prune:
+        retention_step = retention_db.delete_old_actions(prune, before=NOW + 2 * HOUR, limit=100)
+        assert retention_step == 0 and prune.scalar(select(func.count()).select_from(StoredPlan)) == 0
+        done = threading.Event()
+        outcome = dry_run_records(pg_database, done)
+        wait_for(lambda: done.is_set() or waiting_on_a_lock(pg_database), "the dry run waits for the retention")
+    plan_id = outcome()
+    assert plan_id != old
+    assert plan_entries(pg_database, plan_id) == 1
+
+
+def test_the_retention_leaves_a_plan_alone_that_a_dry_run_is_referring_to(pg_database: Database) -> None:
+    """A dry run refers to an unreferenced stored plan and has not committed yet: the retention
+    neither waits for it nor deletes the plan, and both end well."""
+    old = unreferenced_plan(pg_database)
+    with session_scope(pg_database) as run_session:
+        run = runs.start_run(run_session, kind="enforce", now=NOW + HOUR)
+        reference = audit.record_plan(
+            run_session, run_id=run.id, now=NOW + HOUR, entries=PLAN, dry_run=True, outcome="planned"
+        )
+        assert reference.plan_id == old
+        result: list[int | BaseException] = []
+
+        def prune() -> None:
+            try:
+                with session_scope(pg_database) as session:
+                    result.append(retention_db.delete_old_actions(session, before=NOW + 2 * HOUR, limit=100))
+            except BaseException as exc:
+                result.append(exc)
+
+        thread = threading.Thread(target=prune)
+        thread.start()
+        thread.join(timeout=30)
+        assert result == [0], "the retention waited for the dry run, or failed"
+    assert plan_entries(pg_database, old) == 1
+    with pg_database.sessions() as session:
+        assert session.scalar(select(RunPlan.plan_id).where(RunPlan.run_id == run.id)) == old
