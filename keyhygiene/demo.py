@@ -38,7 +38,7 @@ from keyhygiene.rules import Decision, load_rules
 from . import logging as khlog
 from .context import Database, collection_paused, open_client, quick_handoffs, session_scope
 from .enforcement import explain
-from .errors import EXIT_FAILURE, EXIT_OK
+from .errors import EXIT_FAILURE, EXIT_OK, UsageError
 from .jobs import execute
 from .reports import ReportParams
 from .reports import idle as idle_report
@@ -223,6 +223,32 @@ def _plan_rows(decisions: list[Decision], *, per_group: int = 4) -> tuple[list[d
     return rows, counts
 
 
+DEMO_MARK = ".keyhygiene-demo"
+"""A file the demo leaves in its folder: the database and rules file there are its own, and a
+later demo may replace them."""
+
+
+def _claim_folder(folder: Path, db_path: Path, rules_path: Path) -> None:
+    """Create the demo's folder, or make sure that what the demo replaces in it is the demo's own.
+
+    The demo's files have the names of a real installation's defaults (``keyhygiene.db``,
+    ``keyhygiene.toml``): a folder that holds either, without the demo's mark (or the demo's rules,
+    as a demo from before the mark left them), is refused, never overwritten."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        marked = (folder / DEMO_MARK).exists()
+        ours = marked or (rules_path.is_file() and rules_path.read_text(errors="replace") == DEMO_RULES)
+        foreign = [path.name for path in (db_path, rules_path) if path.exists() or path.is_symlink()]
+        if foreign and not ours:
+            raise UsageError(
+                f"{folder} holds {' and '.join(foreign)}, which the demo did not write and would replace: "
+                "give the demo a folder of its own with --dir"
+            )
+        (folder / DEMO_MARK).write_text("The keyhygiene demo's folder: `keyhygiene demo` replaces what it holds.\n")
+    except OSError as exc:
+        raise UsageError(f"the demo cannot use the folder {folder}: {exc.strerror or exc}") from None
+
+
 def run_demo(
     *,
     directory: str | None = None,
@@ -246,8 +272,8 @@ def run_demo(
     share = every / DAY
 
     folder = Path(directory or DEFAULT_DIRECTORY)
-    folder.mkdir(parents=True, exist_ok=True)
     db_path, rules_path, html_path = folder / "keyhygiene.db", folder / "keyhygiene.toml", folder / "report.html"
+    _claim_folder(folder, db_path, rules_path)
     replaced = db_path.exists()
     for stale in (db_path, folder / "keyhygiene.db-wal", folder / "keyhygiene.db-shm"):
         stale.unlink(missing_ok=True)

@@ -108,6 +108,29 @@ def test_the_demo_command_in_a_named_directory(clean_env: Path, cli: Callable[..
     assert "the previous demo database was replaced" in again.stdout
 
 
+@pytest.mark.parametrize("existing", ["keyhygiene.db", "keyhygiene.toml"])
+def test_the_demo_never_replaces_a_database_or_rules_file_it_did_not_write(
+    clean_env: Path, cli: Callable[..., Any], existing: str
+) -> None:
+    """The demo's files have a real installation's default names: in a folder holding either one
+    that the demo did not write, it stops (exit 2) and leaves both as they were."""
+    mine = clean_env / existing
+    mine.write_bytes(b"an operator's own file")
+    refused = cli("demo", "--dir", ".", "--days", "1", "--keys", "10")
+    assert refused.exit_code == 2
+    assert existing in refused.stderr and "--dir" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert mine.read_bytes() == b"an operator's own file"
+    assert sorted(path.name for path in clean_env.iterdir()) == [existing]
+
+
+def test_the_demo_says_when_it_cannot_make_its_folder(clean_env: Path, cli: Callable[..., Any]) -> None:
+    (clean_env / "a-file").write_text("not a folder")
+    refused = cli("demo", "--dir", "a-file/demo", "--days", "1", "--keys", "10")
+    assert refused.exit_code == 2
+    assert "a-file/demo" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_an_hourly_demo_takes_a_snapshot_every_hour(
     clean_env: Path, cli: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
