@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
+from .audit import PENDING
 from .engine import SQLITE_BEGIN
 from .models import (
     Action,
@@ -160,7 +161,9 @@ def delete_old_actions(session: Session, *, before: datetime, limit: int) -> int
     """Delete up to ``limit`` audit records created before ``before``: ``actions`` rows first, then
     runs' plan references, then the stored plans no run refers to any more. Returns the records
     deleted (a plan reference counts once)."""
-    ids = list(session.scalars(select(Action.id).where(Action.created_at < before).order_by(Action.id).limit(limit)))
+    # A change in doubt (``pending``: its outcome never recorded) stays until a run settles it.
+    old = (Action.created_at < before, Action.outcome != PENDING)
+    ids = list(session.scalars(select(Action.id).where(*old).order_by(Action.id).limit(limit)))
     if ids:
         result = session.execute(delete(Action).where(Action.id.in_(ids)))
         return int(getattr(result, "rowcount", 0) or 0)

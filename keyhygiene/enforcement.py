@@ -555,6 +555,20 @@ def _carry_out(
         if applied:
             reason = f"the API's answer was lost or unreadable ({exc}); the key's fresh state shows the change was made"
             return outcome_is(audit.DONE, reason=reason, after=after)
+        if applied is None:
+            # Neither the answer nor the key's state could be read: the change may have been made.
+            # The intent stays pending, in doubt, and the next run settles it from the key's fresh
+            # state (``settle_in_doubt``), which logs its one ``key_action`` event then.
+            log.warning(
+                "key_action_in_doubt",
+                run_id=run_id,
+                key_hash=decision.key_hash,
+                key_name=decision.key_name,
+                rule=decision.rule,
+                action=decision.action,
+                error=str(exc),
+            )
+            return audit.FAILED
         if isinstance(exc, OutcomeUnknown):
             reason = "the answer was lost and the key's fresh state shows no change; not re-sent, a later run decides"
             outcome_is(audit.FAILED, reason=reason, error=str(exc))
@@ -567,15 +581,17 @@ def _carry_out(
     return outcome_is(audit.DONE, reason=step if isinstance(step, str) else None, after=answered)
 
 
-def _took_effect(client: KeysClient, decision: Decision) -> tuple[bool, Key | None]:
-    """Whether the key's fresh state shows ``decision`` was applied, and that state (False when it
-    cannot be told)."""
+def _took_effect(client: KeysClient, decision: Decision) -> tuple[bool | None, Key | None]:
+    """Whether the key's fresh state shows ``decision`` was applied (None when it cannot be read),
+    and that state."""
     try:
         fresh = client.get_key(decision.key_hash)
     except NotFound:
         return decision.action == "delete", None
+    except AuthenticationFailed:
+        raise
     except ApiError:
-        return False, None
+        return None, None
     if decision.action == "disable":
         return fresh.disabled, fresh
     if decision.action == "enable":

@@ -13,17 +13,24 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from structlog.testing import capture_logs
 
-from db import audit
+from db import audit, runs
 from db.models import Action, Run
-from keyhygiene.context import Database
+from keyhygiene.context import Database, session_scope
+from keyhygiene.enforcement import change_key, settle_in_doubt
 from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.keysapi.client import KeysClient
+from keyhygiene.keysapi.errors import ServerError
+from keyhygiene.keysapi.models import Key
+from keyhygiene.rules import Decision
 from keyhygiene.settings import Settings
 from keyhygiene.timeutil import utcnow
 
-from .conftest import CliResult
+from .conftest import MANAGEMENT_KEY, CliResult
 
 DAY = timedelta(days=1)
+HOUR = timedelta(hours=1)
 
 
 def _rules(
@@ -532,6 +539,62 @@ def test_a_disable_whose_answer_was_lost_and_not_applied_is_failed_not_resent(
     assert org.fake.get(idle)["disabled"] is False  # type: ignore[index]
     row = next(a for a in _actions(ready) if a.key_hash == idle)
     assert row.outcome == "failed" and "not re-sent" in (row.reason or "")
+
+
+class _ReadsFailAfterAChange(KeysClient):
+    """The real client against the fake, except that once a change has been sent every GET fails
+    as an API in trouble answers (503): the fake's faults are queued per method and path, so they
+    cannot fail only the GETs that come after a given PATCH."""
+
+    changed = False
+
+    def update_key(self, key_hash: str, **fields: Any) -> Key:
+        self.changed = True
+        return super().update_key(key_hash, **fields)
+
+    def get_key(self, key_hash: str) -> Key:
+        if self.changed:
+            raise ServerError(f"GET /keys/{key_hash}: the API failed (503)", status=503)
+        return super().get_key(key_hash)
+
+
+def test_a_change_whose_answer_and_fresh_state_are_both_lost_stays_in_doubt(
+    fake: FakeOpenRouter, fake_url: str, database: Database
+) -> None:
+    """The PATCH is made but its answer is lost, and the key cannot be read after it: the change is
+    neither done nor failed. Its intent stays pending, and the next run settles it from the key's
+    fresh state as made, so undo and the reenable rules know of it."""
+    now = utcnow()
+    idle = str(fake.add_key("dev-idle", created_at=now - 90 * DAY, last_used_at=now - 60 * DAY)["hash"])
+    with session_scope(database) as session:
+        run_id = runs.start_run(session, kind="enforce", now=now, dry_run=False).id
+    fake.faults.drop_connection(1, after_processing=True, method="PATCH")
+    decision = Decision(idle, "dev-idle", None, "disable", "disable-idle", ("disable-idle",), {})
+    client = _ReadsFailAfterAChange(fake_url, MANAGEMENT_KEY, retry_seconds=0.5)
+    try:
+        with capture_logs() as logs:
+            outcome = change_key(database, client, decision, run_id=run_id, recheck=lambda d, _: d, clock=lambda: now)
+    finally:
+        client.close()
+
+    assert outcome == "failed"  # this run could not make sure of it
+    assert fake.get(idle)["disabled"] is True  # type: ignore[index]
+    assert [entry["event"] for entry in logs if entry["event"].startswith("key_action")] == ["key_action_in_doubt"]
+    with database.sessions() as session:
+        assert [(a.action, a.outcome) for a in audit.changes_of_run(session, run_id)] == [("disable", "pending")]
+
+    reader = KeysClient(fake_url, MANAGEMENT_KEY)
+    try:
+        with capture_logs() as logs:
+            assert settle_in_doubt(database, reader, now=now + HOUR) == 1
+    finally:
+        reader.close()
+    with database.sessions() as session:
+        (row,) = audit.changes_of_run(session, run_id)
+    assert (row.outcome, row.key_updated_at is not None) == ("done", True)
+    assert [(entry["event"], entry["outcome"]) for entry in logs if entry["event"] == "key_action"] == [
+        ("key_action", "done")
+    ]
 
 
 def test_idleness_proved_by_history_alone_and_rechecked_on_fresh_usage(

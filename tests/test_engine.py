@@ -126,9 +126,9 @@ def test_name_globs_are_case_sensitive_and_match_the_whole_name() -> None:
 
 
 def test_a_protected_key_is_never_reenabled() -> None:
-    key = make_key(hash="keep", disabled=True, usage_monthly=1.0)
+    key = make_key(hash="keep", disabled=True, usage_monthly=1.0, updated_at=NOW - DAY)
     reenabler = rule("spend", "over_budget", "disable", threshold_usd=100.0, reenable=True)
-    audit = AuditFacts("disable", "spend", NOW - DAY)
+    audit = AuditFacts("disable", "spend", NOW - DAY, key_updated_at=NOW - DAY)
     assert action_of(run(key, reenabler, audit=audit)) == "enable"
     assert run(key, reenabler, audit=audit, protect_hashes=("keep",)) is None
 
@@ -539,11 +539,13 @@ def test_a_disabled_key_without_proof_is_not_deleted_but_may_be_reported() -> No
 # --- reenable -----------------------------------------------------------------------------------
 
 SPEND = rule("spend", "over_budget", "disable", threshold_usd=100.0, reenable=True)
-BY_SPEND = AuditFacts("disable", "spend", NOW - timedelta(days=20))
+OURS = NOW - timedelta(days=20)
+"""The ``updated_at`` the API answered our disable with, and the key still carries."""
+BY_SPEND = AuditFacts("disable", "spend", OURS, key_updated_at=OURS)
 
 
 def test_reenable_a_key_this_rule_disabled_once_under_budget() -> None:
-    decision = run(make_key(disabled=True, usage_monthly=99.99), SPEND, audit=BY_SPEND)
+    decision = run(make_key(disabled=True, updated_at=OURS, usage_monthly=99.99), SPEND, audit=BY_SPEND)
     assert decision is not None
     assert (decision.action, decision.rule, decision.rules) == ("enable", "spend", ("spend",))
     assert decision.evidence == {
@@ -567,10 +569,12 @@ def test_reenable_only_while_the_key_is_as_our_disable_left_it() -> None:
     assert run(later, SPEND, audit=audit) is None
     unknown = AuditFacts("disable", "spend", ours)
     assert run(make_key(disabled=True, usage_monthly=0.0, updated_at=ours), SPEND, audit=unknown) is None
+    # Nor when the key carries no updated_at now: nothing shows it is as our disable left it.
+    assert run(make_key(disabled=True, usage_monthly=0.0, updated_at=None), SPEND, audit=audit) is None
 
 
 def test_no_reenable_while_still_over_budget() -> None:
-    assert run(make_key(disabled=True, usage_monthly=100.0), SPEND, audit=BY_SPEND) is None
+    assert run(make_key(disabled=True, updated_at=OURS, usage_monthly=100.0), SPEND, audit=BY_SPEND) is None
 
 
 @pytest.mark.parametrize(
@@ -584,12 +588,12 @@ def test_no_reenable_while_still_over_budget() -> None:
     ],
 )
 def test_keys_disabled_by_anyone_else_are_never_enabled(audit: AuditFacts) -> None:
-    assert run(make_key(disabled=True, usage_monthly=0.0), SPEND, audit=audit) is None
+    assert run(make_key(disabled=True, updated_at=OURS, usage_monthly=0.0), SPEND, audit=audit) is None
 
 
 def test_no_reenable_without_reenable_true() -> None:
     no_reenable = rule("spend", "over_budget", "disable", threshold_usd=100.0)
-    assert run(make_key(disabled=True, usage_monthly=0.0), no_reenable, audit=BY_SPEND) is None
+    assert run(make_key(disabled=True, updated_at=OURS, usage_monthly=0.0), no_reenable, audit=BY_SPEND) is None
 
 
 def test_no_reenable_of_a_key_that_is_enabled() -> None:
@@ -600,16 +604,22 @@ def test_the_rules_own_disabled_filter_does_not_stop_reenable() -> None:
     # disabled = false means "disable enabled keys over budget": the key it disabled is now disabled,
     # and the filter must not lock it out of being re-enabled.
     enabled_only = rule("spend", "over_budget", "disable", threshold_usd=100.0, reenable=True, disabled=False)
-    assert action_of(run(make_key(disabled=True, usage_monthly=0.0), enabled_only, audit=BY_SPEND)) == "enable"
+    assert (
+        action_of(run(make_key(disabled=True, updated_at=OURS, usage_monthly=0.0), enabled_only, audit=BY_SPEND))
+        == "enable"
+    )
 
 
 def test_no_reenable_when_the_rules_other_filters_no_longer_take_the_key() -> None:
     narrowed = rule("spend", "over_budget", "disable", threshold_usd=100.0, reenable=True, names=("ci-*",))
-    assert run(make_key(name="dev-alpha", disabled=True, usage_monthly=0.0), narrowed, audit=BY_SPEND) is None
+    assert (
+        run(make_key(name="dev-alpha", disabled=True, updated_at=OURS, usage_monthly=0.0), narrowed, audit=BY_SPEND)
+        is None
+    )
 
 
 def test_no_reenable_when_another_disable_or_delete_rule_matches() -> None:
-    key = make_key(disabled=True, usage_monthly=0.0, last_used_at=NOW - timedelta(days=60))
+    key = make_key(disabled=True, updated_at=OURS, usage_monthly=0.0, last_used_at=NOW - timedelta(days=60))
     idle = rule("idle", "unused", "disable")
     assert run(key, SPEND, idle, audit=BY_SPEND) is None
     # ... even one that only looks at enabled keys: it would disable the key again next run.
@@ -621,7 +631,7 @@ def test_no_reenable_when_another_disable_or_delete_rule_matches() -> None:
 
 
 def test_a_report_rule_does_not_block_reenable_and_is_listed() -> None:
-    key = make_key(disabled=True, usage_monthly=0.0, **EXPIRED)
+    key = make_key(disabled=True, updated_at=OURS, usage_monthly=0.0, **EXPIRED)
     decision = run(key, rule("look", "expired", "report"), SPEND, audit=BY_SPEND)
     assert decision is not None
     assert (decision.action, decision.rule, decision.rules) == ("enable", "spend", ("look", "spend"))
@@ -629,21 +639,25 @@ def test_a_report_rule_does_not_block_reenable_and_is_listed() -> None:
 
 def test_reenable_without_threshold_needs_limit_room_or_no_limit() -> None:
     limit_rule = rule("lim", "over_budget", "disable", reenable=True)
-    audit = AuditFacts("disable", "lim", NOW - DAY)
-    assert action_of(run(make_key(disabled=True, limit=10.0, limit_remaining=0.01), limit_rule, audit=audit)) == (
-        "enable"
+    audit = AuditFacts("disable", "lim", NOW - DAY, key_updated_at=OURS)
+    assert action_of(
+        run(make_key(disabled=True, updated_at=OURS, limit=10.0, limit_remaining=0.01), limit_rule, audit=audit)
+    ) == ("enable")
+    assert action_of(
+        run(make_key(disabled=True, updated_at=OURS, limit=None, limit_remaining=None), limit_rule, audit=audit)
+    ) == ("enable")
+    assert (
+        run(make_key(disabled=True, updated_at=OURS, limit=10.0, limit_remaining=0.0), limit_rule, audit=audit) is None
     )
-    assert action_of(run(make_key(disabled=True, limit=None, limit_remaining=None), limit_rule, audit=audit)) == (
-        "enable"
-    )
-    assert run(make_key(disabled=True, limit=10.0, limit_remaining=0.0), limit_rule, audit=audit) is None
     # A limit with no known remaining amount proves nothing either way: leave the key disabled.
-    assert run(make_key(disabled=True, limit=10.0, limit_remaining=None), limit_rule, audit=audit) is None
+    assert (
+        run(make_key(disabled=True, updated_at=OURS, limit=10.0, limit_remaining=None), limit_rule, audit=audit) is None
+    )
 
 
 def test_a_renamed_rule_no_longer_owns_its_keys() -> None:
     renamed = rule("spend-v2", "over_budget", "disable", threshold_usd=100.0, reenable=True)
-    assert run(make_key(disabled=True, usage_monthly=0.0), renamed, audit=BY_SPEND) is None
+    assert run(make_key(disabled=True, updated_at=OURS, usage_monthly=0.0), renamed, audit=BY_SPEND) is None
 
 
 # --- plan and caps ------------------------------------------------------------------------------

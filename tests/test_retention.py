@@ -248,6 +248,34 @@ def test_audit_retention_removes_old_audit_records_only(org: Org) -> None:
     assert pruned.runs_deleted == 1
 
 
+def test_audit_retention_keeps_a_change_in_doubt_until_a_run_settles_it(org: Org) -> None:
+    """A change whose outcome was never recorded (``pending``) is the only record that it may have
+    been made: however old, the retention leaves it for a run to settle."""
+    with session_scope(org.database) as session:
+        run = runs.start_run(session, kind="enforce", now=T0 + DAY)
+        runs.finish_run(session, run.id, status=runs.FAILED, now=T0 + DAY, exit_code=1, message="killed")
+        session.add(
+            Action(
+                run_id=run.id,
+                created_at=T0 + DAY,
+                key_hash=key_hash("in-doubt"),
+                key_name="in-doubt",
+                workspace_id=None,
+                rule="disable-idle",
+                rules=["disable-idle"],
+                action="disable",
+                dry_run=False,
+                outcome="pending",
+                evidence={},
+            )
+        )
+    pruned = retention.prune(org.database, now=NOW, retention_period=RETENTION, audit_retention=timedelta(days=30))
+    assert pruned.actions_deleted == 0
+    with org.database.sessions() as session:
+        assert [a.outcome for a in session.scalars(select(Action).where(Action.run_id == run.id))] == ["pending"]
+        assert session.get(Run, run.id) is not None
+
+
 def test_prune_as_a_job_through_execute(org: Org) -> None:
     outcome = org.run("prune", NOW)  # through keyhygiene.jobs.execute, with the default 400d retention
     assert (outcome.kind, outcome.exit_code, outcome.summary["versions_deleted"]) == ("prune", 0, 0)

@@ -478,10 +478,9 @@ def _reenable(
     """
     if not key.disabled or audit.last_change != "disable" or audit.last_change_rule is None:
         return None
-    if key.updated_at is not None and (
-        audit.key_updated_at is None or as_utc(key.updated_at) != as_utc(audit.key_updated_at)
-    ):
-        # The key changed after our disable (or we cannot tell): someone else may have disabled it.
+    if key.updated_at is None or audit.key_updated_at is None or as_utc(key.updated_at) != as_utc(audit.key_updated_at):
+        # The key changed after our disable, or nothing shows it did not (no ``updated_at`` now or
+        # in our record): someone else may have disabled it since. ``undo`` and ``enable`` agree.
         return None
     found = next(
         ((index, rule) for index, rule in enumerate(ruleset.rules) if rule.name == audit.last_change_rule),
