@@ -46,9 +46,12 @@ from keyhygiene.keysapi.fields import STABLE, VOLATILE, Field, to_micros
 
 
 def storable_text(text: str) -> str:
-    """``text`` as a database can store it: a lone surrogate (``"\\ud800"`` is valid JSON, so the API
-    can send one) is written out as its escape; any other text is unchanged."""
-    if text.isascii():
+    """``text`` as every database can store it: a lone surrogate (``"\\ud800"`` is valid JSON, so the
+    API can send one) and a NUL (``"\\u0000"``, which PostgreSQL refuses in text) are written out as
+    their escapes; any other text is the same object."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    elif text.isascii():
         return text
     try:
         text.encode("utf-8")
@@ -108,6 +111,11 @@ def _read_sqlite_time(value: Any) -> datetime | None:
     else:
         moment = value
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+MAX_MICROS = 2**63 - 1
+"""The largest amount, in micro-dollars, that a ``Money`` column (a 64-bit integer) holds: about
+9.2 trillion US dollars."""
 
 
 class Money(TypeDecorator[Decimal]):

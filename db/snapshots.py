@@ -35,6 +35,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from keyhygiene.keysapi.errors import MalformedResponse
@@ -46,6 +47,7 @@ from . import rollups
 from .engine import sqlite_cache
 from .history import full_versions
 from .models import (
+    MAX_MICROS,
     Snapshot,
     UTCDateTime,
     key_records,
@@ -153,6 +155,11 @@ def _typed(raw: Mapping[str, Any], spec: _Spec, wire: dict[str, Any], dialect: s
                 exact = typed / MICROS_PER_USD == value
             except (OverflowError, ValueError):  # beyond a float's range in micro-dollars, or NaN
                 raise MalformedResponse(f"field {name!r} is {value!r}, expected an amount in US dollars") from None
+            if not -MAX_MICROS <= typed <= MAX_MICROS:
+                raise MalformedResponse(
+                    f"field {name!r} is {value!r}, beyond the {MAX_MICROS // MICROS_PER_USD:,} US dollars "
+                    "an amount can be stored as"
+                )
             if not exact:
                 ulps = _ulps(typed / MICROS_PER_USD, float(value))
                 if ulps is None:
@@ -181,9 +188,10 @@ def _typed(raw: Mapping[str, Any], spec: _Spec, wire: dict[str, Any], dialect: s
         else:
             if value.__class__ is not str:
                 raise MalformedResponse(f"field {name!r} is {value!r}, expected a string")
-            if not value.isascii() and (stored := storable_text(value)) is not value:
-                # A lone surrogate ("\\ud800" is valid JSON): no database stores it as text. The
-                # column gets it written out; the exact value goes into the note, which is ASCII.
+            if (not value.isascii() or "\x00" in value) and (stored := storable_text(value)) is not value:
+                # A lone surrogate ("\\ud800" is valid JSON) or a NUL ("\\u0000"): not every
+                # database stores it as text. The column gets it written out; the exact value goes
+                # into the note, which is ASCII.
                 wire.setdefault("=", {})[name] = value
                 value = stored
             values.append(value)
@@ -309,6 +317,8 @@ def _staged_row(raw: Mapping[str, Any], snapshot_id: int, dialect: str | None) -
     key_hash = raw.get("hash")
     if not key_hash or not isinstance(key_hash, str):
         raise MalformedResponse(f"field 'hash' is {key_hash!r}, expected a string")
+    if storable_text(key_hash) is not key_hash:  # the key's id: kept exactly, or refused
+        raise MalformedResponse(f"field 'hash' is {key_hash!r}, which holds a character no database stores")
     record_wire: dict[str, Any] = {}
     stable = _typed(raw, _STABLE_SPEC, record_wire, dialect)
     if stable[_CREATED_AT] is None:
@@ -330,7 +340,7 @@ def _plain_row_source(dialect: str | None) -> str:
         "    if raw.keys() != KNOWN:",
         "        return None",
         "    key_hash = raw['hash']",
-        "    if key_hash.__class__ is not str or not key_hash:",
+        "    if key_hash.__class__ is not str or not key_hash or not key_hash.isascii() or '\\x00' in key_hash:",
         "        return None",
         "    row = [snapshot_id, key_hash]",
         "    append = row.append",
@@ -352,7 +362,7 @@ def _plain_row_source(dialect: str | None) -> str:
                     f"    typed = value * {MICROS_PER_USD}",
                     "else:",
                     "    return None",
-                    f"if typed / {MICROS_PER_USD} != value:",
+                    f"if typed / {MICROS_PER_USD} != value or not {-MAX_MICROS} <= typed <= {MAX_MICROS}:",
                     "    return None",
                     "append(typed)",
                 ]
@@ -372,7 +382,11 @@ def _plain_row_source(dialect: str | None) -> str:
             elif kind == "flag":
                 body = ["if value is not True and value is not False:", "    return None", "append(value)"]
             else:
-                body = ["if value.__class__ is not str or not value.isascii():", "    return None", "append(value)"]
+                body = [
+                    "if value.__class__ is not str or not value.isascii() or '\\x00' in value:",
+                    "    return None",
+                    "append(value)",
+                ]
             lines += [f"        {line}" for line in body]
         lines += [
             "    if not u_style:",
@@ -472,8 +486,15 @@ def _dbapi_cursor(session: Session) -> Iterator[tuple[Any, str]]:
     dbapi = connection.connection.dbapi_connection
     assert dbapi is not None
     cursor = dbapi.cursor()
+    driver_error = connection.dialect.loaded_dbapi.Error
     try:
         yield cursor, connection.dialect.name
+    except driver_error as exc:
+        # The driver's own error, as SQLAlchemy raises one: callers tell a database failure by
+        # that type (and say it in one line, without the rows it was writing).
+        raise DBAPIError.instance(
+            None, None, exc, driver_error, hide_parameters=True, dialect=connection.dialect
+        ) from exc
     finally:
         cursor.close()
 

@@ -702,9 +702,9 @@ _ODD_FIELD_VALUES = st.one_of(
     st.booleans(),
     st.integers(min_value=-(10**20), max_value=10**20),
     st.floats(),
-    st.sampled_from([0.1 + 0.2, 1e-7, 0.0000005, 123.456789, -0.0, 1e303, 10**400]),
+    st.sampled_from([0.1 + 0.2, 1e-7, 0.0000005, 123.456789, -0.0, 1e303, 10**400, 1e13, -(10**13), 9.2e12]),
     st.text(max_size=6),
-    st.sampled_from(["\ud800", "café", "", "x"]),
+    st.sampled_from(["\ud800", "café", "", "x", "nul \x00 inside", "\x00"]),
     st.sampled_from(
         [
             "2026-02-19T20:52:27Z",

@@ -482,12 +482,16 @@ def test_an_old_inventory_reads_back_exactly(database: Database, fake: FakeOpenR
     assert json.loads(json.dumps(old[hashes[0]].raw)) == wire_then[hashes[0]]
 
 
-def test_a_name_no_database_can_store_as_text_is_kept_exactly(database: Database, fake: FakeOpenRouter, sync) -> None:
-    # JSON allows a lone surrogate ("\ud800"); neither SQLite nor PostgreSQL stores one as text.
-    # One such key must not stop every sync: it is stored, and reads back as the API sent it.
+@pytest.mark.parametrize("name", ["half a pair \ud800", "nul \x00 inside"])
+def test_a_name_no_database_can_store_as_text_is_kept_exactly(
+    database: Database, fake: FakeOpenRouter, sync, name: str
+) -> None:
+    # JSON allows a lone surrogate ("\ud800"), which neither SQLite nor PostgreSQL stores as text,
+    # and a NUL ("\u0000"), which PostgreSQL refuses in text. One such key must not stop every
+    # sync: it is stored, and reads back as the API sent it.
     fake.set_clock(NOW)
     add_keys(fake, 5)
-    odd = fake.add_key("half a pair \ud800", created_at=NOW)["hash"]
+    odd = fake.add_key(name, created_at=NOW)["hash"]
 
     outcome = sync()
 
@@ -495,8 +499,42 @@ def test_a_name_no_database_can_store_as_text_is_kept_exactly(database: Database
     assert stored_raw(database, outcome.sync.snapshot_id)[odd] == next(key for key in fake.keys if key["hash"] == odd)
     with database.sessions() as session:
         stored = {key.hash: key for key in snapshots.keys_at(session, outcome.sync.snapshot_id)}
-    assert stored[odd].name == "half a pair \ud800"
+    assert stored[odd].name == name
     assert len(stored) == 6
+
+
+def test_an_amount_beyond_what_the_store_holds_fails_the_sync_naming_the_field(
+    database: Database, fake: FakeOpenRouter, sync
+) -> None:
+    """Ten trillion dollars does not fit the store's 64-bit micro-dollars: the sync says which field
+    of which answer, as for any malformed key, instead of an unexpected database error."""
+    fake.set_clock(NOW)
+    add_keys(fake, 5)
+    fake.add_key("enormous", created_at=NOW, limit=1e13)
+
+    outcome = sync()
+
+    assert outcome.sync is None and outcome.exit_code == 1
+    assert "field 'limit'" in outcome.message and "unexpected" not in outcome.message
+
+
+def test_a_database_failure_while_staging_is_one_line_without_the_rows(
+    database: Database, fake: FakeOpenRouter, sync
+) -> None:
+    """Pages are staged through the driver itself: a failure there (a full disk, a restarted server;
+    here a trigger) is reported as any database failure is, in one line that quotes no key."""
+    fake.set_clock(NOW)
+    add_keys(fake, 5)
+    fake.add_key("poison", created_at=NOW)
+    _install_poison_trigger(database, "snapshot_staging")
+
+    outcome = sync()
+
+    assert outcome.sync is None and outcome.exit_code == 1
+    assert outcome.message == "sync failed, no snapshot stored: database error: simulated storage failure"
+    with database.sessions() as session:
+        assert snapshots.latest_snapshot(session) is None
+        assert session.scalar(select(func.count()).select_from(snapshot_staging)) == 0
 
 
 def test_storage_grows_with_what_changed(database: Database, fake: FakeOpenRouter, sync) -> None:

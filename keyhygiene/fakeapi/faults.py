@@ -29,7 +29,8 @@ class Fault:
 
     kind: str
     status: int = 0
-    retry_after: float | None = None
+    retry_after: float | str | None = None
+    """Seconds, or the header's text as it is sent (a malformed one, for instance)."""
     after_processing: bool = False
     delay: float = 0.0
 
@@ -64,9 +65,10 @@ class Faults:
         self.latency_jitter: float = 0.0
 
     def rate_limit(
-        self, count: int, retry_after: float | None = 1, *, method: str | None = None, path: str | None = None
+        self, count: int, retry_after: float | str | None = 1, *, method: str | None = None, path: str | None = None
     ) -> None:
-        """The next ``count`` matching requests get 429, with ``Retry-After`` unless it is None."""
+        """The next ``count`` matching requests get 429, with ``Retry-After`` unless it is None (a
+        string is sent as it is)."""
         self._schedule(Fault("rate_limit", 429, retry_after), count, method, path)
 
     def server_error(

@@ -175,7 +175,10 @@ class _Handler(BaseHTTPRequestHandler):
             response = error(fault.status)
         if fault.retry_after is not None:
             seconds = fault.retry_after
-            response.headers["Retry-After"] = str(int(seconds)) if seconds == int(seconds) else f"{seconds:g}"
+            if isinstance(seconds, str):
+                response.headers["Retry-After"] = seconds
+            else:
+                response.headers["Retry-After"] = str(int(seconds)) if seconds == int(seconds) else f"{seconds:g}"
         return response
 
     def _send(
