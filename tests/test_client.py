@@ -237,6 +237,30 @@ def test_retry_after_is_honoured_beyond_our_own_backoff(fake: FakeOpenRouter, ma
     assert time.monotonic() - started >= 1.0
 
 
+def test_a_retry_after_of_zero_does_not_turn_retries_into_a_flood(fake: FakeOpenRouter, make_client) -> None:
+    """``Retry-After: 0`` asks for no wait, but our own backoff still spaces the retries: within a
+    budget of a second, a handful of tries, not thousands."""
+    fake.faults.rate_limit(100_000, retry_after=0, path="/keys")
+
+    with pytest.raises(RateLimited):
+        make_client(concurrency=1, retry_seconds=1.0).list_keys_page(workspace_id=None, offset=0)
+
+    assert len([call for call in fake.calls if call.path == "/keys"]) < 10
+
+
+@pytest.mark.parametrize("header", ["nan", "inf", "-inf", "soon"])
+def test_a_retry_after_that_is_no_number_of_seconds_falls_back_to_our_backoff(
+    fake: FakeOpenRouter, make_client, header: str
+) -> None:
+    hashes = add_keys(fake, 5)
+    fake.faults.rate_limit(2, retry_after=header, path="/keys")
+
+    listing = make_client(concurrency=1).list_all_keys([None])
+
+    assert sorted(listing.keys) == sorted(hashes)
+    assert [call.status for call in fake.calls if call.path == "/keys"] == [429, 429, 200]
+
+
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
 def test_server_errors_are_retried(fake: FakeOpenRouter, make_client, status: int) -> None:
     hashes = add_keys(fake, 150)

@@ -13,6 +13,7 @@ pool, with the proxy the environment names), without ``httpx.Client``'s per-requ
 from __future__ import annotations
 
 import json
+import math
 import ssl
 import threading
 from collections.abc import Iterable, Mapping
@@ -80,7 +81,8 @@ class Listing:
 
 
 class _WaitRetryAfter(wait_base):
-    """Wait as long as the API asked (``Retry-After``), else back off exponentially with jitter."""
+    """Wait as long as the API asked (``Retry-After``), but never less than our own exponential
+    backoff with jitter: an API that answers ``Retry-After: 0`` is not sent a flood of retries."""
 
     def __init__(self, fallback: wait_base, ceiling: float) -> None:
         self.fallback = fallback
@@ -89,25 +91,30 @@ class _WaitRetryAfter(wait_base):
     def __call__(self, retry_state: Any) -> float:
         outcome = retry_state.outcome
         error = outcome.exception() if outcome is not None else None
+        backoff = float(self.fallback(retry_state))
         if isinstance(error, TransientError) and error.retry_after is not None:
-            return min(max(error.retry_after, 0.0), self.ceiling)
-        return float(self.fallback(retry_state))
+            return min(max(error.retry_after, backoff), self.ceiling)
+        return backoff
 
 
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after-ms")
     if value is not None:
         try:
-            return float(value) / 1000
+            seconds = float(value) / 1000
         except ValueError:
             pass
+        else:
+            if math.isfinite(seconds):
+                return seconds
     value = response.headers.get("retry-after")
     if value is None:
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         return None  # an HTTP date; fall back to our own backoff
+    return seconds if math.isfinite(seconds) else None  # "nan", "inf": our own backoff
 
 
 def _refused_certificate(exc: BaseException) -> str | None:
