@@ -43,11 +43,12 @@ from keyhygiene.keysapi.fields import FIELDS_BY_NAME, KEY_FIELDS, MICROS_PER_USD
 from keyhygiene.keysapi.models import Key
 from keyhygiene.timeutil import EARLIEST_TIME, LATEST_TIME, TimeFormatError, isoformat, parse_api_time
 
-from . import rollups
+from . import rollups, runs
 from .engine import sqlite_cache
 from .history import full_versions
 from .models import (
     MAX_MICROS,
+    Run,
     Snapshot,
     UTCDateTime,
     key_records,
@@ -1315,6 +1316,17 @@ def fail_snapshot(session: Session, *, snapshot_id: int, error: str) -> bool:
         .values(status=FAILED, error=error)
     )
     return _rows(result) == 1
+
+
+def fail_orphaned(session: Session, *, error: str) -> int:
+    """Mark failed every snapshot still running whose run has ended: its process died mid-sync (the
+    run was found abandoned), and nothing will record it. Its staging rows go with the next prune
+    (``db.retention.delete_abandoned_staging``). Returns how many."""
+    ended = exists().where(Run.id == Snapshot.run_id, Run.status != runs.RUNNING)
+    result = session.execute(
+        update(Snapshot).where(Snapshot.status == RUNNING, ended).values(status=FAILED, error=error)
+    )
+    return _rows(result)
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -115,6 +115,8 @@ def _start(
         with session_scope(database) as session:
             # A run still 'running' long past any time limit belongs to a process that died.
             runs.abandon_stale_runs(session, now=now, older_than=now - stale_after, exit_code=EXIT_FAILURE)
+            # ... and a snapshot it was taking is failed: its staging rows go with the next prune.
+            snapshots.fail_orphaned(session, error=f"sync stopped: {runs.ABANDONED}")
             return runs.start_run(
                 session,
                 kind=kind,

@@ -26,7 +26,7 @@ from sqlalchemy.exc import OperationalError
 from db import runs, snapshots
 from db.migrate import downgrade, upgrade
 from db.models import Run, Snapshot, key_records, key_usage, snapshot_staging, tracked_keys
-from keyhygiene import inventory
+from keyhygiene import inventory, retention
 from keyhygiene.context import Database, quick_handoffs, session_scope
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.jobs import JobOutcome, execute
@@ -34,6 +34,7 @@ from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.settings import Settings
 from keyhygiene.shutdown import Terminated
 from keyhygiene.staging import HelperFailed, StagingHelper
+from keyhygiene.timeutil import utcnow
 from tests.conftest import MANAGEMENT_KEY
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -535,6 +536,32 @@ def test_a_database_failure_while_staging_is_one_line_without_the_rows(
     with database.sessions() as session:
         assert snapshots.latest_snapshot(session) is None
         assert session.scalar(select(func.count()).select_from(snapshot_staging)) == 0
+
+
+def test_a_sync_whose_process_died_is_failed_by_the_next_run_and_its_staging_rows_pruned(
+    database: Database, fake: FakeOpenRouter, sync
+) -> None:
+    """SIGKILL, the out-of-memory killer or a hard time limit stop a sync mid-listing: its run is
+    found abandoned by the next job, which also fails its snapshot, so the next prune drops the
+    pages it had staged (they would otherwise stay for the whole retention)."""
+    hashes = add_keys(fake, 30)
+    long_ago = utcnow() - timedelta(days=3)
+    with session_scope(database) as session:
+        killed_run = runs.start_run(session, kind="sync", now=long_ago)
+        killed = snapshots.start_snapshot(session, run_id=killed_run.id, now=long_ago).id
+        snapshots.SnapshotWriter(killed).add(session, [fake.get(key_hash) for key_hash in hashes[:20]])
+
+    outcome = sync()
+
+    assert outcome.sync is not None, outcome.message
+    with database.sessions() as session:
+        failed = session.get(Snapshot, killed)
+        assert failed is not None and (failed.status, failed.error) == ("failed", f"sync stopped: {runs.ABANDONED}")
+        assert session.scalar(select(func.count()).select_from(snapshot_staging)) == 20
+    retention.prune(database, now=utcnow(), retention_period=timedelta(days=400))
+    with database.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(snapshot_staging)) == 0
+        assert stored_hashes(database, outcome.sync.snapshot_id) == sorted(hashes)
 
 
 def test_storage_grows_with_what_changed(database: Database, fake: FakeOpenRouter, sync) -> None:
