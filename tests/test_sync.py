@@ -31,6 +31,7 @@ from keyhygiene.context import Database, quick_handoffs, session_scope
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.jobs import JobOutcome, execute
 from keyhygiene.keysapi.client import KeysClient
+from keyhygiene.keysapi.errors import NotFound
 from keyhygiene.settings import Settings
 from keyhygiene.shutdown import Terminated
 from keyhygiene.staging import HelperFailed, StagingHelper
@@ -150,6 +151,54 @@ def test_a_key_seen_twice_is_stored_once(database: Database, fake: FakeOpenRoute
     assert outcome.sync is not None
     assert stored_hashes(database, outcome.sync.snapshot_id) == sorted(hashes)
     assert version_rows(database) == 150
+
+
+def test_a_workspace_deleted_while_it_is_listed_has_no_keys_left(
+    database: Database, fake: FakeOpenRouter, sync
+) -> None:
+    """``GET /keys`` answers 404 for a workspace deleted since the workspaces were listed: the sync
+    does not fail; that workspace ends there, and its keys not listed are checked and found gone."""
+    fake.set_clock(NOW)
+    staying = add_keys(fake, 50)
+    temporary = fake.add_workspace("Temporary", id="ws-temp")["id"]
+    leaving = add_keys(fake, 150, workspace_id=temporary, prefix="temp")
+    first = sync(concurrency=1).sync
+    assert first is not None and first.key_count == 200
+
+    def delete_before_page_two(fake: FakeOpenRouter, workspace_id: str, offset: int) -> None:
+        if workspace_id == temporary and offset == 100:
+            fake.delete_workspace(temporary)
+
+    fake.faults.on_list_page(delete_before_page_two)
+    outcome = sync(concurrency=1)
+
+    assert outcome.sync is not None, outcome.message
+    second = outcome.sync
+    listed_before = set(leaving[:100])  # page one was served before the workspace went
+    assert set(stored_hashes(database, second.snapshot_id)) == set(staying) | listed_before
+    assert sorted(second.confirmed_gone) == sorted(leaving[100:])
+
+
+def test_a_404_for_a_workspace_that_is_still_listed_fails_the_sync(fake: FakeOpenRouter, fake_url: str) -> None:
+    """Only a workspace that ``GET /workspaces`` no longer lists is taken as deleted: a 404 for one
+    it still lists (an API in trouble) fails the listing. The fake answers 404 only for a workspace
+    that does not exist, so the client's own read of that workspace's page raises it here."""
+    add_keys(fake, 20)
+    listed = fake.add_workspace("Listed", id="ws-listed")["id"]
+    add_keys(fake, 20, workspace_id=listed, prefix="listed")
+
+    class Glitching(KeysClient):
+        def list_key_objects(self, *, workspace_id: str | None, offset: int, **options: Any) -> list[dict[str, Any]]:
+            if workspace_id == listed:
+                raise NotFound(f"GET /keys?workspace_id={listed}: 404 Workspace not found", status=404)
+            return super().list_key_objects(workspace_id=workspace_id, offset=offset, **options)
+
+    client = Glitching(fake_url, MANAGEMENT_KEY, concurrency=1)
+    try:
+        with pytest.raises(NotFound):
+            list(client.stream_keys([None, listed]))
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("fault", ["rate_limit", "server_error"])

@@ -367,6 +367,19 @@ class FakeOpenRouter:
         with self._lock:
             return [dict(workspace) for workspace in self._workspaces.values()]
 
+    def delete_workspace(self, workspace_id: str) -> None:
+        """Delete a workspace with its keys (``GET /keys`` then answers 404 for it). Raises
+        UnknownWorkspace."""
+        with self._lock:
+            if self._workspaces.pop(workspace_id, None) is None:
+                raise UnknownWorkspace(workspace_id)
+            for key_hash in [h for h, record in self._keys.items() if record.workspace_id == workspace_id]:
+                del self._keys[key_hash]
+            del self._order[workspace_id]
+            if self._default_workspace_id == workspace_id:
+                self._default_workspace_id = None
+            self._version += 1
+
     def has_workspace(self, workspace_id: str) -> bool:
         with self._lock:
             return workspace_id in self._workspaces

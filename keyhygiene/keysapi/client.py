@@ -278,7 +278,15 @@ class KeysClient:
         requests at once."""
 
         def fetch(workspace_id: str | None, offset: int) -> list[dict[str, Any]]:
-            return self.list_key_objects(workspace_id=workspace_id, offset=offset)
+            try:
+                return self.list_key_objects(workspace_id=workspace_id, offset=offset)
+            except NotFound:
+                # "Workspace not found": deleted since the workspaces were listed, it has no keys
+                # now (its keys the last snapshot held are checked one by one, and found gone).
+                # Any other 404, or a workspace still listed, fails the listing.
+                if workspace_id is None or any(space.id == workspace_id for space in self.list_workspaces()):
+                    raise
+                return []
 
         return KeyStream(fetch, workspace_ids, concurrency=self.concurrency, on_page=on_page)
 
