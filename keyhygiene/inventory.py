@@ -43,6 +43,11 @@ machine with more than one core. Keys the store already holds as listed are only
 carried, which costs the sync less than handing them to another process would."""
 
 
+RECOVERY_BATCH = 1_000
+"""Keys of the last snapshot missing from a listing are fetched one by one and staged this many at
+a time: a listing that left out a whole workspace (100,000 keys) holds a batch of them, not all."""
+
+
 @dataclass(frozen=True, slots=True)
 class SyncResult:
     """What one sync stored."""
@@ -162,13 +167,19 @@ def take_snapshot(
         )
         with database.sessions() as session:
             missing = writer.missing(session, listing.listed)
-        recovered, confirmed_gone = check_missing(client, missing)
         per_workspace = dict(listing.per_workspace)
-        for key in recovered.values():
-            workspace = key.workspace_id or DEFAULT_WORKSPACE
-            per_workspace[workspace] = per_workspace.get(workspace, 0) + 1
+        recovered: list[str] = []
+        confirmed_gone: list[str] = []
+        for start in range(0, len(missing), RECOVERY_BATCH):  # a batch of keys held at a time
+            found, gone = check_missing(client, missing[start : start + RECOVERY_BATCH])
+            for key in found.values():
+                workspace = key.workspace_id or DEFAULT_WORKSPACE
+                per_workspace[workspace] = per_workspace.get(workspace, 0) + 1
+            with session_scope(database) as session:
+                writer.add(session, (key.raw for key in found.values()))
+            recovered.extend(found)
+            confirmed_gone.extend(gone)
         with session_scope(database) as session:
-            writer.add(session, (key.raw for key in recovered.values()))
             # Every key listed or recovered is staged or carried exactly once: fewer means rows
             # written while listing were lost, and recording would mark those keys gone.
             expected = len(listing.listed) + len(recovered)

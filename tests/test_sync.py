@@ -245,6 +245,32 @@ def test_a_key_deleted_between_two_pages_is_confirmed_gone(database: Database, f
     assert victim in stored_hashes(database, first.snapshot_id)
 
 
+def test_many_skipped_keys_are_recovered_a_batch_at_a_time(
+    database: Database, fake: FakeOpenRouter, sync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys missing from a listing are fetched and staged a batch at a time (so a listing that left
+    out a whole workspace never holds all of them): every batch ends up in the one snapshot."""
+    monkeypatch.setattr(inventory, "RECOVERY_BATCH", 2)
+    hashes = add_keys(fake, 250)
+    assert sync().sync is not None
+    deleted, skipped = hashes[:5], hashes[100:105]
+
+    def delete_after_page_one(fake: FakeOpenRouter, workspace_id: str, offset: int) -> None:
+        # Page 1 (keys 0-99) has been read; deleting five of its keys moves keys 100-104 to
+        # offsets 95-99, which offset paging never reads again.
+        if offset == 100 and fake.get(deleted[0]) is not None:
+            for key_hash in deleted:
+                fake.delete_key(key_hash)
+
+    fake.faults.on_list_page(delete_after_page_one)
+    second = sync(concurrency=1).sync
+
+    assert second is not None
+    assert second.recovered == sorted(skipped)
+    assert second.key_count == 250
+    assert stored_hashes(database, second.snapshot_id) == sorted(hashes)
+
+
 def test_a_key_skipped_by_offset_paging_is_recovered(database: Database, fake: FakeOpenRouter, sync) -> None:
     hashes = add_keys(fake, 250)
     assert sync().sync is not None
