@@ -31,10 +31,27 @@ ALLOW_ACTIONS_HELP = (
 )
 
 
+# The largest whole number every supported database stores in an INTEGER column (PostgreSQL's is
+# 32 bits): run ids and --allow-actions are stored or looked up there.
+MAX_STORED_INTEGER = 2**31 - 1
+
+
 def _allow_actions_option(function: Any) -> Any:
     return click.option(
-        "--allow-actions", "allow_actions", type=click.IntRange(min=1), metavar="N", help=ALLOW_ACTIONS_HELP
+        "--allow-actions",
+        "allow_actions",
+        type=click.IntRange(min=1, max=MAX_STORED_INTEGER),
+        metavar="N",
+        help=ALLOW_ACTIONS_HELP,
     )(function)
+
+
+def _run_id_callback(_: Any, __: Any, value: int) -> int:
+    if value > MAX_STORED_INTEGER:
+        raise click.BadParameter(
+            f"there is no run {value}: run ids go up to {MAX_STORED_INTEGER}; see `keyhygiene report runs`"
+        )
+    return value
 
 
 class State:
@@ -215,7 +232,7 @@ def run(state: State, dry_run: bool, allow_actions: int | None) -> None:
 
 
 @cli.command()
-@click.argument("run_id", type=click.IntRange(min=1), metavar="RUN_ID")
+@click.argument("run_id", type=click.IntRange(min=1), metavar="RUN_ID", callback=_run_id_callback)
 @click.option("--dry-run", is_flag=True, help="Check each key fresh and record what would be enabled; change nothing.")
 @pass_state
 def undo(state: State, run_id: int, dry_run: bool) -> None:

@@ -22,7 +22,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,7 @@ from keyhygiene.rules import AuditFacts, KeyHistory, NotifyTarget, RuleSet, next
 
 from . import logging as khlog
 from .context import Database, describe_db_error, session_scope
+from .settings import SettingsError, read_env_file
 from .timeutil import isoformat
 
 if TYPE_CHECKING:
@@ -154,9 +155,24 @@ def sign(body: bytes, secret: str) -> str:
 def secret_setting(name: str) -> tuple[str, str | None]:
     """The value of the variable ``name``, else the contents of the file that ``NAME_FILE`` names
     (a Docker secret: never in ``docker inspect``), without surrounding white space; and why it
-    could not be read, when the file cannot be."""
-    value = os.environ.get(name, "").strip()
-    path = os.environ.get(f"{name}_FILE", "").strip()
+    could not be read, when the file cannot be.
+
+    Read from the environment, then from the ``.env`` file the settings are read from: as for the
+    settings, the environment wins (its ``NAME_FILE`` over the ``.env`` file's ``NAME``).
+    """
+    value, unread = _secret_in(os.environ, name)
+    if value or unread:
+        return value, unread
+    try:
+        file_values = read_env_file()
+    except SettingsError as exc:
+        return "", f"{name} cannot be read from the settings file: {exc}"
+    return _secret_in(file_values, name)
+
+
+def _secret_in(variables: Mapping[str, str | None], name: str) -> tuple[str, str | None]:
+    value = (variables.get(name) or "").strip()
+    path = (variables.get(f"{name}_FILE") or "").strip()
     if value or not path:
         return value, None
     try:

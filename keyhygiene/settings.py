@@ -1,17 +1,27 @@
 """The one settings object, read from the environment (and an optional ``.env``) at process start.
 
-Bad values are refused here, with the variable's name, so that nothing downstream ever sees them.
+Bad values are refused here, with the variable's name, so that nothing downstream ever sees them. A
+``.env`` file that cannot be read, or has a line that is no ``NAME=value``, is refused too, naming
+the file and the line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import re
+import stat
+from collections.abc import Mapping
 from datetime import timedelta
 from functools import cached_property
 from typing import Literal
+from urllib.parse import SplitResult, urlsplit
 
+from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, DotEnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -20,6 +30,9 @@ from .timeutil import MAX_DURATION, TimeFormatError, parse_duration
 
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 DEFAULT_SCHEDULE = "0 * * * *"
+ENV_FILE = ".env"
+"""The settings file every process reads from its working directory (the environment wins over it)."""
+MAX_ENV_FILE_BYTES = 1024 * 1024
 
 # Settings names as the environment spells them, for error messages.
 ENV_NAMES = {
@@ -56,13 +69,20 @@ def _shown(name: str, value: object) -> str:
     """How a refused value is echoed: never the management key, never a password inside a URL."""
     if name == "OPENROUTER_MANAGEMENT_KEY":
         return ""
-    if isinstance(value, str) and "://" in value:
-        try:
-            value = make_url(value).render_as_string(hide_password=True)
-        except (ArgumentError, ValueError):
-            # Not even a URL: drop whatever sits between "//" and "@", where a password would be.
-            value = re.sub(r"//[^/@]*@", "//***@", value)
+    if isinstance(value, str):
+        value = _without_password(value)
     return f" (got {value!r})"
+
+
+def _without_password(value: str) -> str:
+    """``value`` with what a URL's user part could hide masked: everything between ``user:`` and the
+    last ``@`` (a password may hold ``@`` and ``/`` itself), or all of it when there is no ``user:``."""
+    start = value.find("://") + 3 if "://" in value else 0
+    userinfo, at, host = value[start:].rpartition("@")
+    if not at or userinfo.startswith("/"):  # no user part; an "@" in a file path (sqlite:////a@b/x.db)
+        return value
+    user, colon, _ = userinfo.partition(":")
+    return f"{value[:start]}{user + ':' if colon and '/' not in user else ''}***@{host}"
 
 
 def _duration(value: object, *, allow_none: bool = False) -> timedelta | None:
@@ -81,10 +101,94 @@ def _duration(value: object, *, allow_none: bool = False) -> timedelta | None:
     return delta
 
 
+def read_env_file(path: str | os.PathLike[str] = ENV_FILE) -> dict[str, str | None]:
+    """The variables the ``.env`` file at ``path`` sets, as python-dotenv reads them (``${VAR}``
+    expanded); empty when there is no such file, or ``path`` is a virtualenv named ``.env``.
+
+    Raises SettingsError naming the file (and line) for a file that cannot be read, is not UTF-8
+    text, or has a line that is no ``NAME=value``: left to python-dotenv, the first two are a
+    traceback, and the last a plain-text warning and a setting silently left at its default.
+    """
+    shown = os.path.abspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise SettingsError(f"{shown}: cannot read the settings file: it is a link to nothing") from None
+        return {}
+    except OSError as exc:
+        raise SettingsError(f"{shown}: cannot read the settings file: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode) and os.path.isfile(os.path.join(path, "pyvenv.cfg")):
+        return {}  # `python -m venv .env` is a common habit: not a settings file at all
+    if stat.S_ISDIR(mode):
+        raise SettingsError(f"{shown}: cannot read the settings file: it is a directory")
+    # A FIFO is read as pydantic-settings reads it (a password manager may serve .env through one);
+    # anything else (/dev/zero) never holds settings.
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise SettingsError(f"{shown}: cannot read the settings file: it is not a regular file")
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_ENV_FILE_BYTES + 1)
+    except OSError as exc:
+        raise SettingsError(f"{shown}: cannot read the settings file: {exc.strerror or exc}") from None
+    if len(data) > MAX_ENV_FILE_BYTES:
+        raise SettingsError(f"{shown}: cannot read the settings file: it is larger than 1 MiB")
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark from a Windows editor is no mistake
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise SettingsError(f"{shown}:{line}: the settings file is not UTF-8 text") from None
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            # The statement's text starts with the blank lines before it; the line is never shown,
+            # as it may hold a secret.
+            before = binding.original.string
+            line = binding.original.line + before[: len(before) - len(before.lstrip())].count("\n")
+            raise SettingsError(f"{shown}:{line}: not a NAME=value line (a quote left open, or a space in the name?)")
+    return dotenv_values(stream=io.StringIO(text))
+
+
+def _url(value: str, schemes: tuple[str, ...], wrong_scheme: str) -> SplitResult:
+    """``value`` split as a URL of one of ``schemes``, with a valid port if it has one; else ValueError.
+
+    The messages never quote the URL's parts: what sits where a port should be may be a password.
+    """
+    if not value.isprintable() or any(char.isspace() for char in value):
+        raise ValueError("must not contain spaces or control characters (a stray space or line break?)")
+    try:
+        url = urlsplit(value)
+    except ValueError:  # the only one urlsplit raises: a "[" of an IPv6 host never closed, or misplaced
+        raise ValueError("is not a valid URL (a [ ] around an IPv6 address is not closed?)") from None
+    if url.scheme not in schemes or not value[len(url.scheme) :].startswith("://"):
+        raise ValueError(wrong_scheme)
+    try:
+        port = url.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("has a port that is not a number from 1 to 65535")
+    return url
+
+
+class _DotEnvFile(DotEnvSettingsSource):
+    """pydantic-settings' ``.env`` source, reading the file with ``read_env_file``."""
+
+    def _read_env_files(self) -> Mapping[str, str | None]:
+        files = self.env_file
+        if files is None:
+            return {}
+        values: dict[str, str | None] = {}
+        for file in [files] if isinstance(files, str | os.PathLike) else files:
+            values.update(read_env_file(file))
+        return values if self.case_sensitive else {name.lower(): value for name, value in values.items()}
+
+
 class Settings(BaseSettings):
     """Everything keyhygiene reads from its environment."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    # env_file=(): pydantic-settings' own reader reads nothing (it would read before any hook can
+    # stop it); ``_DotEnvFile`` reads ENV_FILE instead (settings_customise_sources).
+    model_config = SettingsConfigDict(env_file=(), extra="ignore", frozen=True)
 
     management_key: SecretStr | None = Field(default=None, validation_alias="OPENROUTER_MANAGEMENT_KEY")
     base_url: str = Field(default=DEFAULT_BASE_URL, validation_alias="OPENROUTER_BASE_URL")
@@ -115,6 +219,20 @@ class Settings(BaseSettings):
     notify_retry_seconds: float = Field(
         default=30.0, ge=0, le=3600, allow_inf_nan=False, validation_alias="KEYHYGIENE_NOTIFY_RETRY_SECONDS"
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # A caller's ``_env_file`` still decides (None: no file, as tests and the demo ask).
+        chosen = getattr(dotenv_settings, "env_file", ())
+        dotenv = _DotEnvFile(settings_cls, env_file=ENV_FILE if chosen == () else chosen)
+        return init_settings, env_settings, dotenv, file_secret_settings
 
     @field_validator("retention", "job_time_limit", mode="before")
     @classmethod
@@ -160,8 +278,14 @@ class Settings(BaseSettings):
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
+        url = _url(value, ("http", "https"), "must start with http:// or https://")
+        if not url.hostname:
+            raise ValueError("has no host (expected e.g. https://openrouter.ai/api/v1)")
+        if "@" in url.netloc:
+            # It would be sent as Basic auth, and shown wherever the API's address is.
+            raise ValueError("must not hold a user or password (the management key is the API's only credential)")
+        if url.query or url.fragment or value.endswith(("?", "#")):
+            raise ValueError("must not have a query (?) or fragment (#): request paths are added to its end")
         return value.rstrip("/")
 
     @field_validator("database_url")
@@ -178,8 +302,13 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _check_broker_url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be a Redis URL (redis://host:port/db)")
+        url = _url(value, ("redis", "rediss", "unix"), "must be a Redis URL (redis://host:port/db)")
+        if url.scheme == "unix":
+            if not url.path.strip("/"):
+                raise ValueError("has no socket path (expected e.g. unix:///run/redis.sock?db=0)")
+        elif not re.fullmatch(r"/?[0-9]*", url.path):
+            # An empty host is Redis's default, localhost, for both Celery and redis-py.
+            raise ValueError("must end with the database number, if any (redis://host:port/0)")
         return value
 
     @field_validator("schedule")
@@ -211,14 +340,38 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Read and validate the settings; a bad value raises SettingsError naming its variable."""
+    """Read and validate the settings; a bad value raises SettingsError naming its variable, and a
+    ``.env`` file that cannot be read or parsed one naming the file and line."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
+        key = _given_management_key(overrides)
         problems = []
         for error in exc.errors():
             loc = error["loc"][0] if error["loc"] else ""
             name = ENV_NAMES.get(str(loc), str(loc))
-            message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{name}: {message}{_shown(name, error.get('input'))}")
+            said = error["msg"].removeprefix("Value error, ") + _shown(name, error.get("input"))
+            if len(key) >= 8:  # shorter, it is no secret worth garbling the message for
+                said = said.replace(key, "***")
+            problems.append(f"{name}: {said}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+def _given_management_key(overrides: Mapping[str, object]) -> str:
+    """OPENROUTER_MANAGEMENT_KEY as given, valid or not, so that no other variable's error echoes it
+    (a key pasted into the wrong variable). Only asked once the settings were refused."""
+
+    def given(variables: Mapping[str, object]) -> list[object]:
+        return [value for name, value in variables.items() if name.upper() == "OPENROUTER_MANAGEMENT_KEY"]
+
+    found = given(overrides) + given(os.environ)
+    env_file = overrides.get("_env_file", ENV_FILE)
+    # Read again only when it is a plain file: a FIFO's writer may not answer a second time.
+    if not found and isinstance(env_file, str | os.PathLike) and os.path.isfile(env_file):
+        with contextlib.suppress(SettingsError):
+            found = given(read_env_file(env_file))
+    for value in found:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str) and text.strip():
+            return text.strip()
+    return ""

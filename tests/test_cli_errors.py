@@ -244,3 +244,55 @@ def test_dev_zero_as_the_rules_file_stops_plan_at_once(sqlite_env: Path, cli, mo
 
     assert result.exit_code == 2
     assert error_line(result) == "keyhygiene: error: /dev/zero: cannot read the rules file: it is not a regular file"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("undo", "99999999999999999999999"), "there is no run 99999999999999999999999"),
+        (("undo", "9223372036854775808"), "there is no run 9223372036854775808"),
+        (("undo", "2147483648", "--dry-run"), "there is no run 2147483648"),
+        (("enforce", "--allow-actions", "99999999999999999999999"), "--allow-actions"),
+        (("run", "--dry-run", "--allow-actions", "9223372036854775808"), "--allow-actions"),
+        (("trigger", "enforce", "--allow-actions", "2147483648"), "--allow-actions"),
+    ],
+)
+def test_a_number_too_large_to_store_is_bad_usage_and_starts_no_run(
+    sqlite_env: Path, cli, fake: FakeOpenRouter, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], words: str
+) -> None:
+    # It was "unexpected error: OverflowError: ... SQLite INTEGER", exit 1, after recording a failed run.
+    monkeypatch.setenv("KEYHYGIENE_BROKER_URL", "redis://127.0.0.1:9/0")  # nothing listens: never queued
+    (sqlite_env.parent / "keyhygiene.toml").write_text("[safety]\ndry_run = true\n")
+    fake.clear_calls()
+
+    result = cli(*args)
+
+    assert result.exit_code == 2
+    assert words in result.stderr and "Traceback" not in result.stderr
+    assert "OverflowError" not in result.stderr and "unexpected error" not in result.stderr
+    assert cli("report", "runs", "--format", "json").stdout.strip() == "[]"
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("command", [("plan",), ("enforce",), ("rules", "check")])
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ("x = " + "[" * 1000 + "]" * 1000 + "\n", 1, "invalid TOML: arrays or tables nested too deep"),
+        ("[safety]\nmax_actions_per_run = " + "9" * 5000 + "\n", 2, "invalid TOML: a number with too many digits"),
+    ],
+    ids=["nested", "digits"],
+)
+def test_a_rules_file_python_cannot_parse_is_bad_usage_naming_file_and_line(
+    sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...], text: str, line: int, words: str
+) -> None:
+    # It was a traceback (RecursionError, ValueError) with exit 1; enforce: "unexpected error: RecursionError".
+    path = sqlite_env.parent / "deep.toml"
+    path.write_text(text)
+    monkeypatch.setenv("KEYHYGIENE_RULES_FILE", str(path))
+    assert cli("sync").exit_code == 0
+
+    result = cli(*command)
+
+    assert result.exit_code == 2
+    assert f"{path}:{line}: {words}" in error_line(result)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from keyhygiene.fakeapi import FakeOpenRouter
+
 from .conftest import CliResult
 
 GOOD = """
@@ -120,3 +122,59 @@ def test_every_command_has_help(cli: Callable[..., CliResult]) -> None:
         result = cli(*command, "--help")
         assert result.exit_code == 0, (command, result.stderr)
         assert "Usage:" in result.stdout
+
+
+KEY_HASH = "5c" * 32
+
+
+def test_rules_check_and_plan_warn_about_a_protected_hash_that_is_not_whole(
+    env: dict[str, str], fake: FakeOpenRouter, cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    # A hash copied from plan's table (10 characters) protected nothing, and nothing said so.
+    path = rules_file(GOOD.replace("dry_run = true", f'dry_run = true\nprotect_hashes = ["{KEY_HASH}", "5c5c5c5c5c"]'))
+    fake.add_key("some-key")
+    assert cli("db", "upgrade").exit_code == 0
+    assert cli("sync").exit_code == 0
+    warning = (
+        f'keyhygiene: warning: {path}:4: protect_hashes: entry 2 ("5c5c5c5c5c") is not 64 lowercase hex '
+        "characters like a key hash: it protects only a key whose hash is exactly this; protect_hashes "
+        "compares whole key hashes exactly (`plan --format json` shows them whole)"
+    )
+
+    for command in (("rules", "check"), ("plan",), ("plan", "--format", "json")):
+        result = cli(*command)
+        assert result.exit_code == 0, result.stderr
+        assert [line for line in result.stderr.splitlines() if not line.startswith("{")] == [warning], command
+
+
+def test_a_protected_hash_with_white_space_around_it_stops_rules_check_and_plan(
+    env: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    path = rules_file(GOOD.replace("dry_run = true", f'dry_run = true\nprotect_hashes = ["{KEY_HASH} "]'))
+    assert cli("db", "upgrade").exit_code == 0
+
+    for command in (("rules", "check"), ("plan",)):
+        result = cli(*command)
+        assert result.exit_code == 2
+        assert result.stderr.splitlines()[-1].startswith(
+            f"keyhygiene: error: {path}:4: protect_hashes: entry 1 has white space around it"
+        ), result.stderr
+
+
+def test_a_webhook_url_written_as_a_variable_name_is_never_echoed(
+    env: dict[str, str], tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # url_env of the wrong type used to be echoed, URL and all, and logged by enforce as run_not_started.
+    url = "https://hooks.slack.com/services/T000/B000/" + "f00d" * 8
+    secrets = tmp_path / "secrets"  # where the session's secret scan expects secrets
+    secrets.mkdir()
+    (secrets / "rules.toml").write_text(f'[[notify]]\nname = "ops"\nurl_env = ["{url}"]\n')
+    monkeypatch.setenv("KEYHYGIENE_RULES_FILE", str(secrets / "rules.toml"))
+    assert cli("db", "upgrade").exit_code == 0
+
+    for command in (("rules", "check"), ("enforce",)):
+        result = cli(*command)
+        assert result.exit_code == 2
+        assert f"{secrets / 'rules.toml'}:3: url_env: expected the name of the environment variable" in result.stderr
+        assert "f00d" not in result.stdout + result.stderr
+    assert [event["event"] for event in result.events if event["level"] == "error"] == ["run_not_started"]

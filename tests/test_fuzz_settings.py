@@ -8,6 +8,7 @@ import math
 import os
 import tempfile
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -33,10 +34,25 @@ near_misses = st.one_of(
     st.builds(str, st.floats()),
     st.builds(lambda base, junk: base + junk, st.just("sk-or-v1-abc"), texts),
 )
+# URLs: a scheme, then pieces of what may follow it (user, password, host, port, path, brackets).
+urls = st.builds(
+    lambda scheme, parts: scheme + "".join(parts),
+    st.sampled_from(["http://", "https://", "redis://", "rediss://", "unix://"]),
+    st.lists(
+        st.one_of(st.sampled_from(["u:p@", "@", ":", "[", "]", "::1", "h", "/", "?", "#", " ", "0", "99999"]), texts),
+        max_size=6,
+    ),
+)
 assignments = st.dictionaries(st.sampled_from(VARIABLES), st.one_of(texts, near_misses), min_size=1, max_size=4)
 
 
 def _assert_safe(value: Settings) -> None:
+    for url in (value.base_url, value.broker_url):
+        # What the client, Celery and redis-py will do with it must not raise.
+        parts = urlsplit(url)
+        assert parts.port is None or 0 < parts.port < 65536
+        assert url == url.strip() and url.isprintable()
+    assert urlsplit(value.base_url).hostname
     assert math.isfinite(value.http_timeout) and 0 < value.http_timeout <= MAX_DURATION.total_seconds()
     assert math.isfinite(value.http_retry_seconds) and value.http_retry_seconds > 0
     for duration in (value.retention, value.job_time_limit, value.audit_retention):
@@ -63,9 +79,7 @@ def _assert_refusal(message: str, assigned: dict[str, str]) -> None:
         assert message.split(f"{KEY}: ", 1)[1].split("; ", 1)[0] == KEY_REFUSAL, message
 
 
-@EXAMPLES
-@given(assigned=assignments)
-def test_every_setting_is_accepted_safe_or_refused_naming_it(assigned: dict[str, str]) -> None:
+def _assert_safe_or_refused(assigned: dict[str, str]) -> None:
     with pytest.MonkeyPatch.context() as patch:
         for name in VARIABLES:
             patch.delenv(name, raising=False)
@@ -75,6 +89,19 @@ def test_every_setting_is_accepted_safe_or_refused_naming_it(assigned: dict[str,
             _assert_refusal(str(exc), assigned)
         else:
             _assert_safe(value)
+
+
+@EXAMPLES
+@given(assigned=assignments)
+def test_every_setting_is_accepted_safe_or_refused_naming_it(assigned: dict[str, str]) -> None:
+    _assert_safe_or_refused(assigned)
+
+
+@EXAMPLES
+@given(base_url=urls, broker_url=urls)
+def test_every_url_is_accepted_usable_or_refused_naming_it(base_url: str, broker_url: str) -> None:
+    # An accepted URL was once a traceback later: "Invalid IPv6 URL", "Port out of range".
+    _assert_safe_or_refused({"OPENROUTER_BASE_URL": base_url, "KEYHYGIENE_BROKER_URL": broker_url})
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

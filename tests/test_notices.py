@@ -386,6 +386,82 @@ def test_a_webhook_url_and_secret_may_come_from_files(tmp_path: Path, monkeypatc
     assert unread.error == f"KH_FILE_SECRET_FILE names {secrets / 'missing'}, which cannot be read (FileNotFoundError)"
 
 
+@pytest.fixture
+def secrets_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The working directory, where a .env is read: a folder named secrets, where the session's
+    secret scan expects secrets."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    monkeypatch.chdir(secrets)
+    return secrets
+
+
+def test_a_run_reads_the_webhook_url_and_secret_from_the_dotenv_file(
+    env: dict[str, str],
+    secrets_dir: Path,
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the settings come from .env, so do the webhook's: they were read from the environment only."""
+    (secrets_dir / ".env").write_text(f"KH_TEST_WEBHOOK={sink.url}\nKH_TEST_WEBHOOK_SECRET='{SIGNING_SECRET}'\n")
+    monkeypatch.delenv("KH_TEST_WEBHOOK")
+    monkeypatch.delenv("KH_TEST_WEBHOOK_SECRET")
+    rules_file(_rules(on='["done"]'))
+    _expired_keys(fake, 1)
+
+    result = cli("run")
+
+    assert result.exit_code == 0, result.stderr
+    (received,) = sink.received
+    expected = "sha256=" + hmac.new(SIGNING_SECRET.encode(), received.body, hashlib.sha256).hexdigest()
+    assert received.headers["X-Keyhygiene-Signature"] == expected
+    assert [notice["status"] for notice in _notices(env)] == ["sent"]
+    _assert_no_secret(sink, env, result)
+
+
+def test_the_environment_wins_over_the_dotenv_file_for_a_webhook(
+    secrets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for settings: the environment's NAME, then its NAME_FILE, then the .env file's NAME and NAME_FILE."""
+    secrets = secrets_dir
+    body = {"event": "run", "run_id": 1, "keys": [], "more": 0}
+    target = NotifyTarget(name="ops", url_env="KH_ENV_HOOK")
+    with (
+        WebhookSink() as in_env,
+        WebhookSink() as in_file,
+        WebhookSink() as in_dotenv,
+        Sender(timeout=5, retry_seconds=0) as sender,
+    ):
+        (secrets / "url").write_text(in_file.url + "\n")
+        (secrets / ".env").write_text(f"KH_ENV_HOOK={in_dotenv.url}\nKH_ENV_HOOK_FILE={secrets / 'missing'}\n")
+        assert sender.deliver(target, body).ok  # .env's NAME before its NAME_FILE
+        monkeypatch.setenv("KH_ENV_HOOK_FILE", str(secrets / "url"))
+        assert sender.deliver(target, body).ok  # the environment's NAME_FILE before anything in .env
+        monkeypatch.setenv("KH_ENV_HOOK", in_env.url)
+        assert sender.deliver(target, body).ok
+        (secrets / ".env").write_text(f"KH_ENV_HOOK_FILE={secrets / 'url'}\n")
+        monkeypatch.delenv("KH_ENV_HOOK")
+        monkeypatch.delenv("KH_ENV_HOOK_FILE")
+        assert sender.deliver(target, body).ok  # .env's NAME_FILE
+    assert (len(in_dotenv.received), len(in_file.received), len(in_env.received)) == (1, 2, 1)
+
+
+def test_a_dotenv_file_that_cannot_be_parsed_fails_the_notice_naming_its_line(secrets_dir: Path) -> None:
+    (secrets_dir / ".env").write_text('KH_BROKEN_HOOK="https://hooks.example/services/hook-' + "ab" * 16 + "\n")
+    target = NotifyTarget(name="ops", url_env="KH_BROKEN_HOOK")
+    with Sender(timeout=5, retry_seconds=0) as sender:
+        delivered = sender.deliver(target, {"event": "run", "run_id": 1, "keys": [], "more": 0})
+
+    assert (delivered.ok, delivered.attempts) == (False, 0)
+    assert delivered.error == (
+        f"KH_BROKEN_HOOK cannot be read from the settings file: {secrets_dir / '.env'}:1: not a NAME=value line "
+        "(a quote left open, or a space in the name?)"
+    )
+
+
 def test_a_failing_receiver_never_stops_enforcement_and_is_retried_once_by_the_next_run(
     env: dict[str, str],
     fake: FakeOpenRouter,

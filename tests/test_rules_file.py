@@ -870,3 +870,95 @@ def test_a_file_over_1_mib_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(RulesError, match="larger than 1 MiB"):
         load_rules(path)
+
+
+# --- what Python's TOML reader cannot take: still file:line ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("x = " + "[" * 1000 + "]" * 1000 + "\n", 1),
+        ('# deep\n[[rule]]\nname = "r"  # [[[\nnames = ["[[[["]\nlabel = ' + "{a = " * 600 + "1" + "}" * 600 + "\n", 5),
+        ('[safety]\nprotect_names = """\n[[[[\n"""\nx = [\n' + "[" * 900 + "]" * 900 + "\n]\n", 6),
+    ],
+)
+def test_arrays_and_tables_nested_too_deep_are_an_error_with_their_line(text: str, line: int) -> None:
+    # It was a RecursionError traceback.
+    assert_error(text, line, None, "invalid TOML: arrays or tables nested too deep")
+
+
+def test_a_number_of_thousands_of_digits_is_an_error_with_its_line() -> None:
+    # It was a ValueError traceback ("Exceeds the limit (4300 digits) for integer string conversion").
+    text = '[safety]\nprotect_names = ["' + "1" * 5000 + '"]\n\nmax_actions_per_run = 1_' + "0" * 5000 + "\n"
+    assert_error(text, 4, None, "invalid TOML: a number with too many digits")
+
+
+@pytest.mark.parametrize(
+    ("assignment", "field", "words"),
+    [
+        ("dry_run = 0x" + "f" * 5000, "dry_run", "expected true or false, got a whole number (too long to show)"),
+        ("protect_names = [0x" + "f" * 5000 + "]", "protect_names", "entry 1 is a whole number (too long to show)"),
+    ],
+)
+def test_a_hex_number_too_long_to_write_out_is_named_not_shown(assignment: str, field: str, words: str) -> None:
+    # Hexadecimal ones parse, but writing one out in decimal in the message was a ValueError traceback.
+    assert_error(f"[safety]\n{assignment}\n", 2, field, words)
+
+
+# --- a webhook's variable is named, its value never echoed ---------------------------------------------
+
+WEBHOOK = "https://hooks.slack.com/services/T000/B000/SECRETXXXX"
+
+
+@pytest.mark.parametrize(("field", "line"), [("url_env", 3), ("secret_env", 4)])
+@pytest.mark.parametrize("value", [f'["{WEBHOOK}"]', f'{{ url = "{WEBHOOK}" }}', "12345678901234567890"])
+def test_a_variable_name_of_the_wrong_type_is_not_echoed(field: str, line: int, value: str) -> None:
+    # It was: url_env: expected a string, got a list (["https://hooks.slack.com/services/..."]).
+    names = {"url_env": '"OPS_HOOK"', "secret_env": '"OPS_SECRET"'} | {field: value}
+    text = f'[[notify]]\nname = "ops"\nurl_env = {names["url_env"]}\nsecret_env = {names["secret_env"]}\n'
+
+    error = assert_error(text, line, field, "expected the name of the environment variable", "notify #1")
+
+    assert "SECRETXXXX" not in str(error) and "1234567890" not in str(error)
+
+
+# --- protect_hashes: a hash that can never match ------------------------------------------------
+
+KEY_HASH = "0f" * 32
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        KEY_HASH[:10],  # as plan's table shows it
+        KEY_HASH[:12],  # as a Slack notice shows it
+        KEY_HASH.upper(),
+        KEY_HASH + "0",
+        "prod-main",  # a key's name, not its hash
+    ],
+)
+def test_a_protected_hash_not_shaped_like_a_key_hash_is_a_warning_with_its_line(entry: str) -> None:
+    text = f'[safety]\ndry_run = false\nprotect_hashes = [\n  "{KEY_HASH}",\n  "{entry}",\n]\n'
+
+    ruleset = parse_rules(text, "rules.toml")
+
+    assert ruleset.safety.protect_hashes == (KEY_HASH, entry)  # still protected as written
+    (warning,) = ruleset.warnings
+    assert str(warning) == (
+        f'rules.toml:3: protect_hashes: entry 2 ("{entry}") is not 64 lowercase hex characters like a key '
+        "hash: it protects only a key whose hash is exactly this; protect_hashes compares whole key hashes "
+        "exactly (`plan --format json` shows them whole)"
+    )
+
+
+def test_whole_key_hashes_are_protected_without_a_warning() -> None:
+    ruleset = parse_rules(f'[safety]\nprotect_hashes = ["{KEY_HASH}", "{"ab" * 32}"]\n', "rules.toml")
+    assert ruleset.warnings == ()
+
+
+@pytest.mark.parametrize("entry", [f" {KEY_HASH}", f"{KEY_HASH} ", f"{KEY_HASH}\\n", f"\\t{KEY_HASH[:10]}"])
+def test_a_protected_hash_with_white_space_around_it_is_an_error(entry: str) -> None:
+    text = f'[safety]\ndry_run = false\nprotect_hashes = ["{KEY_HASH}", "{entry}"]\n'
+
+    assert_error(text, 3, "protect_hashes", "entry 2 has white space around it", "compares whole key hashes exactly")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -221,3 +223,233 @@ def test_the_longest_durations_are_accepted(clean_env: Path, monkeypatch: pytest
 
     assert settings.retention == timedelta(days=36500)
     assert settings.job_time_limit == timedelta(weeks=5214)
+
+
+# -- the .env file: read strictly, refused in one line naming it ----------------------------------
+
+
+def _directory(folder: Path) -> None:
+    (folder / ".env").mkdir()
+
+
+def _not_utf8(folder: Path) -> None:
+    (folder / ".env").write_bytes(b"KEYHYGIENE_LOG_FORMAT=json\nKEYHYGIENE_RULES_FILE=r\xe8gles.toml\n")
+
+
+def _unreadable(folder: Path) -> None:
+    """No read permission; as root (who reads any file), a link to a kernel file that can only be written."""
+    path = folder / ".env"
+    if os.geteuid() != 0:
+        path.write_text("KEYHYGIENE_LOG_FORMAT=json\n")
+        path.chmod(0o200)
+        return
+    write_only = Path("/proc/sys/vm/drop_caches")
+    if not write_only.exists():
+        pytest.skip("running as root, and there is no write-only file to link .env to")
+    path.symlink_to(write_only)
+
+
+def _dangling_link(folder: Path) -> None:
+    (folder / ".env").symlink_to(folder / "secrets.env")
+
+
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        (_directory, ": cannot read the settings file: it is a directory"),
+        (_not_utf8, ":2: the settings file is not UTF-8 text"),
+        (_unreadable, ": cannot read the settings file: Permission denied"),
+        (_dangling_link, ": cannot read the settings file: it is a link to nothing"),
+    ],
+)
+@pytest.mark.parametrize("command", [("status",), ("db", "upgrade"), ("rules", "check")])
+def test_a_dotenv_file_that_cannot_be_read_stops_every_command_in_one_line(
+    clean_env: Path, cli, make: Callable[[Path], None], said: str, command: tuple[str, ...]
+) -> None:
+    # It was a traceback and exit 1 (and a directory, or a link to nothing, was passed over in silence).
+    make(clean_env)
+
+    result = cli(*command)
+
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [f"keyhygiene: error: {clean_env / '.env'}{said}"], result.stderr
+    assert not (clean_env / "keyhygiene.db").exists()
+
+
+def test_a_virtualenv_named_dotenv_is_not_a_settings_file(clean_env: Path) -> None:
+    (clean_env / ".env").mkdir()
+    (clean_env / ".env" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+
+    assert load_settings().database_url == "sqlite:///keyhygiene.db"
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ('KEYHYGIENE_LOG_FORMAT=json\nKEYHYGIENE_SCHEDULE="*/5 * * * *\nKEYHYGIENE_RETENTION=30d\n', 2),
+        ("KEYHYGIENE DATABASE_URL=postgresql://kh@db.internal/keys\n", 1),
+        ("# settings\n\n\nKEYHYGIENE_LOG_FORMAT=json\n\n\nKEYHYGIENE DATABASE_URL=x\n", 7),
+        (f'KEYHYGIENE_LOG_FORMAT=json\nOPENROUTER_MANAGEMENT_KEY="{MANAGEMENT_KEY}\n', 2),
+    ],
+)
+@pytest.mark.parametrize("command", [("status",), ("db", "upgrade")])
+def test_a_dotenv_line_that_cannot_be_parsed_stops_naming_file_and_line(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, cli, text: str, line: int, command: tuple[str, ...]
+) -> None:
+    # python-dotenv skipped such a line with a plain-text warning (never JSON), and the setting it
+    # meant fell back to its default: sqlite:///keyhygiene.db instead of the PostgreSQL database.
+    monkeypatch.setenv("KEYHYGIENE_LOG_FORMAT", "json")
+    (clean_env / ".env").write_text(text)
+
+    result = cli(*command)  # the management key is never echoed (cli checks every run)
+
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"keyhygiene: error: {clean_env / '.env'}:{line}: not a NAME=value line "
+        "(a quote left open, or a space in the name?)"
+    ], result.stderr
+    assert not (clean_env / "keyhygiene.db").exists()
+
+
+def test_a_byte_order_mark_in_dotenv_is_no_mistake(clean_env: Path) -> None:
+    (clean_env / ".env").write_text("\ufeffKEYHYGIENE_HTTP_CONCURRENCY=3\n", encoding="utf-8")
+
+    assert load_settings().http_concurrency == 3
+
+
+def test_the_dotenv_file_is_read_with_its_variables_expanded(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KH_TEST_DB_HOST", "db.internal")
+    (clean_env / ".env").write_text(
+        "export KEYHYGIENE_DATABASE_URL='postgresql://kh@${KH_TEST_DB_HOST}/keys'\nkeyhygiene_http_concurrency=4\n"
+    )
+
+    settings = load_settings()
+
+    assert settings.database_url == "postgresql://kh@db.internal/keys"
+    assert settings.http_concurrency == 4  # names in any case, as in the environment
+
+
+# -- URLs: refused at start, naming the variable, never echoing a password --------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("OPENROUTER_BASE_URL", "http://[::1/api/v1", "not a valid URL"),
+        ("OPENROUTER_BASE_URL", "http://", "has no host"),
+        ("OPENROUTER_BASE_URL", "https:///api/v1", "has no host"),
+        ("OPENROUTER_BASE_URL", "http://127.0.0.1:99999/api/v1", "port"),
+        ("OPENROUTER_BASE_URL", "http://127.0.0.1:0/api/v1", "port"),
+        ("OPENROUTER_BASE_URL", "http://127.0.0.1:http/api/v1", "port"),
+        ("OPENROUTER_BASE_URL", "https://openrouter.ai/api/v1 ", "spaces"),
+        ("OPENROUTER_BASE_URL", " https://openrouter.ai/api/v1", "spaces"),
+        ("OPENROUTER_BASE_URL", "https://openrouter.ai/api/v1\n", "spaces"),
+        ("OPENROUTER_BASE_URL", "https://openrouter.ai/api/v1?x=1", "query"),
+        ("OPENROUTER_BASE_URL", "https://me:pw@openrouter.ai/api/v1", "user or password"),
+        ("OPENROUTER_BASE_URL", "https:/openrouter.ai/api/v1", "must start with http:// or https://"),
+        ("KEYHYGIENE_BROKER_URL", "redis://user:pw@127.0.0.1:99999/0", "port"),
+        ("KEYHYGIENE_BROKER_URL", "redis://[::1/0", "not a valid URL"),
+        ("KEYHYGIENE_BROKER_URL", "redis://127.0.0.1:6379/zero", "database number"),
+        ("KEYHYGIENE_BROKER_URL", "redis://127.0.0.1:6379/0 ", "spaces"),
+        ("KEYHYGIENE_BROKER_URL", "unix://", "socket path"),
+    ],
+)
+def test_a_url_that_cannot_be_used_is_refused_naming_its_variable(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, words: str
+) -> None:
+    refusal = _refusal(monkeypatch, name, value)
+
+    assert refusal.startswith(f"invalid settings: {name}: ")
+    assert words in refusal
+    assert "pw@" not in refusal
+
+
+def _refusal(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> str:
+    """What load_settings says when ``name`` is set to ``value``."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OPENROUTER_BASE_URL", "http://[::1]:8080/api/v1/"),
+        ("OPENROUTER_BASE_URL", "HTTPS://OPENROUTER.AI/api/v1"),
+        ("KEYHYGIENE_BROKER_URL", "redis://:p@ss:w0rd@redis.internal:6379/2"),
+        ("KEYHYGIENE_BROKER_URL", "rediss://redis.internal:6380/0?ssl_cert_reqs=required"),
+        ("KEYHYGIENE_BROKER_URL", "redis://redis.internal"),
+        ("KEYHYGIENE_BROKER_URL", "unix:///run/redis/redis.sock?db=1"),
+    ],
+)
+def test_urls_that_work_are_accepted(clean_env: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+
+    settings = load_settings()
+
+    assert getattr(settings, "base_url" if name == "OPENROUTER_BASE_URL" else "broker_url") == value.rstrip("/")
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (("trigger", "sync"), "KEYHYGIENE_BROKER_URL"),  # was a traceback: "Port out of range 0-65535"
+        (("sync",), "OPENROUTER_BASE_URL"),  # was "unexpected error: ValueError: Invalid IPv6 URL", exit 1
+    ],
+)
+def test_commands_refuse_a_broken_url_at_start(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, cli, args: tuple[str, ...], name: str
+) -> None:
+    monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", MANAGEMENT_KEY)
+    monkeypatch.setenv("KEYHYGIENE_BROKER_URL", "redis://kh:brokerSECRET@127.0.0.1:99999/0")
+    monkeypatch.setenv("OPENROUTER_BASE_URL", "http://[::1/api/v1")
+
+    result = cli(*args)
+
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("keyhygiene: error: invalid settings: ") and f"{name}: " in line
+    assert "brokerSECRET" not in result.stdout + result.stderr
+    assert "queued" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "shown"),
+    [
+        ("KEYHYGIENE_DATABASE_URL", "mysql://kh:p@ssw0rdSECRET@db.example/keys", "mysql://kh:***@db.example/keys"),
+        ("KEYHYGIENE_DATABASE_URL", "mysql://kh:p@ss/w0rdSECRET@db.example/keys", "mysql://kh:***@db.example/keys"),
+        ("KEYHYGIENE_DATABASE_URL", "kh:p@ssw0rdSECRET@db.example/keys", "kh:***@db.example/keys"),
+        ("KEYHYGIENE_BROKER_URL", "amqp://guest:s3@cretSECRET@mq.example//", "amqp://guest:***@mq.example//"),
+        ("KEYHYGIENE_BROKER_URL", "redis://:p@ssSECRET@127.0.0.1:99999/0", "redis://:***@127.0.0.1:99999/0"),
+        ("KEYHYGIENE_BROKER_URL", "redis://tokenSECRET@127.0.0.1:99999/0", "redis://***@127.0.0.1:99999/0"),
+    ],
+)
+def test_a_password_with_an_at_sign_is_not_echoed(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, shown: str
+) -> None:
+    # The password was cut at its first "@", and the rest of it shown as the host.
+    refusal = _refusal(monkeypatch, name, value)
+
+    assert "SECRET" not in refusal
+    assert f"(got {shown!r})" in refusal
+
+
+@pytest.mark.parametrize("where", ["environment", "dotenv"])
+def test_a_management_key_pasted_into_another_variable_is_not_echoed(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, cli, where: str
+) -> None:
+    key = "orkey-7a1c9e0b5d3f"  # not shaped like sk-or-v1-..., so no pattern would hide it
+    if where == "environment":
+        monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", key)
+    else:
+        (clean_env / ".env").write_text(f"OPENROUTER_MANAGEMENT_KEY={key}\n")
+    monkeypatch.setenv("KEYHYGIENE_SCHEDULE", key)
+    monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", f"https://{key}")
+
+    result = cli("status")
+
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert "KEYHYGIENE_SCHEDULE: " in line and "KEYHYGIENE_DATABASE_URL: " in line
+    assert key not in line

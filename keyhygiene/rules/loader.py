@@ -14,8 +14,9 @@ import math
 import os
 import re
 import stat
+import sys
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -87,6 +88,12 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
     except tomllib.TOMLDecodeError as exc:
         line, message = _syntax_error_position(str(exc), text)
         raise RulesError(source, line, None, f"invalid TOML: {message}") from None
+    except RecursionError:  # tomllib reads nested arrays and inline tables by recursion
+        raise RulesError(source, _deepest_line(text), None, "invalid TOML: arrays or tables nested too deep") from None
+    except ValueError as exc:  # int() refuses a number of thousands of digits
+        line = _longest_number_line(text)
+        message = "a number with too many digits to read" if line is not None else str(exc)
+        raise RulesError(source, line, None, f"invalid TOML: {message}") from None
     return _Reader(source, _Layout(text)).ruleset(data)
 
 
@@ -116,6 +123,7 @@ def _lines(text: str) -> list[str]:
 # --- where things are written -------------------------------------------------------------------
 
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEY_HASH = re.compile(r"[0-9a-f]{64}")
 _ARRAY_HEADER = re.compile(r"^\s*\[\[\s*(?P<path>[^\[\]]+?)\s*\]\]\s*(#.*)?$")
 _TABLE_HEADER = re.compile(r"^\s*\[\s*(?P<path>[^\[\]]+?)\s*\]\s*(#.*)?$")
 _ASSIGNMENT = re.compile(r"""^\s*(?P<key>"(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_-]+)\s*[.=]""")
@@ -137,10 +145,12 @@ class _Header:
     is_array: bool
 
 
-def _open_string_after(line: str, open_string: str | None) -> str | None:
-    """The multi-line string (its delimiter) still open at the end of ``line``, given the one open
-    at its start: strings on one line, escapes in basic strings and comments are read as TOML
-    reads them, so a \"\"\" inside a comment or a one-line string opens nothing."""
+def _split_line(line: str, open_string: str | None) -> tuple[str, str | None]:
+    """The characters of ``line`` outside strings and comments (a string leaves its quote), and the
+    multi-line string (its delimiter) still open at the end of ``line``, given the one open at its
+    start: strings on one line, escapes in basic strings and comments are read as TOML reads them,
+    so a \"\"\" inside a comment or a one-line string opens nothing."""
+    code: list[str] = []
     at = 0
     while at < len(line):
         if open_string is not None:  # inside a multi-line string: find its end
@@ -149,15 +159,16 @@ def _open_string_after(line: str, open_string: str | None) -> str | None:
                 while end > 0 and _escaped(line, end):
                     end = line.find('"""', end + 1)
             if end < 0:
-                return open_string
+                return "".join(code), open_string
             quote, at, open_string = open_string[0], end + 3, None
             for _ in range(2):  # up to two more quotes: the string's last characters, then its end
                 if at < len(line) and line[at] == quote:
                     at += 1
+            code.append(quote)
             continue
         char = line[at]
         if char == "#":
-            return None
+            break
         if line.startswith(('"""', "'''"), at):
             open_string, at = line[at : at + 3], at + 3
             continue
@@ -166,9 +177,41 @@ def _open_string_after(line: str, open_string: str | None) -> str | None:
             while end < len(line) and line[end] != char:
                 end += 2 if char == '"' and line[end] == "\\" else 1
             at = end + 1
+            code.append(char)
             continue
+        code.append(char)
         at += 1
-    return open_string
+    return "".join(code), open_string
+
+
+def _code_lines(text: str) -> Iterator[tuple[int, str]]:
+    """Each line's number and its characters outside strings and comments."""
+    open_string: str | None = None
+    for number, line in enumerate(_lines(text), start=1):
+        code, open_string = _split_line(line, open_string)
+        yield number, code
+
+
+def _deepest_line(text: str) -> int:
+    """The first line where arrays and inline tables nest deepest."""
+    depth = deepest = 0
+    found = 1
+    for number, code in _code_lines(text):
+        for char in code:
+            if char in "[{":
+                depth += 1
+                if depth > deepest:
+                    deepest, found = depth, number
+            elif char in "]}":
+                depth = max(depth - 1, 0)
+    return found
+
+
+def _longest_number_line(text: str) -> int | None:
+    """The first line holding a number of more digits than Python converts (4300 by default)."""
+    limit = sys.get_int_max_str_digits() or 4300
+    digits = re.compile(f"[0-9][0-9A-Za-z_]{{{limit},}}")  # 0x, 0o and 0b numbers too
+    return next((number for number, code in _code_lines(text) if digits.search(code)), None)
 
 
 def _escaped(line: str, at: int) -> bool:
@@ -189,7 +232,7 @@ class _Layout:
         in_string: str | None = None
         for number, line in enumerate(_lines(text), start=1):
             if in_string is not None:
-                in_string = _open_string_after(line, in_string)
+                in_string = _split_line(line, in_string)[1]
                 continue
             array = _ARRAY_HEADER.match(line)
             table = None if array else _TABLE_HEADER.match(line)
@@ -200,7 +243,7 @@ class _Layout:
             assignment = _ASSIGNMENT.match(line)
             if assignment is not None:
                 self.assignments.append((number, len(self.headers) - 1, _unquote(assignment.group("key"))))
-            in_string = _open_string_after(line, None)
+            in_string = _split_line(line, None)[1]
 
     def _top_level_assignment(self, key: str) -> int | None:
         return next((line for line, table, name in self.assignments if table == -1 and name == key), None)
@@ -263,7 +306,10 @@ def _toml_repr(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)
-    return repr(value)
+    try:
+        return repr(value)
+    except ValueError:  # a whole number (0xfff...) of more decimal digits than Python writes out
+        return "too long to show"
 
 
 def _type_name(value: object) -> str:
@@ -324,7 +370,14 @@ class _Table:
 
     def variable_name(self, field: str, value: object, holds: str) -> str:
         """The name of an environment variable, never its value: what it holds is a secret, and a
-        value written here would end up in logs and messages as if it were a name."""
+        value written here would end up in logs and messages as if it were a name. Whatever is
+        written here is never echoed in an error either: it may be the secret itself."""
+        if not isinstance(value, str):
+            self.fail(
+                field,
+                f"expected the name of the environment variable that holds {holds} (a string), got "
+                f"{_type_name(value)} in {self.label}",
+            )
         name = self.string(field, value)
         if not _VARIABLE_NAME.fullmatch(name):
             self.fail(
@@ -372,6 +425,23 @@ class _Table:
         if value not in choices:
             self.fail(field, f'unknown {field} "{value}" in {self.label}; expected one of {_quoted(choices)}')
         return value
+
+
+def _check_protected_hash(table: _Table, position: int, key_hash: str) -> None:
+    """Refuse a protect_hashes entry that can never match; warn about one not shaped like a key hash.
+
+    Hashes are compared whole and exactly, while plan's table and Slack notices show them cut
+    short: a pasted prefix protects nothing. The API does not promise the shape of a hash, so
+    another shape is only warned about."""
+    exactly = "protect_hashes compares whole key hashes exactly (`plan --format json` shows them whole)"
+    if key_hash != key_hash.strip():
+        table.fail("protect_hashes", f"entry {position} has white space around it, so it protects nothing: {exactly}")
+    if not _KEY_HASH.fullmatch(key_hash):
+        table.warn(
+            "protect_hashes",
+            f"entry {position} ({_toml_repr(key_hash)}) is not 64 lowercase hex characters like a key hash: "
+            f"it protects only a key whose hash is exactly this; {exactly}",
+        )
 
 
 class _Reader:
@@ -481,6 +551,8 @@ class _Reader:
         for field in ("protect_hashes", "protect_names"):
             if field in data:
                 values[field] = table.string_list(field, data[field])
+        for position, key_hash in enumerate(values.get("protect_hashes", ()), start=1):
+            _check_protected_hash(table, position, key_hash)
         return Safety(**values)
 
     def rule(self, index: int, data: Mapping[str, Any]) -> Rule:
