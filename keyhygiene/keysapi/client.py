@@ -80,9 +80,14 @@ class Listing:
     duplicates: int
 
 
+_LEAST_WAIT = 0.25
+"""Seconds between two tries of one request, whatever ``Retry-After`` says: an API that answers
+``Retry-After: 0`` gets at most four tries a second from each thread, not a flood."""
+
+
 class _WaitRetryAfter(wait_base):
-    """Wait as long as the API asked (``Retry-After``), but never less than our own exponential
-    backoff with jitter: an API that answers ``Retry-After: 0`` is not sent a flood of retries."""
+    """Wait as long as the API asked (``Retry-After``, at least ``_LEAST_WAIT``), else back off
+    exponentially with jitter."""
 
     def __init__(self, fallback: wait_base, ceiling: float) -> None:
         self.fallback = fallback
@@ -91,10 +96,9 @@ class _WaitRetryAfter(wait_base):
     def __call__(self, retry_state: Any) -> float:
         outcome = retry_state.outcome
         error = outcome.exception() if outcome is not None else None
-        backoff = float(self.fallback(retry_state))
         if isinstance(error, TransientError) and error.retry_after is not None:
-            return min(max(error.retry_after, backoff), self.ceiling)
-        return backoff
+            return min(max(error.retry_after, _LEAST_WAIT), self.ceiling)
+        return float(self.fallback(retry_state))
 
 
 def _retry_after(response: httpx.Response) -> float | None:
