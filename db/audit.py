@@ -150,6 +150,11 @@ def last_changes(
     }
 
 
+def hashes_of_run(session: Session, run_id: int) -> set[str]:
+    """The keys run ``run_id`` has an ``actions`` record of (a change it began, made or skipped)."""
+    return set(session.scalars(select(Action.key_hash).where(Action.run_id == run_id).distinct()))
+
+
 def changes_of_run(session: Session, run_id: int) -> list[Action]:
     """The disables and deletes run ``run_id`` made (not dry-run, outcome done) or may have made
     (outcome pending: the run ended before it learned the API's answer), in order."""

@@ -14,6 +14,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from db import audit, snapshots
@@ -36,7 +37,7 @@ from keyhygiene.rules import (
     resolve_workspaces,
 )
 
-from .context import Database, collection_paused, session_scope
+from .context import Database, collection_paused, describe_db_error, session_scope
 from .errors import EnforcementRefused
 from .logging import get_logger
 from .shutdown import change_in_flight
@@ -725,21 +726,26 @@ def enforce_snapshot(
     result.reported = sum(1 for decision in unapplied if decision.action == "report")
 
     snapshot_keys = {key.hash: key for key in inputs.keys}
-    for decision in the_plan.changes if not dry_run else ():
+    changes = the_plan.changes if not dry_run else []
+    for index, decision in enumerate(changes):
         assert client is not None, "a client is needed to change keys"
-        outcome = execute_decision(
-            database,
-            client,
-            decision,
-            ruleset=ruleset,
-            history=inputs.histories.get(decision.key_hash, KeyHistory()),
-            audit_facts=inputs.audits.get(decision.key_hash, AuditFacts()),
-            run_id=run_id,
-            now=now,
-            snapshot_key=snapshot_keys.get(decision.key_hash),
-            clock=clock,
-            fence=fence,
-        )
+        try:
+            outcome = execute_decision(
+                database,
+                client,
+                decision,
+                ruleset=ruleset,
+                history=inputs.histories.get(decision.key_hash, KeyHistory()),
+                audit_facts=inputs.audits.get(decision.key_hash, AuditFacts()),
+                run_id=run_id,
+                now=now,
+                snapshot_key=snapshot_keys.get(decision.key_hash),
+                clock=clock,
+                fence=fence,
+            )
+        except BaseException as exc:
+            _record_unreached(database, changes[index:], run_id=run_id, now=clock() if clock else now, stopped=exc)
+            raise
         if outcome == audit.DONE:
             result.done += 1
         elif outcome == audit.SKIPPED:
@@ -748,6 +754,27 @@ def enforce_snapshot(
             result.failed += 1
     log.info("enforcement_complete", run_id=run_id, **result.summary())
     return result
+
+
+def _record_unreached(
+    database: Database, decisions: Sequence[Decision], *, run_id: int, now: datetime, stopped: BaseException
+) -> None:
+    """Record as skipped, each with its ``key_action`` event, the planned changes a run that stopped
+    midway (the credential refused, the lease lost, a stop or time limit) never reached: every
+    planned change is in the audit log. A change the run had begun has its own record already."""
+    said = str(stopped).strip().splitlines()
+    why = said[0] if said else type(stopped).__name__
+    try:
+        with database.sessions() as session:
+            begun = audit.hashes_of_run(session, run_id)
+        unreached = [decision for decision in decisions if decision.key_hash not in begun]
+        if unreached:
+            reason = f"not reached: the run stopped before this change ({why})"
+            _record_all(
+                database, unreached, run_id=run_id, now=now, dry_run=False, outcome=audit.SKIPPED, reason=reason
+            )
+    except SQLAlchemyError as exc:  # the database is what stopped the run: the plan is lost with it
+        log.error("unreached_changes_not_recorded", run_id=run_id, changes=len(decisions), error=describe_db_error(exc))
 
 
 def refusal_message(breach: CapBreach) -> str:

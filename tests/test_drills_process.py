@@ -280,8 +280,14 @@ def test_a_holder_that_lost_its_lease_stops_before_the_next_change(
         stalled.release()
         taker.release()
     assert fake.change_counts() == {}
-    assert not _actions(setup)
-    drill.saw("LeaseLost raised before any intent was written; no PATCH or DELETE sent")
+    # No intent was written; every planned change is in the audit log as not reached, and logged.
+    unreached = _actions(setup)
+    assert unreached and {(a.outcome, a.dry_run) for a in unreached} == {("skipped", False)}
+    assert all((a.reason or "").startswith("not reached: the run stopped before this change") for a in unreached)
+    drill.saw(
+        f"LeaseLost raised before any intent was written; no PATCH or DELETE sent; "
+        f"the {len(unreached)} planned changes recorded as not reached"
+    )
     recovery = cli("run")
     assert recovery.exit_code == 0, recovery.stderr
     drill.check(database=setup.database, fake=fake, outputs=outputs_of(sync, recovery))
