@@ -203,7 +203,9 @@ def _failure(
     if isinstance(exc, EnforcementRefused):
         message = f"enforcement refused, nothing was changed: {exc}"
         result = exc.result if isinstance(exc.result, EnforceResult) else None
-        return JobOutcome(kind, runs.REFUSED, EXIT_REFUSED, message, run_id, enforcement=result)
+        # The plan's counts, as a run that went ahead records them: ``report runs`` and ``status``.
+        summary = result.summary() if result is not None else {}
+        return JobOutcome(kind, runs.REFUSED, EXIT_REFUSED, message, run_id, summary=summary, enforcement=result)
     if isinstance(exc, KeyhygieneError):
         return JobOutcome(kind, runs.FAILED, exc.exit_code, str(exc), run_id)
     if isinstance(exc, AuthenticationFailed):

@@ -6,6 +6,7 @@ and DELETE calls the fake received, the audit rows and the ``key_action`` log ev
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -308,6 +309,10 @@ def test_caps_refuse_the_whole_enforcement(
     assert {a.outcome for a in _audit(ready)} == {"refused"}
     assert len(_audit(ready)) == 5
     assert {e["outcome"] for e in result.events_named("key_action")} == {"refused"}
+    # The refused run's counts, as `report runs` and `status` show them.
+    runs_report = json.loads(cli("report", "runs", "--format", "json").stdout)
+    refused = next(row for row in runs_report if row["status"] == "refused")
+    assert (refused["planned"], refused["done"], refused["keys"]) == (5, 0, len(org.hashes))
 
 
 def test_percent_cap_refuses(
