@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from . import runs, snapshots
 from .models import Action, Money, PlanEntry, Run, RunPlan
-from .rollups import SnapshotRollup
+from .rollups import KeyDay, SnapshotRollup, first_sight_in
 
 
 def keys_by_workspace_and_state(session: Session, snapshot_id: int, *, at: datetime) -> list[tuple[str, str, int]]:
@@ -67,7 +67,12 @@ def idle_keys(session: Session, snapshot_id: int) -> int:
 
 
 def spend_since(session: Session, since: datetime) -> Decimal:
-    """Spend (credits and BYOK) recorded by the snapshots taken after ``since``, summed exactly in SQL."""
+    """Spend (credits and BYOK) since ``since``, as ``report spend`` counts it, summed exactly in SQL:
+    the steps of the snapshots taken after it, and what keys created after it had spent when
+    first seen."""
     table = SnapshotRollup.__table__
     spent = type_coerce(func.sum(table.c.usage + table.c.byok_usage), Money())
-    return session.scalar(select(spent).where(table.c.taken_at > since)) or Decimal(0)
+    steps = session.scalar(select(spent).where(table.c.taken_at > since)) or Decimal(0)
+    days = KeyDay.__table__
+    first = type_coerce(func.sum(days.c.first_usage + days.c.first_byok_usage), Money())
+    return steps + (session.scalar(select(first).where(*first_sight_in(since, None))) or Decimal(0))

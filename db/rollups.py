@@ -392,6 +392,30 @@ class DaySpend:
     byok_usage: float
 
 
+def first_sight_in(start: datetime, end: datetime | None, workspaces: tuple[str, ...] = ()) -> list[Any]:
+    """The ``key_days`` rows that hold what a key created inside ``(start, end]`` had spent when it
+    was first seen, in that period: spend the snapshots' steps do not hold (``end`` None: no end)."""
+    days = KeyDay.__table__
+
+    def at_first_sight(column: Any) -> Any:
+        # Looked up per first-seen row (few), from the key's first record version: the workspace
+        # it was in when first seen, as that snapshot's counts (``day_counts``) place it.
+        return (
+            select(column)
+            .where(key_records.c.key_id == days.c.key_id)
+            .order_by(key_records.c.valid_from)
+            .limit(1)
+            .scalar_subquery()
+        )
+
+    where = [days.c.first_seen_at > start, at_first_sight(key_records.c.created_at) > start]
+    if end is not None:
+        where.append(days.c.first_seen_at <= end)
+    if workspaces:
+        where.append(at_first_sight(key_records.c.workspace_id).in_(workspaces))
+    return where
+
+
 def spend_by_day(
     session: Session, *, start: datetime, end: datetime, workspaces: tuple[str, ...] = ()
 ) -> Iterator[DaySpend]:
@@ -409,28 +433,9 @@ def spend_by_day(
         )
     )
     days = KeyDay.__table__
-
-    def at_first_sight(column: Any) -> Any:
-        # Looked up per first-seen row (few), from the key's first record version: the workspace
-        # it was in when first seen, as that snapshot's counts (``day_counts``) place it.
-        return (
-            select(column)
-            .where(key_records.c.key_id == days.c.key_id)
-            .order_by(key_records.c.valid_from)
-            .limit(1)
-            .scalar_subquery()
-        )
-
-    first_where = [
-        days.c.first_seen_at > start,
-        days.c.first_seen_at <= end,
-        at_first_sight(key_records.c.created_at) > start,
-    ]
-    if workspaces:
-        first_where.append(at_first_sight(key_records.c.workspace_id).in_(workspaces))
     firsts = session.execute(
         select(days.c.day, func.sum(days.c.first_usage), func.sum(days.c.first_byok_usage))
-        .where(*first_where)
+        .where(*first_sight_in(start, end, workspaces))
         .group_by(days.c.day)
     )
     totals: dict[date, list[float]] = {}

@@ -104,6 +104,24 @@ def test_metrics_once_agree_with_the_inventory_and_the_run_records(
     )
 
 
+def test_spend_of_the_last_day_is_what_report_spend_counts(
+    env: dict[str, str], database: Database, fake: FakeOpenRouter, cli: Callable[..., CliResult]
+) -> None:
+    """Both count the growth between snapshots and what a key created in the period had spent when
+    first seen (a key made with 3.0 already spent, found by the first sync)."""
+    populate(fake)
+    fake.add_key("fresh", created_at=utcnow() - timedelta(hours=1), usage=3.0)
+    assert cli("sync").exit_code == 0
+    fake.record_use(next(key["hash"] for key in fake.keys if key["name"] == "svc-0"), 1.5)
+    assert cli("sync").exit_code == 0
+
+    figures = samples(cli("metrics").stdout)
+
+    spend = json.loads(cli("report", "spend", "--since", "1d", "--format", "json").stdout)
+    assert {row["name"]: row["total"] for row in spend} == {"fresh": 3.0, "svc-0": 1.5}
+    assert figures[("keyhygiene_spend_last_day_usd", ())] == pytest.approx(4.5)
+
+
 def test_metrics_when_the_database_is_unreachable_say_so(env: dict[str, str], cli: Callable[..., CliResult]) -> None:
     # No migration: the schema check refuses, with the interface's exit code and no traceback.
     result = cli("metrics")
