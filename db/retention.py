@@ -44,10 +44,7 @@ from .models import (
 )
 from .rollups import KeyDay, KeyRollup
 from .runs import RUNNING
-from .snapshots import COMPLETE, FAILED
-
-PRUNED = "pruned"
-"""A snapshot older than the retention: its inventory is gone; it remains only as a time."""
+from .snapshots import COMPLETE, FAILED, PRUNED
 
 
 def anchor_snapshot(session: Session, cutoff: datetime) -> Snapshot | None:

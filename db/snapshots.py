@@ -62,6 +62,8 @@ from .models import (
 RUNNING = "running"
 COMPLETE = "complete"
 FAILED = "failed"
+PRUNED = "pruned"
+"""A snapshot older than the retention: its inventory is gone; it remains only as a time."""
 
 # Held (per transaction) while a snapshot is recorded on PostgreSQL; SQLite's BEGIN IMMEDIATE
 # already lets only one writer in.
@@ -1365,6 +1367,14 @@ def previous_snapshot(session: Session, snapshot_id: int) -> Snapshot | None:
 
 def first_snapshot(session: Session) -> Snapshot | None:
     return session.scalars(select(Snapshot).where(Snapshot.status == COMPLETE).order_by(Snapshot.id).limit(1)).first()
+
+
+def pruned_before(session: Session, snapshot_id: int) -> bool:
+    """Whether the retention pruned snapshots older than ``snapshot_id``: the history before it is
+    gone, except what the versions alive at it carry (a pruned snapshot stays as long as a kept
+    version begins or ends at it)."""
+    older = select(Snapshot.id).where(Snapshot.status == PRUNED, Snapshot.id < snapshot_id)
+    return session.scalar(select(exists(older))) is True
 
 
 def complete_snapshots(

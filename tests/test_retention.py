@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from db import retention as retention_db
 from db import rollups, runs, snapshots
 from db.models import Action, Run, Snapshot, key_records, key_usage, tracked_keys
 from db.retention import PRUNED
@@ -199,6 +200,32 @@ def test_reports_inside_the_retention_are_identical_after_pruning(org: Org) -> N
     again = execute("prune", settings, clock=lambda: NOW, database=database)
     assert again.summary["versions_deleted"] == again.summary["snapshots_deleted"] == 0
     assert retained_reports(database) == before
+
+
+def test_spend_over_a_period_that_begins_before_the_kept_history_counts_from_where_it_begins(org: Org) -> None:
+    """The versions kept at the oldest snapshot began before it: growth from them would count spend
+    from before the period. The period is counted from that snapshot, and the report says so."""
+    database = org.database
+    with database.sessions() as session:
+        anchor = retention_db.anchor_snapshot(session, CUTOFF)
+        assert anchor is not None and anchor.taken_at is not None
+        kept_from = anchor.taken_at
+
+        def spend(since: timedelta) -> tuple[dict[str, float], list[str]]:
+            report = builders()["spend"](session, ReportParams(now=NOW, since=since))
+            return {row["key_hash"]: row["total"] for row in json.loads(to_json(report))}, report.notes
+
+        expected, expected_notes = spend(NOW - kept_from)
+    retention.prune(database, now=NOW, retention_period=RETENTION)
+
+    with database.sessions() as session:
+        got, notes = spend(NOW - kept_from + 3 * DAY)
+    assert got == expected and expected
+    assert notes[0] == expected_notes[0]  # the same keys without spend: never a negative count
+    assert f"before {kept_from:%Y-%m-%d %H:%M} UTC was pruned" in notes[1]
+    with database.sessions() as session:
+        trends = builders()["trends"](session, ReportParams(now=NOW, since=NOW - kept_from + 3 * DAY))
+    assert any(f"before {kept_from:%Y-%m-%d %H:%M} UTC was pruned" in note for note in trends.notes)
 
 
 def test_small_batches_give_the_same_result(org: Org, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -102,6 +102,8 @@ class SpendFigures:
     """The UTC days with a complete snapshot inside the period, oldest first."""
     without_spend: int = 0
     """Keys that existed in the period and spent nothing in it (not listed by key)."""
+    pruned: bool = False
+    """The period asked for began before the history kept: ``start`` is the oldest snapshot kept."""
 
     def day_totals(self) -> dict[date, tuple[float, float, int]]:
         """Per day: (usage, byok_usage, keys that spent)."""
@@ -125,7 +127,7 @@ def compute_spend(
     """Spend per key (and, with ``per_day``, per day) over the report's period, from the roll-ups
     (:mod:`db.rollups`); a ReportError when nothing covers it. Without ``per_day`` the database
     sums each key's days and ``by_day`` stays empty: only the totals are known."""
-    end_snapshot, start, after_id, baseline_at = _period(session, params, default)
+    end_snapshot, start, after_id, baseline_at, pruned = _period(session, params, default)
     end = params.as_of
 
     keys: dict[str, KeySpend] = {}
@@ -179,17 +181,24 @@ def compute_spend(
             if snapshot.taken_at is not None and snapshot.taken_at > start
         }
     )
-    return SpendFigures(start=start, end=end, keys=keys, days=days, without_spend=without_spend)
+    return SpendFigures(start=start, end=end, keys=keys, days=days, without_spend=without_spend, pruned=pruned)
 
 
-def _period(session: Session, params: ReportParams, default: timedelta) -> tuple[Any, datetime, int, datetime]:
-    """The snapshot the period ends at, its start, the baseline snapshot's id (0: none) and time."""
+def _period(session: Session, params: ReportParams, default: timedelta) -> tuple[Any, datetime, int, datetime, bool]:
+    """The snapshot the period ends at, its start, the baseline snapshot's id (0: none) and time,
+    and whether the start was moved up to the oldest snapshot kept because the history before it
+    was pruned (its versions began before it: growth from them would count spend from before)."""
     end_snapshot = snapshot_for(session, params)
     start = params.period_start(default)
     baseline = snapshots.latest_snapshot(session, at=start)
+    pruned = False
+    first = snapshots.first_snapshot(session) if baseline is None else None
+    kept_from = first.taken_at if first is not None else None
+    if first is not None and kept_from is not None and kept_from > start and snapshots.pruned_before(session, first.id):
+        baseline, start, pruned = first, kept_from, True
     after_id = baseline.id if baseline is not None else 0
     baseline_at = baseline.taken_at if baseline is not None and baseline.taken_at is not None else start
-    return end_snapshot, start, after_id, baseline_at
+    return end_snapshot, start, after_id, baseline_at, pruned
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +223,7 @@ def daily_spend(
     its result: the ones the report's filters let through), streamed: only the day totals and the
     series of ``series_of`` are kept, not every key's days. Summed in micro-dollars, so exact
     whatever the order of the rows (100,000 keys x 30 days is millions of rows)."""
-    end_snapshot, start, after_id, _ = _period(session, params, default)
+    end_snapshot, start, after_id, _, _ = _period(session, params, default)
     totals: dict[date, list[int]] = defaultdict(lambda: [0, 0])
     series: dict[str, dict[date, int]] = {key_hash: defaultdict(int) for key_hash in series_of}
     for row in rollups.spend_rows(session, after_snapshot=after_id, until_snapshot=end_snapshot.id):
@@ -262,6 +271,11 @@ def build(session: Session, params: ReportParams) -> Report:
         if params.by == "key"
         else "Spend is the growth of each key's lifetime usage and byok_usage between snapshots (USD)."
     ]
+    if figures.pruned:
+        notes.append(
+            f"The history before {figures.start:%Y-%m-%d %H:%M} UTC was pruned (KEYHYGIENE_RETENTION): "
+            "spend is counted from then."
+        )
     unknown = sum(1 for spend in figures.keys.values() if not spend.baseline_known)
     if unknown:
         notes.append(

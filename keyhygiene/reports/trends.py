@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from db import rollups
+from db import rollups, snapshots
 from keyhygiene.errors import EXIT_USAGE
 
 from .base import Report, ReportError, ReportParams, check_at, snapshot_for, usd
@@ -50,5 +50,16 @@ def build(session: Session, params: ReportParams) -> Report:
         for day in counts
     ]
     notes = [] if rows else ["no complete snapshot was taken in the period"]
+    first = snapshots.first_snapshot(session)
+    if (
+        first is not None
+        and first.taken_at is not None
+        and first.taken_at > start
+        and snapshots.pruned_before(session, first.id)
+    ):
+        notes.append(
+            f"The history before {first.taken_at:%Y-%m-%d %H:%M} UTC was pruned (KEYHYGIENE_RETENTION): "
+            "earlier days have no row, and that day's spend counts only from then."
+        )
     title = f"Trends per day, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC: {len(rows)} days"
     return Report(title=title, columns=COLUMNS, rows=rows, notes=notes, table_columns=TABLE_COLUMNS, headers=HEADERS)
