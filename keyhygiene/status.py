@@ -62,6 +62,10 @@ def read_status(session: Session, *, schedule: str, now: datetime) -> Status:
         problems.append("no run has ended yet")
     elif last.status != runs.OK:
         problems.append(f"the newest run ({last.id}, {last.kind}) ended {last.status}: {last.message or '-'}")
+    # The periodic job itself: a good prune, sync or dry run after it does not make up for it.
+    periodic = runs.newest_finished_run(session, ignore=(runs.SKIPPED,), kinds=("run",))
+    if periodic is not None and periodic.status != runs.OK and (last is None or periodic.id != last.id):
+        problems.append(f"the newest periodic run ({periodic.id}) ended {periodic.status}: {periodic.message or '-'}")
 
     snapshot = snapshots.latest_snapshot(session)
     snapshot_info: dict[str, Any] | None = None

@@ -144,6 +144,37 @@ def test_an_operators_undo_or_enable_says_nothing_of_the_schedule(
     assert ", sync) ended failed: " in problem
 
 
+def test_a_refused_periodic_run_stays_a_problem_after_a_good_prune_or_sync(
+    ready: dict[str, str], cli: Callable[..., CliResult]
+) -> None:
+    """The scheduled run refused by a cap (exit 3) is what the health check is for: a daily prune
+    or a manual sync that succeeds after it does not make status healthy again."""
+    assert cli("sync").exit_code == 0
+    database = Database.open(Settings())  # type: ignore[call-arg]
+    with session_scope(database) as session:
+        runs.record_ended_run(
+            session,
+            kind="run",
+            now=utcnow(),
+            status=runs.REFUSED,
+            exit_code=3,
+            message="enforcement refused, nothing was changed: 40 changes planned",
+            started_by="beat",
+            task_id="t-run",
+        )
+    database.close()
+    refused_id = _newest_run_id(cli)
+    assert cli("sync").exit_code == 0
+
+    code, status = _status(cli)
+
+    assert code == 1
+    assert status["problems"] == [
+        f"the newest periodic run ({refused_id}) ended refused: enforcement refused, nothing was changed: "
+        "40 changes planned"
+    ]
+
+
 def _newest_run_id(cli: Callable[..., CliResult]) -> int:
     rows = json.loads(cli("report", "runs", "--format", "json").stdout)
     return int(rows[-1]["run_id"])
