@@ -290,7 +290,12 @@ def execute(
                 fence=lease.fence if lease is not None else None,
             )
             outcome = _finish(database, outcome, clock(), effective_dry_run)
-            _notify(settings, database, ruleset, outcome, clock)
+            try:
+                _notify(settings, database, ruleset, outcome, clock)
+            except KeyboardInterrupt as stop:
+                # A stop (SIGTERM, Ctrl-C) while the notices are sent: the run is recorded, and its
+                # outcome stands; a notice cut short is sent again by the next run.
+                log.warning("notices_interrupted", kind=kind, error=str(stop) or type(stop).__name__)
             return outcome
     except BaseException as exc:
         outcome = _failure(kind, run_id, exc, abort_errors)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -11,10 +15,15 @@ from sqlalchemy import select
 from db import runs
 from db.models import Run
 from keyhygiene.context import Database, session_scope
+from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.fakeapi.webhook import WebhookSink
 from keyhygiene.settings import Settings
 from keyhygiene.timeutil import utcnow
 
+from .celery_support import keyhygiene_executable, wait_until
 from .conftest import CliResult
+
+DAY = timedelta(days=1)
 
 
 def test_a_run_left_running_by_a_dead_process_is_marked_aborted(
@@ -66,3 +75,41 @@ def test_prune_runs_inline_and_is_recorded(
         kinds = [(run.kind, run.status) for run in session.scalars(select(Run).order_by(Run.id))]
     database.close()
     assert kinds[-1] == ("prune", "ok")
+
+
+def test_a_stop_while_the_notices_are_sent_leaves_the_run_as_it_ended(
+    env: dict[str, str], fake: FakeOpenRouter, cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    """SIGTERM (`timeout`, `docker stop`) reaches an inline run after it recorded its outcome, while
+    a slow receiver holds its notice: the run stays ok and the process exits 0; only the notice is
+    cut short (the next run sends it again)."""
+    assert cli("db", "upgrade").exit_code == 0
+    now = utcnow()
+    fake.add_key("dev-expired", created_at=now - 90 * DAY, expires_at=now - DAY)
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        "[safety]\ndry_run = false\nmax_action_percent = 100\n\n"
+        '[[rule]]\nname = "expired"\nmatch = "expired"\naction = "disable"\n\n'
+        '[[notify]]\nname = "ops"\nurl_env = "KH_TEST_WEBHOOK"\nformat = "json"\non = ["done"]\n'
+    )
+    with WebhookSink() as sink:
+        sink.hang = True
+        process = subprocess.Popen(
+            [keyhygiene_executable(), "run"],
+            env={**os.environ, "KEYHYGIENE_RULES_FILE": str(rules), "KH_TEST_WEBHOOK": sink.url},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_until(lambda: sink.received, timeout=60, what="the run's notice to reach the receiver")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 0, stderr
+    assert "notices_interrupted" in stderr
+    database = Database.open(Settings())  # type: ignore[call-arg]
+    with database.sessions() as session:
+        run = session.scalars(select(Run).where(Run.kind == "run")).one()
+    database.close()
+    assert (run.status, run.exit_code) == ("ok", 0)
+    assert fake.get(next(key["hash"] for key in fake.keys if key["name"] == "dev-expired"))["disabled"] is True  # type: ignore[index]
