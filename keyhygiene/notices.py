@@ -1,15 +1,19 @@
 """Notices: tell people before and after, through the ``[[notify]]`` targets of the rules file.
 
-After each job whose outcome a target asks for (``done`` when keys were changed, ``failed``,
-``refused``), the target gets one message with the run id, the outcome, the counts and the keys
-changed or planned (at most ``MAX_KEYS`` listed, then a count). Targets with ``upcoming`` also get,
-once per key, rule, action and due date, the keys a rule will act on within ``upcoming_within``, so
-owners can react before a key is disabled.
+After each job, a target whose ``on`` holds the job's outcome (``done`` when keys were changed,
+``failed``, ``refused``) gets one message with the run id, the outcome, the counts and the keys
+changed, failed or planned (at most ``MAX_KEYS`` listed, then a count), each with its owner. A run
+that changed keys but failed (another change failed, or it stopped midway) is also a ``done``
+occasion: a target that asks for ``done`` and not ``failed`` gets ``done`` with the keys changed.
+Targets with ``upcoming`` also get, once per key, rule, action and due date, the keys a rule will
+act on within ``upcoming_within``, after every job whose enforcement went through its snapshot
+(whatever became of single changes), in messages of at most ``MAX_KEYS`` keys: every key is named.
 
 Notices go out only after the run's changes and its record are committed, and never make a job fail:
 each delivery is retried with backoff on 429, 5xx and connection errors within a bounded time; a
 notice that still fails is recorded (``notices`` table) and logged, and the next run retries it once
-before giving up for good. A target's URL (and signing secret) is read from the environment variable
+before giving up for good. Whatever goes wrong with one target (a URL httpx rejects, ...) fails that
+target's notice only. A target's URL (and signing secret) is read from the environment variable
 the target names: it is a secret, registered for redaction, and never stored, logged or reported.
 """
 
@@ -215,13 +219,22 @@ class Sender:
         self.close()
 
     def deliver(self, target: NotifyTarget, body: dict[str, Any], *, once: bool = False) -> Delivered:
-        """POST ``body`` to the target in its format; ``once``: a single attempt (the retry of a failed one)."""
+        """POST ``body`` to the target in its format; ``once``: a single attempt (the retry of a failed one).
+
+        Never raises: whatever goes wrong is this delivery's failure, told without the URL, and
+        never another target's."""
+        try:
+            return self._deliver(target, body, once=once)
+        except Exception as exc:  # one target's trouble must not stop the notices of the others
+            return Delivered(False, 0, f"{type(exc).__name__} (not sent)")
+
+    def _deliver(self, target: NotifyTarget, body: dict[str, Any], *, once: bool) -> Delivered:
         url, unread = secret_setting(target.url_env)
         if unread or not url:
             return Delivered(False, 0, unread or f"{target.url_env} is not set")
-        if not url.startswith(("http://", "https://")):
-            return Delivered(False, 0, f"{target.url_env} does not hold an http(s) URL")
         khlog.register_secret(url)
+        if not _usable_url(url):
+            return Delivered(False, 0, f"{target.url_env} does not hold a valid http(s) URL")
         content = json.dumps(slack_body(body) if target.format == "slack" else body, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json"}
         if target.secret_env:
@@ -263,11 +276,23 @@ class Sender:
         except httpx.TransportError as exc:
             # Say what kind of failure, never the message: some carry the URL.
             return f"{type(exc).__name__} (no answer)", 0.0
+        except Exception as exc:  # a host name the socket layer cannot encode, ...: the same every time
+            return f"{type(exc).__name__} (not sent)", None
         if 200 <= status < 300:
             return None, None
         if status in _RETRIED:
             return f"HTTP {status}", float(retry_after) if retry_after.isdigit() else 0.0
         return f"HTTP {status}", None
+
+
+def _usable_url(url: str) -> bool:
+    """Whether ``url`` is an http(s) URL with a host that httpx takes: checked once, before any
+    attempt, as a URL it rejects would fail them all the same way."""
+    try:
+        parsed = httpx.URL(url)
+    except Exception:  # httpx.InvalidURL, and the idna package's errors for a bad host name
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.host)
 
 
 # -- after a run ---------------------------------------------------------------------------------
@@ -298,7 +323,7 @@ def after_run(
         with Sender(timeout=timeout, retry_seconds=retry_seconds, transport=transport, deadline=deadline) as sender:
             _retry_undelivered(database, ruleset, sender, now=now, sending_before=sending_before)
             _send_run_notice(database, ruleset, outcome, sender, now=now)
-            if outcome.kind in ("enforce", "run") and outcome.status in (runs.OK, runs.REFUSED):
+            if _planned(outcome):
                 _send_upcoming(database, ruleset, outcome, sender, now=now)
     except SQLAlchemyError as exc:
         log.error("notices_not_sent", run_id=outcome.run_id, error=f"database error: {describe_db_error(exc)}")
@@ -357,26 +382,66 @@ def _log(target: NotifyTarget, body: dict[str, Any], delivered: Delivered, notic
         log.warning("notice_failed", error=delivered.error, **fields)
 
 
+def _planned(outcome: JobOutcome) -> bool:
+    """Whether the job's enforcement went through its snapshot to the end (it planned, or a safety
+    limit refused it), whatever became of single changes; not when the sync failed or the job
+    stopped before that: then there is no fresh plan to warn of."""
+    return outcome.kind in ("enforce", "run") and (outcome.enforcement is not None or outcome.status == runs.REFUSED)
+
+
 def _send_run_notice(
     database: Database, ruleset: RuleSet, outcome: JobOutcome, sender: Sender, *, now: datetime
 ) -> None:
+    """One message per target: the run's outcome to the targets whose ``on`` holds it; else, when
+    the run changed keys though it failed (other changes failed, or it stopped midway), ``done``
+    with the keys changed to the targets whose ``on`` holds that."""
     said = run_outcome(outcome)
-    if said is None:
-        return
-    targets = [target for target in ruleset.notify if said in target.on]
-    if not targets:
-        return
-    body = payload(
+    changed = said != "done" and _may_have_changed(outcome)
+    bodies: dict[str, dict[str, Any] | None] = {}
+    for target in ruleset.notify:
+        occasion = said if said in target.on else "done" if changed and "done" in target.on else None
+        if occasion is None:
+            continue
+        if occasion not in bodies:
+            bodies[occasion] = _run_body(database, outcome, occasion)
+        if (body := bodies[occasion]) is not None:
+            _send(database, target, body, sender, now=now)
+
+
+def _run_body(database: Database, outcome: JobOutcome, said: str) -> dict[str, Any] | None:
+    """The run notice saying ``said``; None for ``done`` when the audit names no key changed."""
+    keys = _run_keys(database, outcome, said)
+    if said == "done" and not keys:
+        return None
+    return payload(
         event="run",
         run_id=outcome.run_id,
         outcome=said,
         counts=_counts(outcome),
-        keys=_run_keys(database, outcome, said),
+        keys=keys,
         message=outcome.message,
         dry_run=_dry_run(outcome),
     )
-    for target in targets:
-        _send(database, target, body, sender, now=now)
+
+
+def _may_have_changed(outcome: JobOutcome) -> bool:
+    """Whether a job whose outcome is not ``done`` may still have changed keys: one whose other
+    changes failed, or that stopped midway (its audit records tell)."""
+    return (
+        outcome.kind in ("enforce", "run", "undo", "enable")
+        and outcome.run_id is not None
+        and outcome.status != runs.REFUSED  # a refused enforcement changes nothing
+        and _dry_run(outcome) is not True
+        and _done(outcome) != 0
+    )
+
+
+def _done(outcome: JobOutcome) -> int | None:
+    """How many keys the job changed, as its result counts them; None when it stopped before counting."""
+    if outcome.enforcement is not None:
+        return outcome.enforcement.done
+    done = (outcome.summary or {}).get("done")
+    return done if isinstance(done, int) else None
 
 
 def _dry_run(outcome: JobOutcome) -> bool | None:
@@ -397,9 +462,15 @@ def _counts(outcome: JobOutcome) -> dict[str, Any]:
 
 
 def _run_keys(database: Database, outcome: JobOutcome, said: str) -> list[NoticeKey]:
-    """The keys changed (done), whose change failed (failed), or planned (refused)."""
+    """The keys changed (done), whose change failed (failed), or planned (refused), with their
+    owners as the snapshot planned on (else the newest one) saw them: one query for the keys listed."""
     with database.sessions() as session:
-        names = snapshots.workspace_names(session)
+        if outcome.enforcement is not None:
+            snapshot_id: int | None = outcome.enforcement.snapshot_id
+        else:
+            newest = snapshots.latest_snapshot(session)
+            snapshot_id = newest.id if newest is not None else None
+        names = snapshots.workspace_names(session, snapshot_id)
         if said == "refused":
             decisions = outcome.enforcement.decisions if outcome.enforcement is not None else []
             rows: list[tuple[str, str, str | None, str, str]] = [
@@ -415,13 +486,17 @@ def _run_keys(database: Database, outcome: JobOutcome, said: str) -> list[Notice
             ]
         else:
             rows = []
+        listed = [key_hash for key_hash, *_ in rows[:MAX_KEYS]]
+        owners = notices.owners(session, snapshot_id, listed) if snapshot_id is not None and listed else {}
     return [
-        NoticeKey(key_hash, name, names.get(workspace or "", workspace), None, rule, action)
+        NoticeKey(key_hash, name, names.get(workspace or "", workspace), owners.get(key_hash), rule, action)
         for key_hash, name, workspace, rule, action in rows
     ]
 
 
 def _send_upcoming(database: Database, ruleset: RuleSet, outcome: JobOutcome, sender: Sender, *, now: datetime) -> None:
+    """Announce to each ``upcoming`` target the actions not yet announced to it, in messages of at
+    most ``MAX_KEYS`` keys each: every one is named once, none cut off behind a count."""
     targets = [t for t in ruleset.notify if "upcoming" in t.on and t.upcoming_within is not None]
     if not targets:
         return
@@ -429,29 +504,44 @@ def _send_upcoming(database: Database, ruleset: RuleSet, outcome: JobOutcome, se
     coming = upcoming_keys(database, ruleset, now=now, within=horizon)
     for target in targets:
         assert target.upcoming_within is not None
-        mine = [key for key in coming if key.due is not None and key.due <= now + target.upcoming_within]
-        items = [(key.key_hash, key.rule, key.action, key.due) for key in mine if key.due is not None]
+        waiting = [key for key in coming if key.due is not None and key.due <= now + target.upcoming_within]
         for _ in range(2):  # a second look when another run announced some of them at the same moment
-            with database.sessions() as session:
-                fresh = set(notices.not_yet_announced(session, target=target.name, items=items))
-            new = [key for key in mine if (key.key_hash, key.rule, key.action, key.due) in fresh]
-            if not new:
+            waiting = _not_yet_announced(database, target, waiting)
+            parts = math.ceil(len(waiting) / MAX_KEYS)
+            raced = False
+            for part, start in enumerate(range(0, len(waiting), MAX_KEYS), 1):
+                batch = waiting[start : start + MAX_KEYS]
+                body = payload(
+                    event="upcoming",
+                    run_id=outcome.run_id,
+                    outcome=None,
+                    counts={"upcoming": len(batch)},
+                    keys=batch,
+                    message=f"{len(batch)} key(s) will be acted on within {target.upcoming_within}"
+                    + (f" (part {part} of {parts}: {len(waiting)} in all)" if parts > 1 else ""),
+                    dry_run=ruleset.safety.dry_run,
+                )
+                # Said once: a notice that failed is retried by the next run, not announced afresh beside it.
+                try:
+                    _send(database, target, body, sender, now=now, announcing=[_announced(key) for key in batch])
+                except IntegrityError:
+                    waiting, raced = waiting[start:], True
+                    break
+            if not raced:
                 break
-            body = payload(
-                event="upcoming",
-                run_id=outcome.run_id,
-                outcome=None,
-                counts={"upcoming": len(new)},
-                keys=new,
-                message=f"{len(new)} key(s) will be acted on within {target.upcoming_within}",
-                dry_run=ruleset.safety.dry_run,
-            )
-            # Said once: a notice that failed is retried by the next run, not announced afresh beside it.
-            try:
-                _send(database, target, body, sender, now=now, announcing=[i for i in items if i in fresh])
-            except IntegrityError:
-                continue
-            break
+
+
+def _announced(key: NoticeKey) -> tuple[str, str, str, datetime]:
+    assert key.due is not None
+    return (key.key_hash, key.rule, key.action, key.due)
+
+
+def _not_yet_announced(database: Database, target: NotifyTarget, keys: list[NoticeKey]) -> list[NoticeKey]:
+    if not keys:
+        return []
+    with database.sessions() as session:
+        fresh = set(notices.not_yet_announced(session, target=target.name, items=[_announced(key) for key in keys]))
+    return [key for key in keys if _announced(key) in fresh]
 
 
 def upcoming_keys(database: Database, ruleset: RuleSet, *, now: datetime, within: timedelta) -> list[NoticeKey]:

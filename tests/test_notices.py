@@ -536,3 +536,187 @@ def test_a_target_whose_variable_is_unset_is_recorded_not_fatal(
     assert result.exit_code == 0
     (failed,) = _notices(env)
     assert failed["last_error"] == "KH_TEST_WEBHOOK is not set"
+
+
+def _two_targets(*, broken_on: str, ops_on: str, broken_env: str = "KH_TEST_OTHER_WEBHOOK") -> str:
+    """The usual rules, with a second target (named first) whose URL is in ``broken_env``."""
+    return _rules(on=ops_on).replace(
+        "[[notify]]",
+        f'[[notify]]\nname = "other"\nurl_env = "{broken_env}"\nformat = "json"\non = {broken_on}\n'
+        'upcoming_within = "7d"\n\n[[notify]]',
+        1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("base", "error", "attempts"),
+    [
+        pytest.param("https://hooks.example.com:443x", "does not hold a valid http(s) URL", 0, id="bad-port"),
+        pytest.param("https://hooks.\u2100.example", "does not hold a valid http(s) URL", 0, id="bad-idna-host"),
+        pytest.param("https://[::1", "does not hold a valid http(s) URL", 0, id="unclosed-bracket"),
+        # httpx takes it; the socket layer cannot encode the host name: the same on every attempt.
+        pytest.param("http://hooks..example.com", "UnicodeError (not sent)", 1, id="empty-label"),
+    ],
+)
+def test_a_target_whose_url_cannot_be_used_fails_alone_and_the_others_get_theirs(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+    monkeypatch: pytest.MonkeyPatch,
+    base: str,
+    error: str,
+    attempts: int,
+) -> None:
+    bad_url = f"{base}/services/hook-{'0b' * 16}"
+    monkeypatch.setenv("KH_TEST_OTHER_WEBHOOK", bad_url)
+    rules_file(_two_targets(broken_on='["done", "upcoming"]', ops_on='["done", "upcoming"]'))
+    expired = _expired_keys(fake, 2)
+    soon = _idle_soon(fake)
+
+    first = cli("run")
+
+    assert first.exit_code == 0, first.stderr
+    bodies = sink.bodies()
+    assert [(body["event"], body["outcome"]) for body in bodies] == [("run", "done"), ("upcoming", None)]
+    assert sorted(key["key_hash"] for key in bodies[0]["keys"]) == sorted(expired)
+    assert [key["key_hash"] for key in bodies[1]["keys"]] == [soon]
+    broken = [notice for notice in _notices(env) if notice["target"] == "other"]
+    expected = f"KH_TEST_OTHER_WEBHOOK {error}" if attempts == 0 else error
+    assert [(n["event"], n["status"], n["attempts"], n["last_error"]) for n in broken] == [
+        ("run", "failed", attempts, expected),
+        ("upcoming", "failed", attempts, expected),
+    ]
+    failed = first.events_named("notice_failed")
+    assert [(event["target"], event["error"]) for event in failed] == [("other", expected)] * 2
+
+    # The next run gives each its one retry, fails the same way, and gives up; the others are not held.
+    second = cli("run")
+
+    assert second.exit_code == 0, second.stderr
+    assert len(sink.bodies()) == 2  # nothing new to say
+    assert [n["status"] for n in _notices(env) if n["target"] == "other"] == ["gave_up", "gave_up"]
+    assert len(second.events_named("notice_given_up")) == 2
+    assert not second.events_named("notices_not_sent")
+    for result in (first, second):
+        assert bad_url not in result.stdout + result.stderr
+    assert bad_url not in _stored_text(env)
+
+
+def test_upcoming_actions_are_announced_after_a_run_in_which_a_change_failed_not_after_a_failed_sync(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rules_file(_rules(on='["upcoming"]'))
+    (failing,) = _expired_keys(fake, 1)
+    soon = _idle_soon(fake)
+    assert cli("sync").exit_code == 0
+
+    # The sync fails: there is no fresh plan, so nothing is announced from the old snapshot.
+    monkeypatch.setenv("KEYHYGIENE_HTTP_RETRY_SECONDS", "0.3")
+    fake.faults.server_error(10_000, status=500, retry_after=0.05, method="GET", path="/keys")
+    assert cli("run").exit_code == 1
+    assert sink.received == []
+
+    # The enforcement completes, but one change fails (the run fails): its plan is still announced.
+    fake.faults.clear()
+    fake.faults.server_error(10_000, status=500, method="DELETE", path=f"/keys/{failing}")
+    result = cli("run")
+
+    assert result.exit_code == 1, result.stderr
+    assert [action["outcome"] for action in result.events_named("key_action")] == ["failed"]
+    (body,) = sink.bodies()
+    assert body["event"] == "upcoming"
+    assert [key["key_hash"] for key in body["keys"]] == [soon]
+
+
+def test_a_run_with_done_and_failed_changes_tells_done_targets_what_it_changed(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``on = ["done"]`` hears of the keys changed; a target that asks for ``failed`` too gets the
+    ``failed`` message only (one per run), whose counts say how many were done."""
+    failing, *deleted = _expired_keys(fake, 3)
+    fake.faults.server_error(10_000, status=500, method="DELETE", path=f"/keys/{failing}")
+    with WebhookSink() as oncall:
+        monkeypatch.setenv("KH_TEST_OTHER_WEBHOOK", oncall.url)
+        rules_file(_two_targets(broken_on='["done", "failed"]', ops_on='["done"]'))
+
+        result = cli("run")
+
+    assert result.exit_code == 1, result.stderr
+    (done,) = sink.bodies()
+    assert (done["event"], done["outcome"], done["run_id"]) == (
+        "run",
+        "done",
+        result.events_named("run_finished")[0]["run_id"],
+    )
+    assert sorted(key["key_hash"] for key in done["keys"]) == sorted(deleted)
+    assert {key["action"] for key in done["keys"]} == {"delete"}
+    assert (done["counts"]["done"], done["counts"]["failed"], done["more"]) == (2, 1, 0)
+    assert set(done) == {"event", "run_id", "outcome", "counts", "keys", "more", "message", "dry_run"}
+    (failed,) = oncall.bodies()
+    assert (failed["event"], failed["outcome"]) == ("run", "failed")
+    assert [key["key_hash"] for key in failed["keys"]] == [failing]
+    assert (failed["counts"]["done"], failed["counts"]["failed"]) == (2, 1)
+    _assert_no_secret(sink, env, result)
+
+
+def test_more_than_fifty_upcoming_actions_are_each_named_once_in_messages_of_at_most_fifty(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+) -> None:
+    now = utcnow()
+    soon = {
+        fake.add_key(f"svc-{n:02d}", created_at=now - 60 * DAY, last_used_at=now - 25 * DAY, usage=1.0)["hash"]
+        for n in range(120)
+    }
+    rules_file(_rules(on='["upcoming"]'))
+
+    assert cli("run").exit_code == 0
+    assert cli("run").exit_code == 0  # nothing new: said once
+
+    bodies = sink.bodies()
+    assert [(body["event"], len(body["keys"]), body["more"], body["counts"]) for body in bodies] == [
+        ("upcoming", 50, 0, {"upcoming": 50}),
+        ("upcoming", 50, 0, {"upcoming": 50}),
+        ("upcoming", 20, 0, {"upcoming": 20}),
+    ]
+    named = [key["key_hash"] for body in bodies for key in body["keys"]]
+    assert sorted(named) == sorted(soon)  # every one, once
+    assert all(key["due"] and key["rule"] == "disable-idle" for body in bodies for key in body["keys"])
+
+
+def test_run_notices_name_the_owner_of_each_key(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+) -> None:
+    """The key's ``creator_user_id`` as the upcoming notices give it, in refused and done notices alike."""
+    expired = _expired_keys(fake, 2)
+    ownerless = fake.add_key("old-nobody", created_at=utcnow() - 90 * DAY, expires_at=utcnow() - DAY)["hash"]
+    owners = {expired[0]: "user_0", expired[1]: "user_1", ownerless: None}
+
+    rules_file(_rules(on='["done", "refused"]', max_actions=1))
+    assert cli("run").exit_code == 3
+    rules_file(_rules(on='["done", "refused"]'))
+    assert cli("run").exit_code == 0
+
+    refused, done = sink.bodies()
+    assert (refused["outcome"], done["outcome"]) == ("refused", "done")
+    for body in (refused, done):
+        assert {key["key_hash"]: key["owner"] for key in body["keys"]} == owners
