@@ -24,6 +24,7 @@ from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.reports import ReportParams
 from keyhygiene.reports.actions import build as actions_report
 from keyhygiene.settings import Settings
+from tests.celery_support import wait_until
 from tests.test_reports_support import NOW, RULES, Org, build_history, key_hash
 
 HOUR = timedelta(hours=1)
@@ -237,14 +238,6 @@ def waiting_on_a_lock(database: Database) -> bool:
     return bool(waiting)
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(3000):  # bounded: about 30 s
-        if condition():
-            return
-        threading.Event().wait(0.01)
-    raise AssertionError(f"timed out waiting until {what}")
-
-
 def plan_entries(database: Database, plan_id: int) -> int:
     with database.sessions() as session:
         return int(session.scalar(select(func.count()).select_from(PlanEntry).where(PlanEntry.plan_id == plan_id)) or 0)
@@ -259,7 +252,12 @@ def test_a_plan_the_retention_deletes_while_a_dry_run_refers_to_it_is_stored_aga
         assert retention_step == 0 and prune.scalar(select(func.count()).select_from(StoredPlan)) == 0
         done = threading.Event()
         outcome = dry_run_records(pg_database, done)
-        wait_for(lambda: done.is_set() or waiting_on_a_lock(pg_database), "the dry run waits for the retention")
+        wait_until(
+            lambda: done.is_set() or waiting_on_a_lock(pg_database),
+            timeout=30,
+            interval=0.01,
+            what="the dry run to wait for the retention",
+        )
     plan_id = outcome()
     assert plan_id != old
     assert plan_entries(pg_database, plan_id) == 1

@@ -245,26 +245,33 @@ def test_small_batches_give_the_same_result(org: Org, monkeypatch: pytest.Monkey
     assert retained_reports(org.database) == before
 
 
-def test_audit_retention_removes_old_audit_records_only(org: Org) -> None:
+def _old_enforcement(org: Org, name: str, *, outcome: str, run_status: str) -> Run:
+    """An enforcement of day 1 that ended ``run_status``, with one audit record (``outcome``) of
+    disabling the key ``name``: a dry run's plan when planned, else a live change."""
     with session_scope(org.database) as session:
         run = runs.start_run(session, kind="enforce", now=T0 + DAY)
-        runs.finish_run(session, run.id, status=runs.OK, now=T0 + DAY, exit_code=0, message="ok")
+        runs.finish_run(session, run.id, status=run_status, now=T0 + DAY, exit_code=0, message=run_status)
         session.add(
             Action(
                 run_id=run.id,
                 created_at=T0 + DAY,
-                finished_at=T0 + DAY,
-                key_hash=key_hash("gone-early"),
-                key_name="gone-early",
+                finished_at=None if outcome == "pending" else T0 + DAY,
+                key_hash=key_hash(name),
+                key_name=name,
                 workspace_id=None,
                 rule="disable-idle",
                 rules=["disable-idle"],
                 action="disable",
-                dry_run=True,
-                outcome="planned",
+                dry_run=outcome == "planned",
+                outcome=outcome,
                 evidence={},
             )
         )
+    return run
+
+
+def test_audit_retention_removes_old_audit_records_only(org: Org) -> None:
+    run = _old_enforcement(org, "gone-early", outcome="planned", run_status=runs.OK)
     audit_records = count(org.database, Action)
     kept = retention.prune(org.database, now=NOW, retention_period=RETENTION)
     assert kept.actions_deleted == 0 and count(org.database, Action) == audit_records
@@ -278,24 +285,7 @@ def test_audit_retention_removes_old_audit_records_only(org: Org) -> None:
 def test_audit_retention_keeps_a_change_in_doubt_until_a_run_settles_it(org: Org) -> None:
     """A change whose outcome was never recorded (``pending``) is the only record that it may have
     been made: however old, the retention leaves it for a run to settle."""
-    with session_scope(org.database) as session:
-        run = runs.start_run(session, kind="enforce", now=T0 + DAY)
-        runs.finish_run(session, run.id, status=runs.FAILED, now=T0 + DAY, exit_code=1, message="killed")
-        session.add(
-            Action(
-                run_id=run.id,
-                created_at=T0 + DAY,
-                key_hash=key_hash("in-doubt"),
-                key_name="in-doubt",
-                workspace_id=None,
-                rule="disable-idle",
-                rules=["disable-idle"],
-                action="disable",
-                dry_run=False,
-                outcome="pending",
-                evidence={},
-            )
-        )
+    run = _old_enforcement(org, "in-doubt", outcome="pending", run_status=runs.FAILED)
     pruned = retention.prune(org.database, now=NOW, retention_period=RETENTION, audit_retention=timedelta(days=30))
     assert pruned.actions_deleted == 0
     with org.database.sessions() as session:

@@ -95,19 +95,7 @@ def test_a_failed_newest_run_is_unhealthy_and_a_skipped_one_says_nothing(
 ) -> None:
     assert cli("sync").exit_code == 0
     # Another job holding the lock is no sign of trouble.
-    database = Database.open(Settings())  # type: ignore[call-arg]
-    with session_scope(database) as session:
-        runs.record_ended_run(
-            session,
-            kind="run",
-            now=utcnow(),
-            status=runs.SKIPPED,
-            exit_code=1,
-            message="another job holds the lock",
-            started_by="beat",
-            task_id="t-1",
-        )
-    database.close()
+    _beat_run_ended(runs.SKIPPED, 1, "another job holds the lock")
     assert _status(cli)[0] == 0
 
     monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", "sk-or-v1-" + "0" * 64)  # a key the API rejects
@@ -150,19 +138,7 @@ def test_a_refused_periodic_run_stays_a_problem_after_a_good_prune_or_sync(
     """The scheduled run refused by a cap (exit 3) is what the health check is for: a daily prune
     or a manual sync that succeeds after it does not make status healthy again."""
     assert cli("sync").exit_code == 0
-    database = Database.open(Settings())  # type: ignore[call-arg]
-    with session_scope(database) as session:
-        runs.record_ended_run(
-            session,
-            kind="run",
-            now=utcnow(),
-            status=runs.REFUSED,
-            exit_code=3,
-            message="enforcement refused, nothing was changed: 40 changes planned",
-            started_by="beat",
-            task_id="t-run",
-        )
-    database.close()
+    _beat_run_ended(runs.REFUSED, 3, "enforcement refused, nothing was changed: 40 changes planned")
     refused_id = _newest_run_id(cli)
     assert cli("sync").exit_code == 0
 
@@ -173,6 +149,23 @@ def test_a_refused_periodic_run_stays_a_problem_after_a_good_prune_or_sync(
         f"the newest periodic run ({refused_id}) ended refused: enforcement refused, nothing was changed: "
         "40 changes planned"
     ]
+
+
+def _beat_run_ended(status: str, exit_code: int, message: str) -> None:
+    """Record a periodic ``run`` from beat that ended with ``status``, as the worker records one."""
+    database = Database.open(Settings())  # type: ignore[call-arg]
+    with session_scope(database) as session:
+        runs.record_ended_run(
+            session,
+            kind="run",
+            now=utcnow(),
+            status=status,
+            exit_code=exit_code,
+            message=message,
+            started_by="beat",
+            task_id=f"t-{status}",
+        )
+    database.close()
 
 
 def _newest_run_id(cli: Callable[..., CliResult]) -> int:
