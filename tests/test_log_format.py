@@ -128,6 +128,34 @@ def test_a_command_logs_json_lines_when_stderr_is_not_a_terminal(tmp_path: Path,
     assert {"sync_started", "sync_complete"} <= {json.loads(line)["event"] for line in lines}
 
 
+def loaded_modules(import_profile: str) -> set[str]:
+    """The modules a process loaded, from what ``PYTHONPROFILEIMPORTTIME`` wrote on its stderr."""
+    return {line.rsplit("|", 1)[1].strip() for line in import_profile.splitlines() if line.startswith("import time:")}
+
+
+def test_a_sync_leaves_out_the_extras_it_never_uses_and_plan_still_draws_its_table(
+    tmp_path: Path, fake_url: str
+) -> None:
+    env = command_env(tmp_path, fake_url, PYTHONPROFILEIMPORTTIME="1")
+    subprocess.run([keyhygiene_executable(), "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True)
+    sync = subprocess.run(
+        [keyhygiene_executable(), "sync"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert sync.returncode == 0, sync.stderr[-2000:]
+    loaded = loaded_modules(sync.stderr)
+    assert {"httpx", "structlog", "sqlalchemy"} <= loaded
+    # Neither httpx's own command line nor structlog's rich tracebacks (a failed import of ``rich``
+    # is listed too, but nothing under it is): about a third of a second of start-up.
+    assert not {"rich.console", "rich.pretty", "rich.traceback", "pygments"} & loaded
+    (tmp_path / "keyhygiene.toml").write_text('[[rule]]\nname = "expired"\nmatch = "expired"\naction = "disable"\n')
+    plan = subprocess.run(
+        [keyhygiene_executable(), "plan"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "rich.table" in loaded_modules(plan.stderr)
+    assert "─" in plan.stdout or "-" in plan.stdout, plan.stdout
+
+
 def test_a_command_on_a_terminal_prints_readable_lines_and_no_json(tmp_path: Path, fake_url: str) -> None:
     env = command_env(tmp_path, fake_url)
     upgrade = Terminal(["db", "upgrade"], env, tmp_path)
