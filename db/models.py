@@ -340,6 +340,9 @@ class Notice(Base):
 
     The target is named as in the rules file; its URL is a secret read from the environment and is
     never stored. ``payload`` is the JSON body (key names and hashes, never a key's secret).
+    ``created_at`` is when it was first recorded; ``claimed_at`` when a run claimed its one retry
+    (NULL until then, and for retries claimed before migration 0017): a retry claimed longer ago
+    than any send may take was cut short, and a later run gives it up (``db.notices.undelivered``).
     """
 
     __tablename__ = "notices"
@@ -354,6 +357,7 @@ class Notice(Base):
     last_error: Mapped[str | None] = mapped_column(StoredText)
     sent_at: Mapped[datetime | None]
     payload: Mapped[dict[str, Any]]
+    claimed_at: Mapped[datetime | None]
 
 
 class Announcement(Base):

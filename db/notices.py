@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from .models import Action, Announcement, Notice
@@ -16,8 +16,13 @@ from .snapshots import alive_at, is_newest
 SENDING = "sending"  # recorded before it is sent; a run that ended with it so was cut short mid-send
 SENT = "sent"
 FAILED = "failed"  # not delivered; the next run tries once more
-RETRYING = "retrying"  # its one retry is being sent (claimed by one run)
-GAVE_UP = "gave_up"  # not delivered after the retry: final
+# Its one retry is being sent, claimed by one run at ``claimed_at``; a claim older than any send may
+# take was cut short (the run died while sending it), and a later run gives it up.
+RETRYING = "retrying"
+GAVE_UP = "gave_up"  # not delivered after the retry, or its retry was cut short: final
+
+RETRY_CUT_SHORT = "cut short while its retry was being sent: it may have arrived"
+"""``last_error`` of a notice given up because the run that claimed its retry died while sending it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +33,15 @@ class Undelivered:
     run_id: int | None
     attempts: int
     payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What ``undelivered`` found: the notices waiting for their one retry, and those it gave up
+    because their retry was cut short (each with ``RETRY_CUT_SHORT`` as its error), oldest first."""
+
+    waiting: list[Undelivered]
+    given_up: list[Undelivered]
 
 
 def record_notice(
@@ -83,32 +97,57 @@ def finish_send(
     )
 
 
-def claim_retry(session: Session, notice_id: int) -> bool:
-    """Take a failed notice's one retry for this run; False when another run took it first."""
+def claim_retry(session: Session, notice_id: int, *, now: datetime) -> bool:
+    """Take a failed notice's one retry for this run, claimed at ``now`` (RETRYING until
+    ``finish_send``); False when another run took it first."""
     result = session.execute(
-        update(Notice).where(Notice.id == notice_id, Notice.status == FAILED).values(status=RETRYING)
+        update(Notice).where(Notice.id == notice_id, Notice.status == FAILED).values(status=RETRYING, claimed_at=now)
     )
     return int(getattr(result, "rowcount", 0) or 0) == 1
 
 
-def undelivered(session: Session, *, sending_before: datetime) -> list[Undelivered]:
-    """Notices that failed and have not had their retry yet, oldest first.
+def undelivered(session: Session, *, sending_before: datetime) -> Backlog:
+    """Notices that failed and have not had their retry yet; and those whose retry was cut short,
+    given up here. The caller commits.
 
-    A notice recorded as SENDING before ``sending_before`` (longer ago than any send may take) was
-    cut short mid-send: the process died, or the job met its hard time limit. It may or may not
+    ``sending_before`` is longer ago than any send may take. A notice recorded as SENDING before then
+    was cut short mid-send: the process died, or the job met its hard time limit. It may or may not
     have arrived; it is marked failed here and gets the one retry (at least once, rather than
-    perhaps never). The caller commits."""
+    perhaps never).
+
+    A notice whose retry was claimed (RETRYING, at ``claimed_at``) before then was cut short the
+    same way while its one retry was being sent: it is given up here (GAVE_UP, ``RETRY_CUT_SHORT``)
+    as a failed retry is, never sent again (at most one retry). A retry claimed since may still be
+    being sent by a run in another process, and is left alone. Of two runs at once, only one gives
+    up each such notice and returns it (the other's UPDATE no longer finds it RETRYING)."""
     session.execute(
         update(Notice)
         .where(Notice.status == SENDING, Notice.created_at < sending_before)
         .values(status=FAILED, last_error="cut short while it was being sent")
     )
+    # A NULL ``claimed_at`` is a retry claimed by a release before migration 0017, which did not
+    # record when. It is taken as cut short: it was claimed before the upgrade, so it is stale unless
+    # a process of the old release, running across the upgrade, is still sending it. Then that
+    # process's ``finish_send`` still records how the retry ended, over what is recorded here (it
+    # updates by id whatever the status), and the only cost is an early "given up" in the log;
+    # leaving such rows alone instead would leave exactly the notices this is for RETRYING for good.
+    given_up = session.execute(
+        update(Notice)
+        .where(
+            Notice.status == RETRYING,
+            or_(Notice.claimed_at.is_(None), Notice.claimed_at < sending_before),
+        )
+        .values(status=GAVE_UP, last_error=RETRY_CUT_SHORT, sent_at=None)
+        .returning(Notice.id, Notice.target, Notice.event, Notice.run_id, Notice.attempts, Notice.payload),
+        execution_options={"synchronize_session": False},
+    )
+    settled = sorted((Undelivered(*row) for row in given_up), key=lambda notice: notice.id)
     rows = session.execute(
         select(Notice.id, Notice.target, Notice.event, Notice.run_id, Notice.attempts, Notice.payload)
         .where(Notice.status == FAILED)
         .order_by(Notice.id)
     )
-    return [Undelivered(*row) for row in rows]
+    return Backlog(waiting=[Undelivered(*row) for row in rows], given_up=settled)
 
 
 def not_yet_announced(

@@ -587,13 +587,28 @@ def _retry_undelivered(
     database: Database, ruleset: RuleSet, sender: Sender, *, now: datetime, sending_before: datetime
 ) -> None:
     """Give every notice an earlier run failed to deliver its one retry; then it is sent or given up.
-    Each retry is claimed first: of two runs at once, one sends it."""
+    Each retry is claimed first: of two runs at once, one sends it. A retry that a run claimed
+    longer ago than any send may take was cut short (that run died while sending it): it is given
+    up, and logged here."""
+    started = time.monotonic()
     with session_scope(database) as session:
-        waiting = notices.undelivered(session, sending_before=sending_before)
+        backlog = notices.undelivered(session, sending_before=sending_before)
+    for notice in backlog.given_up:
+        log.warning(
+            "notice_given_up",
+            target=notice.target,
+            notice_id=notice.id,
+            run_id=notice.run_id,
+            error=notices.RETRY_CUT_SHORT,
+        )
     targets = {target.name: target for target in ruleset.notify}
-    for notice in waiting:
+    for notice in backlog.waiting:
+        # Claimed at the run's time plus what this pass has taken so far: the retries of a long
+        # backlog are claimed one after the other, and a claim must not look older than it is to a
+        # run that judges it against ``sending_before``.
+        claimed_at = now + timedelta(seconds=time.monotonic() - started)
         with session_scope(database) as session:
-            if not notices.claim_retry(session, notice.id):
+            if not notices.claim_retry(session, notice.id, now=claimed_at):
                 continue
         target = targets.get(notice.target)
         if target is None:

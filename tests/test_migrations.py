@@ -14,7 +14,7 @@ from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from db import rollups, snapshots
-from db.migrate import current_revision, head_revision, recorded_revision, shipped_head, upgrade
+from db.migrate import current_revision, downgrade, head_revision, recorded_revision, shipped_head, upgrade
 from db.models import Base
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter, generate_organisation
@@ -201,6 +201,45 @@ def test_runs_recorded_before_0004_keep_their_outcome(empty_database: Database) 
         ("skipped", 1, "beat", "another job holds the lock"),
         ("aborted", 1, "beat", "aborted: the job reached its time limit"),
     ]
+
+
+def test_0017_records_when_a_retry_was_claimed_and_goes_back(empty_database: Database) -> None:
+    # 0017: notices.claimed_at. Notices already recorded keep everything they had, with no claim
+    # time (db.notices.undelivered takes a retry claimed so as cut short); the downgrade drops it alone.
+    engine = empty_database.engine
+    upgrade(engine, "0016")
+    notice = (
+        "INSERT INTO notices (created_at, target, event, status, attempts, last_error, payload) "
+        "VALUES (:t, 'ops', 'run', 'retrying', 2, 'HTTP 500', :payload)"
+    )
+    with engine.begin() as connection:
+        connection.execute(text(notice), {"t": "2026-01-01 00:00:00", "payload": '{"event": "run"}'})
+        connection.execute(
+            text(
+                "INSERT INTO announcements (target, key_hash, rule, action, due, notice_id) "
+                "VALUES ('ops', 'h', 'r', 'disable', :t, 1)"
+            ),
+            {"t": "2026-01-02 00:00:00"},
+        )
+    kept = "SELECT id, target, status, attempts, last_error FROM notices"
+
+    upgrade(engine, "0017")
+
+    claimed = {column["name"]: column for column in inspect(engine).get_columns("notices")}["claimed_at"]
+    assert claimed["nullable"]
+    with engine.begin() as connection:
+        assert connection.execute(text("SELECT claimed_at FROM notices")).scalar_one() is None
+        assert [tuple(row) for row in connection.execute(text(kept))] == [(1, "ops", "retrying", 2, "HTTP 500")]
+        connection.execute(text("UPDATE notices SET claimed_at = :t"), {"t": "2026-01-01 00:05:00"})
+
+    downgrade(engine, "0016")
+
+    assert current_revision(engine) == "0016"
+    assert "claimed_at" not in {column["name"] for column in inspect(engine).get_columns("notices")}
+    with engine.connect() as connection:
+        assert [tuple(row) for row in connection.execute(text(kept))] == [(1, "ops", "retrying", 2, "HTTP 500")]
+        assert connection.execute(text("SELECT notice_id FROM announcements")).scalar_one() == 1
+    assert upgrade(engine) == ("0016", head_revision())
 
 
 def test_db_upgrade_command(env: dict[str, str], cli) -> None:

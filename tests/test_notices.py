@@ -9,19 +9,24 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
+from structlog.testing import capture_logs
 
+from db import notices as stored_notices
+from db import runs
 from db.models import Action, Notice
-from keyhygiene.context import Database
+from keyhygiene.context import Database, session_scope
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.fakeapi.webhook import WebhookSink
-from keyhygiene.notices import Sender
-from keyhygiene.rules import NotifyTarget
+from keyhygiene.jobs import JobOutcome
+from keyhygiene.notices import Sender, after_run
+from keyhygiene.notices import payload as notice_body
+from keyhygiene.rules import NotifyTarget, parse_rules
 from keyhygiene.settings import Settings
 from keyhygiene.timeutil import utcnow
 
@@ -720,3 +725,127 @@ def test_run_notices_name_the_owner_of_each_key(
     assert (refused["outcome"], done["outcome"]) == ("refused", "done")
     for body in (refused, done):
         assert {key["key_hash"]: key["owner"] for key in body["keys"]} == owners
+
+
+# -- a retry cut short ------------------------------------------------------------------------------
+
+NOW = datetime(2031, 5, 4, 12, 0, tzinfo=UTC)
+"""The retry pass's time in the tests below: they call ``after_run`` with it, never the clock."""
+
+
+def _retry_pass(database: Database, *, now: datetime = NOW) -> list[dict[str, Any]]:
+    """What a later run does first after its job (a sync, which says nothing itself): retry the
+    notices earlier runs could not deliver. Returns the events it logged."""
+    ruleset = parse_rules(_rules(on='["done"]'))
+    with capture_logs() as logs:
+        after_run(database, ruleset, JobOutcome("sync", runs.OK, 0, "synced"), now=now, timeout=2, retry_seconds=0)
+    return logs
+
+
+def _recorded(database: Database, *, status: str, claimed_at: datetime | None = None) -> tuple[int, int]:
+    """A run's ``done`` notice to ``ops``, recorded two days before ``NOW`` and left as ``status``
+    (and claimed at ``claimed_at``): its id and its run's."""
+    with session_scope(database) as session:
+        run = runs.start_run(session, kind="run", now=NOW - 2 * DAY)
+        body = notice_body(
+            event="run", run_id=run.id, outcome="done", counts={"done": 1}, keys=[], message="done", dry_run=False
+        )
+        notice_id = stored_notices.record_notice(
+            session,
+            now=NOW - 2 * DAY,
+            target="ops",
+            event="run",
+            run_id=run.id,
+            status=status,
+            attempts=2,
+            payload=body,
+            error="HTTP 500",
+        )
+        session.execute(update(Notice).where(Notice.id == notice_id).values(claimed_at=claimed_at))
+        return notice_id, run.id
+
+
+def _stored(database: Database, notice_id: int) -> Notice:
+    with database.sessions() as session:
+        notice = session.get(Notice, notice_id)
+        assert notice is not None
+        session.expunge(notice)
+        return notice
+
+
+@pytest.mark.parametrize(
+    "claimed_at",
+    [NOW - timedelta(hours=2), None],
+    ids=["claimed-two-hours-before", "claimed-before-migration-0017"],
+)
+def test_a_retry_cut_short_is_given_up_and_logged_by_a_later_run_not_sent_again(
+    database: Database, sink: WebhookSink, claimed_at: datetime | None
+) -> None:
+    """The process that claimed a failed notice's one retry died while sending it (or a release
+    before 0017 did, which recorded no claim time): the next run records it given up, as it may have
+    arrived, and says so; its one retry was spent, so it is not sent again, then or later."""
+    notice_id, run_id = _recorded(database, status=stored_notices.RETRYING, claimed_at=claimed_at)
+
+    logs = _retry_pass(database)
+
+    given_up = _stored(database, notice_id)
+    assert (given_up.status, given_up.last_error, given_up.sent_at) == (
+        "gave_up",
+        "cut short while its retry was being sent: it may have arrived",
+        None,
+    )
+    assert [event for event in logs if event["event"] == "notice_given_up"] == [
+        {
+            "event": "notice_given_up",
+            "log_level": "warning",
+            "target": "ops",
+            "notice_id": notice_id,
+            "run_id": run_id,
+            "error": "cut short while its retry was being sent: it may have arrived",
+        }
+    ]
+    later = _retry_pass(database, now=NOW + DAY)
+    assert sink.received == []
+    assert not [event for event in later if event["event"].startswith("notice_")]
+    assert _stored(database, notice_id).status == "gave_up"
+
+
+def test_a_retry_claimed_recently_is_left_to_the_run_that_may_still_be_sending_it(
+    database: Database, sink: WebhookSink
+) -> None:
+    """Another run claimed the retry seconds ago and may still be sending it: not given up, not
+    sent again; it is that run's to finish."""
+    notice_id, _ = _recorded(database, status=stored_notices.RETRYING, claimed_at=NOW - timedelta(seconds=5))
+
+    logs = _retry_pass(database)
+
+    left = _stored(database, notice_id)
+    assert (left.status, left.last_error, left.claimed_at) == ("retrying", "HTTP 500", NOW - timedelta(seconds=5))
+    assert sink.received == []
+    assert not [event for event in logs if event["event"].startswith("notice_")]
+
+
+def test_a_failed_notice_gets_exactly_one_retry_and_its_claim_is_recorded(
+    database: Database, sink: WebhookSink
+) -> None:
+    """Its retry is claimed (when, recorded) and sent once; failing again, it is given up for good,
+    and a run long after the claim neither sends it again nor takes it for a retry cut short."""
+    notice_id, run_id = _recorded(database, status=stored_notices.FAILED)
+    sink.status = 500
+
+    logs = _retry_pass(database)
+
+    (body,) = sink.bodies()
+    assert (body["event"], body["run_id"]) == ("run", run_id)
+    retried = _stored(database, notice_id)
+    assert (retried.status, retried.attempts, retried.last_error) == ("gave_up", 3, "HTTP 500")
+    # Claimed at the pass's time, plus what the pass had taken by then (here, close to nothing).
+    assert retried.claimed_at is not None and NOW <= retried.claimed_at < NOW + timedelta(minutes=1)
+    (event,) = [event for event in logs if event["event"] == "notice_given_up"]
+    assert (event["notice_id"], event["error"]) == (notice_id, "HTTP 500")
+
+    later = _retry_pass(database, now=NOW + DAY)
+
+    assert len(sink.received) == 1
+    assert not [event for event in later if event["event"].startswith("notice_")]
+    assert _stored(database, notice_id).last_error == "HTTP 500"
