@@ -624,7 +624,10 @@ def metrics(state: State) -> None:
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def worker(ctx: click.Context) -> None:
-    """Start the Celery worker (extra options go to `celery worker`, e.g. --concurrency 2)."""
+    """Start the Celery worker (extra options go to `celery worker`, e.g. --concurrency 2).
+
+    --heartbeat-file FILE: the file the worker keeps fresh while its broker connection is up, which
+    `python -m worker.health` checks (default: keyhygiene-worker.heartbeat in the temporary folder)."""
     from worker.main import run_worker
 
     _leave_signals_to_celery()
@@ -634,7 +637,10 @@ def worker(ctx: click.Context) -> None:
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def beat(ctx: click.Context) -> None:
-    """Start the Celery beat scheduler. Run exactly one per deployment."""
+    """Start the Celery beat scheduler. Run exactly one per deployment.
+
+    Extra options go to `celery beat` (e.g. --schedule FILE). --heartbeat-file FILE: a file beat
+    touches on every tick (at least every 30 s), for `python -m worker.health --file FILE`."""
     from worker.main import run_beat
 
     _leave_signals_to_celery()

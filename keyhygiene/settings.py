@@ -295,8 +295,19 @@ class Settings(BaseSettings):
             url = make_url(value)
         except ArgumentError:
             raise ValueError("is not a database URL (expected e.g. sqlite:///keyhygiene.db)") from None
+        except ValueError:  # the only other one make_url raises: int() of the port
+            raise ValueError("has a port that is not a number from 1 to 65535") from None
         if url.get_backend_name() not in ("sqlite", "postgresql"):
             raise ValueError("only sqlite:// and postgresql+psycopg:// databases are supported")
+        if url.get_backend_name() == "postgresql":
+            # A SQLite path may hold spaces; a server's address may not. None of the messages quote
+            # the URL's parts: the driver would name a host made of the password's end, or a port.
+            if not value.isprintable() or any(char.isspace() for char in value):
+                raise ValueError("must not contain spaces or control characters (a stray space or line break?)")
+            if url.host and "@" in url.host:
+                raise ValueError("holds an @ in its user or password: write it as %40")
+            if url.port is not None and not 1 <= url.port <= 65535:
+                raise ValueError("has a port that is not a number from 1 to 65535")
         return value
 
     @field_validator("broker_url")

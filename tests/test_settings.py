@@ -435,6 +435,31 @@ def test_a_password_with_an_at_sign_is_not_echoed(
     assert f"(got {shown!r})" in refusal
 
 
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("postgresql+psycopg://kh:secr@tpassSECRET@db.example/keys", "holds an @ in its user or password"),
+        ("postgresql+psycopg://kh:pwSECRET@db.example:99999/keys", "has a port that is not a number from 1 to 65535"),
+        ("postgresql+psycopg://kh:pwSECRET@db.example:5432x/keys", "has a port that is not a number from 1 to 65535"),
+        ("postgresql+psycopg://kh:pwSECRET@db.example /keys", "must not contain spaces or control characters"),
+    ],
+)
+def test_a_postgresql_url_the_driver_would_misread_is_refused_before_connecting(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, value: str, says: str
+) -> None:
+    # Before, the driver's own error named a host made of the password's end ("tpassSECRET@...").
+    refusal = _refusal(monkeypatch, "KEYHYGIENE_DATABASE_URL", value)
+
+    assert refusal.startswith("invalid settings: KEYHYGIENE_DATABASE_URL: ") and says in refusal
+    assert "SECRET" not in refusal
+
+
+def test_a_sqlite_path_may_hold_a_space(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", f"sqlite:///{clean_env / 'my keys' / 'keyhygiene.db'}")
+
+    assert load_settings().database.database == str(clean_env / "my keys" / "keyhygiene.db")
+
+
 @pytest.mark.parametrize("where", ["environment", "dotenv"])
 def test_a_management_key_pasted_into_another_variable_is_not_echoed(
     clean_env: Path, monkeypatch: pytest.MonkeyPatch, cli, where: str
