@@ -94,3 +94,26 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextmanager
+def stop_pool_process_on_sigterm() -> Iterator[None]:
+    """In a worker's pool process, take SIGTERM as a command does while a job runs: Terminated,
+    held during a change in flight, so the job records its run aborted and what became of every
+    change, and returns. The pool's own handler is back once the job has ended.
+
+    The pool process gets SIGTERM when a service manager stops the worker's whole process group
+    (systemd's default ``KillMode=control-group``) or from ``celery control revoke --terminate``.
+    billiard's handler would raise SystemExit wherever the job is, between a change's intent and its
+    outcome too. The job ends early instead and the process lives on: the worker it belongs to is
+    stopping (a warm shutdown ends its pool once the job has returned) or, after a revoke, takes the
+    next message. Only the main thread can handle signals (not so in the threads pool): there this
+    does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -13,6 +13,7 @@ from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from keyhygiene.settings import Settings
+from keyhygiene.shutdown import stop_pool_process_on_sigterm
 from worker.limits import TimeLimits
 from worker.names import TASK_NAMES
 
@@ -34,18 +35,19 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     limits = TimeLimits.from_settings(settings)
 
     def job(task: Task, kind: str, dry_run: Any, trigger: Any, allow_actions: Any = None) -> dict[str, Any]:
-        outcome = run_exclusive(
-            kind,
-            settings,
-            # Anything but a real False means dry run: a message can narrow what a job does, never widen it.
-            dry_run=dry_run is not False,
-            started_by=STARTERS.get(trigger, "trigger") if isinstance(trigger, str) else "trigger",
-            task_id=task.request.id,
-            limits=limits,
-            # Only a real positive whole number lifts the caps; anything else keeps them.
-            allow_actions=allow_actions if _is_count(allow_actions) else None,
-            abort_errors=(SoftTimeLimitExceeded,),
-        )
+        with stop_pool_process_on_sigterm():
+            outcome = run_exclusive(
+                kind,
+                settings,
+                # Anything but a real False means dry run: a message can narrow what a job does, never widen it.
+                dry_run=dry_run is not False,
+                started_by=STARTERS.get(trigger, "trigger") if isinstance(trigger, str) else "trigger",
+                task_id=task.request.id,
+                limits=limits,
+                # Only a real positive whole number lifts the caps; anything else keeps them.
+                allow_actions=allow_actions if _is_count(allow_actions) else None,
+                abort_errors=(SoftTimeLimitExceeded,),
+            )
         return {"run_id": outcome.run_id, "status": outcome.status, "exit_code": outcome.exit_code}
 
     @app.task(name=TASK_NAMES["run"], bind=True, base=JobTask, shared=False)  # type: ignore[untyped-decorator]
