@@ -82,3 +82,4 @@ def test_trigger_wait_with_no_worker_says_so_within_seconds(deploy: Deployment) 
     assert int(notice.group(1)) <= 5
     # Said before the wait ran out, not instead of it: the job stays queued for a worker.
     assert waiting.stderr.index("no worker answered") < waiting.stderr.index("gave up waiting")
+    assert "has no run recorded yet: it is still queued, or the worker could not record it" in waiting.stderr

@@ -144,12 +144,17 @@ def wait_for_run(database: Database, job: str, task_id: str, *, timeout: float) 
         if run is not None and run.status in runs.FINAL_STATUSES:
             return JobOutcome.of_run(run)
         if time.monotonic() >= deadline:
-            state = "still queued" if run is None else f"run {run.id} is still {run.status}"
+            if run is None:
+                # Still in the queue, most likely; or a worker took it and could not record it (it
+                # could not reach the database either), which its log says as run_not_recorded.
+                state = "has no run recorded yet: it is still queued, or the worker could not record it"
+            else:
+                state = f"is run {run.id}, still {run.status}; its outcome will be recorded"
             return JobOutcome(
                 job,
                 "waiting" if run is None else run.status,
                 EXIT_FAILURE,
-                f"gave up waiting after {timeout:g}s: task {task_id} is {state}; its outcome will be recorded",
+                f"gave up waiting after {timeout:g}s: task {task_id} {state}",
                 run.id if run is not None else None,
             )
         time.sleep(POLL_INTERVAL)
