@@ -197,11 +197,14 @@ class Sender:
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
         deadline: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.timeout = timeout
         self.retry_seconds = retry_seconds
         self.deadline = deadline  # time.monotonic() past which nothing more is sent, whatever the budget
         self.sleep = sleep
+        self.monotonic = monotonic
+        self.started = monotonic()
         self.client = httpx.Client(
             timeout=httpx.Timeout(timeout),
             transport=transport,
@@ -211,6 +214,12 @@ class Sender:
 
     def close(self) -> None:
         self.client.close()
+
+    def at(self, now: datetime) -> datetime:
+        """``now`` (when the notices' pass began) plus the time the pass has taken so far: when a
+        notice is recorded or claimed. A record must not look older than it is to another run,
+        which takes one sent longer ago than any send may take for one cut short."""
+        return now + timedelta(seconds=self.monotonic() - self.started)
 
     def __enter__(self) -> Sender:
         return self
@@ -349,7 +358,7 @@ def _send(
     with session_scope(database) as session:
         notice_id = notices.record_notice(
             session,
-            now=now,
+            now=sender.at(now),
             target=target.name,
             event=body["event"],
             run_id=body["run_id"],
@@ -362,7 +371,12 @@ def _send(
     delivered = sender.deliver(target, body)
     with session_scope(database) as session:
         notices.finish_send(
-            session, notice_id, now=now, sent=delivered.ok, attempts=delivered.attempts, error=delivered.error
+            session,
+            notice_id,
+            now=sender.at(now),
+            sent=delivered.ok,
+            attempts=delivered.attempts,
+            error=delivered.error,
         )
     _log(target, body, delivered, notice_id)
 
@@ -590,7 +604,6 @@ def _retry_undelivered(
     Each retry is claimed first: of two runs at once, one sends it. A retry that a run claimed
     longer ago than any send may take was cut short (that run died while sending it): it is given
     up, and logged here."""
-    started = time.monotonic()
     with session_scope(database) as session:
         backlog = notices.undelivered(session, sending_before=sending_before)
     for notice in backlog.given_up:
@@ -603,12 +616,8 @@ def _retry_undelivered(
         )
     targets = {target.name: target for target in ruleset.notify}
     for notice in backlog.waiting:
-        # Claimed at the run's time plus what this pass has taken so far: the retries of a long
-        # backlog are claimed one after the other, and a claim must not look older than it is to a
-        # run that judges it against ``sending_before``.
-        claimed_at = now + timedelta(seconds=time.monotonic() - started)
         with session_scope(database) as session:
-            if not notices.claim_retry(session, notice.id, now=claimed_at):
+            if not notices.claim_retry(session, notice.id, now=sender.at(now)):
                 continue
         target = targets.get(notice.target)
         if target is None:
@@ -619,7 +628,7 @@ def _retry_undelivered(
             notices.finish_send(
                 session,
                 notice.id,
-                now=now,
+                now=sender.at(now),
                 sent=delivered.ok,
                 attempts=delivered.attempts,
                 error=delivered.error,

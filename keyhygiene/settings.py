@@ -300,9 +300,11 @@ class Settings(BaseSettings):
         if url.get_backend_name() not in ("sqlite", "postgresql"):
             raise ValueError("only sqlite:// and postgresql+psycopg:// databases are supported")
         if url.get_backend_name() == "postgresql":
-            # A SQLite path may hold spaces; a server's address may not. None of the messages quote
-            # the URL's parts: the driver would name a host made of the password's end, or a port.
-            if not value.isprintable() or any(char.isspace() for char in value):
+            # A SQLite path may hold spaces, and so may a password (the compose entrypoint writes it
+            # so); the rest of a server's URL may not. None of the messages quote the URL's parts:
+            # the driver would name a host made of the password's end, or a port.
+            unmasked = url.render_as_string(hide_password=True)
+            if not unmasked.isprintable() or any(char.isspace() for char in unmasked):
                 raise ValueError("must not contain spaces or control characters (a stray space or line break?)")
             if url.host and "@" in url.host:
                 raise ValueError("holds an @ in its user or password: write it as %40")

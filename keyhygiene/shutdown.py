@@ -105,10 +105,12 @@ def stop_pool_process_on_sigterm() -> Iterator[None]:
     The pool process gets SIGTERM when a service manager stops the worker's whole process group
     (systemd's default ``KillMode=control-group``) or from ``celery control revoke --terminate``.
     billiard's handler would raise SystemExit wherever the job is, between a change's intent and its
-    outcome too. The job ends early instead and the process lives on: the worker it belongs to is
-    stopping (a warm shutdown ends its pool once the job has returned) or, after a revoke, takes the
-    next message. Only the main thread can handle signals (not so in the threads pool): there this
-    does nothing."""
+    outcome too. The job ends early instead, recorded, and the process lives on: the worker it
+    belongs to is stopping (a warm shutdown ends its pool once the job has returned) or, after a
+    revoke, takes the next message. (A SIGTERM before the job has started its run, or after it has
+    ended, still ends the process at once: there is no change in flight then.) Only for a pool's
+    process: in the worker's own (``--pool solo``), SIGTERM is Celery's warm shutdown, which lets
+    the job finish. Only the main thread can handle signals: elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -7,8 +7,10 @@ audit records in the database, so tasks return nothing that anyone waits for.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
+from billiard.process import current_process  # type: ignore[import-untyped]
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -35,7 +37,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     limits = TimeLimits.from_settings(settings)
 
     def job(task: Task, kind: str, dry_run: Any, trigger: Any, allow_actions: Any = None) -> dict[str, Any]:
-        with stop_pool_process_on_sigterm():
+        with stop_pool_process_on_sigterm() if _in_pool_process() else nullcontext():
             outcome = run_exclusive(
                 kind,
                 settings,
@@ -73,6 +75,12 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     def prune(self: Task, dry_run: bool = False, trigger: str = "trigger") -> dict[str, Any]:
         """Remove history older than the retention settings (refused with ``dry_run``)."""
         return job(self, "prune", dry_run, trigger)
+
+
+def _in_pool_process() -> bool:
+    """A prefork pool's process, where SIGTERM is billiard's "exit now"; not the worker's own process
+    (``--pool solo``, or threads), where it is Celery's warm shutdown, which lets the job finish."""
+    return bool(current_process().name != "MainProcess")
 
 
 def _is_count(value: Any) -> bool:

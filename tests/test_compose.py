@@ -16,7 +16,7 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from keyhygiene.cli import cli
-from keyhygiene.settings import ENV_NAMES
+from keyhygiene.settings import ENV_NAMES, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -218,6 +218,8 @@ def test_the_entrypoint_reads_the_secrets_escapes_the_password_and_drops_root(tm
     assert done.returncode == 0, done.stderr
     uid, url, key, hook, files = done.stdout.splitlines()
     assert make_url(url).password == password and make_url(url).host == "postgres"
+    # The settings take the URL as the entrypoint wrote it: a space in the password unescaped.
+    assert Settings(KEYHYGIENE_DATABASE_URL=url).database.password == password  # type: ignore[call-arg]
     assert key == "sk-or-v1-" + "ab" * 32
     assert hook == webhook
     assert files == "unset unset unset /etc/keyhygiene/keyhygiene.toml unset"

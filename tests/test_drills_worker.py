@@ -34,14 +34,14 @@ pytestmark = [pytest.mark.celery, pytest.mark.timeout(150)]
 
 
 def worker_enforcing(
-    deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., CliResult]
+    deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., CliResult], *worker_options: str
 ) -> tuple[list[str], CliResult, Process, CliResult]:
     """16 expired keys synced, a worker enforcing them through a slowed API, caught with a change in
     flight: (the doomed hashes, the sync, the worker, the trigger)."""
     doomed = expired_keys(fake, utcnow(), doomed=16)
     synced = cli("sync")
     assert synced.exit_code == 0, synced.stderr
-    worker = deploy.start_worker()
+    worker = deploy.start_worker(*worker_options)
     fake.faults.latency = 0.2
     queued = cli("trigger", "enforce")
     assert queued.exit_code == 0, queued.stderr
@@ -159,4 +159,24 @@ def test_a_sigterm_to_the_whole_worker_group_lets_the_change_in_flight_finish_an
     recovery = cli("run")
     assert recovery.exit_code == 0, recovery.stderr
     assert all(fake.get(key) is None for key in doomed)
+    drill.check(database=deploy.database, fake=fake, outputs=outputs_of(synced, queued, recovery, worker))
+
+
+def test_a_sigterm_to_a_solo_pool_worker_is_a_warm_shutdown_that_lets_its_job_finish(
+    drill: Drill, deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., CliResult]
+) -> None:
+    drill.expectation = "--pool solo runs the job in the worker's own process: SIGTERM waits for the job to end"
+    doomed, synced, worker, queued = worker_enforcing(deploy, fake, cli, "--pool", "solo")
+    drill.inject("SIGTERM to a --pool solo worker while a change is in flight")
+    worker.kill(signal.SIGTERM)
+
+    worker.popen.wait(timeout=60)
+    (run,) = [run for run in deploy.runs() if run.kind == "enforce"]
+    drill.saw(f"worker exit {worker.popen.returncode}; run {run.status}")
+    assert run.status == "ok", run.message
+    assert all(fake.get(key) is None for key in doomed)
+    assert drill.repeated_calls(fake) == 0
+    fake.faults.latency = 0.0
+    recovery = cli("run")
+    assert recovery.exit_code == 0, recovery.stderr
     drill.check(database=deploy.database, fake=fake, outputs=outputs_of(synced, queued, recovery, worker))

@@ -134,8 +134,9 @@ def loaded_modules(import_profile: str) -> set[str]:
 
 
 def test_a_sync_leaves_out_the_extras_it_never_uses_and_plan_still_draws_its_table(
-    tmp_path: Path, fake_url: str
+    tmp_path: Path, fake_url: str, fake: FakeOpenRouter
 ) -> None:
+    fake.add_key("dev-old-extras", expires_at=utcnow() - timedelta(days=1))
     env = command_env(tmp_path, fake_url, PYTHONPROFILEIMPORTTIME="1")
     subprocess.run([keyhygiene_executable(), "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True)
     sync = subprocess.run(
@@ -153,7 +154,8 @@ def test_a_sync_leaves_out_the_extras_it_never_uses_and_plan_still_draws_its_tab
     )
     assert plan.returncode == 0, plan.stderr[-2000:]
     assert "rich.table" in loaded_modules(plan.stderr)
-    assert "─" in plan.stdout or "-" in plan.stdout, plan.stdout
+    assert re.search(r"key\s+name\s+action\s+rule\s+why", plan.stdout), plan.stdout
+    assert re.search(r"dev-old-extras\s+disable\s+expired", plan.stdout), plan.stdout
 
 
 def test_a_command_on_a_terminal_prints_readable_lines_and_no_json(tmp_path: Path, fake_url: str) -> None:

@@ -849,3 +849,14 @@ def test_a_failed_notice_gets_exactly_one_retry_and_its_claim_is_recorded(
     assert len(sink.received) == 1
     assert not [event for event in later if event["event"].startswith("notice_")]
     assert _stored(database, notice_id).last_error == "HTTP 500"
+
+
+def test_a_notice_is_recorded_at_the_time_it_is_sent_not_when_the_pass_began() -> None:
+    """A pass that spent ten minutes retrying a backlog records its next notice (and claims its
+    next retry) ten minutes after the run's time: another run takes a notice recorded longer ago
+    than any send may take for one cut short, and would send it again while it is being sent."""
+    ticks = [1000.0]
+    with Sender(timeout=5, retry_seconds=0, monotonic=lambda: ticks[0]) as sender:
+        assert sender.at(NOW) == NOW
+        ticks[0] += 600
+        assert sender.at(NOW) == NOW + timedelta(minutes=10)
