@@ -148,13 +148,17 @@ def read_env_file(path: str | os.PathLike[str] = ENV_FILE) -> dict[str, str | No
     return dotenv_values(stream=io.StringIO(text))
 
 
+def _refuse_spaces(url: str) -> None:
+    if not url.isprintable() or any(char.isspace() for char in url):
+        raise ValueError("must not contain spaces or control characters (a stray space or line break?)")
+
+
 def _url(value: str, schemes: tuple[str, ...], wrong_scheme: str) -> SplitResult:
     """``value`` split as a URL of one of ``schemes``, with a valid port if it has one; else ValueError.
 
     The messages never quote the URL's parts: what sits where a port should be may be a password.
     """
-    if not value.isprintable() or any(char.isspace() for char in value):
-        raise ValueError("must not contain spaces or control characters (a stray space or line break?)")
+    _refuse_spaces(value)
     try:
         url = urlsplit(value)
     except ValueError:  # the only one urlsplit raises: a "[" of an IPv6 host never closed, or misplaced
@@ -303,9 +307,7 @@ class Settings(BaseSettings):
             # A SQLite path may hold spaces, and so may a password (the compose entrypoint writes it
             # so); the rest of a server's URL may not. None of the messages quote the URL's parts:
             # the driver would name a host made of the password's end, or a port.
-            unmasked = url.render_as_string(hide_password=True)
-            if not unmasked.isprintable() or any(char.isspace() for char in unmasked):
-                raise ValueError("must not contain spaces or control characters (a stray space or line break?)")
+            _refuse_spaces(url.render_as_string(hide_password=True))
             if url.host and "@" in url.host:
                 raise ValueError("holds an @ in its user or password: write it as %40")
             if url.port is not None and not 1 <= url.port <= 65535:
