@@ -19,12 +19,15 @@ the target names: it is a secret, registered for redaction, and never stored, lo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import math
 import os
 import random
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -210,6 +213,8 @@ class Sender:
             transport=transport,
             headers={"User-Agent": _USER_AGENT},
             follow_redirects=False,
+            # A connection of its own for each attempt, which its ``_Cutoff`` can end.
+            limits=httpx.Limits(max_keepalive_connections=0),
         )
 
     def close(self) -> None:
@@ -278,13 +283,22 @@ class Sender:
         """(None, None) when delivered; else (an error without the URL, a Retry-After or 0 when retried).
 
         Only the status and the headers of the answer are read, never its body: a receiver that
-        sends its body slowly cannot hold the job."""
+        sends its body slowly cannot hold the job, and a receiver that sends its status and headers
+        slowly is cut off after ``timeout`` seconds in all (``_Cutoff``)."""
+        cutoff = _Cutoff(timeout)
+        extensions = {"trace": cutoff.trace}
         try:
-            with self.client.stream("POST", url, content=content, headers=headers, timeout=timeout) as response:
+            with (
+                cutoff,
+                self.client.stream(
+                    "POST", url, content=content, headers=headers, timeout=timeout, extensions=extensions
+                ) as response,
+            ):
                 status, retry_after = response.status_code, response.headers.get("Retry-After", "")
         except httpx.TransportError as exc:
             # Say what kind of failure, never the message: some carry the URL.
-            return f"{type(exc).__name__} (no answer)", 0.0
+            failure = cutoff.failure() or type(exc).__name__
+            return f"{failure} (no answer)", 0.0
         except Exception as exc:  # a host name the socket layer cannot encode, ...: the same every time
             return f"{type(exc).__name__} (not sent)", None
         if 200 <= status < 300:
@@ -292,6 +306,80 @@ class Sender:
         if status in _RETRIED:
             return f"HTTP {status}", float(retry_after) if retry_after.isdigit() else 0.0
         return f"HTTP {status}", None
+
+
+class _Cutoff:
+    """Ends one webhook request ``seconds`` after it began, however the receiver answers.
+
+    httpx's timeouts bound each step (connecting, each write, each read), not the whole request: a
+    receiver that sends its status line and headers a byte at a time, each within the timeout,
+    would hold the job until its hard time limit. ``trace`` (httpx's ``trace`` request extension)
+    keeps the request's socket as its connection is made (each attempt has a connection of its
+    own), and notes which step the request is in; when the time is up, a timer shuts the socket
+    down, which wakes the thread blocked on it, and httpx raises a transport error. ``failure``
+    then names the step that timed out (``ReadTimeout`` while waiting for the answer), as httpx
+    names its own timeouts: a receiver that says nothing and one that drips fail alike."""
+
+    _STEPS = {
+        "connection.connect_tcp.started": "ConnectTimeout",
+        "http11.send_request_headers.started": "WriteTimeout",
+        "http11.receive_response_headers.started": "ReadTimeout",
+    }
+    _CONNECTED = (
+        "connection.connect_tcp.complete",
+        "connection.connect_unix_socket.complete",
+        "connection.start_tls.complete",
+    )
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self._step = "ConnectTimeout"
+        self._fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def trace(self, event: str, info: Mapping[str, Any]) -> None:
+        step = self._STEPS.get(event)
+        if step is not None:
+            self._step = step
+        elif event in self._CONNECTED:
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if isinstance(sock, socket.socket):
+                with self._lock:
+                    self._socket = sock
+                    fired = self._fired
+                if fired:  # connected just as the time ran out
+                    self._shut(sock)
+
+    def failure(self) -> str | None:
+        """The timeout the request ended with, when the time ran out; else None."""
+        with self._lock:
+            return self._step if self._fired else None
+
+    def __enter__(self) -> _Cutoff:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._timer.cancel()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self._fired = True
+            sock = self._socket
+        if sock is not None:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        # socket.socket's own shutdown, also for a TLS socket: it ends the connection under the TLS
+        # layer without touching the TLS state that the blocked thread is using. OSError: the
+        # request ended meanwhile and its socket is closed.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _usable_url(url: str) -> bool:

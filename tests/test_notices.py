@@ -370,6 +370,19 @@ def test_a_deadline_stops_the_retries_and_cuts_the_attempt_short() -> None:
     assert len(receiver.received) == 1
 
 
+def test_a_receiver_that_drips_its_answer_is_cut_off_once_the_timeout_is_spent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each byte of the answer's head comes well within the timeout, so no single read times out;
+    the whole answer would take about 8 s. The attempt still ends after the timeout, told as the
+    read timeout it is, and the receiver got the notice once."""
+    with WebhookSink() as receiver, Sender(timeout=1, retry_seconds=0) as sender:
+        receiver.drip = 0.2
+        monkeypatch.setenv("KH_TEST_DRIP_HOOK", receiver.url)
+        target = NotifyTarget(name="ops", url_env="KH_TEST_DRIP_HOOK")
+        delivered = sender.deliver(target, {"event": "run", "run_id": 1, "keys": [], "more": 0})
+    assert (delivered.ok, delivered.attempts, delivered.error) == (False, 1, "ReadTimeout (no answer)")
+    assert len(receiver.received) == 1
+
+
 def test_a_webhook_url_and_secret_may_come_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``NAME_FILE`` (a mounted secret) when ``NAME`` is not set; a file that cannot be read is named."""
     secrets = tmp_path / "secrets"  # where the session's secret scan expects secrets

@@ -1,7 +1,8 @@
 """A webhook receiver on 127.0.0.1 that records what it is sent: the demo's and the tests' notify target.
 
-It answers 200 by default; ``status`` makes it answer with another code, and ``hang`` makes it hold
-each request until it is closed (or the client gives up), as a stuck receiver would. Its URL carries
+It answers 200 by default; ``status`` makes it answer with another code, ``hang`` makes it hold
+each request until it is closed (or the client gives up), as a stuck receiver would, and ``drip``
+makes it send its answer's status line and headers one byte every ``drip`` seconds. Its URL carries
 a random token, as real webhook URLs do, so tests can check that the URL never leaks.
 """
 
@@ -34,6 +35,7 @@ class WebhookSink:
         self.received: list[Received] = []
         self.status = 200
         self.hang = False
+        self.drip: float | None = None
         self._release = threading.Event()
         self._lock = threading.Lock()
         sink = self
@@ -47,10 +49,26 @@ class WebhookSink:
                 if sink.hang:
                     sink._release.wait(timeout=60)
                     return
+                if sink.drip is not None:
+                    self._drip(sink.drip)
+                    return
                 self.send_response(sink.status)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
+
+            def _drip(self, seconds: float) -> None:
+                head = f"HTTP/1.1 {sink.status} Dripping\r\nContent-Length: 2\r\n\r\n".encode()
+                try:
+                    for index in range(len(head)):
+                        self.wfile.write(head[index : index + 1])
+                        self.wfile.flush()
+                        if sink._release.wait(timeout=seconds):
+                            return
+                    self.wfile.write(b"ok")
+                except OSError:  # the client gave up and closed the connection
+                    pass
+                self.close_connection = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 """Quiet: the receiver's own access log is not what a test or the demo shows."""
