@@ -698,25 +698,20 @@ def record_staged(
     # the ones past these ids, found by the primary keys without reading the history.
     usage_before = int(session.scalar(select(func.max(u.c.id))) or 0)
     records_before = int(session.scalar(select(func.max(r.c.id))) or 0)
-    session.execute(
-        update(u)
-        .where(
-            u.c.valid_to.is_(None),
-            ~exists().where(mine, _same(u, s, _VOLATILE_COLUMNS), u.c.wire.is_not_distinct_from(s.c.usage_wire)),
-            ~exists().where(carried, c.c.key_id == u.c.key_id),
-        )
-        .values(valid_to=snapshot_id)
-    )
     record_mine = and_(staged, s.c.key_id == r.c.key_id)
-    session.execute(
-        update(r)
-        .where(
-            r.c.valid_to.is_(None),
-            ~exists().where(record_mine, _same(r, s, _RECORD_COLUMNS), r.c.wire.is_not_distinct_from(s.c.record_wire)),
-            ~exists().where(carried, c.c.key_id == r.c.key_id),
-        )
-        .values(valid_to=snapshot_id)
-    )
+    for table, same in (
+        (u, exists().where(mine, _same(u, s, _VOLATILE_COLUMNS), u.c.wire.is_not_distinct_from(s.c.usage_wire))),
+        (r, exists().where(record_mine, _same(r, s, _RECORD_COLUMNS), r.c.wire.is_not_distinct_from(s.c.record_wire))),
+    ):
+        # Close the open versions of the keys that changed or are gone: every open version but
+        # those of a key staged as it is, or carried.
+        if _none_gone(session, table, staged, carried=carried_keys, staged_rows=staged_rows):
+            # Then only a staged key can change: look at those few instead of at every open version.
+            of_staged = table.c.key_id.in_(select(s.c.key_id).where(staged, s.c.key_id.is_not(None)))
+            closing = and_(table.c.valid_to.is_(None), of_staged, ~same)
+        else:
+            closing = and_(table.c.valid_to.is_(None), ~same, ~exists().where(carried, c.c.key_id == table.c.key_id))
+        session.execute(update(table).where(closing).values(valid_to=snapshot_id))
     records_added = session.execute(
         insert(r).from_select(
             ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
@@ -816,6 +811,24 @@ def record_staged(
     return SnapshotWrite(
         key_count=key_count, new_versions=new_versions, changed=touched - added, added=added, gone=gone
     )
+
+
+def _none_gone(session: Session, table: Any, staged: Any, *, carried: int, staged_rows: int) -> bool:
+    """Whether every open version of ``table`` (``key_usage`` or ``key_records``) belongs to a key
+    staged (``staged_rows`` of them) or carried (``carried``) for this snapshot: none of them is of
+    a key that is gone. Each key has at most one open version (``ix_*_open``); each carried key has
+    one, as it was carried on top of the snapshot that is still the newest (``record_staged``
+    checked); no key is both staged and carried. So it is so exactly when the open versions number
+    the carried keys and the staged keys with one. Two counts, where closing the versions of the
+    keys gone looks at every open version (100,000 keys, 1% changed: about 0.1 s on SQLite and
+    0.25 s on PostgreSQL for the two tables)."""
+    s = snapshot_staging
+    open_versions = int(session.scalar(select(func.count()).select_from(table).where(table.c.valid_to.is_(None))) or 0)
+    if open_versions > carried + staged_rows:
+        return False
+    with_open = exists().where(table.c.key_id == s.c.key_id, table.c.valid_to.is_(None))
+    staged_open = int(session.scalar(select(func.count()).select_from(s).where(staged, with_open)) or 0)
+    return open_versions == carried + staged_open
 
 
 def _drop_rows(session: Session, table: Any, mine: Any, snapshot_id: int, *, postgresql: bool) -> None:
@@ -1251,9 +1264,29 @@ class SnapshotWriter:
         """Hashes of keys in the newest complete snapshot that were not handed over (to this
         writer, or to any writer when ``listed`` gives every hash the listing handed over), sorted."""
         previous = latest_snapshot(session)
-        if previous is None:
+        if previous is None or self._every_key_alive_handed_over(session):
             return []
         return sorted(key_hashes_at(session, previous.id).difference(self._seen if listed is None else listed))
+
+    def _every_key_alive_handed_over(self, session: Session) -> bool:
+        """Whether every key alive at the newest complete snapshot (the keys with an open version)
+        is carried or staged for this snapshot, by any writer: told by counting, where ``missing``
+        reads every hash alive (100,000 keys: about 0.15 s). A key is carried or staged once; a
+        staged key counts when its hash has an open version (the id staged for a new key is only
+        reserved); a carried key was alive when its fingerprint was read. So the counts are equal
+        exactly when no key alive was left out, unless another sync has recorded a snapshot since
+        the fingerprints were read; then this one fails when it records (``SnapshotSuperseded``)."""
+        u, s, c, t = key_usage, snapshot_staging, snapshot_carried, tracked_keys
+        alive = int(session.scalar(select(func.count()).select_from(u).where(u.c.valid_to.is_(None))) or 0)
+        carried = len(self._to_carry) + int(
+            session.scalar(select(func.count()).select_from(c).where(c.c.snapshot_id == self.snapshot_id)) or 0
+        )
+        staged = s.c.snapshot_id == self.snapshot_id
+        if alive > carried + int(session.scalar(select(func.count()).select_from(s).where(staged)) or 0):
+            return False
+        was_alive = exists().where(t.c.key_hash == s.c.key_hash, u.c.key_id == t.c.id, u.c.valid_to.is_(None))
+        staged_alive = int(session.scalar(select(func.count()).select_from(s).where(staged, was_alive)) or 0)
+        return alive == carried + staged_alive
 
     def finish(
         self,

@@ -296,6 +296,29 @@ def test_a_key_skipped_by_offset_paging_is_recovered(database: Database, fake: F
     assert recovered.raw == fake.get(skipped)
 
 
+def test_a_key_skipped_while_a_new_one_appears_is_still_recovered(database: Database, fake: FakeOpenRouter, sync) -> None:
+    """As many keys are listed as were alive, but not the same ones: the key paging skipped is
+    still fetched, and the new key stored beside it."""
+    hashes = add_keys(fake, 250)
+    assert sync().sync is not None
+    deleted, skipped = hashes[5], hashes[100]
+    late: list[str] = []
+
+    def delete_and_add_after_page_one(fake: FakeOpenRouter, workspace_id: str, offset: int) -> None:
+        # As above, key 100 moves to offset 99; the new key, the oldest of all, is listed last.
+        if offset == 100 and fake.get(deleted) is not None:
+            fake.delete_key(deleted)
+            late.append(fake.add_key("key-late", created_at=NOW - timedelta(days=30))["hash"])
+
+    fake.faults.on_list_page(delete_and_add_after_page_one)
+    second = sync(concurrency=1).sync
+
+    assert second is not None
+    assert second.recovered == [skipped]
+    assert second.key_count == 251
+    assert stored_hashes(database, second.snapshot_id) == sorted([*hashes, *late])
+
+
 # -- a failed sync leaves no trace --------------------------------------------------------------------
 
 
