@@ -214,7 +214,7 @@ class Sender:
             headers={"User-Agent": _USER_AGENT},
             follow_redirects=False,
             # A connection of its own for each attempt, which its ``_Cutoff`` can end.
-            limits=httpx.Limits(max_keepalive_connections=0),
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=0),
         )
 
     def close(self) -> None:
@@ -315,49 +315,60 @@ class _Cutoff:
     receiver that sends its status line and headers a byte at a time, each within the timeout,
     would hold the job until its hard time limit. ``trace`` (httpx's ``trace`` request extension)
     keeps the request's socket as its connection is made (each attempt has a connection of its
-    own), and notes which step the request is in; when the time is up, a timer shuts the socket
-    down, which wakes the thread blocked on it, and httpx raises a transport error. ``failure``
-    then names the step that timed out (``ReadTimeout`` while waiting for the answer), as httpx
-    names its own timeouts: a receiver that says nothing and one that drips fail alike."""
+    own; through a proxy, the connection to the proxy) and notes which step the request is in;
+    when the time is up, a timer shuts the socket down, which wakes the thread blocked on it, and
+    httpx raises a transport error. ``failure`` then names the step the time ran out in
+    (``ReadTimeout`` while waiting for the answer), as httpx names its own timeouts: a receiver
+    that says nothing and one that drips fail alike. A TLS handshake under way when the time runs
+    out is bounded by its own timeout (the socket is in the TLS layer's hands until it is done), so
+    such a request may take up to twice ``seconds``.
+
+    The socket is forgotten, under the lock the timer shuts it with, as the response is closed,
+    before its connection closes it: the timer never shuts a socket number that another connection
+    of the process may have been given since."""
 
     _STEPS = {
-        "connection.connect_tcp.started": "ConnectTimeout",
-        "http11.send_request_headers.started": "WriteTimeout",
-        "http11.receive_response_headers.started": "ReadTimeout",
+        ".connect_tcp.started": "ConnectTimeout",
+        ".send_request_headers.started": "WriteTimeout",
+        ".receive_response_headers.started": "ReadTimeout",
     }
-    _CONNECTED = (
-        "connection.connect_tcp.complete",
-        "connection.connect_unix_socket.complete",
-        "connection.start_tls.complete",
-    )
+    _CONNECTED = (".connect_tcp.complete", ".connect_unix_socket.complete", ".start_tls.complete")
+    _CLOSING = ".response_closed.started"
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self._lock = threading.Lock()
         self._socket: socket.socket | None = None
-        self._step = "ConnectTimeout"
+        self._step: str | None = None
+        self._failure: str | None = None
         self._fired = False
         self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
 
     def trace(self, event: str, info: Mapping[str, Any]) -> None:
-        step = self._STEPS.get(event)
+        """httpcore's events are named after the part that sends them (``connection.``, ``http11.``,
+        ``proxy.``, ``socks.``): they are told apart by their ends."""
+        _, dot, what = event.partition(".")
+        what = dot + what
+        step = self._STEPS.get(what)
         if step is not None:
             self._step = step
-        elif event in self._CONNECTED:
+        elif what in self._CONNECTED:
             stream = info.get("return_value")
             sock = stream.get_extra_info("socket") if stream is not None else None
             if isinstance(sock, socket.socket):
                 with self._lock:
                     self._socket = sock
-                    fired = self._fired
-                if fired:  # connected just as the time ran out
-                    self._shut(sock)
+                    if self._fired:  # connected just as the time ran out
+                        self._shut(sock)
+        elif what == self._CLOSING:
+            with self._lock:
+                self._socket = None
 
     def failure(self) -> str | None:
         """The timeout the request ended with, when the time ran out; else None."""
         with self._lock:
-            return self._step if self._fired else None
+            return self._failure
 
     def __enter__(self) -> _Cutoff:
         self._timer.start()
@@ -369,15 +380,15 @@ class _Cutoff:
     def _fire(self) -> None:
         with self._lock:
             self._fired = True
-            sock = self._socket
-        if sock is not None:
-            self._shut(sock)
+            self._failure = self._step
+            if self._socket is not None:
+                self._shut(self._socket)
 
     @staticmethod
     def _shut(sock: socket.socket) -> None:
         # socket.socket's own shutdown, also for a TLS socket: it ends the connection under the TLS
         # layer without touching the TLS state that the blocked thread is using. OSError: the
-        # request ended meanwhile and its socket is closed.
+        # socket was handed to the TLS layer, or closed as the request failed.
         with contextlib.suppress(OSError):
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
 

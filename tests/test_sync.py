@@ -296,7 +296,9 @@ def test_a_key_skipped_by_offset_paging_is_recovered(database: Database, fake: F
     assert recovered.raw == fake.get(skipped)
 
 
-def test_a_key_skipped_while_a_new_one_appears_is_still_recovered(database: Database, fake: FakeOpenRouter, sync) -> None:
+def test_a_key_skipped_while_a_new_one_appears_is_still_recovered(
+    database: Database, fake: FakeOpenRouter, sync
+) -> None:
     """As many keys are listed as were alive, but not the same ones: the key paging skipped is
     still fetched, and the new key stored beside it."""
     hashes = add_keys(fake, 250)
