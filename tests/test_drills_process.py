@@ -350,7 +350,7 @@ class CuttableProxy:
                     if not data:
                         return
                     (b if source is a else a).sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: ``cut`` closed a socket between two selects
             return
 
     def cut(self) -> None:
