@@ -586,6 +586,11 @@ _RECORD_COLUMNS = [field.name for field in STABLE]
 _VOLATILE_COLUMNS = [field.name for field in VOLATILE]
 
 
+def _count(session: Session, table: Any, *where: Any) -> int:
+    """The rows of ``table`` (a table or a subquery) that match ``where``, counted in the database."""
+    return int(session.scalar(select(func.count()).select_from(table).where(*where)) or 0)
+
+
 def record_staged(
     session: Session,
     *,
@@ -635,12 +640,12 @@ def record_staged(
         raise _superseded(newer)
     c = snapshot_carried
     carried = c.c.snapshot_id == snapshot_id
-    carried_keys = int(session.scalar(select(func.count()).select_from(c).where(carried)) or 0)
+    carried_keys = _count(session, c, carried)
     if carried_keys and (newest := newest_complete(session)) != carried_on:
         raise _superseded(newest)
     s, t = snapshot_staging, tracked_keys
     staged = s.c.snapshot_id == snapshot_id
-    key_count = carried_keys + int(session.scalar(select(func.count()).select_from(s).where(staged)) or 0)
+    key_count = carried_keys + _count(session, s, staged)
     if expected_keys is not None and key_count != expected_keys:
         raise StagingIncomplete(
             f"{expected_keys} keys were listed but {key_count} are staged: "
@@ -823,11 +828,11 @@ def _none_gone(session: Session, table: Any, staged: Any, *, carried: int, stage
     keys gone looks at every open version (100,000 keys, 1% changed: about 0.1 s on SQLite and
     0.25 s on PostgreSQL for the two tables)."""
     s = snapshot_staging
-    open_versions = int(session.scalar(select(func.count()).select_from(table).where(table.c.valid_to.is_(None))) or 0)
+    open_versions = _count(session, table, table.c.valid_to.is_(None))
     if open_versions > carried + staged_rows:
         return False
     with_open = exists().where(table.c.key_id == s.c.key_id, table.c.valid_to.is_(None))
-    staged_open = int(session.scalar(select(func.count()).select_from(s).where(staged, with_open)) or 0)
+    staged_open = _count(session, s, staged, with_open)
     return open_versions == carried + staged_open
 
 
@@ -1280,15 +1285,13 @@ class SnapshotWriter:
         exactly when no key alive was left out, unless another sync has recorded a snapshot since
         the fingerprints were read; then this one fails when it records (``SnapshotSuperseded``)."""
         u, s, c, t = key_usage, snapshot_staging, snapshot_carried, tracked_keys
-        alive = int(session.scalar(select(func.count()).select_from(u).where(u.c.valid_to.is_(None))) or 0)
-        carried = len(self._to_carry) + int(
-            session.scalar(select(func.count()).select_from(c).where(c.c.snapshot_id == self.snapshot_id)) or 0
-        )
+        alive = _count(session, u, u.c.valid_to.is_(None))
+        carried = len(self._to_carry) + _count(session, c, c.c.snapshot_id == self.snapshot_id)
         staged = s.c.snapshot_id == self.snapshot_id
-        if alive > carried + int(session.scalar(select(func.count()).select_from(s).where(staged)) or 0):
+        if alive > carried + _count(session, s, staged):
             return False
         was_alive = exists().where(t.c.key_hash == s.c.key_hash, u.c.key_id == t.c.id, u.c.valid_to.is_(None))
-        staged_alive = int(session.scalar(select(func.count()).select_from(s).where(staged, was_alive)) or 0)
+        staged_alive = _count(session, s, staged, was_alive)
         return alive == carried + staged_alive
 
     def finish(
@@ -1603,4 +1606,4 @@ def history_facts(session: Session, snapshot_id: int) -> Iterator[HistoryFacts]:
 def count_versions(session: Session) -> int:
     """Stored versions of whole keys: each state a key was seen in, for as long as it held (a
     usage version and a record version that overlap make one)."""
-    return int(session.scalar(select(func.count()).select_from(full_versions())) or 0)
+    return _count(session, full_versions())
