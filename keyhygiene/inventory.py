@@ -9,6 +9,7 @@ state and is recorded as failed.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from db import snapshots
+from db import snapshots, statistics
 from keyhygiene.keysapi.errors import ApiError, NotFound
 from keyhygiene.keysapi.models import Key, Workspace
 from keyhygiene.keysapi.paging import DEFAULT_WORKSPACE, KeyStream
@@ -136,9 +137,11 @@ def take_snapshot(
     writer = snapshots.SnapshotWriter(snapshot_id, known=known)
     helper: StagingHelper | None = None
     helper_wanted = _helper_possible(database)
+    analysis: threading.Thread | None = None
     # From here on the snapshot row exists: whatever ends the sync (SIGTERM too) must mark it failed.
     try:
         log.info("sync_started", run_id=run_id, snapshot_id=snapshot_id)
+        analysis = _analyze_beside(database, run_id)  # recording below is planned from its statistics
         requests_before, listing_started = client.requests_sent, time.monotonic()
         unknown, handed_over = -len(known.ids), 0  # keys listed beyond the ones with a fingerprint
         workspaces = client.list_workspaces()
@@ -165,6 +168,8 @@ def take_snapshot(
             staged_by_helper=handed_over,
             seconds=round(time.monotonic() - listing_started, 3),
         )
+        if analysis is not None:
+            analysis.join()
         with database.sessions() as session:
             missing = writer.missing(session, listing.listed)
         per_workspace = dict(listing.per_workspace)
@@ -189,6 +194,8 @@ def take_snapshot(
     except BaseException as exc:
         if helper is not None:  # before its rows are discarded: it may be writing some
             helper.stop()
+        if analysis is not None:  # it holds a connection of the database the caller closes next
+            analysis.join()
         message = _failure_message(exc)
         stored = _record_failure(database, writer, message) is False
         log.error("sync_failed", run_id=run_id, snapshot_id=snapshot_id, error=message, snapshot_stored=stored)
@@ -215,6 +222,33 @@ def take_snapshot(
         log.warning("key_recovered_by_check", run_id=run_id, key_hash=key_hash)
     log.info("sync_complete", run_id=run_id, requests=client.requests_sent, **result.summary())
     return result
+
+
+def _analyze_beside(database: Database, run_id: int) -> threading.Thread | None:
+    """On PostgreSQL, a thread that brings the planner's statistics of the store's tables up to
+    date where autovacuum has not (``db.statistics``), beside the listing. It never fails the
+    sync: a failure is logged, and the sync records with the statistics there are."""
+    if database.engine.dialect.name != "postgresql":
+        return None
+
+    def analyze() -> None:
+        started = time.monotonic()
+        try:
+            with database.writer() as session:
+                stale = statistics.stale_tables(session)
+                skipped = statistics.analyze(session, stale)
+        except SQLAlchemyError as exc:
+            error = redact_text(describe_db_error(exc))
+            log.warning("statistics_refresh_failed", run_id=run_id, error=error)
+            return
+        if stale:
+            analyzed = [table for table in stale if table not in skipped]
+            seconds = round(time.monotonic() - started, 3)
+            log.info("statistics_refreshed", run_id=run_id, tables=analyzed, skipped=skipped, seconds=seconds)
+
+    thread = threading.Thread(target=analyze, name="keyhygiene-analyze", daemon=True)
+    thread.start()
+    return thread
 
 
 def _helper_possible(database: Database) -> bool:
