@@ -7,20 +7,22 @@ then joins 100,000 alive keys by nested loops, as if there were a few: 0.75 s wh
 statements take 0.56 s with statistics.
 
 So a sync on PostgreSQL analyzes, beside its listing, the store's tables that autovacuum would
-analyze by now, by the server's own thresholds (``autovacuum_analyze_threshold`` rows changed,
-plus ``autovacuum_analyze_scale_factor`` of the rows in the table). Where autovacuum keeps up, it
-finds none. ``ANALYZE`` reads a sample of at most 30,000 rows a table (about 0.1 s at 100,000
-keys), blocks no reads or writes, and each table's statistics are committed as they are taken. A
-table that a VACUUM or another ANALYZE holds is left to them: it is skipped after
-``LOCK_TIMEOUT``, never waited for. SQLite: nothing; its statements are written for its planner
-without statistics.
+analyze by now, by autovacuum's own thresholds (``autovacuum_analyze_threshold`` rows changed,
+plus ``autovacuum_analyze_scale_factor`` of the rows in the table: the table's storage parameters
+of those names, else the server's settings), whether autovacuum is on or not. Where autovacuum
+keeps up, it finds none. ``ANALYZE`` reads a sample of at most 30,000 rows a table (about 0.1 s at 100,000
+keys), blocks no reads or writes (only schema changes wait for it), and each table's statistics are
+committed as they are taken. A table that a VACUUM, another ANALYZE or a migration holds is left to
+them: it is skipped after ``LOCK_TIMEOUT``, never waited for. SQLite: nothing; its statements are
+written for its planner without statistics.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import ARRAY, Text, bindparam, text
+import threading
+
+from sqlalchemy import ARRAY, Connection, Text, bindparam, text
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
 
 from .models import key_records, key_usage, tracked_keys
 from .rollups import KeyDay, KeyRollup, SnapshotRollup
@@ -39,44 +41,64 @@ while it runs)."""
 _STALE = text(
     "SELECT c.relname FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid "
     "WHERE s.relid IN (SELECT to_regclass(name) FROM unnest(:names) AS name) "
-    "AND s.n_mod_since_analyze > current_setting('autovacuum_analyze_threshold')::float8 "
-    "+ current_setting('autovacuum_analyze_scale_factor')::float8 * greatest(c.reltuples, 0) "
+    "AND s.n_mod_since_analyze > coalesce(("
+    "  SELECT option_value::float8 FROM pg_options_to_table(c.reloptions) "
+    "  WHERE option_name = 'autovacuum_analyze_threshold'), "
+    "  current_setting('autovacuum_analyze_threshold')::float8) "
+    "+ coalesce(("
+    "  SELECT option_value::float8 FROM pg_options_to_table(c.reloptions) "
+    "  WHERE option_name = 'autovacuum_analyze_scale_factor'), "
+    "  current_setting('autovacuum_analyze_scale_factor')::float8) * greatest(c.reltuples, 0) "
+    "AND (pg_has_role(c.relowner, 'USAGE') "
+    "  OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE')) "
     "ORDER BY c.relname"
 ).bindparams(bindparam("names", type_=ARRAY(Text())))
 """The tables (found by the search path, as every other statement finds them) changed by more rows
-since their last analysis than autovacuum's threshold for them."""
+since their last analysis than autovacuum's threshold for them (a table's own
+``autovacuum_analyze_*`` storage parameters, else the server's), among those this role may analyze:
+it owns them, or the database (a superuser may analyze any). PostgreSQL would skip any other table
+with a warning, and it would stay stale for every sync to try again."""
 
 
-def stale_tables(session: Session) -> list[str]:
+def stale_tables(connection: Connection) -> list[str]:
     """The store's tables whose statistics autovacuum would take again by now (always none on SQLite)."""
-    if session.get_bind().dialect.name != "postgresql":
+    if connection.dialect.name != "postgresql":
         return []
-    return list(session.scalars(_STALE, {"names": list(STORE_TABLES)}))
+    return list(connection.scalars(_STALE, {"names": list(STORE_TABLES)}))
 
 
 LOCK_TIMEOUT = "100ms"
 """How long ``analyze`` waits for a table that another session holds against it (a VACUUM, an
 ANALYZE, a migration) before it skips the table."""
 _STATEMENT_TIMEOUT = "60s"
-"""A bound on one table's ANALYZE, which takes a fraction of a second even for a year of history."""
-_LOCK_NOT_AVAILABLE = "55P03"
+"""A bound on one table's ANALYZE, which takes a fraction of a second even for a year of history,
+where the role sets none of its own."""
+_SKIPPED = {"55P03": "lock not available", "57014": "statement timeout"}
 
 
-def analyze(session: Session, tables: list[str]) -> list[str]:
+def analyze(connection: Connection, tables: list[str], *, stop: threading.Event | None = None) -> list[str]:
     """Take the statistics of ``tables`` (PostgreSQL), committing each table's as it is taken; the
-    tables skipped because another session held them."""
-    quote = session.get_bind().dialect.identifier_preparer.quote
+    tables skipped because another session held them or their ANALYZE ran out of time. Stops
+    before the next table once ``stop`` is set."""
+    quote = connection.dialect.identifier_preparer.quote
     skipped = []
     for table in tables:
-        session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-        session.execute(text(f"SET LOCAL statement_timeout = '{_STATEMENT_TIMEOUT}'"))
+        if stop is not None and stop.is_set():
+            break
+        connection.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        connection.execute(
+            text(
+                f"SELECT set_config('statement_timeout', '{_STATEMENT_TIMEOUT}', true) "
+                "WHERE current_setting('statement_timeout') = '0'"
+            )
+        )
         try:
-            session.execute(text(f"ANALYZE {quote(table)}"))
+            connection.execute(text(f"ANALYZE {quote(table)}"))
         except OperationalError as exc:
-            if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+            connection.rollback()
+            if getattr(exc.orig, "sqlstate", None) not in _SKIPPED or (stop is not None and stop.is_set()):
                 raise
-            session.rollback()
             skipped.append(table)
             continue
-        session.commit()
+        connection.commit()
     return skipped

@@ -8,13 +8,16 @@ state and is recorded as failed.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -137,11 +140,11 @@ def take_snapshot(
     writer = snapshots.SnapshotWriter(snapshot_id, known=known)
     helper: StagingHelper | None = None
     helper_wanted = _helper_possible(database)
-    analysis: threading.Thread | None = None
+    analysis: Analysis | None = None
     # From here on the snapshot row exists: whatever ends the sync (SIGTERM too) must mark it failed.
     try:
         log.info("sync_started", run_id=run_id, snapshot_id=snapshot_id)
-        analysis = _analyze_beside(database, run_id)  # recording below is planned from its statistics
+        analysis = Analysis.start(database, run_id)  # recording below is planned from its statistics
         requests_before, listing_started = client.requests_sent, time.monotonic()
         unknown, handed_over = -len(known.ids), 0  # keys listed beyond the ones with a fingerprint
         workspaces = client.list_workspaces()
@@ -169,7 +172,7 @@ def take_snapshot(
             seconds=round(time.monotonic() - listing_started, 3),
         )
         if analysis is not None:
-            analysis.join()
+            analysis.wait()
         with database.sessions() as session:
             missing = writer.missing(session, listing.listed)
         per_workspace = dict(listing.per_workspace)
@@ -195,7 +198,7 @@ def take_snapshot(
         if helper is not None:  # before its rows are discarded: it may be writing some
             helper.stop()
         if analysis is not None:  # it holds a connection of the database the caller closes next
-            analysis.join()
+            analysis.stop()
         message = _failure_message(exc)
         stored = _record_failure(database, writer, message) is False
         log.error("sync_failed", run_id=run_id, snapshot_id=snapshot_id, error=message, snapshot_stored=stored)
@@ -224,31 +227,66 @@ def take_snapshot(
     return result
 
 
-def _analyze_beside(database: Database, run_id: int) -> threading.Thread | None:
-    """On PostgreSQL, a thread that brings the planner's statistics of the store's tables up to
-    date where autovacuum has not (``db.statistics``), beside the listing. It never fails the
-    sync: a failure is logged, and the sync records with the statistics there are."""
-    if database.engine.dialect.name != "postgresql":
-        return None
+class Analysis:
+    """On PostgreSQL, a thread that brings the planner's statistics of the store's tables up to date
+    where autovacuum has not (``db.statistics``), beside the listing: ``wait`` for it before
+    recording, ``stop`` it when the sync fails. It never fails the sync: a failure is logged, and
+    the sync records with the statistics there are."""
 
-    def analyze() -> None:
+    STOP_WAIT = 5.0
+    """Seconds a failing sync waits for the thread once its statement is cancelled."""
+
+    def __init__(self, database: Database, run_id: int) -> None:
+        self._database, self._run_id = database, run_id
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._cancel: Callable[[], None] | None = None
+        self._thread = threading.Thread(target=self._run, name="keyhygiene-analyze", daemon=True)
+
+    @classmethod
+    def start(cls, database: Database, run_id: int) -> Analysis | None:
+        if database.dialect != "postgresql":
+            return None
+        analysis = cls(database, run_id)
+        analysis._thread.start()
+        return analysis
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def stop(self) -> None:
+        """Cancel the statement it runs and wait for it a few seconds at most: a sync that fails or
+        is stopped does not wait for statistics."""
+        self._stop.set()
+        with self._lock:
+            cancel = self._cancel
+        if cancel is not None:
+            with contextlib.suppress(Exception):  # it may have just finished; a cancel that fails changes nothing
+                cancel()
+        self._thread.join(self.STOP_WAIT)
+
+    def _run(self) -> None:
         started = time.monotonic()
         try:
-            with database.writer() as session:
-                stale = statistics.stale_tables(session)
-                skipped = statistics.analyze(session, stale)
+            with self._database.engine.connect() as connection:
+                driver: Any = connection.connection.dbapi_connection  # psycopg's connection
+                with self._lock:
+                    self._cancel = functools.partial(driver.cancel_safe, timeout=2)
+                try:
+                    stale = statistics.stale_tables(connection)
+                    skipped = statistics.analyze(connection, stale, stop=self._stop)
+                finally:
+                    with self._lock:
+                        self._cancel = None
         except SQLAlchemyError as exc:
-            error = redact_text(describe_db_error(exc))
-            log.warning("statistics_refresh_failed", run_id=run_id, error=error)
+            if not self._stop.is_set():
+                error = redact_text(describe_db_error(exc))
+                log.warning("statistics_refresh_failed", run_id=self._run_id, error=error)
             return
-        if stale:
+        if stale and not self._stop.is_set():
             analyzed = [table for table in stale if table not in skipped]
             seconds = round(time.monotonic() - started, 3)
-            log.info("statistics_refreshed", run_id=run_id, tables=analyzed, skipped=skipped, seconds=seconds)
-
-    thread = threading.Thread(target=analyze, name="keyhygiene-analyze", daemon=True)
-    thread.start()
-    return thread
+            log.info("statistics_refreshed", run_id=self._run_id, tables=analyzed, skipped=skipped, seconds=seconds)
 
 
 def _helper_possible(database: Database) -> bool:

@@ -4,11 +4,12 @@ On SQLite nothing is analyzed."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.exc import OperationalError
 
 from db import statistics
@@ -36,8 +37,8 @@ def store(database: Database, fake: FakeOpenRouter) -> Iterator[Database]:
 
 
 def stale(database: Database) -> list[str]:
-    with database.writer() as session:
-        return statistics.stale_tables(session)
+    with database.engine.connect() as connection:
+        return statistics.stale_tables(connection)
 
 
 def planned_rows(database: Database, table: str) -> float:
@@ -73,8 +74,10 @@ def test_the_next_sync_analyzes_the_tables_a_first_sync_filled(store: Database, 
     assert second.exit_code == 0, second.stderr
     [event] = second.events_named("statistics_refreshed")
     assert (event["tables"], event["skipped"]) == (GROWN, [])
+    names = [event["event"] for event in second.events]
+    assert names.index("statistics_refreshed") < names.index("sync_complete")  # taken before recording
     assert planned_rows(store, "tracked_keys") == planned_rows(store, "key_usage") == 300
-    assert stale(store) == []
+    wait_until(lambda: stale(store) == [], timeout=30, what="the analyses to show in pg_stat_user_tables")
     third = cli("sync")
     assert third.exit_code == 0, third.stderr
     assert third.events_named("statistics_refreshed") == []  # nothing changed enough since
@@ -94,7 +97,7 @@ def test_a_table_another_session_holds_is_skipped_not_waited_for(store: Database
     assert second.exit_code == 0, second.stderr
     [event] = second.events_named("statistics_refreshed")
     assert (event["tables"], event["skipped"]) == ([table for table in GROWN if table != "key_days"], ["key_days"])
-    assert stale(store) == ["key_days"]
+    wait_until(lambda: stale(store) == ["key_days"], timeout=30, what="the analyses to show in pg_stat_user_tables")
 
 
 @pytest.mark.postgres
@@ -107,7 +110,7 @@ def test_a_failure_to_analyze_is_logged_and_the_sync_goes_on(
     # other than by a lock, which is skipped (above).
     first_sync_then_wait_for_stale_tables(store, cli)
 
-    def fail(session: object, tables: list[str]) -> list[str]:
+    def fail(connection: object, tables: list[str], *, stop: object = None) -> list[str]:
         raise OperationalError("ANALYZE key_days", {}, Exception("server closed the connection unexpectedly"))
 
     monkeypatch.setattr(statistics, "analyze", fail)
@@ -118,3 +121,59 @@ def test_a_failure_to_analyze_is_logged_and_the_sync_goes_on(
     assert warning["level"] == "warning"
     assert warning["error"] == "server closed the connection unexpectedly"
     assert second.events_named("sync_complete")[0]["keys"] == 300
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("env")
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_failing_sync_cancels_the_analysis_instead_of_waiting_for_it(
+    store: Database, fake: FakeOpenRouter, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first_sync_then_wait_for_stale_tables(store, cli)
+    sleep = "SELECT pg_sleep(600)"  # stands for an ANALYZE that takes long: it runs until cancelled
+
+    def analyze_slowly(connection: Connection, tables: list[str], *, stop: object = None) -> list[str]:
+        connection.execute(text(sleep))
+        return []
+
+    def running() -> int:
+        with store.engine.connect() as connection:
+            query = text("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = :sleep")
+            return int(connection.execute(query, {"sleep": sleep}).scalar_one())
+
+    def break_the_listing(fake: FakeOpenRouter, workspace_id: str | None, offset: int) -> None:
+        wait_until(running, timeout=30, what="the analysis to be running")
+        fake.faults.malformed(5)
+
+    monkeypatch.setattr(statistics, "analyze", analyze_slowly)
+    fake.faults.on_list_page(break_the_listing)
+    second = cli("sync")
+
+    assert second.exit_code == 1, second.stderr
+    assert second.events_named("sync_failed")
+    assert second.events_named("statistics_refresh_failed") == []  # cancelled by the sync, not failed
+    wait_until(lambda: running() == 0, timeout=30, what="the analysis to be cancelled")
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("env")
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_tables_the_role_may_not_analyze_are_not_tried(store: Database, cli) -> None:
+    # PostgreSQL skips such a table with a warning and leaves it stale: every sync would "analyze"
+    # it again and say it did.
+    first_sync_then_wait_for_stale_tables(store, cli)
+    role = f"kh_reader_{uuid.uuid4().hex[:8]}"
+    schema = store.engine.url.query["options"].split("search_path=")[1]
+    with store.engine.begin() as connection:
+        connection.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+        connection.execute(text(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"'))
+    reader = create_engine(store.engine.url.set(username=role))
+    try:
+        with reader.connect() as connection:
+            assert statistics.stale_tables(connection) == []
+        assert stale(store) == GROWN  # the owner's view
+    finally:
+        reader.dispose()
+        with store.engine.begin() as connection:
+            connection.execute(text(f'REVOKE USAGE ON SCHEMA "{schema}" FROM "{role}"'))
+            connection.execute(text(f'DROP ROLE "{role}"'))
