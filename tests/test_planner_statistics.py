@@ -141,12 +141,13 @@ def test_a_failing_sync_cancels_the_analysis_instead_of_waiting_for_it(
             query = text("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = :sleep")
             return int(connection.execute(query, {"sleep": sleep}).scalar_one())
 
-    def break_the_listing(fake: FakeOpenRouter, workspace_id: str | None, offset: int) -> None:
+    def hold_the_page(fake: FakeOpenRouter, workspace_id: str | None, offset: int) -> None:
         wait_until(running, timeout=30, what="the analysis to be running")
-        fake.faults.malformed(5)
 
     monkeypatch.setattr(statistics, "analyze", analyze_slowly)
-    fake.faults.on_list_page(break_the_listing)
+    # Every page comes back cut in half (the sync fails), and only once the analysis is running.
+    fake.faults.truncated(1000)
+    fake.faults.on_list_page(hold_the_page)
     second = cli("sync")
 
     assert second.exit_code == 1, second.stderr
