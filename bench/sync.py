@@ -191,6 +191,21 @@ def postgres_reachable() -> str | None:
     return None
 
 
+def postgres_described() -> str:
+    """The server's version and whether autovacuum runs: it decides when a store's tables get the
+    planner statistics the sync's statements are planned from (``db.statistics``)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(POSTGRES_URL)
+    try:
+        with engine.connect() as connection:
+            version = connection.execute(text("SHOW server_version")).scalar_one().split()[0]
+            autovacuum = connection.execute(text("SHOW autovacuum")).scalar_one()
+    finally:
+        engine.dispose()
+    return f"PostgreSQL {version} (autovacuum {autovacuum})"
+
+
 # -- the organisation -----------------------------------------------------------------------------
 
 
@@ -256,11 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     keys = args.keys if args.keys is not None else (20_000 if args.quick else 100_000)
     concurrencies = args.concurrency or ([DEFAULT_CONCURRENCY] if args.quick else [1, 4, 8, 16])
     backends = ["sqlite"]
-    postgres_note = ""
+    postgres_note = server = ""
     if not args.no_postgres:
         problem = postgres_reachable()
         if problem is None:
             backends.append("postgresql")
+            server = postgres_described()
         else:
             postgres_note = f"PostgreSQL skipped: {problem}"
     default = DEFAULT_CONCURRENCY if DEFAULT_CONCURRENCY in concurrencies else concurrencies[0]
@@ -314,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sdk=sdk,
         load=(load_before, os.getloadavg()),
         note=postgres_note,
+        server=server,
     )
     return 0
 
@@ -331,6 +348,7 @@ def print_report(
     sdk: Series,
     load: tuple[tuple[float, float, float], tuple[float, float, float]],
     note: str,
+    server: str = "",
 ) -> None:
     cpu = platform.processor() or platform.machine()
     print(
@@ -340,7 +358,8 @@ def print_report(
     )
     print(
         f"machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
-        f"load average {load[0][0]:.1f} before, {load[1][0]:.1f} after"
+        + (f"{server}, " if server else "")
+        + f"load average {load[0][0]:.1f} before, {load[1][0]:.1f} after"
     )
     sdk_wall = sdk.median("wall")
     header = (

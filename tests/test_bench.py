@@ -27,6 +27,9 @@ def test_the_quick_sync_benchmark_prints_its_table() -> None:
     lines = result.stdout.splitlines()
     assert any(line.startswith("keyhygiene sync: 500 keys in 10 workspaces") for line in lines)
     assert any(line.startswith("SDK serial loop (baseline)") for line in lines)
+    # Whether autovacuum runs decides when a store gets the statistics its syncs are planned from.
+    [machine] = [line for line in lines if line.startswith("machine: ")]
+    assert "PostgreSQL " in machine and ("(autovacuum on)" in machine or "(autovacuum off)" in machine)
     rows = [line.split() for line in lines if line.startswith("keyhygiene sync  ")]
     assert [row[2] for row in rows] == ["sqlite", "postgresql"]
     assert all(row[3] == "8" for row in rows)  # the default concurrency, alone with --quick
