@@ -73,7 +73,8 @@ ANALYZE, a migration) before it skips the table."""
 _STATEMENT_TIMEOUT = "60s"
 """A bound on one table's ANALYZE, which takes a fraction of a second even for a year of history,
 where the role sets none of its own."""
-_SKIPPED = {"55P03": "lock not available", "57014": "statement timeout"}
+_SKIPPED = frozenset({"55P03", "57014"})
+"""SQLSTATEs that skip a table: lock not available (``LOCK_TIMEOUT``), statement timeout."""
 
 
 def analyze(connection: Connection, tables: list[str], *, stop: threading.Event | None = None) -> list[str]:
