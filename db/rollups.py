@@ -56,6 +56,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from keyhygiene.keysapi.fields import FIELDS_BY_NAME, MICROS_PER_USD
 
 from . import snapshots
+from .bulkload import indexes_built_after
 from .models import Base, Money, Snapshot, UTCDateTime, key_records, key_usage, tracked_keys
 
 IDLE_FOR = timedelta(days=30)
@@ -254,7 +255,8 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) ->
         and session.scalar(select(days.c.key_id).limit(1)) is None
     )
     if first:
-        session.execute(insert(KeyDay).from_select(list(new_days.selected_columns.keys()), new_days))
+        with indexes_built_after(session, days):
+            session.execute(insert(KeyDay).from_select(list(new_days.selected_columns.keys()), new_days))
         session.execute(insert(KeyRollup).from_select(list(new_state.selected_columns.keys()), new_state))
         return
     insert_days = _upsert(session, days).from_select(list(new_days.selected_columns.keys()), new_days)

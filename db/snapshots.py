@@ -44,6 +44,7 @@ from keyhygiene.keysapi.models import Key
 from keyhygiene.timeutil import EARLIEST_TIME, LATEST_TIME, TimeFormatError, isoformat, parse_api_time
 
 from . import rollups, runs
+from .bulkload import indexes_built_after
 from .engine import sqlite_cache
 from .history import full_versions
 from .models import (
@@ -664,15 +665,16 @@ def record_staged(
     with sqlite_cache(session, _RECORD_CACHE_KIB):
         with_given_ids = -1  # staging rows whose key was tracked just now with the id staged for it
         if postgresql:
-            tracked_now = session.execute(
-                insert(t).from_select(
-                    ["key_hash", "first_seen_at", "fingerprint", "id"],
-                    first_seen.add_columns(func.coalesce(s.c.key_id, literal_column(_PG_NEXT_KEY_ID))).where(
-                        staged, untracked
+            with indexes_built_after(session, t):
+                tracked_now = session.execute(
+                    insert(t).from_select(
+                        ["key_hash", "first_seen_at", "fingerprint", "id"],
+                        first_seen.add_columns(func.coalesce(s.c.key_id, literal_column(_PG_NEXT_KEY_ID))).where(
+                            staged, untracked
+                        ),
                     ),
-                ),
-                execution_options=_COUNTED,
-            )
+                    execution_options=_COUNTED,
+                )
             with_given_ids = _rows(tracked_now)
         elif reserved_ids:
             # SQLite has no sequence: an id reserved by this sync may have been taken by another one
@@ -717,15 +719,16 @@ def record_staged(
         else:
             closing = and_(table.c.valid_to.is_(None), ~same, ~exists().where(carried, c.c.key_id == table.c.key_id))
         session.execute(update(table).where(closing).values(valid_to=snapshot_id))
-    records_added = session.execute(
-        insert(r).from_select(
-            ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
-            select(s.c.key_id, literal(snapshot_id), *(s.c[name] for name in _RECORD_COLUMNS), s.c.record_wire).where(
-                staged, ~exists().where(r.c.key_id == s.c.key_id, r.c.valid_to.is_(None))
+    with indexes_built_after(session, r):
+        records_added = session.execute(
+            insert(r).from_select(
+                ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
+                select(
+                    s.c.key_id, literal(snapshot_id), *(s.c[name] for name in _RECORD_COLUMNS), s.c.record_wire
+                ).where(staged, ~exists().where(r.c.key_id == s.c.key_id, r.c.valid_to.is_(None))),
             ),
-        ),
-        execution_options=_COUNTED,
-    )
+            execution_options=_COUNTED,
+        )
     now = literal(taken_at, UTCDateTime())
     usage_since: Any
     disabled_since: Any
@@ -750,22 +753,23 @@ def record_staged(
         with_previous = s.outerjoin(previous, previous.c.id == latest)
     else:  # the store holds no usage version yet (its first snapshot): none follows another
         usage_since, disabled_since, with_previous = now, case((s.c.disabled, now), else_=null()), s
-    usage_added = session.execute(
-        insert(u).from_select(
-            ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since"],
-            select(
-                s.c.key_id,
-                literal(snapshot_id),
-                *(s.c[name] for name in _VOLATILE_COLUMNS),
-                s.c.usage_wire,
-                usage_since,
-                disabled_since,
-            )
-            .select_from(with_previous)
-            .where(staged, ~exists().where(u.c.key_id == s.c.key_id, u.c.valid_to.is_(None))),
-        ),
-        execution_options=_COUNTED,
-    )
+    with indexes_built_after(session, u):
+        usage_added = session.execute(
+            insert(u).from_select(
+                ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since"],
+                select(
+                    s.c.key_id,
+                    literal(snapshot_id),
+                    *(s.c[name] for name in _VOLATILE_COLUMNS),
+                    s.c.usage_wire,
+                    usage_since,
+                    disabled_since,
+                )
+                .select_from(with_previous)
+                .where(staged, ~exists().where(u.c.key_id == s.c.key_id, u.c.valid_to.is_(None))),
+            ),
+            execution_options=_COUNTED,
+        )
     # The keys with a new version (added or changed), and what the counts of closed and new usage
     # versions say: a closed one belongs to a key that changed or is gone, a new one to a key that
     # changed or is new.

@@ -1,0 +1,168 @@
+"""A store's first sync on PostgreSQL fills its empty tables before it builds their secondary indexes
+(``db.bulkload``), inside its one transaction; the schema it leaves is the one it found. A table
+that another session is reading, or that this role does not own, keeps its indexes and is filled
+row by row, as on every later sync."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
+
+import pytest
+from sqlalchemy import text
+
+from db import rollups
+from keyhygiene.context import Database
+from keyhygiene.fakeapi import FakeOpenRouter
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.usefixtures("env"),
+    pytest.mark.parametrize("db_url", ["postgresql"], indirect=True),
+]
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+TABLES = ("tracked_keys", "key_records", "key_usage", "key_days", "key_rollups")
+BUILT_AFTER = {
+    "tracked_keys_key_hash_key",
+    "ix_key_records_key_from",
+    "ix_key_records_open",
+    "ix_key_records_valid_to",
+    "ix_key_usage_key_from",
+    "ix_key_usage_open",
+    "ix_key_usage_valid_to",
+    "ix_key_days_first_seen_at",
+}
+"""The secondary indexes of the tables a first sync fills with a row per key (primary keys stay)."""
+
+
+class Index(NamedTuple):
+    oid: int
+    definition: str
+    valid: bool
+
+
+def indexes(database: Database) -> dict[str, Index]:
+    """Every index of the tables a sync fills, by name: its object id (new when it is built again),
+    its definition, whether PostgreSQL may use it."""
+    query = text(
+        "SELECT c.relname, c.oid, pg_get_indexdef(i.indexrelid), i.indisvalid AND i.indisready "
+        "FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid "
+        "WHERE i.indrelid IN (SELECT to_regclass(name) FROM unnest(CAST(:tables AS text[])) AS name)"
+    )
+    with database.engine.connect() as connection:
+        rows = connection.execute(query, {"tables": list(TABLES)})
+        return {name: Index(int(oid), definition, valid) for name, oid, definition, valid in rows}
+
+
+def constraints(database: Database) -> set[tuple[str, str, str]]:
+    query = text(
+        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conrelid IN (SELECT to_regclass(name) FROM unnest(CAST(:tables AS text[])) AS name)"
+    )
+    with database.engine.connect() as connection:
+        return {tuple(row) for row in connection.execute(query, {"tables": list(TABLES)})}  # type: ignore[misc]
+
+
+def built_again(before: dict[str, Index], after: dict[str, Index]) -> set[str]:
+    """The indexes a sync built again, once it is checked that it left each one as it was."""
+    assert {name: (index.definition, True) for name, index in after.items()} == {
+        name: (index.definition, True) for name, index in before.items()
+    }
+    return {name for name in before if after[name].oid != before[name].oid}
+
+
+def add_keys(fake: FakeOpenRouter, count: int, prefix: str = "key") -> None:
+    for index in range(count):
+        fake.add_key(f"{prefix}-{index:03d}", created_at=NOW - timedelta(minutes=index))
+
+
+def open_versions(database: Database) -> tuple[int, int]:
+    with database.engine.connect() as connection:
+        return (
+            int(connection.execute(text("SELECT count(*) FROM key_records WHERE valid_to IS NULL")).scalar_one()),
+            int(connection.execute(text("SELECT count(*) FROM key_usage WHERE valid_to IS NULL")).scalar_one()),
+        )
+
+
+def test_a_first_sync_builds_the_indexes_after_filling_the_tables(
+    database: Database, fake: FakeOpenRouter, cli
+) -> None:
+    add_keys(fake, 300)
+    schema, before = constraints(database), indexes(database)
+
+    first = cli("sync")
+
+    assert first.exit_code == 0, first.stderr
+    after_first = indexes(database)
+    assert built_again(before, after_first) == BUILT_AFTER
+    assert constraints(database) == schema  # the unique key hash is a constraint again, by its name
+    assert open_versions(database) == (300, 300)
+
+    add_keys(fake, 5, prefix="later")
+    second = cli("sync")
+
+    assert second.exit_code == 0, second.stderr
+    assert built_again(after_first, indexes(database)) == set()  # the tables hold rows: row by row
+    assert open_versions(database) == (305, 305)
+
+
+def test_a_table_another_session_reads_keeps_its_indexes(database: Database, fake: FakeOpenRouter, cli) -> None:
+    add_keys(fake, 300)
+    before = indexes(database)
+
+    with database.engine.connect() as reader:  # a report reading key_records, its transaction open
+        reader.execute(text("SELECT count(*) FROM key_records"))
+        first = cli("sync")
+        reader.rollback()
+
+    assert first.exit_code == 0, first.stderr
+    assert built_again(before, indexes(database)) == {name for name in BUILT_AFTER if "key_records" not in name}
+    assert open_versions(database) == (300, 300)
+
+
+def test_a_failed_first_sync_leaves_the_indexes_it_dropped(
+    database: Database, fake: FakeOpenRouter, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_keys(fake, 300)
+    schema, before = constraints(database), indexes(database)
+
+    def fail(*args: object, **kwargs: object) -> None:  # after the versions went in, in the same transaction
+        raise RuntimeError("the roll-ups could not be written")
+
+    monkeypatch.setattr(rollups, "record_rollups", fail)
+    first = cli("sync")
+
+    assert first.exit_code == 1, first.stderr
+    assert indexes(database) == before  # the very indexes it found: the drop was rolled back
+    assert constraints(database) == schema
+    assert open_versions(database) == (0, 0)
+
+
+def test_a_role_that_does_not_own_the_tables_fills_them_row_by_row(
+    database: Database, fake: FakeOpenRouter, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A deployment may run keyhygiene as a role that may write the tables but not change them.
+    add_keys(fake, 300)
+    before = indexes(database)
+    role = f"kh_writer_{uuid.uuid4().hex[:8]}"
+    schema = database.engine.url.query["options"].split("search_path=")[1]
+    with database.engine.begin() as connection:
+        connection.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+        connection.execute(text(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"'))
+        connection.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"'))
+        connection.execute(text(f'GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA "{schema}" TO "{role}"'))
+    try:
+        monkeypatch.setenv(
+            "KEYHYGIENE_DATABASE_URL", database.engine.url.set(username=role).render_as_string(hide_password=False)
+        )
+        first = cli("sync")
+    finally:
+        with database.engine.begin() as connection:
+            connection.execute(text(f'DROP OWNED BY "{role}"'))
+            connection.execute(text(f'DROP ROLE "{role}"'))
+
+    assert first.exit_code == 0, first.stderr
+    assert indexes(database) == before
+    assert open_versions(database) == (300, 300)
