@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     default = DEFAULT_CONCURRENCY if DEFAULT_CONCURRENCY in concurrencies else concurrencies[0]
     management_key = "sk-or-v1-bench-" + secrets.token_hex(24)
     program = Path(sys.executable).with_name("keyhygiene")
-    sync_command = [str(program), "sync"] if program.exists() else [sys.executable, "-m", "keyhygiene.cli", "sync"]
+    sync_command = [str(program), "sync"] if program.exists() else [sys.executable, "-m", "keyhygiene", "sync"]
     load_before = os.getloadavg()
 
     with fake_api(keys, args.workspaces, args.latency, args.seed, management_key) as base_url:

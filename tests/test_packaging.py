@@ -72,3 +72,17 @@ def test_the_layer_contracts_hold_and_a_violation_breaks_them(tmp_path: Path) ->
     assert broken.returncode == 1
     assert "The rules engine is pure" in broken.stdout and "BROKEN" in broken.stdout
     assert "keyhygiene.rules.engine -> db.runs" in broken.stdout
+
+
+def test_python_m_keyhygiene_is_the_same_command_line(tmp_path: Path) -> None:
+    # Where the console script is not on the PATH (and in `python -m bench sync` without it).
+    result = subprocess.run(
+        [sys.executable, "-m", "keyhygiene", "sync", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: keyhygiene sync [OPTIONS]")
+    assert "Page through every key of every workspace" in result.stdout
