@@ -157,10 +157,12 @@ def _alive(snapshot_id: int, newest: bool, names: tuple[str, ...]) -> Any:
     return query.subquery("alive")
 
 
-def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) -> None:
+def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime, keys: int = 0) -> None:
     """Bring the roll-ups up to complete snapshot ``snapshot_id`` (the newest), in the caller's
     transaction. Writes one ``key_days`` and ``key_rollups`` row per key whose usage moved or that
-    is new, and the snapshot's ``snapshot_rollups`` rows from one aggregate."""
+    is new, and the snapshot's ``snapshot_rollups`` rows from one aggregate. ``keys``: how many
+    keys the snapshot holds, when the caller knows (``db.bulkload``: a store's first snapshot
+    writes a ``key_days`` row for each)."""
     newest = snapshots.is_newest(session, snapshot_id)
     state = KeyRollup.__table__
     known = state.c.key_id.is_not(None)
@@ -255,7 +257,7 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime) ->
         and session.scalar(select(days.c.key_id).limit(1)) is None
     )
     if first:
-        with indexes_built_after(session, days):
+        with indexes_built_after(session, days, rows=keys):
             session.execute(insert(KeyDay).from_select(list(new_days.selected_columns.keys()), new_days))
         session.execute(insert(KeyRollup).from_select(list(new_state.selected_columns.keys()), new_state))
         return

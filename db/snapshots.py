@@ -665,7 +665,7 @@ def record_staged(
     with sqlite_cache(session, _RECORD_CACHE_KIB):
         with_given_ids = -1  # staging rows whose key was tracked just now with the id staged for it
         if postgresql:
-            with indexes_built_after(session, t):
+            with indexes_built_after(session, t, rows=staged_rows):
                 tracked_now = session.execute(
                     insert(t).from_select(
                         ["key_hash", "first_seen_at", "fingerprint", "id"],
@@ -719,7 +719,7 @@ def record_staged(
         else:
             closing = and_(table.c.valid_to.is_(None), ~same, ~exists().where(carried, c.c.key_id == table.c.key_id))
         session.execute(update(table).where(closing).values(valid_to=snapshot_id))
-    with indexes_built_after(session, r):
+    with indexes_built_after(session, r, rows=staged_rows):
         records_added = session.execute(
             insert(r).from_select(
                 ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
@@ -753,7 +753,7 @@ def record_staged(
         with_previous = s.outerjoin(previous, previous.c.id == latest)
     else:  # the store holds no usage version yet (its first snapshot): none follows another
         usage_since, disabled_since, with_previous = now, case((s.c.disabled, now), else_=null()), s
-    with indexes_built_after(session, u):
+    with indexes_built_after(session, u, rows=staged_rows):
         usage_added = session.execute(
             insert(u).from_select(
                 ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since"],
@@ -1322,7 +1322,7 @@ class SnapshotWriter:
             reserved_ids=self._reserved,
             expected_keys=expected_keys,
         )
-        rollups.record_rollups(session, snapshot_id=self.snapshot_id, taken_at=taken_at)
+        rollups.record_rollups(session, snapshot_id=self.snapshot_id, taken_at=taken_at, keys=written.key_count)
         return written
 
     def discard(self, session: Session) -> None:
