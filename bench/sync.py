@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -101,6 +102,17 @@ def run_measured(command: Sequence[str], env: dict[str, str], cwd: Path) -> Meas
             event = json.loads(line)
             events[str(event.get("event"))] = event
     return Measured(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, events, stdout)
+
+
+SPEED_PROBE = 'timeit "sum(range(10**6))"'
+
+
+def machine_speed() -> float:
+    """How fast this machine runs plain Python now: the best of 5 times ``sum(range(10**6))``, in ms
+    (what ``python -m timeit "sum(range(10**6))"`` prints). keyhygiene is bound by its CPU and the
+    SDK loop by the API's latency, so a slower machine moves the ``x SDK loop`` column: runs are
+    compared knowing this."""
+    return min(timeit.repeat("sum(range(10**6))", number=10, repeat=5)) / 10 * 1000
 
 
 @contextmanager
@@ -284,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     program = Path(sys.executable).with_name("keyhygiene")
     sync_command = [str(program), "sync"] if program.exists() else [sys.executable, "-m", "keyhygiene", "sync"]
     load_before = os.getloadavg()
+    speed_before = machine_speed()
 
     with fake_api(keys, args.workspaces, args.latency, args.seed, management_key) as base_url:
         hashes, per_workspace = survey(base_url, management_key)
@@ -329,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=seconds,
         sdk=sdk,
         load=(load_before, os.getloadavg()),
+        speed=(speed_before, machine_speed()),
         note=postgres_note,
         server=server,
     )
@@ -347,6 +361,7 @@ def print_report(
     seconds: dict[str, Series],
     sdk: Series,
     load: tuple[tuple[float, float, float], tuple[float, float, float]],
+    speed: tuple[float, float],
     note: str,
     server: str = "",
 ) -> None:
@@ -359,7 +374,8 @@ def print_report(
     print(
         f"machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
         + (f"{server}, " if server else "")
-        + f"load average {load[0][0]:.1f} before, {load[1][0]:.1f} after"
+        + f"load average {load[0][0]:.1f} before, {load[1][0]:.1f} after; "
+        + f"{SPEED_PROBE} {speed[0]:.1f} ms before, {speed[1]:.1f} ms after"
     )
     sdk_wall = sdk.median("wall")
     header = (

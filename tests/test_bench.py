@@ -7,6 +7,7 @@ processes beside the SDK loop, and reports the second sync's rows.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ def test_the_quick_sync_benchmark_prints_its_table() -> None:
     # Whether autovacuum runs decides when a store gets the statistics its syncs are planned from.
     [machine] = [line for line in lines if line.startswith("machine: ")]
     assert "PostgreSQL " in machine and ("(autovacuum on)" in machine or "(autovacuum off)" in machine)
+    # How fast the machine ran plain Python around the run: figures of two runs are compared by it.
+    assert re.search(r'timeit "sum\(range\(10\*\*6\)\)" [0-9.]+ ms before, [0-9.]+ ms after$', machine)
     rows = [line.split() for line in lines if line.startswith("keyhygiene sync  ")]
     assert [row[2] for row in rows] == ["sqlite", "postgresql"]
     assert all(row[3] == "8" for row in rows)  # the default concurrency, alone with --quick
