@@ -192,28 +192,36 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime, ke
     )
     idle_from_old = or_(literal(cutoff >= LAST_USED_RECORDED_FROM), first_seen <= cutoff)
     idle = and_(alive.c.created_at <= cutoff, case((has_sign, signs_old), else_=idle_from_old))
-    workspace = func.coalesce(alive.c.workspace_id, NO_WORKSPACE)
 
-    def count(condition: Any) -> Any:
-        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+    def flag(condition: Any) -> Any:
+        return case((condition, 1), else_=0)
 
-    counts = (
+    # Each key's flags and step spend first, then the sums per workspace. OFFSET 0 keeps the
+    # databases from merging the two (on SQLite it renders LIMIT -1 OFFSET 0): merged, SQLite
+    # sorts every key's fields for the grouping and evaluates each condition after, where now it
+    # sorts a few small integers (100,000 keys: 0.36 s against 0.31 s; PostgreSQL the same either way).
+    per_key = (
         select(
-            literal(snapshot_id).label("snapshot_id"),
-            workspace.label("workspace_id"),
-            at.label("taken_at"),
-            func.count().label("keys"),
-            count(alive.c.disabled),
-            count(and_(alive.c.expires_at.is_not(None), alive.c.expires_at <= taken_at)),
-            count(alive.c.expires_at.is_(None)),
-            count(alive.c.limit.is_(None)),
-            count(idle),
-            func.coalesce(func.sum(step_usage), 0),
-            func.coalesce(func.sum(step_byok), 0),
+            func.coalesce(alive.c.workspace_id, NO_WORKSPACE).label("workspace_id"),
+            flag(alive.c.disabled).label("disabled"),
+            flag(and_(alive.c.expires_at.is_not(None), alive.c.expires_at <= taken_at)).label("expired"),
+            flag(alive.c.expires_at.is_(None)).label("no_expiry"),
+            flag(alive.c.limit.is_(None)).label("no_limit"),
+            flag(idle).label("idle_30d"),
+            step_usage.label("usage"),
+            step_byok.label("byok_usage"),
         )
         .select_from(joined)
-        .group_by(workspace)
+        .offset(0)
+        .subquery("per_key")
     )
+    counts = select(
+        literal(snapshot_id).label("snapshot_id"),
+        per_key.c.workspace_id,
+        at.label("taken_at"),
+        func.count().label("keys"),
+        *(func.coalesce(func.sum(per_key.c[name]), 0) for name in (*COUNTS[1:], "usage", "byok_usage")),
+    ).group_by(per_key.c.workspace_id)
     session.execute(delete(SnapshotRollup).where(SnapshotRollup.snapshot_id == snapshot_id))
     session.execute(
         insert(SnapshotRollup).from_select(

@@ -71,7 +71,7 @@ def build_series(org: Org) -> None:
         if k % 2:
             org.use("byok", 0.0, 0.5, at=before)
         if k == 3:
-            org.add("found", at=before, created_at=T0 - 20 * DAY, usage=5.0, last_used_at=T0 - 2 * DAY)
+            org.add("found", at=before, created_at=T0 - 20 * DAY, usage=5.0, last_used_at=T0 - 2 * DAY, limit=20.0)
         if k == 4:
             org.add("late", at=before, usage=7.0, last_used_at=before, creator_user_id="bob")
         if k == 5:
