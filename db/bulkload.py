@@ -89,6 +89,9 @@ role's ``default_tablespace`` does not move it elsewhere."""
 _SET_DEFAULT_TABLESPACE = text("SELECT set_config('default_tablespace', :name, true)")
 """``SET LOCAL default_tablespace``: until the transaction ends, or is set again."""
 
+_AS_WRITTEN = {"no_parameters": True}
+"""Execution options for a statement sent to the driver as it is, without parameters to fill in."""
+
 _TAKEN_BY_ANOTHER = "55P03"
 """SQLSTATE lock_not_available: another session holds the table (``LOCK ... NOWAIT``)."""
 
@@ -118,11 +121,13 @@ def indexes_built_after(session: Session, table: Any, *, rows: int) -> Iterator[
     for index in dropped:
         # A definition names no tablespace: the index goes to the default one, set for it here.
         session.execute(_SET_DEFAULT_TABLESPACE, {"name": index.tablespace})
-        # Run as PostgreSQL wrote it: no bound parameters to look for in its text.
-        connection.exec_driver_sql(index.definition)
+        # Run as PostgreSQL wrote it: nothing in its text (a "%" or a ":name" in a predicate, a
+        # quoted name) is taken for a parameter, by SQLAlchemy or by the driver.
+        connection.exec_driver_sql(index.definition, execution_options=_AS_WRITTEN)
         if index.unique_constraint is not None:
             connection.exec_driver_sql(
-                f"ALTER TABLE {table_name} ADD CONSTRAINT {index.unique_constraint} UNIQUE USING INDEX {index.name}"
+                f"ALTER TABLE {table_name} ADD CONSTRAINT {index.unique_constraint} UNIQUE USING INDEX {index.name}",
+                execution_options=_AS_WRITTEN,
             )
     session.execute(_SET_DEFAULT_TABLESPACE, {"name": default_tablespace})
 
