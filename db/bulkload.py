@@ -153,9 +153,11 @@ def _drop_for_loading(session: Session, table: Any, rows: int) -> list[_Index]:
     if not session.scalar(text(_EMPTY.format(table=name))):
         return []
     indexes = [_Index(*row) for row in session.execute(_INDEXES, {"table": table.name})]
-    for index in indexes:
+    connection = session.connection()
+    for index in indexes:  # names as the catalog quotes them: sent as they are, like the definitions
         if index.unique_constraint is not None:
-            session.execute(text(f"ALTER TABLE {name} DROP CONSTRAINT {index.unique_constraint}"))
+            drop = f"ALTER TABLE {name} DROP CONSTRAINT {index.unique_constraint}"
         else:
-            session.execute(text(f"DROP INDEX {index.qualified}"))
+            drop = f"DROP INDEX {index.qualified}"
+        connection.exec_driver_sql(drop, execution_options=_AS_WRITTEN)
     return indexes
