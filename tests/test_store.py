@@ -112,6 +112,25 @@ def test_each_snapshot_reads_back_exactly(database: Database) -> None:
     assert read_back[key(2).hash].last_used_at == datetime(2026, 2, 19, 20, 52, 27, 363244, tzinfo=UTC)
 
 
+def test_a_key_whose_hash_needs_quoting_keeps_one_identity_across_snapshots(database: Database) -> None:
+    """The API promises only that a hash is a string. A page's hashes reach the database as one
+    parameter, to find which keys it tracks: each of these characters is special to some way of
+    writing a list (an SQL array, JSON, CSV), and none may split or change a hash."""
+    odd = 'ключ "q" \\ {a,b}, \x01 🔑'
+    day1 = [key(1), key(2, hash=odd)]
+    day2 = [key(1), key(2, hash=odd, name="renamed")]
+
+    s1, w1 = store(database, day1, T0)
+    s2, w2 = store(database, day2, T0 + timedelta(hours=1))
+
+    assert (w1.added, w1.new_versions) == (2, 2)
+    assert (w2.added, w2.changed, w2.gone, w2.new_versions) == (0, 1, 0, 1)  # the same key, renamed
+    assert raw_at(database, s1)[odd]["name"] == "key-2"
+    assert raw_at(database, s2)[odd]["name"] == "renamed"
+    with database.sessions() as session:
+        assert session.scalars(select(tracked_keys.c.key_hash).order_by(tracked_keys.c.id)).all() == [key(1).hash, odd]
+
+
 def test_staging_rows_reused_across_snapshots_store_the_same_history(database: Database) -> None:
     """The demo records its simulated days reusing the staging rows of keys that did not change."""
     reuse = snapshots.StagedRows()
