@@ -42,6 +42,7 @@ from sqlalchemy import (
     and_,
     case,
     delete,
+    false,
     func,
     insert,
     literal,
@@ -165,12 +166,19 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime, ke
     writes a ``key_days`` row for each)."""
     newest = snapshots.is_newest(session, snapshot_id)
     state = KeyRollup.__table__
-    known = state.c.key_id.is_not(None)
     day = taken_at.astimezone(UTC).date()
     at = literal(taken_at, UTCDateTime())
+    # No running state at all (a store's first snapshot): every key is new, and the statements
+    # below leave the empty table out instead of joining it (PostgreSQL looked it up once per key:
+    # 100,000 keys, 0.05 s).
+    stateless = session.scalar(select(state.c.key_id).limit(1)) is None
+    known: Any = false() if stateless else state.c.key_id.is_not(None)
+    first_seen: Any = at if stateless else func.coalesce(state.c.first_seen_at, at)
 
     def against_state(alive: Any) -> tuple[Any, Any, Any, Any]:
         """The alive keys joined to their running state; each one's step spend; whether it moved."""
+        if stateless:
+            return alive, literal(0), literal(0), true()
         step_usage = case((known, _grown(alive.c.usage, state.c.usage)), else_=literal(0))
         step_byok = case((known, _grown(alive.c.byok_usage, state.c.byok_usage)), else_=literal(0))
         moved = or_(~known, alive.c.usage != state.c.usage, alive.c.byok_usage != state.c.byok_usage)
@@ -181,7 +189,6 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime, ke
 
     # 1. The snapshot's counts, from the state before this snapshot moved it.
     cutoff = taken_at - IDLE_FOR
-    first_seen = func.coalesce(state.c.first_seen_at, at)
     # Since when usage has held: the store's own answer (``key_usage.usage_since``), the one the
     # rules and the idle report read, so every report agrees on it.
     changed_at = alive.c.usage_since
@@ -260,10 +267,7 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime, ke
     )
     # On a store's first snapshot both tables are empty: nothing to merge with, and a plain insert
     # costs PostgreSQL half what an upsert does (100,000 rows: 0.23 s against 0.45 s).
-    first = (
-        session.scalar(select(state.c.key_id).limit(1)) is None
-        and session.scalar(select(days.c.key_id).limit(1)) is None
-    )
+    first = stateless and session.scalar(select(days.c.key_id).limit(1)) is None
     if first:
         with indexes_built_after(session, days, rows=keys):
             session.execute(insert(KeyDay).from_select(list(new_days.selected_columns.keys()), new_days))
