@@ -18,6 +18,7 @@ from sqlalchemy import (
     BigInteger,
     Integer,
     Select,
+    Table,
     Text,
     and_,
     case,
@@ -719,7 +720,7 @@ def record_staged(
         else:
             closing = and_(table.c.valid_to.is_(None), ~same, ~exists().where(carried, c.c.key_id == table.c.key_id))
         session.execute(update(table).where(closing).values(valid_to=snapshot_id))
-    with indexes_built_after(session, r, rows=staged_rows):
+    with indexes_built_after(session, r, rows=staged_rows, proven_by_caller=_names_a_tracked_key(r, resolved)):
         records_added = session.execute(
             insert(r).from_select(
                 ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
@@ -753,7 +754,7 @@ def record_staged(
         with_previous = s.outerjoin(previous, previous.c.id == latest)
     else:  # the store holds no usage version yet (its first snapshot): none follows another
         usage_since, disabled_since, with_previous = now, case((s.c.disabled, now), else_=null()), s
-    with indexes_built_after(session, u, rows=staged_rows):
+    with indexes_built_after(session, u, rows=staged_rows, proven_by_caller=_names_a_tracked_key(u, resolved)):
         usage_added = session.execute(
             insert(u).from_select(
                 ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since"],
@@ -924,6 +925,16 @@ def _stage_unchanged(session: Session, snapshot_id: int, keys: Sequence[tuple[in
     return wanted.difference(
         session.scalars(insert(c).from_select(["snapshot_id", "key_id"], carried).returning(c.c.key_id))
     )
+
+
+def _names_a_tracked_key(versions: Table, resolved: bool) -> tuple[str, ...]:
+    """The trigger that checks, once per statement, that each version inserted into ``versions``
+    names a tracked key (migration 0016), when ``resolved`` proves it already: every staged key was
+    tracked just now, by this transaction, under the id it was staged with, and every version
+    inserted takes its key's id from its staging row. A first sync of many keys inserts its
+    versions with the trigger disabled for that statement (``db.bulkload``), instead of keeping
+    every row for it and looking each one up again (100,000 keys: 0.1 s of 0.25 s per table)."""
+    return (f"{versions.name}_key_id_insert",) if resolved else ()
 
 
 def _key_ids(session: Session, key_hashes: Sequence[str]) -> tuple[dict[str, int], set[str]]:

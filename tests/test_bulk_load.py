@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db import bulkload, rollups
-from db.models import tracked_keys
+from db.models import key_records, tracked_keys
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 
@@ -77,6 +77,37 @@ def constraints(database: Database) -> set[tuple[str, str, str]]:
         return {tuple(row) for row in connection.execute(query, {"tables": list(TABLES)})}  # type: ignore[misc]
 
 
+def triggers(database: Database) -> dict[str, str]:
+    """Each trigger of the tables a sync fills, by name: whether it fires ("O") or not ("D")."""
+    query = text(
+        "SELECT tgname, tgenabled FROM pg_trigger WHERE NOT tgisinternal "
+        "AND tgrelid IN (SELECT to_regclass(name) FROM unnest(CAST(:tables AS text[])) AS name)"
+    )
+    with database.engine.connect() as connection:
+        return {name: str(enabled) for name, enabled in connection.execute(query, {"tables": list(TABLES)})}
+
+
+def version(key_id: int) -> dict[str, object]:
+    return {
+        "key_id": key_id,
+        "valid_from": 1,
+        "name": "k",
+        "label": "",
+        "include_byok_in_limit": False,
+        "created_at": NOW,
+    }
+
+
+def refuses_a_version_of_no_key(database: Database) -> bool:
+    """Whether the store refuses a version that names no tracked key, as the foreign key did."""
+    try:
+        with database.engine.begin() as connection:
+            connection.execute(insert(key_records).values(version(10**9)))
+    except IntegrityError:
+        return True
+    return False
+
+
 def built_again(before: dict[str, Index], after: dict[str, Index]) -> set[str]:
     """The indexes a sync built again, once it is checked that it left each one as it was."""
     assert {name: (index.definition, True) for name, index in after.items()} == {
@@ -103,7 +134,8 @@ def test_a_first_sync_builds_the_indexes_after_filling_the_tables(
     database: Database, fake: FakeOpenRouter, cli
 ) -> None:
     add_keys(fake, 300)
-    schema, before = constraints(database), indexes(database)
+    schema, before, checks = constraints(database), indexes(database), triggers(database)
+    assert checks["key_records_key_id_insert"] == checks["key_usage_key_id_insert"] == "O"
 
     first = cli("sync")
 
@@ -111,6 +143,8 @@ def test_a_first_sync_builds_the_indexes_after_filling_the_tables(
     after_first = indexes(database)
     assert built_again(before, after_first) == BUILT_AFTER
     assert constraints(database) == schema  # the unique key hash is a constraint again, by its name
+    assert triggers(database) == checks  # the reference checks paused for the inserts fire again
+    assert refuses_a_version_of_no_key(database)
     assert open_versions(database) == (300, 300)
 
     add_keys(fake, 5, prefix="later")
@@ -165,10 +199,12 @@ def test_a_failed_first_sync_leaves_the_indexes_it_dropped(
         raise RuntimeError("the roll-ups could not be written")
 
     monkeypatch.setattr(rollups, "record_rollups", fail)
+    checks = triggers(database)
     first = cli("sync")
 
     assert first.exit_code == 1, first.stderr
     assert indexes(database) == before  # the very indexes it found: the drop was rolled back
+    assert triggers(database) == checks
     assert constraints(database) == schema
     assert open_versions(database) == (0, 0)
 
@@ -241,3 +277,32 @@ def test_a_failure_with_the_indexes_dropped_rolls_the_drop_back(
     assert constraints(database) == schema
     with database.engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM tracked_keys")).scalar_one() == 0
+
+
+def test_a_check_the_caller_proves_is_paused_for_the_statement_alone(database: Database) -> None:
+    check = "key_records_key_id_insert"
+    state = text(f"SELECT tgenabled FROM pg_trigger WHERE tgrelid = to_regclass('key_records') AND tgname = '{check}'")
+    with Session(database.engine) as session, session.begin():
+        session.execute(insert(tracked_keys).values(id=1, key_hash="a" * 64, first_seen_at=NOW))
+        with bulkload.indexes_built_after(session, key_records, rows=bulkload.WORTH_IT, proven_by_caller=[check]):
+            paused = session.execute(state).scalar_one()
+            session.execute(insert(key_records).values(version(1)))
+        after = session.execute(state).scalar_one()
+
+    assert (paused, after) == ("D", "O")
+    assert refuses_a_version_of_no_key(database)
+
+
+def test_a_check_stays_on_where_the_table_is_not_taken(database: Database) -> None:
+    # Another session reads key_records: the insert goes row by row, and the check still runs.
+    with database.engine.connect() as reader, Session(database.engine) as session:
+        reader.execute(text("SELECT count(*) FROM key_records"))
+        with (
+            pytest.raises(IntegrityError, match="names a key that tracked_keys does not hold"),
+            session.begin(),
+            bulkload.indexes_built_after(
+                session, key_records, rows=bulkload.WORTH_IT, proven_by_caller=["key_records_key_id_insert"]
+            ),
+        ):
+            session.execute(insert(key_records).values(version(10**9)))
+        reader.rollback()
