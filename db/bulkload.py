@@ -34,8 +34,8 @@ thresholds still see the table as never analyzed.)
 
 While the table is taken, the caller may also name statement-level check triggers of the table
 that it has proved the statement's rows pass (``proven_by_caller``): they are disabled for that
-statement and enabled again right after it, in the same transaction. A trigger that keeps every
-row of a 100,000-row statement and looks each one up again costs about a third of the insert.
+statement and enabled again right after it, in the same transaction. A check that looks every
+row of a 100,000-row statement up again made the insert take 0.30 s instead of 0.23 s.
 
 SQLite: nothing. It appends rows to its indexes cheaply enough that building them after costs more
 than it saves (100,000 key versions: 0.30-0.32 s against 0.25 s).

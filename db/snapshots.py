@@ -932,8 +932,8 @@ def _names_a_tracked_key(versions: Table, resolved: bool) -> tuple[str, ...]:
     names a tracked key (migration 0016), when ``resolved`` proves it already: every staged key was
     tracked just now, by this transaction, under the id it was staged with, and every version
     inserted takes its key's id from its staging row. A first sync of many keys inserts its
-    versions with the trigger disabled for that statement (``db.bulkload``), instead of keeping
-    every row for it and looking each one up again (100,000 keys: 0.1 s of 0.25 s per table)."""
+    versions with the trigger disabled for that statement (``db.bulkload``), instead of looking
+    every one of them up again (100,000 keys: 0.30 s against 0.23 s per table)."""
     return (f"{versions.name}_key_id_insert",) if resolved else ()
 
 

@@ -9,11 +9,12 @@ instead of listing 10,000 keys in each test."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 import pytest
-from sqlalchemy import insert, text
+from sqlalchemy import Engine, event, insert, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -47,6 +48,20 @@ BUILT_AFTER = {
 def many(monkeypatch: pytest.MonkeyPatch) -> None:
     """300 keys are many enough."""
     monkeypatch.setattr(bulkload, "WORTH_IT", 100)
+
+
+@pytest.fixture
+def trigger_changes() -> Iterator[list[str]]:
+    """Every ``ALTER TABLE ... TRIGGER`` this process sends while the test runs (syncs run in it)."""
+    sent: list[str] = []
+
+    def record(connection: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.startswith("ALTER TABLE") and " TRIGGER " in statement:
+            sent.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    yield sent
+    event.remove(Engine, "before_cursor_execute", record)
 
 
 class Index(NamedTuple):
@@ -131,7 +146,7 @@ def open_versions(database: Database) -> tuple[int, int]:
 
 @pytest.mark.usefixtures("many")
 def test_a_first_sync_builds_the_indexes_after_filling_the_tables(
-    database: Database, fake: FakeOpenRouter, cli
+    database: Database, fake: FakeOpenRouter, cli, trigger_changes: list[str]
 ) -> None:
     add_keys(fake, 300)
     schema, before, checks = constraints(database), indexes(database), triggers(database)
@@ -143,15 +158,22 @@ def test_a_first_sync_builds_the_indexes_after_filling_the_tables(
     after_first = indexes(database)
     assert built_again(before, after_first) == BUILT_AFTER
     assert constraints(database) == schema  # the unique key hash is a constraint again, by its name
-    assert triggers(database) == checks  # the reference checks paused for the inserts fire again
+    assert trigger_changes == [  # each version insert runs without the check it was proved to pass
+        f"ALTER TABLE {table} {change} TRIGGER {table}_key_id_insert"
+        for table in ("key_records", "key_usage")
+        for change in ("DISABLE", "ENABLE")
+    ]
+    assert triggers(database) == checks  # and the checks fire again
     assert refuses_a_version_of_no_key(database)
     assert open_versions(database) == (300, 300)
+    trigger_changes.clear()
 
     add_keys(fake, 5, prefix="later")
     second = cli("sync")
 
     assert second.exit_code == 0, second.stderr
     assert built_again(after_first, indexes(database)) == set()  # the tables hold rows: row by row
+    assert trigger_changes == []  # and every version is checked
     assert open_versions(database) == (305, 305)
 
 

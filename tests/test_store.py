@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import event, func, select, update
+from sqlalchemy.orm import Session
 
 from db import retention, runs, snapshots
 from db.engine import make_engine
@@ -124,6 +125,10 @@ def test_a_key_whose_hash_needs_quoting_keeps_one_identity_across_snapshots(data
     s2, w2 = store(database, day2, T0 + timedelta(hours=1))
 
     assert (w1.added, w1.new_versions) == (2, 2)
+    with Session(database.engine) as session:  # the lookup itself finds it (a miss would be resolved later, by hash)
+        ids, tracked = snapshots._key_ids(session, [odd, "f" * 64])
+        odd_id = session.scalar(select(tracked_keys.c.id).where(tracked_keys.c.key_hash == odd))
+    assert odd in tracked and "f" * 64 not in tracked and ids[odd] == odd_id
     assert (w2.added, w2.changed, w2.gone, w2.new_versions) == (0, 1, 0, 1)  # the same key, renamed
     assert raw_at(database, s1)[odd]["name"] == "key-2"
     assert raw_at(database, s2)[odd]["name"] == "renamed"
