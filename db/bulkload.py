@@ -144,6 +144,8 @@ def indexes_built_after(
     yield
     for trigger in paused:
         connection.exec_driver_sql(f"ALTER TABLE {table_name} ENABLE TRIGGER {trigger}", execution_options=_AS_WRITTEN)
+    if not dropped:  # taken, with no index to build again
+        return
     default_tablespace = session.scalar(text("SELECT current_setting('default_tablespace')"))
     for index in dropped:
         # A definition names no tablespace: the index goes to the default one, set for it here.

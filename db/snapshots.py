@@ -945,10 +945,10 @@ def _key_ids(session: Session, key_hashes: Sequence[str]) -> tuple[dict[str, int
     instead of updating every one of those rows afterwards (on a first sync, 100,000 updated rows).
     A reserved id only becomes a key's when the snapshot is recorded; a sync that fails leaves a
     gap in the sequence. SQLite has no sequence: there a sync's writer reserves ids itself
-    (``SnapshotWriter.write``). One statement with all the hashes as one parameter (an array, or
-    JSON on SQLite): a page's hundred bound parameters cost more than the lookup itself. JSON on
-    PostgreSQL too: psycopg writes out a text array element by element in Python, which took longer
-    than the whole statement (100 hashes: 0.42 ms a page as an array, 0.18 ms as JSON)."""
+    (``SnapshotWriter.write``). One statement with all the hashes as one JSON text, on both
+    databases: a page's hundred bound parameters cost more than the lookup itself, and psycopg
+    writes a text array out element by element in Python (100 hashes: 0.42 ms a page as an array,
+    0.18 ms as JSON)."""
     if not key_hashes:
         return {}, set()
     with _dbapi_cursor(session) as (cursor, dialect):
