@@ -19,7 +19,9 @@ It does so only where it pays and nothing can go wrong for anyone else:
 - the table is **free**: taking it for the rest of the transaction (``ACCESS EXCLUSIVE``) must
   succeed at once (``NOWAIT``). Another session reading it keeps it, and the statement inserts row
   by row as always. Sessions that come to read it after that wait for the commit: the rest of a
-  first sync's recording, a few seconds, at a time the store has nothing yet to show them.
+  first sync's recording, a few seconds, at a time the store has nothing yet to show them. A table
+  that another session wrote a row to between the first look and the lock is given back at once
+  (the lock is taken in a savepoint, and rolled back with it) and filled row by row.
 
 Each index is built again from its own definition as PostgreSQL gives it (``pg_get_indexdef``),
 under its own name, in its own tablespace; a unique constraint is added back on its index under
@@ -172,16 +174,22 @@ def _drop_for_loading(session: Session, table: Any, rows: int) -> list[_Index] |
     name = _table_name(session, table)
     if session.scalar(text(_CANDIDATE.format(table=name)), {"table": table.name}) is None:
         return None  # not empty, or not this role's
+    # Taken in a savepoint: rolled back to it, the table is given back at once (a lock taken since a
+    # savepoint goes with it), where a lock taken in the caller's transaction would last until its end.
+    savepoint = session.begin_nested()
     try:
-        with session.begin_nested():
-            session.execute(text(f"LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE NOWAIT"))
+        session.execute(text(f"LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE NOWAIT"))
     except DBAPIError as exc:
+        savepoint.rollback()
         if getattr(exc.orig, "sqlstate", None) != _TAKEN_BY_ANOTHER:
             raise
         return None
-    # Now that no other session can change it: still empty, and its indexes as they are.
+    # Now that no other session can change it: still empty (another may have written a row since
+    # the check above), and its indexes as they are.
     if not session.scalar(text(_EMPTY.format(table=name))):
+        savepoint.rollback()  # not for loading after all: the other sessions may use it again
         return None
+    savepoint.commit()  # the lock is the caller's transaction's now, until it ends
     indexes = [_Index(*row) for row in session.execute(_INDEXES, {"table": table.name})]
     connection = session.connection()
     for index in indexes:  # names as the catalog quotes them: sent as they are, like the definitions

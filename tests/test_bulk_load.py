@@ -102,6 +102,13 @@ def triggers(database: Database) -> dict[str, str]:
         return {name: str(enabled) for name, enabled in connection.execute(query, {"tables": list(TABLES)})}
 
 
+def exclusive_locks(database: Database, table: str) -> int:
+    """How many sessions hold ``table`` for themselves (``ACCESS EXCLUSIVE``), seen from another one."""
+    query = text("SELECT count(*) FROM pg_locks WHERE relation = to_regclass(:table) AND mode = 'AccessExclusiveLock'")
+    with database.engine.connect() as connection:
+        return int(connection.execute(query, {"table": table}).scalar_one())
+
+
 def version(key_id: int) -> dict[str, object]:
     return {
         "key_id": key_id,
@@ -299,6 +306,37 @@ def test_a_failure_with_the_indexes_dropped_rolls_the_drop_back(
     assert constraints(database) == schema
     with database.engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM tracked_keys")).scalar_one() == 0
+
+
+def test_a_table_written_to_before_it_is_taken_is_given_back_at_once(database: Database) -> None:
+    # Another session adds a row after the table was seen empty and before the lock: the table is
+    # not loaded into, and other sessions may use it again while this transaction goes on.
+    before = indexes(database)
+    written: list[str] = []
+
+    def write_a_row_first(connection: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.startswith("LOCK TABLE") and not written:
+            written.append(statement)
+            with database.engine.begin() as other:
+                other.execute(insert(tracked_keys).values(id=1, key_hash="b" * 64, first_seen_at=NOW))
+
+    event.listen(database.engine, "before_cursor_execute", write_a_row_first)
+    try:
+        with (
+            Session(database.engine) as session,
+            session.begin(),
+            bulkload.indexes_built_after(session, tracked_keys, rows=bulkload.WORTH_IT),
+        ):
+            held = exclusive_locks(database, "tracked_keys")
+            session.execute(insert(tracked_keys).values(id=2, key_hash="c" * 64, first_seen_at=NOW))
+    finally:
+        event.remove(database.engine, "before_cursor_execute", write_a_row_first)
+
+    assert written  # the other session's row did come in between
+    assert held == 0
+    assert indexes(database) == before  # its indexes were never dropped
+    with database.engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM tracked_keys")).scalar_one() == 2
 
 
 def test_a_check_the_caller_proves_is_paused_for_the_statement_alone(database: Database) -> None:
