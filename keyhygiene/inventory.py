@@ -278,7 +278,7 @@ class Analysis:
                 finally:
                     with self._lock:
                         self._cancel = None
-        except SQLAlchemyError as exc:
+        except Exception as exc:  # the database's, or any other (a bug): logged, never the sync's failure
             if not self._stop.is_set():
                 error = redact_text(describe_db_error(exc))
                 log.warning("statistics_refresh_failed", run_id=self._run_id, error=error)
