@@ -31,6 +31,7 @@ from keyhygiene.rules import (
 
 NOW = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
 SECOND = timedelta(seconds=1)
+HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 MISSING = object()  # leave the field out of the API object altogether
 
@@ -478,12 +479,30 @@ def test_delete_trusts_updated_at_over_older_evidence() -> None:
     audit = AuditFacts("disable", "del", NOW - timedelta(days=30))
     assert run(key, DELETE, history=history, audit=audit) is None
 
+    # The snapshots first saw the key a day ago, already disabled: they show no disable of their
+    # own, and its updated_at counts.
     key = make_key(disabled=True, updated_at=NOW - timedelta(days=8), **EXPIRED)
-    decision = run(key, DELETE, history=KeyHistory(disabled_since=NOW - DAY), audit=audit)
+    at_first_sight = KeyHistory(first_seen_at=NOW - DAY, disabled_since=NOW - DAY)
+    decision = run(key, DELETE, history=at_first_sight, audit=audit)
     assert decision is not None
     assert decision.action == "delete"
     assert decision.evidence["disabled_since"] == iso(NOW - timedelta(days=8))
     assert decision.evidence["disabled_since_source"] == "updated_at"
+
+
+def test_a_disable_the_snapshots_saw_outweighs_an_older_updated_at() -> None:
+    # The snapshots saw the key enabled until an hour ago; someone disabled it since, and its
+    # updated_at (a year old) did not move: the grace counts from the snapshots' first sight of it
+    # disabled, not from a year ago.
+    key = make_key(disabled=True, updated_at=NOW - timedelta(days=365), **EXPIRED)
+    seen_since = NOW - timedelta(days=400)
+    assert run(key, DELETE, history=KeyHistory(first_seen_at=seen_since, disabled_since=NOW - HOUR)) is None
+    assert run(key, DELETE, history=KeyHistory(disabled_since=NOW - HOUR)) is None  # no first sight: the same
+
+    decision = run(key, DELETE, history=KeyHistory(first_seen_at=seen_since, disabled_since=NOW - GRACE))
+    assert decision is not None
+    assert (decision.action, decision.evidence["disabled_since_source"]) == ("delete", "history")
+    assert decision.evidence["disabled_since"] == iso(NOW - GRACE)
 
 
 def test_without_updated_at_the_latest_of_history_and_audit_counts() -> None:

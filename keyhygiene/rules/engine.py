@@ -384,21 +384,31 @@ def _disabled_start(key: KeyFacts, history: KeyHistory, audit: AuditFacts) -> tu
     """The latest time any source shows the key to have been disabled from, and that source.
 
     The sources: the key's ``updated_at`` (the API's own record of its last change: a disabled key
-    has been disabled at least since then), else the snapshot history (since when the snapshots
-    have seen it disabled without a break), and our audit log when our last change to the key was
-    a disable. The latest one counts: an earlier one may predate a re-enable and a new disable
-    that the others saw, or come from an API whose ``updated_at`` did not move with our disable.
+    has been disabled at least since then); the snapshot history (since when the snapshots have
+    seen it disabled without a break), where the API gives no ``updated_at`` or the snapshots saw
+    the key before that run began (enabled, or not there: the disable is newer than that, whatever
+    ``updated_at`` says); and our audit log when our last change to the key was a disable. The
+    latest one counts: an earlier one may predate a re-enable and a new disable that the others
+    saw, or come from an API whose ``updated_at`` did not move with a disable (ours or anyone's).
     The cost of the rule is that a grace counted by the snapshots may start up to one sync after
-    our disable. None when no source shows it.
+    the disable. A key already disabled when the snapshots first saw it has no such run to show:
+    its ``updated_at`` counts. None when no source shows it.
     """
     sources: list[tuple[datetime, str]] = []
     if key.updated_at is not None:
         sources.append((as_utc(key.updated_at), "updated_at"))
-    elif history.disabled_since is not None:
+    if history.disabled_since is not None and (key.updated_at is None or _disabled_after_first_sight(history)):
         sources.append((as_utc(history.disabled_since), "history"))
     if audit.last_change == "disable" and audit.last_change_at is not None:
         sources.append((as_utc(audit.last_change_at), "audit"))
     return max(sources, default=None)
+
+
+def _disabled_after_first_sight(history: KeyHistory) -> bool:
+    """Whether the snapshots saw the key before the run of snapshots in which it is disabled began
+    (or cannot tell: no first sight recorded)."""
+    assert history.disabled_since is not None
+    return history.first_seen_at is None or as_utc(history.disabled_since) > as_utc(history.first_seen_at)
 
 
 def _disabled_proof(
