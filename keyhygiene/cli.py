@@ -394,7 +394,8 @@ def rules_check(file: str | None) -> None:
     """Validate a rules file (default: KEYHYGIENE_RULES_FILE) and print the rules as understood."""
     from keyhygiene.rules import RulesError, describe, load_rules
 
-    path = file or load_settings().rules_file
+    settings = load_settings()  # validated as for every command, even where FILE is given
+    path = file or settings.rules_file
     try:
         ruleset = load_rules(path)
     except RulesError as exc:
@@ -402,12 +403,12 @@ def rules_check(file: str | None) -> None:
     click.echo(describe(ruleset))
     _warn_rules(ruleset)
     if any(rule.workspaces for rule in ruleset.rules):
-        names = _newest_workspace_names()
+        names = _newest_workspace_names(settings)
         if names is not None:
             _warn_unmatched_workspaces(ruleset, names)
 
 
-def _newest_workspace_names() -> dict[str, str] | None:
+def _newest_workspace_names(settings: Settings) -> dict[str, str] | None:
     """The workspaces of the newest snapshot, or None when there is no database to ask (yet).
 
     ``rules check`` must work with no database at all (in CI, before the first sync): any trouble
@@ -422,7 +423,6 @@ def _newest_workspace_names() -> dict[str, str] | None:
     from .context import Database
 
     try:
-        settings = load_settings()
         if settings.database.get_backend_name() == "sqlite":
             file = settings.database.database
             # Opening a SQLite file that does not exist would create it.

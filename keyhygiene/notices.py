@@ -394,13 +394,14 @@ class _Cutoff:
 
 
 def _usable_url(url: str) -> bool:
-    """Whether ``url`` is an http(s) URL with a host that httpx takes: checked once, before any
-    attempt, as a URL it rejects would fail them all the same way."""
+    """Whether ``url`` is an http(s) URL with a host that httpx takes, and a port, if it has one, of
+    1-65535: checked once, before any attempt, as such a URL would fail them all the same way."""
     try:
         parsed = httpx.URL(url)
     except Exception:  # httpx.InvalidURL, and the idna package's errors for a bad host name
         return False
-    return parsed.scheme in ("http", "https") and bool(parsed.host)
+    # httpx takes any port number; the socket layer then fails each attempt on one outside 1-65535.
+    return parsed.scheme in ("http", "https") and bool(parsed.host) and (parsed.port is None or 0 < parsed.port < 65536)
 
 
 # -- after a run ---------------------------------------------------------------------------------

@@ -79,7 +79,8 @@ def _without_password(value: str) -> str:
     last ``@`` (a password may hold ``@`` and ``/`` itself), or all of it when there is no ``user:``."""
     start = value.find("://") + 3 if "://" in value else 0
     userinfo, at, host = value[start:].rpartition("@")
-    if not at or userinfo.startswith("/"):  # no user part; an "@" in a file path (sqlite:////a@b/x.db)
+    # No user part: nothing before the "@" ("@hourly"), or an "@" in a file path (sqlite:////a@b/x.db).
+    if not at or not userinfo or userinfo.startswith("/"):
         return value
     user, colon, _ = userinfo.partition(":")
     return f"{value[:start]}{user + ':' if colon and '/' not in user else ''}***@{host}"
@@ -259,6 +260,13 @@ class Settings(BaseSettings):
                 "contains a character that cannot go in an HTTP header (a key is printable ASCII, "
                 "with no spaces or line breaks inside)"
             )
+        return value
+
+    @field_validator("rules_file")
+    @classmethod
+    def _check_rules_file(cls, value: str) -> str:
+        if not value.strip():  # it would name the working directory, or no file at all
+            raise ValueError("is empty (expected the rules file's path, e.g. keyhygiene.toml)")
         return value
 
     @field_validator("metrics_addr")

@@ -24,14 +24,17 @@ action = "disable"
 """
 
 
-def test_rules_check_prints_the_rules_as_understood(
-    tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def good_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A valid rules file, in the working directory."""
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "rules.toml"
     path.write_text(GOOD)
+    return path
 
-    result = cli("rules", "check", str(path))
+
+def test_rules_check_prints_the_rules_as_understood(good_file: Path, cli: Callable[..., CliResult]) -> None:
+    result = cli("rules", "check", str(good_file))
 
     assert result.exit_code == 0, result.stderr
     assert "disable-idle" in result.stdout
@@ -79,6 +82,19 @@ def test_rules_check_names_file_line_and_field(
     assert result.exit_code == 2
     assert f"{path}:{line}: {field}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_rules_check_of_a_given_file_still_refuses_bad_settings(
+    good_file: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every command validates its settings when it starts, this one too where FILE is given.
+    monkeypatch.setenv("KEYHYGIENE_HTTP_CONCURRENCY", "0")
+
+    result = cli("rules", "check", str(good_file))
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith("keyhygiene: error: invalid settings: KEYHYGIENE_HTTP_CONCURRENCY: "), result.stderr
+    assert result.stdout == ""
 
 
 def test_rules_check_of_a_missing_file(tmp_path: Path, cli: Callable[..., CliResult]) -> None:

@@ -570,6 +570,9 @@ def _two_targets(*, broken_on: str, ops_on: str, broken_env: str = "KH_TEST_OTHE
     ("base", "error", "attempts"),
     [
         pytest.param("https://hooks.example.com:443x", "does not hold a valid http(s) URL", 0, id="bad-port"),
+        # httpx takes any number; each attempt would fail to connect.
+        pytest.param("http://hooks.example.com:99999", "does not hold a valid http(s) URL", 0, id="port-too-large"),
+        pytest.param("http://hooks.example.com:0", "does not hold a valid http(s) URL", 0, id="port-zero"),
         pytest.param("https://hooks.\u2100.example", "does not hold a valid http(s) URL", 0, id="bad-idna-host"),
         pytest.param("https://[::1", "does not hold a valid http(s) URL", 0, id="unclosed-bracket"),
         # httpx takes it; the socket layer cannot encode the host name: the same on every attempt.

@@ -100,6 +100,8 @@ def test_values_come_from_the_environment_and_a_dotenv_file(clean_env: Path, mon
         ("KEYHYGIENE_RETENTION", "99999999d"),
         ("KEYHYGIENE_AUDIT_RETENTION", "36501d"),
         ("KEYHYGIENE_JOB_TIME_LIMIT", "99999999999d"),
+        ("KEYHYGIENE_RULES_FILE", ""),
+        ("KEYHYGIENE_RULES_FILE", "  "),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_variable(
@@ -136,6 +138,18 @@ def test_a_password_in_a_refused_url_is_not_echoed(clean_env: Path, monkeypatch:
     assert "hunter2" not in str(caught.value)
     assert "s3cret" not in str(caught.value)
     assert "db.example" in str(caught.value)
+
+
+def test_a_refused_value_with_an_at_sign_and_no_user_part_is_echoed_as_given(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only what could be a URL's user and password is masked: "@hourly" has neither.
+    monkeypatch.setenv("KEYHYGIENE_SCHEDULE", "@hourly")
+
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+
+    assert "(got '@hourly')" in str(caught.value)
 
 
 @pytest.mark.parametrize("value", [None, "", "  "])
