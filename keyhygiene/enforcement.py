@@ -556,10 +556,13 @@ def _carry_out(
         if applied:
             reason = f"the API's answer was lost or unreadable ({exc}); the key's fresh state shows the change was made"
             return outcome_is(audit.DONE, reason=reason, after=after)
-        if applied is None:
-            # Neither the answer nor the key's state could be read: the change may have been made.
-            # The intent stays pending, in doubt, and the next run settles it from the key's fresh
-            # state (``settle_in_doubt``), which logs its one ``key_action`` event then.
+        if applied is None or isinstance(exc, OutcomeUnknown):
+            # The change may have been made: the key's state could not be read, or the request
+            # whose answer was lost may still be at work behind a fresh state that shows no
+            # change yet. It is not sent again. The intent stays pending, in doubt, and the next
+            # run settles it from the key's fresh state then (``settle_in_doubt``), which logs its
+            # one ``key_action`` event: a change that lands late is then recorded as made, for
+            # ``undo``, the reenable rules and the shrink guard.
             log.warning(
                 "key_action_in_doubt",
                 run_id=run_id,
@@ -568,16 +571,19 @@ def _carry_out(
                 rule=decision.rule,
                 action=decision.action,
                 error=str(exc),
+                fresh_state="unreadable" if applied is None else "unchanged",
             )
-            return audit.FAILED
-        if isinstance(exc, OutcomeUnknown):
-            reason = "the answer was lost and the key's fresh state shows no change; not re-sent, a later run decides"
-            outcome_is(audit.FAILED, reason=reason, error=str(exc))
             return audit.FAILED
         outcome_is(audit.FAILED, error=str(exc))
         if isinstance(exc, AuthenticationFailed):
             raise
         return audit.FAILED
+    if answered is not None and answered.disabled != (decision.action == "disable"):
+        # Answered 200 with the key as it was: the field was not taken (the API ignores fields it
+        # does not know; a proxy may have changed the body). Not made, whatever the status says.
+        state = "disabled" if answered.disabled else "enabled"
+        reason = f"the API answered the {decision.action} with the key still {state}; a later run decides again"
+        return outcome_is(audit.FAILED, reason=reason, after=answered)
     step = decision.evidence.get("step")
     return outcome_is(audit.DONE, reason=step if isinstance(step, str) else None, after=answered)
 
@@ -601,7 +607,8 @@ def _took_effect(client: KeysClient, decision: Decision) -> tuple[bool | None, K
 
 
 def settle_in_doubt(database: Database, client: KeysClient, *, now: datetime) -> int:
-    """Settle intents left pending by a crash, from each key's fresh state. Returns how many."""
+    """Settle intents left pending (by a crash, or a change whose answer was lost), from each key's
+    fresh state. Returns how many."""
     with database.sessions() as session:
         pending = audit.in_doubt(session)
     settled = 0
@@ -624,14 +631,14 @@ def settle_in_doubt(database: Database, client: KeysClient, *, now: datetime) ->
         if applied:
             outcome, reason = (
                 audit.DONE,
-                "settled after a crash: the key's fresh state shows the change was made",
+                "settled after a crash or a lost answer: the key's fresh state shows the change was made",
             )
         elif fresh is None:
-            outcome, reason = audit.SKIPPED, "settled after a crash: the key is gone"
+            outcome, reason = audit.SKIPPED, "settled after a crash or a lost answer: the key is gone"
         else:
             outcome, reason = (
                 audit.FAILED,
-                "settled after a crash: the change was not made; a later run decides again",
+                "settled after a crash or a lost answer: the change was not made; a later run decides again",
             )
         # The key as the change left it, as the lost-answer path records it: what ``undo`` and
         # ``enable`` compare with to tell whether anyone changed the key since.
@@ -673,23 +680,21 @@ def enforce_snapshot(
     ``allow_actions`` (``--allow-actions N``) replaces both caps with N for this one enforcement.
     Raises EnforcementRefused (exit 3) when a safety limit refuses the whole enforcement.
     """
+    # Changes left in doubt are settled first: a delete that was made must count for the shrink
+    # guard as ours, and the plan must see what was made.
+    settled = settle_in_doubt(database, client, now=now) if not dry_run and client is not None else 0
     with database.sessions() as session:
         inputs = load_plan_inputs(session, snapshot_id)
     # Workspace names become ids once, so the fresh check before each change reads the same rules.
     ruleset = resolve_workspaces(ruleset, inputs.workspace_names)
     result = EnforceResult(run_id=run_id, snapshot_id=snapshot_id, dry_run=dry_run, total_keys=len(inputs.keys))
+    result.settled = settled
 
     shrink = inventory_shrink(inputs, ruleset)
     if shrink is not None:
         result.refused = REFUSED_INVENTORY_SHRANK
         log.error("enforcement_refused", run_id=run_id, reason=shrink)
         raise EnforcementRefused(shrink, result)
-
-    if not dry_run and client is not None:
-        result.settled = settle_in_doubt(database, client, now=now)
-        if result.settled:
-            with database.sessions() as session:
-                inputs = load_plan_inputs(session, snapshot_id)
 
     the_plan = make_plan(inputs, ruleset, now)
     result.decisions = list(the_plan.decisions)

@@ -529,12 +529,13 @@ def test_a_delete_in_doubt_is_settled_from_the_fresh_state(
     assert "fresh state shows the change was made" in (row.reason or "")
 
 
-def test_a_disable_whose_answer_was_lost_and_not_applied_is_failed_not_resent(
+def test_a_disable_whose_answer_was_lost_and_not_applied_is_not_resent_and_stays_in_doubt(
     org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
 ) -> None:
     rules_file(org.rules())
     idle = org.hashes["dev-idle"]
-    # A 502 from a proxy: the PATCH may or may not have reached the API. Here it did not.
+    # A 502 from a proxy: the PATCH may or may not have reached the API, or may still be at work
+    # behind it. Here it did not reach it.
     org.fake.faults.server_error(1, 502, method="PATCH", path=f"/keys/{idle}")
 
     result = cli("run")
@@ -543,7 +544,80 @@ def test_a_disable_whose_answer_was_lost_and_not_applied_is_failed_not_resent(
     assert org.fake.change_counts()[("PATCH", idle)] == 1
     assert org.fake.get(idle)["disabled"] is False  # type: ignore[index]
     row = next(a for a in _actions(ready) if a.key_hash == idle)
-    assert row.outcome == "failed" and "not re-sent" in (row.reason or "")
+    assert row.outcome == "pending"
+    assert [event["fresh_state"] for event in result.events_named("key_action_in_doubt")] == ["unchanged"]
+    assert not [e for e in result.events_named("key_action") if e["key_hash"] == idle and e["outcome"] != "planned"]
+
+    # The next run finds the change not made: it records that, and decides again (disables it).
+    again = cli("run")
+
+    assert again.exit_code == 0, again.stderr
+    rows = [a for a in _actions(ready) if a.key_hash == idle]
+    assert [(a.run_id == row.run_id, a.outcome) for a in rows] == [(True, "failed"), (False, "done")]
+    assert "the change was not made" in (rows[0].reason or "")
+    assert org.fake.get(idle)["disabled"] is True  # type: ignore[index]
+
+
+def test_a_delete_that_lands_after_its_answer_was_lost_is_recorded_as_made_before_the_shrink_guard(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    rules_file(org.rules())
+    doomed = org.hashes["dev-expired-old"]
+    # A gateway times out on the DELETE and the key still shows; the API deletes it later.
+    org.fake.faults.server_error(1, 504, method="DELETE", path=f"/keys/{doomed}")
+
+    first = cli("run")
+
+    assert first.exit_code == 1
+    row = next(a for a in _actions(ready) if a.key_hash == doomed)
+    assert (row.action, row.outcome) == ("delete", "pending")
+    org.fake.delete_key(doomed)  # the request that was at work behind the gateway
+    # One key of 21 gone (4.8%) is more than the guard lets pass unexplained now.
+    rules_file(org.rules(max_percent=2))
+
+    second = cli("run")
+
+    assert second.exit_code == 0, second.stderr  # not refused as an inventory that shrank unexplained
+    assert not second.events_named("enforcement_refused")
+    (row,) = [a for a in _actions(ready) if a.key_hash == doomed]
+    assert row.outcome == "done" and "shows the change was made" in (row.reason or "")
+    assert org.fake.change_counts()[("DELETE", doomed)] == 1
+
+
+class _FieldIgnored(KeysClient):
+    """The real client against the fake, except that a change's ``disabled`` goes out under a name
+    the API does not know, beside the key's own name: as the API does with unknown fields, the fake
+    ignores it and answers 200 with the key as it was."""
+
+    def update_key(self, key_hash: str, **fields: Any) -> Key:
+        name = self.get_key(key_hash).name
+        return super().update_key(key_hash, disable=fields.pop("disabled"), name=name, **fields)
+
+
+def test_a_change_answered_with_the_key_as_it_was_is_failed_not_done(
+    fake: FakeOpenRouter, fake_url: str, database: Database
+) -> None:
+    now = utcnow()
+    idle = str(fake.add_key("dev-idle", created_at=now - 90 * DAY, last_used_at=now - 60 * DAY)["hash"])
+    with session_scope(database) as session:
+        run_id = runs.start_run(session, kind="enforce", now=now, dry_run=False).id
+    decision = Decision(idle, "dev-idle", None, "disable", "disable-idle", ("disable-idle",), {})
+    client = _FieldIgnored(fake_url, MANAGEMENT_KEY)
+    try:
+        with capture_logs() as logs:
+            outcome = change_key(database, client, decision, run_id=run_id, recheck=lambda d, _: d, clock=lambda: now)
+    finally:
+        client.close()
+
+    assert outcome == "failed"
+    assert fake.get(idle)["disabled"] is False  # type: ignore[index]
+    with database.sessions() as session:
+        assert audit.changes_of_run(session, run_id) == []  # nothing for undo to give back: never made
+    [event] = [entry for entry in logs if entry["event"] == "key_action"]
+    assert (event["outcome"], event["reason"]) == (
+        "failed",
+        "the API answered the disable with the key still enabled; a later run decides again",
+    )
 
 
 class _ReadsFailAfterAChange(KeysClient):
