@@ -529,6 +529,20 @@ def test_a_delete_in_doubt_is_settled_from_the_fresh_state(
     assert "fresh state shows the change was made" in (row.reason or "")
 
 
+def _run_losing_the_answer(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], *, key_hash: str, method: str, status: int
+) -> tuple[CliResult, Action]:
+    """A run whose change to ``key_hash`` gets ``status`` from a gateway, the API behind it not
+    (yet) having made it: the run fails, the change left in doubt (its intent pending)."""
+    org.fake.faults.server_error(1, status, method=method, path=f"/keys/{key_hash}")
+    result = cli("run")
+    assert result.exit_code == 1, result.stderr  # one change failed; the others were made
+    assert org.fake.change_counts()[(method, key_hash)] == 1  # not re-sent
+    row = next(a for a in _actions(ready) if a.key_hash == key_hash)
+    assert row.outcome == "pending"
+    return result, row
+
+
 def test_a_disable_whose_answer_was_lost_and_not_applied_is_not_resent_and_stays_in_doubt(
     org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
 ) -> None:
@@ -536,15 +550,9 @@ def test_a_disable_whose_answer_was_lost_and_not_applied_is_not_resent_and_stays
     idle = org.hashes["dev-idle"]
     # A 502 from a proxy: the PATCH may or may not have reached the API, or may still be at work
     # behind it. Here it did not reach it.
-    org.fake.faults.server_error(1, 502, method="PATCH", path=f"/keys/{idle}")
+    result, row = _run_losing_the_answer(org, ready, cli, key_hash=idle, method="PATCH", status=502)
 
-    result = cli("run")
-
-    assert result.exit_code == 1  # one change failed; the others were made
-    assert org.fake.change_counts()[("PATCH", idle)] == 1
     assert org.fake.get(idle)["disabled"] is False  # type: ignore[index]
-    row = next(a for a in _actions(ready) if a.key_hash == idle)
-    assert row.outcome == "pending"
     assert [event["fresh_state"] for event in result.events_named("key_action_in_doubt")] == ["unchanged"]
     assert not [e for e in result.events_named("key_action") if e["key_hash"] == idle and e["outcome"] != "planned"]
 
@@ -564,13 +572,8 @@ def test_a_delete_that_lands_after_its_answer_was_lost_is_recorded_as_made_befor
     rules_file(org.rules())
     doomed = org.hashes["dev-expired-old"]
     # A gateway times out on the DELETE and the key still shows; the API deletes it later.
-    org.fake.faults.server_error(1, 504, method="DELETE", path=f"/keys/{doomed}")
-
-    first = cli("run")
-
-    assert first.exit_code == 1
-    row = next(a for a in _actions(ready) if a.key_hash == doomed)
-    assert (row.action, row.outcome) == ("delete", "pending")
+    _, row = _run_losing_the_answer(org, ready, cli, key_hash=doomed, method="DELETE", status=504)
+    assert row.action == "delete"
     org.fake.delete_key(doomed)  # the request that was at work behind the gateway
     # One key of 21 gone (4.8%) is more than the guard lets pass unexplained now.
     rules_file(org.rules(max_percent=2))
