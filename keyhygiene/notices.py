@@ -576,7 +576,7 @@ def _counts(outcome: JobOutcome) -> dict[str, Any]:
 
 
 def _run_keys(database: Database, outcome: JobOutcome, said: str) -> list[NoticeKey]:
-    """The keys changed (done), whose change failed (failed), or planned (refused), with their
+    """The keys changed (done), whose change failed or is in doubt (failed), or planned (refused), with their
     owners as the snapshot planned on (else the newest one) saw them: one query for the keys listed."""
     with database.sessions() as session:
         if outcome.enforcement is not None:
@@ -593,7 +593,8 @@ def _run_keys(database: Database, outcome: JobOutcome, said: str) -> list[Notice
                 if d.changes_key
             ]
         elif outcome.run_id is not None:
-            wanted = [audit.DONE] if said == "done" else [audit.FAILED]
+            # A change left in doubt (its answer lost) is counted failed by its run: listed with them.
+            wanted = [audit.DONE] if said == "done" else [audit.FAILED, audit.PENDING]
             rows = [
                 (row.key_hash, row.key_name, row.workspace_id, row.rule, row.action)
                 for row in notices.actions_of_run(session, outcome.run_id, wanted)
