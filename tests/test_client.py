@@ -248,6 +248,36 @@ def test_a_retry_after_of_zero_does_not_turn_retries_into_a_flood(fake: FakeOpen
     assert len([call for call in fake.calls if call.path == "/keys"]) < 10
 
 
+def test_a_retry_after_longer_than_the_retry_time_ends_the_request_without_trying_early(
+    fake: FakeOpenRouter, make_client
+) -> None:
+    # Trying again when the retry time runs out would be before the time the API named: a 429 more.
+    add_keys(fake, 5)
+    fake.faults.rate_limit(1, retry_after=120, path="/keys")
+
+    with pytest.raises(RateLimited):
+        make_client(concurrency=1, retry_seconds=2.0).list_keys_page(workspace_id=None, offset=0)
+
+    assert [call.status for call in fake.calls if call.path == "/keys"] == [429]
+
+
+def test_a_retry_after_holds_back_every_thread_of_the_client(fake: FakeOpenRouter, make_client) -> None:
+    # Ten workspaces of keys, four threads: once one request is told to wait two minutes, the others
+    # send nothing more either (each would get a 429 of its own), and the listing ends rate limited.
+    for index in range(10):
+        workspace = str(fake.add_workspace(f"team-{index}")["id"])
+        add_keys(fake, 150, workspace_id=workspace, prefix=f"team-{index}")
+    fake.faults.rate_limit(1, retry_after=120, path="/keys")
+    client = make_client(concurrency=4, retry_seconds=2.0)
+
+    with pytest.raises(RateLimited):
+        client.list_all_keys([workspace.id for workspace in client.list_workspaces()])
+
+    listed = [call for call in fake.calls if call.path == "/keys"]
+    assert [call.status for call in listed].count(429) == 1
+    assert len(listed) <= 4  # those already on their way when the 429 came, at most
+
+
 @pytest.mark.parametrize("header", ["nan", "inf", "-inf", "soon"])
 def test_a_retry_after_that_is_no_number_of_seconds_falls_back_to_our_backoff(
     fake: FakeOpenRouter, make_client, header: str

@@ -4,7 +4,9 @@ The client knows the wire format and nothing about rules. It retries what is wor
 5xx and connection failures, honouring ``Retry-After``) within a bounded total time, and turns
 every other failure into a typed error from :mod:`keyhygiene.keysapi.errors`. A change (PATCH,
 DELETE) is re-sent only when it surely was not applied (no connection, 429, 503); when its answer
-is lost it raises OutcomeUnknown instead of repeating a destructive call. It is safe to share
+is lost it raises OutcomeUnknown instead of repeating a destructive call. A ``Retry-After`` holds
+back every thread of the client, not only the request that got it, and one longer than the retry
+time left ends the request at once instead of trying again early. It is safe to share
 between threads; listing keeps ``concurrency`` requests in flight, never more
 (:mod:`keyhygiene.keysapi.paging`). Requests go straight to httpx's transport (its connection
 pool, with the proxy the environment names), without ``httpx.Client``'s per-request machinery.
@@ -16,6 +18,7 @@ import json
 import math
 import ssl
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +27,8 @@ from urllib.request import getproxies, proxy_bypass
 
 import httpx
 import orjson
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from .errors import (
@@ -85,19 +89,37 @@ _LEAST_WAIT = 0.25
 ``Retry-After: 0`` gets at most four tries a second from each thread, not a flood."""
 
 
+class _StopRetrying(stop_base):
+    """No more tries once ``seconds`` have passed since the first (the last try may start up to one
+    backoff later), nor when the API asked for a wait (``Retry-After``) that would end past them:
+    the request is then never sent again before the time the API named."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, retry_state: Any) -> bool:
+        elapsed = retry_state.seconds_since_start or 0.0
+        if elapsed >= self.seconds:
+            return True
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        asked = isinstance(error, TransientError) and error.retry_after is not None
+        return asked and elapsed + retry_state.upcoming_sleep > self.seconds
+
+
 class _WaitRetryAfter(wait_base):
     """Wait as long as the API asked (``Retry-After``, at least ``_LEAST_WAIT``), else back off
-    exponentially with jitter."""
+    exponentially with jitter. A wait the API asks for that would end past the retry time stops
+    the retries instead (``_StopRetrying``)."""
 
-    def __init__(self, fallback: wait_base, ceiling: float) -> None:
+    def __init__(self, fallback: wait_base) -> None:
         self.fallback = fallback
-        self.ceiling = ceiling
 
     def __call__(self, retry_state: Any) -> float:
         outcome = retry_state.outcome
         error = outcome.exception() if outcome is not None else None
         if isinstance(error, TransientError) and error.retry_after is not None:
-            return min(max(error.retry_after, _LEAST_WAIT), self.ceiling)
+            return max(error.retry_after, _LEAST_WAIT)
         return float(self.fallback(retry_state))
 
 
@@ -185,6 +207,8 @@ class KeysClient:
         self._lock = threading.Lock()
         self._management_key = management_key
         self.requests_sent = 0
+        self._not_before = 0.0
+        """``time.monotonic()`` before which no request goes out: the API asked to wait (``Retry-After``)."""
 
     def __repr__(self) -> str:
         return f"KeysClient(base_url={self.base_url!r})"
@@ -336,8 +360,8 @@ class KeysClient:
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
-            stop=stop_after_delay(self.retry_seconds),
-            wait=_WaitRetryAfter(wait_exponential_jitter(multiplier=0.25, max=10.0), ceiling=self.retry_seconds),
+            stop=_StopRetrying(self.retry_seconds),
+            wait=_WaitRetryAfter(wait_exponential_jitter(multiplier=0.25, max=10.0)),
             reraise=True,
         )
         refused = False  # an attempt was answered 503 (see _REFUSED_STATUSES)
@@ -358,8 +382,26 @@ class KeysClient:
                     raise
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 
+    def _hold_back(self, where: str) -> None:
+        """Wait while the API has asked this client to (one thread's 429 holds back every thread,
+        instead of each finding a 429 of its own); a wait longer than the retry time is not waited:
+        the request ends rate limited, unsent."""
+        with self._lock:
+            wait = self._not_before - time.monotonic()
+        if wait > self.retry_seconds:
+            asked = f"the API asked to wait {wait:.0f} s more, longer than the retry time"
+            raise RateLimited(f"{where}: rate limited (not sent): {asked}", retry_after=wait)
+        if wait > 0:
+            time.sleep(wait)
+
+    def _asked_to_wait(self, seconds: float | None) -> None:
+        if seconds is not None and seconds > 0:
+            with self._lock:
+                self._not_before = max(self._not_before, time.monotonic() + seconds)
+
     def _send_once(self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None) -> Any:
         where = f"{method} {path}"
+        self._hold_back(where)
         with self._lock:
             self.requests_sent += 1
         change = method in _CHANGES
@@ -399,20 +441,16 @@ class KeysClient:
         # A proxy or a confused upstream may echo the request's credential in its error body.
         message = _error_message(response).replace(self._management_key, "[REDACTED]")
         if status == 429:
-            raise RateLimited(
-                f"{where}: rate limited (429): {message}",
-                status=status,
-                retry_after=_retry_after(response),
-            )
+            retry_after = _retry_after(response)
+            self._asked_to_wait(retry_after)
+            raise RateLimited(f"{where}: rate limited (429): {message}", status=status, retry_after=retry_after)
         if change and status in _RETRIED_STATUSES and status not in _REFUSED_STATUSES:
             failed = f"{where}: the API failed ({status}) while making the change: {message}"
             raise OutcomeUnknown(failed, status=status)
         if status in _RETRIED_STATUSES:
-            raise ServerError(
-                f"{where}: the API failed ({status}): {message}",
-                status=status,
-                retry_after=_retry_after(response),
-            )
+            retry_after = _retry_after(response)
+            self._asked_to_wait(retry_after)
+            raise ServerError(f"{where}: the API failed ({status}): {message}", status=status, retry_after=retry_after)
         if 400 <= status < 500:
             raise rejection_for(status, f"{where}: {status} {message}")
         raise ApiError(f"{where}: unexpected HTTP {status}: {message}")
