@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import marshal
+import os
 import queue
 import signal
 import struct
@@ -45,6 +46,11 @@ for the sync to hand it the next one, few enough that the sync stages the rest i
 
 class HelperFailed(RuntimeError):
     """The staging helper could not stage a batch; the sync fails with its message."""
+
+
+def _without_credential(environment: Mapping[str, str]) -> dict[str, str]:
+    """The sync's environment but the API's management key: the helper calls no API."""
+    return {name: value for name, value in environment.items() if name != "OPENROUTER_MANAGEMENT_KEY"}
 
 
 class StagingHelper:
@@ -74,6 +80,7 @@ class StagingHelper:
                 stdout=subprocess.PIPE,
                 stderr=errors,
                 close_fds=True,
+                env=_without_credential(os.environ),
             )
         except OSError:
             errors.close()

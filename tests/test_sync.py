@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -832,6 +833,21 @@ def _staging_helper(database: Database) -> StagingHelper:
 def _staged_rows(database: Database) -> int:
     with database.sessions() as session:
         return int(session.scalar(select(func.count()).select_from(snapshot_staging)) or 0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads a process's environment in /proc")
+def test_the_staging_process_holds_no_credential_for_the_api(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", MANAGEMENT_KEY)
+    helper = _staging_helper(database)
+    try:
+        environment = Path(f"/proc/{helper._process.pid}/environ").read_bytes()
+    finally:
+        helper.finish()
+
+    assert b"OPENROUTER_MANAGEMENT_KEY" not in environment and MANAGEMENT_KEY.encode() not in environment
+    assert b"PATH=" in environment  # the rest of the environment is there
 
 
 def test_the_staging_process_commits_every_batch_it_took_before_it_reports(
