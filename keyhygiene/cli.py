@@ -23,6 +23,8 @@ from .shutdown import stop_on_signals
 from .timeutil import MAX_DURATION, TimeFormatError, isoformat, parse_duration, parse_time, utcnow
 
 REPORT_KINDS = ("inventory", "spend", "actions", "idle", "trends", "runs", "html")
+_FILTERED_REPORTS = ("inventory", "spend", "actions", "idle", "trends", "html")
+"""The reports of keys, which --workspace and --name narrow (trends refuse --name itself); runs are no key's."""
 
 ALLOW_ACTIONS_HELP = (
     "Lift both caps (max_actions_per_run, max_action_percent) for this one run, up to N changes; a "
@@ -544,6 +546,19 @@ def report(
 
     if kind == "html" and out is None:
         raise click.UsageError("report html needs --out FILE")
+    # An option a kind would ignore is refused: a filter that filters nothing, or a file never written.
+    ignored = [
+        option
+        for option, given, kinds in (
+            ("--by", by != "key", ("spend", "idle")),
+            ("--workspace", bool(workspaces), _FILTERED_REPORTS),
+            ("--name", name is not None, _FILTERED_REPORTS),
+            ("--out", out is not None, ("html",)),
+        )
+        if given and kind not in kinds
+    ]
+    if ignored:
+        raise click.UsageError(f"report {kind} does not take {' or '.join(ignored)}")
     _settle()
     settings = state.settings
     ruleset = _optional_ruleset(settings) if kind in ("idle", "html") else None
