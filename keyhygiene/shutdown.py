@@ -9,7 +9,7 @@ from the key's fresh state.
 
 In a worker's pool process, Celery's soft time limit arrives the same way (SIGUSR1, whose handler
 raises SoftTimeLimitExceeded): it is held as well, and raised once the outcome is recorded. The
-hard limit comes at least 30 s later (``worker.limits``), longer than one change takes.
+hard limit comes later by at least the longest one change may take, plus 30 s (``worker.limits``).
 """
 
 from __future__ import annotations

@@ -71,11 +71,22 @@ def test_the_four_jobs_are_registered_under_explicit_names() -> None:
 
 
 def test_time_limits_are_configured_from_the_settings_in_order() -> None:
-    app = make_app(settings(KEYHYGIENE_JOB_TIME_LIMIT="10m"))
-    limits = TimeLimits.for_limit(timedelta(minutes=10))
+    configured = settings(KEYHYGIENE_JOB_TIME_LIMIT="10m")
+    app = make_app(configured)
+    limits = TimeLimits.from_settings(configured)
     assert app.conf.task_soft_time_limit == limits.soft == 600
     assert app.conf.task_time_limit == limits.hard
     assert app.conf.broker_transport_options["visibility_timeout"] == limits.visibility_timeout
+
+
+def test_the_hard_limit_leaves_a_change_in_flight_at_the_soft_limit_time_to_end() -> None:
+    # A change held at the soft limit: its PATCH and the fresh GET after a lost answer, each with
+    # 60 s of retries and a last try of up to 30 s, then 30 s to record the run.
+    limits = TimeLimits.from_settings(settings(KEYHYGIENE_JOB_TIME_LIMIT="5m"))
+    assert limits.hard - limits.soft == 2 * (60 + 30 + 10) + 30
+    quick = settings(KEYHYGIENE_JOB_TIME_LIMIT="5m", KEYHYGIENE_HTTP_RETRY_SECONDS="5", KEYHYGIENE_HTTP_TIMEOUT="5")
+    assert TimeLimits.from_settings(quick).hard - 300 == max(30, 300 / 10, 2 * (5 + 5 + 10) + 30)
+    assert TimeLimits.from_settings(settings(KEYHYGIENE_JOB_TIME_LIMIT="1h")).hard == 3600 + 360
 
 
 @given(st.integers(min_value=1, max_value=14 * 86400))

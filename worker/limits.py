@@ -4,9 +4,11 @@
 
 - At the soft limit Celery raises SoftTimeLimitExceeded inside the job, which ends it cleanly and
   records the run as aborted (its lock is released on the way out).
-- At the hard limit the pool kills the process running the job. The job lock is a short lease
-  (``lock_ttl``) that the job renews while it runs, so a killed job's lock expires at most
-  ``lock_ttl`` after its death, well before the hard limit when it died early.
+- At the hard limit the pool kills the process running the job. It comes after the soft limit's
+  clean-up time, and after the longest a change to a key in flight at the soft limit may take.
+  The job lock is a short lease (``lock_ttl``) that the job renews while it runs, so a killed
+  job's lock expires at most ``lock_ttl`` after its death, well before the hard limit when it
+  died early.
 - Only after that may Redis hand an unacknowledged message to another worker, so a redelivered
   job always finds the lock free and never runs beside the one it replaces.
 """
@@ -35,13 +37,16 @@ class TimeLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TimeLimits:
-        return cls.for_limit(settings.job_time_limit)
+        return cls.for_limit(settings.job_time_limit, change=longest_change(settings))
 
     @classmethod
-    def for_limit(cls, limit: timedelta) -> TimeLimits:
+    def for_limit(cls, limit: timedelta, *, change: timedelta = timedelta(0)) -> TimeLimits:
+        """``change``: the longest a change to a key that the soft limit finds in flight may take
+        (``keyhygiene.shutdown`` holds the limit until its outcome is recorded)."""
         soft = limit
-        # A tenth of the limit, at least 30s, for the soft limit's clean-up (recording the run).
-        hard = soft + max(HARD_LIMIT_MARGIN, limit / 10)
+        # A tenth of the limit, at least 30s, for the soft limit's clean-up (recording the run),
+        # after the change in flight, if that takes longer.
+        hard = soft + max(HARD_LIMIT_MARGIN, limit / 10, change + HARD_LIMIT_MARGIN)
         lock_ttl = LOCK_LEASE
         visibility = hard + lock_ttl + VISIBILITY_MARGIN
         return cls(
@@ -50,3 +55,16 @@ class TimeLimits:
             lock_ttl=lock_ttl.total_seconds(),
             visibility_timeout=visibility.total_seconds(),
         )
+
+
+BACKOFF_LONGEST = timedelta(seconds=10)
+"""The longest wait between two tries of a request (``keyhygiene.keysapi.client``), past which its
+last try may start."""
+
+
+def longest_change(settings: Settings) -> timedelta:
+    """The longest one change to a key may take: its request and, when the answer is lost, the
+    fresh GET after it, each retried for ``KEYHYGIENE_HTTP_RETRY_SECONDS`` and then a last try of up
+    to ``KEYHYGIENE_HTTP_TIMEOUT``."""
+    one_request = timedelta(seconds=settings.http_retry_seconds + settings.http_timeout) + BACKOFF_LONGEST
+    return 2 * one_request
