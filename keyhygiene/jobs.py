@@ -167,6 +167,17 @@ ABORTED_NOTICE_SECONDS = 15.0
 """What the notices of a job stopped at its soft time limit may take, all together."""
 
 
+def _notify_recorded(
+    settings: Settings, database: Database, ruleset: RuleSet | None, outcome: JobOutcome, clock: Clock
+) -> None:
+    """The notices of a run already recorded. A stop (SIGTERM, Ctrl-C) while they are sent leaves
+    the run's outcome and exit code as recorded; a notice cut short is sent again by the next run."""
+    try:
+        _notify(settings, database, ruleset, outcome, clock)
+    except KeyboardInterrupt as stop:
+        log.warning("notices_interrupted", kind=outcome.kind, error=str(stop) or type(stop).__name__)
+
+
 def _notify(settings: Settings, database: Database, ruleset: RuleSet | None, outcome: JobOutcome, clock: Clock) -> None:
     """Send the run's notices, after its record is committed; never fails the job.
 
@@ -290,12 +301,7 @@ def execute(
                 fence=lease.fence if lease is not None else None,
             )
             outcome = _finish(database, outcome, clock(), effective_dry_run)
-            try:
-                _notify(settings, database, ruleset, outcome, clock)
-            except KeyboardInterrupt as stop:
-                # A stop (SIGTERM, Ctrl-C) while the notices are sent: the run is recorded, and its
-                # outcome stands; a notice cut short is sent again by the next run.
-                log.warning("notices_interrupted", kind=kind, error=str(stop) or type(stop).__name__)
+            _notify_recorded(settings, database, ruleset, outcome, clock)
             return outcome
     except BaseException as exc:
         outcome = _failure(kind, run_id, exc, abort_errors)
@@ -303,7 +309,7 @@ def execute(
             with _run_context(run_id, allow_actions):
                 _finish(database, outcome, clock())
                 if isinstance(exc, Exception):
-                    _notify(settings, database, ruleset, outcome, clock)
+                    _notify_recorded(settings, database, ruleset, outcome, clock)
         else:
             log.error("run_not_started", kind=kind, error=outcome.message)
         if not isinstance(exc, Exception | KeyboardInterrupt):

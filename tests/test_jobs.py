@@ -77,20 +77,33 @@ def test_prune_runs_inline_and_is_recorded(
     assert kinds[-1] == ("prune", "ok")
 
 
+@pytest.mark.parametrize(
+    ("percent", "said", "status", "exit_code", "disabled"),
+    [(100, "done", "ok", 0, True), (1, "refused", "refused", 3, False)],
+    ids=["done", "refused"],
+)
 def test_a_stop_while_the_notices_are_sent_leaves_the_run_as_it_ended(
-    env: dict[str, str], fake: FakeOpenRouter, cli: Callable[..., CliResult], tmp_path: Path
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    tmp_path: Path,
+    percent: int,
+    said: str,
+    status: str,
+    exit_code: int,
+    disabled: bool,
 ) -> None:
     """SIGTERM (`timeout`, `docker stop`) reaches an inline run after it recorded its outcome, while
-    a slow receiver holds its notice: the run stays ok and the process exits 0; only the notice is
-    cut short (the next run sends it again)."""
+    a slow receiver holds its notice: the run stays as it ended (done, or refused by a cap) and the
+    process exits with its code; only the notice is cut short (the next run sends it again)."""
     assert cli("db", "upgrade").exit_code == 0
     now = utcnow()
     fake.add_key("dev-expired", created_at=now - 90 * DAY, expires_at=now - DAY)
     rules = tmp_path / "rules.toml"
     rules.write_text(
-        "[safety]\ndry_run = false\nmax_action_percent = 100\n\n"
+        f"[safety]\ndry_run = false\nmax_action_percent = {percent}\n\n"
         '[[rule]]\nname = "expired"\nmatch = "expired"\naction = "disable"\n\n'
-        '[[notify]]\nname = "ops"\nurl_env = "KH_TEST_WEBHOOK"\nformat = "json"\non = ["done"]\n'
+        f'[[notify]]\nname = "ops"\nurl_env = "KH_TEST_WEBHOOK"\nformat = "json"\non = ["{said}"]\n'
     )
     with WebhookSink() as sink:
         sink.hang = True
@@ -105,11 +118,11 @@ def test_a_stop_while_the_notices_are_sent_leaves_the_run_as_it_ended(
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
 
-    assert process.returncode == 0, stderr
+    assert process.returncode == exit_code, stderr
     assert "notices_interrupted" in stderr
     database = Database.open(Settings())  # type: ignore[call-arg]
     with database.sessions() as session:
         run = session.scalars(select(Run).where(Run.kind == "run")).one()
     database.close()
-    assert (run.status, run.exit_code) == ("ok", 0)
-    assert fake.get(next(key["hash"] for key in fake.keys if key["name"] == "dev-expired"))["disabled"] is True  # type: ignore[index]
+    assert (run.status, run.exit_code) == (status, exit_code)
+    assert fake.get(next(key["hash"] for key in fake.keys if key["name"] == "dev-expired"))["disabled"] is disabled  # type: ignore[index]
