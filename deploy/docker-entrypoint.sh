@@ -21,7 +21,7 @@ fail() {
 }
 
 readable() {  # variable name, file: exit 2 unless the file can be read
-    [ -f "$2" ] && [ -r "$2" ] || fail "$1 names $2, which cannot be read (as uid $(id -u)); check the secret file on the host"
+    [ -f "$2" ] && [ -r "$2" ] || fail "$1 names $2, which cannot be read (as uid $(id -u)); check the secret file on the host, and that this service mounts it (its compose secrets:)"
 }
 
 if [ -n "${OPENROUTER_MANAGEMENT_KEY_FILE:-}" ] && [ -z "${OPENROUTER_MANAGEMENT_KEY:-}" ]; then
