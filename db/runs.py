@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from .models import Run
@@ -101,8 +101,13 @@ def get_run(session: Session, run_id: int) -> Run | None:
 
 
 def run_for_task(session: Session, task_id: str) -> Run | None:
-    """The newest run recorded for a Celery task id."""
-    return session.scalars(select(Run).where(Run.task_id == task_id).order_by(Run.id.desc()).limit(1)).first()
+    """The run recorded for a Celery task id: the newest one that is not ``skipped``, else the
+    newest. The broker may deliver a message again while its first delivery still runs (a worker
+    cut off from Redis for longer than the job lock's lease); the copy is then recorded skipped
+    beside the run that does the work, and that run is the task's answer."""
+    skipped_last = case((Run.status == SKIPPED, 1), else_=0)
+    query = select(Run).where(Run.task_id == task_id).order_by(skipped_last, Run.id.desc()).limit(1)
+    return session.scalars(query).first()
 
 
 def newest_runs(session: Session) -> list[Run]:

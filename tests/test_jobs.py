@@ -126,3 +126,32 @@ def test_a_stop_while_the_notices_are_sent_leaves_the_run_as_it_ended(
     database.close()
     assert (run.status, run.exit_code) == (status, exit_code)
     assert fake.get(next(key["hash"] for key in fake.keys if key["name"] == "dev-expired"))["disabled"] is disabled  # type: ignore[index]
+
+
+def test_a_task_delivered_twice_is_answered_by_its_run_that_works_not_its_skipped_copy(database: Database) -> None:
+    """The broker delivered the message again while its first delivery still ran (a worker cut off
+    from Redis past the job lock's lease): the copy was recorded skipped. `trigger --wait` follows the
+    run that works, and reports how it ends, not the copy's skip."""
+    from worker.trigger import wait_for_run
+
+    now = utcnow()
+    with session_scope(database) as session:
+        working = runs.start_run(session, kind="sync", now=now, started_by="trigger", task_id="task-1").id
+        runs.record_ended_run(
+            session,
+            kind="sync",
+            now=now,
+            status=runs.SKIPPED,
+            exit_code=1,
+            message="another job holds the lock",
+            started_by="trigger",
+            task_id="task-1",
+        )
+    with database.sessions() as session:
+        assert runs.run_for_task(session, "task-1").id == working  # type: ignore[union-attr]
+    with session_scope(database) as session:
+        runs.finish_run(session, working, status=runs.OK, now=now, exit_code=0, message="snapshot 1: 0 keys")
+
+    outcome = wait_for_run(database, "sync", "task-1", timeout=5)
+
+    assert (outcome.run_id, outcome.status, outcome.exit_code) == (working, runs.OK, 0)
