@@ -23,7 +23,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete, exists, or_, select, update
+from sqlalchemy import Engine, and_, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from .audit import PENDING
@@ -69,6 +69,18 @@ def _delete_ids(session: Session, table: Any, condition: Any, limit: int, *, dep
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def _absent_from(session: Session, value: Any, column: Any) -> Any:
+    """That no row holds ``value`` in ``column``, where no index leads with ``column``. PostgreSQL
+    plans NOT EXISTS as one anti-join, a single pass over the table. SQLite runs it once per row
+    outside, each a full scan (a year of versions, hours of pruning under the write lock): there the
+    column is read once, as a set (NOT IN, which SQLite answers from an index it builds for the
+    statement). Not NOT IN on PostgreSQL: for a large table it may not hash the set, and then looks
+    through it once per row."""
+    if session.get_bind().dialect.name == "postgresql":
+        return ~exists().where(column == value)
+    return value.not_in(select(column).where(column.is_not(None)))
+
+
 def delete_ended_versions(session: Session, *, anchor_id: int, limit: int) -> int:
     """Delete up to ``limit`` versions whose validity ended at or before the anchor."""
     deleted = _delete_ids(session, key_usage, key_usage.c.valid_to <= anchor_id, limit)
@@ -81,11 +93,17 @@ def delete_forgotten_keys(session: Session, *, limit: int) -> int:
     """Delete up to ``limit`` keys that have no version left, with their running roll-up state: a
     key that comes back after this is a new key to the store."""
     t = tracked_keys
-    orphan = ~exists().where(key_usage.c.key_id == t.c.id) & ~exists().where(key_records.c.key_id == t.c.id)
-    orphan &= ~exists().where(snapshot_staging.c.key_id == t.c.id)  # a sync in progress saw it again
-    # (A key a sync in progress carried had open versions then; if another sync has closed them
-    # since, that sync is refused when it records: ``db.snapshots.record_staged``.)
-    orphan &= ~exists().where(KeyDay.key_id == t.c.id)  # its last days go first: ids are not reused under them
+    orphan = and_(
+        ~exists().where(key_usage.c.key_id == t.c.id),
+        ~exists().where(key_records.c.key_id == t.c.id),
+        # Neither table below is searched by key alone (``key_days`` is keyed by day first, staging
+        # has no such index): ``_absent_from``.
+        _absent_from(session, t.c.id, snapshot_staging.c.key_id),  # a sync in progress saw it again
+        # (A key a sync in progress carried had open versions then; if another sync has closed them
+        # since, that sync is refused when it records: ``db.snapshots.record_staged``.)
+        # Its last days go first: ids are not reused under them.
+        _absent_from(session, t.c.id, KeyDay.__table__.c.key_id),
+    )
     # The state goes with the key: SQLite may give a deleted id to the next new key.
     return _delete_ids(session, t, orphan, limit, dependents=(KeyRollup.__table__.c.key_id,))
 
@@ -125,10 +143,16 @@ def delete_old_snapshots(session: Session, *, anchor_id: int | None, cutoff: dat
     older = Snapshot.status == FAILED
     if anchor_id is not None:
         older = or_(Snapshot.id < anchor_id, older)
-    unreferenced = ~exists().where(or_(key_usage.c.valid_from == Snapshot.id, key_usage.c.valid_to == Snapshot.id))
-    unreferenced &= ~exists().where(or_(key_records.c.valid_from == Snapshot.id, key_records.c.valid_to == Snapshot.id))
-    unreferenced &= ~exists().where(snapshot_staging.c.snapshot_id == Snapshot.id)
-    unreferenced &= ~exists().where(snapshot_carried.c.snapshot_id == Snapshot.id)
+    # Where versions end is indexed: looked up per snapshot. Where they begin is not (only after
+    # the key): ``_absent_from``.
+    unreferenced = and_(
+        _absent_from(session, Snapshot.id, key_usage.c.valid_from),
+        _absent_from(session, Snapshot.id, key_records.c.valid_from),
+        ~exists().where(key_usage.c.valid_to == Snapshot.id),
+        ~exists().where(key_records.c.valid_to == Snapshot.id),
+        ~exists().where(snapshot_staging.c.snapshot_id == Snapshot.id),
+        ~exists().where(snapshot_carried.c.snapshot_id == Snapshot.id),
+    )
     condition = (older, Snapshot.started_at < cutoff, unreferenced)
     ids = list(session.scalars(select(Snapshot.id).where(*condition).order_by(Snapshot.id).limit(limit)))
     if not ids:
@@ -156,8 +180,8 @@ def delete_old_runs(session: Session, *, cutoff: datetime, limit: int) -> int:
 
 def delete_old_actions(session: Session, *, before: datetime, limit: int) -> int:
     """Delete up to ``limit`` audit records created before ``before``: ``actions`` rows first, then
-    runs' plan references, then the stored plans no run refers to any more. Returns the records
-    deleted (a plan reference counts once)."""
+    runs' plan references (``delete_unreferenced_plans`` then takes the plans no run refers to any
+    more). Returns the records deleted (a plan reference counts once)."""
     # A change in doubt (``pending``: its outcome never recorded) stays until a run settles it.
     old = (Action.created_at < before, Action.outcome != PENDING)
     ids = list(session.scalars(select(Action.id).where(*old).order_by(Action.id).limit(limit)))
@@ -168,18 +192,35 @@ def delete_old_actions(session: Session, *, before: datetime, limit: int) -> int
     if ids:
         result = session.execute(delete(RunPlan).where(RunPlan.id.in_(ids)))
         return int(getattr(result, "rowcount", 0) or 0)
+    return 0
+
+
+def delete_unreferenced_plans(session: Session, *, limit: int) -> int:
+    """Delete stored plans no run refers to any more (``delete_old_actions`` took the references),
+    each whole with its entries, oldest first: as many as hold ``limit`` entries in all, and at least
+    one. Returns the plans deleted.
+
+    A plan goes whole in one transaction: a run whose plan has the same content refers to a stored
+    plan rather than store it again, so none may ever be seen with part of its entries."""
     unreferenced = ~exists().where(RunPlan.plan_id == StoredPlan.id)
     # Locked (PostgreSQL) until this step commits, leaving out any plan a run is referring to now
     # (``db.audit.record_plan`` locks it): that run would otherwise wait for this step and then
     # fail on the plan it deleted, or this step for the run, on the reference it added.
-    candidates = select(StoredPlan.id).where(unreferenced).order_by(StoredPlan.id).limit(limit)
-    plan_ids = list(session.scalars(candidates.with_for_update(of=StoredPlan, skip_locked=True)))
-    if plan_ids:
-        # Checked again in each statement: a run may have just referred to one of these plans.
-        entry_unreferenced = ~exists().where(RunPlan.plan_id == PlanEntry.plan_id)
-        session.execute(delete(PlanEntry).where(PlanEntry.plan_id.in_(plan_ids), entry_unreferenced))
-        session.execute(delete(StoredPlan).where(StoredPlan.id.in_(plan_ids), unreferenced))
-    return 0
+    candidates = select(StoredPlan.id, StoredPlan.decisions).where(unreferenced).order_by(StoredPlan.id).limit(limit)
+    plan_ids: list[int] = []
+    entries = 0
+    for plan_id, decisions in session.execute(candidates.with_for_update(of=StoredPlan, skip_locked=True)):
+        if plan_ids and entries + decisions > limit:
+            break
+        plan_ids.append(plan_id)
+        entries += decisions
+    if not plan_ids:
+        return 0
+    # Checked again in each statement: a run may have just referred to one of these plans.
+    entry_unreferenced = ~exists().where(RunPlan.plan_id == PlanEntry.plan_id)
+    session.execute(delete(PlanEntry).where(PlanEntry.plan_id.in_(plan_ids), entry_unreferenced))
+    result = session.execute(delete(StoredPlan).where(StoredPlan.id.in_(plan_ids), unreferenced))
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def reclaim_space(engine: Engine, *, pages_per_step: int = 20_000) -> int:

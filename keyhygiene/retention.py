@@ -91,14 +91,18 @@ def prune(
         audit_cutoff = result.audit_cutoff
         while count := step(lambda s: retention.delete_old_actions(s, before=audit_cutoff, limit=batch)):
             result.actions_deleted += count
+        while step(lambda s: retention.delete_unreferenced_plans(s, limit=batch)):
+            pass
 
     with database.sessions() as session:
         anchor = retention.anchor_snapshot(session, result.cutoff)
     if anchor is not None:
         result.anchor_snapshot = anchor.id
-        result.versions_deleted = _prune_versions(database, anchor.id, batch, result)
+        # Marked first: a report at a time before the anchor then says the history was pruned,
+        # never shows the inventory of a snapshot whose versions are half deleted.
         while count := step(lambda s: retention.mark_pruned(s, anchor_id=anchor.id, limit=batch)):
             result.snapshots_pruned += count
+        result.versions_deleted = _prune_versions(database, anchor.id, batch, result)
         assert anchor.taken_at is not None
         anchor_taken_at = anchor.taken_at
         while count := step(

@@ -248,8 +248,8 @@ def test_a_plan_the_retention_deletes_while_a_dry_run_refers_to_it_is_stored_aga
     the deletion commits: the dry run waits, then stores the plan again; it does not fail."""
     old = unreferenced_plan(pg_database)
     with session_scope(pg_database) as prune:
-        retention_step = retention_db.delete_old_actions(prune, before=NOW + 2 * HOUR, limit=100)
-        assert retention_step == 0 and prune.scalar(select(func.count()).select_from(StoredPlan)) == 0
+        retention_step = retention_db.delete_unreferenced_plans(prune, limit=100)
+        assert retention_step == 1 and prune.scalar(select(func.count()).select_from(StoredPlan)) == 0
         done = threading.Event()
         outcome = dry_run_records(pg_database, done)
         wait_until(
@@ -278,7 +278,7 @@ def test_the_retention_leaves_a_plan_alone_that_a_dry_run_is_referring_to(pg_dat
         def prune() -> None:
             try:
                 with session_scope(pg_database) as session:
-                    result.append(retention_db.delete_old_actions(session, before=NOW + 2 * HOUR, limit=100))
+                    result.append(retention_db.delete_unreferenced_plans(session, limit=100))
             except BaseException as exc:
                 result.append(exc)
 
@@ -289,3 +289,31 @@ def test_the_retention_leaves_a_plan_alone_that_a_dry_run_is_referring_to(pg_dat
     assert plan_entries(pg_database, old) == 1
     with pg_database.sessions() as session:
         assert session.scalar(select(RunPlan.plan_id).where(RunPlan.run_id == run.id)) == old
+
+
+def test_the_retention_deletes_unreferenced_plans_whole_and_a_bounded_number_of_entries_at_a_time(
+    database: Database,
+) -> None:
+    # Plans of 3, 3 and 5 decisions that no run refers to any more; room for 6 entries a step: the
+    # first step takes the two small plans, the second the large one. None is ever left in part.
+    for plan, size in enumerate((3, 3, 5)):
+        entries = [
+            PlannedEntry(
+                f"{plan}{n}".ljust(64, "0"), f"key-{n}", None, "disable-idle", ("disable-idle",), "disable", {}
+            )
+            for n in range(size)
+        ]
+        with session_scope(database) as session:
+            run = runs.start_run(session, kind="enforce", now=NOW)
+            audit.record_plan(session, run_id=run.id, now=NOW, entries=entries, dry_run=True, outcome="planned")
+            session.execute(delete(RunPlan))
+    steps = []
+    while True:
+        with session_scope(database) as session:
+            deleted = retention_db.delete_unreferenced_plans(session, limit=6)
+        if not deleted:
+            break
+        with database.sessions() as session:
+            steps.append((deleted, session.scalar(select(func.count()).select_from(PlanEntry))))
+
+    assert steps == [(2, 5), (1, 0)]
