@@ -11,7 +11,7 @@ write their count into ``data-drawn`` on each chart, for tests that render the p
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
@@ -84,7 +84,7 @@ def render_html(session: Session, params: ReportParams) -> str:
     idle_inputs = idle.load_inputs(session, params)
     idle_rows = idle.build(session, replace(params, since=None, by="key"), idle_inputs).rows
     coming = idle.upcoming_actions(session, params, idle_inputs)
-    audit_rows = actions.build(session, period).rows
+    audit = _AuditSummary.of(actions.records(session, period))
     if params.name is None:
         owner_keys = rollups.keys_by_owner(session, snapshot.id, workspaces=params.workspaces)
     else:
@@ -104,7 +104,7 @@ def render_html(session: Session, params: ReportParams) -> str:
         _idle_section(idle_rows),
         _upcoming_section(coming, as_of=as_of, has_rules=params.ruleset is not None),
         _owners_section(owner_keys, idle_rows, spend, coming, as_of=as_of),
-        _audit_section(audit_rows),
+        _audit_section(audit),
     ]
     latest = trend_rows[-1] if trend_rows else None
     # One row per key (the plan's own next action): the card is the chart's bars up to a week out.
@@ -123,7 +123,7 @@ def render_html(session: Session, params: ReportParams) -> str:
             latest["idle_30d"] if latest else 0,
         ),
         ("upcoming-7d", "keys a rule acts on within 7 days", str(in_week), in_week),
-        ("audit-records", "audit records in the period", str(len(audit_rows)), len(audit_rows)),
+        ("audit-records", "audit records in the period", str(audit.total), audit.total),
     ]
     if trend_rows:
         cards[0] = ("keys", "keys at the newest snapshot", str(trend_rows[-1]["keys"]), trend_rows[-1]["keys"])
@@ -355,19 +355,43 @@ def _owners_section(
     )
 
 
-def _audit_section(rows: list[dict[str, Any]]) -> str:
-    outcomes = Counter(str(row["outcome"]) for row in rows)
-    days = sorted({row["time"].date() for row in rows})
+@dataclass(frozen=True, slots=True)
+class _AuditSummary:
+    """What the page shows of the audit log: records per day and outcome, and the newest few."""
+
+    per_day: Counter[tuple[date, str]]
+    recent: list[dict[str, Any]]
+    """Newest first."""
+
+    @classmethod
+    def of(cls, rows: Iterable[dict[str, Any]]) -> _AuditSummary:
+        """Counted as the rows stream by (oldest first): only the newest ``RECENT_AUDIT`` are kept."""
+        per_day: Counter[tuple[date, str]] = Counter()
+        recent: deque[dict[str, Any]] = deque(maxlen=RECENT_AUDIT)
+        for row in rows:
+            per_day[(row["time"].date(), str(row["outcome"]))] += 1
+            recent.append(row)
+        return cls(per_day, list(reversed(recent)))
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_day.values())
+
+
+RECENT_AUDIT = 50
+
+
+def _audit_section(audit: _AuditSummary) -> str:
+    outcomes: Counter[str] = Counter()
+    for (_, outcome), count in audit.per_day.items():
+        outcomes[outcome] += count
+    days = sorted({day for day, _ in audit.per_day})
     series = [
-        (
-            outcome,
-            OUTCOME_COLOURS.get(outcome, OTHER),
-            [float(sum(1 for row in rows if row["outcome"] == outcome and row["time"].date() == day)) for day in days],
-        )
+        (outcome, OUTCOME_COLOURS.get(outcome, OTHER), [float(audit.per_day[(day, outcome)]) for day in days])
         for outcome in sorted(outcomes)
     ]
     chart = _stacked_bars("audit", [day.strftime("%m-%d") for day in days], series, title="Audit records per day")
-    recent = list(reversed(rows))[:50]
+    recent = audit.recent
     listing = _table(
         ["time", "key", "rule", "action", "mode", "outcome", "why"],
         [
@@ -386,7 +410,7 @@ def _audit_section(rows: list[dict[str, Any]]) -> str:
     )
     return _section(
         "Recent audit log",
-        f"{len(rows)} records in the period.",
+        f"{audit.total} records in the period.",
         chart,
         _figures(
             "audit-outcomes",
