@@ -485,6 +485,11 @@ class SpendRow:
     first_seen_at: datetime | None = None
     first_usage: float = 0.0
     first_byok_usage: float = 0.0
+    whole_day: bool = False
+    """The key's row of a whole UTC day (``key_days``): one per key and day, and only with spend.
+    Else a step of a day the range covers in part (several a day), or a first observation."""
+    day_listed: bool = False
+    """A first observation whose key and day also came as a whole day's row (it had a step too)."""
 
 
 def spend_rows(
@@ -545,8 +550,15 @@ def spend_rows(
             .where(days.c.day >= whole[0], days.c.day <= whole[-1], or_(days.c.usage > 0, days.c.byok_usage > 0))
         )
         for key_hash, name, workspace_id, creator, step_day, credit, byok in steps:
-            yield SpendRow(key_hash, step_day, name or "", workspace_id, creator, None, _usd(credit), _usd(byok))
+            yield SpendRow(
+                key_hash, step_day, name or "", workspace_id, creator, None, _usd(credit), _usd(byok), whole_day=True
+            )
     first_in_range = and_(days.c.first_seen_at <= upper, days.c.first_seen_at > lower if lower is not None else true())
+    listed = (
+        and_(days.c.day >= whole[0], days.c.day <= whole[-1], or_(days.c.usage > 0, days.c.byok_usage > 0))
+        if whole and per_day
+        else false()
+    )
     firsts = session.execute(
         select(
             *described,
@@ -555,11 +567,12 @@ def spend_rows(
             days.c.first_seen_at,
             days.c.first_usage,
             days.c.first_byok_usage,
+            listed,
         )
         .select_from(joined(days))
         .where(first_in_range)
     )
-    for key_hash, name, workspace_id, creator, created_at, first_day, first_seen_at, credit, byok in firsts:
+    for key_hash, name, workspace_id, creator, created_at, first_day, first_seen_at, credit, byok, also in firsts:
         yield SpendRow(
             key_hash=key_hash,
             day=first_day,
@@ -570,6 +583,7 @@ def spend_rows(
             first_seen_at=first_seen_at,
             first_usage=_usd(credit),
             first_byok_usage=_usd(byok),
+            day_listed=bool(also),
         )
     partial = [snapshot_id for snapshot_id, taken_at in inside if taken_at.date() in outside_days]
     if partial:

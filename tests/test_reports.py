@@ -22,7 +22,7 @@ from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.reports import ReportError, ReportParams, builders
 from keyhygiene.reports.render import print_table, to_csv, to_json
-from keyhygiene.reports.spend import compute_spend
+from keyhygiene.reports.spend import compute_spend, daily_spend
 from keyhygiene.rules import parse_rules
 from keyhygiene.timeutil import isoformat
 from tests.test_reports_support import D0, DAY, HOUR, NOW, RULES, Org, build_history, day, key_hash
@@ -31,15 +31,22 @@ pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-def org(database: Database, fake: FakeOpenRouter, fake_url: str, tmp_path: Path) -> Iterator[Org]:
+def bare_org(database: Database, fake: FakeOpenRouter, fake_url: str, tmp_path: Path) -> Iterator[Org]:
+    """An organisation with no history yet."""
     rules = tmp_path / "keyhygiene.toml"
     rules.write_text(RULES)
     org = Org(database, fake, fake_url, rules_file=rules)
     try:
-        build_history(org)
         yield org
     finally:
         org.close()
+
+
+@pytest.fixture
+def org(bare_org: Org) -> Org:
+    """The organisation with the history of ``build_history``."""
+    build_history(bare_org)
+    return bare_org
 
 
 def report(org: Org, kind: str, **options: Any) -> list[dict[str, Any]]:
@@ -261,30 +268,55 @@ def test_trends_per_day(org: Org) -> None:
 
 
 @pytest.mark.parametrize("since_days", [1, 2, 7, 30])
-def test_spend_summed_in_the_database_matches_the_daily_series(org: Org, since_days: int) -> None:
-    """Per-key spend comes from SQL sums; the daily series (charts, --by day) from the days."""
+def test_spend_summed_in_the_database_matches_the_daily_figures(org: Org, since_days: int) -> None:
+    """Per-key spend comes from SQL sums; the daily figures (charts, --by day) stream the days:
+    each key's daily series adds up to its sum, and each day counts the keys that spent on it once,
+    whether the day came whole, in steps (the period's first and last day) or with a first sight."""
+    checked = 0
     for at in (None, day(6, 18.0), day(8, 12.75)):
         params = ReportParams(now=NOW, since=since_days * DAY, at=at)
         with org.database.sessions() as session:
-            totals = compute_spend(session, params, per_day=False)
-            daily = compute_spend(session, params, per_day=True)
-        assert daily.keys and set(totals.keys) == set(daily.keys)
+            totals = compute_spend(session, params)
+            daily = daily_spend(session, params, totals.keys, series_of=list(totals.keys))
+        assert totals.keys
         for hashed, summed in totals.keys.items():
-            series = daily.keys[hashed]
-            assert (
-                round(summed.usage, 6) == round(sum(u for u, _ in series.by_day.values()), 6) == round(series.usage, 6)
-            )
-            assert round(summed.byok_usage, 6) == round(series.byok_usage, 6)
-            assert (summed.name, summed.workspace_id, summed.creator_user_id) == (
-                series.name,
-                series.workspace_id,
-                series.creator_user_id,
-            )
-            assert (summed.created_in_period, summed.baseline_known, summed.counted_from) == (
-                series.created_in_period,
-                series.baseline_known,
-                series.counted_from,
-            )
+            assert round(summed.total, 6) == round(sum(daily.series[hashed].values()), 6), hashed
+        for spent_on in {spent_on for series in daily.series.values() for spent_on in series} | set(daily.totals):
+            of_day = [series.get(spent_on, 0.0) for series in daily.series.values()]
+            assert daily.spenders.get(spent_on, 0) == sum(1 for amount in of_day if amount > 0), (at, spent_on)
+            credit, byok = daily.totals.get(spent_on, (0.0, 0.0))
+            assert round(credit + byok, 6) == round(sum(of_day), 6)
+            checked += 1
+    assert checked
+
+
+def test_spend_by_day_counts_each_key_once_a_day_however_its_day_comes(bare_org: Org) -> None:
+    """Day 1 is whole: "fresh" comes as its first sight (created inside the period, 2.0) and as that
+    day's row (+1.0 later that day). Day 2 is cut by the period's end (a snapshot of it lies after):
+    "steady" comes as its two steps of that day. Each is one key of its day."""
+    org = bare_org
+    org.add("steady", at=day(0, 1), created_at=D0 - 10 * DAY, usage=1.0, last_used_at=D0 - DAY)
+    org.sync(day(0, 2))
+    org.add("fresh", at=day(1, 9), usage=2.0, last_used_at=day(1, 9))
+    org.use("steady", 1.0, at=day(1, 9))
+    org.sync(day(1, 10))
+    org.use("fresh", 1.0, at=day(1, 13))
+    org.use("steady", 1.0, at=day(1, 13))
+    org.sync(day(1, 14))
+    org.use("steady", 1.0, at=day(2, 5))
+    org.sync(day(2, 6))
+    org.use("steady", 1.0, at=day(2, 9))
+    org.sync(day(2, 10))
+    org.use("steady", 5.0, at=day(2, 17))
+    org.sync(day(2, 18))  # after the period's end
+
+    rows = report(org, "spend", by="day", since=3 * DAY, at=day(2, 12), now=day(2, 20))
+
+    assert [(row["day"], row["keys"], row["total"]) for row in rows] == [
+        (day(0).date().isoformat(), 0, 0.0),
+        (day(1).date().isoformat(), 2, 5.0),  # steady 1.0 + 1.0; fresh 2.0 at first sight + 1.0
+        (day(2).date().isoformat(), 1, 2.0),  # steady's two steps before 12:00
+    ]
 
 
 def test_trends_and_the_idle_report_agree_on_who_is_idle_30_days(org: Org) -> None:

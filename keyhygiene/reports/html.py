@@ -75,7 +75,7 @@ def render_html(session: Session, params: ReportParams) -> str:
     period = replace(params, since=DEFAULT_PERIOD if params.since is None else params.since)
     # Per key, the totals summed in the database; per day, every key's spend streamed, and the
     # series of the biggest spenders only (a daily series per key is millions of rows at scale).
-    spend = compute_spend(session, period, per_day=False)
+    spend = compute_spend(session, period)
     top = [item for item in sorted(spend.keys.values(), key=lambda item: (-item.total, item.name)) if item.total > 0]
     top = top[:TOP_KEYS]
     daily = daily_spend(session, period, spend.keys, series_of=[item.key_hash for item in top])

@@ -23,9 +23,9 @@ How spend is counted (``usage`` and ``byok_usage`` are lifetime counters, in USD
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -70,22 +70,14 @@ class KeySpend:
     baseline_known: bool = True
     usage: float = 0.0
     byok_usage: float = 0.0
-    by_day: dict[date, list[float]] = field(default_factory=dict)
-    """Per UTC day: [usage, byok_usage] spent that day."""
 
     @property
     def total(self) -> float:
         return self.usage + self.byok_usage
 
-    def add(self, day: date, credit: float, byok: float, *, per_day: bool = True) -> None:
-        """Count spend of ``day``; without ``per_day`` only in the totals (``by_day`` stays empty)."""
-        if credit or byok:
-            if per_day:
-                entry = self.by_day.setdefault(day, [0.0, 0.0])
-                entry[0] += credit
-                entry[1] += byok
-            self.usage += credit
-            self.byok_usage += byok
+    def add(self, credit: float, byok: float) -> None:
+        self.usage += credit
+        self.byok_usage += byok
 
 
 @dataclass
@@ -105,34 +97,20 @@ class SpendFigures:
     pruned: bool = False
     """The period asked for began before the history kept: ``start`` is the oldest snapshot kept."""
 
-    def day_totals(self) -> dict[date, tuple[float, float, int]]:
-        """Per day: (usage, byok_usage, keys that spent)."""
-        totals: dict[date, list[float]] = {day: [0.0, 0.0, 0.0] for day in self.days}
-        for spend in self.keys.values():
-            for day, (credit, byok) in spend.by_day.items():
-                entry = totals.setdefault(day, [0.0, 0.0, 0.0])
-                entry[0] += credit
-                entry[1] += byok
-                entry[2] += 1 if credit + byok > 0 else 0
-        return {day: (entry[0], entry[1], int(entry[2])) for day, entry in sorted(totals.items())}
-
     @property
     def total(self) -> float:
         return sum(spend.total for spend in self.keys.values())
 
 
-def compute_spend(
-    session: Session, params: ReportParams, *, default: timedelta = DEFAULT_PERIOD, per_day: bool = True
-) -> SpendFigures:
-    """Spend per key (and, with ``per_day``, per day) over the report's period, from the roll-ups
-    (:mod:`db.rollups`); a ReportError when nothing covers it. Without ``per_day`` the database
-    sums each key's days and ``by_day`` stays empty: only the totals are known."""
+def compute_spend(session: Session, params: ReportParams, *, default: timedelta = DEFAULT_PERIOD) -> SpendFigures:
+    """Spend per key over the report's period, from the roll-ups (:mod:`db.rollups`; the database
+    sums each key's whole days); a ReportError when nothing covers it. Per day: ``daily_spend``."""
     end_snapshot, start, after_id, baseline_at, pruned = _period(session, params, default)
     end = params.as_of
 
     keys: dict[str, KeySpend] = {}
     latest: dict[str, date] = {}
-    rows = rollups.spend_rows(session, after_snapshot=after_id, until_snapshot=end_snapshot.id, per_day=per_day)
+    rows = rollups.spend_rows(session, after_snapshot=after_id, until_snapshot=end_snapshot.id, per_day=False)
     for row in rows:
         spend = keys.get(row.key_hash)
         if spend is None:
@@ -140,12 +118,12 @@ def compute_spend(
         if row.day >= latest.get(row.key_hash, row.day):
             latest[row.key_hash] = row.day
             spend.name, spend.workspace_id, spend.creator_user_id = row.name, row.workspace_id, row.creator_user_id
-        spend.add(row.day, row.usage, row.byok_usage, per_day=per_day)
+        spend.add(row.usage, row.byok_usage)
         if row.first_seen_at is not None and row.created_at is not None:
             if _created_inside(row, start):
                 spend.created_in_period = True
                 spend.counted_from = row.created_at
-                spend.add(row.day, row.first_usage, row.first_byok_usage, per_day=per_day)
+                spend.add(row.first_usage, row.first_byok_usage)
             else:
                 spend.baseline_known = False
                 spend.counted_from = row.first_seen_at
@@ -209,6 +187,8 @@ class DailySpend:
     """Per day: (usage, byok_usage) of all the keys."""
     series: dict[str, dict[date, float]]
     """Per key asked for: per day, usage + byok_usage."""
+    spenders: dict[date, int]
+    """Per day: how many of the keys spent that day."""
 
 
 def daily_spend(
@@ -220,11 +200,16 @@ def daily_spend(
     default: timedelta = DEFAULT_PERIOD,
 ) -> DailySpend:
     """The daily figures ``compute_spend`` gives per key and day, for the keys ``keys`` (those of
-    its result: the ones the report's filters let through), streamed: only the day totals and the
-    series of ``series_of`` are kept, not every key's days. Summed in micro-dollars, so exact
-    whatever the order of the rows (100,000 keys x 30 days is millions of rows)."""
+    its result: the ones the report's filters let through), streamed: only the day totals, the
+    count of keys that spent each day and the series of ``series_of`` are kept, not every key's
+    days. Summed in micro-dollars, so exact whatever the order of the rows (100,000 keys x 30 days
+    is millions of rows)."""
     end_snapshot, start, after_id, _, _ = _period(session, params, default)
     totals: dict[date, list[int]] = defaultdict(lambda: [0, 0])
+    spenders: Counter[date] = Counter()
+    # The key days that come in pieces (a day the period covers in part comes as its steps; a
+    # first sight beside them): at most about two per key, counted once each at the end.
+    pieces: set[tuple[str, date]] = set()
     series: dict[str, dict[date, int]] = {key_hash: defaultdict(int) for key_hash in series_of}
     for row in rollups.spend_rows(session, after_snapshot=after_id, until_snapshot=end_snapshot.id):
         if row.key_hash not in keys:
@@ -238,7 +223,14 @@ def daily_spend(
             day[1] += byok
             if row.key_hash in series:
                 series[row.key_hash][row.day] += credit + byok
+            if row.whole_day:
+                spenders[row.day] += 1  # the key's one row of that day
+            elif not row.day_listed:
+                pieces.add((row.key_hash, row.day))
+    for _, day_of_piece in pieces:
+        spenders[day_of_piece] += 1
     return DailySpend(
+        spenders=dict(spenders),
         totals={day: (credit / MICROS_PER_USD, byok / MICROS_PER_USD) for day, (credit, byok) in totals.items()},
         series={
             key_hash: {day: micros / MICROS_PER_USD for day, micros in days.items()}
@@ -261,7 +253,7 @@ def build(session: Session, params: ReportParams) -> Report:
     check_at(params)
     if params.by not in GROUPINGS:
         raise ReportError(f"--by must be one of {', '.join(GROUPINGS)}, not {params.by!r}")
-    figures = compute_spend(session, params, per_day=params.by == "day")
+    figures = compute_spend(session, params)
     period = f"{figures.start:%Y-%m-%d %H:%M} to {figures.end:%Y-%m-%d %H:%M} UTC"
     spent = [spend for spend in figures.keys.values() if spend.total > 0]
     total = usd(figures.total)
@@ -294,10 +286,14 @@ def build(session: Session, params: ReportParams) -> Report:
         title = f"Spend by owner (the key's creator_user_id), {period}: ${total:,.2f}"
         return Report(title=title, columns=OWNER_COLUMNS, rows=rows, notes=notes, headers={"byok_usage": "byok"})
     if params.by == "day":
-        rows = [
-            {"day": day, "keys": keys, "usage": usd(credit), "byok_usage": usd(byok), "total": usd(credit + byok)}
-            for day, (credit, byok, keys) in figures.day_totals().items()
-        ]
+        daily = daily_spend(session, params, figures.keys)
+        rows = []
+        for day in sorted({*figures.days, *daily.totals}):
+            credit, byok = daily.totals.get(day, (0.0, 0.0))
+            keys = daily.spenders.get(day, 0)
+            rows.append(
+                {"day": day, "keys": keys, "usage": usd(credit), "byok_usage": usd(byok), "total": usd(credit + byok)}
+            )
         title = f"Spend by day, {period}: ${total:,.2f}"
         return Report(title=title, columns=DAY_COLUMNS, rows=rows, notes=notes, headers={"byok_usage": "byok"})
 
