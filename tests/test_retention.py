@@ -6,6 +6,7 @@ import json
 import random
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -224,8 +225,15 @@ def test_spend_over_a_period_that_begins_before_the_kept_history_counts_from_whe
     assert notes[0] == expected_notes[0]  # the same keys without spend: never a negative count
     assert f"before {kept_from:%Y-%m-%d %H:%M} UTC was pruned" in notes[1]
     with database.sessions() as session:
-        trends = builders()["trends"](session, ReportParams(now=NOW, since=NOW - kept_from + 3 * DAY))
+        params = ReportParams(now=NOW, since=NOW - kept_from + 3 * DAY)
+        trends = builders()["trends"](session, params)
+        by_day = builders()["spend"](session, replace(params, by="day"))
     assert any(f"before {kept_from:%Y-%m-%d %H:%M} UTC was pruned" in note for note in trends.notes)
+    # Trends' spend is spend --by day's, the first day kept included (counted from the same snapshot).
+    # (Trends has a row for the first day kept, whose one snapshot spend counts from: 0 spent.)
+    trend_spend = {row["day"]: row["spend"] for row in json.loads(to_json(trends))}
+    day_spend = {row["day"]: row["total"] for row in json.loads(to_json(by_day))}
+    assert trend_spend == {day: day_spend.get(day, 0.0) for day in trend_spend} and set(day_spend) <= set(trend_spend)
 
 
 def test_small_batches_give_the_same_result(org: Org, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,9 +36,21 @@ def build(session: Session, params: ReportParams) -> Report:
     end = params.as_of
     start = params.period_start(DEFAULT_PERIOD)
     counts = rollups.day_counts(session, start=start, end=end, workspaces=params.workspaces)
+    first = snapshots.first_snapshot(session)
+    # Where the history before the period's start was pruned, spend counts from the oldest snapshot
+    # kept, as ``report spend`` does: that snapshot's own step is growth from before the period.
+    kept_from = (
+        first.taken_at
+        if first is not None
+        and first.taken_at is not None
+        and first.taken_at > start
+        and snapshots.pruned_before(session, first.id)
+        else None
+    )
+    spend_from = kept_from or start
     spend = {
         day.day: day.usage + day.byok_usage
-        for day in rollups.spend_by_day(session, start=start, end=end, workspaces=params.workspaces)
+        for day in rollups.spend_by_day(session, start=spend_from, end=end, workspaces=params.workspaces)
     }
     rows = [
         {
@@ -50,15 +62,9 @@ def build(session: Session, params: ReportParams) -> Report:
         for day in counts
     ]
     notes = [] if rows else ["no complete snapshot was taken in the period"]
-    first = snapshots.first_snapshot(session)
-    if (
-        first is not None
-        and first.taken_at is not None
-        and first.taken_at > start
-        and snapshots.pruned_before(session, first.id)
-    ):
+    if kept_from is not None:
         notes.append(
-            f"The history before {first.taken_at:%Y-%m-%d %H:%M} UTC was pruned (KEYHYGIENE_RETENTION): "
+            f"The history before {kept_from:%Y-%m-%d %H:%M} UTC was pruned (KEYHYGIENE_RETENTION): "
             "earlier days have no row, and that day's spend counts only from then."
         )
     title = f"Trends per day, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC: {len(rows)} days"
