@@ -147,6 +147,8 @@ class Run(Base):
 
     ``status``, ``exit_code`` and ``message`` are the job's outcome exactly as the command that ran
     it reported it (see keyhygiene.jobs.JobOutcome); ``summary`` holds the job's counts.
+    ``heartbeat_at``: renewed while a job run from the command line runs (it has no time limit that
+    its age could be measured against); NULL for the worker's jobs, whose age is their start.
     """
 
     __tablename__ = "runs"
@@ -163,6 +165,7 @@ class Run(Base):
     exit_code: Mapped[int | None] = mapped_column(Integer)
     message: Mapped[str | None] = mapped_column(StoredText)
     summary: Mapped[dict[str, Any] | None]
+    heartbeat_at: Mapped[datetime | None]
 
 
 class Snapshot(Base):

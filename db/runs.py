@@ -135,10 +135,17 @@ def runs_between(session: Session, *, since: datetime, until: datetime) -> Itera
 
 
 def abandon_stale_runs(session: Session, *, now: datetime, older_than: datetime, exit_code: int) -> int:
-    """Mark runs still 'running' since before ``older_than`` as aborted (their process died)."""
+    """Mark runs still 'running' whose last sign of life (their heartbeat, else their start) is
+    older than ``older_than`` as aborted: their process died."""
     result = session.execute(
         update(Run)
-        .where(Run.status == RUNNING, Run.started_at < older_than)
+        .where(Run.status == RUNNING, func.coalesce(Run.heartbeat_at, Run.started_at) < older_than)
         .values(status=ABORTED, finished_at=now, exit_code=exit_code, message=ABANDONED)
     )
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+def heartbeat(session: Session, run_id: int, *, now: datetime) -> bool:
+    """Record that run ``run_id`` is alive; False when it is no longer running."""
+    result = session.execute(update(Run).where(Run.id == run_id, Run.status == RUNNING).values(heartbeat_at=now))
+    return bool(getattr(result, "rowcount", 0))

@@ -39,7 +39,7 @@ from .errors import (
     UsageError,
 )
 from .inventory import ProgressCallback, SyncFailed, SyncResult, take_snapshot
-from .lease import EnforcementLease
+from .lease import EnforcementLease, RunHeartbeat
 from .settings import Settings
 from .timeutil import utcnow
 
@@ -262,6 +262,7 @@ def execute(
     own_database = database is None
     run_id: int | None = None
     lease: EnforcementLease | None = None
+    alive: RunHeartbeat | None = None
     try:
         ruleset = load_ruleset(settings) if kind in RULES_JOBS else None
         effective_dry_run = _effective_dry_run(kind, ruleset, dry_run)
@@ -283,6 +284,8 @@ def execute(
             allow_actions=allow_actions,
             stale_after=2 * settings.job_time_limit,
         )
+        if started_by == runs.CLI:  # no time limit: its age alone cannot tell that its process died
+            alive = RunHeartbeat.start(database, run_id, clock=clock, stale_after=2 * settings.job_time_limit)
         with _run_context(run_id, allow_actions):
             log.info("run_started", kind=kind, started_by=started_by, dry_run=effective_dry_run)
             outcome = _execute(
@@ -316,6 +319,8 @@ def execute(
             raise  # SystemExit and the like: recorded above, and passed on
         return outcome
     finally:
+        if alive is not None:
+            alive.stop()
         if lease is not None:
             lease.release()
         if own_database and database is not None:

@@ -10,6 +10,8 @@ another process, stops before it changes anything.
 
 The lease times come from this process's clock; hosts sharing a database are expected to keep
 their clocks in step (NTP), and a skew well under ``TTL - RENEW_EVERY`` is harmless.
+
+``RunHeartbeat`` keeps a job run from the command line from being taken for dead while it runs.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import os
 import socket
 import threading
 import uuid
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from db import leases
+from db import leases, runs
 
 from .context import Database, describe_db_error, session_scope
 from .errors import DatabaseFailure, KeyhygieneError
@@ -176,3 +179,41 @@ class EnforcementLease:
                 # Keep trying: a lease is only lost once another process takes it over, and the
                 # fencing check before each change finds that out.
                 log.warning("enforcement_lock_not_renewed", error=describe_db_error(exc))
+
+
+class RunHeartbeat:
+    """A thread that renews a running job's ``runs.heartbeat_at`` until ``stop``, a few times within
+    the age after which the next job takes the run for one whose process died (``stale_after``).
+
+    For jobs run from the command line: they have no time limit, so only a heartbeat can show that
+    a long one is still at work (``db.runs.abandon_stale_runs``). A renewal that fails is logged
+    and tried again at the next beat."""
+
+    LONGEST_BEAT = 60.0
+    """Seconds between two renewals at most."""
+
+    def __init__(self, database: Database, run_id: int, *, clock: Callable[[], datetime], every: float) -> None:
+        self._database, self._run_id, self._clock, self._every = database, run_id, clock, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat_until_stopped, name="run-heartbeat", daemon=True)
+
+    @classmethod
+    def start(
+        cls, database: Database, run_id: int, *, clock: Callable[[], datetime], stale_after: timedelta
+    ) -> RunHeartbeat:
+        beat = cls(database, run_id, clock=clock, every=min(cls.LONGEST_BEAT, stale_after.total_seconds() / 4))
+        beat._thread.start()
+        return beat
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._every + 5)
+
+    def _beat_until_stopped(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                with session_scope(self._database) as session:
+                    if not runs.heartbeat(session, self._run_id, now=self._clock()):
+                        return  # ended (or taken for dead): nothing left to renew
+            except SQLAlchemyError as exc:
+                log.warning("run_heartbeat_failed", run_id=self._run_id, error=describe_db_error(exc))

@@ -24,6 +24,7 @@ from .celery_support import keyhygiene_executable, wait_until
 from .conftest import CliResult
 
 DAY = timedelta(days=1)
+SECOND = timedelta(seconds=1)
 
 
 def test_a_run_left_running_by_a_dead_process_is_marked_aborted(
@@ -31,9 +32,14 @@ def test_a_run_left_running_by_a_dead_process_is_marked_aborted(
 ) -> None:
     assert cli("db", "upgrade").exit_code == 0
     database = Database.open(Settings())  # type: ignore[call-arg]
+    now = utcnow()
     with session_scope(database) as session:
-        dead = runs.start_run(session, kind="run", now=utcnow() - timedelta(hours=3)).id
-        alive = runs.start_run(session, kind="run", now=utcnow() - timedelta(minutes=5)).id
+        dead = runs.start_run(session, kind="run", now=now - timedelta(hours=3)).id
+        alive = runs.start_run(session, kind="run", now=now - timedelta(minutes=5)).id
+        beating = runs.start_run(session, kind="run", now=now - timedelta(hours=3)).id
+        runs.heartbeat(session, beating, now=now - timedelta(minutes=1))  # a long job from the command line
+        stopped = runs.start_run(session, kind="run", now=now - timedelta(hours=5)).id
+        runs.heartbeat(session, stopped, now=now - timedelta(hours=2))  # ... whose process died 2 h ago
 
     assert cli("sync").exit_code == 0
 
@@ -42,6 +48,8 @@ def test_a_run_left_running_by_a_dead_process_is_marked_aborted(
     database.close()
     assert status[dead] == "aborted"
     assert status[alive] == "running"  # younger than twice the job time limit: may still be working
+    assert status[beating] == "running"  # old, but alive a minute ago
+    assert status[stopped] == "aborted"
 
 
 def test_a_sync_records_its_run(env: dict[str, str], cli: Callable[..., CliResult]) -> None:
@@ -155,3 +163,48 @@ def test_a_task_delivered_twice_is_answered_by_its_run_that_works_not_its_skippe
     outcome = wait_for_run(database, "sync", "task-1", timeout=5)
 
     assert (outcome.run_id, outcome.status, outcome.exit_code) == (working, runs.OK, 0)
+
+
+def test_a_long_job_run_from_the_command_line_is_not_taken_for_dead(
+    env: dict[str, str], fake: FakeOpenRouter, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job on the worker cannot outlive its hard time limit, so a run `running` for twice the limit
+    is one whose process died. One run from the command line (cron) has no limit: while it runs, its
+    heartbeat keeps the next job from recording it aborted and failing the snapshot it is taking."""
+    assert cli("db", "upgrade").exit_code == 0
+    for index in range(4):
+        workspace = str(fake.add_workspace(f"team-{index}")["id"])
+        fake.add_key(f"key-{index}", workspace_id=workspace)
+    monkeypatch.setenv("KEYHYGIENE_JOB_TIME_LIMIT", "1s")  # taken for dead after 2 s without a sign of life
+    fake.faults.latency = 0.8  # one request at a time: the sync takes several seconds
+    process = subprocess.Popen(
+        [keyhygiene_executable(), "sync"],
+        env={**os.environ, "KEYHYGIENE_HTTP_CONCURRENCY": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    database = Database.open(Settings())  # type: ignore[call-arg]
+
+    def alive_past_the_limit() -> bool:
+        with database.sessions() as session:
+            run = session.scalars(select(Run).where(Run.kind == "sync")).first()
+        return run is not None and run.status == "running" and utcnow() - run.started_at > 2.5 * SECOND
+
+    try:
+        wait_until(alive_past_the_limit, timeout=60, what="the sync to have run for longer than 2 s")
+        pruned = cli("prune")  # a job that starts meanwhile, and looks for runs whose process died
+        with database.sessions() as session:
+            status_meanwhile = session.scalars(select(Run.status).where(Run.kind == "sync")).one()
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        with database.sessions() as session:
+            final = session.scalars(select(Run).where(Run.kind == "sync")).one()
+        database.close()
+
+    assert pruned.exit_code == 0, pruned.stderr
+    assert status_meanwhile == "running"
+    assert process.returncode == 0, stderr
+    assert (final.status, final.exit_code) == ("ok", 0)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import func, inspect, select, text
+from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from db import rollups, snapshots
@@ -203,6 +203,28 @@ def test_runs_recorded_before_0004_keep_their_outcome(empty_database: Database) 
     ]
 
 
+def _a_nullable_column_added_and_dropped(
+    engine: Engine, *, before: str, after: str, table: str, column: str, kept: str, rows: list[tuple[Any, ...]]
+) -> None:
+    """Migration ``after`` adds ``table.column`` (nullable, NULL on the rows already there, which keep
+    everything else: ``kept`` selects it), and going back to ``before`` drops that column alone."""
+    upgrade(engine, after)
+
+    added = {found["name"]: found for found in inspect(engine).get_columns(table)}[column]
+    assert added["nullable"]
+    with engine.begin() as connection:
+        assert connection.execute(text(f"SELECT {column} FROM {table}")).scalar_one() is None
+        assert [tuple(row) for row in connection.execute(text(kept))] == rows
+        connection.execute(text(f"UPDATE {table} SET {column} = :t"), {"t": "2026-01-01 00:05:00"})
+
+    downgrade(engine, before)
+
+    assert current_revision(engine) == before
+    assert column not in {found["name"] for found in inspect(engine).get_columns(table)}
+    with engine.connect() as connection:
+        assert [tuple(row) for row in connection.execute(text(kept))] == rows
+
+
 def test_0017_records_when_a_retry_was_claimed_and_goes_back(empty_database: Database) -> None:
     # 0017: notices.claimed_at. Notices already recorded keep everything they had, with no claim
     # time (db.notices.undelivered takes a retry claimed so as cut short); the downgrade drops it alone.
@@ -221,25 +243,44 @@ def test_0017_records_when_a_retry_was_claimed_and_goes_back(empty_database: Dat
             ),
             {"t": "2026-01-02 00:00:00"},
         )
-    kept = "SELECT id, target, status, attempts, last_error FROM notices"
 
-    upgrade(engine, "0017")
+    _a_nullable_column_added_and_dropped(
+        engine,
+        before="0016",
+        after="0017",
+        table="notices",
+        column="claimed_at",
+        kept="SELECT id, target, status, attempts, last_error FROM notices",
+        rows=[(1, "ops", "retrying", 2, "HTTP 500")],
+    )
 
-    claimed = {column["name"]: column for column in inspect(engine).get_columns("notices")}["claimed_at"]
-    assert claimed["nullable"]
-    with engine.begin() as connection:
-        assert connection.execute(text("SELECT claimed_at FROM notices")).scalar_one() is None
-        assert [tuple(row) for row in connection.execute(text(kept))] == [(1, "ops", "retrying", 2, "HTTP 500")]
-        connection.execute(text("UPDATE notices SET claimed_at = :t"), {"t": "2026-01-01 00:05:00"})
-
-    downgrade(engine, "0016")
-
-    assert current_revision(engine) == "0016"
-    assert "claimed_at" not in {column["name"] for column in inspect(engine).get_columns("notices")}
     with engine.connect() as connection:
-        assert [tuple(row) for row in connection.execute(text(kept))] == [(1, "ops", "retrying", 2, "HTTP 500")]
         assert connection.execute(text("SELECT notice_id FROM announcements")).scalar_one() == 1
     assert upgrade(engine) == ("0016", head_revision())
+
+
+def test_0018_adds_a_heartbeat_to_runs_and_goes_back(empty_database: Database) -> None:
+    # 0018: runs.heartbeat_at. Runs already recorded keep everything they had, with no heartbeat
+    # (their age is their start, as before); the downgrade drops it alone.
+    engine = empty_database.engine
+    upgrade(engine, "0017")
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO runs (kind, status, started_at, started_by) VALUES ('sync', 'running', :t, 'cli')"),
+            {"t": "2026-01-01 00:00:00"},
+        )
+
+    _a_nullable_column_added_and_dropped(
+        engine,
+        before="0017",
+        after="0018",
+        table="runs",
+        column="heartbeat_at",
+        kept="SELECT id, kind, status, started_by FROM runs",
+        rows=[(1, "sync", "running", "cli")],
+    )
+
+    assert upgrade(engine) == ("0017", head_revision())
 
 
 def test_db_upgrade_command(env: dict[str, str], cli) -> None:
