@@ -19,7 +19,16 @@ from sqlalchemy.orm import Session
 
 from db import audit, snapshots
 from db.models import Snapshot
-from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed, NotFound, OutcomeUnknown, RequestRejected
+from keyhygiene.keysapi.errors import (
+    ApiError,
+    AuthenticationFailed,
+    CertificateRefused,
+    ConnectionFailed,
+    NotFound,
+    OutcomeUnknown,
+    RateLimited,
+    RequestRejected,
+)
 from keyhygiene.keysapi.fields import FIELDS_BY_NAME, MICROS_PER_USD
 from keyhygiene.keysapi.models import Key
 from keyhygiene.rules import (
@@ -552,7 +561,11 @@ def _carry_out(
     except ApiError as exc:
         # A lost answer (OutcomeUnknown) or a garbled one: settled from the key's fresh state, never
         # by sending the change again.
-        applied, after = (False, None) if isinstance(exc, RequestRejected) else _took_effect(client, decision)
+        # Refused (4xx, 429) or never sent (no connection, a certificate refused): surely not made,
+        # and not worth a read (the client turns these into OutcomeUnknown when an earlier try
+        # was answered 503, which a gateway may have sent after the API acted).
+        not_made = isinstance(exc, RequestRejected | RateLimited | ConnectionFailed | CertificateRefused)
+        applied, after = (False, None) if not_made else _took_effect(client, decision)
         if applied:
             reason = f"the API's answer was lost or unreadable ({exc}); the key's fresh state shows the change was made"
             return outcome_is(audit.DONE, reason=reason, after=after)

@@ -278,6 +278,35 @@ def test_a_retry_after_holds_back_every_thread_of_the_client(fake: FakeOpenRoute
     assert len(listed) <= 4  # those already on their way when the 429 came, at most
 
 
+def test_a_change_refused_with_429_after_a_503_may_have_been_made(fake: FakeOpenRouter, make_client) -> None:
+    # The first PATCH is answered 503 by a gateway after the API made it; the one sent again is
+    # refused with a Retry-After past the retry time. The change is in doubt, not surely unmade.
+    (key,) = add_keys(fake, 1)
+    fake.faults.server_error(1, 503, method="PATCH", after_processing=True)
+    fake.faults.rate_limit(1, retry_after=120, method="PATCH")
+
+    with pytest.raises(OutcomeUnknown, match="an earlier try was answered 503"):
+        make_client(retry_seconds=5.0).update_key(key, disabled=True)
+
+    assert fake.get(key)["disabled"] is True  # type: ignore[index]
+
+
+def test_a_wait_asked_for_by_another_request_past_this_ones_retry_time_ends_it_unsent(
+    fake: FakeOpenRouter, make_client
+) -> None:
+    # Another thread was told to wait 1.5 s; this request has 1 s of its retry time left (of 2 s):
+    # it ends rate limited at once instead of sending when its time is up.
+    add_keys(fake, 1)
+    client = make_client(retry_seconds=2.0)
+    client._asked_to_wait(1.5)
+    fake.clear_calls()
+
+    with pytest.raises(RateLimited, match="not sent"):
+        client._send_once("GET", "/keys", deadline=time.monotonic() + 1.0)
+
+    assert fake.calls == []
+
+
 @pytest.mark.parametrize("header", ["nan", "inf", "-inf", "soon"])
 def test_a_retry_after_that_is_no_number_of_seconds_falls_back_to_our_backoff(
     fake: FakeOpenRouter, make_client, header: str

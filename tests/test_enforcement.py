@@ -587,6 +587,49 @@ def test_a_delete_that_lands_after_its_answer_was_lost_is_recorded_as_made_befor
     assert org.fake.change_counts()[("DELETE", doomed)] == 1
 
 
+def _disable_an_idle_key(
+    fake: FakeOpenRouter, database: Database, client: KeysClient
+) -> tuple[str, int, str, list[dict[str, Any]]]:
+    """One change made as enforcement makes it (intent, fresh check, change, outcome) with ``client``,
+    then closed: the key's hash, the run's id, the outcome and the log events. The fake's calls are
+    those of the change alone."""
+    now = utcnow()
+    idle = str(fake.add_key("dev-idle", created_at=now - 90 * DAY, last_used_at=now - 60 * DAY)["hash"])
+    with session_scope(database) as session:
+        run_id = runs.start_run(session, kind="enforce", now=now, dry_run=False).id
+    decision = Decision(idle, "dev-idle", None, "disable", "disable-idle", ("disable-idle",), {})
+    fake.clear_calls()
+    try:
+        with capture_logs() as logs:
+            outcome = change_key(database, client, decision, run_id=run_id, recheck=lambda d, _: d, clock=lambda: now)
+    finally:
+        client.close()
+    return idle, run_id, outcome, logs
+
+
+def test_a_change_refused_with_a_long_retry_after_is_failed_without_a_fresh_read(
+    fake: FakeOpenRouter, fake_url: str, database: Database
+) -> None:
+    """A 429 is a refusal: the change was not made. Its Retry-After is past the retry time, so the
+    client neither tries again nor reads the key before then: the change is failed at once (a
+    later run decides again), not left in doubt."""
+    fake.faults.rate_limit(1, retry_after=120, method="PATCH")
+
+    _, run_id, outcome, logs = _disable_an_idle_key(
+        fake, database, KeysClient(fake_url, MANAGEMENT_KEY, retry_seconds=0.5)
+    )
+
+    assert outcome == "failed"
+    # The fresh check before the change, then the change alone: no read after it.
+    assert [(call.method, call.status) for call in fake.calls] == [("GET", 200), ("PATCH", 429)]
+    assert [(entry["event"], entry["outcome"]) for entry in logs if entry["event"].startswith("key_action")] == [
+        ("key_action", "failed")
+    ]
+    with database.sessions() as session:
+        (row,) = session.scalars(select(Action).where(Action.run_id == run_id))
+    assert row.outcome == "failed" and "rate limited" in (row.error or "")
+
+
 class _FieldIgnored(KeysClient):
     """The real client against the fake, except that a change's ``disabled`` goes out under a name
     the API does not know, beside the key's own name: as the API does with unknown fields, the fake
@@ -600,17 +643,7 @@ class _FieldIgnored(KeysClient):
 def test_a_change_answered_with_the_key_as_it_was_is_failed_not_done(
     fake: FakeOpenRouter, fake_url: str, database: Database
 ) -> None:
-    now = utcnow()
-    idle = str(fake.add_key("dev-idle", created_at=now - 90 * DAY, last_used_at=now - 60 * DAY)["hash"])
-    with session_scope(database) as session:
-        run_id = runs.start_run(session, kind="enforce", now=now, dry_run=False).id
-    decision = Decision(idle, "dev-idle", None, "disable", "disable-idle", ("disable-idle",), {})
-    client = _FieldIgnored(fake_url, MANAGEMENT_KEY)
-    try:
-        with capture_logs() as logs:
-            outcome = change_key(database, client, decision, run_id=run_id, recheck=lambda d, _: d, clock=lambda: now)
-    finally:
-        client.close()
+    idle, run_id, outcome, logs = _disable_an_idle_key(fake, database, _FieldIgnored(fake_url, MANAGEMENT_KEY))
 
     assert outcome == "failed"
     assert fake.get(idle)["disabled"] is False  # type: ignore[index]

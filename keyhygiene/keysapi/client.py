@@ -365,31 +365,41 @@ class KeysClient:
             reraise=True,
         )
         refused = False  # an attempt was answered 503 (see _REFUSED_STATUSES)
-        for attempt in retrying:
-            with attempt:
-                try:
-                    return self._send_once(method, path, **kwargs)
-                except ServerError:
-                    refused = True
-                    raise
-                except NotFound:
-                    # A gateway may answer 503 after the API behind it deleted the key: then the
-                    # 404 to the DELETE sent again may be our own doing.
-                    if method == "DELETE" and refused:
-                        raise OutcomeUnknown(
-                            f"{method} {path}: 404 after an attempt answered 503, which may have deleted the key"
-                        ) from None
-                    raise
+        deadline = time.monotonic() + self.retry_seconds
+        try:
+            for attempt in retrying:
+                with attempt:
+                    try:
+                        return self._send_once(method, path, deadline=deadline, **kwargs)
+                    except ServerError:
+                        refused = True
+                        raise
+                    except NotFound:
+                        # A gateway may answer 503 after the API behind it deleted the key: then the
+                        # 404 to the DELETE sent again may be our own doing.
+                        if method == "DELETE" and refused:
+                            raise OutcomeUnknown(
+                                f"{method} {path}: 404 after an attempt answered 503, which may have deleted the key"
+                            ) from None
+                        raise
+        except (RateLimited, ConnectionFailed, CertificateRefused) as exc:
+            # The last try surely made no change (refused with 429, or never sent); an earlier one
+            # answered 503 may have, behind a gateway that answered after the API acted.
+            if method in _CHANGES and refused:
+                raise OutcomeUnknown(f"{exc}; an earlier try was answered 503 and may have made the change") from None
+            raise
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 
-    def _hold_back(self, where: str) -> None:
+    def _hold_back(self, where: str, deadline: float | None = None) -> None:
         """Wait while the API has asked this client to (one thread's 429 holds back every thread,
-        instead of each finding a 429 of its own); a wait longer than the retry time is not waited:
-        the request ends rate limited, unsent."""
+        instead of each finding a 429 of its own); a wait that would end past the request's retry
+        time (``deadline``, on ``time.monotonic``) is not waited: the request ends rate limited,
+        unsent."""
+        now = time.monotonic()
         with self._lock:
-            wait = self._not_before - time.monotonic()
-        if wait > self.retry_seconds:
-            asked = f"the API asked to wait {wait:.0f} s more, longer than the retry time"
+            wait = self._not_before - now
+        if wait > (self.retry_seconds if deadline is None else deadline - now):
+            asked = f"the API asked to wait {wait:.0f} s more, past the retry time"
             raise RateLimited(f"{where}: rate limited (not sent): {asked}", retry_after=wait)
         if wait > 0:
             time.sleep(wait)
@@ -399,9 +409,17 @@ class KeysClient:
             with self._lock:
                 self._not_before = max(self._not_before, time.monotonic() + seconds)
 
-    def _send_once(self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None) -> Any:
+    def _send_once(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+        deadline: float | None = None,
+    ) -> Any:
         where = f"{method} {path}"
-        self._hold_back(where)
+        self._hold_back(where, deadline)
         with self._lock:
             self.requests_sent += 1
         change = method in _CHANGES
