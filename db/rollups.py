@@ -521,8 +521,13 @@ def spend_rows(
     def joined(source: Any) -> Any:
         return source.join(t, t.c.id == source.c.key_id).outerjoin(record, record.c.key_id == source.c.key_id)
 
+    # A key's row of a whole day of the range, with spend: what the whole days are read from.
+    whole_spent = (
+        and_(days.c.day >= whole[0], days.c.day <= whole[-1], or_(days.c.usage > 0, days.c.byok_usage > 0))
+        if whole
+        else false()
+    )
     if whole and not per_day:
-        spent = or_(days.c.usage > 0, days.c.byok_usage > 0)
         totals = (
             select(
                 days.c.key_id,
@@ -531,7 +536,7 @@ def spend_rows(
                 func.sum(type_coerce(days.c.usage, BigInteger)).label("usage"),
                 func.sum(type_coerce(days.c.byok_usage, BigInteger)).label("byok_usage"),
             )
-            .where(days.c.day >= whole[0], days.c.day <= whole[-1], spent)
+            .where(whole_spent)
             .group_by(days.c.key_id)
             .subquery()
         )
@@ -545,20 +550,14 @@ def spend_rows(
     elif whole:
         # The bulk of a long period: only the columns a step needs (no times to convert).
         steps = session.execute(
-            select(*described, days.c.day, days.c.usage, days.c.byok_usage)
-            .select_from(joined(days))
-            .where(days.c.day >= whole[0], days.c.day <= whole[-1], or_(days.c.usage > 0, days.c.byok_usage > 0))
+            select(*described, days.c.day, days.c.usage, days.c.byok_usage).select_from(joined(days)).where(whole_spent)
         )
         for key_hash, name, workspace_id, creator, step_day, credit, byok in steps:
             yield SpendRow(
                 key_hash, step_day, name or "", workspace_id, creator, None, _usd(credit), _usd(byok), whole_day=True
             )
     first_in_range = and_(days.c.first_seen_at <= upper, days.c.first_seen_at > lower if lower is not None else true())
-    listed = (
-        and_(days.c.day >= whole[0], days.c.day <= whole[-1], or_(days.c.usage > 0, days.c.byok_usage > 0))
-        if whole and per_day
-        else false()
-    )
+    listed = whole_spent if per_day else false()  # the first sight's day came as a row above
     firsts = session.execute(
         select(
             *described,

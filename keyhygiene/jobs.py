@@ -274,6 +274,7 @@ def execute(
                 held_by, lease = lease.held_by, None
                 holder = held_by.describe() if held_by else None
                 return _skipped(database, kind, clock(), started_by, task_id, holder, allow_actions)
+        dead_after = 2 * settings.job_time_limit  # a run still running this long: its process died
         run_id = _start(
             database,
             kind=kind,
@@ -282,10 +283,10 @@ def execute(
             task_id=task_id,
             dry_run=effective_dry_run,
             allow_actions=allow_actions,
-            stale_after=2 * settings.job_time_limit,
+            stale_after=dead_after,
         )
         if started_by == runs.CLI:  # no time limit: its age alone cannot tell that its process died
-            alive = RunHeartbeat.start(database, run_id, clock=clock, stale_after=2 * settings.job_time_limit)
+            alive = RunHeartbeat.start(database, run_id, clock=clock, stale_after=dead_after)
         with _run_context(run_id, allow_actions):
             log.info("run_started", kind=kind, started_by=started_by, dry_run=effective_dry_run)
             outcome = _execute(

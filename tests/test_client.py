@@ -262,20 +262,22 @@ def test_a_retry_after_longer_than_the_retry_time_ends_the_request_without_tryin
 
 
 def test_a_retry_after_holds_back_every_thread_of_the_client(fake: FakeOpenRouter, make_client) -> None:
-    # Ten workspaces of keys, four threads: once one request is told to wait two minutes, the others
-    # send nothing more either (each would get a 429 of its own), and the listing ends rate limited.
+    # One request is told to wait two minutes; then a listing of ten workspaces on four threads
+    # sends nothing (each request would get a 429 of its own) and ends rate limited at once.
     for index in range(10):
         workspace = str(fake.add_workspace(f"team-{index}")["id"])
         add_keys(fake, 150, workspace_id=workspace, prefix=f"team-{index}")
     fake.faults.rate_limit(1, retry_after=120, path="/keys")
     client = make_client(concurrency=4, retry_seconds=2.0)
-
+    workspaces = [workspace.id for workspace in client.list_workspaces()]
     with pytest.raises(RateLimited):
-        client.list_all_keys([workspace.id for workspace in client.list_workspaces()])
+        client.list_keys_page(workspace_id=workspaces[0], offset=0)
+    fake.clear_calls()
 
-    listed = [call for call in fake.calls if call.path == "/keys"]
-    assert [call.status for call in listed].count(429) == 1
-    assert len(listed) <= 4  # those already on their way when the 429 came, at most
+    with pytest.raises(RateLimited, match="not sent"):
+        client.list_all_keys(workspaces)
+
+    assert fake.calls == []
 
 
 def test_a_change_refused_with_429_after_a_503_may_have_been_made(fake: FakeOpenRouter, make_client) -> None:

@@ -530,27 +530,34 @@ def test_a_delete_in_doubt_is_settled_from_the_fresh_state(
 
 
 def _run_losing_the_answer(
-    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], *, key_hash: str, method: str, status: int
-) -> tuple[CliResult, Action]:
-    """A run whose change to ``key_hash`` gets ``status`` from a gateway, the API behind it not
-    (yet) having made it: the run fails, the change left in doubt (its intent pending)."""
+    org: Org,
+    ready: dict[str, str],
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    *,
+    key: str,
+    method: str,
+    status: int,
+) -> tuple[str, CliResult, Action]:
+    """A run whose change to the key named ``key`` gets ``status`` from a gateway, the API behind it
+    not (yet) having made it: the run fails, the change left in doubt (its intent pending)."""
+    rules_file(org.rules())
+    key_hash = org.hashes[key]
     org.fake.faults.server_error(1, status, method=method, path=f"/keys/{key_hash}")
     result = cli("run")
     assert result.exit_code == 1, result.stderr  # one change failed; the others were made
     assert org.fake.change_counts()[(method, key_hash)] == 1  # not re-sent
     row = next(a for a in _actions(ready) if a.key_hash == key_hash)
     assert row.outcome == "pending"
-    return result, row
+    return key_hash, result, row
 
 
 def test_a_disable_whose_answer_was_lost_and_not_applied_is_not_resent_and_stays_in_doubt(
     org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
 ) -> None:
-    rules_file(org.rules())
-    idle = org.hashes["dev-idle"]
     # A 502 from a proxy: the PATCH may or may not have reached the API, or may still be at work
     # behind it. Here it did not reach it.
-    result, row = _run_losing_the_answer(org, ready, cli, key_hash=idle, method="PATCH", status=502)
+    idle, result, row = _run_losing_the_answer(org, ready, cli, rules_file, key="dev-idle", method="PATCH", status=502)
 
     assert org.fake.get(idle)["disabled"] is False  # type: ignore[index]
     assert [event["fresh_state"] for event in result.events_named("key_action_in_doubt")] == ["unchanged"]
@@ -569,10 +576,10 @@ def test_a_disable_whose_answer_was_lost_and_not_applied_is_not_resent_and_stays
 def test_a_delete_that_lands_after_its_answer_was_lost_is_recorded_as_made_before_the_shrink_guard(
     org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
 ) -> None:
-    rules_file(org.rules())
-    doomed = org.hashes["dev-expired-old"]
     # A gateway times out on the DELETE and the key still shows; the API deletes it later.
-    _, row = _run_losing_the_answer(org, ready, cli, key_hash=doomed, method="DELETE", status=504)
+    doomed, _, row = _run_losing_the_answer(
+        org, ready, cli, rules_file, key="dev-expired-old", method="DELETE", status=504
+    )
     assert row.action == "delete"
     org.fake.delete_key(doomed)  # the request that was at work behind the gateway
     # One key of 21 gone (4.8%) is more than the guard lets pass unexplained now.

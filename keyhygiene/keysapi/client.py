@@ -84,6 +84,10 @@ class Listing:
     duplicates: int
 
 
+LONGEST_BACKOFF = 10.0
+"""Seconds between two tries of a request at most, when the API names no wait: the last try may
+start this long after the retry time (``_StopRetrying``)."""
+
 _LEAST_WAIT = 0.25
 """Seconds between two tries of one request, whatever ``Retry-After`` says: an API that answers
 ``Retry-After: 0`` gets at most four tries a second from each thread, not a flood."""
@@ -361,7 +365,7 @@ class KeysClient:
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
             stop=_StopRetrying(self.retry_seconds),
-            wait=_WaitRetryAfter(wait_exponential_jitter(multiplier=0.25, max=10.0)),
+            wait=_WaitRetryAfter(wait_exponential_jitter(multiplier=0.25, max=LONGEST_BACKOFF)),
             reraise=True,
         )
         refused = False  # an attempt was answered 503 (see _REFUSED_STATUSES)
