@@ -26,6 +26,7 @@ class Front:
     upstream: str | None = None  # forward every request here (a reverse proxy); None: a forward proxy
     compress: bool = False  # gzip the answers of requests that accept it
     chunked: bool = False  # answer with Transfer-Encoding: chunked, in chunks of 1000 bytes
+    corrupt: int = 0  # the next this many answers say gzip but carry bytes that are not (after forwarding)
     targets: list[str] = field(default_factory=list)
     compressed: list[str] = field(default_factory=list)
     url: str = ""
@@ -38,12 +39,14 @@ class _Forwarding(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         front = self.front
         front.targets.append(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        sent = self.rfile.read(length) if length else None
         target = urlsplit(front.upstream + self.path if front.upstream else self.path)
         upstream = http.client.HTTPConnection(target.hostname or "", target.port, timeout=10)
         headers = {name: value for name, value in self.headers.items() if name.lower() != "proxy-connection"}
         headers["Host"] = target.netloc
         headers["Accept-Encoding"] = "identity"
-        upstream.request("GET", f"{target.path}?{target.query}", headers=headers)
+        upstream.request(self.command, f"{target.path}?{target.query}", body=sent, headers=headers)
         answer = upstream.getresponse()
         body = answer.read()
         upstream.close()
@@ -53,6 +56,10 @@ class _Forwarding(http.server.BaseHTTPRequestHandler):
             body = gzip.compress(body)
             self.send_header("Content-Encoding", "gzip")
             front.compressed.append(self.path)
+        if front.corrupt > 0:
+            front.corrupt -= 1
+            body = b"\x1f\x8b not gzip at all"
+            self.send_header("Content-Encoding", "gzip")
         if front.chunked:
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
@@ -64,6 +71,8 @@ class _Forwarding(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    do_PATCH = do_DELETE = do_POST = do_GET
 
     def log_message(self, *_: object) -> None:
         pass

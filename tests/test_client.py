@@ -15,6 +15,7 @@ import pytest
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import (
+    ApiError,
     AuthenticationFailed,
     ConnectionFailed,
     MalformedResponse,
@@ -322,7 +323,7 @@ def test_a_retry_after_that_is_no_number_of_seconds_falls_back_to_our_backoff(
     assert [call.status for call in fake.calls if call.path == "/keys"] == [429, 429, 200]
 
 
-@pytest.mark.parametrize("status", [500, 502, 503, 504])
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 520, 522, 524])
 def test_server_errors_are_retried(fake: FakeOpenRouter, make_client, status: int) -> None:
     hashes = add_keys(fake, 150)
     fake.faults.server_error(2, status=status, retry_after=0.05, path="/keys")
@@ -347,6 +348,9 @@ LOST_ANSWERS: dict[str, Callable[[FakeOpenRouter], None]] = {
     "500": lambda fake: fake.faults.server_error(1, 500, method="PATCH"),
     "502": lambda fake: fake.faults.server_error(1, 502, method="PATCH"),
     "504": lambda fake: fake.faults.server_error(1, 504, method="PATCH"),
+    # A CDN in front of the API: the origin failed (520) or took too long (524), maybe after acting.
+    "520": lambda fake: fake.faults.server_error(1, 520, method="PATCH", after_processing=True),
+    "524": lambda fake: fake.faults.server_error(1, 524, method="PATCH", after_processing=True),
 }
 
 
@@ -359,6 +363,26 @@ def test_a_change_whose_answer_was_lost_is_never_sent_again(fake: FakeOpenRouter
         make_client().update_key(key, disabled=True)
 
     assert fake.change_counts()[("PATCH", key)] == 1
+
+
+def test_a_server_error_no_retry_can_mend_is_not_retried(fake: FakeOpenRouter, make_client) -> None:
+    add_keys(fake, 5)
+    fake.faults.server_error(5, status=501, path="/keys")
+
+    with pytest.raises(ApiError, match="501"):
+        make_client().list_keys_page(workspace_id=None, offset=0)
+
+    assert [call.status for call in fake.calls if call.path == "/keys"] == [501]
+
+
+def test_a_key_created_whose_answer_was_lost_is_not_created_again(fake: FakeOpenRouter, make_client) -> None:
+    # A POST sent again after a 502 that came once the key was made would make a second live key.
+    fake.faults.server_error(1, 502, method="POST", after_processing=True)
+
+    with pytest.raises(OutcomeUnknown):
+        make_client().create_key("service-a")
+
+    assert [key["name"] for key in fake.keys] == ["service-a"]
 
 
 @pytest.mark.parametrize("refusal", [429, 503])
@@ -572,6 +596,26 @@ def test_compressed_answers_are_read(fake: FakeOpenRouter, fake_url: str) -> Non
     ):
         assert sorted(client.list_all_keys([None]).keys) == sorted(hashes)
     assert any(target.startswith("/api/v1/keys?") for target in front.compressed)
+
+
+def test_a_garbled_compressed_answer_is_retried_for_a_read_and_in_doubt_for_a_change(
+    fake: FakeOpenRouter, fake_url: str
+) -> None:
+    """A proxy that says gzip and sends something else: the read is asked again; the change may
+    have been made, so it is not sent again."""
+    first, second = add_keys(fake, 2)
+    with (
+        serving(Front(upstream=fake_url.split("/api/")[0], corrupt=1)) as front,
+        KeysClient(f"{front.url}/api/v1", MANAGEMENT_KEY, retry_seconds=5) as client,
+    ):
+        assert client.get_key(first).hash == first
+        assert front.targets == [f"/api/v1/keys/{first}"] * 2
+
+        front.corrupt = 1
+        with pytest.raises(OutcomeUnknown, match="could not be decoded"):
+            client.update_key(second, disabled=True)
+    assert fake.change_counts()[("PATCH", second)] == 1
+    assert fake.get(second)["disabled"] is True  # type: ignore[index]
 
 
 def test_the_proxy_the_environment_names_is_used_unless_no_proxy_exempts_the_host(

@@ -1,9 +1,9 @@
 """A thin, typed client for OpenRouter's API-keys (management) endpoints.
 
 The client knows the wire format and nothing about rules. It retries what is worth retrying (429,
-5xx and connection failures, honouring ``Retry-After``) within a bounded total time, and turns
+5xx other than 501 and 505, and connection failures, honouring ``Retry-After``) within a bounded total time, and turns
 every other failure into a typed error from :mod:`keyhygiene.keysapi.errors`. A change (PATCH,
-DELETE) is re-sent only when it surely was not applied (no connection, 429, 503); when its answer
+DELETE, POST) is re-sent only when it surely was not applied (no connection, 429, 503); when its answer
 is lost it raises OutcomeUnknown instead of repeating a destructive call. A ``Retry-After`` holds
 back every thread of the client, not only the request that got it, and one longer than the retry
 time left ends the request at once instead of trying again early. It is safe to share
@@ -48,11 +48,16 @@ from .paging import PAGE_SIZE, KeyStream, ProgressCallback
 from .reads import ReadTransport
 
 WORKSPACE_PAGE_SIZE = 100
-_RETRIED_STATUSES = {500, 502, 503, 504}
-_CHANGES = frozenset({"PATCH", "DELETE"})
-"""Destructive methods: retried only when the request surely was not applied (see ``_send_once``)."""
+_NOT_RETRIED_5XX = {501, 505}
+"""5xx answers that no retry can change (not implemented, HTTP version): every other 5xx (500-504,
+and the 52x a CDN such as Cloudflare answers for an origin that failed or took too long) is worth
+another try of a read."""
+_CHANGES = frozenset({"PATCH", "DELETE", "POST"})
+"""Methods that change something (a POST creates a key): retried only when the request surely was
+not applied (see ``_send_once``)."""
 _REFUSED_STATUSES = {503}
-"""5xx answers that refuse a request without acting on it; any other 5xx to a change is in doubt."""
+"""5xx answers that refuse a request without acting on it; any other 5xx to a change (a 524 is a
+CDN that stopped waiting for an API still at work) is in doubt."""
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 """Transport failures that happen before a request is on the wire."""
 _USER_AGENT = "keyhygiene/0.1 (+https://github.com/keyhygiene/keyhygiene)"
@@ -447,13 +452,14 @@ class KeysClient:
             said = str(exc).strip()
             reason = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
             raise ConnectionFailed(f"{where}: cannot reach the API at {self.base_url} ({reason})") from None
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, httpx.DecodingError) as exc:
             # The request may have reached the API: a change is in doubt, a read is simply retried.
-            lost = (
-                "the API did not answer in time"
-                if isinstance(exc, httpx.TimeoutException)
-                else (f"the connection broke before the answer ({type(exc).__name__})")
-            )
+            if isinstance(exc, httpx.TimeoutException):
+                lost = "the API did not answer in time"
+            elif isinstance(exc, httpx.DecodingError):  # a proxy that garbled a compressed answer
+                lost = "the answer could not be decoded (its Content-Encoding does not match its bytes)"
+            else:
+                lost = f"the connection broke before the answer ({type(exc).__name__})"
             if change:
                 raise OutcomeUnknown(f"{where}: {lost}; the change may or may not have been made") from None
             raise ConnectionFailed(f"{where}: {lost}") from None
@@ -466,10 +472,11 @@ class KeysClient:
             retry_after = _retry_after(response)
             self._asked_to_wait(retry_after)
             raise RateLimited(f"{where}: rate limited (429): {message}", status=status, retry_after=retry_after)
-        if change and status in _RETRIED_STATUSES and status not in _REFUSED_STATUSES:
+        server_error = 500 <= status < 600 and status not in _NOT_RETRIED_5XX
+        if change and server_error and status not in _REFUSED_STATUSES:
             failed = f"{where}: the API failed ({status}) while making the change: {message}"
             raise OutcomeUnknown(failed, status=status)
-        if status in _RETRIED_STATUSES:
+        if server_error:
             retry_after = _retry_after(response)
             self._asked_to_wait(retry_after)
             raise ServerError(f"{where}: the API failed ({status}): {message}", status=status, retry_after=retry_after)
