@@ -132,6 +132,8 @@ def _start(
 
 def _finish(database: Database, outcome: JobOutcome, now: datetime, dry_run: bool | None = None) -> JobOutcome:
     assert outcome.run_id is not None
+    # The message goes on to the runs table, the log, the command's output and the notices.
+    outcome.message = khlog.redact_text(outcome.message)
     try:
         with session_scope(database) as session:
             runs.finish_run(
@@ -140,7 +142,7 @@ def _finish(database: Database, outcome: JobOutcome, now: datetime, dry_run: boo
                 status=outcome.status,
                 now=now,
                 exit_code=outcome.exit_code,
-                message=khlog.redact_text(outcome.message),
+                message=outcome.message,
                 summary=outcome.summary or None,
                 dry_run=dry_run,
             )

@@ -533,7 +533,7 @@ def _run_body(database: Database, outcome: JobOutcome, said: str) -> dict[str, A
         outcome=said,
         counts=_counts(outcome),
         keys=keys,
-        message=outcome.message,
+        message=khlog.redact_text(outcome.message),
         dry_run=_dry_run(outcome),
     )
 

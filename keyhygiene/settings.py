@@ -74,9 +74,16 @@ def _shown(name: str, value: object) -> str:
     return f" (got {value!r})"
 
 
+_QUERY_PASSWORD = re.compile(r"((?:^|[?&])[^=&]*pass[^=&]*=)[^&]*", re.IGNORECASE)
+
+
 def _without_password(value: str) -> str:
     """``value`` with what a URL's user part could hide masked: everything between ``user:`` and the
-    last ``@`` (a password may hold ``@`` and ``/`` itself), or all of it when there is no ``user:``."""
+    last ``@`` (a password may hold ``@`` and ``/`` itself), or all of it when there is no ``user:``;
+    and the value of a query parameter named like a password (``?password=``, ``sslpassword=``)."""
+    base, question, query = value.partition("?")
+    if question:
+        return _without_password(base) + "?" + _QUERY_PASSWORD.sub(r"\1***", query)
     start = value.find("://") + 3 if "://" in value else 0
     userinfo, at, host = value[start:].rpartition("@")
     # No user part: nothing before the "@" ("@hourly"), or an "@" in a file path (sqlite:////a@b/x.db).
@@ -197,9 +204,10 @@ class Settings(BaseSettings):
 
     management_key: SecretStr | None = Field(default=None, validation_alias="OPENROUTER_MANAGEMENT_KEY")
     base_url: str = Field(default=DEFAULT_BASE_URL, validation_alias="OPENROUTER_BASE_URL")
-    database_url: str = Field(default="sqlite:///keyhygiene.db", validation_alias="KEYHYGIENE_DATABASE_URL")
+    # repr=False: a URL may hold a password, and a settings object shows up in tracebacks and logs.
+    database_url: str = Field(default="sqlite:///keyhygiene.db", validation_alias="KEYHYGIENE_DATABASE_URL", repr=False)
     rules_file: str = Field(default="keyhygiene.toml", validation_alias="KEYHYGIENE_RULES_FILE")
-    broker_url: str = Field(default="redis://localhost:6379/0", validation_alias="KEYHYGIENE_BROKER_URL")
+    broker_url: str = Field(default="redis://localhost:6379/0", validation_alias="KEYHYGIENE_BROKER_URL", repr=False)
     schedule: str = Field(default=DEFAULT_SCHEDULE, validation_alias="KEYHYGIENE_SCHEDULE")
     log_format: Literal["auto", "json", "console"] = Field(default="auto", validation_alias="KEYHYGIENE_LOG_FORMAT")
     http_concurrency: int = Field(default=8, ge=1, le=64, validation_alias="KEYHYGIENE_HTTP_CONCURRENCY")

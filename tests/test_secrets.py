@@ -10,6 +10,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from db.models import Base
 from keyhygiene import logging as khlog
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.fakeapi.webhook import WebhookSink
 from keyhygiene.jobs import execute
 from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import ApiError
@@ -181,8 +183,16 @@ def test_an_unexpected_error_carrying_the_key_is_not_stored(
         raise RuntimeError(f"cannot use {MANAGEMENT_KEY}")
 
     monkeypatch.setattr(KeysClient, "stream_keys", broken)
-
-    result = cli("sync")
+    # A notice of the failure goes out too, with the run's message in it.
+    Path(env["KEYHYGIENE_RULES_FILE"]).write_text(
+        '[[notify]]\nname = "ops"\nurl_env = "KH_TEST_WEBHOOK"\nformat = "json"\non = ["failed"]\n'
+    )
+    with WebhookSink() as sink:
+        monkeypatch.setenv("KH_TEST_WEBHOOK", sink.url)
+        result = cli("sync")
 
     assert result.exit_code == 1
-    assert not leaks(_every_stored_value(database))
+    stored = _every_stored_value(database)
+    assert "cannot use [REDACTED]" in stored  # the scan sees the run's message and the notice
+    assert not leaks(stored)
+    assert [body["message"] for body in sink.bodies()] == ["unexpected error: RuntimeError: cannot use [REDACTED]"]

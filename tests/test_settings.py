@@ -437,6 +437,12 @@ def test_commands_refuse_a_broken_url_at_start(
         ("KEYHYGIENE_BROKER_URL", "amqp://guest:s3@cretSECRET@mq.example//", "amqp://guest:***@mq.example//"),
         ("KEYHYGIENE_BROKER_URL", "redis://:p@ssSECRET@127.0.0.1:99999/0", "redis://:***@127.0.0.1:99999/0"),
         ("KEYHYGIENE_BROKER_URL", "redis://tokenSECRET@127.0.0.1:99999/0", "redis://***@127.0.0.1:99999/0"),
+        # libpq takes a password as a query parameter too.
+        (
+            "KEYHYGIENE_DATABASE_URL",
+            "postgresql+psycopg://kh@db.example:99999/keys?sslmode=require&password=pSECRET",
+            "postgresql+psycopg://***@db.example:99999/keys?sslmode=require&password=***",
+        ),
     ],
 )
 def test_a_password_with_an_at_sign_is_not_echoed(
@@ -492,3 +498,16 @@ def test_a_management_key_pasted_into_another_variable_is_not_echoed(
     (line,) = result.stderr.splitlines()
     assert "KEYHYGIENE_SCHEDULE: " in line and "KEYHYGIENE_DATABASE_URL: " in line
     assert key not in line
+
+
+def test_the_settings_object_does_not_show_the_passwords_its_urls_hold(clean_env: Path) -> None:
+    # A settings object shows up in a traceback's locals, an assertion's output or a log line.
+    settings = load_settings(
+        KEYHYGIENE_DATABASE_URL="postgresql+psycopg://kh:dbSECRET@db.example/keys",
+        KEYHYGIENE_BROKER_URL="redis://:brokerSECRET@127.0.0.1:6379/0",
+        OPENROUTER_MANAGEMENT_KEY="sk-or-v1-" + "a" * 64,
+    )
+
+    assert "SECRET" not in repr(settings) + str(settings)
+    assert "a" * 64 not in repr(settings) + str(settings)
+    assert settings.database_url.endswith("kh:dbSECRET@db.example/keys")  # still there to connect with
