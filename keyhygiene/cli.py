@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 import signal
 import sys
 import threading
@@ -251,8 +252,22 @@ def undo(state: State, run_id: int, dry_run: bool) -> None:
     _finish_job(execute("undo", state.settings, dry_run=dry_run, undo_run_id=run_id))
 
 
+def _key_hashes(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    # A hash goes into the request's path (/keys/HASH) and the audit log's 128-character column.
+    for value in values:
+        if not _KEY_HASH.fullmatch(value):
+            raise click.BadParameter(
+                f"{value[:70]!r} is not a key hash: a key's full hash is letters and digits "
+                "(64 hex characters; `keyhygiene report inventory --format json` lists them)"
+            )
+    return values
+
+
+_KEY_HASH = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
 @cli.command()
-@click.argument("key_hashes", nargs=-1, required=True, metavar="HASH...")
+@click.argument("key_hashes", nargs=-1, required=True, metavar="HASH...", callback=_key_hashes)
 @click.option("--dry-run", is_flag=True, help="Check each key fresh and record what would be enabled; change nothing.")
 @pass_state
 def enable(state: State, key_hashes: tuple[str, ...], dry_run: bool) -> None:

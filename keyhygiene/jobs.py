@@ -267,9 +267,14 @@ def execute(
     alive: RunHeartbeat | None = None
     try:
         ruleset = load_ruleset(settings) if kind in RULES_JOBS else None
+        if kind != "prune" and client is None:
+            # Bad usage, like a bad rules file, is refused before a run is recorded (or a notice sent).
+            settings.require_management_key()
         effective_dry_run = _effective_dry_run(kind, ruleset, dry_run)
         if database is None:
             database = Database.open(settings)
+        if kind == "undo" and undo_run_id is not None:
+            _require_run(database, undo_run_id)
         if kind in CHANGING_JOBS and not effective_dry_run:
             lease = EnforcementLease(database, job=kind)
             if not lease.acquire():
@@ -328,6 +333,13 @@ def execute(
             lease.release()
         if own_database and database is not None:
             database.close()
+
+
+def _require_run(database: Database, run_id: int) -> None:
+    """Refuse, before a run is recorded, an undo of a run that does not exist (a typo)."""
+    with database.sessions() as session:
+        if runs.get_run(session, run_id) is None:
+            raise UsageError(f"there is no run {run_id} before this one: see `keyhygiene report runs`")
 
 
 def _skipped(

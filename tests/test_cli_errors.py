@@ -53,19 +53,24 @@ def error_line(result: object) -> str:
 
 
 @pytest.mark.parametrize("value", [None, "", "   "])
+@pytest.mark.parametrize("command", ["sync", "run", "enable"])
 def test_a_missing_management_key_is_a_usage_error(
-    sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch, fake: FakeOpenRouter, value: str | None
+    sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch, fake: FakeOpenRouter, value: str | None, command: str
 ) -> None:
     if value is None:
         monkeypatch.delenv("OPENROUTER_MANAGEMENT_KEY")
     else:
         monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", value)
+    (sqlite_env.parent / "keyhygiene.toml").write_text("")
 
-    result = cli("sync")
+    result = cli(command, *(["a" * 64] if command == "enable" else []))
 
     assert result.exit_code == 2
     assert "OPENROUTER_MANAGEMENT_KEY is not set" in error_line(result)
     assert fake.calls == []
+    # Like a bad rules file, no run is recorded: ``status`` and the run counts stay as they were.
+    with sqlite3.connect(sqlite_env) as connection:
+        assert connection.execute("SELECT count(*) FROM runs").fetchone() == (0,)
 
 
 def test_a_regular_key_is_refused_and_never_printed(
@@ -255,6 +260,12 @@ def test_dev_zero_as_the_rules_file_stops_plan_at_once(sqlite_env: Path, cli, mo
         (("enforce", "--allow-actions", "99999999999999999999999"), "--allow-actions"),
         (("run", "--dry-run", "--allow-actions", "9223372036854775808"), "--allow-actions"),
         (("trigger", "enforce", "--allow-actions", "2147483648"), "--allow-actions"),
+        # Not too large, but no run of that id: a typo pages nobody and leaves ``status`` alone.
+        (("undo", "999"), "there is no run 999"),
+        # Not a key hash: empty, a short prefix's neighbour, too long to store, or part of a path.
+        (("enable", ""), "is not a key hash"),
+        (("enable", "a" * 129), "is not a key hash"),
+        (("enable", "a" * 64, "../keys?x"), "is not a key hash"),
     ],
 )
 def test_a_number_too_large_to_store_is_bad_usage_and_starts_no_run(
