@@ -47,9 +47,14 @@ _SOFT_LIMIT = signal.SIGUSR1
 def change_in_flight() -> Iterator[None]:
     """Hold a stop (or a soft time limit) asked for inside the block until the block ends, then raise it."""
     global _holding, _held
-    _holding += 1
-    release = _hold_soft_limit() if _holding == 1 else None
+    release = None
     try:
+        # First in the try: a signal's handler runs at a call, not between these bytecodes, so a
+        # soft limit arriving while the hold is set up (inside the call below) still finds the
+        # count taken back in ``finally``: left at 1, it would hold every later SIGTERM forever.
+        _holding += 1
+        if _holding == 1:
+            release = _hold_soft_limit()
         yield
     finally:
         _holding -= 1
