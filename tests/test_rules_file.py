@@ -538,6 +538,13 @@ RULE_ERRORS = [
         "threshold_usd",
         "too large a number",
     ),
+    # A float: read, but beyond a trillion dollars (it crashed `rules check`'s description).
+    (
+        ['name = "r"', 'match = "over_budget"', 'action = "report"', 'window = "total"', "threshold_usd = 1e300"],
+        5,
+        "threshold_usd",
+        "must be at most 1,000,000,000,000 US dollars",
+    ),
 ]
 
 
@@ -602,6 +609,13 @@ def test_triple_quotes_in_comments_and_one_line_strings_open_no_string() -> None
         """
     )
     assert_error(text.replace('label = \'x"""y\'\n', 'exclude_names = [\'x"""y\']\n'), 9, "match", "bogus")
+
+
+def test_a_notify_name_longer_than_the_notices_table_stores_is_refused() -> None:
+    # It passed the check, then every notice of that target failed to be recorded on PostgreSQL.
+    assert_error(f'[[notify]]\nname = "{"n" * 129}"\nurl_env = "OPS_HOOK"\n', 2, "name", "longer than 128 characters")
+    longest = parse_rules(f'[[notify]]\nname = "{"n" * 128}"\nurl_env = "OPS_HOOK"\n', "r.toml")
+    assert longest.notify[0].name == "n" * 128
 
 
 def test_notify_names_variables_not_their_secrets() -> None:

@@ -39,6 +39,11 @@ from .model import (
 )
 
 MAX_RULES_BYTES = 1024 * 1024
+MAX_NOTIFY_NAME = 128
+"""Characters a notify target's name may have: the notices table stores it."""
+MAX_THRESHOLD_USD = 10**12
+"""The largest threshold_usd: a trillion dollars, far beyond any key's spend, and within what the
+store's amounts (micro-dollars in 64 bits) and the plan's descriptions can hold."""
 _TOP_LEVEL = ("safety", "rule", "notify")
 NOTIFY_KEYS = ("name", "url_env", "format", "secret_env", "on", "upcoming_within")
 SAFETY_KEYS = ("dry_run", "max_actions_per_run", "max_action_percent", "protect_hashes", "protect_names")
@@ -503,6 +508,8 @@ class _Reader:
             "name": table.string("name", data["name"]),
             "url_env": table.variable_name("url_env", data["url_env"], "the webhook's URL"),
         }
+        if len(values["name"]) > MAX_NOTIFY_NAME:  # the notices table's column
+            table.fail("name", f"is longer than {MAX_NOTIFY_NAME} characters in notify #{index + 1}")
         if "format" in data:
             values["format"] = table.choice("format", data["format"], NOTIFY_FORMATS)
         if "secret_env" in data:
@@ -607,6 +614,8 @@ class _Reader:
         if "threshold_usd" in values and values["threshold_usd"] <= 0:
             # 0 or less would make every key "over budget".
             table.fail("threshold_usd", f"must be more than zero in {table.label}")
+        if "threshold_usd" in values and values["threshold_usd"] > MAX_THRESHOLD_USD:
+            table.fail("threshold_usd", f"must be at most {MAX_THRESHOLD_USD:,} US dollars in {table.label}")
         if action == "delete" and values.get("disabled") is False and values.get("grace", DEFAULT_GRACE):
             table.fail(
                 "disabled",
