@@ -90,6 +90,11 @@ class StagingIncomplete(RuntimeError):
     would mark those keys gone."""
 
 
+class SnapshotAbandoned(StagingIncomplete):
+    """The snapshot is no longer running: another job took its run for dead and failed it, and a
+    prune may be deleting its staging rows. Recording it would mark the keys whose rows went gone."""
+
+
 @dataclass(frozen=True, slots=True)
 class SnapshotWrite:
     """What recording one snapshot changed in the store."""
@@ -637,6 +642,17 @@ def record_staged(
         # Recording sorts and groups every key staged (and its roll-ups, after): within the
         # server's default 4 MB, a first sync of 100,000 keys sorted on disk. Until the commit only.
         session.execute(text(f"SET LOCAL work_mem = '{_RECORD_WORK_MEM}'"))
+    # Still running, and locked as such until the commit: a job that takes this sync's run for dead
+    # (a paused process) waits to fail it, and then finds it complete; one that came first has
+    # failed it, and a prune may be deleting its staging rows under this transaction.
+    still_running = session.execute(
+        update(Snapshot).where(Snapshot.id == snapshot_id, Snapshot.status == RUNNING).values(status=RUNNING)
+    )
+    if _rows(still_running) != 1:
+        raise SnapshotAbandoned(
+            f"snapshot {snapshot_id} was given up while this sync ran (another job took its run for dead); "
+            "nothing was written"
+        )
     newer = session.scalar(select(func.max(Snapshot.id)).where(Snapshot.status == COMPLETE, Snapshot.id > snapshot_id))
     if newer is not None:
         raise _superseded(newer)
@@ -1369,13 +1385,16 @@ def record_workspace_names(session: Session, *, snapshot_id: int, names: Mapping
 def fail_snapshot(session: Session, *, snapshot_id: int, error: str) -> bool:
     """Record that a sync failed and stored no key state; False when its snapshot was recorded
     complete first (the failure came after the commit), which then stays complete: its versions
-    are in the store, and only a complete snapshot may be the one they begin at."""
+    are in the store, and only a complete snapshot may be the one they begin at. A snapshot another
+    job failed already (its run taken for dead) stays failed, with that job's error."""
     result = session.execute(
         update(Snapshot)
         .where(Snapshot.id == snapshot_id, Snapshot.status == RUNNING)
         .values(status=FAILED, error=error)
     )
-    return _rows(result) == 1
+    if _rows(result) == 1:
+        return True
+    return session.scalar(select(Snapshot.status).where(Snapshot.id == snapshot_id)) != COMPLETE
 
 
 def fail_orphaned(session: Session, *, error: str) -> int:

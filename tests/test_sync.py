@@ -548,6 +548,36 @@ def test_staging_rows_lost_while_listing_fail_the_sync_instead_of_marking_keys_g
     assert sorted(before) == sorted(kept)
 
 
+def test_a_sync_whose_run_was_taken_for_dead_records_nothing(
+    database: Database, fake: FakeOpenRouter, sync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The process was paused past twice the job time limit: another job failed its run and
+    # snapshot, and a prune may have begun deleting its staging rows. Waking up, it must not record
+    # that snapshot complete over the failure, with whatever rows are left.
+    kept = add_keys(fake, 120, prefix="kept")
+    assert sync(concurrency=1).exit_code == 0
+    add_keys(fake, 250, prefix="new")
+    original = snapshots.SnapshotWriter.finish
+
+    def given_up_first(self: snapshots.SnapshotWriter, session: Any, **kwargs: Any) -> Any:
+        with session_scope(database) as other:  # what another job's start does to a run it takes for dead
+            other.execute(update(Run).where(Run.id == 2).values(status=runs.ABORTED))
+            assert snapshots.fail_orphaned(other, error="sync stopped: abandoned") == 1
+        return original(self, session, **kwargs)
+
+    monkeypatch.setattr(snapshots.SnapshotWriter, "finish", given_up_first)
+    outcome = sync(concurrency=1)
+
+    assert outcome.exit_code == 1
+    assert "sync failed, no snapshot stored" in outcome.message
+    assert "was given up while this sync ran" in outcome.message
+    with database.sessions() as session:
+        second = session.get(Snapshot, 2)
+        assert second is not None and (second.status, second.error) == ("failed", "sync stopped: abandoned")
+        assert snapshots.latest_snapshot(session).id == 1  # type: ignore[union-attr]
+        assert sorted(key.hash for key in snapshots.keys_at(session, 1)) == sorted(kept)
+
+
 # -- history ----------------------------------------------------------------------------------------
 
 
