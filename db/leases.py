@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import case, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -101,15 +101,21 @@ def try_acquire(
 
 
 def renew(session: Session, name: str, *, token: str, now: datetime, ttl: timedelta) -> bool:
-    """Push the expiry of our lease to ``now + ttl``; False when it is no longer ours.
+    """Push the expiry of our lease to ``now + ttl``, never earlier than it is; False when it is no
+    longer ours.
 
     Matching on the token alone is what makes this the fencing check: if nobody took the lease
-    over, it is still ours even after a late renewal, and after this UPDATE nobody can.
+    over, it is still ours even after a late renewal, and after this UPDATE nobody can. A renewal
+    never shortens a longer hold taken for a change in flight (``EnforcementLease.fence``).
     """
+    until = literal(now + ttl, Lease.__table__.c.expires_at.type)  # stored as the column stores times
     renewed = session.execute(
         update(Lease)
         .where(Lease.name == name, Lease.token == token)
-        .values(renewed_at=now, expires_at=now + ttl)
+        .values(
+            renewed_at=now,
+            expires_at=case((Lease.expires_at > until, Lease.expires_at), else_=until),
+        )
         .execution_options(synchronize_session=False)
     )
     return int(getattr(renewed, "rowcount", 0) or 0) == 1

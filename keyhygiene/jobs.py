@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from db import runs, snapshots
 from db.models import Run
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed
+from keyhygiene.keysapi.timing import longest_change
 from keyhygiene.rules import RulesError, RuleSet, load_rules
 
 from . import logging as khlog
@@ -276,7 +277,8 @@ def execute(
         if kind == "undo" and undo_run_id is not None:
             _require_run(database, undo_run_id)
         if kind in CHANGING_JOBS and not effective_dry_run:
-            lease = EnforcementLease(database, job=kind)
+            hold_for = longest_change(retry_seconds=settings.http_retry_seconds, timeout=settings.http_timeout)
+            lease = EnforcementLease(database, job=kind, hold_for=hold_for)
             if not lease.acquire():
                 held_by, lease = lease.held_by, None
                 holder = held_by.describe() if held_by else None

@@ -6,7 +6,10 @@ and is recorded as skipped. While the job runs, a heartbeat thread renews the le
 ``TTL`` old (well within two minutes), or at once when the holder ran on this machine (same boot
 and PID namespace) and its process no longer exists. Before every destructive API call the job checks that the
 lease is still its own (``fence``): a holder that was too slow to renew, and lost the lease to
-another process, stops before it changes anything.
+another process, stops before it changes anything. The fence also holds the lease for as long as
+that change may take (``hold_for``) on top of ``TTL``, however the renewals fare meanwhile: a holder
+cut off from the database mid-change is not taken over, and its change settled by another job,
+while its request may still land.
 
 The lease times come from this process's clock; hosts sharing a database are expected to keep
 their clocks in step (NTP), and a skew well under ``TTL - RENEW_EVERY`` is harmless.
@@ -89,11 +92,14 @@ class EnforcementLease:
         ttl: timedelta = TTL,
         renew_every: timedelta = RENEW_EVERY,
         name: str = leases.ENFORCEMENT,
+        hold_for: timedelta = timedelta(0),
     ) -> None:
         self._database = database
         self.job = job
         self.name = name
         self.ttl = ttl
+        self.hold_for = hold_for
+        """The longest one change may take: ``fence`` holds the lease this much longer than ``ttl``."""
         self.renew_every = renew_every
         self.token = uuid.uuid4().hex
         self.host = socket.gethostname()
@@ -142,8 +148,9 @@ class EnforcementLease:
         return True
 
     def fence(self) -> None:
-        """Make sure the lease is still ours, and extend it; raises LeaseLost when it is not."""
-        if self._lost.is_set() or not self._renew():
+        """Make sure the lease is still ours, and hold it for the change about to be made (``hold_for``
+        and ``ttl``); raises LeaseLost when it is not ours."""
+        if self._lost.is_set() or not self._renew(self.ttl + self.hold_for):
             self._lost.set()
             raise LeaseLost(
                 "the enforcement lock was taken over by another process (this one stopped renewing it in time); "
@@ -164,9 +171,9 @@ class EnforcementLease:
                 "enforcement_lock_not_released", error=describe_db_error(exc), expires_in=self.ttl.total_seconds()
             )
 
-    def _renew(self) -> bool:
+    def _renew(self, ttl: timedelta | None = None) -> bool:
         with session_scope(self._database) as session:
-            return leases.renew(session, self.name, token=self.token, now=utcnow(), ttl=self.ttl)
+            return leases.renew(session, self.name, token=self.token, now=utcnow(), ttl=ttl or self.ttl)
 
     def _renew_until_stopped(self) -> None:
         while not self._stop.wait(self.renew_every.total_seconds()):

@@ -243,6 +243,39 @@ def test_a_live_holder_keeps_the_lease_and_a_dead_one_on_another_host_loses_it_a
     taker.release()
 
 
+def test_a_change_in_flight_keeps_the_lease_for_as_long_as_it_may_take(database: Database) -> None:
+    # The holder fenced before a change that may take 200 s (a PATCH retried, then a fresh GET),
+    # then lost the database: its heartbeat renews nothing. Another process that comes once the
+    # 90 s TTL has passed must not take the lease over (and settle that change as not made while
+    # its request may still land); once the change surely ended, it may.
+    holder = EnforcementLease(database, job="run", renew_every=timedelta(hours=1), hold_for=timedelta(seconds=200))
+    assert holder.acquire()
+    try:
+        fenced_at = utcnow()
+        holder.fence()
+        holder._renew()  # a heartbeat that got through after the fence does not shorten the hold
+
+        def taken_over_at(seconds: float) -> bool:
+            with database.writer() as session, session.begin():
+                return leases.try_acquire(
+                    session,
+                    leases.ENFORCEMENT,
+                    token="another-process",
+                    host="other-host",
+                    pid=1,
+                    process_space="other",
+                    job="enforce",
+                    now=fenced_at + timedelta(seconds=seconds),
+                    ttl=timedelta(seconds=90),
+                )
+
+        assert not taken_over_at(90 + 5)
+        assert not taken_over_at(200 + 5)
+        assert taken_over_at(200 + 90 + 5)
+    finally:
+        holder.release()
+
+
 def test_a_holder_that_lost_its_lease_stops_before_the_next_change(
     drill: Drill, setup: Setup, fake: FakeOpenRouter, cli: Callable[..., CliResult]
 ) -> None:

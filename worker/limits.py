@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from keyhygiene.keysapi.client import LONGEST_BACKOFF
+from keyhygiene.keysapi import timing
 from keyhygiene.settings import Settings
 from worker.lock import LEASE_TTL
 
@@ -59,8 +59,5 @@ class TimeLimits:
 
 
 def longest_change(settings: Settings) -> timedelta:
-    """The longest one change to a key may take: its request and, when the answer is lost, the
-    fresh GET after it, each retried for ``KEYHYGIENE_HTTP_RETRY_SECONDS`` and then a last try of up
-    to ``KEYHYGIENE_HTTP_TIMEOUT``."""
-    one_request = timedelta(seconds=settings.http_retry_seconds + settings.http_timeout + LONGEST_BACKOFF)
-    return 2 * one_request
+    """The longest one change to a key may take with these settings (``keysapi.timing``)."""
+    return timing.longest_change(retry_seconds=settings.http_retry_seconds, timeout=settings.http_timeout)

@@ -46,6 +46,7 @@ from .errors import (
 from .models import CreatedKey, CurrentKey, Key, Workspace
 from .paging import PAGE_SIZE, KeyStream, ProgressCallback
 from .reads import ReadTransport
+from .timing import LONGEST_BACKOFF
 
 WORKSPACE_PAGE_SIZE = 100
 _NOT_RETRIED_5XX = {501, 505}
@@ -88,10 +89,6 @@ class Listing:
     pages: int
     duplicates: int
 
-
-LONGEST_BACKOFF = 10.0
-"""Seconds between two tries of a request at most, when the API names no wait: the last try may
-start this long after the retry time (``_StopRetrying``)."""
 
 _LEAST_WAIT = 0.25
 """Seconds between two tries of one request, whatever ``Retry-After`` says: an API that answers
