@@ -92,7 +92,8 @@ class Drill:
         with database.sessions() as session:
             actions = list(session.scalars(select(Action)))
             runs = {run.id: run for run in session.scalars(select(Run))}
-            complete = {s.id for s in session.scalars(select(Snapshot).where(Snapshot.status == "complete"))}
+            every_snapshot = list(session.scalars(select(Snapshot).order_by(Snapshot.id)))
+            complete = {s.id for s in every_snapshot if s.status == "complete"}
             strays = [
                 session.scalar(
                     select(table.c.id).where(
@@ -110,11 +111,12 @@ class Drill:
         self.runs_completed = sum(1 for run in runs.values() if run.status == "ok")
         self.secrets_found = sum(text.count(MANAGEMENT_KEY) for text in [*outputs, database_text])
         acted_on = {
-            (runs[a.run_id].summary or {}).get("snapshot_id")
+            _snapshot_acted_on(runs[a.run_id], every_snapshot)
             for a in actions
             if not a.dry_run and a.action in CHANGES and a.outcome in ("done", "pending")
         }
         partial_acted_on = {snapshot for snapshot in acted_on if snapshot is not None and snapshot not in complete}
+        newest_run = runs[max(runs)] if runs else None
         pending = [a.id for a in actions if a.outcome == "pending"]
         self.checked = True
 
@@ -126,6 +128,28 @@ class Drill:
         assert not partial_acted_on, f"changes were made from snapshots that never completed: {partial_acted_on}"
         assert stray_versions is None, "a key state belongs to a snapshot that did not complete"
         assert not pending, f"intents left pending after the next run: {pending}"
+        assert newest_run is not None and newest_run.status == "ok", "the run after the fault did not succeed"
+
+
+def _snapshot_acted_on(run: Run, snapshots: list[Snapshot]) -> int | str | None:
+    """The snapshot whose keys ``run`` changed: as its summary says, or, for a run stopped before
+    it could say (a signal, a kill), the one it took (``run``) or the newest complete one when it
+    began (``enforce``); "none" when there is no such snapshot. None for undo and enable, which
+    act on the audit log, not on a snapshot."""
+    said = (run.summary or {}).get("snapshot_id")
+    if said is not None:
+        return int(said)
+    if run.kind == "run":
+        taken = [snapshot.id for snapshot in snapshots if snapshot.run_id == run.id]
+        return taken[-1] if taken else "none"
+    if run.kind == "enforce":
+        before = [
+            snapshot.id
+            for snapshot in snapshots
+            if snapshot.status == "complete" and snapshot.taken_at is not None and snapshot.taken_at <= run.started_at
+        ]
+        return before[-1] if before else "none"
+    return None
 
 
 _DRILLS: list[Drill] = []

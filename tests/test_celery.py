@@ -68,8 +68,8 @@ def test_the_job_lock_is_exclusive_expires_and_is_released_only_by_its_holder(re
     holder = second.holder()
     assert holder is not None and holder.kind == "run" and holder.task_id == "t1"
     assert not second.release(), "a job that does not hold the lock cannot release it"
-    time.sleep(0.7)  # the holder died: the lock expires on its own
-    assert second.acquire(kind="sync", task_id="t2", now=utcnow())
+    # The holder died: the lock expires on its own.
+    wait_until(lambda: second.acquire(kind="sync", task_id="t2", now=utcnow()), timeout=10, what="the lock to expire")
     assert not first.release(), "an expired holder cannot release its successor's lock"
     assert second.holder() is not None and second.release()
     assert not redis_db.client.exists(LOCK_KEY)
@@ -223,7 +223,8 @@ def test_a_worker_killed_mid_enforcement_leaves_no_change_unrecorded(
     worker.popen.wait(timeout=10)
     deleted_before = [call for call in fake.mutating_calls() if call.method == "DELETE"]
     assert 2 <= len(deleted_before) < len(doomed), "the kill came in the middle of the enforcement"
-    time.sleep(1.0)  # a DELETE the worker had in flight lands at the fake after its death
+    # A DELETE the worker had in flight lands at the fake after its death.
+    wait_until(lambda: fake.in_flight == 0, timeout=10, interval=0.02, what="the API to answer the killed worker")
 
     fake.faults.latency = 0.0
     settled = cli("enforce")  # the next run, inline: settles what was in doubt and finishes the job
@@ -300,15 +301,19 @@ def test_the_worker_keeps_consuming_after_redis_restarts(
         assert before.exit_code == 0, before.stderr
 
         private.stop()
-        stopped_at = time.time()
-        time.sleep(2)
+        wait_until(
+            lambda: any("Connection to broker lost" in str(e.get("event", "")) for e in worker.events()),
+            timeout=60,
+            what="the worker to notice that Redis is gone",
+        )
         private.start()
+        restarted_at = time.time()
 
         # Consuming again: the heartbeat is written anew after the restart, and a job runs.
         wait_until(
             lambda: (
                 (tmp_path / "worker.heartbeat").exists()
-                and (tmp_path / "worker.heartbeat").stat().st_mtime > stopped_at + 2
+                and (tmp_path / "worker.heartbeat").stat().st_mtime > restarted_at
             ),
             timeout=60,
             what="the worker to reconnect",

@@ -214,28 +214,39 @@ def test_a_listing_left_early_sends_no_more_requests(fake: FakeOpenRouter, make_
 # -- retries ------------------------------------------------------------------------------------
 
 
-def test_rate_limits_are_retried_after_the_time_the_api_asks(fake: FakeOpenRouter, make_client) -> None:
+def _recording(waits: list[float]) -> Callable[[float], None]:
+    """time.sleep, noting each wait the client asks for."""
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(seconds)
+
+    return sleep
+
+
+def test_rate_limits_are_retried_after_the_time_the_api_asks(fake: FakeOpenRouter, fake_url: str) -> None:
     hashes = add_keys(fake, 120)
     fake.faults.rate_limit(2, retry_after=0.3, path="/keys")
+    waits: list[float] = []
 
-    started = time.monotonic()
-    listing = make_client(concurrency=1).list_all_keys([None])
-    elapsed = time.monotonic() - started
+    with KeysClient(fake_url, MANAGEMENT_KEY, concurrency=1, retry_seconds=2, sleep=_recording(waits)) as client:
+        listing = client.list_all_keys([None])
 
     assert sorted(listing.keys) == sorted(hashes)
     assert [call.status for call in fake.calls if call.path == "/keys"] == [429, 429, 200, 200]
-    assert elapsed >= 0.6  # two waits of Retry-After, one after the other
+    assert waits == [0.3, 0.3]  # two waits of Retry-After, one after the other, and no other
 
 
-def test_retry_after_is_honoured_beyond_our_own_backoff(fake: FakeOpenRouter, make_client) -> None:
+def test_retry_after_is_honoured_beyond_our_own_backoff(fake: FakeOpenRouter, fake_url: str) -> None:
     add_keys(fake, 5)
-    # Our own first backoff is ~0.25 s; an API asking for 1 s must get its 1 s.
-    fake.faults.rate_limit(1, retry_after=1, path="/keys")
+    # Our own first backoff is 0.25 s plus up to 1 s of jitter; an API asking for 1.5 s gets 1.5 s.
+    fake.faults.rate_limit(1, retry_after=1.5, path="/keys")
+    waits: list[float] = []
 
-    started = time.monotonic()
-    make_client(concurrency=1).list_all_keys([None])
+    with KeysClient(fake_url, MANAGEMENT_KEY, concurrency=1, retry_seconds=5, sleep=_recording(waits)) as client:
+        client.list_all_keys([None])
 
-    assert time.monotonic() - started >= 1.0
+    assert waits == [1.5]
 
 
 def test_a_retry_after_of_zero_does_not_turn_retries_into_a_flood(fake: FakeOpenRouter, make_client) -> None:

@@ -336,8 +336,20 @@ def test_sqlite_locked_by_another_writer(drill: Drill, setup: Setup, fake: FakeO
     other.execute("BEGIN IMMEDIATE")
     drill.inject("another process holds SQLite's write lock when the run starts")
     process = setup.start("run")
+    database_file = os.path.realpath(sqlite_url.removeprefix("sqlite:///"))
+
+    def has_the_database_open() -> bool:
+        try:
+            fds = os.listdir(f"/proc/{process.popen.pid}/fd")
+            return any(os.path.realpath(f"/proc/{process.popen.pid}/fd/{fd}") == database_file for fd in fds)
+        except OSError:  # it exited, or closed a descriptor while we read them
+            return False
+
     try:
-        time.sleep(1.5)  # the fault's duration: the other writer holds the lock this long
+        # The fault lasts 1.5 s from the moment the run has the database open, a few milliseconds
+        # before its first write: not a wait for a state, the fault's own duration.
+        wait_until(has_the_database_open, timeout=60, interval=0.01, what="the run to open the database")
+        time.sleep(1.5)
         assert process.alive and setup.runs() == [], "nothing written while another writer holds the lock"
     finally:
         other.execute("COMMIT")

@@ -28,6 +28,7 @@ from keyhygiene.reports.html import render_html
 from keyhygiene.reports.render import to_json
 from keyhygiene.rules import parse_rules
 from keyhygiene.timeutil import isoformat
+from tests.celery_support import wait_until
 from tests.test_reports_support import DAY, HOUR, RULES, Org, key_hash
 
 pytestmark = pytest.mark.postgres
@@ -314,9 +315,23 @@ def test_prune_as_a_job_through_execute(org: Org) -> None:
         assert recorded is not None and recorded.started_by == "beat"
 
 
-def test_a_sync_during_a_prune_is_not_blocked_for_long(org: Org) -> None:
-    """Pruning in tiny batches while syncs run: both finish, and the store stays consistent."""
+def test_a_sync_during_a_prune_is_not_blocked_for_long(org: Org, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prune holds no lock between its batches: syncs run to the end while a prune stands still
+    between two batches, and the store stays consistent."""
     errors: list[BaseException] = []
+    between_batches, go_on = threading.Event(), threading.Event()
+    batches = 0
+    delete_ended_versions = retention_db.delete_ended_versions
+
+    def pausing(session: Any, **kwargs: Any) -> int:
+        nonlocal batches
+        batches += 1
+        if batches == 3:  # two batches committed, the third's transaction not begun
+            between_batches.set()
+            go_on.wait(timeout=120)
+        return delete_ended_versions(session, **kwargs)
+
+    monkeypatch.setattr(retention_db, "delete_ended_versions", pausing)
 
     def prune() -> None:
         try:
@@ -326,10 +341,16 @@ def test_a_sync_during_a_prune_is_not_blocked_for_long(org: Org) -> None:
 
     worker = threading.Thread(target=prune)
     worker.start()
-    for k in range(3):
-        org.sync(NOW + k * HOUR)
+    try:
+        wait_until(between_batches.is_set, timeout=60, what="the prune to stand between two batches")
+        for k in range(3):
+            org.sync(NOW + k * HOUR)
+        assert worker.is_alive(), "the syncs ran while the prune stood still"
+    finally:
+        go_on.set()
     worker.join(timeout=120)
     assert not worker.is_alive() and not errors
+    assert batches > 3
     with org.database.sessions() as session:
         newest = snapshots.latest_snapshot(session)
         assert newest is not None and newest.taken_at == NOW + 2 * HOUR

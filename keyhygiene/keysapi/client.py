@@ -19,7 +19,7 @@ import math
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -198,7 +198,9 @@ class KeysClient:
         timeout: float = 30.0,
         retry_seconds: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        """``sleep`` waits between tries and while the API asked to wait (tests record the waits)."""
         self.base_url = base_url.rstrip("/")
         self.concurrency = max(1, concurrency)
         self.retry_seconds = retry_seconds
@@ -213,6 +215,7 @@ class KeysClient:
         self._lock = threading.Lock()
         self._management_key = management_key
         self.requests_sent = 0
+        self._sleep = sleep
         self._not_before = 0.0
         """``time.monotonic()`` before which no request goes out: the API asked to wait (``Retry-After``)."""
 
@@ -368,6 +371,7 @@ class KeysClient:
             retry=retry_if_exception_type(TransientError),
             stop=_StopRetrying(self.retry_seconds),
             wait=_WaitRetryAfter(wait_exponential_jitter(multiplier=0.25, max=LONGEST_BACKOFF)),
+            sleep=self._sleep,
             reraise=True,
         )
         refused = False  # an attempt was answered 503 (see _REFUSED_STATUSES)
@@ -408,7 +412,7 @@ class KeysClient:
             asked = f"the API asked to wait {wait:.0f} s more, past the retry time"
             raise RateLimited(f"{where}: rate limited (not sent): {asked}", retry_after=wait)
         if wait > 0:
-            time.sleep(wait)
+            self._sleep(wait)
 
     def _asked_to_wait(self, seconds: float | None) -> None:
         if seconds is not None and seconds > 0:
