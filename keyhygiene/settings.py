@@ -384,8 +384,31 @@ def load_settings(**overrides: object) -> Settings:
             said = error["msg"].removeprefix("Value error, ") + _shown(name, error.get("input"))
             if len(key) >= 8:  # shorter, it is no secret worth garbling the message for
                 said = said.replace(key, "***")
-            problems.append(f"{name}: {said}")
+            problems.append(f"{_where_set(name, overrides)}{name}: {said}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+def _where_set(name: str, overrides: Mapping[str, object]) -> str:
+    """``"/abs/.env:LINE: "`` when ``name``'s value came from the ``.env`` file (the environment wins
+    over it), else ``""``: the operator fixes the file, not the environment."""
+    env_file = overrides.get("_env_file", ENV_FILE)
+    if name in os.environ or name in overrides or not isinstance(env_file, str | os.PathLike):
+        return ""
+    if not os.path.isfile(env_file):  # a FIFO's writer may not answer a second time
+        return ""
+    try:
+        with open(env_file, encoding="utf-8-sig") as file:
+            bindings = list(parse_stream(file))
+    except (OSError, UnicodeDecodeError):
+        return ""
+    # As python-dotenv reads it, the last assignment wins; its line is where the text starts, after
+    # the blank lines before it.
+    last = next((binding for binding in reversed(bindings) if binding.key == name), None)
+    if last is None:
+        return ""
+    before = last.original.string
+    line = last.original.line + before[: len(before) - len(before.lstrip())].count("\n")
+    return f"{os.path.abspath(env_file)}:{line}: "
 
 
 def _given_management_key(overrides: Mapping[str, object]) -> str:

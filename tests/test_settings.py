@@ -325,6 +325,27 @@ def test_a_dotenv_line_that_cannot_be_parsed_stops_naming_file_and_line(
     assert not (clean_env / "keyhygiene.db").exists()
 
 
+def test_a_bad_value_from_the_dotenv_file_names_its_file_and_line(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The operator fixes the file, not the environment: say which, and where.
+    (clean_env / ".env").write_text(
+        "KEYHYGIENE_LOG_FORMAT=json\n\n# more workers\n"
+        "KEYHYGIENE_HTTP_CONCURRENCY=10\nKEYHYGIENE_HTTP_CONCURRENCY=100\n"
+    )
+
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert str(refused.value) == (
+        f"invalid settings: {clean_env / '.env'}:5: KEYHYGIENE_HTTP_CONCURRENCY: "
+        "Input should be less than or equal to 64 (got '100')"
+    )
+
+    monkeypatch.setenv("KEYHYGIENE_HTTP_CONCURRENCY", "99")  # the environment wins: no file to name
+    with pytest.raises(SettingsError, match=r"^invalid settings: KEYHYGIENE_HTTP_CONCURRENCY: .*'99'"):
+        load_settings()
+
+
 def test_a_byte_order_mark_in_dotenv_is_no_mistake(clean_env: Path) -> None:
     (clean_env / ".env").write_text("\ufeffKEYHYGIENE_HTTP_CONCURRENCY=3\n", encoding="utf-8")
 
