@@ -569,6 +569,21 @@ def test_both_timestamp_styles_from_the_fake(fake: FakeOpenRouter, make_client) 
         assert key.created_at == expected
 
 
+@pytest.mark.parametrize("field", ["disabled", "usage"])
+def test_a_key_without_its_state_or_its_use_is_malformed(fake: FakeOpenRouter, make_client, field: str) -> None:
+    # Read as a default, a key missing 'disabled' would be enabled, and one missing 'usage' would
+    # show no use in any snapshot: an 'unused' rule would disable a key in use. Newer fields may be
+    # missing (an older API), these two never are.
+    (key,) = add_keys(fake, 1)
+    fake.omit_fields = {field}
+    client = make_client()
+
+    with pytest.raises(MalformedResponse, match=f"without '{field}'"):
+        client.list_all_keys([None])
+    with pytest.raises(MalformedResponse, match=f"without '{field}'"):
+        client.get_key(key)
+
+
 @pytest.mark.parametrize(
     "broken",
     [{"usage": "12"}, {"disabled": "yes"}, {"created_at": "yesterday"}, {"hash": None}, {"name": 5}],

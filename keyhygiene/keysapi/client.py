@@ -49,6 +49,10 @@ from .reads import ReadTransport
 from .timing import LONGEST_BACKOFF
 
 WORKSPACE_PAGE_SIZE = 100
+_ALWAYS_GIVEN = ("disabled", "usage")
+"""Fields of a key object the API has always given, never null: without them a key's state and its
+use cannot be told (a rule would read a disabled key as enabled, a key in use as idle), so a key
+object without them is a malformed answer, not one of an older API to tolerate."""
 _NOT_RETRIED_5XX = {501, 505}
 """5xx answers that no retry can change (not implemented, HTTP version): every other 5xx (500-504,
 and the 52x a CDN such as Cloudflare answers for an origin that failed or took too long) is worth
@@ -175,6 +179,15 @@ def _decoded(body: bytes, where: str) -> Any:
         raise MalformedResponse(f"{where}: the response is not valid JSON") from None
 
 
+def _require_state(item: Any, where: str) -> Any:
+    """``item``, when it is a key object with every field of ``_ALWAYS_GIVEN``; else MalformedResponse."""
+    if isinstance(item, Mapping):
+        for name in _ALWAYS_GIVEN:
+            if item.get(name) is None:
+                raise MalformedResponse(f"{where}: a key object without {name!r}, which the API always gives")
+    return item
+
+
 def _error_message(response: httpx.Response) -> str:
     try:
         body = response.json()
@@ -289,6 +302,7 @@ class KeysClient:
         for item in page:
             if not isinstance(item, dict) or not isinstance(item.get("hash"), str):
                 raise MalformedResponse("GET /keys: an item is not a key object with a string 'hash'")
+            _require_state(item, "GET /keys")
         return page
 
     def list_keys_page(
@@ -338,7 +352,7 @@ class KeysClient:
 
     def get_key(self, key_hash: str) -> Key:
         """``GET /keys/{hash}``; raises NotFound for a key that does not exist."""
-        return Key.from_api(self._data(self._request("GET", f"/keys/{key_hash}")))
+        return Key.from_api(_require_state(self._data(self._request("GET", f"/keys/{key_hash}")), "GET /keys/{hash}"))
 
     def create_key(self, name: str, **fields: Any) -> CreatedKey:
         """``POST /keys``. The secret is returned this once and never logged."""
@@ -350,7 +364,8 @@ class KeysClient:
 
     def update_key(self, key_hash: str, **fields: Any) -> Key:
         """``PATCH /keys/{hash}`` with the given fields (``disabled=True`` disables the key)."""
-        return Key.from_api(self._data(self._request("PATCH", f"/keys/{key_hash}", body=fields)))
+        answer = self._data(self._request("PATCH", f"/keys/{key_hash}", body=fields))
+        return Key.from_api(_require_state(answer, "PATCH /keys/{hash}"))
 
     def delete_key(self, key_hash: str) -> None:
         """``DELETE /keys/{hash}``: permanent."""
