@@ -419,6 +419,7 @@ def rules_check(file: str | None) -> None:
         fail(str(exc), EXIT_USAGE)
     click.echo(describe(ruleset))
     _warn_rules(ruleset)
+    _warn_notify_targets(ruleset)
     if any(rule.workspaces for rule in ruleset.rules):
         names = _newest_workspace_names(settings)
         if names is not None:
@@ -455,6 +456,19 @@ def _newest_workspace_names(settings: Settings) -> dict[str, str] | None:
         return None
     finally:
         database.close()
+
+
+def _warn_notify_targets(ruleset: Any) -> None:
+    """A warning on stderr for each notify target whose notices would fail as the environment stands
+    (checked here, where this command runs: the worker's environment may differ)."""
+    if not ruleset.notify:
+        return
+    from .notices import target_problem
+
+    for target in ruleset.notify:
+        problem = target_problem(target)
+        if problem is not None:
+            click.echo(f"keyhygiene: warning: notify {target.name!r}: {problem}: its notices would fail", err=True)
 
 
 def _warn_rules(ruleset: Any) -> None:

@@ -243,19 +243,13 @@ class Sender:
             return Delivered(False, 0, f"{type(exc).__name__} (not sent)")
 
     def _deliver(self, target: NotifyTarget, body: dict[str, Any], *, once: bool) -> Delivered:
-        url, unread = secret_setting(target.url_env)
-        if unread or not url:
-            return Delivered(False, 0, unread or f"{target.url_env} is not set")
-        khlog.register_secret(url)
-        if not _usable_url(url):
-            return Delivered(False, 0, f"{target.url_env} does not hold a valid http(s) URL")
+        resolved = _resolve(target)
+        if isinstance(resolved, str):
+            return Delivered(False, 0, resolved)
+        url, secret = resolved
         content = json.dumps(slack_body(body) if target.format == "slack" else body, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json"}
-        if target.secret_env:
-            secret, unread = secret_setting(target.secret_env)
-            if unread or not secret:
-                return Delivered(False, 0, unread or f"{target.secret_env} is not set")
-            khlog.register_secret(secret)
+        if secret is not None:
             headers[SIGNATURE_HEADER] = sign(content, secret)
         deadline = time.monotonic() + self.retry_seconds
         if self.deadline is not None:
@@ -391,6 +385,31 @@ class _Cutoff:
         # socket was handed to the TLS layer, or closed as the request failed.
         with contextlib.suppress(OSError):
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _resolve(target: NotifyTarget) -> tuple[str, str | None] | str:
+    """The target's URL and signing secret (None when it signs nothing), both registered for
+    redaction; or why its notices cannot be sent as the environment stands, never quoting either."""
+    url, unread = secret_setting(target.url_env)
+    if unread or not url:
+        return unread or f"{target.url_env} is not set"
+    khlog.register_secret(url)
+    if not _usable_url(url):
+        return f"{target.url_env} does not hold a valid http(s) URL"
+    if not target.secret_env:
+        return url, None
+    secret, unread = secret_setting(target.secret_env)
+    if unread or not secret:
+        return unread or f"{target.secret_env} is not set"
+    khlog.register_secret(secret)
+    return url, secret
+
+
+def target_problem(target: NotifyTarget) -> str | None:
+    """Why ``target``'s notices would fail as the environment (and ``.env``) stands now, or None
+    (``rules check``): the variable unset, its file unreadable, or no usable http(s) URL."""
+    resolved = _resolve(target)
+    return resolved if isinstance(resolved, str) else None
 
 
 def _usable_url(url: str) -> bool:

@@ -194,3 +194,37 @@ def test_a_webhook_url_written_as_a_variable_name_is_never_echoed(
         assert f"{secrets / 'rules.toml'}:3: url_env: expected the name of the environment variable" in result.stderr
         assert "f00d" not in result.stdout + result.stderr
     assert [event["event"] for event in result.events if event["level"] == "error"] == ["run_not_started"]
+
+
+def test_rules_check_lists_the_notify_targets_and_warns_of_one_whose_notices_would_fail(
+    good_file: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, a target whose URL variable was unset passed the check, and each run's notice failed.
+    good_file.write_text(
+        GOOD
+        + '[[notify]]\nname = "ops"\nurl_env = "KH_TEST_OPS_HOOK"\non = ["failed"]\n'
+        + '[[notify]]\nname = "owners"\nurl_env = "KH_TEST_OWNERS_HOOK"\nsecret_env = "KH_TEST_OWNERS_SECRET"\n'
+        + 'on = ["upcoming"]\nupcoming_within = "7d"\n'
+    )
+    monkeypatch.delenv("KH_TEST_OPS_HOOK", raising=False)
+    monkeypatch.setenv("KH_TEST_OWNERS_HOOK", "ftp://hooks.example/f00dcafe")
+    monkeypatch.setenv("KH_TEST_OWNERS_SECRET", "s3cr3t-f00dcafe")
+
+    result = cli("rules", "check", str(good_file))
+
+    assert result.exit_code == 0, result.stderr  # valid as written: the environment is the worker's business
+    assert "ops: json to the URL in KH_TEST_OPS_HOOK, on failed" in result.stdout
+    assert (
+        "owners: json to the URL in KH_TEST_OWNERS_HOOK, on upcoming (due within 7d), "
+        "signed with the secret in KH_TEST_OWNERS_SECRET"
+    ) in result.stdout
+    assert result.stderr.splitlines() == [
+        "keyhygiene: warning: notify 'ops': KH_TEST_OPS_HOOK is not set: its notices would fail",
+        "keyhygiene: warning: notify 'owners': KH_TEST_OWNERS_HOOK does not hold a valid http(s) URL: "
+        "its notices would fail",
+    ]
+    assert "f00dcafe" not in result.stdout + result.stderr
+
+    monkeypatch.setenv("KH_TEST_OPS_HOOK", "https://hooks.example/ops")
+    monkeypatch.setenv("KH_TEST_OWNERS_HOOK", "https://hooks.example/owners")
+    assert cli("rules", "check", str(good_file)).stderr == ""

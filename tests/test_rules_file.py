@@ -747,6 +747,9 @@ def test_describe_the_full_example() -> None:
           1. delete-expired: keys that have expired (expires_at is set and not later than now) -> disable first, then delete once the key has been disabled for at least 7d
           2. disable-idle: keys at least 30d old with no new use for 30d (neither last_used_at nor the usage history shows use in that time) -> disable
           3. disable-overspend: keys whose monthly spend (usage_monthly, plus BYOK spend where the key counts BYOK in its limit) is at least $100.00 -> disable; re-enable the keys this rule disabled once they are no longer over budget
+
+        Notices (1 target(s)):
+          ops: slack to the URL in KEYHYGIENE_OPS_WEBHOOK, on done, failed, refused, upcoming (due within 7d), signed with the secret in KEYHYGIENE_OPS_SECRET
         """  # noqa: E501
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from decimal import Decimal
 
-from .model import Rule, RuleSet, Safety, duration_text
+from .model import NOTIFY_EVENTS, NotifyTarget, Rule, RuleSet, Safety, duration_text
 
 
 def describe(ruleset: RuleSet) -> str:
@@ -18,16 +18,28 @@ def describe(ruleset: RuleSet) -> str:
     lines.append("")
     if not ruleset.rules:
         lines.append("No rules: nothing will be done to any key.")
-        return "\n".join(lines) + "\n"
-    count = len(ruleset.rules)
-    lines.append(
-        f"Rules ({count}, in file order; a key several rules match gets the strongest action, "
-        "delete > disable > report, and every matching rule is recorded):"
-    )
-    for number, rule in enumerate(ruleset.rules, start=1):
-        lines.append(f"  {number}. {rule.name}: {describe_rule(rule)}")
-        lines.extend(f"       {line}" for line in _describe_filters(rule))
+    else:
+        count = len(ruleset.rules)
+        lines.append(
+            f"Rules ({count}, in file order; a key several rules match gets the strongest action, "
+            "delete > disable > report, and every matching rule is recorded):"
+        )
+        for number, rule in enumerate(ruleset.rules, start=1):
+            lines.append(f"  {number}. {rule.name}: {describe_rule(rule)}")
+            lines.extend(f"       {line}" for line in _describe_filters(rule))
+    if ruleset.notify:
+        lines.append("")
+        lines.append(f"Notices ({len(ruleset.notify)} target(s)):")
+        lines.extend(f"  {_describe_notify(target)}" for target in ruleset.notify)
     return "\n".join(lines) + "\n"
+
+
+def _describe_notify(target: NotifyTarget) -> str:
+    """One notify target in a line: never the URL or the secret, only the variables that hold them."""
+    events = ", ".join(event for event in NOTIFY_EVENTS if event in target.on)
+    upcoming = f" (due within {duration_text(target.upcoming_within)})" if target.upcoming_within else ""
+    signed = f", signed with the secret in {target.secret_env}" if target.secret_env else ""
+    return f"{target.name}: {target.format} to the URL in {target.url_env}, on {events}{upcoming}{signed}"
 
 
 def describe_rule(rule: Rule) -> str:
