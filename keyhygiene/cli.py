@@ -412,7 +412,9 @@ def rules_check(file: str | None) -> None:
     from keyhygiene.rules import RulesError, describe, load_rules
 
     settings = load_settings()  # validated as for every command, even where FILE is given
-    path = file or settings.rules_file
+    path = settings.rules_file if file is None else file
+    if not path.strip():
+        fail("rules check: the rules file's name is empty", EXIT_USAGE)
     try:
         ruleset = load_rules(path)
     except RulesError as exc:

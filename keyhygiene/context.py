@@ -81,6 +81,7 @@ class Database:
         cls, settings: Settings, *, check: bool = True, sqlite_cache_kib: int | None = None, sqlite_durable: bool = True
     ) -> Database:
         """Connect, and (by default) refuse a database that is not at the newest migration."""
+        _refuse_missing_sqlite_folder(settings)
         if check:
             _refuse_missing_sqlite_file(settings)
         try:
@@ -108,6 +109,19 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _refuse_missing_sqlite_folder(settings: Settings) -> None:
+    """SQLite creates a missing file, never a missing folder: say which folder, not "unable to open"."""
+    url = settings.database
+    path = url.database
+    if url.get_backend_name() != "sqlite" or not path or path.startswith("file:"):
+        return
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise UsageError(
+            f"KEYHYGIENE_DATABASE_URL names a SQLite file in a folder that does not exist: {folder.absolute()}"
+        )
 
 
 def _refuse_missing_sqlite_file(settings: Settings) -> None:

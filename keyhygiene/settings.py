@@ -319,6 +319,12 @@ class Settings(BaseSettings):
             raise ValueError("has a port that is not a number from 1 to 65535") from None
         if url.get_backend_name() not in ("sqlite", "postgresql"):
             raise ValueError("only sqlite:// and postgresql+psycopg:// databases are supported")
+        if url.get_backend_name() == "sqlite":
+            path = url.database or ""
+            if path in ("", ":memory:") or "mode=memory" in path or "mode=memory" in str(url.query):
+                # Each process (and connection) would get its own empty database: `db upgrade`
+                # would migrate one that is gone when it exits.
+                raise ValueError("is an in-memory SQLite database, which keeps nothing: name a file")
         if url.get_backend_name() == "postgresql":
             # A SQLite path may hold spaces, and so may a password (the compose entrypoint writes it
             # so); the rest of a server's URL may not. None of the messages quote the URL's parts:

@@ -307,3 +307,39 @@ def test_a_rules_file_python_cannot_parse_is_bad_usage_naming_file_and_line(
 
     assert result.exit_code == 2
     assert f"{path}:{line}: {words}" in error_line(result)
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        # Each process would get its own empty database: `db upgrade` said it had migrated it,
+        # and every other command then said to run `db upgrade` first.
+        ("sqlite://", "invalid settings: KEYHYGIENE_DATABASE_URL: is an in-memory SQLite database"),
+        ("sqlite:///:memory:", "invalid settings: KEYHYGIENE_DATABASE_URL: is an in-memory SQLite database"),
+        # It was "cannot migrate the database: unable to open database file", naming nothing.
+        (
+            "sqlite:///{tmp}/no-such-folder/kh.db",
+            "names a SQLite file in a folder that does not exist: {tmp}/no-such-folder",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", [("db", "upgrade"), ("status",)])
+def test_a_sqlite_database_that_cannot_hold_anything_is_bad_usage(
+    tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch, url: str, says: str, command: tuple[str, ...]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", url.format(tmp=tmp_path))
+
+    result = cli(*command)
+
+    assert result.exit_code == 2
+    assert says.format(tmp=tmp_path) in error_line(result)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rules_check_of_an_empty_file_name_says_so(sqlite_env: Path, cli) -> None:
+    # It fell back to KEYHYGIENE_RULES_FILE and named that file.
+    result = cli("rules", "check", "")
+
+    assert result.exit_code == 2
+    assert error_line(result) == "keyhygiene: error: rules check: the rules file's name is empty"
