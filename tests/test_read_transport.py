@@ -25,7 +25,9 @@ from keyhygiene.keysapi.reads import ReadTransport
 from tests.conftest import MANAGEMENT_KEY
 from tests.http_fronts import Front, serving
 
-PAGE = {"data": [{"hash": f"h{index:03d}", "name": f"key {index}"} for index in range(3)]}
+PAGE = {
+    "data": [{"hash": f"h{index:03d}", "name": f"key {index}", "disabled": False, "usage": 0} for index in range(3)]
+}
 BODY = json.dumps(PAGE).encode()
 
 

@@ -104,9 +104,14 @@ def test_a_value_naming_no_workspace_is_warned_about(
 
 @pytest.mark.parametrize("command", [("rules", "check"), ("plan",)])
 def test_a_notify_setting_that_does_nothing_is_warned_about(
-    org: dict[str, str], env: dict[str, str], cli: Callable[..., Any], command: tuple[str, ...]
+    org: dict[str, str],
+    env: dict[str, str],
+    cli: Callable[..., Any],
+    command: tuple[str, ...],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     notify = '\n[[notify]]\nname = "ops"\nurl_env = "OPS_HOOK"\non = ["failed"]\nupcoming_within = "7d"\n'
+    monkeypatch.setenv("OPS_HOOK", "https://hooks.example/ops")  # set: only the setting is warned about
     rules = Path(env["KEYHYGIENE_RULES_FILE"])
     rules.write_text(RULES + notify)
 
