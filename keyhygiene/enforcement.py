@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +50,7 @@ from .context import Database, collection_paused, describe_db_error, session_sco
 from .errors import EnforcementRefused
 from .logging import get_logger
 from .shutdown import change_in_flight
-from .timeutil import isoformat
+from .timeutil import as_utc, isoformat
 
 if TYPE_CHECKING:
     from keyhygiene.keysapi.client import KeysClient
@@ -619,6 +619,14 @@ def _took_effect(client: KeysClient, decision: Decision) -> tuple[bool | None, K
     return False, fresh
 
 
+SETTLED_AS_OURS_WITHIN = timedelta(minutes=15)
+"""A settled change's key ``updated_at`` up to this long after its intent is taken as our change's
+(a change in doubt lands within the longest one change may take: 200 s with the default settings);
+a later one may be someone else's edit since."""
+SETTLED_CLOCK_SKEW = timedelta(minutes=5)
+"""How far the API's clock may be behind ours when a settled change's ``updated_at`` is compared."""
+
+
 def settle_in_doubt(database: Database, client: KeysClient, *, now: datetime) -> int:
     """Settle intents left pending (by a crash, or a change whose answer was lost), from each key's
     fresh state. Returns how many."""
@@ -653,9 +661,15 @@ def settle_in_doubt(database: Database, client: KeysClient, *, now: datetime) ->
                 audit.FAILED,
                 "settled after a crash or a lost answer: the change was not made; a later run decides again",
             )
-        # The key as the change left it, as the lost-answer path records it: what ``undo`` and
-        # ``enable`` compare with to tell whether anyone changed the key since.
-        key_updated_at = fresh.updated_at if applied and fresh is not None else None
+        # The key as the change left it: what ``undo`` and the re-enable rules compare with to tell
+        # whether anyone changed the key since. Read a run later, it may be someone else's change
+        # since ours (a rename, a new limit): kept only when it is close to our intent, else none,
+        # and they leave the key alone.
+        key_updated_at = None
+        if applied and fresh is not None and fresh.updated_at is not None:
+            began = as_utc(row.created_at)
+            if began - SETTLED_CLOCK_SKEW <= as_utc(fresh.updated_at) <= began + SETTLED_AS_OURS_WITHIN:
+                key_updated_at = fresh.updated_at
         _complete(database, row.id, outcome=outcome, now=now, reason=reason, key_updated_at=key_updated_at)
         log.info(
             "key_action",

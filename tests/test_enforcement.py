@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -680,13 +680,11 @@ class _ReadsFailAfterAChange(KeysClient):
         return super().get_key(key_hash)
 
 
-def test_a_change_whose_answer_and_fresh_state_are_both_lost_stays_in_doubt(
-    fake: FakeOpenRouter, fake_url: str, database: Database
-) -> None:
-    """The PATCH is made but its answer is lost, and the key cannot be read after it: the change is
-    neither done nor failed. Its intent stays pending, and the next run settles it from the key's
-    fresh state as made, so undo and the reenable rules know of it."""
-    now = utcnow()
+def _a_disable_made_but_unread(
+    fake: FakeOpenRouter, fake_url: str, database: Database, now: datetime
+) -> tuple[str, int, str]:
+    """An idle key disabled by a run whose PATCH is made but whose answer is lost, and whose key
+    cannot be read after it: (the key's hash, the run's id, the change's outcome)."""
     idle = str(fake.add_key("dev-idle", created_at=now - 90 * DAY, last_used_at=now - 60 * DAY)["hash"])
     with session_scope(database) as session:
         run_id = runs.start_run(session, kind="enforce", now=now, dry_run=False).id
@@ -694,10 +692,21 @@ def test_a_change_whose_answer_and_fresh_state_are_both_lost_stays_in_doubt(
     decision = Decision(idle, "dev-idle", None, "disable", "disable-idle", ("disable-idle",), {})
     client = _ReadsFailAfterAChange(fake_url, MANAGEMENT_KEY, retry_seconds=0.5)
     try:
-        with capture_logs() as logs:
-            outcome = change_key(database, client, decision, run_id=run_id, recheck=lambda d, _: d, clock=lambda: now)
+        outcome = change_key(database, client, decision, run_id=run_id, recheck=lambda d, _: d, clock=lambda: now)
     finally:
         client.close()
+    return idle, run_id, outcome
+
+
+def test_a_change_whose_answer_and_fresh_state_are_both_lost_stays_in_doubt(
+    fake: FakeOpenRouter, fake_url: str, database: Database
+) -> None:
+    """The PATCH is made but its answer is lost, and the key cannot be read after it: the change is
+    neither done nor failed. Its intent stays pending, and the next run settles it from the key's
+    fresh state as made, so undo and the reenable rules know of it."""
+    now = utcnow()
+    with capture_logs() as logs:
+        idle, run_id, outcome = _a_disable_made_but_unread(fake, fake_url, database, now)
 
     assert outcome == "failed"  # this run could not make sure of it
     assert fake.get(idle)["disabled"] is True  # type: ignore[index]
@@ -717,6 +726,29 @@ def test_a_change_whose_answer_and_fresh_state_are_both_lost_stays_in_doubt(
     assert [(entry["event"], entry["outcome"]) for entry in logs if entry["event"] == "key_action"] == [
         ("key_action", "done")
     ]
+
+
+def test_a_change_settled_after_someone_else_edited_the_key_is_not_given_back(
+    fake: FakeOpenRouter, fake_url: str, database: Database
+) -> None:
+    """The disable's answer was lost; before the next run an operator renamed the key and left it
+    disabled. Settled as made, the record must not take the operator's updated_at for ours: undo
+    and the re-enable rules would then call the key unchanged since our disable and enable it."""
+    now = utcnow()
+    idle, run_id, outcome = _a_disable_made_but_unread(fake, fake_url, database, now)
+    assert outcome == "failed"
+    fake.advance(HOUR)
+    fake.update_key(idle, {"name": "dev-idle-kept-off"})  # the operator's edit: a later updated_at
+
+    reader = KeysClient(fake_url, MANAGEMENT_KEY)
+    try:
+        assert settle_in_doubt(database, reader, now=now + 2 * HOUR) == 1
+    finally:
+        reader.close()
+
+    with database.sessions() as session:
+        (row,) = audit.changes_of_run(session, run_id)
+    assert (row.outcome, row.key_updated_at) == ("done", None)
 
 
 def test_idleness_proved_by_history_alone_and_rechecked_on_fresh_usage(

@@ -235,6 +235,15 @@ def test_null_last_used_at_means_no_use_since_2026_01_01() -> None:
     assert run(key, IDLE, now=start + D - SECOND) is None
 
 
+def test_the_evidence_of_a_key_newer_than_the_recording_of_use_says_idle_since_its_creation() -> None:
+    # A null last_used_at proves no use since 2026-01-01; a key made on 2026-05-02 was idle 44 days
+    # on 2026-06-15, not 165 (plans, notices and the audit log show these figures).
+    created = datetime(2026, 5, 2, 12, 0, tzinfo=UTC)
+    decision = run(make_key(last_used_at=None, created_at=created), IDLE)
+    assert decision is not None
+    assert (decision.evidence["idle_since"], decision.evidence["idle_days"]) == (iso(created), 44.0)
+
+
 def test_null_last_used_at_with_history_showing_use_is_not_unused() -> None:
     key = make_key(last_used_at=None)
     assert run(key, IDLE, history=KeyHistory(usage_unchanged_since=NOW - DAY)) is None

@@ -313,6 +313,8 @@ SAFETY_ERRORS = [
     ("protect_hashes = [1]", "protect_hashes", "entry 1 is a whole number"),
     ('protect_names = ["prod-*", ""]', "protect_names", "entry 2 is empty"),
     ('protect_names = ["  "]', "protect_names", "entry 1 is empty"),
+    # A stray space: the glob then matches only names with that space, and protects prod-main not.
+    ('protect_names = ["ci-*", "prod-* "]', "protect_names", 'entry 2 ("prod-* ") has white space around it'),
     ("dry_runs = true", "dry_runs", 'unknown key "dry_runs" in [safety]; did you mean "dry_run"?'),
 ]
 
@@ -485,6 +487,12 @@ RULE_ERRORS = [
         5,
         "threshold_usd",
         "more than zero",
+    ),
+    (
+        ['name = "r"', 'match = "expired"', 'action = "delete"', 'exclude_names = [" keep-*"]'],
+        4,
+        "exclude_names",
+        'entry 1 (" keep-*") has white space around it, so it excludes no key named "keep-*"',
     ),
     (
         ['name = "r"', 'match = "over_budget"', 'window = "daily"', 'action = "disable"', "reenable = 1"],

@@ -368,6 +368,9 @@ def _unused_facts(rule: Rule, key: KeyFacts, history: KeyHistory, now: datetime)
     # no source at all leaves it None: in both cases the key is not shown to be unused.
     if since is None or since > cutoff:
         return None
+    # A null last_used_at proves no use since OpenRouter began recording it, but a key is idle only
+    # since it exists: the evidence says no more than that (the decision above is the same).
+    since = max(since, as_utc(key.created_at))
     return {
         "idle_for": duration_text(rule.idle_for),
         "idle_since": isoformat(since),

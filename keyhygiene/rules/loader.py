@@ -432,6 +432,18 @@ class _Table:
         return value
 
 
+def _refuse_padded_globs(table: _Table, field: str, globs: tuple[str, ...], does: str) -> None:
+    """Refuse a name glob with white space at either end: it matches only names with that space, so
+    a stray space leaves the keys it was written for unprotected (or not excluded)."""
+    for position, glob in enumerate(globs, start=1):
+        if glob != glob.strip():
+            table.fail(
+                field,
+                f"entry {position} ({_toml_repr(glob)}) has white space around it, so it {does} no key named "
+                f"{_toml_repr(glob.strip())}: globs match whole names exactly (write * for any characters)",
+            )
+
+
 def _check_protected_hash(table: _Table, position: int, key_hash: str) -> None:
     """Refuse a protect_hashes entry that can never match; warn about one not shaped like a key hash.
 
@@ -560,6 +572,7 @@ class _Reader:
                 values[field] = table.string_list(field, data[field])
         for position, key_hash in enumerate(values.get("protect_hashes", ()), start=1):
             _check_protected_hash(table, position, key_hash)
+        _refuse_padded_globs(table, "protect_names", values.get("protect_names", ()), "protects")
         return Safety(**values)
 
     def rule(self, index: int, data: Mapping[str, Any]) -> Rule:
@@ -604,6 +617,7 @@ class _Reader:
             "disabled": table.boolean,
         }
         values: dict[str, Any] = {key: readers[key](key, value) for key, value in data.items() if key in readers}
+        _refuse_padded_globs(table, "exclude_names", values.get("exclude_names", ()), "excludes")
 
         if match == "unused" and "idle_for" not in values:
             table.fail("idle_for", f'{table.label}: match = "unused" needs idle_for, e.g. idle_for = "30d"')
