@@ -3,10 +3,11 @@
 A job takes the lease before it starts (``EnforcementLease.acquire``); a second one finds it taken
 and is recorded as skipped. While the job runs, a heartbeat thread renews the lease every
 ``RENEW_EVERY``; a holder that dies stops renewing, and its lease is taken over once it is
-``TTL`` old (well within two minutes), or at once when the holder ran on this machine (same boot
-and PID namespace) and its process no longer exists. Before every destructive API call the job checks that the
-lease is still its own (``fence``): a holder that was too slow to renew, and lost the lease to
-another process, stops before it changes anything. The fence also holds the lease for as long as
+``TTL`` old (or, after a fence, once the fence's longer hold has passed), or at once when the
+holder ran on this machine (same boot and PID namespace) and its process no longer exists. Before
+every destructive API call the job checks that the lease is still its own (``fence``): a holder
+that was too slow to renew, and lost the lease to another process, stops before it changes
+anything. The fence also holds the lease for as long as
 that change may take (``hold_for``) on top of ``TTL``, however the renewals fare meanwhile: a holder
 cut off from the database mid-change is not taken over, and its change settled by another job,
 while its request may still land.

@@ -79,18 +79,21 @@ _QUERY_PASSWORD = re.compile(r"((?:^|[?&])[^=&]*pass[^=&]*=)[^&]*", re.IGNORECAS
 
 def _without_password(value: str) -> str:
     """``value`` with what a URL's user part could hide masked: everything between ``user:`` and the
-    last ``@`` (a password may hold ``@`` and ``/`` itself), or all of it when there is no ``user:``;
-    and the value of a query parameter named like a password (``?password=``, ``sslpassword=``)."""
-    base, question, query = value.partition("?")
-    if question:
-        return _without_password(base) + "?" + _QUERY_PASSWORD.sub(r"\1***", query)
+    last ``@`` (a password may hold ``@``, ``/`` and ``?`` itself), or all of it when there is no
+    ``user:``; then, after the host, the value of a query parameter named like a password
+    (``?password=``, ``sslpassword=``)."""
     start = value.find("://") + 3 if "://" in value else 0
     userinfo, at, host = value[start:].rpartition("@")
     # No user part: nothing before the "@" ("@hourly"), or an "@" in a file path (sqlite:////a@b/x.db).
-    if not at or not userinfo or userinfo.startswith("/"):
-        return value
-    user, colon, _ = userinfo.partition(":")
-    return f"{value[:start]}{user + ':' if colon and '/' not in user else ''}***@{host}"
+    if at and userinfo and not userinfo.startswith("/"):
+        user, colon, _ = userinfo.partition(":")
+        shown = f"{value[:start]}{user + ':' if colon and '/' not in user else ''}***@"
+    else:
+        shown, host = "", value
+    where, question, query = host.partition("?")
+    if question:
+        where += "?" + _QUERY_PASSWORD.sub(r"\1***", query)
+    return shown + where
 
 
 def _duration(value: object, *, allow_none: bool = False) -> timedelta | None:
@@ -321,7 +324,7 @@ class Settings(BaseSettings):
             raise ValueError("only sqlite:// and postgresql+psycopg:// databases are supported")
         if url.get_backend_name() == "sqlite":
             path = url.database or ""
-            if path in ("", ":memory:") or "mode=memory" in path or "mode=memory" in str(url.query):
+            if path in ("", ":memory:") or path.startswith("file::memory:") or url.query.get("mode") == "memory":
                 # Each process (and connection) would get its own empty database: `db upgrade`
                 # would migrate one that is gone when it exits.
                 raise ValueError("is an in-memory SQLite database, which keeps nothing: name a file")
@@ -398,7 +401,9 @@ def _where_set(name: str, overrides: Mapping[str, object]) -> str:
     """``"/abs/.env:LINE: "`` when ``name``'s value came from the ``.env`` file (the environment wins
     over it), else ``""``: the operator fixes the file, not the environment."""
     env_file = overrides.get("_env_file", ENV_FILE)
-    if name in os.environ or name in overrides or not isinstance(env_file, str | os.PathLike):
+    # The environment's names are read whatever their case.
+    in_environment = any(variable.upper() == name for variable in os.environ)
+    if in_environment or name in overrides or not isinstance(env_file, str | os.PathLike):
         return ""
     if not os.path.isfile(env_file):  # a FIFO's writer may not answer a second time
         return ""

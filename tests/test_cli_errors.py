@@ -316,6 +316,10 @@ def test_a_rules_file_python_cannot_parse_is_bad_usage_naming_file_and_line(
         # and every other command then said to run `db upgrade` first.
         ("sqlite://", "invalid settings: KEYHYGIENE_DATABASE_URL: is an in-memory SQLite database"),
         ("sqlite:///:memory:", "invalid settings: KEYHYGIENE_DATABASE_URL: is an in-memory SQLite database"),
+        (
+            "sqlite:///file:kh?mode=memory&cache=shared&uri=true",
+            "invalid settings: KEYHYGIENE_DATABASE_URL: is an in-memory SQLite database",
+        ),
         # It was "cannot migrate the database: unable to open database file", naming nothing.
         (
             "sqlite:///{tmp}/no-such-folder/kh.db",

@@ -458,6 +458,12 @@ def test_commands_refuse_a_broken_url_at_start(
         ("KEYHYGIENE_BROKER_URL", "amqp://guest:s3@cretSECRET@mq.example//", "amqp://guest:***@mq.example//"),
         ("KEYHYGIENE_BROKER_URL", "redis://:p@ssSECRET@127.0.0.1:99999/0", "redis://:***@127.0.0.1:99999/0"),
         ("KEYHYGIENE_BROKER_URL", "redis://tokenSECRET@127.0.0.1:99999/0", "redis://***@127.0.0.1:99999/0"),
+        # A "?" belongs to the password, before the "@", not to a query.
+        (
+            "KEYHYGIENE_DATABASE_URL",
+            "postgresql+psycopg://kh:pa?SECRET@db.example:99999/keys",
+            "postgresql+psycopg://kh:***@db.example:99999/keys",
+        ),
         # libpq takes a password as a query parameter too.
         (
             "KEYHYGIENE_DATABASE_URL",

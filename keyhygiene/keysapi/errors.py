@@ -5,12 +5,13 @@ The tree, and what a caller does with each::
     ApiError                    anything the API or the connection did wrong
     ├── TransientError          worth retrying; retried inside the client until the budget runs out
     │   ├── RateLimited         429 (carries Retry-After when the API sent it)
-    │   ├── ServerError         500, 502, 503, 504
+    │   ├── ServerError         5xx but 501 and 505 (a CDN's 52x included)
     │   └── ConnectionFailed    could not connect, or the connection broke
     ├── CertificateRefused      the API's TLS certificate is not trusted (not retried: it will not
     │                           pass by itself; trust its issuer through SSL_CERT_FILE or SSL_CERT_DIR)
-    ├── OutcomeUnknown          a PATCH or DELETE sent whose answer was lost (timeout, dropped
-    │                           connection, 500/502/504): never re-sent; settle it from a fresh GET
+    ├── OutcomeUnknown          a PATCH, DELETE or POST sent whose answer was lost (timeout, dropped
+    │                           connection, an undecodable body, a 5xx but 503): never re-sent;
+    │                           settle it from a fresh GET
     ├── MalformedResponse       a body that is not the documented shape (not retried: a bug or a proxy)
     └── RequestRejected         4xx other than 429, carrying the API's own message
         ├── BadRequest          400
