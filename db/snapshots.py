@@ -1411,6 +1411,16 @@ def fail_orphaned(session: Session, *, error: str) -> int:
 # -- reading ------------------------------------------------------------------------------------
 
 
+def workspace_ever_seen(session: Session, value: str) -> bool:
+    """Whether ``value`` is the id or the exact name of a workspace some snapshot listed, or the
+    workspace id some version of a key carried (snapshots taken before names were recorded)."""
+    for names in session.scalars(select(Snapshot.workspace_names).execution_options(yield_per=1000)):
+        if names and (value in names or value in names.values()):
+            return True
+    carried = select(key_records.c.key_id).where(key_records.c.workspace_id == value).limit(1)
+    return session.scalar(carried) is not None
+
+
 def latest_snapshot(session: Session, *, at: datetime | None = None) -> Snapshot | None:
     """The newest complete snapshot (taken at or before ``at``, when given)."""
     query = select(Snapshot).where(Snapshot.status == COMPLETE)

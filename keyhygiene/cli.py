@@ -597,7 +597,20 @@ def report(
     database = Database.open(settings)
     try:
         with database.sessions() as session:
-            params = _with_workspace_ids(params, snapshots.workspace_names(session))
+            names = snapshots.workspace_names(session)
+            for value in workspaces:
+                # A typo would read as a workspace that has no keys and spent nothing.
+                if (
+                    value not in names
+                    and value not in names.values()
+                    and not snapshots.workspace_ever_seen(session, value)
+                ):
+                    fail(
+                        f"report: --workspace {value!r} is no workspace id or name any snapshot holds "
+                        "(names are exact and case-sensitive; `keyhygiene report inventory` shows them)",
+                        EXIT_USAGE,
+                    )
+            params = _with_workspace_ids(params, names)
             try:
                 if kind == "html":
                     from .reports.html import write_html

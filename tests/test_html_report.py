@@ -188,3 +188,22 @@ def test_the_html_report_draws_its_charts_and_matches_the_json_reports(
 
     inventory = json_report(cli, "inventory")
     assert rendered.cards["keys"] == len(inventory)
+
+
+def test_the_cards_of_a_page_for_some_names_count_only_the_keys_of_those_names(
+    org: Org, cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Under an "only name *o*" banner, the key and idle cards counted every key of the workspaces.
+    out = tmp_path / "report.html"
+    result = cli("report", "html", "--at", AT, "--since", SINCE, "--name", "*o*", "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    page = _Page()
+    page.feed(out.read_text())  # the cards are in the page as written, no script needed
+
+    named = json_report(cli, "inventory", "--name", "*o*")
+    everyone = json_report(cli, "inventory")
+    idle_named = json_report(cli, "idle", "--since", "30d", "--name", "*o*")
+    assert 0 < len(named) < len(everyone)
+    assert page.cards["keys"] == len(named)
+    assert page.cards["idle-30d"] == len(idle_named)
+    assert "--name does not apply here" in out.read_text()

@@ -83,6 +83,13 @@ def test_spend_by_and_filters_at_the_command_line(org: Org, cli: Callable[..., A
     assert result.exit_code == 0
     assert "alpha" in result.stdout and "delta" not in result.stdout
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    # By name, exactly; a typo is refused rather than read as a workspace that spent nothing.
+    result = cli("report", "spend", "--at", AT, "--since", "7d", "--workspace", "Research", "--format", "json")
+    assert [row["name"] for row in json.loads(result.stdout)] == ["hotel"]
+    for typo in ("research", "ws-reserch"):
+        result = cli("report", "spend", "--at", AT, "--since", "7d", "--workspace", typo)
+        assert result.exit_code == 2
+        assert f"--workspace {typo!r} is no workspace id or name any snapshot holds" in result.stderr
 
 
 def test_idle_uses_the_rules_file(org: Org, cli: Callable[..., Any]) -> None:

@@ -195,8 +195,17 @@ def test_reports_inside_the_retention_are_identical_after_pruning(org: Org) -> N
         assert prune_run is not None and prune_run.kind == "prune" and prune_run.status == runs.OK
         assert prune_run.summary == summary
 
-    with database.sessions() as session, pytest.raises(ReportError, match="before the first stored snapshot"):
+    with (
+        database.sessions() as session,
+        pytest.raises(
+            ReportError,
+            match=r"before the first stored snapshot \(.*\) \(older ones were pruned: KEYHYGIENE_RETENTION\)",
+        ),
+    ):
         builders()["inventory"](session, ReportParams(now=NOW, at=CUTOFF - 2 * DAY))
+    with database.sessions() as session:  # the audit log is kept: asked for at that time, it answers
+        audit_then = builders()["actions"](session, ReportParams(now=NOW, at=CUTOFF - 2 * DAY, since=30 * DAY))
+    assert audit_then.title.startswith("Audit log, ")
 
     # Pruning again finds nothing more to remove.
     again = execute("prune", settings, clock=lambda: NOW, database=database)

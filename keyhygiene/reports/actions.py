@@ -12,10 +12,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from db import audit
+from db import audit, snapshots
 from keyhygiene.rules import evidence_at
 
-from .base import Report, ReportParams, snapshot_for, tally
+from .base import NO_SNAPSHOT, Report, ReportError, ReportParams, check_at, tally
 
 DEFAULT_PERIOD = timedelta(days=30)
 
@@ -38,7 +38,11 @@ TABLE_COLUMNS = ["time", "key_name", "rule", "action", "dry_run", "outcome"]
 
 
 def build(session: Session, params: ReportParams) -> Report:
-    snapshot_for(session, params)  # an empty store, or --at before the first snapshot: say so
+    # The audit log outlives the snapshots (a prune keeps it by default): any --at up to now is
+    # answered from it, before the first snapshot kept too; only an empty store is refused.
+    check_at(params)
+    if snapshots.first_snapshot(session) is None:
+        raise ReportError(NO_SNAPSHOT)
     end = params.as_of
     start = params.period_start(DEFAULT_PERIOD)
     rows = list(records(session, params))

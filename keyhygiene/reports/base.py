@@ -122,8 +122,9 @@ def snapshot_for(session: Session, params: ReportParams) -> Snapshot:
         first = snapshots.first_snapshot(session)
         if first is None:
             raise ReportError(NO_SNAPSHOT)
+        pruned = " (older ones were pruned: KEYHYGIENE_RETENTION)" if snapshots.pruned_before(session, first.id) else ""
         raise ReportError(
-            f"--at {isoformat(params.at)} is before the first stored snapshot ({isoformat(first.taken_at)})"
+            f"--at {isoformat(params.at)} is before the first stored snapshot ({isoformat(first.taken_at)}){pruned}"
         )
     return snapshot
 

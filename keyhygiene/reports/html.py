@@ -100,7 +100,7 @@ def render_html(session: Session, params: ReportParams) -> str:
     start = spend.start
     sections = [
         _spend_section(spend, top, daily),
-        _states_section(trend_rows),
+        _states_section(trend_rows, names_ignored=params.name is not None),
         _idle_section(idle_rows),
         _upcoming_section(coming, as_of=as_of, has_rules=params.ruleset is not None),
         _owners_section(owner_keys, idle_rows, spend, coming, as_of=as_of),
@@ -125,7 +125,13 @@ def render_html(session: Session, params: ReportParams) -> str:
         ("upcoming-7d", "keys a rule acts on within 7 days", str(in_week), in_week),
         ("audit-records", "audit records in the period", str(audit.total), audit.total),
     ]
-    if trend_rows:
+    if params.name is not None:
+        # The trends are per workspace: with --name the two cards count the keys of that name.
+        named = sum(owner_keys.values())
+        idle_named = sum(1 for row in idle_rows if row["idle_days"] >= 30)
+        cards[0] = ("keys", "keys at the newest snapshot", str(named), named)
+        cards[2] = ("idle-30d", "keys idle 30 days or more", str(idle_named), idle_named)
+    elif trend_rows:
         cards[0] = ("keys", "keys at the newest snapshot", str(trend_rows[-1]["keys"]), trend_rows[-1]["keys"])
     filters = []
     if params.workspaces:
@@ -191,7 +197,7 @@ def _spend_section(spend: Any, top: list[Any], daily: DailySpend) -> str:
     )
 
 
-def _states_section(rows: list[dict[str, Any]]) -> str:
+def _states_section(rows: list[dict[str, Any]], *, names_ignored: bool = False) -> str:
     labels = [row["day"].strftime("%m-%d") for row in rows]
     series = [(label, colour, [float(row[field]) for row in rows]) for field, label, colour in STATE_SERIES]
     chart = _lines("states", labels, series, title="Keys by state, per day")
@@ -200,7 +206,8 @@ def _states_section(rows: list[dict[str, Any]]) -> str:
     ]
     return _section(
         "Keys by state over time",
-        "Counted at the last snapshot of each day.",
+        "Counted at the last snapshot of each day"
+        + (": every key of the workspaces, whatever its name (--name does not apply here)." if names_ignored else "."),
         chart,
         _figures("trends", ["day", *[label for _, label, _ in STATE_SERIES]], figure_rows),
     )
