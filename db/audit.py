@@ -43,6 +43,12 @@ class LastChange:
     key_name: str = ""
 
 
+def audited_workspace(session: Session, workspace_id: str) -> bool:
+    """Whether the audit log holds a record of a key in workspace ``workspace_id`` (one that the
+    snapshots kept may no longer name)."""
+    return session.scalar(select(Action.id).where(Action.workspace_id == workspace_id).limit(1)) is not None
+
+
 def record_action(
     session: Session,
     *,

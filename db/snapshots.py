@@ -1411,14 +1411,19 @@ def fail_orphaned(session: Session, *, error: str) -> int:
 # -- reading ------------------------------------------------------------------------------------
 
 
-def workspace_ever_seen(session: Session, value: str) -> bool:
-    """Whether ``value`` is the id or the exact name of a workspace some snapshot listed, or the
-    workspace id some version of a key carried (snapshots taken before names were recorded)."""
-    for names in session.scalars(select(Snapshot.workspace_names).execution_options(yield_per=1000)):
-        if names and (value in names or value in names.values()):
-            return True
-    carried = select(key_records.c.key_id).where(key_records.c.workspace_id == value).limit(1)
-    return session.scalar(carried) is not None
+def workspace_ids_ever(session: Session, value: str) -> set[str]:
+    """The ids of the workspaces ``value`` is the id or the exact name of in any snapshot (a
+    workspace renamed since is found by its old name), or ``{value}`` when it is a workspace id
+    some version of a key carried (snapshots taken before names were recorded); empty for none."""
+    ids: set[str] = set()
+    for names in session.scalars(select(Snapshot.workspace_names)).all():  # one small row a snapshot
+        if names:
+            ids.update(str(workspace_id) for workspace_id, name in names.items() if value in (workspace_id, name))
+    if not ids:
+        carried = select(key_records.c.key_id).where(key_records.c.workspace_id == value).limit(1)
+        if session.scalar(carried) is not None:
+            ids.add(value)
+    return ids
 
 
 def latest_snapshot(session: Session, *, at: datetime | None = None) -> Snapshot | None:

@@ -598,19 +598,7 @@ def report(
     try:
         with database.sessions() as session:
             names = snapshots.workspace_names(session)
-            for value in workspaces:
-                # A typo would read as a workspace that has no keys and spent nothing.
-                if (
-                    value not in names
-                    and value not in names.values()
-                    and not snapshots.workspace_ever_seen(session, value)
-                ):
-                    fail(
-                        f"report: --workspace {value!r} is no workspace id or name any snapshot holds "
-                        "(names are exact and case-sensitive; `keyhygiene report inventory` shows them)",
-                        EXIT_USAGE,
-                    )
-            params = _with_workspace_ids(params, names)
+            params = _with_workspace_ids(params, names, _workspaces_known(session, kind, workspaces, names))
             try:
                 if kind == "html":
                     from .reports.html import write_html
@@ -634,14 +622,43 @@ def report(
     render(result, fmt, Console(soft_wrap=False), limit=limit)
 
 
-def _with_workspace_ids(params: Any, names: dict[str, str]) -> Any:
-    """Report parameters whose workspace filters (--workspace and the rules') are ids, not names."""
+def _workspaces_known(session: Any, kind: str, workspaces: tuple[str, ...], names: dict[str, str]) -> tuple[str, ...]:
+    """The --workspace values as the newest snapshot knows them, each value it does not know replaced
+    by the ids it named in an older snapshot (a workspace renamed since) or kept as an id the history
+    or (for the audit) the audit log holds; a value none of them knows is refused: a typo would read
+    as a workspace with no keys and no spend. Nothing to check in an empty store (the report says so)."""
+    from db import audit, snapshots
+
+    if not workspaces or (not names and snapshots.first_snapshot(session) is None):
+        return workspaces
+    known: list[str] = []
+    for value in workspaces:
+        if value in names or value in names.values():
+            known.append(value)
+            continue
+        ids = snapshots.workspace_ids_ever(session, value)
+        if not ids and kind in ("actions", "html") and audit.audited_workspace(session, value):
+            ids = {value}
+        if not ids:
+            fail(
+                f"report: --workspace {value!r} is no workspace id or name the history holds "
+                "(names are exact and case-sensitive; `keyhygiene report inventory` shows them)",
+                EXIT_USAGE,
+            )
+        known.extend(sorted(ids))
+    return tuple(known)
+
+
+def _with_workspace_ids(params: Any, names: dict[str, str], workspaces: tuple[str, ...] | None = None) -> Any:
+    """Report parameters whose workspace filters (--workspace, or ``workspaces`` in its place, and
+    the rules') are ids, not names."""
     from dataclasses import replace
 
     from keyhygiene.rules import resolve_workspaces, workspace_ids
 
     ruleset = None if params.ruleset is None else resolve_workspaces(params.ruleset, names)
-    return replace(params, workspaces=workspace_ids(params.workspaces, names), ruleset=ruleset)
+    given = params.workspaces if workspaces is None else workspaces
+    return replace(params, workspaces=workspace_ids(given, names), ruleset=ruleset)
 
 
 def _optional_ruleset(settings: Settings) -> Any:

@@ -74,6 +74,7 @@ def _shown(name: str, value: object) -> str:
     return f" (got {value!r})"
 
 
+_KEYWORD_PASSWORD = re.compile(r"(\b\w*pass\w*\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _QUERY_PASSWORD = re.compile(r"((?:^|[?&])[^=&]*pass[^=&]*=)[^&]*", re.IGNORECASE)
 
 
@@ -82,6 +83,8 @@ def _without_password(value: str) -> str:
     last ``@`` (a password may hold ``@``, ``/`` and ``?`` itself), or all of it when there is no
     ``user:``; then, after the host, the value of a query parameter named like a password
     (``?password=``, ``sslpassword=``)."""
+    if "://" not in value and "=" in value:  # a libpq keyword string: host=db password=secret
+        return _KEYWORD_PASSWORD.sub(r"\1***", value)
     start = value.find("://") + 3 if "://" in value else 0
     userinfo, at, host = value[start:].rpartition("@")
     # No user part: nothing before the "@" ("@hourly"), or an "@" in a file path (sqlite:////a@b/x.db).

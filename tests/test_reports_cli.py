@@ -89,7 +89,7 @@ def test_spend_by_and_filters_at_the_command_line(org: Org, cli: Callable[..., A
     for typo in ("research", "ws-reserch"):
         result = cli("report", "spend", "--at", AT, "--since", "7d", "--workspace", typo)
         assert result.exit_code == 2
-        assert f"--workspace {typo!r} is no workspace id or name any snapshot holds" in result.stderr
+        assert f"--workspace {typo!r} is no workspace id or name the history holds" in result.stderr
 
 
 def test_idle_uses_the_rules_file(org: Org, cli: Callable[..., Any]) -> None:
@@ -153,3 +153,32 @@ def test_an_empty_database_says_to_sync_first(
         "keyhygiene: error: there is no complete snapshot yet: run `keyhygiene sync` first"
     )
     assert not (tmp_path / "report.html").exists()
+
+
+def test_the_audit_report_takes_a_workspace_only_its_records_still_hold(org: Org, cli: Callable[..., Any]) -> None:
+    # A workspace deleted long ago: the snapshots kept no longer name it, the audit log does.
+    from db import audit, runs
+    from keyhygiene.context import session_scope
+
+    with session_scope(org.database) as session:
+        run_id = runs.start_run(session, kind="enforce", now=day(9), dry_run=False).id
+        audit.record_action(
+            session,
+            run_id=run_id,
+            now=day(9),
+            key_hash="0" * 64,
+            key_name="gone-key",
+            workspace_id="ws-gone",
+            rule="delete-expired",
+            rules=["delete-expired"],
+            action="delete",
+            dry_run=False,
+            outcome="done",
+            evidence={},
+        )
+
+    listed = cli("report", "actions", "--at", AT, "--since", "7d", "--workspace", "ws-gone", "--format", "json")
+    assert listed.exit_code == 0, listed.stderr
+    assert [row["key_name"] for row in json.loads(listed.stdout)] == ["gone-key"]
+    spend = cli("report", "spend", "--at", AT, "--since", "7d", "--workspace", "ws-gone")
+    assert spend.exit_code == 2  # the snapshots hold no such workspace: no key of it ever spent

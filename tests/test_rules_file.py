@@ -492,7 +492,7 @@ RULE_ERRORS = [
         ['name = "r"', 'match = "expired"', 'action = "delete"', 'exclude_names = [" keep-*"]'],
         4,
         "exclude_names",
-        'entry 1 (" keep-*") has white space around it, so it excludes no key named "keep-*"',
+        'entry 1 (" keep-*") has white space around it, so it excludes only names with that white space',
     ),
     (
         ['name = "r"', 'match = "over_budget"', 'window = "daily"', 'action = "disable"', "reenable = 1"],

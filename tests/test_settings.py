@@ -464,6 +464,12 @@ def test_commands_refuse_a_broken_url_at_start(
             "postgresql+psycopg://kh:pa?SECRET@db.example:99999/keys",
             "postgresql+psycopg://kh:***@db.example:99999/keys",
         ),
+        # A libpq keyword string is no URL, and is refused as one: its password is not shown.
+        (
+            "KEYHYGIENE_DATABASE_URL",
+            "host=db.example user=kh password=pSECRET dbname=keys",
+            "host=db.example user=kh password=*** dbname=keys",
+        ),
         # libpq takes a password as a query parameter too.
         (
             "KEYHYGIENE_DATABASE_URL",

@@ -168,6 +168,34 @@ def test_report_workspace_option_takes_a_name(org: dict[str, str], cli: Callable
     assert [row["name"] for row in json.loads(result.stdout)] == ["staging-old"]
 
 
+def test_report_workspace_option_takes_a_name_from_before_a_rename_and_refuses_one_never_seen(
+    org: dict[str, str], fake: FakeOpenRouter, cli: Callable[..., Any]
+) -> None:
+    fake.rename_workspace(org["Staging"], "Pre-production")
+    assert cli("sync").exit_code == 0
+
+    for name in ("Pre-production", "Staging"):  # its name now, and the one older snapshots hold
+        result = cli("report", "inventory", "--workspace", name, "--format", "json")
+        assert [row["name"] for row in json.loads(result.stdout)] == ["staging-old"], name
+
+    typo = cli("report", "inventory", "--workspace", "staging")
+    assert typo.exit_code == 2
+    assert "--workspace 'staging' is no workspace id or name the history holds" in typo.stderr
+
+
+def test_report_workspace_option_on_an_empty_store_says_to_sync_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Callable[..., Any]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    assert cli("db", "upgrade").exit_code == 0
+
+    result = cli("report", "spend", "--workspace", "Production")
+
+    assert result.exit_code == 1
+    assert "run `keyhygiene sync` first" in result.stderr
+
+
 def test_names_resolve_to_every_workspace_of_that_name_and_ids_stay() -> None:
     ruleset = parse_rules(RULES.replace('"Production"', '"Production", "ws-3", "Nowhere"'))
     names = {"ws-1": "Production", "ws-2": "Production", "ws-3": "Staging"}

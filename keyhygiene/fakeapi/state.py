@@ -353,6 +353,13 @@ class FakeOpenRouter:
             self._version += 1
             return dict(workspace)
 
+    def rename_workspace(self, workspace_id: str, name: str) -> None:
+        """Give a workspace a new name, as its owner may in OpenRouter's settings."""
+        with self._lock:
+            self._workspaces[workspace_id]["name"] = name
+            self._workspaces[workspace_id]["updated_at"] = format_time(self.now(), microsecond_style=False)
+            self._version += 1
+
     @property
     def default_workspace_id(self) -> str:
         """The workspace ``GET /keys`` lists without ``workspace_id`` (created on first need)."""

@@ -439,8 +439,8 @@ def _refuse_padded_globs(table: _Table, field: str, globs: tuple[str, ...], does
         if glob != glob.strip():
             table.fail(
                 field,
-                f"entry {position} ({_toml_repr(glob)}) has white space around it, so it {does} no key named "
-                f"{_toml_repr(glob.strip())}: globs match whole names exactly (write * for any characters)",
+                f"entry {position} ({_toml_repr(glob)}) has white space around it, so it {does} only names "
+                "with that white space: globs match whole names exactly (write * for any characters)",
             )
 
 
