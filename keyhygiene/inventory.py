@@ -171,6 +171,9 @@ def take_snapshot(
             staged_by_helper=handed_over,
             seconds=round(time.monotonic() - listing_started, 3),
         )
+        for workspace in listing.ends_by_refusal:
+            # Not an error: the API answered an offset past the end with a 4xx instead of [].
+            log.warning("listing_ended_by_refusal", run_id=run_id, workspace=workspace)
         if analysis is not None:
             analysis.wait()
         with database.sessions() as session:

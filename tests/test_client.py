@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import (
     ApiError,
     AuthenticationFailed,
+    BadRequest,
     ConnectionFailed,
     MalformedResponse,
     NotFound,
@@ -25,6 +27,7 @@ from keyhygiene.keysapi.errors import (
     ServerError,
 )
 from keyhygiene.keysapi.models import CurrentKey, Key
+from keyhygiene.keysapi.paging import KeyStream
 from tests.celery_support import wait_until
 from tests.conftest import MANAGEMENT_KEY
 from tests.http_fronts import Front, serving
@@ -196,6 +199,60 @@ def test_pages_waiting_together_are_handed_over_together(fake: FakeOpenRouter, m
     assert len(second) == 300  # three pages that were waiting, in one batch
     assert all(0 < len(batch) <= 300 for batch in rest)
     assert sorted(raw["hash"] for batch in [first, second, *rest] for raw in batch) == sorted(hashes)
+
+
+@pytest.mark.parametrize("status", [400, 404])
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_an_api_that_refuses_offsets_past_the_end_is_listed_whole(
+    fake: FakeOpenRouter, make_client, status: int, concurrency: int
+) -> None:
+    # No document says what an offset past the end answers; the facts infer []. An API that
+    # answered 400 or 404 instead failed every listing, whose offsets go ahead of the end.
+    hashes = add_keys(fake, 100, prefix="default")  # an exact multiple: no short page ends it
+    sized = {}
+    for size in (0, 30, 250, 1000):
+        workspace = sized[size] = str(fake.add_workspace(f"team-{size}")["id"])
+        hashes += add_keys(fake, size, workspace_id=workspace, prefix=f"team-{size}")
+    fake.faults.past_end_status = status
+    client = make_client(concurrency=concurrency)
+
+    stream = client.stream_keys([workspace.id for workspace in client.list_workspaces()])
+    listed = [raw["hash"] for page in stream for raw in page]
+
+    assert sorted(listed) == sorted(hashes)
+    # Lists of a multiple of 100 keys end at a refusal; the others at their short page.
+    assert sorted(stream.ends_by_refusal) == sorted([fake.default_workspace_id, sized[1000]])
+
+
+def _pages_of(
+    keys: int, refused: Callable[[int], Exception | None]
+) -> Callable[[str | None, int], list[dict[str, Any]]]:
+    """A GET /keys of one list of ``keys`` keys, where ``refused(offset)`` may refuse an offset."""
+
+    def fetch(_: str | None, offset: int) -> list[dict[str, Any]]:
+        error = refused(offset)
+        if error is not None:
+            raise error
+        return [{"hash": f"k{index:05d}"} for index in range(offset, min(offset + 100, keys))]
+
+    return fetch
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_refusal_in_the_middle_of_a_list_fails_the_listing(concurrency: int) -> None:
+    # A 400 at offset 300 of 1,000 keys looks like an end until the next offset comes back with
+    # keys: the listing fails, it does not end at 300 keys.
+    refusal = BadRequest("GET /keys: 400 Invalid request parameters", status=400)
+    fetch = _pages_of(1000, lambda offset: refusal if offset == 300 else None)
+
+    with pytest.raises(BadRequest):
+        list(KeyStream(fetch, [None], concurrency=concurrency))
+
+
+def test_a_refusal_of_the_first_page_fails_the_listing() -> None:
+    refusal = NotFound("GET /keys: 404 Resource not found", status=404)
+    with pytest.raises(NotFound):
+        list(KeyStream(_pages_of(1000, lambda offset: refusal), [None], concurrency=4))
 
 
 def test_a_listing_left_early_sends_no_more_requests(fake: FakeOpenRouter, make_client) -> None:

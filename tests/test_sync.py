@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import OperationalError
+from structlog.testing import capture_logs
 
 from db import runs, snapshots
 from db.migrate import downgrade, upgrade
@@ -546,6 +547,22 @@ def test_staging_rows_lost_while_listing_fail_the_sync_instead_of_marking_keys_g
             written = select(func.count()).where((table.c.valid_from == 2) | (table.c.valid_to == 2))
             assert session.scalar(written) == 0
     assert sorted(before) == sorted(kept)
+
+
+def test_a_sync_against_an_api_that_refuses_offsets_past_the_end_stores_every_key(
+    database: Database, fake: FakeOpenRouter, sync
+) -> None:
+    hashes = add_keys(fake, 300)  # a multiple of 100: the list ends at a refused offset
+    fake.faults.past_end_status = 404
+
+    with capture_logs() as logs:
+        outcome = sync(concurrency=8)
+
+    assert outcome.exit_code == 0, outcome.message
+    assert sorted(stored_hashes(database, outcome.sync.snapshot_id)) == sorted(hashes)  # type: ignore[union-attr]
+    assert [entry["workspace"] for entry in logs if entry["event"] == "listing_ended_by_refusal"] == [
+        fake.default_workspace_id
+    ]
 
 
 def test_a_sync_whose_run_was_taken_for_dead_records_nothing(

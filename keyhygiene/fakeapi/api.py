@@ -167,6 +167,9 @@ def _list_keys(fake: FakeOpenRouter, query: dict[str, str]) -> Response:
         )
     except UnknownWorkspace:
         raise _Problem(404, "Workspace not found") from None
+    past_end = fake.faults.past_end_status
+    if past_end is not None and offset > 0 and body.startswith(b'{"data":[]'):
+        raise _Problem(past_end, "Offset out of range")
     return Response(200, body)
 
 

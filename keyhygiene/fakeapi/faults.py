@@ -63,6 +63,9 @@ class Faults:
         self._rng = random.Random(0)
         self.latency: float = 0.0
         self.latency_jitter: float = 0.0
+        self.past_end_status: int | None = None
+        """What ``GET /keys`` answers for an offset past the last key (but 0): ``[]`` when None, as
+        the API facts infer; else this 4xx, which no document rules out."""
 
     def rate_limit(
         self, count: int, retry_after: float | str | None = 1, *, method: str | None = None, path: str | None = None

@@ -10,6 +10,13 @@ that workspace is asked for, and pages past it are dropped.
 Pages are handed over in offset order per workspace as soon as every earlier page of that
 workspace has been, while later ones are still in flight. A bounded number of pages may wait to be
 taken, so a slow consumer slows the listing instead of growing memory.
+
+No document says what the API answers for an offset past the end of a list (the facts infer an
+empty page). Should it refuse one (400 or 404), the offsets asked for ahead would fail every
+listing: a refusal of an offset past every full page seen is held instead, and becomes the list's
+end once every page before it has come back full and the next offset is refused too (asked for if
+it was not: one request more); ``ends_by_refusal`` names those workspaces. A page with keys after
+a refused offset, or a refusal of offset 0, fails the listing as any error does.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import BadRequest, NotFound
 
 PAGE_SIZE = 100
 """``GET /keys`` always answers at most 100 keys; a shorter page is the last one."""
@@ -44,6 +53,12 @@ class _Workspace:
     end: int | None = None  # offset of the first short page, once seen
     next_due: int = 0  # the next offset to hand over
     early: dict[int, list[RawKey]] = field(default_factory=dict)  # arrived before an earlier page
+    refused: dict[int, BaseException] = field(default_factory=dict)  # offsets the API refused (400, 404)
+
+    @property
+    def refused_at(self) -> int | None:
+        """The lowest offset the API refused, if any."""
+        return min(self.refused) if self.refused else None
 
     @property
     def name(self) -> str:
@@ -83,6 +98,8 @@ class KeyStream:
         self.per_workspace: dict[str, int] = {workspace.name: 0 for workspace in self._workspaces}
         self.pages = 0
         self.duplicates = 0
+        self.ends_by_refusal: list[str] = []
+        """Workspaces whose list ended at an offset the API refused rather than at a short page."""
 
     def __iter__(self) -> Iterator[list[RawKey]]:
         workers = [
@@ -166,17 +183,55 @@ class KeyStream:
                 page = self._fetch(workspace.workspace_id, offset)
             except BaseException as exc:
                 with self._lock:
-                    if not self._stopping:
-                        self._stopping = True
-                        self._ready.put(exc)
+                    if not self._held(workspace, offset, exc):
+                        self._fail(exc)
                 self._room.release()
                 continue
             with self._lock:
                 self._arrived(workspace, offset, page)
 
+    def _fail(self, exc: BaseException) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self._ready.put(exc)
+
+    def _held(self, workspace: _Workspace, offset: int, exc: BaseException) -> bool:
+        """Whether the failure of the request at ``offset`` is no failure of the listing (yet): past
+        the known end, or a refusal past every full page seen (see the module's docstring)."""
+        if workspace.end is not None and offset > workspace.end:
+            return True
+        if offset == 0 or not isinstance(exc, BadRequest | NotFound):
+            return False
+        if any(later > offset and page for later, page in workspace.early.items()):
+            return False  # keys came back from further on: the list goes on past this offset
+        workspace.refused[offset] = exc
+        self._end_at_refusal(workspace)
+        return True
+
+    def _end_at_refusal(self, workspace: _Workspace) -> None:
+        """Every page before the lowest refused offset came back full, and the next offset was
+        refused as well: the list ends there."""
+        refused_at = workspace.refused_at
+        if refused_at is None or workspace.end is not None or workspace.next_due < refused_at:
+            return
+        if refused_at + PAGE_SIZE not in workspace.refused:
+            return
+        workspace.end = refused_at
+        self.ends_by_refusal.append(workspace.name)
+        for later in [later for later in workspace.early if later > refused_at]:
+            del workspace.early[later]  # empty pages from past the end
+            self._room.release()
+
     def _next_request(self) -> tuple[_Workspace, int] | None:
-        """The next offset of the least advanced workspace whose end is not known yet."""
-        open_workspaces = [workspace for workspace in self._workspaces if workspace.end is None]
+        """The next offset of the least advanced workspace whose end is not known yet, short of an
+        offset the API refused."""
+        open_workspaces = [
+            workspace
+            for workspace in self._workspaces
+            # Up to the offset after the lowest refused one: its answer tells an end from an error.
+            if workspace.end is None
+            and (not workspace.refused or workspace.next_offset <= min(workspace.refused) + PAGE_SIZE)
+        ]
         if not open_workspaces:
             return None
         workspace = min(open_workspaces, key=lambda candidate: candidate.next_offset)
@@ -187,6 +242,14 @@ class KeyStream:
     def _arrived(self, workspace: _Workspace, offset: int, page: list[RawKey]) -> None:
         """Keep a fetched page and hand over every page of its workspace that is now due, in order."""
         self.pages += 1
+        refused_at = workspace.refused_at
+        no_short_page_before = refused_at is not None and (workspace.end is None or workspace.end >= refused_at)
+        if page and refused_at is not None and offset > refused_at and no_short_page_before:
+            # Keys past the offset the API refused, and no short page before it: that refusal was
+            # no end of the list.
+            self._fail(workspace.refused[refused_at])
+            self._room.release()
+            return
         if workspace.end is not None and offset > workspace.end:
             self._room.release()  # past the end: dropped
             return
@@ -199,3 +262,4 @@ class KeyStream:
         while workspace.next_due in workspace.early:
             self._ready.put((workspace, workspace.early.pop(workspace.next_due)))
             workspace.next_due += PAGE_SIZE
+        self._end_at_refusal(workspace)
