@@ -171,13 +171,20 @@ ABORTED_NOTICE_SECONDS = 15.0
 
 
 def _notify_recorded(
-    settings: Settings, database: Database, ruleset: RuleSet | None, outcome: JobOutcome, clock: Clock
+    settings: Settings,
+    database: Database,
+    ruleset: RuleSet | None,
+    outcome: JobOutcome,
+    clock: Clock,
+    abort_errors: tuple[type[BaseException], ...] = (),
 ) -> None:
-    """The notices of a run already recorded. A stop (SIGTERM, Ctrl-C) while they are sent leaves
-    the run's outcome and exit code as recorded; a notice cut short is sent again by the next run."""
+    """The notices of a run already recorded. A stop (SIGTERM, Ctrl-C, the worker's soft time
+    limit) while they are sent leaves the run's outcome and exit code as recorded; a notice cut
+    short is sent again by the next run."""
+    stops: tuple[type[BaseException], ...] = (KeyboardInterrupt, *abort_errors)
     try:
         _notify(settings, database, ruleset, outcome, clock)
-    except KeyboardInterrupt as stop:
+    except stops as stop:
         log.warning("notices_interrupted", kind=outcome.kind, error=str(stop) or type(stop).__name__)
 
 
@@ -314,7 +321,7 @@ def execute(
                 fence=lease.fence if lease is not None else None,
             )
             outcome = _finish(database, outcome, clock(), effective_dry_run)
-            _notify_recorded(settings, database, ruleset, outcome, clock)
+            _notify_recorded(settings, database, ruleset, outcome, clock, abort_errors)
             return outcome
     except BaseException as exc:
         outcome = _failure(kind, run_id, exc, abort_errors)

@@ -19,6 +19,7 @@ from kombu import Connection, Exchange, Producer
 
 from db import audit, runs
 from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.fakeapi.webhook import WebhookSink
 from keyhygiene.timeutil import utcnow
 from worker.lock import LOCK_KEY, JobLock
 from worker.names import QUEUE, TASK_NAMES
@@ -282,6 +283,34 @@ def test_the_soft_time_limit_waits_for_the_change_in_flight_to_be_recorded(
     assert 1 <= len(deleted) < len(doomed)
     done = {row.key_hash for row in actions if row.action == "delete" and row.outcome == audit.DONE}
     assert done == set(deleted)
+
+
+def test_the_soft_time_limit_during_the_notices_leaves_the_run_as_it_ended(
+    deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., Any]
+) -> None:
+    """The run deletes the expired keys and is recorded ok; then its `done` notice hangs at a slow
+    receiver until the job's 3 s soft time limit. Only the notice is cut short: the run stays ok in
+    `status` and `report runs`, and the task ends ok."""
+    doomed = add_keys(fake, expired=2, healthy=2)
+    with deploy.rules_path.open("a") as rules:
+        rules.write('\n[[notify]]\nname = "ops"\nurl_env = "KH_TEST_WEBHOOK"\nformat = "json"\non = ["done"]\n')
+    with WebhookSink() as sink:
+        sink.hang = True
+        worker = deploy.start_worker(KEYHYGIENE_JOB_TIME_LIMIT="3s", KH_TEST_WEBHOOK=sink.url)
+
+        result = cli("trigger", "run", "--wait", "--timeout", "60")
+        assert result.exit_code == 0, result.stderr + worker.tail()
+        assert sink.received, "the notice reached the receiver"
+        worker.wait_for_event(lambda event: "Soft time limit" in event["event"], timeout=30, what="the soft time limit")
+        ended = worker.wait_for_event(
+            lambda event: event["event"].startswith("Task keyhygiene.run[") and "received" not in event["event"],
+            timeout=30,
+            what="the task to end",
+        )
+
+    assert "succeeded" in ended["event"], ended
+    assert [(run.kind, run.status, run.exit_code) for run in deploy.runs()] == [("run", runs.OK, 0)]
+    assert {row.key_hash for row in deploy.actions() if row.outcome == audit.DONE} == set(doomed)
 
 
 # -- the broker ---------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from db import runs
 from db.models import Run
+from keyhygiene import jobs
 from keyhygiene.context import Database, session_scope
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.fakeapi.webhook import WebhookSink
@@ -134,6 +135,36 @@ def test_a_stop_while_the_notices_are_sent_leaves_the_run_as_it_ended(
     database.close()
     assert (run.status, run.exit_code) == (status, exit_code)
     assert fake.get(next(key["hash"] for key in fake.keys if key["name"] == "dev-expired"))["disabled"] is disabled  # type: ignore[index]
+
+
+class SoftLimit(Exception):
+    """Stands for celery's SoftTimeLimitExceeded, which the worker raises wherever the job stands."""
+
+
+def test_a_time_limit_landing_while_the_notices_are_prepared_leaves_the_run_as_it_ended(
+    env: dict[str, str],
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's soft time limit is an exception raised wherever the job is: here after the run
+    was recorded ok, while its notices are prepared (outside any one notice's own handling, which
+    the Celery test covers). The run stays ok and the job answers ok."""
+    assert cli("db", "upgrade").exit_code == 0
+    rules_file('[[notify]]\nname = "ops"\nurl_env = "KH_TEST_WEBHOOK"\nformat = "json"\non = ["failed"]\n')
+
+    def time_is_up(*args: object, **kwargs: object) -> None:
+        raise SoftLimit("the soft time limit")
+
+    monkeypatch.setattr("keyhygiene.notices.after_run", time_is_up)
+    outcome = jobs.execute("sync", Settings(), abort_errors=(SoftLimit,))  # type: ignore[call-arg]
+
+    assert (outcome.status, outcome.exit_code) == ("ok", 0)
+    database = Database.open(Settings())  # type: ignore[call-arg]
+    with database.sessions() as session:
+        run = session.scalars(select(Run)).one()
+    database.close()
+    assert (run.status, run.exit_code) == ("ok", 0)
 
 
 def test_a_task_delivered_twice_is_answered_by_its_run_that_works_not_its_skipped_copy(database: Database) -> None:
