@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import subprocess
 import time
@@ -232,6 +233,32 @@ def test_slack_gets_a_summary_line_and_the_keys_as_a_list(
     lines = body["text"].splitlines()
     assert lines[0].startswith("keyhygiene run ") and ": done" in lines[0]
     assert sorted(line.split("`")[1] for line in lines[1:]) == ["old-0", "old-1"]
+
+
+def test_a_slack_target_with_a_secret_env_is_sent_unsigned_and_needs_no_secret(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``secret_env`` is for json targets only (the interface's example puts one on a slack target):
+    with only the webhook's variable set, the slack target still gets its notice, and `rules check`
+    says the setting does nothing. Before, every notice of that target failed."""
+    rules_file(_rules(on='["done"]', fmt="slack"))
+    monkeypatch.delenv("KH_TEST_WEBHOOK_SECRET")
+    _expired_keys(fake, 1)
+
+    checked = cli("rules", "check")
+    assert checked.exit_code == 0, checked.stderr
+    assert "secret_env: has no effect: only json targets are signed, and this one is slack" in checked.stderr
+    assert "signed" not in checked.stdout
+    assert cli("run").exit_code == 0
+
+    (received,) = sink.received
+    assert "X-Keyhygiene-Signature" not in received.headers
+    assert json.loads(received.body)["text"].startswith("keyhygiene run ")
 
 
 def test_upcoming_actions_are_announced_once_and_again_when_the_due_date_moves(

@@ -525,7 +525,13 @@ class _Reader:
         if "format" in data:
             values["format"] = table.choice("format", data["format"], NOTIFY_FORMATS)
         if "secret_env" in data:
-            values["secret_env"] = table.variable_name("secret_env", data["secret_env"], "the signing secret")
+            secret_env = table.variable_name("secret_env", data["secret_env"], "the signing secret")
+            if values.get("format", "json") == "json":
+                values["secret_env"] = secret_env
+            else:  # json only: a Slack incoming webhook checks no signature, and needs no secret set
+                table.warn(
+                    "secret_env", f"has no effect: only json targets are signed, and this one is {values['format']}"
+                )
         if "on" in data:
             events = table.string_list("on", data["on"])
             if not events:
