@@ -126,6 +126,22 @@ def test_name_globs_are_case_sensitive_and_match_the_whole_name() -> None:
     assert not is_protected(make_key(name="prod"), Safety(protect_names=("prod-*",)))
 
 
+def test_a_protected_name_is_also_the_exact_name_with_brackets_padding_or_another_unicode_form() -> None:
+    """Before, ``"billing [prod]"`` read only as a glob whose ``[prod]`` is one character, so it
+    protected no key of that exact name, and ``prod-*`` did not protect a key named ``" prod-db"``
+    or one whose ``é`` is written as ``e`` and a combining accent: each of them was disabled."""
+    protect = Safety(protect_names=("billing [prod]", "prod-*", "caf\u00e9-*"))
+    for name in ("billing [prod]", " prod-db", "prod-db\n", "cafe\u0301-main", "caf\u00e9-main"):
+        key = make_key(name=name, **EXPIRED)
+        assert is_protected(key, protect), name
+        assert run(key, DELETE_NOW, protect_names=protect.protect_names) is None, name
+    assert not is_protected(make_key(name="billing [dev]"), protect)
+    assert not is_protected(make_key(name="x prod-db"), protect)
+    excluded = rule(exclude_names=("billing [prod]",))
+    assert run(make_key(name="billing [prod]", **EXPIRED), excluded) is None
+    assert action_of(run(make_key(name="billing [dev]", **EXPIRED), excluded)) == "disable"
+
+
 def test_a_protected_key_is_never_reenabled() -> None:
     key = make_key(hash="keep", disabled=True, usage_monthly=1.0, updated_at=NOW - DAY)
     reenabler = rule("spend", "over_budget", "disable", threshold_usd=100.0, reenable=True)

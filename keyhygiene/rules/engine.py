@@ -24,6 +24,7 @@ says how, including why a history in which usage never changed is no sign of use
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -102,10 +103,27 @@ class NextAction:
 
 
 def is_protected(key: KeyFacts, safety: Safety) -> bool:
-    """Whether the key's hash is listed in ``protect_hashes`` or its name matches a ``protect_names`` glob."""
+    """Whether the key's hash is listed in ``protect_hashes`` or its name matches a ``protect_names``
+    entry (``name_matches``)."""
     if key.hash in safety.protect_hashes:
         return True
-    return bool(safety.protect_names) and _globs(safety.protect_names)(key.name) is not None
+    return bool(safety.protect_names) and name_matches(key.name, safety.protect_names)
+
+
+def name_matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a key name matches any of ``patterns`` as an operator reads them: a glob
+    (``fnmatchcase``: case-sensitive, the whole name) or the exact name, so that ``"billing [prod]"``
+    is that name and not a glob with a character class; the name and the patterns compared in
+    Unicode NFC, and the name also with the white space around it trimmed (a key named
+    ``" prod-db"`` is a ``prod-*`` key). Protection, ``names`` and ``exclude_names`` all read so."""
+    glob, exact = _name_patterns(patterns)
+    if name in exact or glob(name) is not None:
+        return True
+    normal = unicodedata.normalize("NFC", name)  # the very same string when it is NFC already
+    for variant in (normal, normal.strip()):
+        if variant is not name and (variant in exact or glob(variant) is not None):
+            return True
+    return False
 
 
 def idle_since(key: UseSigns, history: KeyHistory) -> datetime | None:
@@ -301,9 +319,9 @@ def _in_scope(
     rule: Rule, key: KeyFacts, now: datetime, *, check_disabled: bool = True, check_min_age: bool = True
 ) -> bool:
     """Whether the rule's filters let it look at the key at all."""
-    if rule.names and _globs(rule.names)(key.name) is None:
+    if rule.names and not name_matches(key.name, rule.names):
         return False
-    if rule.exclude_names and _globs(rule.exclude_names)(key.name) is not None:
+    if rule.exclude_names and name_matches(key.name, rule.exclude_names):
         return False
     if rule.workspaces and key.workspace_id not in rule.workspaces:
         return False
@@ -313,9 +331,11 @@ def _in_scope(
 
 
 @lru_cache(maxsize=256)
-def _globs(patterns: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]:
-    """Whether a name matches any of the globs (``fnmatchcase``'s reading), as one compiled pattern."""
-    return re.compile("|".join(f"(?:{translate(pattern)})" for pattern in patterns)).match
+def _name_patterns(patterns: tuple[str, ...]) -> tuple[Callable[[str], re.Match[str] | None], frozenset[str]]:
+    """The globs (``fnmatchcase``'s reading) as one compiled pattern, and the exact names; both NFC."""
+    normal = [unicodedata.normalize("NFC", pattern) for pattern in patterns]
+    glob = re.compile("|".join(f"(?:{translate(pattern)})" for pattern in normal)).match
+    return glob, frozenset(normal)
 
 
 def _figure(amount: Decimal | None) -> float | None:
