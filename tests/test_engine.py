@@ -663,15 +663,42 @@ def test_no_reenable_when_the_rules_other_filters_no_longer_take_the_key() -> No
 
 
 def test_no_reenable_when_another_disable_or_delete_rule_matches() -> None:
-    key = make_key(disabled=True, updated_at=OURS, usage_monthly=0.0, last_used_at=NOW - timedelta(days=60))
-    idle = rule("idle", "unused", "disable")
-    assert run(key, SPEND, idle, audit=BY_SPEND) is None
+    key = make_key(disabled=True, updated_at=OURS, usage_monthly=0.0, **EXPIRED)
+    assert run(key, SPEND, rule("gone", "expired", "disable"), audit=BY_SPEND) is None
     # ... even one that only looks at enabled keys: it would disable the key again next run.
-    idle_enabled_only = rule("idle", "unused", "disable", disabled=False)
-    assert run(key, SPEND, idle_enabled_only, audit=BY_SPEND) is None
+    assert run(key, SPEND, rule("gone", "expired", "disable", disabled=False), audit=BY_SPEND) is None
     # A delete rule still waiting for its grace blocks too.
-    waiting = rule("del", "unused", "delete", grace=timedelta(days=365))
+    waiting = rule("del", "expired", "delete", grace=timedelta(days=365))
     assert run(key, SPEND, waiting, audit=BY_SPEND) is None
+
+
+def test_a_key_held_for_reenable_is_not_idle_and_its_idle_clock_restarts_when_given_back() -> None:
+    """The reviewer's case: disabled for overspending with ``reenable = true``, then idle while
+    held (it cannot be used). Before, ``delete-idle`` disabled-then-deleted it before its window
+    reset, and its match kept the reset from re-enabling it. Now no ``unused`` rule finds a held key
+    idle, the reset gives it back, and idle counts from the give-back."""
+    last_use = OURS - timedelta(hours=1)  # spent its budget, then we disabled it 20 days ago
+    delete_idle = rule("delete-idle", "unused", "delete", idle_for=timedelta(days=14), grace=timedelta(days=7))
+    held = make_key(disabled=True, updated_at=OURS, usage_monthly=150.0, last_used_at=last_use)
+    assert run(held, SPEND, delete_idle, audit=BY_SPEND) is None
+    assert coming(held, SPEND, delete_idle, audit=BY_SPEND) is None
+
+    reset = make_key(disabled=True, updated_at=OURS, usage_monthly=0.0, last_used_at=last_use)
+    decision = run(reset, SPEND, delete_idle, audit=BY_SPEND)
+    assert decision is not None and (decision.action, decision.rule) == ("enable", "spend")
+
+    given_back = AuditFacts("enable", "spend", NOW, key_updated_at=NOW)
+    enabled = make_key(disabled=False, updated_at=NOW, usage_monthly=0.0, last_used_at=last_use)
+    assert run(enabled, SPEND, delete_idle, audit=given_back) is None
+    assert run(enabled, SPEND, delete_idle, audit=given_back, now=NOW + timedelta(days=13)) is None
+    later = run(enabled, SPEND, delete_idle, audit=given_back, now=NOW + timedelta(days=14))
+    assert later is not None and (later.action, later.rule) == ("disable", "delete-idle")
+    assert later.evidence["given_back_at"] == iso(NOW) and later.evidence["idle_since"] == iso(NOW)
+    assert coming(enabled, SPEND, delete_idle, audit=given_back) == ("delete-idle", "disable", NOW + 14 * DAY)
+
+    # A person who disabled the held key since takes it out of our hands: idle counts as before.
+    theirs = make_key(disabled=True, updated_at=OURS + DAY, usage_monthly=150.0, last_used_at=last_use)
+    assert action_of(run(theirs, SPEND, delete_idle, audit=BY_SPEND)) == "delete"
 
 
 def test_a_report_rule_does_not_block_reenable_and_is_listed() -> None:

@@ -3,6 +3,7 @@ and rule sets."""
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -361,8 +362,8 @@ def test_next_action_is_the_plan_now_and_the_first_decision_later(world: World, 
             assert decide(key, history, audit, ruleset, before) is None
 
 
-GLOB_PARTS = st.sampled_from(["*", "?", "[a-c]", "[!x]", "prod", "-", ".", "+", "(", "\\", "$", "é", "\n"])
-NAME_PARTS = st.sampled_from(["prod", "-", "a", "x", ".", "+", "(", "\\", "$", "é", "\n", "[", "]"])
+GLOB_PARTS = st.sampled_from(["*", "?", "[a-c]", "[!x]", "prod", "-", ".", "+", "(", "\\", "$", "é", "e\u0301", "\n"])
+NAME_PARTS = st.sampled_from(["prod", "-", "a", "x", ".", "+", "(", "\\", "$", "é", "e\u0301", "\n", " ", "[", "]"])
 EXPIRED = key_facts(
     Key.from_api(
         {
@@ -381,9 +382,12 @@ EXPIRED = key_facts(
     name=st.lists(NAME_PARTS, max_size=5).map("".join),
 )
 def test_name_globs_match_exactly_as_fnmatchcase(patterns: tuple[str, ...], name: str) -> None:
-    """protect_names, names and exclude_names read each glob as ``fnmatch.fnmatchcase`` does."""
+    """protect_names, names and exclude_names read each entry as ``fnmatch.fnmatchcase`` does, or as
+    the exact name; in Unicode NFC, the name also with its surrounding white space trimmed."""
     key = replace(EXPIRED, name=name)
-    expected = any(fnmatchcase(name, pattern) for pattern in patterns)
+    normal = [unicodedata.normalize("NFC", pattern) for pattern in patterns]
+    variants = {name, unicodedata.normalize("NFC", name), unicodedata.normalize("NFC", name).strip()}
+    expected = any(fnmatchcase(variant, pattern) or variant == pattern for variant in variants for pattern in normal)
     assert is_protected(key, Safety(protect_names=patterns)) is expected
     for scope, acts in (({"names": patterns}, expected), ({"exclude_names": patterns}, not expected)):
         rule = Rule(name="r", match="expired", action="report", **scope)

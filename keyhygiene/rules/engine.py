@@ -166,10 +166,11 @@ def decide(key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: RuleS
     now = as_utc(now)
     if is_protected(key, ruleset.safety):
         return None
+    clock = _idle_clock(key, history, audit, ruleset, now)
     matched: list[tuple[int, Rule, dict[str, Any]]] = []
     for index, rule in enumerate(ruleset.rules):
         if _in_scope(rule, key, now):
-            facts = _match_facts(rule, key, history, now)
+            facts = _match_facts(rule, key, history, clock, now)
             if facts is not None:
                 matched.append((index, rule, facts))
 
@@ -187,7 +188,7 @@ def decide(key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: RuleS
         _, action, rule, evidence = best
         return _decision(key, action, rule.name, matched_names, evidence)
 
-    reenable = _reenable(key, history, audit, ruleset, now)
+    reenable = _reenable(key, history, audit, ruleset, clock, now)
     if reenable is not None:
         index, rule, evidence = reenable
         by_position = sorted([*((i, r.name) for i, r, _ in matched), (index, rule.name)])
@@ -348,14 +349,16 @@ def _days(delta: timedelta) -> float:
     return round(delta.total_seconds() / 86400, 2)
 
 
-def _match_facts(rule: Rule, key: KeyFacts, history: KeyHistory, now: datetime) -> dict[str, Any] | None:
+def _match_facts(
+    rule: Rule, key: KeyFacts, history: KeyHistory, clock: _IdleClock, now: datetime
+) -> dict[str, Any] | None:
     """The facts that show the rule's match holds for the key, or None when it does not."""
     if rule.match == "expired":
         if key.expires_at is not None and as_utc(key.expires_at) <= now:
             return {"expires_at": isoformat(key.expires_at)}
         return None
     if rule.match == "unused":
-        return _unused_facts(rule, key, history, now)
+        return _unused_facts(rule, key, history, clock, now)
     if rule.window is None:  # the model forbids it; never guess a window
         return None
     if rule.threshold_usd is not None:
@@ -377,13 +380,45 @@ def _match_facts(rule: Rule, key: KeyFacts, history: KeyHistory, now: datetime) 
     return None
 
 
-def _unused_facts(rule: Rule, key: KeyFacts, history: KeyHistory, now: datetime) -> dict[str, Any] | None:
+@dataclass(frozen=True, slots=True)
+class _IdleClock:
+    """Since when ``unused`` rules count a key idle (None: none can find it unused), and the time
+    we gave the key back when the count starts there."""
+
+    since: datetime | None
+    given_back_at: datetime | None = None
+
+
+def _idle_clock(key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime) -> _IdleClock:
+    """The idle clock of ``unused`` rules: ``idle_since``, except for keys whose idleness is our doing.
+
+    - A key that an ``over_budget`` rule with ``reenable = true`` disabled, unchanged since, is held
+      until its window resets: it cannot be used, and the rule has promised it back. No ``unused``
+      rule finds it idle meanwhile (an idle rule with a delete would otherwise delete it before the
+      reset, and its match would keep the reset from re-enabling it).
+    - A key we gave back (``undo``, ``enable``, a re-enable) is counted idle from then: giving it back
+      and taking it again at the next run for idleness that predates the give-back would undo the
+      operator's (or the rule's) decision at once.
+    """
+    if _reenable_holder(key, audit, ruleset, now) is not None:
+        return _IdleClock(None)
+    since = idle_since(key, history)
+    if since is not None and audit.last_change == "enable" and audit.last_change_at is not None:
+        given_back = as_utc(audit.last_change_at)
+        if given_back > since:
+            return _IdleClock(given_back, given_back)
+    return _IdleClock(since)
+
+
+def _unused_facts(
+    rule: Rule, key: KeyFacts, history: KeyHistory, clock: _IdleClock, now: datetime
+) -> dict[str, Any] | None:
     if rule.idle_for is None:
         return None
     cutoff = now - rule.idle_for
     if as_utc(key.created_at) > cutoff:
         return None
-    since = idle_since(key, history)
+    since = clock.since
     # Any sign of use after the cutoff, from either source, makes ``since`` later than the cutoff;
     # no source at all leaves it None: in both cases the key is not shown to be unused.
     if since is None or since > cutoff:
@@ -391,7 +426,7 @@ def _unused_facts(rule: Rule, key: KeyFacts, history: KeyHistory, now: datetime)
     # A null last_used_at proves no use since OpenRouter began recording it, but a key is idle only
     # since it exists: the evidence says no more than that (the decision above is the same).
     since = max(since, as_utc(key.created_at))
-    return {
+    facts = {
         "idle_for": duration_text(rule.idle_for),
         "idle_since": isoformat(since),
         "idle_days": _days(now - since),
@@ -401,6 +436,9 @@ def _unused_facts(rule: Rule, key: KeyFacts, history: KeyHistory, now: datetime)
         "usage_unchanged_since": isoformat(history.usage_unchanged_since),
         "first_seen_at": isoformat(history.first_seen_at),
     }
+    if clock.given_back_at is not None:
+        facts["given_back_at"] = isoformat(clock.given_back_at)
+    return facts
 
 
 def _disabled_start(key: KeyFacts, history: KeyHistory, audit: AuditFacts) -> tuple[datetime, str] | None:
@@ -496,19 +534,13 @@ def _under_budget_facts(rule: Rule, key: KeyFacts) -> dict[str, Any] | None:
     return None
 
 
-def _reenable(
-    key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime
-) -> tuple[int, Rule, dict[str, Any]] | None:
-    """The ``reenable`` rule that may enable this key now, with its evidence, or None.
-
-    Only a key that is disabled and whose last change by us was a disable by that very rule, with
-    nothing changed since (its ``updated_at`` is still the one the API answered our disable with); only
-    when the rule's filters still take the key in, except ``disabled`` (the rule turned the key
-    from enabled to disabled itself, so its ``disabled`` filter would otherwise lock the key out of
-    ever being re-enabled); only when the key is proven back under budget; and only when no other
-    disable or delete rule matches the key, disabled or not (enabling it would just make that rule
-    disable it again at the next run).
-    """
+def _reenable_holder(key: KeyFacts, audit: AuditFacts, ruleset: RuleSet, now: datetime) -> tuple[int, Rule] | None:
+    """The ``reenable`` rule that holds this key disabled until its window resets, with its position:
+    the key is disabled, our last change to it was a disable by that very rule, and nothing changed
+    it since (its ``updated_at`` is still the one the API answered our disable with); and the rule's
+    filters still take the key in, except ``disabled`` (the rule turned the key from enabled to
+    disabled itself, so its ``disabled`` filter would otherwise lock the key out of ever being
+    re-enabled). None otherwise."""
     if not key.disabled or audit.last_change != "disable" or audit.last_change_rule is None:
         return None
     if key.updated_at is None or audit.key_updated_at is None or as_utc(key.updated_at) != as_utc(audit.key_updated_at):
@@ -521,18 +553,35 @@ def _reenable(
     )
     if found is None:
         return None
-    index, rule = found
+    rule = found[1]
     if not (rule.reenable and rule.match == "over_budget" and rule.action == "disable"):
         return None
     if not _in_scope(rule, key, now, check_disabled=False):
         return None
+    return found
+
+
+def _reenable(
+    key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, clock: _IdleClock, now: datetime
+) -> tuple[int, Rule, dict[str, Any]] | None:
+    """The ``reenable`` rule that may enable this key now, with its evidence, or None.
+
+    Only a key that rule holds (``_reenable_holder``); only when the key is proven back under
+    budget; and only when no other disable or delete rule matches the key, disabled or not
+    (enabling it would just make that rule disable it again at the next run). ``unused`` rules do
+    not find a held key idle (``_idle_clock``).
+    """
+    found = _reenable_holder(key, audit, ruleset, now)
+    if found is None:
+        return None
+    index, rule = found
     facts = _under_budget_facts(rule, key)
     if facts is None:
         return None
     for other in ruleset.rules:
         if other is rule or other.action == "report":
             continue
-        if _in_scope(other, key, now, check_disabled=False) and _match_facts(other, key, history, now):
+        if _in_scope(other, key, now, check_disabled=False) and _match_facts(other, key, history, clock, now):
             return None
     return (
         index,
@@ -556,7 +605,7 @@ def _moments(key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: Rul
     if is_protected(key, ruleset.safety):
         return []
     created = as_utc(key.created_at)
-    since = idle_since(key, history)
+    since = _idle_clock(key, history, audit, ruleset, now).since
     disabled_start = _disabled_start(key, history, audit)
     moments = {now}
     for rule in ruleset.rules:
