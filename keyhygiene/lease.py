@@ -4,7 +4,8 @@ A job takes the lease before it starts (``EnforcementLease.acquire``); a second 
 and is recorded as skipped. While the job runs, a heartbeat thread renews the lease every
 ``RENEW_EVERY``; a holder that dies stops renewing, and its lease is taken over once it is
 ``TTL`` old (or, after a fence, once the fence's longer hold has passed), or at once when the
-holder ran on this machine (same boot and PID namespace) and its process no longer exists. Before
+holder ran on this machine (same boot and PID namespace), its process no longer exists and no
+fence still holds the lease for a change it may have had in flight. Before
 every destructive API call the job checks that the lease is still its own (``fence``): a holder
 that was too slow to renew, and lost the lease to another process, stops before it changes
 anything. The fence also holds the lease for as long as
@@ -20,6 +21,7 @@ their clocks in step (NTP), and a skew well under ``TTL - RENEW_EVERY`` is harml
 
 from __future__ import annotations
 
+import contextvars
 import os
 import socket
 import threading
@@ -120,7 +122,11 @@ class EnforcementLease:
         try:
             with session_scope(self._database) as session:
                 previous = leases.holder(session, self.name)
-                dead = previous is not None and _is_dead(previous, self.process_space)
+                dead = (
+                    previous is not None
+                    and self._holds_nothing_in_flight(previous)
+                    and _is_dead(previous, self.process_space)
+                )
                 taken = leases.try_acquire(
                     session,
                     self.name,
@@ -144,9 +150,20 @@ class EnforcementLease:
                 previous_holder=previous.describe(),
                 expired_at=isoformat(previous.expires_at),
             )
-        self._heartbeat = threading.Thread(target=self._renew_until_stopped, name="enforcement-lease", daemon=True)
+        # The log context (run, task) goes with the renewals: a lost lease names the run it was.
+        renew = contextvars.copy_context().run
+        self._heartbeat = threading.Thread(
+            target=renew, args=(self._renew_until_stopped,), name="enforcement-lease", daemon=True
+        )
         self._heartbeat.start()
         return True
+
+    def _holds_nothing_in_flight(self, holder: leases.LeaseHolder) -> bool:
+        """Whether a holder's fence no longer holds the lease for a change: its lease ends within
+        ``ttl``, as every renewal leaves it. A process killed mid-change leaves its request to land
+        at the API after its death; until that change surely ended, even a dead holder keeps the
+        lease, so that no job settles the change as not made and sends it again."""
+        return holder.expires_at is None or utcnow() >= holder.expires_at - self.ttl
 
     def fence(self) -> None:
         """Make sure the lease is still ours, and hold it for the change about to be made (``hold_for``

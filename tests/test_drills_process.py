@@ -7,6 +7,8 @@ Each ends with the invariants of tests/drill_support.py and a next run that succ
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import select as io_select
 import signal
@@ -25,6 +27,7 @@ from sqlalchemy import select, update
 from db import leases
 from db.migrate import upgrade
 from db.models import Action, Lease, Run, Snapshot
+from keyhygiene import logging as khlog
 from keyhygiene.context import Database
 from keyhygiene.enforcement import enforce_snapshot
 from keyhygiene.fakeapi import FakeOpenRouter
@@ -119,7 +122,8 @@ def test_an_inline_run_signalled_mid_way(
         "SIGTERM: a change in flight completes and is recorded first; the run (and a snapshot being "
         "taken) recorded aborted, exit 1"
         if sig == signal.SIGTERM
-        else "SIGKILL: nothing to record; the next run settles the change in flight and takes the lock over at once"
+        else "SIGKILL: nothing to record; the next run settles the change in flight and takes the lock over at once "
+        "(in enforcement: once the change in flight surely ended; a run before that is skipped)"
     )
     doomed = expired_keys(fake, utcnow())
     fake.faults.latency = 0.25  # every request takes a while: the signal lands mid-way
@@ -155,6 +159,16 @@ def test_an_inline_run_signalled_mid_way(
     repeated = drill.repeated_calls(fake)
 
     fake.faults.latency = 0.0
+    if sig == signal.SIGKILL and phase == "enforcement":
+        # Its change may still land at the API for as long as one may take (its fence's hold): until
+        # then the lock stays the dead process's, and a run is skipped rather than settle that
+        # change as not made and send it again. Then the hold passes (moved here, not waited for).
+        early = cli("run")
+        assert early.exit_code == 1, early.stderr
+        assert setup.runs()[-1].status == "skipped"
+        drill.saw("a run started at once is skipped: the dead holder's change may still be in flight")
+        with setup.database.writer() as session, session.begin():
+            session.execute(update(Lease).values(expires_at=utcnow() + timedelta(seconds=30)))
     recovery = cli("run")
     assert recovery.exit_code == 0, recovery.stderr
     assert all(fake.get(key) is None for key in doomed)
@@ -274,6 +288,25 @@ def test_a_change_in_flight_keeps_the_lease_for_as_long_as_it_may_take(database:
         assert taken_over_at(200 + 90 + 5)
     finally:
         holder.release()
+
+
+def test_a_lost_lease_is_logged_with_the_task_of_its_job(database: Database) -> None:
+    """The renewals run in their own thread: before, `enforcement_lock_lost`, an event worth an
+    alert, carried no context of the job it was lost under."""
+    stream = io.StringIO()
+    khlog.configure_logging("json", stream=stream)
+    khlog.bind(task_id="task-0f0f", task_name="keyhygiene.enforce")
+    holder = EnforcementLease(database, job="enforce", renew_every=timedelta(seconds=0.1))
+    try:
+        assert holder.acquire()
+        with database.writer() as session, session.begin():
+            session.execute(update(Lease).values(token="another-process"))  # taken over meanwhile
+        wait_until(lambda: "enforcement_lock_lost" in stream.getvalue(), timeout=10, what="the loss to be logged")
+    finally:
+        khlog.clear()
+        holder.release()
+    (lost,) = [json.loads(line) for line in stream.getvalue().splitlines() if "enforcement_lock_lost" in line]
+    assert (lost["task_id"], lost["task_name"], lost["level"]) == ("task-0f0f", "keyhygiene.enforce", "error")
 
 
 def test_a_holder_that_lost_its_lease_stops_before_the_next_change(

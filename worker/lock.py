@@ -11,6 +11,7 @@ so a job that outlived its lock can never extend or release the lock of the job 
 
 from __future__ import annotations
 
+import contextvars
 import json
 import threading
 import uuid
@@ -88,7 +89,11 @@ class JobLock:
         value = json.dumps({"token": uuid.uuid4().hex, "kind": kind, "task_id": task_id, "since": isoformat(now)})
         if self._client.set(self._key, value, nx=True, px=self._ttl_ms):
             self._value = value
-            self._heartbeat = threading.Thread(target=self._renew_until_released, name="job-lock", daemon=True)
+            # The log context (task, job) goes with the renewals: a lost lock names the job it was.
+            renew = contextvars.copy_context().run
+            self._heartbeat = threading.Thread(
+                target=renew, args=(self._renew_until_released,), name="job-lock", daemon=True
+            )
             self._heartbeat.start()
             return True
         return False
