@@ -10,7 +10,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from db import audit, runs
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.fakeapi.webhook import WebhookSink
 from keyhygiene.timeutil import utcnow
+from worker import trigger
 from worker.lock import LOCK_KEY, JobLock
 from worker.names import QUEUE, TASK_NAMES
 
@@ -55,6 +56,42 @@ def run_of(deploy: Deployment, task_id: str) -> Any:
 
 def queued_task_id(stdout: str) -> str:
     return stdout.split("as task ", 1)[1].split()[0]
+
+
+def test_a_triggered_job_that_no_worker_starts_in_time_is_dropped_unrun(
+    deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`trigger enforce --allow-actions 30` while no worker runs: before, the message waited in the
+    queue with no end and lifted the caps whenever a worker next started, days later maybe. Now it
+    expires (an hour; here a fraction of a second) and the worker drops it unrun."""
+    doomed = add_keys(fake, expired=2, healthy=1)
+    assert cli("sync").exit_code == 0
+    monkeypatch.setattr(trigger, "QUEUED_FOR_AT_MOST", 0.2)
+    queued = cli("trigger", "enforce", "--allow-actions", "30")
+    assert queued.exit_code == 0, queued.stderr
+    assert "dropped unrun if no worker starts it within" in queued.stdout
+    task_id = queued_task_id(queued.stdout)
+    wait_until(lambda: time.time() > deadline_of(deploy, task_id), timeout=10, what="the message to expire")
+
+    worker = deploy.start_worker()
+    worker.wait_for_event(
+        lambda event: task_id in event["event"] and "revoked" in event["event"].lower(),
+        timeout=30,
+        what="the worker to drop the expired message",
+    )
+    assert run_of(deploy, task_id) is None
+    assert fake.mutating_calls() == [] and all(fake.get(key) is not None for key in doomed)
+    again = cli("trigger", "enforce", "--wait", "--timeout", "60")  # the worker works: only that one was dropped
+    assert again.exit_code == 0, again.stderr + worker.tail()
+
+
+def deadline_of(deploy: Deployment, task_id: str) -> float:
+    """When the queued message of ``task_id`` expires (its ``expires`` header), in epoch seconds."""
+    for raw in deploy.redis_db.client.lrange(QUEUE, 0, -1):
+        message = json.loads(raw)
+        if message["headers"]["id"] == task_id:
+            return datetime.fromisoformat(message["headers"]["expires"]).timestamp()
+    raise AssertionError(f"task {task_id} is not in the queue")
 
 
 # -- the lock ------------------------------------------------------------------------------------

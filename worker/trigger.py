@@ -32,6 +32,10 @@ POLL_INTERVAL = 0.5
 BROKER_TIMEOUT = 3.0
 # Seconds `trigger --wait` gives the workers to answer a ping before it warns that none is running.
 WORKER_PING_TIMEOUT = 3.0
+# Seconds a triggered job may wait in the queue: one that no worker starts by then (none was running)
+# is dropped unrun, not run hours or days later on a store and a plan nobody is looking at (and
+# with an --allow-actions that lifted the caps for that moment).
+QUEUED_FOR_AT_MOST = 3600.0
 
 
 def trigger_job(
@@ -60,7 +64,10 @@ def trigger_job(
     try:
         task_id = _send(settings, job, dry_run=dry_run, allow_actions=allow_actions)
         allowed = f", up to {allow_actions} changes allowed" if allow_actions is not None else ""
-        echo(f"queued {job}{' (dry run)' if dry_run else ''}{allowed} as task {task_id}")
+        echo(
+            f"queued {job}{' (dry run)' if dry_run else ''}{allowed} as task {task_id} "
+            f"(dropped unrun if no worker starts it within {QUEUED_FOR_AT_MOST / 60:g} minutes)"
+        )
         if database is None:
             echo(
                 "its run is recorded under this task id: see `keyhygiene report runs --since 1h` "
@@ -104,6 +111,7 @@ def _send(settings: Settings, job: str, *, dry_run: bool, allow_actions: int | N
                 task_id=task_id,
                 connection=connection,
                 retry=False,
+                expires=QUEUED_FOR_AT_MOST,
             )
     except Exception as exc:  # kombu and redis-py raise several unrelated types for one cause
         raise BrokerFailure(
