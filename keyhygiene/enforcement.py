@@ -131,10 +131,13 @@ def key_facts(key: Key) -> KeyFacts:
         limit_remaining=_optional_money(key.limit_remaining),
         limit_reset=key.limit_reset,
         include_byok_in_limit=key.include_byok_in_limit,
+        unknown_counters=key.unknown_counters,
     )
 
 
-FACT_FIELDS = tuple(item.name for item in fields(KeyFacts) if item.name != "reports_last_used")
+FACT_FIELDS = tuple(
+    item.name for item in fields(KeyFacts) if item.name not in ("reports_last_used", "unknown_counters")
+)
 """The stored key fields the rules read: ``KeyFacts``' own, in its order, less what the store does
 not keep as a column."""
 _MONEY_AT = tuple(index for index, name in enumerate(FACT_FIELDS) if FIELDS_BY_NAME[name].kind == "money")

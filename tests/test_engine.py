@@ -701,6 +701,25 @@ def test_a_key_held_for_reenable_is_not_idle_and_its_idle_clock_restarts_when_gi
     assert action_of(run(theirs, SPEND, delete_idle, audit=BY_SPEND)) == "delete"
 
 
+def test_a_spend_counter_the_api_left_out_or_sent_null_proves_no_spend_either_way() -> None:
+    """A reviewer's repro: the API answered ``usage_monthly: null`` for a key the spend rule had
+    disabled; read as 0, it proved the key back under budget and the key was re-enabled while its
+    real monthly spend was still over. Unknown now proves nothing: no re-enable, and no disable."""
+    for unknown in (None, MISSING):
+        key = make_key(disabled=True, updated_at=OURS, usage_monthly=unknown)
+        assert key.unknown_counters == {"usage_monthly"}
+        assert run(key, SPEND, audit=BY_SPEND) is None
+        assert run(make_key(usage_monthly=unknown), rule("spend", "over_budget", "disable", threshold_usd=0.01)) is None
+    # Only the counters the rule's window needs count: BYOK ones only where the key counts BYOK.
+    byok_unknown = make_key(disabled=True, updated_at=OURS, usage_monthly=0.0, byok_usage_monthly=None)
+    assert action_of(run(byok_unknown, SPEND, audit=BY_SPEND)) == "enable"
+    counted = make_key(
+        disabled=True, updated_at=OURS, usage_monthly=0.0, byok_usage_monthly=None, include_byok_in_limit=True
+    )
+    assert run(counted, SPEND, audit=BY_SPEND) is None
+    assert action_of(run(make_key(disabled=True, updated_at=OURS, usage_daily=None), SPEND, audit=BY_SPEND)) == "enable"
+
+
 def test_a_report_rule_does_not_block_reenable_and_is_listed() -> None:
     key = make_key(disabled=True, updated_at=OURS, usage_monthly=0.0, **EXPIRED)
     decision = run(key, rule("look", "expired", "report"), SPEND, audit=BY_SPEND)

@@ -34,6 +34,11 @@ def _number(data: Mapping[str, Any], name: str, default: float | None = 0.0) -> 
     return number
 
 
+SPEND_COUNTERS = tuple(
+    f"{kind}_{window}" for kind in ("usage", "byok_usage") for window in ("daily", "weekly", "monthly")
+)
+
+
 def _required_number(data: Mapping[str, Any], name: str) -> float:
     value = _number(data, name, 0.0)
     return 0.0 if value is None else value
@@ -99,6 +104,12 @@ class Key:
     def reports_last_used(self) -> bool:
         """Whether the API gave ``last_used_at`` at all (older API versions do not)."""
         return "last_used_at" in self.raw
+
+    @property
+    def unknown_counters(self) -> frozenset[str]:
+        """The spend counters (``usage_daily``, ``byok_usage_monthly``, ...) the API left out or sent
+        as null: read as 0 above, which proves nothing about the spend."""
+        return frozenset(name for name in SPEND_COUNTERS if self.raw.get(name) is None) if self.raw else frozenset()
 
     def usage_in(self, window: str) -> float:
         """Credit spend in ``daily``, ``weekly``, ``monthly`` or ``total`` (lifetime)."""

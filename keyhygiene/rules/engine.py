@@ -363,7 +363,7 @@ def _match_facts(
         return None
     if rule.threshold_usd is not None:
         spend = key.spend_in(rule.window)
-        if spend >= rule.threshold_usd:
+        if spend is not None and spend >= rule.threshold_usd:
             return {
                 "window": rule.window,
                 "window_spend_usd": _figure(spend),
@@ -517,8 +517,8 @@ def _under_budget_facts(rule: Rule, key: KeyFacts) -> dict[str, Any] | None:
     if rule.window is None:
         return None
     if rule.threshold_usd is not None:
-        spend = key.spend_in(rule.window)
-        if spend < rule.threshold_usd:
+        spend = key.spend_in(rule.window)  # None (a counter the API left out): no proof of being under
+        if spend is not None and spend < rule.threshold_usd:
             return {
                 "window": rule.window,
                 "window_spend_usd": _figure(spend),

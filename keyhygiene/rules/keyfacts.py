@@ -56,9 +56,17 @@ class KeyFacts:
     limit_remaining: Decimal | None
     limit_reset: str | None
     include_byok_in_limit: bool
+    unknown_counters: frozenset[str] = frozenset()
+    """The window counters (``usage_monthly``, ``byok_usage_daily``, ...) the API left out or sent as
+    null: zero above, but no proof of any spend."""
 
-    def spend_in(self, window: Window) -> Decimal:
-        """Spend in ``window`` as a limit counts it: credits, plus BYOK where the key counts BYOK."""
+    def spend_in(self, window: Window) -> Decimal | None:
+        """Spend in ``window`` as a limit counts it: credits, plus BYOK where the key counts BYOK;
+        None when a counter it needs is unknown (``unknown_counters``)."""
+        if window != "total" and self.unknown_counters:
+            needed = {f"usage_{window}", f"byok_usage_{window}"} if self.include_byok_in_limit else {f"usage_{window}"}
+            if needed & self.unknown_counters:
+                return None
         if window == "total":
             usage, byok = self.usage, self.byok_usage
         elif window == "daily":
