@@ -166,6 +166,9 @@ def _log_finished(outcome: JobOutcome) -> None:
     )
 
 
+MAX_ALLOW_ACTIONS = 2**31 - 1
+"""The largest ``--allow-actions``: the runs table stores it in an INTEGER column (32 bits on PostgreSQL)."""
+
 ABORTED_NOTICE_SECONDS = 15.0
 """What the notices of a job stopped at its soft time limit may take, all together."""
 
@@ -266,7 +269,7 @@ def execute(
     """
     if kind not in JOBS:
         return JobOutcome(kind, runs.FAILED, EXIT_USAGE, f"unknown job {kind!r}")
-    if allow_actions is not None and (kind not in CAPPED_JOBS or allow_actions < 1):
+    if allow_actions is not None and (kind not in CAPPED_JOBS or not 1 <= allow_actions <= MAX_ALLOW_ACTIONS):
         return JobOutcome(kind, runs.FAILED, EXIT_USAGE, "--allow-actions takes a positive count, for enforce and run")
 
     own_database = database is None
@@ -351,6 +354,22 @@ def _require_run(database: Database, run_id: int) -> None:
             raise UsageError(f"there is no run {run_id} before this one: see `keyhygiene report runs`")
 
 
+def refuse_message(kind: str, settings: Settings, *, started_by: str, task_id: str | None, reason: str) -> JobOutcome:
+    """Record, under its task id, a worker's job whose message it cannot run as asked (an argument
+    this version does not take: a newer ``trigger`` than the worker, say): failed, exit 2, nothing
+    done. ``trigger --wait`` then answers at once instead of waiting for a run that never comes."""
+    message = (
+        f"the worker cannot run this message: {reason}; nothing was done (are the worker and trigger one version?)"
+    )
+    database = Database.open(settings)
+    try:
+        outcome = _ended(database, JobOutcome(kind, runs.FAILED, EXIT_USAGE, message), utcnow(), started_by, task_id)
+    finally:
+        database.close()
+    _log_finished(outcome)
+    return outcome
+
+
 def _skipped(
     database: Database,
     kind: str,
@@ -362,23 +381,37 @@ def _skipped(
 ) -> JobOutcome:
     """Record a job that did not start because another job that changes keys holds the lease."""
     reason = f"another enforcement holds the enforcement lock: {holder or 'a job that just ended'}; nothing was changed"
+    outcome = JobOutcome(kind, runs.SKIPPED, EXIT_FAILURE, reason)
+    outcome = _ended(database, outcome, now, started_by, task_id, allow_actions)
+    log.warning("job_skipped", run_id=outcome.run_id, kind=kind, reason=reason, started_by=started_by)
+    return outcome
+
+
+def _ended(
+    database: Database,
+    outcome: JobOutcome,
+    now: datetime,
+    started_by: str,
+    task_id: str | None,
+    allow_actions: int | None = None,
+) -> JobOutcome:
+    """Record a job that ended before it began (``outcome`` says how), with its run id."""
     try:
         with session_scope(database) as session:
-            run_id = runs.record_ended_run(
+            outcome.run_id = runs.record_ended_run(
                 session,
-                kind=kind,
+                kind=outcome.kind,
                 now=now,
-                status=runs.SKIPPED,
-                exit_code=EXIT_FAILURE,
-                message=reason,
+                status=outcome.status,
+                exit_code=outcome.exit_code,
+                message=outcome.message,
                 started_by=started_by,
                 task_id=task_id,
                 allow_actions=allow_actions,
             ).id
     except SQLAlchemyError as exc:
         raise DatabaseFailure(f"cannot record the run: {describe_db_error(exc)}") from None
-    log.warning("job_skipped", run_id=run_id, kind=kind, reason=reason, started_by=started_by)
-    return JobOutcome(kind, runs.SKIPPED, EXIT_FAILURE, reason, run_id)
+    return outcome
 
 
 def _effective_dry_run(kind: str, ruleset: RuleSet | None, dry_run: bool) -> bool | None:

@@ -14,6 +14,7 @@ from billiard.process import current_process  # type: ignore[import-untyped]
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 
+from keyhygiene.jobs import MAX_ALLOW_ACTIONS, refuse_message
 from keyhygiene.settings import Settings
 from keyhygiene.shutdown import stop_pool_process_on_sigterm
 from worker.limits import TimeLimits
@@ -36,14 +37,24 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     """Add the four job tasks to ``app``, running with ``settings``."""
     limits = TimeLimits.from_settings(settings)
 
-    def job(task: Task, kind: str, dry_run: Any, trigger: Any, allow_actions: Any = None) -> dict[str, Any]:
+    def job(
+        task: Task, kind: str, dry_run: Any, trigger: Any, allow_actions: Any = None, unknown: Any = None
+    ) -> dict[str, Any]:
+        started_by = STARTERS.get(trigger, "trigger") if isinstance(trigger, str) else "trigger"
+        if unknown:
+            # An argument this version does not take may narrow the job (a newer trigger's): refuse.
+            names = ", ".join(sorted(map(str, unknown)))
+            outcome = refuse_message(
+                kind, settings, started_by=started_by, task_id=task.request.id, reason=f"unknown argument(s) {names}"
+            )
+            return {"run_id": outcome.run_id, "status": outcome.status, "exit_code": outcome.exit_code}
         with stop_pool_process_on_sigterm() if _in_pool_process() else nullcontext():
             outcome = run_exclusive(
                 kind,
                 settings,
                 # Anything but a real False means dry run: a message can narrow what a job does, never widen it.
                 dry_run=dry_run is not False,
-                started_by=STARTERS.get(trigger, "trigger") if isinstance(trigger, str) else "trigger",
+                started_by=started_by,
                 task_id=task.request.id,
                 limits=limits,
                 # Only a real positive whole number lifts the caps; anything else keeps them.
@@ -54,27 +65,27 @@ def register_tasks(app: Celery, settings: Settings) -> None:
 
     @app.task(name=TASK_NAMES["run"], bind=True, base=JobTask, shared=False)  # type: ignore[untyped-decorator]
     def run(
-        self: Task, dry_run: bool = False, trigger: str = "trigger", allow_actions: int | None = None
+        self: Task, dry_run: bool = False, trigger: str = "trigger", allow_actions: int | None = None, **unknown: Any
     ) -> dict[str, Any]:
         """Sync, then enforce on that fresh snapshot."""
-        return job(self, "run", dry_run, trigger, allow_actions)
+        return job(self, "run", dry_run, trigger, allow_actions, unknown)
 
     @app.task(name=TASK_NAMES["sync"], bind=True, base=JobTask, shared=False)  # type: ignore[untyped-decorator]
-    def sync(self: Task, dry_run: bool = False, trigger: str = "trigger") -> dict[str, Any]:
+    def sync(self: Task, dry_run: bool = False, trigger: str = "trigger", **unknown: Any) -> dict[str, Any]:
         """Store a snapshot of every key (``dry_run`` changes nothing here: sync changes no key)."""
-        return job(self, "sync", dry_run, trigger)
+        return job(self, "sync", dry_run, trigger, unknown=unknown)
 
     @app.task(name=TASK_NAMES["enforce"], bind=True, base=JobTask, shared=False)  # type: ignore[untyped-decorator]
     def enforce(
-        self: Task, dry_run: bool = False, trigger: str = "trigger", allow_actions: int | None = None
+        self: Task, dry_run: bool = False, trigger: str = "trigger", allow_actions: int | None = None, **unknown: Any
     ) -> dict[str, Any]:
         """Plan and act on the newest snapshot, within the safety limits."""
-        return job(self, "enforce", dry_run, trigger, allow_actions)
+        return job(self, "enforce", dry_run, trigger, allow_actions, unknown)
 
     @app.task(name=TASK_NAMES["prune"], bind=True, base=JobTask, shared=False)  # type: ignore[untyped-decorator]
-    def prune(self: Task, dry_run: bool = False, trigger: str = "trigger") -> dict[str, Any]:
+    def prune(self: Task, dry_run: bool = False, trigger: str = "trigger", **unknown: Any) -> dict[str, Any]:
         """Remove history older than the retention settings (refused with ``dry_run``)."""
-        return job(self, "prune", dry_run, trigger)
+        return job(self, "prune", dry_run, trigger, unknown=unknown)
 
 
 def _in_pool_process() -> bool:
@@ -84,4 +95,5 @@ def _in_pool_process() -> bool:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    """A whole number the runs table can store (as the command line's ``--allow-actions`` takes)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ALLOW_ACTIONS

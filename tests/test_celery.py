@@ -487,6 +487,41 @@ def test_a_job_delivered_again_after_it_ran_is_not_run_twice(
     assert sum(call.method == "GET" and call.path.endswith("/keys") for call in fake.calls) == listings
 
 
+def test_a_message_with_an_argument_the_worker_does_not_take_is_recorded_refused(
+    deploy: Deployment, fake: FakeOpenRouter
+) -> None:
+    """A newer trigger than the worker (an upgrade half done) may send an argument this worker does
+    not know, and may mean it to narrow the job: before, the task raised TypeError and recorded
+    nothing, and `trigger --wait` waited its whole timeout. Now the run is recorded failed, exit 2,
+    and nothing is done. An --allow-actions too large to store keeps the caps."""
+    add_keys(fake, expired=2, healthy=1)
+    deploy.start_worker()
+    unknown, oversized = str(uuid.uuid4()), str(uuid.uuid4())
+    with Connection(deploy.broker_url) as connection:
+        producer = Producer(connection.channel(), exchange=Exchange(QUEUE, type="direct"), routing_key=QUEUE)
+        producer.publish(
+            [[], {"dry_run": False, "trigger": "trigger", "only_workspace": "ws-1"}, {}],
+            serializer="json",
+            headers=_headers(TASK_NAMES["enforce"], unknown),
+        )
+        producer.publish(
+            [[], {"dry_run": True, "trigger": "trigger", "allow_actions": 99999999999}, {}],
+            serializer="json",
+            headers=_headers(TASK_NAMES["run"], oversized),
+        )
+
+    refused = wait_until(lambda: run_of(deploy, unknown), timeout=60, what="the refused message's run")
+    assert (refused.kind, refused.status, refused.exit_code) == ("enforce", runs.FAILED, 2)
+    assert "unknown argument(s) only_workspace" in (refused.message or "")
+    capped = wait_until(
+        lambda: (r := run_of(deploy, oversized)) is not None and r.status in runs.FINAL_STATUSES and r,
+        timeout=60,
+        what="the run with an oversized allow_actions",
+    )
+    assert (capped.status, capped.allow_actions, capped.dry_run) == (runs.OK, None, True)
+    assert fake.mutating_calls() == []
+
+
 class _Trap:
     def __init__(self, path: str) -> None:
         self.path = path
