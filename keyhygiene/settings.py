@@ -153,12 +153,13 @@ def read_env_file(path: str | os.PathLike[str] = ENV_FILE) -> dict[str, str | No
         line = data[: exc.start].count(b"\n") + 1
         raise SettingsError(f"{shown}:{line}: the settings file is not UTF-8 text") from None
     for binding in parse_stream(io.StringIO(text)):
-        if binding.error:
+        if binding.error or (binding.key is not None and binding.value is None):
             # The statement's text starts with the blank lines before it; the line is never shown,
             # as it may hold a secret.
             before = binding.original.string
             line = binding.original.line + before[: len(before) - len(before.lstrip())].count("\n")
-            raise SettingsError(f"{shown}:{line}: not a NAME=value line (a quote left open, or a space in the name?)")
+            why = "a quote left open, or a space in the name?" if binding.error else "it has no ="
+            raise SettingsError(f"{shown}:{line}: not a NAME=value line ({why})")
     return dotenv_values(stream=io.StringIO(text))
 
 

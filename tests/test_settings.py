@@ -304,6 +304,9 @@ def test_a_virtualenv_named_dotenv_is_not_a_settings_file(clean_env: Path) -> No
         ("KEYHYGIENE DATABASE_URL=postgresql://kh@db.internal/keys\n", 1),
         ("# settings\n\n\nKEYHYGIENE_LOG_FORMAT=json\n\n\nKEYHYGIENE DATABASE_URL=x\n", 7),
         (f'KEYHYGIENE_LOG_FORMAT=json\nOPENROUTER_MANAGEMENT_KEY="{MANAGEMENT_KEY}\n', 2),
+        # Without an =, python-dotenv set the name to nothing, silently: the default was used.
+        ("KEYHYGIENE_LOG_FORMAT=json\n\nKEYHYGIENE_DATABASE_URL:postgresql://kh@db.internal/keys\n", 3),
+        ("justaword\n", 1),
     ],
 )
 @pytest.mark.parametrize("command", [("status",), ("db", "upgrade")])
@@ -318,9 +321,9 @@ def test_a_dotenv_line_that_cannot_be_parsed_stops_naming_file_and_line(
     result = cli(*command)  # the management key is never echoed (cli checks every run)
 
     assert result.exit_code == 2
+    why = "(it has no =)" if "=" not in text.splitlines()[line - 1] else "(a quote left open, or a space in the name?)"
     assert result.stderr.splitlines() == [
-        f"keyhygiene: error: {clean_env / '.env'}:{line}: not a NAME=value line "
-        "(a quote left open, or a space in the name?)"
+        f"keyhygiene: error: {clean_env / '.env'}:{line}: not a NAME=value line {why}"
     ], result.stderr
     assert not (clean_env / "keyhygiene.db").exists()
 
