@@ -361,7 +361,7 @@ def run_demo(
                     notes=[
                         "In all: " + "; ".join(f"{group} {n}" for group, n in counts.items()),
                         "prod-* keys are protected (protect_names): prod-payments-1 is expired and idle, "
-                        "and no rule touches it. The whole plan: " + shell_command() + " plan",
+                        'and no rule touches it. The whole plan: the last command under "Explore further" below.',
                     ],
                 ),
                 console,

@@ -90,7 +90,7 @@ class ReenableResult:
         if self.deleted:
             text += f"; {self.deleted} of them were deleted and cannot be brought back"
         if self.skipped:
-            text += " (see `keyhygiene report actions --since 1h` for why)"
+            text += " (why: the reason of each record in `keyhygiene report actions --since 1h --format json`)"
         if self.warning:
             text += f". Note: {self.warning}"
         return f"{self.note}: {text}" if self.note else text
@@ -211,7 +211,7 @@ def enable_keys(
     for decision in unknown:
         reason = (
             "keyhygiene did not disable this key: no snapshot holds a key with this hash (give a key's "
-            "full hash, as `keyhygiene report inventory` shows it)"
+            "full hash, as `keyhygiene report inventory --format json` shows it)"
         )
         result.count(_skip(database, decision, run_id=run_id, now=clock(), dry_run=dry_run, reason=reason))
     _enable(

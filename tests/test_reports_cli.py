@@ -74,6 +74,31 @@ def test_a_table_shows_the_first_rows_and_counts_the_rest(org: Org, cli: Callabl
     assert all(name in whole.stdout for name in names)
 
 
+def test_a_log_cut_short_shows_its_newest_rows(org: Org, cli: Callable[..., Any]) -> None:
+    """`report actions` and `report runs` list oldest first: before, `--limit` (100 by default) kept
+    the oldest rows, and the records of what an operator just did were the ones left out."""
+    for kind, key in (("actions", "id"), ("runs", "run_id")):
+        every = json.loads(cli("report", kind, "--since", "400d", "--format", "json").stdout)
+        assert len(every) > 3, kind
+        cut = cli("report", kind, "--since", "400d", "--limit", "2")
+        assert cut.exit_code == 0, cut.stderr
+        assert f"(the newest 2 rows; {len(every) - 2:,} earlier ones are not shown" in cut.stdout
+        if kind == "runs":
+            shown = [line.split()[0] for line in cut.stdout.splitlines() if line[:4].strip().isdigit()]
+            assert shown == [str(row[key]) for row in every[-2:]]
+
+
+def test_a_per_key_table_names_each_keys_workspace(org: Org, cli: Callable[..., Any]) -> None:
+    """A key name may be in several workspaces: the tables name the workspace beside the key's name."""
+    for kind in ("inventory", "spend", "idle", "actions"):
+        table = cli("report", kind, "--at", AT, "--since", "10d")
+        assert table.exit_code == 0, table.stderr
+        header = next(line for line in table.stdout.splitlines() if "workspace" in line)
+        assert header.split()[1:3] == ["name", "workspace"] or header.split()[1:3] == ["key", "workspace"], header
+        assert "Research" in table.stdout or kind in ("idle", "actions"), table.stdout
+        assert max(len(line) for line in table.stdout.splitlines()) <= 80
+
+
 def test_spend_by_and_filters_at_the_command_line(org: Org, cli: Callable[..., Any]) -> None:
     result = cli("report", "spend", "--at", AT, "--since", "7d", "--by", "workspace", "--format", "json")
     assert [row["total"] for row in json.loads(result.stdout)] == [19.5, 1.5]

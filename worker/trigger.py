@@ -70,8 +70,8 @@ def trigger_job(
         )
         if database is None:
             echo(
-                "its run is recorded under this task id: see `keyhygiene report runs --since 1h` "
-                "(column task_id) or `keyhygiene status`"
+                "its run is recorded under this task id: see `keyhygiene report runs --since 1h --format json` "
+                "(field task_id) or `keyhygiene status`"
             )
             return None
         if not workers_answer(settings):

@@ -34,7 +34,7 @@ COLUMNS = [
     "error",
     "evidence",
 ]
-TABLE_COLUMNS = ["time", "key_name", "rule", "action", "dry_run", "outcome"]
+TABLE_COLUMNS = ["time", "key_name", "rule", "action", "outcome"]  # dry runs are the `planned` ones
 
 
 def build(session: Session, params: ReportParams) -> Report:
@@ -53,6 +53,7 @@ def build(session: Session, params: ReportParams) -> Report:
         columns=COLUMNS,
         rows=rows,
         table_columns=TABLE_COLUMNS,
+        chronological=True,
         headers={"key_name": "key", "dry_run": "dry"},
         time_formats={"time": "%m-%d %H:%M"},
     )

@@ -77,6 +77,8 @@ class Report:
     table_columns: Sequence[str] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     time_formats: Mapping[str, str] = field(default_factory=dict)
+    chronological: bool = False
+    """Rows oldest first, as a log: a table cut short by ``--limit`` keeps the newest rows."""
 
 
 ReportBuilder = Callable[[Session, ReportParams], Report]
@@ -103,6 +105,12 @@ def with_workspace_names(report: Report, names: Mapping[str, str]) -> Report:
     table_columns = report.table_columns
     if table_columns is not None and "workspace_id" in table_columns:
         table_columns = [column for column in columns if column in table_columns or column == "workspace"]
+    elif table_columns is not None and "workspace" not in table_columns:
+        # A per-key table names the key's workspace beside the key's name: a name may be in several.
+        named_by = next((column for column in ("name", "key_name") if column in table_columns), None)
+        if named_by is not None:
+            at = list(table_columns).index(named_by) + 1
+            table_columns = [*table_columns[:at], "workspace", *table_columns[at:]]
     # Both columns would otherwise read "workspace" in a table (spend --by workspace heads its id so).
     headers = {**report.headers, "workspace_id": "workspace id"}
     return replace(report, columns=columns, rows=rows, table_columns=table_columns, headers=headers)

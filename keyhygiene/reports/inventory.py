@@ -36,7 +36,6 @@ TABLE_COLUMNS = [
     "name",
     "disabled",
     "expired",
-    "limit_remaining",
     "usage_monthly",
     "last_used_at",
 ]
@@ -45,7 +44,7 @@ HEADERS = {
     "disabled": "off",
     "expired": "expired",
     "limit_remaining": "limit left",
-    "usage_monthly": "this month",
+    "usage_monthly": "month $",
     "last_used_at": "last used",
 }
 

@@ -141,10 +141,17 @@ def to_csv(report: Report) -> str:
 
 def print_table(report: Report, console: Console, *, limit: int = 0) -> None:
     """A table that fits an 80-column terminal: few columns, short hashes and headers, long text
-    folds. With ``limit``, the first ``limit`` rows, then a line counting the rest: laying out a
-    table costs far more than the report, and nobody reads 10,000 rows in a terminal."""
+    folds. With ``limit``, the first ``limit`` rows, then a line counting the rest (of a
+    chronological report, the newest ``limit``, after a line counting the earlier ones): laying
+    out a table costs far more than the report, and nobody reads 10,000 rows in a terminal."""
     shown = list(report.table_columns or report.columns)
-    rows = report.rows if limit <= 0 else report.rows[:limit]
+    cut = 0 < limit < len(report.rows)
+    if not cut:
+        rows = report.rows
+    elif report.chronological:
+        rows = report.rows[-limit:]
+    else:
+        rows = report.rows[:limit]
     # The title is printed on its own, so that it wraps at the terminal's width, not the table's.
     console.print(Text(escape_control(report.title), style="bold"))
     headers = [report.headers.get(column, column.replace("_", " ")) for column in shown]
@@ -181,7 +188,11 @@ def print_table(report: Report, console: Console, *, limit: int = 0) -> None:
         console.print("(no rows)")
     rest = len(report.rows) - len(rows)
     if rest:
-        console.print(Text(f"... and {rest:,} more rows (--limit 0 shows all; --format csv or json lists every one)"))
+        also = "--limit 0 shows all; --format csv or json lists every one"
+        if report.chronological:
+            console.print(Text(f"(the newest {len(rows):,} rows; {rest:,} earlier ones are not shown: {also})"))
+        else:
+            console.print(Text(f"... and {rest:,} more rows ({also})"))
     for note in report.notes:
         console.print(Text(escape_control(note)))
 

@@ -81,6 +81,7 @@ def build(session: Session, params: ReportParams) -> Report:
         columns=COLUMNS,
         rows=rows,
         table_columns=TABLE_COLUMNS,
+        chronological=True,
         headers=HEADERS,
         time_formats={"started_at": "%m-%d %H:%M", "finished_at": "%m-%d %H:%M"},
     )
