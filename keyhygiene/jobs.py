@@ -354,22 +354,6 @@ def _require_run(database: Database, run_id: int) -> None:
             raise UsageError(f"there is no run {run_id} before this one: see `keyhygiene report runs`")
 
 
-def refuse_message(kind: str, settings: Settings, *, started_by: str, task_id: str | None, reason: str) -> JobOutcome:
-    """Record, under its task id, a worker's job whose message it cannot run as asked (an argument
-    this version does not take: a newer ``trigger`` than the worker, say): failed, exit 2, nothing
-    done. ``trigger --wait`` then answers at once instead of waiting for a run that never comes."""
-    message = (
-        f"the worker cannot run this message: {reason}; nothing was done (are the worker and trigger one version?)"
-    )
-    database = Database.open(settings)
-    try:
-        outcome = _ended(database, JobOutcome(kind, runs.FAILED, EXIT_USAGE, message), utcnow(), started_by, task_id)
-    finally:
-        database.close()
-    _log_finished(outcome)
-    return outcome
-
-
 def _skipped(
     database: Database,
     kind: str,
@@ -461,26 +445,9 @@ def record_unstarted(
         log.error("run_not_recorded", kind=outcome.kind, status=outcome.status, reason=outcome.message, error=str(exc))
         return outcome
     try:
-        with session_scope(database) as session:
-            outcome.run_id = runs.record_ended_run(
-                session,
-                kind=outcome.kind,
-                now=now or utcnow(),
-                status=outcome.status,
-                exit_code=outcome.exit_code,
-                message=outcome.message,
-                started_by=started_by,
-                task_id=task_id,
-                allow_actions=allow_actions,
-            ).id
-    except SQLAlchemyError as exc:
-        log.error(
-            "run_not_recorded",
-            kind=outcome.kind,
-            status=outcome.status,
-            reason=outcome.message,
-            error=describe_db_error(exc),
-        )
+        _ended(database, outcome, now or utcnow(), started_by, task_id, allow_actions)
+    except DatabaseFailure as exc:
+        log.error("run_not_recorded", kind=outcome.kind, status=outcome.status, reason=outcome.message, error=str(exc))
     finally:
         database.close()
     _log_finished(outcome)

@@ -71,6 +71,10 @@ def run_exclusive(
             log.warning("job_skipped", kind=kind, reason=reason, started_by=started_by)
             return unstarted(runs.SKIPPED, EXIT_FAILURE, reason)
         try:
+            if task_id is not None and (earlier := finished_run(settings, task_id)) is not None:
+                # The first delivery finished and freed the lock between the check above and this one.
+                log.warning("job_redelivered", kind=kind, task_id=task_id, run_id=earlier.run_id, status=earlier.status)
+                return earlier
             outcome = execute(
                 kind,
                 settings,

@@ -14,7 +14,9 @@ from billiard.process import current_process  # type: ignore[import-untyped]
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from keyhygiene.jobs import MAX_ALLOW_ACTIONS, refuse_message
+from db import runs
+from keyhygiene.errors import EXIT_USAGE
+from keyhygiene.jobs import MAX_ALLOW_ACTIONS, JobOutcome, record_unstarted
 from keyhygiene.settings import Settings
 from keyhygiene.shutdown import stop_pool_process_on_sigterm
 from worker.limits import TimeLimits
@@ -44,8 +46,15 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         if unknown:
             # An argument this version does not take may narrow the job (a newer trigger's): refuse.
             names = ", ".join(sorted(map(str, unknown)))
-            outcome = refuse_message(
-                kind, settings, started_by=started_by, task_id=task.request.id, reason=f"unknown argument(s) {names}"
+            message = (
+                f"the worker cannot run this message: unknown argument(s) {names}; nothing was done "
+                "(are the worker and trigger one version?)"
+            )
+            outcome = record_unstarted(
+                settings,
+                JobOutcome(kind, runs.FAILED, EXIT_USAGE, message),
+                started_by=started_by,
+                task_id=task.request.id,
             )
             return {"run_id": outcome.run_id, "status": outcome.status, "exit_code": outcome.exit_code}
         with stop_pool_process_on_sigterm() if _in_pool_process() else nullcontext():

@@ -18,10 +18,13 @@ import pytest
 from kombu import Connection, Exchange, Producer
 
 from db import audit, runs
+from keyhygiene import jobs
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.fakeapi.webhook import WebhookSink
 from keyhygiene.timeutil import utcnow
+from tasks import exclusive
 from worker import trigger
+from worker.limits import TimeLimits
 from worker.lock import LOCK_KEY, JobLock
 from worker.names import QUEUE, TASK_NAMES
 
@@ -520,6 +523,41 @@ def test_a_message_with_an_argument_the_worker_does_not_take_is_recorded_refused
     )
     assert (capped.status, capped.allow_actions, capped.dry_run) == (runs.OK, None, True)
     assert fake.mutating_calls() == []
+
+
+def test_a_copy_that_takes_the_lock_just_after_its_first_delivery_finished_does_not_run_again(
+    deploy: Deployment, fake: FakeOpenRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race a redelivered copy can lose: it looks for a finished run of its task (none yet), the
+    first delivery then finishes and frees the lock, and the copy takes it. Before, the copy ran the
+    job a second time under the same task id. The window is too narrow to hit with real processes:
+    the first look is made to miss, as it would in the race."""
+    add_keys(fake, expired=0, healthy=2)
+    settings = deploy.settings()
+    assert deploy.database is not None  # migrated
+    first = jobs.execute("sync", settings, started_by="trigger", task_id="task-race")
+    assert first.status == runs.OK
+    listings = len(fake.calls)
+    looked: list[str] = []
+
+    def racing(settings: Any, task_id: str) -> Any:
+        looked.append(task_id)
+        return None if len(looked) == 1 else jobs.finished_run(settings, task_id)
+
+    monkeypatch.setattr(exclusive, "finished_run", racing)
+    again = exclusive.run_exclusive(
+        "sync",
+        settings,
+        dry_run=False,
+        started_by="trigger",
+        task_id="task-race",
+        limits=TimeLimits.from_settings(settings),
+    )
+
+    assert len(looked) == 2 and (again.run_id, again.status) == (first.run_id, runs.OK)
+    assert [run.id for run in deploy.runs()] == [first.run_id]
+    assert len(fake.calls) == listings
+    assert not deploy.redis_db.client.exists(LOCK_KEY), "the copy freed the lock it took"
 
 
 class _Trap:
