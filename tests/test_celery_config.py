@@ -160,6 +160,19 @@ def test_a_bad_schedule_stops_worker_and_beat_with_exit_2_naming_the_variable(co
     assert "Traceback" not in started.stderr
 
 
+@pytest.mark.parametrize("pool", [["--pool", "threads"], ["--pool=gevent"], ["-P", "eventlet"]])
+def test_the_worker_refuses_a_pool_that_cannot_enforce_the_time_limits(pool: list[str], tmp_path: Path) -> None:
+    """Celery's thread pool enforces no time limit: a hung job would renew its lock for ever and
+    every later job be skipped. Before, such a worker started (its docs called threads fine)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("KEYHYGIENE_", "OPENROUTER_"))}
+    started = subprocess.run(
+        [keyhygiene_executable(), "worker", *pool], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert started.returncode == 2, started.stderr
+    assert "keyhygiene's jobs run in the prefork pool (the default)" in started.stderr
+    assert "Traceback" not in started.stderr
+
+
 # -- trigger ------------------------------------------------------------------------------------
 
 

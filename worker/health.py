@@ -7,7 +7,8 @@ when the file is fresh and 1 (with one line saying why) when it is missing, stal
 It imports nothing heavy, so it is cheap to run every few seconds.
 
 The worker must use a pool that keeps the main process free while a job runs (``prefork``, the
-default, or ``threads``): with ``--pool solo`` the loop, and so the heartbeat, stops during a job.
+default; ``keyhygiene worker`` refuses the others but ``solo``): with ``--pool solo`` the loop, and
+so the heartbeat, stops during a job.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ def run_worker(args: list[str]) -> int:
     ``--heartbeat-file PATH`` (ours, not Celery's) sets the file ``python -m worker.health`` checks.
     """
     heartbeat_file, celery_args = _pop_option(args, "--heartbeat-file")
+    _check_pool(celery_args)
     settings = _startup_settings()
     _check_worker_can_run(settings)
     app = make_app(settings)
@@ -79,6 +80,30 @@ def _check_worker_can_run(settings: Settings) -> None:
     settings.require_management_key()  # SettingsError: exit 2
     load_ruleset(settings)  # UsageError naming file, line and field: exit 2
     Database.open(settings).close()  # DatabaseFailure (unreachable, not migrated): exit 1
+
+
+POOLS = ("prefork", "solo")
+"""The pools a job may run in. Only prefork enforces the time limits, and so the lock's order
+(worker.limits); solo runs the job in the main process (no limits, no heartbeat while it runs: for
+debugging). Under threads, gevent or eventlet a hung job would renew its lock for ever."""
+
+
+def _check_pool(args: list[str]) -> None:
+    """Refuse a ``--pool``/``-P`` other than ``POOLS`` (exit 2)."""
+    for index, arg in enumerate(args):
+        if arg in ("--pool", "-P"):
+            pool = args[index + 1] if index + 1 < len(args) else ""
+        elif arg.startswith("--pool="):
+            pool = arg.split("=", 1)[1]
+        elif arg.startswith("-P") and len(arg) > 2:
+            pool = arg[2:].lstrip("=")
+        else:
+            continue
+        if pool not in POOLS:
+            raise UsageError(
+                f"--pool {pool}: keyhygiene's jobs run in the prefork pool (the default), which enforces their "
+                "time limits; solo runs them without limits, for debugging; other pools are refused"
+            )
 
 
 def _serve_metrics(settings: Settings) -> None:
