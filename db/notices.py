@@ -200,14 +200,13 @@ def delete_old_notices(session: Session, *, before: datetime, limit: int) -> int
 
 
 def actions_of_run(session: Session, run_id: int, outcomes: Sequence[str]) -> list[Action]:
-    """The audit records of run ``run_id`` with one of ``outcomes`` (changes, not reports), by key name."""
-    return list(
-        session.scalars(
-            select(Action)
-            .where(Action.run_id == run_id, Action.outcome.in_(outcomes), Action.action != "report")
-            .order_by(Action.key_name, Action.key_hash)
-        )
+    """The audit records of run ``run_id`` with one of ``outcomes`` (changes, not reports), by key
+    name as Python orders text (code point), as every other list of a notice is: a PostgreSQL
+    database's collation (``en_US``, ICU) would order them, and pick the first 50, otherwise."""
+    rows = session.scalars(
+        select(Action).where(Action.run_id == run_id, Action.outcome.in_(outcomes), Action.action != "report")
     )
+    return sorted(rows, key=lambda row: (row.key_name, row.key_hash))
 
 
 def owners(session: Session, snapshot_id: int, key_hashes: Sequence[str]) -> dict[str, str]:

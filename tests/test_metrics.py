@@ -98,6 +98,12 @@ def test_metrics_once_agree_with_the_inventory_and_the_run_records(
         ("keyhygiene_key_actions_total", (("action", "delete"), ("dry_run", "true"), ("outcome", "planned")))
     ]
     assert planned == 3.0
+    # A second dry run of the same plan records it by reference: counted again, per run.
+    assert cli("enforce").exit_code == 0
+    again = samples(cli("metrics").stdout)
+    for (name, labels), value in again.items():
+        if name == "keyhygiene_key_actions_total" and dict(labels)["dry_run"] == "true":
+            assert value == 2 * figures[(name, labels)], labels
     assert taken is not None
     assert figures[("keyhygiene_last_success_timestamp_seconds", (("job", "sync"),))] == pytest.approx(
         taken.timestamp()

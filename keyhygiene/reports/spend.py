@@ -152,13 +152,7 @@ def compute_spend(session: Session, params: ReportParams, *, default: timedelta 
         }
         in_scope.update(keys)
         without_spend = len(in_scope - spent_anywhere)
-    days = sorted(
-        {
-            snapshot.taken_at.date()
-            for snapshot in snapshots.complete_snapshots(session, since=start, until=end)
-            if snapshot.taken_at is not None and snapshot.taken_at > start
-        }
-    )
+    days = snapshots.days_with_snapshots(session, after=start, until=end)
     return SpendFigures(start=start, end=end, keys=keys, days=days, without_spend=without_spend, pruned=pruned)
 
 
