@@ -1469,6 +1469,18 @@ def pruned_before(session: Session, snapshot_id: int) -> bool:
     return session.scalar(select(exists(older))) is True
 
 
+def complete_snapshots(
+    session: Session, *, since: datetime | None = None, until: datetime | None = None
+) -> list[Snapshot]:
+    """Complete snapshots in time order, optionally within [since, until]."""
+    query = select(Snapshot).where(Snapshot.status == COMPLETE)
+    if since is not None:
+        query = query.where(Snapshot.taken_at >= since)
+    if until is not None:
+        query = query.where(Snapshot.taken_at <= until)
+    return list(session.scalars(query.order_by(Snapshot.id)))
+
+
 def days_with_snapshots(session: Session, *, after: datetime, until: datetime) -> list[date]:
     """The UTC days on which a complete snapshot was taken in (after, until], in order: read as
     times only (a year of hourly syncs is ~9,000 of them, each row of ``snapshots`` carrying JSON)."""
