@@ -21,17 +21,19 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db.migrate import upgrade
-from db.models import Action, Run
+from db.models import Action, Lease, Run
 from keyhygiene.context import Database
 from keyhygiene.settings import Settings
+from keyhygiene.timeutil import utcnow
 
 from .conftest import MANAGEMENT_KEY
 
@@ -240,6 +242,14 @@ class Process:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=5)
         return self.popen.returncode
+
+
+def let_the_enforcement_hold_pass(database: Database) -> None:
+    """What the passing of time does to the enforcement lease of a process that died (or lost the
+    database) with a change in flight: its fence holds the lease for as long as that change may take
+    (keyhygiene.lease; 90 s and more), too long for a test to wait: its expiry is moved to now."""
+    with database.writer() as session, session.begin():
+        session.execute(update(Lease).values(expires_at=utcnow() - timedelta(seconds=1)))
 
 
 class Deployment:

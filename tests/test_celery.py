@@ -33,6 +33,7 @@ from .celery_support import (
     PrivateRedis,
     RedisDatabase,
     keyhygiene_executable,
+    let_the_enforcement_hold_pass,
     wait_until,
 )
 
@@ -268,6 +269,7 @@ def test_a_worker_killed_mid_enforcement_leaves_no_change_unrecorded(
     wait_until(lambda: fake.in_flight == 0, timeout=10, interval=0.02, what="the API to answer the killed worker")
 
     fake.faults.latency = 0.0
+    let_the_enforcement_hold_pass(deploy.database)  # the killed job's change may have been in flight
     settled = cli("enforce")  # the next run, inline: settles what was in doubt and finishes the job
     assert settled.exit_code == 0, settled.stderr
 

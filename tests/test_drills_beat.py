@@ -18,7 +18,7 @@ from keyhygiene.timeutil import utcnow
 from worker.limits import TimeLimits
 from worker.lock import LOCK_KEY
 
-from .celery_support import Deployment, wait_until
+from .celery_support import Deployment, let_the_enforcement_hold_pass, wait_until
 from .conftest import CliResult
 from .drill_support import Drill, drill_fixture, drill_log_fixture, expired_keys, outputs_of
 
@@ -129,6 +129,7 @@ def test_a_job_redelivered_after_its_worker_was_killed_repeats_no_change(
     calls_before = len(fake.calls)
     fake.faults.latency = 0.0
     assert deploy.redis_db.client.delete(LOCK_KEY) == 1  # the lease expiry, ahead of time
+    let_the_enforcement_hold_pass(deploy.database)  # ... and the hold of the change it had in flight
     with Connection(deploy.broker_url, transport_options={"visibility_timeout": 0}) as connection:
         connection.default_channel.qos.restore_visible()
     assert deploy.redis_db.client.hlen(UNACKED) == 0, "the message is back on the queue"

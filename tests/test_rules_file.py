@@ -81,8 +81,7 @@ EXPECTED_FULL = RuleSet(
         NotifyTarget(
             name="ops",
             url_env="KEYHYGIENE_OPS_WEBHOOK",
-            format="slack",
-            secret_env="KEYHYGIENE_OPS_SECRET",
+            format="slack",  # its secret_env does nothing: json only (a warning says so)
             on=frozenset({"failed", "refused", "done", "upcoming"}),
             upcoming_within=timedelta(days=7),
         ),
@@ -115,7 +114,11 @@ def test_the_example_in_interface_md_parses_as_documented() -> None:
         block = re.search(r"```toml\n(.*?)```", INTERFACE.read_text(), re.S)
         assert block is not None
         assert block.group(1) == FULL_EXAMPLE
-    assert parse_rules(FULL_EXAMPLE, "keyhygiene.toml") == EXPECTED_FULL
+    parsed = parse_rules(FULL_EXAMPLE, "keyhygiene.toml")
+    assert parsed == EXPECTED_FULL
+    assert [str(warning) for warning in parsed.warnings] == [
+        "keyhygiene.toml:36: secret_env: has no effect: only json targets are signed, and this one is slack"
+    ]
 
 
 def test_load_rules_reads_a_file_and_names_it_as_the_source(tmp_path: Path) -> None:
@@ -757,7 +760,7 @@ def test_describe_the_full_example() -> None:
           3. disable-overspend: keys whose monthly spend (usage_monthly, plus BYOK spend where the key counts BYOK in its limit) is at least $100.00 -> disable; re-enable the keys this rule disabled once they are no longer over budget
 
         Notices (1 target(s)):
-          ops: slack to the URL in KEYHYGIENE_OPS_WEBHOOK, on done, failed, refused, upcoming (due within 7d), signed with the secret in KEYHYGIENE_OPS_SECRET
+          ops: slack to the URL in KEYHYGIENE_OPS_WEBHOOK, on done, failed, refused, upcoming (due within 7d)
         """  # noqa: E501
     )
 
