@@ -593,7 +593,9 @@ def report(
     _settle()
     settings = state.settings
     ruleset = _optional_ruleset(settings) if kind in ("idle", "html") else None
-    params = ReportParams(now=utcnow(), since=since, at=at, workspaces=workspaces, name=name, ruleset=ruleset, by=by)
+    params = ReportParams(
+        now=utcnow(), since=since, at=at, workspaces=workspaces, name=name, ruleset=ruleset, by=by, fmt=fmt, limit=limit
+    )
     database = Database.open(settings)
     try:
         with database.sessions() as session:
@@ -615,11 +617,12 @@ def report(
                 fail(str(exc), exc.exit_code)
             except OSError as exc:
                 fail(f"cannot write {out}: {exc.strerror or exc}")
+            from rich.console import Console
+
+            # In the session: a long log's JSON or CSV is written as it is read.
+            render(result, fmt, Console(soft_wrap=False), limit=limit)
     finally:
         database.close()
-    from rich.console import Console
-
-    render(result, fmt, Console(soft_wrap=False), limit=limit)
 
 
 def _workspaces_known(session: Any, kind: str, workspaces: tuple[str, ...], names: dict[str, str]) -> tuple[str, ...]:

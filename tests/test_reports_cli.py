@@ -86,6 +86,27 @@ def test_a_log_cut_short_shows_its_newest_rows(org: Org, cli: Callable[..., Any]
         if kind == "runs":
             shown = [line.split()[0] for line in cut.stdout.splitlines() if line[:4].strip().isdigit()]
             assert shown == [str(row[key]) for row in every[-2:]]
+        else:  # read newest first from the database, and its total counted there
+            assert f"{len(every)} records" in cut.stdout
+            body = cut.stdout.split("\u2500\n", 1)[1]
+            assert [row["key_name"] for row in every[-2:]] == [line.split()[2] for line in body.splitlines()[:2]]
+
+
+def test_a_log_of_many_dry_runs_counts_each_runs_plan_and_streams_it(org: Org, cli: Callable[..., Any]) -> None:
+    """Hourly dry runs record their plan once and refer to it: the table's title counts each run's
+    decisions in SQL, JSON and CSV are written as they are read; all three agree."""
+    for hour in range(3):
+        assert org.run("enforce", day(10, 13 + hour)).exit_code == 0
+    every = json.loads(cli("report", "actions", "--since", "400d", "--format", "json").stdout)
+    planned = sum(row["outcome"] == "planned" for row in every)
+    assert planned >= 4 * sum(row["outcome"] == "planned" and row["run_id"] == every[-1]["run_id"] for row in every)
+    table = cli("report", "actions", "--since", "400d", "--limit", "5")
+    assert f": {len(every)} records (" in table.stdout and f"{planned} planned" in table.stdout
+    as_csv = cli("report", "actions", "--since", "400d", "--format", "csv").stdout
+    assert len(as_csv.splitlines()) == len(every) + 1
+    named = cli("report", "actions", "--since", "400d", "--limit", "5", "--name", "a*")
+    wanted = [row for row in every if row["key_name"].startswith("a")]
+    assert f": {len(wanted)} records" in named.stdout
 
 
 def test_a_per_key_table_names_each_keys_workspace(org: Org, cli: Callable[..., Any]) -> None:

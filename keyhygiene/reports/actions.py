@@ -6,8 +6,9 @@ read back here key by key, each with its day counts measured at that run's time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import timedelta
+from collections.abc import Generator, Iterator
+from contextlib import closing
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 from db import audit, snapshots
 from keyhygiene.rules import evidence_at
 
-from .base import NO_SNAPSHOT, Report, ReportError, ReportParams, check_at, tally
+from .base import NO_SNAPSHOT, Report, ReportError, ReportParams, check_at, tally_counts
 
 DEFAULT_PERIOD = timedelta(days=30)
 
@@ -45,9 +46,24 @@ def build(session: Session, params: ReportParams) -> Report:
         raise ReportError(NO_SNAPSHOT)
     end = params.as_of
     start = params.period_start(DEFAULT_PERIOD)
-    rows = list(records(session, params))
-    counted = tally(rows, "outcome")
-    title = f"Audit log, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC: {len(rows)} records"
+    # A month of hourly dry runs of a few thousand keys is millions of records: JSON and CSV are
+    # written as they are read, and a table cut short reads only its newest rows and counts the rest.
+    stream = None
+    total: int | None = None
+    if params.fmt in ("json", "csv"):
+        rows: list[dict[str, Any]] = []
+        stream = records(session, params)
+        counts: dict[str, int] = {}
+    elif params.limit > 0:
+        rows = _newest(session, params, params.limit)
+        counts = _counts(session, params, start, end)
+        total = sum(counts.values())
+    else:
+        rows = list(records(session, params))
+        counts = tally_counts(rows, "outcome")
+    counted = ", ".join(f"{count} {outcome}" for outcome, count in sorted(counts.items()))
+    in_all = len(rows) if total is None else total
+    title = f"Audit log, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC: {in_all} records"
     return Report(
         title=title + (f" ({counted})" if counted else ""),
         columns=COLUMNS,
@@ -56,15 +72,48 @@ def build(session: Session, params: ReportParams) -> Report:
         chronological=True,
         headers={"key_name": "key", "dry_run": "dry"},
         time_formats={"time": "%m-%d %H:%M"},
+        total=total,
+        stream=stream,
     )
 
 
-def records(session: Session, params: ReportParams) -> Iterator[dict[str, Any]]:
-    """The rows of the report, oldest first, streamed (a month of hourly dry runs of many keys is
-    millions: a reader that only counts them need not hold them)."""
+def _newest(session: Session, params: ReportParams, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` rows of the report, oldest first: read newest first, and no further."""
+    newest: list[dict[str, Any]] = []
+    with closing(records(session, params, newest_first=True)) as rows:
+        for row in rows:
+            newest.append(row)
+            if len(newest) == limit:
+                break
+    newest.reverse()
+    return newest
+
+
+def _counts(session: Session, params: ReportParams, start: datetime, end: datetime) -> dict[str, int]:
+    """How many rows of the report have each outcome: in SQL, or, with --name or --workspace, from
+    the records' outcome, name and workspace only."""
+    if params.name is None and not params.workspaces:
+        return audit.outcome_counts(session, since=start, until=end)
+    counts: dict[str, int] = {}
+    for outcome, key_name, workspace_id in audit.outcomes_by_key(session, since=start, until=end):
+        if params.wants(name=key_name, workspace_id=workspace_id):
+            counts[outcome] = counts.get(outcome, 0) + 1
+    return counts
+
+
+def records(
+    session: Session, params: ReportParams, *, newest_first: bool = False
+) -> Generator[dict[str, Any], None, None]:
+    """The rows of the report, oldest first (or newest first), streamed (a month of hourly dry runs
+    of many keys is millions: a reader that only counts them need not hold them)."""
     end = params.as_of
     start = params.period_start(DEFAULT_PERIOD)
-    for action in audit.audit_records(session, since=start, until=end):
+    with closing(audit.audit_records(session, since=start, until=end, newest_first=newest_first)) as log:
+        yield from _rows(log, params)
+
+
+def _rows(log: Iterator[audit.AuditRecord], params: ReportParams) -> Iterator[dict[str, Any]]:
+    for action in log:
         if not params.wants(name=action.key_name, workspace_id=action.workspace_id):
             continue
         evidence = evidence_at(action.evidence, action.time) if action.by_reference else action.evidence

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from fnmatch import fnmatchcase
@@ -46,6 +46,9 @@ class ReportParams:
     name: str | None = None
     ruleset: RuleSet | None = None
     by: str = "key"
+    fmt: str = "table"
+    limit: int = 0
+    """The table's ``--limit`` (0: every row): a long log reads only the rows a table shows."""
 
     def wants(self, *, name: str, workspace_id: str | None) -> bool:
         """Whether a key passes the --workspace and --name filters."""
@@ -79,6 +82,15 @@ class Report:
     time_formats: Mapping[str, str] = field(default_factory=dict)
     chronological: bool = False
     """Rows oldest first, as a log: a table cut short by ``--limit`` keeps the newest rows."""
+    total: int | None = None
+    """How many rows the report has in all, when ``rows`` holds only the newest of them (a log
+    read for a table cut short by ``--limit``)."""
+    stream: Iterator[dict[str, Any]] | None = None
+    """The rows, when the report is written as they are read (JSON or CSV of a long log): ``rows``
+    is then empty."""
+
+    def each_row(self) -> Iterator[dict[str, Any]]:
+        return self.stream if self.stream is not None else iter(self.rows)
 
 
 ReportBuilder = Callable[[Session, ReportParams], Report]
@@ -94,14 +106,17 @@ def with_workspace_names(report: Report, names: Mapping[str, str]) -> Report:
         columns.append(column)
         if column == "workspace_id":
             columns.append("workspace")
-    rows = []
-    for row in report.rows:
+
+    def name(row: dict[str, Any]) -> dict[str, Any]:
         named: dict[str, Any] = {}
         for column, value in row.items():
             named[column] = value
             if column == "workspace_id":
                 named["workspace"] = names.get(value) if isinstance(value, str) else None
-        rows.append(named)
+        return named
+
+    rows = [name(row) for row in report.rows]
+    stream = None if report.stream is None else (name(row) for row in report.stream)
     table_columns = report.table_columns
     if table_columns is not None and "workspace_id" in table_columns:
         table_columns = [column for column in columns if column in table_columns or column == "workspace"]
@@ -113,7 +128,7 @@ def with_workspace_names(report: Report, names: Mapping[str, str]) -> Report:
             table_columns = [*table_columns[:at], "workspace", *table_columns[at:]]
     # Both columns would otherwise read "workspace" in a table (spend --by workspace heads its id so).
     headers = {**report.headers, "workspace_id": "workspace id"}
-    return replace(report, columns=columns, rows=rows, table_columns=table_columns, headers=headers)
+    return replace(report, columns=columns, rows=rows, table_columns=table_columns, headers=headers, stream=stream)
 
 
 def check_at(params: ReportParams) -> None:
@@ -149,8 +164,13 @@ def usd(value: float) -> float:
 
 def tally(rows: Sequence[Mapping[str, Any]], column: str) -> str:
     """How many rows hold each value of ``column``, for a title: "2 done, 1 skipped" ("" for none)."""
+    return ", ".join(f"{count} {value}" for value, count in sorted(tally_counts(rows, column).items()))
+
+
+def tally_counts(rows: Sequence[Mapping[str, Any]], column: str) -> dict[str, int]:
+    """How many rows hold each value of ``column``."""
     counts: dict[str, int] = {}
     for row in rows:
         value = str(row[column])
         counts[value] = counts.get(value, 0) + 1
-    return ", ".join(f"{count} {value}" for value, count in sorted(counts.items()))
+    return counts

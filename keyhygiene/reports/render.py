@@ -107,7 +107,7 @@ _JSON_ROW = json.JSONEncoder(default=_json_default).encode
 def write_json(report: Report, out: IO[str]) -> None:
     """Exactly one JSON array of objects, one per row, written row by row (never one big string)."""
     out.write("[")
-    for index, row in enumerate(report.rows):
+    for index, row in enumerate(report.each_row()):
         if index:
             out.write(", ")
         out.write(_JSON_ROW(row))
@@ -128,7 +128,7 @@ def write_csv(report: Report, out: IO[str]) -> None:
     # and that cell splits its row in every reader.
     writer = csv.DictWriter(out, fieldnames=list(report.columns), extrasaction="ignore", lineterminator="\r\n")
     writer.writeheader()
-    for row in report.rows:
+    for row in report.each_row():
         writer.writerow({k: _csv_value(v) for k, v in row.items()})
 
 
@@ -186,7 +186,7 @@ def print_table(report: Report, console: Console, *, limit: int = 0) -> None:
         console.print(table)
     if not report.rows:
         console.print("(no rows)")
-    rest = len(report.rows) - len(rows)
+    rest = (len(report.rows) if report.total is None else report.total) - len(rows)
     if rest:
         also = "--limit 0 shows all; --format csv or json lists every one"
         if report.chronological:
