@@ -306,25 +306,27 @@ def _record_all(
 ) -> list[int]:
     """Write audit records for ``decisions`` in one transaction, then log one ``key_action`` each."""
     with session_scope(database) as session:
-        ids = [
-            audit.record_action(
-                session,
-                run_id=run_id,
-                now=now,
-                key_hash=decision.key_hash,
-                key_name=decision.key_name,
-                workspace_id=decision.workspace_id,
-                rule=decision.rule,
-                rules=decision.rules,
-                action=decision.action,
-                dry_run=dry_run,
-                outcome=outcome,
-                evidence=decision.evidence,
-                reason=reason,
-                error=error,
-            ).id
-            for decision in decisions
-        ]
+        ids = audit.record_actions(
+            session,
+            [
+                {
+                    "run_id": run_id,
+                    "now": now,
+                    "key_hash": decision.key_hash,
+                    "key_name": decision.key_name,
+                    "workspace_id": decision.workspace_id,
+                    "rule": decision.rule,
+                    "rules": decision.rules,
+                    "action": decision.action,
+                    "dry_run": dry_run,
+                    "outcome": outcome,
+                    "evidence": decision.evidence,
+                    "reason": reason,
+                    "error": error,
+                }
+                for decision in decisions
+            ],
+        )
     if outcome != audit.PENDING:
         for decision in decisions:
             _event(decision, run_id=run_id, dry_run=dry_run, outcome=outcome, reason=reason, error=error)

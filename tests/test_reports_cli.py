@@ -208,19 +208,23 @@ def test_the_audit_report_takes_a_workspace_only_its_records_still_hold(org: Org
 
     with session_scope(org.database) as session:
         run_id = runs.start_run(session, kind="enforce", now=day(9), dry_run=False).id
-        audit.record_action(
+        audit.record_actions(
             session,
-            run_id=run_id,
-            now=day(9),
-            key_hash="0" * 64,
-            key_name="gone-key",
-            workspace_id="ws-gone",
-            rule="delete-expired",
-            rules=["delete-expired"],
-            action="delete",
-            dry_run=False,
-            outcome="done",
-            evidence={},
+            [
+                {
+                    "run_id": run_id,
+                    "now": day(9),
+                    "key_hash": "0" * 64,
+                    "key_name": "gone-key",
+                    "workspace_id": "ws-gone",
+                    "rule": "delete-expired",
+                    "rules": ["delete-expired"],
+                    "action": "delete",
+                    "dry_run": False,
+                    "outcome": "done",
+                    "evidence": {},
+                }
+            ],
         )
 
     listed = cli("report", "actions", "--at", AT, "--since", "7d", "--workspace", "ws-gone", "--format", "json")
