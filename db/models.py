@@ -202,9 +202,11 @@ declaring ``postgresql_where`` loads SQLAlchemy's PostgreSQL dialect into every 
 
 
 def _version_indexes(table: str) -> list[Index]:
-    """A key's versions in time order; versions by end (prune); the one open version per key."""
+    """A key's versions in time order; versions by start and by end (prune); the one open version
+    per key."""
     return [
         Index(f"ix_{table}_key_from", "key_id", "valid_from"),
+        Index(f"ix_{table}_valid_from", "valid_from"),
         Index(f"ix_{table}_valid_to", "valid_to"),
         Index(f"ix_{table}_open", "key_id", unique=True, sqlite_where=_OPEN),
     ]

@@ -143,11 +143,10 @@ def delete_old_snapshots(session: Session, *, anchor_id: int | None, cutoff: dat
     older = Snapshot.status == FAILED
     if anchor_id is not None:
         older = or_(Snapshot.id < anchor_id, older)
-    # Where versions end is indexed: looked up per snapshot. Where they begin is not (only after
-    # the key): ``_absent_from``.
+    # Where versions begin and end is indexed: looked up per snapshot.
     unreferenced = and_(
-        _absent_from(session, Snapshot.id, key_usage.c.valid_from),
-        _absent_from(session, Snapshot.id, key_records.c.valid_from),
+        ~exists().where(key_usage.c.valid_from == Snapshot.id),
+        ~exists().where(key_records.c.valid_from == Snapshot.id),
         ~exists().where(key_usage.c.valid_to == Snapshot.id),
         ~exists().where(key_records.c.valid_to == Snapshot.id),
         ~exists().where(snapshot_staging.c.snapshot_id == Snapshot.id),

@@ -35,9 +35,11 @@ BUILT_AFTER = {
     "tracked_keys_key_hash_key",
     "ix_key_records_key_from",
     "ix_key_records_open",
+    "ix_key_records_valid_from",
     "ix_key_records_valid_to",
     "ix_key_usage_key_from",
     "ix_key_usage_open",
+    "ix_key_usage_valid_from",
     "ix_key_usage_valid_to",
     "ix_key_days_first_seen_at",
 }

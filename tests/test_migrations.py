@@ -283,6 +283,26 @@ def test_0018_adds_a_heartbeat_to_runs_and_goes_back(empty_database: Database) -
     assert upgrade(engine) == ("0017", head_revision())
 
 
+def test_0019_indexes_where_versions_begin_and_goes_back(empty_database: Database) -> None:
+    # 0019: the prune looks a snapshot up among the versions that begin at it, by an index.
+    engine = empty_database.engine
+    upgrade(engine)
+
+    def indexed() -> set[str]:
+        inspector = inspect(engine)
+        return {
+            index["name"] or ""
+            for table in ("key_usage", "key_records")
+            for index in inspector.get_indexes(table)
+            if index["column_names"] == ["valid_from"]
+        }
+
+    assert indexed() == {"ix_key_usage_valid_from", "ix_key_records_valid_from"}
+    downgrade(engine, "0018")
+    assert indexed() == set()
+    assert upgrade(engine) == ("0018", head_revision())
+
+
 def test_db_upgrade_command(env: dict[str, str], cli) -> None:
     first = cli("db", "upgrade")
     second = cli("db", "upgrade")
