@@ -27,6 +27,7 @@ class Front:
     compress: bool = False  # gzip the answers of requests that accept it
     chunked: bool = False  # answer with Transfer-Encoding: chunked, in chunks of 1000 bytes
     corrupt: int = 0  # the next this many answers say gzip but carry bytes that are not (after forwarding)
+    rewrite: dict[str, str] = field(default_factory=dict)  # forward each request's path with these replaced
     targets: list[str] = field(default_factory=list)
     compressed: list[str] = field(default_factory=list)
     url: str = ""
@@ -41,7 +42,10 @@ class _Forwarding(http.server.BaseHTTPRequestHandler):
         front.targets.append(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         sent = self.rfile.read(length) if length else None
-        target = urlsplit(front.upstream + self.path if front.upstream else self.path)
+        path = self.path
+        for old, new in front.rewrite.items():
+            path = path.replace(old, new)
+        target = urlsplit(front.upstream + path if front.upstream else path)
         upstream = http.client.HTTPConnection(target.hostname or "", target.port, timeout=10)
         headers = {name: value for name, value in self.headers.items() if name.lower() != "proxy-connection"}
         headers["Host"] = target.netloc

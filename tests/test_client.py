@@ -6,6 +6,7 @@ concurrency bound, typed errors, and tolerant models.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -639,6 +640,20 @@ def test_a_key_without_its_state_or_its_use_is_malformed(fake: FakeOpenRouter, m
         client.list_all_keys([None])
     with pytest.raises(MalformedResponse, match=f"without '{field}'"):
         client.get_key(key)
+
+
+def test_an_answer_about_another_key_is_malformed(fake: FakeOpenRouter, fake_url: str) -> None:
+    """A cache or proxy that mixed up its answers: the fresh check before a change must be of the
+    key to be changed (before, the other key's state was taken for it), and so must a PATCH's answer."""
+    asked, other = add_keys(fake, 2)
+    with (
+        serving(Front(upstream=fake_url.split("/api/")[0], rewrite={asked: other})) as front,
+        KeysClient(f"{front.url}/api/v1", MANAGEMENT_KEY, retry_seconds=0) as client,
+    ):
+        with pytest.raises(MalformedResponse, match=f"asked about key {asked[:12]}, answered about key {other[:12]}"):
+            client.get_key(asked)
+        with pytest.raises(MalformedResponse, match=re.escape("PATCH /keys/{hash}: asked about key")):
+            client.update_key(asked, name="renamed")  # (the front sent it to the other key)
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,13 @@ def _decoded(body: bytes, where: str) -> Any:
         raise MalformedResponse(f"{where}: the response is not valid JSON") from None
 
 
+def _the_key(key: Key, key_hash: str, where: str) -> Key:
+    """``key``, when it is the key asked about."""
+    if key.hash != key_hash:
+        raise MalformedResponse(f"{where}: asked about key {key_hash[:12]}, answered about key {key.hash[:12]}")
+    return key
+
+
 def _require_state(item: Any, where: str) -> Any:
     """``item``, when it is a key object with every field of ``_ALWAYS_GIVEN``; else MalformedResponse."""
     if isinstance(item, Mapping):
@@ -351,8 +358,11 @@ class KeysClient:
         return Listing(keys=keys, per_workspace=stream.per_workspace, pages=stream.pages, duplicates=stream.duplicates)
 
     def get_key(self, key_hash: str) -> Key:
-        """``GET /keys/{hash}``; raises NotFound for a key that does not exist."""
-        return Key.from_api(_require_state(self._data(self._request("GET", f"/keys/{key_hash}")), "GET /keys/{hash}"))
+        """``GET /keys/{hash}``; raises NotFound for a key that does not exist, MalformedResponse for
+        an answer about another key (a cache or proxy that mixed up its answers): the fresh check
+        before a change must be of the key to be changed."""
+        key = Key.from_api(_require_state(self._data(self._request("GET", f"/keys/{key_hash}")), "GET /keys/{hash}"))
+        return _the_key(key, key_hash, "GET /keys/{hash}")
 
     def create_key(self, name: str, **fields: Any) -> CreatedKey:
         """``POST /keys``. The secret is returned this once and never logged."""
@@ -365,7 +375,7 @@ class KeysClient:
     def update_key(self, key_hash: str, **fields: Any) -> Key:
         """``PATCH /keys/{hash}`` with the given fields (``disabled=True`` disables the key)."""
         answer = self._data(self._request("PATCH", f"/keys/{key_hash}", body=fields))
-        return Key.from_api(_require_state(answer, "PATCH /keys/{hash}"))
+        return _the_key(Key.from_api(_require_state(answer, "PATCH /keys/{hash}")), key_hash, "PATCH /keys/{hash}")
 
     def delete_key(self, key_hash: str) -> None:
         """``DELETE /keys/{hash}``: permanent."""
