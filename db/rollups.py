@@ -203,7 +203,10 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime, ke
     signs_old = and_(
         or_(alive.c.last_used_at.is_(None), alive.c.last_used_at <= cutoff), or_(~used_later, changed_at <= cutoff)
     )
-    idle_from_old = or_(literal(cutoff >= LAST_USED_RECORDED_FROM), first_seen <= cutoff)
+    # A null last_used_at proves no use since OpenRouter began recording it, unless the key was
+    # created since and has spent (``keyhygiene.rules.engine._null_last_use_contradicted``).
+    contradicted = and_(alive.c.created_at >= LAST_USED_RECORDED_FROM, or_(alive.c.usage > 0, alive.c.byok_usage > 0))
+    idle_from_old = or_(and_(literal(cutoff >= LAST_USED_RECORDED_FROM), ~contradicted), first_seen <= cutoff)
     idle = and_(alive.c.created_at <= cutoff, case((has_sign, signs_old), else_=idle_from_old))
 
     def flag(condition: Any) -> Any:

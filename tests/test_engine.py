@@ -255,7 +255,7 @@ def test_the_evidence_of_a_key_newer_than_the_recording_of_use_says_idle_since_i
     # A null last_used_at proves no use since 2026-01-01; a key made on 2026-05-02 was idle 44 days
     # on 2026-06-15, not 165 (plans, notices and the audit log show these figures).
     created = datetime(2026, 5, 2, 12, 0, tzinfo=UTC)
-    decision = run(make_key(last_used_at=None, created_at=created), IDLE)
+    decision = run(make_key(last_used_at=None, created_at=created, usage=0.0), IDLE)  # never used
     assert decision is not None
     assert (decision.evidence["idle_since"], decision.evidence["idle_days"]) == (iso(created), 44.0)
 
@@ -335,6 +335,26 @@ def test_idle_since_is_the_latest_sign_of_use() -> None:
     quiet = KeyHistory(first_seen_at=NOW - timedelta(days=400), usage_unchanged_since=NOW - timedelta(days=400))
     assert idle_since(make_key(last_used_at=None), quiet) == NOW - timedelta(days=400)
     assert idle_since(make_key(last_used_at=NOW - DAY), quiet) == NOW - DAY
+
+
+def test_a_null_last_use_of_a_key_created_since_2026_that_spent_proves_no_idleness() -> None:
+    """A reviewer's repro: a key created in 2026 with $350 spent and last_used_at null was disabled
+    (and later deleted) as idle since its creation. Null means no use recorded since OpenRouter
+    began recording it; a key created since then that spent was used: the field says nothing, and
+    only the snapshot history can show the key idle."""
+    created = NOW - timedelta(days=100)
+    spent = make_key(created_at=created, last_used_at=None, usage=350.0)
+    assert idle_since(spent, KeyHistory()) is None
+    assert run(spent, rule("idle", "unused", "disable")) is None
+    quiet = KeyHistory(first_seen_at=NOW - timedelta(days=40), usage_unchanged_since=NOW - timedelta(days=40))
+    assert idle_since(spent, quiet) == NOW - timedelta(days=40)
+    assert action_of(run(spent, rule("idle", "unused", "disable"), history=quiet)) == "disable"
+    # Never spent, or created before 2026 (used before the recording began): idle from 2026-01-01.
+    assert idle_since(make_key(created_at=created, last_used_at=None, usage=0.0), KeyHistory()) == datetime(
+        2026, 1, 1, tzinfo=UTC
+    )
+    old = make_key(created_at=datetime(2025, 6, 1, tzinfo=UTC), last_used_at=None, usage=350.0)
+    assert idle_since(old, KeyHistory()) == datetime(2026, 1, 1, tzinfo=UTC)
 
 
 # --- over_budget --------------------------------------------------------------------------------
@@ -900,7 +920,7 @@ def test_next_action_covers_a_future_expiry_and_a_spent_limit() -> None:
 
 
 def test_next_action_respects_min_age_and_key_age() -> None:
-    key = make_key(created_at=NOW - timedelta(days=5), last_used_at=None)
+    key = make_key(created_at=NOW - timedelta(days=5), last_used_at=None, usage=0.0)  # never used
     assert coming(key, rule("idle", "unused", "report", min_age=timedelta(days=60))) == (
         "idle",
         "report",

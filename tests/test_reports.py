@@ -193,6 +193,29 @@ def test_idle_threshold_and_no_rules_file(org: Org) -> None:
     assert idle["india"]["next_action"] is None
 
 
+def test_a_spent_key_created_in_2026_with_no_last_use_is_idle_only_by_the_history(
+    database: Database, fake: FakeOpenRouter, fake_url: str
+) -> None:
+    """Its null last_used_at is contradicted by its spend: neither the idle report nor the trends
+    count it idle from 2026-01-01; both count it idle once the snapshots saw its usage hold 30 days."""
+    org = Org(database, fake, fake_url)
+    try:
+        org.add("spent-unrecorded", at=day(0), created_at=day(0) - 40 * DAY, usage=25.0, last_used_at=None)
+        org.add("never-used", at=day(0), created_at=day(0) - 40 * DAY, usage=0.0, last_used_at=None)
+        for n in (0, 10, 20, 31):
+            org.sync(day(n))
+        early, late = day(10, 12), day(31, 12)
+        assert [row["name"] for row in report(org, "idle", at=early, now=early, since=30 * DAY)] == ["never-used"]
+        trends = report(org, "trends", at=early, now=early, since=2 * DAY)
+        assert trends[-1]["idle_30d"] == 1
+        idle_late = {row["name"]: row for row in report(org, "idle", at=late, now=late, since=30 * DAY)}
+        assert set(idle_late) == {"never-used", "spent-unrecorded"}
+        assert idle_late["spent-unrecorded"]["idle_since"] == isoformat(day(0))
+        assert report(org, "trends", at=late, now=late, since=2 * DAY)[-1]["idle_30d"] == 2
+    finally:
+        org.close()
+
+
 def test_a_key_is_idle_no_longer_than_it_has_existed(database: Database, fake: FakeOpenRouter, fake_url: str) -> None:
     """A key never used reads idle from when OpenRouter began recording use, but it cannot have
     been idle before it existed: as the rules read it, it is unused for D only once D old."""

@@ -147,7 +147,8 @@ def idle_since(key: UseSigns, history: KeyHistory) -> datetime | None:
     idle_from: list[datetime] = []
     if key.reports_last_used:
         if key.last_used_at is None:
-            idle_from.append(LAST_USED_RECORDED_FROM)
+            if not _null_last_use_contradicted(key):
+                idle_from.append(LAST_USED_RECORDED_FROM)
         else:
             signs.append(as_utc(key.last_used_at))
     if history.usage_unchanged_since is not None:
@@ -159,6 +160,14 @@ def idle_since(key: UseSigns, history: KeyHistory) -> datetime | None:
     if signs:
         return max(signs)
     return min(idle_from) if idle_from else None
+
+
+def _null_last_use_contradicted(key: UseSigns) -> bool:
+    """A null ``last_used_at`` on a key created since OpenRouter records use, that has spent: it was
+    used, and the field says nothing (an API that did not record it). It proves no idleness then;
+    the snapshot history still can."""
+    created = as_utc(key.created_at)
+    return created >= LAST_USED_RECORDED_FROM and (key.usage > 0 or key.byok_usage > 0)
 
 
 def decide(key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime) -> Decision | None:

@@ -25,6 +25,15 @@ class UseSigns(Protocol):
     @property
     def last_used_at(self) -> datetime | None: ...
 
+    @property
+    def created_at(self) -> datetime: ...
+
+    @property
+    def usage(self) -> Decimal: ...
+
+    @property
+    def byok_usage(self) -> Decimal: ...
+
 
 @dataclass(frozen=True, slots=True)
 class KeyFacts:
