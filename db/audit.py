@@ -50,9 +50,10 @@ def audited_workspace(session: Session, workspace_id: str) -> bool:
 
 
 def record_actions(session: Session, records: Sequence[Mapping[str, Any]]) -> list[int]:
-    """Add audit records (each with ``record_action``'s arguments) in one statement per batch, and
-    return their ids in order: a live run's ``report`` decisions are one record per key (thousands),
-    and one INSERT each took seconds. The caller commits."""
+    """Add audit records (``run_id``, ``now``, ``key_hash``, ... as ``Action`` has them) in one
+    bulk insert, and return their ids in order: a live run's ``report`` decisions are one record
+    per key (thousands), and one ORM flush each took seconds (4,221 records: 2.0 s, now 0.17 s on
+    SQLite, which inserts them one statement each within the call). The caller commits."""
     if not records:
         return []
     rows = [
@@ -69,7 +70,12 @@ def record_actions(session: Session, records: Sequence[Mapping[str, Any]]) -> li
     ]
     for row in rows:
         del row["now"]
-    added = session.execute(insert(Action).returning(Action.id, sort_by_parameter_order=True), rows)
+    # render_nulls: every row has the same columns, so PostgreSQL batches them whatever is None.
+    added = session.execute(
+        insert(Action).returning(Action.id, sort_by_parameter_order=True),
+        rows,
+        execution_options={"render_nulls": True},
+    )
     return [int(action_id) for action_id in added.scalars()]
 
 

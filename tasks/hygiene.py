@@ -11,16 +11,16 @@ from contextlib import nullcontext
 from typing import Any
 
 from billiard.process import current_process  # type: ignore[import-untyped]
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 
 from db import runs
-from keyhygiene.errors import EXIT_USAGE
+from keyhygiene.errors import EXIT_FAILURE, EXIT_USAGE
 from keyhygiene.jobs import MAX_ALLOW_ACTIONS, JobOutcome, record_unstarted
 from keyhygiene.settings import Settings
 from keyhygiene.shutdown import stop_pool_process_on_sigterm
 from worker.limits import TimeLimits
-from worker.names import TASK_NAMES
+from worker.names import TASK_NAMES, TRIGGERED_HEADER
 
 from .exclusive import run_exclusive
 
@@ -38,6 +38,22 @@ class JobTask(Task):  # type: ignore[misc]
 def register_tasks(app: Celery, settings: Settings) -> None:
     """Add the four job tasks to ``app``, running with ``settings``."""
     limits = TimeLimits.from_settings(settings)
+    kinds = {name: kind for kind, name in TASK_NAMES.items()}
+
+    def expired(sender: Any = None, request: Any = None, expired: bool = False, **_: Any) -> None:
+        """A triggered job that no worker started before its message expired (``worker.trigger``)
+        is recorded failed under its task id, so ``trigger --wait`` and ``report runs`` find it.
+        Beat's expired ticks are not: a tick missed in an outage is dropped by design. (The
+        message's arguments are not decoded here: ``trigger`` marks its messages in a header.)"""
+        kind = kinds.get(getattr(sender, "name", None) or "")
+        if not expired or kind is None or getattr(request, TRIGGERED_HEADER, None) != "trigger":
+            return
+        message = "dropped unrun: no worker started it before its message expired (an hour after it was queued)"
+        record_unstarted(
+            settings, JobOutcome(kind, runs.FAILED, EXIT_FAILURE, message), started_by="trigger", task_id=request.id
+        )
+
+    signals.task_revoked.connect(expired, weak=False, dispatch_uid="keyhygiene.task_expired")
 
     def job(
         task: Task, kind: str, dry_run: Any, trigger: Any, allow_actions: Any = None, unknown: Any = None

@@ -26,7 +26,7 @@ from tasks import exclusive
 from worker import trigger
 from worker.limits import TimeLimits
 from worker.lock import LOCK_KEY, JobLock
-from worker.names import QUEUE, TASK_NAMES
+from worker.names import QUEUE, TASK_NAMES, TRIGGERED_HEADER
 
 from .celery_support import (
     Deployment,
@@ -67,7 +67,8 @@ def test_a_triggered_job_that_no_worker_starts_in_time_is_dropped_unrun(
 ) -> None:
     """`trigger enforce --allow-actions 30` while no worker runs: before, the message waited in the
     queue with no end and lifted the caps whenever a worker next started, days later maybe. Now it
-    expires (an hour; here a fraction of a second) and the worker drops it unrun."""
+    expires (an hour; here a fraction of a second) and the worker drops it unrun, recorded failed
+    under its task id (for `trigger --wait` and `report runs`)."""
     doomed = add_keys(fake, expired=2, healthy=1)
     assert cli("sync").exit_code == 0
     monkeypatch.setattr(trigger, "QUEUED_FOR_AT_MOST", 0.2)
@@ -78,15 +79,34 @@ def test_a_triggered_job_that_no_worker_starts_in_time_is_dropped_unrun(
     wait_until(lambda: time.time() > deadline_of(deploy, task_id), timeout=10, what="the message to expire")
 
     worker = deploy.start_worker()
-    worker.wait_for_event(
-        lambda event: task_id in event["event"] and "revoked" in event["event"].lower(),
-        timeout=30,
-        what="the worker to drop the expired message",
-    )
-    assert run_of(deploy, task_id) is None
+    dropped = wait_until(lambda: run_of(deploy, task_id), timeout=30, what="the dropped job's run")
+    assert (dropped.kind, dropped.status, dropped.exit_code, dropped.allow_actions) == ("enforce", runs.FAILED, 1, None)
+    assert (dropped.message or "").startswith("dropped unrun: no worker started it before its message expired")
+    assert any(task_id in event["event"] and "revoked" in event["event"].lower() for event in worker.events())
     assert fake.mutating_calls() == [] and all(fake.get(key) is not None for key in doomed)
     again = cli("trigger", "enforce", "--wait", "--timeout", "60")  # the worker works: only that one was dropped
     assert again.exit_code == 0, again.stderr + worker.tail()
+
+
+def test_an_expired_beat_tick_is_dropped_without_a_run(deploy: Deployment, fake: FakeOpenRouter) -> None:
+    """Beat's ticks expire after one period by design (a tick missed in an outage is not replayed):
+    unlike a triggered job's, an expired tick is not recorded as a failed run."""
+    add_keys(fake, expired=0, healthy=1)
+    tick, triggered = str(uuid.uuid4()), str(uuid.uuid4())
+    past = (utcnow() - timedelta(minutes=5)).isoformat()
+    deploy.start_worker()  # declares the queue the messages go to
+    with Connection(deploy.broker_url) as connection:
+        producer = Producer(connection.channel(), exchange=Exchange(QUEUE, type="direct"), routing_key=QUEUE)
+        for task_id, headers in ((tick, {}), (triggered, {TRIGGERED_HEADER: "trigger"})):
+            producer.publish(
+                [[], {"dry_run": True, "trigger": "beat" if task_id == tick else "trigger"}, {}],
+                serializer="json",
+                headers={**_headers(TASK_NAMES["run"], task_id), "expires": past, **headers},
+            )
+
+    recorded = wait_until(lambda: run_of(deploy, triggered), timeout=30, what="the expired trigger's run")
+    assert recorded.status == runs.FAILED
+    assert run_of(deploy, tick) is None and len(deploy.runs()) == 1
 
 
 def deadline_of(deploy: Deployment, task_id: str) -> float:

@@ -82,7 +82,7 @@ def _check_worker_can_run(settings: Settings) -> None:
     Database.open(settings).close()  # DatabaseFailure (unreachable, not migrated): exit 1
 
 
-POOLS = ("prefork", "solo")
+POOLS = ("prefork", "processes", "solo")  # processes: Celery's other name for prefork
 """The pools a job may run in. Only prefork enforces the time limits, and so the lock's order
 (worker.limits); solo runs the job in the main process (no limits, no heartbeat while it runs: for
 debugging). Under threads, gevent or eventlet a hung job would renew its lock for ever."""

@@ -25,7 +25,7 @@ from keyhygiene.settings import Settings
 
 from .celery_app import make_app
 from .lock import redis_client
-from .names import JOB_KINDS, TASK_NAMES
+from .names import JOB_KINDS, TASK_NAMES, TRIGGERED_HEADER
 
 POLL_INTERVAL = 0.5
 # Seconds the broker has to answer before trigger gives up (exit 1).
@@ -77,8 +77,8 @@ def trigger_job(
         if not workers_answer(settings):
             print(
                 f"keyhygiene: warning: no worker answered within {WORKER_PING_TIMEOUT:g}s: task {task_id} waits "
-                "in the queue until a worker runs it (start one: keyhygiene worker); waiting up to "
-                f"{timeout:g}s",
+                f"in the queue for a worker (start one: keyhygiene worker) for {QUEUED_FOR_AT_MOST / 60:g} minutes "
+                f"at most, then it is dropped unrun; waiting up to {timeout:g}s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -112,6 +112,7 @@ def _send(settings: Settings, job: str, *, dry_run: bool, allow_actions: int | N
                 connection=connection,
                 retry=False,
                 expires=QUEUED_FOR_AT_MOST,
+                headers={TRIGGERED_HEADER: "trigger"},
             )
     except Exception as exc:  # kombu and redis-py raise several unrelated types for one cause
         raise BrokerFailure(
@@ -155,7 +156,10 @@ def wait_for_run(database: Database, job: str, task_id: str, *, timeout: float) 
             if run is None:
                 # Still in the queue, most likely; or a worker took it and could not record it (it
                 # could not reach the database either), which its log says as run_not_recorded.
-                state = "has no run recorded yet: it is still queued, or the worker could not record it"
+                state = (
+                    "has no run recorded yet: it is still queued (dropped unrun if no worker starts it within "
+                    f"{QUEUED_FOR_AT_MOST / 60:g} minutes of being queued), or the worker could not record it"
+                )
             else:
                 state = f"is run {run.id}, still {run.status}; its outcome will be recorded"
             return JobOutcome(

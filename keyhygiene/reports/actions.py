@@ -35,7 +35,7 @@ COLUMNS = [
     "error",
     "evidence",
 ]
-TABLE_COLUMNS = ["time", "key_name", "rule", "action", "outcome"]  # dry runs are the `planned` ones
+TABLE_COLUMNS = ["time", "key_name", "rule", "action", "dry_run", "outcome"]
 
 
 def build(session: Session, params: ReportParams) -> Report:
