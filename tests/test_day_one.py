@@ -80,6 +80,10 @@ def test_trigger_wait_with_no_worker_says_so_within_seconds(deploy: Deployment) 
     notice = re.search(r"no worker answered within (\d+)s", waiting.stderr)
     assert notice, waiting.stderr
     assert int(notice.group(1)) <= 5
-    # Said before the wait ran out, not instead of it: the job stays queued for a worker.
+    # Said before the wait ran out, not instead of it: the job stays queued for a worker, an hour at most.
     assert waiting.stderr.index("no worker answered") < waiting.stderr.index("gave up waiting")
-    assert "has no run recorded yet: it is still queued, or the worker could not record it" in waiting.stderr
+    assert "for 60 minutes at most, then it is dropped unrun" in waiting.stderr
+    assert (
+        "has no run recorded yet: it is still queued (dropped unrun if no worker starts it within 60 minutes "
+        "of being queued), or the worker could not record it"
+    ) in waiting.stderr
