@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from db import audit, snapshots
 from keyhygiene.rules import evidence_at
 
-from .base import NO_SNAPSHOT, Report, ReportError, ReportParams, check_at, tally_counts
+from .base import NO_SNAPSHOT, Report, ReportError, ReportParams, check_at, counts_text, tally_counts
 
 DEFAULT_PERIOD = timedelta(days=30)
 
@@ -61,7 +61,7 @@ def build(session: Session, params: ReportParams) -> Report:
     else:
         rows = list(records(session, params))
         counts = tally_counts(rows, "outcome")
-    counted = ", ".join(f"{count} {outcome}" for outcome, count in sorted(counts.items()))
+    counted = counts_text(counts)
     in_all = len(rows) if total is None else total
     title = f"Audit log, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC: {in_all} records"
     return Report(

@@ -164,7 +164,12 @@ def usd(value: float) -> float:
 
 def tally(rows: Sequence[Mapping[str, Any]], column: str) -> str:
     """How many rows hold each value of ``column``, for a title: "2 done, 1 skipped" ("" for none)."""
-    return ", ".join(f"{count} {value}" for value, count in sorted(tally_counts(rows, column).items()))
+    return counts_text(tally_counts(rows, column))
+
+
+def counts_text(counts: Mapping[str, int]) -> str:
+    """Counts by value, for a title: "2 done, 1 skipped" ("" for none)."""
+    return ", ".join(f"{count} {value}" for value, count in sorted(counts.items()))
 
 
 def tally_counts(rows: Sequence[Mapping[str, Any]], column: str) -> dict[str, int]:

@@ -391,11 +391,13 @@ def _match_facts(
 
 @dataclass(frozen=True, slots=True)
 class _IdleClock:
-    """Since when ``unused`` rules count a key idle (None: none can find it unused), and the time
-    we gave the key back when the count starts there."""
+    """Since when ``unused`` rules count a key idle (None: none can find it unused), the time we
+    gave the key back when the count starts there, and the ``reenable`` rule (with its position)
+    that holds the key disabled, if one does (``_reenable_holder``)."""
 
     since: datetime | None
     given_back_at: datetime | None = None
+    held_by: tuple[int, Rule] | None = None
 
 
 def _idle_clock(key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: RuleSet, now: datetime) -> _IdleClock:
@@ -409,8 +411,9 @@ def _idle_clock(key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: 
       and taking it again at the next run for idleness that predates the give-back would undo the
       operator's (or the rule's) decision at once.
     """
-    if _reenable_holder(key, audit, ruleset, now) is not None:
-        return _IdleClock(None)
+    held_by = _reenable_holder(key, audit, ruleset, now)
+    if held_by is not None:
+        return _IdleClock(None, held_by=held_by)
     since = idle_since(key, history)
     if since is not None and audit.last_change == "enable" and audit.last_change_at is not None:
         given_back = as_utc(audit.last_change_at)
@@ -580,10 +583,9 @@ def _reenable(
     (enabling it would just make that rule disable it again at the next run). ``unused`` rules do
     not find a held key idle (``_idle_clock``).
     """
-    found = _reenable_holder(key, audit, ruleset, now)
-    if found is None:
+    if clock.held_by is None:
         return None
-    index, rule = found
+    index, rule = clock.held_by
     facts = _under_budget_facts(rule, key)
     if facts is None:
         return None
