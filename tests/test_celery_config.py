@@ -173,6 +173,25 @@ def test_the_worker_refuses_a_pool_that_cannot_enforce_the_time_limits(pool: lis
     assert "Traceback" not in started.stderr
 
 
+def test_a_worker_started_with_celery_itself_refuses_the_thread_pool_too(tmp_path: Path) -> None:
+    """``celery -A worker.celery_app worker -P threads`` bypassed ``keyhygiene worker``'s check: it
+    started, and took jobs whose time limits nothing enforced."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("KEYHYGIENE_", "OPENROUTER_"))}
+    celery = str(Path(keyhygiene_executable()).with_name("celery"))
+    started = subprocess.run(
+        [celery, "-A", "worker.celery_app", "worker", "-P", "threads"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 2, started.stderr
+    assert "keyhygiene: worker pool threads: keyhygiene's jobs run in the prefork pool" in started.stderr
+    assert "Traceback" not in started.stderr
+    assert "ready" not in started.stderr + started.stdout
+
+
 # -- trigger ------------------------------------------------------------------------------------
 
 

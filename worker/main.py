@@ -20,6 +20,7 @@ from .beat_schedule import BEAT_MAX_LOOP_INTERVAL, HEARTBEAT_CONF_KEY
 from .celery_app import make_app
 from .health import DEFAULT_HEARTBEAT_FILE, mark_stopped
 from .heartbeat import heartbeat_step
+from .signals import POOL_REFUSED, POOLS
 
 log = khlog.get_logger(__name__)
 
@@ -82,12 +83,6 @@ def _check_worker_can_run(settings: Settings) -> None:
     Database.open(settings).close()  # DatabaseFailure (unreachable, not migrated): exit 1
 
 
-POOLS = ("prefork", "processes", "solo")  # processes: Celery's other name for prefork
-"""The pools a job may run in. Only prefork enforces the time limits, and so the lock's order
-(worker.limits); solo runs the job in the main process (no limits, no heartbeat while it runs: for
-debugging). Under threads, gevent or eventlet a hung job would renew its lock for ever."""
-
-
 def _check_pool(args: list[str]) -> None:
     """Refuse a ``--pool``/``-P`` other than ``POOLS`` (exit 2)."""
     for index, arg in enumerate(args):
@@ -100,10 +95,7 @@ def _check_pool(args: list[str]) -> None:
         else:
             continue
         if pool not in POOLS:
-            raise UsageError(
-                f"--pool {pool}: keyhygiene's jobs run in the prefork pool (the default), which enforces their "
-                "time limits; solo runs them without limits, for debugging; other pools are refused"
-            )
+            raise UsageError(f"--pool {pool}: {POOL_REFUSED}")
 
 
 def _serve_metrics(settings: Settings) -> None:

@@ -8,11 +8,15 @@
 - Each task binds ``task_id`` and ``task_name`` when it starts and clears the context when it ends;
   ``keyhygiene.jobs.execute`` binds ``run_id`` itself. Every line a job writes can so be traced to
   its task and its run.
+- A worker whose pool cannot enforce the jobs' time limits stops before it takes a job (exit 2),
+  however it was started: ``keyhygiene worker`` refuses such a ``--pool`` itself, and this catches
+  ``celery -A worker.celery_app worker -P threads`` and a ``worker_pool`` setting.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from celery import signals
@@ -32,6 +36,33 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
     khlog.configure_logging(_log_format["value"], level=level if isinstance(level, int) else logging.INFO)
     # Celery's warnings (running as root, deprecations) become log lines in the same format too.
     logging.captureWarnings(True)
+
+
+POOLS = ("prefork", "processes", "solo")  # processes: Celery's other name for prefork
+"""The pools a job may run in. Only prefork enforces the time limits, and so the lock's order
+(worker.limits); solo runs the job in the main process (no limits, no heartbeat while it runs: for
+debugging). Under threads, gevent or eventlet a hung job would renew its lock for ever."""
+
+POOL_REFUSED = (
+    "keyhygiene's jobs run in the prefork pool (the default), which enforces their time limits; "
+    "solo runs them without limits, for debugging; other pools are refused"
+)
+
+
+def _refuse_unlimited_pool(sender: Any = None, **_: Any) -> None:
+    """Stop a worker (exit 2, before it takes a job) whose pool is not one of ``POOLS``."""
+    from celery import concurrency
+    from celery.concurrency.prefork import TaskPool as Prefork
+    from celery.concurrency.solo import TaskPool as Solo
+
+    pool = concurrency.get_implementation(sender.pool_cls)
+    if isinstance(pool, type) and issubclass(pool, (Prefork, Solo)):
+        return
+    path = f"{getattr(pool, '__module__', '')}:{getattr(pool, '__qualname__', pool)}"
+    name = next((alias for alias, known in concurrency.ALIASES.items() if known == path), path)
+    sys.stderr.write(f"keyhygiene: worker pool {name}: {POOL_REFUSED}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
 
 
 def _task_started(task_id: str | None = None, task: Any = None, **_: Any) -> None:
@@ -56,5 +87,6 @@ def connect() -> None:
 
     celery.apps.worker.safe_say = _say
     signals.setup_logging.connect(_setup_logging, weak=False, dispatch_uid="keyhygiene.setup_logging")
+    signals.worker_init.connect(_refuse_unlimited_pool, weak=False, dispatch_uid="keyhygiene.worker_init")
     signals.task_prerun.connect(_task_started, weak=False, dispatch_uid="keyhygiene.task_prerun")
     signals.task_postrun.connect(_task_ended, weak=False, dispatch_uid="keyhygiene.task_postrun")
