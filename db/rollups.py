@@ -146,7 +146,18 @@ def _grown(new: Any, old: Any) -> Any:
     return case((new > old, new - old), else_=literal(0))
 
 
-_COUNTED = ("usage", "byok_usage", "last_used_at", "disabled", "created_at", "expires_at", "limit", "workspace_id")
+_WINDOWS = ("daily", "weekly", "monthly")
+_COUNTED = (
+    "usage",
+    "byok_usage",
+    "last_used_at",
+    "disabled",
+    "created_at",
+    "expires_at",
+    "limit",
+    "workspace_id",
+    *(f"{kind}_{window}" for window in _WINDOWS for kind in ("usage", "byok_usage")),
+)
 _MOVED = ("usage", "byok_usage")
 
 
@@ -162,6 +173,12 @@ def _alive(snapshot_id: int, newest: bool, names: tuple[str, ...]) -> Any:
     if any(not FIELDS_BY_NAME[name].volatile for name in names):
         query = query.join_from(u, r, and_(r.c.key_id == u.c.key_id, r.c.valid_to.is_(None)))
     return query.subquery("alive")
+
+
+def _window_starts(at: datetime) -> tuple[datetime, datetime, datetime]:
+    """When the UTC day, the UTC week (from Monday) and the UTC calendar month of ``at`` began."""
+    day = at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day, day - timedelta(days=day.weekday()), day.replace(day=1)
 
 
 def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime, keys: int = 0) -> None:
@@ -208,6 +225,15 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime, ke
     contradicted = and_(alive.c.created_at >= LAST_USED_RECORDED_FROM, or_(alive.c.usage > 0, alive.c.byok_usage > 0))
     idle_from_old = or_(and_(literal(cutoff >= LAST_USED_RECORDED_FROM), ~contradicted), first_seen <= cutoff)
     idle = and_(alive.c.created_at <= cutoff, case((has_sign, signs_old), else_=idle_from_old))
+    # Spend in a window that began after the cutoff is use inside the 30 days
+    # (``keyhygiene.rules.engine.window_use_from``, the counters read at ``taken_at``).
+    spent_recently = [
+        or_(alive.c[f"usage_{window}"] > 0, alive.c[f"byok_usage_{window}"] > 0)
+        for window, began in zip(_WINDOWS, _window_starts(taken_at), strict=True)
+        if began > cutoff
+    ]
+    if spent_recently:
+        idle = and_(idle, ~or_(*spent_recently))
 
     def flag(condition: Any) -> Any:
         return case((condition, 1), else_=0)

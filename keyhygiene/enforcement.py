@@ -107,8 +107,9 @@ def _optional_money(value: float | None) -> Decimal | None:
     return None if value is None else _money(value)
 
 
-def key_facts(key: Key) -> KeyFacts:
-    """What the rules engine reads of a key (from the API or the store), money as exact Decimal."""
+def key_facts(key: Key, observed_at: datetime | None) -> KeyFacts:
+    """What the rules engine reads of a key (from the API or the store), money as exact Decimal.
+    ``observed_at``: when the API gave it (``KeyFacts.observed_at``)."""
     return KeyFacts(
         hash=key.hash,
         name=key.name,
@@ -132,25 +133,28 @@ def key_facts(key: Key) -> KeyFacts:
         limit_reset=key.limit_reset,
         include_byok_in_limit=key.include_byok_in_limit,
         unknown_counters=key.unknown_counters,
+        observed_at=observed_at,
     )
 
 
 FACT_FIELDS = tuple(
-    item.name for item in fields(KeyFacts) if item.name not in ("reports_last_used", "unknown_counters")
+    item.name for item in fields(KeyFacts) if item.name not in ("reports_last_used", "unknown_counters", "observed_at")
 )
 """The stored key fields the rules read: ``KeyFacts``' own, in its order, less what the store does
 not keep as a column."""
 _MONEY_AT = tuple(index for index, name in enumerate(FACT_FIELDS) if FIELDS_BY_NAME[name].kind == "money")
 _REPORTS_LAST_USED_AT = [item.name for item in fields(KeyFacts)].index("reports_last_used")
+_NONE_UNKNOWN: frozenset[str] = frozenset()
+assert [item.name for item in fields(KeyFacts)][-2:] == ["unknown_counters", "observed_at"]  # after FACT_FIELDS
 
 
-def facts_at(session: Session, snapshot_id: int) -> Iterator[tuple[KeyFacts, KeyHistory]]:
-    """What the rules engine reads of every key the snapshot saw, streamed in no set order (the
-    engine orders its decisions), with its history: the same facts as ``key_facts`` of
-    ``snapshots.keys_at`` and ``key_history`` of ``snapshots.history_facts``, from one query,
-    mostly straight from the typed columns."""
+def facts_at(session: Session, snapshot_id: int, taken_at: datetime) -> Iterator[tuple[KeyFacts, KeyHistory]]:
+    """What the rules engine reads of every key the snapshot saw (taken at ``taken_at``), streamed in
+    no set order (the engine orders its decisions), with its history: the same facts as
+    ``key_facts`` of ``snapshots.keys_at`` and ``key_history`` of ``snapshots.history_facts``, from
+    one query, mostly straight from the typed columns."""
     for stored, history in snapshots.typed_keys_at(session, snapshot_id, FACT_FIELDS):
-        yield stored_facts(stored), key_history(history)
+        yield stored_facts(stored, taken_at), key_history(history)
 
 
 def key_history(facts: snapshots.HistoryFacts) -> KeyHistory:
@@ -162,16 +166,18 @@ def key_history(facts: snapshots.HistoryFacts) -> KeyHistory:
     )
 
 
-def stored_facts(stored: Sequence[Any] | Key) -> KeyFacts:
+def stored_facts(stored: Sequence[Any] | Key, observed_at: datetime) -> KeyFacts:
     """``key_facts`` of a key as ``snapshots.typed_keys_at`` reads it: the ``FACT_FIELDS`` of its typed
-    columns (money in micro-dollars; any fields after them are ignored), or a rebuilt Key."""
+    columns (money in micro-dollars; any fields after them are ignored), or a rebuilt Key; as its
+    snapshot, taken at ``observed_at``, saw it."""
     if isinstance(stored, Key):
-        return key_facts(stored)
+        return key_facts(stored, observed_at)
     values = list(stored[: len(FACT_FIELDS)])
     for index in _MONEY_AT:
         if values[index] is not None:
             values[index] = _money(values[index] / MICROS_PER_USD)  # the float the API sent, exactly
     values.insert(_REPORTS_LAST_USED_AT, True)  # every field was there: the stored JSON lists none missing
+    values += (_NONE_UNKNOWN, observed_at)
     return KeyFacts(*values)
 
 
@@ -212,7 +218,7 @@ def load_plan_inputs(session: Session, snapshot_id: int) -> PlanInputs:
     keys: list[KeyFacts] = []
     histories: dict[str, KeyHistory] = {}
     with collection_paused():
-        for facts, history in facts_at(session, snapshot_id):
+        for facts, history in facts_at(session, snapshot_id, snapshot.taken_at):
             keys.append(facts)
             histories[facts.hash] = history
     deleted_by_us = 0
@@ -475,7 +481,7 @@ def change_key(
     """
     stamp = clock
     try:
-        fresh = key_facts(client.get_key(decision.key_hash))
+        fresh = key_facts(client.get_key(decision.key_hash), stamp())
     except NotFound:
         record_decision(
             database,

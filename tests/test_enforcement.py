@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -788,6 +788,41 @@ def test_idleness_proved_by_history_alone_and_rechecked_on_fresh_usage(
     assert [(call.method, call.path) for call in fake.mutating_calls()] == [("PATCH", f"/keys/{quiet}")]
     skipped = [a for a in _actions(ready) if a.key_hash == woken]
     assert [(a.outcome, "no longer matches" in (a.reason or "")) for a in skipped] == [("skipped", True)]
+
+
+def test_a_key_that_spent_in_its_current_window_is_not_disabled_as_idle(
+    fake: FakeOpenRouter, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    """Keys created in 2025 with a null last_used_at read idle since 2026-01-01; one whose spend
+    today the API also shows was used today and is left alone: in the snapshot's plan, and on the
+    fresh check before each change."""
+    now = utcnow()
+    old = {"created_at": datetime(2025, 6, 1, tzinfo=UTC), "last_used_at": None, "usage": 50.0}
+    quiet = str(fake.add_key("svc-quiet", **old)["hash"])
+    spending = str(fake.add_key("svc-spending", **old, usage_daily=2.0, usage_weekly=2.0, usage_monthly=2.0)["hash"])
+    woken = str(fake.add_key("svc-woken", **old)["hash"])
+    for n in range(8):
+        fake.add_key(f"svc-other-{n}", created_at=now - 100 * DAY, last_used_at=now - DAY, usage=1.0)
+    rules_file(
+        "[safety]\ndry_run = false\nmax_action_percent = 50\n\n"
+        '[[rule]]\nname = "idle"\nmatch = "unused"\nidle_for = "30d"\naction = "disable"\n'
+    )
+    assert cli("sync").exit_code == 0
+    plan = cli("plan", "--format", "json")
+    assert plan.exit_code == 0, plan.stderr
+    assert {row["key_name"] for row in json.loads(plan.stdout)} == {"svc-quiet", "svc-woken"}
+    # Both planned keys spend today before enforcement (nothing else of them changes).
+    fake.extra_fields = {"usage_daily": 1.0}
+    fake.clear_calls()
+
+    result = cli("enforce")
+
+    assert result.exit_code == 0, result.stderr
+    assert fake.mutating_calls() == []
+    actions = _actions(ready)
+    assert {(a.key_hash, a.outcome) for a in actions} == {(quiet, "skipped"), (woken, "skipped")}
+    assert all("no longer matches" in (a.reason or "") for a in actions)
+    assert spending not in {a.key_hash for a in actions}
 
 
 def test_plan_table_says_why_in_a_few_words(

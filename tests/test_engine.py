@@ -68,10 +68,11 @@ def make_key(**fields: Any) -> KeyFacts:
         "creator_user_id": "user-1",
         "external_user": None,
     }
+    observed_at = fields.pop("observed_at", NOW)
     data.update(fields)
     data = {name: value for name, value in data.items() if value is not MISSING}
     data = {name: iso(value) if isinstance(value, datetime) else value for name, value in data.items()}
-    return key_facts(Key.from_api(data))
+    return key_facts(Key.from_api(data), observed_at)
 
 
 def rule(name: str = "r", match: str = "expired", action: str = "disable", **options: Any) -> Rule:
@@ -355,6 +356,58 @@ def test_a_null_last_use_of_a_key_created_since_2026_that_spent_proves_no_idlene
     )
     old = make_key(created_at=datetime(2025, 6, 1, tzinfo=UTC), last_used_at=None, usage=350.0)
     assert idle_since(old, KeyHistory()) == datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_spend_in_the_current_window_is_use_whatever_last_used_at_says() -> None:
+    """A key created in 2025 with a null last_used_at reads idle since 2026-01-01 (the API's guide:
+    last used before OpenRouter began recording); if the API also says it spent today, this week or
+    this month, it was used then: it is not unused for longer than that window has run."""
+    wednesday = datetime(2026, 6, 17, 9, 30, tzinfo=UTC)  # week from Monday 2026-06-15
+    old = {"created_at": datetime(2025, 6, 1, tzinfo=UTC), "last_used_at": None, "usage": 350.0}
+    quiet = make_key(**old, observed_at=wednesday)
+    assert idle_since(quiet, KeyHistory()) == datetime(2026, 1, 1, tzinfo=UTC)
+    for counters, used_from in [
+        ({"usage_daily": 2.0, "usage_weekly": 2.0, "usage_monthly": 2.0}, datetime(2026, 6, 17, tzinfo=UTC)),
+        ({"byok_usage_daily": 0.5}, datetime(2026, 6, 17, tzinfo=UTC)),  # BYOK spend is use too
+        ({"usage_weekly": 2.0, "usage_monthly": 2.0}, datetime(2026, 6, 15, tzinfo=UTC)),
+        ({"usage_monthly": 2.0}, datetime(2026, 6, 1, tzinfo=UTC)),
+    ]:
+        key = make_key(**old, **counters, observed_at=wednesday)
+        assert idle_since(key, KeyHistory()) == used_from, counters
+    # A week that began last month: the month's spend shows use since the month began.
+    thursday = datetime(2026, 7, 2, 8, tzinfo=UTC)  # week from Monday 2026-06-29
+    both = make_key(**old, usage_weekly=2.0, usage_monthly=2.0, observed_at=thursday)
+    assert idle_since(both, KeyHistory()) == datetime(2026, 7, 1, tzinfo=UTC)
+
+    spent_today = make_key(**old, usage_daily=2.0, usage_weekly=2.0, usage_monthly=2.0)
+    assert run(spent_today, rule("idle", "unused", "disable", idle_for=DAY)) is None
+    assert action_of(run(make_key(**old), rule("idle", "unused", "disable"))) == "disable"
+    # This month's spend, 14 days in: unused for 7 days, not for 30; the evidence names the window.
+    spent_this_month = make_key(**old, usage_monthly=2.0)  # observed at NOW, 2026-06-15 12:00
+    assert run(spent_this_month, rule("idle", "unused", "disable")) is None
+    decision = run(spent_this_month, rule("idle", "unused", "disable", idle_for=7 * DAY))
+    assert decision is not None and decision.action == "disable"
+    assert decision.evidence["idle_since"] == "2026-06-01T00:00:00Z"
+    assert decision.evidence["spent_in_window_from"] == "2026-06-01T00:00:00Z"
+
+
+def test_window_spend_only_ever_makes_a_key_less_idle() -> None:
+    """Spend at an unknown time inside a window proves no idleness: it never shows a key idle where
+    no other source does, nor idle for longer than another source shows; and counters read at an
+    unknown time show nothing."""
+    monthly = {"usage_monthly": 2.0}
+    # No source shows idleness (an API without last_used_at, no history): still none.
+    assert idle_since(make_key(last_used_at=MISSING, **monthly), KeyHistory()) is None
+    # last_used_at later than the window's start: the later time stands.
+    used = NOW - DAY
+    assert idle_since(make_key(last_used_at=used, **monthly), KeyHistory()) == used
+    # The history shows idleness only from first sight (June 10), later than the month began.
+    watched = KeyHistory(first_seen_at=NOW - 5 * DAY, usage_unchanged_since=NOW - 5 * DAY)
+    assert idle_since(make_key(last_used_at=MISSING, **monthly), watched) == NOW - 5 * DAY
+    # When the counters were read is not known: they show nothing.
+    old = datetime(2025, 6, 1, tzinfo=UTC)
+    unknown = make_key(last_used_at=None, created_at=old, usage_daily=2.0, observed_at=None)
+    assert idle_since(unknown, KeyHistory()) == datetime(2026, 1, 1, tzinfo=UTC)
 
 
 # --- over_budget --------------------------------------------------------------------------------

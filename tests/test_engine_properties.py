@@ -78,7 +78,7 @@ def keys(draw: st.DrawFn, key_hash: str) -> KeyFacts:
     if draw(st.booleans()):  # older API versions leave last_used_at out altogether
         value = draw(optional_times)
         data["last_used_at"] = None if value is None else iso(value)
-    return key_facts(Key.from_api(data))
+    return key_facts(Key.from_api(data), NOW)
 
 
 @st.composite
@@ -317,9 +317,16 @@ def unused_histories(draw: st.DrawFn) -> KeyHistory:
 def test_unused_is_the_documented_reading_of_both_sources(
     key: KeyFacts, history: KeyHistory, idle_for: timedelta, now: datetime
 ) -> None:
+    key = replace(key, observed_at=now)  # the counters as the API gave them now
     cutoff = now - idle_for
     used_inside = False
     shows_idle = False
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    window_starts = {"daily": day, "weekly": day - timedelta(days=day.weekday()), "monthly": day.replace(day=1)}
+    for window, began in window_starts.items():
+        spent = getattr(key, f"usage_{window}") > 0 or getattr(key, f"byok_usage_{window}") > 0
+        if spent and began > cutoff:
+            used_inside = True  # spent in a window that began inside D
     if key.reports_last_used:
         if key.last_used_at is None:
             shows_idle = cutoff >= RECORDING_START
@@ -372,7 +379,8 @@ EXPIRED = key_facts(
             "created_at": iso(NOW - timedelta(days=90)),
             "expires_at": iso(NOW - timedelta(days=1)),
         }
-    )
+    ),
+    NOW,
 )
 
 

@@ -127,7 +127,7 @@ def test_odd_key_objects_are_rejected_or_read_as_they_say(change: dict[str, Any]
     except MalformedResponse:
         return  # rejected explicitly: the sync fails and stores nothing
 
-    facts = key_facts(key)
+    facts = key_facts(key, NOW)
     decision = decide(facts, KeyHistory(), AuditFacts(), RULES, NOW)
     next_action(facts, KeyHistory(), AuditFacts(), RULES, NOW)  # and the dates a rule acts on never overflow
     rules = set() if decision is None else set(decision.rules)

@@ -121,7 +121,7 @@ def _check(text: str, cli: Callable[..., Any]) -> None:
         assert result.exit_code == 0, result.stderr
         # Accepted: the engine plans with it at both ends of time, without overflow.
         for now in (NOW, KEYS[1].created_at):
-            facts = [key_facts(key) for key in KEYS]
+            facts = [key_facts(key, now) for key in KEYS]
             plan(facts, {}, {}, ruleset, now)
             for key in facts:
                 next_action(key, KeyHistory(), AuditFacts(), ruleset, now)

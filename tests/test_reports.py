@@ -216,6 +216,34 @@ def test_a_spent_key_created_in_2026_with_no_last_use_is_idle_only_by_the_histor
         org.close()
 
 
+def test_a_key_that_spent_in_the_snapshots_month_is_not_idle_30_days(
+    database: Database, fake: FakeOpenRouter, fake_url: str
+) -> None:
+    """Created in 2025 with a null last_used_at, both keys read idle since 2026-01-01; one spent in
+    March as the day-0 snapshot (2026-03-01) saw it: neither the idle report nor the trends count it
+    idle for 30 days while its month lasts, and both count it once the month is over."""
+    org = Org(database, fake, fake_url)
+    try:
+        old = {"created_at": D0 - 400 * DAY, "usage": 50.0, "last_used_at": None}
+        org.add("spent-in-march", at=day(0, 1), **old, usage_daily=2.0, usage_weekly=2.0, usage_monthly=2.0)
+        org.add("quiet", at=day(0, 1), **old)
+        for n in (0, 10, 31):
+            org.sync(day(n))
+        march, april = day(10, 12.5), day(31, 12.5)
+        [row] = report(org, "idle", at=march, now=march, since=30 * DAY)
+        assert row["name"] == "quiet"
+        assert report(org, "trends", at=march, now=march, since=2 * DAY)[-1]["idle_30d"] == 1
+        idle_march = {row["name"]: row for row in report(org, "idle", at=march, now=march, since=7 * DAY)}
+        assert idle_march["spent-in-march"]["idle_since"] == isoformat(day(0, 0))
+        assert {row["name"] for row in report(org, "idle", at=april, now=april, since=30 * DAY)} == {
+            "quiet",
+            "spent-in-march",
+        }
+        assert report(org, "trends", at=april, now=april, since=2 * DAY)[-1]["idle_30d"] == 2
+    finally:
+        org.close()
+
+
 def test_a_key_is_idle_no_longer_than_it_has_existed(database: Database, fake: FakeOpenRouter, fake_url: str) -> None:
     """A key never used reads idle from when OpenRouter began recording use, but it cannot have
     been idle before it existed: as the rules read it, it is unused for D only once D old."""

@@ -18,7 +18,7 @@ from db.migrate import downgrade, upgrade
 from db.models import Snapshot, key_usage, tracked_keys
 from keyhygiene import retention
 from keyhygiene.context import Database, session_scope
-from keyhygiene.enforcement import key_history
+from keyhygiene.enforcement import key_facts, key_history
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.reports import ReportError, ReportParams, builders
 from keyhygiene.reports.html import render_html
@@ -123,7 +123,7 @@ def test_rollups_equal_a_recomputation_from_the_versions(org: Org) -> None:
             cutoff = taken_at - timedelta(days=30)
             per_workspace: dict[str, list[int]] = defaultdict(lambda: [0] * 6)
             for key in snapshots.keys_at(session, snapshot_id):
-                since = idle_since(key, histories[key.hash])
+                since = idle_since(key_facts(key, taken_at), histories[key.hash])
                 row = per_workspace[key.workspace_id or ""]
                 row[0] += 1
                 row[1] += key.disabled

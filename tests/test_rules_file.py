@@ -865,10 +865,10 @@ def test_a_duration_of_100_years_plans_without_overflow() -> None:
     ruleset = parse_rules(
         rule_text('name = "r"', 'match = "unused"', 'idle_for = "36500d"', 'min_age = "36500d"', 'action = "disable"')
     )
-    key = key_facts(
-        Key.from_api({"hash": "h", "name": "k", "created_at": "8999-12-31T00:00:00Z", "last_used_at": None})
-    )
     now = datetime(8999, 12, 31, tzinfo=UTC)
+    key = key_facts(
+        Key.from_api({"hash": "h", "name": "k", "created_at": "8999-12-31T00:00:00Z", "last_used_at": None}), now
+    )
 
     assert decide(key, KeyHistory(), AuditFacts(), ruleset, now) is None
     coming = next_action(key, KeyHistory(), AuditFacts(), ruleset, now)  # no overflow, however far ahead

@@ -811,14 +811,14 @@ def test_the_rules_read_the_same_facts_from_the_typed_columns_as_from_the_raw_js
     s1, _ = store(database, keys, T0)
 
     with database.sessions() as session:
-        read = list(facts_at(session, s1))
+        read = list(facts_at(session, s1, T0))
         typed = sorted((facts for facts, _ in read), key=lambda facts: facts.hash)  # read in no set order
-        rebuilt = [key_facts(k) for k in snapshots.keys_at(session, s1)]
+        rebuilt = [key_facts(k, T0) for k in snapshots.keys_at(session, s1)]
         kinds = [type(item).__name__ for item, _ in snapshots.typed_keys_at(session, s1, FACT_FIELDS)]
         histories = {facts.hash: history for facts, history in read}
         assert histories == {facts.key_hash: key_history(facts) for facts in snapshots.history_facts(session, s1)}
 
-    assert typed == rebuilt == sorted((key_facts(k) for k in keys), key=lambda facts: facts.hash)
+    assert typed == rebuilt == sorted((key_facts(k, T0) for k in keys), key=lambda facts: facts.hash)
     assert [str(facts.usage) for facts in typed] == [str(facts.usage) for facts in rebuilt]
     assert kinds.count("Key") == 3 and kinds.count("tuple") == len(keys) - 3  # only the odd ones rebuilt
 

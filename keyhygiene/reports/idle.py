@@ -62,6 +62,8 @@ class _Inputs:
 
 def _inputs(session: Session, params: ReportParams) -> _Inputs:
     snapshot = snapshot_for(session, params)
+    taken_at = snapshot.taken_at
+    assert taken_at is not None  # a complete snapshot's
     # The plan's own audit facts, so that the report's next action is the plan's (re-enables too).
     audits = load_audit_facts(session, until=params.at)
     keys: list[KeyFacts] = []
@@ -69,7 +71,7 @@ def _inputs(session: Session, params: ReportParams) -> _Inputs:
     histories: dict[str, KeyHistory] = {}
     # In no set order: every list made of them is sorted on a key that ends with the hash.
     for stored, history in snapshots.typed_keys_at(session, snapshot.id, (*FACT_FIELDS, "creator_user_id")):
-        facts = stored_facts(stored)
+        facts = stored_facts(stored, taken_at)
         if params.wants(name=facts.name, workspace_id=facts.workspace_id):
             keys.append(facts)
             owners[facts.hash] = stored.creator_user_id if isinstance(stored, Key) else stored[-1]

@@ -142,6 +142,11 @@ def idle_since(key: UseSigns, history: KeyHistory) -> datetime | None:
     With any sign of use, the answer is the latest sign; with none, the earliest start of idleness;
     None when no source shows anything. A key is unused for D exactly when it is at least D old and
     this time is not later than ``now - D``: no sign of use inside D, and some source shows D idle.
+
+    The spend windows bound that answer from below: a key that spent in its current UTC day, week or
+    month (``usage_daily``, ``byok_usage_weekly``, ...; as the API gave them at ``observed_at``) was
+    used at or after that window began, whatever ``last_used_at`` says (``window_use_from``). They
+    only move the answer later: use at an unknown time inside a window shows no idleness.
     """
     signs: list[datetime] = []
     idle_from: list[datetime] = []
@@ -157,9 +162,28 @@ def idle_since(key: UseSigns, history: KeyHistory) -> datetime | None:
             idle_from.append(unchanged)
         else:
             signs.append(unchanged)
-    if signs:
-        return max(signs)
-    return min(idle_from) if idle_from else None
+    since = max(signs) if signs else min(idle_from) if idle_from else None
+    if since is None:
+        return None
+    used_from = window_use_from(key)
+    return used_from if used_from is not None and used_from > since else since
+
+
+def window_use_from(key: UseSigns) -> datetime | None:
+    """The latest start of a spend window in which the key spent, as the API gave its counters at
+    ``observed_at``: its UTC day, its UTC week (from Monday), its UTC calendar month. The key was used
+    at or after then. None: no window shows spend, or when the counters were read is unknown."""
+    if key.observed_at is None:
+        return None
+    day = as_utc(key.observed_at).replace(hour=0, minute=0, second=0, microsecond=0)
+    if key.usage_daily > 0 or key.byok_usage_daily > 0:
+        return day
+    starts = []
+    if key.usage_weekly > 0 or key.byok_usage_weekly > 0:
+        starts.append(day - timedelta(days=day.weekday()))
+    if key.usage_monthly > 0 or key.byok_usage_monthly > 0:
+        starts.append(day.replace(day=1))  # later than the week's start when the week began last month
+    return max(starts) if starts else None
 
 
 def _null_last_use_contradicted(key: UseSigns) -> bool:
@@ -450,6 +474,9 @@ def _unused_facts(
     }
     if clock.given_back_at is not None:
         facts["given_back_at"] = isoformat(clock.given_back_at)
+    used_from = window_use_from(key)
+    if used_from is not None:
+        facts["spent_in_window_from"] = isoformat(used_from)
     return facts
 
 

@@ -2,8 +2,8 @@
 
 The engine never sees the API's ``Key`` or a database row; the caller builds a ``KeyFacts`` from
 either with one function (``keyhygiene.enforcement.key_facts`` for the API's keys and the store's
-inventory). A report that only asks how long a key has been idle passes anything with the two
-fields of ``UseSigns``, so nothing is zero-filled to call the engine.
+inventory). A report that only asks how long a key has been idle passes anything with the fields
+of ``UseSigns``, so nothing is zero-filled to call the engine.
 """
 
 from __future__ import annotations
@@ -33,6 +33,27 @@ class UseSigns(Protocol):
 
     @property
     def byok_usage(self) -> Decimal: ...
+
+    @property
+    def usage_daily(self) -> Decimal: ...
+
+    @property
+    def usage_weekly(self) -> Decimal: ...
+
+    @property
+    def usage_monthly(self) -> Decimal: ...
+
+    @property
+    def byok_usage_daily(self) -> Decimal: ...
+
+    @property
+    def byok_usage_weekly(self) -> Decimal: ...
+
+    @property
+    def byok_usage_monthly(self) -> Decimal: ...
+
+    @property
+    def observed_at(self) -> datetime | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +89,9 @@ class KeyFacts:
     unknown_counters: frozenset[str] = frozenset()
     """The window counters (``usage_monthly``, ``byok_usage_daily``, ...) the API left out or sent as
     null: zero above, but no proof of any spend."""
+    observed_at: datetime | None = None
+    """When the API gave these values (the snapshot's time, or the fresh check's): a window counter
+    above zero shows use inside that window as of then. None: not known, and they show nothing."""
 
     def spend_in(self, window: Window) -> Decimal | None:
         """Spend in ``window`` as a limit counts it: credits, plus BYOK where the key counts BYOK;
