@@ -110,6 +110,14 @@ def run_for_task(session: Session, task_id: str) -> Run | None:
     return session.scalars(query).first()
 
 
+def allowances(session: Session, run_ids: Sequence[int]) -> dict[int, int | None]:
+    """Each run's ``--allow-actions`` (None: none), by id."""
+    if not run_ids:
+        return {}
+    rows = session.execute(select(Run.id, Run.allow_actions).where(Run.id.in_(sorted(set(run_ids)))))
+    return {run_id: allow for run_id, allow in rows}
+
+
 def newest_runs(session: Session) -> list[Run]:
     """The newest run of each job kind, by kind."""
     newest = select(func.max(Run.id)).group_by(Run.kind).scalar_subquery()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from db import audit, snapshots
+from db import audit, runs, snapshots
 from db.models import Snapshot
 from keyhygiene.keysapi.errors import (
     ApiError,
@@ -643,6 +643,8 @@ def settle_in_doubt(database: Database, client: KeysClient, *, now: datetime) ->
     fresh state. Returns how many."""
     with database.sessions() as session:
         pending = audit.in_doubt(session)
+        # A settled change's event carries the --allow-actions of the run that made it, not this one's.
+        allowed = runs.allowances(session, [row.run_id for row in pending])
     settled = 0
     for row in pending:
         try:
@@ -692,6 +694,7 @@ def settle_in_doubt(database: Database, client: KeysClient, *, now: datetime) ->
             dry_run=False,
             outcome=outcome,
             reason=reason,
+            allow_actions=allowed.get(row.run_id),  # null when it had none, whatever this run's
         )
         settled += 1
     return settled

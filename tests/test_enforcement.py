@@ -681,13 +681,14 @@ class _ReadsFailAfterAChange(KeysClient):
 
 
 def _a_disable_made_but_unread(
-    fake: FakeOpenRouter, fake_url: str, database: Database, now: datetime
+    fake: FakeOpenRouter, fake_url: str, database: Database, now: datetime, allow_actions: int | None = None
 ) -> tuple[str, int, str]:
-    """An idle key disabled by a run whose PATCH is made but whose answer is lost, and whose key
-    cannot be read after it: (the key's hash, the run's id, the change's outcome)."""
+    """An idle key disabled by a run (started with ``allow_actions``) whose PATCH is made but whose
+    answer is lost, and whose key cannot be read after it: (the key's hash, the run's id, the
+    change's outcome)."""
     idle = str(fake.add_key("dev-idle", created_at=now - 90 * DAY, last_used_at=now - 60 * DAY)["hash"])
     with session_scope(database) as session:
-        run_id = runs.start_run(session, kind="enforce", now=now, dry_run=False).id
+        run_id = runs.start_run(session, kind="enforce", now=now, dry_run=False, allow_actions=allow_actions).id
     fake.faults.drop_connection(1, after_processing=True, method="PATCH")
     decision = Decision(idle, "dev-idle", None, "disable", "disable-idle", ("disable-idle",), {})
     client = _ReadsFailAfterAChange(fake_url, MANAGEMENT_KEY, retry_seconds=0.5)
@@ -726,6 +727,24 @@ def test_a_change_whose_answer_and_fresh_state_are_both_lost_stays_in_doubt(
     assert [(entry["event"], entry["outcome"]) for entry in logs if entry["event"] == "key_action"] == [
         ("key_action", "done")
     ]
+
+
+def test_a_settled_change_carries_the_allow_actions_of_the_run_that_made_it(
+    fake: FakeOpenRouter, fake_url: str, database: Database
+) -> None:
+    """Made by a run started with --allow-actions 30 and settled by a later run: its key_action
+    event says allow_actions 30 (it carried none, or the settling run's)."""
+    now = utcnow()
+    _, run_id, outcome = _a_disable_made_but_unread(fake, fake_url, database, now, allow_actions=30)
+    assert outcome == "failed"
+    reader = KeysClient(fake_url, MANAGEMENT_KEY)
+    try:
+        with capture_logs() as logs:
+            assert settle_in_doubt(database, reader, now=now + HOUR) == 1
+    finally:
+        reader.close()
+    [event] = [entry for entry in logs if entry["event"] == "key_action"]
+    assert (event["run_id"], event["outcome"], event["allow_actions"]) == (run_id, "done", 30)
 
 
 def test_a_change_settled_after_someone_else_edited_the_key_is_not_given_back(
