@@ -12,13 +12,15 @@ Two kinds of record, read back as one log (``audit_records``):
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Text, func, insert, literal, select, union_all, update
+from sqlalchemy import func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from .models import Action, PlanEntry, RunPlan, StoredPlan
@@ -291,72 +293,106 @@ def audit_records(
     run_id: int | None = None,
     newest_first: bool = False,
 ) -> Generator[AuditRecord, None, None]:
-    """The audit log in time order (or newest first): the ``actions`` rows and every stored plan's
-    entries expanded for each run that refers to it (in SQL), streamed."""
+    """The audit log in time order (or newest first): the ``actions`` rows, and each stored plan's
+    entries for every run that refers to it, streamed.
+
+    The two are read each in its own order and merged as they come (by time, then the actions
+    rows before the plans' entries, then run, then id): nothing sorts the whole log (a month of
+    hourly dry runs is millions of records), and a reader that stops early reads no further.
+    Closed however the reader stops: on PostgreSQL the rows come through server-side cursors."""
     direct = select(
-        Action.created_at.label("time"),
-        literal(0).label("source"),
-        Action.id.label("id"),
-        Action.run_id.label("run_id"),
-        Action.key_hash.label("key_hash"),
-        Action.key_name.label("key_name"),
-        Action.workspace_id.label("workspace_id"),
-        Action.rule.label("rule"),
-        Action.rules.label("rules"),
-        Action.action.label("action"),
-        Action.dry_run.label("dry_run"),
-        Action.outcome.label("outcome"),
-        Action.reason.label("reason"),
-        Action.error.label("error"),
-        Action.evidence.label("evidence"),
+        Action.created_at,
+        Action.run_id,
+        Action.id,
+        Action.key_hash,
+        Action.key_name,
+        Action.workspace_id,
+        Action.rule,
+        Action.rules,
+        Action.action,
+        Action.dry_run,
+        Action.outcome,
+        Action.reason,
+        Action.error,
+        Action.evidence,
     )
-    referenced = select(
-        RunPlan.created_at,
-        literal(1),
-        PlanEntry.id,
-        RunPlan.run_id,
-        PlanEntry.key_hash,
-        PlanEntry.key_name,
-        PlanEntry.workspace_id,
-        PlanEntry.rule,
-        PlanEntry.rules,
-        PlanEntry.action,
-        RunPlan.dry_run,
-        RunPlan.outcome,
-        RunPlan.reason,
-        literal(None, Text),
-        PlanEntry.evidence,
-    ).join(PlanEntry, PlanEntry.plan_id == RunPlan.plan_id)
+    runs = select(RunPlan.created_at, RunPlan.run_id, RunPlan.plan_id, RunPlan.dry_run, RunPlan.outcome, RunPlan.reason)
     if since is not None:
         # (since, until], as spend and trends count a period: back-to-back windows list a record once.
-        direct, referenced = direct.where(Action.created_at > since), referenced.where(RunPlan.created_at > since)
+        direct, runs = direct.where(Action.created_at > since), runs.where(RunPlan.created_at > since)
     if until is not None:
-        direct, referenced = direct.where(Action.created_at <= until), referenced.where(RunPlan.created_at <= until)
+        direct, runs = direct.where(Action.created_at <= until), runs.where(RunPlan.created_at <= until)
     if run_id is not None:
-        direct, referenced = direct.where(Action.run_id == run_id), referenced.where(RunPlan.run_id == run_id)
-    # The union's columns take the types of the first select: times come back aware, JSON decoded.
-    log = union_all(direct, referenced).subquery()
-    order = (log.c.time, log.c.source, log.c.run_id, log.c.id)
-    query = select(*log.c).order_by(*(column.desc() for column in order) if newest_first else order)
-    # Closed however the reader stops: on PostgreSQL the rows come through a server-side cursor.
-    with session.execute(query.execution_options(yield_per=1000)) as result:
-        for row in result:
-            yield AuditRecord(
-                time=row.time,
-                run_id=row.run_id,
-                key_hash=row.key_hash,
-                key_name=row.key_name,
-                workspace_id=row.workspace_id,
-                rule=row.rule,
-                rules=list(row.rules),
-                action=row.action,
-                dry_run=bool(row.dry_run),
-                outcome=row.outcome,
-                reason=row.reason,
-                error=row.error,
-                evidence=dict(row.evidence),
-                by_reference=bool(row.source),
-            )
+        direct, runs = direct.where(Action.run_id == run_id), runs.where(RunPlan.run_id == run_id)
+
+    def ordered(*columns: Any) -> list[Any]:
+        return [column.desc() for column in columns] if newest_first else list(columns)
+
+    def actions_rows() -> Generator[tuple[tuple[Any, ...], AuditRecord], None, None]:
+        query = direct.order_by(*ordered(Action.created_at, Action.run_id, Action.id))
+        with session.execute(query.execution_options(yield_per=1000)) as result:
+            for row in result:
+                record = AuditRecord(
+                    time=row.created_at,
+                    run_id=row.run_id,
+                    key_hash=row.key_hash,
+                    key_name=row.key_name,
+                    workspace_id=row.workspace_id,
+                    rule=row.rule,
+                    rules=list(row.rules),
+                    action=row.action,
+                    dry_run=bool(row.dry_run),
+                    outcome=row.outcome,
+                    reason=row.reason,
+                    error=row.error,
+                    evidence=dict(row.evidence),
+                    by_reference=False,
+                )
+                yield (row.created_at, 0, row.run_id, row.id), record
+
+    def plans_rows() -> Generator[tuple[tuple[Any, ...], AuditRecord], None, None]:
+        # One row per run that refers to a plan (a year of hourly dry runs: 8,760), then each
+        # plan's entries as its runs come up.
+        referring = session.execute(runs.order_by(*ordered(RunPlan.created_at, RunPlan.run_id, RunPlan.plan_id))).all()
+        for run in referring:
+            entries = select(
+                PlanEntry.id,
+                PlanEntry.key_hash,
+                PlanEntry.key_name,
+                PlanEntry.workspace_id,
+                PlanEntry.rule,
+                PlanEntry.rules,
+                PlanEntry.action,
+                PlanEntry.evidence,
+            ).where(PlanEntry.plan_id == run.plan_id)
+            query = entries.order_by(*ordered(PlanEntry.id))
+            with session.execute(query.execution_options(yield_per=1000)) as result:
+                for entry in result:
+                    record = AuditRecord(
+                        time=run.created_at,
+                        run_id=run.run_id,
+                        key_hash=entry.key_hash,
+                        key_name=entry.key_name,
+                        workspace_id=entry.workspace_id,
+                        rule=entry.rule,
+                        rules=list(entry.rules),
+                        action=entry.action,
+                        dry_run=bool(run.dry_run),
+                        outcome=run.outcome,
+                        reason=run.reason,
+                        error=None,
+                        evidence=dict(entry.evidence),
+                        by_reference=True,
+                    )
+                    yield (run.created_at, 1, run.run_id, entry.id), record
+
+    streams = (actions_rows(), plans_rows())
+    try:
+        for _, record in heapq.merge(*streams, key=itemgetter(0), reverse=newest_first):
+            yield record
+    finally:
+        for stream in streams:
+            stream.close()
 
 
 def outcome_counts(session: Session, *, since: datetime, until: datetime) -> dict[str, int]:
@@ -387,17 +423,37 @@ def outcome_counts(session: Session, *, since: datetime, until: datetime) -> dic
     return counts
 
 
-def outcomes_by_key(session: Session, *, since: datetime, until: datetime) -> Iterator[tuple[str, str, str | None]]:
-    """(outcome, key name, workspace id) of every audit record of (since, until], streamed without
-    the records' JSON: what a filtered count of the log needs."""
-    direct = select(Action.outcome, Action.key_name, Action.workspace_id).where(
+def outcome_times(session: Session, *, since: datetime, until: datetime) -> Iterator[tuple[datetime, str, int]]:
+    """(time, outcome, records) covering every audit record of (since, until], streamed: each
+    ``actions`` row as one record; each run that refers to a stored plan as that plan's decisions,
+    counted in SQL without expanding them (what a count per day needs)."""
+    direct = select(Action.created_at, Action.outcome, literal(1)).where(
+        Action.created_at > since, Action.created_at <= until
+    )
+    per_plan = select(PlanEntry.plan_id, func.count().label("decisions")).group_by(PlanEntry.plan_id).subquery()
+    referenced = (
+        select(RunPlan.created_at, RunPlan.outcome, per_plan.c.decisions)
+        .join(per_plan, per_plan.c.plan_id == RunPlan.plan_id)
+        .where(RunPlan.created_at > since, RunPlan.created_at <= until)
+    )
+    for query in (direct, referenced):
+        for time, outcome, records in session.execute(query.execution_options(yield_per=5000)):
+            yield time, str(outcome), int(records)
+
+
+def outcomes_by_key(
+    session: Session, *, since: datetime, until: datetime
+) -> Iterator[tuple[datetime, str, str, str | None]]:
+    """(time, outcome, key name, workspace id) of every audit record of (since, until], streamed
+    without the records' JSON: what a filtered count of the log needs."""
+    direct = select(Action.created_at, Action.outcome, Action.key_name, Action.workspace_id).where(
         Action.created_at > since, Action.created_at <= until
     )
     referenced = (
-        select(RunPlan.outcome, PlanEntry.key_name, PlanEntry.workspace_id)
+        select(RunPlan.created_at, RunPlan.outcome, PlanEntry.key_name, PlanEntry.workspace_id)
         .join(PlanEntry, PlanEntry.plan_id == RunPlan.plan_id)
         .where(RunPlan.created_at > since, RunPlan.created_at <= until)
     )
     for query in (direct, referenced):
-        for outcome, key_name, workspace_id in session.execute(query.execution_options(yield_per=5000)):
-            yield str(outcome), str(key_name), workspace_id
+        for time, outcome, key_name, workspace_id in session.execute(query.execution_options(yield_per=5000)):
+            yield time, str(outcome), str(key_name), workspace_id

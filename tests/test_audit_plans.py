@@ -181,6 +181,65 @@ def test_dry_run_records_written_before_0008_stay_readable_beside_new_ones(db_ur
     ]
 
 
+def test_the_log_merges_live_records_and_stored_plans_in_time_order_either_way(database: Database) -> None:
+    """Live records (one row each) and runs that refer to a stored plan (two runs to the same plan),
+    some at the very same time: read by time, then live records before plan entries, then run, then
+    id; newest first is the exact reverse; a reader that stops early gets the newest ones."""
+
+    def entry(name: str) -> PlannedEntry:
+        return PlannedEntry(key_hash(name), name, None, "disable-idle", ("disable-idle",), "disable", {})
+
+    def live(run_id: int, at: object, name: str) -> dict[str, object]:
+        return {
+            "run_id": run_id,
+            "now": at,
+            "key_hash": key_hash(name),
+            "key_name": name,
+            "workspace_id": None,
+            "rule": "disable-idle",
+            "rules": ["disable-idle"],
+            "action": "disable",
+            "dry_run": False,
+            "outcome": "done",
+            "evidence": {},
+        }
+
+    with session_scope(database) as session:
+        run_ids = [runs.start_run(session, kind="enforce", now=NOW + n * HOUR).id for n in range(5)]
+        a, b, c, d, e = run_ids
+        audit.record_plan(
+            session, run_id=a, now=NOW, entries=[entry("p1"), entry("p2")], dry_run=True, outcome="planned"
+        )
+        audit.record_actions(session, [live(b, NOW, "l1"), live(b, NOW + HOUR, "l2")])  # l1 at plan a's time
+        audit.record_plan(session, run_id=c, now=NOW + HOUR, entries=[entry("q1")], dry_run=True, outcome="planned")
+        audit.record_actions(session, [live(d, NOW + 2 * HOUR, "l3")])
+        audit.record_plan(
+            session, run_id=e, now=NOW + 3 * HOUR, entries=[entry("p1"), entry("p2")], dry_run=True, outcome="planned"
+        )
+
+    expected = [
+        (NOW, b, "l1"),  # a live record first at the same time
+        (NOW, a, "p1"),
+        (NOW, a, "p2"),
+        (NOW + HOUR, b, "l2"),
+        (NOW + HOUR, c, "q1"),
+        (NOW + 2 * HOUR, d, "l3"),
+        (NOW + 3 * HOUR, e, "p1"),  # the stored plan of run a, referred to again
+        (NOW + 3 * HOUR, e, "p2"),
+    ]
+    with database.sessions() as session:
+        oldest_first = [(r.time, r.run_id, r.key_name) for r in audit.audit_records(session)]
+        newest_first = [(r.time, r.run_id, r.key_name) for r in audit.audit_records(session, newest_first=True)]
+        window = [r.key_name for r in audit.audit_records(session, since=NOW, until=NOW + 2 * HOUR, run_id=b)]
+        log = audit.audit_records(session, newest_first=True)
+        first_two = [next(log).key_name, next(log).key_name]
+        log.close()
+    assert oldest_first == expected
+    assert newest_first == expected[::-1]
+    assert window == ["l2"]  # (since, until] of one run
+    assert first_two == ["p2", "p1"]
+
+
 # -- a dry run and the audit retention at the same moment (PostgreSQL: SQLite has one writer) ------
 
 

@@ -10,8 +10,9 @@ import json
 import re
 import shutil
 import subprocess
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,40 @@ def test_the_cards_of_a_page_for_some_names_count_only_the_keys_of_those_names(
     assert page.cards["keys"] == len(named)
     assert page.cards["idle-30d"] == len(idle_named)
     assert "--name does not apply here" in out.read_text()
+
+
+def test_the_audit_section_counts_every_record_per_day_and_lists_the_newest(
+    database: Database, fake: FakeOpenRouter, fake_url: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Live changes (one record each) and dry runs that refer to their stored plan, on several
+    days: the page's counts per day and outcome, read without the records' JSON, and its newest
+    records are the actions report's, with and without --name."""
+    from keyhygiene.reports import ReportParams, actions, html
+
+    monkeypatch.setattr(html, "RECENT_AUDIT", 6)  # fewer than the records, as in a long log
+
+    rules = Path(env["KEYHYGIENE_RULES_FILE"])
+    rules.write_text(RULES.replace("dry_run = true", "dry_run = false"))
+    org = Org(database, fake, fake_url, rules_file=rules)
+    try:
+        build_history(org)
+        for k in (6, 7, 8):
+            assert org.run("enforce", day(k, 13), dry_run=True).exit_code == 0
+        assert org.run("enforce", day(9, 13)).exit_code == 0  # live: disables the idle keys
+        assert org.run("enforce", day(10, 12.25), dry_run=True).exit_code == 0
+    finally:
+        org.close()
+
+    at = day(10, 12.5)
+    for name in (None, "*o*"):
+        params = ReportParams(now=at, at=at, since=timedelta(days=10), name=name, fmt="json")
+        with database.sessions() as session:
+            rows = list(actions.records(session, params))
+            summary = html._AuditSummary.read(session, params)
+        assert summary.per_day == Counter((row["time"].date(), row["outcome"]) for row in rows)
+        assert {outcome for _, outcome in summary.per_day} == {"planned", "done"}
+        assert len({day for day, _ in summary.per_day}) == 5
+        assert summary.total == len(rows) > 6
+        assert [(r["time"], r["key_hash"], r["outcome"]) for r in summary.recent] == [
+            (r["time"], r["key_hash"], r["outcome"]) for r in rows[::-1][:6]
+        ]

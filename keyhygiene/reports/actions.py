@@ -6,9 +6,10 @@ read back here key by key, each with its day counts measured at that run's time.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Generator, Iterator
 from contextlib import closing
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -55,7 +56,7 @@ def build(session: Session, params: ReportParams) -> Report:
         stream = records(session, params)
         counts: dict[str, int] = {}
     elif params.limit > 0:
-        rows = _newest(session, params, params.limit)
+        rows = newest(session, params, params.limit)
         counts = _counts(session, params, start, end)
         total = sum(counts.values())
     else:
@@ -77,7 +78,7 @@ def build(session: Session, params: ReportParams) -> Report:
     )
 
 
-def _newest(session: Session, params: ReportParams, limit: int) -> list[dict[str, Any]]:
+def newest(session: Session, params: ReportParams, limit: int) -> list[dict[str, Any]]:
     """The newest ``limit`` rows of the report, oldest first: read newest first, and no further."""
     newest: list[dict[str, Any]] = []
     with closing(records(session, params, newest_first=True)) as rows:
@@ -95,9 +96,25 @@ def _counts(session: Session, params: ReportParams, start: datetime, end: dateti
     if params.name is None and not params.workspaces:
         return audit.outcome_counts(session, since=start, until=end)
     counts: dict[str, int] = {}
-    for outcome, key_name, workspace_id in audit.outcomes_by_key(session, since=start, until=end):
+    for _, outcome, key_name, workspace_id in audit.outcomes_by_key(session, since=start, until=end):
         if params.wants(name=key_name, workspace_id=workspace_id):
             counts[outcome] = counts.get(outcome, 0) + 1
+    return counts
+
+
+def counts_per_day(session: Session, params: ReportParams) -> Counter[tuple[date, str]]:
+    """How many rows of the report fall on each UTC day with each outcome: counted without reading
+    the records' JSON, and stored plans without expanding them (unless --name or --workspace asks
+    for their keys' names)."""
+    start, end = params.period_start(DEFAULT_PERIOD), params.as_of
+    counts: Counter[tuple[date, str]] = Counter()
+    if params.name is None and not params.workspaces:
+        for time, outcome, records in audit.outcome_times(session, since=start, until=end):
+            counts[(time.date(), outcome)] += records
+        return counts
+    for time, outcome, key_name, workspace_id in audit.outcomes_by_key(session, since=start, until=end):
+        if params.wants(name=key_name, workspace_id=workspace_id):
+            counts[(time.date(), outcome)] += 1
     return counts
 
 

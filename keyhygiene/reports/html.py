@@ -11,7 +11,7 @@ write their count into ``data-drawn`` on each chart, for tests that render the p
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
@@ -84,7 +84,7 @@ def render_html(session: Session, params: ReportParams) -> str:
     idle_inputs = idle.load_inputs(session, params)
     idle_rows = idle.build(session, replace(params, since=None, by="key"), idle_inputs).rows
     coming = idle.upcoming_actions(session, params, idle_inputs)
-    audit = _AuditSummary.of(actions.records(session, period))
+    audit = _AuditSummary.read(session, period)
     if params.name is None:
         owner_keys = rollups.keys_by_owner(session, snapshot.id, workspaces=params.workspaces)
     else:
@@ -371,14 +371,11 @@ class _AuditSummary:
     """Newest first."""
 
     @classmethod
-    def of(cls, rows: Iterable[dict[str, Any]]) -> _AuditSummary:
-        """Counted as the rows stream by (oldest first): only the newest ``RECENT_AUDIT`` are kept."""
-        per_day: Counter[tuple[date, str]] = Counter()
-        recent: deque[dict[str, Any]] = deque(maxlen=RECENT_AUDIT)
-        for row in rows:
-            per_day[(row["time"].date(), str(row["outcome"]))] += 1
-            recent.append(row)
-        return cls(per_day, list(reversed(recent)))
+    def read(cls, session: Session, params: ReportParams) -> _AuditSummary:
+        """Counted without reading the records (a month of hourly dry runs is millions of them);
+        only the newest ``RECENT_AUDIT`` are read."""
+        recent = actions.newest(session, params, RECENT_AUDIT)
+        return cls(actions.counts_per_day(session, params), list(reversed(recent)))
 
     @property
     def total(self) -> int:
