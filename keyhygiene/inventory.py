@@ -197,6 +197,13 @@ def take_snapshot(
             written = writer.finish(session, taken_at=now, workspace_counts=per_workspace, expected_keys=expected)
             names = {workspace.id: workspace.name for workspace in workspaces}
             snapshots.record_workspace_names(session, snapshot_id=snapshot_id, names=names)
+        # A store's first snapshot leaves its tables without statistics: taken now, before anything
+        # reads them (the plan of a ``run`` follows at once).
+        analysis = (
+            Analysis.start(database, run_id, find=statistics.never_analyzed_tables) if written.key_count else None
+        )
+        if analysis is not None:
+            analysis.wait()
     except BaseException as exc:
         if helper is not None:  # before its rows are discarded: it may be writing some
             helper.stop()
@@ -239,18 +246,21 @@ class Analysis:
     STOP_WAIT = 5.0
     """Seconds a failing sync waits for the thread once its statement is cancelled."""
 
-    def __init__(self, database: Database, run_id: int) -> None:
-        self._database, self._run_id = database, run_id
+    def __init__(self, database: Database, run_id: int, find: Callable[[Any], list[str]]) -> None:
+        self._database, self._run_id, self._find = database, run_id, find
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._cancel: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._run, name="keyhygiene-analyze", daemon=True)
 
     @classmethod
-    def start(cls, database: Database, run_id: int) -> Analysis | None:
+    def start(
+        cls, database: Database, run_id: int, *, find: Callable[[Any], list[str]] = statistics.stale_tables
+    ) -> Analysis | None:
+        """Analyze the tables ``find`` names (by default the stale ones), on PostgreSQL only."""
         if database.dialect != "postgresql":
             return None
-        analysis = cls(database, run_id)
+        analysis = cls(database, run_id, find)
         analysis._thread.start()
         return analysis
 
@@ -276,8 +286,8 @@ class Analysis:
                 with self._lock:
                     self._cancel = functools.partial(driver.cancel_safe, timeout=2)
                 try:
-                    stale = statistics.stale_tables(connection)
-                    skipped = statistics.analyze(connection, stale, stop=self._stop)
+                    stale = self._find(connection)
+                    skipped = statistics.analyze(connection, stale, stop=self._stop) if stale else []
                 finally:
                     with self._lock:
                         self._cancel = None
