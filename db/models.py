@@ -247,10 +247,14 @@ key_usage = Table(
     Column("usage_since", UTCDateTime(), nullable=False),
     Column("disabled_since", UTCDateTime()),
     Column("wire", Text),
+    Column("spent_from", UTCDateTime()),
     *_version_indexes("key_usage"),
 )
 """``usage_since``: when the version's (usage, byok_usage) pair was first seen, carried over while
 it holds; ``disabled_since``: when the trailing run of disabled versions began (NULL: enabled);
+``spent_from`` (since migration 0020): the latest start of a UTC day, week or month in which a
+snapshot saw the key spend (a window counter above zero), this version's or an earlier one's
+(NULL: none seen);
 ``wire`` (here and in ``key_records``): the exact JSON of what the typed columns do not give back
 (absent fields, sub-micro-dollar digits, other time styles, and in records fields we do not know),
 NULL for nearly every row. ``valid_from`` and ``valid_to`` are snapshot ids without a foreign key

@@ -146,7 +146,7 @@ def _grown(new: Any, old: Any) -> Any:
     return case((new > old, new - old), else_=literal(0))
 
 
-_WINDOWS = ("daily", "weekly", "monthly")
+_WINDOWS = ("daily", "weekly", "monthly")  # snapshots.WINDOWS (which imports this module)
 _COUNTED = (
     "usage",
     "byok_usage",
@@ -169,16 +169,10 @@ def _alive(snapshot_id: int, newest: bool, names: tuple[str, ...]) -> Any:
         return snapshots.alive_at(snapshot_id).subquery("alive")
     u, r = key_usage, key_records
     columns = [(u if FIELDS_BY_NAME[name].volatile else r).c[name].label(name) for name in names]
-    query = select(u.c.key_id, u.c.usage_since, *columns).where(u.c.valid_to.is_(None))
+    query = select(u.c.key_id, u.c.usage_since, u.c.spent_from, *columns).where(u.c.valid_to.is_(None))
     if any(not FIELDS_BY_NAME[name].volatile for name in names):
         query = query.join_from(u, r, and_(r.c.key_id == u.c.key_id, r.c.valid_to.is_(None)))
     return query.subquery("alive")
-
-
-def _window_starts(at: datetime) -> tuple[datetime, datetime, datetime]:
-    """When the UTC day, the UTC week (from Monday) and the UTC calendar month of ``at`` began."""
-    day = at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    return day, day - timedelta(days=day.weekday()), day.replace(day=1)
 
 
 def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime, keys: int = 0) -> None:
@@ -225,15 +219,17 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime, ke
     contradicted = and_(alive.c.created_at >= LAST_USED_RECORDED_FROM, or_(alive.c.usage > 0, alive.c.byok_usage > 0))
     idle_from_old = or_(and_(literal(cutoff >= LAST_USED_RECORDED_FROM), ~contradicted), first_seen <= cutoff)
     idle = and_(alive.c.created_at <= cutoff, case((has_sign, signs_old), else_=idle_from_old))
-    # Spend in a window that began after the cutoff is use inside the 30 days
-    # (``keyhygiene.rules.engine.window_use_from``, the counters read at ``taken_at``).
+    # Spend in a window that began after the cutoff is use inside the 30 days: as this snapshot's
+    # counters show it, or as an earlier snapshot's did (``spent_from``). The engine's
+    # ``window_use_from`` and ``KeyHistory.spent_from``.
+    starts = snapshots.window_starts(taken_at)
     spent_recently = [
         or_(alive.c[f"usage_{window}"] > 0, alive.c[f"byok_usage_{window}"] > 0)
-        for window, began in zip(_WINDOWS, _window_starts(taken_at), strict=True)
-        if began > cutoff
+        for window in snapshots.WINDOWS
+        if starts[window] > cutoff
     ]
-    if spent_recently:
-        idle = and_(idle, ~or_(*spent_recently))
+    spent_recently.append(and_(alive.c.spent_from.is_not(None), alive.c.spent_from > cutoff))
+    idle = and_(idle, ~or_(*spent_recently))
 
     def flag(condition: Any) -> Any:
         return case((condition, 1), else_=0)

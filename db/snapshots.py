@@ -8,7 +8,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from hashlib import blake2b
 from operator import itemgetter
 from typing import Any
@@ -598,6 +598,32 @@ def _count(session: Session, table: Any, *where: Any) -> int:
     return int(session.scalar(select(func.count()).select_from(table).where(*where)) or 0)
 
 
+WINDOWS = ("daily", "weekly", "monthly")
+
+
+def window_starts(at: datetime) -> dict[str, datetime]:
+    """When the UTC day, the UTC week (from Monday) and the UTC calendar month of ``at`` began."""
+    day = at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return {"daily": day, "weekly": day - timedelta(days=day.weekday()), "monthly": day.replace(day=1)}
+
+
+def _spent_in_window(staged: Any, taken_at: datetime) -> Any:
+    """The latest start of a window in which the staged key spent as of ``taken_at`` (its counters
+    above zero), NULL for none: ``keyhygiene.rules.engine.window_use_from`` in SQL."""
+    starts = window_starts(taken_at)
+    latest_first = sorted(WINDOWS, key=lambda window: starts[window], reverse=True)  # day first
+    return case(
+        *(
+            (
+                or_(staged.c[f"usage_{window}"] > 0, staged.c[f"byok_usage_{window}"] > 0),
+                literal(starts[window], UTCDateTime()),
+            )
+            for window in latest_first
+        ),
+        else_=null(),
+    )
+
+
 def record_staged(
     session: Session,
     *,
@@ -749,7 +775,9 @@ def record_staged(
     now = literal(taken_at, UTCDateTime())
     usage_since: Any
     disabled_since: Any
+    spent_from: Any
     with_previous: Any
+    spent_in_window = _spent_in_window(s, taken_at)
     if usage_before:
         # The version each new usage version follows (just closed, or the last one of a key that
         # comes back), for carrying over since when usage and disabled have held.
@@ -767,13 +795,20 @@ def record_staged(
         disabled_since = case(
             (and_(s.c.disabled, previous.c.disabled), previous.c.disabled_since), (s.c.disabled, now), else_=null()
         )
+        earlier = previous.c.spent_from
+        spent_from = case(
+            (earlier.is_(None), spent_in_window),
+            (and_(spent_in_window.is_not(None), spent_in_window > earlier), spent_in_window),
+            else_=earlier,
+        )
         with_previous = s.outerjoin(previous, previous.c.id == latest)
     else:  # the store holds no usage version yet (its first snapshot): none follows another
         usage_since, disabled_since, with_previous = now, case((s.c.disabled, now), else_=null()), s
+        spent_from = spent_in_window
     with indexes_built_after(session, u, rows=staged_rows, proven_by_caller=_names_a_tracked_key(u, resolved)):
         usage_added = session.execute(
             insert(u).from_select(
-                ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since"],
+                ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since", "spent_from"],
                 select(
                     s.c.key_id,
                     literal(snapshot_id),
@@ -781,6 +816,7 @@ def record_staged(
                     s.c.usage_wire,
                     usage_since,
                     disabled_since,
+                    spent_from,
                 )
                 .select_from(with_previous)
                 .where(staged, ~exists().where(u.c.key_id == s.c.key_id, u.c.valid_to.is_(None))),
@@ -1547,13 +1583,15 @@ def _column(name: str) -> Any:
 
 def alive_at(snapshot_id: int, *, newest: bool = False) -> Select[Any]:
     """The keys alive at snapshot ``snapshot_id``, one row each, with the labels of ``ALIVE_COLUMNS``
-    (money as ``Decimal``), ``usage_since`` (since when its usage and BYOK usage have held) and
-    ``key_id`` (its ``tracked_keys`` id).
+    (money as ``Decimal``), ``usage_since`` (since when its usage and BYOK usage have held),
+    ``spent_from`` (the latest start of a spend window a snapshot saw it spend in) and ``key_id``
+    (its ``tracked_keys`` id).
     ``newest``: the snapshot is the newest complete one, so the open versions are the answer and
     the indexes find them without reading the history."""
     joined, alive = _alive_join(snapshot_id, newest)
     columns = [_column(name) for name in ALIVE_COLUMNS]
-    return select(*columns, key_usage.c.usage_since, key_usage.c.key_id).select_from(joined).where(alive)
+    usage = key_usage.c
+    return select(*columns, usage.usage_since, usage.spent_from, usage.key_id).select_from(joined).where(alive)
 
 
 def is_newest(session: Session, snapshot_id: int) -> bool:
@@ -1596,7 +1634,12 @@ def typed_keys_at(
     ]
     positions = {field.name: index + 1 for index, field in enumerate(_RESTORED)} | {"hash": 0}
     pick = itemgetter(*(positions[name] for name in fields))
-    history = (tracked_keys.c.first_seen_at, key_usage.c.usage_since, key_usage.c.disabled_since)
+    history = (
+        tracked_keys.c.first_seen_at,
+        key_usage.c.usage_since,
+        key_usage.c.disabled_since,
+        key_usage.c.spent_from,
+    )
     query = (
         select(tracked_keys.c.key_hash, *columns, key_records.c.wire, key_usage.c.wire, *history)
         .select_from(joined)
@@ -1606,7 +1649,7 @@ def typed_keys_at(
     usage_wire = record_wire + 1
     plain = (None, _OTHER_STYLE_TEXT)  # no note, or only the other time style (which changes no time)
     for row in session.execute(query.execution_options(yield_per=2000)):
-        facts = HistoryFacts(row[0], row[-3], row[-2], row[-1])
+        facts = HistoryFacts(row[0], row[-4], row[-3], row[-2], row[-1])
         if row[record_wire] in plain and row[usage_wire] in plain:
             yield pick(row), facts
         else:
@@ -1650,6 +1693,7 @@ class HistoryFacts:
     first_seen_at: datetime
     usage_unchanged_since: datetime
     disabled_since: datetime | None
+    spent_from: datetime | None
 
 
 def history_facts(session: Session, snapshot_id: int) -> Iterator[HistoryFacts]:
@@ -1659,10 +1703,10 @@ def history_facts(session: Session, snapshot_id: int) -> Iterator[HistoryFacts]:
     One query over the maintained columns of the alive usage versions; streamed."""
     u, t = key_usage, tracked_keys
     joined, alive = _alive_usage(snapshot_id, is_newest(session, snapshot_id))
-    columns = (t.c.key_hash, t.c.first_seen_at, u.c.usage_since, u.c.disabled_since)
+    columns = (t.c.key_hash, t.c.first_seen_at, u.c.usage_since, u.c.disabled_since, u.c.spent_from)
     query = select(*columns).select_from(joined).where(alive)
     for row in session.execute(query.execution_options(yield_per=5000)):
-        yield HistoryFacts(row[0], row[1], row[2], row[3])
+        yield HistoryFacts(row[0], row[1], row[2], row[3], row[4])
 
 
 def count_versions(session: Session) -> int:

@@ -163,6 +163,7 @@ def key_history(facts: snapshots.HistoryFacts) -> KeyHistory:
         first_seen_at=facts.first_seen_at,
         usage_unchanged_since=facts.usage_unchanged_since,
         disabled_since=facts.disabled_since,
+        spent_from=facts.spent_from,
     )
 
 

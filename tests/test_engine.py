@@ -4,6 +4,7 @@ and threshold."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -408,6 +409,30 @@ def test_window_spend_only_ever_makes_a_key_less_idle() -> None:
     old = datetime(2025, 6, 1, tzinfo=UTC)
     unknown = make_key(last_used_at=None, created_at=old, usage_daily=2.0, observed_at=None)
     assert idle_since(unknown, KeyHistory()) == datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_spend_an_earlier_snapshot_saw_in_a_window_bounds_idleness_after_the_window_reset() -> None:
+    """The counters reset with their window; the history keeps where they showed use
+    (``spent_from``): a key created in 2025 with a null last_used_at that spent in March reads idle
+    from March, not from 2026-01-01, once April's counters are zero."""
+    old = {"created_at": datetime(2025, 6, 1, tzinfo=UTC), "last_used_at": None, "usage": 350.0}
+    march = datetime(2026, 3, 1, tzinfo=UTC)
+    april = make_key(**old, observed_at=datetime(2026, 4, 1, 0, 30, tzinfo=UTC))  # every counter zero
+    seen = KeyHistory(
+        first_seen_at=datetime(2026, 3, 15, tzinfo=UTC),
+        usage_unchanged_since=datetime(2026, 3, 15, tzinfo=UTC),
+        spent_from=march,
+    )
+    assert idle_since(april, seen) == march
+    assert idle_since(april, replace(seen, spent_from=None)) == datetime(2026, 1, 1, tzinfo=UTC)
+    sixty = rule("idle", "unused", "disable", idle_for=60 * DAY)
+    assert run(april, sixty, history=seen, now=datetime(2026, 4, 1, 1, tzinfo=UTC)) is None
+    due = next_action(april, seen, AuditFacts(), ruleset(sixty), datetime(2026, 4, 1, 1, tzinfo=UTC))
+    assert due is not None and due.due == march + 60 * DAY
+    decision = run(april, sixty, history=seen, now=march + 60 * DAY)
+    assert decision is not None and decision.evidence["spent_in_window_from"] == "2026-03-01T00:00:00Z"
+    # It never shows idleness by itself: no other source, no answer.
+    assert idle_since(make_key(last_used_at=MISSING), KeyHistory(spent_from=march)) is None
 
 
 # --- over_budget --------------------------------------------------------------------------------

@@ -244,6 +244,29 @@ def test_a_key_that_spent_in_the_snapshots_month_is_not_idle_30_days(
         org.close()
 
 
+def test_spend_a_snapshot_saw_still_counts_after_its_window_reset(
+    database: Database, fake: FakeOpenRouter, fake_url: str
+) -> None:
+    """First seen on Saturday 2026-03-28 having spent that week (from Monday 03-23), with a null
+    last_used_at: on 2026-04-01 its counters are zero (a new week and month), and both the idle report
+    and the trends read it idle since 03-23, not since 2026-01-01."""
+    org = Org(database, fake, fake_url)
+    try:
+        old = {"created_at": D0 - 400 * DAY, "usage": 50.0, "last_used_at": None}
+        org.add("spent-before-first-sight", at=day(27, 1), **old, usage_weekly=2.0, usage_monthly=2.0)
+        org.add("quiet", at=day(27, 1), **old)
+        org.sync(day(27))
+        org.sync(day(31))
+        april = day(31, 12.5)
+        idle = {row["name"]: row for row in report(org, "idle", at=april, now=april, since=7 * DAY)}
+        assert idle["spent-before-first-sight"]["idle_since"] == "2026-03-23T00:00:00Z"
+        assert idle["quiet"]["idle_since"] == "2026-01-01T00:00:00Z"
+        assert [row["name"] for row in report(org, "idle", at=april, now=april, since=30 * DAY)] == ["quiet"]
+        assert report(org, "trends", at=april, now=april, since=2 * DAY)[-1]["idle_30d"] == 1
+    finally:
+        org.close()
+
+
 def test_a_key_is_idle_no_longer_than_it_has_existed(database: Database, fake: FakeOpenRouter, fake_url: str) -> None:
     """A key never used reads idle from when OpenRouter began recording use, but it cannot have
     been idle before it existed: as the rules read it, it is unused for D only once D old."""

@@ -627,7 +627,28 @@ def test_history_facts_say_since_when_usage_and_disabled_held(database: Database
         first_seen_at=T0,
         usage_unchanged_since=T0 + timedelta(days=1),
         disabled_since=T0 + timedelta(days=2),
+        spent_from=None,
     )
+
+
+def test_the_history_keeps_the_latest_spend_window_a_snapshot_saw(database: Database) -> None:
+    """A window counter above zero shows use at or after its window began; the counter resets with
+    the window, the evidence stays with the key's versions."""
+    monday = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+    s1, _ = store(database, [key(3, usage_monthly=2.0), key(4)], monday)  # this month: from March 1
+    s2, _ = store(database, [key(3, usage_weekly=1.0, usage_monthly=3.0), key(4)], monday + timedelta(days=1))
+    s3, _ = store(database, [key(3), key(4)], monday + timedelta(days=30))  # April: the counters reset
+    s4, _ = store(database, [key(3), key(4, byok_usage_daily=0.5)], monday + timedelta(days=31))
+
+    def spent_from(snapshot_id: int) -> dict[str, datetime | None]:
+        with database.sessions() as session:
+            return {f.key_hash: f.spent_from for f in snapshots.history_facts(session, snapshot_id)}
+
+    march_1, march_2, april_2 = (datetime(2026, month, day, tzinfo=UTC) for month, day in ((3, 1), (3, 2), (4, 2)))
+    assert spent_from(s1) == {key(3).hash: march_1, key(4).hash: None}
+    assert spent_from(s2) == {key(3).hash: march_2, key(4).hash: None}  # this week: from Monday
+    assert spent_from(s3) == {key(3).hash: march_2, key(4).hash: None}  # kept past the reset
+    assert spent_from(s4) == {key(3).hash: march_2, key(4).hash: april_2}  # carried unchanged; BYOK spend
 
 
 def test_a_key_that_comes_back_keeps_its_history(database: Database) -> None:

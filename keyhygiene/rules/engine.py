@@ -144,9 +144,10 @@ def idle_since(key: UseSigns, history: KeyHistory) -> datetime | None:
     this time is not later than ``now - D``: no sign of use inside D, and some source shows D idle.
 
     The spend windows bound that answer from below: a key that spent in its current UTC day, week or
-    month (``usage_daily``, ``byok_usage_weekly``, ...; as the API gave them at ``observed_at``) was
-    used at or after that window began, whatever ``last_used_at`` says (``window_use_from``). They
-    only move the answer later: use at an unknown time inside a window shows no idleness.
+    month (``usage_daily``, ``byok_usage_weekly``, ...; as the API gave them at ``observed_at``, or
+    as an earlier snapshot saw them: ``history.spent_from``) was used at or after that window
+    began, whatever ``last_used_at`` says (``used_from``). They only move the answer later: use at
+    an unknown time inside a window shows no idleness.
     """
     signs: list[datetime] = []
     idle_from: list[datetime] = []
@@ -165,8 +166,18 @@ def idle_since(key: UseSigns, history: KeyHistory) -> datetime | None:
     since = max(signs) if signs else min(idle_from) if idle_from else None
     if since is None:
         return None
-    used_from = window_use_from(key)
-    return used_from if used_from is not None and used_from > since else since
+    used = used_from(key, history)
+    return used if used is not None and used > since else since
+
+
+def used_from(key: UseSigns, history: KeyHistory) -> datetime | None:
+    """The latest start of a spend window in which the key was seen to spend: now
+    (``window_use_from``) or by an earlier snapshot (``history.spent_from``). None: never seen."""
+    now = window_use_from(key)
+    before = as_utc(history.spent_from) if history.spent_from is not None else None
+    if now is None or before is None:
+        return now or before
+    return max(now, before)
 
 
 def window_use_from(key: UseSigns) -> datetime | None:
@@ -474,9 +485,9 @@ def _unused_facts(
     }
     if clock.given_back_at is not None:
         facts["given_back_at"] = isoformat(clock.given_back_at)
-    used_from = window_use_from(key)
-    if used_from is not None:
-        facts["spent_in_window_from"] = isoformat(used_from)
+    used = used_from(key, history)
+    if used is not None:
+        facts["spent_in_window_from"] = isoformat(used)
     return facts
 
 

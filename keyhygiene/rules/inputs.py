@@ -17,11 +17,14 @@ class KeyHistory:
     ``byok_usage`` have equalled their current values without a change (None: no history).
     ``disabled_since``: time of the earliest snapshot of the trailing run of snapshots in which the
     key was disabled at every one (None: not disabled in the history, or unknown).
+    ``spent_from``: the latest start of a UTC day, week or month in which a snapshot saw the key
+    spend (a window counter above zero): it was used at or after then (None: none seen).
     """
 
     first_seen_at: datetime | None = None
     usage_unchanged_since: datetime | None = None
     disabled_since: datetime | None = None
+    spent_from: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

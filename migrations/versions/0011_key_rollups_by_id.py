@@ -3,9 +3,9 @@ each alive key to its running state three times: by integer now, on SQLite the t
 without usage_changed_at (a copy of key_usage.usage_since that nothing read).
 
 A state whose key retention has already forgotten is dropped: a key that comes back after that is
-new to the store. Fills the roll-ups of a store that has history and none yet (one upgraded from
-before 0006); that stays the last step of the newest migration that changes a roll-up table, as it
-runs today's ``db.rollups``.
+new to the store. Filling the roll-ups of a store that has history and none yet (one upgraded from
+before 0006) was this migration's last step; it stays the last step of the newest migration that
+changes a table the roll-ups are made from, as it runs today's ``db.rollups``: 0020 since.
 
 Revision ID: 0011
 Revises: 0010
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.orm import Session
 
 revision = "0011"
 down_revision = "0010"
@@ -32,13 +31,6 @@ def upgrade() -> None:
         {"key_id": "t.id"},
         "JOIN tracked_keys t ON t.key_hash = r.key_hash ORDER BY t.id",
     )
-    bind = op.get_bind()
-    if bind.execute(sa.text("SELECT 1 FROM key_rollups LIMIT 1")).first() is None:
-        # No roll-ups yet: replay the stored snapshots, oldest first, exactly as each sync would
-        # have written them.
-        from db.rollups import rebuild_rollups
-
-        rebuild_rollups(Session(bind=bind))
 
 
 def downgrade() -> None:
