@@ -104,15 +104,26 @@ _SKIPPED = frozenset({"55P03", "57014"})
 """SQLSTATEs that skip a table: lock not available (``LOCK_TIMEOUT``), statement timeout."""
 
 
-def analyze(connection: Connection, tables: list[str], *, stop: threading.Event | None = None) -> list[str]:
+FIRST_SAMPLE_TARGET = 10
+"""The statistics target of a table's first analysis (``never_analyzed_tables``): a sample of 3,000
+rows instead of 30,000, a quarter of the time (20,000 keys: 0.03 s for the six tables, against
+0.14 s), and plenty to plan by. Later analyses take the server's own target."""
+
+
+def analyze(
+    connection: Connection, tables: list[str], *, stop: threading.Event | None = None, target: int | None = None
+) -> list[str]:
     """Take the statistics of ``tables`` (PostgreSQL), committing each table's as it is taken; the
     tables skipped because another session held them or their ANALYZE ran out of time. Stops
-    before the next table once ``stop`` is set."""
+    before the next table once ``stop`` is set. ``target``: the statistics target to sample with,
+    instead of the server's ``default_statistics_target``."""
     quote = connection.dialect.identifier_preparer.quote
     skipped = []
     for table in tables:
         if stop is not None and stop.is_set():
             break
+        if target is not None:
+            connection.execute(text(f"SET LOCAL default_statistics_target = {int(target)}"))
         connection.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
         connection.execute(
             text(

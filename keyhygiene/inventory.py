@@ -199,11 +199,11 @@ def take_snapshot(
             snapshots.record_workspace_names(session, snapshot_id=snapshot_id, names=names)
         # A store's first snapshot leaves its tables without statistics: taken now, before anything
         # reads them (the plan of a ``run`` follows at once).
-        analysis = (
-            Analysis.start(database, run_id, find=statistics.never_analyzed_tables) if written.key_count else None
-        )
-        if analysis is not None:
-            analysis.wait()
+        if written.key_count:
+            find, target = statistics.never_analyzed_tables, statistics.FIRST_SAMPLE_TARGET
+            analysis = Analysis.start(database, run_id, find=find, target=target)
+            if analysis is not None:
+                analysis.wait()
     except BaseException as exc:
         if helper is not None:  # before its rows are discarded: it may be writing some
             helper.stop()
@@ -246,8 +246,8 @@ class Analysis:
     STOP_WAIT = 5.0
     """Seconds a failing sync waits for the thread once its statement is cancelled."""
 
-    def __init__(self, database: Database, run_id: int, find: Callable[[Any], list[str]]) -> None:
-        self._database, self._run_id, self._find = database, run_id, find
+    def __init__(self, database: Database, run_id: int, find: Callable[[Any], list[str]], target: int | None) -> None:
+        self._database, self._run_id, self._find, self._target = database, run_id, find, target
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._cancel: Callable[[], None] | None = None
@@ -255,12 +255,18 @@ class Analysis:
 
     @classmethod
     def start(
-        cls, database: Database, run_id: int, *, find: Callable[[Any], list[str]] = statistics.stale_tables
+        cls,
+        database: Database,
+        run_id: int,
+        *,
+        find: Callable[[Any], list[str]] = statistics.stale_tables,
+        target: int | None = None,
     ) -> Analysis | None:
-        """Analyze the tables ``find`` names (by default the stale ones), on PostgreSQL only."""
+        """Analyze the tables ``find`` names (by default the stale ones) with statistics target
+        ``target`` (by default the server's), on PostgreSQL only."""
         if database.dialect != "postgresql":
             return None
-        analysis = cls(database, run_id, find)
+        analysis = cls(database, run_id, find, target)
         analysis._thread.start()
         return analysis
 
@@ -287,7 +293,9 @@ class Analysis:
                     self._cancel = functools.partial(driver.cancel_safe, timeout=2)
                 try:
                     stale = self._find(connection)
-                    skipped = statistics.analyze(connection, stale, stop=self._stop) if stale else []
+                    skipped = (
+                        statistics.analyze(connection, stale, stop=self._stop, target=self._target) if stale else []
+                    )
                 finally:
                     with self._lock:
                         self._cancel = None

@@ -81,6 +81,13 @@ def test_a_first_sync_analyzes_the_tables_it_filled_before_anything_reads_them(s
     assert planned_rows(store, "key_rollups") == planned_rows(store, "key_usage") == 300
     with store.engine.connect() as connection:
         assert statistics.never_analyzed_tables(connection) == []
+        # Sampled with the small first target: a histogram of its 300 creation times has 11 bounds
+        # (the server's default target, 100, would give 101).
+        query = text(
+            "SELECT cardinality(histogram_bounds::text::text[]) FROM pg_stats "
+            "WHERE tablename = 'key_records' AND attname = 'created_at' AND schemaname = current_schema()"
+        )
+        assert connection.execute(query).scalar_one() == statistics.FIRST_SAMPLE_TARGET + 1
 
 
 @pytest.mark.usefixtures("env")
@@ -147,7 +154,7 @@ def test_a_failure_to_analyze_is_logged_and_the_sync_goes_on(
     # other than by a lock, which is skipped (above).
     syncs_that_leave_stale_tables(store, fake, cli)
 
-    def fail(connection: object, tables: list[str], *, stop: object = None) -> list[str]:
+    def fail(connection: object, tables: list[str], *, stop: object = None, target: object = None) -> list[str]:
         raise failure
 
     monkeypatch.setattr(statistics, "analyze", fail)
@@ -170,7 +177,9 @@ def test_a_failing_sync_cancels_the_analysis_instead_of_waiting_for_it(
     syncs_that_leave_stale_tables(store, fake, cli)
     sleep = "SELECT pg_sleep(600)"  # stands for an ANALYZE that takes long: it runs until cancelled
 
-    def analyze_slowly(connection: Connection, tables: list[str], *, stop: object = None) -> list[str]:
+    def analyze_slowly(
+        connection: Connection, tables: list[str], *, stop: object = None, target: object = None
+    ) -> list[str]:
         connection.execute(text(sleep))
         return []
 
