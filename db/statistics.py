@@ -69,13 +69,16 @@ _NEVER_ANALYZED = text(
     "SELECT c.relname FROM unnest(:names) AS name JOIN pg_class AS c ON c.oid = to_regclass(name) "
     "JOIN pg_namespace AS n ON n.oid = c.relnamespace "
     "WHERE NOT EXISTS (SELECT 1 FROM pg_stats AS s WHERE s.schemaname = n.nspname AND s.tablename = c.relname) "
+    "AND c.reltuples <> 0 "
     "AND (pg_has_role(c.relowner, 'USAGE') "
     "  OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE')) "
     "ORDER BY c.relname"
 ).bindparams(bindparam("names", type_=ARRAY(Text())))
 """The tables with no column statistics at all (never analyzed), among those this role may analyze.
 Read from the catalog, which a committed transaction changes at once, where the counts of changed
-rows that ``_STALE`` reads are reported a moment after it."""
+rows that ``_STALE`` reads are reported a moment after it. An empty table keeps no column
+statistics however often it is analyzed; once analyzed its ``reltuples`` is 0 (-1 before), and it
+is left out."""
 
 
 def never_analyzed_tables(connection: Connection) -> list[str]:

@@ -90,6 +90,20 @@ def test_a_first_sync_analyzes_the_tables_it_filled_before_anything_reads_them(s
         assert connection.execute(query).scalar_one() == statistics.FIRST_SAMPLE_TARGET + 1
 
 
+@pytest.mark.postgres
+@pytest.mark.usefixtures("env")
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_table_left_empty_is_not_analyzed_again_by_every_sync(store: Database) -> None:
+    """An empty table keeps no column statistics, however often it is analyzed: taken for one never
+    analyzed, it would be analyzed again by every sync that records keys."""
+    with store.engine.connect() as connection:
+        assert statistics.never_analyzed_tables(connection) == sorted(statistics.STORE_TABLES)
+        for table in statistics.STORE_TABLES:  # all empty: no sync yet
+            connection.execute(text(f"ANALYZE {table}"))
+        connection.commit()
+        assert statistics.never_analyzed_tables(connection) == []
+
+
 @pytest.mark.usefixtures("env")
 def test_the_next_sync_analyzes_the_tables_a_sync_grew(store: Database, fake: FakeOpenRouter, cli) -> None:
     if store.dialect != "postgresql":
