@@ -395,34 +395,6 @@ def audit_records(
             stream.close()
 
 
-def outcome_counts(session: Session, *, since: datetime, until: datetime) -> dict[str, int]:
-    """How many audit records of (since, until] have each outcome, counted in SQL: a plan recorded
-    once and referred to by many runs (hourly dry runs) counts its decisions once per run, without
-    expanding them (a month of hourly dry runs of a 4,000-key plan is 3 million records)."""
-    direct = (
-        select(Action.outcome, func.count().label("records"))
-        .where(Action.created_at > since, Action.created_at <= until)
-        .group_by(Action.outcome)
-    )
-    per_plan = select(PlanEntry.plan_id, func.count().label("decisions")).group_by(PlanEntry.plan_id).subquery()
-    per_run = (
-        select(RunPlan.plan_id, RunPlan.outcome, func.count().label("runs"))
-        .where(RunPlan.created_at > since, RunPlan.created_at <= until)
-        .group_by(RunPlan.plan_id, RunPlan.outcome)
-        .subquery()
-    )
-    referenced = (
-        select(per_run.c.outcome, func.sum(per_plan.c.decisions * per_run.c.runs).label("records"))
-        .join(per_plan, per_plan.c.plan_id == per_run.c.plan_id)
-        .group_by(per_run.c.outcome)
-    )
-    counts: dict[str, int] = {}
-    for query in (direct, referenced):
-        for outcome, records in session.execute(query):
-            counts[str(outcome)] = counts.get(str(outcome), 0) + int(records or 0)
-    return counts
-
-
 def outcome_times(session: Session, *, since: datetime, until: datetime) -> Iterator[tuple[datetime, str, int]]:
     """(time, outcome, records) covering every audit record of (since, until], streamed: each
     ``actions`` row as one record; each run that refers to a stored plan as that plan's decisions,

@@ -55,6 +55,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from keyhygiene.keysapi.fields import FIELDS_BY_NAME, MICROS_PER_USD
+from keyhygiene.timeutil import SPEND_WINDOWS, window_starts
 
 from . import snapshots
 from .bulkload import indexes_built_after
@@ -146,7 +147,6 @@ def _grown(new: Any, old: Any) -> Any:
     return case((new > old, new - old), else_=literal(0))
 
 
-_WINDOWS = ("daily", "weekly", "monthly")  # snapshots.WINDOWS (which imports this module)
 _COUNTED = (
     "usage",
     "byok_usage",
@@ -156,7 +156,7 @@ _COUNTED = (
     "expires_at",
     "limit",
     "workspace_id",
-    *(f"{kind}_{window}" for window in _WINDOWS for kind in ("usage", "byok_usage")),
+    *(f"{kind}_{window}" for window in SPEND_WINDOWS for kind in ("usage", "byok_usage")),
 )
 _MOVED = ("usage", "byok_usage")
 
@@ -222,10 +222,10 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime, ke
     # Spend in a window that began after the cutoff is use inside the 30 days: as this snapshot's
     # counters show it, or as an earlier snapshot's did (``spent_from``). The engine's
     # ``window_use_from`` and ``KeyHistory.spent_from``.
-    starts = snapshots.window_starts(taken_at)
+    starts = window_starts(taken_at)
     spent_recently = [
         or_(alive.c[f"usage_{window}"] > 0, alive.c[f"byok_usage_{window}"] > 0)
-        for window in snapshots.WINDOWS
+        for window in SPEND_WINDOWS
         if starts[window] > cutoff
     ]
     spent_recently.append(and_(alive.c.spent_from.is_not(None), alive.c.spent_from > cutoff))

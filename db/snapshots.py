@@ -8,7 +8,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from hashlib import blake2b
 from operator import itemgetter
 from typing import Any
@@ -42,7 +42,15 @@ from sqlalchemy.orm import Session
 from keyhygiene.keysapi.errors import MalformedResponse
 from keyhygiene.keysapi.fields import FIELDS_BY_NAME, KEY_FIELDS, MICROS_PER_USD, STABLE, VOLATILE, Field
 from keyhygiene.keysapi.models import Key
-from keyhygiene.timeutil import EARLIEST_TIME, LATEST_TIME, TimeFormatError, isoformat, parse_api_time
+from keyhygiene.timeutil import (
+    EARLIEST_TIME,
+    LATEST_TIME,
+    SPEND_WINDOWS,
+    TimeFormatError,
+    isoformat,
+    parse_api_time,
+    window_starts,
+)
 
 from . import rollups, runs
 from .bulkload import indexes_built_after
@@ -598,20 +606,11 @@ def _count(session: Session, table: Any, *where: Any) -> int:
     return int(session.scalar(select(func.count()).select_from(table).where(*where)) or 0)
 
 
-WINDOWS = ("daily", "weekly", "monthly")
-
-
-def window_starts(at: datetime) -> dict[str, datetime]:
-    """When the UTC day, the UTC week (from Monday) and the UTC calendar month of ``at`` began."""
-    day = at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    return {"daily": day, "weekly": day - timedelta(days=day.weekday()), "monthly": day.replace(day=1)}
-
-
 def _spent_in_window(staged: Any, taken_at: datetime) -> Any:
     """The latest start of a window in which the staged key spent as of ``taken_at`` (its counters
     above zero), NULL for none: ``keyhygiene.rules.engine.window_use_from`` in SQL."""
     starts = window_starts(taken_at)
-    latest_first = sorted(WINDOWS, key=lambda window: starts[window], reverse=True)  # day first
+    latest_first = sorted(SPEND_WINDOWS, key=lambda window: starts[window], reverse=True)  # day first
     return case(
         *(
             (

@@ -30,6 +30,17 @@ class TimeFormatError(ValueError):
         self.reason = message if reason is None else reason
 
 
+SPEND_WINDOWS = ("daily", "weekly", "monthly")
+"""OpenRouter's spend windows (``usage_daily``, ``byok_usage_weekly``, ...), shortest first."""
+
+
+def window_starts(at: datetime) -> dict[str, datetime]:
+    """When the UTC day, the UTC week (from Monday) and the UTC calendar month of ``at`` began, by
+    the name of their spend window."""
+    day = at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return {"daily": day, "weekly": day - timedelta(days=day.weekday()), "monthly": day.replace(day=1)}
+
+
 def parse_duration(text: str) -> timedelta:
     """Read ``90s``, ``15m``, ``12h``, ``30d`` or ``2w`` into a timedelta of at most 100 years."""
     match = _DURATION.match(text) if isinstance(text, str) else None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from keyhygiene.timeutil import TimeFormatError, parse_api_time
+from keyhygiene.timeutil import SPEND_WINDOWS, TimeFormatError, parse_api_time
 
 from .errors import MalformedResponse
 
@@ -34,9 +34,7 @@ def _number(data: Mapping[str, Any], name: str, default: float | None = 0.0) -> 
     return number
 
 
-SPEND_COUNTERS = tuple(
-    f"{kind}_{window}" for kind in ("usage", "byok_usage") for window in ("daily", "weekly", "monthly")
-)
+SPEND_COUNTERS = tuple(f"{kind}_{window}" for kind in ("usage", "byok_usage") for window in SPEND_WINDOWS)
 
 
 def _required_number(data: Mapping[str, Any], name: str) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Generator, Iterator
 from contextlib import closing
-from datetime import date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -57,7 +57,7 @@ def build(session: Session, params: ReportParams) -> Report:
         counts: dict[str, int] = {}
     elif params.limit > 0:
         rows = newest(session, params, params.limit)
-        counts = _counts(session, params, start, end)
+        counts = _counts(session, params)
         total = sum(counts.values())
     else:
         rows = list(records(session, params))
@@ -80,25 +80,21 @@ def build(session: Session, params: ReportParams) -> Report:
 
 def newest(session: Session, params: ReportParams, limit: int) -> list[dict[str, Any]]:
     """The newest ``limit`` rows of the report, oldest first: read newest first, and no further."""
-    newest: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []
     with closing(records(session, params, newest_first=True)) as rows:
         for row in rows:
-            newest.append(row)
-            if len(newest) == limit:
+            kept.append(row)
+            if len(kept) == limit:
                 break
-    newest.reverse()
-    return newest
+    kept.reverse()
+    return kept
 
 
-def _counts(session: Session, params: ReportParams, start: datetime, end: datetime) -> dict[str, int]:
-    """How many rows of the report have each outcome: in SQL, or, with --name or --workspace, from
-    the records' outcome, name and workspace only."""
-    if params.name is None and not params.workspaces:
-        return audit.outcome_counts(session, since=start, until=end)
+def _counts(session: Session, params: ReportParams) -> dict[str, int]:
+    """How many rows of the report have each outcome (``counts_per_day``, summed)."""
     counts: dict[str, int] = {}
-    for _, outcome, key_name, workspace_id in audit.outcomes_by_key(session, since=start, until=end):
-        if params.wants(name=key_name, workspace_id=workspace_id):
-            counts[outcome] = counts.get(outcome, 0) + 1
+    for (_, outcome), records in counts_per_day(session, params).items():
+        counts[outcome] = counts.get(outcome, 0) + records
     return counts
 
 

@@ -33,7 +33,7 @@ from fnmatch import translate
 from functools import lru_cache
 from typing import Any, Literal
 
-from keyhygiene.timeutil import as_utc, isoformat, parse_time
+from keyhygiene.timeutil import SPEND_WINDOWS, as_utc, isoformat, parse_time, window_starts
 
 from .inputs import AuditFacts, KeyHistory
 from .keyfacts import KeyFacts, UseSigns
@@ -182,19 +182,20 @@ def used_from(key: UseSigns, history: KeyHistory) -> datetime | None:
 
 def window_use_from(key: UseSigns) -> datetime | None:
     """The latest start of a spend window in which the key spent, as the API gave its counters at
-    ``observed_at``: its UTC day, its UTC week (from Monday), its UTC calendar month. The key was used
-    at or after then. None: no window shows spend, or when the counters were read is unknown."""
+    ``observed_at``: its UTC day, its UTC week (from Monday), its UTC calendar month (later than the
+    week's start when the week began last month). The key was used at or after then. None: no
+    window shows spend, or when the counters were read is unknown."""
     if key.observed_at is None:
         return None
-    day = as_utc(key.observed_at).replace(hour=0, minute=0, second=0, microsecond=0)
-    if key.usage_daily > 0 or key.byok_usage_daily > 0:
-        return day
-    starts = []
-    if key.usage_weekly > 0 or key.byok_usage_weekly > 0:
-        starts.append(day - timedelta(days=day.weekday()))
-    if key.usage_monthly > 0 or key.byok_usage_monthly > 0:
-        starts.append(day.replace(day=1))  # later than the week's start when the week began last month
-    return max(starts) if starts else None
+    spent = [
+        window
+        for window in SPEND_WINDOWS
+        if getattr(key, f"usage_{window}") > 0 or getattr(key, f"byok_usage_{window}") > 0
+    ]
+    if not spent:
+        return None
+    starts = window_starts(key.observed_at)
+    return max(starts[window] for window in spent)
 
 
 def _null_last_use_contradicted(key: UseSigns) -> bool:
