@@ -329,7 +329,9 @@ class KeysClient:
         )
         return [Key.from_api(item) for item in page]
 
-    def stream_keys(self, workspace_ids: Iterable[str | None], *, on_page: ProgressCallback | None = None) -> KeyStream:
+    def stream_keys(
+        self, workspace_ids: Iterable[str | None], *, on_page: ProgressCallback | None = None, room: int | None = None
+    ) -> KeyStream:
         """Every key of the given workspaces (None: the default one), disabled and expired ones
         included, as raw key objects handed over page by page while later pages are in flight
         (see :class:`~keyhygiene.keysapi.paging.KeyStream`); never more than ``concurrency``
@@ -346,7 +348,7 @@ class KeysClient:
                     raise
                 return []
 
-        return KeyStream(fetch, workspace_ids, concurrency=self.concurrency, on_page=on_page)
+        return KeyStream(fetch, workspace_ids, concurrency=self.concurrency, on_page=on_page, room=room)
 
     def list_all_keys(self, workspace_ids: Iterable[str | None], *, on_page: ProgressCallback | None = None) -> Listing:
         """Every key of the given workspaces (None: the default one), typed and held at once.

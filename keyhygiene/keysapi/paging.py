@@ -73,6 +73,9 @@ class KeyStream:
     first sighting wins). Iterate once. The first failure of any request is raised from the
     iteration, and stops the other workers. After the iteration, ``per_workspace`` (keys first seen
     in each workspace), ``pages`` (pages fetched, dropped ones included) and ``duplicates`` are final.
+
+    ``room``: most requests in flight and pages waiting to be taken, together; at least four per
+    worker, the default.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class KeyStream:
         *,
         concurrency: int,
         on_page: ProgressCallback | None = None,
+        room: int | None = None,
     ) -> None:
         self._fetch = fetch
         self._workspaces = [_Workspace(workspace_id) for workspace_id in dict.fromkeys(workspace_ids)]
@@ -91,9 +95,10 @@ class KeyStream:
         self._ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Requests in flight plus pages fetched and not yet taken: bounds the memory a slow consumer
         # can make the listing hold.
-        self._room = threading.Semaphore(4 * self.concurrency)
+        self._room = threading.Semaphore(max(room or 0, 4 * self.concurrency))
         self._stopping = False
         self._workers_left = 0
+        self._workers: list[threading.Thread] | None = None
         self._seen: set[str] = set()
         self.per_workspace: dict[str, int] = {workspace.name: 0 for workspace in self._workspaces}
         self.pages = 0
@@ -101,14 +106,37 @@ class KeyStream:
         self.ends_by_refusal: list[str] = []
         """Workspaces whose list ended at an offset the API refused rather than at a short page."""
 
+    def start(self) -> None:
+        """Start asking for pages now, before anything iterates (iterating starts it otherwise):
+        they wait, as many as there is room for, until they are taken. Call ``close`` unless the
+        stream is then iterated."""
+        if self._workers is not None:
+            return
+        self._workers = []
+        self._workers_left = self.concurrency
+        try:
+            for index in range(self.concurrency):
+                worker = threading.Thread(target=self._work, name=f"keysapi-{index}", daemon=True)
+                worker.start()  # may fail (no thread left to the process): the listing fails
+                self._workers.append(worker)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self, *, wait: bool = True) -> None:
+        """Stop asking for pages; what was fetched is dropped. With ``wait``, wait for the requests in
+        flight (each ends after its own retries); without, the workers end by themselves after them."""
+        with self._lock:
+            self._stopping = True
+        workers = self._workers or []
+        for _ in workers:  # wake any worker waiting for room
+            self._room.release()
+        if wait:
+            for worker in workers:
+                worker.join()
+
     def __iter__(self) -> Iterator[list[RawKey]]:
-        workers = [
-            threading.Thread(target=self._work, name=f"keysapi-{index}", daemon=True)
-            for index in range(self.concurrency)
-        ]
-        self._workers_left = len(workers)
-        for worker in workers:
-            worker.start()
+        self.start()
         try:
             while (item := self._ready.get()) is not _END:
                 if isinstance(item, BaseException):
@@ -117,12 +145,7 @@ class KeyStream:
                 self._room.release()
                 yield self._first_seen(workspace, page)
         finally:
-            with self._lock:
-                self._stopping = True
-            for _ in workers:  # wake any worker waiting for room
-                self._room.release()
-            for worker in workers:
-                worker.join()
+            self.close()
 
     @property
     def listed(self) -> set[str]:
