@@ -186,29 +186,55 @@ def _finish_job(outcome: Any) -> NoReturn:
 def sync(state: State) -> None:
     """Page through every key of every workspace (disabled and expired ones included) and store a
     snapshot."""
-    from .jobs import execute
-
     settings = state.settings
-    _settle()
-    if sys.stderr.isatty():
-        from rich.console import Console
-        from rich.progress import Progress, SpinnerColumn, TextColumn
+    if not sys.stderr.isatty():
+        _finish_job(_sync(settings))
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn
 
-        with Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), console=Console(stderr=True), transient=True
-        ) as progress:
-            task = progress.add_task("listing keys", total=None)
-            seen = {"keys": 0, "pages": 0}
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), console=Console(stderr=True), transient=True
+    ) as progress:
+        task = progress.add_task("listing keys", total=None)
+        seen = {"keys": 0, "pages": 0}
 
-            def on_page(_: str, count: int) -> None:
-                seen["keys"] += count
-                seen["pages"] += 1
-                progress.update(task, description=f"listing keys: {seen['keys']} keys, {seen['pages']} pages")
+        def on_page(_: str, count: int) -> None:
+            seen["keys"] += count
+            seen["pages"] += 1
+            progress.update(task, description=f"listing keys: {seen['keys']} keys, {seen['pages']} pages")
 
-            outcome = execute("sync", settings, on_page=on_page)
-    else:
-        outcome = execute("sync", settings)
+        outcome = _sync(settings, on_page)
     _finish_job(outcome)
+
+
+def _sync(settings: Settings, on_page: Any = None) -> Any:
+    """The sync job, whose listing begins as soon as the store is open (see
+    :class:`keyhygiene.api.EarlyListing`), while the job's other modules load and the run is
+    recorded. A store that cannot be used, like a missing key, is refused before any request."""
+    try:
+        settings.require_management_key()
+    except UsageError:
+        from .jobs import execute
+
+        return execute("sync", settings)  # refused, as any job is without a key
+    from .context import Database
+
+    try:
+        database = Database.open(settings)
+    except BaseException as exc:
+        from .jobs import not_started
+
+        return not_started("sync", exc)
+    try:
+        from .api import EarlyListing
+
+        with EarlyListing.begin(settings, on_page=on_page) as early:
+            from .jobs import execute  # the job's other modules load while the first pages come
+
+            _settle()
+            return execute("sync", settings, on_page=on_page, early=early, database=database)
+    finally:
+        database.close()
 
 
 @cli.command()

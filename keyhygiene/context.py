@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -18,14 +17,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.engine import describe_db_error as describe_db_error  # where the jobs take it from
 from db.engine import make_engine, make_session_factory
 from db.migrate import SchemaOutOfDate, check_schema
-from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed
 
-from .errors import DatabaseFailure, NotAManagementKey, UsageError
-from .logging import register_secret
+from .api import open_client as open_client  # where the jobs take it from
+from .errors import DatabaseFailure, UsageError
 from .settings import Settings
-
-if TYPE_CHECKING:
-    from keyhygiene.keysapi.client import KeysClient
 
 
 @contextmanager
@@ -132,45 +127,6 @@ def _refuse_missing_sqlite_file(settings: Settings) -> None:
         return
     if not Path(path).exists():
         raise DatabaseFailure(f"there is no database at {path}: run `keyhygiene db upgrade` first to create it")
-
-
-def open_client(settings: Settings, *, verify: bool = True) -> KeysClient:
-    """A client for the configured API; with ``verify``, ``GET /key`` must say it is a management key."""
-    from keyhygiene.keysapi.client import KeysClient  # httpx: only commands that call the API load it
-
-    key = settings.require_management_key()
-    register_secret(key)
-    client = KeysClient(
-        settings.base_url,
-        key,
-        concurrency=settings.http_concurrency,
-        timeout=settings.http_timeout,
-        retry_seconds=settings.http_retry_seconds,
-    )
-    if verify:
-        try:
-            verify_management_key(client)
-        except BaseException:
-            client.close()
-            raise
-    return client
-
-
-def verify_management_key(client: KeysClient) -> None:
-    """Refuse to go on unless the credential is a management key (exit 2 otherwise)."""
-    try:
-        current = client.current_key()
-    except AuthenticationFailed as exc:
-        raise NotAManagementKey(
-            f"OPENROUTER_MANAGEMENT_KEY was rejected by the API ({exc.status}): check that it is a valid management key"
-        ) from None
-    except ApiError:
-        raise
-    if not current.is_management_key:
-        raise NotAManagementKey(
-            "OPENROUTER_MANAGEMENT_KEY is not a management key: GET /key reports is_management_key=false; "
-            "create a management key at https://openrouter.ai/settings/management-keys"
-        )
 
 
 @contextmanager

@@ -23,10 +23,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db import snapshots, statistics
 from keyhygiene.keysapi.errors import ApiError, NotFound
-from keyhygiene.keysapi.models import Key, Workspace
-from keyhygiene.keysapi.paging import DEFAULT_WORKSPACE, KeyStream
+from keyhygiene.keysapi.models import Key
+from keyhygiene.keysapi.paging import DEFAULT_WORKSPACE
 from keyhygiene.keysapi.paging import ProgressCallback as ProgressCallback  # what jobs pass down
 
+from .api import EarlyListing, list_inventory
 from .context import Database, describe_db_error, quick_handoffs, session_scope
 from .errors import KeyhygieneError
 from .logging import get_logger, redact_text
@@ -85,18 +86,6 @@ class SyncFailed(KeyhygieneError):
     """The sync failed; no snapshot was stored."""
 
 
-def list_inventory(
-    client: KeysClient, workspaces: list[Workspace], *, on_page: ProgressCallback | None = None
-) -> KeyStream:
-    """Every key of every workspace (as ``client.list_workspaces()`` gave them), disabled and expired
-    ones included, page by page."""
-    workspace_ids: list[str | None] = [workspace.id for workspace in workspaces]
-    if not workspace_ids:
-        # No workspace listed: ``GET /keys`` without workspace_id lists the default one.
-        workspace_ids = [None]
-    return client.stream_keys(workspace_ids, on_page=on_page)
-
-
 def check_missing(client: KeysClient, missing: list[str]) -> tuple[dict[str, Key], list[str]]:
     """Fetch each key that was in the last snapshot but not in this listing.
 
@@ -131,8 +120,12 @@ def take_snapshot(
     run_id: int,
     now: datetime,
     on_page: ProgressCallback | None = None,
+    early: EarlyListing | None = None,
 ) -> SyncResult:
-    """List, check and store one complete snapshot for run ``run_id``; raise SyncFailed on any failure."""
+    """List, check and store one complete snapshot for run ``run_id``; raise SyncFailed on any failure.
+
+    ``early``: the listing, begun before the run (its client is ``client``); ``on_page`` is then
+    the one it was begun with."""
     with session_scope(database) as session:
         snapshot_id = snapshots.start_snapshot(session, run_id=run_id, now=now).id
         # Keys listed exactly as the store holds them are carried with their versions.
@@ -145,10 +138,14 @@ def take_snapshot(
     try:
         log.info("sync_started", run_id=run_id, snapshot_id=snapshot_id)
         analysis = Analysis.start(database, run_id)  # recording below is planned from its statistics
-        requests_before, listing_started = client.requests_sent, time.monotonic()
         unknown, handed_over = -len(known.ids), 0  # keys listed beyond the ones with a fingerprint
-        workspaces = client.list_workspaces()
-        listing = list_inventory(client, workspaces, on_page=on_page)
+        if early is not None:
+            workspaces, listing = early.take()
+            requests_before, listing_started = early.requests_before, early.started
+        else:
+            requests_before, listing_started = client.requests_sent, time.monotonic()
+            workspaces = client.list_workspaces()
+            listing = list_inventory(client, workspaces, on_page=on_page)
         for keys in listing.batched(_PAGES_PER_WRITE):
             if helper_wanted and unknown >= STAGING_HELPER_FROM_KEYS:
                 helper_wanted = False

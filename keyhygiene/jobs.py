@@ -47,6 +47,8 @@ from .timeutil import utcnow
 if TYPE_CHECKING:
     from keyhygiene.keysapi.client import KeysClient
 
+    from .api import EarlyListing
+
 log = khlog.get_logger(__name__)
 
 Clock = Callable[[], datetime]
@@ -258,6 +260,7 @@ def execute(
     abort_errors: tuple[type[BaseException], ...] = (),
     database: Database | None = None,
     client: KeysClient | None = None,
+    early: EarlyListing | None = None,
 ) -> JobOutcome:
     """Run one job and record it: ``sync``, ``enforce``, ``run``, ``prune``, ``undo`` (of run
     ``undo_run_id``) or ``enable`` (of ``key_hashes``).
@@ -265,7 +268,8 @@ def execute(
     ``dry_run`` can only narrow what the rules file allows: the effective dry-run of ``enforce``
     and ``run`` is the rules file's ``dry_run`` OR this flag (``undo`` and ``enable`` are an
     operator's own request, so only this flag makes them dry runs). ``allow_actions`` lifts both
-    caps of ``enforce`` and ``run`` for this one run, up to that many changes.
+    caps of ``enforce`` and ``run`` for this one run, up to that many changes. ``early``: the
+    listing of a ``sync`` or ``run``, begun by the caller (who closes it); its client is the job's.
     """
     if kind not in JOBS:
         return JobOutcome(kind, runs.FAILED, EXIT_USAGE, f"unknown job {kind!r}")
@@ -322,19 +326,19 @@ def execute(
                 clock=clock,
                 on_page=on_page,
                 fence=lease.fence if lease is not None else None,
+                early=early,
             )
             outcome = _finish(database, outcome, clock(), effective_dry_run)
             _notify_recorded(settings, database, ruleset, outcome, clock, abort_errors)
             return outcome
     except BaseException as exc:
+        if database is None or run_id is None:
+            return not_started(kind, exc, abort_errors)
         outcome = _failure(kind, run_id, exc, abort_errors)
-        if database is not None and run_id is not None:
-            with _run_context(run_id, allow_actions):
-                _finish(database, outcome, clock())
-                if isinstance(exc, Exception):
-                    _notify_recorded(settings, database, ruleset, outcome, clock)
-        else:
-            log.error("run_not_started", kind=kind, error=outcome.message)
+        with _run_context(run_id, allow_actions):
+            _finish(database, outcome, clock())
+            if isinstance(exc, Exception):
+                _notify_recorded(settings, database, ruleset, outcome, clock)
         if not isinstance(exc, Exception | KeyboardInterrupt):
             raise  # SystemExit and the like: recorded above, and passed on
         return outcome
@@ -345,6 +349,17 @@ def execute(
             lease.release()
         if own_database and database is not None:
             database.close()
+
+
+def not_started(kind: str, exc: BaseException, abort_errors: tuple[type[BaseException], ...] = ()) -> JobOutcome:
+    """The outcome of a job that failed before its run was recorded (the store could not be opened,
+    say), logged as ``run_not_started``. Call it in an ``except`` block: what is neither an
+    Exception nor an interrupt (SystemExit and the like) is logged, then raised again."""
+    outcome = _failure(kind, None, exc, abort_errors)
+    log.error("run_not_started", kind=kind, error=outcome.message)
+    if not isinstance(exc, Exception | KeyboardInterrupt):
+        raise exc
+    return outcome
 
 
 def _require_run(database: Database, run_id: int) -> None:
@@ -469,6 +484,7 @@ def _execute(
     clock: Clock,
     on_page: ProgressCallback | None,
     fence: Callable[[], None] | None = None,
+    early: EarlyListing | None = None,
 ) -> JobOutcome:
     if kind == "prune":
         from .retention import prune
@@ -477,8 +493,8 @@ def _execute(
             database, now=clock(), retention_period=settings.retention, audit_retention=settings.audit_retention
         )
         return JobOutcome(kind, runs.OK, EXIT_OK, pruned.message(), run_id, summary=pruned.summary())
-    opened = client is None
-    api = client or open_client(settings)
+    opened = client is None and early is None
+    api = client or (early.client() if early is not None else open_client(settings))
     try:
         if kind in ("undo", "enable"):
             assert ruleset is not None
@@ -497,7 +513,9 @@ def _execute(
         sync_result: SyncResult | None = None
         if kind in ("sync", "run"):
             try:
-                sync_result = take_snapshot(database, api, run_id=run_id, now=clock(), on_page=on_page)
+                # A listing begun early is seen as of when it began, before the run was recorded.
+                now = early.began_at if early is not None else clock()
+                sync_result = take_snapshot(database, api, run_id=run_id, now=now, on_page=on_page, early=early)
             except SyncFailed as exc:
                 return JobOutcome(kind, runs.FAILED, EXIT_FAILURE, str(exc), run_id)
             if kind == "sync":
