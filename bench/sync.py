@@ -6,7 +6,8 @@ generated organisation and latency added to every request. Each configuration ru
 schema), measured from the outside: wall time, CPU time (user + system) and peak RSS of the
 process, and the API requests it reports in its ``sync_complete`` log event. Beside it, in the
 same run: the serial loop a user would write with the official ``openrouter`` SDK
-(:mod:`bench.sdk_loop`), the latency lower bound of the listing, and a second sync after 1% of
+(:mod:`bench.sdk_loop`), the latency lower bound of the listing, keyhygiene's own client listing
+and storing nothing (:mod:`bench.list_only`: the floor of any sync), and a second sync after 1% of
 the keys changed. Repetitions are interleaved, so a burst of load from elsewhere on the machine
 spreads over every configuration; the table shows the median and the minimum.
 
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import timeit
 import uuid
@@ -84,12 +86,20 @@ class Measured:
 
 
 def run_measured(command: Sequence[str], env: dict[str, str], cwd: Path) -> Measured:
-    """Run ``command`` to completion; its wall time, CPU time and peak RSS, and its JSON log events."""
+    """Run ``command`` to completion; its wall time, CPU time and peak RSS, and its JSON log events.
+
+    The peak RSS is the high-water mark (``VmHWM`` in /proc, read every few milliseconds while it
+    runs) of the process or of a child of it, whichever is larger. What ``wait4`` reports is never
+    less than this harness's own memory when it started the process (Linux counts the parent's
+    pages the child shared before it ran its program), about 120 MB at 100,000 keys: it is used
+    only where /proc is not."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=err)
+        high_water = _HighWater(process.pid)
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - started
+        high_water.stop()
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
@@ -101,7 +111,41 @@ def run_measured(command: Sequence[str], env: dict[str, str], cwd: Path) -> Meas
         if line.startswith("{"):
             event = json.loads(line)
             events[str(event.get("event"))] = event
-    return Measured(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, events, stdout)
+    rss_mb = high_water.kib / 1024 if high_water.kib else usage.ru_maxrss / 1024
+    return Measured(wall, usage.ru_utime + usage.ru_stime, rss_mb, events, stdout)
+
+
+class _HighWater:
+    """The largest ``VmHWM`` of a running process or any child of it (the sync's staging helper),
+    read from /proc every 5 ms until it exits."""
+
+    def __init__(self, pid: int) -> None:
+        self.kib = 0
+        self._pid = pid
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        proc = Path("/proc")
+        while not self._stopped.is_set():
+            try:
+                children = (proc / str(self._pid) / "task" / str(self._pid) / "children").read_text().split()
+            except OSError:  # it has exited, or there is no /proc
+                return
+            for pid in [str(self._pid), *children]:
+                try:
+                    text = (proc / pid / "status").read_text()
+                except OSError:
+                    continue
+                for line in text.splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.kib = max(self.kib, int(line.split()[1]))
+            self._stopped.wait(0.005)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
 
 
 SPEED_PROBE = 'timeit "sum(range(10**6))"'
@@ -303,12 +347,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         pages = sum(count // PAGE_SIZE + 1 for count in per_workspace.values())
         syncs: dict[tuple[str, int], Series] = {}
         seconds: dict[str, Series] = {}
-        sdk = Series()
+        sdk, floor = Series(), Series()
         with tempfile.TemporaryDirectory(prefix="bench-sync-cwd-") as cwd:  # no .env is read
             for rep in range(args.reps):
                 sdk.runs.append(
                     run_measured(
                         [sys.executable, "-m", "bench.sdk_loop", base_url],
+                        clean_env(OPENROUTER_MANAGEMENT_KEY=management_key, PYTHONPATH=str(REPO)),
+                        REPO,
+                    )
+                )
+                floor.runs.append(
+                    run_measured(
+                        [sys.executable, "-m", "bench.list_only", base_url, str(default)],
                         clean_env(OPENROUTER_MANAGEMENT_KEY=management_key, PYTHONPATH=str(REPO)),
                         REPO,
                     )
@@ -341,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         syncs=syncs,
         seconds=seconds,
         sdk=sdk,
+        floor=floor,
         load=(load_before, os.getloadavg()),
         speed=(speed_before, machine_speed()),
         note=postgres_note,
@@ -360,6 +412,7 @@ def print_report(
     syncs: dict[tuple[str, int], Series],
     seconds: dict[str, Series],
     sdk: Series,
+    floor: Series,
     load: tuple[tuple[float, float, float], tuple[float, float, float]],
     speed: tuple[float, float],
     note: str,
@@ -406,6 +459,22 @@ def print_report(
             "1.00",
         )
     ]
+    floor_bound = pages / default * args.latency
+    rows.append(
+        (
+            "listing only, no store",
+            "-",
+            str(default),
+            f"{floor.median('wall'):.2f} ({floor.minimum('wall'):.2f})",
+            f"{floor.median('cpu'):.2f}",
+            f"{floor.median('rss_mb'):.0f}",
+            f"{int(json.loads(floor.runs[0].stdout)['requests']):,}",
+            "",
+            f"{floor_bound:.2f}",
+            "latency" if floor_bound >= floor.median("cpu") else "CPU",
+            f"{floor.median('wall') / sdk_wall:.2f}",
+        )
+    )
     for backend in backends:
         for concurrency in concurrencies:
             series = syncs[(backend, concurrency)]
@@ -429,7 +498,16 @@ def print_report(
     _print_table(header, rows)
 
     print(f"\nsecond sync after {args.changed:.0%} of the keys changed (concurrency {default})")
-    header2 = ("db", "first wall s", "second wall s", "second / first", "rows first", "rows second", "rows ratio")
+    header2 = (
+        "db",
+        "first wall s",
+        "second wall s",
+        "second / first",
+        "listing only / first",
+        "rows first",
+        "rows second",
+        "rows ratio",
+    )
     rows2: list[tuple[str, ...]] = []
     for backend in backends:
         first, second = syncs[(backend, default)], seconds[backend]
@@ -441,6 +519,7 @@ def print_report(
                 f"{first.median('wall'):.2f}",
                 f"{second.median('wall'):.2f} ({second.minimum('wall'):.2f})",
                 f"{second.median('wall') / first.median('wall'):.2f}",
+                f"{floor.median('wall') / first.median('wall'):.2f}",
                 f"{rows_first:,.0f}",
                 f"{rows_second:,.0f}",
                 f"{rows_second / rows_first:.1%}" if rows_first else "-",

@@ -36,6 +36,10 @@ def test_the_quick_sync_benchmark_prints_its_table() -> None:
     rows = [line.split() for line in lines if line.startswith("keyhygiene sync  ")]
     assert [row[2] for row in rows] == ["sqlite", "postgresql"]
     assert all(row[3] == "8" for row in rows)  # the default concurrency, alone with --quick
+    # keyhygiene's client listing and storing nothing, the floor of any sync, with its requests.
+    [floor] = [line.removeprefix("listing only, no store").split() for line in lines if line.startswith("listing only")]
+    assert floor[:2] == ["-", "8"]
+    assert int(floor[6]) >= 2 + 11  # the credential, the workspaces and at least the 11 pages
     second = [line.split() for line in lines if line.startswith(("sqlite ", "postgresql "))]
     # 1% of 500 keys changed: the second sync writes 5 rows where the first wrote 500.
-    assert [(row[5], row[6]) for row in second] == [("500", "5"), ("500", "5")]
+    assert [(row[6], row[7]) for row in second] == [("500", "5"), ("500", "5")]
