@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from structlog.testing import capture_logs
 
 from db import notices as stored_notices
@@ -718,6 +718,35 @@ def test_a_run_with_done_and_failed_changes_tells_done_targets_what_it_changed(
     assert [key["key_hash"] for key in failed["keys"]] == [failing]
     assert (failed["counts"]["done"], failed["counts"]["failed"]) == (2, 1)
     _assert_no_secret(sink, env, result)
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+def test_a_run_notice_lists_its_keys_in_code_point_order_whatever_the_database_collation(
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    sink: WebhookSink,
+    database: Database,
+) -> None:
+    """Every list of a notice orders names as Python does (code point: capitals first), so the keys
+    named, and the first 50 of a longer list, are the same on SQLite and on a PostgreSQL database
+    whose collation orders words as a dictionary does (ICU English: "alpha" before "Beta")."""
+    with database.engine.begin() as connection:
+        connection.execute(text('ALTER TABLE actions ALTER COLUMN key_name TYPE text COLLATE "en-x-icu"'))
+        names = "SELECT name FROM (VALUES ('beta'), ('Alpha'), ('alpha'), ('Beta')) AS v(name)"
+        in_database_order = connection.scalars(text(f'{names} ORDER BY name COLLATE "en-x-icu"')).all()
+    assert in_database_order == ["alpha", "Alpha", "beta", "Beta"]  # the collation orders otherwise
+    now = utcnow()
+    for name in ("beta", "Alpha", "alpha", "Beta"):
+        fake.add_key(name, created_at=now - 90 * DAY, expires_at=now - DAY)
+    rules_file(_rules(on='["done"]'))
+
+    result = cli("run")
+
+    assert result.exit_code == 0, result.stderr
+    (body,) = sink.bodies()
+    assert [key["key_name"] for key in body["keys"]] == ["Alpha", "Beta", "alpha", "beta"]
 
 
 def test_more_than_fifty_upcoming_actions_are_each_named_once_in_messages_of_at_most_fifty(
