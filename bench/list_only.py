@@ -28,8 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not client.current_key().is_management_key:
             print("not a management key", file=sys.stderr)
             return 2
-        workspace_ids = [workspace.id for workspace in client.list_workspaces()] or [None]
-        for page in client.stream_keys(workspace_ids):
+        for page in client.stream_inventory(client.list_workspaces()):
             keys += len(page)
         print(json.dumps({"keys": keys, "requests": client.requests_sent}))
     return 0

@@ -63,18 +63,6 @@ def verify_management_key(client: KeysClient) -> None:
         )
 
 
-def list_inventory(
-    client: KeysClient, workspaces: list[Workspace], *, on_page: ProgressCallback | None = None, room: int | None = None
-) -> KeyStream:
-    """Every key of every workspace (as ``client.list_workspaces()`` gave them), disabled and expired
-    ones included, page by page."""
-    workspace_ids: list[str | None] = [workspace.id for workspace in workspaces]
-    if not workspace_ids:
-        # No workspace listed: ``GET /keys`` without workspace_id lists the default one.
-        workspace_ids = [None]
-    return client.stream_keys(workspace_ids, on_page=on_page, room=room)
-
-
 class EarlyListing:
     """A sync's listing, begun by a command once it has opened the store, before it loads the job's
     other modules and records the run: the API's latency is waited out meanwhile.
@@ -134,7 +122,7 @@ class EarlyListing:
         try:
             self.requests_before, self.started, self.began_at = client.requests_sent, time.monotonic(), utcnow()
             workspaces = client.list_workspaces()
-            stream = list_inventory(client, workspaces, on_page=self._on_page, room=self.HEAD_START_PAGES)
+            stream = client.stream_inventory(workspaces, on_page=self._on_page, room=self.HEAD_START_PAGES)
             with self._lock:
                 if self._closed:
                     return

@@ -27,7 +27,7 @@ from keyhygiene.keysapi.models import Key
 from keyhygiene.keysapi.paging import DEFAULT_WORKSPACE
 from keyhygiene.keysapi.paging import ProgressCallback as ProgressCallback  # what jobs pass down
 
-from .api import EarlyListing, list_inventory
+from .api import EarlyListing
 from .context import Database, describe_db_error, quick_handoffs, session_scope
 from .errors import KeyhygieneError
 from .logging import get_logger, redact_text
@@ -145,7 +145,7 @@ def take_snapshot(
         else:
             requests_before, listing_started = client.requests_sent, time.monotonic()
             workspaces = client.list_workspaces()
-            listing = list_inventory(client, workspaces, on_page=on_page)
+            listing = client.stream_inventory(workspaces, on_page=on_page)
         for keys in listing.batched(_PAGES_PER_WRITE):
             if helper_wanted and unknown >= STAGING_HELPER_FROM_KEYS:
                 helper_wanted = False

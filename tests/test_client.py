@@ -112,6 +112,24 @@ def test_every_workspace_is_listed(fake: FakeOpenRouter, make_client) -> None:
     assert {key.workspace_id for key in listing.keys.values()} == {fake.default_workspace_id, research}
 
 
+def test_the_inventory_is_every_listed_workspace_or_the_default_one_when_none_is_listed(
+    fake: FakeOpenRouter, make_client
+) -> None:
+    research = fake.add_workspace("Research")["id"]
+    default_keys = add_keys(fake, 130, prefix="default")
+    research_keys = add_keys(fake, 30, workspace_id=research, prefix="research")
+    client = make_client(concurrency=3)
+
+    everything = client.stream_inventory(client.list_workspaces())
+    listed = sorted(raw["hash"] for page in everything for raw in page)
+    unlisted = client.stream_inventory([])  # an API that lists no workspace: GET /keys without one
+    default_only = sorted(raw["hash"] for page in unlisted for raw in page)
+
+    assert listed == sorted(default_keys + research_keys)
+    assert default_only == sorted(default_keys)
+    assert unlisted.per_workspace == {"default": 130}
+
+
 def test_workspace_listing_pages_past_100_workspaces(fake: FakeOpenRouter, make_client) -> None:
     for index in range(120):
         fake.add_workspace(f"ws-{index}")

@@ -350,6 +350,15 @@ class KeysClient:
 
         return KeyStream(fetch, workspace_ids, concurrency=self.concurrency, on_page=on_page, room=room)
 
+    def stream_inventory(
+        self, workspaces: Iterable[Workspace], *, on_page: ProgressCallback | None = None, room: int | None = None
+    ) -> KeyStream:
+        """Every key of every workspace (as :meth:`list_workspaces` gave them), disabled and expired
+        ones included, page by page (:meth:`stream_keys`). None listed: the default one, which
+        ``GET /keys`` without a workspace lists."""
+        workspace_ids: list[str | None] = [workspace.id for workspace in workspaces]
+        return self.stream_keys(workspace_ids or [None], on_page=on_page, room=room)
+
     def list_all_keys(self, workspace_ids: Iterable[str | None], *, on_page: ProgressCallback | None = None) -> Listing:
         """Every key of the given workspaces (None: the default one), typed and held at once.
 
