@@ -166,6 +166,10 @@ def _typed(raw: Mapping[str, Any], spec: _Spec, wire: dict[str, Any], dialect: s
             try:
                 if cls is float:
                     typed = round(value * MICROS_PER_USD)
+                    if not typed and value:
+                        # Below half a micro-dollar: kept as one, so that every figure summed or
+                        # compared in SQL sees spend where there is (the exact amount goes in "=").
+                        typed = 1 if value > 0 else -1
                 elif cls is int:
                     typed = value * MICROS_PER_USD
                 else:

@@ -651,6 +651,24 @@ def test_the_history_keeps_the_latest_spend_window_a_snapshot_saw(database: Data
     assert spent_from(s4) == {key(3).hash: march_2, key(4).hash: april_2}  # carried unchanged; BYOK spend
 
 
+def test_spend_below_a_micro_dollar_is_kept_as_spend(database: Database) -> None:
+    """A window counter of a few tenths of a micro-dollar (one small request to a cheap model) is use,
+    as the rules read it: the history keeps it as evidence past the counter's reset, as it keeps a
+    larger one, and the snapshot still reads back the API's exact amounts."""
+    monday = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+    tiny = 4e-7
+    s1, _ = store(database, [key(3, usage=3.0 + tiny, usage_weekly=tiny, usage_monthly=tiny), key(4)], monday)
+    s2, _ = store(database, [key(3, usage=3.0 + tiny), key(4)], monday + timedelta(days=30))  # April: reset
+
+    with database.sessions() as session:
+        spent_from = {s: {f.key_hash: f.spent_from for f in snapshots.history_facts(session, s)} for s in (s1, s2)}
+    march_2 = datetime(2026, 3, 2, tzinfo=UTC)  # this week's counter: from Monday
+    assert spent_from[s1] == {key(3).hash: march_2, key(4).hash: None}
+    assert spent_from[s2] == {key(3).hash: march_2, key(4).hash: None}  # kept past the reset
+    first = raw_at(database, s1)[key(3).hash]
+    assert (first["usage"], first["usage_weekly"], first["usage_monthly"]) == (3.0 + tiny, tiny, tiny)
+
+
 def test_a_key_that_comes_back_keeps_its_history(database: Database) -> None:
     store(database, [key(1), key(2)], T0)
     store(database, [key(1)], T0 + timedelta(days=1))
