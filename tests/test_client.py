@@ -7,6 +7,7 @@ concurrency bound, typed errors, and tolerant models.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -266,6 +267,39 @@ def test_a_refusal_in_the_middle_of_a_list_fails_the_listing(concurrency: int) -
 
     with pytest.raises(BadRequest):
         list(KeyStream(fetch, [None], concurrency=concurrency))
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+@pytest.mark.parametrize("keys", [250, 300])
+def test_a_refusal_followed_by_a_page_that_is_not_refused_fails_the_listing(concurrency: int, keys: int) -> None:
+    # One refused page (a gateway's 404 during a deploy) in a list of 250 keys: the next offset
+    # answers an empty page, so the refusal was no end of the list. The listing fails; it does not
+    # end at 200 keys, leaving 50 out of a snapshot taken for complete.
+    refusal = NotFound("GET /keys: 404 Resource not found", status=404)
+    fetch = _pages_of(keys, lambda offset: refusal if offset == 200 else None)
+
+    with pytest.raises(NotFound):
+        list(KeyStream(fetch, [None], concurrency=concurrency))
+
+
+def test_a_refusal_that_comes_back_after_the_short_page_fails_the_listing() -> None:
+    # The empty page at 300 is answered before the refusal of 200 (concurrent requests): the
+    # list goes on to 300, so 200 was inside it.
+    refusal = BadRequest("GET /keys: 400 Invalid request parameters", status=400)
+    short_page_answered = threading.Event()
+    pages = _pages_of(300, lambda offset: None)
+
+    def fetch(workspace: str | None, offset: int) -> list[dict[str, Any]]:
+        if offset == 200:
+            assert short_page_answered.wait(10)
+            raise refusal
+        page = pages(workspace, offset)
+        if offset == 300:
+            short_page_answered.set()
+        return page
+
+    with pytest.raises(BadRequest):
+        list(KeyStream(fetch, [None], concurrency=4))
 
 
 def test_a_refusal_of_the_first_page_fails_the_listing() -> None:

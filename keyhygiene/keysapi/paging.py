@@ -16,7 +16,8 @@ empty page). Should it refuse one (400 or 404), the offsets asked for ahead woul
 listing: a refusal of an offset past every full page seen is held instead, and becomes the list's
 end once every page before it has come back full and the next offset is refused too (asked for if
 it was not: one request more); ``ends_by_refusal`` names those workspaces. A page with keys after
-a refused offset, or a refusal of offset 0, fails the listing as any error does.
+a refused offset, a short page (even an empty one) after it that is not refused, a refusal before a
+short page, or a refusal of offset 0, fails the listing as any error does.
 """
 
 from __future__ import annotations
@@ -223,8 +224,8 @@ class KeyStream:
         the known end, or a refusal past every full page seen (see the module's docstring)."""
         if workspace.end is not None and offset > workspace.end:
             return True
-        if offset == 0 or not isinstance(exc, BadRequest | NotFound):
-            return False
+        if workspace.end is not None or offset == 0 or not isinstance(exc, BadRequest | NotFound):
+            return False  # before the list's end (its short page came back first), or no refusal
         if any(later > offset and page for later, page in workspace.early.items()):
             return False  # keys came back from further on: the list goes on past this offset
         workspace.refused[offset] = exc
@@ -267,9 +268,9 @@ class KeyStream:
         self.pages += 1
         refused_at = workspace.refused_at
         no_short_page_before = refused_at is not None and (workspace.end is None or workspace.end >= refused_at)
-        if page and refused_at is not None and offset > refused_at and no_short_page_before:
-            # Keys past the offset the API refused, and no short page before it: that refusal was
-            # no end of the list.
+        if (page or workspace.end is None) and refused_at is not None and offset > refused_at and no_short_page_before:
+            # Keys past the offset the API refused, or the first short page, and no short page
+            # before it: that refusal was no end of the list (an end is refused twice in a row).
             self._fail(workspace.refused[refused_at])
             self._room.release()
             return
