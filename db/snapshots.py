@@ -637,6 +637,7 @@ def record_staged(
     carried_on: int | None = None,
     reserved_ids: bool = False,
     expected_keys: int | None = None,
+    listed_against: int | None = None,
 ) -> SnapshotWrite:
     """Record the keys staged for ``snapshot_id`` as a complete snapshot, writing only what changed.
 
@@ -664,6 +665,12 @@ def record_staged(
     ``expected_keys``: how many distinct keys the sync handed over, staged or carried; when the
     staging tables hold another number (fewer: rows were lost), StagingIncomplete is raised and
     nothing is written.
+
+    ``listed_against``: the newest complete snapshot when the sync compared its listing with it
+    (``SnapshotWriter.missing``; 0: there was none), whose keys the listing left out were checked one
+    by one. Recorded on top of another one, a key that one holds and the listing left out would be
+    closed as gone unchecked (a key created meanwhile, listed by the other sync): SnapshotSuperseded
+    is raised then, and nothing is written, whether keys were carried or not.
     """
     postgresql = session.get_bind().dialect.name == "postgresql"
     if postgresql:
@@ -689,6 +696,8 @@ def record_staged(
     carried = c.c.snapshot_id == snapshot_id
     carried_keys = _count(session, c, carried)
     if carried_keys and (newest := newest_complete(session)) != carried_on:
+        raise _superseded(newest)
+    if listed_against is not None and (newest := newest_complete(session)) != (listed_against or None):
         raise _superseded(newest)
     s, t = snapshot_staging, tracked_keys
     staged = s.c.snapshot_id == snapshot_id
@@ -1174,6 +1183,7 @@ class SnapshotWriter:
         self._id_lane, self._id_lanes, self._id_floor = 0, 1, 0
         self._reserved = False  # ids were reserved on SQLite, here or by a sharing writer
         self._to_carry: list[int] = []  # ids of keys carried on ``known``'s snapshot, not written yet
+        self._listed_against: int | None = None  # the snapshot ``missing`` compared with (0: none)
         self.duplicates = 0
 
     def add(self, session: Session, raw_keys: Iterable[Mapping[str, Any]]) -> None:
@@ -1343,8 +1353,11 @@ class SnapshotWriter:
 
     def missing(self, session: Session, listed: Iterable[str] | None = None) -> list[str]:
         """Hashes of keys in the newest complete snapshot that were not handed over (to this
-        writer, or to any writer when ``listed`` gives every hash the listing handed over), sorted."""
+        writer, or to any writer when ``listed`` gives every hash the listing handed over), sorted.
+        ``finish`` then records the snapshot on top of that one only (``record_staged``'s
+        ``listed_against``)."""
         previous = latest_snapshot(session)
+        self._listed_against = previous.id if previous is not None else 0
         if previous is None or (listed is not None and self._every_key_alive_handed_over(session)):
             return []
         return sorted(key_hashes_at(session, previous.id).difference(self._seen if listed is None else listed))
@@ -1376,7 +1389,8 @@ class SnapshotWriter:
         workspace_counts: Mapping[str, int],
         expected_keys: int | None = None,
     ) -> SnapshotWrite:
-        """Record the snapshot as complete (see ``record_staged``, and its ``expected_keys``), with its roll-ups."""
+        """Record the snapshot as complete (see ``record_staged``, its ``expected_keys`` and
+        ``listed_against``), with its roll-ups."""
         self._carry_now(session)
         written = record_staged(
             session,
@@ -1387,6 +1401,7 @@ class SnapshotWriter:
             carried_on=self._carried_on,
             reserved_ids=self._reserved,
             expected_keys=expected_keys,
+            listed_against=self._listed_against,
         )
         rollups.record_rollups(session, snapshot_id=self.snapshot_id, taken_at=taken_at, keys=written.key_count)
         return written

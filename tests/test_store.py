@@ -612,6 +612,32 @@ def test_a_new_key_whose_reserved_id_another_sync_took_gets_its_own(database: Da
         assert snapshots.count_versions(session) == 4  # keys 1, 5 and 6 as the first listed them, key 4
 
 
+def test_a_sync_is_refused_when_another_records_after_it_compared_its_listing(database: Database) -> None:
+    """A sync checks the keys of the newest snapshot that its listing left out (``missing``) one by
+    one. When another sync records a snapshot after that, recording this one on top would close the
+    versions of a key only the other one listed (created meanwhile) as gone, unchecked. It is
+    refused and writes nothing, even when it carried no key (every key changed)."""
+    store(database, [key(1), key(2)], T0)
+    earlier, later = start(database, T0 + timedelta(minutes=1)), start(database, T0 + timedelta(minutes=2))
+    late_writer = snapshots.SnapshotWriter(later)
+    with session_scope(database) as session:
+        late_writer.add(session, [key(1, usage=5.0).raw, key(2, usage=5.0).raw])
+    with database.sessions() as session:
+        assert late_writer.missing(session, {key(1).hash, key(2).hash}) == []  # against the first snapshot
+    with session_scope(database) as session:  # the other sync lists key 3, new since
+        snapshots.record_snapshot(
+            session, snapshot_id=earlier, keys=[key(1).raw, key(2).raw, key(3).raw], taken_at=T0, workspace_counts={}
+        )
+
+    with pytest.raises(snapshots.SnapshotSuperseded), session_scope(database) as session:
+        late_writer.finish(session, taken_at=T0 + timedelta(minutes=2), workspace_counts={})
+
+    with database.sessions() as session:
+        newest = snapshots.latest_snapshot(session)
+        assert newest is not None and newest.id == earlier
+        assert key(3).hash in snapshots.key_hashes_at(session, newest.id)
+
+
 def test_history_facts_say_since_when_usage_and_disabled_held(database: Database) -> None:
     store(database, [key(1, usage=1.0), key(2)], T0)
     store(database, [key(1, usage=2.0), key(2, usage_daily=1.0)], T0 + timedelta(days=1))
