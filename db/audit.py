@@ -20,10 +20,10 @@ from datetime import datetime
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import func, insert, literal, select, update
+from sqlalchemy import exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
-from .models import Action, PlanEntry, RunPlan, StoredPlan
+from .models import Action, PlanEntry, Run, RunPlan, StoredPlan
 
 PLANNED = "planned"
 PENDING = "pending"  # intent written, API call not yet known to have finished
@@ -105,6 +105,19 @@ def in_doubt(session: Session) -> list[Action]:
     return list(
         session.scalars(select(Action).where(Action.outcome == PENDING, Action.dry_run.is_(False)).order_by(Action.id))
     )
+
+
+def in_doubt_of_run(session: Session, run_id: int) -> int:
+    """How many changes run ``run_id`` left in doubt (intents it could not settle itself)."""
+    pending = (Action.run_id == run_id, Action.outcome == PENDING, Action.dry_run.is_(False))
+    return int(session.scalar(select(func.count()).select_from(Action).where(*pending)) or 0)
+
+
+def finished_runs_in_doubt(session: Session) -> list[int]:
+    """The runs that ended leaving a change in doubt, oldest first."""
+    finished = exists().where(Run.id == Action.run_id, Run.finished_at.is_not(None))
+    pending = (Action.outcome == PENDING, Action.dry_run.is_(False), finished)
+    return list(session.scalars(select(Action.run_id).where(*pending).distinct().order_by(Action.run_id)))
 
 
 def last_changes(

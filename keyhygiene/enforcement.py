@@ -769,7 +769,11 @@ def enforce_snapshot(
     if dry_run:
         _record_plan(database, unapplied, run_id=run_id, now=now, dry_run=True, outcome=audit.PLANNED)
     else:
-        _record_all(database, unapplied, run_id=run_id, now=now, dry_run=False, outcome=audit.DONE)
+        try:
+            _record_all(database, unapplied, run_id=run_id, now=now, dry_run=False, outcome=audit.DONE)
+        except BaseException as exc:  # a stop while the reports are recorded: no change was begun
+            _record_unreached(database, the_plan.changes, run_id=run_id, now=clock() if clock else now, stopped=exc)
+            raise
     result.reported = sum(1 for decision in unapplied if decision.action == "report")
 
     snapshot_keys = {key.hash: key for key in inputs.keys}

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from db import runs, snapshots
+from db import audit, runs, snapshots
+from db.leases import LeaseHolder
 from db.models import Run
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed
 from keyhygiene.keysapi.timing import longest_change
@@ -42,7 +43,7 @@ from .errors import (
 from .inventory import ProgressCallback, SyncFailed, SyncResult, take_snapshot
 from .lease import EnforcementLease, RunHeartbeat
 from .settings import Settings
-from .timeutil import utcnow
+from .timeutil import isoformat, utcnow
 
 if TYPE_CHECKING:
     from keyhygiene.keysapi.client import KeysClient
@@ -295,8 +296,7 @@ def execute(
             lease = EnforcementLease(database, job=kind, hold_for=hold_for)
             if not lease.acquire():
                 held_by, lease = lease.held_by, None
-                holder = held_by.describe() if held_by else None
-                return _skipped(database, kind, clock(), started_by, task_id, holder, allow_actions)
+                return _skipped(database, kind, clock(), started_by, task_id, held_by, allow_actions)
         dead_after = 2 * settings.job_time_limit  # a run still running this long: its process died
         run_id = _start(
             database,
@@ -346,7 +346,7 @@ def execute(
         if alive is not None:
             alive.stop()
         if lease is not None:
-            lease.release()
+            lease.release(in_doubt=_left_in_doubt(database, run_id))
         if own_database and database is not None:
             database.close()
 
@@ -375,15 +375,43 @@ def _skipped(
     now: datetime,
     started_by: str,
     task_id: str | None,
-    holder: str | None,
+    held_by: LeaseHolder | None,
     allow_actions: int | None,
 ) -> JobOutcome:
-    """Record a job that did not start because another job that changes keys holds the lease."""
-    reason = f"another enforcement holds the enforcement lock: {holder or 'a job that just ended'}; nothing was changed"
+    """Record a job that did not start because another job that changes keys holds the lease (or
+    keeps it for a change it left in doubt: ``EnforcementLease.release``)."""
+    holder = held_by.describe() if held_by is not None else "a job that just ended"
+    reason = f"another enforcement holds the enforcement lock: {holder}; nothing was changed"
+    kept_by = _finished_runs_in_doubt(database)
+    if kept_by and held_by is not None and held_by.expires_at is not None:
+        reason += (
+            f" (run {', '.join(map(str, kept_by))} left a change in doubt whose request may still land: the lock is "
+            f"kept until {isoformat(held_by.expires_at)}, and the next enforcement after that settles it)"
+        )
     outcome = JobOutcome(kind, runs.SKIPPED, EXIT_FAILURE, reason)
     outcome = _ended(database, outcome, now, started_by, task_id, allow_actions)
     log.warning("job_skipped", run_id=outcome.run_id, kind=kind, reason=reason, started_by=started_by)
     return outcome
+
+
+def _left_in_doubt(database: Database | None, run_id: int | None) -> bool:
+    """Whether run ``run_id`` left a change in doubt (False when that cannot be read)."""
+    if database is None or run_id is None:
+        return False
+    try:
+        with database.sessions() as session:
+            return audit.in_doubt_of_run(session, run_id) > 0
+    except SQLAlchemyError:  # the lease is then left to expire: released or not, nothing is lost
+        return False
+
+
+def _finished_runs_in_doubt(database: Database) -> list[int]:
+    """Finished runs that left a change in doubt (none when that cannot be read)."""
+    try:
+        with database.sessions() as session:
+            return audit.finished_runs_in_doubt(session)
+    except SQLAlchemyError:
+        return []
 
 
 def _ended(

@@ -175,11 +175,23 @@ class EnforcementLease:
                 "stopped before the next change"
             )
 
-    def release(self) -> None:
-        """Stop renewing and free the lease (if it is still ours)."""
+    def release(self, *, in_doubt: bool = False) -> None:
+        """Stop renewing and free the lease (if it is still ours).
+
+        ``in_doubt``: the job left a change in doubt (its answer lost, the key not changed yet when
+        read again): its request may still land, and a job that settled it now would record it as
+        not made. The lease is then kept, no longer renewed, until the hold of the job's last fence
+        has passed (``fence``), as it is for a holder that dies mid-change."""
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=self.renew_every.total_seconds() + 5)
+        if in_doubt and not self._lost.is_set():
+            log.warning(
+                "enforcement_lock_kept",
+                reason="a change left in doubt may still land: no job settles it before the lock expires",
+                until=isoformat(self._expiry()),
+            )
+            return
         try:
             with session_scope(self._database) as session:
                 leases.release(session, self.name, token=self.token)
@@ -188,6 +200,15 @@ class EnforcementLease:
             log.warning(
                 "enforcement_lock_not_released", error=describe_db_error(exc), expires_in=self.ttl.total_seconds()
             )
+
+    def _expiry(self) -> datetime | None:
+        """When the lease expires, as it stands (None when unknown)."""
+        try:
+            with self._database.sessions() as session:
+                holder = leases.holder(session, self.name)
+        except SQLAlchemyError:
+            return None
+        return holder.expires_at if holder is not None and holder.token == self.token else None
 
     def _renew(self, ttl: timedelta | None = None) -> bool:
         with session_scope(self._database) as session:

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from structlog.testing import capture_logs
 
 from db import audit, runs
-from db.models import Action, Run
+from db.models import Action, Lease, Run
+from keyhygiene import enforcement
 from keyhygiene.context import Database, session_scope
 from keyhygiene.enforcement import change_key, settle_in_doubt
 from keyhygiene.fakeapi import FakeOpenRouter
@@ -26,6 +27,7 @@ from keyhygiene.keysapi.errors import ServerError
 from keyhygiene.keysapi.models import Key
 from keyhygiene.rules import Decision
 from keyhygiene.settings import Settings
+from keyhygiene.shutdown import Terminated
 from keyhygiene.timeutil import utcnow
 
 from .conftest import MANAGEMENT_KEY, CliResult
@@ -216,6 +218,37 @@ def test_run_changes_exactly_the_keys_the_rules_select(
         assert event["dry_run"] is False
         assert event["outcome"] == "done"
     assert {e["key_name"] for e in events} == {name for name, _, _ in done}
+
+
+def test_a_stop_while_the_reports_are_recorded_leaves_every_planned_change_on_record(
+    org: Org,
+    ready: dict[str, str],
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # SIGTERM lands while the run records its reports, before it begins any change: nothing is
+    # changed, and each planned change is recorded (and logged) as not reached.
+    rules_file(org.rules())
+    record_all = enforcement._record_all
+
+    def stopped_on_reports(database: Database, decisions: Any, **fields: Any) -> list[int]:
+        if decisions and all(decision.action == "report" for decision in decisions):
+            raise Terminated("terminated by SIGTERM")
+        return record_all(database, decisions, **fields)
+
+    monkeypatch.setattr(enforcement, "_record_all", stopped_on_reports)
+
+    result = cli("run")
+
+    assert result.exit_code != 0
+    assert _runs(ready)[-1].status == "aborted"
+    assert org.fake.mutating_calls() == []
+    changes = {(org.name_of(a.key_hash), a.outcome) for a in _actions(ready)}
+    assert changes == {(name, "skipped") for _, name, _ in EXPECTED_CHANGES}
+    skipped = [e for e in result.events_named("key_action") if e["outcome"] == "skipped"]
+    assert sorted(e["key_name"] for e in skipped) == sorted(name for _, name, _ in EXPECTED_CHANGES)
+    assert all(e["reason"].startswith("not reached: the run stopped before this change") for e in skipped)
 
 
 def test_a_key_whose_name_no_database_stores_as_text_is_planned_changed_and_audited(
@@ -563,7 +596,17 @@ def test_a_disable_whose_answer_was_lost_and_not_applied_is_not_resent_and_stays
     assert [event["fresh_state"] for event in result.events_named("key_action_in_doubt")] == ["unchanged"]
     assert not [e for e in result.events_named("key_action") if e["key_hash"] == idle and e["outcome"] != "planned"]
 
-    # The next run finds the change not made: it records that, and decides again (disables it).
+    # The request may still land: until that has surely passed, the lock is kept and no run settles
+    # the change (it would record it as not made).
+    assert result.events_named("enforcement_lock_kept")
+    too_soon = cli("run")
+    assert too_soon.exit_code == 1
+    assert "run 1 left a change in doubt whose request may still land" in too_soon.stderr
+    assert [a.outcome for a in _actions(ready) if a.key_hash == idle] == ["pending"]
+
+    # Once the lock has expired, the next run finds the change not made: it records that, and
+    # decides again (disables it).
+    _expire_the_lock(ready)
     again = cli("run")
 
     assert again.exit_code == 0, again.stderr
@@ -584,6 +627,7 @@ def test_a_delete_that_lands_after_its_answer_was_lost_is_recorded_as_made_befor
     org.fake.delete_key(doomed)  # the request that was at work behind the gateway
     # One key of 21 gone (4.8%) is more than the guard lets pass unexplained now.
     rules_file(org.rules(max_percent=2))
+    _expire_the_lock(ready)  # kept for the change in doubt until its request has surely ended
 
     second = cli("run")
 
@@ -592,6 +636,36 @@ def test_a_delete_that_lands_after_its_answer_was_lost_is_recorded_as_made_befor
     (row,) = [a for a in _actions(ready) if a.key_hash == doomed]
     assert row.outcome == "done" and "shows the change was made" in (row.reason or "")
     assert org.fake.change_counts()[("DELETE", doomed)] == 1
+
+
+def test_a_change_in_doubt_that_lands_after_its_run_is_recorded_as_made_and_can_be_undone(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    # A gateway times out on the PATCH; the key still reads enabled when the run ends, so the run
+    # leaves the change in doubt. An operator runs again at once; the request lands after that.
+    idle, _, row = _run_losing_the_answer(org, ready, cli, rules_file, key="dev-idle", method="PATCH", status=504)
+    again = cli("run")  # the lock is kept for the change in doubt: nothing is settled too early
+    org.fake.update_key(idle, {"disabled": True})  # the request that was at work behind the gateway
+    _expire_the_lock(ready)
+
+    settled = cli("run")
+
+    assert (again.exit_code, settled.exit_code) == (1, 0), settled.stderr
+    assert [(a.run_id, a.outcome) for a in _actions(ready) if a.key_hash == idle] == [(row.run_id, "done")]
+    assert org.fake.change_counts()[("PATCH", idle)] == 1  # never sent again
+    undone = cli("undo", str(row.run_id))  # the run's disable is on record: it can be given back
+    assert undone.exit_code == 0, undone.stderr
+    assert org.fake.get(idle)["disabled"] is False  # type: ignore[index]
+
+
+def _expire_the_lock(env: dict[str, str]) -> None:
+    """As if the time the enforcement lock is kept for a change in doubt had passed."""
+    database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=env["KEYHYGIENE_DATABASE_URL"]))  # type: ignore[call-arg]
+    try:
+        with session_scope(database) as session:
+            session.execute(update(Lease).values(expires_at=utcnow() - timedelta(seconds=1)))
+    finally:
+        database.close()
 
 
 def _disable_an_idle_key(
