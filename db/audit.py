@@ -113,9 +113,9 @@ def in_doubt_of_run(session: Session, run_id: int) -> int:
     return int(session.scalar(select(func.count()).select_from(Action).where(*pending)) or 0)
 
 
-def finished_runs_in_doubt(session: Session) -> list[int]:
-    """The runs that ended leaving a change in doubt, oldest first."""
-    finished = exists().where(Run.id == Action.run_id, Run.finished_at.is_not(None))
+def finished_runs_in_doubt(session: Session, *, started_since: datetime) -> list[int]:
+    """The runs started at or after ``started_since`` that ended leaving a change in doubt, oldest first."""
+    finished = exists().where(Run.id == Action.run_id, Run.finished_at.is_not(None), Run.started_at >= started_since)
     pending = (Action.outcome == PENDING, Action.dry_run.is_(False), finished)
     return list(session.scalars(select(Action.run_id).where(*pending).distinct().order_by(Action.run_id)))
 

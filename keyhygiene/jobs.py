@@ -346,7 +346,7 @@ def execute(
         if alive is not None:
             alive.stop()
         if lease is not None:
-            lease.release(in_doubt=_left_in_doubt(database, run_id))
+            lease.release(in_doubt=lambda: _left_in_doubt(database, run_id))
         if own_database and database is not None:
             database.close()
 
@@ -382,7 +382,7 @@ def _skipped(
     keeps it for a change it left in doubt: ``EnforcementLease.release``)."""
     holder = held_by.describe() if held_by is not None else "a job that just ended"
     reason = f"another enforcement holds the enforcement lock: {holder}; nothing was changed"
-    kept_by = _finished_runs_in_doubt(database)
+    kept_by = _runs_keeping_the_lock(database, held_by) if held_by is not None else []
     if kept_by and held_by is not None and held_by.expires_at is not None:
         reason += (
             f" (run {', '.join(map(str, kept_by))} left a change in doubt whose request may still land: the lock is "
@@ -395,21 +395,21 @@ def _skipped(
 
 
 def _left_in_doubt(database: Database | None, run_id: int | None) -> bool:
-    """Whether run ``run_id`` left a change in doubt (False when that cannot be read)."""
+    """Whether run ``run_id`` left a change in doubt."""
     if database is None or run_id is None:
         return False
-    try:
-        with database.sessions() as session:
-            return audit.in_doubt_of_run(session, run_id) > 0
-    except SQLAlchemyError:  # the lease is then left to expire: released or not, nothing is lost
-        return False
+    with database.sessions() as session:
+        return audit.in_doubt_of_run(session, run_id) > 0
 
 
-def _finished_runs_in_doubt(database: Database) -> list[int]:
-    """Finished runs that left a change in doubt (none when that cannot be read)."""
+def _runs_keeping_the_lock(database: Database, held_by: LeaseHolder) -> list[int]:
+    """The finished runs, started under the lock ``held_by`` holds, that left a change in doubt:
+    their lock is kept for it (none when that cannot be read)."""
+    if held_by.acquired_at is None:
+        return []
     try:
         with database.sessions() as session:
-            return audit.finished_runs_in_doubt(session)
+            return audit.finished_runs_in_doubt(session, started_since=held_by.acquired_at)
     except SQLAlchemyError:
         return []
 

@@ -175,17 +175,22 @@ class EnforcementLease:
                 "stopped before the next change"
             )
 
-    def release(self, *, in_doubt: bool = False) -> None:
+    def release(self, *, in_doubt: Callable[[], bool] | None = None) -> None:
         """Stop renewing and free the lease (if it is still ours).
 
-        ``in_doubt``: the job left a change in doubt (its answer lost, the key not changed yet when
-        read again): its request may still land, and a job that settled it now would record it as
-        not made. The lease is then kept, no longer renewed, until the hold of the job's last fence
-        has passed (``fence``), as it is for a holder that dies mid-change."""
+        ``in_doubt``: whether the job left a change in doubt (its answer lost, the key not changed
+        yet when read again): its request may still land, and a job that settled it now would
+        record it as not made. The lease is then kept, no longer renewed, until the hold of the
+        job's last fence has passed (``fence``), as it is for a holder that dies mid-change; and
+        kept too when the database cannot tell. The renewals stop first, whatever happens after."""
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=self.renew_every.total_seconds() + 5)
-        if in_doubt and not self._lost.is_set():
+        try:
+            keep = in_doubt is not None and in_doubt()
+        except SQLAlchemyError:  # cannot tell: kept, it expires by itself
+            keep = True
+        if keep and not self._lost.is_set():
             log.warning(
                 "enforcement_lock_kept",
                 reason="a change left in doubt may still land: no job settles it before the lock expires",

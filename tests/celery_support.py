@@ -246,8 +246,9 @@ class Process:
 
 def let_the_enforcement_hold_pass(database: Database) -> None:
     """What the passing of time does to the enforcement lease of a process that died (or lost the
-    database) with a change in flight: its fence holds the lease for as long as that change may take
-    (keyhygiene.lease; 90 s and more), too long for a test to wait: its expiry is moved to now."""
+    database) with a change in flight, or of a job that left a change in doubt: its fence holds the
+    lease for as long as that change may take (keyhygiene.lease; 90 s and more), too long for a test
+    to wait: its expiry is moved to now."""
     with database.writer() as session, session.begin():
         session.execute(update(Lease).values(expires_at=utcnow() - timedelta(seconds=1)))
 

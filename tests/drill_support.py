@@ -23,17 +23,15 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from db.models import Action, Base, Lease, Run, Snapshot, key_records, key_usage
+from db.models import Action, Base, Run, Snapshot, key_records, key_usage
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
-from keyhygiene.timeutil import utcnow
 
 from .celery_support import wait_until
 from .conftest import MANAGEMENT_KEY
@@ -176,6 +174,8 @@ def drill_fixture(drill_log: list[Drill], request: pytest.FixtureRequest) -> Dri
 
 def expired_keys(fake: FakeOpenRouter, now: Any, *, doomed: int = 8, healthy: int = 150) -> list[str]:
     """``doomed`` expired keys (the rules delete them at once) among ``healthy`` ones: two pages."""
+    from datetime import timedelta
+
     hashes = [
         str(
             fake.add_key(
@@ -187,12 +187,6 @@ def expired_keys(fake: FakeOpenRouter, now: Any, *, doomed: int = 8, healthy: in
     for n in range(healthy):
         fake.add_key(f"svc-{n}", created_at=now - timedelta(days=90), last_used_at=now, usage=5.0)
     return hashes
-
-
-def expire_enforcement_lock(database: Database) -> None:
-    """As if the time a run keeps the enforcement lock for a change it left in doubt had passed."""
-    with database.writer() as session, session.begin():
-        session.execute(update(Lease).values(expires_at=utcnow() - timedelta(seconds=1)))
 
 
 def wait_for_change_in_flight(database: Database, *, what: str, timeout: float = 60) -> None:

@@ -21,13 +21,12 @@ from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.settings import Settings
 from keyhygiene.timeutil import utcnow
 
-from .celery_support import LIVE_RULES
+from .celery_support import LIVE_RULES, let_the_enforcement_hold_pass
 from .conftest import MANAGEMENT_KEY, CliResult
 from .drill_support import (
     Drill,
     drill_fixture,
     drill_log_fixture,
-    expire_enforcement_lock,
     expired_keys,
     outputs_of,
 )
@@ -214,7 +213,7 @@ def test_api_fault_drill(
         too_soon = cli("run")
         assert too_soon.exit_code == 1 and "left a change in doubt" in too_soon.stderr, too_soon.stderr
         drill.saw("a run at once was skipped: the lock is kept while the changes in doubt may still land")
-        expire_enforcement_lock(drill_env)
+        let_the_enforcement_hold_pass(drill_env)
     recovery = cli("run")
 
     assert recovery.exit_code == 0, recovery.stderr

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 from db import leases
 from db.migrate import upgrade
@@ -34,6 +35,7 @@ from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.lease import EnforcementLease, LeaseLost
 from keyhygiene.rules import load_rules
 from keyhygiene.settings import Settings
+from keyhygiene.shutdown import Terminated
 from keyhygiene.timeutil import utcnow
 
 from .celery_support import LIVE_RULES, Process, let_the_enforcement_hold_pass, wait_until
@@ -288,6 +290,42 @@ def test_a_change_in_flight_keeps_the_lease_for_as_long_as_it_may_take(database:
         assert taken_over_at(200 + 90 + 5)
     finally:
         holder.release()
+
+
+def test_a_release_cut_short_by_a_stop_still_ends_the_renewals(database: Database) -> None:
+    # A second SIGTERM lands while a job ends, as it asks whether it left a change in doubt: the
+    # heartbeat stops all the same, so the lease expires instead of being renewed for as long as
+    # the worker process lives (every later enforcement skipped).
+    holder = EnforcementLease(database, job="run", ttl=timedelta(seconds=1), renew_every=timedelta(seconds=0.1))
+    assert holder.acquire()
+
+    def stopped() -> bool:
+        raise Terminated("terminated by SIGTERM")
+
+    with pytest.raises(Terminated):
+        holder.release(in_doubt=stopped)
+
+    assert holder._heartbeat is not None and not holder._heartbeat.is_alive()
+    taker = EnforcementLease(database, job="enforce")
+    wait_until(taker.acquire, timeout=20, interval=0.2, what="the lease to expire")  # not renewed
+    taker.release()
+
+
+def test_a_lease_whose_job_cannot_tell_whether_it_left_a_change_in_doubt_is_kept(database: Database) -> None:
+    # The database failed as the job ended: it cannot tell, so the lease is kept (it expires by
+    # itself) rather than freed for a job that would settle a change whose request may still land.
+    holder = EnforcementLease(database, job="run")
+    assert holder.acquire()
+
+    def cannot_tell() -> bool:
+        raise OperationalError("SELECT count(*) FROM actions", {}, Exception("server closed the connection"))
+
+    holder.release(in_doubt=cannot_tell)
+
+    with database.sessions() as session:
+        kept = leases.holder(session, leases.ENFORCEMENT)
+    assert kept is not None and kept.token == holder.token
+    assert not EnforcementLease(database, job="enforce").acquire()
 
 
 def test_a_lost_lease_is_logged_with_the_task_of_its_job(database: Database) -> None:

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 from structlog.testing import capture_logs
 
 from db import audit, runs
-from db.models import Action, Lease, Run
+from db.models import Action, Run
 from keyhygiene import enforcement
 from keyhygiene.context import Database, session_scope
 from keyhygiene.enforcement import change_key, settle_in_doubt
@@ -25,11 +25,13 @@ from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import ServerError
 from keyhygiene.keysapi.models import Key
+from keyhygiene.lease import EnforcementLease
 from keyhygiene.rules import Decision
 from keyhygiene.settings import Settings
 from keyhygiene.shutdown import Terminated
 from keyhygiene.timeutil import utcnow
 
+from .celery_support import let_the_enforcement_hold_pass
 from .conftest import MANAGEMENT_KEY, CliResult
 
 DAY = timedelta(days=1)
@@ -658,12 +660,32 @@ def test_a_change_in_doubt_that_lands_after_its_run_is_recorded_as_made_and_can_
     assert org.fake.get(idle)["disabled"] is False  # type: ignore[index]
 
 
+def test_a_job_skipped_by_a_live_holder_is_not_told_of_an_old_change_in_doubt(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    # A change left in doubt long ago that no run could settle since, and another job holding
+    # the lock now: the skip names that job, and says nothing of a lock kept for the old change.
+    _run_losing_the_answer(org, ready, cli, rules_file, key="dev-idle", method="PATCH", status=502)
+    _expire_the_lock(ready)
+    database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=ready["KEYHYGIENE_DATABASE_URL"]))  # type: ignore[call-arg]
+    live = EnforcementLease(database, job="enforce")
+    try:
+        assert live.acquire()
+        skipped = cli("run")
+    finally:
+        live.release()
+        database.close()
+
+    assert skipped.exit_code == 1
+    assert "another enforcement holds the enforcement lock: enforce on" in skipped.stderr
+    assert "left a change in doubt" not in skipped.stderr
+
+
 def _expire_the_lock(env: dict[str, str]) -> None:
     """As if the time the enforcement lock is kept for a change in doubt had passed."""
     database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=env["KEYHYGIENE_DATABASE_URL"]))  # type: ignore[call-arg]
     try:
-        with session_scope(database) as session:
-            session.execute(update(Lease).values(expires_at=utcnow() - timedelta(seconds=1)))
+        let_the_enforcement_hold_pass(database)
     finally:
         database.close()
 
