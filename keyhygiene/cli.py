@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import re
 import signal
 import sys
@@ -72,6 +73,24 @@ class State:
 
 
 pass_state = click.make_pass_decorator(State, ensure=True)
+
+
+def _quiet(stream: Any) -> None:
+    """Send what is still buffered for ``stream``, a pipe whose reader went away, nowhere: else it
+    fails again as the process exits."""
+    try:
+        descriptor = stream.fileno()
+    except (OSError, ValueError):  # not a file: nothing is buffered for a descriptor
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
+
+
+def _reader_gone() -> NoReturn:
+    """Standard output's reader went away (``keyhygiene report ... | head``): stop quietly, exit 0."""
+    _quiet(sys.stdout)
+    sys.exit(EXIT_OK)
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
@@ -172,12 +191,15 @@ def _finish_job(outcome: Any) -> NoReturn:
     prefix = "" if outcome.exit_code == EXIT_OK else "keyhygiene: "
     run = f"run {outcome.run_id} " if outcome.run_id is not None else ""
     line = f"{prefix}{run}{outcome.kind} {outcome.status}: {khlog.redact_text(outcome.message)}"
-    if stream.isatty():
-        # On a terminal the outcome follows a screenful of log lines: set it apart.
-        click.echo(file=stream)
-        click.secho(line, file=stream, bold=True, fg=None if outcome.exit_code == EXIT_OK else "red")
-    else:
-        click.echo(line, file=stream)
+    try:
+        if stream.isatty():
+            # On a terminal the outcome follows a screenful of log lines: set it apart.
+            click.echo(file=stream)
+            click.secho(line, file=stream, bold=True, fg=None if outcome.exit_code == EXIT_OK else "red")
+        else:
+            click.echo(line, file=stream)
+    except BrokenPipeError:
+        _quiet(stream)  # nobody reads the outcome line any more: the exit code still tells it
     sys.exit(outcome.exit_code)
 
 
@@ -646,7 +668,14 @@ def report(
             from rich.console import Console
 
             # In the session: a long log's JSON or CSV is written as it is read.
-            render(result, fmt, Console(soft_wrap=False), limit=limit)
+            try:
+                render(result, fmt, Console(soft_wrap=False), limit=limit)
+            except BrokenPipeError:
+                _reader_gone()  # `| head`: the reader has what it wanted
+            finally:
+                close = getattr(result.stream, "close", None)  # a generator reading a cursor
+                if close is not None:
+                    close()  # its cursor, before the session and the database close
     finally:
         database.close()
 
@@ -834,6 +863,12 @@ def _leave_signals_to_celery() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the command, turning every known failure into one line and an exit code."""
+    for stream in (sys.stdout, sys.stderr):
+        # A name the API sent may hold a lone surrogate (valid JSON): written as its escape, on any
+        # terminal or locale, never a crash or a byte that is not UTF-8.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     with stop_on_signals():
         try:
             _main(argv)
@@ -861,6 +896,9 @@ def _main(argv: list[str] | None) -> None:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:
         fail(str(exc) or "interrupted")
+    except BrokenPipeError:  # the reader of the output went away while a command wrote it
+        _quiet(sys.stdout)
+        sys.exit(EXIT_FAILURE)
     except Exception as exc:  # a database or API failure outside a job: one line, never a traceback
         from sqlalchemy.exc import SQLAlchemyError
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +17,8 @@ import pytest
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.timeutil import utcnow
+
+from .celery_support import keyhygiene_executable
 
 pytestmark = pytest.mark.postgres
 
@@ -71,3 +74,51 @@ def test_json_keeps_every_name_exactly(names: list[str], cli: Callable[..., Any]
 
     assert sorted(row["name"] for row in json.loads(result.stdout)) == sorted(names)
     assert "\x1b" not in result.stdout  # JSON escapes it as \u001b: the exact name, never raw
+
+
+LONE = "lone\udcffsurrogate"
+"""A name with a lone surrogate: valid JSON, so the API can send it, but no UTF-8 text can hold it."""
+
+
+def test_a_name_with_a_lone_surrogate_is_escaped_in_tables_and_in_the_html_report(
+    fake: FakeOpenRouter, env: dict[str, str], database: Database, cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    fake.add_key(LONE, created_at=utcnow() - timedelta(days=90), usage=0.0)
+    Path(env["KEYHYGIENE_RULES_FILE"]).write_text(
+        "[[rule]]\nname = 'disable-idle'\nmatch = 'unused'\nidle_for = '30d'\naction = 'disable'\n"
+    )
+    assert cli("sync").exit_code == 0
+    out = tmp_path / "report.html"
+
+    plan = cli("plan")
+    html = cli("report", "html", "--out", str(out))
+
+    assert plan.exit_code == 0, plan.stderr
+    assert "lone\\udcffsurrogate" in plan.stdout and "\udcff" not in plan.stdout
+    assert html.exit_code == 0, html.stderr
+    page = out.read_text(encoding="utf-8")  # all of it UTF-8
+    assert "Upcoming" in page and page.count("lone\\udcffsurrogate") >= 2  # the inventory and what comes
+
+
+def test_a_report_whose_reader_stops_early_ends_quietly(
+    fake: FakeOpenRouter, env: dict[str, str], database: Database, cli: Callable[..., Any]
+) -> None:
+    # `keyhygiene report ... | head -1`: more than a pipe holds (64 KiB), and the reader goes away
+    # after the first line.
+    for index in range(600):
+        fake.add_key(f"svc-{index:04d}-" + "x" * 60)
+    assert cli("sync").exit_code == 0
+
+    with subprocess.Popen(
+        [keyhygiene_executable(), "report", "inventory", "--format", "csv"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as report:
+        assert report.stdout is not None and report.stderr is not None
+        header = report.stdout.readline()
+        report.stdout.close()
+        errors = report.stderr.read()
+        report.wait(timeout=60)
+
+    assert header.startswith(b"key_hash,name,")
+    assert (report.returncode, errors) == (0, b"")

@@ -11,6 +11,9 @@ write their count into ``data-drawn`` on each chart, for tests that render the p
 from __future__ import annotations
 
 import math
+import os
+import stat
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -63,9 +66,26 @@ ACTION_COLOURS = {"disable": "#f28e2b", "delete": "#e15759", "enable": "#59a14f"
 
 def write_html(session: Session, params: ReportParams, out: str | Path) -> None:
     """Write the report to ``out`` (a ReportError when the store cannot answer, OSError when the file
-    cannot be written)."""
-    page = render_html(session, params)
-    Path(out).write_text(page, encoding="utf-8")
+    cannot be written): whole or not at all, an earlier report there kept until the new one is
+    complete. A lone surrogate in a name the API sent is written as its escape (``\\udcff``)."""
+    page = render_html(session, params).encode("utf-8", "backslashreplace")
+    target = Path(out)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as part:
+        try:
+            part.write(page)
+            part.flush()
+            os.fsync(part.fileno())
+        except BaseException:
+            part.close()
+            os.unlink(part.name)
+            raise
+    try:
+        # As a file written in place would be: readable by all (0644), or as the report it replaces.
+        os.chmod(part.name, stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644)
+        os.replace(part.name, target)
+    except BaseException:
+        os.unlink(part.name)
+        raise
 
 
 def render_html(session: Session, params: ReportParams) -> str:

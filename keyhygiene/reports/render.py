@@ -28,9 +28,10 @@ from .base import Report
 HASH_COLUMNS = frozenset({"key_hash"})
 HASH_SHOWN = 10
 
-# C0 controls, DEL, C1 controls (0x9b alone starts a CSI), line and paragraph separators, and the
-# bidirectional controls that reorder what a reader sees ("Trojan Source").
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# C0 controls, DEL, C1 controls (0x9b alone starts a CSI), line and paragraph separators, the
+# bidirectional controls that reorder what a reader sees ("Trojan Source"), and lone surrogates
+# (valid JSON, which no terminal can be sent as UTF-8).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 # A cell starting with one of these is a formula (or becomes one) in Excel, LibreOffice and Sheets.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
