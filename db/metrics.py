@@ -9,6 +9,7 @@ from sqlalchemy import case, func, select, type_coerce, union_all
 from sqlalchemy.orm import Session
 
 from . import runs, snapshots
+from .audit import PENDING
 from .models import Action, Money, PlanEntry, Run, RunPlan
 from .rollups import KeyDay, SnapshotRollup, first_sight_in
 
@@ -30,15 +31,35 @@ def keys_by_workspace_and_state(session: Session, snapshot_id: int, *, at: datet
 
 
 def runs_by_job_and_status(session: Session) -> list[tuple[str, str, int]]:
-    rows = session.execute(select(Run.kind, Run.status, func.count()).group_by(Run.kind, Run.status))
+    """(job, status, runs) of the runs that ended: a run is counted once, under its final status
+    (counted while ``running`` too, a counter would go down as each run ends)."""
+    ended = select(Run.kind, Run.status, func.count()).where(Run.status != runs.RUNNING)
+    rows = session.execute(ended.group_by(Run.kind, Run.status))
     return [(str(kind), str(status), int(count)) for kind, status, count in rows]
+
+
+def running_runs_by_job(session: Session) -> list[tuple[str, int]]:
+    """(job, runs) of the runs recorded as running now."""
+    rows = session.execute(select(Run.kind, func.count()).where(Run.status == runs.RUNNING).group_by(Run.kind))
+    return [(str(kind), int(count)) for kind, count in rows]
+
+
+def pending_changes_by_action(session: Session) -> list[tuple[str, int]]:
+    """(action, changes) whose outcome is not recorded yet: in flight, or in doubt until a run settles them."""
+    pending = (Action.outcome == PENDING, Action.dry_run.is_(False))
+    rows = session.execute(select(Action.action, func.count()).where(*pending).group_by(Action.action))
+    return [(str(action), int(count)) for action, count in rows]
 
 
 def actions_by_action_and_outcome(session: Session) -> list[tuple[str, str, bool, int]]:
     """(action, outcome, dry run, records) over the audit log: ``actions`` rows and the decisions
     of the plans that dry runs and refused runs recorded by reference (``run_plans``)."""
-    recorded = select(Action.action, Action.outcome, Action.dry_run, func.count().label("records")).group_by(
-        Action.action, Action.outcome, Action.dry_run
+    # A change is counted once its outcome is recorded (counted while ``pending`` too, a counter
+    # would go down as each change ends).
+    recorded = (
+        select(Action.action, Action.outcome, Action.dry_run, func.count().label("records"))
+        .where(Action.outcome != PENDING)
+        .group_by(Action.action, Action.outcome, Action.dry_run)
     )
     # A plan is recorded once and referenced by every run that made it (hourly dry runs: hundreds
     # of runs, one plan of thousands of decisions): count each side apart and multiply, rather than

@@ -86,6 +86,11 @@ class DatabaseCollector(Collector):
                 runs_total.add_metric([job, status], count)
             yield runs_total
 
+            running = GaugeMetricFamily("keyhygiene_runs_running", "Job runs in progress, by job.", labels=["job"])
+            for job, count in metrics.running_runs_by_job(session):
+                running.add_metric([job], count)
+            yield running
+
             actions = CounterMetricFamily(
                 "keyhygiene_key_actions",
                 "Planned and executed changes to keys in the audit log, by action and outcome.",
@@ -94,6 +99,15 @@ class DatabaseCollector(Collector):
             for action, outcome, dry_run, count in metrics.actions_by_action_and_outcome(session):
                 actions.add_metric([action, outcome, "true" if dry_run else "false"], count)
             yield actions
+
+            pending = GaugeMetricFamily(
+                "keyhygiene_key_actions_pending",
+                "Changes to keys whose outcome is not recorded yet (in flight, or in doubt until a run settles them).",
+                labels=["action"],
+            )
+            for action, count in metrics.pending_changes_by_action(session):
+                pending.add_metric([action], count)
+            yield pending
 
             success = GaugeMetricFamily(
                 "keyhygiene_last_success_timestamp_seconds",

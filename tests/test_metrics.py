@@ -14,12 +14,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
+from db import runs
 from db.models import Run
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.timeutil import utcnow
 
-from .celery_support import LIVE_RULES, Deployment, free_port, wait_until
+from .celery_support import LIVE_RULES, Deployment, free_port, let_the_enforcement_hold_pass, wait_until
 from .conftest import CliResult
 
 DAY = timedelta(days=1)
@@ -108,6 +109,42 @@ def test_metrics_once_agree_with_the_inventory_and_the_run_records(
     assert figures[("keyhygiene_last_success_timestamp_seconds", (("job", "sync"),))] == pytest.approx(
         taken.timestamp()
     )
+
+
+def test_the_counters_only_go_up_as_runs_and_changes_end(
+    env: dict[str, str],
+    database: Database,
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+) -> None:
+    """A run is counted once it ended, a change once its outcome is known: a counter that counted
+    them while running or pending would go down as each one ends, which Prometheus reads as a reset
+    (``rate`` and ``increase`` then count everything again). What is in progress is a gauge."""
+    rules_file(LIVE_RULES)
+    populate(fake)
+    doomed = fake.keys[0]["hash"]  # old-0, expired: deleted by the live rules
+    fake.faults.server_error(1, 502, method="DELETE", path=f"/keys/{doomed}")  # its answer lost
+    assert cli("run").exit_code == 1  # the change left in doubt
+    with database.writer() as session, session.begin():
+        running = runs.start_run(session, kind="sync", now=utcnow()).id  # a sync in progress
+
+    during = samples(cli("metrics").stdout)
+    with database.writer() as session, session.begin():
+        runs.finish_run(session, running, status=runs.OK, now=utcnow(), exit_code=0, message="ok")
+    let_the_enforcement_hold_pass(database)
+    assert cli("run").exit_code == 0  # settles the change in doubt
+    after = samples(cli("metrics").stdout)
+
+    assert during[("keyhygiene_runs_running", (("job", "sync"),))] == 1.0
+    assert during[("keyhygiene_key_actions_pending", (("action", "delete"),))] == 1.0
+    assert ("keyhygiene_runs_running", (("job", "sync"),)) not in after
+    assert ("keyhygiene_key_actions_pending", (("action", "delete"),)) not in after
+    counters = [key for key in during if key[0] in ("keyhygiene_runs_total", "keyhygiene_key_actions_total")]
+    assert counters
+    for key in counters:
+        assert after.get(key, 0.0) >= during[key], key
+    assert run_counters(after) == runs_reported(cli)
 
 
 def test_spend_of_the_last_day_is_what_report_spend_counts(
