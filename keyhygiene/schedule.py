@@ -39,7 +39,7 @@ def parse_cron(expression: str) -> Cron:
     from celery.schedules import crontab
 
     try:
-        crontab(
+        parsed = crontab(
             minute=cron.minute,
             hour=cron.hour,
             day_of_month=cron.day_of_month,
@@ -48,6 +48,14 @@ def parse_cron(expression: str) -> Cron:
         )
     except Exception as exc:  # celery raises ValueError or its own ParseException
         raise ValueError(f"{expression!r} is not a valid cron expression: {exc}") from None
+    if parsed.day_of_month != set(range(1, 32)) and parsed.day_of_week != set(range(7)):
+        # cron fires on a day that matches either field; Celery's scheduler only on one that
+        # matches both: the same text would run on other days than cron runs it.
+        raise ValueError(
+            f"{expression!r} restricts both the day of the month ({cron.day_of_month!r}) and the day of "
+            f"the week ({cron.day_of_week!r}): cron runs on the days that match either, keyhygiene's "
+            "scheduler only on those that match both; write '*' in one of the two"
+        )
     return cron
 
 

@@ -140,6 +140,30 @@ def test_a_password_in_a_refused_url_is_not_echoed(clean_env: Path, monkeypatch:
     assert "db.example" in str(caught.value)
 
 
+@pytest.mark.parametrize("restricted", ["0 6 1,15 * 1", "0 6 1 * mon-fri", "30 2 */2 * 0"])
+def test_a_schedule_restricting_both_day_fields_is_refused_where_cron_would_run_on_other_days(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, restricted: str
+) -> None:
+    # cron runs "0 6 1,15 * 1" on the 1st, the 15th and every Monday; Celery's scheduler, which
+    # runs it here, only on a 1st or 15th that is a Monday: months apart. Refused, not run otherwise.
+    monkeypatch.setenv("KEYHYGIENE_SCHEDULE", restricted)
+
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+
+    assert "KEYHYGIENE_SCHEDULE" in str(caught.value)
+    assert "restricts both the day of the month" in str(caught.value)
+
+
+@pytest.mark.parametrize("either", ["0 6 1,15 * *", "0 6 * * 1", "0 9-17 * * 1-5", "0 6 */1 * 1", "0 6 1-31 * mon"])
+def test_a_schedule_restricting_one_day_field_runs_as_cron_runs_it(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, either: str
+) -> None:
+    monkeypatch.setenv("KEYHYGIENE_SCHEDULE", either)
+
+    assert load_settings().schedule == either
+
+
 def test_a_refused_value_with_an_at_sign_and_no_user_part_is_echoed_as_given(
     clean_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
