@@ -467,6 +467,21 @@ def finished_run(settings: Settings, task_id: str) -> JobOutcome | None:
         database.close()
 
 
+def task_recorded(settings: Settings, task_id: str) -> bool:
+    """Whether a run is recorded for Celery task ``task_id`` (False when the store cannot tell)."""
+    try:
+        database = Database.open(settings)
+    except KeyhygieneError:
+        return False
+    try:
+        with database.sessions() as session:
+            return runs.run_for_task(session, task_id) is not None
+    except SQLAlchemyError:
+        return False
+    finally:
+        database.close()
+
+
 def record_unstarted(
     settings: Settings,
     outcome: JobOutcome,

@@ -16,7 +16,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from db import runs
 from keyhygiene.errors import EXIT_FAILURE, EXIT_USAGE
-from keyhygiene.jobs import MAX_ALLOW_ACTIONS, JobOutcome, record_unstarted
+from keyhygiene.jobs import MAX_ALLOW_ACTIONS, JobOutcome, record_unstarted, task_recorded
 from keyhygiene.settings import Settings
 from keyhygiene.shutdown import stop_pool_process_on_sigterm
 from worker.limits import TimeLimits
@@ -47,6 +47,10 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         message's arguments are not decoded here: ``trigger`` marks its messages in a header.)"""
         kind = kinds.get(getattr(sender, "name", None) or "")
         if not expired or kind is None or getattr(request, TRIGGERED_HEADER, None) != "trigger":
+            return
+        if task_recorded(settings, request.id):
+            # A copy the broker delivered again (Redis restarted, a worker died) after the job ran or
+            # was recorded: its run is the task's answer, not a failure of a job never started.
             return
         message = "dropped unrun: no worker started it before its message expired (an hour after it was queued)"
         record_unstarted(

@@ -56,6 +56,9 @@ def run_beat(args: list[str]) -> int:
     app = make_app(settings)
     app.conf.beat_scheduler = "worker.beat_schedule:HygieneScheduler"
     app.conf.beat_max_loop_interval = BEAT_MAX_LOOP_INTERVAL
+    # Each message sent is written to the schedule file at once (Celery's default: every 3 minutes),
+    # so a beat killed just after sending the hourly run does not send it again when it restarts.
+    app.conf.beat_sync_every = 1
     app.conf[HEARTBEAT_CONF_KEY] = heartbeat_file
     log.info("beat_starting", broker=_safe_url(settings.broker_url), schedule=settings.schedule)
     try:
