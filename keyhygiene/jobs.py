@@ -453,31 +453,28 @@ def finished_run(settings: Settings, task_id: str) -> JobOutcome | None:
     same message delivered again (the broker restores a message whose worker lost its connection
     while the job ran). None when there is none, or the database cannot tell (the job then runs,
     and meets the same database)."""
-    try:
-        database = Database.open(settings)
-    except KeyhygieneError:
-        return None
-    try:
-        with database.sessions() as session:
-            run = runs.run_for_task(session, task_id)
-            return JobOutcome.of_run(run) if run is not None and run.status in runs.FINAL_STATUSES else None
-    except SQLAlchemyError:
-        return None
-    finally:
-        database.close()
+    run = _run_of_task(settings, task_id)
+    return JobOutcome.of_run(run) if run is not None and run.status in runs.FINAL_STATUSES else None
 
 
 def task_recorded(settings: Settings, task_id: str) -> bool:
-    """Whether a run is recorded for Celery task ``task_id`` (False when the store cannot tell)."""
+    """Whether a run is recorded for Celery task ``task_id``, ended or not (False when the store
+    cannot tell)."""
+    return _run_of_task(settings, task_id) is not None
+
+
+def _run_of_task(settings: Settings, task_id: str) -> Run | None:
+    """The run recorded for Celery task ``task_id`` (``runs.run_for_task``), read and let go of;
+    None when there is none, or the database cannot tell."""
     try:
         database = Database.open(settings)
     except KeyhygieneError:
-        return False
+        return None
     try:
         with database.sessions() as session:
-            return runs.run_for_task(session, task_id) is not None
+            return runs.run_for_task(session, task_id)
     except SQLAlchemyError:
-        return False
+        return None
     finally:
         database.close()
 
