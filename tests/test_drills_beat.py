@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from kombu import Connection
@@ -79,6 +80,31 @@ def test_two_beats_by_mistake_run_the_job_once_and_record_the_other_skipped(
     recovery = cli("run")
     assert recovery.exit_code == 0, recovery.stderr
     drill.check(database=deploy.database, fake=fake, outputs=outputs_of(recovery, worker, *beats))
+
+
+def test_a_beat_killed_right_after_sending_the_run_does_not_send_it_again_when_restarted(
+    deploy: Deployment,
+) -> None:
+    """Beat writes its schedule file after each job it sends (Celery's default: every 3 minutes).
+    A beat SIGKILLed right after sending the run (an OOM kill, a host lost) and started again
+    finds that run sent: it is next due a period later, not at once a second time."""
+
+    def next_run(event: dict[str, Any]) -> bool:
+        return event.get("event") == "beat_next_run" and event.get("job") == "hygiene-run"
+
+    beat = deploy.start_beat(KEYHYGIENE_SCHEDULE=EVERY_MINUTE)
+    first = beat.wait_for_event(next_run, timeout=30, what="the run's first due time")["due_at"]
+    sent = beat.wait_for_event(
+        lambda event: next_run(event) and event["due_at"] > first, timeout=90, what="the run sent (then due again)"
+    )["due_at"]
+    beat.kill()  # no clean stop, which would write the schedule file too
+    beat.popen.wait(timeout=10)
+    restarted = deploy.start_beat(KEYHYGIENE_SCHEDULE=EVERY_MINUTE)  # the same schedule file
+
+    due = restarted.wait_for_event(next_run, timeout=30, what="the restarted beat's due time")["due_at"]
+    restarted.stop(timeout=5)
+
+    assert due == sent, f"sent for {first}, then due again at {due} after the restart"
 
 
 def test_a_job_redelivered_after_its_worker_was_killed_repeats_no_change(
