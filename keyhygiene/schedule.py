@@ -48,9 +48,11 @@ def parse_cron(expression: str) -> Cron:
         )
     except Exception as exc:  # celery raises ValueError or its own ParseException
         raise ValueError(f"{expression!r} is not a valid cron expression: {exc}") from None
-    if parsed.day_of_month != set(range(1, 32)) and parsed.day_of_week != set(range(7)):
-        # cron fires on a day that matches either field; Celery's scheduler only on one that
-        # matches both: the same text would run on other days than cron runs it.
+    every_day = parsed.day_of_month == set(range(1, 32)) and parsed.day_of_week == set(range(7))
+    if not cron.day_of_month.startswith("*") and not cron.day_of_week.startswith("*") and not every_day:
+        # Where neither day field starts with "*", cron fires on a day that matches either of them
+        # (Vixie cron, cronie); Celery's scheduler, always, only on one that matches both: the same
+        # text would run on other days than cron runs it.
         raise ValueError(
             f"{expression!r} restricts both the day of the month ({cron.day_of_month!r}) and the day of "
             f"the week ({cron.day_of_week!r}): cron runs on the days that match either, keyhygiene's "

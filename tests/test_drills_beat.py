@@ -86,7 +86,7 @@ def test_a_beat_killed_right_after_sending_the_run_does_not_send_it_again_when_r
     deploy: Deployment,
 ) -> None:
     """Beat writes its schedule file after each job it sends (Celery's default: every 3 minutes).
-    A beat SIGKILLed right after sending the run (an OOM kill, a host lost) and started again
+    A beat SIGKILLed right after sending the run (an OOM kill, say) and started again
     finds that run sent: it is next due a period later, not at once a second time."""
 
     def next_run(event: dict[str, Any]) -> bool:

@@ -140,12 +140,13 @@ def test_a_password_in_a_refused_url_is_not_echoed(clean_env: Path, monkeypatch:
     assert "db.example" in str(caught.value)
 
 
-@pytest.mark.parametrize("restricted", ["0 6 1,15 * 1", "0 6 1 * mon-fri", "30 2 */2 * 0"])
+@pytest.mark.parametrize("restricted", ["0 6 1,15 * 1", "0 6 1 * mon-fri", "0 6 1-31 * mon", "0 0 1 * 0-6"])
 def test_a_schedule_restricting_both_day_fields_is_refused_where_cron_would_run_on_other_days(
     clean_env: Path, monkeypatch: pytest.MonkeyPatch, restricted: str
 ) -> None:
-    # cron runs "0 6 1,15 * 1" on the 1st, the 15th and every Monday; Celery's scheduler, which
-    # runs it here, only on a 1st or 15th that is a Monday: months apart. Refused, not run otherwise.
+    # cron runs "0 6 1,15 * 1" on the 1st, the 15th and every Monday (neither day field starts with
+    # "*"); Celery's scheduler, which runs it here, only on a 1st or 15th that is a Monday: months
+    # apart. Refused, not run otherwise. ("*/2" in one field: cron too wants both to match.)
     monkeypatch.setenv("KEYHYGIENE_SCHEDULE", restricted)
 
     with pytest.raises(SettingsError) as caught:
@@ -155,7 +156,9 @@ def test_a_schedule_restricting_both_day_fields_is_refused_where_cron_would_run_
     assert "restricts both the day of the month" in str(caught.value)
 
 
-@pytest.mark.parametrize("either", ["0 6 1,15 * *", "0 6 * * 1", "0 9-17 * * 1-5", "0 6 */1 * 1", "0 6 1-31 * mon"])
+@pytest.mark.parametrize(
+    "either", ["0 6 1,15 * *", "0 6 * * 1", "0 9-17 * * 1-5", "0 6 */1 * 1", "30 2 */2 * 0", "0 0 1-31 * 0-6"]
+)
 def test_a_schedule_restricting_one_day_field_runs_as_cron_runs_it(
     clean_env: Path, monkeypatch: pytest.MonkeyPatch, either: str
 ) -> None:
