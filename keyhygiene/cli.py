@@ -585,7 +585,11 @@ def _warn_unmatched_workspaces(ruleset: Any, names: dict[str, str]) -> None:
     help="spend: one row per key, per workspace, per UTC day or per owner (the key's creator_user_id); "
     "idle: per key or per owner.",
 )
-@click.option("--out", type=click.Path(dir_okay=False, writable=True), help="html: the file to write.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+    help="html: the file to write (-: stdout).",
+)
 @click.option(
     "--limit",
     type=click.IntRange(min=0),
@@ -651,9 +655,12 @@ def report(
             params = _with_workspace_ids(params, names, _workspaces_known(session, kind, workspaces, names))
             try:
                 if kind == "html":
-                    from .reports.html import write_html
+                    from .reports.html import render_html, write_html
 
                     assert out is not None
+                    if out == "-":  # standard output, as for any command that writes a file
+                        click.echo(render_html(session, params), nl=False)
+                        return
                     write_html(session, params, out)
                     click.echo(f"wrote {out}")
                     return

@@ -210,6 +210,22 @@ def test_the_cards_of_a_page_for_some_names_count_only_the_keys_of_those_names(
     assert "--name does not apply here" in out.read_text()
 
 
+def test_the_html_report_goes_to_standard_output_with_out_dash(
+    org: Org, cli: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    written = tmp_path / "report.html"
+    assert cli("report", "html", "--at", AT, "--since", SINCE, "--out", str(written)).exit_code == 0
+
+    result = cli("report", "html", "--at", AT, "--since", SINCE, "--out", "-")
+
+    assert result.exit_code == 0, result.stderr
+    made_at = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z")  # when each page was made
+    assert made_at.sub("", result.stdout) == made_at.sub("", written.read_text(encoding="utf-8"))
+    assert result.stdout.startswith("<!DOCTYPE html>")
+    assert not (tmp_path / "-").exists()
+
+
 def test_the_audit_section_counts_every_record_per_day_and_lists_the_newest(
     database: Database, fake: FakeOpenRouter, fake_url: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
