@@ -659,7 +659,8 @@ def report(
 
                     assert out is not None
                     if out == "-":  # standard output, as for any command that writes a file
-                        click.echo(render_html(session, params), nl=False)
+                        # As written to a file: nothing taken out (click drops ANSI sequences unless told)
+                        click.echo(render_html(session, params), nl=False, color=True)
                         return
                     write_html(session, params, out)
                     click.echo(f"wrote {out}")
@@ -670,6 +671,8 @@ def report(
                 result = builder(session, params)
             except ReportError as exc:
                 fail(str(exc), exc.exit_code)
+            except BrokenPipeError:  # the page written to a pipe (--out - or /dev/stdout) read in part
+                _reader_gone()
             except OSError as exc:
                 fail(f"cannot write {out}: {exc.strerror or exc}")
             from rich.console import Console

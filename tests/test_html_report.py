@@ -226,6 +226,22 @@ def test_the_html_report_goes_to_standard_output_with_out_dash(
     assert not (tmp_path / "-").exists()
 
 
+def test_the_html_report_replaces_its_file_whole_and_writes_through_a_link(
+    org: Org, cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    target = tmp_path / "reports" / "hygiene.html"
+    target.parent.mkdir()
+    target.write_text("last week's report")
+    link = tmp_path / "latest.html"
+    link.symlink_to(target)
+
+    result = cli("report", "html", "--at", AT, "--since", SINCE, "--out", str(link))
+
+    assert result.exit_code == 0, result.stderr
+    assert link.is_symlink() and target.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert sorted(path.name for path in target.parent.iterdir()) == ["hygiene.html"]  # no part left behind
+
+
 def test_the_audit_section_counts_every_record_per_day_and_lists_the_newest(
     database: Database, fake: FakeOpenRouter, fake_url: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

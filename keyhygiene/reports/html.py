@@ -70,6 +70,10 @@ def write_html(session: Session, params: ReportParams, out: str | Path) -> None:
     complete. A lone surrogate in a name the API sent is written as its escape (``\\udcff``)."""
     page = render_html(session, params).encode("utf-8", "backslashreplace")
     target = Path(out)
+    if target.exists() and not target.is_file():  # /dev/stdout, a named pipe: written as a stream
+        target.write_bytes(page)
+        return
+    target = target.resolve()  # through a symbolic link, as writing in place would go
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as part:
         try:
             part.write(page)
