@@ -100,24 +100,24 @@ def complete_action(
     session.execute(update(Action).where(Action.id == action_id).values(**values))
 
 
+IN_DOUBT = (Action.outcome == PENDING, Action.dry_run.is_(False))
+"""An intent whose outcome is not recorded: a change in flight, or in doubt until a run settles it."""
+
+
 def in_doubt(session: Session) -> list[Action]:
     """Intents whose outcome was never recorded (the process died between intent and outcome)."""
-    return list(
-        session.scalars(select(Action).where(Action.outcome == PENDING, Action.dry_run.is_(False)).order_by(Action.id))
-    )
+    return list(session.scalars(select(Action).where(*IN_DOUBT).order_by(Action.id)))
 
 
-def in_doubt_of_run(session: Session, run_id: int) -> int:
-    """How many changes run ``run_id`` left in doubt (intents it could not settle itself)."""
-    pending = (Action.run_id == run_id, Action.outcome == PENDING, Action.dry_run.is_(False))
-    return int(session.scalar(select(func.count()).select_from(Action).where(*pending)) or 0)
+def left_in_doubt(session: Session, run_id: int) -> bool:
+    """Whether run ``run_id`` left a change in doubt (an intent it could not settle itself)."""
+    return bool(session.scalar(select(exists().where(Action.run_id == run_id, *IN_DOUBT))))
 
 
 def finished_runs_in_doubt(session: Session, *, started_since: datetime) -> list[int]:
     """The runs started at or after ``started_since`` that ended leaving a change in doubt, oldest first."""
     finished = exists().where(Run.id == Action.run_id, Run.finished_at.is_not(None), Run.started_at >= started_since)
-    pending = (Action.outcome == PENDING, Action.dry_run.is_(False), finished)
-    return list(session.scalars(select(Action.run_id).where(*pending).distinct().order_by(Action.run_id)))
+    return list(session.scalars(select(Action.run_id).where(*IN_DOUBT, finished).distinct().order_by(Action.run_id)))
 
 
 def last_changes(

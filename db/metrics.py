@@ -9,7 +9,7 @@ from sqlalchemy import case, func, select, type_coerce, union_all
 from sqlalchemy.orm import Session
 
 from . import runs, snapshots
-from .audit import PENDING
+from .audit import IN_DOUBT, PENDING
 from .models import Action, Money, PlanEntry, Run, RunPlan
 from .rollups import KeyDay, SnapshotRollup, first_sight_in
 
@@ -46,8 +46,7 @@ def running_runs_by_job(session: Session) -> list[tuple[str, int]]:
 
 def pending_changes_by_action(session: Session) -> list[tuple[str, int]]:
     """(action, changes) whose outcome is not recorded yet: in flight, or in doubt until a run settles them."""
-    pending = (Action.outcome == PENDING, Action.dry_run.is_(False))
-    rows = session.execute(select(Action.action, func.count()).where(*pending).group_by(Action.action))
+    rows = session.execute(select(Action.action, func.count()).where(*IN_DOUBT).group_by(Action.action))
     return [(str(action), int(count)) for action, count in rows]
 
 

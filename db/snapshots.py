@@ -695,9 +695,8 @@ def record_staged(
     c = snapshot_carried
     carried = c.c.snapshot_id == snapshot_id
     carried_keys = _count(session, c, carried)
-    if carried_keys and (newest := newest_complete(session)) != carried_on:
-        raise _superseded(newest)
-    if listed_against is not None and (newest := newest_complete(session)) != (listed_against or None):
+    newest = newest_complete(session)
+    if (carried_keys and newest != carried_on) or (listed_against is not None and newest != (listed_against or None)):
         raise _superseded(newest)
     s, t = snapshot_staging, tracked_keys
     staged = s.c.snapshot_id == snapshot_id

@@ -399,7 +399,7 @@ def _left_in_doubt(database: Database | None, run_id: int | None) -> bool:
     if database is None or run_id is None:
         return False
     with database.sessions() as session:
-        return audit.in_doubt_of_run(session, run_id) > 0
+        return audit.left_in_doubt(session, run_id)
 
 
 def _runs_keeping_the_lock(database: Database, held_by: LeaseHolder) -> list[int]:
