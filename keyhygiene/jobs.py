@@ -185,16 +185,23 @@ def _notify_recorded(
     abort_errors: tuple[type[BaseException], ...] = (),
 ) -> None:
     """The notices of a run already recorded. A stop (SIGTERM, Ctrl-C, the worker's soft time
-    limit) while they are sent leaves the run's outcome and exit code as recorded; a notice cut
-    short is sent again by the next run."""
+    limit) while they are sent leaves the run's outcome and exit code as recorded; the notice cut
+    short, and those of the run not reached yet, are sent by the next run."""
     stops: tuple[type[BaseException], ...] = (KeyboardInterrupt, *abort_errors)
     try:
-        _notify(settings, database, ruleset, outcome, clock)
+        _notify(settings, database, ruleset, outcome, clock, abort_errors)
     except stops as stop:
         log.warning("notices_interrupted", kind=outcome.kind, error=str(stop) or type(stop).__name__)
 
 
-def _notify(settings: Settings, database: Database, ruleset: RuleSet | None, outcome: JobOutcome, clock: Clock) -> None:
+def _notify(
+    settings: Settings,
+    database: Database,
+    ruleset: RuleSet | None,
+    outcome: JobOutcome,
+    clock: Clock,
+    abort_errors: tuple[type[BaseException], ...] = (),
+) -> None:
     """Send the run's notices, after its record is committed; never fails the job.
 
     Jobs that do not otherwise read the rules file (sync, prune) read it here for its notify targets
@@ -219,6 +226,7 @@ def _notify(settings: Settings, database: Database, ruleset: RuleSet | None, out
         retry_seconds=settings.notify_retry_seconds,
         # Past the soft time limit the hard one is at least 30 s away (worker.limits): half of it.
         within=ABORTED_NOTICE_SECONDS if outcome.status == runs.ABORTED else None,
+        stops=abort_errors,
     )
 
 
@@ -338,7 +346,7 @@ def execute(
         with _run_context(run_id, allow_actions):
             _finish(database, outcome, clock())
             if isinstance(exc, Exception):
-                _notify_recorded(settings, database, ruleset, outcome, clock)
+                _notify_recorded(settings, database, ruleset, outcome, clock, abort_errors)
         if not isinstance(exc, Exception | KeyboardInterrupt):
             raise  # SystemExit and the like: recorded above, and passed on
         return outcome

@@ -46,11 +46,15 @@ from .settings import SettingsError, read_env_file
 from .timeutil import isoformat
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from .jobs import JobOutcome
 
 log = khlog.get_logger(__name__)
 
 MAX_KEYS = 50
+UNREACHED = "not sent: the job was stopped before it"
+"""The error of a run's notice that a stop (SIGTERM, the soft time limit) came before: the next run sends it."""
 SIGNATURE_HEADER = "X-Keyhygiene-Signature"
 _RETRIED = {429, 500, 502, 503, 504}
 _USER_AGENT = "keyhygiene-notices/0.1"
@@ -190,7 +194,7 @@ def _secret_in(variables: Mapping[str, str | None], name: str) -> tuple[str, str
 
 
 class Sender:
-    """Delivers bodies to targets over HTTP, retrying within a bounded time; never raises."""
+    """Delivers bodies to targets over HTTP, retrying within a bounded time; raises only ``stops``."""
 
     def __init__(
         self,
@@ -201,8 +205,12 @@ class Sender:
         sleep: Callable[[float], None] = time.sleep,
         deadline: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        stops: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.timeout = timeout
+        # What stops the job wherever it stands (the worker's soft time limit, an Exception): it
+        # ends the notices, never counts as one delivery's failure.
+        self.stops = stops
         self.retry_seconds = retry_seconds
         self.deadline = deadline  # time.monotonic() past which nothing more is sent, whatever the budget
         self.sleep = sleep
@@ -240,6 +248,8 @@ class Sender:
         try:
             return self._deliver(target, body, once=once)
         except Exception as exc:  # one target's trouble must not stop the notices of the others
+            if isinstance(exc, self.stops):
+                raise
             return Delivered(False, 0, f"{type(exc).__name__} (not sent)")
 
     def _deliver(self, target: NotifyTarget, body: dict[str, Any], *, once: bool) -> Delivered:
@@ -294,6 +304,8 @@ class Sender:
             failure = cutoff.failure() or type(exc).__name__
             return f"{failure} (no answer)", 0.0
         except Exception as exc:  # a host name the socket layer cannot encode, ...: the same every time
+            if isinstance(exc, self.stops):
+                raise
             return f"{type(exc).__name__} (not sent)", None
         if 200 <= status < 300:
             return None, None
@@ -436,8 +448,10 @@ def after_run(
     retry_seconds: float,
     transport: httpx.BaseTransport | None = None,
     within: float | None = None,
+    stops: tuple[type[BaseException], ...] = (),
 ) -> None:
-    """Send this run's notices and retry the ones earlier runs could not deliver. Never raises.
+    """Send this run's notices and retry the ones earlier runs could not deliver. Raises only a stop:
+    KeyboardInterrupt (SIGTERM, Ctrl-C) or one of ``stops`` (the worker's soft time limit).
 
     ``within``: the seconds all of it may take (a job past its soft time limit has little left);
     what is not sent by then is recorded as failed, and retried by the next run."""
@@ -448,7 +462,9 @@ def after_run(
     # a notice still being sent after longer than that was cut short (``notices.undelivered``).
     sending_before = now - timedelta(seconds=retry_seconds + 3 * timeout + 60)
     try:
-        with Sender(timeout=timeout, retry_seconds=retry_seconds, transport=transport, deadline=deadline) as sender:
+        with Sender(
+            timeout=timeout, retry_seconds=retry_seconds, transport=transport, deadline=deadline, stops=stops
+        ) as sender:
             _retry_undelivered(database, ruleset, sender, now=now, sending_before=sending_before)
             _send_run_notice(database, ruleset, outcome, sender, now=now)
             if _planned(outcome):
@@ -456,6 +472,8 @@ def after_run(
     except SQLAlchemyError as exc:
         log.error("notices_not_sent", run_id=outcome.run_id, error=f"database error: {describe_db_error(exc)}")
     except Exception as exc:  # a notice must never fail the job it reports on
+        if isinstance(exc, stops):
+            raise
         log.error("notices_not_sent", run_id=outcome.run_id, error=khlog.redact_text(f"{type(exc).__name__}: {exc}"))
 
 
@@ -475,16 +493,7 @@ def _send(
     announces, recorded with it in one transaction (each is announced once: another run announcing
     the same one at the same moment makes this raise IntegrityError, and nothing is sent)."""
     with session_scope(database) as session:
-        notice_id = notices.record_notice(
-            session,
-            now=sender.at(now),
-            target=target.name,
-            event=body["event"],
-            run_id=body["run_id"],
-            status=notices.SENDING,
-            attempts=0,
-            payload=body,
-        )
+        notice_id = _record(session, target, body, sender.at(now), notices.SENDING)
         if announcing:
             notices.record_announcements(session, target=target.name, notice_id=notice_id, items=announcing)
     delivered = sender.deliver(target, body)
@@ -531,6 +540,7 @@ def _send_run_notice(
     said = run_outcome(outcome)
     changed = said != "done" and _may_have_changed(outcome)
     bodies: dict[str, dict[str, Any] | None] = {}
+    due: list[tuple[NotifyTarget, dict[str, Any]]] = []
     for target in ruleset.notify:
         occasion = said if said in target.on else "done" if changed and "done" in target.on else None
         if occasion is None:
@@ -538,7 +548,44 @@ def _send_run_notice(
         if occasion not in bodies:
             bodies[occasion] = _run_body(database, outcome, occasion)
         if (body := bodies[occasion]) is not None:
+            due.append((target, body))
+    for sent, (target, body) in enumerate(due):
+        try:
             _send(database, target, body, sender, now=now)
+        except BaseException as exc:
+            if isinstance(exc, (KeyboardInterrupt, *sender.stops)):
+                _record_unreached(database, due[sent + 1 :], sender, now=now)
+            raise
+
+
+def _record_unreached(
+    database: Database, due: Sequence[tuple[NotifyTarget, dict[str, Any]]], sender: Sender, *, now: datetime
+) -> None:
+    """The run's notices a stop came before: recorded failed, so that the next run sends each once
+    (as it retries one that failed), as the one cut short mid-send is."""
+    if not due:
+        return
+    with session_scope(database) as session:
+        recorded = [_record(session, target, body, sender.at(now), notices.FAILED, UNREACHED) for target, body in due]
+    for (target, body), notice_id in zip(due, recorded, strict=True):
+        _log(target, body, Delivered(False, 0, UNREACHED), notice_id)
+
+
+def _record(
+    session: Session, target: NotifyTarget, body: dict[str, Any], now: datetime, status: str, error: str | None = None
+) -> int:
+    """One notice to ``target``, not attempted yet: before it is sent, or when it never will be by this run."""
+    return notices.record_notice(
+        session,
+        now=now,
+        target=target.name,
+        event=body["event"],
+        run_id=body["run_id"],
+        status=status,
+        attempts=0,
+        payload=body,
+        error=error,
+    )
 
 
 def _run_body(database: Database, outcome: JobOutcome, said: str) -> dict[str, Any] | None:

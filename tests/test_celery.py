@@ -16,11 +16,14 @@ from typing import Any
 
 import pytest
 from kombu import Connection, Exchange, Producer
+from sqlalchemy import select
 
-from db import audit, runs
+from db import audit, notices, runs
+from db.models import Notice
 from keyhygiene import jobs
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.fakeapi.webhook import WebhookSink
+from keyhygiene.notices import UNREACHED
 from keyhygiene.timeutil import utcnow
 from tasks import exclusive
 from worker import trigger
@@ -377,15 +380,19 @@ def test_the_soft_time_limit_waits_for_the_change_in_flight_to_be_recorded(
 def test_the_soft_time_limit_during_the_notices_leaves_the_run_as_it_ended(
     deploy: Deployment, fake: FakeOpenRouter, cli: Callable[..., Any]
 ) -> None:
-    """The run deletes the expired keys and is recorded ok; then its `done` notice hangs at a slow
-    receiver until the job's 3 s soft time limit. Only the notice is cut short: the run stays ok in
-    `status` and `report runs`, and the task ends ok."""
+    """The run deletes the expired keys and is recorded ok; then its `done` notice to the first of
+    two targets hangs at a slow receiver until the job's 3 s soft time limit. Only the notices are
+    cut short, at once: the second target gets nothing now (before, the limit counted as the first
+    one's failure and the second one was sent to until the hard limit killed the job); both are on
+    record for the next run. The run stays ok in `status` and `report runs`, and the task ends ok."""
     doomed = add_keys(fake, expired=2, healthy=2)
     with deploy.rules_path.open("a") as rules:
-        rules.write('\n[[notify]]\nname = "ops"\nurl_env = "KH_TEST_WEBHOOK"\nformat = "json"\non = ["done"]\n')
+        for name, variable in (("ops", "KH_TEST_WEBHOOK"), ("audit", "KH_TEST_WEBHOOK_2")):
+            rules.write(f'\n[[notify]]\nname = "{name}"\nurl_env = "{variable}"\nformat = "json"\non = ["done"]\n')
     with WebhookSink() as sink:
         sink.hang = True
-        worker = deploy.start_worker(KEYHYGIENE_JOB_TIME_LIMIT="3s", KH_TEST_WEBHOOK=sink.url)
+        hooks = {"KH_TEST_WEBHOOK": sink.url, "KH_TEST_WEBHOOK_2": sink.url}
+        worker = deploy.start_worker(KEYHYGIENE_JOB_TIME_LIMIT="3s", **hooks)
 
         result = cli("trigger", "run", "--wait", "--timeout", "60")
         assert result.exit_code == 0, result.stderr + worker.tail()
@@ -397,9 +404,18 @@ def test_the_soft_time_limit_during_the_notices_leaves_the_run_as_it_ended(
             what="the task to end",
         )
 
+        worker.wait_for_event(lambda event: event["event"] == "notices_interrupted", timeout=5, what="the stop")
+
     assert "succeeded" in ended["event"], ended
+    assert len(sink.received) == 1, "the target after the one the limit cut short was not sent to"
     assert [(run.kind, run.status, run.exit_code) for run in deploy.runs()] == [("run", runs.OK, 0)]
     assert {row.key_hash for row in deploy.actions() if row.outcome == audit.DONE} == set(doomed)
+    with deploy.database.sessions() as session:
+        on_record = session.execute(select(Notice.target, Notice.status, Notice.last_error).order_by(Notice.id)).all()
+    assert [tuple(row) for row in on_record] == [
+        ("ops", notices.SENDING, None),  # cut short mid-send: retried once it is surely over
+        ("audit", notices.FAILED, UNREACHED),  # retried by the next run
+    ]
 
 
 # -- the broker ---------------------------------------------------------------------------------

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from db import runs
-from db.models import Run
+from db import notices, runs
+from db.models import Notice, Run
 from keyhygiene import jobs
 from keyhygiene.context import Database, session_scope
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.fakeapi.webhook import WebhookSink
+from keyhygiene.notices import UNREACHED
 from keyhygiene.settings import Settings
 from keyhygiene.timeutil import utcnow
 
@@ -104,7 +105,8 @@ def test_a_stop_while_the_notices_are_sent_leaves_the_run_as_it_ended(
 ) -> None:
     """SIGTERM (`timeout`, `docker stop`) reaches an inline run after it recorded its outcome, while
     a slow receiver holds its notice: the run stays as it ended (done, or refused by a cap) and the
-    process exits with its code; only the notice is cut short (the next run sends it again)."""
+    process exits with its code; only the notices are cut short. The one being sent stays on record
+    as being sent, and the second target's, not reached, as failed: the next run sends both."""
     assert cli("db", "upgrade").exit_code == 0
     now = utcnow()
     fake.add_key("dev-expired", created_at=now - 90 * DAY, expires_at=now - DAY)
@@ -112,7 +114,8 @@ def test_a_stop_while_the_notices_are_sent_leaves_the_run_as_it_ended(
     rules.write_text(
         f"[safety]\ndry_run = false\nmax_action_percent = {percent}\n\n"
         '[[rule]]\nname = "expired"\nmatch = "expired"\naction = "disable"\n\n'
-        f'[[notify]]\nname = "ops"\nurl_env = "KH_TEST_WEBHOOK"\nformat = "json"\non = ["{said}"]\n'
+        f'[[notify]]\nname = "ops"\nurl_env = "KH_TEST_WEBHOOK"\nformat = "json"\non = ["{said}"]\n\n'
+        f'[[notify]]\nname = "audit"\nurl_env = "KH_TEST_WEBHOOK"\nformat = "slack"\non = ["{said}"]\n'
     )
     with WebhookSink() as sink:
         sink.hang = True
@@ -129,10 +132,13 @@ def test_a_stop_while_the_notices_are_sent_leaves_the_run_as_it_ended(
 
     assert process.returncode == exit_code, stderr
     assert "notices_interrupted" in stderr
+    assert len(sink.received) == 1
     database = Database.open(Settings())  # type: ignore[call-arg]
     with database.sessions() as session:
         run = session.scalars(select(Run).where(Run.kind == "run")).one()
+        on_record = session.execute(select(Notice.target, Notice.status, Notice.last_error).order_by(Notice.id)).all()
     database.close()
+    assert [tuple(row) for row in on_record] == [("ops", notices.SENDING, None), ("audit", notices.FAILED, UNREACHED)]
     assert (run.status, run.exit_code) == (status, exit_code)
     assert fake.get(next(key["hash"] for key in fake.keys if key["name"] == "dev-expired"))["disabled"] is disabled  # type: ignore[index]
 
