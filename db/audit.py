@@ -298,6 +298,64 @@ class AuditRecord:
     by_reference: bool
 
 
+@dataclass(frozen=True, slots=True)
+class KeyFilter:
+    """Which keys' records a reader wants: in one of ``workspaces`` (none: any), with a name that the
+    shell-style pattern ``name`` matches (None: any; ``fnmatch.fnmatchcase``'s ``*``, ``?`` and
+    ``[...]``). Applied in SQL so that the other records are never read; as a ``LIKE`` that admits
+    every name the pattern matches and, where ``LIKE`` cannot say as much (a ``[...]`` set; ASCII
+    case on SQLite), some more: the reader still matches each name it gets."""
+
+    workspaces: tuple[str, ...] = ()
+    name: str | None = None
+
+    def where(self, query: Any, key_name: Any, workspace_id: Any) -> Any:
+        if self.workspaces:
+            query = query.where(workspace_id.in_(self.workspaces))
+        like = glob_like(self.name) if self.name is not None else "%"
+        if like.strip("%"):
+            query = query.where(key_name.like(like, escape="\\"))
+        return query
+
+
+ANY_KEY = KeyFilter()
+
+
+def glob_like(pattern: str) -> str:
+    """A ``LIKE`` pattern (escape character ``\\``) matching every string ``pattern`` matches as
+    ``fnmatch.fnmatchcase`` reads it: ``*`` any run, ``?`` and each ``[...]`` set one character
+    (an unclosed ``[`` is itself, as there); ``%`` when the pattern cannot be sent as text."""
+    like: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            if not like or like[-1] != "%":
+                like.append("%")
+        elif c == "?":
+            like.append("_")
+        elif c == "[":
+            j = i + 1 if i < n and pattern[i] == "!" else i
+            j = j + 1 if j < n and pattern[j] == "]" else j
+            end = pattern.find("]", j)
+            if end < 0:
+                like.append("[")
+            else:
+                like.append("_")
+                i = end + 1
+        elif c in "%_\\":
+            like.append("\\" + c)
+        else:
+            like.append(c)
+    text = "".join(like)
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (an undecodable command-line byte): no driver takes it
+        return "%"
+    return text
+
+
 def audit_records(
     session: Session,
     *,
@@ -305,6 +363,7 @@ def audit_records(
     until: datetime | None = None,
     run_id: int | None = None,
     newest_first: bool = False,
+    keys: KeyFilter = ANY_KEY,
 ) -> Generator[AuditRecord, None, None]:
     """The audit log in time order (or newest first): the ``actions`` rows, and each stored plan's
     entries for every run that refers to it, streamed.
@@ -337,6 +396,7 @@ def audit_records(
         direct, runs = direct.where(Action.created_at <= until), runs.where(RunPlan.created_at <= until)
     if run_id is not None:
         direct, runs = direct.where(Action.run_id == run_id), runs.where(RunPlan.run_id == run_id)
+    direct = keys.where(direct, Action.key_name, Action.workspace_id)
 
     def ordered(*columns: Any) -> list[Any]:
         return [column.desc() for column in columns] if newest_first else list(columns)
@@ -378,6 +438,7 @@ def audit_records(
                 PlanEntry.action,
                 PlanEntry.evidence,
             ).where(PlanEntry.plan_id == run.plan_id)
+            entries = keys.where(entries, PlanEntry.key_name, PlanEntry.workspace_id)
             query = entries.order_by(*ordered(PlanEntry.id))
             with session.execute(query.execution_options(yield_per=1000)) as result:
                 for entry in result:
@@ -427,18 +488,20 @@ def outcome_times(session: Session, *, since: datetime, until: datetime) -> Iter
 
 
 def outcomes_by_key(
-    session: Session, *, since: datetime, until: datetime
+    session: Session, *, since: datetime, until: datetime, keys: KeyFilter = ANY_KEY
 ) -> Iterator[tuple[datetime, str, str, str | None]]:
-    """(time, outcome, key name, workspace id) of every audit record of (since, until], streamed
-    without the records' JSON: what a filtered count of the log needs."""
+    """(time, outcome, key name, workspace id) of every audit record of (since, until] of the keys
+    ``keys`` admits, streamed without the records' JSON: what a filtered count of the log needs."""
     direct = select(Action.created_at, Action.outcome, Action.key_name, Action.workspace_id).where(
         Action.created_at > since, Action.created_at <= until
     )
+    direct = keys.where(direct, Action.key_name, Action.workspace_id)
     referenced = (
         select(RunPlan.created_at, RunPlan.outcome, PlanEntry.key_name, PlanEntry.workspace_id)
         .join(PlanEntry, PlanEntry.plan_id == RunPlan.plan_id)
         .where(RunPlan.created_at > since, RunPlan.created_at <= until)
     )
+    referenced = keys.where(referenced, PlanEntry.key_name, PlanEntry.workspace_id)
     for query in (direct, referenced):
         for time, outcome, key_name, workspace_id in session.execute(query.execution_options(yield_per=5000)):
             yield time, str(outcome), str(key_name), workspace_id

@@ -107,6 +107,17 @@ def test_a_log_of_many_dry_runs_counts_each_runs_plan_and_streams_it(org: Org, c
     named = cli("report", "actions", "--since", "400d", "--limit", "5", "--name", "a*")
     wanted = [row for row in every if row["key_name"].startswith("a")]
     assert f": {len(wanted)} records" in named.stdout
+    # The filters are applied as the records are read, stored plans' entries included: the same rows.
+    assert json.loads(cli("report", "actions", "--since", "400d", "--name", "a*", "--format", "json").stdout) == wanted
+    found = 0
+    for workspace in {row["workspace_id"] for row in every} | {"ws-research"}:
+        asked = ("--workspace", workspace, "--name", "[a-k]*", "--format", "json")
+        listed = json.loads(cli("report", "actions", "--since", "400d", *asked).stdout)
+        assert listed == [
+            row for row in every if row["workspace_id"] == workspace and "a" <= row["key_name"][:1] <= "k"
+        ]
+        found += len(listed)
+    assert 0 < found < len(every)
 
 
 def test_a_per_key_table_names_each_keys_workspace(org: Org, cli: Callable[..., Any]) -> None:

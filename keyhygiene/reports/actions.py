@@ -101,14 +101,15 @@ def _counts(session: Session, params: ReportParams) -> dict[str, int]:
 def counts_per_day(session: Session, params: ReportParams) -> Counter[tuple[date, str]]:
     """How many rows of the report fall on each UTC day with each outcome: counted without reading
     the records' JSON, and stored plans without expanding them (unless --name or --workspace asks
-    for their keys' names)."""
+    for their keys: then only the records of keys that may match are read, ``audit.KeyFilter``)."""
     start, end = params.period_start(DEFAULT_PERIOD), params.as_of
     counts: Counter[tuple[date, str]] = Counter()
     if params.name is None and not params.workspaces:
         for time, outcome, records in audit.outcome_times(session, since=start, until=end):
             counts[(time.date(), outcome)] += records
         return counts
-    for time, outcome, key_name, workspace_id in audit.outcomes_by_key(session, since=start, until=end):
+    keys = audit.KeyFilter(params.workspaces, params.name)
+    for time, outcome, key_name, workspace_id in audit.outcomes_by_key(session, since=start, until=end, keys=keys):
         if params.wants(name=key_name, workspace_id=workspace_id):
             counts[(time.date(), outcome)] += 1
     return counts
@@ -121,7 +122,8 @@ def records(
     of many keys is millions: a reader that only counts them need not hold them)."""
     end = params.as_of
     start = params.period_start(DEFAULT_PERIOD)
-    with closing(audit.audit_records(session, since=start, until=end, newest_first=newest_first)) as log:
+    keys = audit.KeyFilter(params.workspaces, params.name)
+    with closing(audit.audit_records(session, since=start, until=end, newest_first=newest_first, keys=keys)) as log:
         yield from _rows(log, params)
 
 
