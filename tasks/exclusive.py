@@ -98,3 +98,14 @@ def run_exclusive(
                 log.warning("job_lock_not_released", kind=kind, error=str(exc), expires_in=limits.lock_ttl)
     finally:
         client.close()
+
+
+def running_now(settings: Settings, task_id: str) -> bool:
+    """Whether a delivery of task ``task_id`` holds the job lock now: it is running, perhaps not
+    recorded yet (it records its run just after taking the lock). False when Redis cannot say."""
+    client = redis_client(settings.broker_url)
+    try:
+        holder = JobLock(client).holder()
+    finally:
+        client.close()
+    return holder is not None and holder.task_id == task_id

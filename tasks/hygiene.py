@@ -22,7 +22,7 @@ from keyhygiene.shutdown import stop_pool_process_on_sigterm
 from worker.limits import TimeLimits
 from worker.names import TASK_NAMES, TRIGGERED_HEADER
 
-from .exclusive import run_exclusive
+from .exclusive import run_exclusive, running_now
 
 # Who may be named as the starter in a message; "schedule" is what beat sent before it said "beat".
 STARTERS = {"beat": "beat", "schedule": "beat", "trigger": "trigger"}
@@ -48,9 +48,10 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         kind = kinds.get(getattr(sender, "name", None) or "")
         if not expired or kind is None or getattr(request, TRIGGERED_HEADER, None) != "trigger":
             return
-        if task_recorded(settings, request.id):
-            # A copy the broker delivered again (Redis restarted, a worker died) after the job ran or
-            # was recorded: its run is the task's answer, not a failure of a job never started.
+        # A copy the broker delivered again (Redis restarted, a worker died) while the job runs, or
+        # after it ran or was recorded: its run is the task's answer, not a failure of a job never
+        # started. The lock first: a delivery takes it, then records its run.
+        if running_now(settings, request.id) or task_recorded(settings, request.id):
             return
         message = "dropped unrun: no worker started it before its message expired (an hour after it was queued)"
         record_unstarted(

@@ -115,19 +115,23 @@ def test_an_expired_beat_tick_is_dropped_without_a_run(deploy: Deployment, fake:
 def test_an_expired_copy_of_a_triggered_job_that_ran_records_no_failure(
     deploy: Deployment, fake: FakeOpenRouter
 ) -> None:
-    """Redis restarted (or a worker died) after a triggered job ran, and the broker delivers its
-    message again once it has expired: the job's run stays its answer (for `trigger --wait`,
-    `status`, `report runs`); no run "dropped unrun" is recorded beside it."""
+    """Redis restarted (or a worker died) after a triggered job ran, or while another worker runs
+    it, and the broker delivers its message again once it has expired: the job's run stays its
+    answer (for `trigger --wait`, `status`, `report runs`); no run "dropped unrun" is recorded
+    beside it. That holds too in the moment when the running delivery has taken the job lock and
+    not recorded its run yet."""
     add_keys(fake, expired=0, healthy=1)
-    ran, never_started = str(uuid.uuid4()), str(uuid.uuid4())
+    ran, running, never_started = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
     with deploy.database.writer() as session, session.begin():
         run = runs.start_run(session, kind="run", now=utcnow(), started_by="trigger", task_id=ran)
         runs.finish_run(session, run.id, status=runs.OK, now=utcnow(), exit_code=0, message="ok")
+    # Another worker's delivery of ``running`` has just taken the lock; its run is not recorded yet.
+    assert JobLock(deploy.redis_db.client, ttl_seconds=300).acquire(kind="run", task_id=running, now=utcnow())
     past = (utcnow() - timedelta(minutes=5)).isoformat()
     deploy.start_worker()
     with Connection(deploy.broker_url) as connection:
         producer = Producer(connection.channel(), exchange=Exchange(QUEUE, type="direct"), routing_key=QUEUE)
-        for task_id in (ran, never_started):  # the second one, taken after it, shows it was handled
+        for task_id in (ran, running, never_started):  # the last one, taken after them, shows they were handled
             producer.publish(
                 [[], {"dry_run": True, "trigger": "trigger"}, {}],
                 serializer="json",
@@ -137,6 +141,7 @@ def test_an_expired_copy_of_a_triggered_job_that_ran_records_no_failure(
     dropped = wait_until(lambda: run_of(deploy, never_started), timeout=30, what="the expired trigger's run")
     assert dropped.status == runs.FAILED
     assert [(r.status, r.message) for r in deploy.runs() if r.task_id == ran] == [(runs.OK, "ok")]
+    assert run_of(deploy, running) is None  # left to the delivery that runs it
 
 
 def deadline_of(deploy: Deployment, task_id: str) -> float:
