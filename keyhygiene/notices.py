@@ -228,6 +228,10 @@ class Sender:
     def close(self) -> None:
         self.client.close()
 
+    def is_stop(self, exc: BaseException) -> bool:
+        """Whether ``exc`` stops the job: SIGTERM or Ctrl-C (KeyboardInterrupt), or one of ``stops``."""
+        return isinstance(exc, (KeyboardInterrupt, *self.stops))
+
     def at(self, now: datetime) -> datetime:
         """``now`` (when the notices' pass began) plus the time the pass has taken so far: when a
         notice is recorded or claimed. A record must not look older than it is to another run,
@@ -248,7 +252,7 @@ class Sender:
         try:
             return self._deliver(target, body, once=once)
         except Exception as exc:  # one target's trouble must not stop the notices of the others
-            if isinstance(exc, self.stops):
+            if self.is_stop(exc):
                 raise
             return Delivered(False, 0, f"{type(exc).__name__} (not sent)")
 
@@ -304,7 +308,7 @@ class Sender:
             failure = cutoff.failure() or type(exc).__name__
             return f"{failure} (no answer)", 0.0
         except Exception as exc:  # a host name the socket layer cannot encode, ...: the same every time
-            if isinstance(exc, self.stops):
+            if self.is_stop(exc):
                 raise
             return f"{type(exc).__name__} (not sent)", None
         if 200 <= status < 300:
@@ -465,8 +469,14 @@ def after_run(
         with Sender(
             timeout=timeout, retry_seconds=retry_seconds, transport=transport, deadline=deadline, stops=stops
         ) as sender:
-            _retry_undelivered(database, ruleset, sender, now=now, sending_before=sending_before)
-            _send_run_notice(database, ruleset, outcome, sender, now=now)
+            due = _run_notices(database, ruleset, outcome)
+            try:
+                _retry_undelivered(database, ruleset, sender, now=now, sending_before=sending_before)
+            except BaseException as exc:
+                if sender.is_stop(exc):  # before any of this run's notices: the next run sends them all
+                    _record_unreached(database, due, sender, now=now)
+                raise
+            _send_run_notices(database, due, sender, now=now)
             if _planned(outcome):
                 _send_upcoming(database, ruleset, outcome, sender, now=now)
     except SQLAlchemyError as exc:
@@ -531,16 +541,18 @@ def _planned(outcome: JobOutcome) -> bool:
     return outcome.kind in ("enforce", "run") and (outcome.enforcement is not None or outcome.status == runs.REFUSED)
 
 
-def _send_run_notice(
-    database: Database, ruleset: RuleSet, outcome: JobOutcome, sender: Sender, *, now: datetime
-) -> None:
-    """One message per target: the run's outcome to the targets whose ``on`` holds it; else, when
-    the run changed keys though it failed (other changes failed, or it stopped midway), ``done``
-    with the keys changed to the targets whose ``on`` holds that."""
+_Due = list[tuple[NotifyTarget, dict[str, Any]]]
+"""Notices to send: each target with its body."""
+
+
+def _run_notices(database: Database, ruleset: RuleSet, outcome: JobOutcome) -> _Due:
+    """The run's notices, one per target: the run's outcome to the targets whose ``on`` holds it;
+    else, when the run changed keys though it failed (other changes failed, or it stopped midway),
+    ``done`` with the keys changed to the targets whose ``on`` holds that."""
     said = run_outcome(outcome)
     changed = said != "done" and _may_have_changed(outcome)
     bodies: dict[str, dict[str, Any] | None] = {}
-    due: list[tuple[NotifyTarget, dict[str, Any]]] = []
+    due: _Due = []
     for target in ruleset.notify:
         occasion = said if said in target.on else "done" if changed and "done" in target.on else None
         if occasion is None:
@@ -549,18 +561,20 @@ def _send_run_notice(
             bodies[occasion] = _run_body(database, outcome, occasion)
         if (body := bodies[occasion]) is not None:
             due.append((target, body))
+    return due
+
+
+def _send_run_notices(database: Database, due: _Due, sender: Sender, *, now: datetime) -> None:
     for sent, (target, body) in enumerate(due):
         try:
             _send(database, target, body, sender, now=now)
         except BaseException as exc:
-            if isinstance(exc, (KeyboardInterrupt, *sender.stops)):
+            if sender.is_stop(exc):
                 _record_unreached(database, due[sent + 1 :], sender, now=now)
             raise
 
 
-def _record_unreached(
-    database: Database, due: Sequence[tuple[NotifyTarget, dict[str, Any]]], sender: Sender, *, now: datetime
-) -> None:
+def _record_unreached(database: Database, due: _Due, sender: Sender, *, now: datetime) -> None:
     """The run's notices a stop came before: recorded failed, so that the next run sends each once
     (as it retries one that failed), as the one cut short mid-send is."""
     if not due:

@@ -7,7 +7,9 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,7 +27,7 @@ from keyhygiene.context import Database, session_scope
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.fakeapi.webhook import WebhookSink
 from keyhygiene.jobs import JobOutcome
-from keyhygiene.notices import Sender, after_run
+from keyhygiene.notices import UNREACHED, Sender, after_run
 from keyhygiene.notices import payload as notice_body
 from keyhygiene.rules import NotifyTarget, parse_rules
 from keyhygiene.settings import Settings
@@ -933,3 +935,51 @@ def test_a_notice_is_recorded_at_the_time_it_is_sent_not_when_the_pass_began() -
         assert sender.at(NOW) == NOW
         ticks[0] += 600
         assert sender.at(NOW) == NOW + timedelta(minutes=10)
+
+
+class SoftLimit(Exception):
+    """Stands for celery's SoftTimeLimitExceeded: an Exception a signal handler raises wherever the job stands."""
+
+
+def test_a_stop_while_earlier_notices_are_retried_leaves_this_runs_notices_to_the_next_run(
+    database: Database, sink: WebhookSink
+) -> None:
+    """The worker's soft time limit lands while a run retries an earlier run's notice at a receiver
+    that hangs: the notices stop there (the limit is not that retry's failure, after which the run
+    would go on sending), and this run's own notice, not reached, is on record for the next run."""
+    earlier, _ = _recorded(database, status=stored_notices.FAILED)
+    sink.hang = True
+    main = threading.get_ident()
+
+    def time_is_up(*_: object) -> None:
+        raise SoftLimit("the soft time limit")
+
+    def limit_once_the_retry_hangs() -> None:
+        wait_until(lambda: sink.received, timeout=30, what="the retry to reach the receiver")
+        signal.pthread_kill(main, signal.SIGALRM)  # as Celery's pool signals the job's thread
+
+    previous = signal.signal(signal.SIGALRM, time_is_up)
+    limiter = threading.Thread(target=limit_once_the_retry_hangs, daemon=True)
+    limiter.start()
+    try:
+        with pytest.raises(SoftLimit):
+            after_run(
+                database,
+                parse_rules(_rules(on='["failed"]')),
+                JobOutcome("sync", runs.FAILED, 1, "the listing failed"),
+                now=NOW,
+                timeout=30,
+                retry_seconds=0,
+                stops=(SoftLimit,),
+            )
+    finally:
+        limiter.join(timeout=30)
+        signal.signal(signal.SIGALRM, previous)
+
+    assert len(sink.received) == 1
+    assert _stored(database, earlier).status == stored_notices.RETRYING  # cut short mid-retry
+    with database.sessions() as session:
+        later = session.scalars(select(Notice).where(Notice.id > earlier)).all()
+        assert [(n.target, n.status, n.last_error, n.payload["outcome"]) for n in later] == [
+            ("ops", stored_notices.FAILED, UNREACHED, "failed")
+        ]
