@@ -9,6 +9,7 @@ secret, so no line can carry one.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -23,17 +24,27 @@ REDACTED = "[REDACTED]"
 # previews with only a few characters and are left alone.
 _SECRET_PATTERN = re.compile(r"sk-or-v1-[A-Za-z0-9_-]{12,}")
 _secrets: set[str] = set()
+_ordered: list[str] = []
+
+
+def secret_forms(value: str) -> list[str]:
+    """``value`` as a message may quote it, longest first: as it is, and escaped as Python's repr
+    and JSON escape it (a secret holding a backslash or a quote is printed otherwise than it is)."""
+    forms = {value, repr(value)[1:-1], json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
+    return sorted(forms, key=len, reverse=True)
 
 
 def register_secret(value: str | None) -> None:
-    """Make sure ``value`` never appears in any log line of this process."""
+    """Make sure ``value`` never appears in any log line of this process, in any of its forms."""
+    global _ordered
     if value and len(value) >= 4:
-        _secrets.add(value)
+        _secrets.update(form for form in secret_forms(value) if len(form) >= 4)
+        _ordered = sorted(_secrets, key=len, reverse=True)
 
 
 def redact_text(text: str) -> str:
     """``text`` with every registered secret and every OpenRouter-shaped secret removed."""
-    for secret in _secrets:
+    for secret in _ordered:  # longest first: one secret's escaped form may hold another form
         if secret in text:
             text = text.replace(secret, REDACTED)
     return _SECRET_PATTERN.sub("sk-or-v1-" + REDACTED, text)

@@ -26,6 +26,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from .errors import UsageError
+from .logging import register_secret, secret_forms
 from .timeutil import MAX_DURATION, TimeFormatError, parse_duration
 
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
@@ -387,7 +388,7 @@ def load_settings(**overrides: object) -> Settings:
     """Read and validate the settings; a bad value raises SettingsError naming its variable, and a
     ``.env`` file that cannot be read or parsed one naming the file and line."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         key = _given_management_key(overrides)
         problems = []
@@ -396,9 +397,15 @@ def load_settings(**overrides: object) -> Settings:
             name = ENV_NAMES.get(str(loc), str(loc))
             said = error["msg"].removeprefix("Value error, ") + _shown(name, error.get("input"))
             if len(key) >= 8:  # shorter, it is no secret worth garbling the message for
-                said = said.replace(key, "***")
+                for form in secret_forms(key):
+                    said = said.replace(form, "***")
             problems.append(f"{_where_set(name, overrides)}{name}: {said}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+    # Whatever the command: a path or a URL may hold the key pasted there by mistake, and a command
+    # that never calls the API would otherwise leave it to the shape of an OpenRouter key alone.
+    if settings.management_key is not None:
+        register_secret(settings.management_key.get_secret_value().strip())
+    return settings
 
 
 def _where_set(name: str, overrides: Mapping[str, object]) -> str:

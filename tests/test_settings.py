@@ -543,11 +543,17 @@ def test_a_sqlite_path_may_hold_a_space(clean_env: Path, monkeypatch: pytest.Mon
     assert load_settings().database.database == str(clean_env / "my keys" / "keyhygiene.db")
 
 
+@pytest.mark.parametrize(
+    "key",
+    # Not shaped like sk-or-v1-..., so no pattern would hide them; the messages quote a value as
+    # Python's repr does, which doubles a backslash and escapes a quote: the key printed otherwise.
+    ["orkey-7a1c9e0b5d3f", "orkey\\7a1c9e0b5d3f", "orkey'7a1c\"9e0b5d3f"],
+    ids=["plain", "backslash", "quotes"],
+)
 @pytest.mark.parametrize("where", ["environment", "dotenv"])
 def test_a_management_key_pasted_into_another_variable_is_not_echoed(
-    clean_env: Path, monkeypatch: pytest.MonkeyPatch, cli, where: str
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, cli, where: str, key: str
 ) -> None:
-    key = "orkey-7a1c9e0b5d3f"  # not shaped like sk-or-v1-..., so no pattern would hide it
     if where == "environment":
         monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", key)
     else:
@@ -560,7 +566,25 @@ def test_a_management_key_pasted_into_another_variable_is_not_echoed(
     assert result.exit_code == 2
     (line,) = result.stderr.splitlines()
     assert "KEYHYGIENE_SCHEDULE: " in line and "KEYHYGIENE_DATABASE_URL: " in line
-    assert key not in line
+    assert not [form for form in (key, repr(key)[1:-1], key.replace("\\", "\\\\")) if form in line], line
+
+
+@pytest.mark.parametrize("command", [("plan",), ("enforce",), ("status",), ("report", "inventory")])
+def test_a_management_key_in_a_path_is_not_echoed_by_commands_that_never_call_the_api(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, cli, command: tuple[str, ...]
+) -> None:
+    """A key pasted into the rules file's or the database's path, by a command that reads the
+    settings but never the API: it was echoed where it was not shaped like an OpenRouter key."""
+    key = "orkey-0b5d3f7a1c9e"
+    monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", key)
+    monkeypatch.setenv("KEYHYGIENE_RULES_FILE", str(clean_env / f"{key}.toml"))
+    monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", f"sqlite:///{clean_env / f'gone-{key}' / 'keyhygiene.db'}")
+
+    result = cli(*command)
+
+    assert result.exit_code == 2, result.stderr
+    assert "does not exist" in result.stderr or "cannot read the rules file" in result.stderr
+    assert key not in result.stdout + result.stderr
 
 
 def test_the_settings_object_does_not_show_the_passwords_its_urls_hold(clean_env: Path) -> None:
