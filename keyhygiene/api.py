@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from keyhygiene.keysapi.errors import ApiError, AuthenticationFailed
 from keyhygiene.keysapi.paging import KeyStream, ProgressCallback
 
-from .errors import NotAManagementKey
+from .errors import NotAManagementKey, UsageError
 from .logging import register_secret
 from .settings import Settings
 from .timeutil import utcnow
@@ -26,10 +26,12 @@ if TYPE_CHECKING:
 
 def open_client(settings: Settings, *, verify: bool = True) -> KeysClient:
     """A client for the configured API; with ``verify``, ``GET /key`` must say it is a management key."""
-    from keyhygiene.keysapi.client import KeysClient  # httpx: only commands that call the API load it
+    from keyhygiene.keysapi.client import KeysClient, environment_problem  # httpx: only commands that call the API
 
     key = settings.require_management_key()
     register_secret(key)
+    if (problem := environment_problem(settings.base_url)) is not None:
+        raise UsageError(problem)
     client = KeysClient(
         settings.base_url,
         key,

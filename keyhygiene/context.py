@@ -107,7 +107,8 @@ class Database:
 
 
 def _refuse_missing_sqlite_folder(settings: Settings) -> None:
-    """SQLite creates a missing file, never a missing folder: say which folder, not "unable to open"."""
+    """SQLite creates a missing file, never a missing folder, and cannot open a folder: say which
+    folder, not "unable to open"."""
     url = settings.database
     path = url.database
     if url.get_backend_name() != "sqlite" or not path or path.startswith("file:"):
@@ -117,6 +118,8 @@ def _refuse_missing_sqlite_folder(settings: Settings) -> None:
         raise UsageError(
             f"KEYHYGIENE_DATABASE_URL names a SQLite file in a folder that does not exist: {folder.absolute()}"
         )
+    if Path(path).is_dir():
+        raise UsageError(f"KEYHYGIENE_DATABASE_URL names a folder, not a SQLite file: {Path(path).absolute()}")
 
 
 def _refuse_missing_sqlite_file(settings: Settings) -> None:

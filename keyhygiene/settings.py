@@ -169,6 +169,25 @@ def _refuse_spaces(url: str) -> None:
         raise ValueError("must not contain spaces or control characters (a stray space or line break?)")
 
 
+def _usable_host(host: str) -> bool:
+    """Whether ``host`` can be encoded as the HTTP client encodes it (Python's IDNA codec for an
+    ASCII name, the idna package's IDNA 2008 for another): else every request fails alike."""
+    lowered = host.lower()
+    try:
+        if host.isascii():
+            host.encode("idna")
+        if not host.isascii() or "xn--" in lowered:  # an IDNA name, written as such or encoded
+            import idna  # httpx's own dependency, loaded only for such a name
+
+            if host.isascii():
+                idna.decode(lowered)
+            else:
+                idna.encode(lowered)
+    except (UnicodeError, ValueError):
+        return False
+    return True
+
+
 def _url(value: str, schemes: tuple[str, ...], wrong_scheme: str) -> SplitResult:
     """``value`` split as a URL of one of ``schemes``, with a valid port if it has one; else ValueError.
 
@@ -309,6 +328,8 @@ class Settings(BaseSettings):
         url = _url(value, ("http", "https"), "must start with http:// or https://")
         if not url.hostname:
             raise ValueError("has no host (expected e.g. https://openrouter.ai/api/v1)")
+        if not _usable_host(url.hostname):
+            raise ValueError("has a host name that cannot be looked up (an empty label, as in a..b, or one too long)")
         if "@" in url.netloc:
             # It would be sent as Basic auth, and shown wherever the API's address is.
             raise ValueError("must not hold a user or password (the management key is the API's only credential)")

@@ -350,3 +350,34 @@ def test_rules_check_of_an_empty_file_name_says_so(sqlite_env: Path, cli) -> Non
 
     assert result.exit_code == 2
     assert error_line(result) == "keyhygiene: error: rules check: the rules file's name is empty"
+
+
+@pytest.mark.parametrize(
+    ("variables", "says"),
+    [
+        # Read by the HTTP client, not by keyhygiene's settings: they failed every request as an
+        # "unexpected error" (exit 1), one quoting the proxy variable's value, password and all.
+        ({"HTTP_PROXY": "ops:Pr0xyPw@proxy.example:3128"}, "HTTP_PROXY does not hold a proxy URL httpx can use"),
+        (
+            {"SSL_CERT_FILE": "/nonexistent/ca.pem", "OPENROUTER_BASE_URL": "https://127.0.0.1:9/api/v1"},
+            "SSL_CERT_FILE names /nonexistent/ca.pem, which is not a file",
+        ),
+        ({"OPENROUTER_BASE_URL": "https://api..example/v1"}, "OPENROUTER_BASE_URL: has a host name that cannot"),
+        ({"KEYHYGIENE_DATABASE_URL": "sqlite:///{tmp}"}, "KEYHYGIENE_DATABASE_URL names a folder, not a SQLite file"),
+    ],
+    ids=["proxy", "ca-file", "host", "db-folder"],
+)
+def test_an_unusable_environment_for_the_api_or_the_store_is_a_usage_error_naming_it(
+    sqlite_env: Path, cli, fake: FakeOpenRouter, monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], says: str
+) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value.format(tmp=sqlite_env.parent))
+    fake.clear_calls()
+
+    result = cli("sync")
+
+    assert result.exit_code == 2, result.stderr
+    line = error_line(result)
+    assert says in line and "unexpected error" not in line
+    assert "Pr0xyPw" not in result.stderr + result.stdout
+    assert fake.calls == []

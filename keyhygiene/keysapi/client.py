@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import ssl
 import threading
 import time
@@ -82,6 +83,28 @@ def _proxy_for(base_url: str) -> str | None:
         return None
     proxies = getproxies()
     return proxies.get(url.scheme) or proxies.get("all")
+
+
+def environment_problem(base_url: str) -> str | None:
+    """What in the environment would fail every request to ``base_url`` before it is sent, named
+    without quoting it (a proxy URL may hold a password), or None: a proxy variable that holds no
+    proxy URL httpx takes, or ``SSL_CERT_FILE``/``SSL_CERT_DIR`` naming nothing there to read."""
+    url = urlsplit(base_url)
+    proxy = _proxy_for(base_url)
+    if proxy is not None:
+        try:
+            httpx.Proxy(proxy)
+        except (ValueError, httpx.InvalidURL):
+            variable = f"{url.scheme.upper()}_PROXY" if getproxies().get(url.scheme) else "ALL_PROXY"
+            return f"{variable} does not hold a proxy URL httpx can use (expected e.g. http://proxy.example:3128)"
+    if url.scheme != "https" and not (proxy or "").startswith("https"):
+        return None  # no TLS: the certificate authorities are never read
+    if cafile := os.environ.get("SSL_CERT_FILE"):
+        if not os.path.isfile(cafile):
+            return f"SSL_CERT_FILE names {cafile}, which is not a file"
+    elif (capath := os.environ.get("SSL_CERT_DIR")) and not os.path.isdir(capath):
+        return f"SSL_CERT_DIR names {capath}, which is not a folder"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
