@@ -138,6 +138,8 @@ def configure_logging(log_format: str = "auto", *, stream: TextIO | None = None,
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
+    # A library's warning (SQLAlchemy's, say) is a log line too: in the same format, not raw text.
+    logging.captureWarnings(True)
     # httpx logs every request at INFO; the client logs what matters itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -169,6 +169,12 @@ def _refuse_spaces(url: str) -> None:
         raise ValueError("must not contain spaces or control characters (a stray space or line break?)")
 
 
+_SQLITE_DRIVER_OPTIONS = frozenset(
+    {"uri", "timeout", "isolation_level", "detect_types", "check_same_thread", "cached_statements"}
+)
+"""The query options of a SQLite URL that SQLAlchemy's driver takes; without ``uri=true`` it ignores others."""
+
+
 def _usable_host(host: str) -> bool:
     """Whether ``host`` can be encoded as the HTTP client encodes it (Python's IDNA codec for an
     ASCII name, the idna package's IDNA 2008 for another): else every request fails alike."""
@@ -354,6 +360,13 @@ class Settings(BaseSettings):
                 # Each process (and connection) would get its own empty database: `db upgrade`
                 # would migrate one that is gone when it exits.
                 raise ValueError("is an in-memory SQLite database, which keeps nothing: name a file")
+            ignored = sorted(set(url.query) - _SQLITE_DRIVER_OPTIONS)
+            if ignored and url.query.get("uri") not in ("true", "1"):
+                # SQLAlchemy would only warn, and open the file as if they were not there (mode=ro).
+                raise ValueError(
+                    f"has options SQLite takes only in a URI, which it would ignore: {', '.join(ignored)} "
+                    "(add uri=true to have them taken)"
+                )
         if url.get_backend_name() == "postgresql":
             # A SQLite path may hold spaces, and so may a password (the compose entrypoint writes it
             # so); the rest of a server's URL may not. None of the messages quote the URL's parts:

@@ -328,6 +328,9 @@ def test_a_rules_file_python_cannot_parse_is_bad_usage_naming_file_and_line(
             "sqlite:///{tmp}/no-such-folder/kh.db",
             "names a SQLite file in a folder that does not exist: {tmp}/no-such-folder",
         ),
+        # SQLAlchemy warned that it ignored `mode`, and opened the file to write: a read-only
+        # database that was written to, and the file created.
+        ("sqlite:///{tmp}/kh.db?mode=ro", "has options SQLite takes only in a URI, which it would ignore: mode"),
     ],
 )
 @pytest.mark.parametrize("command", [("db", "upgrade"), ("status",)])

@@ -13,6 +13,7 @@ import re
 import select
 import signal
 import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -126,6 +127,23 @@ def test_a_command_logs_json_lines_when_stderr_is_not_a_terminal(tmp_path: Path,
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines and all(is_json(line) for line in lines), done.stderr
     assert {"sync_started", "sync_complete"} <= {json.loads(line)["event"] for line in lines}
+
+
+def test_a_librarys_warning_is_a_json_line_too() -> None:
+    """A warning a library raises (SQLAlchemy ignoring a URL option, say) went to stderr as two raw
+    lines of text among the JSON ones."""
+    code = (
+        "import warnings\n"
+        "from keyhygiene import logging\n"
+        "logging.configure_logging('json')\n"
+        "warnings.warn('an option is ignored by the driver')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stderr.splitlines()
+    event = json.loads(line)
+    assert event["level"] == "warning" and "an option is ignored by the driver" in event["event"]
 
 
 def loaded_modules(import_profile: str) -> set[str]:
