@@ -660,6 +660,38 @@ def test_a_change_in_doubt_that_lands_after_its_run_is_recorded_as_made_and_can_
     assert org.fake.get(idle)["disabled"] is False  # type: ignore[index]
 
 
+def test_a_change_answered_503_until_the_retry_time_ran_out_is_in_doubt_and_can_be_undone_once_it_lands(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    """Every try of a PATCH is answered 503 by a gateway, the API behind it still at work: it was
+    recorded `failed` at once and the lock released, so the disable that landed later had no record
+    (`undo` had nothing to give back). It is in doubt now, as after any earlier 503."""
+    rules_file(org.rules())
+    idle = org.hashes["dev-idle"]
+    ready["KEYHYGIENE_HTTP_RETRY_SECONDS"] = "0.5"
+    org.fake.faults.server_error(1000, 503, retry_after=0.05, method="PATCH", path=f"/keys/{idle}")
+
+    first = cli("run")
+
+    assert first.exit_code == 1, first.stderr
+    assert org.fake.change_counts()[("PATCH", idle)] > 1  # a 503 refuses: it was sent again
+    assert [event["fresh_state"] for event in first.events_named("key_action_in_doubt")] == ["unchanged"]
+    assert first.events_named("enforcement_lock_kept")
+    (row,) = [a for a in _actions(ready) if a.key_hash == idle]
+    assert row.outcome == "pending"
+    org.fake.faults.clear()
+    org.fake.update_key(idle, {"disabled": True})  # one of them, at work behind the gateway, lands
+    _expire_the_lock(ready)
+
+    settled = cli("run")
+
+    assert settled.exit_code == 0, settled.stderr
+    assert [(a.run_id, a.outcome) for a in _actions(ready) if a.key_hash == idle] == [(row.run_id, "done")]
+    undone = cli("undo", str(row.run_id))
+    assert undone.exit_code == 0, undone.stderr
+    assert org.fake.get(idle)["disabled"] is False  # type: ignore[index]
+
+
 def test_a_job_skipped_by_a_live_holder_is_not_told_of_an_old_change_in_doubt(
     org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
 ) -> None:

@@ -451,11 +451,12 @@ class KeysClient:
                                 f"{method} {path}: 404 after an attempt answered 503, which may have deleted the key"
                             ) from None
                         raise
-        except (RateLimited, ConnectionFailed, CertificateRefused) as exc:
-            # The last try surely made no change (refused with 429, or never sent); an earlier one
-            # answered 503 may have, behind a gateway that answered after the API acted.
+        except (RateLimited, ConnectionFailed, CertificateRefused, ServerError) as exc:
+            # The last try made no change the API reported (refused with 429 or 503, or never
+            # sent); a try answered 503 may have, behind a gateway that answered after the API
+            # acted: the last one too, when the retry time ran out on 503s.
             if method in _CHANGES and refused:
-                raise OutcomeUnknown(f"{exc}; an earlier try was answered 503 and may have made the change") from None
+                raise OutcomeUnknown(f"{exc}; a try was answered 503 and may have made the change") from None
             raise
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 
