@@ -7,6 +7,7 @@ with one line on stderr and the interface's exit code, never a traceback.
 from __future__ import annotations
 
 import gc
+import io
 import math
 import os
 import re
@@ -303,6 +304,9 @@ def undo(state: State, run_id: int, dry_run: bool) -> None:
 def _key_hashes(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
     # A hash goes into the request's path (/keys/HASH) and the audit log's 128-character column.
     for value in values:
+        if value.startswith("sk-or-"):
+            # An API key itself (the management key, say), not its hash: never stored or echoed.
+            raise click.BadParameter("an argument is an OpenRouter API key, not a key's hash; pass the key's hash")
         if not _KEY_HASH.fullmatch(value):
             raise click.BadParameter(
                 f"{value[:70]!r} is not a key hash: a key's full hash is letters and digits "
@@ -325,6 +329,9 @@ def enable(state: State, key_hashes: tuple[str, ...], dry_run: bool) -> None:
     the keys, before the next run."""
     from .jobs import execute
 
+    key = state.settings.management_key
+    if key is not None and key.get_secret_value().strip() in key_hashes:
+        fail("an argument is the management key, not a key's hash; pass the key's hash", EXIT_USAGE)
     _finish_job(execute("enable", state.settings, dry_run=dry_run, key_hashes=key_hashes))
 
 
@@ -879,6 +886,8 @@ def main(argv: list[str] | None = None) -> None:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
+    # Known before the settings are read (the arguments are parsed first): a usage error may quote it.
+    khlog.register_secret(os.environ.get("OPENROUTER_MANAGEMENT_KEY", "").strip())
     with stop_on_signals():
         try:
             _main(argv)
@@ -894,7 +903,11 @@ def _main(argv: list[str] | None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        # Click quotes the argument it refused: the management key, pasted where a run id or a
+        # hash goes, must not be printed back.
+        shown = io.StringIO()
+        exc.show(file=shown)
+        sys.stderr.write(khlog.redact_text(shown.getvalue()))
         sys.exit(EXIT_USAGE)
     except click.exceptions.Abort:
         fail("aborted")

@@ -384,3 +384,33 @@ def test_an_unusable_environment_for_the_api_or_the_store_is_a_usage_error_namin
     assert says in line and "unexpected error" not in line
     assert "Pr0xyPw" not in result.stderr + result.stdout
     assert fake.calls == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("enable", "{key}"),
+        ("enable", "a" * 64, "{key}"),
+        ("undo", "{key}"),
+        ("report", "{key}"),
+        ("report", "inventory", "--format", "{key}"),
+        ("plan", "--limit", "{key}"),
+        ("{key}",),
+    ],
+    ids=["enable", "enable-second", "undo", "report-kind", "format", "limit", "command"],
+)
+@pytest.mark.parametrize("key", [MANAGEMENT_KEY, "orkey-7a1c9e0b5d3f"], ids=["openrouter-shaped", "other-shape"])
+def test_the_management_key_pasted_as_an_argument_is_neither_echoed_nor_stored(
+    sqlite_env: Path, cli, fake: FakeOpenRouter, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...], key: str
+) -> None:
+    """`enable <key>` took the key for a hash: it was stored in the audit log (and printed by
+    `report actions`); click's usage errors quoted it in full."""
+    monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", key)
+    fake.clear_calls()
+
+    result = cli(*(part.format(key=key) for part in command))
+
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert key not in result.stdout + result.stderr
+    assert key.encode() not in sqlite_env.read_bytes()
+    assert fake.calls == []
