@@ -530,15 +530,17 @@ def _warn_notify_targets(ruleset: Any) -> None:
 
 def _warn_rules(ruleset: Any) -> None:
     """A warning on stderr for each setting of the rules file that does nothing as written."""
+    from .visible import escape_control
+
     for warning in ruleset.warnings:
-        click.echo(f"keyhygiene: warning: {warning}", err=True)
+        click.echo(f"keyhygiene: warning: {escape_control(str(warning))}", err=True)
 
 
 def _warn_unmatched_workspaces(ruleset: Any, names: dict[str, str]) -> None:
     """A warning on stderr for each workspace filter value that is no workspace id or name in ``names``."""
     from keyhygiene.rules import unmatched_workspaces
 
-    from .reports.render import escape_control
+    from .visible import escape_control
 
     if not names:
         return  # a snapshot taken before names were recorded: nothing to compare with

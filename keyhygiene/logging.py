@@ -19,6 +19,8 @@ import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from .visible import escape_control
+
 REDACTED = "[REDACTED]"
 # A real secret is sk-or-v1- followed by 64 hex characters; key labels (sk-or-v1-abc...123) are
 # previews with only a few characters and are left alone.
@@ -65,6 +67,21 @@ def _redact(value: Any) -> Any:
 # Left as they are: the exception still to be rendered (redacted once it is text) and the
 # formatter's own bookkeeping.
 _PASS_THROUGH = frozenset({"exc_info", "_record", "_from_structlog"})
+
+
+def _visible(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Readable lines go to a terminal as they are: a key's name (the API's to give) with control
+    characters in it would drive the terminal (colours, a cleared screen, a line that seems another
+    one). Each text value is shown with them escaped, as the tables show names; JSON escapes its own."""
+    return {name: _shown(name, value) for name, value in event_dict.items()}
+
+
+def _shown(name: str, value: Any) -> Any:
+    if not isinstance(value, str) or name in _PASS_THROUGH:
+        return value
+    if name in ("exception", "stack"):  # a traceback keeps its lines
+        return "\n".join(escape_control(line) for line in value.split("\n"))
+    return escape_control(value)
 
 
 def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
@@ -117,6 +134,7 @@ def configure_logging(log_format: str = "auto", *, stream: TextIO | None = None,
         final = [
             structlog.processors.format_exc_info,
             redact_secrets,
+            _visible,
             structlog.dev.ConsoleRenderer(colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback),
         ]
     else:

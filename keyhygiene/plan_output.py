@@ -20,7 +20,8 @@ from rich.text import Text
 from keyhygiene.rules import Decision, Plan
 
 from .enforcement import decision_row, explain
-from .reports.render import escape_control, write_plain_table
+from .reports.render import write_plain_table
+from .visible import escape_control
 
 DEFAULT_LIMIT = 50
 ACTION_ORDER = ("delete", "disable", "enable", "report")

@@ -43,6 +43,22 @@ def test_rules_check_prints_the_rules_as_understood(good_file: Path, cli: Callab
     assert "DRY RUN" in result.stdout
 
 
+def test_rules_check_shows_a_name_with_control_characters_escaped_on_its_one_line(
+    tmp_path: Path, cli: Callable[..., CliResult]
+) -> None:
+    """A rule's name holding a line break and an ESC printed as two lines, the second one faking
+    another rule; as the tables show names, they are escaped."""
+    path = tmp_path / "rules.toml"
+    path.write_text('[[rule]]\nname = "evil\\u001b[31mRED\\r\\n2. fake"\nmatch = "expired"\naction = "report"\n')
+
+    result = cli("rules", "check", str(path))
+
+    assert result.exit_code == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if "evil" in line]
+    assert line.startswith("  1. evil\\x1b[31mRED\\x0d\\x0a2. fake: keys that have expired")
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout
+
+
 def test_rules_check_reads_the_configured_file_by_default(
     tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:

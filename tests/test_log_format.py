@@ -222,6 +222,26 @@ def test_a_refused_run_on_a_terminal_ends_with_its_one_line_set_apart(
         run.close()
 
 
+def test_readable_lines_show_a_keys_name_with_its_control_characters_escaped(
+    tmp_path: Path, fake_url: str, fake: FakeOpenRouter
+) -> None:
+    """A key's name is the API's to give: in readable log lines (`console`, the default on a
+    terminal) its ESC sequences and line breaks reached the terminal raw, colouring it or faking a
+    line; they are shown as the tables show them."""
+    fake.add_key("evil\x1b[31mRED\x1b[0m\r\nkeyhygiene: run 9 run ok", expires_at=utcnow() - timedelta(days=1))
+    rule = '[safety]\nmax_action_percent = 100\n\n[[rule]]\nname = "gone"\nmatch = "expired"\naction = "delete"\n'
+    (tmp_path / "keyhygiene.toml").write_text(rule)  # dry run: planned, logged, not made
+    env = command_env(tmp_path, fake_url, KEYHYGIENE_LOG_FORMAT="console")
+    subprocess.run([keyhygiene_executable(), "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True)
+
+    done = subprocess.run([keyhygiene_executable(), "run"], env=env, cwd=tmp_path, capture_output=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr
+    assert b"x1b[31mRED" in done.stderr and b"x0akeyhygiene: run 9" in done.stderr, done.stderr
+    assert b"\x1b" not in done.stderr and b"\r" not in done.stderr
+    assert not [line for line in done.stderr.splitlines() if line.startswith(b"keyhygiene: run 9")]
+
+
 def test_an_explicit_format_wins_over_the_terminal(tmp_path: Path, fake_url: str) -> None:
     env = command_env(tmp_path, fake_url, KEYHYGIENE_LOG_FORMAT="json")
     subprocess.run([keyhygiene_executable(), "db", "upgrade"], env=env, cwd=tmp_path, check=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from collections.abc import Sequence
 from datetime import date, datetime
 from typing import IO, Any
@@ -22,28 +21,15 @@ from rich.table import Table
 from rich.text import Text
 
 from keyhygiene.timeutil import isoformat
+from keyhygiene.visible import escape_control
 
 from .base import Report
 
 HASH_COLUMNS = frozenset({"key_hash"})
 HASH_SHOWN = 10
 
-# C0 controls, DEL, C1 controls (0x9b alone starts a CSI), line and paragraph separators, the
-# bidirectional controls that reorder what a reader sees ("Trojan Source"), and lone surrogates
-# (valid JSON, which no terminal can be sent as UTF-8).
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 # A cell starting with one of these is a formula (or becomes one) in Excel, LibreOffice and Sheets.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _escape_one(found: re.Match[str]) -> str:
-    code = ord(found.group())
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
-
-
-def escape_control(text: str) -> str:
-    """``text`` with every control character written as a visible escape (ESC as ``\\x1b``)."""
-    return _UNSAFE.sub(_escape_one, text)
 
 
 def csv_safe(value: str) -> str:

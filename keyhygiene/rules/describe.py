@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 from decimal import Decimal
 
+from keyhygiene.visible import escape_control
+
 from .model import NOTIFY_EVENTS, NotifyTarget, Rule, RuleSet, Safety, duration_text
 
 
@@ -31,7 +33,8 @@ def describe(ruleset: RuleSet) -> str:
         lines.append("")
         lines.append(f"Notices ({len(ruleset.notify)} target(s)):")
         lines.extend(f"  {_describe_notify(target)}" for target in ruleset.notify)
-    return "\n".join(lines) + "\n"
+    # Names are the operator's text: one holding a line break or an ESC still reads as one line.
+    return "\n".join(escape_control(line) for line in lines) + "\n"
 
 
 def _describe_notify(target: NotifyTarget) -> str:
