@@ -359,10 +359,8 @@ def status(state: State, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(current.as_json()))
     else:
-        from rich.console import Console
-
         from .reports.base import Report
-        from .reports.render import print_table
+        from .reports.render import StdoutConsole, print_table
         from .reports.runs import HEADERS
 
         print_table(
@@ -373,7 +371,7 @@ def status(state: State, fmt: str) -> None:
                 headers=HEADERS,
                 time_formats={"started_at": "%m-%d %H:%M"},
             ),
-            Console(soft_wrap=False),
+            StdoutConsole(soft_wrap=False),
         )
         click.echo(describe_snapshot(current))
         click.echo(f"next scheduled run: {isoformat(current.next_run)} (KEYHYGIENE_SCHEDULE {settings.schedule!r})")
@@ -436,20 +434,28 @@ def plan(state: State, fmt: str, limit: int) -> None:
         the_plan = make_plan(inputs, ruleset, utcnow())
         decisions = ordered(the_plan.decisions)
         if fmt == "json":
-            write_json(decisions, sys.stdout)
+            try:
+                write_json(decisions, sys.stdout)
+                sys.stdout.flush()
+            except BrokenPipeError:  # `| head`: the reader has what it wanted
+                _reader_gone()
             return
-    from rich.console import Console
+    from .reports.render import StdoutConsole
 
     title = f"Plan on snapshot {inputs.snapshot_id} ({isoformat(inputs.taken_at)}), {len(inputs.keys):,} keys"
-    print_table(decisions, Console(), title=title, limit=limit)
     changes = len(the_plan.changes)
     mode = "DRY RUN (rules file)" if ruleset.safety.dry_run else "LIVE"
-    click.echo(f"{changes} change(s) planned, {len(decisions) - changes} report(s); mode: {mode}")
-    if decisions:
-        click.echo(f"by action: {counts_line(the_plan)}")
     breach = check_caps(the_plan, ruleset.safety)
-    if breach is not None:
-        click.echo(f"enforcement would be REFUSED: {refusal_message(breach)}")
+    try:
+        print_table(decisions, StdoutConsole(), title=title, limit=limit)
+        click.echo(f"{changes} change(s) planned, {len(decisions) - changes} report(s); mode: {mode}")
+        if decisions:
+            click.echo(f"by action: {counts_line(the_plan)}")
+        if breach is not None:
+            click.echo(f"enforcement would be REFUSED: {refusal_message(breach)}")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _reader_gone()
 
 
 # -- rules --------------------------------------------------------------------------------------
@@ -684,11 +690,11 @@ def report(
                 _reader_gone()
             except OSError as exc:
                 fail(f"cannot write {out}: {exc.strerror or exc}")
-            from rich.console import Console
+            from .reports.render import StdoutConsole
 
             # In the session: a long log's JSON or CSV is written as it is read.
             try:
-                render(result, fmt, Console(soft_wrap=False), limit=limit)
+                render(result, fmt, StdoutConsole(soft_wrap=False), limit=limit)
             except BrokenPipeError:
                 _reader_gone()  # `| head`: the reader has what it wanted
             finally:

@@ -100,17 +100,34 @@ def test_a_name_with_a_lone_surrogate_is_escaped_in_tables_and_in_the_html_repor
     assert "Upcoming" in page and page.count("lone\\udcffsurrogate") >= 2  # the inventory and what comes
 
 
-def test_a_report_whose_reader_stops_early_ends_quietly(
-    fake: FakeOpenRouter, env: dict[str, str], database: Database, cli: Callable[..., Any]
+@pytest.mark.parametrize(
+    ("command", "first"),
+    [
+        (("report", "inventory", "--format", "csv"), b"key_hash,name,"),
+        (("report", "inventory", "--limit", "0"), b""),  # a table: rich exited 1 on the closed pipe
+        (("plan", "--limit", "0"), b""),
+        (("plan", "--format", "json"), b"["),
+    ],
+    ids=["report-csv", "report-table", "plan-table", "plan-json"],
+)
+def test_a_report_or_plan_whose_reader_stops_early_ends_quietly(
+    fake: FakeOpenRouter,
+    env: dict[str, str],
+    database: Database,
+    cli: Callable[..., Any],
+    rules_file: Callable[[str], Any],
+    command: tuple[str, ...],
+    first: bytes,
 ) -> None:
     # `keyhygiene report ... | head -1`: more than a pipe holds (64 KiB), and the reader goes away
     # after the first line.
-    for index in range(600):
-        fake.add_key(f"svc-{index:04d}-" + "x" * 60)
+    for index in range(1000):
+        fake.add_key(f"svc-{index:04d}-" + "x" * 60, expires_at=utcnow() - timedelta(days=1))
+    rules_file('[safety]\nmax_action_percent = 100\n\n[[rule]]\nname = "old"\nmatch = "expired"\naction = "report"\n')
     assert cli("sync").exit_code == 0
 
     with subprocess.Popen(
-        [keyhygiene_executable(), "report", "inventory", "--format", "csv"],
+        [keyhygiene_executable(), *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     ) as report:
@@ -120,5 +137,5 @@ def test_a_report_whose_reader_stops_early_ends_quietly(
         errors = report.stderr.read()
         report.wait(timeout=60)
 
-    assert header.startswith(b"key_hash,name,")
+    assert header.startswith(first)
     assert (report.returncode, errors) == (0, b"")

@@ -126,6 +126,15 @@ def to_csv(report: Report) -> str:
     return buffer.getvalue()
 
 
+class StdoutConsole(Console):
+    """rich's console, but a reader that went away (``| head``) raises BrokenPipeError, which the
+    command turns into a quiet exit 0, where rich's own console exits 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def print_table(report: Report, console: Console, *, limit: int = 0) -> None:
     """A table that fits an 80-column terminal: few columns, short hashes and headers, long text
     folds. With ``limit``, the first ``limit`` rows, then a line counting the rest (of a
