@@ -28,6 +28,8 @@ from .timeutil import MAX_DURATION, TimeFormatError, isoformat, parse_duration, 
 REPORT_KINDS = ("inventory", "spend", "actions", "idle", "trends", "runs", "html")
 _FILTERED_REPORTS = ("inventory", "spend", "actions", "idle", "trends", "html")
 """The reports of keys, which --workspace and --name narrow (trends refuse --name itself); runs are no key's."""
+_TABULAR_REPORTS = ("inventory", "spend", "actions", "idle", "trends", "runs")
+"""The reports printed as a table, JSON or CSV (--format, --limit); html writes one page."""
 
 ALLOW_ACTIONS_HELP = (
     "Lift both caps (max_actions_per_run, max_action_percent) for this one run, up to N changes; a "
@@ -645,15 +647,18 @@ def report(
     if kind == "html" and out is None:
         raise click.UsageError("report html needs --out FILE")
     # An option a kind would ignore is refused: a filter that filters nothing, or a file never written.
+    given = _given_options(click.get_current_context())
     ignored = [
         option
-        for option, given, kinds in (
-            ("--by", by != "key", ("spend", "idle")),
-            ("--workspace", bool(workspaces), _FILTERED_REPORTS),
-            ("--name", name is not None, _FILTERED_REPORTS),
-            ("--out", out is not None, ("html",)),
+        for option, kinds in (
+            ("--by", ("spend", "idle")),
+            ("--workspace", _FILTERED_REPORTS),
+            ("--name", _FILTERED_REPORTS),
+            ("--out", ("html",)),
+            ("--format", _TABULAR_REPORTS),  # html writes its page, whatever the format
+            ("--limit", _TABULAR_REPORTS),
         )
-        if given and kind not in kinds
+        if option in given and kind not in kinds
     ]
     if ignored:
         raise click.UsageError(f"report {kind} does not take {' or '.join(ignored)}")
@@ -778,6 +783,19 @@ def metrics(state: State) -> None:
 
 
 # -- celery -------------------------------------------------------------------------------------
+
+
+def _given_options(ctx: click.Context) -> set[str]:
+    """The options given on the command line (not left to their defaults), by their first name."""
+    from click.core import ParameterSource
+
+    return {
+        param.opts[0]
+        for param in ctx.command.params
+        if isinstance(param, click.Option)
+        and param.name is not None
+        and ctx.get_parameter_source(param.name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    }
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
