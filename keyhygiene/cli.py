@@ -70,9 +70,29 @@ class State:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            self._settings = load_settings()
+            try:
+                self._settings = load_settings()
+            except SettingsError as exc:
+                _log_not_started(str(exc))
+                raise
             khlog.configure_logging(self._settings.log_format)
         return self._settings
+
+
+_JOBS = ("sync", "enforce", "run", "prune", "undo", "enable")
+"""The commands whose runs are recorded: refused by bad settings, each says so in the log as well."""
+
+
+def _log_not_started(error: str) -> None:
+    """``run_not_started`` for a job the settings stopped, in the format asked for if that one is
+    valid (a log shipper reads only JSON), as for a job a bad rules file stops."""
+    command = click.get_current_context(silent=True)
+    kind = command.info_name if command is not None else None
+    if kind not in _JOBS:
+        return
+    asked = os.environ.get("KEYHYGIENE_LOG_FORMAT", "auto").strip().lower()
+    khlog.configure_logging(asked if asked in ("auto", "json", "console") else "auto")
+    khlog.get_logger("keyhygiene.jobs").error("run_not_started", kind=kind, error=khlog.redact_text(error))
 
 
 pass_state = click.make_pass_decorator(State, ensure=True)
@@ -343,8 +363,10 @@ def enable(state: State, key_hashes: tuple[str, ...], dry_run: bool) -> None:
 def status(state: State, fmt: str) -> None:
     """The newest run of each job, the newest complete snapshot and the next scheduled run.
 
-    Exits 0 when the newest run that ended succeeded and the newest snapshot is younger than twice
-    the interval of KEYHYGIENE_SCHEDULE, else 1: usable as a monitoring probe or health check.
+    Exits 0 when the newest run of run, sync, enforce or prune that ended succeeded (runs skipped
+    because another job held the lock, and undo and enable, are passed over), so did the newest
+    `run`, and the newest snapshot is younger than twice the interval of KEYHYGIENE_SCHEDULE; else
+    1, naming the problem: usable as a monitoring probe or health check.
     """
     import json
 

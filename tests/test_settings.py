@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -218,10 +220,22 @@ def test_commands_refuse_bad_settings_with_exit_2(
 
     assert result.exit_code == 2
     assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and name in lines[0], result.stderr
-    assert value in lines[0]
+    line, events = _refused_line(result)
+    assert name in line and value in line, result.stderr
+    # A job says so in the log too, as a log shipper reads it (JSON here: stderr is no terminal).
+    assert [event["kind"] for event in events] == (["sync"] if command == ("sync",) else [])
     assert not (clean_env / "keyhygiene.db").exists()  # refused before touching anything
+
+
+def _refused_line(result: Any) -> tuple[str, list[dict[str, Any]]]:
+    """The one plain line a command refused by its settings writes, and the JSON events beside it:
+    only a job's ``run_not_started``, with the same message."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    plain = [line for line in lines if not line.startswith("{")]
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len(plain) == 1, result.stderr
+    assert all(event["event"] == "run_not_started" and event["error"] in plain[0] for event in events), events
+    return plain[0], events
 
 
 @pytest.mark.parametrize(
@@ -244,8 +258,8 @@ def test_a_key_that_cannot_go_in_a_header_stops_the_command_without_echoing_it(
     result = cli(*command)
 
     assert result.exit_code == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "OPENROUTER_MANAGEMENT_KEY" in lines[0] and "HTTP header" in lines[0], result.stderr
+    line, _ = _refused_line(result)
+    assert "OPENROUTER_MANAGEMENT_KEY" in line and "HTTP header" in line, result.stderr
     assert MANAGEMENT_KEY[:20] not in result.stderr and MANAGEMENT_KEY[20:] not in result.stderr
     assert not (clean_env / "keyhygiene.db").exists()
 
@@ -473,7 +487,7 @@ def test_commands_refuse_a_broken_url_at_start(
     result = cli(*args)
 
     assert result.exit_code == 2
-    (line,) = result.stderr.splitlines()
+    line, _ = _refused_line(result)
     assert line.startswith("keyhygiene: error: invalid settings: ") and f"{name}: " in line
     assert "brokerSECRET" not in result.stdout + result.stderr
     assert "queued" not in result.stdout
