@@ -491,7 +491,7 @@ def rules() -> None:
 
 
 @rules.command("check")
-@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@click.argument("file", required=False, type=click.Path())
 def rules_check(file: str | None) -> None:
     """Validate a rules file (default: KEYHYGIENE_RULES_FILE) and print the rules as understood."""
     from keyhygiene.rules import RulesError, describe, load_rules

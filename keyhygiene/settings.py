@@ -459,7 +459,8 @@ def _where_set(name: str, overrides: Mapping[str, object]) -> str:
         return ""
     # As python-dotenv reads it, the last assignment wins; its line is where the text starts, after
     # the blank lines before it.
-    last = next((binding for binding in reversed(bindings) if binding.key == name), None)
+    # Its names are read whatever their case, as the environment's are.
+    last = next((binding for binding in reversed(bindings) if (binding.key or "").upper() == name), None)
     if last is None:
         return ""
     before = last.original.string

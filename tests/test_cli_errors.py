@@ -254,6 +254,21 @@ def test_dev_zero_as_the_rules_file_stops_plan_at_once(sqlite_env: Path, cli, mo
     assert error_line(result) == "keyhygiene: error: /dev/zero: cannot read the rules file: it is not a regular file"
 
 
+@pytest.mark.parametrize("command", [("rules", "check", "{path}"), ("plan",)])
+def test_a_folder_as_the_rules_file_is_refused_alike_by_every_command(
+    sqlite_env: Path, cli, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]
+) -> None:
+    # `rules check FOLDER` answered with click's usage block instead, in other words than plan's.
+    folder = sqlite_env.parent / "rules.toml"
+    folder.mkdir()
+    monkeypatch.setenv("KEYHYGIENE_RULES_FILE", str(folder))
+
+    result = cli(*(part.format(path=folder) for part in command))
+
+    assert result.exit_code == 2
+    assert error_line(result) == f"keyhygiene: error: {folder}: cannot read the rules file: it is not a regular file"
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [

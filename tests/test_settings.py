@@ -390,6 +390,15 @@ def test_a_bad_value_from_the_dotenv_file_names_its_file_and_line(
         load_settings()
 
 
+def test_a_bad_value_under_a_lower_case_name_in_dotenv_names_its_file_and_line(clean_env: Path) -> None:
+    # Read whatever the case of its name, as the environment's are: its line was not found.
+    (clean_env / ".env").write_text("# workers\nkeyhygiene_http_concurrency=0\n")
+
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert str(refused.value).startswith(f"invalid settings: {clean_env / '.env'}:2: KEYHYGIENE_HTTP_CONCURRENCY: ")
+
+
 def test_a_byte_order_mark_in_dotenv_is_no_mistake(clean_env: Path) -> None:
     (clean_env / ".env").write_text("\ufeffKEYHYGIENE_HTTP_CONCURRENCY=3\n", encoding="utf-8")
 
