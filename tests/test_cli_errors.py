@@ -380,10 +380,14 @@ def test_rules_check_of_an_empty_file_name_says_so(sqlite_env: Path, cli) -> Non
             {"SSL_CERT_FILE": "/nonexistent/ca.pem", "OPENROUTER_BASE_URL": "https://127.0.0.1:9/api/v1"},
             "SSL_CERT_FILE names /nonexistent/ca.pem, which is not a file",
         ),
+        (
+            {"SSL_CERT_FILE": "{tmp}/keyhygiene.db", "OPENROUTER_BASE_URL": "https://127.0.0.1:9/api/v1"},
+            "keyhygiene.db, which holds no certificate that can be read",
+        ),
         ({"OPENROUTER_BASE_URL": "https://api..example/v1"}, "OPENROUTER_BASE_URL: has a host name that cannot"),
         ({"KEYHYGIENE_DATABASE_URL": "sqlite:///{tmp}"}, "KEYHYGIENE_DATABASE_URL names a folder, not a SQLite file"),
     ],
-    ids=["proxy", "ca-file", "host", "db-folder"],
+    ids=["proxy", "ca-file", "ca-file-no-certificate", "host", "db-folder"],
 )
 def test_an_unusable_environment_for_the_api_or_the_store_is_a_usage_error_naming_it(
     sqlite_env: Path, cli, fake: FakeOpenRouter, monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], says: str

@@ -102,6 +102,10 @@ def environment_problem(base_url: str) -> str | None:
     if cafile := os.environ.get("SSL_CERT_FILE"):
         if not os.path.isfile(cafile):
             return f"SSL_CERT_FILE names {cafile}, which is not a file"
+        try:
+            ssl.create_default_context(cafile=cafile)
+        except (ssl.SSLError, OSError, ValueError):
+            return f"SSL_CERT_FILE names {cafile}, which holds no certificate that can be read (PEM expected)"
     elif (capath := os.environ.get("SSL_CERT_DIR")) and not os.path.isdir(capath):
         return f"SSL_CERT_DIR names {capath}, which is not a folder"
     return None
