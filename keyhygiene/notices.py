@@ -193,6 +193,10 @@ def _secret_in(variables: Mapping[str, str | None], name: str) -> tuple[str, str
         return "", f"{name}_FILE names {path}, which cannot be read ({type(exc).__name__})"
 
 
+class NoticeSetupError(Exception):
+    """The environment leaves no way to send a notice (said without quoting what may be secret)."""
+
+
 class Sender:
     """Delivers bodies to targets over HTTP, retrying within a bounded time; raises only ``stops``."""
 
@@ -216,7 +220,17 @@ class Sender:
         self.sleep = sleep
         self.monotonic = monotonic
         self.started = monotonic()
-        self.client = httpx.Client(
+        try:
+            self.client = self._client(timeout, transport)
+        except (ValueError, httpx.InvalidURL):
+            # httpx quotes the proxy URL it could not take, which may hold a password.
+            raise NoticeSetupError(
+                "a proxy variable (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY) holds no proxy URL httpx can use"
+            ) from None
+
+    @staticmethod
+    def _client(timeout: float, transport: httpx.BaseTransport | None) -> httpx.Client:
+        return httpx.Client(
             timeout=httpx.Timeout(timeout),
             transport=transport,
             headers={"User-Agent": _USER_AGENT},

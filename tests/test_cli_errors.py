@@ -375,7 +375,7 @@ def test_rules_check_of_an_empty_file_name_says_so(sqlite_env: Path, cli) -> Non
     [
         # Read by the HTTP client, not by keyhygiene's settings: they failed every request as an
         # "unexpected error" (exit 1), one quoting the proxy variable's value, password and all.
-        ({"HTTP_PROXY": "ops:Pr0xyPw@proxy.example:3128"}, "HTTP_PROXY does not hold a proxy URL httpx can use"),
+        ({"HTTP_PROXY": "ftp://ops:Pr0xyPw@proxy.example:21"}, "HTTP_PROXY does not hold a proxy URL httpx can use"),
         (
             {"SSL_CERT_FILE": "/nonexistent/ca.pem", "OPENROUTER_BASE_URL": "https://127.0.0.1:9/api/v1"},
             "SSL_CERT_FILE names /nonexistent/ca.pem, which is not a file",

@@ -791,15 +791,17 @@ def test_a_garbled_compressed_answer_is_retried_for_a_read_and_in_doubt_for_a_ch
     assert fake.get(second)["disabled"] is True  # type: ignore[index]
 
 
+@pytest.mark.parametrize("written", ["as a URL", "without its scheme"])
 def test_the_proxy_the_environment_names_is_used_unless_no_proxy_exempts_the_host(
-    fake: FakeOpenRouter, fake_url: str, monkeypatch: pytest.MonkeyPatch
+    fake: FakeOpenRouter, fake_url: str, monkeypatch: pytest.MonkeyPatch, written: str
 ) -> None:
-    """Behind an outbound proxy, operators set HTTP(S)_PROXY as for curl; NO_PROXY exempts hosts."""
+    """Behind an outbound proxy, operators set HTTP(S)_PROXY as for curl (which, like httpx's own
+    client, takes host:port as http://host:port; it failed every request); NO_PROXY exempts hosts."""
     first = add_keys(fake, 3)[0]
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     with serving(Front()) as proxy:
-        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url if written == "as a URL" else proxy.url.removeprefix("http://"))
         with KeysClient(fake_url, MANAGEMENT_KEY, retry_seconds=0) as client:
             assert client.list_keys_page(workspace_id=None, offset=0)[0].hash == first
         assert proxy.targets == [f"{fake_url}/keys?include_disabled=true&include_expired=true&offset=0"]

@@ -983,3 +983,26 @@ def test_a_stop_while_earlier_notices_are_retried_leaves_this_runs_notices_to_th
         assert [(n.target, n.status, n.last_error, n.payload["outcome"]) for n in later] == [
             ("ops", stored_notices.FAILED, UNREACHED, "failed")
         ]
+
+
+def test_a_proxy_variable_holding_no_url_fails_the_notices_without_quoting_it(
+    database: Database, sink: WebhookSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx refuses the proxy URL quoting it (its password masked, as httpx masks it): the log
+    says which variables to look at instead."""
+    monkeypatch.setenv("HTTP_PROXY", "ftp://ops:Pr0xyPw@proxy.example:21")  # no proxy httpx can use
+
+    with capture_logs() as logs:
+        after_run(
+            database,
+            parse_rules(_rules(on='["failed"]')),
+            JobOutcome("sync", runs.FAILED, 1, "the listing failed"),
+            now=NOW,
+            timeout=2,
+            retry_seconds=0,
+        )
+
+    (event,) = [event for event in logs if event["event"] == "notices_not_sent"]
+    assert "holds no proxy URL httpx can use" in event["error"]
+    assert "Pr0xyPw" not in json.dumps(logs, default=str)
+    assert sink.received == []

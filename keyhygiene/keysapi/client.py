@@ -82,7 +82,10 @@ def _proxy_for(base_url: str) -> str | None:
     if url.hostname is None or proxy_bypass(url.hostname):
         return None
     proxies = getproxies()
-    return proxies.get(url.scheme) or proxies.get("all")
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and "://" not in proxy:
+        return "http://" + proxy  # as curl and httpx's own client take proxy.example:3128
+    return proxy
 
 
 def environment_problem(base_url: str) -> str | None:
