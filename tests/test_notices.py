@@ -937,6 +937,15 @@ def test_a_notice_is_recorded_at_the_time_it_is_sent_not_when_the_pass_began() -
         assert sender.at(NOW) == NOW + timedelta(minutes=10)
 
 
+def _notices_of_a_failed_sync(
+    database: Database, *, timeout: float, stops: tuple[type[BaseException], ...] = ()
+) -> None:
+    """What a sync whose listing failed does last: its `failed` notice to ``ops``, after the retries."""
+    outcome = JobOutcome("sync", runs.FAILED, 1, "the listing failed")
+    ruleset = parse_rules(_rules(on='["failed"]'))
+    after_run(database, ruleset, outcome, now=NOW, timeout=timeout, retry_seconds=0, stops=stops)
+
+
 class SoftLimit(Exception):
     """Stands for celery's SoftTimeLimitExceeded: an Exception a signal handler raises wherever the job stands."""
 
@@ -963,15 +972,7 @@ def test_a_stop_while_earlier_notices_are_retried_leaves_this_runs_notices_to_th
     limiter.start()
     try:
         with pytest.raises(SoftLimit):
-            after_run(
-                database,
-                parse_rules(_rules(on='["failed"]')),
-                JobOutcome("sync", runs.FAILED, 1, "the listing failed"),
-                now=NOW,
-                timeout=30,
-                retry_seconds=0,
-                stops=(SoftLimit,),
-            )
+            _notices_of_a_failed_sync(database, timeout=30, stops=(SoftLimit,))
     finally:
         limiter.join(timeout=30)
         signal.signal(signal.SIGALRM, previous)
@@ -993,14 +994,7 @@ def test_a_proxy_variable_holding_no_url_fails_the_notices_without_quoting_it(
     monkeypatch.setenv("HTTP_PROXY", "ftp://ops:Pr0xyPw@proxy.example:21")  # no proxy httpx can use
 
     with capture_logs() as logs:
-        after_run(
-            database,
-            parse_rules(_rules(on='["failed"]')),
-            JobOutcome("sync", runs.FAILED, 1, "the listing failed"),
-            now=NOW,
-            timeout=2,
-            retry_seconds=0,
-        )
+        _notices_of_a_failed_sync(database, timeout=2)
 
     (event,) = [event for event in logs if event["event"] == "notices_not_sent"]
     assert "holds no proxy URL httpx can use" in event["error"]
