@@ -33,6 +33,7 @@ class Undelivered:
     run_id: int | None
     attempts: int
     payload: dict[str, Any]
+    last_error: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +107,18 @@ def claim_retry(session: Session, notice_id: int, *, now: datetime) -> bool:
     return int(getattr(result, "rowcount", 0) or 0) == 1
 
 
+_UNDELIVERED = (
+    Notice.id,
+    Notice.target,
+    Notice.event,
+    Notice.run_id,
+    Notice.attempts,
+    Notice.payload,
+    Notice.last_error,
+)
+"""The columns of an ``Undelivered``, in its order."""
+
+
 def undelivered(session: Session, *, sending_before: datetime) -> Backlog:
     """Notices that failed and have not had their retry yet; and those whose retry was cut short,
     given up here. The caller commits.
@@ -138,15 +151,11 @@ def undelivered(session: Session, *, sending_before: datetime) -> Backlog:
             or_(Notice.claimed_at.is_(None), Notice.claimed_at < sending_before),
         )
         .values(status=GAVE_UP, last_error=RETRY_CUT_SHORT, sent_at=None)
-        .returning(Notice.id, Notice.target, Notice.event, Notice.run_id, Notice.attempts, Notice.payload),
+        .returning(*_UNDELIVERED),
         execution_options={"synchronize_session": False},
     )
     settled = sorted((Undelivered(*row) for row in given_up), key=lambda notice: notice.id)
-    rows = session.execute(
-        select(Notice.id, Notice.target, Notice.event, Notice.run_id, Notice.attempts, Notice.payload)
-        .where(Notice.status == FAILED)
-        .order_by(Notice.id)
-    )
+    rows = session.execute(select(*_UNDELIVERED).where(Notice.status == FAILED).order_by(Notice.id))
     return Backlog(waiting=[Undelivered(*row) for row in rows], given_up=settled)
 
 

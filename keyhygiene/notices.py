@@ -483,7 +483,11 @@ def after_run(
         with Sender(
             timeout=timeout, retry_seconds=retry_seconds, transport=transport, deadline=deadline, stops=stops
         ) as sender:
-            due = _run_notices(database, ruleset, outcome)
+            try:
+                due = _run_notices(database, ruleset, outcome)
+            except SQLAlchemyError as exc:  # this run's notices only: earlier runs' are still retried
+                log.error("notices_not_sent", run_id=outcome.run_id, error=f"database error: {describe_db_error(exc)}")
+                due = []
             try:
                 _retry_undelivered(database, ruleset, sender, now=now, sending_before=sending_before)
             except BaseException as exc:
@@ -509,17 +513,21 @@ def _send(
     *,
     now: datetime,
     announcing: Sequence[tuple[str, str, str, datetime]] = (),
+    on_record: Callable[[], None] | None = None,
 ) -> None:
     """Record the notice as being sent, send it, record how that ended, log it.
 
     Recorded first, so that a notice is never sent without its record: a process that dies while
     sending leaves it SENDING, and a later run retries it. ``announcing``: the upcoming actions it
     announces, recorded with it in one transaction (each is announced once: another run announcing
-    the same one at the same moment makes this raise IntegrityError, and nothing is sent)."""
+    the same one at the same moment makes this raise IntegrityError, and nothing is sent).
+    ``on_record``: called once that record is committed."""
     with session_scope(database) as session:
         notice_id = _record(session, target, body, sender.at(now), notices.SENDING)
         if announcing:
             notices.record_announcements(session, target=target.name, notice_id=notice_id, items=announcing)
+    if on_record is not None:
+        on_record()
     delivered = sender.deliver(target, body)
     with session_scope(database) as session:
         notices.finish_send(
@@ -579,13 +587,22 @@ def _run_notices(database: Database, ruleset: RuleSet, outcome: JobOutcome) -> _
 
 
 def _send_run_notices(database: Database, due: _Due, sender: Sender, *, now: datetime) -> None:
-    for sent, (target, body) in enumerate(due):
-        try:
-            _send(database, target, body, sender, now=now)
-        except BaseException as exc:
-            if sender.is_stop(exc):
-                _record_unreached(database, due[sent + 1 :], sender, now=now)
-            raise
+    """Send each in turn. A stop records those it came before: each one whose record as being sent
+    was not written yet, the one being recorded included (a stop just after its commit, before it
+    is counted, leaves it on record twice: sent twice, rather than not at all)."""
+    on_record = 0
+
+    def recorded() -> None:
+        nonlocal on_record
+        on_record += 1
+
+    try:
+        for target, body in due:
+            _send(database, target, body, sender, now=now, on_record=recorded)
+    except BaseException as exc:
+        if sender.is_stop(exc):
+            _record_unreached(database, due[on_record:], sender, now=now)
+        raise
 
 
 def _record_unreached(database: Database, due: _Due, sender: Sender, *, now: datetime) -> None:
@@ -815,10 +832,13 @@ def _retry_undelivered(
             if not notices.claim_retry(session, notice.id, now=sender.at(now)):
                 continue
         target = targets.get(notice.target)
+        # A notice a stopped run never reached gets its first send here, with the whole retry time,
+        # and its one retry after that, as any notice does.
+        first = notice.attempts == 0 and notice.last_error == UNREACHED
         if target is None:
             delivered = Delivered(False, 0, "the notify target is no longer in the rules file")
         else:
-            delivered = sender.deliver(target, notice.payload, once=True)
+            delivered = sender.deliver(target, notice.payload, once=not first)
         with session_scope(database) as session:
             notices.finish_send(
                 session,
@@ -827,8 +847,11 @@ def _retry_undelivered(
                 sent=delivered.ok,
                 attempts=delivered.attempts,
                 error=delivered.error,
-                retry=True,
+                retry=not first,
             )
+        if first and target is not None:
+            _log(target, notice.payload, delivered, notice.id)
+            continue
         event = "notice_retry_sent" if delivered.ok else "notice_given_up"
         (log.info if delivered.ok else log.warning)(
             event, target=notice.target, notice_id=notice.id, run_id=notice.run_id, error=delivered.error

@@ -1000,3 +1000,76 @@ def test_a_proxy_variable_holding_no_url_fails_the_notices_without_quoting_it(
     assert "holds no proxy URL httpx can use" in event["error"]
     assert "Pr0xyPw" not in json.dumps(logs, default=str)
     assert sink.received == []
+
+
+def test_a_stop_while_a_notice_is_put_on_record_leaves_it_for_the_next_run(
+    database: Database, sink: WebhookSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM lands while the second target's notice is being recorded as being sent, before its
+    record is written: it was lost (neither sent nor on record); it is recorded for the next run, as
+    the third one is. (The stop is raised from the recording call: a signal cannot be aimed there.)"""
+    two_more = "".join(
+        f'\n[[notify]]\nname = "{name}"\nurl_env = "KH_TEST_WEBHOOK"\nformat = "json"\non = ["failed"]\n'
+        for name in ("audit", "oncall")
+    )
+    ruleset = parse_rules(_rules(on='["failed"]') + two_more)
+    record = stored_notices.record_notice
+    calls = []
+
+    def stopped_at_the_second(*args: Any, **kwargs: Any) -> int:
+        calls.append(kwargs["target"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("terminated by SIGTERM")
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(stored_notices, "record_notice", stopped_at_the_second)
+    outcome = JobOutcome("sync", runs.FAILED, 1, "the listing failed")
+    with pytest.raises(KeyboardInterrupt):
+        after_run(database, ruleset, outcome, now=NOW, timeout=2, retry_seconds=0)
+    monkeypatch.setattr(stored_notices, "record_notice", record)
+
+    assert len(sink.received) == 1  # ops
+    with database.sessions() as session:
+        rows = session.execute(select(Notice.target, Notice.status, Notice.last_error).order_by(Notice.id)).all()
+    assert [tuple(row) for row in rows] == [
+        ("ops", stored_notices.SENT, None),
+        ("audit", stored_notices.FAILED, UNREACHED),
+        ("oncall", stored_notices.FAILED, UNREACHED),
+    ]
+
+
+def test_a_notice_a_stopped_run_never_reached_gets_a_first_send_and_then_its_retry(
+    database: Database, sink: WebhookSink
+) -> None:
+    """Recorded failed by a run a stop came to first, it was given only "its one retry": one
+    attempt, then given up. It is sent as any notice is: failing, it still gets its retry."""
+    with session_scope(database) as session:
+        run = runs.start_run(session, kind="run", now=NOW - DAY)
+        body = notice_body(
+            event="run", run_id=run.id, outcome="done", counts={"done": 1}, keys=[], message="done", dry_run=False
+        )
+        notice_id = stored_notices.record_notice(
+            session,
+            now=NOW - DAY,
+            target="ops",
+            event="run",
+            run_id=run.id,
+            status=stored_notices.FAILED,
+            attempts=0,
+            payload=body,
+            error=UNREACHED,
+        )
+    sink.status = 500
+
+    first = _retry_pass(database)
+
+    failed = _stored(database, notice_id)
+    assert (failed.status, failed.attempts, failed.last_error) == (stored_notices.FAILED, 1, "HTTP 500")
+    assert [event["event"] for event in first if event["event"].startswith("notice_")] == ["notice_failed"]
+    sink.status = 200
+
+    second = _retry_pass(database, now=NOW + DAY)
+
+    assert _stored(database, notice_id).status == stored_notices.SENT
+    assert [event["event"] for event in second if event["event"].startswith("notice_")] == ["notice_retry_sent"]
+    assert len(sink.received) == 2
