@@ -15,7 +15,7 @@ import stat
 from collections.abc import Mapping
 from datetime import timedelta
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
 from dotenv import dotenv_values
@@ -173,6 +173,25 @@ _SQLITE_DRIVER_OPTIONS = frozenset(
     {"uri", "timeout", "isolation_level", "detect_types", "check_same_thread", "cached_statements"}
 )
 """The query options of a SQLite URL that SQLAlchemy's driver takes; without ``uri=true`` it ignores others."""
+
+
+def _check_sqlite_uri(path: str, query: Mapping[str, Any]) -> None:
+    """SQLite's own options (``mode=ro``) are taken only from a ``file:`` URI with ``uri=true``:
+    otherwise SQLAlchemy warns and opens the file as if they were not there, or SQLite opens a
+    new, empty file whose name is the URI."""
+    from sqlalchemy.util import asbool
+
+    as_uri = "uri" in query and not isinstance(query["uri"], tuple) and asbool(query["uri"])
+    written = "sqlite:///file:PATH?mode=ro&uri=true"
+    if as_uri and not path.startswith("file:"):
+        raise ValueError(f"has uri=true, which needs a file: URI for a path (as in {written})")
+    if path.startswith("file:") and not as_uri:
+        raise ValueError(f"names a file: URI without uri=true, which would open a new file of that name ({written})")
+    ignored = sorted(set(query) - _SQLITE_DRIVER_OPTIONS)
+    if ignored and not as_uri:
+        raise ValueError(
+            f"has options SQLite takes only in a URI, which it would ignore: {', '.join(ignored)} (write {written})"
+        )
 
 
 def _usable_host(host: str) -> bool:
@@ -360,13 +379,7 @@ class Settings(BaseSettings):
                 # Each process (and connection) would get its own empty database: `db upgrade`
                 # would migrate one that is gone when it exits.
                 raise ValueError("is an in-memory SQLite database, which keeps nothing: name a file")
-            ignored = sorted(set(url.query) - _SQLITE_DRIVER_OPTIONS)
-            if ignored and url.query.get("uri") not in ("true", "1"):
-                # SQLAlchemy would only warn, and open the file as if they were not there (mode=ro).
-                raise ValueError(
-                    f"has options SQLite takes only in a URI, which it would ignore: {', '.join(ignored)} "
-                    "(add uri=true to have them taken)"
-                )
+            _check_sqlite_uri(path, url.query)
         if url.get_backend_name() == "postgresql":
             # A SQLite path may hold spaces, and so may a password (the compose entrypoint writes it
             # so); the rest of a server's URL may not. None of the messages quote the URL's parts:

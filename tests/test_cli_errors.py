@@ -346,6 +346,9 @@ def test_a_rules_file_python_cannot_parse_is_bad_usage_naming_file_and_line(
         # SQLAlchemy warned that it ignored `mode`, and opened the file to write: a read-only
         # database that was written to, and the file created.
         ("sqlite:///{tmp}/kh.db?mode=ro", "has options SQLite takes only in a URI, which it would ignore: mode"),
+        # ... and uri=true on a plain path made SQLite open a new, empty file named "kh.db?mode=ro".
+        ("sqlite:///{tmp}/kh.db?mode=ro&uri=true", "has uri=true, which needs a file: URI for a path"),
+        ("sqlite:///file:{tmp}/kh.db?mode=ro", "names a file: URI without uri=true"),
     ],
 )
 @pytest.mark.parametrize("command", [("db", "upgrade"), ("status",)])

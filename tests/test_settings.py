@@ -560,6 +560,14 @@ def test_a_postgresql_url_the_driver_would_misread_is_refused_before_connecting(
     assert "SECRET" not in refusal
 
 
+@pytest.mark.parametrize("uri", ["true", "True", "yes", "1"])
+def test_sqlite_options_in_a_file_uri_are_taken(clean_env: Path, monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+    # As SQLAlchemy reads uri= (any true word): the check refused uri=True at first.
+    monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", f"sqlite:///file:{clean_env / 'kh.db'}?mode=ro&uri={uri}")
+
+    assert load_settings().database.query["mode"] == "ro"
+
+
 def test_a_sqlite_path_may_hold_a_space(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", f"sqlite:///{clean_env / 'my keys' / 'keyhygiene.db'}")
 
