@@ -6,6 +6,7 @@ with one line on stderr and the interface's exit code, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import math
@@ -955,6 +956,8 @@ def _main(argv: list[str] | None) -> None:
         # hash goes, must not be printed back.
         shown = io.StringIO()
         exc.show(file=shown)
+        with contextlib.suppress(SettingsError):
+            load_settings()  # registers the key wherever it is set: .env and a _FILE too
         sys.stderr.write(khlog.redact_text(shown.getvalue()))
         sys.exit(EXIT_USAGE)
     except click.exceptions.Abort:

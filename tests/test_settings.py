@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from keyhygiene import logging as khlog
 from keyhygiene.errors import EXIT_USAGE, UsageError
 from keyhygiene.settings import Settings, SettingsError, load_settings
 from tests.conftest import MANAGEMENT_KEY
@@ -600,14 +601,22 @@ def test_a_management_key_pasted_into_another_variable_is_not_echoed(
     assert not [form for form in (key, repr(key)[1:-1], key.replace("\\", "\\\\")) if form in line], line
 
 
+@pytest.fixture
+def no_secret_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in a new process: no secret registered for redaction yet (other tests' are put back after)."""
+    monkeypatch.setattr(khlog, "_secrets", set())
+    monkeypatch.setattr(khlog, "_ordered", [])
+
+
 @pytest.mark.parametrize("command", [("plan",), ("enforce",), ("status",), ("report", "inventory")])
 def test_a_management_key_in_a_path_is_not_echoed_by_commands_that_never_call_the_api(
-    clean_env: Path, monkeypatch: pytest.MonkeyPatch, cli, command: tuple[str, ...]
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, cli, command: tuple[str, ...], no_secret_known: None
 ) -> None:
     """A key pasted into the rules file's or the database's path, by a command that reads the
-    settings but never the API: it was echoed where it was not shaped like an OpenRouter key."""
+    settings but never the API: it was echoed where it was not shaped like an OpenRouter key.
+    The key is set in .env, read with the settings only."""
     key = "orkey-0b5d3f7a1c9e"
-    monkeypatch.setenv("OPENROUTER_MANAGEMENT_KEY", key)
+    (clean_env / ".env").write_text(f"OPENROUTER_MANAGEMENT_KEY={key}\n")
     monkeypatch.setenv("KEYHYGIENE_RULES_FILE", str(clean_env / f"{key}.toml"))
     monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", f"sqlite:///{clean_env / f'gone-{key}' / 'keyhygiene.db'}")
 
@@ -629,3 +638,17 @@ def test_the_settings_object_does_not_show_the_passwords_its_urls_hold(clean_env
     assert "SECRET" not in repr(settings) + str(settings)
     assert "a" * 64 not in repr(settings) + str(settings)
     assert settings.database_url.endswith("kh:dbSECRET@db.example/keys")  # still there to connect with
+
+
+def test_a_management_key_from_dotenv_pasted_as_an_argument_is_not_echoed_by_a_usage_error(
+    clean_env: Path, cli, no_secret_known: None
+) -> None:
+    # The arguments are parsed before the settings are read: the key set in .env was not known
+    # yet when click quoted the argument it refused.
+    key = "orkey-9e0b5d3f7a1c"
+    (clean_env / ".env").write_text(f"OPENROUTER_MANAGEMENT_KEY={key}\n")
+
+    result = cli("undo", key)
+
+    assert result.exit_code == 2
+    assert "is not a valid integer" in result.stderr and key not in result.stdout + result.stderr
