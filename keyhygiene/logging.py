@@ -33,6 +33,9 @@ def secret_forms(value: str) -> list[str]:
     """``value`` as a message may quote it, longest first: as it is, and escaped as Python's repr
     and JSON escape it (a secret holding a backslash or a quote is printed otherwise than it is)."""
     forms = {value, repr(value)[1:-1], json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
+    # Quoted inside a longer value, repr picks its quotes for the whole of it: either may be escaped.
+    escaped = value.replace("\\", "\\\\")
+    forms.update(escaped.replace(quote, "\\" + quote) for quote in ("'", '"'))
     return sorted(forms, key=len, reverse=True)
 
 

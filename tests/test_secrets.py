@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from db.models import Base
@@ -80,6 +82,26 @@ def test_a_registered_secret_of_any_shape_is_redacted(log_stream: io.StringIO) -
 
     assert secret not in log_stream.getvalue()
     assert "[REDACTED]" in log_stream.getvalue()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    key=st.text(alphabet="ab9-_'\"\\", min_size=8, max_size=20),
+    before=st.text(alphabet=" '\"x", max_size=3),
+    after=st.text(alphabet=" '\"x", max_size=3),
+)
+def test_a_registered_secret_is_redacted_however_a_message_quotes_it(key: str, before: str, after: str) -> None:
+    """Messages quote a refused value as Python's repr does: a key holding a quote or a backslash
+    is printed escaped, and how depends on the quotes of the whole value it was pasted in."""
+    known = khlog._secrets, khlog._ordered
+    khlog._secrets, khlog._ordered = set(), []  # this key alone, as in a new process
+    try:
+        khlog.register_secret(key)
+        for quoted in (repr(before + key + after), json.dumps(before + key + after)):
+            shown = khlog.redact_text(quoted)
+            assert key not in shown.encode().decode("unicode_escape"), shown
+    finally:
+        khlog._secrets, khlog._ordered = known
 
 
 def test_tracebacks_in_json_logs_carry_no_local_variables(log_stream: io.StringIO) -> None:
