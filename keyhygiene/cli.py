@@ -30,7 +30,7 @@ REPORT_KINDS = ("inventory", "spend", "actions", "idle", "trends", "runs", "html
 _FILTERED_REPORTS = ("inventory", "spend", "actions", "idle", "trends", "html")
 """The reports of keys, which --workspace and --name narrow (trends refuse --name itself); runs are no key's."""
 _TABULAR_REPORTS = ("inventory", "spend", "actions", "idle", "trends", "runs")
-"""The reports printed as a table, JSON or CSV (--format, --limit); html writes one page."""
+"""The reports printed as a table, JSON or CSV, cut by --limit; html writes one page."""
 
 ALLOW_ACTIONS_HELP = (
     "Lift both caps (max_actions_per_run, max_action_percent) for this one run, up to N changes; a "
@@ -678,7 +678,7 @@ def report(
             ("--workspace", _FILTERED_REPORTS),
             ("--name", _FILTERED_REPORTS),
             ("--out", ("html",)),
-            ("--format", _TABULAR_REPORTS),  # html writes its page, whatever the format
+            # (--format is taken by every kind, as the interface lists it: html writes its page.)
             ("--limit", _TABULAR_REPORTS),
         )
         if option in given and kind not in kinds

@@ -201,7 +201,7 @@ def _usable_host(host: str) -> bool:
     try:
         if host.isascii():
             host.encode("idna")
-        if not host.isascii() or "xn--" in lowered:  # an IDNA name, written as such or encoded
+        if not host.isascii() or lowered.startswith("xn--"):  # an IDNA name, as httpx checks one
             import idna  # httpx's own dependency, loaded only for such a name
 
             if host.isascii():

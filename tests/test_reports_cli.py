@@ -189,7 +189,6 @@ def test_idle_by_owner_shows_one_row_per_owner_in_a_table(org: Org, cli: Callabl
         (("report", "spend", "--out", "spend.csv"), 2, "report spend does not take --out"),
         # Given explicitly, even as the default it would otherwise be: said, not passed over.
         (("report", "inventory", "--by", "key"), 2, "report inventory does not take --by"),
-        (("report", "html", "--out", "r.html", "--format", "csv"), 2, "report html does not take --format"),
         (("report", "html", "--out", "r.html", "--limit", "5"), 2, "report html does not take --limit"),
     ],
 )
