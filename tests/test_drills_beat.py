@@ -6,7 +6,7 @@ API over HTTP.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -196,8 +196,14 @@ def test_a_job_redelivered_after_its_worker_was_killed_repeats_no_change(
     )
 
     # The next run treats a run 'running' for over twice the job time limit as abandoned: with a
-    # 1 s limit here, the killed run (started seconds ago) is that old already.
+    # 1 s limit here, the killed run (started seconds ago) is that old, or soon is: on a fast
+    # machine all of the above may take less than 2 s (it did once).
     monkeypatch.setenv("KEYHYGIENE_JOB_TIME_LIMIT", "1s")
+    wait_until(
+        lambda: utcnow() - abandoned.started_at > timedelta(seconds=2.5),
+        timeout=10,
+        what="the killed run to be older than twice the job time limit",
+    )
     # The redelivered job records its run and then lets go of the enforcement lock: wait for that.
     wait_until(lease_free, timeout=30, what="the redelivered job to release the enforcement lock")
     recovery = cli("run")
