@@ -610,8 +610,14 @@ def _record_unreached(database: Database, due: _Due, sender: Sender, *, now: dat
     (as it retries one that failed), as the one cut short mid-send is."""
     if not due:
         return
-    with session_scope(database) as session:
-        recorded = [_record(session, target, body, sender.at(now), notices.FAILED, UNREACHED) for target, body in due]
+    try:
+        with session_scope(database) as session:
+            recorded = [
+                _record(session, target, body, sender.at(now), notices.FAILED, UNREACHED) for target, body in due
+            ]
+    except SQLAlchemyError as exc:  # logged; the stop that came goes on, whatever became of these
+        log.error("notices_not_sent", run_id=due[0][1]["run_id"], error=f"database error: {describe_db_error(exc)}")
+        return
     for (target, body), notice_id in zip(due, recorded, strict=True):
         _log(target, body, Delivered(False, 0, UNREACHED), notice_id)
 

@@ -1073,3 +1073,25 @@ def test_a_notice_a_stopped_run_never_reached_gets_a_first_send_and_then_its_ret
     assert _stored(database, notice_id).status == stored_notices.SENT
     assert [event["event"] for event in second if event["event"].startswith("notice_")] == ["notice_retry_sent"]
     assert len(sink.received) == 2
+
+
+def test_a_stop_is_not_swallowed_when_the_notices_it_left_cannot_be_recorded(
+    database: Database, sink: WebhookSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM lands as the first notice is put on record, and the database then refuses the record
+    of the ones left: that is logged, and the stop still ends the job (it was taken for a database
+    error, logged as one, and the process went on)."""
+    from sqlalchemy.exc import OperationalError
+
+    def stop_then_fail(*args: Any, **kwargs: Any) -> int:
+        if kwargs["status"] == stored_notices.SENDING:
+            raise KeyboardInterrupt("terminated by SIGTERM")
+        raise OperationalError("INSERT INTO notices", {}, Exception("the database went away"))
+
+    monkeypatch.setattr(stored_notices, "record_notice", stop_then_fail)
+
+    with capture_logs() as logs, pytest.raises(KeyboardInterrupt):
+        _notices_of_a_failed_sync(database, timeout=2)
+
+    assert [event["event"] for event in logs if event["event"].startswith("notice")] == ["notices_not_sent"]
+    assert sink.received == []
