@@ -184,50 +184,39 @@ def _notify_recorded(
     clock: Clock,
     abort_errors: tuple[type[BaseException], ...] = (),
 ) -> None:
-    """The notices of a run already recorded. A stop (SIGTERM, Ctrl-C, the worker's soft time
-    limit) while they are sent leaves the run's outcome and exit code as recorded; the notice cut
-    short, and those of the run not reached yet, are sent by the next run."""
-    stops: tuple[type[BaseException], ...] = (KeyboardInterrupt, *abort_errors)
-    try:
-        _notify(settings, database, ruleset, outcome, clock, abort_errors)
-    except stops as stop:
-        log.warning("notices_interrupted", kind=outcome.kind, error=str(stop) or type(stop).__name__)
+    """Send the notices of a run already recorded; never fails the job.
 
-
-def _notify(
-    settings: Settings,
-    database: Database,
-    ruleset: RuleSet | None,
-    outcome: JobOutcome,
-    clock: Clock,
-    abort_errors: tuple[type[BaseException], ...] = (),
-) -> None:
-    """Send the run's notices, after its record is committed; never fails the job.
-
-    Jobs that do not otherwise read the rules file (sync, prune) read it here for its notify targets
-    only; a rules file that cannot be read then means no notices, not a failed job.
+    A stop (SIGTERM, Ctrl-C, the worker's soft time limit) while they are sent leaves the run's
+    outcome and exit code as recorded; the notice cut short, and those of the run not reached yet,
+    are sent by the next run. Jobs that do not otherwise read the rules file (sync, prune) read it
+    here for its notify targets only; a rules file that cannot be read then means no notices, not
+    a failed job.
     """
     from .notices import after_run
 
-    if ruleset is None:
-        if not Path(settings.rules_file).exists():
-            return  # no rules file, no notify targets
-        try:
-            ruleset = load_ruleset(settings)
-        except UsageError as exc:
-            log.warning("notices_not_sent", reason=f"the rules file cannot be read: {exc}")
-            return
-    after_run(
-        database,
-        ruleset,
-        outcome,
-        now=clock(),
-        timeout=settings.notify_timeout,
-        retry_seconds=settings.notify_retry_seconds,
-        # Past the soft time limit the hard one is at least 30 s away (worker.limits): half of it.
-        within=ABORTED_NOTICE_SECONDS if outcome.status == runs.ABORTED else None,
-        stops=abort_errors,
-    )
+    stops: tuple[type[BaseException], ...] = (KeyboardInterrupt, *abort_errors)
+    try:
+        if ruleset is None:
+            if not Path(settings.rules_file).exists():
+                return  # no rules file, no notify targets
+            try:
+                ruleset = load_ruleset(settings)
+            except UsageError as exc:
+                log.warning("notices_not_sent", reason=f"the rules file cannot be read: {exc}")
+                return
+        after_run(
+            database,
+            ruleset,
+            outcome,
+            now=clock(),
+            timeout=settings.notify_timeout,
+            retry_seconds=settings.notify_retry_seconds,
+            # Past the soft time limit the hard one is at least 30 s away (worker.limits): half of it.
+            within=ABORTED_NOTICE_SECONDS if outcome.status == runs.ABORTED else None,
+            stops=abort_errors,
+        )
+    except stops as stop:
+        log.warning("notices_interrupted", kind=outcome.kind, error=str(stop) or type(stop).__name__)
 
 
 def _failure(
