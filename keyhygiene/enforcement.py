@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +50,7 @@ from .context import Database, collection_paused, describe_db_error, session_sco
 from .errors import EnforcementRefused
 from .logging import get_logger
 from .shutdown import change_in_flight
-from .timeutil import as_utc, isoformat
+from .timeutil import isoformat
 
 if TYPE_CHECKING:
     from keyhygiene.keysapi.client import KeysClient
@@ -631,12 +631,11 @@ def _took_effect(client: KeysClient, decision: Decision) -> tuple[bool | None, K
     return False, fresh
 
 
-SETTLED_AS_OURS_WITHIN = timedelta(minutes=15)
-"""A settled change's key ``updated_at`` up to this long after its intent is taken as our change's
-(a change in doubt lands within the longest one change may take: 200 s with the default settings);
-a later one may be someone else's edit since."""
-SETTLED_CLOCK_SKEW = timedelta(minutes=5)
-"""How far the API's clock may be behind ours when a settled change's ``updated_at`` is compared."""
+SETTLED_MADE = "settled after a crash or a lost answer: the key's fresh state shows the change was made"
+SETTLED_DISABLED = (
+    f"{SETTLED_MADE}, by this run or by someone since, which cannot be told apart: undo, enable and the "
+    "re-enable rules leave the key alone"
+)
 
 
 def settle_in_doubt(database: Database, client: KeysClient, *, now: datetime) -> int:
@@ -664,10 +663,7 @@ def settle_in_doubt(database: Database, client: KeysClient, *, now: datetime) ->
         else:  # enable
             applied = fresh is not None and not fresh.disabled
         if applied:
-            outcome, reason = (
-                audit.DONE,
-                "settled after a crash or a lost answer: the key's fresh state shows the change was made",
-            )
+            outcome, reason = audit.DONE, SETTLED_DISABLED if row.action == "disable" else SETTLED_MADE
         elif fresh is None:
             outcome, reason = audit.SKIPPED, "settled after a crash or a lost answer: the key is gone"
         else:
@@ -675,16 +671,11 @@ def settle_in_doubt(database: Database, client: KeysClient, *, now: datetime) ->
                 audit.FAILED,
                 "settled after a crash or a lost answer: the change was not made; a later run decides again",
             )
-        # The key as the change left it: what ``undo`` and the re-enable rules compare with to tell
-        # whether anyone changed the key since. Read a run later, it may be someone else's change
-        # since ours (a rename, a new limit): kept only when it is close to our intent, else none,
-        # and they leave the key alone.
-        key_updated_at = None
-        if applied and fresh is not None and fresh.updated_at is not None:
-            began = as_utc(row.created_at)
-            if began - SETTLED_CLOCK_SKEW <= as_utc(fresh.updated_at) <= began + SETTLED_AS_OURS_WITHIN:
-                key_updated_at = fresh.updated_at
-        _complete(database, row.id, outcome=outcome, now=now, reason=reason, key_updated_at=key_updated_at)
+        # No ``updated_at`` is kept: read a run later, the key's state may be someone else's change
+        # since (a human disabling the key), which no time window can tell apart from ours. Undo,
+        # enable and the re-enable rules then leave the key alone, as for any key nobody can show
+        # unchanged since our change.
+        _complete(database, row.id, outcome=outcome, now=now, reason=reason)
         log.info(
             "key_action",
             run_id=row.run_id,

@@ -281,7 +281,11 @@ def _unchanged_since_our_disable(target: _Target, safety: Safety) -> Recheck:
                 "disable: it re-enables only keys it disabled itself"
             )
         if ours.key_updated_at is None or fresh.updated_at is None:
-            return "cannot tell whether anyone changed the key since our disable (no updated_at): left alone"
+            return (
+                "cannot tell whether anyone changed the key since our disable (no updated_at: the disable was "
+                "settled from the key's state after its answer was lost, or the API gave none): left alone; "
+                "enable it in OpenRouter once you know nobody else disabled it"
+            )
         if as_utc(fresh.updated_at) != as_utc(ours.key_updated_at):
             return (
                 f"changed by someone else since our disable (updated_at {isoformat(fresh.updated_at)}, "

@@ -640,7 +640,7 @@ def test_a_delete_that_lands_after_its_answer_was_lost_is_recorded_as_made_befor
     assert org.fake.change_counts()[("DELETE", doomed)] == 1
 
 
-def test_a_change_in_doubt_that_lands_after_its_run_is_recorded_as_made_and_can_be_undone(
+def test_a_change_in_doubt_that_lands_after_its_run_is_recorded_as_made_and_is_not_given_back(
     org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
 ) -> None:
     # A gateway times out on the PATCH; the key still reads enabled when the run ends, so the run
@@ -655,17 +655,44 @@ def test_a_change_in_doubt_that_lands_after_its_run_is_recorded_as_made_and_can_
     assert (again.exit_code, settled.exit_code) == (1, 0), settled.stderr
     assert [(a.run_id, a.outcome) for a in _actions(ready) if a.key_hash == idle] == [(row.run_id, "done")]
     assert org.fake.change_counts()[("PATCH", idle)] == 1  # never sent again
-    undone = cli("undo", str(row.run_id))  # the run's disable is on record: it can be given back
+    # Whether our request or someone since disabled the key cannot be told from its state: undo
+    # leaves it alone, and says how to give it back.
+    undone = cli("undo", str(row.run_id))
     assert undone.exit_code == 0, undone.stderr
+    assert org.fake.get(idle)["disabled"] is True  # type: ignore[index]
+    (left,) = [a for a in _actions(ready) if a.key_hash == idle and a.action == "enable"]
+    assert left.outcome == "skipped" and "enable it in OpenRouter" in (left.reason or "")
+
+
+def test_a_key_someone_disabled_while_our_disable_was_in_doubt_is_never_enabled_by_undo(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    """The PATCH is answered 500 before the API acts on it; seconds later an operator disables the
+    key by hand (a leaked key, say). Settling our change in doubt finds the key disabled, which our
+    request could have done as well: the record must not take the operator's updated_at for ours,
+    or undo would call the key unchanged since our disable and enable it."""
+    idle, _, row = _run_losing_the_answer(org, ready, cli, rules_file, key="dev-idle", method="PATCH", status=500)
     assert org.fake.get(idle)["disabled"] is False  # type: ignore[index]
+    org.fake.update_key(idle, {"disabled": True})  # the operator's own disable, at once
+    _expire_the_lock(ready)
+
+    undone = cli("undo", str(row.run_id))
+
+    assert undone.exit_code == 0, undone.stderr
+    assert org.fake.get(idle)["disabled"] is True  # type: ignore[index]
+    assert org.fake.change_counts()[("PATCH", idle)] == 1  # only our disable, answered 500
+    disable, enable = [a for a in _actions(ready) if a.key_hash == idle]
+    assert (disable.outcome, disable.key_updated_at) == ("done", None)
+    assert "cannot be told apart" in (disable.reason or "")
+    assert enable.outcome == "skipped" and "cannot tell whether anyone changed the key" in (enable.reason or "")
 
 
-def test_a_change_answered_503_until_the_retry_time_ran_out_is_in_doubt_and_can_be_undone_once_it_lands(
+def test_a_change_answered_503_until_the_retry_time_ran_out_is_in_doubt_and_recorded_once_it_lands(
     org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
 ) -> None:
     """Every try of a PATCH is answered 503 by a gateway, the API behind it still at work: it was
-    recorded `failed` at once and the lock released, so the disable that landed later had no record
-    (`undo` had nothing to give back). It is in doubt now, as after any earlier 503."""
+    recorded `failed` at once and the lock released, so the disable that landed later had no record.
+    It is in doubt now, as after any earlier 503, and recorded as made once it lands."""
     rules_file(org.rules())
     idle = org.hashes["dev-idle"]
     ready["KEYHYGIENE_HTTP_RETRY_SECONDS"] = "0.5"
@@ -674,7 +701,8 @@ def test_a_change_answered_503_until_the_retry_time_ran_out_is_in_doubt_and_can_
     first = cli("run")
 
     assert first.exit_code == 1, first.stderr
-    assert org.fake.change_counts()[("PATCH", idle)] > 1  # a 503 refuses: it was sent again
+    first_patches = org.fake.change_counts()[("PATCH", idle)]
+    assert first_patches > 1  # a 503 refuses: it was sent again
     assert [event["fresh_state"] for event in first.events_named("key_action_in_doubt")] == ["unchanged"]
     assert first.events_named("enforcement_lock_kept")
     (row,) = [a for a in _actions(ready) if a.key_hash == idle]
@@ -687,9 +715,7 @@ def test_a_change_answered_503_until_the_retry_time_ran_out_is_in_doubt_and_can_
 
     assert settled.exit_code == 0, settled.stderr
     assert [(a.run_id, a.outcome) for a in _actions(ready) if a.key_hash == idle] == [(row.run_id, "done")]
-    undone = cli("undo", str(row.run_id))
-    assert undone.exit_code == 0, undone.stderr
-    assert org.fake.get(idle)["disabled"] is False  # type: ignore[index]
+    assert org.fake.change_counts()[("PATCH", idle)] == first_patches  # not sent again
 
 
 def test_a_job_skipped_by_a_live_holder_is_not_told_of_an_old_change_in_doubt(
@@ -832,7 +858,8 @@ def test_a_change_whose_answer_and_fresh_state_are_both_lost_stays_in_doubt(
 ) -> None:
     """The PATCH is made but its answer is lost, and the key cannot be read after it: the change is
     neither done nor failed. Its intent stays pending, and the next run settles it from the key's
-    fresh state as made, so undo and the reenable rules know of it."""
+    fresh state as made, with no updated_at: the key's state may be someone else's disable since,
+    so undo and the reenable rules leave the key alone."""
     now = utcnow()
     with capture_logs() as logs:
         idle, run_id, outcome = _a_disable_made_but_unread(fake, fake_url, database, now)
@@ -851,7 +878,7 @@ def test_a_change_whose_answer_and_fresh_state_are_both_lost_stays_in_doubt(
         reader.close()
     with database.sessions() as session:
         (row,) = audit.changes_of_run(session, run_id)
-    assert (row.outcome, row.key_updated_at is not None) == ("done", True)
+    assert (row.outcome, row.key_updated_at) == ("done", None)
     assert [(entry["event"], entry["outcome"]) for entry in logs if entry["event"] == "key_action"] == [
         ("key_action", "done")
     ]

@@ -184,11 +184,12 @@ def test_undo_of_a_run_not_begun_before_it_is_a_usage_error(keys: Keys, cli: Cal
     assert keys.fake.mutating_calls() == []
 
 
-def test_a_disable_whose_run_died_before_its_outcome_is_settled_and_undone(
+def test_a_disable_whose_run_died_before_its_outcome_is_settled_and_left_alone(
     keys: Keys, env: dict[str, str], cli: Callable[..., CliResult]
 ) -> None:
     """The run was killed after the API disabled dev-b and before the outcome was recorded: a dry
-    undo says so; a live undo settles it from the key's fresh state, then gives it back."""
+    undo says so; a live undo settles it from the key's fresh state, and leaves it disabled: that
+    state may as well be someone's disable since, which nothing tells apart from ours."""
     disabling = cli("run")
     run_id = _run_id(disabling)
     engine = make_engine(env["KEYHYGIENE_DATABASE_URL"])
@@ -208,8 +209,10 @@ def test_a_disable_whose_run_died_before_its_outcome_is_settled_and_undone(
 
     live = cli("undo", str(run_id))
     assert live.exit_code == 0, live.stderr
-    assert "4 of 4 key(s) enabled" in live.stdout
-    assert not any(keys.disabled(name) for name in ("dev-a", "dev-b", "dev-c", "dev-d"))
+    assert "3 of 4 key(s) enabled, 1 left alone" in live.stdout
+    assert not any(keys.disabled(name) for name in ("dev-a", "dev-c", "dev-d"))
+    assert keys.disabled("dev-b")
+    assert "enable it in OpenRouter" in str(_audit(cli, _run_id(live))["dev-b"]["reason"])
 
 
 def test_undo_says_how_many_keys_were_deleted(keys: Keys, env: dict[str, str], cli: Callable[..., CliResult]) -> None:
