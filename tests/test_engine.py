@@ -144,6 +144,22 @@ def test_a_protected_name_is_also_the_exact_name_with_brackets_padding_or_anothe
     assert action_of(run(make_key(name="billing [dev]", **EXPIRED), excluded)) == "disable"
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["\u200bprod-db", "prod-db\u200b", "\ufeffprod-db", "prod\u00ad-db", "\u2066prod-db\u2069", " \u200b prod-db"],
+)
+def test_a_name_holding_characters_that_take_no_room_is_protected_as_it_reads(name: str) -> None:
+    """Before, a key named ``"\u200bprod-db"`` (a zero-width space pasted in front) showed as
+    ``prod-db`` everywhere and escaped ``prod-*``: it was deleted."""
+    protect = Safety(protect_names=("prod-*",))
+    key = make_key(name=name, **EXPIRED)
+
+    assert is_protected(key, protect)
+    assert run(key, DELETE_NOW, protect_names=protect.protect_names) is None
+    assert run(key, rule(exclude_names=("prod-db",))) is None
+    assert not is_protected(make_key(name="\u200bdev-db"), protect)
+
+
 def test_a_protected_key_is_never_reenabled() -> None:
     key = make_key(hash="keep", disabled=True, usage_monthly=1.0, updated_at=NOW - DAY)
     reenabler = rule("spend", "over_budget", "disable", threshold_usd=100.0, reenable=True)

@@ -318,6 +318,12 @@ SAFETY_ERRORS = [
     ('protect_names = ["  "]', "protect_names", "entry 1 is empty"),
     # A stray space: the glob then matches only names with that space, and protects prod-main not.
     ('protect_names = ["ci-*", "prod-* "]', "protect_names", 'entry 2 ("prod-* ") has white space around it'),
+    # A zero-width space pasted in with the glob: it protects only names holding one, and reads as prod-*.
+    (
+        'protect_names = ["prod-*\u200b"]',
+        "protect_names",
+        'entry 1 ("prod-*\\u200b") holds an invisible character (U+200B ZERO WIDTH SPACE), so it protects only',
+    ),
     ("dry_runs = true", "dry_runs", 'unknown key "dry_runs" in [safety]; did you mean "dry_run"?'),
 ]
 
@@ -496,6 +502,12 @@ RULE_ERRORS = [
         4,
         "exclude_names",
         'entry 1 (" keep-*") has white space around it, so it excludes only names with that white space',
+    ),
+    (
+        ['name = "r"', 'match = "expired"', 'action = "delete"', 'exclude_names = ["\u2060keep-*"]'],
+        4,
+        "exclude_names",
+        'entry 1 ("\\u2060keep-*") holds an invisible character (U+2060 WORD JOINER), so it excludes only names',
     ),
     (
         ['name = "r"', 'match = "over_budget"', 'window = "daily"', 'action = "disable"', "reenable = 1"],
@@ -983,6 +995,12 @@ def test_a_protected_hash_not_shaped_like_a_key_hash_is_a_warning_with_its_line(
 def test_whole_key_hashes_are_protected_without_a_warning() -> None:
     ruleset = parse_rules(f'[safety]\nprotect_hashes = ["{KEY_HASH}", "{"ab" * 32}"]\n', "rules.toml")
     assert ruleset.warnings == ()
+
+
+def test_a_protected_hash_holding_an_invisible_character_is_an_error() -> None:
+    text = f'[safety]\ndry_run = false\nprotect_hashes = ["{KEY_HASH}\\ufeff"]\n'
+
+    assert_error(text, 3, "protect_hashes", "entry 1 holds an invisible character (U+FEFF", "protects nothing")
 
 
 @pytest.mark.parametrize("entry", [f" {KEY_HASH}", f"{KEY_HASH} ", f"{KEY_HASH}\\n", f"\\t{KEY_HASH[:10]}"])

@@ -37,7 +37,7 @@ from keyhygiene.timeutil import SPEND_WINDOWS, as_utc, isoformat, parse_time, wi
 
 from .inputs import AuditFacts, KeyHistory
 from .keyfacts import KeyFacts, UseSigns
-from .model import Rule, RuleSet, Safety, duration_text
+from .model import INVISIBLE, Rule, RuleSet, Safety, duration_text
 
 DecisionAction = Literal["disable", "delete", "enable", "report"]
 
@@ -115,15 +115,18 @@ def name_matches(name: str, patterns: tuple[str, ...]) -> bool:
     (``fnmatchcase``: case-sensitive, the whole name) or the exact name, so that ``"billing [prod]"``
     is that name and not a glob with a character class; the name and the patterns compared in
     Unicode NFC, and the name also with the white space around it trimmed (a key named
-    ``" prod-db"`` is a ``prod-*`` key). Protection, ``names`` and ``exclude_names`` all read so."""
+    ``" prod-db"`` is a ``prod-*`` key) and without the characters that take no room where it is
+    shown (``INVISIBLE``: a key named ``"\u200bprod-db"`` reads as ``prod-db``). Protection,
+    ``names`` and ``exclude_names`` all read so."""
     glob, exact = _name_patterns(patterns)
     if name in exact or glob(name) is not None:
         return True
     normal = unicodedata.normalize("NFC", name)  # the very same string when it is NFC already
-    for variant in (normal, normal.strip()):
-        if variant is not name and (variant in exact or glob(variant) is not None):
-            return True
-    return False
+    variants: tuple[str, ...] = (normal, normal.strip())
+    if INVISIBLE.search(normal) is not None:
+        visible = INVISIBLE.sub("", normal)
+        variants += (visible, visible.strip())
+    return any(variant is not name and (variant in exact or glob(variant) is not None) for variant in variants)
 
 
 def idle_since(key: UseSigns, history: KeyHistory) -> datetime | None:

@@ -16,6 +16,7 @@ import re
 import stat
 import sys
 import tomllib
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,6 +28,7 @@ from keyhygiene.timeutil import TimeFormatError, parse_duration
 from .model import (
     ACTIONS,
     DEFAULT_GRACE,
+    INVISIBLE,
     MATCHES,
     NOTIFY_EVENTS,
     NOTIFY_FORMATS,
@@ -442,6 +444,16 @@ def _refuse_padded_globs(table: _Table, field: str, globs: tuple[str, ...], does
                 f"entry {position} ({_toml_repr(glob)}) has white space around it, so it {does} only names "
                 "with that white space: globs match whole names exactly (write * for any characters)",
             )
+        if (found := INVISIBLE.search(glob)) is not None:
+            table.fail(
+                field,
+                f"entry {position} ({_toml_repr(glob)}) holds an invisible character ({_character(found.group())}), "
+                f"so it {does} only names that hold it too: delete it (a copy and paste brings them in unseen)",
+            )
+
+
+def _character(char: str) -> str:
+    return f"U+{ord(char):04X} {unicodedata.name(char, 'unnamed')}"
 
 
 def _check_protected_hash(table: _Table, position: int, key_hash: str) -> None:
@@ -453,6 +465,12 @@ def _check_protected_hash(table: _Table, position: int, key_hash: str) -> None:
     exactly = "protect_hashes compares whole key hashes exactly (`plan --format json` shows them whole)"
     if key_hash != key_hash.strip():
         table.fail("protect_hashes", f"entry {position} has white space around it, so it protects nothing: {exactly}")
+    if (found := INVISIBLE.search(key_hash)) is not None:
+        table.fail(
+            "protect_hashes",
+            f"entry {position} holds an invisible character ({_character(found.group())}), so it protects "
+            f"nothing: {exactly}",
+        )
     if not _KEY_HASH.fullmatch(key_hash):
         table.warn(
             "protect_hashes",

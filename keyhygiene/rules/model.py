@@ -64,6 +64,12 @@ class RulesError(Exception):
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 """Characters a terminal acts on, or that end a line for ``str.splitlines``."""
 
+INVISIBLE = re.compile("[\u00ad\u180e\u200b\u200e\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]")
+"""Characters that take no room where a name is shown (soft hyphen, zero-width space, word joiner,
+byte-order mark, direction marks), which a copy and paste brings in unseen. A key name is also
+matched without them; a ``protect_names`` or ``exclude_names`` glob, or a ``protect_hashes`` entry,
+holding one is refused."""
+
 
 @dataclass(frozen=True, slots=True)
 class Safety:
