@@ -1500,6 +1500,48 @@ def workspace_names(session: Session, snapshot_id: int | None = None) -> dict[st
     return {str(key): str(value) for key, value in (names or {}).items()}
 
 
+class WorkspaceNames(Mapping[str, str]):
+    """``{workspace id: name}`` as the newest complete snapshot listed the workspaces; a workspace it
+    does not list (deleted since) gets the name from the newest snapshot that did list it, found
+    when it is first asked for. Older snapshots are read newest first, each at most once, and only
+    as far back as a name asked for needs: iterating gives the names found so far."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._names = workspace_names(session)
+        self._read_below: int | None = None  # the oldest snapshot read so far, after the newest
+        self._all_read = False
+
+    def __getitem__(self, workspace_id: str) -> str:
+        if workspace_id not in self._names and not self._all_read:
+            self._read_older(workspace_id)
+        return self._names[workspace_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def _read_older(self, workspace_id: str) -> None:
+        query = select(Snapshot.id, Snapshot.workspace_names).where(
+            Snapshot.status == COMPLETE, Snapshot.workspace_names.is_not(None)
+        )
+        if self._read_below is not None:
+            query = query.where(Snapshot.id < self._read_below)
+        result = self._session.execute(query.order_by(Snapshot.id.desc()).execution_options(yield_per=200))
+        try:
+            for snapshot_id, names in result:
+                self._read_below = snapshot_id
+                for key, value in (names or {}).items():
+                    self._names.setdefault(str(key), str(value))
+                if workspace_id in self._names:
+                    return
+            self._all_read = True
+        finally:
+            result.close()
+
+
 def previous_snapshot(session: Session, snapshot_id: int) -> Snapshot | None:
     """The complete snapshot before ``snapshot_id``."""
     return session.scalars(
@@ -1617,7 +1659,9 @@ def is_newest(session: Session, snapshot_id: int) -> bool:
 
 
 def keys_at(session: Session, snapshot_id: int) -> Iterator[Key]:
-    """Every key exactly as snapshot ``snapshot_id`` saw it, raw JSON included, by hash (streamed)."""
+    """Every key exactly as snapshot ``snapshot_id`` saw it, raw JSON included (amounts as floats:
+    a whole amount the API wrote as an integer comes back as the same number, a float), by hash
+    (streamed)."""
     joined, alive = _alive_join(snapshot_id, is_newest(session, snapshot_id))
     columns = [(key_usage if field.volatile else key_records).c[field.name] for field in _RESTORED]
     query = (

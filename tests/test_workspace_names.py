@@ -183,6 +183,28 @@ def test_report_workspace_option_takes_a_name_from_before_a_rename_and_refuses_o
     assert "--workspace 'staging' is no workspace id or name the history holds" in typo.stderr
 
 
+def test_a_past_inventory_names_a_workspace_deleted_since_by_its_last_name(
+    org: dict[str, str], fake: FakeOpenRouter, cli: Callable[..., Any]
+) -> None:
+    """Before, names came from the newest snapshot alone: once Staging was deleted, the inventory
+    as of a snapshot that held its keys showed them in a workspace with no name."""
+    fake.rename_workspace(org["Staging"], "Pre-production")
+    assert cli("sync").exit_code == 0
+    before_deletion = utcnow()
+    fake.delete_workspace(org["Staging"])
+    for _ in range(2):  # older snapshots than the newest one are read to find the name
+        assert cli("sync").exit_code == 0
+
+    result = cli("report", "inventory", "--at", before_deletion.isoformat(), "--format", "json")
+
+    assert result.exit_code == 0, result.stderr
+    by_name = {row["name"]: (row["workspace_id"], row["workspace"]) for row in json.loads(result.stdout)}
+    assert by_name["staging-old"] == (org["Staging"], "Pre-production")  # its last name, not the first
+    assert by_name["prod-old"] == (org["Production"], "Production")
+    table = cli("report", "inventory", "--at", before_deletion.isoformat())
+    assert "Pre-production" in table.stdout
+
+
 def test_report_workspace_option_on_an_empty_store_says_to_sync_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Callable[..., Any]
 ) -> None:

@@ -24,10 +24,11 @@ def builders() -> dict[str, ReportBuilder]:
 
 
 def _named(build: ReportBuilder) -> ReportBuilder:
-    """``build``, with each workspace's name beside its id (as the newest snapshot listed it)."""
+    """``build``, with each workspace's name beside its id: as the newest snapshot listed it, or for
+    a workspace deleted since, as the newest snapshot that listed it did."""
     from db import snapshots
 
     def build_named(session: Session, params: ReportParams) -> Report:
-        return with_workspace_names(build(session, params), snapshots.workspace_names(session))
+        return with_workspace_names(build(session, params), snapshots.WorkspaceNames(session))
 
     return build_named
