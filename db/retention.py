@@ -6,6 +6,8 @@ time after the cutoff reads the anchor or later snapshots, and the versions aliv
 - versions (usage and record versions) whose validity ended at or before the anchor are deleted;
   what the rules need from older history (first sight, since when usage and ``disabled`` held) is
   kept on the alive versions themselves (see ``db.models.key_usage``), so nothing older is read;
+  only the usage version a key listed again after the anchor grows from is kept, until the anchor
+  passes that key's next version (``delete_ended_versions``);
 - keys with no version left are forgotten;
 - complete snapshots older than the anchor become ``pruned``: no report reads them as an
   inventory any more; those that a kept version still begins or ends at stay as rows (their time
@@ -82,8 +84,18 @@ def _absent_from(session: Session, value: Any, column: Any) -> Any:
 
 
 def delete_ended_versions(session: Session, *, anchor_id: int, limit: int) -> int:
-    """Delete up to ``limit`` versions whose validity ended at or before the anchor."""
-    deleted = _delete_ids(session, key_usage, key_usage.c.valid_to <= anchor_id, limit)
+    """Delete up to ``limit`` versions whose validity ended at or before the anchor, but for the
+    usage version that a key's next one, begun after the anchor, grows from: a key listed again
+    after a gap that spans the anchor spent the step between the two, which a report of a day the
+    period covers in part reads from the versions. A later prune deletes it, once the anchor has
+    passed the next one."""
+    u, later = key_usage, key_usage.alias("later")
+    followed_before_anchor = exists().where(
+        later.c.key_id == u.c.key_id, later.c.valid_from > u.c.valid_from, later.c.valid_from <= anchor_id
+    )
+    listed_after_anchor = exists().where(later.c.key_id == u.c.key_id, later.c.valid_from > anchor_id)
+    ended = and_(u.c.valid_to <= anchor_id, or_(followed_before_anchor, ~listed_after_anchor))
+    deleted = _delete_ids(session, key_usage, ended, limit)
     if deleted < limit:
         deleted += _delete_ids(session, key_records, key_records.c.valid_to <= anchor_id, limit - deleted)
     return deleted

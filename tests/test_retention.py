@@ -60,7 +60,8 @@ def build_long_history(org: Org) -> None:
     - ``idle-since-day-3``: used until day 3, then idle; its usage windows reset afterwards, so its
       idle stretch spans several versions that all end before the cutoff;
     - ``disabled-long-ago``: disabled on day 2 and its limit changed while disabled (new versions);
-    - ``comes-back``: missing from the listings of days 10 to 35, listed again after;
+    - ``comes-back``: missing from the listings of days 10 to 35, listed again on day 36 (synced
+      twice that day), having spent meanwhile;
     - ``gone-early``: deleted on day 8; ``young``: created on day 40; ``reset``: counter goes down.
     """
     fake = org.fake
@@ -99,6 +100,10 @@ def build_long_history(org: Org) -> None:
             org.use("reset", 0.5, at=moment - 3 * HOUR)
         if k not in SKIPPED_DAYS:
             org.sync(moment)
+        if k == 36:
+            # A second snapshot of the day comes-back is listed again on: a period that ends at the
+            # first one covers that day in part, whose steps are read from the versions.
+            org.sync(moment + 3 * HOUR)
     outcome = org.run("enforce", NOW - HOUR / 2)
     assert outcome.exit_code == 0, outcome.message
     # A failed sync long ago: pruning removes its snapshot too.
@@ -112,7 +117,7 @@ def build_long_history(org: Org) -> None:
 def retained_reports(database: Database) -> dict[str, Any]:
     """Every report about a time inside the retention, as JSON, plus the enforcement's inputs."""
     ruleset = parse_rules(RULES)
-    inside = [CUTOFF, CUTOFF + HOUR * 13, NOW - 7 * DAY, NOW - 2 * DAY + HOUR, None]
+    inside = [CUTOFF, CUTOFF + HOUR * 13, T0 + 36 * DAY, NOW - 7 * DAY, NOW - 2 * DAY + HOUR, None]
     found: dict[str, Any] = {}
     with database.sessions() as session:
         reports = builders()
@@ -176,10 +181,16 @@ def test_reports_inside_the_retention_are_identical_after_pruning(org: Org) -> N
         assert all(snapshot.status == PRUNED for snapshot in older)
         assert snapshots.first_snapshot(session) == anchor
         # Nothing survives that ended before the anchor: what rules read of older history is kept
-        # on the alive versions (first seen, since when usage and disabled held).
+        # on the alive versions (first seen, since when usage and disabled held). But for the usage
+        # version that comes-back, listed again after the anchor, grows from: what it spent while
+        # it was not listed is the step between the two.
         for table in (key_usage, key_records):
-            ended = session.scalar(select(func.count()).select_from(table).where(table.c.valid_to <= anchor.id))
-            assert ended == 0
+            ended = session.execute(
+                select(tracked_keys.c.key_hash)
+                .join(table, table.c.key_id == tracked_keys.c.id)
+                .where(table.c.valid_to <= anchor.id)
+            ).all()
+            assert ended == ([(key_hash("comes-back"),)] if table is key_usage else [])
             # Every snapshot a kept version begins or ends at is still a row: the store has no
             # foreign key from versions to snapshots any more (migration 0014), so prune keeps them.
             for end in (table.c.valid_from, table.c.valid_to):
