@@ -732,16 +732,9 @@ def _usd(amount: Decimal | None) -> float:
     return 0.0 if amount is None else float(amount)
 
 
-def alive_hashes(session: Session, snapshot_id: int, key_hashes: list[str]) -> set[str]:
-    """Which of ``key_hashes`` snapshot ``snapshot_id`` listed (one indexed read of its hashes)."""
-    return snapshots.key_hashes_at(session, snapshot_id).intersection(key_hashes)
-
-
-def keys_alive(session: Session, snapshot_id: int) -> int:
-    """How many keys snapshot ``snapshot_id`` listed (0 for none): from its counts, without reading
-    the versions."""
-    query = select(func.coalesce(func.sum(SnapshotRollup.keys), 0)).where(SnapshotRollup.snapshot_id == snapshot_id)
-    return int(session.scalar(query) or 0)
+def alive_hashes(session: Session, snapshot_id: int) -> set[str]:
+    """The hashes of the keys snapshot ``snapshot_id`` listed (none for 0), one indexed read."""
+    return snapshots.key_hashes_at(session, snapshot_id) if snapshot_id else set()
 
 
 def names_alive(session: Session, snapshot_id: int) -> Iterator[tuple[str, str, str | None]]:

@@ -319,6 +319,36 @@ def test_the_keys_without_spend_are_counted_once_for_a_key_moved_in_the_period(
         org.close()
 
 
+@pytest.mark.parametrize(("name", "without_spend"), [(None, 2), ("dev-*", 1)])
+def test_the_keys_without_spend_count_keys_listed_again_and_keys_renamed_into_the_filter(
+    database: Database, fake: FakeOpenRouter, fake_url: str, name: str | None, without_spend: int
+) -> None:
+    """back-1 and back-2 were gone at the period's start and listed again inside it, having spent:
+    they were subtracted from the keys without spend though never counted in it (0, not 2: stays
+    and ci-x). ci-x was renamed dev-x inside the period, spending nothing: under --name 'dev-*' it
+    was not counted (0, not 1)."""
+    org = Org(database, fake, fake_url)
+    try:
+        for key in ("stays", "ci-x", "back-1", "back-2"):
+            org.add(key, at=day(40, 11), created_at=day(1), usage=1.0)
+        org.sync(day(40))
+        org.delete("back-1", at=day(40, 18))
+        org.delete("back-2", at=day(40, 18))
+        org.sync(day(41))  # the period's start
+        for key in ("back-1", "back-2"):
+            org.add(key, at=day(41, 18), created_at=day(1), usage=4.0)
+        fake.set_clock(day(41, 19))
+        fake.update_key(key_hash("ci-x"), {"name": "dev-x"})
+        org.sync(day(42))
+        at = day(42, 13)
+        with org.database.sessions() as session:
+            result = builders()["spend"](session, ReportParams(now=at, at=at, since=DAY + HOUR, name=name))
+        assert sorted(row["name"] for row in result.rows) == ([] if name else ["back-1", "back-2"])
+        assert f"{without_spend} keys with no spend in the period are not listed." in result.notes[0]
+    finally:
+        org.close()
+
+
 # -- trends -----------------------------------------------------------------------------------------
 
 

@@ -134,24 +134,26 @@ def compute_spend(session: Session, params: ReportParams, *, default: timedelta 
         if params.wants(name=spend.name, workspace_id=spend.workspace_id)
     }
     spent = [key_hash for key_hash, spend in keys.items() if spend.total > 0]
-    alive_at_end = rollups.alive_hashes(session, end_snapshot.id, spent)
+    alive_at_end = rollups.alive_hashes(session, end_snapshot.id)
     for key_hash in spent:
         keys[key_hash].deleted_in_period = key_hash not in alive_at_end
 
+    # The keys of the period: those listed at its start or its end, and those that spent or were
+    # first seen inside it (a key listed again inside it after it was gone included). A key is in
+    # the filter by its name and workspace at the start or at the end; one that spent is
+    # listed under its name and workspace at the end, and is not "without spend" under the ones it
+    # had at the start (a key moved or renamed in the period).
     if params.name is None and not params.workspaces:
-        first_seen = sum(1 for spend in keys.values() if spend.created_in_period or not spend.baseline_known)
-        without_spend = rollups.keys_alive(session, after_id) + first_seen - len(spent)
+        in_scope = rollups.alive_hashes(session, after_id) | alive_at_end
     else:
-        # A key is in the filter by its name and workspace at the start or (``keys``) at the end; one
-        # that spent is listed under its name and workspace at the end, and is not "without spend"
-        # under the ones it had at the start (a key moved or renamed in the period).
         in_scope = {
             key_hash
-            for key_hash, name, workspace_id in rollups.names_alive(session, after_id)
+            for snapshot_id in (after_id, end_snapshot.id)
+            for key_hash, name, workspace_id in rollups.names_alive(session, snapshot_id)
             if params.wants(name=name, workspace_id=workspace_id)
         }
-        in_scope.update(keys)
-        without_spend = len(in_scope - spent_anywhere)
+    in_scope.update(keys)
+    without_spend = len(in_scope - spent_anywhere)
     days = snapshots.days_with_snapshots(session, after=start, until=end)
     return SpendFigures(start=start, end=end, keys=keys, days=days, without_spend=without_spend, pruned=pruned)
 
