@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from db import runs, snapshots
+from db.models import Run
 
 from .reports.runs import run_row
 from .schedule import current_period, next_run
@@ -52,6 +53,13 @@ class Status:
         }
 
 
+def _outcome(run: Run) -> str:
+    """``status: message``, the message without the status it may begin with itself ("aborted: the
+    job reached its time limit")."""
+    message = run.message or "-"
+    return f"{run.status}: {message.removeprefix(f'{run.status}: ')}"
+
+
 def read_status(session: Session, *, schedule: str, now: datetime) -> Status:
     """The status as of ``now``, for the periodic run on cron expression ``schedule``."""
     stale_after = 2 * current_period(schedule, now=now)
@@ -61,11 +69,11 @@ def read_status(session: Session, *, schedule: str, now: datetime) -> Status:
     if last is None:
         problems.append("no run has ended yet")
     elif last.status != runs.OK:
-        problems.append(f"the newest run ({last.id}, {last.kind}) ended {last.status}: {last.message or '-'}")
+        problems.append(f"the newest run ({last.id}, {last.kind}) ended {_outcome(last)}")
     # The periodic job itself: a good prune, sync or dry run after it does not make up for it.
     periodic = runs.newest_finished_run(session, ignore=(runs.SKIPPED,), kinds=("run",))
     if periodic is not None and periodic.status != runs.OK and (last is None or periodic.id != last.id):
-        problems.append(f"the newest periodic run ({periodic.id}) ended {periodic.status}: {periodic.message or '-'}")
+        problems.append(f"the newest periodic run ({periodic.id}) ended {_outcome(periodic)}")
 
     snapshot = snapshots.latest_snapshot(session)
     snapshot_info: dict[str, Any] | None = None

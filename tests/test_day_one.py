@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .celery_support import Deployment, keyhygiene_executable
+from .celery_support import Deployment, keyhygiene_executable, wait_until
 
 BIN = Path(sys.executable).parent
 
@@ -87,3 +89,65 @@ def test_trigger_wait_with_no_worker_says_so_within_seconds(deploy: Deployment) 
         "has no run recorded yet: it is still queued (dropped unrun if no worker starts it within 60 minutes "
         "of being queued), or the worker could not record it"
     ) in waiting.stderr
+
+
+@pytest.mark.celery
+def test_trigger_wait_counts_queueing_and_the_worker_ping_against_its_timeout(
+    deploy: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait began only after the job was queued and the workers pinged (3 s with none): with
+    --timeout 2 it waited until 5 s. A clock of the test's own counts the seconds, so that nothing
+    here depends on how fast the machine is: the ping advances it by the time it was given, each
+    pause of the wait by its length. The job is queued on the real broker."""
+    from keyhygiene.settings import load_settings
+    from worker import trigger
+
+    clock = [0.0]
+
+    def ping(settings: Any, *, timeout: float = trigger.WORKER_PING_TIMEOUT) -> bool:
+        clock[0] += timeout
+        return False  # no worker runs (the ping itself is the test above's)
+
+    def pause(seconds: float) -> None:
+        clock[0] += seconds
+
+    monkeypatch.setattr(trigger.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(trigger.time, "sleep", pause)
+    monkeypatch.setattr(trigger, "workers_answer", ping)
+    for name, value in deploy.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(deploy.directory)
+
+    outcome = trigger.trigger_job(load_settings(), "sync", dry_run=False, wait=True, timeout=2, echo=lambda _: None)
+
+    assert outcome is not None and outcome.exit_code == 1
+    assert "gave up waiting after 2s" in outcome.message
+    assert clock[0] <= 2 + trigger.POLL_INTERVAL  # not 3 s of ping and then 2 s of wait
+
+
+@pytest.mark.celery
+@pytest.mark.timeout(120)
+def test_interrupting_trigger_wait_says_the_job_goes_on(deploy: Deployment) -> None:
+    """Ctrl-C or SIGTERM on `trigger --wait` said "error: aborted", as if the job had been stopped:
+    only the wait was, and the job still runs when a worker takes it."""
+    out, err = deploy.directory / "trigger.stdout", deploy.directory / "trigger.stderr"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        waiting = subprocess.Popen(
+            [keyhygiene_executable(), "trigger", "sync", "--wait", "--timeout", "60"],
+            cwd=deploy.directory,
+            env=deploy.env(),
+            stdout=stdout,
+            stderr=stderr,
+        )
+    try:
+        wait_until(lambda: "no worker answered" in err.read_text(), timeout=30, what="the wait to begin")
+        waiting.send_signal(signal.SIGINT)
+        assert waiting.wait(timeout=30) == 1
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    task_id = re.search(r"as task (\S+)", out.read_text())
+    assert task_id, out.read_text()
+    said = err.read_text()
+    assert f"stopped waiting (interrupted): task {task_id.group(1)} is not stopped" in said, said
+    assert "aborted" not in said

@@ -296,6 +296,37 @@ def test_worker_and_beat_off_a_terminal_write_only_json_lines_their_shutdown_inc
     assert check.returncode == 1 and check.stderr.startswith("stopped at "), check.stderr
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.celery
+@pytest.mark.timeout(150)
+def test_a_pool_process_that_dies_is_told_of_in_a_json_line(deploy: Deployment) -> None:
+    """The pool's "Process 'ForkPoolWorker-1' pid:… exited with 'signal 9 (SIGKILL)'" was printed
+    raw among the JSON lines (billiard's logger has no handler and does not propagate), as it is
+    whenever a pool process dies: killed by the hard time limit, out of memory, by a signal."""
+    worker = deploy.start_worker()
+    pool = wait_until(lambda: _children(worker.popen.pid), timeout=30, what="the worker's pool process")
+    os.kill(pool[0], signal.SIGKILL)
+
+    wait_until(
+        lambda: any("exited with" in line for line in worker.lines()), timeout=30, what="the pool process's death"
+    )
+    told = [line for line in worker.lines() if "exited with" in line]
+    assert all(is_json(line) for line in told), told
+    assert json.loads(told[0])["level"] == "error"
+
+
 @pytest.mark.celery
 @pytest.mark.timeout(150)
 def test_the_worker_on_a_terminal_writes_readable_lines_its_shutdown_included(deploy: Deployment) -> None:

@@ -109,6 +109,19 @@ def test_a_failed_newest_run_is_unhealthy_and_a_skipped_one_says_nothing(
     assert "rejected" in problem
 
 
+def test_an_aborted_run_is_told_of_without_saying_aborted_twice(
+    ready: dict[str, str], cli: Callable[..., CliResult]
+) -> None:
+    assert cli("sync").exit_code == 0
+    _beat_run_ended(runs.ABORTED, 1, "aborted: the job reached its time limit")
+
+    code, status = _status(cli)
+
+    assert code == 1
+    [problem] = status["problems"]  # type: ignore[misc]
+    assert problem == f"the newest run ({_newest_run_id(cli)}, run) ended aborted: the job reached its time limit"
+
+
 def test_an_operators_undo_or_enable_says_nothing_of_the_schedule(
     ready: dict[str, str], cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,8 +3,9 @@
 - Celery does not configure logging itself: its ``setup_logging`` signal hands it to
   ``keyhygiene.logging.configure_logging``, so Celery's, kombu's and keyhygiene's own lines all come
   out in one format (JSON lines by default) with the same redaction.
-- The lines Celery's worker prints itself on Ctrl-C and shutdown ("worker: Warm shutdown") go
-  through the same logging instead of raw to stdout.
+- The lines Celery's worker prints itself on Ctrl-C and shutdown ("worker: Warm shutdown"), and
+  those of its pool (a pool process that died), go through the same logging instead of raw to
+  stdout or stderr.
 - Each task binds ``task_id`` and ``task_name`` when it starts and clears the context when it ends;
   ``keyhygiene.jobs.execute`` binds ``run_id`` itself. Every line a job writes can so be traced to
   its task and its run.
@@ -36,6 +37,12 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
     khlog.configure_logging(_log_format["value"], level=level if isinstance(level, int) else logging.INFO)
     # Celery's warnings (running as root, deprecations) become log lines in the same format too.
     logging.captureWarnings(True)
+    # The prefork pool's own lines ("Process 'ForkPoolWorker-1' pid:… exited with 'signal 9
+    # (SIGKILL)'") go to a logger that billiard cuts off from the root one, without a handler:
+    # Python's last resort printed them raw among the JSON lines.
+    from billiard.util import get_logger as pool_logger  # type: ignore[import-untyped]
+
+    pool_logger().propagate = True
 
 
 POOLS = ("prefork", "processes", "solo")  # processes: Celery's other name for prefork

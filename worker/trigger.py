@@ -19,7 +19,7 @@ from kombu.utils.url import maybe_sanitize_url
 from db import runs
 from db.models import Run
 from keyhygiene.context import Database
-from keyhygiene.errors import EXIT_FAILURE, BrokerFailure, UsageError
+from keyhygiene.errors import EXIT_FAILURE, BrokerFailure, KeyhygieneError, UsageError
 from keyhygiene.jobs import JobOutcome
 from keyhygiene.settings import Settings
 
@@ -53,6 +53,7 @@ def trigger_job(
     Raises BrokerFailure (exit 1) when the broker cannot be reached, UsageError (exit 2) for a job
     that cannot be asked for, DatabaseFailure (exit 1) when ``wait`` cannot read the database.
     """
+    deadline = time.monotonic() + timeout  # --timeout counts from here: queueing and the ping too
     if job not in JOB_KINDS:
         raise UsageError(f"unknown job {job!r}: expected one of {', '.join(JOB_KINDS)}")
     if job == "prune" and dry_run:
@@ -74,15 +75,23 @@ def trigger_job(
                 "(field task_id) or `keyhygiene status`"
             )
             return None
-        if not workers_answer(settings):
+        ping = min(WORKER_PING_TIMEOUT, max(deadline - time.monotonic(), 0.1))
+        if not workers_answer(settings, timeout=ping):
             print(
-                f"keyhygiene: warning: no worker answered within {WORKER_PING_TIMEOUT:g}s: task {task_id} waits "
+                f"keyhygiene: warning: no worker answered within {ping:g}s: task {task_id} waits "
                 f"in the queue for a worker (start one: keyhygiene worker) for {QUEUED_FOR_AT_MOST / 60:g} minutes "
                 f"at most, then it is dropped unrun; waiting up to {timeout:g}s",
                 file=sys.stderr,
                 flush=True,
             )
-        return wait_for_run(database, job, task_id, timeout=timeout)
+        try:
+            return wait_for_run(database, job, task_id, timeout=timeout, deadline=deadline)
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the wait ends, not the job
+            raise KeyhygieneError(
+                f"stopped waiting ({stop or 'interrupted'}): task {task_id} is not stopped, it runs or waits for a "
+                "worker all the same; its run is recorded under this task id: see `keyhygiene report runs "
+                "--since 1h --format json` (field task_id) or `keyhygiene status`"
+            ) from None
     finally:
         if database is not None:
             database.close()
@@ -123,11 +132,11 @@ def _send(settings: Settings, job: str, *, dry_run: bool, allow_actions: int | N
     return task_id
 
 
-def workers_answer(settings: Settings) -> bool:
-    """Whether at least one worker answers a ping on the broker within WORKER_PING_TIMEOUT seconds."""
+def workers_answer(settings: Settings, *, timeout: float = WORKER_PING_TIMEOUT) -> bool:
+    """Whether at least one worker answers a ping on the broker within ``timeout`` seconds."""
     app = make_app(settings)
     try:
-        return bool(app.control.ping(timeout=WORKER_PING_TIMEOUT, limit=1))
+        return bool(app.control.ping(timeout=timeout, limit=1))
     except Exception:  # a broker hiccup here must not fail a job that was queued: just do not warn
         return True
     finally:
@@ -143,9 +152,13 @@ def ping(url: str) -> None:
         client.close()
 
 
-def wait_for_run(database: Database, job: str, task_id: str, *, timeout: float) -> JobOutcome:
-    """Poll until the run of ``task_id`` reaches a final status, or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
+def wait_for_run(
+    database: Database, job: str, task_id: str, *, timeout: float, deadline: float | None = None
+) -> JobOutcome:
+    """Poll until the run of ``task_id`` reaches a final status, or ``timeout`` seconds pass (until
+    ``deadline``, a ``time.monotonic()``, when given: the time spent before counts)."""
+    if deadline is None:
+        deadline = time.monotonic() + timeout
     run: Run | None = None
     while True:
         with database.sessions() as session:
