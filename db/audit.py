@@ -162,6 +162,23 @@ def last_changes(
     }
 
 
+def outcome_counts(session: Session, run_id: int) -> dict[str, int]:
+    """How many of its changes run ``run_id`` recorded done, skipped and failed (one left in doubt,
+    ``pending``, counts as failed, as the run counted it); dry-run plans and reports are not changes."""
+    counted = dict(
+        session.execute(
+            select(Action.outcome, func.count())
+            .where(Action.run_id == run_id, Action.dry_run.is_(False), Action.action != "report")
+            .group_by(Action.outcome)
+        ).all()
+    )
+    return {
+        "done": counted.get(DONE, 0),
+        "skipped": counted.get(SKIPPED, 0),
+        "failed": counted.get(FAILED, 0) + counted.get(PENDING, 0),
+    }
+
+
 def hashes_of_run(session: Session, run_id: int) -> set[str]:
     """The keys run ``run_id`` has an ``actions`` record of (a change it began, made or skipped)."""
     return set(session.scalars(select(Action.key_hash).where(Action.run_id == run_id).distinct()))

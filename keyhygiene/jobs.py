@@ -332,6 +332,8 @@ def execute(
         if database is None or run_id is None:
             return not_started(kind, exc, abort_errors)
         outcome = _failure(kind, run_id, exc, abort_errors)
+        if kind in CHANGING_JOBS and not outcome.summary:
+            _count_changes_so_far(database, outcome)
         with _run_context(run_id, allow_actions):
             _finish(database, outcome, clock())
             if isinstance(exc, Exception):
@@ -346,6 +348,23 @@ def execute(
             lease.release(in_doubt=lambda: _left_in_doubt(database, run_id))
         if own_database and database is not None:
             database.close()
+
+
+def _count_changes_so_far(database: Database, outcome: JobOutcome) -> None:
+    """Give a job that changes keys, stopped or failed on the way, the counts of the changes it
+    made before (its run record and message would otherwise not show that it changed any)."""
+    assert outcome.run_id is not None
+    try:
+        with database.sessions() as session:
+            counts = audit.outcome_counts(session, outcome.run_id)
+    except SQLAlchemyError:
+        return  # the database is what failed, most likely: the audit log keeps what was done
+    outcome.summary = counts
+    if any(counts.values()):
+        outcome.message += (
+            f" ({counts['done']} change(s) done, {counts['skipped']} skipped, {counts['failed']} failed before it "
+            "ended: `keyhygiene report actions --since 1d`)"
+        )
 
 
 def not_started(kind: str, exc: BaseException, abort_errors: tuple[type[BaseException], ...] = ()) -> JobOutcome:

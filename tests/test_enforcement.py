@@ -253,6 +253,41 @@ def test_a_stop_while_the_reports_are_recorded_leaves_every_planned_change_on_re
     assert all(e["reason"].startswith("not reached: the run stopped before this change") for e in skipped)
 
 
+def test_a_run_stopped_after_some_changes_records_how_many_it_made(
+    org: Org,
+    ready: dict[str, str],
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM lands after two changes were made: the run was recorded aborted with no counts at
+    all, so `report runs` and `status` showed no sign that it had changed keys."""
+    rules_file(org.rules())
+    carry_out = enforcement._carry_out
+    made: list[str] = []
+
+    def stopped_after_two(database: Database, client: Any, decision: Any, action_id: int, **fields: Any) -> str:
+        outcome = carry_out(database, client, decision, action_id, **fields)
+        made.append(decision.key_hash)
+        if len(made) == 2:  # as a SIGTERM held while the change was made lands once it is recorded
+            raise Terminated("terminated by SIGTERM")
+        return outcome
+
+    monkeypatch.setattr(enforcement, "_carry_out", stopped_after_two)
+
+    result = cli("run")
+
+    assert result.exit_code == 1
+    run = _runs(ready)[-1]
+    assert run.status == "aborted"
+    assert len(org.fake.mutating_calls()) == 2
+    # The three changes not reached are on record as such (skipped).
+    assert {key: run.summary[key] for key in ("done", "skipped", "failed")} == {"done": 2, "skipped": 3, "failed": 0}
+    assert "(2 change(s) done, 3 skipped, 0 failed before it ended" in (run.message or "")
+    [row] = json.loads(cli("report", "runs", "--format", "json").stdout)[-1:]
+    assert (row["run_id"], row["done"], row["skipped"], row["failed"]) == (run.id, 2, 3, 0)
+
+
 def test_a_key_whose_name_no_database_stores_as_text_is_planned_changed_and_audited(
     org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
 ) -> None:
