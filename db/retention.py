@@ -14,7 +14,8 @@ time after the cutoff reads the anchor or later snapshots, and the versions aliv
   is the time that version began), the rest are deleted;
 - staging rows of syncs that failed or were abandoned are deleted;
 - runs older than the cutoff that no snapshot and no audit record refers to are deleted;
-- audit records older than the audit retention (when there is one) are deleted.
+- audit records older than the audit retention (when there is one) are deleted, but for each
+  tracked key's newest disable or enable, which the rules, ``undo`` and ``enable`` read.
 
 Each function does one bounded step; the caller commits each step in its own short transaction.
 On SQLite, ``reclaim_space`` then hands the freed pages back to the file system.
@@ -26,9 +27,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, and_, delete, exists, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
-from .audit import PENDING
+from .audit import DONE, PENDING
 from .engine import SQLITE_BEGIN
 from .models import (
     Action,
@@ -194,7 +195,20 @@ def delete_old_actions(session: Session, *, before: datetime, limit: int) -> int
     runs' plan references (``delete_unreferenced_plans`` then takes the plans no run refers to any
     more). Returns the records deleted (a plan reference counts once)."""
     # A change in doubt (``pending``: its outcome never recorded) stays until a run settles it.
-    old = (Action.created_at < before, Action.outcome != PENDING)
+    # So does each key's newest disable or enable while the key is tracked: what the rules (a key
+    # given back is idle from then; a reenable rule's hold), undo and enable read of it.
+    newer = aliased(Action)
+    executed = (Action.dry_run.is_(False), Action.outcome == DONE)
+    superseded = exists().where(
+        newer.key_hash == Action.key_hash,
+        newer.id > Action.id,
+        newer.dry_run.is_(False),
+        newer.outcome == DONE,
+        newer.action.in_(("disable", "enable", "delete")),
+    )
+    tracked = exists().where(tracked_keys.c.key_hash == Action.key_hash)
+    newest_change = and_(*executed, Action.action.in_(("disable", "enable")), ~superseded, tracked)
+    old = (Action.created_at < before, Action.outcome != PENDING, ~newest_change)
     ids = list(session.scalars(select(Action.id).where(*old).order_by(Action.id).limit(limit)))
     if ids:
         result = session.execute(delete(Action).where(Action.id.in_(ids)))

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from db import audit, rollups, runs, snapshots
 from db import retention as retention_db
-from db import rollups, runs, snapshots
 from db.models import Action, Run, Snapshot, key_records, key_usage, tracked_keys
 from db.retention import PRUNED
 from keyhygiene import retention
@@ -309,6 +309,45 @@ def test_audit_retention_removes_old_audit_records_only(org: Org) -> None:
     pruned = retention.prune(org.database, now=NOW, retention_period=RETENTION, audit_retention=timedelta(days=30))
     assert pruned.actions_deleted == 1 and count(org.database, Action) == audit_records - 1
     assert pruned.runs_deleted == 1
+
+
+def test_audit_retention_keeps_each_tracked_keys_newest_disable_or_enable(org: Org) -> None:
+    """A key given back (enable) on day 2 was counted idle from before the give-back once the
+    audit retention took the record: the next run disabled it again at once. Each tracked key's
+    newest disable or enable stays, whatever its age; older ones go."""
+    given_back, disabled = key_hash("idle-since-day-3"), key_hash("disabled-long-ago")
+    with session_scope(org.database) as session:
+        run = runs.start_run(session, kind="enable", now=T0 + DAY)
+        runs.finish_run(session, run.id, status=runs.OK, now=T0 + 2 * DAY, exit_code=0, message="ok")
+        for key, action, day_number in [
+            (given_back, "disable", 1),
+            (given_back, "enable", 2),
+            (disabled, "disable", 2),
+        ]:
+            session.add(
+                Action(
+                    run_id=run.id,
+                    created_at=T0 + day_number * DAY,
+                    finished_at=T0 + day_number * DAY,
+                    key_hash=key,
+                    key_name="x",
+                    workspace_id=None,
+                    rule="manual",
+                    rules=["manual"],
+                    action=action,
+                    dry_run=False,
+                    outcome="done",
+                    evidence={},
+                )
+            )
+
+    retention.prune(org.database, now=NOW, retention_period=RETENTION, audit_retention=timedelta(days=30))
+
+    with org.database.sessions() as session:
+        kept = session.execute(select(Action.key_hash, Action.action).where(Action.run_id == run.id)).all()
+        assert sorted(kept) == sorted([(given_back, "enable"), (disabled, "disable")])
+        newest = audit.last_changes(session, key_hashes=[given_back])
+    assert newest[given_back].action == "enable"
 
 
 def test_audit_retention_keeps_a_change_in_doubt_until_a_run_settles_it(org: Org) -> None:
