@@ -815,6 +815,21 @@ def test_a_key_held_for_reenable_is_not_idle_and_its_idle_clock_restarts_when_gi
     assert action_of(run(theirs, SPEND, delete_idle, audit=BY_SPEND)) == "delete"
 
 
+def test_a_key_we_disabled_and_someone_enabled_in_openrouter_is_idle_only_from_then() -> None:
+    """Disabled by an overspend rule 20 days ago, enabled again by its owner in OpenRouter today:
+    every one of those 20 days it could not be used, yet ``disable-idle`` (14 days) found it idle
+    and disabled it again at the next run."""
+    last_use = OURS - timedelta(hours=1)
+    disable_idle = rule("disable-idle", "unused", "disable", idle_for=timedelta(days=14))
+    enabled_today = make_key(disabled=False, updated_at=NOW - timedelta(hours=2), last_used_at=last_use)
+
+    assert run(enabled_today, disable_idle, audit=BY_SPEND) is None
+    later = run(enabled_today, disable_idle, audit=BY_SPEND, now=NOW + timedelta(days=14))
+    assert later is not None and later.evidence["idle_since"] == iso(NOW - timedelta(hours=2))
+    # A key we never changed counts from its last use.
+    assert action_of(run(make_key(last_used_at=last_use), disable_idle)) == "disable"
+
+
 def test_a_spend_counter_the_api_left_out_or_sent_null_proves_no_spend_either_way() -> None:
     """A reviewer's repro: the API answered ``usage_monthly: null`` for a key the spend rule had
     disabled; read as 0, it proved the key back under budget and the key was re-enabled while its

@@ -448,7 +448,8 @@ def _idle_clock(key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: 
       reset, and its match would keep the reset from re-enabling it).
     - A key we gave back (``undo``, ``enable``, a re-enable) is counted idle from then: giving it back
       and taking it again at the next run for idleness that predates the give-back would undo the
-      operator's (or the rule's) decision at once.
+      operator's (or the rule's) decision at once. So is a key we disabled that someone enabled
+      again in OpenRouter, from its ``updated_at`` (at or after that).
     """
     held_by = _reenable_holder(key, audit, ruleset, now)
     if held_by is not None:
@@ -456,6 +457,12 @@ def _idle_clock(key: KeyFacts, history: KeyHistory, audit: AuditFacts, ruleset: 
     since = idle_since(key, history)
     if since is not None and audit.last_change == "enable" and audit.last_change_at is not None:
         given_back = as_utc(audit.last_change_at)
+        if given_back > since:
+            return _IdleClock(given_back, given_back)
+    if since is not None and audit.last_change == "disable" and not key.disabled and key.updated_at is not None:
+        # Our disable was undone outside keyhygiene (in OpenRouter): the key's updated_at is at or
+        # after that give-back, and the idleness before it was ours.
+        given_back = as_utc(key.updated_at)
         if given_back > since:
             return _IdleClock(given_back, given_back)
     return _IdleClock(since)
