@@ -830,6 +830,26 @@ def test_a_key_we_disabled_and_someone_enabled_in_openrouter_is_idle_only_from_t
     assert action_of(run(make_key(last_used_at=last_use), disable_idle)) == "disable"
 
 
+def test_spend_figures_read_before_their_window_began_again_prove_nothing() -> None:
+    """A snapshot at 23:50 UTC on Sunday read 5 USD spent today and a daily limit used up; `plan`
+    on it after midnight still selected the key, though the API then reported the day's spend back
+    at 0: the stale change counted against the caps, and the fresh check skipped it."""
+    sunday_late = datetime(2026, 6, 14, 23, 50, tzinfo=UTC)  # NOW is the Monday after, at noon
+    spent = make_key(usage_daily=5.0, usage_weekly=5.0, usage_monthly=5.0, observed_at=sunday_late)
+    exhausted = make_key(limit=4.0, limit_remaining=0.0, limit_reset="daily", observed_at=sunday_late)
+    for window in ("daily", "weekly"):
+        over = rule("over", "over_budget", "disable", window=window, threshold_usd=3.0)
+        assert action_of(run(spent, over, now=sunday_late + timedelta(minutes=5))) == "disable"
+        assert run(spent, over) is None, window
+    monthly = rule("over", "over_budget", "disable", window="monthly", threshold_usd=3.0)
+    assert action_of(run(spent, monthly)) == "disable"  # the month has not begun again
+    limit = rule("limit", "over_budget", "disable", window="daily")
+    assert action_of(run(exhausted, limit, now=sunday_late + timedelta(minutes=5))) == "disable"
+    assert run(exhausted, limit) is None
+    never_resets = make_key(limit=4.0, limit_remaining=0.0, limit_reset=None, observed_at=sunday_late)
+    assert action_of(run(never_resets, limit)) == "disable"
+
+
 def test_a_spend_counter_the_api_left_out_or_sent_null_proves_no_spend_either_way() -> None:
     """A reviewer's repro: the API answered ``usage_monthly: null`` for a key the spend rule had
     disabled; read as 0, it proved the key back under budget and the key was re-enabled while its

@@ -411,7 +411,7 @@ def _match_facts(
         return None
     if rule.threshold_usd is not None:
         spend = key.spend_in(rule.window)
-        if spend is not None and spend >= rule.threshold_usd:
+        if spend is not None and spend >= rule.threshold_usd and not _reset_since_read(rule.window, key, now):
             return {
                 "window": rule.window,
                 "window_spend_usd": _figure(spend),
@@ -419,7 +419,12 @@ def _match_facts(
                 "include_byok_in_limit": key.include_byok_in_limit,
             }
         return None
-    if key.limit is not None and key.limit_remaining is not None and key.limit_remaining <= 0:
+    if (
+        key.limit is not None
+        and key.limit_remaining is not None
+        and key.limit_remaining <= 0
+        and not _reset_since_read(key.limit_reset, key, now)
+    ):
         return {
             "limit": _figure(key.limit),
             "limit_remaining": _figure(key.limit_remaining),
@@ -571,6 +576,15 @@ def _action_now(
         "disabled_since_source": source,
         "disabled_days": _days(now - since),
     }
+
+
+def _reset_since_read(window: str | None, key: KeyFacts, now: datetime) -> bool:
+    """Whether the spend window ``window`` (a rule's, or a limit's reset) began again between the
+    snapshot that read the key's figures and ``now``: they are then the last window's, and prove
+    nothing of this one's (the fresh check before a change reads them again)."""
+    if window not in SPEND_WINDOWS or key.observed_at is None:
+        return False
+    return window_starts(now)[window] > as_utc(key.observed_at)
 
 
 def _under_budget_facts(rule: Rule, key: KeyFacts) -> dict[str, Any] | None:
