@@ -822,7 +822,10 @@ def _record_unreached(
 def refusal_message(breach: CapBreach) -> str:
     """Why the caps refused a plan, with the counts, and the way through a backlog the caps refuse."""
     if breach.allow_actions is not None:
-        return f"{breach.reason}; read the plan (`keyhygiene plan`) and, if it is right, allow all of it"
+        return (
+            f"{breach.reason}; read the plan (`keyhygiene plan`) and, if it is right, allow all of it: "
+            f"`--allow-actions {breach.planned}`"
+        )
     return (
         f"{breach.reason}; read the plan (`keyhygiene plan`) and, if it is right, work through this backlog "
         f"once with `keyhygiene enforce --allow-actions {breach.planned}` (lifts both caps for that one run)"

@@ -69,6 +69,7 @@ def test_a_backlog_above_the_caps_is_refused_with_the_way_through_then_worked_th
     short = cli("enforce", "--allow-actions", "59")
     assert short.exit_code == 3
     assert "60 planned changes exceed --allow-actions 59" in short.stderr
+    assert "if it is right, allow all of it: `--allow-actions 60`" in short.stderr
     assert fake.mutating_calls() == []
 
     # 4. Allowed: the backlog is worked through in one run; protect_names still holds.
