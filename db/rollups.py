@@ -22,7 +22,8 @@ Three tables, each small next to the versions they summarise:
 Idle 30 days or more is the rules engine's ``unused`` reading (``keyhygiene.rules.idle_since``)
 with ``idle_for = "30d"``, written here as SQL over the running state: a sign of use is
 ``last_used_at`` or a move of usage after the key was first seen; with none, a null
-``last_used_at`` shows idleness since 2026-01-01 and the history since the first sighting.
+``last_used_at`` shows idleness since 2026-01-01 (where the API gave the field at all) and the
+history since the first sighting.
 """
 
 from __future__ import annotations
@@ -165,11 +166,12 @@ def _alive(snapshot_id: int, newest: bool, names: tuple[str, ...]) -> Any:
     """The keys alive at the snapshot with the named fields, ``key_id`` and ``usage_since``. At the
     newest one, from the open versions of only the tables that hold those fields (each sync reads
     every alive key three times here: a join it does not need is 10,000 index seeks a day)."""
-    if not newest:
-        return snapshots.alive_at(snapshot_id).subquery("alive")
     u, r = key_usage, key_records
+    if not newest:
+        return snapshots.alive_at(snapshot_id).add_columns(u.c.wire.label("usage_wire")).subquery("alive")
     columns = [(u if FIELDS_BY_NAME[name].volatile else r).c[name].label(name) for name in names]
-    query = select(u.c.key_id, u.c.usage_since, u.c.spent_from, *columns).where(u.c.valid_to.is_(None))
+    query = select(u.c.key_id, u.c.usage_since, u.c.spent_from, u.c.wire.label("usage_wire"), *columns)
+    query = query.where(u.c.valid_to.is_(None))
     if any(not FIELDS_BY_NAME[name].volatile for name in names):
         query = query.join_from(u, r, and_(r.c.key_id == u.c.key_id, r.c.valid_to.is_(None)))
     return query.subquery("alive")
@@ -210,6 +212,12 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime, ke
     # rules and the idle report read, so every report agrees on it.
     changed_at = alive.c.usage_since
     used_later = changed_at > first_seen
+    # Where the API left ``last_used_at`` out (older API versions), its null says nothing: only
+    # the history shows idleness (the rules' ``reports_last_used``). The usage version's note lists
+    # the fields left out (``"-":[...]``, written compactly with sorted keys); a time of another
+    # style is noted as ``"last_used_at":`` under ``"="``, which neither pattern matches.
+    note = alive.c.usage_wire
+    omitted = and_(note.is_not(None), or_(note.like('%"last_used_at"]%'), note.like('%"last_used_at",%')))
     has_sign = or_(alive.c.last_used_at.is_not(None), used_later)
     signs_old = and_(
         or_(alive.c.last_used_at.is_(None), alive.c.last_used_at <= cutoff), or_(~used_later, changed_at <= cutoff)
@@ -217,7 +225,7 @@ def record_rollups(session: Session, *, snapshot_id: int, taken_at: datetime, ke
     # A null last_used_at proves no use since OpenRouter began recording it, unless the key was
     # created since and has spent (``keyhygiene.rules.engine._null_last_use_contradicted``).
     contradicted = and_(alive.c.created_at >= LAST_USED_RECORDED_FROM, or_(alive.c.usage > 0, alive.c.byok_usage > 0))
-    idle_from_old = or_(and_(literal(cutoff >= LAST_USED_RECORDED_FROM), ~contradicted), first_seen <= cutoff)
+    idle_from_old = or_(and_(literal(cutoff >= LAST_USED_RECORDED_FROM), ~contradicted, ~omitted), first_seen <= cutoff)
     idle = and_(alive.c.created_at <= cutoff, case((has_sign, signs_old), else_=idle_from_old))
     # Spend in a window that began after the cutoff is use inside the 30 days: as this snapshot's
     # counters show it, or as an earlier snapshot's did (``spent_from``). The engine's

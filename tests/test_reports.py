@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from db import metrics as db_metrics
 from db import snapshots
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
@@ -524,3 +525,28 @@ def test_dates_are_plain_in_json(org: Org) -> None:
     assert rows[-1]["day"] == date(2026, 3, 11).isoformat()
     assert rows[-1]["taken_at"] == "2026-03-11T12:00:00Z"
     assert timedelta(0) < NOW - day(10)
+
+
+def test_trends_count_a_key_idle_as_the_rules_do_when_the_api_omits_last_used_at(bare_org: Org) -> None:
+    """An API that leaves ``last_used_at`` out says nothing about use: the rules then read idleness
+    from the snapshot history only, and trends and the idle metric must count the same keys."""
+    org = bare_org
+    org.fake.omit_fields = {"last_used_at"}
+    org.add("quiet", at=day(0, 1), created_at=D0 - 60 * DAY)
+    org.add("spender", at=day(0, 1), created_at=D0 - 60 * DAY, usage=3.0)
+    org.sync(day(0, 2))
+    org.sync(day(1, 2))
+    at = day(1, 3)
+
+    assert report(org, "idle", since=30 * DAY, at=at, now=at) == []  # watched for a day only
+    assert report(org, "trends", since=2 * DAY, at=at, now=at)[-1]["idle_30d"] == 0
+    with org.database.sessions() as session:
+        newest = snapshots.newest_complete(session)
+        assert newest is not None
+        assert db_metrics.idle_keys(session, newest) == 0
+
+    org.sync(day(40, 2))  # forty days of history with usage unchanged: idle now, by every reading
+    at = day(40, 3)
+    idle = report(org, "idle", since=30 * DAY, at=at, now=at)
+    assert sorted(row["name"] for row in idle) == ["quiet", "spender"]
+    assert report(org, "trends", since=2 * DAY, at=at, now=at)[-1]["idle_30d"] == 2
