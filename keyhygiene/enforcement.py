@@ -704,10 +704,12 @@ def enforce_snapshot(
     clock: Any = None,
     fence: Callable[[], None] | None = None,
     allow_actions: int | None = None,
+    triggered: bool = False,
 ) -> EnforceResult:
     """Plan on snapshot ``snapshot_id`` and act on it within the safety limits.
 
-    ``fence`` runs before each change (see :func:`execute_decision`).
+    ``fence`` runs before each change (see :func:`execute_decision`). ``triggered``: the job was
+    queued with ``keyhygiene trigger``, whose refusal gives the way through in the same form.
 
     ``dry_run`` is final: the caller has already combined the rules file and the command line.
     ``allow_actions`` (``--allow-actions N``) replaces both caps with N for this one enforcement.
@@ -752,7 +754,7 @@ def enforce_snapshot(
             planned=breach.planned,
             total_keys=breach.total_keys,
         )
-        raise EnforcementRefused(refusal_message(breach), result)
+        raise EnforcementRefused(refusal_message(breach, triggered=triggered), result)
 
     # Reports, and everything in a dry run, call no API: recorded together in one transaction; a dry
     # run's plan by reference when it equals one already stored.
@@ -819,8 +821,9 @@ def _record_unreached(
         log.error("unreached_changes_not_recorded", run_id=run_id, changes=len(decisions), error=describe_db_error(exc))
 
 
-def refusal_message(breach: CapBreach) -> str:
-    """Why the caps refused a plan, with the counts, and the way through a backlog the caps refuse."""
+def refusal_message(breach: CapBreach, *, triggered: bool = False) -> str:
+    """Why the caps refused a plan, with the counts, and the way through a backlog the caps refuse:
+    as a command run here, or (``triggered``) queued on the worker as the refused job was."""
     if breach.allow_actions is not None:
         return (
             f"{breach.reason}; read the plan (`keyhygiene plan`) and, if it is right, allow all of it: "
@@ -828,7 +831,8 @@ def refusal_message(breach: CapBreach) -> str:
         )
     return (
         f"{breach.reason}; read the plan (`keyhygiene plan`) and, if it is right, work through this backlog "
-        f"once with `keyhygiene enforce --allow-actions {breach.planned}` (lifts both caps for that one run)"
+        f"once with `keyhygiene {'trigger ' if triggered else ''}enforce --allow-actions {breach.planned}` "
+        "(lifts both caps for that one run)"
     )
 
 

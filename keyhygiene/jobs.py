@@ -324,6 +324,7 @@ def execute(
                 on_page=on_page,
                 fence=lease.fence if lease is not None else None,
                 early=early,
+                started_by=started_by,
             )
             outcome = _finish(database, outcome, clock(), effective_dry_run)
             _notify_recorded(settings, database, ruleset, outcome, clock, abort_errors)
@@ -541,6 +542,7 @@ def _execute(
     on_page: ProgressCallback | None,
     fence: Callable[[], None] | None = None,
     early: EarlyListing | None = None,
+    started_by: str = runs.CLI,
 ) -> JobOutcome:
     if kind == "prune":
         from .retention import prune
@@ -597,6 +599,7 @@ def _execute(
             clock=clock,
             fence=fence,
             allow_actions=allow_actions,
+            triggered=started_by == runs.TRIGGER,
         )
         summary = enforcement.summary()
         if sync_result is not None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from db import runs
 from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.jobs import execute
+from keyhygiene.settings import Settings
 from keyhygiene.timeutil import utcnow
 
 from .conftest import CliResult
@@ -103,3 +105,19 @@ def test_allow_actions_is_refused_where_there_are_no_caps(env: dict[str, str], c
     assert cli("enforce", "--allow-actions", "0").exit_code == 2
     refused = cli("trigger", "sync", "--allow-actions", "5")
     assert refused.exit_code == 2 and "--allow-actions" in refused.stderr
+
+
+def test_a_triggered_job_refused_by_the_caps_gives_the_way_through_as_a_trigger(
+    fake: FakeOpenRouter, env: dict[str, str], cli: Callable[..., CliResult]
+) -> None:
+    """The operator who queued the job on the worker is told to queue the way through there too."""
+    _organisation(fake)
+    Path(env["KEYHYGIENE_RULES_FILE"]).write_text(EXAMPLE_RULES.read_text())
+    assert cli("db", "upgrade").exit_code == 0
+    assert cli("sync").exit_code == 0
+
+    outcome = execute("enforce", Settings(_env_file=None), started_by=runs.TRIGGER)
+
+    assert outcome.exit_code == 3
+    assert "once with `keyhygiene trigger enforce --allow-actions 60`" in outcome.message
+    assert fake.mutating_calls() == []
