@@ -43,8 +43,9 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     def expired(sender: Any = None, request: Any = None, expired: bool = False, **_: Any) -> None:
         """A triggered job that no worker started before its message expired (``worker.trigger``)
         is recorded failed under its task id, so ``trigger --wait`` and ``report runs`` find it.
-        Beat's expired ticks are not: a tick missed in an outage is dropped by design. (The
-        message's arguments are not decoded here: ``trigger`` marks its messages in a header.)"""
+        Beat's expired ticks are not: a tick missed in an outage is dropped by design. (Who sent
+        the message is read from a header ``trigger`` sets, not from its arguments; its
+        ``allow_actions`` is recorded as the job would have been, a real count or nothing.)"""
         kind = kinds.get(getattr(sender, "name", None) or "")
         if not expired or kind is None or getattr(request, TRIGGERED_HEADER, None) != "trigger":
             return
@@ -54,8 +55,14 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         if running_now(settings, request.id) or task_recorded(settings, request.id):
             return
         message = "dropped unrun: no worker started it before its message expired (an hour after it was queued)"
+        arguments = getattr(request, "kwargs", None)
+        allow_actions = arguments.get("allow_actions") if isinstance(arguments, dict) else None
         record_unstarted(
-            settings, JobOutcome(kind, runs.FAILED, EXIT_FAILURE, message), started_by="trigger", task_id=request.id
+            settings,
+            JobOutcome(kind, runs.FAILED, EXIT_FAILURE, message),
+            started_by="trigger",
+            task_id=request.id,
+            allow_actions=allow_actions if _is_count(allow_actions) else None,
         )
 
     signals.task_revoked.connect(expired, weak=False, dispatch_uid="keyhygiene.task_expired")
