@@ -48,7 +48,7 @@ from keyhygiene.rules import (
 
 from .context import Database, collection_paused, describe_db_error, session_scope
 from .errors import EnforcementRefused
-from .logging import get_logger
+from .logging import get_logger, redact_text
 from .shutdown import change_in_flight
 from .timeutil import isoformat
 
@@ -312,6 +312,7 @@ def _record_all(
     error: str | None = None,
 ) -> list[int]:
     """Write audit records for ``decisions`` in one transaction, then log one ``key_action`` each."""
+    reason, error = _cleaned(reason), _cleaned(error)
     with session_scope(database) as session:
         ids = audit.record_actions(
             session,
@@ -353,6 +354,7 @@ def _record_plan(
     """Record a dry run's plan (``planned``) or a refused run's changes (``refused``) in one transaction:
     one row for the run, the decisions themselves only when no identical plan is stored yet. Then log
     one ``key_action`` per decision, as for any other record."""
+    reason = _cleaned(reason)
     entries = [
         audit.PlannedEntry(
             key_hash=decision.key_hash,
@@ -383,10 +385,17 @@ def _complete(
     error: str | None = None,
     key_updated_at: datetime | None = None,
 ) -> None:
+    reason, error = _cleaned(reason), _cleaned(error)
     with session_scope(database) as session:
         audit.complete_action(
             session, action_id, outcome=outcome, now=now, reason=reason, error=error, key_updated_at=key_updated_at
         )
+
+
+def _cleaned(text: str | None) -> str | None:
+    """A reason or error as the audit keeps it: without any secret. An error may quote what the API
+    sent, and an upstream that echoes the request's credential into a key's field puts it there."""
+    return None if text is None else redact_text(text)
 
 
 def fresh_history(history: KeyHistory, snapshot_key: KeyFacts | None, fresh: KeyFacts, now: datetime) -> KeyHistory:

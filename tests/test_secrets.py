@@ -218,3 +218,29 @@ def test_an_unexpected_error_carrying_the_key_is_not_stored(
     assert "cannot use [REDACTED]" in stored  # the scan sees the run's message and the notice
     assert not leaks(stored)
     assert [body["message"] for body in sink.bodies()] == ["unexpected error: RuntimeError: cannot use [REDACTED]"]
+
+
+def test_an_audit_error_quoting_an_echoed_credential_is_stored_and_reported_without_it(
+    database: Database, fake: FakeOpenRouter, env: dict[str, str], cli, rules_file
+) -> None:
+    """An upstream that echoes the request's Authorization header into a key object's field: the
+    fresh check before the change refuses the object and quotes the field's value in its error,
+    which the audit keeps and `report actions` prints."""
+    fake.add_key("busy", last_used_at=None)
+    idle = fake.add_key("idle", created_at="2025-01-01T00:00:00Z", last_used_at="2025-02-01T00:00:00Z")["hash"]
+    rules_file(
+        "[safety]\ndry_run = false\nmax_action_percent = 100\n\n"
+        '[[rule]]\nname = "off"\nmatch = "unused"\nidle_for = "30d"\naction = "disable"\n'
+    )
+    assert cli("sync").exit_code == 0
+    echoed = fake._keys[idle]
+    echoed.disabled = "Bearer " + MANAGEMENT_KEY  # type: ignore[assignment]
+    echoed.changed()
+
+    enforced = cli("enforce")
+
+    [row] = json.loads(cli("report", "actions", "--since", "1d", "--format", "json").stdout)
+    assert (row["key_hash"], row["outcome"]) == (idle, "failed")
+    assert "field 'disabled' is 'Bearer [REDACTED]'" in row["error"]
+    assert not leaks(enforced.stdout + enforced.stderr)
+    assert not leaks(_every_stored_value(database))
