@@ -421,14 +421,37 @@ def _already_in_target_state(decision: Decision, fresh: KeyFacts) -> str | None:
     return None
 
 
-def _apply(client: KeysClient, decision: Decision) -> Key | None:
+class Withdrawn(Exception):
+    """A change not sent again after a refused try: the key, looked at again, no longer calls for it
+    (``before_resend`` in :func:`change_key`)."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        maybe_made: bool,
+        failed: bool = False,
+        stop: BaseException | None = None,
+        made: bool = False,
+        after: Key | None = None,
+    ):
+        super().__init__(reason)
+        self.reason = reason
+        self.maybe_made = maybe_made  # a try answered 503 may have made it all the same
+        self.failed = failed  # the key could not be looked at
+        self.stop = stop  # what stops the run too (the credential refused, the lease lost)
+        self.made = made  # after such a try, the key shows the change made (``after``: as it is)
+        self.after = after
+
+
+def _apply(client: KeysClient, decision: Decision, before_resend: Callable[[bool], None] | None = None) -> Key | None:
     """Make the change; the key as the API answered it (None after a delete)."""
     if decision.action == "disable":
-        return client.update_key(decision.key_hash, disabled=True)
+        return client.update_key(decision.key_hash, disabled=True, before_resend=before_resend)
     if decision.action == "enable":
-        return client.update_key(decision.key_hash, disabled=False)
+        return client.update_key(decision.key_hash, disabled=False, before_resend=before_resend)
     if decision.action == "delete":
-        client.delete_key(decision.key_hash)
+        client.delete_key(decision.key_hash, before_resend=before_resend)
         return None
     raise ValueError(f"not a change: {decision.action}")  # pragma: no cover - reports never get here
 
@@ -543,12 +566,42 @@ def change_key(
 
     if fence is not None:
         fence()
+    planned = decision
+
+    def before_resend(maybe_made: bool) -> None:
+        """Before the change is sent again after a refused try (a 429 asked to wait, say, up to
+        the retry time): the key is looked at again as before the first try, so that only what the
+        rules, protection and the safety limits allow now is sent."""
+        again = "checked again before sending the change again"
+        try:
+            key = client.get_key(planned.key_hash)
+        except NotFound:
+            made = maybe_made and planned.action == "delete"
+            raise Withdrawn(f"already gone (404 when {again})", maybe_made=maybe_made, made=made) from None
+        except ApiError as exc:
+            stop = exc if isinstance(exc, AuthenticationFailed) else None
+            raise Withdrawn(f"not sent again: {exc}", maybe_made=maybe_made, failed=True, stop=stop) from None
+        fresh = key_facts(key, stamp())
+        reached = _already_in_target_state(planned, fresh)
+        if reached is not None:
+            raise Withdrawn(f"{reached} ({again})", maybe_made=maybe_made, made=maybe_made, after=key)
+        checked = recheck(planned, fresh)
+        if not isinstance(checked, Decision):
+            raise Withdrawn(f"{checked} ({again})", maybe_made=maybe_made)
+        if fence is not None:
+            try:
+                fence()
+            except Exception as exc:  # the lease lost: this process may no longer change keys
+                raise Withdrawn(f"not sent again: {exc}", maybe_made=maybe_made, failed=True, stop=exc) from None
+
     # From the intent to its outcome a stop (SIGTERM, Ctrl-C) is held: the outcome is always recorded.
     with change_in_flight():
         action_id = record_decision(
             database, decision, run_id=run_id, now=stamp(), dry_run=False, outcome=audit.PENDING
         )
-        return _carry_out(database, client, decision, action_id, run_id=run_id, stamp=stamp)
+        return _carry_out(
+            database, client, decision, action_id, run_id=run_id, stamp=stamp, before_resend=before_resend
+        )
 
 
 def _carry_out(
@@ -559,8 +612,10 @@ def _carry_out(
     *,
     run_id: int,
     stamp: Callable[[], datetime],
+    before_resend: Callable[[bool], None] | None = None,
 ) -> str:
-    """Make the change whose intent ``action_id`` records, and complete the record with its outcome."""
+    """Make the change whose intent ``action_id`` records, and complete the record with its outcome.
+    ``before_resend`` looks at the key again before the client sends the change again."""
 
     def outcome_is(
         outcome: str, *, reason: str | None = None, error: str | None = None, after: Key | None = None
@@ -573,8 +628,41 @@ def _carry_out(
         _event(decision, run_id=run_id, dry_run=False, outcome=outcome, reason=reason, error=error)
         return outcome
 
+    def in_doubt(error: str, fresh_state: str) -> str:
+        # The change may have been made: it is not sent again. The intent stays pending, in doubt,
+        # and the next run settles it from the key's fresh state then (``settle_in_doubt``), which
+        # logs its one ``key_action`` event: a change that lands late is then recorded as made, for
+        # ``undo``, the reenable rules and the shrink guard.
+        log.warning(
+            "key_action_in_doubt",
+            run_id=run_id,
+            key_hash=decision.key_hash,
+            key_name=decision.key_name,
+            rule=decision.rule,
+            action=decision.action,
+            error=error,
+            fresh_state=fresh_state,
+        )
+        return audit.FAILED
+
     try:
-        answered = _apply(client, decision)
+        answered = _apply(client, decision, before_resend)
+    except Withdrawn as withdrawn:
+        if withdrawn.made:  # a try answered 503, and the key shows the change: that try made it
+            reason = (
+                "a try was answered 503 (which a gateway may send after the API acted); "
+                "the key's fresh state shows the change was made"
+            )
+            outcome = outcome_is(audit.DONE, reason=reason, after=withdrawn.after)
+        elif withdrawn.maybe_made:  # the key shows no change yet, or could not be read: the try may still land
+            outcome = in_doubt(withdrawn.reason, "unreadable" if withdrawn.failed else "unchanged")
+        elif withdrawn.failed:
+            outcome = outcome_is(audit.FAILED, reason="not sent again", error=withdrawn.reason)
+        else:
+            outcome = outcome_is(audit.SKIPPED, reason=withdrawn.reason)
+        if withdrawn.stop is not None:
+            raise withdrawn.stop from None
+        return outcome
     except NotFound:
         # The client never re-sends a change whose answer was lost (a 404 after a 503 is in doubt,
         # below), so a 404 here means someone else removed the key after the fresh check.
@@ -591,23 +679,9 @@ def _carry_out(
             reason = f"the API's answer was lost or unreadable ({exc}); the key's fresh state shows the change was made"
             return outcome_is(audit.DONE, reason=reason, after=after)
         if applied is None or isinstance(exc, OutcomeUnknown):
-            # The change may have been made: the key's state could not be read, or the request
-            # whose answer was lost may still be at work behind a fresh state that shows no
-            # change yet. It is not sent again. The intent stays pending, in doubt, and the next
-            # run settles it from the key's fresh state then (``settle_in_doubt``), which logs its
-            # one ``key_action`` event: a change that lands late is then recorded as made, for
-            # ``undo``, the reenable rules and the shrink guard.
-            log.warning(
-                "key_action_in_doubt",
-                run_id=run_id,
-                key_hash=decision.key_hash,
-                key_name=decision.key_name,
-                rule=decision.rule,
-                action=decision.action,
-                error=str(exc),
-                fresh_state="unreadable" if applied is None else "unchanged",
-            )
-            return audit.FAILED
+            # The key's state could not be read, or the request whose answer was lost may still be
+            # at work behind a fresh state that shows no change yet.
+            return in_doubt(str(exc), "unreadable" if applied is None else "unchanged")
         outcome_is(audit.FAILED, error=str(exc))
         if isinstance(exc, AuthenticationFailed):
             raise

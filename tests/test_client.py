@@ -541,6 +541,65 @@ def test_a_change_the_api_refused_is_sent_again(fake: FakeOpenRouter, make_clien
     assert [call.status for call in fake.calls if call.method == "DELETE"] == [refusal, refusal, 200]
 
 
+@pytest.mark.parametrize("method", ["PATCH", "DELETE"])
+def test_a_change_refused_on_a_later_try_after_a_503_may_have_been_made(
+    fake: FakeOpenRouter, make_client, method: str
+) -> None:
+    """The first try is answered 503 by a gateway after the API acted; while the client waits, the
+    credential is revoked, and the try sent again is refused (401). That refusal says nothing of
+    the first try: the change is in doubt, not failed."""
+    (key,) = add_keys(fake, 1)
+    fake.faults.server_error(1, 503, retry_after=0.05, method=method, after_processing=True)
+    client = make_client()
+
+    with pytest.raises(OutcomeUnknown, match=r"401.*a try was answered 503"):
+        if method == "PATCH":
+            client.update_key(key, disabled=True, before_resend=lambda _: fake.revoke(MANAGEMENT_KEY))
+        else:
+            client.delete_key(key, before_resend=lambda _: fake.revoke(MANAGEMENT_KEY))
+
+    fake.restore(MANAGEMENT_KEY)
+    assert (fake.get(key) is None) if method == "DELETE" else (fake.get(key)["disabled"] is True)  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("refusal", "maybe_made"), [(429, False), (503, True)])
+def test_a_change_is_sent_again_only_after_its_caller_looked_at_the_key_again(
+    fake: FakeOpenRouter, make_client, refusal: int, maybe_made: bool
+) -> None:
+    (key,) = add_keys(fake, 1)
+    if refusal == 429:
+        fake.faults.rate_limit(2, retry_after=0.05, method="PATCH")
+    else:
+        fake.faults.server_error(2, 503, retry_after=0.05, method="PATCH")
+    looked: list[tuple[bool, int]] = []
+
+    def before_resend(may_have_been_made: bool) -> None:
+        looked.append((may_have_been_made, len([call for call in fake.calls if call.method == "PATCH"])))
+
+    make_client().update_key(key, disabled=True, before_resend=before_resend)
+
+    # Called once before each try sent again, after the wait: never before the first.
+    assert looked == [(maybe_made, 1), (maybe_made, 2)]
+    assert [call.status for call in fake.calls if call.method == "PATCH"] == [refusal, refusal, 200]
+
+
+def test_a_change_its_caller_withdraws_before_it_is_sent_again_is_not_sent(fake: FakeOpenRouter, make_client) -> None:
+    class Withdrawn(Exception):
+        pass
+
+    (key,) = add_keys(fake, 1)
+    fake.faults.rate_limit(1, retry_after=0.05, method="DELETE")
+
+    def before_resend(_: bool) -> None:
+        raise Withdrawn("the key was renamed into a protected name meanwhile")
+
+    with pytest.raises(Withdrawn):
+        make_client().delete_key(key, before_resend=before_resend)
+
+    assert fake.get(key) is not None
+    assert [call.status for call in fake.calls if call.method == "DELETE"] == [429]
+
+
 @pytest.mark.parametrize(("refusal", "raised"), [(503, OutcomeUnknown), (429, NotFound)])
 def test_a_delete_gone_after_a_refusal_is_in_doubt_only_after_a_503(
     fake: FakeOpenRouter, make_client, refusal: int, raised: type[Exception]

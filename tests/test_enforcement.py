@@ -23,10 +23,10 @@ from keyhygiene.context import Database, session_scope
 from keyhygiene.enforcement import change_key, settle_in_doubt
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.keysapi.client import KeysClient
-from keyhygiene.keysapi.errors import ServerError
+from keyhygiene.keysapi.errors import AuthenticationFailed, ServerError
 from keyhygiene.keysapi.models import Key
 from keyhygiene.lease import EnforcementLease
-from keyhygiene.rules import Decision
+from keyhygiene.rules import Decision, KeyFacts
 from keyhygiene.settings import Settings
 from keyhygiene.shutdown import Terminated
 from keyhygiene.timeutil import utcnow
@@ -570,11 +570,12 @@ def test_a_garbled_answer_is_settled_from_the_fresh_state(
 DELETES_IN_DOUBT = {
     # The DELETE takes effect but the connection drops before the answer: it is not sent again.
     "answer lost": (lambda fake: fake.faults.drop_connection(1, after_processing=True, method="DELETE"), 1),
-    # A 503 refuses a request, so the DELETE is sent again; but a gateway may answer 503 once the
-    # API behind it acted: the second DELETE's 404 may be our own doing.
+    # A 503 refuses a request, so the DELETE would be sent again once the key is looked at again;
+    # but a gateway may answer 503 once the API behind it acted: the key found gone then may be our
+    # own doing, and it is not sent again.
     "503 after it took effect": (
         lambda fake: fake.faults.server_error(1, 503, method="DELETE", after_processing=True),
-        2,
+        1,
     ),
 }
 
@@ -824,6 +825,76 @@ def test_a_change_refused_with_a_long_retry_after_is_failed_without_a_fresh_read
     with database.sessions() as session:
         (row,) = session.scalars(select(Action).where(Action.run_id == run_id))
     assert row.outcome == "failed" and "rate limited" in (row.error or "")
+
+
+def _protecting(planned: Decision, fresh: KeyFacts) -> Decision | str:
+    """A recheck as a rules file with ``protect_names = ["prod-*"]`` makes it."""
+    return "protected by name" if fresh.name.startswith("prod-") else planned
+
+
+def test_a_delete_sent_again_after_a_429_is_withdrawn_when_the_key_changed_during_the_wait(
+    fake: FakeOpenRouter, fake_url: str, database: Database
+) -> None:
+    """The DELETE is refused with 429 and a Retry-After. While the client waits, the key's owner
+    enables it and renames it into a protected name: the key is looked at again before the DELETE
+    is sent again, and the delete is withdrawn, not made on a decision a minute old."""
+    now = utcnow()
+    doomed = str(fake.add_key("old-billing", created_at=now - 90 * DAY, disabled=True)["hash"])
+    fake.faults.rate_limit(1, retry_after=0.05, method="DELETE")
+
+    def owner_acts_during_the_wait(seconds: float) -> None:
+        fake.update_key(doomed, {"name": "prod-billing", "disabled": False})
+
+    client = KeysClient(fake_url, MANAGEMENT_KEY, sleep=owner_acts_during_the_wait)
+    with session_scope(database) as session:
+        run_id = runs.start_run(session, kind="enforce", now=now, dry_run=False).id
+    decision = Decision(doomed, "old-billing", None, "delete", "delete-after-grace", ("delete-after-grace",), {})
+    try:
+        outcome = change_key(database, client, decision, run_id=run_id, recheck=_protecting, clock=lambda: now)
+    finally:
+        client.close()
+
+    assert outcome == "skipped"
+    assert fake.get(doomed) is not None
+    assert [(call.method, call.status) for call in fake.calls if call.path.endswith(doomed)] == [
+        ("GET", 200),
+        ("DELETE", 429),
+        ("GET", 200),
+    ]
+    with database.sessions() as session:
+        (row,) = session.scalars(select(Action).where(Action.run_id == run_id))
+    assert (row.action, row.outcome) == ("delete", "skipped")
+    assert row.reason == "protected by name (checked again before sending the change again)"
+
+
+def test_a_change_answered_503_then_refused_when_sent_again_is_in_doubt_and_settled_as_made(
+    fake: FakeOpenRouter, fake_url: str, database: Database
+) -> None:
+    """A gateway answers the PATCH 503 after the API disabled the key; during the wait the
+    management key is revoked. The change may have been made (it was): it stays in doubt, not
+    failed, and the next run, with a working key, records it as made."""
+    now = utcnow()
+    fake.faults.server_error(1, 503, retry_after=0.05, method="PATCH", after_processing=True)
+
+    def revoked_during_the_wait(seconds: float) -> None:
+        fake.revoke(MANAGEMENT_KEY)
+
+    with pytest.raises(AuthenticationFailed):
+        _disable_an_idle_key(fake, database, KeysClient(fake_url, MANAGEMENT_KEY, sleep=revoked_during_the_wait))
+
+    fake.restore(MANAGEMENT_KEY)
+    with database.sessions() as session:
+        (run_id,) = session.scalars(select(Run.id))
+        (row,) = audit.changes_of_run(session, run_id)
+    assert (row.action, row.outcome) == ("disable", "pending")
+    reader = KeysClient(fake_url, MANAGEMENT_KEY)
+    try:
+        assert settle_in_doubt(database, reader, now=now + HOUR) == 1
+    finally:
+        reader.close()
+    with database.sessions() as session:
+        (row,) = audit.changes_of_run(session, run_id)
+    assert row.outcome == "done"
 
 
 class _FieldIgnored(KeysClient):

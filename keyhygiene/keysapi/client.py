@@ -3,8 +3,10 @@
 The client knows the wire format and nothing about rules. It retries what is worth retrying (429,
 5xx other than 501 and 505, and connection failures, honouring ``Retry-After``) within a bounded total time, and turns
 every other failure into a typed error from :mod:`keyhygiene.keysapi.errors`. A change (PATCH,
-DELETE, POST) is re-sent only when it surely was not applied (no connection, 429, 503); when its answer
-is lost it raises OutcomeUnknown instead of repeating a destructive call. A ``Retry-After`` holds
+DELETE, POST) is re-sent only when it surely was not applied (no connection, 429, 503), and only
+after the caller's ``before_resend`` has looked at the key again; when its answer is lost it raises
+OutcomeUnknown instead of repeating a destructive call, as it does for any failure of a change
+that a try answered 503 (which a gateway may send after the API acted) came before. A ``Retry-After`` holds
 back every thread of the client, not only the request that got it, and one longer than the retry
 time left ends the request at once instead of trying again early. It is safe to share
 between threads; listing keeps ``concurrency`` requests in flight, never more
@@ -14,6 +16,7 @@ pool, with the proxy the environment names), without ``httpx.Client``'s per-requ
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -73,6 +76,12 @@ _BASE_HEADERS = [
     (b"Connection", b"keep-alive"),
     (b"User-Agent", _USER_AGENT.encode()),
 ]
+
+BeforeResend = Callable[[bool], None]
+"""Called by a change's request just before it is sent again after a refused try (429, 503, no
+connection), once any wait is over, with whether a try answered 503 may have made the change. The
+caller looks at the key again there, and raises to withdraw the change: anything but an
+:class:`ApiError` (which the request would read as its own) ends the request unsent."""
 
 
 def _proxy_for(base_url: str) -> str | None:
@@ -413,14 +422,15 @@ class KeysClient:
             raise MalformedResponse("POST /keys: the response has no top-level 'key'")
         return CreatedKey(key=Key.from_api(self._data(body)), secret=secret)
 
-    def update_key(self, key_hash: str, **fields: Any) -> Key:
-        """``PATCH /keys/{hash}`` with the given fields (``disabled=True`` disables the key)."""
-        answer = self._data(self._request("PATCH", f"/keys/{key_hash}", body=fields))
+    def update_key(self, key_hash: str, *, before_resend: BeforeResend | None = None, **fields: Any) -> Key:
+        """``PATCH /keys/{hash}`` with the given fields (``disabled=True`` disables the key).
+        ``before_resend``: see ``BeforeResend``."""
+        answer = self._data(self._request("PATCH", f"/keys/{key_hash}", body=fields, before_resend=before_resend))
         return _the_key(Key.from_api(_require_state(answer, "PATCH /keys/{hash}")), key_hash, "PATCH /keys/{hash}")
 
-    def delete_key(self, key_hash: str) -> None:
-        """``DELETE /keys/{hash}``: permanent."""
-        body = self._request("DELETE", f"/keys/{key_hash}")
+    def delete_key(self, key_hash: str, *, before_resend: BeforeResend | None = None) -> None:
+        """``DELETE /keys/{hash}``: permanent. ``before_resend``: see ``BeforeResend``."""
+        body = self._request("DELETE", f"/keys/{key_hash}", before_resend=before_resend)
         if not isinstance(body, Mapping) or body.get("deleted") is not True:
             raise MalformedResponse('DELETE /keys: the response is not {"deleted": true}')
 
@@ -432,7 +442,7 @@ class KeysClient:
             raise MalformedResponse("the response has no 'data' envelope")
         return body["data"]
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _request(self, method: str, path: str, *, before_resend: BeforeResend | None = None, **kwargs: Any) -> Any:
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
             stop=_StopRetrying(self.retry_seconds),
@@ -445,8 +455,11 @@ class KeysClient:
         try:
             for attempt in retrying:
                 with attempt:
+                    check = None
+                    if before_resend is not None and attempt.retry_state.attempt_number > 1:
+                        check = functools.partial(before_resend, refused)
                     try:
-                        return self._send_once(method, path, deadline=deadline, **kwargs)
+                        return self._send_once(method, path, deadline=deadline, before_send=check, **kwargs)
                     except ServerError:
                         refused = True
                         raise
@@ -463,6 +476,15 @@ class KeysClient:
             # sent); a try answered 503 may have, behind a gateway that answered after the API
             # acted: the last one too, when the retry time ran out on 503s.
             if method in _CHANGES and refused:
+                raise OutcomeUnknown(f"{exc}; a try was answered 503 and may have made the change") from None
+            raise
+        except OutcomeUnknown:
+            raise
+        except ApiError as exc:
+            # Refused on a later try (the credential revoked meanwhile: 401; a conflict: 409; ...):
+            # that try changed nothing, but the one answered 503 may have. A PATCH answered 404 is
+            # about a key someone deleted: no PATCH deletes one.
+            if method in _CHANGES and refused and not (isinstance(exc, NotFound) and method != "DELETE"):
                 raise OutcomeUnknown(f"{exc}; a try was answered 503 and may have made the change") from None
             raise
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
@@ -494,9 +516,12 @@ class KeysClient:
         params: Mapping[str, Any] | None = None,
         body: Any = None,
         deadline: float | None = None,
+        before_send: Callable[[], None] | None = None,
     ) -> Any:
         where = f"{method} {path}"
         self._hold_back(where, deadline)
+        if before_send is not None:  # after any wait: what it checks holds when the request leaves
+            before_send()
         with self._lock:
             self.requests_sent += 1
         change = method in _CHANGES
