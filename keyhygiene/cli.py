@@ -327,7 +327,7 @@ def undo(state: State, run_id: int, dry_run: bool) -> None:
 def _key_hashes(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
     # A hash goes into the request's path (/keys/HASH) and the audit log's 128-character column.
     for value in values:
-        if value.startswith("sk-or-"):
+        if "sk-or-" in value.lower():
             # An API key itself (the management key, say), not its hash: never stored or echoed.
             raise click.BadParameter("an argument is an OpenRouter API key, not a key's hash; pass the key's hash")
         if not _KEY_HASH.fullmatch(value):
@@ -339,6 +339,13 @@ def _key_hashes(_: click.Context, __: click.Parameter, values: tuple[str, ...]) 
 
 
 _KEY_HASH = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def _holds_the_key(value: str, secret: str) -> bool:
+    """An argument that is the management key, holds it, or is a long part of it (the 64 hex
+    characters after ``sk-or-v1-`` look just like a key's hash): it would be stored and logged."""
+    body = secret.rsplit("-", 1)[-1]
+    return value == secret or (len(value) >= 16 and value in secret) or (len(body) >= 16 and body in value)
 
 
 @cli.command()
@@ -353,8 +360,8 @@ def enable(state: State, key_hashes: tuple[str, ...], dry_run: bool) -> None:
     from .jobs import execute
 
     key = state.settings.management_key
-    if key is not None and key.get_secret_value().strip() in key_hashes:
-        fail("an argument is the management key, not a key's hash; pass the key's hash", EXIT_USAGE)
+    if key is not None and any(_holds_the_key(value, key.get_secret_value().strip()) for value in key_hashes):
+        fail("an argument holds the management key (or part of it), not a key's hash; pass the key's hash", EXIT_USAGE)
     _finish_job(execute("enable", state.settings, dry_run=dry_run, key_hashes=key_hashes))
 
 

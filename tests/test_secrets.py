@@ -244,3 +244,26 @@ def test_an_audit_error_quoting_an_echoed_credential_is_stored_and_reported_with
     assert "field 'disabled' is 'Bearer [REDACTED]'" in row["error"]
     assert not leaks(enforced.stdout + enforced.stderr)
     assert not leaks(_every_stored_value(database))
+
+
+@pytest.mark.parametrize(
+    "argument",
+    [
+        MANAGEMENT_KEY.removeprefix("sk-or-v1-"),  # pasted without its prefix: shaped like a key's hash
+        "x" + MANAGEMENT_KEY,  # a stray character before it
+        MANAGEMENT_KEY[:40],  # cut short
+    ],
+)
+def test_enable_refuses_an_argument_holding_the_management_key_and_stores_nothing(
+    database: Database, fake: FakeOpenRouter, env: dict[str, str], cli, argument: str
+) -> None:
+    assert cli("sync").exit_code == 0
+    fake.clear_calls()
+
+    result = cli("enable", argument)
+
+    assert result.exit_code == 2
+    assert "holds the management key" in result.stderr or "is an OpenRouter API key" in result.stderr
+    assert fake.calls == []
+    assert not leaks(result.stdout + result.stderr)
+    assert MANAGEMENT_KEY.removeprefix("sk-or-v1-")[:16] not in _every_stored_value(database)
