@@ -175,6 +175,31 @@ _SQLITE_DRIVER_OPTIONS = frozenset(
 """The query options of a SQLite URL that SQLAlchemy's driver takes; without ``uri=true`` it ignores others."""
 
 
+def _check_sqlite_driver_options(query: Mapping[str, Any]) -> None:
+    """The driver's options, read as it reads them (else a traceback on first use). The messages
+    name the option, never its value: a value pasted there by mistake may be a secret."""
+    from sqlalchemy.util import asbool
+
+    for name in sorted(set(query) & _SQLITE_DRIVER_OPTIONS):
+        value = query[name]
+        if isinstance(value, tuple):
+            raise ValueError(f"gives the option {name} more than once")
+        if name == "isolation_level":
+            # AUTOCOMMIT, say, would end every statement's work on its own: a snapshot or an audit
+            # record could then be stored half-written.
+            raise ValueError("sets isolation_level, which keyhygiene does not take: it runs its own transactions")
+        try:
+            if name in ("uri", "check_same_thread"):
+                asbool(value)
+                continue
+            number = float(value) if name == "timeout" else int(value)
+        except ValueError:
+            kind = "true or false" if name in ("uri", "check_same_thread") else "a number"
+            raise ValueError(f"has an option {name} that is not {kind}") from None
+        if not 0 <= number < float("inf"):
+            raise ValueError(f"has an option {name} that is not a number from 0 up")
+
+
 def _check_sqlite_uri(path: str, query: Mapping[str, Any]) -> None:
     """SQLite's own options (``mode=ro``) are taken only from a ``file:`` URI with ``uri=true``:
     otherwise SQLAlchemy warns and opens the file as if they were not there, or SQLite opens a
@@ -380,6 +405,7 @@ class Settings(BaseSettings):
                 # would migrate one that is gone when it exits.
                 raise ValueError("is an in-memory SQLite database, which keeps nothing: name a file")
             _check_sqlite_uri(path, url.query)
+            _check_sqlite_driver_options(url.query)
         if url.get_backend_name() == "postgresql":
             # A SQLite path may hold spaces, and so may a password (the compose entrypoint writes it
             # so); the rest of a server's URL may not. None of the messages quote the URL's parts:

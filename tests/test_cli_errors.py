@@ -349,6 +349,15 @@ def test_a_rules_file_python_cannot_parse_is_bad_usage_naming_file_and_line(
         # ... and uri=true on a plain path made SQLite open a new, empty file named "kh.db?mode=ro".
         ("sqlite:///{tmp}/kh.db?mode=ro&uri=true", "has uri=true, which needs a file: URI for a path"),
         ("sqlite:///file:{tmp}/kh.db?mode=ro", "names a file: URI without uri=true"),
+        # The driver's own options: a traceback (ValueError, exit 1) on first use, value and all.
+        ("sqlite:///{tmp}/kh.db?timeout=sk-or-v1-abc", "has an option timeout that is not a number"),
+        ("sqlite:///{tmp}/kh.db?timeout=nan", "has an option timeout that is not a number from 0 up"),
+        ("sqlite:///{tmp}/kh.db?detect_types=abc", "has an option detect_types that is not a number"),
+        ("sqlite:///{tmp}/kh.db?cached_statements=-5", "has an option cached_statements that is not a number"),
+        ("sqlite:///{tmp}/kh.db?check_same_thread=maybe", "has an option check_same_thread that is not true or"),
+        ("sqlite:///{tmp}/kh.db?timeout=1&timeout=2", "gives the option timeout more than once"),
+        # ... and AUTOCOMMIT would store each statement's work on its own: half-written snapshots.
+        ("sqlite:///{tmp}/kh.db?isolation_level=AUTOCOMMIT", "sets isolation_level, which keyhygiene does not take"),
     ],
 )
 @pytest.mark.parametrize("command", [("db", "upgrade"), ("status",)])
