@@ -796,15 +796,19 @@ def metrics(state: State) -> None:
     """Print the Prometheus metrics once (for node_exporter's textfile collector or a cron job).
 
     The same text the worker serves at /metrics when KEYHYGIENE_METRICS_ADDR is set, read from the
-    database now.
+    database now. A database that cannot be opened still prints keyhygiene_database_up 0, then
+    exits 1 with the error.
     """
     from .context import Database
-    from .metrics import render
+    from .metrics import render, render_database_down
 
     settings = state.settings
     try:
         database = Database.open(settings)
     except KeyhygieneError as exc:
+        if exc.exit_code != EXIT_USAGE:  # the database's state, which the metrics report
+            sys.stdout.write(render_database_down().decode())
+            sys.stdout.flush()
         fail(str(exc), exc.exit_code)
     try:
         sys.stdout.write(render(database).decode())

@@ -131,6 +131,20 @@ def render(database: Database, clock: Callable[[], datetime] = utcnow) -> bytes:
     return bytes(generate_latest(registry(database, clock)))
 
 
+class _DatabaseDown(Collector):
+    def collect(self) -> Iterator[Any]:
+        up = GaugeMetricFamily("keyhygiene_database_up", "1 when the database answered this scrape.")
+        up.add_metric([], 0)
+        yield up
+
+
+def render_database_down() -> bytes:
+    """What a scrape says when the database cannot even be opened: ``keyhygiene_database_up 0``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_DatabaseDown())
+    return bytes(generate_latest(registry))
+
+
 def serve(database: Database, host: str, port: int) -> Any:
     """Serve ``/metrics`` on ``host:port`` from a daemon thread of this process; returns the server."""
     from prometheus_client import start_http_server

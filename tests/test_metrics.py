@@ -166,11 +166,25 @@ def test_spend_of_the_last_day_is_what_report_spend_counts(
 
 
 def test_metrics_when_the_database_is_unreachable_say_so(env: dict[str, str], cli: Callable[..., CliResult]) -> None:
-    # No migration: the schema check refuses, with the interface's exit code and no traceback.
+    # No migration: the schema check refuses, with the interface's exit code and no traceback; the
+    # text still says the database is down, for a textfile collector's alert.
     result = cli("metrics")
     assert result.exit_code == 1
     assert "db upgrade" in result.stderr
     assert "Traceback" not in result.stderr
+    assert samples(result.stdout) == {("keyhygiene_database_up", ()): 0.0}
+
+
+def test_metrics_of_a_database_server_that_does_not_answer_say_it_is_down(
+    env: dict[str, str], cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:9/test")  # nothing listens
+
+    result = cli("metrics")
+
+    assert result.exit_code == 1
+    assert samples(result.stdout) == {("keyhygiene_database_up", ()): 0.0}
+    assert "cannot" in result.stderr and "Traceback" not in result.stderr
 
 
 # -- from the worker ----------------------------------------------------------------------------
