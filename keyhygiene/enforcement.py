@@ -848,7 +848,7 @@ def enforce_snapshot(
         try:
             _record_all(database, unapplied, run_id=run_id, now=now, dry_run=False, outcome=audit.DONE)
         except BaseException as exc:  # a stop while the reports are recorded: no change was begun
-            _record_unreached(database, the_plan.changes, run_id=run_id, now=clock() if clock else now, stopped=exc)
+            record_unreached(database, the_plan.changes, run_id=run_id, now=clock() if clock else now, stopped=exc)
             raise
     result.reported = sum(1 for decision in unapplied if decision.action == "report")
 
@@ -871,7 +871,7 @@ def enforce_snapshot(
                 fence=fence,
             )
         except BaseException as exc:
-            _record_unreached(database, changes[index:], run_id=run_id, now=clock() if clock else now, stopped=exc)
+            record_unreached(database, changes[index:], run_id=run_id, now=clock() if clock else now, stopped=exc)
             raise
         if outcome == audit.DONE:
             result.done += 1
@@ -883,7 +883,7 @@ def enforce_snapshot(
     return result
 
 
-def _record_unreached(
+def record_unreached(
     database: Database, decisions: Sequence[Decision], *, run_id: int, now: datetime, stopped: BaseException
 ) -> None:
     """Record as skipped, each with its ``key_action`` event, the planned changes a run that stopped

@@ -20,7 +20,7 @@ from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.rules import Decision, KeyFacts, Safety, is_protected
 
 from .context import Database
-from .enforcement import Recheck, change_key, record_decision
+from .enforcement import Recheck, change_key, record_decision, record_unreached
 from .errors import UsageError
 from .logging import get_logger
 from .timeutil import as_utc, isoformat
@@ -249,17 +249,23 @@ def _enable(
     result: ReenableResult,
     fence: Callable[[], None] | None = None,
 ) -> None:
-    for target in targets:
-        outcome = change_key(
-            database,
-            client,
-            target.decision,
-            run_id=run_id,
-            recheck=_unchanged_since_our_disable(target, safety),
-            clock=clock,
-            dry_run=dry_run,
-            fence=fence,
-        )
+    for index, target in enumerate(targets):
+        try:
+            outcome = change_key(
+                database,
+                client,
+                target.decision,
+                run_id=run_id,
+                recheck=_unchanged_since_our_disable(target, safety),
+                clock=clock,
+                dry_run=dry_run,
+                fence=fence,
+            )
+        except BaseException as exc:  # stopped: every key asked for is on record, the rest as not reached
+            if not dry_run:
+                unreached = [target.decision for target in targets[index:]]
+                record_unreached(database, unreached, run_id=run_id, now=clock(), stopped=exc)
+            raise
         result.count(outcome)
 
 

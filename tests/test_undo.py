@@ -7,13 +7,16 @@ import json
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import update
 
 from db.engine import make_engine
 from db.models import Action
+from keyhygiene import enforcement
 from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.shutdown import Terminated
 from keyhygiene.timeutil import utcnow
 
 from .conftest import CliResult
@@ -244,3 +247,31 @@ def test_enable_after_our_own_enable_names_that_change(keys: Keys, cli: Callable
     assert row["outcome"] == "skipped"
     assert f"its enable in run {_run_id(undo)}, not a disable" in str(row["reason"])
     assert "disabled_by_rule" not in str(row["evidence"])
+
+
+def test_an_undo_stopped_partway_puts_every_key_it_did_not_reach_on_record(
+    keys: Keys, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM lands once the first key is enabled: the keys the undo never reached had no record at
+    all, so neither `report actions` nor the run's counts showed that the undo was incomplete."""
+    disabling = cli("run")
+    assert disabling.exit_code == 0, disabling.stderr
+    run_id = _run_id(disabling)
+    carry_out = enforcement._carry_out
+
+    def stopped_after_one(*args: Any, **fields: Any) -> str:
+        carry_out(*args, **fields)
+        raise Terminated("terminated by SIGTERM")  # as a stop held while the change was made lands
+
+    monkeypatch.setattr(enforcement, "_carry_out", stopped_after_one)
+    keys.fake.clear_calls()
+
+    undone = cli("undo", str(run_id))
+
+    assert undone.exit_code == 1
+    assert len(keys.fake.mutating_calls()) == 1
+    audit = _audit(cli, int(undone.events_named("run_started")[0]["run_id"]))
+    assert sorted(str(row["outcome"]) for row in audit.values()) == ["done", "skipped", "skipped", "skipped"]
+    unreached = [row for row in audit.values() if row["outcome"] == "skipped"]
+    assert all("not reached: the run stopped before this change" in str(row["reason"]) for row in unreached)
+    assert "(1 change(s) done, 3 skipped, 0 failed before it ended" in undone.stderr
