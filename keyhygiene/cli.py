@@ -233,7 +233,9 @@ def sync(state: State) -> None:
     """Page through every key of every workspace (disabled and expired ones included) and store a
     snapshot."""
     settings = state.settings
-    if not sys.stderr.isatty():
+    from .logging import resolve_format
+
+    if resolve_format(settings.log_format) != "console":  # a spinner among JSON lines breaks them
         _finish_job(_sync(settings))
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn

@@ -129,6 +129,23 @@ def test_a_command_logs_json_lines_when_stderr_is_not_a_terminal(tmp_path: Path,
     assert {"sync_started", "sync_complete"} <= {json.loads(line)["event"] for line in lines}
 
 
+def test_json_chosen_on_a_terminal_gives_json_lines_and_no_spinner(tmp_path: Path, fake_url: str) -> None:
+    """`docker compose run` or `ssh -t` with KEYHYGIENE_LOG_FORMAT=json: sync drew its spinner on the
+    terminal anyway, through the JSON lines, and rich wrapped each of them at the terminal's width."""
+    env = command_env(tmp_path, fake_url, KEYHYGIENE_LOG_FORMAT="json")
+    subprocess.run([keyhygiene_executable(), "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True)
+    sync = Terminal(["sync"], env, tmp_path)
+    try:
+        assert sync.wait(timeout=120) == 0
+        *logged, outcome = sync.lines()  # one terminal: the outcome line (stdout) comes last
+        assert logged and all(is_json(line) for line in logged), sync.text()
+        assert {"sync_started", "sync_complete"} <= {json.loads(line)["event"] for line in logged}
+        assert outcome.startswith("run 1 sync ok")
+        assert b"listing keys" not in sync.output and b"\x1b[?25l" not in sync.output
+    finally:
+        sync.close()
+
+
 def test_a_librarys_warning_is_a_json_line_too() -> None:
     """A warning a library raises (SQLAlchemy ignoring a URL option, say) went to stderr as two raw
     lines of text among the JSON ones."""
