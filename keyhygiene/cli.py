@@ -507,6 +507,7 @@ def rules_check(file: str | None) -> None:
     from keyhygiene.rules import RulesError, describe, load_rules
 
     settings = load_settings()  # validated as for every command, even where FILE is given
+    khlog.configure_logging(settings.log_format)  # its warnings are log lines where those are JSON
     path = settings.rules_file if file is None else file
     if not path.strip():
         fail("rules check: the rules file's name is empty", EXIT_USAGE)
@@ -514,7 +515,7 @@ def rules_check(file: str | None) -> None:
         ruleset = load_rules(path)
     except RulesError as exc:
         fail(str(exc), EXIT_USAGE)
-    click.echo(describe(ruleset))
+    click.echo(khlog.redact_text(describe(ruleset)))
     _warn_rules(ruleset)
     _warn_notify_targets(ruleset)
     if any(rule.workspaces for rule in ruleset.rules):
@@ -565,22 +566,30 @@ def _warn_notify_targets(ruleset: Any) -> None:
     for target in ruleset.notify:
         problem = target_problem(target)
         if problem is not None:
-            click.echo(f"keyhygiene: warning: notify {target.name!r}: {problem}: its notices would fail", err=True)
+            _warn(f"notify {target.name!r}: {problem}: its notices would fail")
 
 
 def _warn_rules(ruleset: Any) -> None:
     """A warning on stderr for each setting of the rules file that does nothing as written."""
+    for warning in ruleset.warnings:
+        _warn(str(warning))
+
+
+def _warn(message: str) -> None:
+    """A warning about the rules file on stderr, without secrets or control characters: a line of
+    text, or a ``rules_warning`` event where the logs are JSON (every line there is one)."""
     from .visible import escape_control
 
-    for warning in ruleset.warnings:
-        click.echo(f"keyhygiene: warning: {escape_control(str(warning))}", err=True)
+    text = escape_control(khlog.redact_text(message))
+    if khlog.logs_are_json():
+        khlog.get_logger(__name__).warning("rules_warning", message=text)
+    else:
+        click.echo(f"keyhygiene: warning: {text}", err=True)
 
 
 def _warn_unmatched_workspaces(ruleset: Any, names: dict[str, str]) -> None:
     """A warning on stderr for each workspace filter value that is no workspace id or name in ``names``."""
     from keyhygiene.rules import unmatched_workspaces
-
-    from .visible import escape_control
 
     if not names:
         return  # a snapshot taken before names were recorded: nothing to compare with
@@ -589,12 +598,9 @@ def _warn_unmatched_workspaces(ruleset: Any, names: dict[str, str]) -> None:
     if len(listed) > 10:
         known += f" and {len(listed) - 10} more"
     for rule, value in unmatched_workspaces(ruleset, names):
-        click.echo(
-            escape_control(
-                f"keyhygiene: warning: rule {rule!r}: workspaces: {value!r} is no workspace id or exact name in "
-                f"the newest snapshot (its workspaces: {known})"
-            ),
-            err=True,
+        _warn(
+            f"rule {rule!r}: workspaces: {value!r} is no workspace id or exact name in "
+            f"the newest snapshot (its workspaces: {known})"
         )
 
 

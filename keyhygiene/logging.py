@@ -115,6 +115,14 @@ class _CurrentStderr:
         return sys.stderr.isatty()
 
 
+_configured_format = "console"
+
+
+def logs_are_json() -> bool:
+    """Whether the log lines are JSON (``configure_logging``): then every line on stderr must be."""
+    return _configured_format == "json"
+
+
 def resolve_format(log_format: str, stream: TextIO | None = None) -> str:
     """``json`` or ``console``: ``auto`` is console when ``stream`` (default stderr) is a terminal."""
     if log_format != "auto":
@@ -129,7 +137,8 @@ def resolve_format(log_format: str, stream: TextIO | None = None) -> str:
 def configure_logging(log_format: str = "auto", *, stream: TextIO | None = None, level: int = logging.INFO) -> None:
     """Send structlog's and the standard library's log lines to ``stream`` (default: the current
     stderr) in one format (``auto``: see :func:`resolve_format`)."""
-    log_format = resolve_format(log_format, stream)
+    global _configured_format
+    log_format = _configured_format = resolve_format(log_format, stream)
     stream = stream or cast(TextIO, _CurrentStderr())
     shared = _shared_processors()
     final: list[Processor]

@@ -160,7 +160,11 @@ KEY_HASH = "5c" * 32
 
 
 def test_rules_check_and_plan_warn_about_a_protected_hash_that_is_not_whole(
-    env: dict[str, str], fake: FakeOpenRouter, cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+    env: dict[str, str],
+    fake: FakeOpenRouter,
+    cli: Callable[..., CliResult],
+    rules_file: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A hash copied from plan's table (10 characters) protected nothing, and nothing said so.
     path = rules_file(GOOD.replace("dry_run = true", f'dry_run = true\nprotect_hashes = ["{KEY_HASH}", "5c5c5c5c5c"]'))
@@ -168,7 +172,7 @@ def test_rules_check_and_plan_warn_about_a_protected_hash_that_is_not_whole(
     assert cli("db", "upgrade").exit_code == 0
     assert cli("sync").exit_code == 0
     warning = (
-        f'keyhygiene: warning: {path}:4: protect_hashes: entry 2 ("5c5c5c5c5c") is not 64 lowercase hex '
+        f'{path}:4: protect_hashes: entry 2 ("5c5c5c5c5c") is not 64 lowercase hex '
         "characters like a key hash: it protects only a key whose hash is exactly this; protect_hashes "
         "compares whole key hashes exactly (`plan --format json` shows them whole)"
     )
@@ -176,7 +180,12 @@ def test_rules_check_and_plan_warn_about_a_protected_hash_that_is_not_whole(
     for command in (("rules", "check"), ("plan",), ("plan", "--format", "json")):
         result = cli(*command)
         assert result.exit_code == 0, result.stderr
-        assert [line for line in result.stderr.splitlines() if not line.startswith("{")] == [warning], command
+        # The logs are JSON here (KEYHYGIENE_LOG_FORMAT=json): so is the warning, as every line on stderr.
+        assert all(line.startswith("{") for line in result.stderr.splitlines()), result.stderr
+        assert [event["message"] for event in result.events_named("rules_warning")] == [warning], command
+    monkeypatch.setenv("KEYHYGIENE_LOG_FORMAT", "console")
+    plain = cli("rules", "check")
+    assert f"keyhygiene: warning: {warning}" in plain.stderr.splitlines()
 
 
 def test_a_protected_hash_with_white_space_around_it_stops_rules_check_and_plan(
@@ -234,11 +243,11 @@ def test_rules_check_lists_the_notify_targets_and_warns_of_one_whose_notices_wou
         "owners: json to the URL in KH_TEST_OWNERS_HOOK, on upcoming (due within 7d), "
         "signed with the secret in KH_TEST_OWNERS_SECRET"
     ) in result.stdout
-    assert result.stderr.splitlines() == [
-        "keyhygiene: warning: notify 'ops': KH_TEST_OPS_HOOK is not set: its notices would fail",
-        "keyhygiene: warning: notify 'owners': KH_TEST_OWNERS_HOOK does not hold a valid http(s) URL: "
-        "its notices would fail",
+    assert [event["message"] for event in result.events_named("rules_warning")] == [
+        "notify 'ops': KH_TEST_OPS_HOOK is not set: its notices would fail",
+        "notify 'owners': KH_TEST_OWNERS_HOOK does not hold a valid http(s) URL: its notices would fail",
     ]
+    assert all(line.startswith("{") for line in result.stderr.splitlines()), result.stderr
     assert "f00dcafe" not in result.stdout + result.stderr
 
     monkeypatch.setenv("KH_TEST_OPS_HOOK", "https://hooks.example/ops")

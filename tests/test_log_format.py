@@ -146,6 +146,23 @@ def test_json_chosen_on_a_terminal_gives_json_lines_and_no_spinner(tmp_path: Pat
         sync.close()
 
 
+def test_a_rules_warning_is_a_json_line_where_the_logs_are_json(tmp_path: Path, fake_url: str) -> None:
+    """`rules check` warned in plain text among JSON lines (it set up no logging of its own)."""
+    env = command_env(tmp_path, fake_url, KEYHYGIENE_LOG_FORMAT="json")
+    (tmp_path / "keyhygiene.toml").write_text(
+        '[safety]\nprotect_hashes = ["5c5c5c5c5c"]\n\n[[rule]]\nname = "x"\nmatch = "expired"\naction = "report"\n'
+    )
+    done = subprocess.run(
+        [keyhygiene_executable(), "rules", "check"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stderr.splitlines()
+    event = json.loads(line)
+    assert (event["event"], event["level"]) == ("rules_warning", "warning")
+    assert "protect_hashes: entry 1" in event["message"]
+
+
 def test_a_librarys_warning_is_a_json_line_too() -> None:
     """A warning a library raises (SQLAlchemy ignoring a URL option, say) went to stderr as two raw
     lines of text among the JSON ones."""

@@ -267,3 +267,20 @@ def test_enable_refuses_an_argument_holding_the_management_key_and_stores_nothin
     assert fake.calls == []
     assert not leaks(result.stdout + result.stderr)
     assert MANAGEMENT_KEY.removeprefix("sk-or-v1-")[:16] not in _every_stored_value(database)
+
+
+def test_rules_check_and_its_warnings_never_show_a_key_pasted_into_the_rules_file(
+    env: dict[str, str], cli, rules_file
+) -> None:
+    rules_file(
+        f'[safety]\nprotect_hashes = ["{MANAGEMENT_KEY}"]\n\n'
+        '[[rule]]\nname = "x"\nmatch = "expired"\naction = "report"\n'
+    )
+
+    result = cli("rules", "check")
+
+    assert result.exit_code == 0, result.stderr
+    assert "[REDACTED]" in result.stdout
+    [warning] = result.events_named("rules_warning")
+    assert "protect_hashes" in warning["message"] and "[REDACTED]" in warning["message"]
+    assert not leaks(result.stdout + result.stderr)

@@ -96,7 +96,7 @@ def test_a_value_naming_no_workspace_is_warned_about(
     result = cli(*command)
 
     assert result.exit_code == 0, result.stderr
-    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    warnings = [event["message"] for event in result.events_named("rules_warning")]
     assert len(warnings) == 1, result.stderr
     assert "'production'" in warnings[0] and "delete-expired-production" in warnings[0]
     assert "'Production'" in warnings[0]  # the names it could have meant are listed
@@ -118,10 +118,10 @@ def test_a_notify_setting_that_does_nothing_is_warned_about(
     result = cli(*command)
 
     assert result.exit_code == 0, result.stderr
-    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    warnings = [event["message"] for event in result.events_named("rules_warning")]
     line = (RULES + notify).splitlines().index('upcoming_within = "7d"') + 1
     assert warnings == [
-        f"keyhygiene: warning: {rules}:{line}: upcoming_within: has no effect: on does not include "
+        f"{rules}:{line}: upcoming_within: has no effect: on does not include "
         '"upcoming", so no upcoming notices are sent'
     ]
 
