@@ -388,6 +388,9 @@ def test_rules_check_of_an_empty_file_name_says_so(sqlite_env: Path, cli) -> Non
         # Read by the HTTP client, not by keyhygiene's settings: they failed every request as an
         # "unexpected error" (exit 1), one quoting the proxy variable's value, password and all.
         ({"HTTP_PROXY": "ftp://ops:Pr0xyPw@proxy.example:21"}, "HTTP_PROXY does not hold a proxy URL httpx can use"),
+        # These two were "unexpected error: ImportError ... socksio" and "...: UnicodeError", exit 1.
+        ({"HTTP_PROXY": "socks5://ops:Pr0xyPw@proxy.example:1080"}, "HTTP_PROXY names a SOCKS proxy, which needs"),
+        ({"HTTP_PROXY": "http://ops:Pr0xyPw@proxy..example:3128"}, "HTTP_PROXY does not hold a proxy URL httpx can"),
         (
             {"SSL_CERT_FILE": "/nonexistent/ca.pem", "OPENROUTER_BASE_URL": "https://127.0.0.1:9/api/v1"},
             "SSL_CERT_FILE names /nonexistent/ca.pem, which is not a file",
@@ -399,7 +402,7 @@ def test_rules_check_of_an_empty_file_name_says_so(sqlite_env: Path, cli) -> Non
         ({"OPENROUTER_BASE_URL": "https://api..example/v1"}, "OPENROUTER_BASE_URL: has a host name that cannot"),
         ({"KEYHYGIENE_DATABASE_URL": "sqlite:///{tmp}"}, "KEYHYGIENE_DATABASE_URL names a folder, not a SQLite file"),
     ],
-    ids=["proxy", "ca-file", "ca-file-no-certificate", "host", "db-folder"],
+    ids=["proxy", "socks-proxy", "proxy-host", "ca-file", "ca-file-no-certificate", "host", "db-folder"],
 )
 def test_an_unusable_environment_for_the_api_or_the_store_is_a_usage_error_naming_it(
     sqlite_env: Path, cli, fake: FakeOpenRouter, monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], says: str

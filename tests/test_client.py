@@ -850,6 +850,21 @@ def test_a_garbled_compressed_answer_is_retried_for_a_read_and_in_doubt_for_a_ch
     assert fake.get(second)["disabled"] is True  # type: ignore[index]
 
 
+def test_a_proxy_that_cannot_be_reached_is_named_in_the_error_without_its_password(
+    fake_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said "cannot reach the API at ..." alone: an operator looked for the API's trouble, not the proxy's."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://ops:Pr0xyPw@127.0.0.1:9")  # nothing listens there
+
+    with KeysClient(fake_url, MANAGEMENT_KEY, retry_seconds=0) as client, pytest.raises(ConnectionFailed) as failed:
+        client.list_keys_page(workspace_id=None, offset=0)
+
+    assert f"cannot reach the API at {fake_url} through the proxy 127.0.0.1:9 (" in str(failed.value)
+    assert "Pr0xyPw" not in str(failed.value)
+
+
 @pytest.mark.parametrize("written", ["as a URL", "without its scheme"])
 def test_the_proxy_the_environment_names_is_used_unless_no_proxy_exempts_the_host(
     fake: FakeOpenRouter, fake_url: str, monkeypatch: pytest.MonkeyPatch, written: str

@@ -17,6 +17,7 @@ pool, with the proxy the environment names), without ``httpx.Client``'s per-requ
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -97,6 +98,15 @@ def _proxy_for(base_url: str) -> str | None:
     return proxy
 
 
+def _host_and_port(url: str) -> str:
+    parts = urlsplit(url)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.hostname or '?'}{port}"
+
+
 def environment_problem(base_url: str) -> str | None:
     """What in the environment would fail every request to ``base_url`` before it is sent, named
     without quoting it (a proxy URL may hold a password), or None: a proxy variable that holds no
@@ -104,11 +114,15 @@ def environment_problem(base_url: str) -> str | None:
     url = urlsplit(base_url)
     proxy = _proxy_for(base_url)
     if proxy is not None:
+        variable = f"{url.scheme.upper()}_PROXY" if getproxies().get(url.scheme) else "ALL_PROXY"
         try:
-            httpx.Proxy(proxy)
-        except (ValueError, httpx.InvalidURL):
-            variable = f"{url.scheme.upper()}_PROXY" if getproxies().get(url.scheme) else "ALL_PROXY"
+            scheme = httpx.Proxy(proxy).url.scheme
+            host = urlsplit(proxy).hostname or ""
+            host.encode("idna")  # as the transport encodes it: an empty label (a..b) fails every request
+        except (ValueError, httpx.InvalidURL, UnicodeError):
             return f"{variable} does not hold a proxy URL httpx can use (expected e.g. http://proxy.example:3128)"
+        if scheme.startswith("socks") and importlib.util.find_spec("socksio") is None:
+            return f"{variable} names a SOCKS proxy, which needs the socksio package (pip install 'httpx[socks]')"
     if url.scheme != "https" and not (proxy or "").startswith("https"):
         return None  # no TLS: the certificate authorities are never read
     if cafile := os.environ.get("SSL_CERT_FILE"):
@@ -264,6 +278,8 @@ class KeysClient:
         self.concurrency = max(1, concurrency)
         self.retry_seconds = retry_seconds
         self._proxy = _proxy_for(self.base_url)
+        # Named in errors by its host and port alone: its URL may hold a password.
+        self._proxy_named = _host_and_port(self._proxy) if self._proxy else None
         # GETs (every page of a listing) go through the lean ``ReadTransport``; changes, and every
         # request through a proxy, through httpx's own transport, made when first needed.
         self._changes: httpx.BaseTransport | None = transport
@@ -544,7 +560,8 @@ class KeysClient:
                 ) from None
             said = str(exc).strip()
             reason = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
-            raise ConnectionFailed(f"{where}: cannot reach the API at {self.base_url} ({reason})") from None
+            through = f" through the proxy {self._proxy_named}" if self._proxy_named else ""
+            raise ConnectionFailed(f"{where}: cannot reach the API at {self.base_url}{through} ({reason})") from None
         except (httpx.TransportError, httpx.DecodingError) as exc:
             # The request may have reached the API: a change is in doubt, a read is simply retried.
             if isinstance(exc, httpx.TimeoutException):
