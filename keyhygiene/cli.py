@@ -1003,5 +1003,9 @@ def _main(argv: list[str] | None) -> None:
             fail(f"database error: {describe_db_error(exc)}")
         if isinstance(exc, ApiError):
             fail(f"API error: {exc}")
-        raise
+        # A bug: its traceback, as Python prints it, but without any secret a message quotes.
+        import traceback
+
+        sys.stderr.write(khlog.redact_text("".join(traceback.format_exception(exc))))
+        sys.exit(EXIT_FAILURE)
     sys.exit(EXIT_OK)

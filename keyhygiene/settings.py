@@ -464,6 +464,8 @@ def load_settings(**overrides: object) -> Settings:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         key = _given_management_key(overrides)
+        if len(key) >= 8:  # whatever prints next (a usage error quoting an argument) leaves it out too
+            register_secret(key)
         problems = []
         for error in exc.errors():
             loc = error["loc"][0] if error["loc"] else ""

@@ -448,3 +448,21 @@ def test_the_management_key_pasted_as_an_argument_is_neither_echoed_nor_stored(
     assert key not in result.stdout + result.stderr
     assert key.encode() not in sqlite_env.read_bytes()
     assert fake.calls == []
+
+
+def test_a_key_set_only_in_dotenv_is_not_echoed_when_another_setting_is_invalid(
+    tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settings refused (KEYHYGIENE_RETENTION without a unit) left the key in .env unknown to the
+    redaction, and click's usage error quoted it back where it was pasted as a run id."""
+    key = "orkey-7a1c9e0b5d3f2e8d9c"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OPENROUTER_MANAGEMENT_KEY", raising=False)
+    monkeypatch.setenv("KEYHYGIENE_RETENTION", "40")
+    (tmp_path / ".env").write_text(f"OPENROUTER_MANAGEMENT_KEY={key}\n")
+
+    for command in (("undo", key), ("report", "inventory", "--since", key), (key,)):
+        result = cli(*command)
+        assert result.exit_code == 2, result.stderr
+        assert key not in result.stdout + result.stderr, command
+        assert "[REDACTED]" in result.stderr

@@ -284,3 +284,21 @@ def test_rules_check_and_its_warnings_never_show_a_key_pasted_into_the_rules_fil
     [warning] = result.events_named("rules_warning")
     assert "protect_hashes" in warning["message"] and "[REDACTED]" in warning["message"]
     assert not leaks(result.stdout + result.stderr)
+
+
+def test_a_bug_outside_a_job_prints_its_traceback_without_the_key(
+    database: Database, env: dict[str, str], cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keyhygiene import status
+
+    def broken(*_: Any, **__: Any) -> None:
+        raise RuntimeError(f"cannot use {MANAGEMENT_KEY}")
+
+    monkeypatch.setattr(status, "read_status", broken)
+
+    result = cli("status")
+
+    assert result.exit_code == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "RuntimeError: cannot use [REDACTED]" in result.stderr
+    assert not leaks(result.stdout + result.stderr)
