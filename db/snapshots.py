@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session
 from keyhygiene.keysapi.errors import MalformedResponse
 from keyhygiene.keysapi.fields import FIELDS_BY_NAME, KEY_FIELDS, MICROS_PER_USD, STABLE, VOLATILE, Field
 from keyhygiene.keysapi.models import Key
+from keyhygiene.logging import redact_value
 from keyhygiene.timeutil import (
     EARLIEST_TIME,
     LATEST_TIME,
@@ -346,7 +347,8 @@ def _staged_row(raw: Mapping[str, Any], snapshot_id: int, dialect: str | None) -
     if stable[_CREATED_AT] is None:
         raise MalformedResponse("field 'created_at' is missing")
     if not _KNOWN.issuperset(raw):
-        record_wire["+"] = {name: value for name, value in raw.items() if name not in _KNOWN}
+        # Kept as sent, but for a secret (a key's own, say, from an upstream that sends it): never stored.
+        record_wire["+"] = redact_value({name: value for name, value in raw.items() if name not in _KNOWN})
     return [snapshot_id, key_hash, *stable, _wire_text(record_wire), *_staged_usage(raw, dialect)]
 
 

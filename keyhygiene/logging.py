@@ -55,6 +55,11 @@ def redact_text(text: str) -> str:
     return _SECRET_PATTERN.sub("sk-or-v1-" + REDACTED, text)
 
 
+def redact_value(value: Any) -> Any:
+    """``value`` (text, or a structure of JSON's values) with every secret removed from its text."""
+    return _redact(value)
+
+
 def _redact(value: Any) -> Any:
     if isinstance(value, str):
         return redact_text(value)

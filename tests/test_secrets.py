@@ -302,3 +302,18 @@ def test_a_bug_outside_a_job_prints_its_traceback_without_the_key(
     assert "Traceback (most recent call last)" in result.stderr
     assert "RuntimeError: cannot use [REDACTED]" in result.stderr
     assert not leaks(result.stdout + result.stderr)
+
+
+def test_a_secret_in_a_field_the_api_adds_is_not_stored(
+    database: Database, fake: FakeOpenRouter, env: dict[str, str], cli
+) -> None:
+    """Fields keyhygiene does not know are kept as the API sent them: a key's secret among them (an
+    upstream that sends it) was stored too."""
+    fake.add_key("svc")
+    fake.extra_fields = {"key": MANAGEMENT_KEY, "future_field": {"note": f"made with {MANAGEMENT_KEY}", "n": 2.5}}
+
+    assert cli("sync").exit_code == 0
+
+    stored = _every_stored_value(database)
+    assert "future_field" in stored and "[REDACTED]" in stored and "2.5" in stored
+    assert not leaks(stored)
