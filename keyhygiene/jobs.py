@@ -408,6 +408,7 @@ def _skipped(
     outcome = JobOutcome(kind, runs.SKIPPED, EXIT_FAILURE, reason)
     outcome = _ended(database, outcome, now, started_by, task_id, allow_actions)
     log.warning("job_skipped", run_id=outcome.run_id, kind=kind, reason=reason, started_by=started_by)
+    _log_finished(outcome)  # as every recorded run ends: an alert on run_finished sees this one too
     return outcome
 
 

@@ -775,6 +775,29 @@ def test_a_job_skipped_by_a_live_holder_is_not_told_of_an_old_change_in_doubt(
     assert "left a change in doubt" not in skipped.stderr
 
 
+def test_a_skipped_job_ends_with_its_run_finished_event_as_every_recorded_run(
+    org: Org, ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], Path]
+) -> None:
+    """It logged job_skipped alone: an alert on run_finished events that are not ok never saw it."""
+    rules_file(org.rules())
+    database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=ready["KEYHYGIENE_DATABASE_URL"]))  # type: ignore[call-arg]
+    live = EnforcementLease(database, job="enforce")
+    try:
+        assert live.acquire()
+        skipped = cli("run")
+    finally:
+        live.release()
+        database.close()
+
+    assert skipped.exit_code == 1
+    [finished] = skipped.events_named("run_finished")
+    assert (finished["status"], finished["exit_code"], finished["run_id"]) == ("skipped", 1, _runs(ready)[-1].id)
+    assert [event["event"] for event in skipped.events if event["event"] in ("job_skipped", "run_finished")] == [
+        "job_skipped",
+        "run_finished",
+    ]
+
+
 def _expire_the_lock(env: dict[str, str]) -> None:
     """As if the time the enforcement lock is kept for a change in doubt had passed."""
     database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=env["KEYHYGIENE_DATABASE_URL"]))  # type: ignore[call-arg]
