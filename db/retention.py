@@ -15,7 +15,8 @@ time after the cutoff reads the anchor or later snapshots, and the versions aliv
 - staging rows of syncs that failed or were abandoned are deleted;
 - runs older than the cutoff that no snapshot and no audit record refers to are deleted;
 - audit records older than the audit retention (when there is one) are deleted, but for each
-  tracked key's newest disable or enable, which the rules, ``undo`` and ``enable`` read.
+  tracked key's newest disable or enable as of the cutoff, which the rules, ``undo`` and
+  ``enable`` read, and (``keyhygiene.retention``) for those the shrink guard reads.
 
 Each function does one bounded step; the caller commits each step in its own short transaction.
 On SQLite, ``reclaim_space`` then hands the freed pages back to the file system.
@@ -195,13 +196,16 @@ def delete_old_actions(session: Session, *, before: datetime, limit: int) -> int
     runs' plan references (``delete_unreferenced_plans`` then takes the plans no run refers to any
     more). Returns the records deleted (a plan reference counts once)."""
     # A change in doubt (``pending``: its outcome never recorded) stays until a run settles it.
-    # So does each key's newest disable or enable while the key is tracked: what the rules (a key
-    # given back is idle from then; a reenable rule's hold), undo and enable read of it.
+    # So does each tracked key's newest disable or enable as of ``before`` (the one in effect then,
+    # and after it until the key's next change, which is kept by its time): what the rules (a key
+    # given back is idle from then; a reenable rule's hold), undo and enable read of it, now or
+    # as of any time since (``report idle --at``).
     newer = aliased(Action)
     executed = (Action.dry_run.is_(False), Action.outcome == DONE)
     superseded = exists().where(
         newer.key_hash == Action.key_hash,
         newer.id > Action.id,
+        newer.created_at < before,
         newer.dry_run.is_(False),
         newer.outcome == DONE,
         newer.action.in_(("disable", "enable", "delete")),

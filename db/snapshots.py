@@ -1554,6 +1554,20 @@ def previous_snapshot(session: Session, snapshot_id: int) -> Snapshot | None:
     ).first()
 
 
+def guard_window_start(session: Session) -> datetime | None:
+    """Since when the shrink guard counts the keys keyhygiene deleted as its own: when the complete
+    snapshot before the newest one was taken (the guard compares the two), or the newest one (the
+    next sync's snapshot is compared with it). None: no snapshot yet."""
+    newest = newest_complete(session)
+    if newest is None:
+        return None
+    previous = previous_snapshot(session, newest)
+    if previous is not None and previous.taken_at is not None:
+        return previous.taken_at
+    snapshot = session.get(Snapshot, newest)
+    return snapshot.taken_at if snapshot is not None else None
+
+
 def first_snapshot(session: Session) -> Snapshot | None:
     return session.scalars(select(Snapshot).where(Snapshot.status == COMPLETE).order_by(Snapshot.id).limit(1)).first()
 

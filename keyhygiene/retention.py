@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from db import notices, retention, rollups
+from db import notices, retention, rollups, snapshots
 
 from . import logging as khlog
 from .context import Database, session_scope
@@ -88,6 +88,12 @@ def prune(
         return done
 
     if result.audit_cutoff is not None:
+        # The shrink guard counts the keys keyhygiene deleted since the snapshot before the newest
+        # (``enforcement.inventory_shrink``): their records stay, however long syncs have failed.
+        with database.sessions() as session:
+            guarded_from = snapshots.guard_window_start(session)
+        if guarded_from is not None and guarded_from < result.audit_cutoff:
+            result.audit_cutoff = guarded_from
         audit_cutoff = result.audit_cutoff
         while count := step(lambda s: retention.delete_old_actions(s, before=audit_cutoff, limit=batch)):
             result.actions_deleted += count

@@ -20,7 +20,7 @@ from db.models import Action, Run, Snapshot, key_records, key_usage, tracked_key
 from db.retention import PRUNED
 from keyhygiene import retention
 from keyhygiene.context import Database, session_scope
-from keyhygiene.enforcement import load_plan_inputs
+from keyhygiene.enforcement import load_audit_facts, load_plan_inputs
 from keyhygiene.fakeapi import FakeOpenRouter, generate_organisation
 from keyhygiene.jobs import execute
 from keyhygiene.reports import ReportError, ReportParams, builders
@@ -434,3 +434,73 @@ def test_prune_gives_the_space_back_on_sqlite(org: Org) -> None:
     assert result.versions_deleted > 0 and result.pages_freed > 0
     assert file_size() < before
     assert retained_reports(org.database) == before_reports
+
+
+def test_audit_retention_keeps_the_change_in_effect_at_its_cutoff(org: Org) -> None:
+    """A key disabled, given back before the cutoff and disabled again after it: only its newest
+    change was kept, so `report idle --at` a time inside the retention (before the new disable)
+    read the key as still disabled from the first time, and said a rule would act on it."""
+    key = key_hash("comes-back")
+    audit_retention = timedelta(days=30)
+    with session_scope(org.database) as session:
+        run = runs.start_run(session, kind="enable", now=T0 + DAY)
+        runs.finish_run(session, run.id, status=runs.OK, now=NOW, exit_code=0, message="ok")
+        for action, at in [("disable", T0 + DAY), ("enable", T0 + 2 * DAY), ("disable", NOW - 5 * DAY)]:
+            session.add(
+                Action(
+                    run_id=run.id,
+                    created_at=at,
+                    finished_at=at,
+                    key_hash=key,
+                    key_name="x",
+                    workspace_id=None,
+                    rule="manual",
+                    rules=["manual"],
+                    action=action,
+                    dry_run=False,
+                    outcome="done",
+                    evidence={},
+                )
+            )
+    inside = NOW - audit_retention + DAY
+    with org.database.sessions() as session:
+        before = load_audit_facts(session, until=inside).get(key)
+
+    retention.prune(org.database, now=NOW, retention_period=RETENTION, audit_retention=audit_retention)
+
+    with org.database.sessions() as session:
+        kept = session.execute(select(Action.action, Action.created_at).where(Action.run_id == run.id)).all()
+        assert [action for action, _ in sorted(kept, key=lambda row: row[1])] == ["enable", "disable"]
+        assert load_audit_facts(session, until=inside).get(key) == before is not None
+
+
+def test_audit_retention_keeps_the_deletes_the_shrink_guard_counts_while_syncs_fail(
+    database: Database, fake: FakeOpenRouter, fake_url: str, tmp_path: Path
+) -> None:
+    """A run deleted 4 of 20 keys on purpose; then the API was out for ten days (no snapshot), and
+    the daily prune, with a 7-day audit retention, took the delete records. The next run counted
+    keyhygiene's own deletes as keys gone missing, and the shrink guard refused it."""
+    rules = tmp_path / "keyhygiene.toml"
+    rules.write_text(
+        "[safety]\ndry_run = false\nmax_action_percent = 10\n\n"
+        '[[rule]]\nname = "delete-expired"\nmatch = "expired"\naction = "delete"\ngrace = "0d"\n'
+    )
+    org = Org(database, fake, fake_url, rules_file=rules)
+    try:
+        for n in range(16):
+            org.add(f"svc-{n}", at=T0 - DAY, created_at=T0 - 90 * DAY, last_used_at=T0 - DAY)
+        for n in range(4):
+            org.add(f"old-{n}", at=T0 - DAY, created_at=T0 - 90 * DAY, expires_at=T0 - 2 * DAY)
+        assert org.run("run", T0, allow_actions=4).exit_code == 0
+        assert len(fake.keys) == 16
+        for day_number in range(1, 11):  # no sync succeeds; the prune needs no API
+            fake.set_clock(T0 + day_number * DAY)
+            retention.prune(database, now=T0 + day_number * DAY, retention_period=RETENTION, audit_retention=7 * DAY)
+
+        after_the_outage = org.run("run", T0 + 11 * DAY)
+    finally:
+        org.close()
+
+    assert after_the_outage.exit_code == 0, after_the_outage.message
+    with database.sessions() as session:
+        assert len(audit.deleted_since(session, T0 - DAY)) == 4
