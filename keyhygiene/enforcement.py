@@ -433,15 +433,13 @@ class Withdrawn(Exception):
         failed: bool = False,
         stop: BaseException | None = None,
         made: bool = False,
-        after: Key | None = None,
     ):
         super().__init__(reason)
         self.reason = reason
         self.maybe_made = maybe_made  # a try answered 503 may have made it all the same
         self.failed = failed  # the key could not be looked at
         self.stop = stop  # what stops the run too (the credential refused, the lease lost)
-        self.made = made  # after such a try, the key shows the change made (``after``: as it is)
-        self.after = after
+        self.made = made  # after such a try, the key shows the change made
 
 
 def _apply(client: KeysClient, decision: Decision, before_resend: Callable[[bool], None] | None = None) -> Key | None:
@@ -584,7 +582,7 @@ def change_key(
         fresh = key_facts(key, stamp())
         reached = _already_in_target_state(planned, fresh)
         if reached is not None:
-            raise Withdrawn(f"{reached} ({again})", maybe_made=maybe_made, made=maybe_made, after=key)
+            raise Withdrawn(f"{reached} ({again})", maybe_made=maybe_made, made=maybe_made)
         checked = recheck(planned, fresh)
         if not isinstance(checked, Decision):
             raise Withdrawn(f"{checked} ({again})", maybe_made=maybe_made)
@@ -648,12 +646,18 @@ def _carry_out(
     try:
         answered = _apply(client, decision, before_resend)
     except Withdrawn as withdrawn:
-        if withdrawn.made:  # a try answered 503, and the key shows the change: that try made it
+        if withdrawn.made:
+            # A try answered 503, and the key shows the change: made by that try, or by someone
+            # during the wait (up to the retry time), which nothing tells apart. Recorded as made
+            # (for the shrink guard, and so as not to make it again), keeping no updated_at, as a
+            # change settled later does: undo, enable and the reenable rules leave the key alone.
             reason = (
-                "a try was answered 503 (which a gateway may send after the API acted); "
-                "the key's fresh state shows the change was made"
+                "a try was answered 503 (which a gateway may send after the API acted), and the key checked "
+                "again shows the change made: by that try or by someone since, which cannot be told apart"
             )
-            outcome = outcome_is(audit.DONE, reason=reason, after=withdrawn.after)
+            if decision.action == "disable":
+                reason += "; undo, enable and the re-enable rules leave the key alone"
+            outcome = outcome_is(audit.DONE, reason=reason)
         elif withdrawn.maybe_made:  # the key shows no change yet, or could not be read: the try may still land
             outcome = in_doubt(withdrawn.reason, "unreadable" if withdrawn.failed else "unchanged")
         elif withdrawn.failed:

@@ -22,6 +22,7 @@ from keyhygiene import enforcement
 from keyhygiene.context import Database, session_scope
 from keyhygiene.enforcement import change_key, settle_in_doubt
 from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.jobs import execute
 from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.keysapi.errors import AuthenticationFailed, ServerError
 from keyhygiene.keysapi.models import Key
@@ -888,6 +889,45 @@ def test_a_delete_sent_again_after_a_429_is_withdrawn_when_the_key_changed_durin
         (row,) = session.scalars(select(Action).where(Action.run_id == run_id))
     assert (row.action, row.outcome) == ("delete", "skipped")
     assert row.reason == "protected by name (checked again before sending the change again)"
+
+
+def test_a_disable_answered_503_found_made_when_checked_again_is_never_given_back(
+    fake: FakeOpenRouter, fake_url: str, database: Database, tmp_path: Path
+) -> None:
+    """The PATCH is answered 503 without the API acting; during the wait someone disables the key
+    by hand. Checked again, the key shows disabled: recorded as made (nothing tells the two apart),
+    but with no updated_at, so that undo and enable never enable a key a person turned off."""
+    now = utcnow()
+    fake.faults.server_error(1, 503, retry_after=0.05, method="PATCH")
+
+    def disabled_by_hand_during_the_wait(seconds: float) -> None:
+        fake.advance(timedelta(seconds=30))
+        (key,) = (key for key in fake.keys if key["name"] == "dev-idle")
+        fake.update_key(key["hash"], {"disabled": True})
+
+    client = KeysClient(fake_url, MANAGEMENT_KEY, sleep=disabled_by_hand_during_the_wait)
+    idle, run_id, outcome, _ = _disable_an_idle_key(fake, database, client)
+
+    assert outcome == "done"
+    assert [call.status for call in fake.calls if call.method == "PATCH"] == [503]  # never sent again
+    with database.sessions() as session:
+        (row,) = audit.changes_of_run(session, run_id)
+        assert (row.outcome, row.key_updated_at) == ("done", None)
+        assert "cannot be told apart" in (row.reason or "")
+        with session_scope(database) as writing:
+            runs.finish_run(writing, run_id, status=runs.OK, now=now, exit_code=0, message="ok")
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        OPENROUTER_MANAGEMENT_KEY=MANAGEMENT_KEY,
+        OPENROUTER_BASE_URL=fake_url,
+        KEYHYGIENE_DATABASE_URL=database.engine.url.render_as_string(hide_password=False),
+        KEYHYGIENE_RULES_FILE=str(tmp_path / "keyhygiene.toml"),
+    )
+    (tmp_path / "keyhygiene.toml").write_text("[safety]\ndry_run = false\n")
+    undone = execute("undo", settings, database=database, undo_run_id=run_id)
+    assert "0 of 1 key(s) enabled" in undone.message
+    assert fake.get(idle)["disabled"] is True  # type: ignore[index]
 
 
 def test_a_change_answered_503_then_refused_when_sent_again_is_in_doubt_and_settled_as_made(
