@@ -130,6 +130,7 @@ def undo_run(
         result.note = f"run {undo_run_id} ({undone.kind}) disabled no key: nothing to undo"
         return result
     targets: list[_Target] = []
+    skips: list[tuple[Decision, str]] = []
     for change in changes:
         decision = Decision(
             key_hash=change.key_hash,
@@ -155,7 +156,7 @@ def undo_run(
             reason = "deleted: cannot be undone"
             result.deleted += 1
         if reason is not None:
-            result.count(_skip(database, decision, run_id=run_id, now=clock(), dry_run=dry_run, reason=reason))
+            skips.append((decision, reason))
             continue
         targets.append(_Target(decision, ours.get(change.key_hash)))
     result.note = f"undo of run {undo_run_id}"
@@ -163,6 +164,7 @@ def undo_run(
         database,
         client,
         targets,
+        skips=skips,
         run_id=run_id,
         safety=safety,
         dry_run=dry_run,
@@ -208,16 +210,15 @@ def enable_keys(
         else:
             targets.append(_Target(decision, last))
     result = ReenableResult(dry_run=dry_run, keys=len(wanted))
-    for decision in unknown:
-        reason = (
-            "keyhygiene did not disable this key: no snapshot holds a key with this hash (give a key's "
-            "full hash, as `keyhygiene report inventory --format json` shows it)"
-        )
-        result.count(_skip(database, decision, run_id=run_id, now=clock(), dry_run=dry_run, reason=reason))
+    reason = (
+        "keyhygiene did not disable this key: no snapshot holds a key with this hash (give a key's "
+        "full hash, as `keyhygiene report inventory --format json` shows it)"
+    )
     _enable(
         database,
         client,
         targets,
+        skips=[(decision, reason) for decision in unknown],
         run_id=run_id,
         safety=safety,
         dry_run=dry_run,
@@ -247,10 +248,16 @@ def _enable(
     dry_run: bool,
     clock: Callable[[], datetime],
     result: ReenableResult,
+    skips: Sequence[tuple[Decision, str]] = (),
     fence: Callable[[], None] | None = None,
 ) -> None:
-    for index, target in enumerate(targets):
-        try:
+    """Record ``skips`` (each key left alone without asking the API, and why), then give back each
+    of ``targets`` that is still as our disable left it. Stopped midway, every key not reached yet
+    is recorded as such: each key asked for is on record."""
+    try:
+        for decision, reason in skips:
+            result.count(_skip(database, decision, run_id=run_id, now=clock(), dry_run=dry_run, reason=reason))
+        for target in targets:
             outcome = change_key(
                 database,
                 client,
@@ -261,12 +268,12 @@ def _enable(
                 dry_run=dry_run,
                 fence=fence,
             )
-        except BaseException as exc:  # stopped: every key asked for is on record, the rest as not reached
-            if not dry_run:
-                unreached = [target.decision for target in targets[index:]]
-                record_unreached(database, unreached, run_id=run_id, now=clock(), stopped=exc)
-            raise
-        result.count(outcome)
+            result.count(outcome)
+    except BaseException as exc:
+        if not dry_run:  # those with a record of this run already are left out
+            every = [decision for decision, _ in skips] + [target.decision for target in targets]
+            record_unreached(database, every, run_id=run_id, now=clock(), stopped=exc)
+        raise
 
 
 def _unchanged_since_our_disable(target: _Target, safety: Safety) -> Recheck:

@@ -14,7 +14,7 @@ from sqlalchemy import update
 
 from db.engine import make_engine
 from db.models import Action
-from keyhygiene import enforcement
+from keyhygiene import enforcement, reenable
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.shutdown import Terminated
 from keyhygiene.timeutil import utcnow
@@ -275,3 +275,33 @@ def test_an_undo_stopped_partway_puts_every_key_it_did_not_reach_on_record(
     unreached = [row for row in audit.values() if row["outcome"] == "skipped"]
     assert all("not reached: the run stopped before this change" in str(row["reason"]) for row in unreached)
     assert "(1 change(s) done, 3 skipped, 0 failed before it ended" in undone.stderr
+
+
+def test_an_enable_stopped_while_it_records_the_keys_it_leaves_alone_puts_every_key_on_record(
+    keys: Keys, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop lands once the first unknown hash is recorded: the other keys asked for, the one it
+    would have enabled included, had no record at all."""
+    assert cli("run").exit_code == 0
+    recorded = reenable.record_decision
+
+    def stopped_after_one(*args: Any, **fields: Any) -> int:
+        recorded(*args, **fields)
+        raise Terminated("terminated by SIGTERM")  # as a stop held while it was recorded lands
+
+    monkeypatch.setattr(reenable, "record_decision", stopped_after_one)
+    keys.fake.clear_calls()
+
+    stopped = cli("enable", "a" * 64, "b" * 64, keys.hash["dev-a"])
+
+    assert stopped.exit_code == 1
+    assert keys.fake.mutating_calls() == [] and keys.disabled("dev-a")
+    rows = {
+        str(row["key_hash"]): row
+        for row in json.loads(cli("report", "actions", "--since", "1h", "--format", "json").stdout)
+        if row["action"] == "enable"
+    }
+    assert set(rows) == {"a" * 64, "b" * 64, keys.hash["dev-a"]}
+    assert "no snapshot holds a key with this hash" in str(rows["a" * 64]["reason"])
+    for key_hash in ("b" * 64, keys.hash["dev-a"]):
+        assert "not reached: the run stopped before this change" in str(rows[key_hash]["reason"])
