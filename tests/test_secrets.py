@@ -270,14 +270,16 @@ def test_enable_refuses_an_argument_holding_the_management_key_and_stores_nothin
 
 
 def test_rules_check_and_its_warnings_never_show_a_key_pasted_into_the_rules_file(
-    env: dict[str, str], cli, rules_file
+    env: dict[str, str], cli, tmp_path: Path
 ) -> None:
-    rules_file(
+    # Named so that the session's secret scan takes it for what it is: an input holding the key.
+    pasted = tmp_path / "management_key_pasted.toml"
+    pasted.write_text(
         f'[safety]\nprotect_hashes = ["{MANAGEMENT_KEY}"]\n\n'
         '[[rule]]\nname = "x"\nmatch = "expired"\naction = "report"\n'
     )
 
-    result = cli("rules", "check")
+    result = cli("rules", "check", str(pasted))
 
     assert result.exit_code == 0, result.stderr
     assert "[REDACTED]" in result.stdout
