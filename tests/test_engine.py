@@ -869,6 +869,33 @@ def test_a_spend_counter_the_api_left_out_or_sent_null_proves_no_spend_either_wa
     assert action_of(run(make_key(disabled=True, updated_at=OURS, usage_daily=None), SPEND, audit=BY_SPEND)) == "enable"
 
 
+def test_byok_spend_or_a_limit_the_api_left_out_proves_no_key_back_under_budget() -> None:
+    """A reviewer's repros: a key that counts BYOK was disabled for its BYOK spend; the API then
+    left out (or nulled) ``byok_usage``, or ``include_byok_in_limit``, or a limit rule's ``limit``
+    and ``limit_remaining``. Read as 0, false or no limit, each proved the key back under budget,
+    and the key, still over, was enabled again."""
+    total = rule("total", "over_budget", "disable", window="total", threshold_usd=10.0, reenable=True)
+    by_total = AuditFacts("disable", "total", OURS, key_updated_at=OURS)
+    for unknown in (None, MISSING):
+        left_out = make_key(disabled=True, updated_at=OURS, usage=1.0, byok_usage=unknown, include_byok_in_limit=True)
+        assert "byok_usage" in left_out.unknown_counters
+        assert run(left_out, total, audit=by_total) is None
+        # Whether BYOK counts is unknown: with BYOK spend the two readings differ, so nothing is proven.
+        flag = make_key(disabled=True, updated_at=OURS, usage_monthly=0.0, byok_usage_monthly=150.0)
+        flag_unknown = make_key(
+            disabled=True, updated_at=OURS, usage_monthly=0.0, byok_usage_monthly=150.0, include_byok_in_limit=unknown
+        )
+        assert action_of(run(flag, SPEND, audit=BY_SPEND)) == "enable"  # known not to count BYOK: under
+        assert run(flag_unknown, SPEND, audit=BY_SPEND) is None
+        no_byok = make_key(disabled=True, updated_at=OURS, usage_monthly=0.0, include_byok_in_limit=unknown)
+        assert action_of(run(no_byok, SPEND, audit=BY_SPEND)) == "enable"  # no BYOK spend: both readings agree
+    limit_rule = rule("lim", "over_budget", "disable", reenable=True)
+    by_limit = AuditFacts("disable", "lim", NOW - DAY, key_updated_at=OURS)
+    no_limit_said = make_key(disabled=True, updated_at=OURS, limit=MISSING, limit_remaining=MISSING)
+    assert run(no_limit_said, limit_rule, audit=by_limit) is None
+    assert action_of(run(make_key(disabled=True, updated_at=OURS), limit_rule, audit=by_limit)) == "enable"  # null
+
+
 def test_a_report_rule_does_not_block_reenable_and_is_listed() -> None:
     key = make_key(disabled=True, updated_at=OURS, usage_monthly=0.0, **EXPIRED)
     decision = run(key, rule("look", "expired", "report"), SPEND, audit=BY_SPEND)

@@ -35,6 +35,8 @@ def _number(data: Mapping[str, Any], name: str, default: float | None = 0.0) -> 
 
 
 SPEND_COUNTERS = tuple(f"{kind}_{window}" for kind in ("usage", "byok_usage") for window in SPEND_WINDOWS)
+_NULL_UNKNOWN = (*SPEND_COUNTERS, "byok_usage", "include_byok_in_limit")
+_ABSENT_UNKNOWN = ("limit", "limit_remaining")
 
 
 def _required_number(data: Mapping[str, Any], name: str) -> float:
@@ -105,9 +107,15 @@ class Key:
 
     @property
     def unknown_counters(self) -> frozenset[str]:
-        """The spend counters (``usage_daily``, ``byok_usage_monthly``, ...) the API left out or sent
-        as null: read as 0 above, which proves nothing about the spend."""
-        return frozenset(name for name in SPEND_COUNTERS if self.raw.get(name) is None) if self.raw else frozenset()
+        """The spend fields the API left out or sent as null (the counters ``usage_daily``,
+        ``byok_usage_monthly``, ..., ``byok_usage``, and ``include_byok_in_limit``), and ``limit`` or
+        ``limit_remaining`` left out (null there means no limit): read as 0, false or none above,
+        which proves nothing."""
+        raw = self.raw
+        if not raw:
+            return frozenset()
+        unknown = {name for name in _NULL_UNKNOWN if raw.get(name) is None}
+        return frozenset(unknown.union(name for name in _ABSENT_UNKNOWN if name not in raw))
 
     def usage_in(self, window: str) -> float:
         """Credit spend in ``daily``, ``weekly``, ``monthly`` or ``total`` (lifetime)."""

@@ -600,6 +600,8 @@ def _under_budget_facts(rule: Rule, key: KeyFacts) -> dict[str, Any] | None:
                 "threshold_usd": _figure(rule.threshold_usd),
             }
         return None
+    if {"limit", "limit_remaining"} & key.unknown_counters:  # left out: not "no limit", no proof
+        return None
     if key.limit is None or (key.limit_remaining is not None and key.limit_remaining > 0):
         return {
             "limit": _figure(key.limit),

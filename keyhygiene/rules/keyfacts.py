@@ -87,18 +87,26 @@ class KeyFacts:
     limit_reset: str | None
     include_byok_in_limit: bool
     unknown_counters: frozenset[str] = frozenset()
-    """The window counters (``usage_monthly``, ``byok_usage_daily``, ...) the API left out or sent as
-    null: zero above, but no proof of any spend."""
+    """The spend fields the API left out or sent as null (the window counters ``usage_monthly``,
+    ``byok_usage_daily``, ..., ``byok_usage`` and ``include_byok_in_limit``; ``limit`` and
+    ``limit_remaining`` only when left out, as null there means no limit): read as zero, false or
+    none above, but no proof of anything."""
     observed_at: datetime | None = None
     """When the API gave these values (the snapshot's time, or the fresh check's): a window counter
     above zero shows use inside that window as of then. None: not known, and they show nothing."""
 
     def spend_in(self, window: Window) -> Decimal | None:
         """Spend in ``window`` as a limit counts it: credits, plus BYOK where the key counts BYOK;
-        None when a counter it needs is unknown (``unknown_counters``)."""
-        if window != "total" and self.unknown_counters:
-            needed = {f"usage_{window}", f"byok_usage_{window}"} if self.include_byok_in_limit else {f"usage_{window}"}
-            if needed & self.unknown_counters:
+        None when a field it needs is unknown (``unknown_counters``); so when whether the key counts
+        BYOK is unknown and its BYOK spend is not known to be zero."""
+        unknown = self.unknown_counters
+        if unknown:
+            credits = "usage" if window == "total" else f"usage_{window}"
+            byok_counter = "byok_usage" if window == "total" else f"byok_usage_{window}"
+            needed = {credits, byok_counter} if self.include_byok_in_limit else {credits}
+            if "include_byok_in_limit" in unknown:
+                needed.add(byok_counter)
+            if needed & unknown:
                 return None
         if window == "total":
             usage, byok = self.usage, self.byok_usage
@@ -108,4 +116,6 @@ class KeyFacts:
             usage, byok = self.usage_weekly, self.byok_usage_weekly
         else:
             usage, byok = self.usage_monthly, self.byok_usage_monthly
+        if "include_byok_in_limit" in unknown and byok:
+            return None  # credits alone, or with BYOK: the two readings differ
         return usage + byok if self.include_byok_in_limit else usage
