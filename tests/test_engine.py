@@ -889,6 +889,14 @@ def test_byok_spend_or_a_limit_the_api_left_out_proves_no_key_back_under_budget(
         assert run(flag_unknown, SPEND, audit=BY_SPEND) is None
         no_byok = make_key(disabled=True, updated_at=OURS, usage_monthly=0.0, include_byok_in_limit=unknown)
         assert action_of(run(no_byok, SPEND, audit=BY_SPEND)) == "enable"  # no BYOK spend: both readings agree
+        # What the figures do prove still counts: credits alone over the threshold are over either way.
+        over = rule("over", "over_budget", "disable", threshold_usd=100.0)
+        credits_over = make_key(usage_monthly=250.0, byok_usage_monthly=5.0, include_byok_in_limit=unknown)
+        assert action_of(run(credits_over, over)) == "disable"
+        assert run(make_key(usage_monthly=50.0, byok_usage_monthly=60.0, include_byok_in_limit=unknown), over) is None
+        over_total = rule("over", "over_budget", "disable", window="total", threshold_usd=100.0)
+        total_over = make_key(usage=250.0, byok_usage=unknown, include_byok_in_limit=True)
+        assert action_of(run(total_over, over_total)) == "disable"
     limit_rule = rule("lim", "over_budget", "disable", reenable=True)
     by_limit = AuditFacts("disable", "lim", NOW - DAY, key_updated_at=OURS)
     no_limit_said = make_key(disabled=True, updated_at=OURS, limit=MISSING, limit_remaining=MISSING)
@@ -1098,7 +1106,7 @@ def test_next_action_skips_a_disable_rule_on_a_disabled_key() -> None:
 def test_money_is_compared_exactly() -> None:
     # 0.1 + 0.2 is 0.30000000000000004 in floats: a float engine would call this key over a 0.3 budget.
     key = make_key(usage_monthly=0.1, byok_usage_monthly=0.2, include_byok_in_limit=True)
-    assert key.spend_in("monthly") == Decimal("0.3")
+    assert key.spend_range("monthly") == (Decimal("0.3"), Decimal("0.3"))
     over = rule("spend", "over_budget", "report", threshold_usd=0.3)
     assert action_of(run(key, over)) == "report"
     assert run(key, rule("spend", "over_budget", "report", threshold_usd=0.30000000000000004)) is None

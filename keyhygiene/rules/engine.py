@@ -410,7 +410,7 @@ def _match_facts(
     if rule.window is None:  # the model forbids it; never guess a window
         return None
     if rule.threshold_usd is not None:
-        spend = key.spend_in(rule.window)
+        spend, _ = key.spend_range(rule.window)  # what the figures prove at least
         if spend is not None and spend >= rule.threshold_usd and not _reset_since_read(rule.window, key, now):
             return {
                 "window": rule.window,
@@ -592,7 +592,7 @@ def _under_budget_facts(rule: Rule, key: KeyFacts) -> dict[str, Any] | None:
     if rule.window is None:
         return None
     if rule.threshold_usd is not None:
-        spend = key.spend_in(rule.window)  # None (a counter the API left out): no proof of being under
+        _, spend = key.spend_range(rule.window)  # the most it may be; None (a field left out): no proof
         if spend is not None and spend < rule.threshold_usd:
             return {
                 "window": rule.window,

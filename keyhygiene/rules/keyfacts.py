@@ -95,27 +95,24 @@ class KeyFacts:
     """When the API gave these values (the snapshot's time, or the fresh check's): a window counter
     above zero shows use inside that window as of then. None: not known, and they show nothing."""
 
-    def spend_in(self, window: Window) -> Decimal | None:
-        """Spend in ``window`` as a limit counts it: credits, plus BYOK where the key counts BYOK;
-        None when a field it needs is unknown (``unknown_counters``); so when whether the key counts
-        BYOK is unknown and its BYOK spend is not known to be zero."""
+    def spend_range(self, window: Window) -> tuple[Decimal | None, Decimal | None]:
+        """The least and the most the key may have spent in ``window`` as its limit counts it
+        (credits, plus BYOK where the key counts BYOK), as far as the API's figures tell: a field
+        it left out or sent as null (``unknown_counters``) counts for nothing in the least, and
+        leaves the most unknown (None). Where whether the key counts BYOK is unknown, the least
+        is its credits and the most adds its BYOK."""
         unknown = self.unknown_counters
-        if unknown:
-            credits = "usage" if window == "total" else f"usage_{window}"
-            byok_counter = "byok_usage" if window == "total" else f"byok_usage_{window}"
-            needed = {credits, byok_counter} if self.include_byok_in_limit else {credits}
-            if "include_byok_in_limit" in unknown:
-                needed.add(byok_counter)
-            if needed & unknown:
-                return None
         if window == "total":
-            usage, byok = self.usage, self.byok_usage
-        elif window == "daily":
-            usage, byok = self.usage_daily, self.byok_usage_daily
-        elif window == "weekly":
-            usage, byok = self.usage_weekly, self.byok_usage_weekly
+            credits, byok, names = self.usage, self.byok_usage, ("usage", "byok_usage")
         else:
-            usage, byok = self.usage_monthly, self.byok_usage_monthly
-        if "include_byok_in_limit" in unknown and byok:
-            return None  # credits alone, or with BYOK: the two readings differ
-        return usage + byok if self.include_byok_in_limit else usage
+            credits = getattr(self, f"usage_{window}")
+            byok = getattr(self, f"byok_usage_{window}")
+            names = (f"usage_{window}", f"byok_usage_{window}")
+        if names[0] in unknown:
+            return None, None
+        byok_known = names[1] not in unknown
+        if "include_byok_in_limit" in unknown:
+            return credits, (credits + byok if byok_known else None)
+        if not self.include_byok_in_limit:
+            return credits, credits
+        return (credits + byok, credits + byok) if byok_known else (credits, None)
