@@ -930,6 +930,32 @@ def test_a_disable_answered_503_found_made_when_checked_again_is_never_given_bac
     assert fake.get(idle)["disabled"] is True  # type: ignore[index]
 
 
+def test_a_disable_answered_503_whose_key_is_deleted_during_the_wait_is_skipped_not_in_doubt(
+    fake: FakeOpenRouter, fake_url: str, database: Database
+) -> None:
+    """No PATCH deletes a key: found gone when checked again, the disable surely was not made. It
+    was left in doubt, which kept the enforcement lock from the next job for minutes."""
+    fake.faults.server_error(1, 503, retry_after=0.05, method="PATCH")
+
+    def deleted_during_the_wait(seconds: float) -> None:
+        for key in fake.keys:
+            if key["name"] == "dev-idle":
+                fake.delete_key(key["hash"])
+
+    client = KeysClient(fake_url, MANAGEMENT_KEY, sleep=deleted_during_the_wait)
+    _, run_id, outcome, logs = _disable_an_idle_key(fake, database, client)
+
+    assert outcome == "skipped"
+    with database.sessions() as session:
+        (row,) = session.scalars(select(Action).where(Action.run_id == run_id))
+        assert not audit.left_in_doubt(session, run_id)
+    assert (row.outcome, row.reason) == (
+        "skipped",
+        "already gone (404 when checked again before sending the change again)",
+    )
+    assert [entry["event"] for entry in logs if entry["event"].startswith("key_action")] == ["key_action"]
+
+
 def test_a_change_answered_503_then_refused_when_sent_again_is_in_doubt_and_settled_as_made(
     fake: FakeOpenRouter, fake_url: str, database: Database
 ) -> None:
