@@ -2,7 +2,8 @@
 
 A command stops at once when told to, except while a change to a key is in flight: between the
 intent written to the audit log and its outcome. A stop asked for then is held until the outcome is
-recorded (one API call: the HTTP timeout, and the retry window while the API answers 429) and
+recorded (its request with its retries and the look at the key before a retry, and the read after
+a lost answer: ``keysapi.timing.longest_change``) and
 raised right after, so the audit log says what became of that change. A second signal while one is
 held (or a SIGKILL) stops at once: the intent stays pending, and the next enforcement settles it
 from the key's fresh state.

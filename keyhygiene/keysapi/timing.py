@@ -13,8 +13,10 @@ start this long after the retry time (``client._StopRetrying``)."""
 
 
 def longest_change(*, retry_seconds: float, timeout: float) -> timedelta:
-    """The longest one change to a key may take: its request and, when the answer is lost, the
-    fresh GET after it, each retried for ``retry_seconds`` (``KEYHYGIENE_HTTP_RETRY_SECONDS``),
-    with a last try that may start one backoff later and take up to ``timeout``."""
+    """The longest one change to a key may take: its request (with, before its last try, the GET
+    that looks at the key again before sending it again) and, when the answer is lost, the fresh
+    GET after it: three requests, each retried for ``retry_seconds``
+    (``KEYHYGIENE_HTTP_RETRY_SECONDS``), with a last try that may start one backoff later and take
+    up to ``timeout``."""
     one_request = timedelta(seconds=retry_seconds + timeout + LONGEST_BACKOFF)
-    return 2 * one_request
+    return 3 * one_request
