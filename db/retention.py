@@ -191,10 +191,11 @@ def delete_old_runs(session: Session, *, cutoff: datetime, limit: int) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def delete_old_actions(session: Session, *, before: datetime, limit: int) -> int:
+def delete_old_actions(session: Session, *, before: datetime, limit: int, deletes_from: datetime | None = None) -> int:
     """Delete up to ``limit`` audit records created before ``before``: ``actions`` rows first, then
     runs' plan references (``delete_unreferenced_plans`` then takes the plans no run refers to any
-    more). Returns the records deleted (a plan reference counts once)."""
+    more). Returns the records deleted (a plan reference counts once). The keys keyhygiene deleted
+    at or after ``deletes_from`` keep their records (the shrink guard counts them as its own)."""
     # A change in doubt (``pending``: its outcome never recorded) stays until a run settles it.
     # So does each tracked key's newest disable or enable as of ``before`` (the one in effect then,
     # and after it until the key's next change, which is kept by its time): what the rules (a key
@@ -212,7 +213,9 @@ def delete_old_actions(session: Session, *, before: datetime, limit: int) -> int
     )
     tracked = exists().where(tracked_keys.c.key_hash == Action.key_hash)
     newest_change = and_(*executed, Action.action.in_(("disable", "enable")), ~superseded, tracked)
-    old = (Action.created_at < before, Action.outcome != PENDING, ~newest_change)
+    old = [Action.created_at < before, Action.outcome != PENDING, ~newest_change]
+    if deletes_from is not None:
+        old.append(~and_(*executed, Action.action == "delete", Action.created_at >= deletes_from))
     ids = list(session.scalars(select(Action.id).where(*old).order_by(Action.id).limit(limit)))
     if ids:
         result = session.execute(delete(Action).where(Action.id.in_(ids)))

@@ -88,14 +88,16 @@ def prune(
         return done
 
     if result.audit_cutoff is not None:
-        # The shrink guard counts the keys keyhygiene deleted since the snapshot before the newest
-        # (``enforcement.inventory_shrink``): their records stay, however long syncs have failed.
-        with database.sessions() as session:
-            guarded_from = snapshots.guard_window_start(session)
-        if guarded_from is not None and guarded_from < result.audit_cutoff:
-            result.audit_cutoff = guarded_from
         audit_cutoff = result.audit_cutoff
-        while count := step(lambda s: retention.delete_old_actions(s, before=audit_cutoff, limit=batch)):
+        # The shrink guard counts the keys keyhygiene deleted since the snapshot before the newest
+        # (``enforcement.inventory_shrink``): those records stay, however long syncs have failed.
+        with database.sessions() as session:
+            guarded = snapshots.guard_window_start(session)
+
+        def old_actions(session: Any) -> int:
+            return retention.delete_old_actions(session, before=audit_cutoff, limit=batch, deletes_from=guarded)
+
+        while count := step(old_actions):
             result.actions_deleted += count
         while step(lambda s: retention.delete_unreferenced_plans(s, limit=batch)):
             pass

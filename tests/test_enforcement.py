@@ -598,7 +598,7 @@ def test_a_delete_in_doubt_is_settled_from_the_fresh_state(
     assert org.fake.change_counts()[("DELETE", doomed)] == deletes_sent
     row = next(a for a in _actions(ready) if org.name_of(a.key_hash) == "dev-expired-old")
     assert (row.action, row.outcome) == ("delete", "done")
-    assert "fresh state shows the change was made" in (row.reason or "")
+    assert "shows the change" in (row.reason or "") and "made" in (row.reason or "")
 
 
 def _run_losing_the_answer(
