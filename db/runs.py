@@ -125,14 +125,16 @@ def newest_runs(session: Session) -> list[Run]:
 
 
 def newest_finished_run(
-    session: Session, *, ignore: Sequence[str] = (), kinds: Sequence[str] | None = None
+    session: Session, *, ignore: Sequence[str] = (), kinds: Sequence[str] | None = None, live: bool = False
 ) -> Run | None:
     """The newest run that has ended, leaving out the statuses in ``ignore`` (and, with ``kinds``,
-    runs of any other job)."""
+    runs of any other job; with ``live``, dry runs)."""
     statuses = [status for status in FINAL_STATUSES if status not in ignore]
     query = select(Run).where(Run.status.in_(statuses))
     if kinds is not None:
         query = query.where(Run.kind.in_(list(kinds)))
+    if live:
+        query = query.where(Run.dry_run.is_not(True))
     return session.scalars(query.order_by(Run.id.desc()).limit(1)).first()
 
 

@@ -72,6 +72,10 @@ def read_status(session: Session, *, schedule: str, now: datetime) -> Status:
         problems.append(f"the newest run ({last.id}, {last.kind}) ended {_outcome(last)}")
     # The periodic job itself: a good prune, sync or dry run after it does not make up for it.
     periodic = runs.newest_finished_run(session, ignore=(runs.SKIPPED,), kinds=("run",))
+    if periodic is not None and periodic.dry_run and periodic.started_by != runs.BEAT:
+        # An operator's dry run changes nothing: it does not make up for the live run before it
+        # either (the schedule's own dry runs, beat's, where the rules file says dry_run, do).
+        periodic = runs.newest_finished_run(session, ignore=(runs.SKIPPED,), kinds=("run",), live=True) or periodic
     if periodic is not None and periodic.status != runs.OK and (last is None or periodic.id != last.id):
         problems.append(f"the newest periodic run ({periodic.id}) ended {_outcome(periodic)}")
 

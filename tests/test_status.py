@@ -164,6 +164,26 @@ def test_a_refused_periodic_run_stays_a_problem_after_a_good_prune_or_sync(
     ]
 
 
+def test_a_refused_periodic_run_stays_a_problem_after_an_operators_dry_run(
+    ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], object]
+) -> None:
+    """Looking at the backlog (`run --dry-run --allow-actions N`) made status healthy again, though
+    the scheduled run was still refused and nothing had changed."""
+    rules_file('[safety]\ndry_run = false\n\n[[rule]]\nname = "expired"\nmatch = "expired"\naction = "disable"\n')
+    assert cli("sync").exit_code == 0
+    _beat_run_ended(runs.REFUSED, 3, "enforcement refused, nothing was changed: 40 changes planned")
+    refused_id = _newest_run_id(cli)
+    assert cli("run", "--dry-run", "--allow-actions", "500").exit_code == 0
+
+    code, status = _status(cli)
+
+    assert code == 1
+    assert status["problems"] == [
+        f"the newest periodic run ({refused_id}) ended refused: enforcement refused, nothing was changed: "
+        "40 changes planned"
+    ]
+
+
 def _beat_run_ended(status: str, exit_code: int, message: str) -> None:
     """Record a periodic ``run`` from beat that ended with ``status``, as the worker records one."""
     database = Database.open(Settings())  # type: ignore[call-arg]
