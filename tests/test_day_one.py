@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .celery_support import Deployment, keyhygiene_executable, wait_until
+from .celery_support import Deployment, PrivateRedis, keyhygiene_executable, wait_until
 
 BIN = Path(sys.executable).parent
 
@@ -81,6 +81,11 @@ def test_trigger_wait_with_no_worker_says_so_within_seconds(deploy: Deployment) 
     assert waiting.returncode == 1
     notice = re.search(r"no worker answered within (\d+)s", waiting.stderr)
     assert notice, waiting.stderr
+    # The logs are JSON here (stderr is no terminal): so is the notice, a no_worker_answered event;
+    # only a failing command's last line is text.
+    *logged, last = waiting.stderr.splitlines()
+    assert all(line.startswith("{") for line in logged) and last.startswith("keyhygiene: "), waiting.stderr
+    assert any('"event": "no_worker_answered"' in line for line in logged)
     assert int(notice.group(1)) <= 5
     # Said before the wait ran out, not instead of it: the job stays queued for a worker, an hour at most.
     assert waiting.stderr.index("no worker answered") < waiting.stderr.index("gave up waiting")
@@ -151,3 +156,35 @@ def test_interrupting_trigger_wait_says_the_job_goes_on(deploy: Deployment) -> N
     said = err.read_text()
     assert f"stopped waiting (interrupted): task {task_id.group(1)} is not stopped" in said, said
     assert "aborted" not in said
+
+
+@pytest.mark.celery
+def test_the_worker_ping_of_trigger_wait_ends_within_its_own_time_when_the_broker_stalls(
+    deploy: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that accepts the request and never answers (frozen) held the ping for the worker's
+    30 s socket timeout: `trigger --wait --timeout 6` took 30 s."""
+    import threading
+
+    from keyhygiene.settings import load_settings
+    from worker import trigger
+
+    private = PrivateRedis(tmp_path)
+    private.start()
+    try:
+        for name, value in deploy.env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("KEYHYGIENE_BROKER_URL", private.url)
+        settings = load_settings()
+        assert private.process is not None
+        os.kill(private.process.pid, signal.SIGSTOP)
+        answers: list[bool] = []
+        pinging = threading.Thread(target=lambda: answers.append(trigger.workers_answer(settings, timeout=1)))
+        pinging.start()
+        # Bounded well under the 30 s it took: the ping gives up within its own second and some.
+        wait_until(lambda: not pinging.is_alive(), timeout=12, what="the ping to give up")
+        assert answers == [True]  # a broker hiccup only skips the warning; the wait goes on
+    finally:
+        if private.process is not None:
+            os.kill(private.process.pid, signal.SIGCONT)
+        private.stop()

@@ -18,6 +18,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from db import runs
 from db.models import Run
+from keyhygiene import logging as khlog
 from keyhygiene.context import Database
 from keyhygiene.errors import EXIT_FAILURE, BrokerFailure, KeyhygieneError, UsageError
 from keyhygiene.jobs import JobOutcome
@@ -77,13 +78,15 @@ def trigger_job(
             return None
         ping = min(WORKER_PING_TIMEOUT, max(deadline - time.monotonic(), 0.1))
         if not workers_answer(settings, timeout=ping):
-            print(
-                f"keyhygiene: warning: no worker answered within {ping:g}s: task {task_id} waits "
+            said = (
+                f"no worker answered within {ping:g}s: task {task_id} waits "
                 f"in the queue for a worker (start one: keyhygiene worker) for {QUEUED_FOR_AT_MOST / 60:g} minutes "
-                f"at most, then it is dropped unrun; waiting up to {timeout:g}s",
-                file=sys.stderr,
-                flush=True,
+                f"at most, then it is dropped unrun; waiting up to {timeout:g}s"
             )
+            if khlog.logs_are_json():  # every line on stderr is JSON there
+                khlog.get_logger(__name__).warning("no_worker_answered", task_id=task_id, message=said)
+            else:
+                print(f"keyhygiene: warning: {said}", file=sys.stderr, flush=True)
         try:
             return wait_for_run(database, job, task_id, timeout=timeout, deadline=deadline)
         except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the wait ends, not the job
@@ -135,6 +138,14 @@ def _send(settings: Settings, job: str, *, dry_run: bool, allow_actions: int | N
 def workers_answer(settings: Settings, *, timeout: float = WORKER_PING_TIMEOUT) -> bool:
     """Whether at least one worker answers a ping on the broker within ``timeout`` seconds."""
     app = make_app(settings)
+    # The worker's own socket timeout is 30 s: a broker that stalls would hold the ping that long,
+    # past the --timeout of `trigger --wait`.
+    bound = max(timeout, 0.1)
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "socket_timeout": bound,
+        "socket_connect_timeout": bound,
+    }
     try:
         return bool(app.control.ping(timeout=timeout, limit=1))
     except Exception:  # a broker hiccup here must not fail a job that was queued: just do not warn
