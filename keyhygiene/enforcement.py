@@ -576,9 +576,8 @@ def change_key(
         except NotFound:
             # Gone: by a DELETE a 503 answered, maybe; no PATCH deletes a key, so a disable or an
             # enable is surely not made, and there is nothing left to change.
-            deleting = planned.action == "delete"
-            made = maybe_made and deleting
-            raise Withdrawn(f"already gone (404 when {again})", maybe_made=maybe_made and deleting, made=made) from None
+            made = maybe_made and planned.action == "delete"
+            raise Withdrawn(f"already gone (404 when {again})", maybe_made=made, made=made) from None
         except ApiError as exc:
             stop = exc if isinstance(exc, AuthenticationFailed) else None
             raise Withdrawn(f"not sent again: {exc}", maybe_made=maybe_made, failed=True, stop=stop) from None

@@ -762,14 +762,7 @@ def test_a_job_skipped_by_a_live_holder_is_not_told_of_an_old_change_in_doubt(
     # the lock now: the skip names that job, and says nothing of a lock kept for the old change.
     _run_losing_the_answer(org, ready, cli, rules_file, key="dev-idle", method="PATCH", status=502)
     _expire_the_lock(ready)
-    database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=ready["KEYHYGIENE_DATABASE_URL"]))  # type: ignore[call-arg]
-    live = EnforcementLease(database, job="enforce")
-    try:
-        assert live.acquire()
-        skipped = cli("run")
-    finally:
-        live.release()
-        database.close()
+    skipped = _run_while_another_job_holds_the_lock(ready, cli)
 
     assert skipped.exit_code == 1
     assert "another enforcement holds the enforcement lock: enforce on" in skipped.stderr
@@ -781,14 +774,7 @@ def test_a_skipped_job_ends_with_its_run_finished_event_as_every_recorded_run(
 ) -> None:
     """It logged job_skipped alone: an alert on run_finished events that are not ok never saw it."""
     rules_file(org.rules())
-    database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=ready["KEYHYGIENE_DATABASE_URL"]))  # type: ignore[call-arg]
-    live = EnforcementLease(database, job="enforce")
-    try:
-        assert live.acquire()
-        skipped = cli("run")
-    finally:
-        live.release()
-        database.close()
+    skipped = _run_while_another_job_holds_the_lock(ready, cli)
 
     assert skipped.exit_code == 1
     [finished] = skipped.events_named("run_finished")
@@ -797,6 +783,18 @@ def test_a_skipped_job_ends_with_its_run_finished_event_as_every_recorded_run(
         "job_skipped",
         "run_finished",
     ]
+
+
+def _run_while_another_job_holds_the_lock(env: dict[str, str], cli: Callable[..., CliResult]) -> CliResult:
+    """`keyhygiene run` while another enforcement holds the lock (the run is skipped)."""
+    database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=env["KEYHYGIENE_DATABASE_URL"]))  # type: ignore[call-arg]
+    live = EnforcementLease(database, job="enforce")
+    try:
+        assert live.acquire()
+        return cli("run")
+    finally:
+        live.release()
+        database.close()
 
 
 def _expire_the_lock(env: dict[str, str]) -> None:

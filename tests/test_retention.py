@@ -311,6 +311,24 @@ def test_audit_retention_removes_old_audit_records_only(org: Org) -> None:
     assert pruned.runs_deleted == 1
 
 
+def _manual_change(run_id: int, key: str, action: str, at: datetime) -> Action:
+    """A live change of ``key`` made at ``at`` (rule ``manual``), as its audit record."""
+    return Action(
+        run_id=run_id,
+        created_at=at,
+        finished_at=at,
+        key_hash=key,
+        key_name="x",
+        workspace_id=None,
+        rule="manual",
+        rules=["manual"],
+        action=action,
+        dry_run=False,
+        outcome="done",
+        evidence={},
+    )
+
+
 def test_audit_retention_keeps_each_tracked_keys_newest_disable_or_enable(org: Org) -> None:
     """A key given back (enable) on day 2 was counted idle from before the give-back once the
     audit retention took the record: the next run disabled it again at once. Each tracked key's
@@ -324,22 +342,7 @@ def test_audit_retention_keeps_each_tracked_keys_newest_disable_or_enable(org: O
             (given_back, "enable", 2),
             (disabled, "disable", 2),
         ]:
-            session.add(
-                Action(
-                    run_id=run.id,
-                    created_at=T0 + day_number * DAY,
-                    finished_at=T0 + day_number * DAY,
-                    key_hash=key,
-                    key_name="x",
-                    workspace_id=None,
-                    rule="manual",
-                    rules=["manual"],
-                    action=action,
-                    dry_run=False,
-                    outcome="done",
-                    evidence={},
-                )
-            )
+            session.add(_manual_change(run.id, key, action, T0 + day_number * DAY))
 
     retention.prune(org.database, now=NOW, retention_period=RETENTION, audit_retention=timedelta(days=30))
 
@@ -446,22 +449,7 @@ def test_audit_retention_keeps_the_change_in_effect_at_its_cutoff(org: Org) -> N
         run = runs.start_run(session, kind="enable", now=T0 + DAY)
         runs.finish_run(session, run.id, status=runs.OK, now=NOW, exit_code=0, message="ok")
         for action, at in [("disable", T0 + DAY), ("enable", T0 + 2 * DAY), ("disable", NOW - 5 * DAY)]:
-            session.add(
-                Action(
-                    run_id=run.id,
-                    created_at=at,
-                    finished_at=at,
-                    key_hash=key,
-                    key_name="x",
-                    workspace_id=None,
-                    rule="manual",
-                    rules=["manual"],
-                    action=action,
-                    dry_run=False,
-                    outcome="done",
-                    evidence={},
-                )
-            )
+            session.add(_manual_change(run.id, key, action, at))
     inside = NOW - audit_retention + DAY
     with org.database.sessions() as session:
         before = load_audit_facts(session, until=inside).get(key)
