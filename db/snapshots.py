@@ -718,6 +718,8 @@ def record_staged(
     # A key another sync has tracked since keeps its id there: this sync's staging row is pointed
     # at it below.
     staged_rows = key_count - carried_keys
+    # Every key with a version before this snapshot is tracked already: its id is at most this one.
+    tracked_before = int(session.scalar(select(func.max(t.c.id))) or 0)
     with sqlite_cache(session, _RECORD_CACHE_KIB):
         with_given_ids = -1  # staging rows whose key was tracked just now with the id staged for it
         if postgresql:
@@ -794,13 +796,22 @@ def record_staged(
     if usage_before:
         # The version each new usage version follows (just closed, or the last one of a key that
         # comes back), for carrying over since when usage and disabled have held.
+        # Looked up only for the keys tracked before this snapshot: a key tracked now has none. The
+        # lookup runs once per staged key, in the statement that appends to the table it reads.
+        # Where PostgreSQL's statistics hold a few keys, it reads that table whole each time, the
+        # pages this statement has appended so far included: for every new key of an organisation
+        # that grew from 100 keys to 20,000, 2.5 s (quadratic in the new keys) instead of 0.15 s.
         before = key_usage.alias("before")
-        latest = (
-            select(before.c.id)
-            .where(before.c.key_id == s.c.key_id, before.c.valid_from < snapshot_id)
-            .order_by(before.c.valid_from.desc())
-            .limit(1)
-            .scalar_subquery()
+        latest = case(
+            (
+                s.c.key_id <= tracked_before,
+                select(before.c.id)
+                .where(before.c.key_id == s.c.key_id, before.c.valid_from < snapshot_id)
+                .order_by(before.c.valid_from.desc())
+                .limit(1)
+                .scalar_subquery(),
+            ),
+            else_=null(),
         )
         previous = key_usage.alias("previous")
         same_usage = and_(previous.c.usage == s.c.usage, previous.c.byok_usage == s.c.byok_usage)

@@ -173,6 +173,7 @@ def take_snapshot(
             log.warning("listing_ended_by_refusal", run_id=run_id, workspace=workspace)
         if analysis is not None:
             analysis.wait()
+        _analyze_staging(database, run_id, snapshot_id)
         with database.sessions() as session:
             missing = writer.missing(session, listing.listed)
         per_workspace = dict(listing.per_workspace)
@@ -305,6 +306,24 @@ class Analysis:
             analyzed = [table for table in stale if table not in skipped]
             seconds = round(time.monotonic() - started, 3)
             log.info("statistics_refreshed", run_id=self._run_id, tables=analyzed, skipped=skipped, seconds=seconds)
+
+
+def _analyze_staging(database: Database, run_id: int, snapshot_id: int) -> None:
+    """On PostgreSQL, the planner's statistics of the rows just staged, before they are compared
+    and recorded (``statistics.analyze_staging``). Like the other analyses, it never fails the
+    sync: a failure is logged, and the sync records with the statistics there are."""
+    if database.dialect != "postgresql":
+        return
+    started = time.monotonic()
+    try:
+        with database.engine.connect() as connection:
+            analyzed = statistics.analyze_staging(connection, snapshot_id)
+    except Exception as exc:  # the database's, or any other (a bug): logged, never the sync's failure
+        log.warning("statistics_refresh_failed", run_id=run_id, error=redact_text(describe_db_error(exc)))
+        return
+    if analyzed:
+        seconds = round(time.monotonic() - started, 3)
+        log.info("statistics_refreshed", run_id=run_id, tables=["snapshot_staging"], skipped=[], seconds=seconds)
 
 
 def _helper_possible(database: Database) -> bool:

@@ -4,12 +4,14 @@ On SQLite nothing is analyzed."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import Connection, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError
 
 from db import statistics
@@ -240,3 +242,70 @@ def test_tables_the_role_may_not_analyze_are_not_tried(store: Database, fake: Fa
         with store.engine.begin() as connection:
             connection.execute(text(f'REVOKE USAGE ON SCHEMA "{schema}" FROM "{role}"'))
             connection.execute(text(f'DROP ROLE "{role}"'))
+
+
+_APPENDED = re.compile(r"INSERT INTO (tracked_keys|key_records|key_usage) \(.*\bSELECT\b", re.DOTALL)
+"""The statements that record staged keys into the store's tables, each reading the table it appends to."""
+
+
+@contextmanager
+def recording_plans() -> Iterator[list[tuple[str, dict]]]:
+    """The plans PostgreSQL runs the recording statements by, with what each node did: each is
+    first run by ``EXPLAIN ANALYZE`` in a savepoint that is rolled back, then as it was."""
+    plans: list[tuple[str, dict]] = []
+
+    def explain(connection, cursor, statement: str, parameters, context, executemany: bool) -> None:
+        appended = _APPENDED.match(statement)
+        if appended is None:
+            return
+        cursor.execute("SAVEPOINT explained")
+        cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", parameters)
+        plans.append((appended[1], cursor.fetchone()[0][0]["Plan"]))
+        cursor.execute("ROLLBACK TO SAVEPOINT explained")
+
+    event.listen(Engine, "before_cursor_execute", explain)
+    try:
+        yield plans
+    finally:
+        event.remove(Engine, "before_cursor_execute", explain)
+
+
+def scans(plan: dict, table: str) -> Iterator[dict]:
+    """Every node of ``plan`` that reads ``table`` whole."""
+    if plan.get("Node Type") == "Seq Scan" and plan.get("Relation Name") == table:
+        yield plan
+    for child in plan.get("Plans", []):
+        yield from scans(child, table)
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("env")
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_an_organisation_that_grew_is_recorded_without_reading_a_table_once_per_new_key(
+    database: Database, fake: FakeOpenRouter, cli
+) -> None:
+    """A store of 100 keys, analyzed (as autovacuum does, the staging table empty between syncs);
+    then the organisation makes 2,000 more. Planned as if the sync had staged a few, recording read
+    the table it appended to once per new key, each time whole, the pages appended so far
+    included: quadratic in the new keys, 2 s a statement for 20,000 of them, where the whole
+    recording takes 0.3 s."""
+    for index in range(100):
+        fake.add_key(f"key-{index:04d}", created_at=NOW - timedelta(seconds=index))
+    first = cli("sync")
+    assert first.exit_code == 0, first.stderr
+    with database.engine.begin() as connection:
+        connection.execute(text("ANALYZE"))
+    for index in range(100, 2_100):
+        fake.add_key(f"key-{index:04d}", created_at=NOW - timedelta(seconds=index))
+
+    with recording_plans() as plans:
+        second = cli("sync")
+
+    assert second.exit_code == 0, second.stderr
+    assert "2000 new" in second.stdout
+    assert sorted(table for table, _ in plans) == ["key_records", "key_usage", "tracked_keys"]
+    for table, plan in plans:
+        assert plan["Plans"][0]["Actual Rows"] == 2_000  # each new key, once
+        assert [node["Actual Loops"] for node in scans(plan, table) if node["Actual Loops"] > 1] == [], table
+    [event] = [event for event in second.events_named("statistics_refreshed") if "snapshot_staging" in event["tables"]]
+    assert (event["tables"], event["skipped"]) == (["snapshot_staging"], [])
