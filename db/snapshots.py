@@ -54,7 +54,7 @@ from keyhygiene.timeutil import (
 )
 
 from . import rollups, runs
-from .bulkload import indexes_built_after
+from .bulkload import indexes_built_after, planned_for_growth
 from .engine import sqlite_cache
 from .history import full_versions
 from .models import (
@@ -723,7 +723,7 @@ def record_staged(
     with sqlite_cache(session, _RECORD_CACHE_KIB):
         with_given_ids = -1  # staging rows whose key was tracked just now with the id staged for it
         if postgresql:
-            with indexes_built_after(session, t, rows=staged_rows):
+            with indexes_built_after(session, t, rows=staged_rows), planned_for_growth(session, t, rows=staged_rows):
                 tracked_now = session.execute(
                     insert(t).from_select(
                         ["key_hash", "first_seen_at", "fingerprint", "id"],
@@ -777,7 +777,10 @@ def record_staged(
         else:
             closing = and_(table.c.valid_to.is_(None), ~same, ~exists().where(carried, c.c.key_id == table.c.key_id))
         session.execute(update(table).where(closing).values(valid_to=snapshot_id))
-    with indexes_built_after(session, r, rows=staged_rows, proven_by_caller=_names_a_tracked_key(r, resolved)):
+    with (
+        indexes_built_after(session, r, rows=staged_rows, proven_by_caller=_names_a_tracked_key(r, resolved)),
+        planned_for_growth(session, r, rows=staged_rows),
+    ):
         records_added = session.execute(
             insert(r).from_select(
                 ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
@@ -829,7 +832,10 @@ def record_staged(
     else:  # the store holds no usage version yet (its first snapshot): none follows another
         usage_since, disabled_since, with_previous = now, case((s.c.disabled, now), else_=null()), s
         spent_from = spent_in_window
-    with indexes_built_after(session, u, rows=staged_rows, proven_by_caller=_names_a_tracked_key(u, resolved)):
+    with (
+        indexes_built_after(session, u, rows=staged_rows, proven_by_caller=_names_a_tracked_key(u, resolved)),
+        planned_for_growth(session, u, rows=staged_rows),
+    ):
         usage_added = session.execute(
             insert(u).from_select(
                 ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since", "spent_from"],
