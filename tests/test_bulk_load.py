@@ -368,3 +368,35 @@ def test_a_check_stays_on_where_the_table_is_not_taken(database: Database) -> No
         ):
             session.execute(insert(key_records).values(version(10**9)))
         reader.rollback()
+
+
+def test_nested_loops_are_off_only_for_a_statement_that_outgrows_what_the_planner_believes(
+    database: Database,
+) -> None:
+    # The table holds 2 rows, analyzed: a statement adding 1,000 gets no nested loops, and the
+    # statements after it in the transaction get them back; one adding fewer keeps them. Once the
+    # planner knows the table holds more than the statement adds, it keeps them too.
+    nested_loops = text("SELECT current_setting('enable_nestloop')")
+
+    def track(ids: range) -> None:
+        with database.engine.begin() as connection:
+            rows = [{"id": i, "key_hash": f"{i:064x}", "first_seen_at": NOW} for i in ids]
+            connection.execute(insert(tracked_keys), rows)
+            connection.execute(text("ANALYZE tracked_keys"))
+
+    def settings(*rows: int) -> list[str]:
+        seen = []
+        with Session(database.engine) as session, session.begin():
+            for added in rows:
+                with bulkload.planned_for_growth(session, tracked_keys, rows=added):
+                    seen.append(session.execute(nested_loops).scalar_one())
+                seen.append(session.execute(nested_loops).scalar_one())
+        return seen
+
+    track(range(1, 3))
+    small = settings(bulkload.GROWTH_PLANNED_FROM, bulkload.GROWTH_PLANNED_FROM - 1)
+    track(range(3, bulkload.GROWTH_PLANNED_FROM + 3))
+    known = settings(bulkload.GROWTH_PLANNED_FROM)
+
+    assert small == ["off", "on", "on", "on"]
+    assert known == ["on", "on"]
