@@ -159,27 +159,35 @@ STAGING_ANALYZED_FROM = 1_000
 (``analyze_staging``)."""
 _STAGING_JOINED = ("snapshot_id", "key_id", "key_hash")
 """The staging table's columns that recording selects and joins by."""
+_MAY_ANALYZE = text(
+    "SELECT pg_has_role(c.relowner, 'USAGE') "
+    "OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE') "
+    "FROM pg_class AS c WHERE c.oid = to_regclass(:table)"
+)
+"""Whether this role may analyze the table: it owns it, or the database (a superuser may analyze
+any). PostgreSQL skips any other table with a warning, and no error."""
 
 
-def analyze_staging(connection: Connection, snapshot_id: int) -> bool:
+def analyze_staging(connection: Connection, snapshot_id: int) -> list[str] | None:
     """On PostgreSQL, once a sync has staged ``STAGING_ANALYZED_FROM`` rows or more, take the staging
     table's statistics (its size, and the columns recording selects and joins by) before they are
-    compared and recorded; whether they were taken.
+    compared and recorded: the tables skipped (``analyze``: empty when it was analyzed), or None
+    when it was not tried (fewer rows, SQLite, a table this role may not analyze).
 
     Between syncs the staging table is empty, and so it is whenever autovacuum analyzes it; the
-    planner then takes a snapshot's staged rows for a few (45 of 20,000). Recording then probes a
-    table it appends to once per staged row (nested loops), and where that table holds a few keys,
-    each probe reads it whole, the pages the statement has appended so far included: after an
-    organisation grew from 100 keys to 20,000, 2 s for each of the statements that track the new
-    keys and add their records, quadratic in the new keys; 0.1 s with the statistics. Sampled with
-    the small target (``FIRST_SAMPLE_TARGET``): about 0.01 s for 20,000 rows. Never waits for
-    another session holding the table (``analyze``): it is then left as it is."""
+    planner then takes a snapshot's staged rows for a few (45 of 20,000), and plans recording by
+    nested loops that probe a table once per staged row. After an organisation grew from 100 keys
+    to 20,000, the statements that track the new keys and add their records read the table they
+    append to whole on each probe, the pages appended so far included: 2 s each, quadratic in the
+    new keys (``db.bulkload.planned_for_growth`` now keeps them from that in any case); with the
+    statistics, 0.1 s. Sampled with the small target (``FIRST_SAMPLE_TARGET``): about 0.01 s for
+    20,000 rows. Never waits for another session holding the table (``analyze``)."""
     if connection.dialect.name != "postgresql":
-        return False
+        return None
     s = snapshot_staging
     staged = connection.scalar(select(func.count()).select_from(s).where(s.c.snapshot_id == snapshot_id)) or 0
+    allowed = staged >= STAGING_ANALYZED_FROM and connection.scalar(_MAY_ANALYZE, {"table": s.name})
     connection.commit()
-    if staged < STAGING_ANALYZED_FROM:
-        return False
-    skipped = analyze(connection, [s.name], target=FIRST_SAMPLE_TARGET, columns=_STAGING_JOINED)
-    return not skipped
+    if not allowed:
+        return None
+    return analyze(connection, [s.name], target=FIRST_SAMPLE_TARGET, columns=_STAGING_JOINED)

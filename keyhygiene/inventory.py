@@ -317,13 +317,14 @@ def _analyze_staging(database: Database, run_id: int, snapshot_id: int) -> None:
     started = time.monotonic()
     try:
         with database.engine.connect() as connection:
-            analyzed = statistics.analyze_staging(connection, snapshot_id)
+            skipped = statistics.analyze_staging(connection, snapshot_id)
     except Exception as exc:  # the database's, or any other (a bug): logged, never the sync's failure
         log.warning("statistics_refresh_failed", run_id=run_id, error=redact_text(describe_db_error(exc)))
         return
-    if analyzed:
+    if skipped is not None:
+        analyzed = [] if skipped else ["snapshot_staging"]
         seconds = round(time.monotonic() - started, 3)
-        log.info("statistics_refreshed", run_id=run_id, tables=["snapshot_staging"], skipped=[], seconds=seconds)
+        log.info("statistics_refreshed", run_id=run_id, tables=analyzed, skipped=skipped, seconds=seconds)
 
 
 def _helper_possible(database: Database) -> bool:

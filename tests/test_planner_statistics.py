@@ -296,13 +296,18 @@ def test_new_keys_are_recorded_without_reading_a_table_once_per_key(
     tables held what they did and the sync had staged a few, recording read the table it appended
     to once per new key, each time whole, the pages appended so far included: quadratic in the new
     keys, 2 s a statement for 20,000 of them, where the whole recording takes 0.3 s."""
+    tables = [*statistics.STORE_TABLES, "snapshot_staging"]
+    with database.engine.begin() as connection:
+        for table in tables:  # as autovacuum may, between the steps below, on another machine
+            connection.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = off)"))
     for index in range(keys_before):
         fake.add_key(f"key-{index:04d}", created_at=NOW - timedelta(seconds=index))
     if keys_before:
         first = cli("sync")
         assert first.exit_code == 0, first.stderr
     with database.engine.begin() as connection:
-        connection.execute(text("ANALYZE"))
+        for table in tables:
+            connection.execute(text(f"ANALYZE {table}"))
     for index in range(keys_before, keys_before + 2_000):
         fake.add_key(f"key-{index:04d}", created_at=NOW - timedelta(seconds=index))
 
@@ -317,3 +322,40 @@ def test_new_keys_are_recorded_without_reading_a_table_once_per_key(
         assert [node["Actual Loops"] for node in scans(plan, table) if node["Actual Loops"] > 1] == [], table
     [event] = [event for event in sync.events_named("statistics_refreshed") if "snapshot_staging" in event["tables"]]
     assert (event["tables"], event["skipped"]) == (["snapshot_staging"], [])
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("env")
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_staged_keys_another_session_holds_or_this_role_may_not_analyze_are_left_as_they_are(
+    store: Database, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(statistics, "STAGING_ANALYZED_FROM", 100)  # the store's 300 keys are many
+    with store.engine.connect() as vacuuming:  # holds the staging table as a VACUUM would
+        vacuuming.execute(text("LOCK TABLE snapshot_staging IN SHARE UPDATE EXCLUSIVE MODE"))
+        held = cli("sync")
+        vacuuming.rollback()
+    role = f"kh_writer_{uuid.uuid4().hex[:8]}"
+    with store.engine.begin() as connection:
+        schema = connection.execute(text("SELECT current_schema()")).scalar_one()
+        connection.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+        connection.execute(text(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"'))
+        connection.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"'))
+        connection.execute(text(f'GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA "{schema}" TO "{role}"'))
+    try:
+        url = store.engine.url.set(username=role).render_as_string(hide_password=False)
+        monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", url)
+        with store.engine.begin() as connection:  # the next sync stages every key again
+            connection.execute(text("UPDATE tracked_keys SET fingerprint = NULL"))
+        not_owner = cli("sync")
+    finally:
+        with store.engine.begin() as connection:
+            connection.execute(text(f'DROP OWNED BY "{role}"'))
+            connection.execute(text(f'DROP ROLE "{role}"'))
+
+    assert held.exit_code == 0, held.stderr
+    staging = [event for event in held.events_named("statistics_refreshed") if event["skipped"]]
+    assert [(event["tables"], event["skipped"]) for event in staging] == [([], ["snapshot_staging"])]
+    assert not_owner.exit_code == 0, not_owner.stderr
+    refreshed = not_owner.events_named("statistics_refreshed")
+    assert all("snapshot_staging" not in event["tables"] + event["skipped"] for event in refreshed)
