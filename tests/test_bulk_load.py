@@ -8,7 +8,6 @@ instead of listing 10,000 keys in each test."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
@@ -22,6 +21,7 @@ from db import bulkload, rollups
 from db.models import key_records, tracked_keys
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
+from tests.roles import role_that_writes
 
 pytestmark = [
     pytest.mark.postgres,
@@ -247,22 +247,11 @@ def test_a_role_that_does_not_own_the_tables_fills_them_row_by_row(
     # A deployment may run keyhygiene as a role that may write the tables but not change them.
     add_keys(fake, 300)
     before = indexes(database)
-    role = f"kh_writer_{uuid.uuid4().hex[:8]}"
-    with database.engine.begin() as connection:
-        schema = connection.execute(text("SELECT current_schema()")).scalar_one()
-        connection.execute(text(f'CREATE ROLE "{role}" LOGIN'))
-        connection.execute(text(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"'))
-        connection.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"'))
-        connection.execute(text(f'GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA "{schema}" TO "{role}"'))
-    try:
+    with role_that_writes(database.engine) as role:
         monkeypatch.setenv(
             "KEYHYGIENE_DATABASE_URL", database.engine.url.set(username=role).render_as_string(hide_password=False)
         )
         first = cli("sync")
-    finally:
-        with database.engine.begin() as connection:
-            connection.execute(text(f'DROP OWNED BY "{role}"'))
-            connection.execute(text(f'DROP ROLE "{role}"'))
 
     assert first.exit_code == 0, first.stderr
     assert indexes(database) == before

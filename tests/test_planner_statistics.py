@@ -18,6 +18,7 @@ from db import statistics
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 from tests.celery_support import wait_until
+from tests.roles import role_that_writes
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 GROWN = ["key_days", "key_records", "key_rollups", "key_usage", "tracked_keys"]
@@ -335,23 +336,12 @@ def test_staged_keys_another_session_holds_or_this_role_may_not_analyze_are_left
         vacuuming.execute(text("LOCK TABLE snapshot_staging IN SHARE UPDATE EXCLUSIVE MODE"))
         held = cli("sync")
         vacuuming.rollback()
-    role = f"kh_writer_{uuid.uuid4().hex[:8]}"
-    with store.engine.begin() as connection:
-        schema = connection.execute(text("SELECT current_schema()")).scalar_one()
-        connection.execute(text(f'CREATE ROLE "{role}" LOGIN'))
-        connection.execute(text(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"'))
-        connection.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"'))
-        connection.execute(text(f'GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA "{schema}" TO "{role}"'))
-    try:
+    with role_that_writes(store.engine) as role:
         url = store.engine.url.set(username=role).render_as_string(hide_password=False)
         monkeypatch.setenv("KEYHYGIENE_DATABASE_URL", url)
         with store.engine.begin() as connection:  # the next sync stages every key again
             connection.execute(text("UPDATE tracked_keys SET fingerprint = NULL"))
         not_owner = cli("sync")
-    finally:
-        with store.engine.begin() as connection:
-            connection.execute(text(f'DROP OWNED BY "{role}"'))
-            connection.execute(text(f'DROP ROLE "{role}"'))
 
     assert held.exit_code == 0, held.stderr
     staging = [event for event in held.events_named("statistics_refreshed") if event["skipped"]]
