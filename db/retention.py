@@ -271,12 +271,15 @@ def reclaim_space(engine: Engine, *, pages_per_step: int = 20_000) -> int:
             free = int(connection.exec_driver_sql("PRAGMA freelist_count").scalar() or 0)
             if free == 0:
                 return freed
-            # Each step of this pragma frees one page and it returns no rows: run it to the end
-            # on the driver's cursor (SQLAlchemy closes a result without rows after one step).
+            # Each step of this pragma frees one page, and Python's sqlite3 takes one step of a
+            # statement that returns no rows (fetching more takes none): so one page per run of
+            # it, each a few microseconds, on the driver's cursor. (``executescript`` would run it
+            # to the end, but commits this transaction first.) Before, one page a transaction:
+            # 9,259 pages took 9,400 transactions and 4.7 s.
             cursor = connection.connection.cursor()
             try:
-                cursor.execute(f"PRAGMA incremental_vacuum({min(free, pages_per_step)})")
-                cursor.fetchall()
+                for _ in range(min(free, pages_per_step)):
+                    cursor.execute("PRAGMA incremental_vacuum(1)")
             finally:
                 cursor.close()
             after = int(connection.exec_driver_sql("PRAGMA freelist_count").scalar() or 0)
