@@ -186,8 +186,8 @@ _AT_MOST = "SELECT count(*) FROM (SELECT FROM {table} LIMIT :rows) AS head"
 
 @contextmanager
 def planned_for_growth(session: Session, table: Any, *, rows: int) -> Iterator[None]:
-    """Around one statement that adds up to ``rows`` rows (the rows staged) to ``table`` and reads
-    it, in the caller's transaction: on PostgreSQL, with nested loops off when ``rows`` is at least
+    """Around one statement that reads ``table`` for each of ``rows`` staged rows (and may add them
+    to it), in the caller's transaction: on PostgreSQL, with nested loops off when ``rows`` is at least
     ``GROWTH_PLANNED_FROM`` and the table holds fewer rows (counted up to ``rows``). The setting is
     the one before again right after the statement; when the statement fails, the caller's
     transaction (rolled back) takes the setting with it."""

@@ -919,7 +919,10 @@ def _none_gone(session: Session, table: Any, staged: Any, *, carried: int, stage
     if open_versions > carried + staged_rows:
         return False
     with_open = exists().where(table.c.key_id == s.c.key_id, table.c.valid_to.is_(None))
-    staged_open = _count(session, s, staged, with_open)
+    # Where the staging table's statistics could not be taken (another session held it), a small
+    # table was read whole once per staged key (40,000 new keys on a store of 200: 0.7 s each).
+    with planned_for_growth(session, table, rows=staged_rows):
+        staged_open = _count(session, s, staged, with_open)
     return open_versions == carried + staged_open
 
 
