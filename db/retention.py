@@ -255,10 +255,15 @@ def delete_unreferenced_plans(session: Session, *, limit: int) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def reclaim_space(engine: Engine, *, pages_per_step: int = 20_000) -> int:
+def reclaim_space(engine: Engine, *, pages_per_step: int = 1_000) -> int:
     """SQLite: return free pages to the file system (``auto_vacuum=INCREMENTAL``, set by migration
     0005), a bounded number per step so a sync waits for one step at most; returns the pages
-    freed. PostgreSQL: nothing (autovacuum makes the space reusable; see the README)."""
+    freed. PostgreSQL: nothing (autovacuum makes the space reusable; see the README).
+
+    A step writes about a page to the write-ahead log for each page it frees, and SQLite keeps
+    that file as large as it grew until the last connection closes: steps of 20,000 pages left an
+    80 MB ``-wal`` file beside a file pruned to 0.4 MB while a report held it open. A step of 1,000
+    pages (4 MB at SQLite's default page size) keeps it to what SQLite checkpoints at anyway."""
     if engine.dialect.name != "sqlite":
         return 0
     freed = 0

@@ -8,6 +8,7 @@ batch at most (on SQLite, where a writer locks the whole database, that is milli
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -154,6 +155,7 @@ def _audit_statistics(database: Database) -> None:
     is logged, and it goes on with the statistics there are."""
     if database.dialect != "postgresql":
         return
+    started = time.monotonic()
     try:
         with database.engine.connect() as connection:
             taken = statistics.audit_statistics(connection)
@@ -162,4 +164,5 @@ def _audit_statistics(database: Database) -> None:
         return
     if taken is not None:
         analyzed, skipped = taken
-        log.info("statistics_refreshed", tables=analyzed, skipped=skipped)
+        seconds = round(time.monotonic() - started, 3)
+        log.info("statistics_refreshed", tables=analyzed, skipped=skipped, seconds=seconds)
