@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import ARRAY, Connection, Text, bindparam, func, select, text
 from sqlalchemy.exc import OperationalError
@@ -44,6 +45,13 @@ STORE_TABLES = (
 """The tables a sync writes and the reports read, staging tables aside (they only hold a sync's rows
 while it runs)."""
 
+_MAY_ANALYZE = (
+    "(pg_has_role(c.relowner, 'USAGE') "
+    "OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE'))"
+)
+"""Whether this role may analyze table ``c`` (``pg_class``): it owns it, or the database (a superuser
+may analyze any). PostgreSQL skips any other table with a warning, and no error."""
+
 _STALE = text(
     "SELECT c.relname FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid "
     "WHERE s.relid IN (SELECT to_regclass(name) FROM unnest(:names) AS name) "
@@ -55,8 +63,7 @@ _STALE = text(
     "  SELECT option_value::float8 FROM pg_options_to_table(c.reloptions) "
     "  WHERE option_name = 'autovacuum_analyze_scale_factor'), "
     "  current_setting('autovacuum_analyze_scale_factor')::float8) * greatest(c.reltuples, 0) "
-    "AND (pg_has_role(c.relowner, 'USAGE') "
-    "  OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE')) "
+    f"AND {_MAY_ANALYZE} "
     "ORDER BY c.relname"
 ).bindparams(bindparam("names", type_=ARRAY(Text())))
 """The tables (found by the search path, as every other statement finds them) changed by more rows
@@ -71,8 +78,7 @@ _NEVER_ANALYZED = text(
     "JOIN pg_namespace AS n ON n.oid = c.relnamespace "
     "WHERE NOT EXISTS (SELECT 1 FROM pg_stats AS s WHERE s.schemaname = n.nspname AND s.tablename = c.relname) "
     "AND c.reltuples <> 0 "
-    "AND (pg_has_role(c.relowner, 'USAGE') "
-    "  OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE')) "
+    f"AND {_MAY_ANALYZE} "
     "ORDER BY c.relname"
 ).bindparams(bindparam("names", type_=ARRAY(Text())))
 """The tables with no column statistics at all (never analyzed), among those this role may analyze.
@@ -114,9 +120,12 @@ def audit_statistics(connection: Connection) -> tuple[list[str], list[str]] | No
     265 s the whole prune, growing with the square of the records; 0.06 s a batch with them."""
     tables = sorted({*never_analyzed_tables(connection, AUDIT_TABLES), *stale_tables(connection, AUDIT_TABLES)})
     connection.commit()
-    if not tables:
-        return None
-    skipped = analyze(connection, tables)
+    return _analyzed(connection, tables) if tables else None
+
+
+def _analyzed(connection: Connection, tables: list[str], **options: Any) -> tuple[list[str], list[str]]:
+    """``analyze`` ``tables``: those analyzed, and those skipped."""
+    skipped = analyze(connection, tables, **options)
     return [table for table in tables if table not in skipped], skipped
 
 
@@ -181,20 +190,14 @@ STAGING_ANALYZED_FROM = 1_000
 (``analyze_staging``)."""
 _STAGING_JOINED = ("snapshot_id", "key_id", "key_hash")
 """The staging table's columns that recording selects and joins by."""
-_MAY_ANALYZE = text(
-    "SELECT pg_has_role(c.relowner, 'USAGE') "
-    "OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE') "
-    "FROM pg_class AS c WHERE c.oid = to_regclass(:table)"
-)
-"""Whether this role may analyze the table: it owns it, or the database (a superuser may analyze
-any). PostgreSQL skips any other table with a warning, and no error."""
+_MAY_ANALYZE_TABLE = text(f"SELECT {_MAY_ANALYZE} FROM pg_class AS c WHERE c.oid = to_regclass(:table)")
 
 
-def analyze_staging(connection: Connection, snapshot_id: int) -> list[str] | None:
+def analyze_staging(connection: Connection, snapshot_id: int) -> tuple[list[str], list[str]] | None:
     """On PostgreSQL, once a sync has staged ``STAGING_ANALYZED_FROM`` rows or more, take the staging
     table's statistics (its size, and the columns recording selects and joins by) before they are
-    compared and recorded: the tables skipped (``analyze``: empty when it was analyzed), or None
-    when it was not tried (fewer rows, SQLite, a table this role may not analyze).
+    compared and recorded: the tables analyzed and skipped, or None when it was not tried (fewer
+    rows, SQLite, a table this role may not analyze).
 
     Between syncs the staging table is empty, and so it is whenever autovacuum analyzes it; the
     planner then takes a snapshot's staged rows for a few (45 of 20,000), and plans recording by
@@ -208,8 +211,6 @@ def analyze_staging(connection: Connection, snapshot_id: int) -> list[str] | Non
         return None
     s = snapshot_staging
     staged = connection.scalar(select(func.count()).select_from(s).where(s.c.snapshot_id == snapshot_id)) or 0
-    allowed = staged >= STAGING_ANALYZED_FROM and connection.scalar(_MAY_ANALYZE, {"table": s.name})
+    allowed = staged >= STAGING_ANALYZED_FROM and connection.scalar(_MAY_ANALYZE_TABLE, {"table": s.name})
     connection.commit()
-    if not allowed:
-        return None
-    return analyze(connection, [s.name], target=FIRST_SAMPLE_TARGET, columns=_STAGING_JOINED)
+    return _analyzed(connection, [s.name], target=FIRST_SAMPLE_TARGET, columns=_STAGING_JOINED) if allowed else None

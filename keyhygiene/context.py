@@ -5,12 +5,13 @@ from __future__ import annotations
 import gc
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,6 +21,7 @@ from db.migrate import SchemaOutOfDate, check_schema
 
 from .api import open_client as open_client  # where the jobs take it from
 from .errors import DatabaseFailure, UsageError
+from .logging import get_logger, redact_text
 from .settings import Settings
 
 
@@ -137,3 +139,28 @@ def session_scope(database: Database) -> Iterator[Session]:
     """A writing session whose transaction commits on success and rolls back on any error."""
     with database.writer() as session, session.begin():
         yield session
+
+
+Taken = tuple[list[str], list[str]] | None
+"""What one of ``db.statistics``' analyses did: the tables analyzed and skipped, or None (not tried)."""
+
+
+def refresh_statistics(database: Database, take: Callable[[Connection], Taken], **bound: object) -> None:
+    """On PostgreSQL, run ``take`` (one of ``db.statistics``' analyses) on a connection of its own,
+    and log what it analyzed and skipped (``statistics_refreshed``, with ``bound``). It never fails
+    the job: a failure is logged (``statistics_refresh_failed``), and the job goes on with the
+    statistics there are."""
+    if database.dialect != "postgresql":
+        return
+    log = get_logger("keyhygiene.statistics")
+    started = time.monotonic()
+    try:
+        with database.engine.connect() as connection:
+            taken = take(connection)
+    except Exception as exc:  # the database's, or any other (a bug): logged, never the job's failure
+        log.warning("statistics_refresh_failed", **bound, error=redact_text(describe_db_error(exc)))
+        return
+    if taken is not None:
+        analyzed, skipped = taken
+        seconds = round(time.monotonic() - started, 3)
+        log.info("statistics_refreshed", **bound, tables=analyzed, skipped=skipped, seconds=seconds)

@@ -28,7 +28,7 @@ from keyhygiene.keysapi.paging import DEFAULT_WORKSPACE
 from keyhygiene.keysapi.paging import ProgressCallback as ProgressCallback  # what jobs pass down
 
 from .api import EarlyListing
-from .context import Database, describe_db_error, quick_handoffs, session_scope
+from .context import Database, describe_db_error, quick_handoffs, refresh_statistics, session_scope
 from .errors import KeyhygieneError
 from .logging import get_logger, redact_text
 from .staging import HelperFailed, StagingHelper
@@ -173,7 +173,10 @@ def take_snapshot(
             log.warning("listing_ended_by_refusal", run_id=run_id, workspace=workspace)
         if analysis is not None:
             analysis.wait()
-        _analyze_staging(database, run_id, snapshot_id)
+        # The staged rows' statistics, before they are compared and recorded.
+        refresh_statistics(
+            database, lambda connection: statistics.analyze_staging(connection, snapshot_id), run_id=run_id
+        )
         with database.sessions() as session:
             missing = writer.missing(session, listing.listed)
         per_workspace = dict(listing.per_workspace)
@@ -306,25 +309,6 @@ class Analysis:
             analyzed = [table for table in stale if table not in skipped]
             seconds = round(time.monotonic() - started, 3)
             log.info("statistics_refreshed", run_id=self._run_id, tables=analyzed, skipped=skipped, seconds=seconds)
-
-
-def _analyze_staging(database: Database, run_id: int, snapshot_id: int) -> None:
-    """On PostgreSQL, the planner's statistics of the rows just staged, before they are compared
-    and recorded (``statistics.analyze_staging``). Like the other analyses, it never fails the
-    sync: a failure is logged, and the sync records with the statistics there are."""
-    if database.dialect != "postgresql":
-        return
-    started = time.monotonic()
-    try:
-        with database.engine.connect() as connection:
-            skipped = statistics.analyze_staging(connection, snapshot_id)
-    except Exception as exc:  # the database's, or any other (a bug): logged, never the sync's failure
-        log.warning("statistics_refresh_failed", run_id=run_id, error=redact_text(describe_db_error(exc)))
-        return
-    if skipped is not None:
-        analyzed = [] if skipped else ["snapshot_staging"]
-        seconds = round(time.monotonic() - started, 3)
-        log.info("statistics_refreshed", run_id=run_id, tables=analyzed, skipped=skipped, seconds=seconds)
 
 
 def _helper_possible(database: Database) -> bool:

@@ -8,7 +8,6 @@ batch at most (on SQLite, where a writer locks the whole database, that is milli
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from db import notices, retention, rollups, snapshots, statistics
 
 from . import logging as khlog
-from .context import Database, describe_db_error, session_scope
+from .context import Database, refresh_statistics, session_scope
 from .timeutil import isoformat
 
 if TYPE_CHECKING:
@@ -89,7 +88,7 @@ def prune(
         return done
 
     if result.audit_cutoff is not None:
-        _audit_statistics(database)
+        refresh_statistics(database, statistics.audit_statistics)  # before old records are looked for
         audit_cutoff = result.audit_cutoff
         # The shrink guard counts the keys keyhygiene deleted since the snapshot before the newest
         # (``enforcement.inventory_shrink``): those records stay, however long syncs have failed.
@@ -147,22 +146,3 @@ def _prune_versions(database: Database, anchor_id: int, batch: int, result: Prun
         if not count:
             return deleted
         deleted += count
-
-
-def _audit_statistics(database: Database) -> None:
-    """On PostgreSQL, the audit log's planner statistics, where they are missing or stale, before
-    old records are looked for (``statistics.audit_statistics``). Never fails the prune: a failure
-    is logged, and it goes on with the statistics there are."""
-    if database.dialect != "postgresql":
-        return
-    started = time.monotonic()
-    try:
-        with database.engine.connect() as connection:
-            taken = statistics.audit_statistics(connection)
-    except Exception as exc:  # the database's, or any other (a bug): logged, never the prune's failure
-        log.warning("statistics_refresh_failed", error=khlog.redact_text(describe_db_error(exc)))
-        return
-    if taken is not None:
-        analyzed, skipped = taken
-        seconds = round(time.monotonic() - started, 3)
-        log.info("statistics_refreshed", tables=analyzed, skipped=skipped, seconds=seconds)
