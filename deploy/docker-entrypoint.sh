@@ -15,7 +15,19 @@ set -eu
 APP_UID=10001
 APP_HOME=/var/lib/keyhygiene
 
-fail() {
+fail() {  # exit 2 with one line on stderr: the event command_failed where the logs are JSON
+    case "$(printf '%s' "${KEYHYGIENE_LOG_FORMAT:-auto}" | tr -d ' \t' | tr '[:upper:]' '[:lower:]')" in
+        json) json=1 ;;
+        console) json= ;;
+        *) if [ -t 2 ]; then json=; else json=1; fi ;;  # auto, or a value keyhygiene will refuse
+    esac
+    if [ -n "$json" ] && python -c '
+import datetime, json, sys
+now = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+print(json.dumps({"error": sys.argv[1], "exit_code": 2, "event": "command_failed", "level": "error",
+                  "logger": "keyhygiene.entrypoint", "timestamp": now}))' "$*" >&2; then
+        exit 2
+    fi
     echo "keyhygiene: error: $*" >&2
     exit 2
 }
@@ -45,10 +57,10 @@ with open(os.environ["KEYHYGIENE_DATABASE_PASSWORD_FILE"], encoding="utf-8") as 
 try:
     url = make_url(os.environ.get("KEYHYGIENE_DATABASE_URL", ""))
 except Exception:
-    sys.exit("keyhygiene: error: KEYHYGIENE_DATABASE_URL is not a database URL")
+    sys.exit(3)
 print(url.set(password=password).render_as_string(hide_password=False))
 PY
-)" || exit 2
+)" || { [ $? = 3 ] && fail "KEYHYGIENE_DATABASE_URL is not a database URL"; exit 2; }
     export KEYHYGIENE_DATABASE_URL
 fi
 unset KEYHYGIENE_DATABASE_PASSWORD_FILE

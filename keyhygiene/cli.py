@@ -1,7 +1,8 @@
 """The ``keyhygiene`` command.
 
 Output for people goes to stdout; log events go to stderr (JSON lines by default). Every error ends
-with one line on stderr and the interface's exit code, never a traceback.
+with one line on stderr (the ``command_failed`` event where the logs are JSON) and the interface's
+exit code, never a bare traceback.
 """
 
 from __future__ import annotations
@@ -91,9 +92,33 @@ def _log_not_started(error: str) -> None:
     kind = command.info_name if command is not None else None
     if kind not in _JOBS:
         return
-    asked = os.environ.get("KEYHYGIENE_LOG_FORMAT", "auto").strip().lower()
-    khlog.configure_logging(asked if asked in ("auto", "json", "console") else "auto")
+    khlog.configure_logging(_asked_format())
     khlog.get_logger("keyhygiene.jobs").error("run_not_started", kind=kind, error=khlog.redact_text(error))
+
+
+def _asked_format() -> str:
+    """The log format the environment asks for if it is a valid one, else ``auto``: for a command
+    stopped before its settings were read."""
+    asked = os.environ.get("KEYHYGIENE_LOG_FORMAT", "auto").strip().lower()
+    return asked if asked in ("auto", "json", "console") else "auto"
+
+
+def _stderr_takes_json() -> bool:
+    """Whether every line on stderr must be JSON: the logs are, or would be in the format asked for
+    (a command stopped before it set up its logging: bad settings, a usage error; its logging is
+    set up now, for the event that tells why)."""
+    if khlog.configured_format() is None:
+        if khlog.resolve_format(_asked_format()) != "json":
+            return False
+        khlog.configure_logging("json")
+    return khlog.logs_are_json()
+
+
+def _log_failure(error: str, exit_code: int, exc: BaseException | None = None, **fields: Any) -> None:
+    """``command_failed``: where stderr takes JSON lines only, the line a failing command ends with."""
+    khlog.get_logger("keyhygiene.cli").error(
+        "command_failed", error=error, exit_code=exit_code, exc_info=exc or False, **fields
+    )
 
 
 pass_state = click.make_pass_decorator(State, ensure=True)
@@ -118,7 +143,13 @@ def _reader_gone() -> NoReturn:
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    click.echo(f"keyhygiene: error: {khlog.redact_text(message)}", err=True)
+    """End the command with exit ``code`` and one line on stderr saying why (``command_failed``
+    where the logs are JSON)."""
+    message = khlog.redact_text(message)
+    if _stderr_takes_json():
+        _log_failure(message, code)
+    else:
+        click.echo(f"keyhygiene: error: {message}", err=True)
     sys.exit(code)
 
 
@@ -214,7 +245,11 @@ def _finish_job(outcome: Any) -> NoReturn:
     stream = sys.stdout if outcome.exit_code == EXIT_OK else sys.stderr
     prefix = "" if outcome.exit_code == EXIT_OK else "keyhygiene: "
     run = f"run {outcome.run_id} " if outcome.run_id is not None else ""
-    line = f"{prefix}{run}{outcome.kind} {outcome.status}: {khlog.redact_text(outcome.message)}"
+    said = f"{run}{outcome.kind} {outcome.status}: {khlog.redact_text(outcome.message)}"
+    if outcome.exit_code != EXIT_OK and _stderr_takes_json():
+        _log_failure(said, outcome.exit_code, run_id=outcome.run_id, kind=outcome.kind, status=outcome.status)
+        sys.exit(outcome.exit_code)
+    line = f"{prefix}{said}"
     try:
         if stream.isatty():
             # On a terminal the outcome follows a screenful of log lines: set it apart.
@@ -581,7 +616,7 @@ def _warn(message: str) -> None:
     from .visible import escape_control
 
     text = escape_control(khlog.redact_text(message))
-    if khlog.logs_are_json():
+    if _stderr_takes_json():
         khlog.get_logger(__name__).warning("rules_warning", message=text)
     else:
         click.echo(f"keyhygiene: warning: {text}", err=True)
@@ -977,7 +1012,11 @@ def _main(argv: list[str] | None) -> None:
         exc.show(file=shown)
         with contextlib.suppress(SettingsError):
             load_settings()  # registers the key wherever it is set: .env and a _FILE too
-        sys.stderr.write(khlog.redact_text(shown.getvalue()))
+        if _stderr_takes_json():
+            command = exc.ctx.command_path if isinstance(exc, click.UsageError) and exc.ctx is not None else None
+            _log_failure(khlog.redact_text(exc.format_message()), EXIT_USAGE, command=command)
+        else:
+            sys.stderr.write(khlog.redact_text(shown.getvalue()))
         sys.exit(EXIT_USAGE)
     except click.exceptions.Abort:
         fail("aborted")
@@ -1003,7 +1042,11 @@ def _main(argv: list[str] | None) -> None:
             fail(f"database error: {describe_db_error(exc)}")
         if isinstance(exc, ApiError):
             fail(f"API error: {exc}")
-        # A bug: its traceback, as Python prints it, but without any secret a message quotes.
+        # A bug: its traceback, as Python prints it (or in the JSON event), without any secret a
+        # message quotes.
+        if _stderr_takes_json():
+            _log_failure(khlog.redact_text(f"unexpected error: {exc!r}"), EXIT_FAILURE, exc)
+            sys.exit(EXIT_FAILURE)
         import traceback
 
         sys.stderr.write(khlog.redact_text("".join(traceback.format_exception(exc))))

@@ -120,12 +120,17 @@ class _CurrentStderr:
         return sys.stderr.isatty()
 
 
-_configured_format = "console"
+_configured_format: str | None = None
 
 
 def logs_are_json() -> bool:
     """Whether the log lines are JSON (``configure_logging``): then every line on stderr must be."""
     return _configured_format == "json"
+
+
+def configured_format() -> str | None:
+    """``json`` or ``console`` as ``configure_logging`` last chose; None before it ran."""
+    return _configured_format
 
 
 def resolve_format(log_format: str, stream: TextIO | None = None) -> str:

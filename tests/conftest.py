@@ -166,12 +166,34 @@ class CliResult:
         return [event for event in self.events if event.get("event") == name]
 
 
+def failure_lines(stderr: str) -> list[str]:
+    """The lines a failing command wrote on stderr to say why, as a terminal shows them: its text
+    lines, and its ``command_failed`` event where stderr takes JSON lines only (then that is the
+    one line not a log event of the job itself)."""
+    lines = []
+    for line in stderr.splitlines():
+        if not line.strip():
+            continue
+        if not line.lstrip().startswith("{"):
+            lines.append(line)
+            continue
+        event = json.loads(line)
+        if event.get("event") == "command_failed":
+            said = event["error"] if "kind" in event else f"error: {event['error']}"
+            lines.append(f"keyhygiene: {said}")
+    return lines
+
+
 def _invoke(args: list[str]) -> CliResult:
+    from keyhygiene import logging as khlog
     from keyhygiene.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     old_out, old_err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
+    # The secrets a command registers are its process's: a fuzzed "key" such as "json" would
+    # otherwise be redacted from every later command's output in this one.
+    secrets, ordered = set(khlog._secrets), list(khlog._ordered)
     code = 0
     try:
         main(args)
@@ -180,6 +202,7 @@ def _invoke(args: list[str]) -> CliResult:
     finally:
         sys.stdout, sys.stderr = old_out, old_err
         gc.unfreeze()  # the command froze what it left for its process's exit; this process goes on
+        khlog._secrets, khlog._ordered = secrets, ordered
     result = CliResult(code, out.getvalue(), err.getvalue())
     assert MANAGEMENT_KEY not in result.stdout + result.stderr, "the management key leaked into output"
     assert not SECRETS.search(result.stdout + result.stderr), "a secret leaked into output"

@@ -18,7 +18,7 @@ from keyhygiene.api import EarlyListing
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.settings import Settings
-from tests.conftest import MANAGEMENT_KEY
+from tests.conftest import MANAGEMENT_KEY, failure_lines
 
 Cli = Callable[..., object]
 
@@ -48,7 +48,7 @@ def error_line(result: object) -> str:
     """The one line a failed command writes for people (log events are JSON lines)."""
     stderr: str = result.stderr  # type: ignore[attr-defined]
     assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.lstrip().startswith("{")]
+    lines = failure_lines(stderr)
     assert len(lines) == 1, stderr
     return lines[0]
 

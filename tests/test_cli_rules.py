@@ -9,7 +9,7 @@ import pytest
 
 from keyhygiene.fakeapi import FakeOpenRouter
 
-from .conftest import CliResult
+from .conftest import CliResult, failure_lines
 
 GOOD = """
 [safety]
@@ -109,7 +109,9 @@ def test_rules_check_of_a_given_file_still_refuses_bad_settings(
     result = cli("rules", "check", str(good_file))
 
     assert result.exit_code == 2
-    assert result.stderr.startswith("keyhygiene: error: invalid settings: KEYHYGIENE_HTTP_CONCURRENCY: "), result.stderr
+    assert failure_lines(result.stderr)[0].startswith(
+        "keyhygiene: error: invalid settings: KEYHYGIENE_HTTP_CONCURRENCY: "
+    ), result.stderr
     assert result.stdout == ""
 
 
@@ -197,7 +199,7 @@ def test_a_protected_hash_with_white_space_around_it_stops_rules_check_and_plan(
     for command in (("rules", "check"), ("plan",)):
         result = cli(*command)
         assert result.exit_code == 2
-        assert result.stderr.splitlines()[-1].startswith(
+        assert failure_lines(result.stderr)[-1].startswith(
             f"keyhygiene: error: {path}:4: protect_hashes: entry 1 has white space around it"
         ), result.stderr
 
@@ -218,7 +220,8 @@ def test_a_webhook_url_written_as_a_variable_name_is_never_echoed(
         assert result.exit_code == 2
         assert f"{secrets / 'rules.toml'}:3: url_env: expected the name of the environment variable" in result.stderr
         assert "f00d" not in result.stdout + result.stderr
-    assert [event["event"] for event in result.events if event["level"] == "error"] == ["run_not_started"]
+    errors = [event["event"] for event in result.events if event["level"] == "error"]
+    assert errors == ["run_not_started", "command_failed"]
 
 
 def test_rules_check_lists_the_notify_targets_and_warns_of_one_whose_notices_would_fail(

@@ -3,6 +3,7 @@ command, the dependencies and health checks are in place, and no secret is baked
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -235,3 +236,22 @@ def test_the_entrypoint_names_what_it_cannot_use(tmp_path: Path) -> None:
     directory = run_entrypoint(tmp_path, {"KEYHYGIENE_RULES_FILE": str(tmp_path / "keyhygiene.toml")}, "true")
     assert directory.returncode == 2
     assert "is a directory" in directory.stderr and "deploy/keyhygiene.toml.example" in directory.stderr
+    (tmp_path / "postgres_password").write_text("secret\n")
+    no_url = run_entrypoint(
+        tmp_path,
+        {"KEYHYGIENE_DATABASE_PASSWORD_FILE": str(tmp_path / "postgres_password"), "KEYHYGIENE_DATABASE_URL": "::"},
+        "true",
+    )
+    assert no_url.returncode == 2
+    # Off a terminal the logs are JSON lines (the default, auto): so is the entrypoint's one line.
+    for done in (missing, directory, no_url):
+        (line,) = done.stderr.splitlines()
+        event = json.loads(line)
+        assert (event["event"], event["level"], event["exit_code"]) == ("command_failed", "error", 2), line
+        assert event["timestamp"].endswith("Z")
+    assert json.loads(no_url.stderr)["error"] == "KEYHYGIENE_DATABASE_URL is not a database URL"
+    console = run_entrypoint(
+        tmp_path, {"OPENROUTER_MANAGEMENT_KEY_FILE": str(tmp_path / "nope"), "KEYHYGIENE_LOG_FORMAT": "Console"}, "true"
+    )
+    assert console.returncode == 2
+    assert console.stderr.startswith("keyhygiene: error: OPENROUTER_MANAGEMENT_KEY_FILE names ")

@@ -3,6 +3,7 @@ database exists, and a trigger that waits with no worker running."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -81,10 +82,11 @@ def test_trigger_wait_with_no_worker_says_so_within_seconds(deploy: Deployment) 
     assert waiting.returncode == 1
     notice = re.search(r"no worker answered within (\d+)s", waiting.stderr)
     assert notice, waiting.stderr
-    # The logs are JSON here (stderr is no terminal): so is the notice, a no_worker_answered event;
-    # only a failing command's last line is text.
+    # The logs are JSON here (stderr is no terminal): so is the notice, a no_worker_answered event,
+    # and the failing command's last line, a command_failed event.
     *logged, last = waiting.stderr.splitlines()
-    assert all(line.startswith("{") for line in logged) and last.startswith("keyhygiene: "), waiting.stderr
+    assert all(line.startswith("{") for line in logged), waiting.stderr
+    assert json.loads(last)["event"] == "command_failed", waiting.stderr
     assert any('"event": "no_worker_answered"' in line for line in logged)
     assert int(notice.group(1)) <= 5
     # Said before the wait ran out, not instead of it: the job stays queued for a worker, an hour at most.

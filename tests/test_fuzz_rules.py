@@ -19,7 +19,7 @@ from keyhygiene.keysapi.models import Key
 from keyhygiene.rules import AuditFacts, KeyHistory, RulesError, load_rules, next_action, plan
 from keyhygiene.rules.loader import NOTIFY_KEYS, RULE_KEYS, SAFETY_KEYS
 from keyhygiene.timeutil import EARLIEST_TIME, LATEST_TIME
-from tests.conftest import _invoke
+from tests.conftest import _invoke, failure_lines
 
 EXAMPLES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -127,7 +127,7 @@ def _check(text: str, cli: Callable[..., Any]) -> None:
                 next_action(key, KeyHistory(), AuditFacts(), ruleset, now)
         return
     assert result.exit_code == 2
-    lines = result.stderr.splitlines()
+    lines = failure_lines(result.stderr)
     assert len(lines) == 1 and lines[0] == f"keyhygiene: error: {error}", result.stderr
     assert error.line is not None, str(error)  # every mistake in the text has a line
     if not error.message.startswith(("invalid TOML", "the file is not UTF-8")):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from keyhygiene.settings import ENV_NAMES, Settings, SettingsError, load_settings
 from keyhygiene.timeutil import MAX_DURATION
-from tests.conftest import _invoke
+from tests.conftest import _invoke, failure_lines
 
 EXAMPLES = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -127,7 +127,7 @@ def test_the_command_refuses_bad_settings_with_exit_2_and_one_line(assigned: dic
 
     assert "Traceback" not in result.stderr
     assert result.exit_code == 2
-    lines = result.stderr.splitlines()
+    lines = failure_lines(result.stderr)
     assert len(lines) == 1, result.stderr
     if refusal is None:
         assert lines[0] == "keyhygiene: error: prune has no dry run: it would delete the history all the same"

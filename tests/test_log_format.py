@@ -15,8 +15,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +31,7 @@ from .celery_support import (
     keyhygiene_executable,
     wait_until,
 )
-from .conftest import MANAGEMENT_KEY
+from .conftest import MANAGEMENT_KEY, CliResult
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -114,6 +116,16 @@ def command_env(tmp_path: Path, fake_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def three_expired_keys_and_a_cap_of_one(tmp_path: Path, fake: FakeOpenRouter) -> None:
+    """An organisation and a rules file that a `run` refuses (exit 3): three planned deletes, a cap of one."""
+    for number in range(3):
+        fake.add_key(f"dev-old-{number}", expires_at=utcnow() - timedelta(days=1))
+    (tmp_path / "keyhygiene.toml").write_text(
+        "[safety]\nmax_actions_per_run = 1\nmax_action_percent = 100\n\n"
+        '[[rule]]\nname = "delete-expired"\nmatch = "expired"\naction = "delete"\n'
+    )
+
+
 # -- commands -------------------------------------------------------------------------------------
 
 
@@ -161,6 +173,106 @@ def test_a_rules_warning_is_a_json_line_where_the_logs_are_json(tmp_path: Path, 
     event = json.loads(line)
     assert (event["event"], event["level"]) == ("rules_warning", "warning")
     assert "protect_hashes: entry 1" in event["message"]
+
+
+def run_command(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [keyhygiene_executable(), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def only_json(stderr: str) -> list[dict[str, Any]]:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and all(is_json(line) for line in lines), stderr
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.parametrize(
+    ("case", "args", "extra", "code", "said"),
+    [
+        ("bad settings", ["sync"], {"KEYHYGIENE_HTTP_CONCURRENCY": "lots"}, 2, "KEYHYGIENE_HTTP_CONCURRENCY"),
+        (
+            "bad settings, auto",
+            ["sync"],
+            {"KEYHYGIENE_LOG_FORMAT": "auto", "KEYHYGIENE_RETENTION": "1y"},
+            2,
+            "KEYHYGIENE_RETENTION",
+        ),
+        ("no store", ["sync"], {}, 1, "sync failed: there is no database"),
+        ("bad option value", ["report", "spend", "--since", "3x"], {}, 2, "invalid duration '3x'"),
+        ("unknown option", ["plan", "--colour"], {}, 2, "No such option '--colour'"),
+        ("bad rules", ["plan"], {}, 2, "keyhygiene.toml"),
+    ],
+)
+def test_a_failing_command_ends_with_a_json_event_where_the_logs_are_json(
+    tmp_path: Path, fake_url: str, case: str, args: list[str], extra: dict[str, str], code: int, said: str
+) -> None:
+    """The interface: with JSON logs every line on stderr is one JSON object. A failing command
+    ended with a plain `keyhygiene: ...` line, and a mistyped option with click's usage text."""
+    env = command_env(tmp_path, fake_url, **({"KEYHYGIENE_LOG_FORMAT": "json"} | extra))
+    if case == "bad rules":
+        subprocess.run(
+            [keyhygiene_executable(), "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True
+        )
+        (tmp_path / "keyhygiene.toml").write_text('[safety]\ndry_run = "yes"\n')
+
+    done = run_command(args, env, tmp_path)
+
+    assert done.returncode == code, done.stderr
+    *_, last = only_json(done.stderr)
+    assert (last["event"], last["level"], last["exit_code"]) == ("command_failed", "error", code), last
+    assert said in last["error"], last
+    assert MANAGEMENT_KEY not in done.stderr
+    if case == "unknown option":
+        assert last["command"] == "keyhygiene plan"
+    if case == "no store":
+        assert (last["kind"], last["status"], last["run_id"]) == ("sync", "failed", None)
+
+
+def test_a_refused_run_ends_with_its_outcome_as_an_event_and_as_a_line_on_console(
+    tmp_path: Path, fake_url: str, fake: FakeOpenRouter
+) -> None:
+    """A job's own outcome (a refusal, exit 3) ends the output the same way, in either format."""
+    three_expired_keys_and_a_cap_of_one(tmp_path, fake)
+    env = command_env(tmp_path, fake_url, KEYHYGIENE_LOG_FORMAT="json")
+    subprocess.run([keyhygiene_executable(), "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True)
+
+    done = run_command(["run"], env, tmp_path)
+
+    assert done.returncode == 3, done.stderr
+    *_, finished, last = only_json(done.stderr)
+    assert finished["event"] == "run_finished"
+    assert last["event"] == "command_failed" and last["exit_code"] == 3
+    assert (last["run_id"], last["kind"], last["status"]) == (finished["run_id"], "run", "refused")
+    assert last["error"] == f"run {finished['run_id']} run refused: {finished['message']}"
+
+    console = run_command(["run"], env | {"KEYHYGIENE_LOG_FORMAT": "console"}, tmp_path)
+
+    assert console.returncode == 3, console.stderr
+    assert console.stderr.splitlines()[-1].startswith(f"keyhygiene: run {finished['run_id'] + 1} run refused: ")
+    assert not any(is_json(line) for line in console.stderr.splitlines())
+
+
+def test_a_bug_is_a_json_event_with_its_traceback_and_no_secret(
+    cli: Callable[..., CliResult], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception (a bug) printed Python's traceback as raw lines among the JSON ones."""
+    from keyhygiene import jobs
+
+    def broken(*_: Any, **__: Any) -> None:
+        raise RuntimeError(f"a bug that quotes {MANAGEMENT_KEY}")
+
+    monkeypatch.setattr(jobs, "execute", broken)
+
+    result = cli("enforce")
+
+    assert result.exit_code == 1
+    *_, last = only_json(result.stderr)
+    assert (last["event"], last["exit_code"]) == ("command_failed", 1)
+    assert last["error"].startswith("unexpected error: RuntimeError(")
+    (frame_list,) = [item["frames"] for item in last["exception"]]
+    assert any(frame["name"] == "broken" for frame in frame_list), last["exception"]
+    assert MANAGEMENT_KEY not in result.stderr
 
 
 def test_a_librarys_warning_is_a_json_line_too() -> None:
@@ -235,12 +347,7 @@ def test_a_command_on_a_terminal_prints_readable_lines_and_no_json(tmp_path: Pat
 def test_a_refused_run_on_a_terminal_ends_with_its_one_line_set_apart(
     tmp_path: Path, fake_url: str, fake: FakeOpenRouter
 ) -> None:
-    for number in range(3):
-        fake.add_key(f"dev-old-{number}", expires_at=utcnow() - timedelta(days=1))
-    (tmp_path / "keyhygiene.toml").write_text(
-        "[safety]\nmax_actions_per_run = 1\nmax_action_percent = 100\n\n"
-        '[[rule]]\nname = "delete-expired"\nmatch = "expired"\naction = "delete"\n'
-    )
+    three_expired_keys_and_a_cap_of_one(tmp_path, fake)
     env = command_env(tmp_path, fake_url)
     subprocess.run([keyhygiene_executable(), "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True)
     run = Terminal(["run"], env, tmp_path)

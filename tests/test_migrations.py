@@ -20,6 +20,7 @@ from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter, generate_organisation
 from keyhygiene.keysapi.models import Key
 from keyhygiene.settings import Settings
+from tests.conftest import failure_lines
 
 
 @pytest.fixture
@@ -335,7 +336,7 @@ def test_commands_refuse_a_database_that_is_not_upgraded(
 
     assert result.exit_code == 1
     assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    lines = failure_lines(result.stderr)
     assert len(lines) == 1
     assert "run `keyhygiene db upgrade`" in lines[0]
     if state == "behind":

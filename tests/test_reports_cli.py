@@ -13,6 +13,7 @@ import pytest
 
 from keyhygiene.context import Database
 from keyhygiene.fakeapi import FakeOpenRouter
+from tests.conftest import failure_lines
 from tests.test_reports_support import RULES, Org, build_history, day
 
 pytestmark = pytest.mark.postgres
@@ -36,7 +37,7 @@ def org(database: Database, fake: FakeOpenRouter, fake_url: str, env: dict[str, 
 
 def one_error_line(result: Any) -> str:
     assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    lines = failure_lines(result.stderr)
     assert len(lines) == 1, result.stderr
     return str(lines[0])
 

@@ -298,6 +298,17 @@ def test_a_bug_outside_a_job_prints_its_traceback_without_the_key(
 
     monkeypatch.setattr(status, "read_status", broken)
 
+    result = cli("status")  # the logs are JSON here: the traceback is in the last event
+
+    assert result.exit_code == 1
+    [failed] = result.events_named("command_failed")
+    assert failed["error"] == "unexpected error: RuntimeError('cannot use [REDACTED]')"
+    [exception] = failed["exception"]
+    assert (exception["exc_type"], exception["exc_value"]) == ("RuntimeError", "cannot use [REDACTED]")
+    assert exception["frames"][-1]["name"] == "broken"
+    assert not leaks(result.stdout + result.stderr)
+
+    monkeypatch.setenv("KEYHYGIENE_LOG_FORMAT", "console")
     result = cli("status")
 
     assert result.exit_code == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -14,7 +13,7 @@ import pytest
 from keyhygiene import logging as khlog
 from keyhygiene.errors import EXIT_USAGE, UsageError
 from keyhygiene.settings import Settings, SettingsError, load_settings
-from tests.conftest import MANAGEMENT_KEY
+from tests.conftest import MANAGEMENT_KEY, failure_lines
 
 VARIABLES = (
     "OPENROUTER_MANAGEMENT_KEY",
@@ -231,9 +230,8 @@ def test_commands_refuse_bad_settings_with_exit_2(
 def _refused_line(result: Any) -> tuple[str, list[dict[str, Any]]]:
     """The one plain line a command refused by its settings writes, and the JSON events beside it:
     only a job's ``run_not_started``, with the same message."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    plain = [line for line in lines if not line.startswith("{")]
-    events = [json.loads(line) for line in lines if line.startswith("{")]
+    plain = failure_lines(result.stderr)
+    events = [event for event in result.events if event["event"] != "command_failed"]
     assert len(plain) == 1, result.stderr
     assert all(event["event"] == "run_not_started" and event["error"] in plain[0] for event in events), events
     return plain[0], events
@@ -328,7 +326,7 @@ def test_a_dotenv_file_that_cannot_be_read_stops_every_command_in_one_line(
     result = cli(*command)
 
     assert result.exit_code == 2
-    assert result.stderr.splitlines() == [f"keyhygiene: error: {clean_env / '.env'}{said}"], result.stderr
+    assert failure_lines(result.stderr) == [f"keyhygiene: error: {clean_env / '.env'}{said}"], result.stderr
     assert not (clean_env / "keyhygiene.db").exists()
 
 
@@ -364,7 +362,7 @@ def test_a_dotenv_line_that_cannot_be_parsed_stops_naming_file_and_line(
 
     assert result.exit_code == 2
     why = "(it has no =)" if "=" not in text.splitlines()[line - 1] else "(a quote left open, or a space in the name?)"
-    assert result.stderr.splitlines() == [
+    assert failure_lines(result.stderr) == [
         f"keyhygiene: error: {clean_env / '.env'}:{line}: not a NAME=value line {why}"
     ], result.stderr
     assert not (clean_env / "keyhygiene.db").exists()
@@ -596,7 +594,7 @@ def test_a_management_key_pasted_into_another_variable_is_not_echoed(
     result = cli("status")
 
     assert result.exit_code == 2
-    (line,) = result.stderr.splitlines()
+    (line,) = failure_lines(result.stderr)
     assert "KEYHYGIENE_SCHEDULE: " in line and "KEYHYGIENE_DATABASE_URL: " in line
     assert not [form for form in (key, repr(key)[1:-1], key.replace("\\", "\\\\")) if form in line], line
 

@@ -38,7 +38,7 @@ from keyhygiene.settings import Settings
 from keyhygiene.shutdown import Terminated
 from keyhygiene.staging import HelperFailed, StagingHelper
 from keyhygiene.timeutil import utcnow
-from tests.conftest import MANAGEMENT_KEY
+from tests.conftest import MANAGEMENT_KEY, failure_lines
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -410,7 +410,7 @@ def test_a_failed_sync_stores_nothing_and_says_why_in_one_line(
 
     assert result.exit_code == 1
     assert sys.getswitchinterval() == switch_interval
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    lines = failure_lines(result.stderr)
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert lines[0].startswith("keyhygiene: run 2 sync failed: sync failed, no snapshot stored")
@@ -851,7 +851,7 @@ def test_a_failure_in_the_staging_process_fails_the_sync_and_stores_nothing(
     result = cli("sync")
 
     assert result.exit_code == 1
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    lines = failure_lines(result.stderr)
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("keyhygiene: run 2 sync failed: sync failed, no snapshot stored")
     assert "the staging helper failed" in lines[0] and "simulated storage failure" in lines[0]
