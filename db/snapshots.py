@@ -79,6 +79,8 @@ PRUNED = "pruned"
 # Held (per transaction) while a snapshot is recorded on PostgreSQL; SQLite's BEGIN IMMEDIATE
 # already lets only one writer in.
 _RECORD_LOCK = 0x6B657973
+
+
 _RECORD_WORK_MEM = "64MB"
 """Memory per sort or hash while PostgreSQL records a snapshot (``SET LOCAL``: this transaction)."""
 _RECORD_CACHE_KIB = 16 * 1024
@@ -629,6 +631,17 @@ def _spent_in_window(staged: Any, taken_at: datetime) -> Any:
     )
 
 
+def lock_recording(session: Session) -> None:
+    """On PostgreSQL, wait until no other transaction records a snapshot in this store, and keep it
+    so until this transaction ends. The advisory lock is the store's own: its key holds the ``oid``
+    of the ``snapshots`` table the session's search path finds, so that stores in other schemas of
+    one database never wait for each other."""
+    store = "CAST(CAST('snapshots' AS regclass) AS bigint)"
+    session.execute(
+        text(f"SELECT pg_advisory_xact_lock((CAST(:lock AS bigint) << 32) | {store})"), {"lock": _RECORD_LOCK}
+    )
+
+
 def record_staged(
     session: Session,
     *,
@@ -676,7 +689,7 @@ def record_staged(
     """
     postgresql = session.get_bind().dialect.name == "postgresql"
     if postgresql:
-        session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _RECORD_LOCK})
+        lock_recording(session)
         # Recording sorts and groups every key staged (and its roll-ups, after): within the
         # server's default 4 MB, a first sync of 100,000 keys sorted on disk. Until the commit only.
         session.execute(text(f"SET LOCAL work_mem = '{_RECORD_WORK_MEM}'"))

@@ -54,6 +54,13 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
+    with postgres_schema() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """The URL of a new, empty schema of the test database, dropped afterwards."""
     schema = f"kh_{uuid.uuid4().hex[:12]}"
     admin = create_engine(POSTGRES_URL)
     try:

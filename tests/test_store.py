@@ -21,6 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import event, func, select, update
+from sqlalchemy import text as sql
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from db import retention, runs, snapshots
@@ -34,6 +36,7 @@ from keyhygiene.fakeapi import FakeOpenRouter, generate_organisation
 from keyhygiene.keysapi.errors import MalformedResponse
 from keyhygiene.keysapi.models import Key
 from keyhygiene.settings import Settings
+from tests.conftest import postgres_schema
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 
@@ -441,6 +444,30 @@ def test_overlapping_syncs_cannot_record_out_of_order(database: Database) -> Non
     assert raw_at(database, fast) == {key(1).hash: key(1).raw, key(2).hash: key(2, usage=50.0).raw}
     with database.sessions() as session:
         assert snapshots.count_versions(session) == 3
+
+
+@pytest.mark.postgres
+def test_recording_waits_for_another_recording_of_its_store_and_no_other(pg_database: Database) -> None:
+    """Two syncs of one store record one after the other (an advisory lock). The lock was one for
+    the whole database: a store in another schema of it waited for this one's recording too."""
+    with postgres_schema() as other_url:
+        other = Database.open(Settings(KEYHYGIENE_DATABASE_URL=other_url), check=False)  # type: ignore[call-arg]
+        try:
+            upgrade(other.engine)
+            with pg_database.sessions() as recording:
+                snapshots.lock_recording(recording)  # held until this transaction ends
+                with other.sessions() as elsewhere:
+                    elsewhere.execute(sql("SET LOCAL lock_timeout = '1s'"))
+                    snapshots.lock_recording(elsewhere)  # another store: not held up
+                with pg_database.sessions() as same_store:
+                    same_store.execute(sql("SET LOCAL lock_timeout = '100ms'"))
+                    with pytest.raises(OperationalError, match="lock timeout"):
+                        snapshots.lock_recording(same_store)
+            with pg_database.sessions() as after:
+                after.execute(sql("SET LOCAL lock_timeout = '1s'"))
+                snapshots.lock_recording(after)  # released with the transaction that held it
+        finally:
+            other.close()
 
 
 @pytest.mark.parametrize("carry_batch", [1, snapshots.CARRY_BATCH])
