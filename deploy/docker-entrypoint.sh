@@ -52,15 +52,24 @@ import sys
 
 from sqlalchemy.engine import make_url
 
-with open(os.environ["KEYHYGIENE_DATABASE_PASSWORD_FILE"], encoding="utf-8") as file:
-    password = file.read().rstrip("\r\n")
+try:
+    with open(os.environ["KEYHYGIENE_DATABASE_PASSWORD_FILE"], encoding="utf-8") as file:
+        password = file.read().rstrip("\r\n")
+except (OSError, UnicodeError):
+    sys.exit(4)
 try:
     url = make_url(os.environ.get("KEYHYGIENE_DATABASE_URL", ""))
 except Exception:
     sys.exit(3)
 print(url.set(password=password).render_as_string(hide_password=False))
 PY
-)" || { [ $? = 3 ] && fail "KEYHYGIENE_DATABASE_URL is not a database URL"; exit 2; }
+)" || {
+        case $? in
+            3) fail "KEYHYGIENE_DATABASE_URL is not a database URL" ;;
+            4) fail "KEYHYGIENE_DATABASE_PASSWORD_FILE names $KEYHYGIENE_DATABASE_PASSWORD_FILE, which is not UTF-8 text" ;;
+            *) fail "KEYHYGIENE_DATABASE_PASSWORD_FILE could not be put into KEYHYGIENE_DATABASE_URL" ;;
+        esac
+    }
     export KEYHYGIENE_DATABASE_URL
 fi
 unset KEYHYGIENE_DATABASE_PASSWORD_FILE

@@ -23,7 +23,7 @@ import click
 
 from . import logging as khlog
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, KeyhygieneError, UsageError
-from .settings import Settings, SettingsError, load_settings
+from .settings import Settings, SettingsError, asked_log_format, load_settings
 from .shutdown import stop_on_signals
 from .timeutil import MAX_DURATION, TimeFormatError, isoformat, parse_duration, parse_time, utcnow
 
@@ -92,15 +92,8 @@ def _log_not_started(error: str) -> None:
     kind = command.info_name if command is not None else None
     if kind not in _JOBS:
         return
-    khlog.configure_logging(_asked_format())
+    khlog.configure_logging(asked_log_format())
     khlog.get_logger("keyhygiene.jobs").error("run_not_started", kind=kind, error=khlog.redact_text(error))
-
-
-def _asked_format() -> str:
-    """The log format the environment asks for if it is a valid one, else ``auto``: for a command
-    stopped before its settings were read."""
-    asked = os.environ.get("KEYHYGIENE_LOG_FORMAT", "auto").strip().lower()
-    return asked if asked in ("auto", "json", "console") else "auto"
 
 
 def _stderr_takes_json() -> bool:
@@ -108,7 +101,7 @@ def _stderr_takes_json() -> bool:
     (a command stopped before it set up its logging: bad settings, a usage error; its logging is
     set up now, for the event that tells why)."""
     if khlog.configured_format() is None:
-        if khlog.resolve_format(_asked_format()) != "json":
+        if khlog.resolve_format(asked_log_format()) != "json":
             return False
         khlog.configure_logging("json")
     return khlog.logs_are_json()
@@ -1000,25 +993,43 @@ def main(argv: list[str] | None = None) -> None:
             gc.freeze()
 
 
+def _usage_error(exc: click.ClickException) -> NoReturn:
+    """A mistyped command, option or argument: click's message (usage and all on a terminal; the
+    help of a command given no subcommand on stdout where the logs are JSON), exit 2."""
+    settings = None
+    with contextlib.suppress(SettingsError):
+        settings = load_settings()  # registers the key wherever it is set: .env and a _FILE too
+    if settings is not None and khlog.configured_format() is None:
+        khlog.configure_logging(settings.log_format)
+    # Click quotes the argument it refused: the management key, pasted where a run id or a hash
+    # goes, must not be printed back.
+    if not _stderr_takes_json():
+        shown = io.StringIO()
+        exc.show(file=shown)
+        sys.stderr.write(khlog.redact_text(shown.getvalue()))
+        sys.exit(EXIT_USAGE)
+    context = exc.ctx if isinstance(exc, click.UsageError) else None
+    message = exc.format_message()
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError) and context is not None:
+        click.echo(context.get_help())  # what to type is the help: people read it on stdout
+        message = f"{context.command_path} needs a command: see its help on stdout"
+    command = context.command_path if context is not None else None
+    _log_failure(khlog.redact_text(message), EXIT_USAGE, command=command)
+    sys.exit(EXIT_USAGE)
+
+
 def _main(argv: list[str] | None) -> None:
     try:
-        cli.main(args=argv, prog_name="keyhygiene", standalone_mode=False)
+        # As click's own main() without its handlers: an interrupt (SIGTERM, Ctrl-C) reaches the
+        # one below with its reason, and click writes nothing of its own on stderr.
+        cli._main_shell_completion({}, "keyhygiene", None)  # _KEYHYGIENE_COMPLETE=bash_source, as before
+        with cli.make_context("keyhygiene", list(sys.argv[1:] if argv is None else argv)) as context:
+            cli.invoke(context)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        # Click quotes the argument it refused: the management key, pasted where a run id or a
-        # hash goes, must not be printed back.
-        shown = io.StringIO()
-        exc.show(file=shown)
-        with contextlib.suppress(SettingsError):
-            load_settings()  # registers the key wherever it is set: .env and a _FILE too
-        if _stderr_takes_json():
-            command = exc.ctx.command_path if isinstance(exc, click.UsageError) and exc.ctx is not None else None
-            _log_failure(khlog.redact_text(exc.format_message()), EXIT_USAGE, command=command)
-        else:
-            sys.stderr.write(khlog.redact_text(shown.getvalue()))
-        sys.exit(EXIT_USAGE)
-    except click.exceptions.Abort:
+        _usage_error(exc)
+    except (click.exceptions.Abort, EOFError):
         fail("aborted")
     except SettingsError as exc:
         fail(str(exc), EXIT_USAGE)
@@ -1027,6 +1038,8 @@ def _main(argv: list[str] | None) -> None:
     except KeyhygieneError as exc:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:
+        if not _stderr_takes_json() and sys.stderr.isatty():
+            click.echo(err=True)  # past the terminal's ^C
         fail(str(exc) or "interrupted")
     except BrokenPipeError:  # the reader of the output went away while a command wrote it
         _quiet(sys.stdout)

@@ -46,7 +46,7 @@ from .reports.base import Report, usd
 from .reports.html import write_html
 from .reports.render import print_table
 from .reports.spend import compute_spend
-from .settings import load_settings
+from .settings import asked_log_format, load_settings
 from .timeutil import utcnow
 
 DEFAULT_DIRECTORY = "keyhygiene-demo"
@@ -264,7 +264,7 @@ def run_demo(
     if every <= timedelta(0) or DAY % every:
         raise ValueError(f"every={every} does not divide a day")
     console = console or Console()
-    khlog.configure_logging("console", level=logging.WARNING)
+    khlog.configure_logging(asked_log_format(), level=logging.WARNING)
     began = time.monotonic()
     end = (now or utcnow()).astimezone(UTC)
     steps = days * (DAY // every)

@@ -457,6 +457,18 @@ class Settings(BaseSettings):
         return self.management_key.get_secret_value().strip()
 
 
+def asked_log_format() -> str:
+    """``KEYHYGIENE_LOG_FORMAT`` as the environment, else a ``.env`` file that is a regular file,
+    sets it, if that is a valid format; else ``auto``. For a command whose settings could not be
+    read (or that reads none): a ``.env`` served through a FIFO is never read a second time."""
+    asked = os.environ.get("KEYHYGIENE_LOG_FORMAT")
+    if asked is None and os.path.isfile(ENV_FILE):
+        with contextlib.suppress(SettingsError):
+            asked = read_env_file(ENV_FILE).get("KEYHYGIENE_LOG_FORMAT")
+    asked = (asked or "auto").strip().lower()
+    return asked if asked in ("auto", "json", "console") else "auto"
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read and validate the settings; a bad value raises SettingsError naming its variable, and a
     ``.env`` file that cannot be read or parsed one naming the file and line."""

@@ -175,20 +175,22 @@ class CliResult:
 
 def failure_lines(stderr: str) -> list[str]:
     """The lines a failing command wrote on stderr to say why, as a terminal shows them: its text
-    lines, and its ``command_failed`` event where stderr takes JSON lines only (then that is the
-    one line not a log event of the job itself)."""
-    lines = []
-    for line in stderr.splitlines():
-        if not line.strip():
-            continue
-        if not line.lstrip().startswith("{"):
-            lines.append(line)
+    lines, or its ``command_failed`` event where the logs are JSON. There every line must be JSON,
+    and the event must not be a bug's (one with a traceback)."""
+    lines = stderr.splitlines()
+    if any(line.startswith("{") for line in lines):
+        assert all(line.startswith("{") for line in lines), f"a line that is not JSON among JSON lines:\n{stderr}"
+    said = []
+    for line in lines:
+        if not line.startswith("{"):
+            if line.strip():
+                said.append(line)
             continue
         event = json.loads(line)
         if event.get("event") == "command_failed":
-            said = event["error"] if "kind" in event else f"error: {event['error']}"
-            lines.append(f"keyhygiene: {said}")
-    return lines
+            assert "exception" not in event, f"a bug, not a refusal:\n{stderr}"
+            said.append(f"keyhygiene: {event['error'] if 'kind' in event else 'error: ' + event['error']}")
+    return said
 
 
 def _invoke(args: list[str]) -> CliResult:
@@ -201,6 +203,7 @@ def _invoke(args: list[str]) -> CliResult:
     # The secrets a command registers are its process's: a fuzzed "key" such as "json" would
     # otherwise be redacted from every later command's output in this one.
     secrets, ordered = set(khlog._secrets), list(khlog._ordered)
+    khlog._configured_format = None  # as in a new process: the last command's logging says nothing
     code = 0
     try:
         main(args)

@@ -250,6 +250,18 @@ def test_the_entrypoint_names_what_it_cannot_use(tmp_path: Path) -> None:
         assert (event["event"], event["level"], event["exit_code"]) == ("command_failed", "error", 2), line
         assert event["timestamp"].endswith("Z")
     assert json.loads(no_url.stderr)["error"] == "KEYHYGIENE_DATABASE_URL is not a database URL"
+    (tmp_path / "postgres_password").write_bytes(b"\xff\xfe\n")
+    not_text = run_entrypoint(
+        tmp_path,
+        {
+            "KEYHYGIENE_DATABASE_PASSWORD_FILE": str(tmp_path / "postgres_password"),
+            "KEYHYGIENE_DATABASE_URL": "postgresql+psycopg://keyhygiene@postgres/keyhygiene",
+        },
+        "true",
+    )
+    assert not_text.returncode == 2
+    (line,) = not_text.stderr.splitlines()  # no traceback
+    assert json.loads(line)["error"].endswith("postgres_password, which is not UTF-8 text")
     console = run_entrypoint(
         tmp_path, {"OPENROUTER_MANAGEMENT_KEY_FILE": str(tmp_path / "nope"), "KEYHYGIENE_LOG_FORMAT": "Console"}, "true"
     )

@@ -12,6 +12,7 @@ import pty
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -273,6 +274,69 @@ def test_a_bug_is_a_json_event_with_its_traceback_and_no_secret(
     (frame_list,) = [item["frames"] for item in last["exception"]]
     assert any(frame["name"] == "broken" for frame in frame_list), last["exception"]
     assert MANAGEMENT_KEY not in result.stderr
+
+
+def test_a_log_format_set_in_dotenv_holds_before_the_settings_are_read(tmp_path: Path, fake_url: str) -> None:
+    """A mistyped option or a bad setting: the format was taken from the environment alone, so a
+    `.env` that asks for console logs still got JSON off a terminal."""
+    env = command_env(tmp_path, fake_url)
+    (tmp_path / ".env").write_text("KEYHYGIENE_LOG_FORMAT=console\n")
+
+    mistyped = run_command(["sync", "--bogus"], env, tmp_path)
+    refused = run_command(["sync"], env | {"KEYHYGIENE_RETENTION": "bogus"}, tmp_path)
+
+    assert mistyped.returncode == refused.returncode == 2
+    assert mistyped.stderr.splitlines()[-1] == "Error: No such option '--bogus'.", mistyped.stderr
+    assert refused.stderr.splitlines()[-1].startswith("keyhygiene: error: invalid settings: KEYHYGIENE_RETENTION: ")
+    assert not any(is_json(line) for line in mistyped.stderr.splitlines() + refused.stderr.splitlines())
+
+
+def test_a_command_given_no_subcommand_prints_its_help_on_stdout_and_one_event(tmp_path: Path, fake_url: str) -> None:
+    done = run_command(["db"], command_env(tmp_path, fake_url), tmp_path)
+
+    assert done.returncode == 2
+    (event,) = only_json(done.stderr)
+    assert (event["event"], event["command"]) == ("command_failed", "keyhygiene db")
+    assert "upgrade" in done.stdout and done.stdout.startswith("Usage: keyhygiene db")
+
+
+def test_a_command_stopped_by_sigterm_says_so_in_json_lines_only(tmp_path: Path, fake_url: str) -> None:
+    """click caught the interrupt of a command that is not a job: it wrote a blank line, and the
+    reason became "aborted"."""
+    with socket.socket() as silent:  # a database server that accepts and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"postgresql+psycopg://keyhygiene@127.0.0.1:{silent.getsockname()[1]}/keyhygiene"
+        env = command_env(tmp_path, fake_url) | {"KEYHYGIENE_DATABASE_URL": url}
+        status = subprocess.Popen(
+            [keyhygiene_executable(), "status"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            silent.settimeout(60)
+            connection, _ = silent.accept()  # the command is waiting for the database now
+            status.send_signal(signal.SIGTERM)
+            _, stderr = status.communicate(timeout=60)
+            connection.close()
+        finally:
+            if status.poll() is None:
+                status.kill()
+                status.wait()
+
+    assert status.returncode == 1
+    assert stderr.endswith("\n") and "\n\n" not in stderr and not stderr.startswith("\n"), repr(stderr)
+    *_, last = only_json(stderr)
+    assert (last["event"], last["error"], last["exit_code"]) == ("command_failed", "terminated by SIGTERM", 1)
+
+
+def test_the_demo_refusing_its_folder_says_so_in_a_json_event(tmp_path: Path, fake_url: str) -> None:
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "keyhygiene.toml").write_text("# an operator's own rules\n")
+
+    done = run_command(["demo", "--dir", "demo"], command_env(tmp_path, fake_url), tmp_path)
+
+    assert done.returncode == 2
+    (event,) = only_json(done.stderr)
+    assert event["event"] == "command_failed" and "which the demo did not write" in event["error"], event
 
 
 def test_a_librarys_warning_is_a_json_line_too() -> None:
