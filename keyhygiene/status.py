@@ -1,8 +1,10 @@
-"""``keyhygiene status``: is the periodic hygiene working? Read from the runs and snapshots alone.
+"""``keyhygiene status``: is the periodic hygiene working? Read from the runs and snapshots (and
+whether the rules file says dry_run).
 
 Healthy means: the newest run of the periodic jobs that ended succeeded (a run skipped because
 another job held the lock says nothing either way, so it is passed over, and an operator's
-``undo`` or ``enable`` is no sign of the schedule working or not), and the newest complete snapshot is younger
+``undo`` or ``enable`` is no sign of the schedule working or not), so did the newest periodic
+``run`` (an operator's dry run passed over), and the newest complete snapshot is younger
 than twice the schedule's interval: the one it is in now (``schedule.current_period``: the longer
 of the gap between its last two firings and the gap to its next), so that a schedule of working
 hours is not stale every night and weekend. Anything else is a problem, named in words.
@@ -60,8 +62,9 @@ def _outcome(run: Run) -> str:
     return f"{run.status}: {message.removeprefix(f'{run.status}: ')}"
 
 
-def read_status(session: Session, *, schedule: str, now: datetime) -> Status:
-    """The status as of ``now``, for the periodic run on cron expression ``schedule``."""
+def read_status(session: Session, *, schedule: str, now: datetime, rules_dry_run: bool = False) -> Status:
+    """The status as of ``now``, for the periodic run on cron expression ``schedule``;
+    ``rules_dry_run``: the rules file says ``dry_run = true`` now."""
     stale_after = 2 * current_period(schedule, now=now)
     problems: list[str] = []
 
@@ -72,9 +75,10 @@ def read_status(session: Session, *, schedule: str, now: datetime) -> Status:
         problems.append(f"the newest run ({last.id}, {last.kind}) ended {_outcome(last)}")
     # The periodic job itself: a good prune, sync or dry run after it does not make up for it.
     periodic = runs.newest_finished_run(session, ignore=(runs.SKIPPED,), kinds=("run",))
-    if periodic is not None and periodic.dry_run and periodic.started_by != runs.BEAT:
+    if periodic is not None and periodic.dry_run and periodic.started_by != runs.BEAT and not rules_dry_run:
         # An operator's dry run changes nothing: it does not make up for the live run before it
-        # either (the schedule's own dry runs, beat's, where the rules file says dry_run, do).
+        # either. The schedule's own dry runs do: beat's, and while the rules file says dry_run
+        # every run's (a cron job's `keyhygiene run` too; only --dry-run made one dry otherwise).
         periodic = runs.newest_finished_run(session, ignore=(runs.SKIPPED,), kinds=("run",), live=True) or periodic
     if periodic is not None and periodic.status != runs.OK and (last is None or periodic.id != last.id):
         problems.append(f"the newest periodic run ({periodic.id}) ended {_outcome(periodic)}")

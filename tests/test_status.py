@@ -184,8 +184,33 @@ def test_a_refused_periodic_run_stays_a_problem_after_an_operators_dry_run(
     ]
 
 
-def _beat_run_ended(status: str, exit_code: int, message: str) -> None:
-    """Record a periodic ``run`` from beat that ended with ``status``, as the worker records one."""
+def test_a_cron_deployment_switched_to_dry_run_after_a_refused_run_is_healthy_again(
+    ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], object]
+) -> None:
+    """Cron runs `keyhygiene run` (started by cli, not beat). After a refused live run the operator
+    set `dry_run = true` in the rules: every run since was passed over as an operator's dry run,
+    and status stayed unhealthy for good. While the rules file says dry_run, the schedule's runs
+    are dry: they count again. While it says otherwise, a dry run is an operator's --dry-run."""
+    live = '[safety]\ndry_run = false\n\n[[rule]]\nname = "expired"\nmatch = "expired"\naction = "disable"\n'
+    rules_file(live)
+    assert cli("sync").exit_code == 0
+    _beat_run_ended(runs.REFUSED, 3, "enforcement refused, nothing was changed: 40 changes planned", by="cli")
+    rules_file(live.replace("dry_run = false", "dry_run = true"))
+    assert cli("run").exit_code == 0  # the cron job's next run: dry, by the rules file
+
+    code, status = _status(cli)
+
+    assert (code, status["problems"]) == (0, [])
+
+    rules_file(live)  # live again: that dry run no longer stands for the schedule's
+    code, status = _status(cli)
+
+    assert code == 1 and "ended refused" in str(status["problems"]), status
+
+
+def _beat_run_ended(status: str, exit_code: int, message: str, *, by: str = "beat") -> None:
+    """Record a periodic ``run`` from beat (or ``by`` cron: ``cli``) that ended with ``status``, as
+    the worker (or the command) records one."""
     database = Database.open(Settings())  # type: ignore[call-arg]
     with session_scope(database) as session:
         runs.record_ended_run(
@@ -195,8 +220,8 @@ def _beat_run_ended(status: str, exit_code: int, message: str) -> None:
             status=status,
             exit_code=exit_code,
             message=message,
-            started_by="beat",
-            task_id=f"t-{status}",
+            started_by=by,
+            task_id=f"t-{status}" if by == "beat" else None,
         )
     database.close()
 
