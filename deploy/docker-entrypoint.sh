@@ -66,7 +66,7 @@ PY
 )" || {
         case $? in
             3) fail "KEYHYGIENE_DATABASE_URL is not a database URL" ;;
-            4) fail "KEYHYGIENE_DATABASE_PASSWORD_FILE names $KEYHYGIENE_DATABASE_PASSWORD_FILE, which is not UTF-8 text" ;;
+            4) fail "KEYHYGIENE_DATABASE_PASSWORD_FILE names $KEYHYGIENE_DATABASE_PASSWORD_FILE, which cannot be read as UTF-8 text" ;;
             *) fail "KEYHYGIENE_DATABASE_PASSWORD_FILE could not be put into KEYHYGIENE_DATABASE_URL" ;;
         esac
     }

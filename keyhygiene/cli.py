@@ -1027,8 +1027,12 @@ def _usage_error(exc: click.ClickException) -> NoReturn:
         sys.exit(EXIT_USAGE)
     context = exc.ctx if isinstance(exc, click.UsageError) else None
     message = exc.format_message()
-    if isinstance(exc, click.exceptions.NoArgsIsHelpError) and context is not None:
-        click.echo(context.get_help())  # what to type is the help: people read it on stdout
+    no_command = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click 8.2 and later
+    if isinstance(exc, no_command) and context is not None:
+        try:
+            click.echo(context.get_help())  # what to type is the help: people read it on stdout
+        except OSError:  # its reader went away (`keyhygiene db | true`), or a full disk
+            _quiet(sys.stdout)
         message = f"{context.command_path} needs a command: see its help on stdout"
     command = context.command_path if context is not None else None
     _log_failure(khlog.redact_text(message), EXIT_USAGE, command=command)

@@ -460,13 +460,21 @@ class Settings(BaseSettings):
 def asked_log_format() -> str:
     """``KEYHYGIENE_LOG_FORMAT`` as the environment, else a ``.env`` file that is a regular file,
     sets it, if that is a valid format; else ``auto``. For a command whose settings could not be
-    read (or that reads none): a ``.env`` served through a FIFO is never read a second time."""
-    asked = os.environ.get("KEYHYGIENE_LOG_FORMAT")
+    read (or that reads none): a ``.env`` served through a FIFO is never read a second time. The
+    name is matched in any case, as the settings match it."""
+    asked = _named("KEYHYGIENE_LOG_FORMAT", os.environ)
     if asked is None and os.path.isfile(ENV_FILE):
         with contextlib.suppress(SettingsError):
-            asked = read_env_file(ENV_FILE).get("KEYHYGIENE_LOG_FORMAT")
+            asked = _named("KEYHYGIENE_LOG_FORMAT", read_env_file(ENV_FILE))
     asked = (asked or "auto").strip().lower()
     return asked if asked in ("auto", "json", "console") else "auto"
+
+
+def _named(name: str, variables: Mapping[str, str | None]) -> str | None:
+    """The value of variable ``name`` in ``variables``, its name in any case (as the settings read it)."""
+    if name in variables:
+        return variables[name]
+    return next((value for given, value in variables.items() if given.upper() == name), None)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -261,7 +261,7 @@ def test_the_entrypoint_names_what_it_cannot_use(tmp_path: Path) -> None:
     )
     assert not_text.returncode == 2
     (line,) = not_text.stderr.splitlines()  # no traceback
-    assert json.loads(line)["error"].endswith("postgres_password, which is not UTF-8 text")
+    assert json.loads(line)["error"].endswith("postgres_password, which cannot be read as UTF-8 text")
     console = run_entrypoint(
         tmp_path, {"OPENROUTER_MANAGEMENT_KEY_FILE": str(tmp_path / "nope"), "KEYHYGIENE_LOG_FORMAT": "Console"}, "true"
     )

@@ -276,11 +276,15 @@ def test_a_bug_is_a_json_event_with_its_traceback_and_no_secret(
     assert MANAGEMENT_KEY not in result.stderr
 
 
-def test_a_log_format_set_in_dotenv_holds_before_the_settings_are_read(tmp_path: Path, fake_url: str) -> None:
+@pytest.mark.parametrize("name", ["KEYHYGIENE_LOG_FORMAT", "keyhygiene_log_format"])
+def test_a_log_format_set_in_dotenv_holds_before_the_settings_are_read(
+    tmp_path: Path, fake_url: str, name: str
+) -> None:
     """A mistyped option or a bad setting: the format was taken from the environment alone, so a
-    `.env` that asks for console logs still got JSON off a terminal."""
+    `.env` that asks for console logs still got JSON off a terminal. (The settings take a name in
+    any case: so does this.)"""
     env = command_env(tmp_path, fake_url)
-    (tmp_path / ".env").write_text("KEYHYGIENE_LOG_FORMAT=console\n")
+    (tmp_path / ".env").write_text(f"{name}=console\n")
 
     mistyped = run_command(["sync", "--bogus"], env, tmp_path)
     refused = run_command(["sync"], env | {"KEYHYGIENE_RETENTION": "bogus"}, tmp_path)
@@ -292,12 +296,32 @@ def test_a_log_format_set_in_dotenv_holds_before_the_settings_are_read(tmp_path:
 
 
 def test_a_command_given_no_subcommand_prints_its_help_on_stdout_and_one_event(tmp_path: Path, fake_url: str) -> None:
-    done = run_command(["db"], command_env(tmp_path, fake_url), tmp_path)
+    env = command_env(tmp_path, fake_url)
+    done = run_command(["db"], env, tmp_path)
 
     assert done.returncode == 2
     (event,) = only_json(done.stderr)
     assert (event["event"], event["command"]) == ("command_failed", "keyhygiene db")
     assert "upgrade" in done.stdout and done.stdout.startswith("Usage: keyhygiene db")
+
+    # `keyhygiene db | true`: the help's reader is gone (a traceback, exit 1, before).
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        unread = subprocess.run(
+            [keyhygiene_executable(), "db"],
+            env=env,
+            cwd=tmp_path,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(writer)
+    assert unread.returncode == 2, unread.stderr
+    (event,) = only_json(unread.stderr)
+    assert event["event"] == "command_failed"
 
 
 def test_a_command_stopped_by_sigterm_says_so_in_json_lines_only(tmp_path: Path, fake_url: str) -> None:
