@@ -125,17 +125,23 @@ def newest_runs(session: Session) -> list[Run]:
 
 
 def newest_finished_run(
-    session: Session, *, ignore: Sequence[str] = (), kinds: Sequence[str] | None = None, live: bool = False
+    session: Session, *, ignore: Sequence[str] = (), kinds: Sequence[str] | None = None
 ) -> Run | None:
     """The newest run that has ended, leaving out the statuses in ``ignore`` (and, with ``kinds``,
-    runs of any other job; with ``live``, dry runs)."""
+    runs of any other job)."""
+    found = newest_finished_runs(session, ignore=ignore, kinds=kinds, limit=1)
+    return found[0] if found else None
+
+
+def newest_finished_runs(
+    session: Session, *, ignore: Sequence[str] = (), kinds: Sequence[str] | None = None, limit: int
+) -> list[Run]:
+    """The ``limit`` newest runs that have ended, newest first, as ``newest_finished_run`` chooses."""
     statuses = [status for status in FINAL_STATUSES if status not in ignore]
     query = select(Run).where(Run.status.in_(statuses))
     if kinds is not None:
         query = query.where(Run.kind.in_(list(kinds)))
-    if live:
-        query = query.where(Run.dry_run.is_not(True))
-    return session.scalars(query.order_by(Run.id.desc()).limit(1)).first()
+    return list(session.scalars(query.order_by(Run.id.desc()).limit(limit)))
 
 
 def runs_between(session: Session, *, since: datetime, until: datetime) -> Iterator[Run]:

@@ -403,9 +403,9 @@ def status(state: State, fmt: str) -> None:
 
     Exits 0 when the newest run of run, sync, enforce or prune that ended succeeded (runs skipped
     because another job held the lock, and undo and enable, are passed over), so did the newest
-    `run` (not counting a `run --dry-run` while the rules file says dry_run = false), and the
-    newest snapshot is younger than twice the interval of KEYHYGIENE_SCHEDULE; else 1, naming the
-    problem: usable as a monitoring probe or health check.
+    `run` (an operator's --dry-run of it, not started by beat, is passed over; a run the rules
+    file made dry is not), and the newest snapshot is younger than twice the interval of
+    KEYHYGIENE_SCHEDULE; else 1, naming the problem: usable as a monitoring probe or health check.
     """
     import json
 
@@ -413,11 +413,10 @@ def status(state: State, fmt: str) -> None:
     from .status import describe_snapshot, read_status
 
     settings = state.settings
-    rules_dry_run = _rules_say_dry_run(settings)
     database = Database.open(settings)
     try:
         with database.sessions() as session:
-            current = read_status(session, schedule=settings.schedule, now=utcnow(), rules_dry_run=rules_dry_run)
+            current = read_status(session, schedule=settings.schedule, now=utcnow())
     finally:
         database.close()
     if fmt == "json":
@@ -815,21 +814,6 @@ def _with_workspace_ids(params: Any, names: dict[str, str], workspaces: tuple[st
     ruleset = None if params.ruleset is None else resolve_workspaces(params.ruleset, names)
     given = params.workspaces if workspaces is None else workspaces
     return replace(params, workspaces=workspace_ids(given, names), ruleset=ruleset)
-
-
-def _rules_say_dry_run(settings: Settings) -> bool:
-    """Whether the rules file says ``dry_run = true``; False when there is none or it cannot be
-    read (the runs say why), so that status keeps its stricter reading."""
-    from pathlib import Path
-
-    from .jobs import load_ruleset
-
-    if not Path(settings.rules_file).is_file():
-        return False
-    try:
-        return load_ruleset(settings).safety.dry_run
-    except (UsageError, OSError):
-        return False
 
 
 def _optional_ruleset(settings: Settings) -> Any:

@@ -603,6 +603,9 @@ def _execute(
             triggered=started_by == runs.TRIGGER,
         )
         summary = enforcement.summary()
+        # Dry because the rules file says so (every run then is, a cron job's too), not only by
+        # --dry-run: `status` counts such a run as the schedule's.
+        summary["dry_run_by_rules"] = ruleset.safety.dry_run
         if sync_result is not None:
             summary["sync"] = sync_result.summary()
         message = _enforce_message(enforcement)

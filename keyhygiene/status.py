@@ -1,5 +1,4 @@
-"""``keyhygiene status``: is the periodic hygiene working? Read from the runs and snapshots (and
-whether the rules file says dry_run).
+"""``keyhygiene status``: is the periodic hygiene working? Read from the runs and snapshots alone.
 
 Healthy means: the newest run of the periodic jobs that ended succeeded (a run skipped because
 another job held the lock says nothing either way, so it is passed over, and an operator's
@@ -62,9 +61,8 @@ def _outcome(run: Run) -> str:
     return f"{run.status}: {message.removeprefix(f'{run.status}: ')}"
 
 
-def read_status(session: Session, *, schedule: str, now: datetime, rules_dry_run: bool = False) -> Status:
-    """The status as of ``now``, for the periodic run on cron expression ``schedule``;
-    ``rules_dry_run``: the rules file says ``dry_run = true`` now."""
+def read_status(session: Session, *, schedule: str, now: datetime) -> Status:
+    """The status as of ``now``, for the periodic run on cron expression ``schedule``."""
     stale_after = 2 * current_period(schedule, now=now)
     problems: list[str] = []
 
@@ -74,12 +72,7 @@ def read_status(session: Session, *, schedule: str, now: datetime, rules_dry_run
     elif last.status != runs.OK:
         problems.append(f"the newest run ({last.id}, {last.kind}) ended {_outcome(last)}")
     # The periodic job itself: a good prune, sync or dry run after it does not make up for it.
-    periodic = runs.newest_finished_run(session, ignore=(runs.SKIPPED,), kinds=("run",))
-    if periodic is not None and periodic.dry_run and periodic.started_by != runs.BEAT and not rules_dry_run:
-        # An operator's dry run changes nothing: it does not make up for the live run before it
-        # either. The schedule's own dry runs do: beat's, and while the rules file says dry_run
-        # every run's (a cron job's `keyhygiene run` too; only --dry-run made one dry otherwise).
-        periodic = runs.newest_finished_run(session, ignore=(runs.SKIPPED,), kinds=("run",), live=True) or periodic
+    periodic = _newest_periodic_run(session)
     if periodic is not None and periodic.status != runs.OK and (last is None or periodic.id != last.id):
         problems.append(f"the newest periodic run ({periodic.id}) ended {_outcome(periodic)}")
 
@@ -109,6 +102,29 @@ def read_status(session: Session, *, schedule: str, now: datetime, rules_dry_run
         snapshot=snapshot_info,
         problems=problems,
     )
+
+
+_RUNS_READ = 200
+"""Periodic runs read at most, newest first, to find the schedule's newest past an operator's dry runs."""
+
+
+def _newest_periodic_run(session: Session) -> Run | None:
+    """The newest ``run`` that ended, passing over an operator's dry runs: they change nothing, and
+    do not make up for the run of the schedule before them. The schedule's dry runs count. With
+    nothing but an operator's dry runs, the newest of them."""
+    newest = None
+    for run in runs.newest_finished_runs(session, ignore=(runs.SKIPPED,), kinds=("run",), limit=_RUNS_READ):
+        newest = newest or run
+        if not run.dry_run or _the_schedules(run):
+            return run
+    return newest
+
+
+def _the_schedules(run: Run) -> bool:
+    """Whether a dry run stands for the schedule's: beat started it, or the rules file made it dry
+    (``dry_run_by_rules`` in its summary: then every run was dry, a cron job's too). A dry run
+    recorded without that (an operator's --dry-run, or one before keyhygiene recorded it) does not."""
+    return run.started_by == runs.BEAT or (run.summary or {}).get("dry_run_by_rules") is True
 
 
 def _ago(age: timedelta) -> str:
