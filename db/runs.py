@@ -41,8 +41,9 @@ def start_run(
     task_id: str | None = None,
     dry_run: bool | None = None,
     allow_actions: int | None = None,
+    summary: dict[str, Any] | None = None,
 ) -> Run:
-    """Record that a job has started. The caller commits."""
+    """Record that a job has started (``summary``: what is known of it already). The caller commits."""
     run = Run(
         kind=kind,
         status=RUNNING,
@@ -51,6 +52,7 @@ def start_run(
         task_id=task_id,
         dry_run=dry_run,
         allow_actions=allow_actions,
+        summary=summary,
     )
     session.add(run)
     session.flush()
@@ -125,22 +127,29 @@ def newest_runs(session: Session) -> list[Run]:
 
 
 def newest_finished_run(
-    session: Session, *, ignore: Sequence[str] = (), kinds: Sequence[str] | None = None
+    session: Session, *, ignore: Sequence[str] = (), kinds: Sequence[str] | None = None, live: bool = False
 ) -> Run | None:
     """The newest run that has ended, leaving out the statuses in ``ignore`` (and, with ``kinds``,
-    runs of any other job)."""
-    found = newest_finished_runs(session, ignore=ignore, kinds=kinds, limit=1)
+    runs of any other job; with ``live``, dry runs)."""
+    found = newest_finished_runs(session, ignore=ignore, kinds=kinds, live=live, limit=1)
     return found[0] if found else None
 
 
 def newest_finished_runs(
-    session: Session, *, ignore: Sequence[str] = (), kinds: Sequence[str] | None = None, limit: int
+    session: Session,
+    *,
+    ignore: Sequence[str] = (),
+    kinds: Sequence[str] | None = None,
+    live: bool = False,
+    limit: int,
 ) -> list[Run]:
     """The ``limit`` newest runs that have ended, newest first, as ``newest_finished_run`` chooses."""
     statuses = [status for status in FINAL_STATUSES if status not in ignore]
     query = select(Run).where(Run.status.in_(statuses))
     if kinds is not None:
         query = query.where(Run.kind.in_(list(kinds)))
+    if live:
+        query = query.where(Run.dry_run.is_not(True))
     return list(session.scalars(query.order_by(Run.id.desc()).limit(limit)))
 
 

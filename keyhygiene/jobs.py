@@ -114,6 +114,7 @@ def _start(
     dry_run: bool | None,
     allow_actions: int | None,
     stale_after: timedelta,
+    summary: dict[str, Any] | None,
 ) -> int:
     try:
         with session_scope(database) as session:
@@ -129,6 +130,7 @@ def _start(
                 task_id=task_id,
                 dry_run=dry_run,
                 allow_actions=allow_actions,
+                summary=summary,
             ).id
     except SQLAlchemyError as exc:
         raise DatabaseFailure(f"cannot record the run: {describe_db_error(exc)}") from None
@@ -278,12 +280,17 @@ def execute(
     run_id: int | None = None
     lease: EnforcementLease | None = None
     alive: RunHeartbeat | None = None
+    noted: dict[str, Any] = {}
     try:
         ruleset = load_ruleset(settings) if kind in RULES_JOBS else None
         if kind != "prune" and client is None:
             # Bad usage, like a bad rules file, is refused before a run is recorded (or a notice sent).
             settings.require_management_key()
         effective_dry_run = _effective_dry_run(kind, ruleset, dry_run)
+        # Dry because the rules file says so (every run then is, a cron job's too), not only by
+        # --dry-run: `status` counts such a run as the schedule's. Kept from the start to the end,
+        # whatever the end (refused, failed, or abandoned by a process that died).
+        noted = {"dry_run_by_rules": True} if kind in CAPPED_JOBS and ruleset and ruleset.safety.dry_run else {}
         if database is None:
             database = Database.open(settings)
         if kind == "undo" and undo_run_id is not None:
@@ -304,6 +311,7 @@ def execute(
             dry_run=effective_dry_run,
             allow_actions=allow_actions,
             stale_after=dead_after,
+            summary=noted or None,
         )
         if started_by == runs.CLI:  # no time limit: its age alone cannot tell that its process died
             alive = RunHeartbeat.start(database, run_id, clock=clock, stale_after=dead_after)
@@ -326,6 +334,7 @@ def execute(
                 early=early,
                 started_by=started_by,
             )
+            outcome.summary = {**outcome.summary, **noted}
             outcome = _finish(database, outcome, clock(), effective_dry_run)
             _notify_recorded(settings, database, ruleset, outcome, clock, abort_errors)
             return outcome
@@ -335,6 +344,7 @@ def execute(
         outcome = _failure(kind, run_id, exc, abort_errors)
         if kind in CHANGING_JOBS and not outcome.summary:
             _count_changes_so_far(database, outcome)
+        outcome.summary = {**outcome.summary, **noted}
         with _run_context(run_id, allow_actions):
             _finish(database, outcome, clock())
             if isinstance(exc, Exception):
@@ -603,9 +613,6 @@ def _execute(
             triggered=started_by == runs.TRIGGER,
         )
         summary = enforcement.summary()
-        # Dry because the rules file says so (every run then is, a cron job's too), not only by
-        # --dry-run: `status` counts such a run as the schedule's.
-        summary["dry_run_by_rules"] = ruleset.safety.dry_run
         if sync_result is not None:
             summary["sync"] = sync_result.summary()
         message = _enforce_message(enforcement)

@@ -110,20 +110,21 @@ _RUNS_READ = 200
 
 def _newest_periodic_run(session: Session) -> Run | None:
     """The newest ``run`` that ended, passing over an operator's dry runs: they change nothing, and
-    do not make up for the run of the schedule before them. The schedule's dry runs count. With
-    nothing but an operator's dry runs, the newest of them."""
+    do not make up for the run of the schedule before them. The schedule's dry runs count. Past
+    ``_RUNS_READ`` of an operator's dry runs, the newest live run; with none, the newest run."""
     newest = None
     for run in runs.newest_finished_runs(session, ignore=(runs.SKIPPED,), kinds=("run",), limit=_RUNS_READ):
         newest = newest or run
         if not run.dry_run or _the_schedules(run):
             return run
-    return newest
+    return runs.newest_finished_run(session, ignore=(runs.SKIPPED,), kinds=("run",), live=True) or newest
 
 
 def _the_schedules(run: Run) -> bool:
     """Whether a dry run stands for the schedule's: beat started it, or the rules file made it dry
-    (``dry_run_by_rules`` in its summary: then every run was dry, a cron job's too). A dry run
-    recorded without that (an operator's --dry-run, or one before keyhygiene recorded it) does not."""
+    (``dry_run_by_rules`` in its summary from its start, whatever its end: then every run was dry, a
+    cron job's too). A dry run without that (an operator's --dry-run, or one recorded before
+    keyhygiene noted it) does not."""
     return run.started_by == runs.BEAT or (run.summary or {}).get("dry_run_by_rules") is True
 
 

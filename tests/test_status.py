@@ -14,6 +14,7 @@ import pytest
 
 from db import runs
 from keyhygiene.context import Database, session_scope
+from keyhygiene.fakeapi import FakeOpenRouter
 from keyhygiene.jobs import execute
 from keyhygiene.settings import Settings
 from keyhygiene.status import read_status
@@ -211,6 +212,57 @@ def test_a_cron_deployment_switched_to_dry_run_after_a_refused_run_is_healthy_ag
     code, status = _status(cli)
 
     assert (code, status["problems"]) == (0, [])  # the schedule's newest run (dry by the rules) is ok
+
+
+def test_a_schedules_dry_run_refused_by_a_cap_stays_a_problem(
+    ready: dict[str, str], cli: Callable[..., CliResult], rules_file: Callable[[str], object], fake: FakeOpenRouter
+) -> None:
+    """A cron job's run, dry by the rules file, refused by a cap (caps refuse dry runs too): it was
+    passed over as an operator's dry run, and the good run before it made status healthy."""
+    rules_file(
+        "[safety]\ndry_run = true\nmax_actions_per_run = 1\nmax_action_percent = 100\n\n"
+        '[[rule]]\nname = "expired"\nmatch = "expired"\naction = "disable"\n'
+    )
+    assert cli("run").exit_code == 0
+    for number in range(3):
+        fake.add_key(f"old-{number}", expires_at=utcnow() - timedelta(days=1))
+    assert cli("run").exit_code == 3
+    refused_id = _newest_run_id(cli)
+    assert cli("prune").exit_code == 0
+
+    code, status = _status(cli)
+
+    assert code == 1
+    assert status["problems"] == [f"the newest periodic run ({refused_id}) ended refused: {_message(refused_id)}"]
+
+
+def test_an_operators_dry_runs_past_the_ones_read_do_not_hide_a_refused_run(
+    ready: dict[str, str], cli: Callable[..., CliResult]
+) -> None:
+    """More of an operator's dry runs than status reads back (an automation's every five minutes):
+    it took the newest of them for the schedule's."""
+    _beat_run_ended(runs.REFUSED, 3, "enforcement refused, nothing was changed: 40 changes planned")
+    refused_id = _newest_run_id(cli)
+    database = Database.open(Settings())  # type: ignore[call-arg]
+    with session_scope(database) as session:
+        for _ in range(201):
+            run = runs.start_run(session, kind="run", now=utcnow(), dry_run=True)
+            runs.finish_run(session, run.id, status=runs.OK, now=utcnow(), exit_code=0, message="dry", dry_run=True)
+    database.close()
+
+    code, status = _status(cli)
+
+    assert code == 1 and f"newest periodic run ({refused_id}) ended refused" in str(status["problems"]), status
+
+
+def _message(run_id: int) -> str:
+    database = Database.open(Settings())  # type: ignore[call-arg]
+    with database.sessions() as session:
+        run = runs.get_run(session, run_id)
+        assert run is not None and run.message is not None
+        message = run.message
+    database.close()
+    return message.removeprefix("refused: ")
 
 
 def _beat_run_ended(status: str, exit_code: int, message: str, *, by: str = "beat") -> None:
