@@ -79,8 +79,6 @@ PRUNED = "pruned"
 # Held (per transaction) while a snapshot is recorded on PostgreSQL; SQLite's BEGIN IMMEDIATE
 # already lets only one writer in.
 _RECORD_LOCK = 0x6B657973
-
-
 _RECORD_WORK_MEM = "64MB"
 """Memory per sort or hash while PostgreSQL records a snapshot (``SET LOCAL``: this transaction)."""
 _RECORD_CACHE_KIB = 16 * 1024

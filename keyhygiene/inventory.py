@@ -28,7 +28,7 @@ from keyhygiene.keysapi.paging import DEFAULT_WORKSPACE
 from keyhygiene.keysapi.paging import ProgressCallback as ProgressCallback  # what jobs pass down
 
 from .api import EarlyListing
-from .context import Database, describe_db_error, quick_handoffs, refresh_statistics, session_scope
+from .context import Database, Taken, describe_db_error, quick_handoffs, refresh_statistics, session_scope
 from .errors import KeyhygieneError
 from .logging import get_logger, redact_text
 from .staging import HelperFailed, StagingHelper
@@ -286,29 +286,27 @@ class Analysis:
         self._thread.join(self.STOP_WAIT)
 
     def _run(self) -> None:
-        started = time.monotonic()
+        refresh_statistics(self._database, self._take, run_id=self._run_id)
+
+    def _take(self, connection: Any) -> Taken:
+        """Analyze what ``find`` names, cancellable by ``stop``: the tables analyzed and skipped, or
+        None when there were none, or the sync stopped it (it fails: nothing to say of statistics)."""
+        driver: Any = connection.connection.dbapi_connection  # psycopg's connection
+        with self._lock:
+            self._cancel = functools.partial(driver.cancel_safe, timeout=2)
         try:
-            with self._database.engine.connect() as connection:
-                driver: Any = connection.connection.dbapi_connection  # psycopg's connection
-                with self._lock:
-                    self._cancel = functools.partial(driver.cancel_safe, timeout=2)
-                try:
-                    stale = self._find(connection)
-                    skipped = (
-                        statistics.analyze(connection, stale, stop=self._stop, target=self._target) if stale else []
-                    )
-                finally:
-                    with self._lock:
-                        self._cancel = None
-        except Exception as exc:  # the database's, or any other (a bug): logged, never the sync's failure
-            if not self._stop.is_set():
-                error = redact_text(describe_db_error(exc))
-                log.warning("statistics_refresh_failed", run_id=self._run_id, error=error)
-            return
-        if stale and not self._stop.is_set():
-            analyzed = [table for table in stale if table not in skipped]
-            seconds = round(time.monotonic() - started, 3)
-            log.info("statistics_refreshed", run_id=self._run_id, tables=analyzed, skipped=skipped, seconds=seconds)
+            stale = self._find(connection)
+            skipped = statistics.analyze(connection, stale, stop=self._stop, target=self._target) if stale else []
+        except Exception:
+            if self._stop.is_set():
+                return None
+            raise
+        finally:
+            with self._lock:
+                self._cancel = None
+        if not stale or self._stop.is_set():
+            return None
+        return [table for table in stale if table not in skipped], skipped
 
 
 def _helper_possible(database: Database) -> bool:
