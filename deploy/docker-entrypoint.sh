@@ -16,7 +16,9 @@ APP_UID=10001
 APP_HOME=/var/lib/keyhygiene
 
 fail() {  # exit 2 with one line on stderr: the event command_failed where the logs are JSON
-    case "$(printf '%s' "${KEYHYGIENE_LOG_FORMAT:-auto}" | tr -d ' \t' | tr '[:upper:]' '[:lower:]')" in
+    # The settings take the variable's name in any case: so does this (the upper-case one first).
+    format=${KEYHYGIENE_LOG_FORMAT-$(env | sed -n 's/^[Kk][Ee][Yy][Hh][Yy][Gg][Ii][Ee][Nn][Ee]_[Ll][Oo][Gg]_[Ff][Oo][Rr][Mm][Aa][Tt]=//p' | head -n 1)}
+    case "$(printf '%s' "${format:-auto}" | tr -d ' \t' | tr '[:upper:]' '[:lower:]')" in
         json) json=1 ;;
         console) json= ;;
         *) if [ -t 2 ]; then json=; else json=1; fi ;;  # auto, or a value keyhygiene will refuse
@@ -50,23 +52,28 @@ if [ -n "${KEYHYGIENE_DATABASE_PASSWORD_FILE:-}" ]; then
 import os
 import sys
 
-from sqlalchemy.engine import make_url
+try:
+    from sqlalchemy.engine import make_url
 
-try:
-    with open(os.environ["KEYHYGIENE_DATABASE_PASSWORD_FILE"], encoding="utf-8") as file:
-        password = file.read().rstrip("\r\n")
-except (OSError, UnicodeError):
-    sys.exit(4)
-try:
-    url = make_url(os.environ.get("KEYHYGIENE_DATABASE_URL", ""))
-except Exception:
-    sys.exit(3)
-print(url.set(password=password).render_as_string(hide_password=False))
+    try:
+        with open(os.environ["KEYHYGIENE_DATABASE_PASSWORD_FILE"], encoding="utf-8") as file:
+            password = file.read().rstrip("\r\n")
+    except (OSError, UnicodeError):
+        sys.exit(4)
+    try:
+        url = make_url(os.environ.get("KEYHYGIENE_DATABASE_URL", ""))
+    except Exception:
+        sys.exit(3)
+    print(url.set(password=password).render_as_string(hide_password=False))
+except Exception as exc:  # a bug: its name only (its text may hold the password), and no traceback
+    print(type(exc).__name__)
+    sys.exit(5)
 PY
 )" || {
         case $? in
             3) fail "KEYHYGIENE_DATABASE_URL is not a database URL" ;;
             4) fail "KEYHYGIENE_DATABASE_PASSWORD_FILE names $KEYHYGIENE_DATABASE_PASSWORD_FILE, which cannot be read as UTF-8 text" ;;
+            5) fail "KEYHYGIENE_DATABASE_PASSWORD_FILE could not be put into KEYHYGIENE_DATABASE_URL ($KEYHYGIENE_DATABASE_URL)" ;;
             *) fail "KEYHYGIENE_DATABASE_PASSWORD_FILE could not be put into KEYHYGIENE_DATABASE_URL" ;;
         esac
     }

@@ -267,3 +267,42 @@ def test_the_entrypoint_names_what_it_cannot_use(tmp_path: Path) -> None:
     )
     assert console.returncode == 2
     assert console.stderr.startswith("keyhygiene: error: OPENROUTER_MANAGEMENT_KEY_FILE names ")
+
+
+def test_the_entrypoint_keeps_a_bug_in_its_password_step_to_one_line_without_the_password(tmp_path: Path) -> None:
+    # A stand-in SQLAlchemy whose URL fails the way a bug would, quoting the password it was given.
+    fake = tmp_path / "fake" / "sqlalchemy"
+    (fake / "engine").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "engine" / "__init__.py").write_text(
+        "class _Url:\n"
+        "    def set(self, password):\n"
+        "        raise RuntimeError(f'cannot set {password}')\n"
+        "def make_url(text):\n"
+        "    return _Url()\n"
+    )
+    (tmp_path / "postgres_password").write_text("hunter2-secret\n")
+    env = {
+        "KEYHYGIENE_DATABASE_PASSWORD_FILE": str(tmp_path / "postgres_password"),
+        "KEYHYGIENE_DATABASE_URL": "postgresql+psycopg://keyhygiene@postgres/keyhygiene",
+        "PYTHONPATH": str(tmp_path / "fake"),
+    }
+    done = run_entrypoint(tmp_path, env, "echo", "ran")
+    assert done.returncode == 2 and done.stdout == ""
+    assert "hunter2-secret" not in done.stderr
+    (line,) = done.stderr.splitlines()  # no traceback
+    assert json.loads(line)["error"] == (
+        "KEYHYGIENE_DATABASE_PASSWORD_FILE could not be put into KEYHYGIENE_DATABASE_URL (RuntimeError)"
+    )
+
+
+def test_the_entrypoint_takes_the_log_format_named_in_any_case(tmp_path: Path) -> None:
+    missing = {"OPENROUTER_MANAGEMENT_KEY_FILE": str(tmp_path / "nope")}
+    console = run_entrypoint(tmp_path, {**missing, "keyhygiene_log_format": "console"}, "true")
+    assert console.returncode == 2
+    assert console.stderr.startswith("keyhygiene: error: OPENROUTER_MANAGEMENT_KEY_FILE names "), console.stderr
+    # The upper-case name wins over another spelling, as in keyhygiene's own lookup before its settings.
+    both = run_entrypoint(
+        tmp_path, {**missing, "keyhygiene_log_format": "console", "KEYHYGIENE_LOG_FORMAT": "json"}, "true"
+    )
+    assert json.loads(both.stderr)["event"] == "command_failed"
