@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     case,
     delete,
     exists,
@@ -32,6 +33,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     type_coerce,
     union_all,
     update,
@@ -640,6 +642,130 @@ def lock_recording(session: Session) -> None:
     )
 
 
+@dataclass(slots=True)
+class EarlyRecording:
+    """A recording begun while its snapshot is still listed (PostgreSQL): its transaction tracks
+    the keys new to the store, with their first versions, as their staging rows are committed
+    (``record_new_keys``), so that the server does that work beside the listing instead of after
+    it; ``record_staged`` then records the rest in the same transaction. Nothing of it is seen
+    before that transaction commits, and all of it goes if it rolls back.
+
+    The transaction holds the recording lock (``lock_recording``) from its start, so the ids and
+    counts below, read then, hold until ``record_staged``: no other recording of the store appends
+    a version or tracks a key in between."""
+
+    snapshot_id: int
+    taken_at: datetime
+    tracked_before: int
+    """The highest tracked id before this recording began (0: none)."""
+    usage_before: int
+    records_before: int
+    """The highest version ids before it began: this snapshot's versions are the ones above."""
+    statement: tuple[str, dict[str, Any]]
+    recorded: int = 0
+    """Staging rows whose key this recording has tracked, with the id staged for it, and given
+    both first versions."""
+
+
+def begin_early_recording(session: Session, *, snapshot_id: int, taken_at: datetime) -> EarlyRecording:
+    """Begin recording ``snapshot_id`` in the session's transaction, on PostgreSQL only: waits for
+    the recording lock (another sync of the store may be recording) and keeps it until the
+    transaction ends."""
+    if session.get_bind().dialect.name != "postgresql":
+        raise ValueError("a recording is begun while listing on PostgreSQL only")
+    lock_recording(session)
+    tracked_before, usage_before, records_before = session.execute(
+        select(
+            select(func.max(tracked_keys.c.id)).scalar_subquery(),
+            select(func.max(key_usage.c.id)).scalar_subquery(),
+            select(func.max(key_records.c.id)).scalar_subquery(),
+        )
+    ).one()
+    statement = _new_keys_statement(session, snapshot_id, taken_at)
+    return EarlyRecording(snapshot_id, taken_at, tracked_before or 0, usage_before or 0, records_before or 0, statement)
+
+
+def _new_keys_statement(session: Session, snapshot_id: int, taken_at: datetime) -> tuple[str, dict[str, Any]]:
+    """``record_new_keys``' one statement, compiled once for a recording (its SQL and parameters,
+    but the ids): the staging rows of the given ids whose key is not tracked, read once, are
+    tracked with the id staged for each and given their first record and usage versions, as
+    ``record_staged`` writes them for a key it has never seen.
+
+    Both lookups go one row at a time by index, whatever the planner's statistics say: the
+    staging table and the tracked keys grow while the listing goes on, and nothing has analyzed
+    them yet (a first sync). Planned as joins, they read the whole staging table of the snapshot,
+    then every tracked key, once per page: 20,000 keys took 0.7 s of the server's time instead of
+    0.2 s, and it grows with the square of the keys."""
+    s, t, r, u = snapshot_staging, tracked_keys, key_records, key_usage
+    given = func.unnest(bindparam("ids", type_=ARRAY(Integer()))).table_valued("id").render_derived(name="given")
+    # OFFSET 0: a subquery planned apart, for one id at a time (by the index on snapshot and id).
+    row = (
+        select(s)
+        .where(s.c.snapshot_id == snapshot_id, s.c.key_id == given.c.id)
+        .offset(literal_column("0"))
+        .lateral("row")
+    )
+    # A scalar subquery, never turned into a join: one probe of the key hashes' index per row.
+    tracked_id = select(t.c.id).where(t.c.key_hash == row.c.key_hash).scalar_subquery()
+    fresh = select(row).select_from(given.join(row, true())).where(tracked_id.is_(None)).cte("fresh")
+    first_seen = literal(taken_at, UTCDateTime())
+    tracked = (
+        insert(t)
+        .from_select(
+            ["key_hash", "first_seen_at", "fingerprint", "id"],
+            select(fresh.c.key_hash, first_seen, fresh.c.fingerprint, fresh.c.key_id),
+        )
+        .returning(t.c.id)
+        .cte("tracked")
+    )
+    records = (
+        insert(r)
+        .from_select(
+            ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
+            select(
+                fresh.c.key_id, literal(snapshot_id), *(fresh.c[name] for name in _RECORD_COLUMNS), fresh.c.record_wire
+            ),
+        )
+        .cte("records")
+    )
+    usage = (
+        insert(u)
+        .from_select(
+            ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since", "spent_from"],
+            select(
+                fresh.c.key_id,
+                literal(snapshot_id),
+                *(fresh.c[name] for name in _VOLATILE_COLUMNS),
+                fresh.c.usage_wire,
+                first_seen,
+                case((fresh.c.disabled, first_seen), else_=null()),
+                _spent_in_window(fresh, taken_at),
+            ),
+        )
+        .cte("usage")
+    )
+    statement = select(func.count()).select_from(tracked).add_cte(records, usage)
+    compiled = statement.compile(dialect=session.get_bind().dialect)
+    return str(compiled), dict(compiled.construct_params({"ids": []}))
+
+
+def record_new_keys(session: Session, early: EarlyRecording, key_ids: Sequence[int]) -> None:
+    """Track, in ``early``'s transaction, the keys staged for its snapshot with ``key_ids`` (the
+    ids reserved for keys new to the store, their staging rows committed) that are still not
+    tracked, and give each its first versions. A key another sync tracked since its id was
+    reserved is left to ``record_staged``. One statement through the driver: per page, the ORM's
+    bookkeeping would cost the listing more than the server's work."""
+    if not key_ids:
+        return
+    sql, params = early.statement
+    with _dbapi_cursor(session) as (cursor, _):
+        # Planned afresh each time, as the staging table grows (a prepared statement's generic plan
+        # would be the one made when it held a few rows).
+        cursor.execute(sql, {**params, "ids": list(key_ids)}, prepare=False)
+        (tracked,) = cursor.fetchone()
+    early.recorded += int(tracked)
+
+
 def record_staged(
     session: Session,
     *,
@@ -651,6 +777,7 @@ def record_staged(
     reserved_ids: bool = False,
     expected_keys: int | None = None,
     listed_against: int | None = None,
+    early: EarlyRecording | None = None,
 ) -> SnapshotWrite:
     """Record the keys staged for ``snapshot_id`` as a complete snapshot, writing only what changed.
 
@@ -684,8 +811,14 @@ def record_staged(
     by one. Recorded on top of another one, a key that one holds and the listing left out would be
     closed as gone unchecked (a key created meanwhile, listed by the other sync): SnapshotSuperseded
     is raised then, and nothing is written, whether keys were carried or not.
+
+    ``early``: the recording begun in this transaction while the snapshot was listed
+    (``begin_early_recording``), whose new keys are already tracked with their first versions.
     """
     postgresql = session.get_bind().dialect.name == "postgresql"
+    if early is not None and early.snapshot_id != snapshot_id:
+        raise ValueError(f"the recording begun for snapshot {early.snapshot_id} cannot record {snapshot_id}")
+    recorded_early = early.recorded if early is not None else 0
     if postgresql:
         lock_recording(session)
         # Recording sorts and groups every key staged (and its roll-ups, after): within the
@@ -730,10 +863,14 @@ def record_staged(
     # at it below.
     staged_rows = key_count - carried_keys
     # Every key with a version before this snapshot is tracked already: its id is at most this one.
-    tracked_before = int(session.scalar(select(func.max(t.c.id))) or 0)
+    tracked_before = early.tracked_before if early is not None else int(session.scalar(select(func.max(t.c.id))) or 0)
+    # Every staging row's key was tracked early, with the id staged for it, and given both versions.
+    all_early = early is not None and recorded_early == staged_rows
     with sqlite_cache(session, _RECORD_CACHE_KIB):
         with_given_ids = -1  # staging rows whose key was tracked just now with the id staged for it
-        if postgresql:
+        if all_early:
+            with_given_ids = recorded_early
+        elif postgresql:
             with indexes_built_after(session, t, rows=staged_rows), planned_for_growth(session, t, rows=staged_rows):
                 tracked_now = session.execute(
                     insert(t).from_select(
@@ -744,7 +881,7 @@ def record_staged(
                     ),
                     execution_options=_COUNTED,
                 )
-            with_given_ids = _rows(tracked_now)
+            with_given_ids = _rows(tracked_now) + recorded_early
         elif reserved_ids:
             # SQLite has no sequence: an id reserved by this sync may have been taken by another one
             # since, and its key then gets the next free id, as does one staged without an id.
@@ -772,34 +909,50 @@ def record_staged(
     mine = and_(staged, s.c.key_id == u.c.key_id)
     # Versions are only appended, and only here (under the lock): this snapshot's new versions are
     # the ones past these ids, found by the primary keys without reading the history.
-    usage_before = int(session.scalar(select(func.max(u.c.id))) or 0)
-    records_before = int(session.scalar(select(func.max(r.c.id))) or 0)
+    if early is not None:
+        usage_before, records_before = early.usage_before, early.records_before
+    else:
+        usage_before = int(session.scalar(select(func.max(u.c.id))) or 0)
+        records_before = int(session.scalar(select(func.max(r.c.id))) or 0)
     record_mine = and_(staged, s.c.key_id == r.c.key_id)
-    for table, same in (
-        (u, exists().where(mine, _same(u, s, _VOLATILE_COLUMNS), u.c.wire.is_not_distinct_from(s.c.usage_wire))),
-        (r, exists().where(record_mine, _same(r, s, _RECORD_COLUMNS), r.c.wire.is_not_distinct_from(s.c.record_wire))),
+    for table, same, versions_before in (
+        (
+            u,
+            exists().where(mine, _same(u, s, _VOLATILE_COLUMNS), u.c.wire.is_not_distinct_from(s.c.usage_wire)),
+            usage_before,
+        ),
+        (
+            r,
+            exists().where(record_mine, _same(r, s, _RECORD_COLUMNS), r.c.wire.is_not_distinct_from(s.c.record_wire)),
+            records_before,
+        ),
     ):
         # Close the open versions of the keys that changed or are gone: every open version but
         # those of a key staged as it is, or carried.
-        if _none_gone(session, table, staged, carried=carried_keys, staged_rows=staged_rows):
+        if all_early and not carried_keys:
+            # Every key listed is new to the store: every version open before this snapshot is
+            # of a key that is gone (none, on a first snapshot).
+            closing = and_(table.c.valid_to.is_(None), table.c.id <= versions_before)
+        elif _none_gone(session, table, staged, carried=carried_keys, staged_rows=staged_rows):
             # Then only a staged key can change: look at those few instead of at every open version.
             of_staged = table.c.key_id.in_(select(s.c.key_id).where(staged, s.c.key_id.is_not(None)))
             closing = and_(table.c.valid_to.is_(None), of_staged, ~same)
         else:
             closing = and_(table.c.valid_to.is_(None), ~same, ~exists().where(carried, c.c.key_id == table.c.key_id))
         session.execute(update(table).where(closing).values(valid_to=snapshot_id))
-    with (
-        indexes_built_after(session, r, rows=staged_rows, proven_by_caller=_names_a_tracked_key(r, resolved)),
-        planned_for_growth(session, r, rows=staged_rows),
-    ):
-        records_added = session.execute(
-            insert(r).from_select(
-                ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
-                select(
-                    s.c.key_id, literal(snapshot_id), *(s.c[name] for name in _RECORD_COLUMNS), s.c.record_wire
-                ).where(staged, ~exists().where(r.c.key_id == s.c.key_id, r.c.valid_to.is_(None))),
+    # New versions of the staging rows not recorded early (none when every one was).
+    left = staged_rows - recorded_early
+    records_added = usage_added = 0
+    if not all_early:
+        records_added = _append_versions(
+            session,
+            r,
+            ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
+            select(s.c.key_id, literal(snapshot_id), *(s.c[name] for name in _RECORD_COLUMNS), s.c.record_wire).where(
+                staged, ~exists().where(r.c.key_id == s.c.key_id, r.c.valid_to.is_(None))
             ),
-            execution_options=_COUNTED,
+            rows=left,
+            resolved=resolved,
         )
     now = literal(taken_at, UTCDateTime())
     usage_since: Any
@@ -843,26 +996,24 @@ def record_staged(
     else:  # the store holds no usage version yet (its first snapshot): none follows another
         usage_since, disabled_since, with_previous = now, case((s.c.disabled, now), else_=null()), s
         spent_from = spent_in_window
-    with (
-        indexes_built_after(session, u, rows=staged_rows, proven_by_caller=_names_a_tracked_key(u, resolved)),
-        planned_for_growth(session, u, rows=staged_rows),
-    ):
-        usage_added = session.execute(
-            insert(u).from_select(
-                ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since", "spent_from"],
-                select(
-                    s.c.key_id,
-                    literal(snapshot_id),
-                    *(s.c[name] for name in _VOLATILE_COLUMNS),
-                    s.c.usage_wire,
-                    usage_since,
-                    disabled_since,
-                    spent_from,
-                )
-                .select_from(with_previous)
-                .where(staged, ~exists().where(u.c.key_id == s.c.key_id, u.c.valid_to.is_(None))),
-            ),
-            execution_options=_COUNTED,
+    if not all_early:
+        usage_added = _append_versions(
+            session,
+            u,
+            ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since", "spent_from"],
+            select(
+                s.c.key_id,
+                literal(snapshot_id),
+                *(s.c[name] for name in _VOLATILE_COLUMNS),
+                s.c.usage_wire,
+                usage_since,
+                disabled_since,
+                spent_from,
+            )
+            .select_from(with_previous)
+            .where(staged, ~exists().where(u.c.key_id == s.c.key_id, u.c.valid_to.is_(None))),
+            rows=left,
+            resolved=resolved,
         )
     # The keys with a new version (added or changed), and what the counts of closed and new usage
     # versions say: a closed one belongs to a key that changed or is gone, a new one to a key that
@@ -872,7 +1023,7 @@ def record_staged(
         select(r.c.key_id, literal(0).label("usage")).where(r.c.id > records_before, r.c.valid_from == snapshot_id),
     ).subquery("fresh")
     new_keys = select(fresh.c.key_id, func.max(fresh.c.usage).label("usage")).group_by(fresh.c.key_id).subquery()
-    if _rows(records_added) == _rows(usage_added) == staged_rows:
+    if records_added + recorded_early == usage_added + recorded_early == staged_rows:
         # Each staged key gets at most one version of each kind: every one of them got both, and
         # no other key got any (a first sync). Counting them again would read every new version.
         touched = new_usage = staged_rows
@@ -914,6 +1065,18 @@ def record_staged(
     return SnapshotWrite(
         key_count=key_count, new_versions=new_versions, changed=touched - added, added=added, gone=gone
     )
+
+
+def _append_versions(
+    session: Session, table: Any, columns: list[str], rows_from: Any, *, rows: int, resolved: bool
+) -> int:
+    """Insert ``table``'s new versions (``key_usage`` or ``key_records``) from ``rows_from``, at
+    most ``rows`` of them, loaded as ``db.bulkload`` says; the versions inserted."""
+    with (
+        indexes_built_after(session, table, rows=rows, proven_by_caller=_names_a_tracked_key(table, resolved)),
+        planned_for_growth(session, table, rows=rows),
+    ):
+        return _rows(session.execute(insert(table).from_select(columns, rows_from), execution_options=_COUNTED))
 
 
 def _none_gone(session: Session, table: Any, staged: Any, *, carried: int, staged_rows: int) -> bool:
@@ -1218,8 +1381,9 @@ class SnapshotWriter:
         self._listed_against: int | None = None  # the snapshot ``missing`` compared with (0: none)
         self.duplicates = 0
 
-    def add(self, session: Session, raw_keys: Iterable[Mapping[str, Any]]) -> None:
-        self.write(session, self.stage(raw_keys, dialect=session.get_bind().dialect.name))
+    def add(self, session: Session, raw_keys: Iterable[Mapping[str, Any]]) -> list[int]:
+        """Stage ``raw_keys`` (``stage``, then ``write``): the ids reserved for the keys new to the store."""
+        return self.write(session, self.stage(raw_keys, dialect=session.get_bind().dialect.name))
 
     def stage(self, raw_keys: Iterable[Mapping[str, Any]], *, dialect: str | None = None) -> StagedKeys:
         """The first half of ``add``, which needs no database: the keys' staging rows. Another
@@ -1271,12 +1435,17 @@ class SnapshotWriter:
                 fresh.append((raw, row))
         return StagedKeys(rows, fresh, unchanged, printed)
 
-    def write(self, session: Session, staged: StagedKeys, *, rows_written: Callable[[], None] | None = None) -> None:
+    def write(
+        self, session: Session, staged: StagedKeys, *, rows_written: Callable[[], None] | None = None
+    ) -> list[int]:
         """The second half of ``add``: write staged rows as this writer's snapshot's. ``rows_written``
         is called once the rows made from the keys' JSON are written (and kept for ``reuse``),
         before the keys the store already holds are carried with their versions: a caller
-        that waits only for the former lets that step, which is SQL alone, run beside its own work."""
+        that waits only for the former lets that step, which is SQL alone, run beside its own work.
+        Returns the ids reserved on PostgreSQL for the keys new to the store, whose staging rows
+        are written once the caller commits (``record_new_keys``); none on SQLite."""
         rows, fresh = staged.rows, staged.fresh
+        new_ids: list[int] = []
         self._printed = self._printed or staged.printed
         if rows and rows[0][0] != self.snapshot_id:  # staged before this writer's snapshot existed
             for row in rows:
@@ -1300,6 +1469,8 @@ class SnapshotWriter:
             ids, tracked = _key_ids(session, [row[1] for _, row in fresh])
             for _, row in fresh:
                 row.append(ids.get(row[1]))
+            if session.get_bind().dialect.name == "postgresql":
+                new_ids = [row[-1] for _, row in fresh if row[1] not in tracked]
         _copy_rows(session, rows, reserved=ids_reserved)
         if self._reuse is not None:
             for raw, row in fresh:
@@ -1308,7 +1479,7 @@ class SnapshotWriter:
         if rows_written is not None:
             rows_written()
         if not staged.unchanged:
-            return
+            return new_ids
         # Keys carried on top of a snapshot keep the versions it left open, which another
         # sync's snapshot may close or replace: ``record_staged`` checks it again.
         if self._known is not None:
@@ -1319,7 +1490,7 @@ class SnapshotWriter:
             self._to_carry.extend(key_id for key_id, _, _, _ in staged.unchanged)
             if len(self._to_carry) >= CARRY_BATCH:
                 self._carry_now(session)
-            return
+            return new_ids
         newest = newest_complete(session)
         if self._carrying and newest != self._carried_on:
             raise _superseded(newest)
@@ -1334,6 +1505,7 @@ class SnapshotWriter:
                     complete.append([*staged_row(source, self.snapshot_id), print_, key_id])
                     self._printed = self._printed or print_ is not None
         _copy_rows(session, complete)
+        return new_ids
 
     def _carry_now(self, session: Session) -> None:
         """Write the carried keys held back so far, in id order, if their snapshot is still the newest."""
@@ -1420,9 +1592,10 @@ class SnapshotWriter:
         taken_at: datetime,
         workspace_counts: Mapping[str, int],
         expected_keys: int | None = None,
+        early: EarlyRecording | None = None,
     ) -> SnapshotWrite:
-        """Record the snapshot as complete (see ``record_staged``, its ``expected_keys`` and
-        ``listed_against``), with its roll-ups."""
+        """Record the snapshot as complete (see ``record_staged``, its ``expected_keys``,
+        ``listed_against`` and ``early``), with its roll-ups."""
         self._carry_now(session)
         written = record_staged(
             session,
@@ -1434,6 +1607,7 @@ class SnapshotWriter:
             reserved_ids=self._reserved,
             expected_keys=expected_keys,
             listed_against=self._listed_against,
+            early=early,
         )
         rollups.record_rollups(session, snapshot_id=self.snapshot_id, taken_at=taken_at, keys=written.key_count)
         return written

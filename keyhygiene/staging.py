@@ -10,8 +10,9 @@ staging rows for the same snapshot through its own connection, as a sharing writ
 
 The protocol, over the helper's stdin and stdout: a header (the database's URL, with its password:
 never on a command line; the snapshot and the writer's share), then one frame per batch (the keys
-in ``marshal`` format), each answered by one line once its rows are committed, then an empty frame
-that asks for the helper's ``WriterState``. The helper logs nothing; a failure ends it with one
+in ``marshal`` format), each answered by one line once its rows are committed (``ok`` and the ids
+reserved for the keys new to the store, as JSON), then an empty frame that asks for the helper's
+``WriterState``. The helper logs nothing; a failure ends it with one
 line on stderr, which the sync reports as its own failure (and then discards every staging row of
 the snapshot, the helper's included). The helper holds no credential for the API. It dies with the
 sync: it stops at the end of its input, which closes when the sync's process ends however it ends.
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -56,10 +57,17 @@ def _without_credential(environment: Mapping[str, str]) -> dict[str, str]:
 class StagingHelper:
     """The sync's side of one helper process (``start``, ``offer``, ``finish``, ``stop``)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], errors: IO[bytes], header: bytes) -> None:
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        errors: IO[bytes],
+        header: bytes,
+        on_new_keys: Callable[[list[int]], None] | None = None,
+    ) -> None:
         self._process = process
         self._errors = errors
         self._header = header
+        self._on_new_keys = on_new_keys
         self._batches: queue.Queue[Sequence[Mapping[str, Any]] | None] = queue.Queue(maxsize=_WAITING)
         self._failure: str | None = None
         self._state: snapshots.WriterState | None = None
@@ -68,9 +76,17 @@ class StagingHelper:
 
     @classmethod
     def start(
-        cls, database_url: str, share: snapshots.WriterShare, lane: int, *, use_known: bool
+        cls,
+        database_url: str,
+        share: snapshots.WriterShare,
+        lane: int,
+        *,
+        use_known: bool,
+        on_new_keys: Callable[[list[int]], None] | None = None,
     ) -> StagingHelper | None:
-        """Start a helper for lane ``lane`` of ``share``; None when no process can be started."""
+        """Start a helper for lane ``lane`` of ``share``; None when no process can be started.
+        ``on_new_keys`` is called (from another thread) with the ids reserved for the keys new to
+        the store of each batch, once its rows are committed (``SnapshotWriter.write``)."""
         # A file, not a pipe: nothing the helper writes can block it. Closed with the helper.
         errors = tempfile.TemporaryFile()  # noqa: SIM115
         try:
@@ -94,7 +110,7 @@ class StagingHelper:
             "lane": lane,
             "known": use_known,
         }
-        return cls(process, errors, json.dumps(header).encode())
+        return cls(process, errors, json.dumps(header).encode(), on_new_keys)
 
     def offer(self, keys: Sequence[Mapping[str, Any]]) -> bool:
         """Hand ``keys`` to the helper if it has room for them now; False: stage them yourself."""
@@ -144,8 +160,12 @@ class StagingHelper:
             self._send(process.stdin, self._header)
             while (keys := self._batches.get()) is not None:
                 self._send(process.stdin, marshal.dumps(list(keys)))
-                if process.stdout.readline() != b"ok\n":
+                said = process.stdout.readline()
+                if not said.startswith(b"ok ") or not said.endswith(b"\n"):
                     raise BrokenPipeError
+                new_ids = json.loads(said[3:])
+                if new_ids and self._on_new_keys is not None:
+                    self._on_new_keys(new_ids)
             ended = True
             self._send(process.stdin, b"")
             state = json.loads(process.stdout.readline())
@@ -215,8 +235,8 @@ def main() -> int:
                 stdout.flush()
                 return 0
             with writing() as session, session.begin():
-                writer.add(session, marshal.loads(data))  # noqa: S302  # from the sync that started it
-            stdout.write(b"ok\n")
+                new_ids = writer.add(session, marshal.loads(data))  # noqa: S302  # from the sync that started it
+            stdout.write(b"ok " + json.dumps(new_ids).encode() + b"\n")
             stdout.flush()
         return 1  # the sync ended without asking for the result: it failed, and discards the rows
     except SQLAlchemyError as exc:

@@ -1,0 +1,326 @@
+"""PostgreSQL: a sync records the keys new to the store while it still lists them.
+
+Each page's new keys are tracked, with their first versions, in one transaction that the sync
+holds open from its first new key to the snapshot's commit (``inventory.EarlyRecorder``). What a
+user relies on: the store ends up exactly as the one-pass recording leaves it (checked against
+SQLite, which records in one pass), nothing of it is seen before the snapshot commits, and a sync
+that fails after tracking keys this way leaves nothing of them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+
+from db import runs, snapshots
+from db.migrate import upgrade
+from db.models import Snapshot, key_records, key_usage, snapshot_staging, tracked_keys
+from db.rollups import KeyDay, KeyRollup, SnapshotRollup
+from keyhygiene.context import Database, session_scope
+from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.jobs import JobOutcome, execute
+from keyhygiene.keysapi.client import KeysClient
+from keyhygiene.settings import Settings
+from tests.conftest import MANAGEMENT_KEY, postgres_schema
+
+pytestmark = pytest.mark.postgres
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+_RECORD_LOCK = 0x6B657973  # db.snapshots' advisory lock: its high half; the low one is the store's
+
+
+@contextmanager
+def migrated(url: str) -> Iterator[Database]:
+    database = Database.open(Settings(KEYHYGIENE_DATABASE_URL=url), check=False)  # type: ignore[call-arg]
+    upgrade(database.engine)
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+def syncer(database: Database, fake_url: str) -> Callable[..., JobOutcome]:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        OPENROUTER_MANAGEMENT_KEY=MANAGEMENT_KEY,
+        OPENROUTER_BASE_URL=fake_url,
+        KEYHYGIENE_DATABASE_URL=database.engine.url.render_as_string(hide_password=False),
+    )
+
+    def sync(at: datetime, concurrency: int = 4) -> JobOutcome:
+        with KeysClient(fake_url, MANAGEMENT_KEY, concurrency=concurrency, retry_seconds=0.5) as client:
+            return execute("sync", settings, database=database, client=client, clock=lambda: at)
+
+    return sync
+
+
+def history(database: Database) -> dict[str, Any]:
+    """Everything the store holds of its keys, by key hash and snapshot, without its own ids."""
+    t, r, u = tracked_keys, key_records, key_usage
+    days, rolled, per_snapshot = KeyDay.__table__, KeyRollup.__table__, SnapshotRollup.__table__
+    with database.sessions() as session:
+        hashes = dict(session.execute(select(t.c.id, t.c.key_hash)).all())
+
+        def by_key(table: Any, *order: Any) -> list[tuple[Any, ...]]:
+            columns = [column for column in table.c if column.name not in ("id", "key_id")]
+            rows = session.execute(select(table.c.key_id, *columns).order_by(table.c.key_id, *order)).all()
+            return sorted((hashes[row[0]], *row[1:]) for row in rows)
+
+        return {
+            "tracked": sorted(session.execute(select(t.c.key_hash, t.c.first_seen_at, t.c.fingerprint)).all()),
+            "records": by_key(r, r.c.valid_from),
+            "usage": by_key(u, u.c.valid_from),
+            "key_days": by_key(days, days.c.day),
+            "key_rollups": by_key(rolled),
+            "snapshot_rollups": sorted(
+                tuple(row) for row in session.execute(select(*(c for c in per_snapshot.c if c.name != "id"))).all()
+            ),
+            "snapshots": session.execute(
+                select(Snapshot.id, Snapshot.status, Snapshot.key_count, Snapshot.new_versions).order_by(Snapshot.id)
+            ).all(),
+        }
+
+
+def organisation(fake: FakeOpenRouter) -> list[str]:
+    """Keys of every kind over two workspaces: spent, disabled, expired, limited, idle."""
+    other = fake.add_workspace("Research")["id"]
+    hashes = []
+    for index in range(420):
+        key = fake.add_key(
+            f"key-{index:04d}",
+            workspace_id=other if index % 5 == 0 else None,
+            disabled=index % 7 == 0,
+            limit=25.0 if index % 3 == 0 else None,
+            usage=index * 0.01,
+            usage_daily=0.5 if index % 11 == 0 else 0.0,
+            byok_usage_monthly=1.25 if index % 13 == 0 else 0.0,
+            created_at=NOW - timedelta(days=90, minutes=index),
+            expires_at=NOW - timedelta(days=1) if index % 17 == 0 else None,
+            last_used_at=NOW - timedelta(days=index % 60) if index % 2 else None,
+        )
+        hashes.append(key["hash"])
+    return hashes
+
+
+def test_a_store_recorded_while_listing_holds_exactly_what_one_pass_records(
+    fake: FakeOpenRouter, fake_url: str, sqlite_url: str
+) -> None:
+    hashes = organisation(fake)
+    first, second = NOW, NOW + timedelta(hours=6)
+    with postgres_schema() as postgres_url, migrated(postgres_url) as pg, migrated(sqlite_url) as lite:
+        stores = {"postgresql": (pg, syncer(pg, fake_url)), "sqlite": (lite, syncer(lite, fake_url))}
+        # A store's first snapshot: every key is new.
+        for _, sync in stores.values():
+            assert sync(first).status == runs.OK
+        # Then the organisation grows by a third, and changes: the new keys are recorded while
+        # listing, beside keys that changed, are gone, or are as they were.
+        for index in range(140):
+            fake.add_key(f"new-{index:04d}", disabled=index % 4 == 0, usage=index * 0.5)
+        for key_hash in hashes[:30]:
+            fake.record_use(key_hash, 3.0)
+        for key_hash in hashes[30:40]:
+            fake.delete_key(key_hash)
+        for key_hash in hashes[40:45]:
+            fake.update_key(key_hash, {"disabled": True})
+        outcomes = {name: sync(second) for name, (_, sync) in stores.items()}
+        assert {name: outcome.status for name, outcome in outcomes.items()} == {
+            "postgresql": runs.OK,
+            "sqlite": runs.OK,
+        }
+        assert outcomes["postgresql"].message == outcomes["sqlite"].message
+        assert "140 new" in outcomes["postgresql"].message and "10 gone" in outcomes["postgresql"].message
+        held = {name: history(database) for name, (database, _) in stores.items()}
+        assert held["postgresql"] == held["sqlite"]
+        assert len(held["postgresql"]["tracked"]) == 560
+        with pg.sessions() as session:
+            usage = {key.hash: key.usage for key in snapshots.keys_at(session, 2)}
+        assert usage[hashes[0]] == pytest.approx(3.0) and hashes[30] not in usage
+
+
+def _store_lock_held(database: Database) -> bool:
+    """Whether a session holds this store's recording lock (``db.snapshots.lock_recording``)."""
+    with database.engine.connect() as connection:
+        held = connection.execute(
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND classid = :high AND objid = CAST(CAST('snapshots' AS regclass) AS oid)"
+            ),
+            {"high": _RECORD_LOCK},
+        ).scalar_one()
+    return bool(held)
+
+
+def _when_recording_while_listing(
+    fake: FakeOpenRouter, database: Database, offset: int, then: Callable[[], None]
+) -> dict[str, Any]:
+    """At the page of the default workspace at ``offset``: wait (bounded) until the sync holds
+    the store's recording lock, that is, has begun recording while listing; note what another
+    session sees of the store then, and run ``then``."""
+    seen: dict[str, Any] = {}
+
+    def at_page(fake: FakeOpenRouter, workspace_id: str, page_offset: int) -> None:
+        if page_offset != offset or seen:
+            return
+        deadline = datetime.now(UTC) + timedelta(seconds=20)
+        while not (held := _store_lock_held(database)) and datetime.now(UTC) < deadline:
+            threading.Event().wait(0.01)
+        with database.sessions() as session:
+            seen["lock"] = held
+            seen["tracked"] = session.scalar(select(tracked_keys.c.id).limit(1))
+            seen["usage"] = session.scalar(select(key_usage.c.id).limit(1))
+            seen["staged"] = session.scalar(select(snapshot_staging.c.key_hash).limit(1))
+        then()
+
+    fake.faults.on_list_page(at_page)
+    return seen
+
+
+def test_keys_recorded_while_listing_are_unseen_until_the_snapshot_commits(
+    pg_database: Database, fake: FakeOpenRouter, fake_url: str
+) -> None:
+    for index in range(600):
+        fake.add_key(f"key-{index:04d}", created_at=NOW - timedelta(minutes=index))
+    seen = _when_recording_while_listing(fake, pg_database, 500, lambda: None)
+
+    outcome = syncer(pg_database, fake_url)(NOW, concurrency=1)
+
+    assert outcome.status == runs.OK, outcome.message
+    # Pages were staged and committed, and the sync was recording them: nobody else saw a key.
+    assert seen["lock"] is True and seen["staged"] is not None
+    assert (seen["tracked"], seen["usage"]) == (None, None)
+    assert not _store_lock_held(pg_database)
+    with pg_database.sessions() as session:
+        assert len(list(snapshots.keys_at(session, 1))) == 600
+
+
+def test_a_sync_that_fails_after_recording_while_listing_leaves_nothing_of_it(
+    pg_database: Database, fake: FakeOpenRouter, fake_url: str
+) -> None:
+    for index in range(600):
+        fake.add_key(f"key-{index:04d}", created_at=NOW - timedelta(minutes=index))
+    seen = _when_recording_while_listing(
+        fake, pg_database, 500, lambda: fake.faults.server_error(1_000, status=500, path="/keys")
+    )
+    sync = syncer(pg_database, fake_url)
+
+    failed = sync(NOW, concurrency=1)
+
+    assert seen["lock"] is True
+    assert failed.status == runs.FAILED and "no snapshot stored" in failed.message
+    assert not _store_lock_held(pg_database)
+    with pg_database.sessions() as session:
+        for table in (tracked_keys, key_records, key_usage, snapshot_staging):
+            assert session.scalar(select(table).limit(1)) is None, table.name
+        assert session.get(Snapshot, 1).status == "failed"  # type: ignore[union-attr]
+    # The ids reserved for the keys are gone with them; the next sync records every key.
+    fake.faults.clear()
+    assert sync(NOW + timedelta(minutes=5)).status == runs.OK
+    with pg_database.sessions() as session:
+        assert len(list(snapshots.keys_at(session, 2))) == 600
+
+
+def test_an_older_sync_recording_while_listing_is_superseded_and_leaves_nothing(
+    pg_database: Database, fake: FakeOpenRouter
+) -> None:
+    """Two syncs list the same new keys; the later-started one records first. The other, recording
+    while listing, tracks only the keys the first did not, then finds it cannot record on top of a
+    newer snapshot: everything it wrote goes."""
+    for index in range(5):
+        fake.add_key(f"key-{index}", created_at=NOW - timedelta(minutes=index))
+    raw = [dict(key) for key in fake.keys]
+    with session_scope(pg_database) as session:
+        older = snapshots.start_snapshot(session, run_id=_run(session), now=NOW).id
+        newer = snapshots.start_snapshot(session, run_id=_run(session), now=NOW).id
+    writer = snapshots.SnapshotWriter(older)
+    with session_scope(pg_database) as session:
+        reserved = writer.add(session, raw)  # ids reserved for all five: none is tracked
+    assert len(reserved) == 5
+    # The newer sync lists three of them and records first.
+    other = snapshots.SnapshotWriter(newer)
+    with session_scope(pg_database) as session:
+        other.add(session, raw[:3])
+    with session_scope(pg_database) as session:
+        other.finish(session, taken_at=NOW, workspace_counts={}, expected_keys=3)
+
+    with session_scope(pg_database) as session:
+        early = snapshots.begin_early_recording(session, snapshot_id=older, taken_at=NOW)
+        snapshots.record_new_keys(session, early, reserved)
+        assert early.recorded == 2  # the two the other sync did not track
+        with pytest.raises(snapshots.SnapshotSuperseded):
+            writer.finish(session, taken_at=NOW, workspace_counts={}, expected_keys=5, early=early)
+        session.rollback()
+    with pg_database.sessions() as session:
+        tracked = session.execute(select(tracked_keys.c.key_hash, tracked_keys.c.id)).all()
+    assert sorted(key_hash for key_hash, _ in tracked) == sorted(key["hash"] for key in raw[:3])
+
+
+def _run(session: Any) -> int:
+    return runs.start_run(session, kind="sync", started_by=runs.CLI, now=NOW).id
+
+
+def test_record_new_keys_tracks_only_keys_nobody_tracked(pg_database: Database, fake: FakeOpenRouter) -> None:
+    """The older sync records on top of the newer one's keys: the two keys it alone lists are
+    tracked while listing; the three the other sync tracked keep their ids, and get this
+    snapshot's versions from its last step."""
+    for index in range(5):
+        fake.add_key(f"key-{index}", created_at=NOW - timedelta(minutes=index))
+    raw = [dict(key) for key in fake.keys]
+    with session_scope(pg_database) as session:
+        first = snapshots.start_snapshot(session, run_id=_run(session), now=NOW).id
+    other = snapshots.SnapshotWriter(first)
+    with session_scope(pg_database) as session:
+        other.add(session, raw[:3])
+    with session_scope(pg_database) as session:
+        second = snapshots.start_snapshot(session, run_id=_run(session), now=NOW).id
+    writer = snapshots.SnapshotWriter(second)
+    with session_scope(pg_database) as session:
+        reserved = writer.add(session, raw)  # none tracked yet: five ids reserved
+    with session_scope(pg_database) as session:
+        other.finish(session, taken_at=NOW, workspace_counts={}, expected_keys=3)
+    with pg_database.sessions() as session:
+        tracked_before = dict(session.execute(select(tracked_keys.c.key_hash, tracked_keys.c.id)).all())
+
+    later = NOW + timedelta(minutes=1)
+    with session_scope(pg_database) as session:
+        early = snapshots.begin_early_recording(session, snapshot_id=second, taken_at=later)
+        snapshots.record_new_keys(session, early, reserved)
+        assert early.recorded == 2
+        written = writer.finish(session, taken_at=later, workspace_counts={}, expected_keys=5, early=early)
+
+    assert (written.key_count, written.added, written.changed, written.gone) == (5, 2, 0, 0)
+    with pg_database.sessions() as session:
+        tracked = dict(session.execute(select(tracked_keys.c.key_hash, tracked_keys.c.id)).all())
+        assert {key_hash: tracked[key_hash] for key_hash in tracked_before} == tracked_before
+        assert sorted(tracked) == sorted(key["hash"] for key in raw)
+        assert sorted(key.hash for key in snapshots.keys_at(session, second)) == sorted(tracked)
+        opened = session.execute(
+            select(key_usage.c.key_id, key_usage.c.valid_from).where(key_usage.c.valid_to.is_(None))
+        ).all()
+    # One open usage version each: the three keys carried theirs from the first snapshot.
+    assert sorted(opened) == sorted(
+        [(tracked[key["hash"]], first) for key in raw[:3]] + [(tracked[key["hash"]], second) for key in raw[3:]]
+    )
+
+
+def test_the_check_that_versions_name_tracked_keys_probes_the_index_at_any_size(pg_database: Database) -> None:
+    """Migration 0021: the trigger function plans with the index of tracked ids only."""
+    with pg_database.engine.connect() as connection:
+        settings = connection.execute(
+            text("SELECT proconfig FROM pg_proc WHERE proname = 'keyhygiene_versions_name_tracked_keys'")
+        ).scalar_one()
+    assert {"enable_seqscan=off", "enable_hashjoin=off", "enable_mergejoin=off", "enable_nestloop=on"} <= set(settings)
+
+
+def test_sqlite_records_in_one_pass(tmp_path: Path) -> None:
+    with migrated(f"sqlite:///{tmp_path / 'keyhygiene.db'}") as database:
+        assert database.dialect == "sqlite"
+        from keyhygiene.inventory import EarlyRecorder
+
+        assert EarlyRecorder.start(database, 1, NOW) is None
