@@ -38,6 +38,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -636,10 +637,11 @@ def lock_recording(session: Session) -> None:
     so until this transaction ends. The advisory lock is the store's own: its key holds the ``oid``
     of the ``snapshots`` table the session's search path finds, so that stores in other schemas of
     one database never wait for each other."""
-    store = "CAST(CAST('snapshots' AS regclass) AS bigint)"
-    session.execute(
-        text(f"SELECT pg_advisory_xact_lock((CAST(:lock AS bigint) << 32) | {store})"), {"lock": _RECORD_LOCK}
-    )
+    session.execute(text(f"SELECT pg_advisory_xact_lock({_STORE_LOCK})"), {"lock": _RECORD_LOCK})
+
+
+_STORE_LOCK = "(CAST(:lock AS bigint) << 32) | CAST(CAST('snapshots' AS regclass) AS bigint)"
+"""The key of a store's recording lock (``lock_recording``)."""
 
 
 @dataclass(slots=True)
@@ -667,13 +669,23 @@ class EarlyRecording:
     both first versions."""
 
 
-def begin_early_recording(session: Session, *, snapshot_id: int, taken_at: datetime) -> EarlyRecording:
-    """Begin recording ``snapshot_id`` in the session's transaction, on PostgreSQL only: waits for
-    the recording lock (another sync of the store may be recording) and keeps it until the
-    transaction ends."""
+def begin_early_recording(
+    session: Session, *, snapshot_id: int, taken_at: datetime, keep_waiting: Callable[[], bool]
+) -> EarlyRecording | None:
+    """Begin recording ``snapshot_id`` in the session's transaction, on PostgreSQL only, once it
+    holds the store's recording lock (``lock_recording``), kept until the transaction ends. While
+    another sync of the store records, it asks for the lock again each time ``keep_waiting``
+    (which waits a moment) says to; None when it says not to."""
     if session.get_bind().dialect.name != "postgresql":
         raise ValueError("a recording is begun while listing on PostgreSQL only")
-    lock_recording(session)
+    # Open, on purpose, as long as the listing lasts, which may bring no new key for minutes: a
+    # server that ends sessions idle in a transaction would end this one, and fail the sync.
+    session.execute(text("SET LOCAL idle_in_transaction_session_timeout = 0"))
+    # Asked for without waiting in the server, so that a sync that stops never leaves a request
+    # behind that takes the lock later, for a transaction nobody will end.
+    while not session.scalar(text(f"SELECT pg_try_advisory_xact_lock({_STORE_LOCK})"), {"lock": _RECORD_LOCK}):
+        if not keep_waiting():
+            return None
     tracked_before, usage_before, records_before = session.execute(
         select(
             select(func.max(tracked_keys.c.id)).scalar_subquery(),
@@ -691,11 +703,11 @@ def _new_keys_statement(session: Session, snapshot_id: int, taken_at: datetime) 
     tracked with the id staged for each and given their first record and usage versions, as
     ``record_staged`` writes them for a key it has never seen.
 
-    Both lookups go one row at a time by index, whatever the planner's statistics say: the
-    staging table and the tracked keys grow while the listing goes on, and nothing has analyzed
-    them yet (a first sync). Planned as joins, they read the whole staging table of the snapshot,
-    then every tracked key, once per page: 20,000 keys took 0.7 s of the server's time instead of
-    0.2 s, and it grows with the square of the keys."""
+    Both lookups go one row at a time by index: the staging table and the tracked keys grow while
+    the listing goes on, and nothing has analyzed them yet (a first sync). Planned as joins, they
+    read the whole staging table of the snapshot, then every tracked key, once per page: 20,000
+    keys took 0.7 s of the server's time instead of 0.2 s, and it grows with the square of the
+    keys."""
     s, t, r, u = snapshot_staging, tracked_keys, key_records, key_usage
     given = func.unnest(bindparam("ids", type_=ARRAY(Integer()))).table_valued("id").render_derived(name="given")
     # OFFSET 0: a subquery planned apart, for one id at a time (by the index on snapshot and id).
@@ -705,19 +717,21 @@ def _new_keys_statement(session: Session, snapshot_id: int, taken_at: datetime) 
         .offset(literal_column("0"))
         .lateral("row")
     )
-    # A scalar subquery, never turned into a join: one probe of the key hashes' index per row.
-    tracked_id = select(t.c.id).where(t.c.key_hash == row.c.key_hash).scalar_subquery()
-    fresh = select(row).select_from(given.join(row, true())).where(tracked_id.is_(None)).cte("fresh")
+    batch = select(row).select_from(given.join(row, true())).cte("batch")
     first_seen = literal(taken_at, UTCDateTime())
+    # A key already tracked is found by the unique index of key hashes, which ON CONFLICT always
+    # probes, whatever the planner would choose; only the keys tracked now get versions.
     tracked = (
-        insert(t)
+        postgresql_insert(t)
         .from_select(
             ["key_hash", "first_seen_at", "fingerprint", "id"],
-            select(fresh.c.key_hash, first_seen, fresh.c.fingerprint, fresh.c.key_id),
+            select(batch.c.key_hash, first_seen, batch.c.fingerprint, batch.c.key_id),
         )
+        .on_conflict_do_nothing(index_elements=[t.c.key_hash])
         .returning(t.c.id)
         .cte("tracked")
     )
+    fresh = select(batch).select_from(batch.join(tracked, tracked.c.id == batch.c.key_id)).cte("fresh")
     records = (
         insert(r)
         .from_select(
@@ -747,6 +761,15 @@ def _new_keys_statement(session: Session, snapshot_id: int, taken_at: datetime) 
     statement = select(func.count()).select_from(tracked).add_cte(records, usage)
     compiled = statement.compile(dialect=session.get_bind().dialect)
     return str(compiled), dict(compiled.construct_params({"ids": []}))
+
+
+def still_connected(session: Session) -> bool:
+    """Whether the session's connection still answers (its transaction, if any, intact)."""
+    try:
+        session.execute(text("SELECT 1"))
+    except DBAPIError:
+        return False
+    return True
 
 
 def record_new_keys(session: Session, early: EarlyRecording, key_ids: Sequence[int]) -> None:

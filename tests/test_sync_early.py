@@ -10,6 +10,7 @@ that fails after tracking keys this way leaves nothing of them.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from db import runs, snapshots
 from db.migrate import upgrade
@@ -25,9 +26,11 @@ from db.models import Snapshot, key_records, key_usage, snapshot_staging, tracke
 from db.rollups import KeyDay, KeyRollup, SnapshotRollup
 from keyhygiene.context import Database, session_scope
 from keyhygiene.fakeapi import FakeOpenRouter
+from keyhygiene.inventory import EarlyRecorder
 from keyhygiene.jobs import JobOutcome, execute
 from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.settings import Settings
+from tests.celery_support import wait_until
 from tests.conftest import MANAGEMENT_KEY, postgres_schema
 
 pytestmark = pytest.mark.postgres
@@ -144,17 +147,22 @@ def test_a_store_recorded_while_listing_holds_exactly_what_one_pass_records(
         assert usage[hashes[0]] == pytest.approx(3.0) and hashes[30] not in usage
 
 
-def _store_lock_held(database: Database) -> bool:
-    """Whether a session holds this store's recording lock (``db.snapshots.lock_recording``)."""
+def _store_lock_holders(database: Database, what: str = "pid") -> list[Any]:
+    """``what`` of each session that holds this store's recording lock (``db.snapshots.lock_recording``)."""
     with database.engine.connect() as connection:
-        held = connection.execute(
-            text(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                "AND classid = :high AND objid = CAST(CAST('snapshots' AS regclass) AS oid)"
-            ),
-            {"high": _RECORD_LOCK},
-        ).scalar_one()
-    return bool(held)
+        return list(
+            connection.scalars(
+                text(
+                    f"SELECT {what} FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND classid = :high AND objid = CAST(CAST('snapshots' AS regclass) AS oid)"
+                ),
+                {"high": _RECORD_LOCK},
+            )
+        )
+
+
+def _store_lock_held(database: Database) -> bool:
+    return bool(_store_lock_holders(database))
 
 
 def _when_recording_while_listing(
@@ -250,7 +258,7 @@ def test_an_older_sync_recording_while_listing_is_superseded_and_leaves_nothing(
         other.finish(session, taken_at=NOW, workspace_counts={}, expected_keys=3)
 
     with session_scope(pg_database) as session:
-        early = snapshots.begin_early_recording(session, snapshot_id=older, taken_at=NOW)
+        early = _begin(session, older, NOW)
         snapshots.record_new_keys(session, early, reserved)
         assert early.recorded == 2  # the two the other sync did not track
         with pytest.raises(snapshots.SnapshotSuperseded):
@@ -259,6 +267,14 @@ def test_an_older_sync_recording_while_listing_is_superseded_and_leaves_nothing(
     with pg_database.sessions() as session:
         tracked = session.execute(select(tracked_keys.c.key_hash, tracked_keys.c.id)).all()
     assert sorted(key_hash for key_hash, _ in tracked) == sorted(key["hash"] for key in raw[:3])
+
+
+def _begin(session: Any, snapshot_id: int, taken_at: datetime) -> snapshots.EarlyRecording:
+    early = snapshots.begin_early_recording(
+        session, snapshot_id=snapshot_id, taken_at=taken_at, keep_waiting=lambda: False
+    )
+    assert early is not None  # the store's recording lock was free
+    return early
 
 
 def _run(session: Any) -> int:
@@ -289,7 +305,7 @@ def test_record_new_keys_tracks_only_keys_nobody_tracked(pg_database: Database, 
 
     later = NOW + timedelta(minutes=1)
     with session_scope(pg_database) as session:
-        early = snapshots.begin_early_recording(session, snapshot_id=second, taken_at=later)
+        early = _begin(session, second, later)
         snapshots.record_new_keys(session, early, reserved)
         assert early.recorded == 2
         written = writer.finish(session, taken_at=later, workspace_counts={}, expected_keys=5, early=early)
@@ -313,7 +329,10 @@ def test_the_check_that_versions_name_tracked_keys_probes_the_index_at_any_size(
     """Migration 0021: the trigger function plans with the index of tracked ids only."""
     with pg_database.engine.connect() as connection:
         settings = connection.execute(
-            text("SELECT proconfig FROM pg_proc WHERE proname = 'keyhygiene_versions_name_tracked_keys'")
+            text(
+                "SELECT proconfig FROM pg_proc WHERE proname = 'keyhygiene_versions_name_tracked_keys' "
+                "AND pronamespace = CAST(current_schema() AS regnamespace)"
+            )
         ).scalar_one()
     assert {"enable_seqscan=off", "enable_hashjoin=off", "enable_mergejoin=off", "enable_nestloop=on"} <= set(settings)
 
@@ -321,6 +340,97 @@ def test_the_check_that_versions_name_tracked_keys_probes_the_index_at_any_size(
 def test_sqlite_records_in_one_pass(tmp_path: Path) -> None:
     with migrated(f"sqlite:///{tmp_path / 'keyhygiene.db'}") as database:
         assert database.dialect == "sqlite"
-        from keyhygiene.inventory import EarlyRecorder
-
         assert EarlyRecorder.start(database, 1, NOW) is None
+
+
+def test_a_server_that_ends_idle_transactions_does_not_end_the_recording(fake: FakeOpenRouter, fake_url: str) -> None:
+    """The transaction stays open while the sync waits for the next page; a server set to end
+    sessions idle in a transaction for longer than the API takes to answer leaves it be."""
+    for index in range(300):
+        fake.add_key(f"key-{index:04d}", created_at=NOW - timedelta(minutes=index))
+    fake.faults.latency = 0.5  # each page: longer than the server lets a transaction sit idle
+    with postgres_schema() as url:
+        strict = url + "%20-cidle_in_transaction_session_timeout%3D200"
+        with migrated(strict) as database:
+            with database.engine.connect() as connection:
+                said = connection.execute(text("SHOW idle_in_transaction_session_timeout")).scalar_one()
+            assert said == "200ms"
+            outcome = syncer(database, fake_url)(NOW, concurrency=1)
+            assert outcome.status == runs.OK, outcome.message
+            with database.sessions() as session:
+                assert len(list(snapshots.keys_at(session, 1))) == 300
+
+
+def _lock_free(database: Database) -> bool:
+    """Whether another session could take the store's recording lock now (and lets it go at once)."""
+    with database.writer() as session, session.begin():
+        taken = session.scalar(
+            text(
+                "SELECT pg_try_advisory_xact_lock((CAST(:high AS bigint) << 32) "
+                "| CAST(CAST('snapshots' AS regclass) AS bigint))"
+            ),
+            {"high": _RECORD_LOCK},
+        )
+    return bool(taken)
+
+
+@pytest.mark.parametrize("moment", ["at once", "while it waits for the lock"])
+def test_a_recorder_stopped_while_another_sync_records_never_takes_the_lock(moment: str) -> None:
+    """A sync that fails while another one of the store records leaves no transaction behind that
+    takes the store's recording lock once the other lets it go, and then holds it for nobody."""
+    # Its own name in pg_stat_activity: the sessions counted below are this test's alone.
+    with postgres_schema() as url, migrated(f"{url}&application_name=kh_{uuid.uuid4().hex[:12]}") as pg_database:
+        _stop_while_another_records(pg_database, moment)
+
+
+def _stop_while_another_records(pg_database: Database, moment: str) -> None:
+    with session_scope(pg_database) as session:
+        snapshot_id = snapshots.start_snapshot(session, run_id=_run(session), now=NOW).id
+    other = pg_database.writer()  # another sync, recording
+    other.begin()
+    snapshots.lock_recording(other)
+    recorder = EarlyRecorder(pg_database, snapshot_id, NOW)
+    recorder.offer([10**6])
+    if moment != "at once":  # its transaction begun, asking for the lock
+        wait_until(lambda: _idle_in_transaction(pg_database) >= 2, timeout=20, interval=0.01, what="the request")
+    recorder.stop()
+    other.rollback()
+    other.close()
+    wait_until(lambda: _idle_in_transaction(pg_database) == 0, timeout=20, interval=0.01, what="no transaction left")
+    assert _lock_free(pg_database)
+
+
+def _idle_in_transaction(database: Database) -> int:
+    """Sessions of this test's own (by their application name) that sit in an open transaction."""
+    with database.engine.connect() as connection:
+        return int(
+            connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%' "
+                    "AND application_name = current_setting('application_name') AND application_name <> ''"
+                )
+            ).scalar_one()
+        )
+
+
+def test_a_recording_whose_connection_is_lost_while_listing_is_done_in_one_pass(
+    pg_database: Database, fake: FakeOpenRouter, fake_url: str
+) -> None:
+    """Recording while listing only saves time: its connection ended by the server (an
+    administrator, a proxy) mid-listing, the sync records the snapshot after the listing instead."""
+    for index in range(600):
+        fake.add_key(f"key-{index:04d}", created_at=NOW - timedelta(minutes=index))
+
+    def end_the_recording() -> None:
+        assert _store_lock_holders(pg_database, "pg_terminate_backend(pid)") == [True]
+
+    seen = _when_recording_while_listing(fake, pg_database, 300, end_the_recording)
+    outcome = syncer(pg_database, fake_url)(NOW, concurrency=1)
+
+    assert seen["lock"] is True
+    assert outcome.status == runs.OK, outcome.message
+    assert "600 new" in outcome.message
+    with pg_database.sessions() as session:
+        assert len(list(snapshots.keys_at(session, 1))) == 600
+        assert session.scalar(select(func.count()).select_from(key_usage)) == 600
