@@ -763,6 +763,21 @@ def _new_keys_statement(session: Session, snapshot_id: int, taken_at: datetime) 
     return str(compiled), dict(compiled.construct_params({"ids": []}))
 
 
+def holding_up_others(session: Session) -> bool:
+    """Whether another session waits for a table that this session's transaction holds: a schema
+    change, ``VACUUM FULL`` or ``REINDEX`` asking for the whole table, which every other session
+    that comes to that table then queues behind."""
+    return bool(session.scalar(_HOLDING_UP))
+
+
+_HOLDING_UP = text(
+    "SELECT EXISTS (SELECT 1 FROM pg_locks AS waiting WHERE NOT waiting.granted "
+    "AND waiting.locktype = 'relation' AND waiting.relation IN ("
+    "SELECT held.relation FROM pg_locks AS held WHERE held.pid = pg_backend_pid() "
+    "AND held.granted AND held.locktype = 'relation'))"
+)
+
+
 def still_connected(session: Session) -> bool:
     """Whether the session's connection still answers (its transaction, if any, intact)."""
     try:

@@ -287,6 +287,8 @@ class EarlyRecorder:
     """Seconds between two requests for the store's recording lock while another sync holds it."""
     MERGED_IDS = 5_000
     """Most ids recorded in one statement, when batches queued up (the lock was held elsewhere)."""
+    IDLE_CHECK = 0.5
+    """Seconds between two looks for a session its transaction holds up (``holding_up_others``)."""
 
     def __init__(self, database: Database, snapshot_id: int, taken_at: datetime) -> None:
         self._database = database
@@ -299,6 +301,7 @@ class EarlyRecorder:
         self._handed_over = False  # ``recording`` took the session: the thread leaves it open
         self._lock = threading.Lock()
         self._cancel: Callable[[], None] | None = None
+        self._looked_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="keyhygiene-record", daemon=True)
         self._thread.start()
 
@@ -362,20 +365,39 @@ class EarlyRecorder:
                 if self._failed or self._stopping.is_set():
                     continue  # take what is offered until the end
                 try:
+                    if self._begun is not None and self._look_again() and snapshots.holding_up_others(self._session):
+                        # A schema change or a VACUUM FULL waits for this transaction, and the
+                        # sync's next page would wait for it: give way (one pass after the listing).
+                        self._give_up()
+                        continue
+                    if not key_ids:  # no batch came for a while
+                        continue
                     if self._begun is None:
                         self._begun = self._begin()
                         if self._begun is None:  # stopped while another sync held the lock
                             continue
                     snapshots.record_new_keys(self._session, self._begun, key_ids)
                 except Exception:  # left to the one-pass recording (a failure there fails the sync)
-                    self._failed = True
-                    with contextlib.suppress(Exception):  # what it wrote goes; its connection may be gone
-                        self._session.rollback()
+                    self._give_up()
         finally:
             with self._lock:
                 self._cancel = None
             if not self._handed_over:  # stopped: nobody will end its transaction, and its lock
                 self._session.close()
+
+    def _look_again(self) -> bool:
+        """Whether it is time to look for a session held up again (twice a second at most)."""
+        now = time.monotonic()
+        if now - self._looked_at < self.IDLE_CHECK:
+            return False
+        self._looked_at = now
+        return True
+
+    def _give_up(self) -> None:
+        """Roll back what it recorded and record nothing more: the sync records in one pass."""
+        self._failed = True
+        with contextlib.suppress(Exception):  # its connection may be gone
+            self._session.rollback()
 
     def _begin(self) -> EarlyRecording | None:
         self._session.begin()
@@ -391,8 +413,12 @@ class EarlyRecorder:
 
     def _next(self) -> list[int] | None:
         """The ids of the next batch, with those of the batches queued behind it (up to
-        ``MERGED_IDS``); None at the end."""
-        key_ids = self._batches.get()
+        ``MERGED_IDS``); none when no batch came within ``IDLE_CHECK`` while its transaction is
+        open; None at the end."""
+        try:
+            key_ids = self._batches.get(timeout=self.IDLE_CHECK if self._begun is not None else None)
+        except queue.Empty:
+            return []
         if key_ids is None:
             return None
         merged = list(key_ids)

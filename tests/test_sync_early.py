@@ -434,3 +434,49 @@ def test_a_recording_whose_connection_is_lost_while_listing_is_done_in_one_pass(
     with pg_database.sessions() as session:
         assert len(list(snapshots.keys_at(session, 1))) == 600
         assert session.scalar(select(func.count()).select_from(key_usage)) == 600
+
+
+@pytest.mark.parametrize("table", ["tracked_keys", "snapshot_staging"])
+def test_a_schema_change_beside_the_listing_is_given_way(
+    pg_database: Database, fake: FakeOpenRouter, fake_url: str, table: str
+) -> None:
+    """A schema change (here its lock, as ALTER TABLE, VACUUM FULL or REINDEX take it) asked for
+    while the sync records as it lists: it waits for that transaction, and the sync's next page
+    would wait for it. The recording gives way and the sync records after the listing instead."""
+    for index in range(600):
+        fake.add_key(f"key-{index:04d}", created_at=NOW - timedelta(minutes=index))
+    changed: list[str] = []
+
+    def change_schema() -> None:
+        with pg_database.engine.connect() as connection:
+            connection.execute(text("SET lock_timeout = '60s'"))  # a bound, should the sync not give way
+            connection.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+            changed.append(table)
+            connection.rollback()
+
+    def asked() -> None:  # once the schema change waits for the recording's transaction
+        changer = threading.Thread(target=change_schema, daemon=True)
+        changer.start()
+        wait_until(lambda: _waiting_for(pg_database, table), timeout=20, interval=0.01, what="the lock request")
+        threads.append(changer)
+
+    threads: list[threading.Thread] = []
+    seen = _when_recording_while_listing(fake, pg_database, 300, asked)
+    outcome = syncer(pg_database, fake_url)(NOW, concurrency=1)
+
+    assert seen["lock"] is True
+    assert outcome.status == runs.OK, outcome.message
+    threads[0].join(timeout=60)
+    assert changed == [table]
+    with pg_database.sessions() as session:
+        assert len(list(snapshots.keys_at(session, 1))) == 600
+
+
+def _waiting_for(database: Database, table: str) -> bool:
+    with database.engine.connect() as connection:
+        return bool(
+            connection.execute(
+                text("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted AND relation = to_regclass(:table))"),
+                {"table": table},
+            ).scalar_one()
+        )
