@@ -678,9 +678,6 @@ def begin_early_recording(
     (which waits a moment) says to; None when it says not to."""
     if session.get_bind().dialect.name != "postgresql":
         raise ValueError("a recording is begun while listing on PostgreSQL only")
-    # Open, on purpose, as long as the listing lasts, which may bring no new key for minutes: a
-    # server that ends sessions idle in a transaction would end this one, and fail the sync.
-    session.execute(text("SET LOCAL idle_in_transaction_session_timeout = 0"))
     # Asked for without waiting in the server, so that a sync that stops never leaves a request
     # behind that takes the lock later, for a transaction nobody will end.
     while not session.scalar(text(f"SELECT pg_try_advisory_xact_lock({_STORE_LOCK})"), {"lock": _RECORD_LOCK}):
@@ -764,18 +761,43 @@ def _new_keys_statement(session: Session, snapshot_id: int, taken_at: datetime) 
 
 
 def holding_up_others(session: Session) -> bool:
-    """Whether another session waits for a table that this session's transaction holds: a schema
-    change, ``VACUUM FULL`` or ``REINDEX`` asking for the whole table, which every other session
-    that comes to that table then queues behind."""
+    """Whether this session's transaction holds up another session: a schema change, ``VACUUM
+    FULL`` or ``REINDEX`` waiting for a table it holds (every other session that comes to that
+    table then queues behind it), or anything else waiting for a lock it holds, but a sync waiting
+    for the store's recording lock (which waits for it on purpose)."""
     return bool(session.scalar(_HOLDING_UP))
 
 
 _HOLDING_UP = text(
-    "SELECT EXISTS (SELECT 1 FROM pg_locks AS waiting WHERE NOT waiting.granted "
-    "AND waiting.locktype = 'relation' AND waiting.relation IN ("
-    "SELECT held.relation FROM pg_locks AS held WHERE held.pid = pg_backend_pid() "
-    "AND held.granted AND held.locktype = 'relation'))"
+    "SELECT EXISTS (SELECT 1 FROM (SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+    "AND wait_event_type = 'Lock' AND wait_event <> 'advisory' OFFSET 0) AS waiting "
+    "WHERE pg_backend_pid() = ANY (pg_blocking_pids(waiting.pid)))"
 )
+"""The waiting sessions are found first (``OFFSET 0``): ``pg_blocking_pids`` takes the lock
+manager's state for a moment, and is asked only for them."""
+
+
+def this_backend(session: Session) -> tuple[int, datetime]:
+    """The server process of the session's connection, and when it started (a pid alone may be
+    a later process's)."""
+    pid, started = session.execute(
+        text("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+    ).one()
+    return int(pid), started
+
+
+def end_backend(session: Session, backend: tuple[int, datetime]) -> None:
+    """End ``backend`` (``this_backend``) if it is still in a transaction or a statement: its
+    client is gone (a connection cut on the client's side only leaves the server's side waiting,
+    its locks held). Only a process of this role's, or that the role may signal."""
+    pid, started = backend
+    session.execute(
+        text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = :pid "
+            "AND backend_start = :started AND state <> 'idle'"
+        ),
+        {"pid": pid, "started": started},
+    )
 
 
 def still_connected(session: Session) -> bool:

@@ -302,6 +302,7 @@ class EarlyRecorder:
         self._lock = threading.Lock()
         self._cancel: Callable[[], None] | None = None
         self._looked_at = time.monotonic()
+        self._backend: tuple[int, datetime] | None = None  # its connection's server process
         self._thread = threading.Thread(target=self._run, name="keyhygiene-record", daemon=True)
         self._thread.start()
 
@@ -322,9 +323,9 @@ class EarlyRecorder:
         """Once every batch offered is recorded: the session whose transaction holds them, and what
         was recorded; a new session and None where nothing was, or where the thread could not go
         on. Committed when the block ends well."""
-        self._handed_over = True
-        self._batches.put(None)
         try:
+            self._handed_over = True
+            self._batches.put(None)
             self._thread.join()
         except BaseException:  # stopped while it still records: it ends its transaction itself
             self._handed_over = False
@@ -334,6 +335,7 @@ class EarlyRecorder:
         try:
             if self._failed or (begun is not None and not snapshots.still_connected(session)):
                 session.close()  # rolls back what it recorded, if its connection still can
+                self._end_backend()
                 session, begun = self._database.writer(), None
             if not session.in_transaction():
                 session.begin()
@@ -393,6 +395,15 @@ class EarlyRecorder:
         self._looked_at = now
         return True
 
+    def _end_backend(self) -> None:
+        """End the server's side of its connection, if that is still in its transaction (the
+        client's side was cut): else it would hold the store's recording lock, which the one-pass
+        recording then waits for, until the server notices (hours, without keepalives)."""
+        if self._backend is None:
+            return
+        with contextlib.suppress(SQLAlchemyError), self._database.writer() as session, session.begin():
+            snapshots.end_backend(session, self._backend)
+
     def _give_up(self) -> None:
         """Roll back what it recorded and record nothing more: the sync records in one pass."""
         self._failed = True
@@ -401,6 +412,7 @@ class EarlyRecorder:
 
     def _begin(self) -> EarlyRecording | None:
         self._session.begin()
+        self._backend = snapshots.this_backend(self._session)
         driver: Any = self._session.connection().connection.dbapi_connection  # psycopg's
         with self._lock:
             self._cancel = functools.partial(driver.cancel_safe, timeout=2)

@@ -9,6 +9,8 @@ that fails after tracking keys this way leaves nothing of them.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, make_url, select, text
 
 from db import runs, snapshots
 from db.migrate import upgrade
@@ -343,9 +345,10 @@ def test_sqlite_records_in_one_pass(tmp_path: Path) -> None:
         assert EarlyRecorder.start(database, 1, NOW) is None
 
 
-def test_a_server_that_ends_idle_transactions_does_not_end_the_recording(fake: FakeOpenRouter, fake_url: str) -> None:
-    """The transaction stays open while the sync waits for the next page; a server set to end
-    sessions idle in a transaction for longer than the API takes to answer leaves it be."""
+def test_a_server_that_ends_idle_transactions_does_not_fail_the_sync(fake: FakeOpenRouter, fake_url: str) -> None:
+    """The transaction stays open while the sync waits for the next page. A server that ends
+    sessions idle in a transaction sooner than the recording looks at it again ends it: the sync
+    records after the listing instead."""
     for index in range(300):
         fake.add_key(f"key-{index:04d}", created_at=NOW - timedelta(minutes=index))
     fake.faults.latency = 0.5  # each page: longer than the server lets a transaction sit idle
@@ -480,3 +483,75 @@ def _waiting_for(database: Database, table: str) -> bool:
                 {"table": table},
             ).scalar_one()
         )
+
+
+class CuttableProxy:
+    """A TCP proxy to PostgreSQL whose connections can be cut on the client's side alone, as a
+    proxy or a NAT that lost its client does: the server's side stays open, its session waiting
+    for a client that is gone, in its transaction, with its locks."""
+
+    def __init__(self, port: int) -> None:
+        self._server = ("127.0.0.1", port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(self._server)
+                self._pairs.append((client, server))
+                for source, sink in ((client, server), (server, client)):
+                    threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+
+    def cut_client_of(self, server_port: int) -> None:
+        """Cut, on the client's side only, the connection the server sees from ``server_port``."""
+        (client,) = [client for client, server in self._pairs if server.getsockname()[1] == server_port]
+        client.shutdown(socket.SHUT_RDWR)
+        client.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        for client, server in self._pairs:
+            for end in (client, server):
+                with contextlib.suppress(OSError):
+                    end.close()
+
+
+def test_a_recording_cut_off_on_the_clients_side_alone_is_ended_before_the_one_pass(
+    fake: FakeOpenRouter, fake_url: str
+) -> None:
+    """The server's side of the recording's connection outlives its client: still in its
+    transaction, it holds the store's recording lock. The sync ends it, then records in one pass."""
+    for index in range(600):
+        fake.add_key(f"key-{index:04d}", created_at=NOW - timedelta(minutes=index))
+    with postgres_schema() as url, migrated(url) as direct:
+        proxy = CuttableProxy(make_url(url).port or 5432)
+        try:
+            through = make_url(url).set(port=proxy.port).render_as_string(hide_password=False)
+            with migrated(through) as database:
+
+                def cut() -> None:
+                    (port,) = _store_lock_holders(
+                        direct, "(SELECT client_port FROM pg_stat_activity AS a WHERE a.pid = pg_locks.pid)"
+                    )
+                    proxy.cut_client_of(port)
+
+                seen = _when_recording_while_listing(fake, direct, 300, cut)
+                outcome = syncer(database, fake_url)(NOW, concurrency=1)
+
+                assert seen["lock"] is True
+                assert outcome.status == runs.OK, outcome.message
+                assert _store_lock_holders(direct) == []
+                with direct.sessions() as session:
+                    assert len(list(snapshots.keys_at(session, 1))) == 600
+        finally:
+            proxy.close()
