@@ -769,34 +769,43 @@ def holding_up_others(session: Session) -> bool:
 
 
 _HOLDING_UP = text(
-    "SELECT EXISTS (SELECT 1 FROM (SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-    "AND wait_event_type = 'Lock' AND wait_event <> 'advisory' OFFSET 0) AS waiting "
+    "SELECT EXISTS (SELECT 1 FROM (SELECT DISTINCT pid FROM pg_locks WHERE NOT granted "
+    "AND locktype <> 'advisory' AND (database IS NULL OR database = "
+    "(SELECT oid FROM pg_database WHERE datname = current_database())) OFFSET 0) AS waiting "
     "WHERE pg_backend_pid() = ANY (pg_blocking_pids(waiting.pid)))"
 )
-"""The waiting sessions are found first (``OFFSET 0``): ``pg_blocking_pids`` takes the lock
-manager's state for a moment, and is asked only for them."""
+"""The waiting sessions, whatever their role, are found first in ``pg_locks`` (``OFFSET 0``):
+``pg_blocking_pids`` takes the lock manager's state for a moment, and is asked only for them."""
 
 
-def this_backend(session: Session) -> tuple[int, datetime]:
-    """The server process of the session's connection, and when it started (a pid alone may be
-    a later process's)."""
-    pid, started = session.execute(
-        text("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
-    ).one()
-    return int(pid), started
+Backend = tuple[int, datetime, datetime]
+"""A transaction's server process: its pid, when the process and when the transaction began."""
 
 
-def end_backend(session: Session, backend: tuple[int, datetime]) -> None:
-    """End ``backend`` (``this_backend``) if it is still in a transaction or a statement: its
-    client is gone (a connection cut on the client's side only leaves the server's side waiting,
-    its locks held). Only a process of this role's, or that the role may signal."""
-    pid, started = backend
+def this_transaction(session: Session) -> Backend | None:
+    """The server process of the session's transaction, begun by this statement (None where the
+    server does not track activity)."""
+    found = session.execute(
+        text("SELECT pid, backend_start, xact_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+    ).one_or_none()
+    if found is None or found.backend_start is None or found.xact_start is None:
+        return None
+    return int(found.pid), found.backend_start, found.xact_start
+
+
+def end_transaction_of(session: Session, backend: Backend) -> None:
+    """End the server process of ``backend``'s transaction (``this_transaction``) if that very
+    transaction is still open: its client is gone (a connection cut on the client's side alone
+    leaves the server's side in its transaction, its locks held). A process that has ended the
+    transaction since, or that another process took the pid of, is left alone. Only processes of
+    this role's, or that it may signal."""
+    pid, started, began = backend
     session.execute(
         text(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = :pid "
-            "AND backend_start = :started AND state <> 'idle'"
+            "AND pid <> pg_backend_pid() AND backend_start = :started AND xact_start = :began"
         ),
-        {"pid": pid, "started": started},
+        {"pid": pid, "started": started, "began": began},
     )
 
 

@@ -302,7 +302,7 @@ class EarlyRecorder:
         self._lock = threading.Lock()
         self._cancel: Callable[[], None] | None = None
         self._looked_at = time.monotonic()
-        self._backend: tuple[int, datetime] | None = None  # its connection's server process
+        self._backend: snapshots.Backend | None = None  # its transaction's server process
         self._thread = threading.Thread(target=self._run, name="keyhygiene-record", daemon=True)
         self._thread.start()
 
@@ -360,6 +360,7 @@ class EarlyRecorder:
         self._thread.join(self.STOP_WAIT)
         if not self._thread.is_alive():  # ended: its session is no other thread's (closing twice is harmless)
             self._session.close()
+        self._end_backend()  # its transaction, if the server still holds it open for a client that is gone
 
     def _run(self) -> None:
         try:
@@ -396,13 +397,14 @@ class EarlyRecorder:
         return True
 
     def _end_backend(self) -> None:
-        """End the server's side of its connection, if that is still in its transaction (the
+        """End the server's side of its connection if its transaction is still open there (the
         client's side was cut): else it would hold the store's recording lock, which the one-pass
-        recording then waits for, until the server notices (hours, without keepalives)."""
+        recording, and every later sync, would wait for until the server notices (hours, without
+        keepalives)."""
         if self._backend is None:
             return
         with contextlib.suppress(SQLAlchemyError), self._database.writer() as session, session.begin():
-            snapshots.end_backend(session, self._backend)
+            snapshots.end_transaction_of(session, self._backend)
 
     def _give_up(self) -> None:
         """Roll back what it recorded and record nothing more: the sync records in one pass."""
@@ -412,7 +414,7 @@ class EarlyRecorder:
 
     def _begin(self) -> EarlyRecording | None:
         self._session.begin()
-        self._backend = snapshots.this_backend(self._session)
+        self._backend = snapshots.this_transaction(self._session)
         driver: Any = self._session.connection().connection.dbapi_connection  # psycopg's
         with self._lock:
             self._cancel = functools.partial(driver.cancel_safe, timeout=2)

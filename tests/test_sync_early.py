@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, make_url, select, text
+from sqlalchemy import create_engine, func, insert, make_url, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from db import runs, snapshots
 from db.migrate import upgrade
@@ -34,6 +36,7 @@ from keyhygiene.keysapi.client import KeysClient
 from keyhygiene.settings import Settings
 from tests.celery_support import wait_until
 from tests.conftest import MANAGEMENT_KEY, postgres_schema
+from tests.roles import role_that_writes
 
 pytestmark = pytest.mark.postgres
 
@@ -555,3 +558,57 @@ def test_a_recording_cut_off_on_the_clients_side_alone_is_ended_before_the_one_p
                     assert len(list(snapshots.keys_at(session, 1))) == 600
         finally:
             proxy.close()
+
+
+def test_a_schema_change_by_another_role_is_seen_waiting(pg_database: Database) -> None:
+    """keyhygiene may run as a role that cannot read other roles' sessions in pg_stat_activity:
+    a schema change that an administrator runs is still seen waiting for its transaction."""
+    with role_that_writes(pg_database.engine) as role:
+        as_role = create_engine(pg_database.engine.url.set(username=role))
+        try:
+            with Session(as_role) as recording, recording.begin():
+                recording.execute(insert(tracked_keys).values(id=1, key_hash="h", first_seen_at=NOW))
+                assert not snapshots.holding_up_others(recording)
+                changer = threading.Thread(target=_alter_tracked_keys, args=(pg_database,), daemon=True)
+                changer.start()
+                wait_until(
+                    lambda: _waiting_for(pg_database, "tracked_keys"), timeout=20, interval=0.01, what="the change"
+                )
+                assert snapshots.holding_up_others(recording)
+                recording.rollback()
+            changer.join(timeout=30)
+        finally:
+            as_role.dispose()
+
+
+def _alter_tracked_keys(database: Database) -> None:
+    with database.engine.connect() as connection:
+        connection.execute(text("SET lock_timeout = '30s'"))
+        connection.execute(text("LOCK TABLE tracked_keys IN ACCESS EXCLUSIVE MODE"))
+        connection.rollback()
+
+
+def test_only_the_very_transaction_left_open_is_ended(pg_database: Database) -> None:
+    """A recording whose client is gone is ended on the server; a healthy session that the
+    connection serves since (its transaction ended, the pool gave it out again) is left alone."""
+    with pg_database.writer() as healthy:
+        healthy.begin()
+        recorded = snapshots.this_transaction(healthy)
+        assert recorded is not None
+        healthy.commit()
+        healthy.begin()  # the same connection, another transaction
+        healthy.execute(text("SELECT 1"))
+        with pg_database.writer() as other, other.begin():
+            snapshots.end_transaction_of(other, recorded)
+        assert healthy.execute(text("SELECT 2")).scalar_one() == 2  # still served
+        healthy.rollback()
+
+    with pg_database.engine.connect() as left_open:
+        left_open.begin()
+        session = Session(bind=left_open)
+        cut = snapshots.this_transaction(session)
+        assert cut is not None
+        with pg_database.writer() as other, other.begin():
+            snapshots.end_transaction_of(other, cut)
+        with pytest.raises(OperationalError):
+            left_open.execute(text("SELECT 1"))
