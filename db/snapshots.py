@@ -615,6 +615,18 @@ def _count(session: Session, table: Any, *where: Any) -> int:
     return int(session.scalar(select(func.count()).select_from(table).where(*where)) or 0)
 
 
+_RECORD_INSERTED = ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"]
+_USAGE_INSERTED = ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since", "spent_from"]
+"""The columns a recording inserts into ``key_records`` and ``key_usage``."""
+
+
+def _first_usage(staged: Any, taken_at: datetime) -> tuple[Any, Any, Any]:
+    """``usage_since``, ``disabled_since`` and ``spent_from`` of the first usage version of a key
+    staged in ``staged`` (a table or CTE of staging rows): no version before it to carry them from."""
+    now = literal(taken_at, UTCDateTime())
+    return now, case((staged.c.disabled, now), else_=null()), _spent_in_window(staged, taken_at)
+
+
 def _spent_in_window(staged: Any, taken_at: datetime) -> Any:
     """The latest start of a window in which the staged key spent as of ``taken_at`` (its counters
     above zero), NULL for none: ``keyhygiene.rules.engine.window_use_from`` in SQL."""
@@ -732,7 +744,7 @@ def _new_keys_statement(session: Session, snapshot_id: int, taken_at: datetime) 
     records = (
         insert(r)
         .from_select(
-            ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
+            _RECORD_INSERTED,
             select(
                 fresh.c.key_id, literal(snapshot_id), *(fresh.c[name] for name in _RECORD_COLUMNS), fresh.c.record_wire
             ),
@@ -742,15 +754,13 @@ def _new_keys_statement(session: Session, snapshot_id: int, taken_at: datetime) 
     usage = (
         insert(u)
         .from_select(
-            ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since", "spent_from"],
+            _USAGE_INSERTED,
             select(
                 fresh.c.key_id,
                 literal(snapshot_id),
                 *(fresh.c[name] for name in _VOLATILE_COLUMNS),
                 fresh.c.usage_wire,
-                first_seen,
-                case((fresh.c.disabled, first_seen), else_=null()),
-                _spent_in_window(fresh, taken_at),
+                *_first_usage(fresh, taken_at),
             ),
         )
         .cte("usage")
@@ -1016,7 +1026,7 @@ def record_staged(
         records_added = _append_versions(
             session,
             r,
-            ["key_id", "valid_from", *_RECORD_COLUMNS, "wire"],
+            _RECORD_INSERTED,
             select(s.c.key_id, literal(snapshot_id), *(s.c[name] for name in _RECORD_COLUMNS), s.c.record_wire).where(
                 staged, ~exists().where(r.c.key_id == s.c.key_id, r.c.valid_to.is_(None))
             ),
@@ -1063,13 +1073,13 @@ def record_staged(
         )
         with_previous = s.outerjoin(previous, previous.c.id == latest)
     else:  # the store holds no usage version yet (its first snapshot): none follows another
-        usage_since, disabled_since, with_previous = now, case((s.c.disabled, now), else_=null()), s
-        spent_from = spent_in_window
+        usage_since, disabled_since, spent_from = _first_usage(s, taken_at)
+        with_previous = s
     if not all_early:
         usage_added = _append_versions(
             session,
             u,
-            ["key_id", "valid_from", *_VOLATILE_COLUMNS, "wire", "usage_since", "disabled_since", "spent_from"],
+            _USAGE_INSERTED,
             select(
                 s.c.key_id,
                 literal(snapshot_id),

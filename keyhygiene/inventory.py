@@ -24,7 +24,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from db import snapshots, statistics
-from db.snapshots import EarlyRecording
 from keyhygiene.keysapi.errors import ApiError, NotFound
 from keyhygiene.keysapi.models import Key
 from keyhygiene.keysapi.paging import DEFAULT_WORKSPACE
@@ -252,8 +251,36 @@ def take_snapshot(
     return result
 
 
+class _Cancellable:
+    """The statements a background thread runs on one PostgreSQL connection, which another thread
+    may cancel (``cancel``) while ``set``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancel: Callable[[], None] | None = None
+
+    def set(self, connection: Any) -> None:
+        """From now on, ``cancel`` cancels what runs on ``connection`` (a SQLAlchemy connection)."""
+        driver: Any = connection.connection.dbapi_connection  # psycopg's connection
+        with self._lock:
+            self._cancel = functools.partial(driver.cancel_safe, timeout=2)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cancel = None
+
+    def cancel(self) -> None:
+        with self._lock:
+            cancel = self._cancel
+        if cancel is not None:
+            with contextlib.suppress(Exception):  # it may have just finished; a cancel that fails changes nothing
+                cancel()
+
+
 @contextlib.contextmanager
-def _recording(database: Database, recorder: EarlyRecorder | None) -> Iterator[tuple[Session, EarlyRecording | None]]:
+def _recording(
+    database: Database, recorder: EarlyRecorder | None
+) -> Iterator[tuple[Session, snapshots.EarlyRecording | None]]:
     """The session in whose transaction the snapshot is recorded, committed when the block ends
     well, and the recording begun while listing, if any (``EarlyRecorder.recording``)."""
     if recorder is not None:
@@ -295,12 +322,11 @@ class EarlyRecorder:
         self._session = database.writer()
         self._snapshot_id, self._taken_at = snapshot_id, taken_at
         self._batches: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()
-        self._begun: EarlyRecording | None = None
+        self._begun: snapshots.EarlyRecording | None = None
         self._failed = False  # it stopped recording: the snapshot is recorded in one pass
         self._stopping = threading.Event()
         self._handed_over = False  # ``recording`` took the session: the thread leaves it open
-        self._lock = threading.Lock()
-        self._cancel: Callable[[], None] | None = None
+        self._statement = _Cancellable()
         self._looked_at = time.monotonic()
         self._backend: snapshots.Backend | None = None  # its transaction's server process
         self._thread = threading.Thread(target=self._run, name="keyhygiene-record", daemon=True)
@@ -319,7 +345,7 @@ class EarlyRecorder:
             self._batches.put(key_ids)
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[tuple[Session, EarlyRecording | None]]:
+    def recording(self) -> Iterator[tuple[Session, snapshots.EarlyRecording | None]]:
         """Once every batch offered is recorded: the session whose transaction holds them, and what
         was recorded; a new session and None where nothing was, or where the thread could not go
         on. Committed when the block ends well."""
@@ -351,11 +377,7 @@ class EarlyRecorder:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        with self._lock:
-            cancel = self._cancel
-        if cancel is not None:
-            with contextlib.suppress(Exception):  # it may have just finished; a cancel that fails changes nothing
-                cancel()
+        self._statement.cancel()
         self._batches.put(None)
         self._thread.join(self.STOP_WAIT)
         if not self._thread.is_alive():  # ended: its session is no other thread's (closing twice is harmless)
@@ -383,8 +405,7 @@ class EarlyRecorder:
                 except Exception:  # left to the one-pass recording (a failure there fails the sync)
                     self._give_up()
         finally:
-            with self._lock:
-                self._cancel = None
+            self._statement.clear()
             if not self._handed_over:  # stopped: nobody will end its transaction, and its lock
                 self._session.close()
 
@@ -412,12 +433,10 @@ class EarlyRecorder:
         with contextlib.suppress(Exception):  # its connection may be gone
             self._session.rollback()
 
-    def _begin(self) -> EarlyRecording | None:
+    def _begin(self) -> snapshots.EarlyRecording | None:
         self._session.begin()
         self._backend = snapshots.this_transaction(self._session)
-        driver: Any = self._session.connection().connection.dbapi_connection  # psycopg's
-        with self._lock:
-            self._cancel = functools.partial(driver.cancel_safe, timeout=2)
+        self._statement.set(self._session.connection())
         return snapshots.begin_early_recording(
             self._session,
             snapshot_id=self._snapshot_id,
@@ -460,8 +479,7 @@ class Analysis:
     def __init__(self, database: Database, run_id: int, find: Callable[[Any], list[str]], target: int | None) -> None:
         self._database, self._run_id, self._find, self._target = database, run_id, find, target
         self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._cancel: Callable[[], None] | None = None
+        self._statement = _Cancellable()
         self._thread = threading.Thread(target=self._run, name="keyhygiene-analyze", daemon=True)
 
     @classmethod
@@ -488,11 +506,7 @@ class Analysis:
         """Cancel the statement it runs and wait for it a few seconds at most: a sync that fails or
         is stopped does not wait for statistics."""
         self._stop.set()
-        with self._lock:
-            cancel = self._cancel
-        if cancel is not None:
-            with contextlib.suppress(Exception):  # it may have just finished; a cancel that fails changes nothing
-                cancel()
+        self._statement.cancel()
         self._thread.join(self.STOP_WAIT)
 
     def _run(self) -> None:
@@ -501,9 +515,7 @@ class Analysis:
     def _take(self, connection: Any) -> Taken:
         """Analyze what ``find`` names, cancellable by ``stop``: the tables analyzed and skipped, or
         None when there were none, or the sync stopped it (it fails: nothing to say of statistics)."""
-        driver: Any = connection.connection.dbapi_connection  # psycopg's connection
-        with self._lock:
-            self._cancel = functools.partial(driver.cancel_safe, timeout=2)
+        self._statement.set(connection)
         try:
             stale = self._find(connection)
             skipped = statistics.analyze(connection, stale, stop=self._stop, target=self._target) if stale else []
@@ -512,8 +524,7 @@ class Analysis:
                 return None
             raise
         finally:
-            with self._lock:
-                self._cancel = None
+            self._statement.clear()
         if not stale or self._stop.is_set():
             return None
         return [table for table in stale if table not in skipped], skipped
